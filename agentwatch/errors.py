@@ -1,0 +1,41 @@
+"""One error tree for the whole pipeline (producers never raise into the agent at all)."""
+
+from __future__ import annotations
+
+
+class AgentwatchError(Exception):
+    """Base of every error agentwatch raises on purpose."""
+
+
+class ConfigError(AgentwatchError):
+    """A pipeline.toml (or environment override) that cannot run; the CLI exits 2 with it.
+
+    ``problems`` holds one line per bad key, each naming the file and the key, so a user fixes
+    every mistake in one pass instead of one per run.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def render(self) -> str:
+        lines = [f"invalid configuration in {self.source}:"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+class InvalidEntry(AgentwatchError):
+    """A stream entry that does not decode or validate; it is dead-lettered with this reason."""
+
+
+class PluginError(AgentwatchError):
+    """A detector or notifier that cannot be found or loaded."""
+
+
+class RedisUnavailable(AgentwatchError):
+    """Redis did not answer at the configured URL (the CLI says which one and how to fix it)."""
+
+
+class EmbeddedRedisError(AgentwatchError):
+    """The embedded Redis server could not be found or started."""

@@ -1,0 +1,1 @@
+"""Placeholder; the producer lands with issue 3."""
