@@ -48,7 +48,8 @@ _VALID_AGENTS_MAX: Final = 200_000
 
 def encode(event: Event) -> bytes:
     """Pack an event map. The producer sanitises before calling; workers never re-encode."""
-    return msgpack.packb(event, use_bin_type=True)  # type: ignore[no-any-return]
+    packed: bytes = msgpack.packb(event, use_bin_type=True)
+    return packed
 
 
 def decode(raw: bytes) -> Event:
@@ -63,11 +64,12 @@ def decode(raw: bytes) -> Event:
     try:
         event = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise InvalidEntry(f"not msgpack: {type(exc).__name__}: {exc}") from None
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise InvalidEntry(f"not msgpack ({detail})") from None
     if event.__class__ is not dict:
         raise InvalidEntry(f"not a msgpack map but {type(event).__name__}")
     validate(event)
-    return event  # type: ignore[no-any-return]
+    return event
 
 
 def validate(event: Event) -> None:
@@ -136,9 +138,7 @@ def _check_count(key: str, value: Any) -> None:
 
 
 def _check_amount(key: str, value: Any) -> None:
-    if (value.__class__ is not float and value.__class__ is not int) or not (
-        0 <= value < math.inf
-    ):
+    if (value.__class__ is not float and value.__class__ is not int) or not (0 <= value < math.inf):
         raise InvalidEntry(f"'{key}' must be a finite number >= 0, got {_short(value)}")
 
 

@@ -65,7 +65,7 @@ def tcp_port_free(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((host, port)) != 0
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -140,7 +140,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl must run in the child
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl must run in the child
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

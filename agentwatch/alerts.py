@@ -1,0 +1,227 @@
+"""Alerts (SPEC section 5) and incidents: one ``firing`` per incident, one ``resolved`` when it ends.
+
+Detectors decide; this module makes the decision stick exactly once, however many workers race:
+
+* ``fire`` and ``resolve`` are Lua scripts on the agent's shard, so the check "is an incident
+  open?" and the change are one atomic step. N workers seeing the same overdue agent produce
+  one alert; a redelivered event produces none.
+* The script writes the alert into the shard's *outbox* in the same step, then the caller copies
+  it to ``<prefix>:alerts`` and deletes it from the outbox. A worker that dies in between leaves
+  the alert in the outbox, and any worker's :meth:`Incidents.sweep` publishes it a few seconds
+  later. So an alert is published at least once, never lost; consumers de-duplicate on ``id``.
+
+The outbox exists because the alerts stream's name is fixed by the protocol and so cannot share
+a Redis Cluster slot with per-shard state (see keys.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from agentwatch.errors import InvalidEntry
+from agentwatch.keys import Keys, shard_of
+from agentwatch.redisconn import Client
+
+Status = Literal["firing", "resolved"]
+SEVERITIES: Final = ("info", "warning", "error", "critical")
+"""In rising order; notifiers route on a minimum severity (PagerDuty's four levels)."""
+PIPELINE_AGENT: Final = "agentwatch"
+"""The agent name of alerts about the monitor itself (e.g. detector workers lagging)."""
+SWEEP_AFTER_MS: Final = 5000
+
+_FIRE: Final = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+# Compare-and-delete on the exact incident the caller read, so two resolvers cannot both win.
+# Returns the incident's firing alert if it is still in the outbox, so the caller can publish
+# firing before resolved and never invert them.
+_RESOLVE: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+return redis.call('HGET', KEYS[2], ARGV[3]) or ''
+"""
+
+
+def iso_ms(at_ms: int) -> str:
+    """Milliseconds since the epoch -> ``2026-11-24T03:00:04.120Z``."""
+    moment = datetime.fromtimestamp(at_ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at_ms % 1000:03d}Z"
+
+
+def new_alert_id(at_ms: int) -> str:
+    """Sortable by time, unique without coordination: 12 hex digits of ms + 12 random."""
+    return f"{at_ms:012x}{os.urandom(6).hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One alert exactly as SPEC section 5 shows it; ``to_json`` is what the webhook POSTs."""
+
+    id: str
+    agent: str
+    detector: str
+    status: Status
+    severity: str
+    summary: str
+    dedup_key: str
+    at: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+
+    @property
+    def at_ms(self) -> int:
+        moment = datetime.strptime(self.at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        return round(moment.timestamp() * 1000)
+
+
+def decode_alert(raw: bytes) -> Alert:
+    """Parse one alerts-stream entry; :class:`InvalidEntry` (-> dead letter) if it is not an alert."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidEntry(f"alert is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidEntry(f"alert is not a JSON object but {type(data).__name__}")
+    missing = [name for name in Alert.__dataclass_fields__ if name not in data]
+    if missing:
+        raise InvalidEntry(f"alert lacks {', '.join(missing)}")
+    if data["status"] not in ("firing", "resolved"):
+        raise InvalidEntry(f"alert status must be firing or resolved, got {data['status']!r}")
+    if data["severity"] not in SEVERITIES:
+        raise InvalidEntry(f"alert severity must be one of {', '.join(SEVERITIES)}")
+    if not all(isinstance(data[name], str) for name in Alert.__dataclass_fields__ if name != "details"):
+        raise InvalidEntry("alert fields other than details must be strings")
+    if not isinstance(data["details"], dict):
+        raise InvalidEntry("alert details must be an object")
+    return Alert(**{name: data[name] for name in Alert.__dataclass_fields__})
+
+
+class Incidents:
+    """Open incidents and the alerts they produce, for one deployment (prefix and shards)."""
+
+    def __init__(self, client: Client, keys: Keys, *, alerts_max_len: int = 100_000) -> None:
+        self.client: Any = client  # untyped: redis-py's stubs do not model scripts and pipelines well
+        self.keys = keys
+        self.alerts_max_len = alerts_max_len
+        self._fire = self.client.register_script(_FIRE)
+        self._resolve = self.client.register_script(_RESOLVE)
+
+    def _shard(self, agent: str) -> int:
+        return shard_of(agent, self.keys.shards)
+
+    def fire(
+        self,
+        agent: str,
+        detector: str,
+        *,
+        severity: str,
+        summary: str,
+        at_ms: int,
+        details: dict[str, Any] | None = None,
+    ) -> Alert | None:
+        """Open an incident and publish its ``firing`` alert; None if one is already open."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
+        alert = Alert(
+            id=new_alert_id(at_ms),
+            agent=agent,
+            detector=detector,
+            status="firing",
+            severity=severity,
+            summary=summary,
+            dedup_key=f"{agent}/{detector}",
+            at=iso_ms(at_ms),
+            details=details or {},
+        )
+        incident = json.dumps(
+            {"alert": alert.id, "since_ms": at_ms, "severity": severity, "summary": summary},
+            separators=(",", ":"),
+        )
+        shard = self._shard(agent)
+        keys = [self.keys.incidents(shard), self.keys.outbox(shard)]
+        opened = self._fire(keys=keys, args=[alert.dedup_key, incident, alert.id, alert.to_json()])
+        if not opened:
+            return None
+        self._publish(shard, [alert])
+        return alert
+
+    def resolve(
+        self,
+        agent: str,
+        detector: str,
+        *,
+        summary: str,
+        at_ms: int,
+        details: dict[str, Any] | None = None,
+    ) -> Alert | None:
+        """Close the open incident and publish its ``resolved`` alert; None if none is open."""
+        shard = self._shard(agent)
+        dedup_key = f"{agent}/{detector}"
+        current = self.client.hget(self.keys.incidents(shard), dedup_key)
+        if current is None:
+            return None
+        incident = json.loads(current)
+        alert = Alert(
+            id=new_alert_id(at_ms),
+            agent=agent,
+            detector=detector,
+            status="resolved",
+            severity=incident["severity"],
+            summary=summary,
+            dedup_key=dedup_key,
+            at=iso_ms(at_ms),
+            details={**(details or {}), "duration_s": round((at_ms - incident["since_ms"]) / 1000, 3)},
+        )
+        keys = [self.keys.incidents(shard), self.keys.outbox(shard)]
+        args = [dedup_key, current, incident["alert"], alert.id, alert.to_json()]
+        firing = self._resolve(keys=keys, args=args)
+        if firing is None:
+            return None  # another worker resolved it first
+        earlier = [decode_alert(firing)] if firing else []
+        self._publish(shard, [*earlier, alert])
+        return alert
+
+    def open(self, agent: str, detector: str) -> dict[str, Any] | None:
+        """The open incident of ``agent``/``detector`` (``since_ms``, ``severity``...), or None."""
+        raw = self.client.hget(self.keys.incidents(self._shard(agent)), f"{agent}/{detector}")
+        return json.loads(raw) if raw else None
+
+    def all_open(self) -> dict[str, dict[str, Any]]:
+        """Every open incident of every shard, by dedup key."""
+        found: dict[str, dict[str, Any]] = {}
+        for shard in range(self.keys.shards):
+            for key, raw in self.client.hgetall(self.keys.incidents(shard)).items():
+                found[key.decode() if isinstance(key, bytes) else key] = json.loads(raw)
+        return found
+
+    def sweep(self, now_ms: int, older_than_ms: int = SWEEP_AFTER_MS) -> int:
+        """Publish alerts a dead worker left in an outbox. Run from every worker's tick."""
+        published = 0
+        for shard in range(self.keys.shards):
+            stale = [
+                alert
+                for alert in map(decode_alert, self.client.hvals(self.keys.outbox(shard)))
+                if alert.at_ms <= now_ms - older_than_ms
+            ]
+            if stale:
+                stale.sort(key=lambda a: (a.at, a.status != "firing"))
+                self._publish(shard, stale)
+                published += len(stale)
+        return published
+
+    def _publish(self, shard: int, alerts: list[Alert]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for alert in alerts:
+            pipe.xadd(self.keys.alerts, {"d": alert.to_json()}, maxlen=self.alerts_max_len, approximate=True)
+        pipe.hdel(self.keys.outbox(shard), *[alert.id for alert in alerts])
+        pipe.execute()

@@ -1,0 +1,43 @@
+"""The ``agentwatch`` command. Each group of subcommands lives in its own module here.
+
+Exit codes (SPEC section 6): 0 ok, 1 runtime failure, 2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from agentwatch import __version__
+
+app = typer.Typer(
+    name="agentwatch",
+    help="Monitor long-running AI agents: silent death, stalled work loops, runaway token use.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"agentwatch {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """agentwatch: catch the failures process checks miss."""
+
+
+# Subcommand modules register themselves on ``app`` when imported.
+from agentwatch.cli import config_cmd, run  # noqa: E402, F401
+
+
+def main() -> None:
+    app()

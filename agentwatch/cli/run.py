@@ -1,0 +1,140 @@
+"""``agentwatch up`` (the whole pipeline) and ``agentwatch worker`` (one scalable worker)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agentwatch import __version__
+from agentwatch.cli import app
+from agentwatch.cli.common import ConfigOption, LogLevel, fail, load_pipeline, setup_logging, worker_url
+from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline
+from agentwatch.embedded import EmbeddedRedis, default_state_dir, tcp_port_free
+from agentwatch.errors import EmbeddedRedisError
+from agentwatch.redisconn import answers, connect, describe, embedded_url_file
+from agentwatch.supervisor import Supervisor, worker_child
+from agentwatch.worker import Worker
+from agentwatch.workers import detector_worker, notifier_worker
+
+log = logging.getLogger("agentwatch.up")
+
+
+class Kind(enum.StrEnum):
+    detectors = "detectors"
+    notifiers = "notifiers"
+
+
+@app.command()
+def worker(
+    kind: Annotated[Kind, typer.Argument(help="Which worker: detectors or notifiers.")],
+    config: ConfigOption = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run one worker in the foreground. Start as many as you like: they share the work."""
+    setup_logging(log_level)
+    pipeline = load_pipeline(config)
+    url = worker_url(pipeline)
+    client = connect(pipeline.settings, url, name=f"agentwatch-{kind.value}")
+    runner: Worker[Any] = (
+        detector_worker(pipeline, client) if kind is Kind.detectors else notifier_worker(pipeline, client)
+    )
+    log.info("%s worker on %s (prefix %r)", kind.value, describe(url), pipeline.settings.redis.prefix)
+    try:
+        runner.run()
+    finally:
+        client.close()
+
+
+@app.command()
+def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
+    """Run the whole pipeline (detector and notifier workers) in the foreground.
+
+    With no Redis configured and none answering at the default URL, an embedded one is started
+    (and stopped on exit).
+    """
+    setup_logging(log_level)
+    pipeline = load_pipeline(config)
+    settings = pipeline.settings
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis.url
+    if url is None and answers(DEFAULT_REDIS_URL):
+        url = DEFAULT_REDIS_URL
+    if url is None or url == EMBEDDED:
+        embedded = _start_embedded(pipeline)
+        url = embedded.url
+    elif not answers(url):
+        log.warning("Redis does not answer at %s yet; workers will wait for it", describe(url))
+    config_arg = None if pipeline.source.startswith("built-in") else str(Path(pipeline.source).resolve())
+    children = [
+        worker_child("detectors", i, url, config_arg, log_level) for i in range(settings.worker.detectors)
+    ]
+    if pipeline.notifiers:
+        children += [
+            worker_child("notifiers", i, url, config_arg, log_level) for i in range(settings.worker.notifiers)
+        ]
+    _print_banner(pipeline, url, embedded)
+    supervisor = Supervisor(children)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: stopping workers", signal.Signals(signum).name)
+        supervisor.stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 1
+    try:
+        supervisor.start()
+        code = supervisor.run()
+    finally:
+        supervisor.stop()
+        if embedded is not None:
+            _stop_embedded(pipeline, embedded)
+    raise typer.Exit(code)
+
+
+def _start_embedded(pipeline: Pipeline) -> EmbeddedRedis:
+    cfg = pipeline.settings.embedded
+    base = cfg.state_dir or default_state_dir()
+    port = cfg.port if cfg.port and tcp_port_free(cfg.port) else 0
+    server_dir = base / ("data" if cfg.persist else str(os.getpid()))
+    try:
+        server = EmbeddedRedis(server_dir, port=port, persist=cfg.persist).start()
+    except EmbeddedRedisError as exc:
+        fail(f"cannot start the embedded Redis: {exc}")
+    embedded_url_file(base).write_text(server.url + "\n")
+    return server
+
+
+def _stop_embedded(pipeline: Pipeline, server: EmbeddedRedis) -> None:
+    record = embedded_url_file(pipeline.settings.embedded.state_dir or default_state_dir())
+    if record.is_file() and record.read_text().strip() == server.url:
+        record.unlink()
+    server.cleanup()
+
+
+def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None) -> None:
+    settings = pipeline.settings
+    typer.echo(f"agentwatch {__version__} - pipeline from {pipeline.source}")
+    if embedded is not None:
+        typer.echo(f"redis: embedded server at {embedded.url}")
+        if embedded.tcp_url:
+            typer.echo(f"       also at {embedded.tcp_url}: agents with default settings connect as is")
+        else:
+            typer.echo(f"       point agents and extra workers at it: AGENTWATCH_REDIS_URL='{embedded.url}'")
+    else:
+        typer.echo(f"redis: {describe(url)}")
+    typer.echo(f"prefix: {settings.redis.prefix!r}, shards: {settings.redis.shards}")
+    names = ", ".join(p.name for p in pipeline.detectors) or "none"
+    typer.echo(f"detectors: {names} ({settings.worker.detectors} worker(s))")
+    if pipeline.notifiers:
+        names = ", ".join(f"{p.name} ({p.config.type})" for p in pipeline.notifiers)
+        typer.echo(f"notifiers: {names} ({settings.worker.notifiers} worker(s))")
+    else:
+        typer.echo("notifiers: none configured (alerts are kept; see `agentwatch alerts`)")
+    typer.echo("Ctrl-C to stop.")

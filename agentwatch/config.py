@@ -1,0 +1,324 @@
+"""pipeline.toml -> typed settings, with environment overrides and ``${VAR}`` expansion.
+
+Precedence, highest first: ``AGENTWATCH_<SECTION>__<KEY>`` environment variables, the file,
+built-in defaults. For convenience the producer's own variables ``AGENTWATCH_REDIS_URL`` and
+``AGENTWATCH_PREFIX`` fill ``[redis] url``/``prefix`` when neither the file nor an override sets
+them, so one environment serves agents and workers alike.
+
+Every problem is reported at once, each naming the file and the key, because a monitor that
+refuses to start should say everything that is wrong in one go.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agentwatch.errors import ConfigError
+from agentwatch.keys import Keys
+
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+EMBEDDED: Final = "embedded"
+"""``[redis] url = "embedded"``: always start (or find) the private server, never use 6379."""
+DEFAULT_FILE: Final = "pipeline.toml"
+BUILTIN_SOURCE: Final = "built-in defaults"
+
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+
+
+def parse_duration(value: object) -> float:
+    """``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1h30m"`` -> seconds.
+
+    Bare numbers are refused on purpose: ``after = 60`` could mean seconds or milliseconds, and
+    a monitor that guesses wrong pages people at 3 AM.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f'durations are strings with a unit, like "{value}s" or "{value}ms"')
+    if not isinstance(value, str):
+        raise ValueError(f'expected a duration like "30s", got {type(value).__name__}')
+    text = value.strip().replace(" ", "")
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f'bad duration {value!r}: use e.g. "500ms", "30s", "5m", "1h", "1d"')
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse, for summaries: 63.2 -> "1m3s", 0.5 -> "500ms"."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    whole = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            count, whole = divmod(whole, size)
+            parts.append(f"{count}{unit}")
+    return "".join(parts[:2])
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration key: a string with a unit in the file, float seconds in code."""
+
+
+class Section(BaseModel):
+    """Base of every config section and plugin config: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class RedisSection(Section):
+    url: str | None = Field(None, description='leave out for the default; "embedded" forces a private one')
+    prefix: str = Field("aw", pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    shards: int = Field(1, ge=1, le=1024, description="event stream shards (PROTOCOL.md)")
+    cluster: bool = Field(False, description="connect with the Redis Cluster client")
+    timeout_s: Seconds = Field(5.0, alias="timeout", gt=0)
+
+
+class EmbeddedSection(Section):
+    state_dir: Path | None = Field(None, description="socket, log and data; default: runtime dir")
+    persist: bool = Field(False, description="keep an append-only file across restarts")
+    port: int = Field(6379, ge=0, le=65535, description="also listen here when free; 0: socket only")
+
+
+class StreamsSection(Section):
+    events_retention_s: Seconds = Field(86400.0, alias="events_retention", gt=0)
+    alerts_retention_s: Seconds = Field(30 * 86400.0, alias="alerts_retention", gt=0)
+    events_max_len: int = Field(1_000_000, ge=1000)
+    alerts_max_len: int = Field(100_000, ge=100)
+    deadletter_max_len: int = Field(10_000, ge=10)
+    deadletter_max_bytes: int = Field(1 << 20, ge=1024, description="original entry bytes kept")
+
+
+class WorkerSection(Section):
+    batch: int = Field(1000, ge=1, le=100_000, description="XREADGROUP COUNT")
+    block_s: Seconds = Field(1.0, alias="block", gt=0, le=1.5)
+    tick_s: Seconds = Field(0.25, alias="tick", gt=0, description="timer checks (silence, stall)")
+    claim_idle_s: Seconds = Field(30.0, alias="claim_idle", gt=0)
+    max_attempts: int = Field(3, ge=1, le=100)
+    health_ttl_s: Seconds = Field(10.0, alias="health_ttl", ge=2)
+    detectors: int = Field(1, ge=0, le=64, description="detector processes `up` starts")
+    notifiers: int = Field(1, ge=0, le=64, description="notifier processes `up` starts")
+
+
+class PipelineSettings(BaseSettings):
+    """The whole file. Plugin sections stay raw here; plugins.py validates each with its model."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTWATCH_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    redis: RedisSection = RedisSection()
+    embedded: EmbeddedSection = EmbeddedSection()
+    streams: StreamsSection = StreamsSection()
+    worker: WorkerSection = WorkerSection()
+    detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    notifiers: list[dict[str, Any]] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; environment overrides beat it.
+        return (env_settings, init_settings)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A validated pipeline: settings plus the loaded detector and notifier plugins."""
+
+    settings: PipelineSettings
+    source: str
+    detectors: list[Any] = field(default_factory=list)  # plugins.LoadedPlugin
+    notifiers: list[Any] = field(default_factory=list)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(prefix=self.settings.redis.prefix, shards=self.settings.redis.shards)
+
+
+def find_config(path: str | Path | None, env: Mapping[str, str] = os.environ) -> Path | None:
+    """Explicit path, else ``AGENTWATCH_CONFIG``, else ./pipeline.toml if it exists, else None."""
+    chosen = path or env.get("AGENTWATCH_CONFIG")
+    if chosen:
+        return Path(chosen)
+    default = Path(DEFAULT_FILE)
+    return default if default.is_file() else None
+
+
+def load(path: str | Path | None = None, *, plugins: bool = True) -> Pipeline:
+    """Read, expand, validate; raise :class:`ConfigError` listing every bad key.
+
+    Environment overrides come from ``os.environ`` (pydantic-settings reads it directly).
+    """
+    env = os.environ
+    config_path = find_config(path, env)
+    source = str(config_path) if config_path else BUILTIN_SOURCE
+    raw: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            raw = tomllib.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(source, ["file not found"]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, [f"cannot read: {exc}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    problems: list[str] = []
+    raw = _expand(raw, (), env, problems)
+    settings: PipelineSettings | None = None
+    try:
+        settings = _producer_env_fallbacks(PipelineSettings(**raw), raw, env)
+    except ValidationError as exc:
+        problems += [describe_error(err, env) for err in exc.errors()]
+    detectors: list[Any] = []
+    notifiers: list[Any] = []
+    if plugins:  # check plugin sections even when the rest failed: report everything in one go
+        detectors, notifiers = _load_plugins(settings, raw, problems)
+    if problems or settings is None:
+        raise ConfigError(source, problems)
+    return Pipeline(settings=settings, source=source, detectors=detectors, notifiers=notifiers)
+
+
+def _load_plugins(
+    settings: PipelineSettings | None, raw: dict[str, Any], problems: list[str]
+) -> tuple[list[Any], list[Any]]:
+    from agentwatch import plugins as registry  # noqa: PLC0415 - plugins imports this module
+
+    sections = settings.detectors if settings else raw.get("detectors", {})
+    entries = settings.notifiers if settings else raw.get("notifiers", [])
+    detectors: list[Any] = []
+    notifiers: list[Any] = []
+    if isinstance(sections, dict) and all(isinstance(v, dict) for v in sections.values()):
+        detectors, bad = registry.load_detectors(sections)
+        problems += bad
+    if isinstance(entries, list) and all(isinstance(v, dict) for v in entries):
+        notifiers, bad = registry.load_notifiers(entries)
+        problems += bad
+    return detectors, notifiers
+
+
+def _producer_env_fallbacks(
+    settings: PipelineSettings, raw: dict[str, Any], env: Mapping[str, str]
+) -> PipelineSettings:
+    redis = settings.redis
+    updates: dict[str, Any] = {}
+    if redis.url is None and env.get("AGENTWATCH_REDIS_URL"):
+        updates["url"] = env["AGENTWATCH_REDIS_URL"]
+    explicit_prefix = "prefix" in raw.get("redis", {}) or "AGENTWATCH_REDIS__PREFIX" in env
+    if not explicit_prefix and env.get("AGENTWATCH_PREFIX"):
+        updates["prefix"] = env["AGENTWATCH_PREFIX"]
+    if not updates:
+        return settings
+    try:
+        RedisSection.model_validate(updates)  # check just these values; the rest are valid already
+    except ValidationError as exc:
+        raise ConfigError("environment", [describe_error(e, env, ("redis",)) for e in exc.errors()]) from None
+    return settings.model_copy(update={"redis": redis.model_copy(update=updates)})
+
+
+_VAR_RE: Final = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: list[str]) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    if isinstance(value, dict):
+        return {k: _expand(v, (*path, str(k)), env, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*path, str(i)), env, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(
+            f"{key_path(path)}: environment variable {name} is not set "
+            f"(export it, or write ${{{name}:-default}})"
+        )
+        return ""
+
+    return _VAR_RE.sub(substitute, value)
+
+
+def key_path(path: tuple[str | int, ...]) -> str:
+    """('detectors', 'silence', 'after') -> '[detectors.silence] after'; lists by index."""
+    parts = [str(p) for p in path]
+    if len(parts) <= 1:
+        return f"[{parts[0]}]" if parts else "(top level)"
+    if parts[0] == "notifiers" and parts[1].isdigit():
+        head = f"[[notifiers]] #{int(parts[1]) + 1}"
+        return head + (f" {'.'.join(parts[2:])}" if parts[2:] else "")
+    return f"[{'.'.join(_quote(p) for p in parts[:-1])}] {parts[-1]}"
+
+
+def _quote(part: str) -> str:
+    return part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else f'"{part}"'
+
+
+def valid_keys(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def describe_error(err: Mapping[str, Any], env: Mapping[str, str], prefix: tuple[str | int, ...] = ()) -> str:
+    """One pydantic error -> one line naming the key, with the valid choices for unknown keys."""
+    loc = (*prefix, *err["loc"])
+    where = key_path(loc)
+    env_name = "AGENTWATCH_" + "__".join(str(p).upper() for p in loc)
+    origin = f" (from environment {env_name})" if env_name in env else ""
+    if err["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        if len(loc) == 1:
+            choices = valid_keys(PipelineSettings)
+            hint = _hint(str(loc[0]), choices)
+            return f"unknown section [{loc[0]}]{hint}; valid sections: {', '.join(choices)}"
+        if model is not None:
+            return unknown_key(where, str(loc[-1]), valid_keys(model)) + origin
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}{shown}{origin}"
+
+
+def unknown_key(where: str, key: str, choices: list[str]) -> str:
+    return f"{where}: unknown key{_hint(key, choices)}; valid keys: {', '.join(choices)}"
+
+
+def _hint(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = PipelineSettings
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        annotation = info.annotation if info else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model

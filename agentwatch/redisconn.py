@@ -1,0 +1,107 @@
+"""Connecting to Redis: one place for timeouts, the cluster switch and finding the server.
+
+Finding the server matters because of the embedded default: ``agentwatch up`` may have started a
+private server on a Unix socket (when 127.0.0.1:6379 was taken), and ``agentwatch status`` in
+another terminal should find it without being told. ``up`` records that URL in its state
+directory while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+
+from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings
+from agentwatch.embedded import default_state_dir
+from agentwatch.errors import RedisUnavailable
+
+Client = redis.Redis | RedisCluster
+
+RECOVERABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+"""Errors that mean "Redis is away or busy": wait and retry, never dead-letter or crash."""
+
+
+def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -> Client:
+    """A client with timeouts that exceed the worker's BLOCK, so a hung server is noticed."""
+    cfg = settings.redis
+    options: dict[str, Any] = {
+        "socket_timeout": cfg.timeout_s + settings.worker.block_s,
+        "socket_connect_timeout": min(cfg.timeout_s, 5.0),
+        "client_name": name,
+        "protocol": 2,
+    }
+    if cfg.cluster:
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, health_check_interval=30, **options)
+
+
+def answers(url: str, timeout_s: float = 0.5) -> bool:
+    """True when a Redis server answers PING at ``url`` within the timeout."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+    finally:
+        client.close()
+
+
+def embedded_url_file(state_dir: Path | None = None) -> Path:
+    return (state_dir or default_state_dir()) / "current-url"
+
+
+def resolve_url(settings: PipelineSettings) -> str:
+    """The URL to use: configured, else the default if it answers, else a running embedded one."""
+    configured = settings.redis.url
+    if configured and configured != EMBEDDED:
+        return configured
+    if configured is None and answers(DEFAULT_REDIS_URL):
+        return DEFAULT_REDIS_URL
+    url = running_embedded_url(settings)
+    if url:
+        return url
+    raise RedisUnavailable(
+        f"no Redis answers at {DEFAULT_REDIS_URL} and no embedded server is running; "
+        "start one with `agentwatch up` (it embeds Redis when none is configured), or set "
+        "[redis] url in pipeline.toml / AGENTWATCH_REDIS__URL"
+    )
+
+
+def running_embedded_url(settings: PipelineSettings) -> str | None:
+    """The URL `agentwatch up` recorded for its embedded server, if that server answers."""
+    record = embedded_url_file(settings.embedded.state_dir)
+    try:
+        url = record.read_text().strip()
+    except OSError:
+        return None
+    return url if url and answers(url) else None
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def server_time_ms(client: Client) -> int:
+    """Redis server time in ms: the detectors' clock, shared by every worker."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def consumer_name(kind: str) -> str:
+    """Unique per process, readable in XINFO CONSUMERS: ``<kind>-<host>-<pid>-<random>``."""
+    host = "".join(c if c.isalnum() or c in "-." else "-" for c in os.uname().nodename)[:40]
+    return f"{kind}-{host}-{os.getpid()}-{os.urandom(2).hex()}"

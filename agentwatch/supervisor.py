@@ -1,0 +1,115 @@
+"""``agentwatch up``: run worker processes in the foreground, restart the ones that crash.
+
+Workers are separate processes (``python -m agentwatch worker ...``) so that one crashing or
+hung worker cannot take the others down, and so ``up`` is exactly "the same workers you would
+scale out by hand". Each child runs in its own session, so a terminal Ctrl-C reaches only
+``up``, which then stops every child once, gracefully; each child also dies with ``up`` if
+``up`` itself is SIGKILLed (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from agentwatch.embedded import die_with_parent
+
+log = logging.getLogger("agentwatch.up")
+
+
+@dataclass
+class Child:
+    """One supervised worker process and its recent crash times (for the restart limit)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    crashes: deque[float] = field(default_factory=lambda: deque(maxlen=16))
+    restart_at: float = 0.0
+
+
+class Supervisor:
+    """Start children, restart crashed ones with backoff, stop all on request.
+
+    More than ``burst`` crashes of one child within ``window_s`` is a crash loop: ``up`` gives
+    up and exits 1 rather than burn CPU, like systemd's StartLimitBurst.
+    """
+
+    def __init__(self, children: list[Child], *, burst: int = 5, window_s: float = 60.0) -> None:
+        self.children = children
+        self.burst = burst
+        self.window_s = window_s
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        child.process = subprocess.Popen(
+            child.argv,
+            env=child.env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl must run in the child
+        )
+        log.info("started %s (pid %d)", child.name, child.process.pid)
+
+    def run(self) -> int:
+        """Watch children until :meth:`stop`; returns the exit code for ``up``."""
+        while not self.stopping.wait(0.2):
+            now = time.monotonic()
+            for child in self.children:
+                process = child.process
+                if process is None:
+                    if now >= child.restart_at:
+                        self._spawn(child)
+                    continue
+                code = process.poll()
+                if code is None:
+                    continue
+                child.process = None
+                child.crashes.append(now)
+                recent = [t for t in child.crashes if now - t <= self.window_s]
+                if len(recent) > self.burst:
+                    log.error(
+                        "%s crashed %d times in %.0fs; giving up (see the errors above)",
+                        child.name, len(recent), self.window_s,
+                    )  # fmt: skip
+                    self.stop()
+                    return 1
+                delay = min(2 ** (len(recent) - 1), 30)
+                child.restart_at = now + delay
+                log.warning("%s exited with code %s; restarting in %ss", child.name, code, delay)
+        return 0
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM every child (each finishes its batch), SIGKILL what is left after the timeout."""
+        self.stopping.set()
+        running = [c.process for c in self.children if c.process and c.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop within %.0fs; killing it", process.pid, timeout_s)
+                process.kill()
+                process.wait()
+
+
+def worker_child(kind: str, index: int, url: str, config: str | None, log_level: str) -> Child:
+    """A ``python -m agentwatch worker <kind>`` child pointed at ``url``."""
+    argv = [sys.executable, "-m", "agentwatch", "worker", kind, "--log-level", log_level]
+    if config:
+        argv += ["--config", config]
+    env = {**os.environ, "AGENTWATCH_REDIS__URL": url}
+    return Child(name=f"{kind}-worker-{index}", argv=argv, env=env)

@@ -1,0 +1,550 @@
+"""The one consumer loop every detector and notifier worker runs on.
+
+Delivery is at least once. A batch is read with XREADGROUP, decoded, handed to every handler,
+and acknowledged only after the handlers returned, i.e. after their effects are written. So:
+
+* a worker SIGKILLed mid-batch leaves its entries pending; any other worker reclaims them with
+  XAUTOCLAIM once they have been idle for ``claim_idle`` and processes them again;
+* handlers must make their effects idempotent; entry ids (and the producer's per-run ``seq``)
+  are what they key that on;
+* an entry that does not decode, or that makes a handler raise ``max_attempts`` times, or that
+  was delivered more than ``max_attempts`` times without an ack (it keeps killing workers), goes
+  to the dead-letter stream with its reason and is acknowledged: it never blocks the stream;
+* a handler that raises is isolated: logged, counted, retried entry by entry, and the other
+  handlers and the worker carry on;
+* Redis going away is not an error in the data: the worker waits with backoff, keeps its
+  unacknowledged entries, and re-reads them once Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Generic, TypeVar
+
+import redis
+
+from agentwatch import __version__
+from agentwatch.codec import entry_ms
+from agentwatch.config import PipelineSettings
+from agentwatch.errors import InvalidEntry
+from agentwatch.keys import Keys
+from agentwatch.redisconn import RECOVERABLE, Client, consumer_name, server_time_ms
+
+log = logging.getLogger("agentwatch.worker")
+
+T = TypeVar("T")
+Message = tuple[bytes, T]
+"""(entry id, decoded entry). The id's time part is the Redis server's clock at XADD."""
+
+_TRIM_EVERY_S = 60.0
+_FORGET_CONSUMER_IDLE_MS = 3600_000
+
+
+class Handler(Generic[T]):
+    """What a worker feeds. Override only the hooks you need; each one is a no-op here.
+
+    Exceptions from any hook are caught by the runtime, logged and counted; they never stop the
+    worker or the other handlers. Raise only for a real failure: the runtime retries
+    ``on_batch`` entry by entry and dead-letters what keeps failing.
+    """
+
+    name: str = "handler"
+
+    def on_start(self) -> None:
+        """Once per worker process, after Redis answered and the consumer groups exist."""
+
+    def on_batch(self, messages: Sequence[Message[T]]) -> None:
+        """Per batch of valid entries, in stream order. Write effects before returning: the
+        batch is acknowledged right after. May see an entry again after a crash (at least once)."""
+
+    def on_tick(self, now_ms: int) -> None:
+        """Every ``[worker] tick`` on every worker, with Redis server time: for timer checks."""
+
+    def on_stop(self) -> None:
+        """Once, when the worker stops gracefully (not after SIGKILL)."""
+
+
+@dataclass
+class Stats:
+    """Counters a worker keeps and publishes in its health hash (``agentwatch status`` shows them)."""
+
+    processed: int = 0
+    deadlettered: int = 0
+    reclaimed: int = 0
+    errors: int = 0
+    batches: int = 0
+    trimmed_pending: int = 0
+    lag: int = 0
+    pending: int = 0
+    oldest_pending_ms: int = 0
+    last_entry_ms: int = 0
+    handler_errors: dict[str, int] = field(default_factory=dict)
+
+
+_RESETTABLE = ("processed", "deadlettered", "reclaimed", "errors", "batches", "trimmed_pending")
+
+
+def _raw_reply(response: Any, **_: Any) -> Any:
+    """Keep XREADGROUP's reply as hiredis parsed it: converting every entry's field list into a
+    dict (redis-py's default) costs more than our whole validation of the event."""
+    return response
+
+
+class Worker(Generic[T]):
+    """Consume ``streams`` in consumer group ``group`` and feed ``handlers`` until stopped."""
+
+    def __init__(
+        self,
+        client: Client,
+        settings: PipelineSettings,
+        *,
+        kind: str,
+        streams: Sequence[str],
+        group: str,
+        decode: Callable[[bytes], T],
+        handlers: Sequence[Handler[T]],
+        retention_s: float,
+        consumer: str | None = None,
+    ) -> None:
+        # redis-py's stubs type stream replies loosely (and differently per RESP version); the
+        # runtime handles both shapes itself, so it talks to Redis through an untyped alias.
+        self.client: Any = client
+        self.settings = settings
+        self.opts = settings.worker
+        self.keys = Keys(settings.redis.prefix, settings.redis.shards)
+        self.kind = kind
+        self.streams = list(streams)
+        self.group = group
+        self.decode = decode
+        self.handlers = list(handlers)
+        self.retention_s = retention_s
+        self.consumer = consumer or consumer_name(kind)
+        self.stats = Stats()
+        self.started_ms = int(time.time() * 1000)
+        self._stop = threading.Event()
+        self._recover_own = False
+        self._started = False
+        self._next_tick = 0.0
+        self._next_health = 0.0
+        self._next_claim = 0.0
+        self._next_trim = 0.0
+        self._published = Stats()
+        self._single_node = isinstance(client, redis.Redis)
+        client.set_response_callback("XREADGROUP", _raw_reply)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def run(self, *, install_signals: bool = True) -> None:
+        """Run until :meth:`stop` (or SIGTERM/SIGINT when ``install_signals``); then clean up."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            self._install_signals()
+        log.info("%s worker %s starting on %s", self.kind, self.consumer, ", ".join(self.streams))
+        self._until_connected(self._setup)
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except RECOVERABLE as exc:
+                self._until_connected(self._setup, first_error=exc)
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    log.warning("consumer group vanished (Redis restarted without data?); recreating")
+                    self._until_connected(self._setup)
+                else:
+                    self._unexpected(exc)
+            except Exception as exc:
+                self._unexpected(exc)
+        self._finish()
+
+    def _unexpected(self, exc: Exception) -> None:
+        """A fault in the runtime itself: log it, count it, pause, carry on. Unacknowledged
+        entries stay pending and are read again, so nothing is lost; the pause keeps a
+        persistent fault from spinning."""
+        log.error("worker loop failed; retrying in 1s", exc_info=exc)
+        self.stats.errors += 1
+        self._recover_own = True
+        self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch, acknowledge it and return."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run_once(self) -> int:
+        """One iteration: timers when due, then one read-process-ack. Returns entries handled."""
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._tick(now)
+        handled = 0
+        while self._recover_own:  # entries we read before Redis went away, never acknowledged
+            entries = self._read("0", block_ms=None)
+            if not entries:
+                self._recover_own = False
+            handled += self._process(entries)
+        block_ms = max(1, int(min(self.opts.block_s, self._next_tick - time.monotonic()) * 1000))
+        handled += self._process(self._read(">", block_ms=block_ms))
+        return handled
+
+    def _setup(self) -> None:
+        for stream in self.streams:
+            try:
+                self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        if not self._started:
+            for handler in self.handlers:
+                self._guarded(handler, "on_start")
+            self._started = True
+        self._recover_own = True
+
+    def _finish(self) -> None:
+        for handler in self.handlers:
+            self._guarded(handler, "on_stop")
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            self._publish_stats(pipe)
+            pipe.zrem(self.keys.workers, self.consumer)
+            pipe.delete(self.keys.worker(self.consumer))
+            pipe.execute()
+        except RECOVERABLE:
+            pass  # the health key expires by itself
+        log.info("%s worker %s stopped (%s)", self.kind, self.consumer, self._summary())
+
+    def _install_signals(self) -> None:
+        def on_signal(signum: int, _frame: object) -> None:
+            if self._stop.is_set():
+                raise SystemExit(1)  # a second Ctrl-C: stop now; pending entries get reclaimed
+            log.info("%s: finishing the current batch, then exiting", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _until_connected(self, action: Callable[[], None], first_error: Exception | None = None) -> None:
+        """Retry ``action`` with capped exponential backoff and jitter until it succeeds or we stop."""
+        delay, since, error = 0.1, time.monotonic(), first_error
+        if error is not None:
+            log.warning("lost Redis (%s); retrying with backoff, pending entries are kept", error)
+        while not self._stop.is_set():
+            if error is None:
+                try:
+                    action()
+                    if first_error is not None or delay > 0.1:
+                        log.info("Redis is back after %.1fs", time.monotonic() - since)
+                    return
+                except RECOVERABLE as exc:
+                    if delay == 0.1:
+                        log.warning("Redis unreachable (%s); retrying with backoff", exc)
+            error = None
+            self._stop.wait(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
+
+    # -- reading and processing ------------------------------------------------------------------
+    def _read(self, start: str, block_ms: int | None) -> list[tuple[str, bytes, Any]]:
+        """One XREADGROUP over all streams -> [(stream, entry id, field list)]."""
+        streams = {stream: start for stream in self.streams}
+        if not self._single_node and len(streams) > 1:  # cluster: one slot per command
+            out: list[tuple[str, bytes, Any]] = []
+            for stream in self.streams:
+                out += self._read_streams({stream: start}, block_ms and block_ms // len(streams))
+            return out
+        return self._read_streams(streams, block_ms)
+
+    def _read_streams(self, streams: dict[str, str], block_ms: int | None) -> list[tuple[str, bytes, Any]]:
+        reply = self.client.xreadgroup(
+            self.group,
+            self.consumer,
+            streams,
+            count=self.opts.batch,
+            block=block_ms,
+        )
+        if not reply:
+            return []
+        if isinstance(reply, dict):  # RESP3 or a cluster client that merged replies
+            reply = list(reply.items())
+        out: list[tuple[str, bytes, Any]] = []
+        for stream, entries in reply:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            out += [(name, entry[0], entry[1]) for entry in entries]
+        return out
+
+    def _process(self, entries: list[tuple[str, bytes, Any]]) -> int:
+        """Decode, hand to handlers, dead-letter what failed, acknowledge everything."""
+        if not entries:
+            return 0
+        good: list[Message[T]] = []
+        dead: list[tuple[str, bytes, Any, str]] = []
+        decode = self.decode
+        for stream, entry_id, fields in entries:
+            try:
+                if fields and fields[0] == b"d":
+                    good.append((entry_id, decode(fields[1])))
+                else:
+                    good.append((entry_id, decode(_field(fields))))
+            except InvalidEntry as exc:
+                dead.append((stream, entry_id, fields, str(exc)))
+        if good:
+            poisoned: dict[bytes, str] = {}
+            for handler in self.handlers:
+                self._feed(handler, good, poisoned)
+            if poisoned:
+                by_id = {entry_id: (stream, fields) for stream, entry_id, fields in entries}
+                dead += [(by_id[eid][0], eid, by_id[eid][1], why) for eid, why in poisoned.items()]
+        self._acknowledge(entries, dead)
+        self.stats.processed += len(entries) - len(dead)
+        self.stats.batches += 1
+        self.stats.last_entry_ms = entry_ms(entries[-1][1])
+        return len(entries)
+
+    def _feed(self, handler: Handler[T], good: list[Message[T]], poisoned: dict[bytes, str]) -> None:
+        """Run one handler on the batch; on failure isolate the entries that make it raise."""
+        try:
+            handler.on_batch(good)
+            return
+        except RECOVERABLE:
+            raise
+        except Exception:
+            self._count_error(handler, "on_batch")
+        for message in good:
+            if message[0] in poisoned:
+                continue
+            error: Exception | None = None
+            for _ in range(self.opts.max_attempts):
+                try:
+                    handler.on_batch([message])
+                    error = None
+                    break
+                except RECOVERABLE:
+                    raise
+                except Exception as exc:
+                    error = exc
+            if error is not None:
+                poisoned[message[0]] = (
+                    f"handler {handler.name!r} raised {type(error).__name__}: {error} "
+                    f"({self.opts.max_attempts} attempts)"
+                )
+
+    def _acknowledge(
+        self, entries: list[tuple[str, bytes, Any]], dead: list[tuple[str, bytes, Any, str]]
+    ) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for stream, entry_id, fields, reason in dead:
+            log.warning("dead-lettered %s %s: %s", stream, entry_id.decode(), reason)
+            pipe.xadd(
+                self.keys.deadletter,
+                self._deadletter_fields(stream, entry_id, fields, reason),
+                maxlen=self.settings.streams.deadletter_max_len,
+                approximate=True,
+            )
+        if len(self.streams) == 1:
+            pipe.xack(self.streams[0], self.group, *[e[1] for e in entries])
+        else:
+            by_stream: dict[str, list[bytes]] = {}
+            for stream, entry_id, _ in entries:
+                by_stream.setdefault(stream, []).append(entry_id)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.group, *ids)
+        pipe.execute()
+        self.stats.deadlettered += len(dead)
+
+    def _deadletter_fields(self, stream: str, entry_id: bytes, fields: Any, reason: str) -> dict[str, Any]:
+        raw = _original_bytes(fields)
+        cap = self.settings.streams.deadletter_max_bytes
+        out: dict[str, Any] = {
+            "reason": reason,
+            "stream": stream,
+            "id": entry_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            "size": len(raw),
+            "d": raw[:cap],
+        }
+        if len(raw) > cap:
+            out["truncated"] = 1
+        return out
+
+    # -- timers: tick, health, reclaiming, trimming ----------------------------------------------
+    def _tick(self, now: float) -> None:
+        self._next_tick = now + self.opts.tick_s
+        now_ms = server_time_ms(self.client)
+        for handler in self.handlers:
+            self._guarded(handler, "on_tick", now_ms)
+        if now >= self._next_claim:
+            self._next_claim = now + max(1.0, self.opts.claim_idle_s / 4)
+            self._reclaim()
+        if now >= self._next_health:
+            self._next_health = now + 1.0
+            self._refresh_health(now_ms)
+        if now >= self._next_trim:
+            self._next_trim = now + _TRIM_EVERY_S
+            self._trim(now_ms)
+
+    def _reclaim(self) -> None:
+        """Take over entries that a dead (or hung) consumer left pending, and process them."""
+        idle_ms = int(self.opts.claim_idle_s * 1000)
+        for stream in self.streams:
+            cursor: bytes | str = "0-0"
+            for _ in range(100):  # bounded: at most 100 batches per reclaim round
+                reply = self.client.xautoclaim(
+                    stream, self.group, self.consumer, idle_ms, cursor, count=self.opts.batch
+                )
+                cursor, claimed = reply[0], reply[1]
+                gone = reply[2] if len(reply) > 2 else []
+                if gone:
+                    self.stats.trimmed_pending += len(gone)
+                    log.error(
+                        "%d pending entries of %s were trimmed before any worker processed them; "
+                        "raise [streams] events_retention or add workers",
+                        len(gone), stream,
+                    )  # fmt: skip
+                if claimed:
+                    self._process_claimed(stream, [(e[0], _pairs(e[1])) for e in claimed])
+                if cursor in (b"0-0", "0-0"):
+                    break
+        self._forget_dead_consumers()
+
+    def _process_claimed(self, stream: str, claimed: list[tuple[bytes, Any]]) -> None:
+        self.stats.reclaimed += len(claimed)
+        log.info("reclaimed %d entries of %s from a dead or stuck consumer", len(claimed), stream)
+        first, last = claimed[0][0], claimed[-1][0]
+        pending = self.client.xpending_range(
+            stream, self.group, min=first, max=last, count=len(claimed), consumername=self.consumer
+        )
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        entries, dead = [], []
+        for entry_id, fields in claimed:
+            times = deliveries.get(entry_id, 1)
+            if times > self.opts.max_attempts:
+                reason = f"delivered {times} times without an ack (it may crash workers)"
+                dead.append((stream, entry_id, fields, reason))
+            else:
+                entries.append((stream, entry_id, fields))
+        if dead:
+            self._acknowledge([(s, e, f) for s, e, f, _ in dead], dead)
+        self._process(entries)
+
+    def _forget_dead_consumers(self) -> None:
+        """Consumer names are unique per process, so dead ones pile up; drop the idle, empty ones."""
+        for stream in self.streams:
+            for info in self.client.xinfo_consumers(stream, self.group):
+                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+                if name != self.consumer and info["pending"] == 0 and info["idle"] > _FORGET_CONSUMER_IDLE_MS:
+                    self.client.xgroup_delconsumer(stream, self.group, name)
+
+    def _refresh_health(self, now_ms: int) -> None:
+        lag = pending = 0
+        oldest = 0
+        for stream in self.streams:
+            for info in self.client.xinfo_groups(stream):
+                if info["name"] in (self.group, self.group.encode()):
+                    lag += int(info.get("lag") or 0)
+                    pending += int(info["pending"])
+            if pending:
+                summary = self.client.xpending(stream, self.group)
+                if summary and summary.get("min"):
+                    first = entry_ms(summary["min"])
+                    oldest = max(oldest, now_ms - first)
+        self.stats.lag, self.stats.pending, self.stats.oldest_pending_ms = lag, pending, oldest
+        pipe = self.client.pipeline(transaction=False)
+        self._publish_stats(pipe)
+        pipe.execute()
+
+    def _publish_stats(self, pipe: Any) -> None:
+        stats = asdict(self.stats)
+        handler_errors = stats.pop("handler_errors")
+        health = {
+            **stats,
+            **{f"errors:{name}": count for name, count in handler_errors.items()},
+            "kind": self.kind,
+            "group": self.group,
+            "streams": ",".join(self.streams),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "version": __version__,
+            "started_ms": self.started_ms,
+            "seen_ms": int(time.time() * 1000),
+            "state": "stopping" if self._stop.is_set() else "running",
+        }
+        key = self.keys.worker(self.consumer)
+        pipe.hset(key, mapping=health)
+        pipe.pexpire(key, int(self.opts.health_ttl_s * 1000))
+        pipe.zadd(self.keys.workers, {self.consumer: health["seen_ms"]})
+        for name in _RESETTABLE:  # pipeline-wide totals: add what changed since the last publish
+            delta = getattr(self.stats, name) - getattr(self._published, name)
+            if delta:
+                pipe.hincrby(self.keys.stats, f"{self.kind}:{name}", delta)
+                setattr(self._published, name, getattr(self.stats, name))
+
+    def _trim(self, now_ms: int) -> None:
+        """Trim by age, but never past what any consumer group has yet to read or acknowledge."""
+        cutoff = now_ms - int(self.retention_s * 1000)
+        for stream in self.streams:
+            limit = cutoff
+            for info in self.client.xinfo_groups(stream):
+                limit = min(limit, entry_ms(info["last-delivered-id"]))
+                if info["pending"]:
+                    summary = self.client.xpending(stream, info["name"])
+                    if summary.get("min"):
+                        limit = min(limit, entry_ms(summary["min"]))
+            if limit > 0:
+                self.client.xtrim(stream, minid=f"{limit}-0", approximate=True)
+
+    # -- error accounting ------------------------------------------------------------------------
+    def _guarded(self, handler: Handler[T], hook: str, *args: Any) -> None:
+        try:
+            getattr(handler, hook)(*args)
+        except RECOVERABLE:
+            raise
+        except Exception:
+            self._count_error(handler, hook)
+
+    def _count_error(self, handler: Handler[T], hook: str) -> None:
+        log.exception("%s %r raised in %s (isolated; the worker carries on)", self.kind, handler.name, hook)
+        self.stats.errors += 1
+        self.stats.handler_errors[handler.name] = self.stats.handler_errors.get(handler.name, 0) + 1
+
+    def _summary(self) -> str:
+        s = self.stats
+        return (
+            f"processed={s.processed} dead-lettered={s.deadlettered} "
+            f"reclaimed={s.reclaimed} errors={s.errors}"
+        )
+
+
+def _field(fields: Any) -> bytes:
+    """The ``d`` field's bytes from a flat [name, value, ...] list or a dict; InvalidEntry if absent."""
+    pairs = _pairs(fields)
+    value = pairs.get(b"d", pairs.get("d"))
+    if value is None:
+        names = ", ".join(repr(k.decode(errors="replace") if isinstance(k, bytes) else k) for k in pairs)
+        names = names or "none"
+        raise InvalidEntry(f"entry has no 'd' field (fields: {names})")
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _original_bytes(fields: Any) -> bytes:
+    """What to keep of a dead entry: its ``d`` bytes, or all its fields when it has no ``d``."""
+    pairs = _pairs(fields)
+    value = pairs.get(b"d", pairs.get("d"))
+    if isinstance(value, bytes):
+        return value
+    return repr(pairs).encode()
+
+
+def _pairs(fields: Any) -> dict[Any, Any]:
+    if isinstance(fields, dict):
+        return fields
+    if not fields:
+        return {}
+    it = iter(fields)
+    return dict(zip(it, it, strict=False))

@@ -1,0 +1,78 @@
+"""Assembling workers from a validated pipeline: which streams, which group, which handlers.
+
+Both kinds run on the one runtime in worker.py; only what they read and whom they feed differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentwatch import codec
+from agentwatch.alerts import Alert, Incidents, decode_alert
+from agentwatch.codec import Event
+from agentwatch.config import Pipeline
+from agentwatch.redisconn import Client
+from agentwatch.worker import Handler, Worker
+
+DETECTORS_GROUP = "detectors"
+NOTIFIERS_GROUP = "notifiers"
+
+
+class OutboxSweeper(Handler[Any]):
+    """Publishes alerts that a worker decided but died before publishing (see alerts.py)."""
+
+    name = "outbox"
+
+    def __init__(self, incidents: Incidents) -> None:
+        self.incidents = incidents
+
+    def on_tick(self, now_ms: int) -> None:
+        self.incidents.sweep(now_ms)
+
+
+def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None = None) -> Worker[Event]:
+    """A worker on every event stream, feeding every enabled detector."""
+    from detectors.base import DetectorContext  # noqa: PLC0415 - detectors import the spine
+
+    settings = pipeline.settings
+    keys = pipeline.keys
+    worker: Worker[Event] = Worker(
+        client,
+        settings,
+        kind="detectors",
+        streams=keys.event_streams(),
+        group=DETECTORS_GROUP,
+        decode=codec.decode,
+        handlers=[],
+        retention_s=settings.streams.events_retention_s,
+        consumer=consumer,
+    )
+    incidents = Incidents(client, keys, alerts_max_len=settings.streams.alerts_max_len)
+    ctx = DetectorContext(
+        client=client, keys=keys, incidents=incidents, settings=settings, stats=worker.stats
+    )
+    worker.handlers.append(OutboxSweeper(incidents))
+    worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.detectors]
+    return worker
+
+
+def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None = None) -> Worker[Alert]:
+    """A worker on the alerts stream, feeding every configured notifier."""
+    from notifiers.base import NotifierContext  # noqa: PLC0415 - notifiers import the spine
+
+    settings = pipeline.settings
+    keys = pipeline.keys
+    worker: Worker[Alert] = Worker(
+        client,
+        settings,
+        kind="notifiers",
+        streams=[keys.alerts],
+        group=NOTIFIERS_GROUP,
+        decode=decode_alert,
+        handlers=[],
+        retention_s=settings.streams.alerts_retention_s,
+        consumer=consumer,
+    )
+    ctx = NotifierContext(client=client, keys=keys, settings=settings, stats=worker.stats)
+    worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
+    return worker

@@ -1,0 +1,62 @@
+"""Small tools shared by tests: awaiting a condition, settings for a test prefix, worker threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from agentwatch import config
+from agentwatch.config import PipelineSettings
+from agentwatch.worker import Worker
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def settings_for(prefix: str, url: str | None = None, **sections: dict[str, Any]) -> PipelineSettings:
+    """Default settings with the test's prefix (and URL), plus per-section overrides by key."""
+    base = config.PipelineSettings()
+    updates: dict[str, Any] = {}
+    redis_update: dict[str, Any] = {"prefix": prefix, **sections.pop("redis", {})}
+    if url is not None:
+        redis_update["url"] = url
+    updates["redis"] = config.RedisSection.model_validate(
+        {**base.redis.model_dump(by_alias=True), **redis_update}
+    )
+    section_models = {
+        "worker": config.WorkerSection,
+        "streams": config.StreamsSection,
+        "embedded": config.EmbeddedSection,
+    }
+    for name, values in sections.items():
+        model = section_models[name]
+        current = getattr(base, name).model_dump(by_alias=True)
+        updates[name] = model.model_validate({**current, **values})
+    return base.model_copy(update=updates)
+
+
+@contextmanager
+def running(worker: Worker[Any]) -> Iterator[threading.Thread]:
+    """Run a worker in a thread for the duration of the block; stop and join it afterwards."""
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        worker.stop()
+        thread.join(10)
+        assert not thread.is_alive(), "worker did not stop within 10s"

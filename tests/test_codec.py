@@ -1,0 +1,119 @@
+"""Wire protocol v1 decoding: what is accepted, and the reason given for what is not.
+
+Pure logic, no Redis: the same inputs go through real streams in test_worker_deadletter.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+
+from agentwatch import codec
+from agentwatch.errors import InvalidEntry
+
+
+def event(**changes: object) -> dict[str, object]:
+    base: dict[str, object] = {"v": 1, "agent": "my-bot", "kind": "beat", "ts": 1.5, "run": "r1", "seq": 0}
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def reason(raw: bytes) -> str:
+    with pytest.raises(InvalidEntry) as caught:
+        codec.decode(raw)
+    return str(caught.value)
+
+
+def test_a_full_beat_round_trips() -> None:
+    beat = event(tokens=120, tokens_in=100, tokens_out=20, cost=0.0012, model="gpt-4o", fp="job-7")
+    assert codec.decode(codec.encode(beat)) == beat
+
+
+@pytest.mark.parametrize("kind", ["start", "beat", "pulse"])
+def test_every_kind_is_accepted(kind: str) -> None:
+    assert codec.decode(codec.encode(event(kind=kind)))["kind"] == kind
+
+
+def test_exit_needs_a_known_reason() -> None:
+    assert codec.decode(codec.encode(event(kind="exit", reason="signal", code=143)))["reason"] == "signal"
+    assert "exit 'reason'" in reason(codec.encode(event(kind="exit", reason="bored")))
+
+
+def test_unknown_keys_are_kept_for_forward_compatibility() -> None:
+    decoded = codec.decode(codec.encode(event(ok=False, shiny={"new": [1, 2]})))
+    assert decoded["ok"] is False and decoded["shiny"] == {"new": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"\xc1\x00garbage", "not msgpack"),
+        (msgpack.packb([1, 2, 3]), "not a msgpack map but list"),
+        (msgpack.packb("hello"), "not a msgpack map but str"),
+        (b"\x92\x01", "not msgpack"),  # truncated array
+        (codec.encode(event(v=2)), "unsupported protocol version 2"),
+        (codec.encode(event(v=True)), "unsupported protocol version"),
+        (codec.encode(event(kind="dance")), "unknown kind 'dance'"),
+        (codec.encode(event(tokens=math.nan)), "'tokens' must be an integer >= 0"),
+        (codec.encode(event(tokens=-5)), "'tokens' must be an integer >= 0"),
+        (codec.encode(event(tokens="abc")), "'tokens' must be an integer >= 0"),
+        (codec.encode(event(cost=math.nan)), "'cost' must be a finite number >= 0"),
+        (codec.encode(event(cost=math.inf)), "'cost' must be a finite number >= 0"),
+        (codec.encode(event(cost=-0.5)), "'cost' must be a finite number >= 0"),
+        (codec.encode(event(ts=math.nan)), "'ts' must be a finite number"),
+        (codec.encode(event(seq=-1)), "'seq' must be an integer >= 0"),
+        (codec.encode(event(run="")), "'run' must be a string"),
+        (codec.encode(event(agent=None)), "'agent' must be a string"),
+        (codec.encode(event(agent="my bot")), "characters outside"),
+        (codec.encode(event(agent="bot\nx")), "characters outside"),
+        (codec.encode(event(agent="bot;rm -rf /")), "characters outside"),
+        (codec.encode(event(agent="$(reboot)")), "characters outside"),
+        (codec.encode(event(agent="a" * 256)), "must be 1-128 chars, got 256"),
+        (codec.encode(event(agent="")), "must be 1-128 chars, got 0"),
+        (codec.encode(event(stack="x" * 5000)), "'stack' must be a string of at most 4096"),
+        (codec.encode(event(dropped={"queue_full": -1})), "'dropped' must map"),
+    ],
+)
+def test_bad_entries_are_refused_with_a_precise_reason(raw: bytes, expected: str) -> None:
+    assert expected in reason(raw)
+
+
+def test_an_oversized_entry_is_refused_before_unpacking() -> None:
+    raw = codec.encode(event(blob="x" * (1 << 20)))
+    assert reason(raw) == f"entry is {len(raw)} bytes, over the 8192-byte cap"
+
+
+def test_deeply_nested_meta_is_refused() -> None:
+    nested: object = 1
+    for _ in range(6):
+        nested = {"k": nested}
+    assert "'meta' is nested deeper than 4 levels" in reason(codec.encode(event(meta=nested)))
+    shallow = {"a": {"b": {"c": [1]}}}
+    assert codec.decode(codec.encode(event(meta=shallow)))["meta"] == shallow
+
+
+def test_pathological_nesting_within_the_size_cap_is_refused_not_crashing() -> None:
+    deep = b"\x91" * 4000 + b"\x01"  # [[[[...1]]]] 4000 levels in 4 KB
+    assert reason(b"\x81\xa1m" + deep) == "not msgpack (StackError)"
+    fine = codec.encode(event(meta=0))
+    hollow = fine[:-1]  # drop the encoded 0 to splice a 500-deep list in as the value of meta
+    assert "'meta' is nested deeper than 4 levels" in reason(hollow + b"\x91" * 500 + b"\x01")
+
+
+def test_map_keys_must_be_strings() -> None:
+    assert "not msgpack" in reason(msgpack.packb({1: "x"}))
+
+
+def test_agent_names_are_cached_only_after_validation() -> None:
+    name = "cache-probe-agent"
+    codec.decode(codec.encode(event(agent=name)))
+    assert name in codec._valid_agents
+    reason(codec.encode(event(agent="not valid!")))
+    assert "not valid!" not in codec._valid_agents
+
+
+def test_entry_ms_reads_redis_time_from_an_entry_id() -> None:
+    assert codec.entry_ms(b"1700000000123-7") == 1700000000123
+    assert codec.entry_ms("1700000000123-0") == 1700000000123
