@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agentwatch.errors import ConfigError
@@ -71,8 +71,13 @@ def format_duration(seconds: float) -> str:
     return "".join(parts[:2])
 
 
-Seconds = Annotated[float, BeforeValidator(parse_duration)]
-"""A duration key: a string with a unit in the file, float seconds in code."""
+def _duration_text(seconds: float) -> str:
+    """Exact inverse of :func:`parse_duration`, so dumped settings validate again unchanged."""
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_duration_text)]
+"""A duration key: a string with a unit in the file (and when dumped), float seconds in code."""
 
 
 class Section(BaseModel):

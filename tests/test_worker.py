@@ -1,0 +1,249 @@
+"""The worker runtime against a real Redis: batches, acks, dead letters, isolation, health, trimming."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+
+from agentwatch import codec
+from agentwatch.codec import Event
+from agentwatch.keys import Keys
+from agentwatch.redisconn import connect, server_time_ms
+from agentwatch.worker import Handler, Message, Worker
+
+from helpers import running, settings_for, wait_for
+
+
+class Recorder(Handler[Event]):
+    """Remembers every event it was given (by agent and seq)."""
+
+    def __init__(self, name: str = "recorder") -> None:
+        self.name = name
+        self.seen: list[tuple[str, int]] = []
+        self.ticks = 0
+        self.lock = threading.Lock()
+
+    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+        with self.lock:
+            self.seen += [(event["agent"], event["seq"]) for _, event in messages]
+
+    def on_tick(self, now_ms: int) -> None:
+        self.ticks += 1
+
+
+class Explodes(Handler[Event]):
+    """Raises on events whose agent is ``boom``, and on every tick."""
+
+    name = "explodes"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+        self.calls += 1
+        if any(event["agent"] == "boom" for _, event in messages):
+            raise RuntimeError("cannot handle boom")
+
+    def on_tick(self, now_ms: int) -> None:
+        raise ValueError("tick bug")
+
+
+def beat(agent: str = "bot", seq: int = 0, **extra: Any) -> bytes:
+    return codec.encode({"v": 1, "agent": agent, "kind": "beat", "ts": 1.0, "run": "r1", "seq": seq, **extra})
+
+
+@pytest.fixture
+def client(redis_url: str, prefix: str) -> Iterator[Any]:
+    settings = settings_for(prefix, redis_url)
+    c = connect(settings, redis_url)
+    yield c
+    c.close()
+
+
+def make_worker(client: Any, prefix: str, handlers: list[Handler[Event]], **worker: Any) -> Worker[Event]:
+    settings = settings_for(prefix, worker={"tick": "50ms", **worker})
+    keys = Keys(prefix)
+    return Worker(
+        client,
+        settings,
+        kind="detectors",
+        streams=[keys.events()],
+        group="detectors",
+        decode=codec.decode,
+        handlers=handlers,
+        retention_s=3600,
+    )
+
+
+def test_a_batch_is_processed_then_acknowledged(client: Any, r: redis.Redis, keys: Keys, prefix: str) -> None:
+    for seq in range(50):
+        r.xadd(keys.events(), {"d": beat(seq=seq)})
+    recorder = Recorder()
+    worker = make_worker(client, prefix, [recorder])
+    with running(worker):
+        wait_for(lambda: len(recorder.seen) == 50, what="50 events handled")
+        wait_for(lambda: r.xpending(keys.events(), "detectors")["pending"] == 0, what="all acked")
+    assert recorder.seen == [("bot", seq) for seq in range(50)]
+    assert worker.stats.processed == 50
+    assert recorder.ticks > 0
+
+
+BAD_INPUTS = [
+    ("undecodable bytes", b"\xc1\xc1\xc1", "not msgpack"),
+    ("msgpack non-map", msgpack.packb([1, 2, 3]), "not a msgpack map but list"),
+    ("1 MiB entry", beat(blob="x" * (1 << 20)), "over the 8192-byte cap"),
+    ("deeply nested meta", beat(meta={"a": {"b": {"c": {"d": {"e": 1}}}}}), "nested deeper than 4"),
+    ("NaN tokens", beat(tokens=math.nan), "'tokens' must be an integer >= 0"),
+    ("negative tokens", beat(tokens=-5), "'tokens' must be an integer >= 0"),
+    ("agent with spaces", beat(agent="my bot"), "characters outside"),
+    ("agent with newline", beat(agent="bot\nrm"), "characters outside"),
+    ("agent with shell metacharacters", beat(agent="bot;$(reboot)&`x`|y>z"), "characters outside"),
+    ("agent of 256 chars", beat(agent="a" * 256), "must be 1-128 chars, got 256"),
+    ("unknown kind", codec.encode({"v": 1, "agent": "bot", "kind": "nap", "ts": 1.0, "run": "r", "seq": 0}),
+     "unknown kind 'nap'"),
+]  # fmt: skip
+
+
+def test_every_bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    ids = {}
+    for index, (name, raw, _) in enumerate(BAD_INPUTS):
+        r.xadd(keys.events(), {"d": beat(agent="good", seq=index)})
+        ids[name] = r.xadd(keys.events(), {"d": raw})
+    r.xadd(keys.events(), {"wrong": b"field"})
+    r.xadd(keys.events(), {"d": beat(agent="good", seq=99)})
+    recorder = Recorder()
+    worker = make_worker(client, prefix, [recorder])
+    with running(worker):
+        wait_for(lambda: ("good", 99) in recorder.seen, what="the event after all bad ones")
+        wait_for(lambda: r.xlen(keys.deadletter) == len(BAD_INPUTS) + 1)
+        wait_for(lambda: r.hget(keys.stats, "detectors:deadlettered") == str(len(BAD_INPUTS) + 1).encode())
+    assert len(recorder.seen) == len(BAD_INPUTS) + 1  # every good event, no bad one
+    letters = {fields[b"id"]: fields for _, fields in r.xrange(keys.deadletter)}
+    for name, raw, reason in BAD_INPUTS:
+        letter = letters[ids[name]]
+        assert reason in letter[b"reason"].decode(), name
+        assert letter[b"stream"] == keys.events().encode()
+        assert int(letter[b"size"]) == len(raw)
+        cap = 1 << 20  # [streams] deadletter_max_bytes default
+        assert letter[b"d"] == raw[:cap]  # the original bytes are kept, up to the cap
+        assert letter.get(b"truncated") == (b"1" if len(raw) > cap else None)
+    (no_d,) = [f for f in letters.values() if b"no 'd' field" in f[b"reason"]]
+    assert no_d[b"reason"] == b"entry has no 'd' field (fields: 'wrong')"
+    assert worker.stats.deadlettered == len(BAD_INPUTS) + 1
+    assert r.xpending(keys.events(), "detectors")["pending"] == 0
+
+
+def test_dead_letters_keep_at_most_the_configured_bytes(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    settings = settings_for(prefix, streams={"deadletter_max_bytes": 2048}, worker={"tick": "50ms"})
+    worker: Worker[Event] = Worker(
+        client, settings, kind="detectors", streams=[keys.events()], group="detectors",
+        decode=codec.decode, handlers=[], retention_s=3600,
+    )  # fmt: skip
+    r.xadd(keys.events(), {"d": b"\xc1" * 10_000})
+    with running(worker):
+        wait_for(lambda: r.xlen(keys.deadletter) == 1)
+    ((_, letter),) = r.xrange(keys.deadletter)
+    assert (len(letter[b"d"]), letter[b"size"], letter[b"truncated"]) == (2048, b"10000", b"1")
+
+
+def test_a_raising_handler_is_isolated_and_its_poison_entry_dead_lettered(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    r.xadd(keys.events(), {"d": beat(agent="fine", seq=1)})
+    poison_id = r.xadd(keys.events(), {"d": beat(agent="boom", seq=2)})
+    r.xadd(keys.events(), {"d": beat(agent="fine", seq=3)})
+    recorder, explodes = Recorder(), Explodes()
+    worker = make_worker(client, prefix, [explodes, recorder], max_attempts=3)
+    with running(worker):
+        wait_for(lambda: r.xlen(keys.deadletter) == 1, what="the poison entry dead-lettered")
+        wait_for(lambda: worker.stats.handler_errors.get("explodes", 0) >= 3, what="tick errors counted")
+    assert recorder.seen == [("fine", 1), ("boom", 2), ("fine", 3)]  # the other handler saw everything
+    ((_, letter),) = r.xrange(keys.deadletter)
+    assert letter[b"id"] == poison_id
+    assert letter[b"reason"] == b"handler 'explodes' raised RuntimeError: cannot handle boom (3 attempts)"
+    assert explodes.calls == 1 + 1 + 3 + 1  # the batch, then each entry alone; boom 3 times
+    assert r.xpending(keys.events(), "detectors")["pending"] == 0
+
+
+def test_entries_left_by_a_dead_consumer_are_reclaimed(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    client.xgroup_create(keys.events(), "detectors", id="0", mkstream=True)
+    for seq in range(5):
+        r.xadd(keys.events(), {"d": beat(seq=seq)})
+    r.xreadgroup("detectors", "dead-consumer", {keys.events(): ">"}, count=5)  # read, never acked
+    recorder = Recorder()
+    worker = make_worker(client, prefix, [recorder], claim_idle="100ms")
+    with running(worker):
+        wait_for(lambda: len(recorder.seen) == 5, what="reclaimed entries processed")
+        wait_for(lambda: r.xpending(keys.events(), "detectors")["pending"] == 0)
+    assert worker.stats.reclaimed == 5
+
+
+def test_an_entry_that_keeps_killing_workers_is_dead_lettered_on_reclaim(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    client.xgroup_create(keys.events(), "detectors", id="0", mkstream=True)
+    killer = r.xadd(keys.events(), {"d": beat(seq=1)})
+    r.xreadgroup("detectors", "crashed-1", {keys.events(): ">"}, count=1)
+    r.xclaim(keys.events(), "detectors", "crashed-3", 0, [killer], retrycount=3)  # delivered 3 times
+    recorder = Recorder()
+    worker = make_worker(client, prefix, [recorder], claim_idle="100ms", max_attempts=3)
+    with running(worker):
+        wait_for(lambda: r.xlen(keys.deadletter) == 1)
+    ((_, letter),) = r.xrange(keys.deadletter)
+    assert letter[b"reason"] == b"delivered 4 times without an ack (it may crash workers)"
+    assert recorder.seen == []
+
+
+def test_health_key_and_counters_are_published(client: Any, r: redis.Redis, keys: Keys, prefix: str) -> None:
+    r.xadd(keys.events(), {"d": beat()})
+    worker = make_worker(client, prefix, [Recorder()], health_ttl="5s")
+    with running(worker):
+        wait_for(lambda: r.hget(keys.worker(worker.consumer), "processed") == b"1")
+        health = r.hgetall(keys.worker(worker.consumer))
+        ttl_ms = r.pttl(keys.worker(worker.consumer))
+        registered = r.zscore(keys.workers, worker.consumer)
+    assert health[b"kind"] == b"detectors" and health[b"state"] == b"running"
+    assert {b"processed", b"deadlettered", b"reclaimed", b"errors", b"lag", b"pending"} <= set(health)
+    assert 0 < ttl_ms <= 5000
+    assert registered is not None
+    # a graceful stop removes the worker from the registry at once (it does not wait for the TTL)
+    assert r.zscore(keys.workers, worker.consumer) is None
+    assert not r.exists(keys.worker(worker.consumer))
+
+
+def test_trimming_never_drops_what_a_group_has_not_read(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    stream = keys.events()
+    client.xgroup_create(stream, "detectors", id="0", mkstream=True)
+    client.xgroup_create(stream, "slow-group", id="0")
+    for seq in range(300):
+        r.xadd(stream, {"d": beat(seq=seq)})
+    worker = make_worker(client, prefix, [Recorder()])
+    worker.retention_s = 0.001  # everything is "old"
+    while worker.run_once():
+        pass
+    worker.trim(server_time_ms(client) + 10)
+    assert r.xlen(stream) == 300  # slow-group has read nothing yet
+    r.xreadgroup("slow-group", "c", {stream: ">"}, count=300)
+    worker.trim(server_time_ms(client) + 10)
+    assert r.xlen(stream) == 300  # read but still pending in slow-group
+    last_id = r.xrevrange(stream, count=1)[0][0]
+    r.xack(stream, "slow-group", *[e[0] for e in r.xrange(stream)])
+    r.xadd(stream, {"d": beat(seq=300)})  # unread by both groups: must survive
+    worker.trim(server_time_ms(client) + 10)
+    remaining = r.xrange(stream)
+    assert len(remaining) < 301  # trimming happened (MINID ~ trims whole nodes)
+    assert remaining[-1][0] > last_id  # the unread entry survived
