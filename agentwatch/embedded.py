@@ -140,6 +140,9 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C goes to `up`, which stops the workers first
+            # and the server last; the server must not vanish under workers finishing a batch.
+            start_new_session=True,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl must run in the child
         )
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,190 @@
+"""``agentwatch up`` and ``worker`` as a user runs them: real processes, embedded Redis, signals."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from agentwatch import __version__
+
+from conftest import free_port
+from helpers import wait_for
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def read_until(process: subprocess.Popen[str], marker: str, timeout: float = 20.0) -> str:
+    """Collect stdout lines until one contains ``marker`` (or fail after ``timeout``).
+
+    Reads in a thread: select() on a buffered text pipe can miss lines already buffered.
+    """
+    assert process.stdout is not None
+    stdout = process.stdout
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        try:
+            seen += lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(
+                f"no {marker!r} within {timeout}s (exit {process.poll()}):\n{seen}"
+            ) from None
+    return seen
+
+
+@pytest.fixture
+def up_config(short_dir: Path) -> Path:
+    path = short_dir / "pipeline.toml"
+    path.write_text(
+        f'[redis]\nurl = "embedded"\n[embedded]\nstate_dir = "{short_dir / "state"}"\nport = 0\n'
+        '[worker]\ntick = "100ms"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def up(up_config: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A running ``agentwatch up`` on an embedded server; yields (process, redis url)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agentwatch", "up", "--config", str(up_config), "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True, cwd=up_config.parent,
+    )  # fmt: skip
+    try:
+        banner = read_until(process, "Ctrl-C to stop.")
+        match = re.search(r"redis: embedded server at (\S+)", banner)
+        assert match, banner
+        yield process, match.group(1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def registered_workers(client: redis.Redis) -> dict[str, int]:
+    """consumer name -> pid of every live worker."""
+    names = [n.decode() for n in client.zrange("aw:workers", 0, -1)]
+    pids = {name: client.hget(f"aw:worker:{name}", "pid") for name in names}
+    return {name: int(pid) for name, pid in pids.items() if pid}
+
+
+def test_version() -> None:
+    result = subprocess.run([sys.executable, "-m", "agentwatch", "--version"], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (0, f"agentwatch {__version__}\n")
+
+
+def test_up_runs_workers_on_an_embedded_redis_and_stops_cleanly_on_sigterm(
+    up: tuple[subprocess.Popen[str], str], up_config: Path
+) -> None:
+    process, url = up
+    assert url.startswith("unix://") and url.endswith("redis.sock?db=0")
+    client = redis.Redis.from_url(url)
+    try:
+        workers = wait_for(lambda: registered_workers(client), what="a detector worker to register")
+        server_pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    record = up_config.parent / "state" / "current-url"
+    assert record.read_text().strip() == url  # other commands find the embedded server here
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    for pid in [server_pid, *workers.values()]:
+        wait_for(lambda pid=pid: not alive(pid), timeout=5, what=f"pid {pid} to exit")
+    assert not record.exists()
+
+
+def test_up_restarts_a_worker_that_dies(up: tuple[subprocess.Popen[str], str]) -> None:
+    _, url = up
+    client = redis.Redis.from_url(url)
+    try:
+        ((first_name, first_pid),) = wait_for(lambda: registered_workers(client).items(), what="a worker")
+        os.kill(first_pid, signal.SIGKILL)
+        replacement = wait_for(
+            lambda: {n: p for n, p in registered_workers(client).items() if p != first_pid},
+            timeout=15, what="a replacement worker",
+        )  # fmt: skip
+    finally:
+        client.close()
+    assert first_name not in replacement
+
+
+def test_nothing_outlives_a_sigkilled_up(up: tuple[subprocess.Popen[str], str]) -> None:
+    process, url = up
+    client = redis.Redis.from_url(url)
+    try:
+        workers = wait_for(lambda: registered_workers(client), what="a worker")
+        server_pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    process.kill()
+    process.wait()
+    for pid in [server_pid, *workers.values()]:
+        wait_for(lambda pid=pid: not alive(pid), timeout=5, what=f"pid {pid} to die with up")
+
+
+def test_the_embedded_server_also_listens_on_the_configured_tcp_port(short_dir: Path) -> None:
+    port = free_port()
+    config = short_dir / "pipeline.toml"
+    config.write_text(
+        f'[redis]\nurl = "embedded"\n[embedded]\nstate_dir = "{short_dir / "s"}"\nport = {port}\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agentwatch", "up", "--config", str(config), "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        banner = read_until(process, "Ctrl-C to stop.")
+        assert f"also at redis://127.0.0.1:{port}/0" in banner
+        client = redis.Redis(port=port)
+        assert client.ping()
+        client.close()
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        code = process.wait(timeout=10)
+        assert process.stdout is not None
+        process.stdout.close()
+    assert code == 0
+
+
+@pytest.mark.parametrize("command", [["up"], ["worker", "detectors"]])
+def test_bad_config_exits_2_naming_the_key(command: list[str], tmp_path: Path) -> None:
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[redis]\nprefix = "has spaces"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "agentwatch", *command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "[redis] prefix: String should match pattern" in result.stderr
+
+
+def test_bad_usage_exits_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "agentwatch", "worker", "painters"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "'painters' is not one of" in result.stderr
