@@ -1,0 +1,193 @@
+"""How a process run ends, told to the pipeline as one ``exit`` event per producer.
+
+Hooks are chained, never replaced in behaviour: the previous ``sys.excepthook`` and
+``threading.excepthook`` still print their tracebacks, ``sys.exit`` still exits with its code,
+and a default-handled SIGTERM/SIGINT still kills the process *by that signal* (we restore the
+default disposition and re-send the signal after flushing). Handlers a program installed itself
+are left alone: wrapping them breaks identity checks such as asyncio's "is my SIGINT handler
+still installed?", and a program that handles SIGTERM decides itself how it exits.
+
+The exit flush has one deadline (:data:`EXIT_DEADLINE`) for all producers together, so a hung
+Redis costs the exiting process at most that long.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+
+from producers._guard import internal_error, logger
+from producers._stack import exception_text
+
+if TYPE_CHECKING:
+    from producers._producer import Producer
+
+EXIT_DEADLINE: Final = 2.0
+_SIGNALS: Final = ("SIGTERM", "SIGINT")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Why the process (or one producer) stops: the ``exit`` event's fields."""
+
+    reason: str
+    code: int
+    error: str | None = None
+    traceback: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"kind": "exit", "reason": self.reason, "code": self.code}
+        if self.error is not None:
+            fields["error"] = self.error
+        if self.traceback is not None:
+            fields["traceback"] = self.traceback
+        return fields
+
+
+_producers: dict[int, Producer] = {}
+_installed = False
+_signals_installed = False
+_exit_code: int | None = None
+_hooked_exc: BaseException | None = None
+_previous_excepthook: Callable[..., Any] = sys.excepthook
+_previous_thread_hook: Callable[[threading.ExceptHookArgs], Any] = threading.excepthook
+_previous_exit: Callable[..., NoReturn] = sys.exit
+_previous_handlers: dict[int, Any] = {}
+
+
+def register(producer: Producer) -> None:
+    """Track a started producer and make sure the process-wide hooks are in place."""
+    _producers[id(producer)] = producer
+    global _installed, _previous_excepthook, _previous_thread_hook, _previous_exit
+    if not _installed:
+        _installed = True
+        atexit.register(_at_exit)
+        # Chain whatever is installed *now*: the program may have set its own hooks already.
+        _previous_excepthook, sys.excepthook = sys.excepthook, _excepthook
+        _previous_thread_hook, threading.excepthook = threading.excepthook, _thread_excepthook
+        _previous_exit, sys.exit = sys.exit, _sys_exit
+    if not _signals_installed and threading.current_thread() is threading.main_thread():
+        _install_signals()
+
+
+def unregister(producer: Producer) -> None:
+    _producers.pop(id(producer), None)
+
+
+def finish_all(outcome: Outcome, *, wake: bool = True) -> None:
+    """Send every live producer's exit event and wait for delivery, up to the deadline."""
+    deadline = time.monotonic() + EXIT_DEADLINE
+    waits = []
+    for producer in list(_producers.values()):
+        done = producer._finish(outcome, wake=wake)
+        if done is not None:
+            waits.append(done)
+    for done in waits:
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            logger.warning("agentwatch: exit flush gave up after %.1fs (Redis slow or hung)",
+                           EXIT_DEADLINE)  # fmt: skip
+            break
+
+
+def exit_outcome() -> Outcome:
+    """The outcome of a process exit, judged at ``atexit`` time."""
+    # Python stores an uncaught main-thread exception here before calling sys.excepthook; it is
+    # the only trace of it left once atexit handlers run. Our excepthook covers embedders that
+    # call the hook without setting it.
+    exc = getattr(sys, "last_value", None) or _hooked_exc
+    if isinstance(exc, KeyboardInterrupt):
+        return Outcome("signal", 128 + signal.SIGINT, "SIGINT")
+    if exc is not None:
+        error, text = exception_text(type(exc), exc, exc.__traceback__)
+        return Outcome("exception", 1, error, text)
+    return Outcome("exit", _exit_code or 0)
+
+
+def _at_exit() -> None:
+    try:
+        finish_all(exit_outcome())
+    except Exception:
+        internal_error("atexit")
+
+
+def _excepthook(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    global _hooked_exc
+    if threading.current_thread() is threading.main_thread():
+        _hooked_exc = exc
+    _previous_excepthook(exc_type, exc, tb)
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    try:
+        thread = args.thread
+        if thread is not None and args.exc_type is not SystemExit:
+            for producer in list(_producers.values()):
+                producer._thread_died(thread, args.exc_type, args.exc_value, args.exc_traceback)
+    except Exception:
+        internal_error("threading.excepthook")
+    _previous_thread_hook(args)
+
+
+def _sys_exit(status: object = None) -> NoReturn:
+    """``sys.exit`` that remembers the code: atexit handlers cannot see it otherwise."""
+    global _exit_code
+    if threading.current_thread() is threading.main_thread():
+        if status is None:
+            _exit_code = 0
+        elif isinstance(status, int):
+            _exit_code = int(status)
+        else:
+            _exit_code = 1  # Python prints the object and exits with 1
+    _previous_exit(status)
+
+
+def _install_signals() -> None:
+    global _signals_installed
+    _signals_installed = True
+    for name in _SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            current = signal.getsignal(signum)
+            if current is signal.SIG_DFL:
+                _previous_handlers[signum] = current
+                signal.signal(signum, _on_fatal_signal)
+        except (ValueError, OSError):  # not the main interpreter, or an unusual platform
+            pass
+
+
+def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
+    """A signal whose default action is to terminate: report, then die by it as before."""
+    try:
+        name = signal.Signals(signum).name
+        # wake=False: this handler may have interrupted the agent's thread inside Event.set().
+        finish_all(Outcome("signal", 128 + signum, name), wake=False)
+    except Exception:
+        internal_error("signal")
+    finally:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child is a new run: forget the parent's outcome, reset every producer."""
+    global _exit_code, _hooked_exc
+    _exit_code = None
+    _hooked_exc = None
+    for producer in list(_producers.values()):
+        producer._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,384 @@
+"""One monitored agent: the hot path (``heartbeat``) and the run's life from start to exit.
+
+``heartbeat()`` is called from the agent's work loop, possibly millions of times, so it does the
+least possible: a pid comparison (which also catches forks and the lazy first start), a small
+dict, two attribute stores for stall evidence, and a bounded append. No lock, no I/O, no
+syscall beyond the clock. Everything else happens on the sender thread (:mod:`._sender`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from types import TracebackType
+from typing import Any
+
+from agentwatch import __version__
+from agentwatch.keys import Keys
+from producers import _lifecycle
+from producers._config import Settings, inherited_from_parent, resolve
+from producers._fields import add_work_fields, amount, clean_meta
+from producers._guard import internal_error, warn_once
+from producers._lifecycle import EXIT_DEADLINE, Outcome
+from producers._sender import Sender
+from producers._stack import exception_text, trim_frames
+from producers._system import hostname
+
+_monotonic = time.monotonic
+_get_ident = threading.get_ident
+
+_PID = os.getpid()
+"""This process's pid, refreshed in forked children by an at-fork hook. ``os.getpid()`` is a real
+system call on current glibc (~0.2 us, a fifth of a beat), so the hot path compares with this."""
+
+
+def _refresh_pid() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_refresh_pid)
+
+
+_OPTIONS = frozenset(
+    {
+        "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
+        "queue_size", "flush_interval", "socket_timeout",
+    }
+)  # fmt: skip
+
+
+class Producer:
+    """Reports one agent's liveness, work and exit to the agentwatch pipeline.
+
+    Arguments left out (``None``) come from the ``AGENTWATCH_*`` environment, then defaults:
+    ``agent`` (the script's name), ``redis_url`` (``redis://127.0.0.1:6379/0``), ``prefix``
+    (``aw``), ``interval`` (seconds between beats the agent means to keep; none by default),
+    ``pulse_interval`` (5 s), ``shards`` (1). Tuning: ``queue_size`` (events held while Redis is
+    slow or away, 10000), ``flush_interval`` (0.1 s), ``socket_timeout`` (1 s),
+    ``stack_factor`` (pulses carry the work thread's stack once the last beat is this many
+    intervals old, 2.0; 30 s without a declared interval).
+
+    Nothing is sent until first use: the first ``heartbeat()`` or ``extend()`` sends ``start``
+    and starts the sender thread. ``close()`` retires the agent (an ``exit`` with reason
+    ``shutdown``). No method ever raises because of Redis or a bad argument.
+    """
+
+    def __init__(
+        self,
+        agent: str | None = None,
+        *,
+        redis_url: str | None = None,
+        prefix: str | None = None,
+        interval: float | None = None,
+        pulse_interval: float | None = None,
+        shards: int | None = None,
+        stack_factor: float | None = None,
+        queue_size: int | None = None,
+        flush_interval: float | None = None,
+        socket_timeout: float | None = None,
+    ) -> None:
+        explicit: dict[str, Any] = {
+            "agent": agent,
+            "redis_url": redis_url,
+            "prefix": prefix,
+            "interval": interval,
+            "pulse_interval": pulse_interval,
+            "shards": shards,
+            "stack_factor": stack_factor,
+            "queue_size": queue_size,
+            "flush_interval": flush_interval,
+            "socket_timeout": socket_timeout,
+        }
+        self._setup(explicit)
+        self._configure(explicit)
+
+    @classmethod
+    def _deferred(cls) -> Producer:
+        """The module's default producer: configured from the environment on first use, so a
+        program may still set ``AGENTWATCH_*`` variables after ``import producers``."""
+        producer = cls.__new__(cls)
+        producer._setup({})
+        return producer
+
+    def _setup(self, explicit: dict[str, Any]) -> None:
+        self._explicit = explicit
+        self._settings: Settings | None = None
+        self._stream = ""
+        self._lock = threading.RLock()
+        self._pid = 0  # the process whose sender runs; anything else means "start (again)"
+        self._closed = False
+        self._exit_sent = False
+        self._run = ""
+        self._parent_run: str | None = None
+        self._sender: Sender | None = None
+        self._queue: deque[dict[str, Any]] = deque()
+        self._overflow = itertools.count()
+        self._wake = threading.Event()
+        self._cap = 0
+        self._wake_at = 0
+        self._last_beat = _monotonic()
+        self._work_thread = 0
+        self._death: str | None = None
+        self._thread_error: tuple[str, str] | None = None
+
+    def _configure(self, explicit: dict[str, Any], settings: Settings | None = None) -> None:
+        """(Re)configure; a closed or finished producer becomes usable again (``init()``)."""
+        self._explicit = explicit
+        if settings is None:
+            try:
+                settings = resolve(**explicit)
+            except Exception:
+                internal_error("config")
+                settings = resolve()
+        self._settings = settings
+        self._stream = Keys(settings.prefix, settings.shards).events_for(settings.agent)
+        self._closed = False
+        self._exit_sent = False
+        self._pid = 0
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            inherited = inherited_from_parent()
+            parent = inherited.pop("parent", None)
+            if isinstance(parent, str):
+                self._parent_run = parent
+            known = {key: inherited[key] for key in inherited if key in _OPTIONS}
+            self._configure(known)
+            assert self._settings is not None
+        return self._settings
+
+    # -- the hot path ----------------------------------------------------------------------
+    def heartbeat(
+        self,
+        tokens: int | None = None,
+        *,
+        tokens_in: int | None = None,
+        tokens_out: int | None = None,
+        cost: float | None = None,
+        model: str | None = None,
+        fp: str | None = None,
+        usage: object = None,
+        **meta: Any,
+    ) -> None:
+        """Record one unit of work. Call it from the work loop itself, not from a side thread:
+        a beat is the proof that the *loop* moves (pulses already prove the process lives).
+
+        ``tokens``/``tokens_in``/``tokens_out`` and ``cost`` are what this unit of work used;
+        ``usage`` takes an OpenAI or Anthropic usage object (or dict) instead; ``model`` names
+        the model, ``fp`` fingerprints the work item (repeats mean a loop); other keywords are
+        meta passed to detectors. Never blocks, never raises.
+        """
+        try:
+            if self._pid != _PID and not self._begin():
+                return
+            now = _monotonic()
+            event: dict[str, Any] = {"kind": "beat", "ts": now}
+            if (
+                tokens is not None
+                or tokens_in is not None
+                or tokens_out is not None
+                or cost is not None
+                or model is not None
+                or fp is not None
+                or usage is not None
+            ):
+                add_work_fields(
+                    event,
+                    tokens=tokens,
+                    tokens_in=tokens_in,
+                    tokens_out=tokens_out,
+                    cost=cost,
+                    model=model,
+                    fp=fp,
+                    usage=usage,
+                )
+            if meta:
+                event.update(clean_meta(meta))
+            self._last_beat = now
+            self._work_thread = _get_ident()
+            queue = self._queue
+            if len(queue) < self._cap:
+                queue.append(event)
+                if len(queue) == self._wake_at:
+                    self._wake.set()
+            else:
+                next(self._overflow)
+        except Exception:
+            internal_error("heartbeat")
+
+    # -- the rest of the API ---------------------------------------------------------------
+    def extend(self, seconds: float) -> None:
+        """Announce a long step: silence and stall detection wait ``seconds`` longer from now.
+
+        Like systemd's ``EXTEND_TIMEOUT_USEC``: call it before a step you know will outlast the
+        usual interval (a long download, a batch job); the next beat ends the extension.
+        """
+        try:
+            value = amount("extend", seconds)
+            if value is None or (self._pid != _PID and not self._begin()):
+                return
+            assert self._sender is not None
+            self._sender.extends.append(value)
+            self._sender.wake.set()
+        except Exception:
+            internal_error("extend")
+
+    def close(self) -> None:
+        """Retire the agent: send ``exit`` with reason ``shutdown`` and flush (at most 2 s).
+
+        After ``close()`` the pipeline treats silence from this agent as expected, and further
+        calls on this producer do nothing.
+        """
+        try:
+            done = self._finish(Outcome("shutdown", 0))
+            self._closed = True
+            if done is not None and not done.wait(EXIT_DEADLINE):
+                warn_once("close", "agentwatch: shutdown flush gave up after %.1fs",
+                          EXIT_DEADLINE)  # fmt: skip
+            _lifecycle.unregister(self)
+        except Exception:
+            internal_error("close")
+
+    shutdown = close
+
+    def _running(self) -> bool:
+        """Started in this process and not finished."""
+        return self._pid == _PID and not self._closed
+
+    @property
+    def agent(self) -> str:
+        return self.settings.agent
+
+    @property
+    def run(self) -> str:
+        """Id of the current process run ('' before the first use)."""
+        return self._run
+
+    def __enter__(self) -> Producer:
+        if self._pid != _PID:
+            self._begin()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None or issubclass(exc_type, (GeneratorExit, SystemExit)):
+            self.close()
+            return
+        try:
+            if issubclass(exc_type, KeyboardInterrupt):
+                outcome = Outcome("signal", 130, "SIGINT")
+            else:
+                error, text = exception_text(exc_type, exc, tb)
+                outcome = Outcome("exception", 1, error, text)
+            done = self._finish(outcome)
+            self._closed = True
+            if done is not None:
+                done.wait(EXIT_DEADLINE)
+            _lifecycle.unregister(self)
+        except Exception:
+            internal_error("__exit__")
+
+    def __repr__(self) -> str:
+        return f"<Producer agent={self.settings.agent!r} run={self._run!r} stream={self._stream!r}>"
+
+    # -- internals -------------------------------------------------------------------------
+    def _begin(self) -> bool:
+        """Start this run in this process: run id, ``start`` event, sender thread, hooks."""
+        with self._lock:
+            pid = os.getpid()
+            if pid != _PID:  # forked by something that skipped os.register_at_fork hooks
+                _refresh_pid()
+            settings = self.settings
+            if self._closed:
+                warn_once("closed", "agentwatch: this producer was closed; further calls ignored")
+                return False
+            if self._pid == pid:
+                return True
+            if self._exit_sent:  # this run already said goodbye (process exit in progress)
+                return False
+            if self._pid != 0:  # forked by something that skipped os.register_at_fork hooks
+                self._after_fork()
+            self._run = os.urandom(8).hex()
+            start: dict[str, Any] = {
+                "kind": "start",
+                "ts": _monotonic(),
+                "pid": pid,
+                "host": hostname(),
+                "version": __version__,
+            }
+            if settings.interval is not None:
+                start["interval"] = settings.interval
+            if self._parent_run:
+                start["parent"] = self._parent_run
+            sender = Sender(settings, self._stream, self._run, start, self._beat_info)
+            self._queue = sender.queue
+            self._overflow = sender.overflow
+            self._wake = sender.wake
+            self._cap = settings.queue_size
+            self._wake_at = sender.wake_at
+            self._last_beat = _monotonic()
+            self._work_thread = _get_ident()
+            self._sender = sender
+            _lifecycle.register(self)
+            sender.start()
+            self._pid = pid
+            return True
+
+    def _beat_info(self) -> tuple[float, int, str | None]:
+        return self._last_beat, self._work_thread, self._death
+
+    def _finish(self, outcome: Outcome, *, wake: bool = True) -> threading.Event | None:
+        """Queue this run's ``exit`` (once); the returned event is set once it is flushed."""
+        sender = self._sender
+        if self._pid != _PID or sender is None or self._closed:
+            return None
+        if self._exit_sent:
+            return sender.finish({}, wake=wake)  # already queued: just the "done" event
+        self._exit_sent = True
+        if outcome.reason == "exit" and self._thread_error is not None:
+            # The process ends normally, but this agent's work thread died of an exception:
+            # that, not the clean exit, is what stopped the agent.
+            error, text = self._thread_error
+            outcome = Outcome("exception", outcome.code, error, text)
+        fields = outcome.fields()
+        fields["ts"] = _monotonic()
+        self._pid = -1  # later beats of this run are ignored: the exit must stay last
+        return sender.finish(fields, wake=wake)
+
+    def _thread_died(
+        self,
+        thread: threading.Thread,
+        exc_type: type[BaseException],
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Called by ``threading.excepthook``: note it if the thread was our work thread."""
+        if thread.ident != self._work_thread or self._pid != _PID:
+            return
+        error, text = exception_text(exc_type, exc, tb)
+        self._thread_error = (error, text)
+        header = f"Thread {thread.name!r} (the work thread) died of an uncaught exception:\n"
+        self._death = trim_frames(header, [text], 4096)
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's run, queue and thread; start afresh on use."""
+        self._lock = threading.RLock()
+        if self._run:
+            self._parent_run = self._run
+        self._pid = 0
+        self._sender = None
+        self._queue = deque()
+        self._cap = 0
+        self._exit_sent = False
+        self._death = None
+        self._thread_error = None

@@ -1,0 +1,1 @@
+"""Agent programs the producer tests run as real processes, and the helpers to drive them."""

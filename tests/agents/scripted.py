@@ -1,0 +1,83 @@
+"""A small agent whose ending is chosen on the command line: ``python scripted.py MODE``.
+
+Configured only through ``AGENTWATCH_*`` variables (the zero-setup path). ``AW_BEATS`` beats
+(default 3) ``AW_PERIOD`` seconds apart (default 0.01) come first, then MODE decides the end:
+
+forever       keep beating until killed
+exit          return normally
+exit3         sys.exit(3)
+raise         an uncaught ValueError from run_job()
+shutdown      producers.shutdown(), then a few (ignored) beats, then return
+recv          block forever in fetch_from_api() on a socket recv that never returns
+thread-raise  the work loop runs in a thread that dies of an exception; main exits normally
+own-sigterm   the program handles SIGTERM itself (prints, exits 0), then beats forever
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import producers
+from producers import heartbeat
+
+BEATS = int(os.environ.get("AW_BEATS", "3"))
+PERIOD = float(os.environ.get("AW_PERIOD", "0.01"))
+
+
+def beat_some(count: int = BEATS) -> None:
+    for step in range(count):
+        heartbeat(tokens=10 + step)
+        time.sleep(PERIOD)
+
+
+def run_job() -> None:
+    raise ValueError("boom in run_job")
+
+
+def fetch_from_api(conn: socket.socket) -> bytes:
+    return conn.recv(4096)  # the peer never writes: this never returns
+
+
+def thread_work() -> None:
+    beat_some()
+    run_job()
+
+
+def main(mode: str) -> None:
+    if mode == "own-sigterm":
+
+        def on_term(signum: int, frame: object) -> None:
+            print("own handler ran", flush=True)
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, on_term)
+    if mode == "thread-raise":
+        worker = threading.Thread(target=thread_work, name="work-loop")
+        worker.start()
+        worker.join()
+        return
+    beat_some()
+    if mode in {"forever", "own-sigterm"}:
+        while True:
+            beat_some(1)
+    elif mode == "exit3":
+        sys.exit(3)
+    elif mode == "raise":
+        run_job()
+    elif mode == "shutdown":
+        producers.shutdown()
+        beat_some(3)
+    elif mode == "recv":
+        here, there = socket.socketpair()
+        fetch_from_api(here)
+    elif mode != "exit":
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
