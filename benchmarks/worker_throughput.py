@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import msgpack
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, report  # noqa: E402
+from _common import median, report
 
-from agentwatch import codec, config  # noqa: E402
-from agentwatch.embedded import EmbeddedRedis  # noqa: E402
-from agentwatch.redisconn import connect  # noqa: E402
-from agentwatch.worker import Handler, Worker  # noqa: E402
+from agentwatch import codec, config
+from agentwatch.embedded import EmbeddedRedis
+from agentwatch.redisconn import connect
+from agentwatch.worker import Handler, Worker
 
 
 def fill(client: redis.Redis, stream: str, events: int) -> None:
@@ -112,8 +111,16 @@ def main() -> None:
             server.cleanup()
     raw, rt = median(raw_rates), median(rt_rates)
     rows = [
-        {"loop": "raw redis-py (baseline)", "events/s (median)": raw, "rounds": [round(x) for x in raw_rates]},
-        {"loop": "agentwatch Worker + codec", "events/s (median)": rt, "rounds": [round(x) for x in rt_rates]},
+        {
+            "loop": "raw redis-py (baseline)",
+            "events/s (median)": raw,
+            "rounds": [round(x) for x in raw_rates],
+        },
+        {
+            "loop": "agentwatch Worker + codec",
+            "events/s (median)": rt,
+            "rounds": [round(x) for x in rt_rates],
+        },
     ]
     report("worker_throughput", rows, {"ratio": rt / raw, "target": 0.8, "events": args.events})
     print(f"ratio runtime/raw = {rt / raw:.2f} (target >= 0.8)")

@@ -5,6 +5,7 @@ Pure logic, no Redis: the same inputs go through real streams in test_worker_dea
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import msgpack
@@ -65,7 +66,11 @@ def test_unknown_keys_are_kept_for_forward_compatibility() -> None:
         (codec.encode(event(ts=math.nan)), "'ts' must be a finite number"),
         (codec.encode(event(seq=-1)), "'seq' must be an integer >= 0"),
         (codec.encode(event(run="")), "'run' must be a string"),
-        (codec.encode(event(agent=None)), "'agent' must be a string"),
+        (codec.encode(event(agent=None)), "missing key 'agent'"),
+        (codec.encode(event(agent=["a"])), "'agent' must be a string"),
+        (codec.encode(event(kind={"k": 1})), "unknown kind {'k': 1}"),
+        (codec.encode(event(kind="exit", reason=["x"])), "exit 'reason' must be one of"),
+        (codec.encode(event(run=None)), "missing key 'run'"),
         (codec.encode(event(agent="my bot")), "characters outside"),
         (codec.encode(event(agent="bot\nx")), "characters outside"),
         (codec.encode(event(agent="bot;rm -rf /")), "characters outside"),
@@ -104,6 +109,36 @@ def test_pathological_nesting_within_the_size_cap_is_refused_not_crashing() -> N
 
 def test_map_keys_must_be_strings() -> None:
     assert "not msgpack" in reason(msgpack.packb({1: "x"}))
+
+
+WEIRD_VALUES = [
+    None,
+    True,
+    -1,
+    2**64 - 1,
+    -(2**63),
+    1.5,
+    math.nan,
+    -math.inf,
+    "",
+    "x" * 2000,
+    b"\x00",
+    [],
+    [[]],
+    {},
+    {"a": []},
+]
+
+
+@pytest.mark.parametrize("key", ["v", "agent", "kind", "ts", "run", "seq", "tokens", "tokens_in", "cost",
+                                 "model", "fp", "rss", "stack", "interval", "extend", "dropped", "code",
+                                 "reason", "error", "pid", "host", "meta"])  # fmt: skip
+def test_any_value_of_any_key_is_accepted_or_refused_never_crashes(key: str) -> None:
+    for kind in ("beat", "exit"):
+        for value in WEIRD_VALUES:
+            raw = codec.encode({**event(kind=kind, reason="exit"), key: value})
+            with contextlib.suppress(InvalidEntry):
+                codec.decode(raw)
 
 
 def test_agent_names_are_cached_only_after_validation() -> None:
