@@ -103,7 +103,6 @@ class EmbeddedSection(Section):
 class StreamsSection(Section):
     events_retention_s: Seconds = Field(86400.0, alias="events_retention", gt=0)
     alerts_retention_s: Seconds = Field(30 * 86400.0, alias="alerts_retention", gt=0)
-    events_max_len: int = Field(1_000_000, ge=1000)
     alerts_max_len: int = Field(100_000, ge=100)
     deadletter_max_len: int = Field(10_000, ge=10)
     deadletter_max_bytes: int = Field(1 << 20, ge=1024, description="original entry bytes kept")
