@@ -25,6 +25,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from producers._guard import internal_error, logger
+from producers._sender import wait_done
 from producers._stack import exception_text
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Outcome:
 _producers: dict[int, Producer] = {}
 _installed = False
 _signals_installed = False
+_mp_hooked_pid = 0
 _exit_code: int | None = None
 _hooked_exc: BaseException | None = None
 _previous_excepthook: Callable[..., Any] = sys.excepthook
@@ -76,25 +78,63 @@ def register(producer: Producer) -> None:
         _previous_exit, sys.exit = sys.exit, _sys_exit
     if not _signals_installed and threading.current_thread() is threading.main_thread():
         _install_signals()
+    _hook_multiprocessing_exit()
+
+
+def _hook_multiprocessing_exit() -> None:
+    """In a multiprocessing child, flush from multiprocessing's own exit finalizers.
+
+    Pool and Process children end with ``os._exit()``, which skips ``atexit``; the finalizers
+    run just before it. The registry is cleared in each new child, so register per process.
+    """
+    global _mp_hooked_pid
+    pid = os.getpid()
+    mp = sys.modules.get("multiprocessing")
+    util = sys.modules.get("multiprocessing.util")
+    if _mp_hooked_pid == pid or mp is None or util is None or mp.parent_process() is None:
+        return
+    _mp_hooked_pid = pid
+    util.Finalize(None, _at_multiprocessing_exit, exitpriority=100)
+
+
+def _at_multiprocessing_exit() -> None:
+    """Runs inside ``Process._bootstrap``'s ``finally``: an in-flight exception is the cause."""
+    try:
+        exc = sys.exc_info()[1]
+        if exc is None:
+            outcome = Outcome("exit", 0)
+        elif isinstance(exc, SystemExit):
+            code = exc.code
+            outcome = Outcome("exit", 0 if code is None else code if isinstance(code, int) else 1)
+        elif isinstance(exc, KeyboardInterrupt):
+            outcome = Outcome("signal", 128 + signal.SIGINT, "SIGINT")
+        else:
+            error, text = exception_text(type(exc), exc, exc.__traceback__)
+            outcome = Outcome("exception", 1, error, text)
+        finish_all(outcome)
+    except Exception:
+        internal_error("multiprocessing exit")
 
 
 def unregister(producer: Producer) -> None:
     _producers.pop(id(producer), None)
 
 
-def finish_all(outcome: Outcome, *, wake: bool = True) -> None:
-    """Send every live producer's exit event and wait for delivery, up to the deadline."""
+def finish_all(outcome: Outcome) -> None:
+    """Send every live producer's exit event and wait for delivery, up to the deadline.
+
+    Safe to call from a signal handler that interrupted anything, including itself: it takes
+    no lock (see :class:`producers._sender.Wakeup`).
+    """
     deadline = time.monotonic() + EXIT_DEADLINE
-    waits = []
+    senders = []
     for producer in list(_producers.values()):
-        done = producer._finish(outcome, wake=wake)
-        if done is not None:
-            waits.append(done)
-    for done in waits:
-        if not done.wait(max(0.0, deadline - time.monotonic())):
-            logger.warning("agentwatch: exit flush gave up after %.1fs (Redis slow or hung)",
-                           EXIT_DEADLINE)  # fmt: skip
-            break
+        sender = producer._finish(outcome)
+        if sender is not None:
+            senders.append(sender)
+    if senders and not wait_done(senders, deadline):
+        logger.warning("agentwatch: exit flush gave up after %.1fs (Redis slow or hung)",
+                       EXIT_DEADLINE)  # fmt: skip
 
 
 def exit_outcome() -> Outcome:
@@ -171,8 +211,7 @@ def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
     """A signal whose default action is to terminate: report, then die by it as before."""
     try:
         name = signal.Signals(signum).name
-        # wake=False: this handler may have interrupted the agent's thread inside Event.set().
-        finish_all(Outcome("signal", 128 + signum, name), wake=False)
+        finish_all(Outcome("signal", 128 + signum, name))
     except Exception:
         internal_error("signal")
     finally:

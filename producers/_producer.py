@@ -23,7 +23,7 @@ from producers._config import Settings, inherited_from_parent, resolve
 from producers._fields import add_work_fields, amount, clean_meta
 from producers._guard import internal_error, warn_once
 from producers._lifecycle import EXIT_DEADLINE, Outcome
-from producers._sender import Sender
+from producers._sender import Sender, Wakeup, wait_done
 from producers._stack import exception_text, trim_frames
 from producers._system import hostname
 
@@ -118,7 +118,7 @@ class Producer:
         self._sender: Sender | None = None
         self._queue: deque[dict[str, Any]] = deque()
         self._overflow = itertools.count()
-        self._wake = threading.Event()
+        self._wake = Wakeup()
         self._cap = 0
         self._wake_at = 0
         self._last_beat = _monotonic()
@@ -236,9 +236,10 @@ class Producer:
         calls on this producer do nothing.
         """
         try:
-            done = self._finish(Outcome("shutdown", 0))
+            sender = self._finish(Outcome("shutdown", 0))
             self._closed = True
-            if done is not None and not done.wait(EXIT_DEADLINE):
+            deadline = _monotonic() + EXIT_DEADLINE
+            if sender is not None and not wait_done([sender], deadline):
                 warn_once("close", "agentwatch: shutdown flush gave up after %.1fs",
                           EXIT_DEADLINE)  # fmt: skip
             _lifecycle.unregister(self)
@@ -280,10 +281,10 @@ class Producer:
             else:
                 error, text = exception_text(exc_type, exc, tb)
                 outcome = Outcome("exception", 1, error, text)
-            done = self._finish(outcome)
+            sender = self._finish(outcome)
             self._closed = True
-            if done is not None:
-                done.wait(EXIT_DEADLINE)
+            if sender is not None:
+                wait_done([sender], _monotonic() + EXIT_DEADLINE)
             _lifecycle.unregister(self)
         except Exception:
             internal_error("__exit__")
@@ -337,13 +338,17 @@ class Producer:
     def _beat_info(self) -> tuple[float, int, str | None]:
         return self._last_beat, self._work_thread, self._death
 
-    def _finish(self, outcome: Outcome, *, wake: bool = True) -> threading.Event | None:
-        """Queue this run's ``exit`` (once); the returned event is set once it is flushed."""
+    def _finish(self, outcome: Outcome) -> Sender | None:
+        """Queue this run's ``exit`` (once); the sender to wait on (``done``), if any."""
         sender = self._sender
-        if self._pid != _PID or sender is None or self._closed:
+        if sender is None or self._closed:
             return None
         if self._exit_sent:
-            return sender.finish({}, wake=wake)  # already queued: just the "done" event
+            # Already on its way (say, SIGTERM arrived during the atexit flush): the caller
+            # still waits for that flush before the process goes.
+            return sender
+        if self._pid != _PID:
+            return None
         self._exit_sent = True
         if outcome.reason == "exit" and self._thread_error is not None:
             # The process ends normally, but this agent's work thread died of an exception:
@@ -353,7 +358,8 @@ class Producer:
         fields = outcome.fields()
         fields["ts"] = _monotonic()
         self._pid = -1  # later beats of this run are ignored: the exit must stay last
-        return sender.finish(fields, wake=wake)
+        sender.finish(fields)
+        return sender
 
     def _thread_died(
         self,

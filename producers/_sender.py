@@ -49,6 +49,43 @@ BACKOFF_MAX: Final = 1.0
 OUTAGE_LOG_EVERY: Final = 60.0
 _PING: Final = b"*1\r\n$4\r\nPING\r\n"
 
+class Wakeup:
+    """A wake-up call any thread may make at any moment, even from a signal handler.
+
+    ``threading.Event`` holds a Python-level lock inside ``set()`` and ``wait()``. A Python
+    signal handler runs between bytecodes of the interrupted main thread, possibly inside those
+    methods; if it then waits for this thread, and this thread needs that lock, both wait until
+    the deadline (or forever, for a re-entered ``wait()``). A bare ``Lock`` used as a binary
+    semaphore has no such window: ``release()`` and ``acquire()`` are single C calls.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held = "nothing to do"; release() = "wake up"
+
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already released: one pending wake is enough
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds or until woken; consumes the wake-up."""
+        return self._lock.acquire(timeout=max(timeout, 0.0))
+
+
+def wait_done(senders: list[Sender], deadline: float) -> bool:
+    """Wait until every sender has flushed its final event or ``deadline`` (monotonic) passes.
+
+    Polls a plain flag: safe in a signal handler (see :class:`Wakeup`), and the 5 ms steps are
+    nothing next to the deadline.
+    """
+    while not all(sender.done for sender in senders):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(0.005, remaining))
+    return True
+
+
 BeatInfo = Callable[[], tuple[float, int, str | None]]
 """Returns (monotonic time of the last beat, ident of the thread that beat, its death note)."""
 
@@ -68,7 +105,7 @@ class Sender:
         self.run = run
         self.queue: deque[dict[str, Any]] = deque()
         self.overflow = itertools.count()  # next() is atomic under the GIL: no lock on the hot path
-        self.wake = threading.Event()
+        self.wake = Wakeup()
         self.wake_at = max(1, settings.queue_size // WAKE_FRACTION)
         self.extends: deque[float] = deque()
         self._beat_info = beat_info
@@ -89,7 +126,7 @@ class Sender:
         self._last_outage_log = -OUTAGE_LOG_EVERY
         self._next_pulse = time.monotonic() + settings.pulse_interval
         self._final: dict[str, Any] | None = None
-        self._done = threading.Event()
+        self.finished = False
         self._thread: threading.Thread | None = None
 
     # -- called from other threads ---------------------------------------------------------
@@ -98,20 +135,16 @@ class Sender:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def finish(self, exit_fields: dict[str, Any], *, wake: bool = True) -> threading.Event:
-        """Queue the final (``exit``) event after everything already queued; return "done".
-
-        ``wake=False`` from signal handlers: the handler may have interrupted this very thread
-        inside ``wake.set()``, and Event's lock is not reentrant. The sender's next tick (at
-        most ``flush_interval`` away) picks the exit up instead.
-        """
+    def finish(self, exit_fields: dict[str, Any]) -> None:
+        """Queue the final (``exit``) event after everything already queued; see :attr:`done`."""
         if self._final is None:
             self._final = exit_fields
-        if wake:
-            self.wake.set()
-        if self._thread is None or not self._thread.is_alive():
-            self._done.set()
-        return self._done
+        self.wake.set()
+
+    @property
+    def done(self) -> bool:
+        """The final event was delivered or given up on, or there is no thread to send it."""
+        return self.finished or self._thread is None or not self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
@@ -119,12 +152,12 @@ class Sender:
 
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._done.is_set():
+        while not self.finished:
             try:
                 self._step()
             except Exception:
                 internal_error("sender")
-                self._done.wait(0.1)  # a persistent bug must not become a hot loop
+                time.sleep(0.1)  # a persistent bug must not become a hot loop
         self._disconnect()
 
     def _wait(self) -> None:
@@ -140,7 +173,6 @@ class Sender:
             delay = min(self.settings.flush_interval, self._next_pulse - now)
         if delay > 0:
             self.wake.wait(delay)
-            self.wake.clear()
 
     def _step(self) -> None:
         settings = self.settings
@@ -160,7 +192,7 @@ class Sender:
             items.append(queue.popleft())
         while self.extends:
             items.append(self._pulse(now, extend=self.extends.popleft()))
-        if now >= self._next_pulse:
+        if now >= self._next_pulse and final is None:  # no pulse in the goodbye batch
             items.append(self._pulse(now))
             self._next_pulse = now + settings.pulse_interval
         last = final is not None and not queue
@@ -170,7 +202,7 @@ class Sender:
         if items or self._start is not None:
             self._deliver(items)
         if last:
-            self._done.set()
+            self.finished = True
 
     def _pulse(self, now: float, extend: float | None = None) -> dict[str, Any]:
         pulse: dict[str, Any] = {"kind": "pulse", "ts": now}
@@ -341,6 +373,7 @@ class Sender:
             self._failed(exc)
             self._absorb_overflow()  # overflow so far is the outage's doing, not queue_full
             return False
+        self._absorb_overflow()  # still attributed to the outage that just ended
         self._failing = None
         self._recovered()
         return True
@@ -374,7 +407,7 @@ class Sender:
         lost = len(self.queue) + 1
         logger.warning("agentwatch: %d event(s), including the exit event, could not be "
                        "delivered before exit", lost)  # fmt: skip
-        self._done.set()
+        self.finished = True
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -384,17 +417,22 @@ class Sender:
 
 def _reason(exc: BaseException) -> str:
     """A short, stable drop reason for a Redis failure (what ``dropped`` is keyed by)."""
+    errors = redis.exceptions
     text = str(exc)
-    if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+    # redis-py maps an error reply's code (OOM, NOAUTH...) to a class and strips it from the
+    # message; older versions keep it in the text. Check both.
+    if isinstance(exc, errors.AuthenticationError | errors.AuthorizationError):
         return "redis_auth"
-    if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+    if isinstance(exc, errors.NoPermissionError) or text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
         return "redis_auth"
-    if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
-        return "redis_timeout"
-    if isinstance(exc, redis.exceptions.ConnectionError | OSError):
-        return "redis_down"
-    if text.startswith("OOM"):
+    if isinstance(exc, errors.OutOfMemoryError) or text.startswith("OOM"):
         return "redis_oom"
+    if isinstance(exc, errors.ReadOnlyError) or text.startswith("READONLY"):
+        return "redis_readonly"
+    if isinstance(exc, errors.TimeoutError | TimeoutError):
+        return "redis_timeout"
+    if isinstance(exc, errors.ConnectionError | OSError):
+        return "redis_down"
     return "redis_error"
 
 

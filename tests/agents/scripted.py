@@ -1,7 +1,9 @@
 """A small agent whose ending is chosen on the command line: ``python scripted.py MODE``.
 
 Configured only through ``AGENTWATCH_*`` variables (the zero-setup path). ``AW_BEATS`` beats
-(default 3) ``AW_PERIOD`` seconds apart (default 0.01) come first, then MODE decides the end:
+(default 3) ``AW_PERIOD`` seconds apart (default 0.01) come first, then MODE decides the end.
+``AW_QUEUE_SIZE`` calls ``producers.init(queue_size=...)`` first; ``AW_ECHO=1`` prints each beat's
+number to stdout, so a test can count beats without Redis. MODE:
 
 forever       keep beating until killed
 exit          return normally
@@ -27,11 +29,17 @@ from producers import heartbeat
 
 BEATS = int(os.environ.get("AW_BEATS", "3"))
 PERIOD = float(os.environ.get("AW_PERIOD", "0.01"))
+ECHO = os.environ.get("AW_ECHO") == "1"
+count = 0
 
 
-def beat_some(count: int = BEATS) -> None:
-    for step in range(count):
+def beat_some(beats: int = BEATS) -> None:
+    global count
+    for step in range(beats):
         heartbeat(tokens=10 + step)
+        count += 1
+        if ECHO:
+            print(count, flush=True)
         time.sleep(PERIOD)
 
 
@@ -49,6 +57,8 @@ def thread_work() -> None:
 
 
 def main(mode: str) -> None:
+    if os.environ.get("AW_QUEUE_SIZE"):
+        producers.init(queue_size=int(os.environ["AW_QUEUE_SIZE"]))
     if mode == "own-sigterm":
 
         def on_term(signum: int, frame: object) -> None:

@@ -138,3 +138,38 @@ def hung_server() -> Iterator[HungServer]:
         yield server
     finally:
         server.close()
+
+
+class Echo:
+    """Reads an ``AW_ECHO=1`` agent's stdout on a thread: how many beats it has made so far."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.beats = 0
+        self._thread = threading.Thread(target=self._read, name="echo-reader", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.strip().isdigit():
+                self.beats = int(line)
+
+    def wait_beats(self, more: int, timeout: float = 10.0) -> None:
+        """Wait until the agent has made ``more`` beats beyond the count seen now."""
+        target = self.beats + more
+        wait_for(lambda: self.beats >= target, timeout, f"{target} beats from the agent")
+
+    def finish(self, timeout: float = 15.0) -> tuple[int, str]:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"agent did not exit within {timeout}s") from None
+        self._thread.join(5)
+        assert self.process.stderr is not None
+        err = self.process.stderr.read()
+        self.process.stdout.close()  # type: ignore[union-attr]
+        self.process.stderr.close()
+        return code, err
