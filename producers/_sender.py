@@ -316,17 +316,25 @@ class Sender:
     def _connection(self) -> Any:
         if self._conn is None:
             timeout = self.settings.socket_timeout
-            pool = redis.ConnectionPool.from_url(
-                self.settings.redis_url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),  # we retry on our own schedule, never inline
-                health_check_interval=0,
-                lib_name=None,  # no CLIENT SETINFO: the producer needs only XADD (and PING)
-                lib_version=None,
-                socket_read_size=256 * 1024,
-            )
-            self._conn = pool.make_connection()
+            options: dict[str, Any] = {
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+                "retry": Retry(NoBackoff(), 0),  # we retry on our own schedule, never inline
+                "health_check_interval": 0,
+                "socket_read_size": 256 * 1024,
+            }
+            # No CLIENT SETINFO on connect: the producer needs only XADD and PING, so an ACL
+            # user limited to those works. redis-py >= 7 spells it driver_info, older lib_name.
+            try:
+                pool = redis.ConnectionPool.from_url(
+                    self.settings.redis_url, driver_info=None, **options
+                )
+                self._conn = pool.make_connection()
+            except TypeError:
+                pool = redis.ConnectionPool.from_url(
+                    self.settings.redis_url, lib_name=None, lib_version=None, **options
+                )
+                self._conn = pool.make_connection()
         return self._conn
 
     def _pipeline(self, buffer: bytes, count: int) -> list[str | None]:

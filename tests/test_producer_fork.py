@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import redis
-
 from agents.testkit import agent_env, assert_no_internal_errors, kinds, read_events, run
 
 pytestmark = pytest.mark.slow

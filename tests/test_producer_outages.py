@@ -13,21 +13,22 @@ from typing import Any
 
 import pytest
 import redis
-
 from agents.testkit import (
     Echo,
     agent_env,
     assert_no_internal_errors,
     finish,
     hung_server,
-    kinds,
     of_kind,
     read_events,
     run,
     spawn,
     wait_for,
 )
+
 from agentwatch.embedded import EmbeddedRedis
+
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -177,6 +178,4 @@ def test_auth_failure_never_raises_and_drops_are_reported_once_auth_works(
 
 @pytest.fixture
 def free_port_url() -> str:
-    from conftest import free_port
-
     return f"redis://127.0.0.1:{free_port()}/0"

@@ -7,7 +7,6 @@ import signal
 
 import pytest
 import redis
-
 from agents.testkit import (
     AGENTS,
     agent_env,
@@ -39,7 +38,7 @@ def test_work_loop_hung_in_recv_pulses_carry_the_stack(redis_url: str, prefix: s
 
     stack = pulses[-1]["stack"]
     frames = FRAME.findall(stack)
-    innermost_file, innermost_line, innermost_func = frames[-1]
+    innermost_file, _line, innermost_func = frames[-1]
     assert innermost_func == "fetch_from_api"  # the agent's own blocking function, named
     assert innermost_file == str(AGENTS / "scripted.py")
     assert "conn.recv(4096)" in stack  # and the line that blocks
@@ -59,6 +58,7 @@ def test_no_stack_while_beats_are_on_time(redis_url: str, prefix: str, r: redis.
 
     pulses = of_kind(read_events(r, f"{prefix}:events"), "pulse")
     assert code == 0
+    assert_no_internal_errors(err)
     assert pulses, "300 ms of beating must have produced pulses"
     assert not [p for p in pulses if "stack" in p]
 

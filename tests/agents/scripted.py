@@ -83,7 +83,7 @@ def main(mode: str) -> None:
         producers.shutdown()
         beat_some(3)
     elif mode == "recv":
-        here, there = socket.socketpair()
+        here, _there = socket.socketpair()
         fetch_from_api(here)
     elif mode != "exit":
         raise SystemExit(f"unknown mode {mode!r}")

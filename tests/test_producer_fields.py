@@ -1,0 +1,200 @@
+"""Whatever the agent passes, ``heartbeat()`` never raises and every event still decodes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from agents.testkit import of_kind, read_events, wait_for
+
+from producers import Producer, _guard
+from producers._fields import add_work_fields, clean_meta, count, fingerprint
+from producers._usage import usage_fields
+
+
+@pytest.fixture(autouse=True)
+def strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDK bugs fail the test; warnings start from a clean slate."""
+    monkeypatch.setattr(_guard, "RAISE_INTERNAL", True)
+    monkeypatch.setattr(_guard, "_warned", set())
+
+
+@pytest.fixture
+def producer(redis_url: str, prefix: str) -> Iterator[Producer]:
+    made = Producer("fields-bot", redis_url=redis_url, prefix=prefix, flush_interval=0.01)
+    yield made
+    made.close()
+
+
+def delivered(r: redis.Redis, prefix: str, beats: int) -> list[dict[str, Any]]:
+    def enough() -> list[dict[str, Any]] | None:
+        found = of_kind(read_events(r, f"{prefix}:events"), "beat")
+        return found if len(found) >= beats else None
+
+    return wait_for(enough, what=f"{beats} beats")
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [rec.getMessage() for rec in caplog.records if rec.name == "agentwatch.producer"]
+
+
+# -- usage objects -------------------------------------------------------------------------
+
+
+@dataclass
+class OpenAIUsage:  # the shape of openai.types.CompletionUsage
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: Any = None
+
+
+@dataclass
+class AnthropicUsage:  # the shape of anthropic.types.Usage
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+def test_openai_chat_usage_object() -> None:
+    usage = OpenAIUsage(120, 30, 150, SimpleNamespace(cached_tokens=100))
+    assert usage_fields(usage) == {
+        "tokens_in": 120, "tokens_out": 30, "tokens": 150, "tokens_cache_read": 100,
+    }  # fmt: skip
+
+
+def test_openai_responses_usage_dict() -> None:
+    usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15,
+             "input_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+    assert usage_fields(usage) == {"tokens_in": 10, "tokens_out": 5, "tokens": 15}
+
+
+def test_anthropic_usage_counts_cache_tokens_as_input() -> None:
+    usage = AnthropicUsage(input_tokens=20, output_tokens=7, cache_creation_input_tokens=300,
+                           cache_read_input_tokens=1000)  # fmt: skip
+    assert usage_fields(usage) == {
+        "tokens_in": 1320, "tokens_out": 7, "tokens": 1327,
+        "tokens_cache_read": 1000, "tokens_cache_write": 300,
+    }  # fmt: skip
+
+
+def test_a_whole_response_object_is_accepted() -> None:
+    response = SimpleNamespace(id="msg_1", usage=AnthropicUsage(3, 4))
+    assert usage_fields(response) == {"tokens_in": 3, "tokens_out": 4, "tokens": 7}
+
+
+def test_unrecognised_usage_is_ignored_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    assert usage_fields(object()) == {}
+    assert usage_fields(object()) == {}
+    assert usage_fields({"prompt_tokens": "many", "completion_tokens": None}) == {}
+    assert len(warnings(caplog)) == 2  # one per kind of object
+
+
+def test_usage_and_explicit_arguments_end_to_end(
+    producer: Producer, r: redis.Redis, prefix: str
+) -> None:
+    producer.heartbeat(usage=OpenAIUsage(100, 20, 120), model="gpt-x")
+    producer.heartbeat(usage={"input_tokens": 5, "output_tokens": 6}, tokens_out=60)  # explicit wins
+    producer.heartbeat(tokens_in=3, tokens_out=4)  # total derived
+
+    first, second, third = delivered(r, prefix, 3)
+    assert (first["tokens_in"], first["tokens_out"], first["tokens"]) == (100, 20, 120)
+    assert first["model"] == "gpt-x"
+    assert (second["tokens_in"], second["tokens_out"]) == (5, 60)
+    assert third["tokens"] == 7
+
+
+# -- bad arguments -------------------------------------------------------------------------
+
+
+BAD_CALLS: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
+    ("negative tokens", {"tokens": -5}, lambda e: "tokens" not in e),
+    ("text tokens", {"tokens": "abc"}, lambda e: "tokens" not in e),
+    ("bool tokens", {"tokens_in": True}, lambda e: "tokens_in" not in e),
+    ("nan cost", {"cost": math.nan}, lambda e: "cost" not in e),
+    ("negative cost", {"cost": -0.01}, lambda e: "cost" not in e),
+    ("infinite cost", {"cost": math.inf}, lambda e: "cost" not in e),
+    ("model not text", {"model": 42}, lambda e: "model" not in e),
+    ("1 MB meta value", {"note": "x" * 2**20}, lambda e: len(e["note"]) == 1024),
+    ("unserialisable meta", {"when": object()}, lambda e: "when" not in e),
+    ("nan meta", {"score": math.nan}, lambda e: "score" not in e),
+    ("reserved meta key", {"rss": "fake"}, lambda e: "rss" not in e),
+    ("deep meta", {"tree": [[[[[1]]]]]}, lambda e: e["tree"] == [[[[]]]]),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "check"), [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_arguments_never_raise_and_the_beat_still_goes_out(
+    producer: Producer,
+    r: redis.Redis,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    kwargs: dict[str, Any],
+    check: Callable[[dict[str, Any]], bool],
+) -> None:
+    caplog.set_level(logging.WARNING, "agentwatch.producer")
+    producer.heartbeat(**kwargs)
+    producer.heartbeat(**kwargs)  # the same mistake again: no second warning
+
+    beats = delivered(r, prefix, 2)  # read_events decodes each one exactly as a worker would
+    assert all(check(beat) for beat in beats)
+    assert len(warnings(caplog)) == 1, warnings(caplog)
+
+
+def test_long_fingerprints_are_hashed_so_distinct_items_stay_distinct() -> None:
+    first, second = fingerprint("y" * 5000), fingerprint("y" * 4999 + "z")
+    assert first.startswith("sha256:") and len(first) == 71
+    assert first != second
+    assert fingerprint("y" * 5000) == first
+
+
+def test_numbers_from_other_libraries_are_accepted() -> None:
+    assert count("tokens", 12.0) == 12
+    assert count("tokens", Decimal("3")) is None  # not an integer type: dropped, not guessed
+    event: dict[str, Any] = {}
+    add_work_fields(event, tokens=None, tokens_in=None, tokens_out=None, cost=Decimal("0.25"),
+                    model=None, fp=("url", 3), usage=None)  # fmt: skip
+    assert event == {"cost": 0.25, "fp": "('url', 3)"}
+
+
+def test_meta_is_reduced_to_plain_data() -> None:
+    meta = clean_meta({"ok": False, "n": 3, "tags": ("a", "b"), "d": {"k": 1.5, 2: "int key"}})
+    assert meta == {"ok": False, "n": 3, "tags": ["a", "b"], "d": {"k": 1.5}}
+    assert fingerprint("short") == "short"
+
+
+def test_an_event_over_the_size_cap_keeps_the_beat_and_loses_the_meta(
+    producer: Producer, r: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    many = {f"field{i}": "z" * 1000 for i in range(20)}  # each value fits, together 20 KB
+    producer.heartbeat(tokens=5, **many)
+
+    (beat,) = delivered(r, prefix, 1)
+    assert beat["tokens"] == 5
+    assert not [key for key in beat if key.startswith("field")]
+    assert any("lost its meta" in message for message in warnings(caplog))
+
+
+def test_internal_errors_are_swallowed_unless_asked_to_raise(
+    producer: Producer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(meta: dict[str, Any]) -> dict[str, Any]:
+        raise ZeroDivisionError("an SDK bug")
+
+    monkeypatch.setattr("producers._producer.clean_meta", broken)
+    with pytest.raises(ZeroDivisionError):  # the test suite's mode
+        producer.heartbeat(x=1)
+
+    monkeypatch.setattr(_guard, "RAISE_INTERNAL", False)  # an agent's mode
+    producer.heartbeat(x=1)
+    producer.heartbeat(x=1)
+    errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert len(errors) == 1 and "internal error in heartbeat" in errors[0].getMessage()
