@@ -35,6 +35,14 @@ DEFAULT_FLUSH_INTERVAL: Final = 0.1
 DEFAULT_SOCKET_TIMEOUT: Final = 1.0
 MIN_PERIOD: Final = 0.01
 
+OPTIONS: Final = frozenset(
+    {
+        "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
+        "queue_size", "flush_interval", "socket_timeout",
+    }
+)  # fmt: skip
+"""Every keyword a Producer (and ``init()``) accepts."""
+
 INHERIT_ENV: Final = "_AGENTWATCH_INIT"
 """Where ``init()`` leaves its arguments for multiprocessing children started by spawn or
 forkserver, which re-import everything and would otherwise fall back to the environment."""
@@ -120,8 +128,8 @@ def export_for_children(explicit: dict[str, Any], run: str) -> None:
         os.environ[INHERIT_ENV] = json.dumps(given)
 
 
-def inherited_from_parent() -> dict[str, Any]:
-    """``init()`` arguments of the parent, when this process is a multiprocessing worker.
+def inherited_from_parent() -> tuple[dict[str, Any], str | None]:
+    """``init()`` arguments and run id of the parent, when this is a multiprocessing worker.
 
     Only a process that multiprocessing started (``parent_process()`` is set) takes them, so an
     unrelated program the agent runs with ``subprocess`` keeps its own identity.
@@ -129,12 +137,16 @@ def inherited_from_parent() -> dict[str, Any]:
     raw = os.environ.get(INHERIT_ENV)
     mp = sys.modules.get("multiprocessing")
     if not raw or mp is None or mp.parent_process() is None:
-        return {}
+        return {}, None
     try:
         value = json.loads(raw)
     except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        return {}, None
+    if not isinstance(value, dict):
+        return {}, None
+    parent = value.get("parent")
+    options = {key: value[key] for key in value if key in OPTIONS}
+    return options, parent if isinstance(parent, str) else None
 
 
 def _pick(explicit: dict[str, Any], key: str, env: os._Environ[str], var: str) -> Any:

@@ -44,6 +44,17 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
 
+    @classmethod
+    def from_exception(cls, exc: BaseException, tb: TracebackType | None = None) -> Outcome:
+        """The outcome of an exception that ends the process (or a ``with Producer()`` block)."""
+        if isinstance(exc, SystemExit):
+            code = exc.code
+            return cls("exit", 0 if code is None else code if isinstance(code, int) else 1)
+        if isinstance(exc, KeyboardInterrupt):  # what the default SIGINT handler raises
+            return cls("signal", 128 + signal.SIGINT, "SIGINT")
+        error, text = exception_text(type(exc), exc, tb or exc.__traceback__)
+        return cls("exception", 1, error, text)
+
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"kind": "exit", "reason": self.reason, "code": self.code}
         if self.error is not None:
@@ -101,17 +112,7 @@ def _at_multiprocessing_exit() -> None:
     """Runs inside ``Process._bootstrap``'s ``finally``: an in-flight exception is the cause."""
     try:
         exc = sys.exc_info()[1]
-        if exc is None:
-            outcome = Outcome("exit", 0)
-        elif isinstance(exc, SystemExit):
-            code = exc.code
-            outcome = Outcome("exit", 0 if code is None else code if isinstance(code, int) else 1)
-        elif isinstance(exc, KeyboardInterrupt):
-            outcome = Outcome("signal", 128 + signal.SIGINT, "SIGINT")
-        else:
-            error, text = exception_text(type(exc), exc, exc.__traceback__)
-            outcome = Outcome("exception", 1, error, text)
-        finish_all(outcome)
+        finish_all(Outcome("exit", 0) if exc is None else Outcome.from_exception(exc))
     except Exception:
         internal_error("multiprocessing exit")
 
@@ -143,11 +144,8 @@ def exit_outcome() -> Outcome:
     # the only trace of it left once atexit handlers run. Our excepthook covers embedders that
     # call the hook without setting it.
     exc = getattr(sys, "last_value", None) or _hooked_exc
-    if isinstance(exc, KeyboardInterrupt):
-        return Outcome("signal", 128 + signal.SIGINT, "SIGINT")
     if exc is not None:
-        error, text = exception_text(type(exc), exc, exc.__traceback__)
-        return Outcome("exception", 1, error, text)
+        return Outcome.from_exception(exc)
     return Outcome("exit", _exit_code or 0)
 
 

@@ -1,8 +1,9 @@
 """One monitored agent: the hot path (``heartbeat``) and the run's life from start to exit.
 
 ``heartbeat()`` is called from the agent's work loop, possibly millions of times, so it does the
-least possible: a pid comparison (which also catches forks and the lazy first start), a small
-dict, two attribute stores for stall evidence, and a bounded append. No lock, no I/O, no
+least possible: a pid comparison (which also catches forks and the lazy first start), the
+event (a bare float for a plain beat), two attribute stores for stall evidence, and a bounded
+append. No lock, no I/O, no
 syscall beyond the clock. Everything else happens on the sender thread (:mod:`._sender`).
 """
 
@@ -16,16 +17,15 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
-from agentwatch import __version__
 from agentwatch.keys import Keys
 from producers import _lifecycle
-from producers._config import Settings, inherited_from_parent, resolve
+from producers._config import OPTIONS, Settings, inherited_from_parent, resolve
 from producers._fields import add_work_fields, amount, clean_meta
 from producers._guard import internal_error, warn_once
 from producers._lifecycle import EXIT_DEADLINE, Outcome
 from producers._sender import Sender, Wakeup, wait_done
 from producers._stack import exception_text, trim_frames
-from producers._system import hostname
+from producers._system import start_fields
 
 _monotonic = time.monotonic
 _get_ident = threading.get_ident
@@ -42,14 +42,6 @@ def _refresh_pid() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh_pid)
-
-
-_OPTIONS = frozenset(
-    {
-        "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
-        "queue_size", "flush_interval", "socket_timeout",
-    }
-)  # fmt: skip
 
 
 class Producer:
@@ -82,18 +74,7 @@ class Producer:
         flush_interval: float | None = None,
         socket_timeout: float | None = None,
     ) -> None:
-        explicit: dict[str, Any] = {
-            "agent": agent,
-            "redis_url": redis_url,
-            "prefix": prefix,
-            "interval": interval,
-            "pulse_interval": pulse_interval,
-            "shards": shards,
-            "stack_factor": stack_factor,
-            "queue_size": queue_size,
-            "flush_interval": flush_interval,
-            "socket_timeout": socket_timeout,
-        }
+        explicit = {key: value for key, value in locals().items() if key in OPTIONS}
         self._setup(explicit)
         self._configure(explicit)
 
@@ -116,7 +97,7 @@ class Producer:
         self._run = ""
         self._parent_run: str | None = None
         self._sender: Sender | None = None
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[dict[str, Any] | float] = deque()
         self._overflow = itertools.count()
         self._wake = Wakeup()
         self._cap = 0
@@ -144,12 +125,8 @@ class Producer:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            inherited = inherited_from_parent()
-            parent = inherited.pop("parent", None)
-            if isinstance(parent, str):
-                self._parent_run = parent
-            known = {key: inherited[key] for key in inherited if key in _OPTIONS}
-            self._configure(known)
+            inherited, self._parent_run = inherited_from_parent()
+            self._configure(inherited)
             assert self._settings is not None
         return self._settings
 
@@ -178,16 +155,22 @@ class Producer:
             if self._pid != _PID and not self._begin():
                 return
             now = _monotonic()
-            event: dict[str, Any] = {"kind": "beat", "ts": now}
+            event: dict[str, Any] | float
             if (
-                tokens is not None
-                or tokens_in is not None
-                or tokens_out is not None
-                or cost is not None
-                or model is not None
-                or fp is not None
-                or usage is not None
+                tokens is None
+                and tokens_in is None
+                and tokens_out is None
+                and cost is None
+                and model is None
+                and fp is None
+                and usage is None
+                and not meta
             ):
+                # A bare beat travels as its timestamp: cheaper than a dict, and a float is no
+                # GC container, so this call can never be the one that triggers a GC pass.
+                event = now
+            else:
+                event = {"kind": "beat", "ts": now}
                 add_work_fields(
                     event,
                     tokens=tokens,
@@ -198,8 +181,8 @@ class Producer:
                     fp=fp,
                     usage=usage,
                 )
-            if meta:
-                event.update(clean_meta(meta))
+                if meta:
+                    event.update(clean_meta(meta))
             self._last_beat = now
             self._work_thread = _get_ident()
             queue = self._queue
@@ -235,8 +218,13 @@ class Producer:
         After ``close()`` the pipeline treats silence from this agent as expected, and further
         calls on this producer do nothing.
         """
+        self._stop(Outcome("shutdown", 0))
+
+    shutdown = close
+
+    def _stop(self, outcome: Outcome) -> None:
         try:
-            sender = self._finish(Outcome("shutdown", 0))
+            sender = self._finish(outcome)
             self._closed = True
             deadline = _monotonic() + EXIT_DEADLINE
             if sender is not None and not wait_done([sender], deadline):
@@ -245,8 +233,6 @@ class Producer:
             _lifecycle.unregister(self)
         except Exception:
             internal_error("close")
-
-    shutdown = close
 
     def _running(self) -> bool:
         """Started in this process and not finished."""
@@ -272,22 +258,11 @@ class Producer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None or issubclass(exc_type, (GeneratorExit, SystemExit)):
+        """A clean exit (or ``sys.exit``) retires the agent; an exception reports it."""
+        if exc is None or isinstance(exc, GeneratorExit | SystemExit):
             self.close()
-            return
-        try:
-            if issubclass(exc_type, KeyboardInterrupt):
-                outcome = Outcome("signal", 130, "SIGINT")
-            else:
-                error, text = exception_text(exc_type, exc, tb)
-                outcome = Outcome("exception", 1, error, text)
-            sender = self._finish(outcome)
-            self._closed = True
-            if sender is not None:
-                wait_done([sender], _monotonic() + EXIT_DEADLINE)
-            _lifecycle.unregister(self)
-        except Exception:
-            internal_error("__exit__")
+        else:
+            self._stop(Outcome.from_exception(exc, tb))
 
     def __repr__(self) -> str:
         return f"<Producer agent={self.settings.agent!r} run={self._run!r} stream={self._stream!r}>"
@@ -310,17 +285,7 @@ class Producer:
             if self._pid != 0:  # forked by something that skipped os.register_at_fork hooks
                 self._after_fork()
             self._run = os.urandom(8).hex()
-            start: dict[str, Any] = {
-                "kind": "start",
-                "ts": _monotonic(),
-                "pid": pid,
-                "host": hostname(),
-                "version": __version__,
-            }
-            if settings.interval is not None:
-                start["interval"] = settings.interval
-            if self._parent_run:
-                start["parent"] = self._parent_run
+            start = start_fields(settings.interval, pid, self._parent_run)
             sender = Sender(settings, self._stream, self._run, start, self._beat_info)
             self._queue = sender.queue
             self._overflow = sender.overflow

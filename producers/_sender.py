@@ -1,19 +1,16 @@
 """The sender thread: everything that touches Redis happens here, never on the agent's thread.
 
-The agent's thread only appends small dicts to :attr:`Sender.queue`. This thread wakes every
-``flush_interval`` (or as soon as ``WAKE_AT`` events wait), stamps each event (``v``, agent,
-run, wall-clock ``ts``, ``seq`` in stream order), encodes it and writes the whole batch as one
-pipeline of ``XADD ... MAXLEN ~ 100000 * d <msgpack>`` on a single connection.
+The agent's thread only appends to :attr:`Sender.queue` (a bare ``float`` timestamp for a plain
+beat, a small dict otherwise). This thread wakes every ``flush_interval`` (or as soon as
+``wake_at`` events wait), stamps each event (``v``, agent, run, wall-clock ``ts``, ``seq`` in
+stream order), encodes it and hands the batch to :class:`~producers._transport.Transport`.
 
-Why the commands are packed here rather than by a redis-py ``Pipeline``: a flooding agent and
-this thread share one GIL, so every microsecond of per-event work here is a microsecond the agent
-cannot run. Packing RESP for a fixed command shape costs a fraction of redis-py's generic path;
-redis-py still owns the connection (URL forms, TLS, AUTH, Unix sockets) and parses the replies.
-
-Failure model: a batch that Redis refuses or that dies in flight is dropped and counted by
-reason. When Redis cannot be reached at all, events wait in the (bounded) queue and the thread
-only PINGs, with backoff, until it answers: a hung server then costs this thread one socket
-timeout per try and the agent nothing. Drops travel as ``dropped`` on the next delivered event.
+Failure model: a batch Redis refuses, or that dies in flight, is dropped and counted by reason;
+the counts ride as ``dropped`` on the next event that gets through. When Redis cannot be reached
+at all, events wait in the (bounded) queue and this thread only PINGs, with backoff, until it
+answers. A new or unproven connection first gets a small batch: a hung server then costs this
+thread one socket timeout per try, and the agent nothing, not even a GIL-hogging encode of the
+whole queue.
 """
 
 from __future__ import annotations
@@ -26,28 +23,30 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
+import msgpack
 
-from agentwatch.codec import MAX_ENTRY_BYTES, MAX_STACK_CHARS, VERSION, encode
+from agentwatch.codec import MAX_ENTRY_BYTES, MAX_STACK_CHARS, VERSION
 from producers._config import Settings, redact
 from producers._fields import RESERVED
 from producers._guard import internal_error, logger, warn_once
 from producers._stack import thread_stack, trim_frames
 from producers._system import rss_bytes
+from producers._transport import Replies, Transport, reason_for
 
-MAXLEN: Final = 100_000
 BATCH_MAX: Final = 10_000
-"""Events per pipeline. Large, because under a flood every extra round trip hands the GIL to
-the agent's thread for up to a switch interval (5 ms) before this thread gets it back."""
+"""Events per pipeline once the connection is proven. Large, because under a flood every extra
+round trip hands the GIL to the agent's thread for up to a switch interval (5 ms)."""
+FIRST_BATCH: Final = 64
+"""Events in the first batch on a new connection, before it has shown that Redis answers."""
 WAKE_FRACTION: Final = 8
 """Wake the sender early when 1/WAKE_FRACTION of the queue is full."""
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 1.0
 OUTAGE_LOG_EVERY: Final = 60.0
-_PING: Final = b"*1\r\n$4\r\nPING\r\n"
+
+BeatInfo = Callable[[], tuple[float, int, str | None]]
+"""Returns (monotonic time of the last beat, ident of the thread that beat, its death note)."""
+
 
 class Wakeup:
     """A wake-up call any thread may make at any moment, even from a signal handler.
@@ -75,8 +74,8 @@ class Wakeup:
 def wait_done(senders: list[Sender], deadline: float) -> bool:
     """Wait until every sender has flushed its final event or ``deadline`` (monotonic) passes.
 
-    Polls a plain flag: safe in a signal handler (see :class:`Wakeup`), and the 5 ms steps are
-    nothing next to the deadline.
+    Polls a plain flag: safe in a signal handler (see :class:`Wakeup`); 5 ms steps are nothing
+    next to the deadline.
     """
     while not all(sender.done for sender in senders):
         remaining = deadline - time.monotonic()
@@ -86,47 +85,37 @@ def wait_done(senders: list[Sender], deadline: float) -> bool:
     return True
 
 
-BeatInfo = Callable[[], tuple[float, int, str | None]]
-"""Returns (monotonic time of the last beat, ident of the thread that beat, its death note)."""
-
-
 class Sender:
     """Owns the queue, the connection and the thread for one producer in one process run."""
 
     def __init__(
-        self,
-        settings: Settings,
-        stream: str,
-        run: str,
-        start: dict[str, Any],
-        beat_info: BeatInfo,
+        self, settings: Settings, stream: str, run: str, start: dict[str, Any], beat_info: BeatInfo
     ) -> None:
         self.settings = settings
         self.run = run
-        self.queue: deque[dict[str, Any]] = deque()
+        self.queue: deque[dict[str, Any] | float] = deque()
         self.overflow = itertools.count()  # next() is atomic under the GIL: no lock on the hot path
         self.wake = Wakeup()
         self.wake_at = max(1, settings.queue_size // WAKE_FRACTION)
         self.extends: deque[float] = deque()
+        self.finished = False
         self._beat_info = beat_info
-        key = stream.encode()
-        self._head = (
-            b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
-            b"$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key, len(str(MAXLEN)), MAXLEN)
-        )
+        # agentwatch.codec.encode's exact options, but one Packer kept for this thread: packb()
+        # builds a new one per call, which doubles the cost of encoding a beat.
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._transport = Transport(settings.redis_url, stream, settings.socket_timeout)
         self._start: dict[str, Any] | None = start
         self._start_payload: bytes | None = None
         self._seq = 0
         self._drops: dict[str, int] = {}
         self._overflow_seen = 0
-        self._conn: Any = None
+        self._backlog = False
         self._failing: str | None = None  # reason of the current outage, None while healthy
         self._failures = 0
         self._retry_at = 0.0
         self._last_outage_log = -OUTAGE_LOG_EVERY
         self._next_pulse = time.monotonic() + settings.pulse_interval
         self._final: dict[str, Any] | None = None
-        self.finished = False
         self._thread: threading.Thread | None = None
 
     # -- called from other threads ---------------------------------------------------------
@@ -146,10 +135,6 @@ class Sender:
         """The final event was delivered or given up on, or there is no thread to send it."""
         return self.finished or self._thread is None or not self._thread.is_alive()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
         while not self.finished:
@@ -158,7 +143,7 @@ class Sender:
             except Exception:
                 internal_error("sender")
                 time.sleep(0.1)  # a persistent bug must not become a hot loop
-        self._disconnect()
+        self._transport.close()
 
     def _wait(self) -> None:
         """Sleep until the next flush, pulse or retry is due, or until woken."""
@@ -167,7 +152,7 @@ class Sender:
         now = time.monotonic()
         if self._failing is not None:
             delay = self._retry_at - now  # a full queue must not turn an outage into a spin
-        elif len(self.queue) >= self.wake_at or self.extends:
+        elif self._backlog or len(self.queue) >= self.wake_at or self.extends:
             return
         else:
             delay = min(self.settings.flush_interval, self._next_pulse - now)
@@ -175,7 +160,6 @@ class Sender:
             self.wake.wait(delay)
 
     def _step(self) -> None:
-        settings = self.settings
         self._wait()
         final = self._final
         now = time.monotonic()
@@ -184,17 +168,19 @@ class Sender:
                 return
             if not self._probe():
                 if final is not None:
-                    self._give_up()
+                    logger.warning("agentwatch: %d event(s) and the exit event could not be "
+                                   "delivered before exit", len(self.queue))  # fmt: skip
+                    self.finished = True
                 return
-        items: list[dict[str, Any]] = []
         queue = self.queue
-        for _ in range(min(len(queue), BATCH_MAX)):
-            items.append(queue.popleft())
+        limit = BATCH_MAX if self._transport.proven else FIRST_BATCH
+        items: list[dict[str, Any] | float] = [queue.popleft() for _ in range(min(len(queue), limit))]
+        self._backlog = bool(queue)
         while self.extends:
             items.append(self._pulse(now, extend=self.extends.popleft()))
         if now >= self._next_pulse and final is None:  # no pulse in the goodbye batch
             items.append(self._pulse(now))
-            self._next_pulse = now + settings.pulse_interval
+            self._next_pulse = now + self.settings.pulse_interval
         last = final is not None and not queue
         if last:
             assert final is not None
@@ -214,17 +200,13 @@ class Sender:
         last_beat, ident, death = self._beat_info()
         late = now - last_beat
         if ident and late > self.settings.stack_after:
-            if death is not None:
-                pulse["stack"] = death
-            else:
-                pulse["stack"] = thread_stack(ident, late)
+            pulse["stack"] = death if death is not None else thread_stack(ident, late)
         return pulse
 
-    # -- encoding --------------------------------------------------------------------------
-    def _deliver(self, items: list[dict[str, Any]]) -> None:
+    # -- encoding and accounting -----------------------------------------------------------
+    def _deliver(self, items: list[dict[str, Any] | float]) -> None:
         offset = time.time() - time.monotonic()
         payloads: list[bytes] = []
-        kinds: list[str] = []
         if self._start is not None:
             if self._start_payload is None:
                 self._start_payload = self._encode(self._start, offset)
@@ -232,33 +214,36 @@ class Sender:
                 self._start = None
             else:
                 payloads.append(self._start_payload)
-                kinds.append("start")
+        with_start = bool(payloads)
         drops = self._take_drops()
         carrier = -1
-        for fields in items:
+        for item in items:
+            fields = {"kind": "beat", "ts": item} if isinstance(item, float) else item
             data = self._encode(fields, offset, drops if carrier < 0 else None)
             if data is None:
                 continue
             if carrier < 0 and drops:
                 carrier = len(payloads)
             payloads.append(data)
-            kinds.append(fields["kind"])
         if carrier < 0 and drops:  # nothing carried them: keep for the next batch
             self._add_drops(drops)
-        if not payloads:
-            return
-        head = self._head
-        buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads])
-        failures = self._pipeline(buffer, len(payloads))
-        for index, reason in enumerate(failures):
-            if reason is None:
-                if kinds[index] == "start":
-                    self._start = self._start_payload = None
-                continue
-            if index == carrier:
-                self._add_drops(drops)
-            if kinds[index] != "start":  # start stays pending and is sent again
+        if payloads:
+            self._account(self._transport.send(payloads), with_start, carrier, drops)
+
+    def _account(self, replies: Replies, with_start: bool, carrier: int, drops: dict[str, int]) -> None:
+        """Count what did not get through; keep what must be sent again (start, drop counts)."""
+        if with_start and replies.delivered(0):
+            self._start = self._start_payload = None
+        if carrier >= 0 and not replies.delivered(carrier):
+            self._add_drops(drops)
+        for index, reason in replies.refused.items():
+            if not (with_start and index == 0):  # start stays pending and is sent again
                 self._drops[reason] = self._drops.get(reason, 0) + 1
+        if replies.error is not None:
+            lost = replies.count - replies.cut - (1 if with_start and replies.cut == 0 else 0)
+            if lost:
+                self._drops[replies.cut_reason] = self._drops.get(replies.cut_reason, 0) + lost
+            self._failed(replies.error)
 
     def _encode(
         self, fields: dict[str, Any], offset: float, drops: dict[str, int] | None = None
@@ -270,7 +255,7 @@ class Sender:
         fields["ts"] = fields["ts"] + offset
         if drops:
             fields["dropped"] = drops
-        data = encode(fields)
+        data: bytes = self._pack(fields)
         if len(data) > MAX_ENTRY_BYTES:
             smaller = self._shrink(fields)
             if smaller is None:
@@ -291,10 +276,9 @@ class Sender:
         for key in ("stack", "traceback"):
             if key in fields:
                 fields[key] = trim_frames("", [fields[key]], MAX_STACK_CHARS // 2)
-        data = encode(fields)
+        data: bytes = self._pack(fields)
         return data if len(data) <= MAX_ENTRY_BYTES else None
 
-    # -- drop accounting -------------------------------------------------------------------
     def _absorb_overflow(self) -> None:
         current = _counter_value(self.overflow)
         if current > self._overflow_seen:
@@ -312,136 +296,36 @@ class Sender:
         for reason, number in drops.items():
             self._drops[reason] = self._drops.get(reason, 0) + number
 
-    # -- Redis -----------------------------------------------------------------------------
-    def _connection(self) -> Any:
-        if self._conn is None:
-            timeout = self.settings.socket_timeout
-            options: dict[str, Any] = {
-                "socket_timeout": timeout,
-                "socket_connect_timeout": timeout,
-                "retry": Retry(NoBackoff(), 0),  # we retry on our own schedule, never inline
-                "health_check_interval": 0,
-                "socket_read_size": 256 * 1024,
-            }
-            # No CLIENT SETINFO on connect: the producer needs only XADD and PING, so an ACL
-            # user limited to those works. redis-py >= 7 spells it driver_info, older lib_name.
-            try:
-                pool = redis.ConnectionPool.from_url(
-                    self.settings.redis_url, driver_info=None, **options
-                )
-                self._conn = pool.make_connection()
-            except TypeError:
-                pool = redis.ConnectionPool.from_url(
-                    self.settings.redis_url, lib_name=None, lib_version=None, **options
-                )
-                self._conn = pool.make_connection()
-        return self._conn
-
-    def _pipeline(self, buffer: bytes, count: int) -> list[str | None]:
-        """Send ``count`` packed commands; the failure reason of each (``None``: delivered)."""
-        conn = self._connection()
-        results: list[str | None] = []
-        # A connection idle for a while may have been closed by the server or a proxy: one
-        # immediate resend on a fresh connection before anything counts as lost.
-        attempts = 2 if conn.is_connected else 1
-        for attempt in range(attempts):
-            try:
-                conn.send_packed_command([buffer], check_health=False)
-                break
-            except (RedisError, OSError) as exc:
-                conn.disconnect()
-                if attempt + 1 == attempts:
-                    self._failed(exc)
-                    return [_reason(exc)] * count
-        for index in range(count):
-            try:
-                conn.read_response()
-                results.append(None)
-            except ResponseError as exc:  # one command refused (OOM, WRONGTYPE...): go on
-                results.append(_reason(exc))
-                warn_once(f"reply:{results[-1]}", "agentwatch: Redis refused an event (%s); "
-                          "such events are dropped and counted", exc)  # fmt: skip
-            except (RedisError, OSError) as exc:
-                conn.disconnect()
-                self._failed(exc)
-                results.extend([_reason(exc)] * (count - index))
-                return results
-        if self._failing is None and self._failures:
-            self._recovered()
-        return results
-
+    # -- outages ---------------------------------------------------------------------------
     def _probe(self) -> bool:
-        """PING on a fresh connection during an outage; True once Redis answers again."""
-        conn = self._connection()
-        try:
-            conn.send_packed_command([_PING], check_health=False)
-            conn.read_response()
-        except (RedisError, OSError) as exc:
-            conn.disconnect()
-            self._failed(exc)
-            self._absorb_overflow()  # overflow so far is the outage's doing, not queue_full
+        """During an outage: True once Redis answers a PING again."""
+        error = self._transport.ping()
+        self._absorb_overflow()  # overflow so far is the outage's doing, not queue_full
+        if error is not None:
+            self._failed(error)
             return False
-        self._absorb_overflow()  # still attributed to the outage that just ended
         self._failing = None
-        self._recovered()
+        self._failures = 0
+        logger.info("agentwatch: Redis at %s answers again", redact(self.settings.redis_url))
         return True
 
     def _failed(self, exc: BaseException) -> None:
-        reason = _reason(exc)
         self._failures += 1
-        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (self._failures - 1))
-        self._retry_at = time.monotonic() + delay
-        if self._failing is None:
-            self._failing = reason
-            now = time.monotonic()
-            if now - self._last_outage_log >= OUTAGE_LOG_EVERY:
-                self._last_outage_log = now
-                logger.warning(
-                    "agentwatch: cannot deliver events to Redis at %s (%s: %s); events wait in "
-                    "memory (up to %d) and drops are counted until it answers",
-                    redact(self.settings.redis_url),
-                    type(exc).__name__,
-                    exc,
-                    self.settings.queue_size,
-                )
-
-    def _recovered(self) -> None:
-        if self._failures:
-            logger.info("agentwatch: Redis at %s answers again", redact(self.settings.redis_url))
-        self._failures = 0
-
-    def _give_up(self) -> None:
-        """Exit requested while Redis is unreachable: report what is lost, then stop."""
-        lost = len(self.queue) + 1
-        logger.warning("agentwatch: %d event(s), including the exit event, could not be "
-                       "delivered before exit", lost)  # fmt: skip
-        self.finished = True
-
-    def _disconnect(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):  # the process is ending or the socket is gone
-                self._conn.disconnect()
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, stable drop reason for a Redis failure (what ``dropped`` is keyed by)."""
-    errors = redis.exceptions
-    text = str(exc)
-    # redis-py maps an error reply's code (OOM, NOAUTH...) to a class and strips it from the
-    # message; older versions keep it in the text. Check both.
-    if isinstance(exc, errors.AuthenticationError | errors.AuthorizationError):
-        return "redis_auth"
-    if isinstance(exc, errors.NoPermissionError) or text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-        return "redis_auth"
-    if isinstance(exc, errors.OutOfMemoryError) or text.startswith("OOM"):
-        return "redis_oom"
-    if isinstance(exc, errors.ReadOnlyError) or text.startswith("READONLY"):
-        return "redis_readonly"
-    if isinstance(exc, errors.TimeoutError | TimeoutError):
-        return "redis_timeout"
-    if isinstance(exc, errors.ConnectionError | OSError):
-        return "redis_down"
-    return "redis_error"
+        self._retry_at = time.monotonic() + min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (self._failures - 1))
+        if self._failing is not None:
+            return
+        self._failing = reason_for(exc)
+        now = time.monotonic()
+        if now - self._last_outage_log >= OUTAGE_LOG_EVERY:
+            self._last_outage_log = now
+            logger.warning(
+                "agentwatch: cannot deliver events to Redis at %s (%s: %s); events wait in memory "
+                "(up to %d) and drops are counted until it answers",
+                redact(self.settings.redis_url),
+                type(exc).__name__,
+                exc,
+                self.settings.queue_size,
+            )
 
 
 def _counter_value(counter: itertools.count[int]) -> int:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from types import ModuleType
-from typing import Final
+from typing import Any, Final
+
+from agentwatch import __version__
 
 resource: ModuleType | None
 try:
@@ -42,3 +45,20 @@ def hostname() -> str:
         return socket.gethostname()[:255] or "unknown"
     except OSError:
         return "unknown"
+
+
+def start_fields(interval: float | None, pid: int, parent_run: str | None) -> dict[str, Any]:
+    """The ``start`` event of a run (``parent``: the run this process was forked or spawned
+    from, so the pipeline can tell a worker process from a restart)."""
+    start: dict[str, Any] = {
+        "kind": "start",
+        "ts": time.monotonic(),
+        "pid": pid,
+        "host": hostname(),
+        "version": __version__,
+    }
+    if interval is not None:
+        start["interval"] = interval
+    if parent_run:
+        start["parent"] = parent_run
+    return start

@@ -1,0 +1,159 @@
+"""One Redis connection that XADDs batches of pre-encoded events, and names every failure.
+
+Why the commands are packed here rather than by a redis-py ``Pipeline``: a flooding agent and
+the sender share one GIL, so every microsecond of per-event work on the sender is a microsecond
+the agent cannot run. Packing RESP for one fixed command shape costs a fraction of redis-py's
+generic path; redis-py still owns the connection (URL forms, TLS, AUTH, Unix sockets) and
+parses the replies.
+
+Timeouts are short and there are no inline retries: the sender decides when to try again, so a
+Redis that accepts connections and never answers costs one socket timeout per attempt, on the
+sender thread only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from producers._guard import warn_once
+
+MAXLEN: Final = 100_000
+_PING: Final = b"*1\r\n$4\r\nPING\r\n"
+
+
+@dataclass
+class Replies:
+    """What happened to one batch of ``count`` commands."""
+
+    count: int
+    refused: dict[int, str] = field(default_factory=dict)
+    """Commands Redis answered with an error (index -> drop reason); the others went through."""
+    cut: int = -1
+    """Commands from this index on were lost in transit (``-1``: none were)."""
+    error: BaseException | None = None
+    """The transport error behind ``cut``, if any."""
+
+    @property
+    def cut_reason(self) -> str:
+        return reason_for(self.error) if self.error is not None else ""
+
+    def delivered(self, index: int) -> bool:
+        return index not in self.refused and (self.cut < 0 or index < self.cut)
+
+
+class Transport:
+    """XADD batches to one stream over one lazily made connection."""
+
+    def __init__(self, url: str, stream: str, socket_timeout: float) -> None:
+        self._url = url
+        self._timeout = socket_timeout
+        self._conn: Any = None
+        key = stream.encode()
+        self._head = (
+            b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
+            b"$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key, len(str(MAXLEN)), MAXLEN)
+        )
+        self.proven = False
+        """The current connection has carried a batch (or a PING): big batches are safe."""
+
+    def send(self, payloads: list[bytes]) -> Replies:
+        head = self._head
+        buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads])
+        count = len(payloads)
+        conn = self._connection()
+        # A connection idle for a while may have been closed by the server or a proxy: one
+        # immediate resend on a fresh connection before anything counts as lost.
+        attempts = 2 if conn.is_connected else 1
+        for attempt in range(attempts):
+            try:
+                conn.send_packed_command([buffer], check_health=False)
+                break
+            except (RedisError, OSError) as exc:
+                self._broken(conn)
+                if attempt + 1 == attempts:
+                    return Replies(count, cut=0, error=exc)
+        replies = Replies(count)
+        for index in range(count):
+            try:
+                conn.read_response()
+            except ResponseError as exc:  # one command refused (OOM, WRONGTYPE...): go on
+                replies.refused[index] = reason_for(exc)
+                warn_once(f"reply:{replies.refused[index]}", "agentwatch: Redis refused an "
+                          "event (%s); such events are dropped and counted", exc)  # fmt: skip
+            except (RedisError, OSError) as exc:
+                self._broken(conn)
+                replies.cut, replies.error = index, exc
+                return replies
+        self.proven = True
+        return replies
+
+    def ping(self) -> BaseException | None:
+        """PING (on a new connection if need be); the error, or ``None`` if Redis answered."""
+        conn = self._connection()
+        try:
+            conn.send_packed_command([_PING], check_health=False)
+            conn.read_response()
+        except (RedisError, OSError) as exc:
+            self._broken(conn)
+            return exc
+        self.proven = True
+        return None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # the process is ending or the socket is gone
+                self._conn.disconnect()
+
+    def _broken(self, conn: Any) -> None:
+        self.proven = False
+        with contextlib.suppress(Exception):
+            conn.disconnect()
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            options: dict[str, Any] = {
+                "socket_timeout": self._timeout,
+                "socket_connect_timeout": self._timeout,
+                "retry": Retry(NoBackoff(), 0),  # the sender retries on its own schedule
+                "health_check_interval": 0,
+                "socket_read_size": 256 * 1024,
+            }
+            # No CLIENT SETINFO on connect: the producer needs only XADD and PING, so an ACL
+            # user limited to those works. redis-py >= 7 spells it driver_info, older lib_name.
+            try:
+                pool = redis.ConnectionPool.from_url(self._url, driver_info=None, **options)
+                self._conn = pool.make_connection()
+            except TypeError:
+                pool = redis.ConnectionPool.from_url(
+                    self._url, lib_name=None, lib_version=None, **options
+                )
+                self._conn = pool.make_connection()
+        return self._conn
+
+
+def reason_for(exc: BaseException) -> str:
+    """A short, stable drop reason for a Redis failure (what ``dropped`` is keyed by)."""
+    errors = redis.exceptions
+    text = str(exc)
+    # redis-py maps an error reply's code (OOM, NOAUTH...) to a class and strips it from the
+    # message; older versions keep it in the text. Check both.
+    if isinstance(exc, errors.AuthenticationError | errors.AuthorizationError):
+        return "redis_auth"
+    if isinstance(exc, errors.NoPermissionError) or text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        return "redis_auth"
+    if isinstance(exc, errors.OutOfMemoryError) or text.startswith("OOM"):
+        return "redis_oom"
+    if isinstance(exc, errors.ReadOnlyError) or text.startswith("READONLY"):
+        return "redis_readonly"
+    if isinstance(exc, errors.TimeoutError | TimeoutError):
+        return "redis_timeout"
+    if isinstance(exc, errors.ConnectionError | OSError):
+        return "redis_down"
+    return "redis_error"
