@@ -95,6 +95,10 @@ def script_agent_name() -> str:
 def resolve(**explicit: Any) -> Settings:
     """Settings from explicit keyword values (``None`` = not given), the environment, defaults."""
     env = os.environ
+    unknown = sorted(set(explicit) - OPTIONS)
+    if unknown:
+        warn_once("config:unknown", "agentwatch: unknown option(s) %s ignored (known: %s)",
+                  ", ".join(unknown), ", ".join(sorted(OPTIONS)))  # fmt: skip
     agent = _agent(_pick(explicit, "agent", env, "AGENTWATCH_AGENT"))
     return Settings(
         agent=agent,

@@ -17,6 +17,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
+from agentwatch.codec import MAX_STACK_CHARS
 from agentwatch.keys import Keys
 from producers import _lifecycle
 from producers._config import OPTIONS, Settings, inherited_from_parent, resolve
@@ -104,8 +105,7 @@ class Producer:
         self._wake_at = 0
         self._last_beat = _monotonic()
         self._work_thread = 0
-        self._death: str | None = None
-        self._thread_error: tuple[str, str] | None = None
+        self._death: tuple[float, str, Outcome] | None = None  # (when, pulse note, outcome)
 
     def _configure(self, explicit: dict[str, Any], settings: Settings | None = None) -> None:
         """(Re)configure; a closed or finished producer becomes usable again (``init()``)."""
@@ -287,6 +287,13 @@ class Producer:
             self._run = os.urandom(8).hex()
             start = start_fields(settings.interval, pid, self._parent_run)
             sender = Sender(settings, self._stream, self._run, start, self._beat_info)
+            try:
+                sender.start()
+            except RuntimeError as exc:  # no more threads, or the interpreter is shutting down
+                # Carry on without a sender: events fill the bounded queue and overflow. Retrying
+                # on every beat would put thread creation on the hot path.
+                warn_once("thread", "agentwatch: cannot start the sender thread (%s); this run "
+                          "reports nothing", exc)  # fmt: skip
             self._queue = sender.queue
             self._overflow = sender.overflow
             self._wake = sender.wake
@@ -296,12 +303,17 @@ class Producer:
             self._work_thread = _get_ident()
             self._sender = sender
             _lifecycle.register(self)
-            sender.start()
             self._pid = pid
             return True
 
     def _beat_info(self) -> tuple[float, int, str | None]:
-        return self._last_beat, self._work_thread, self._death
+        death = self._current_death()
+        return self._last_beat, self._work_thread, death[1] if death else None
+
+    def _current_death(self) -> tuple[float, str, Outcome] | None:
+        """The work thread's death, unless work resumed since (a new thread beat)."""
+        death = self._death
+        return death if death is not None and self._last_beat <= death[0] else None
 
     def _finish(self, outcome: Outcome) -> Sender | None:
         """Queue this run's ``exit`` (once); the sender to wait on (``done``), if any."""
@@ -315,11 +327,11 @@ class Producer:
         if self._pid != _PID:
             return None
         self._exit_sent = True
-        if outcome.reason == "exit" and self._thread_error is not None:
+        death = self._current_death()
+        if outcome.reason == "exit" and death is not None:
             # The process ends normally, but this agent's work thread died of an exception:
             # that, not the clean exit, is what stopped the agent.
-            error, text = self._thread_error
-            outcome = Outcome("exception", outcome.code, error, text)
+            outcome = Outcome("exception", outcome.code, death[2].error, death[2].traceback)
         fields = outcome.fields()
         fields["ts"] = _monotonic()
         self._pid = -1  # later beats of this run are ignored: the exit must stay last
@@ -337,9 +349,9 @@ class Producer:
         if thread.ident != self._work_thread or self._pid != _PID:
             return
         error, text = exception_text(exc_type, exc, tb)
-        self._thread_error = (error, text)
         header = f"Thread {thread.name!r} (the work thread) died of an uncaught exception:\n"
-        self._death = trim_frames(header, [text], 4096)
+        note = trim_frames(header, [text], MAX_STACK_CHARS)
+        self._death = (_monotonic(), note, Outcome("exception", 1, error, text))
 
     def _after_fork(self) -> None:
         """In a forked child: drop the parent's run, queue and thread; start afresh on use."""
@@ -352,4 +364,3 @@ class Producer:
         self._cap = 0
         self._exit_sent = False
         self._death = None
-        self._thread_error = None

@@ -16,6 +16,7 @@ from agents.testkit import kinds, of_kind, read_events, wait_for
 
 import producers
 from producers import Producer, _guard
+from producers._sender import Sender
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +139,25 @@ def test_heartbeat_costs_microseconds(make: Callable[..., Producer]) -> None:
     assert statistics.median(samples) < 10_000
 
 
+def test_no_sender_thread_means_no_retry_on_every_beat(
+    make: Callable[..., Producer], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts = []
+
+    def refuse(self: Sender) -> None:
+        attempts.append(self)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(Sender, "start", refuse)
+    producer = make(queue_size=500)
+    for _ in range(1000):
+        producer.heartbeat()
+
+    assert len(attempts) == 1
+    assert len(producer._queue) == 500  # bounded, even with nobody draining it
+    assert sum("cannot start the sender thread" in rec.getMessage() for rec in caplog.records) == 1
+
+
 def test_after_close_beats_are_ignored(make: Callable[..., Producer], r: redis.Redis, prefix: str) -> None:
     producer = make()
     producer.heartbeat()
@@ -159,6 +179,18 @@ def test_several_producers_in_one_process(make: Callable[..., Producer], r: redi
     got = events(r, prefix)
     assert {e["agent"]: e["tokens"] for e in of_kind(got, "beat")} == {"agent-one": 1, "agent-two": 2}
     assert len({e["run"] for e in got}) == 2
+
+
+def test_unknown_init_option_is_reported_not_raised(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    try:
+        producers.init("opt-bot", redis_url=redis_url, prefix=prefix, pulse_intervall=1.0)
+    finally:
+        producers.shutdown()
+        os.environ.pop("_AGENTWATCH_INIT", None)
+
+    assert any("unknown option(s) pulse_intervall" in rec.getMessage() for rec in caplog.records)
 
 
 def test_init_is_idempotent_and_reconfiguring_retires_the_old_run(

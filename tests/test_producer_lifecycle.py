@@ -147,6 +147,17 @@ def test_work_thread_dying_of_an_exception_is_the_exit_reason(
     assert exit_["error"] == "ValueError: boom in run_job"
 
 
+def test_work_resumed_by_another_thread_is_a_normal_exit(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    code, _, err = run("scripted.py", agent_env(redis_url, prefix), "takeover")
+
+    exit_ = read_events(r, stream(prefix))[-1]
+    assert code == 0
+    assert "ValueError: boom in run_job" in err
+    assert (exit_["kind"], exit_["reason"], exit_["code"]) == ("exit", "exit", 0)
+
+
 def test_explicit_producer_as_context_manager(redis_url: str, prefix: str, r: redis.Redis) -> None:
     code = """
 from producers import Producer

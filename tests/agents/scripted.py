@@ -12,6 +12,7 @@ raise         an uncaught ValueError from run_job()
 shutdown      producers.shutdown(), then a few (ignored) beats, then return
 recv          block forever in fetch_from_api() on a socket recv that never returns
 thread-raise  the work loop runs in a thread that dies of an exception; main exits normally
+takeover      like thread-raise, but a second thread takes over the work and beats on
 own-sigterm   the program handles SIGTERM itself (prints, exits 0), then beats forever
 """
 
@@ -66,10 +67,14 @@ def main(mode: str) -> None:
             sys.exit(0)
 
         signal.signal(signal.SIGTERM, on_term)
-    if mode == "thread-raise":
+    if mode in {"thread-raise", "takeover"}:
         worker = threading.Thread(target=thread_work, name="work-loop")
         worker.start()
         worker.join()
+        if mode == "takeover":
+            successor = threading.Thread(target=beat_some, name="work-loop-2")
+            successor.start()
+            successor.join()
         return
     beat_some()
     if mode in {"forever", "own-sigterm"}:
