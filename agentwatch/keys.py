@@ -98,5 +98,110 @@ class Keys:
         """Hash alert id -> alert JSON: alerts decided but not yet on the alerts stream."""
         return f"{self.tag(shard)}:outbox"
 
+    def states(self, shard: int) -> str:
+        """Hash agent -> the built-in detectors' state of that agent, one packed binary record
+        (layout in detectors/record.py; :func:`detectors.state.read_agents` decodes it).
+
+        One hash per shard rather than one key per agent: the batch update reads and writes
+        every agent of a batch with one HMGET and one HSET, several times faster than per-key
+        calls and about half the memory."""
+        return f"{self.tag(shard)}:states"
+
+    def timers(self, shard: int) -> str:
+        """Sorted set agent -> the next time (ms) the silence/stall checks must look at it.
+        Scores are lower bounds: a check that finds the agent not yet due re-arms it."""
+        return f"{self.tag(shard)}:timers"
+
+    def stacks(self, shard: int) -> str:
+        """Hash agent -> the newest work-thread stack of an agent whose beat is late (stall)."""
+        return f"{self.tag(shard)}:stacks"
+
+    def rss(self, shard: int) -> str:
+        """Hash agent -> recent per-bucket minimum RSS, packed (the memory detector's window)."""
+        return f"{self.tag(shard)}:rss"
+
+    def intents(self, shard: int) -> str:
+        """Hash ``<agent>/<detector>`` -> JSON of alert decisions not yet fully published, with
+        the lease of the worker publishing them (detectors/intents.py)."""
+        return f"{self.tag(shard)}:intents"
+
+    def clock(self, shard: int) -> str:
+        """Hash: when detectors last ran their timer checks on this shard, since when they have
+        watched it without a gap, and the pipeline-lag incident's state (detectors/lag.py)."""
+        return f"{self.tag(shard)}:clock"
+
+    def detector(self, shard: int, name: str) -> str:
+        """Hash agent -> state of the plugin detector ``name`` (for detectors of your own)."""
+        return f"{self.tag(shard)}:det:{name}"
+
+    # -- notifiers (notifiers/): per-notifier delivery state under the tag ``{n:<name>}`` ----------
+    # The delivery scripts touch only the keys of one notifier, so those share one Cluster slot;
+    # the streams and hashes below them are written with plain commands and carry no tag.
+    def notifier_tag(self, notifier: str) -> str:
+        """The common start of every delivery-state key of one notifier."""
+        return f"{self.prefix}:{{n:{notifier}}}"
+
+    def notifier_queue(self, notifier: str) -> str:
+        """Sorted set delivery id -> when it is next due (ms); a claimed one is pushed out by its lease."""
+        return f"{self.notifier_tag(notifier)}:queue"
+
+    def notifier_jobs(self, notifier: str) -> str:
+        """Hash delivery id -> JSON of the pending delivery (the alert, attempts, last error)."""
+        return f"{self.notifier_tag(notifier)}:jobs"
+
+    def notifier_leases(self, notifier: str) -> str:
+        """Hash delivery id -> token of the worker delivering it now; ``n:<id>`` counts its claims."""
+        return f"{self.notifier_tag(notifier)}:leases"
+
+    def notifier_order(self, notifier: str) -> str:
+        """Hash keeping deliveries of one dedup key in order: ``head:<dedup_key>``, ``after:<id>``,
+        ``next:<id>`` (a resolve never overtakes the trigger it closes)."""
+        return f"{self.notifier_tag(notifier)}:order"
+
+    def notifier_seen(self, notifier: str) -> str:
+        """Sorted set alert id -> when it was queued (ms): de-duplicates redelivered alerts."""
+        return f"{self.notifier_tag(notifier)}:seen"
+
+    def notifier_limits(self, notifier: str) -> str:
+        """Hash of the notifier's rate-limit bucket (``tokens``, ``tokens_at``) and ``paused_until``."""
+        return f"{self.notifier_tag(notifier)}:limits"
+
+    def notifier_repeat(self, notifier: str) -> str:
+        """Sorted set dedup key -> when the next reminder of a still-firing incident is due (ms)."""
+        return f"{self.notifier_tag(notifier)}:repeat"
+
+    def notifier_repeat_alerts(self, notifier: str) -> str:
+        """Hash dedup key -> JSON of the firing alert a reminder repeats, with the reminder count."""
+        return f"{self.notifier_tag(notifier)}:repeat-alerts"
+
+    def notifier_starts(self, notifier: str) -> str:
+        """Hash agent -> JSON list of restart times (ms) within the start-limit window (restart)."""
+        return f"{self.notifier_tag(notifier)}:starts"
+
+    @property
+    def notify_failed(self) -> str:
+        """Stream of deliveries that failed for good: notifier, alert, HTTP status, body snippet."""
+        return f"{self.prefix}:notify:failed"
+
+    @property
+    def notify_log(self) -> str:
+        """Stream of delivery outcomes (delivered, muted, stale, failed, skipped), capped by length."""
+        return f"{self.prefix}:notify:log"
+
+    @property
+    def notify_audit(self) -> str:
+        """Stream of restart-notifier actions: argv, exit status, output tail, or why it held off."""
+        return f"{self.prefix}:notify:audit"
+
+    @property
+    def notify_stats(self) -> str:
+        """Hash ``<notifier>:<outcome>`` -> count, for ``agentwatch status``."""
+        return f"{self.prefix}:notify:stats"
+
+    @property
+    def mutes(self) -> str:
+        """Hash ``<agent glob>|<detector or *>`` -> JSON of a mute (until when, why, by whom)."""
+        return f"{self.prefix}:mutes"
+
     def all_tags(self) -> list[str]:
         return [self.tag(shard) for shard in range(max(self.shards, 1))]

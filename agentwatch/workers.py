@@ -57,7 +57,12 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
 
 
 def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None = None) -> Worker[Alert]:
-    """A worker on the alerts stream, feeding every configured notifier."""
+    """A worker on the alerts stream, feeding every configured notifier.
+
+    Each notifier's handler only routes and queues alerts (fast, idempotent); its own delivery
+    threads, started in ``on_start``, deliver them with retries, so one slow receiver never
+    holds up the stream or another notifier (notifiers/queue.py, notifiers/delivery.py).
+    """
     from notifiers.base import NotifierContext  # noqa: PLC0415 - notifiers import the spine
 
     settings = pipeline.settings
@@ -73,6 +78,14 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         retention_s=settings.streams.alerts_retention_s,
         consumer=consumer,
     )
-    ctx = NotifierContext(client=client, keys=keys, settings=settings, stats=worker.stats)
+    incidents = Incidents(client, keys, alerts_max_len=settings.streams.alerts_max_len)
+    ctx = NotifierContext(
+        client=client,
+        keys=keys,
+        settings=settings,
+        stats=worker.stats,
+        incidents=incidents,
+        poll_s=settings.worker.block_s,
+    )
     worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
     return worker

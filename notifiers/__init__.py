@@ -4,4 +4,9 @@
 class implementing it.
 """
 
-BUILTINS: dict[str, str] = {}
+BUILTINS: dict[str, str] = {
+    "webhook": "notifiers.webhook:Webhook",
+    "pagerduty": "notifiers.pagerduty:PagerDuty",
+    "restart": "notifiers.restart:Restart",
+    "apprise": "notifiers.apprise_notifier:Apprise",
+}

@@ -1,36 +1,90 @@
 """What a notifier is: a worker handler fed with alerts, with a config model and a context.
 
 Subclass :class:`Notifier`, declare a ``Config`` (a subclass of :class:`NotifierConfig`), and
-override the hooks you need. A hook that raises is logged, counted and isolated by the runtime.
+override the hooks you need; each is a no-op here:
+
+* :meth:`Notifier.deliver` - send one alert; return :class:`Delivered`, :class:`Retry` or
+  :class:`Failed`. Runs on the notifier's own delivery threads, never on the worker loop.
+* :meth:`Notifier.wants` - routing beyond ``match`` (the restart notifier's ``on``).
+* :meth:`Notifier.open` / :meth:`Notifier.close` - resources such as an HTTP client.
+
+The base class does the rest: routing (``match``, ``send_resolved``, mutes, ``max_age``),
+queueing per notifier in Redis (notifiers/queue.py), at-least-once delivery with backoff, rate
+limits and dead letters (notifiers/delivery.py), and ``repeat`` reminders. A notifier that
+overrides ``on_batch`` instead of ``deliver`` runs synchronously on the worker loop, like any
+worker handler (no queue, no retries beyond the runtime's own).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, Literal, TypeVar
 
-from agentwatch.alerts import Alert
-from agentwatch.config import PipelineSettings
+from pydantic import Field
+
+from agentwatch import plugins
+from agentwatch.alerts import Alert, Incidents
+from agentwatch.config import PipelineSettings, Seconds
 from agentwatch.keys import Keys
-from agentwatch.plugins import NotifierConfig
-from agentwatch.redisconn import Client
+from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.worker import Handler, Message, Stats
+from notifiers.delivery import Delivered, Deliverer, Delivery, Failed, Outcome, Retry
+from notifiers.journal import Journal
+from notifiers.queue import DeliveryQueue, Job
+from notifiers.reminders import Reminders, reminder_of
+from notifiers.routing import Match, Mute, Mutes, PerSecond, muted_by
 
-__all__ = ["Alert", "Message", "Notifier", "NotifierConfig", "NotifierContext"]
+__all__ = [
+    "Alert", "Delivered", "Delivery", "Failed", "Message", "Notifier", "NotifierConfig",
+    "NotifierContext", "Outcome", "Retry",
+]  # fmt: skip
 
-C = TypeVar("C", bound=NotifierConfig)
+C = TypeVar("C", bound="NotifierConfig")
+
+_TRIM_SEEN_EVERY_S = 60.0
+_STOP_WAIT_S = 1.5
+"""How long a stopping worker waits for deliveries in flight (the runtime exits within ~2 s)."""
+
+
+class NotifierConfig(plugins.NotifierConfig):
+    """Keys every ``[[notifiers]]`` entry has: routing and delivery policy. Defaults suit paging."""
+
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="label in logs, keys and CLI; default: the type"
+    )
+    match: Match = Field(default_factory=Match)
+    send_resolved: bool = True
+    repeat_s: Seconds | None = Field(None, alias="repeat", gt=0, description="remind while still firing")
+    max_age_s: Seconds = Field(86400.0, alias="max_age", gt=0, description="older alerts are not sent")
+    concurrency: int = Field(2, ge=1, le=32, description="delivery threads per worker")
+    max_attempts: int = Field(50, ge=1, le=10_000)
+    retry_for_s: Seconds = Field(86400.0, alias="retry_for", gt=0, description="give up after this long")
+    backoff_s: Seconds = Field(1.0, alias="backoff", gt=0)
+    backoff_max_s: Seconds = Field(300.0, alias="backoff_max", gt=0)
+    retry_after_max_s: Seconds = Field(
+        3600.0, alias="retry_after_max", gt=0, description="cap on Retry-After"
+    )
+    rate_limit: PerSecond | None = Field(None, description='e.g. "120/min"; none: unlimited')
+    burst: int = Field(10, ge=1, le=100_000, description="requests allowed at once under rate_limit")
 
 
 @dataclass(frozen=True)
 class NotifierContext:
-    """What the worker gives every notifier: Redis, the key schema, settings and live counters."""
+    """What the worker gives every notifier: Redis, the key schema, settings and live counters,
+    plus incidents (reminders check an incident is still open; restart raises "restart loop")."""
 
     client: Client
     keys: Keys
     settings: PipelineSettings
     stats: Stats
+    incidents: Incidents | None = None
+    poll_s: float = 1.0
+
+
+Verdict = Literal["send", "muted", "stale"]
 
 
 class Notifier(Handler[Alert], Generic[C]):
@@ -43,6 +97,149 @@ class Notifier(Handler[Alert], Generic[C]):
         self.config = config
         self.ctx = ctx
         self.log = logging.getLogger(f"agentwatch.notifiers.{name}")
+        streams = ctx.settings.streams
+        self.queue = DeliveryQueue(ctx.client, ctx.keys, name)
+        self.journal = Journal(ctx.client, ctx.keys, max_len=streams.alerts_max_len,
+                               failed_max_len=streams.deadletter_max_len)  # fmt: skip
+        self.mutes = Mutes(ctx.client, ctx.keys)
+        self.reminders = Reminders(ctx.client, ctx.keys, name, config.repeat_s) if config.repeat_s else None
+        self.deliverer: Deliverer | None = None
+        self._next_trim = 0.0
+
+    # -- hooks for subclasses ----------------------------------------------------------------------
+    def open(self) -> None:
+        """Once, before the delivery threads start: open clients, check binaries."""
+
+    def close(self) -> None:
+        """Once, after the delivery threads stopped (also after a failed start)."""
+
+    def wants(self, alert: Alert) -> bool:
+        """Routing beyond ``match`` and ``send_resolved``; every alert by default."""
+        return True
+
+    def deliver(self, delivery: Delivery) -> Outcome:
+        """Send one alert (on a delivery thread). May be called again for the same alert after a
+        crash: receivers de-duplicate on ``delivery.id``. Raising counts as a retryable failure."""
+        return Delivered()
+
+    @property
+    def attempt_budget_s(self) -> float:
+        """Longest one :meth:`deliver` call may take (its timeouts); sizes the lease."""
+        return 30.0
+
+    # -- derived ------------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.config.type
+
+    @property
+    def lease_ms(self) -> int:
+        """How long a claimed delivery stays ours: past it, another worker may take it over."""
+        budget = self.attempt_budget_s
+        return int((budget + max(1.0, budget / 4)) * 1000)
+
+    def _queues(self) -> bool:
+        return type(self).deliver is not Notifier.deliver
+
+    # -- worker hooks -------------------------------------------------------------------------------
+    def on_start(self) -> None:
+        if not self._queues():
+            return
+        self.open()
+        self.deliverer = Deliverer(self, self.queue)
+        self.deliverer.start()
+
+    def on_stop(self) -> None:
+        try:
+            if self.deliverer is not None:
+                self.deliverer.stop(_STOP_WAIT_S)
+        finally:
+            self.close()
 
     def on_batch(self, messages: Sequence[Message[Alert]]) -> None:
-        """Per batch of alerts from ``<prefix>:alerts``, in order."""
+        """Route each alert and queue it for delivery; the delivery threads take it from there.
+        Idempotent: an alert the stream delivers twice is queued once."""
+        if not self._queues():
+            return
+        now_ms = server_time_ms(self.ctx.client)
+        mutes = self.mutes.active(now_ms)
+        queued = False
+        for _, alert in messages:
+            if self.reminders is not None and alert.status == "resolved":
+                self.reminders.cancel(alert.dedup_key)
+            verdict = self.route(alert, now_ms, mutes)
+            if verdict is None:
+                continue
+            if verdict != "send":
+                self._skip(alert, verdict, now_ms, mutes)
+                continue
+            if self.enqueue(alert) and self.reminders is not None and alert.status == "firing":
+                self.reminders.schedule(alert)
+            queued = True
+        if queued and self.deliverer is not None:
+            self.deliverer.wake()
+
+    def on_tick(self, now_ms: int) -> None:
+        if self.reminders is not None and self._queues():
+            self._remind()
+        now = time.monotonic()
+        if now >= self._next_trim and self._queues():
+            self._next_trim = now + _TRIM_SEEN_EVERY_S
+            # Redeliveries come within minutes; anything older than max_age is stale anyway.
+            keep_ms = int((self.config.max_age_s + 3600) * 1000)
+            self.queue.trim_seen(now_ms - keep_ms)
+
+    # -- routing and queueing -----------------------------------------------------------------------
+    def route(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> Verdict | None:
+        """``"send"``; ``"muted"``/``"stale"`` (recorded, not sent); None: not for this notifier."""
+        cfg = self.config
+        if not cfg.match.matches(alert):
+            return None
+        if alert.status == "resolved" and not cfg.send_resolved:
+            return None
+        if not self.wants(alert):
+            return None
+        if now_ms - alert.at_ms > cfg.max_age_s * 1000:
+            return "stale"
+        if muted_by(alert, mutes, now_ms) is not None:
+            return "muted"
+        return "send"
+
+    def enqueue(self, alert: Alert, *, extra: dict[str, object] | None = None) -> bool:
+        """Queue ``alert`` for delivery (False: it was queued before)."""
+        job = Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
+        return self.queue.enqueue(job, alert.dedup_key)
+
+    def _skip(self, alert: Alert, verdict: str, now_ms: int, mutes: list[Mute]) -> None:
+        # Record once per alert, even when the stream redelivers it.
+        if not self.ctx.client.zadd(self.queue.seen, {alert.id: now_ms}, nx=True):
+            return
+        mute = muted_by(alert, mutes, now_ms)
+        detail = f"muted by {mute.agent} ({mute.detector or 'all detectors'})" if mute else ""
+        if verdict == "stale":
+            detail = f"{(now_ms - alert.at_ms) / 1000:.0f}s old (max_age {self.config.max_age_s:.0f}s)"
+        self.journal.skipped(self.name, verdict, alert, detail)
+
+    def _remind(self) -> None:
+        assert self.reminders is not None
+        now_ms, due = self.reminders.pop_due()
+        if not due:
+            return
+        mutes = self.mutes.active(now_ms)
+        queued = False
+        for alert, n in due:
+            incident = self.ctx.incidents.open(alert.agent, alert.detector) if self.ctx.incidents else None
+            if not incident or incident.get("alert") != alert.id:
+                self.reminders.cancel(alert.dedup_key)  # resolved (or a newer incident took over)
+                continue
+            reminder = reminder_of(alert, n, now_ms)
+            if muted_by(reminder, mutes, now_ms) is not None:
+                self._skip(reminder, "muted", now_ms, mutes)
+                continue
+            queued = self.enqueue(reminder, extra={"reminder": n}) or queued
+        if queued and self.deliverer is not None:
+            self.deliverer.wake()
+
+
+def _alert_dict(alert: Alert) -> dict[str, object]:
+    return {name: getattr(alert, name) for name in Alert.__dataclass_fields__}

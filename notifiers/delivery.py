@@ -1,0 +1,236 @@
+"""Delivery threads: drain one notifier's queue, retry with backoff, dead-letter what cannot go.
+
+Each notifier has its own threads (``concurrency`` of them) and its own HTTP connections, so a
+webhook that hangs ties up only its own threads: PagerDuty's keep running. A notifier's
+:meth:`~notifiers.base.Notifier.deliver` says what happened with an :data:`Outcome`:
+
+* :class:`Delivered` - done; logged.
+* :class:`Retry` - try again after exponential backoff with jitter, or after ``after_s`` when the
+  receiver said so (``Retry-After``); ``pause`` holds back the whole notifier (a 429 means
+  every request would be refused, not just this one).
+* :class:`Failed` - permanent (e.g. PagerDuty's 400): to ``<prefix>:notify:failed`` at once.
+
+A retry becomes a failure when ``max_attempts`` or ``retry_for`` runs out. A delivery that
+keeps killing its worker (claimed again and again without an outcome) is failed too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agentwatch.alerts import Alert
+from agentwatch.redisconn import RECOVERABLE
+from notifiers.queue import Claimed, DeliveryQueue, Job
+
+if TYPE_CHECKING:
+    from notifiers.base import Notifier
+
+log = logging.getLogger("agentwatch.notifiers")
+
+_REDIS_BACKOFF_MAX_S = 5.0
+_EXTRA_CLAIMS = 3
+"""Claims beyond the attempts recorded that mark a delivery as one that crashes its worker."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a notifier delivers: the alert, and which attempt this is (1 for the first)."""
+
+    id: str
+    alert: Alert
+    attempt: int
+    first_ms: int
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delivered:
+    status: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Retry:
+    reason: str
+    status: int | None = None
+    body: str = ""
+    after_s: float | None = None
+    pause: bool = False
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+    status: int | None = None
+    body: str = ""
+
+
+Outcome = Delivered | Retry | Failed
+
+
+def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, so many deliveries that
+    failed together do not all come back together, yet none retries almost at once."""
+    ceiling = min(cap_s, base_s * 2 ** max(0, attempt - 1))
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+
+
+class Deliverer:
+    """The delivery threads of one notifier in one worker process."""
+
+    def __init__(self, notifier: Notifier[Any], queue: DeliveryQueue) -> None:
+        self.notifier = notifier
+        self.queue = queue
+        self.config = notifier.config
+        self._stop = threading.Event()
+        self._wakes: list[threading.Event] = []
+        self._threads: list[threading.Thread] = []
+        self._inflight: dict[str, Claimed] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for index in range(self.config.concurrency):
+            wake = threading.Event()
+            thread = threading.Thread(
+                target=self._run, args=(wake,), name=f"notify-{self.notifier.name}-{index}", daemon=True
+            )
+            self._wakes.append(wake)
+            self._threads.append(thread)
+            thread.start()
+
+    def wake(self) -> None:
+        """New deliveries were queued: look now rather than at the next poll."""
+        for wake in self._wakes:
+            wake.set()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop claiming; wait up to ``timeout_s`` for deliveries in flight, then release the
+        ones still running so another worker takes them at once instead of after the lease."""
+        self._stop.set()
+        self.wake()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            stuck = list(self._inflight.values())
+            self._inflight.clear()
+        for claimed in stuck:
+            with contextlib.suppress(*RECOVERABLE):  # else the lease runs out by itself
+                self.queue.retry(claimed, 0, release=True)
+
+    @property
+    def alive(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _run(self, wake: threading.Event) -> None:
+        redis_delay = 0.1
+        poll_s = self.notifier.ctx.poll_s
+        while not self._stop.is_set():
+            try:
+                got = self.queue.claim(
+                    self.notifier.lease_ms, rate_per_s=self.config.rate_limit or 0.0, burst=self.config.burst
+                )
+                redis_delay = 0.1
+            except RECOVERABLE as exc:
+                log.warning("notifier %s: Redis unavailable (%s); retrying", self.notifier.name, exc)
+                self._stop.wait(redis_delay * random.uniform(0.5, 1.0))
+                redis_delay = min(redis_delay * 2, _REDIS_BACKOFF_MAX_S)
+                continue
+            except Exception:
+                log.exception("notifier %s: claiming failed; retrying in 1s", self.notifier.name)
+                self._stop.wait(1.0)
+                continue
+            if isinstance(got, Claimed):
+                self._handle(got)
+                continue
+            # Nothing due: sleep until the earliest delivery is due, a new one is queued here,
+            # or the poll comes round (deliveries queued by other workers, expired leases).
+            wait_s = poll_s if got < 0 else min(poll_s, got / 1000)
+            wake.wait(wait_s)
+            wake.clear()
+
+    def _handle(self, claimed: Claimed) -> None:
+        job = claimed.job
+        with self._lock:
+            self._inflight[job.id] = claimed
+        try:
+            outcome = self._attempt(claimed)
+            self._settle(claimed, outcome)
+        finally:
+            with self._lock:
+                self._inflight.pop(job.id, None)
+
+    def _attempt(self, claimed: Claimed) -> Outcome:
+        job = claimed.job
+        if claimed.claims > job.attempts + _EXTRA_CLAIMS:
+            return Failed(f"claimed {claimed.claims} times without an outcome (it may crash workers)")
+        try:
+            alert = Alert(**job.alert)
+        except TypeError as exc:
+            return Failed(f"queued alert is malformed: {exc}")
+        delivery = Delivery(job.id, alert, job.attempts + 1, job.first_ms, job.extra)
+        try:
+            return self.notifier.deliver(delivery)
+        except RECOVERABLE:
+            raise
+        except Exception as exc:
+            # A bug in a notifier must not drop the alert: count it, retry with backoff, and let
+            # the attempts budget dead-letter it with the error if it never goes through.
+            log.exception("notifier %s raised delivering %s", self.notifier.name, job.id)
+            return Retry(f"notifier raised {type(exc).__name__}: {exc}")
+
+    def _settle(self, claimed: Claimed, outcome: Outcome) -> None:
+        """Write the outcome; keep trying while Redis is away (until our lease is about to go)."""
+        deadline = time.monotonic() + self.notifier.lease_ms / 1000
+        delay = 0.05
+        while True:
+            try:
+                self._record(claimed, outcome)
+                return
+            except RECOVERABLE as exc:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    log.warning(
+                        "notifier %s: could not record the outcome of %s (%s); it will be retried "
+                        "when its lease runs out", self.notifier.name, claimed.job.id, exc,
+                    )  # fmt: skip
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _record(self, claimed: Claimed, outcome: Outcome) -> None:
+        job, cfg, journal = claimed.job, self.config, self.notifier.journal
+        attempts = job.attempts + 1
+        if isinstance(outcome, Retry):
+            age_s = time.time() - job.first_ms / 1000
+            if attempts >= cfg.max_attempts or age_s >= cfg.retry_for_s:
+                why = f"gave up after {attempts} attempts over {age_s:.0f}s: {outcome.reason}"
+                outcome = Failed(why, outcome.status, outcome.body)
+        if isinstance(outcome, Delivered):
+            if self.queue.finish(claimed):
+                journal.delivered(self.notifier.name, job, attempts, outcome.status, outcome.detail)
+        elif isinstance(outcome, Failed):
+            # Dead-letter first, then forget: a crash in between repeats the dead letter, never
+            # loses it.
+            journal.failed(self.notifier.name, self.notifier.kind, job, attempts, outcome)
+            self.queue.finish(claimed)
+            log.warning("notifier %s: delivery %s failed: %s", self.notifier.name, job.id, outcome.reason)
+        else:
+            after_s = outcome.after_s
+            if after_s is None:
+                after_s = backoff_s(attempts, cfg.backoff_s, cfg.backoff_max_s)
+            after_s = min(after_s, cfg.retry_after_max_s)
+            retried = Job(job.id, job.alert, job.first_ms, attempts, outcome.reason[:500], outcome.status,
+                          job.extra)  # fmt: skip
+            pause_ms = int(after_s * 1000) if outcome.pause else 0
+            self.queue.retry(Claimed(retried, claimed.token, claimed.claims), int(after_s * 1000),
+                             pause_ms=pause_ms)  # fmt: skip
+            journal.count(self.notifier.name, "retried")
+            log.info("notifier %s: %s attempt %d: %s; retrying in %.1fs", self.notifier.name, job.id,
+                     attempts, outcome.reason, after_s)  # fmt: skip

@@ -1,0 +1,166 @@
+"""What the HTTP notifiers share: one pooled httpx client each, timeouts, and answer handling.
+
+Timeouts: ``connect_timeout`` to open a connection, ``read_timeout`` for each wait on the
+receiver, and ``timeout`` for the whole attempt. A receiver that accepts and never answers is
+cut off by the read timeout; one that dribbles its answer is cut off by the overall deadline,
+checked as each piece arrives. Redirects are not followed: a POST that is redirected is almost
+always a wrong URL, and we say so rather than guess.
+
+Answers: 2xx delivered; 429 retried after ``Retry-After`` (and the whole notifier waits, since
+every other request would be refused too); 408, 425 and 5xx retried with backoff (503 honours
+``Retry-After``); any other 4xx and 3xx fail for good, with the status and a body snippet.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from datetime import UTC, datetime
+from typing import ClassVar, TypeVar
+
+import httpx
+from pydantic import Field, field_validator, model_validator
+
+from agentwatch import __version__
+from agentwatch.config import Seconds
+from notifiers.base import Notifier, NotifierConfig
+from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
+from notifiers.journal import BODY_SNIPPET
+
+_READ_CHUNK_CAP = 8192
+"""Bytes of an answer we read at most; we only keep a snippet for the failed-delivery record."""
+RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+def check_url(value: str) -> str:
+    """An absolute http(s) URL with a host, or a ValueError that says what is wrong with it."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
+    if not url.host:
+        raise ValueError(f"URL has no host (got {value!r})")
+    return value
+
+
+class HttpConfig(NotifierConfig):
+    url: str
+    timeout_s: Seconds = Field(10.0, alias="timeout", gt=0, description="whole attempt")
+    connect_timeout_s: Seconds = Field(3.0, alias="connect_timeout", gt=0)
+    read_timeout_s: Seconds | None = Field(None, alias="read_timeout", gt=0, description="default: timeout")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
+    verify_tls: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_url(value)
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> HttpConfig:
+        if self.connect_timeout_s > self.timeout_s:
+            raise ValueError("connect_timeout must not exceed timeout")
+        if self.read_timeout_s is not None and self.read_timeout_s > self.timeout_s:
+            raise ValueError("read_timeout must not exceed timeout")
+        return self
+
+
+H = TypeVar("H", bound=HttpConfig)
+
+
+class HttpNotifier(Notifier[H]):
+    """Base of notifiers that POST one request per alert; subclasses build the request."""
+
+    Config: ClassVar[type[NotifierConfig]] = HttpConfig
+    http: httpx.Client
+
+    def render(self, delivery: Delivery) -> tuple[bytes, dict[str, str]]:
+        """The body and headers to POST for this delivery."""
+        raise NotImplementedError
+
+    def classify(self, status: int, headers: httpx.Headers, body: str) -> Outcome:
+        """Map the receiver's answer to an outcome (see the module docstring)."""
+        if 200 <= status < 300:
+            return Delivered(status)
+        snippet = body[:BODY_SNIPPET]
+        if status == 429:
+            after = retry_after_s(headers.get("retry-after"))
+            return Retry(f"HTTP 429 (rate limited{_after_text(after)})", status, snippet, after, pause=True)
+        if status >= 500 or status in RETRYABLE_4XX:
+            after = retry_after_s(headers.get("retry-after")) if status == 503 else None
+            return Retry(f"HTTP {status}", status, snippet, after)
+        if 300 <= status < 400:
+            where = headers.get("location", "?")
+            return Failed(f"HTTP {status} redirect to {where}: fix the notifier's url", status, snippet)
+        return Failed(f"HTTP {status}", status, snippet)
+
+    @property
+    def attempt_budget_s(self) -> float:
+        return self.config.timeout_s
+
+    def open(self) -> None:
+        cfg = self.config
+        read = cfg.read_timeout_s or cfg.timeout_s
+        self.http = httpx.Client(
+            timeout=httpx.Timeout(
+                cfg.timeout_s, connect=cfg.connect_timeout_s, read=read, pool=cfg.timeout_s
+            ),
+            limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
+            follow_redirects=False,
+            verify=cfg.verify_tls,
+            headers={"User-Agent": f"agentwatch/{__version__}"},
+        )
+
+    def close(self) -> None:
+        http = getattr(self, "http", None)
+        if http is not None:
+            http.close()
+
+    def deliver(self, delivery: Delivery) -> Outcome:
+        body, headers = self.render(delivery)
+        try:
+            status, answer_headers, answer = self.post(body, {**headers, **self.config.headers})
+        except httpx.TimeoutException as exc:
+            return Retry(f"timed out ({type(exc).__name__})")
+        except httpx.HTTPError as exc:  # refused, reset, DNS, TLS, a malformed answer...
+            return Retry(f"{type(exc).__name__}: {exc}"[:300])
+        return self.classify(status, answer_headers, answer)
+
+    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, httpx.Headers, str]:
+        """POST with the overall deadline: (status, headers, the start of the body as text)."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.timeout_s
+        with self.http.stream("POST", cfg.url, content=body, headers=headers) as response:
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_raw():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= _READ_CHUNK_CAP or time.monotonic() > deadline:
+                    break
+            if time.monotonic() > deadline and not 200 <= response.status_code < 300:
+                raise httpx.ReadTimeout("answer exceeded the overall timeout")
+            text = b"".join(chunks)[:_READ_CHUNK_CAP].decode(errors="replace")
+            return response.status_code, response.headers, text
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def _after_text(after: float | None) -> str:
+    return f", Retry-After {after:g}s" if after is not None else ""

@@ -1,0 +1,231 @@
+"""One notifier's pending deliveries, in Redis, shared by every notifier worker.
+
+Why not deliver straight from the alerts stream: the worker runtime acknowledges a batch when
+its handlers return and retries a raising handler at once, which suits detectors but not HTTP
+(a webhook down for ten minutes needs retries spread over ten minutes, and must not hold up
+PagerDuty meanwhile). So the runtime handler only *queues* each alert per notifier, and each
+notifier's own delivery threads drain its queue. The state, all under the tag ``{n:<name>}``:
+
+* ``queue`` (zset): delivery id -> when it is next due, in Redis server time (ms);
+* ``jobs`` (hash): delivery id -> JSON (the alert, attempts so far, last error);
+* ``leases`` (hash): delivery id -> token of the thread delivering it. Claiming a delivery pushes
+  its due time out by the lease, so if that worker is SIGKILLed the delivery simply becomes due
+  again and any other worker claims it: nothing is lost, and no timer or heartbeat is needed;
+* ``order`` (hash): per dedup key, deliveries form a chain, so a ``resolved`` never overtakes
+  the ``firing`` it closes, even while the firing waits out a backoff;
+* ``seen`` (zset): alert ids already queued: an alert the stream redelivers (a worker crashed
+  before acking) is queued once;
+* ``limits`` (hash): the token bucket of the rate limit, and ``paused_until`` after a 429.
+
+Every state change is one Lua script on those keys, so concurrent workers never claim the same
+delivery twice while its lease holds, and a rate limit holds across all workers together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from agentwatch.keys import Keys
+from agentwatch.redisconn import Client
+
+
+def _script(body: str) -> str:
+    """Prefix a script with ``now``: Redis server time in ms (effects replication, the default
+    since Redis 5, makes TIME safe before writes), so every worker shares one clock."""
+    clock = (
+        "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
+    )
+    return f"{clock}\n{body}"
+
+
+_ENQUEUE: Final = _script("""
+if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local head = redis.call('HGET', KEYS[3], 'head:' .. ARGV[3])
+if head and redis.call('HEXISTS', KEYS[2], head) == 1 then
+  redis.call('HSET', KEYS[3], 'after:' .. ARGV[1], head)
+  redis.call('HSET', KEYS[3], 'next:' .. head, ARGV[1])
+end
+redis.call('HSET', KEYS[3], 'head:' .. ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+return 1
+""")
+
+# Returns {1, id, job, claims} for a claimed delivery, or {0, wait_ms} (-1: the queue is empty).
+_CLAIM: Final = _script("""
+local limits = KEYS[5]
+local paused = tonumber(redis.call('HGET', limits, 'paused_until') or '0')
+if paused > now then return {0, paused - now} end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 50)
+if #due == 0 then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #first == 0 then return {0, -1} end
+  return {0, math.max(1, tonumber(first[2]) - now)}
+end
+local rate, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tokens = burst
+if rate > 0 then
+  tokens = tonumber(redis.call('HGET', limits, 'tokens') or burst)
+  local since = tonumber(redis.call('HGET', limits, 'tokens_at') or now)
+  tokens = math.min(burst, tokens + math.max(0, now - since) * rate)
+  redis.call('HSET', limits, 'tokens', tostring(tokens), 'tokens_at', now)
+  if tokens < 1 then return {0, math.max(1, math.ceil((1 - tokens) / rate))} end
+end
+for _, id in ipairs(due) do
+  local job = redis.call('HGET', KEYS[2], id)
+  local prev = redis.call('HGET', KEYS[3], 'after:' .. id)
+  if not job then
+    redis.call('ZREM', KEYS[1], id)
+  elseif prev and redis.call('HEXISTS', KEYS[2], prev) == 1 then
+    -- wait for the delivery before it in the same chain; finishing it makes this one due
+    local behind = tonumber(redis.call('ZSCORE', KEYS[1], prev) or now)
+    redis.call('ZADD', KEYS[1], math.max(now, behind) + 1, id)
+  else
+    if prev then redis.call('HDEL', KEYS[3], 'after:' .. id) end
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+    redis.call('HSET', KEYS[4], id, ARGV[2])
+    local claims = redis.call('HINCRBY', KEYS[4], 'n:' .. id, 1)
+    if rate > 0 then redis.call('HSET', limits, 'tokens', tostring(tokens - 1)) end
+    return {1, id, job, claims}
+  end
+end
+return {0, 1}
+""")
+
+# Done (delivered, or failed for good): forget it and wake the next delivery of its chain.
+_FINISH: Final = _script("""
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1], 'n:' .. ARGV[1])
+redis.call('HDEL', KEYS[3], 'after:' .. ARGV[1])
+local nxt = redis.call('HGET', KEYS[3], 'next:' .. ARGV[1])
+if nxt then
+  redis.call('HDEL', KEYS[3], 'next:' .. ARGV[1])
+  if redis.call('ZSCORE', KEYS[1], nxt) then redis.call('ZADD', KEYS[1], 'LT', now, nxt) end
+end
+if redis.call('HGET', KEYS[3], 'head:' .. ARGV[3]) == ARGV[1] then
+  redis.call('HDEL', KEYS[3], 'head:' .. ARGV[3])
+end
+return 1
+""")
+
+# Try again later (ARGV[3] ms from now); ARGV[5] > 0 pauses the whole notifier (Retry-After).
+# ARGV[6] = 1 is a release (worker stopping): the claim does not count as an attempt.
+_RETRY: Final = _script("""
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[3], 'n:' .. ARGV[1], -1) end
+local pause = tonumber(ARGV[5])
+if pause > 0 then
+  local until_ms = now + pause
+  local current = tonumber(redis.call('HGET', KEYS[4], 'paused_until') or '0')
+  if until_ms > current then redis.call('HSET', KEYS[4], 'paused_until', until_ms) end
+end
+return 1
+""")
+
+
+@dataclass
+class Job:
+    """One pending delivery of one alert to one notifier, as stored in ``jobs``."""
+
+    id: str
+    alert: dict[str, Any]
+    first_ms: int
+    attempts: int = 0
+    last_error: str = ""
+    last_status: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"id": self.id, "alert": self.alert, "first_ms": self.first_ms, "attempts": self.attempts,
+             "last_error": self.last_error, "last_status": self.last_status, "extra": self.extra},
+            separators=(",", ":"), default=str,
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Job:
+        data = json.loads(raw)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job: Job
+    token: str
+    claims: int
+
+
+class DeliveryQueue:
+    """The Redis side of one notifier's deliveries (see the module docstring)."""
+
+    def __init__(self, client: Client, keys: Keys, notifier: str) -> None:
+        self.client: Any = client  # untyped: redis-py's stubs do not model scripts well
+        self.notifier = notifier
+        self.queue = keys.notifier_queue(notifier)
+        self.jobs = keys.notifier_jobs(notifier)
+        self.leases = keys.notifier_leases(notifier)
+        self.order = keys.notifier_order(notifier)
+        self.seen = keys.notifier_seen(notifier)
+        self.limits = keys.notifier_limits(notifier)
+        self._enqueue = self.client.register_script(_ENQUEUE)
+        self._claim = self.client.register_script(_CLAIM)
+        self._finish = self.client.register_script(_FINISH)
+        self._retry = self.client.register_script(_RETRY)
+
+    def enqueue(self, job: Job, dedup_key: str, *, delay_ms: int = 0) -> bool:
+        """Queue ``job`` unless its id was queued before (then False: a redelivered alert)."""
+        keys = [self.queue, self.jobs, self.order, self.seen]
+        return bool(self._enqueue(keys=keys, args=[job.id, job.to_json(), dedup_key, delay_ms]))
+
+    def claim(self, lease_ms: int, *, rate_per_s: float = 0.0, burst: int = 1) -> Claimed | int:
+        """The next due delivery, leased to us for ``lease_ms``; else ms to wait (-1: empty)."""
+        token = os.urandom(8).hex()
+        keys = [self.queue, self.jobs, self.order, self.leases, self.limits]
+        reply = self._claim(keys=keys, args=[lease_ms, token, rate_per_s / 1000.0, burst])
+        if int(reply[0]) == 1:
+            return Claimed(Job.from_json(reply[2]), token, int(reply[3]))
+        return int(reply[1])
+
+    def finish(self, claimed: Claimed) -> bool:
+        """Forget a delivery that is done (delivered or failed for good). False: lease lost."""
+        keys = [self.queue, self.jobs, self.order, self.leases]
+        job = claimed.job
+        return bool(self._finish(keys=keys, args=[job.id, claimed.token, job.alert.get("dedup_key", "")]))
+
+    def retry(self, claimed: Claimed, delay_ms: int, *, pause_ms: int = 0, release: bool = False) -> bool:
+        """Make it due again in ``delay_ms``, saving its updated attempts and last error."""
+        keys = [self.queue, self.jobs, self.leases, self.limits]
+        job = claimed.job
+        args: list[Any] = [
+            job.id,
+            claimed.token,
+            max(0, delay_ms),
+            job.to_json(),
+            max(0, pause_ms),
+            int(release),
+        ]
+        return bool(self._retry(keys=keys, args=args))
+
+    def trim_seen(self, older_than_ms: int) -> None:
+        """Forget alert ids queued before ``older_than_ms`` (redeliveries come within minutes)."""
+        self.client.zremrangebyscore(self.seen, "-inf", older_than_ms)
+
+    def pending(self) -> int:
+        return int(self.client.hlen(self.jobs))
+
+    def next_due_in_ms(self) -> int:
+        """Ms until the earliest delivery is due (<= 0: due now), or -1 when none is pending."""
+        first = self.client.zrange(self.queue, 0, 0, withscores=True)
+        if not first:
+            return -1
+        seconds, micros = self.client.time()
+        return int(first[0][1]) - (int(seconds) * 1000 + int(micros) // 1000)

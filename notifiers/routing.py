@@ -1,0 +1,148 @@
+"""Which alerts reach which notifier: each notifier's ``match``, and mutes shared by all of them.
+
+A ``match`` is static config (agent globs, detectors, a minimum severity, statuses). A mute is
+operator state in Redis (``agentwatch mute "scraper-*" --for 1h``): it silences matching alerts
+for every notifier until it expires by itself. Muted alerts are still on the alerts stream and
+recorded in the delivery log as ``muted``; they are just not sent.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field
+
+from agentwatch.alerts import SEVERITIES, Alert
+from agentwatch.config import Section
+from agentwatch.keys import Keys
+from agentwatch.redisconn import Client, server_time_ms
+
+Severity = Literal["info", "warning", "error", "critical"]
+StatusName = Literal["firing", "resolved"]
+_STATUSES: tuple[StatusName, ...] = ("firing", "resolved")
+
+
+class Match(Section):
+    """``match = { agents = ["prod-*"], detectors = ["silence"], severity = "error" }``."""
+
+    agents: list[str] = Field(default_factory=lambda: ["*"], description="globs on the agent name")
+    detectors: list[str] = Field(default_factory=list, description="detector names; empty: all")
+    severity: Severity = Field("info", description="minimum severity")
+    statuses: list[StatusName] = Field(default_factory=lambda: list(_STATUSES))
+
+    def matches(self, alert: Alert) -> bool:
+        if alert.status not in self.statuses:
+            return False
+        if self.detectors and alert.detector not in self.detectors:
+            return False
+        if _rank(alert.severity) < _rank(self.severity):
+            return False
+        return any(fnmatch.fnmatchcase(alert.agent, glob) for glob in self.agents)
+
+
+def _rank(severity: str) -> int:
+    return SEVERITIES.index(severity) if severity in SEVERITIES else len(SEVERITIES)
+
+
+# -- rate limits: "120/min" -----------------------------------------------------------------------
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+            "h": 3600.0, "hour": 3600.0}  # fmt: skip
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+
+
+def parse_rate(value: object) -> float:
+    """``"120/min"`` -> 2.0 (per second). A rate is a count over a period, never a bare number."""
+    if not isinstance(value, str):
+        raise ValueError('a rate is a string like "120/min", "2/s" or "1000/h"')
+    match = _RATE_RE.match(value.lower())
+    if not match or match.group(2) not in _PERIODS:
+        raise ValueError(f'bad rate {value!r}: use e.g. "120/min", "2/s" or "1000/h"')
+    per_second = float(match.group(1)) / _PERIODS[match.group(2)]
+    if per_second <= 0:
+        raise ValueError("a rate limit must be above zero (leave the key out for no limit)")
+    return per_second
+
+
+PerSecond = Annotated[float, BeforeValidator(parse_rate)]
+"""A rate key: ``"120/min"`` in the file, events per second in code."""
+
+
+# -- mutes --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mute:
+    """Silence alerts of agents matching ``agent`` (a glob), of one detector or all, until ``until_ms``."""
+
+    agent: str
+    detector: str | None
+    until_ms: int
+    created_ms: int
+    reason: str = ""
+    by: str = ""
+
+    @property
+    def field(self) -> str:
+        return mute_field(self.agent, self.detector)
+
+    def covers(self, alert: Alert, now_ms: int) -> bool:
+        if now_ms >= self.until_ms:
+            return False
+        if self.detector is not None and self.detector != alert.detector:
+            return False
+        return fnmatch.fnmatchcase(alert.agent, self.agent)
+
+
+def mute_field(agent: str, detector: str | None) -> str:
+    return f"{agent}|{detector or '*'}"
+
+
+class Mutes:
+    """The mutes of one deployment, in one hash (a handful of entries: read whole, every batch)."""
+
+    def __init__(self, client: Client, keys: Keys) -> None:
+        self.client: Any = client
+        self.keys = keys
+
+    def add(self, agent: str, for_s: float, *, detector: str | None = None, reason: str = "",
+            by: str = "") -> Mute:  # fmt: skip
+        """Mute (or re-mute, replacing the expiry) ``agent``/``detector`` for ``for_s`` seconds."""
+        now = server_time_ms(self.client)
+        mute = Mute(agent, detector, now + int(for_s * 1000), now, reason, by)
+        self.client.hset(self.keys.mutes, mute.field, json.dumps(asdict(mute), separators=(",", ":")))
+        return mute
+
+    def remove(self, agent: str | None = None, detector: str | None = None) -> list[Mute]:
+        """Remove the mutes with exactly this glob (and detector, when given); None: every mute."""
+        gone = [
+            mute
+            for mute in self._all()
+            if (agent is None or mute.agent == agent) and (detector is None or mute.detector == detector)
+        ]
+        if gone:
+            self.client.hdel(self.keys.mutes, *[mute.field for mute in gone])
+        return gone
+
+    def active(self, now_ms: int | None = None) -> list[Mute]:
+        """Mutes in force; expired ones are deleted on the way (they expire by themselves)."""
+        now = server_time_ms(self.client) if now_ms is None else now_ms
+        mutes = self._all()
+        expired = [mute.field for mute in mutes if mute.until_ms <= now]
+        if expired:
+            self.client.hdel(self.keys.mutes, *expired)
+        return [mute for mute in mutes if mute.until_ms > now]
+
+    def _all(self) -> list[Mute]:
+        out = []
+        for raw in self.client.hvals(self.keys.mutes):
+            try:
+                out.append(Mute(**json.loads(raw)))
+            except (ValueError, TypeError):
+                continue  # a hand-edited entry: ignore rather than stop every delivery
+        return out
+
+
+def muted_by(alert: Alert, mutes: list[Mute], now_ms: int) -> Mute | None:
+    return next((mute for mute in mutes if mute.covers(alert, now_ms)), None)

@@ -1,0 +1,253 @@
+"""The webhook notifier against a real HTTP receiver: payload, signatures, retries, outages."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from agentwatch.alerts import decode_alert
+from agentwatch.keys import Keys
+from notifiers.webhook import slack_text
+
+from helpers import wait_for
+from notify_kit import FAST_DELIVERY, Reply, fire, notifier_running, pipeline_with, receiver, resolve, stream
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "notifiers.md"
+SECRET = "s3cret-for-tests-only"
+
+
+def documented_verify() -> Any:
+    """The ``verify`` function exactly as docs/notifiers.md shows it."""
+    text = DOC.read_text()
+    block = re.search(r"<!-- verify-snippet.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert block, "docs/notifiers.md lost its verify snippet"
+    namespace: dict[str, Any] = {}
+    exec(compile(block.group(1), str(DOC), "exec"), namespace)
+    return namespace["verify"]
+
+
+def webhook(url: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "webhook", "url": url, **FAST_DELIVERY, **extra}
+
+
+def test_posts_the_alert_json_exactly_and_the_documented_snippet_verifies_it(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        pipeline = pipeline_with(prefix, redis_url, [webhook(hook.url, secret=SECRET, headers={"X-Team": "ml"})])
+        with notifier_running(pipeline, redis_url):
+            alert = fire(r, keys, "bot-1", details={"stack": "File x.py, line 3", "tokens": [1, 2]})
+            (request,) = hook.wait_requests(1)
+    raw_entry = r.xrange(keys.alerts)[0][1][b"d"]
+    assert request.body == raw_entry == alert.to_json().encode()  # byte for byte what SPEC 5 shows
+    assert decode_alert(request.body) == alert
+    headers = request.headers
+    assert headers["content-type"] == "application/json"
+    assert headers["x-agentwatch-delivery"] == headers["webhook-id"] == alert.id
+    assert headers["x-agentwatch-attempt"] == "1"
+    assert headers["x-team"] == "ml"
+    verify = documented_verify()
+    assert verify(SECRET, headers, request.body)
+    assert not verify("wrong secret", headers, request.body)
+    assert not verify(SECRET, headers, request.body.replace(b"bot-1", b"bot-2"))
+    stale = {**headers, "x-agentwatch-timestamp": str(int(headers["x-agentwatch-timestamp"]) - 3600)}
+    assert not verify(SECRET, stale, request.body)
+    # The Standard Webhooks signature, checked the way their libraries do it.
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + request.body
+    expected = base64.b64encode(hmac.new(SECRET.encode(), signed, hashlib.sha256).digest()).decode()
+    assert headers["webhook-signature"] == f"v1,{expected}"
+
+
+def test_whsec_secret_is_the_standard_webhooks_key_format(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    key = b"\x01\x02binary key\xff"
+    secret = "whsec_" + base64.b64encode(key).decode()
+    with receiver() as hook:
+        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url, secret=secret)]), redis_url):
+            fire(r, keys)
+            (request,) = hook.wait_requests(1)
+    signed = f"{request.headers['webhook-id']}.{request.headers['webhook-timestamp']}.".encode() + request.body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert request.headers["webhook-signature"] == f"v1,{expected}"
+
+
+def test_slack_format_sends_text_and_unsigned_requests_carry_no_signature(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url, format="slack")]), redis_url):
+            alert = fire(r, keys, "bot-s", detector="stall", details={"stack": "in socket.recv()"})
+            (request,) = hook.wait_requests(1)
+    assert request.json() == {"text": slack_text(alert)}
+    assert "FIRING" in request.json()["text"] and "socket.recv()" in request.json()["text"]
+    assert "x-agentwatch-signature" not in request.headers and "webhook-signature" not in request.headers
+
+
+def test_retries_keep_the_delivery_id_and_count_attempts(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        hook.reply(Reply(500), Reply(503, headers={"Retry-After": "0"}), Reply(200))
+        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url)]), redis_url):
+            alert = fire(r, keys)
+            requests = hook.wait_requests(3)
+            wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
+    assert [q.headers["webhook-id"] for q in requests] == [alert.id] * 3
+    assert [q.headers["x-agentwatch-attempt"] for q in requests] == ["1", "2", "3"]
+    (record,) = stream(r, keys.notify_log)
+    assert record["outcome"] == "delivered" and record["attempts"] == "3" and record["http_status"] == "200"
+    assert r.hlen(keys.notifier_jobs("webhook")) == 0
+
+
+def test_receiver_down_for_a_while_then_up_loses_no_alert(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """The issue's 30-second outage, shortened: the same backoff logic with smaller numbers."""
+    with receiver() as hook:
+        hook.stop()  # connections to its port are now refused
+        pipeline = pipeline_with(prefix, redis_url, [webhook(hook.url, concurrency=4, max_attempts=1000)])
+        with notifier_running(pipeline, redis_url):
+            fired = [fire(r, keys, f"bot-{i}") for i in range(20)]
+            fired += [resolve(r, keys, f"bot-{i}") for i in range(0, 20, 2)]
+            # The outage lasts until every alert was refused at least three times.
+            wait_for(lambda: _min_attempts(r, keys, "webhook", 20) >= 3, 20, what="3 failed tries each")
+            hook.start()
+            wait_for(lambda: len({q.headers["webhook-id"] for q in hook.requests}) == len(fired), 20,
+                     what="every alert delivered")  # fmt: skip
+            wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="queue drained")
+    got = [decode_alert(q.body) for q in hook.requests]
+    assert {a.id for a in got} == {a.id for a in fired}
+    assert not r.xlen(keys.notify_failed)
+    for i in range(0, 20, 2):  # each resolve arrived after its firing, never before
+        mine = [a.status for a in got if a.agent == f"bot-{i}"]
+        assert mine == ["firing", "resolved"], mine
+
+
+def _min_attempts(r: redis.Redis, keys: Keys, name: str, expected: int) -> int:
+    """Fewest attempts among the queued firing alerts (each resolve waits behind its firing)."""
+    jobs = [json.loads(job) for job in r.hvals(keys.notifier_jobs(name))]
+    firing = [job["attempts"] for job in jobs if job["alert"]["status"] == "firing"]
+    return min(firing) if len(firing) >= expected else 0
+
+
+def test_receiver_that_hangs_is_cut_off_by_the_read_timeout_and_retried(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        hook.reply(Reply(hang=True))
+        entry = webhook(hook.url, timeout="600ms", read_timeout="400ms", connect_timeout="200ms")
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys)
+            first, second = hook.wait_requests(2)
+            wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
+    assert second.at - first.at >= 0.4  # waited for the read timeout, not longer than the lease
+    assert second.at - first.at < 3.0
+    assert stream(r, keys.notify_log)[0]["outcome"] == "delivered"
+
+
+def test_garbage_answers_are_retried_and_a_2xx_with_any_body_is_delivered(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        hook.reply(Reply(garbage=True), Reply(202, body=b"\x00\xff not json {"))
+        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url)]), redis_url):
+            fire(r, keys)
+            hook.wait_requests(2)
+            wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
+    (record,) = stream(r, keys.notify_log)
+    assert (record["outcome"], record["attempts"], record["http_status"]) == ("delivered", "2", "202")
+
+
+def test_4xx_is_dead_lettered_with_status_and_body_and_not_retried(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        hook.default = Reply(404, body=b"no such hook: /hook" + b"x" * 2000)
+        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url)]), redis_url):
+            alert = fire(r, keys)
+            wait_for(lambda: r.xlen(keys.notify_failed), what="the failed delivery")
+            wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="the queue emptied")
+            assert len(hook.requests) == 1
+    (failed,) = stream(r, keys.notify_failed)
+    assert failed["http_status"] == "404" and failed["id"] == alert.id and failed["notifier"] == "webhook"
+    assert failed["body"].startswith("no such hook") and len(failed["body"]) == 512
+    assert json.loads(failed["alert"]) == json.loads(alert.to_json())
+
+
+def test_an_alert_the_stream_delivers_twice_is_sent_once_and_non_alerts_are_dead_lettered(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url)]), redis_url) as worker:
+            alert = fire(r, keys)
+            r.xadd(keys.alerts, {"d": alert.to_json()})  # what an outbox sweep after a crash can do
+            r.xadd(keys.alerts, {"d": b"\x93not json"})
+            r.xadd(keys.alerts, {"d": json.dumps({"id": "x", "status": "firing"})})
+            second = fire(r, keys, "bot-2")
+            wait_for(lambda: worker.stats.processed + worker.stats.deadlettered >= 5, what="all entries read")
+            hook.wait_requests(2)
+            wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="queue drained")
+    assert sorted(q.headers["webhook-id"] for q in hook.requests) == sorted([alert.id, second.id])
+    reasons = [e["reason"] for e in stream(r, keys.deadletter)]
+    assert len(reasons) == 2 and "not JSON" in reasons[0] and "lacks" in reasons[1]
+
+
+def test_the_overall_timeout_cuts_a_receiver_that_dribbles_its_answer(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """Each read is quick, the whole answer is not: the overall deadline still applies."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    stop = threading.Event()
+    accepted: list[float] = []
+
+    def dribble() -> None:
+        conns = []
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conns.append(conn)
+            accepted.append(time.monotonic())
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    break
+                stop.wait(0.05)
+        for conn in conns:
+            conn.close()
+
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}/hook"
+        entry = webhook(url, timeout="500ms", read_timeout="300ms", max_attempts=2)
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys)
+            wait_for(lambda: r.xlen(keys.notify_failed), 10, what="the failed delivery")
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    (failed,) = stream(r, keys.notify_failed)
+    assert "gave up after 2 attempts" in failed["reason"] and "timed out" in failed["reason"]
+    assert len(accepted) == 2
