@@ -6,6 +6,10 @@ the agent cannot run. Packing RESP for one fixed command shape costs a fraction 
 generic path; redis-py still owns the connection (URL forms, TLS, AUTH, Unix sockets) and
 parses the replies.
 
+Redis Cluster: every event of a producer goes to one key, hence one slot and one node. Pointed
+at any node, the transport follows the first ``MOVED`` reply to the owner of that slot and stays
+there; after a connection failure it starts again from the configured node.
+
 Timeouts are short and there are no inline retries: the sender decides when to try again, so a
 Redis that accepts connections and never answers costs one socket timeout per attempt, on the
 sender thread only.
@@ -55,6 +59,8 @@ class Transport:
         self._url = url
         self._timeout = socket_timeout
         self._conn: Any = None
+        self._redirected = False
+        self._kwargs: dict[str, Any] = {}
         key = stream.encode()
         self._head = (
             b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
@@ -63,7 +69,7 @@ class Transport:
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
 
-    def send(self, payloads: list[bytes]) -> Replies:
+    def send(self, payloads: list[bytes], *, redirected: bool = False) -> Replies:
         head = self._head
         buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads])
         count = len(payloads)
@@ -80,17 +86,25 @@ class Transport:
                 if attempt + 1 == attempts:
                     return Replies(count, cut=0, error=exc)
         replies = Replies(count)
+        moved = ""
         for index in range(count):
             try:
                 conn.read_response()
             except ResponseError as exc:  # one command refused (OOM, WRONGTYPE...): go on
                 replies.refused[index] = reason_for(exc)
-                warn_once(f"reply:{replies.refused[index]}", "agentwatch: Redis refused an "
-                          "event (%s); such events are dropped and counted", exc)  # fmt: skip
+                target = _moved_to(exc)
+                if target and not redirected:
+                    moved = target  # followed below: not a refusal the user must hear about
+                else:
+                    warn_once(f"reply:{replies.refused[index]}", "agentwatch: Redis refused an "
+                              "event (%s); such events are dropped and counted", exc)  # fmt: skip
             except (RedisError, OSError) as exc:
                 self._broken(conn)
                 replies.cut, replies.error = index, exc
                 return replies
+        if moved and len(replies.refused) == count and not redirected:
+            self._redirect(moved)  # nothing was written: send it all to the slot's owner
+            return self.send(payloads, redirected=True)
         self.proven = True
         return replies
 
@@ -115,6 +129,16 @@ class Transport:
         self.proven = False
         with contextlib.suppress(Exception):
             conn.disconnect()
+        if self._redirected:  # the cluster may have moved on: ask the configured node again
+            self._conn, self._redirected = None, False
+
+    def _redirect(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        kwargs = dict(self._kwargs, host=host, port=int(port))
+        with contextlib.suppress(Exception):
+            self._conn.disconnect()
+        self._conn = self._conn.__class__(**kwargs)
+        self._redirected = True
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -135,6 +159,7 @@ class Transport:
                     self._url, lib_name=None, lib_version=None, **options
                 )
                 self._conn = pool.make_connection()
+            self._kwargs = dict(pool.connection_kwargs)
         return self._conn
 
 
@@ -152,8 +177,19 @@ def reason_for(exc: BaseException) -> str:
         return "redis_oom"
     if isinstance(exc, errors.ReadOnlyError) or text.startswith("READONLY"):
         return "redis_readonly"
+    cluster = (errors.AskError, errors.ClusterDownError, errors.TryAgainError)  # AskError: MOVED too
+    if isinstance(exc, cluster) or text.startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")):
+        return "redis_cluster"
     if isinstance(exc, errors.TimeoutError | TimeoutError):
         return "redis_timeout"
     if isinstance(exc, errors.ConnectionError | OSError):
         return "redis_down"
     return "redis_error"
+
+
+def _moved_to(exc: BaseException) -> str:
+    """``host:port`` of a ``MOVED`` reply (redis-py's MovedError, or the raw text), else ''."""
+    if isinstance(exc, redis.exceptions.MovedError):
+        return f"{exc.host}:{exc.port}"
+    text = str(exc)
+    return text.rsplit(" ", 1)[-1] if text.startswith("MOVED ") else ""
