@@ -4,4 +4,11 @@
 pipeline.toml) to the class implementing it.
 """
 
-BUILTINS: dict[str, str] = {}
+BUILTINS: dict[str, str] = {
+    "silence": "detectors.silence:Silence",
+    "stall": "detectors.stall:Stall",
+    "exit": "detectors.exit:Exit",
+    "tokens": "detectors.tokens:Tokens",
+    "memory": "detectors.memory:Memory",
+    "lag": "detectors.lag:Lag",
+}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
 
 from agentwatch.alerts import Incidents
 from agentwatch.codec import Event
@@ -29,13 +29,17 @@ C = TypeVar("C", bound=DetectorConfig)
 @dataclass(frozen=True)
 class DetectorContext:
     """What the worker gives every detector: one Redis client, the key schema, incidents, the
-    pipeline settings, and the worker's own live counters (lag, last entry time)."""
+    pipeline settings, and the worker's own live counters (lag, last entry time).
+
+    ``shared`` is scratch space common to every detector of one worker: the built-ins keep their
+    shared engine there (detectors/engine.py), and a family of plugins may do the same."""
 
     client: Client
     keys: Keys
     incidents: Incidents
     settings: PipelineSettings
     stats: Stats
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 class Detector(Handler[Event], Generic[C]):

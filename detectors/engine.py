@@ -1,0 +1,276 @@
+"""The built-in detectors' shared machinery, one per worker: one state update per batch, one
+set of timer checks per tick, whichever built-ins are enabled.
+
+Each built-in (silence, stall, exit, tokens, memory, lag) is a :class:`BuiltinDetector`: it owns
+its config, the Lua that decides its incidents, and the words of its alerts. They register with
+the worker's :class:`Engine`, which runs the work they share *once*: the runtime hands every
+handler the same batch, and the first built-in to see it applies it for all (the state of an
+agent is one record, updated by one script per shard; see state.py). A plugin detector of your
+own does not need any of this: see base.py and docs/writing-a-detector.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar, Final, Generic, TypeVar
+
+import msgpack
+
+from agentwatch.codec import Event, entry_ms
+from agentwatch.worker import Message
+from agentwatch.workers import DETECTORS_GROUP
+from detectors import intents, record, state
+from detectors.base import Detector, DetectorConfig, DetectorContext
+
+log = logging.getLogger("agentwatch.detectors")
+
+C = TypeVar("C", bound=DetectorConfig)
+
+DEFAULT_PROFILE: Final[dict[str, float]] = {
+    "sil_on": 0, "sil_after": 60_000, "stall_on": 0, "stall_after": 120_000, "exit_on": 0,
+    "exit_clean": 1, "tok_on": 0, "factor": 10.0, "min_tokens": 500, "min_cost": 0.1, "warmup": 20,
+    "alpha": 0.1, "fire_after": 1, "recover_after": 5, "recover_factor": 2.0, "window": 60_000,
+    "loop_on": 0, "repeat": 20, "loop_recover": 5, "mem_on": 0, "bucket": 300_000, "points": 12,
+}  # fmt: skip
+"""What the update script uses for a detector that is not enabled."""
+
+BLIND_AFTER_MS: Final = 5000
+"""Default for ``[detectors.lag] blind_after`` when the lag detector is disabled."""
+_FORGET_EVERY_S: Final = 60.0
+_CLAIM_ROUNDS: Final = 50
+
+
+class BuiltinDetector(Detector[C], Generic[C]):
+    """A built-in: registers with the worker's engine; its hooks drive the shared work."""
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+    """The ``detector`` names of the alerts this detector words (see :meth:`render`)."""
+
+    def __init__(self, name: str, config: C, ctx: DetectorContext) -> None:
+        super().__init__(name, config, ctx)
+        self.engine = Engine.of(ctx)
+        self.engine.register(self)
+
+    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+        self.engine.batch(messages)
+
+    def on_tick(self, now_ms: int) -> None:
+        self.engine.tick(now_ms)
+
+    def profile(self, config: DetectorConfig) -> dict[str, Any]:
+        """This detector's entries of an agent's profile (state.PROFILE) under ``config``."""
+        return {}
+
+    def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        """(severity, summary, details) of one decided op; ``op["f"]`` holds the facts."""
+        verb = "started" if op["o"] == "f" else "ended"
+        return "warning", f"{agent}: {kind} incident {verb}", dict(op.get("f") or {})
+
+
+class Engine:
+    """Per-worker runner of the built-ins' shared work (see the module docstring)."""
+
+    @classmethod
+    def of(cls, ctx: DetectorContext) -> Engine:
+        engine = ctx.shared.get("builtins")
+        if engine is None:
+            engine = ctx.shared["builtins"] = cls(ctx)
+        assert isinstance(engine, Engine)
+        return engine
+
+    def __init__(self, ctx: DetectorContext) -> None:
+        self.ctx = ctx
+        self.client: Any = ctx.client
+        self.keys = ctx.keys
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.detectors: dict[str, BuiltinDetector[Any]] = {}
+        self.renderers: dict[str, BuiltinDetector[Any]] = {}
+        self.publisher = intents.Publisher(self.client, self.keys, ctx.incidents, self.owner, self.render)
+        self._ready = False
+        self._overrides = False
+        self._profiles: list[tuple[float, ...]] = []
+        self._profile_ids: dict[tuple[float, ...], int] = {}
+        self._agent_profiles: dict[str, int] = {}
+        self._packed_profiles = b""
+        self._alphas: list[float] = []
+        self._windows: list[float] = []
+        self._last_batch: Sequence[Message[Event]] | None = None
+        self._last_tick = -1
+        self._next_forget = 0.0
+        self.horizons: list[int] = []
+        self.last_gap_ms = 0
+
+    # -- registration ------------------------------------------------------------------------
+    def register(self, detector: BuiltinDetector[Any]) -> None:
+        kind = type(detector).__name__
+        if kind in self.detectors:
+            first = self.detectors[kind].name
+            log.warning(
+                "built-in %s is configured twice (%r, %r); using %r", kind, first, detector.name, first
+            )
+            return
+        self.detectors[kind] = detector
+        for name in detector.kinds:
+            self.renderers[name] = detector
+        self._ready = False
+
+    def get(self, kind: str) -> BuiltinDetector[Any] | None:
+        """The registered built-in of class name ``kind`` (e.g. "Silence"), if enabled."""
+        return self.detectors.get(kind)
+
+    def _prepare(self) -> None:
+        if self._ready:
+            return
+        from detectors import timers  # noqa: PLC0415 - timers imports this module
+
+        self._overrides = any(d.config.agents for d in self.detectors.values())
+        self._profiles, self._profile_ids, self._agent_profiles, self._alphas, self._windows = (
+            [],
+            {},
+            {},
+            [],
+            [],
+        )
+        self._add_profile(self._profile_for(None))
+        self._update = self.client.register_script(_compose_update())
+        self.timers = timers.Timers(self)
+        self._ready = True
+
+    def _profile_for(self, agent: str | None) -> tuple[float, ...]:
+        values = dict(DEFAULT_PROFILE)
+        for detector in self.detectors.values():
+            config = detector.config if agent is None else detector.config.for_agent(agent)
+            values.update(detector.profile(config))
+        return tuple(float(values[name]) for name in state.PROFILE)
+
+    def _add_profile(self, profile: tuple[float, ...]) -> int:
+        found = self._profile_ids.get(profile)
+        if found is None:
+            self._profiles.append(profile)
+            found = self._profile_ids[profile] = len(self._profiles)
+            self._alphas.append(profile[state.PROFILE.index("alpha")])
+            self._windows.append(max(1.0, profile[state.PROFILE.index("window")]))
+            self._packed_profiles = msgpack.packb([list(p) for p in self._profiles])
+        return found
+
+    def profile_of(self, agent: str) -> int:
+        """Index (1-based) of the profile that applies to ``agent``."""
+        if not self._overrides:
+            return 1
+        found = self._agent_profiles.get(agent)
+        if found is None:
+            if len(self._agent_profiles) > 100_000:
+                self._agent_profiles.clear()
+            found = self._agent_profiles[agent] = self._add_profile(self._profile_for(agent))
+        return found
+
+    def profile_values(self, agent: str) -> dict[str, float]:
+        return dict(zip(state.PROFILE, self._profiles[self.profile_of(agent) - 1], strict=True))
+
+    # -- the batch ---------------------------------------------------------------------------
+    def batch(self, messages: Sequence[Message[Event]]) -> None:
+        """Apply a batch once per worker, whichever built-in's hook sees it first."""
+        if messages is self._last_batch:
+            return
+        self._prepare()
+        segments = state.build_segments(messages, self.profile_of, self._alphas, self._windows)
+        memory = self.get("Memory")
+        for shard, segs in state.group_by_shard(segments, self.keys.shards).items():
+            reply = self._update(
+                keys=[
+                    self.keys.states(shard), self.keys.timers(shard), self.keys.agents(shard),
+                    self.keys.stacks(shard), self.keys.rss(shard), self.keys.intents(shard),
+                ],
+                args=[self.owner, intents.LEASE_MS, self._packed_profiles, state.pack(segs)],
+            )  # fmt: skip
+            owned, windows = msgpack.unpackb(reply, raw=False)
+            if owned:
+                self.publisher.publish(shard, owned)
+            if windows and memory is not None:
+                memory.evaluate(shard, windows)  # type: ignore[attr-defined]
+        self._last_batch = messages
+
+    # -- the tick ----------------------------------------------------------------------------
+    def tick(self, now_ms: int) -> None:
+        """Timer checks, pipeline health and the intents sweep: once per tick per worker."""
+        if now_ms == self._last_tick:
+            return
+        self._last_tick = now_ms
+        self._prepare()
+        self.horizons, waiting = self._horizons(now_ms)
+        gaps = [self.timers.check(shard, now_ms, min(now_ms, self.horizons[shard]))
+                for shard in range(self.keys.shards)]  # fmt: skip
+        self.last_gap_ms = max(gaps)
+        lag = self.get("Lag")
+        if lag is not None:
+            behind = now_ms - min(self.horizons)
+            lag.check(now_ms, behind, self.last_gap_ms, waiting)  # type: ignore[attr-defined]
+        self.publisher.sweep(now_ms)
+        if time.monotonic() >= self._next_forget:
+            self._next_forget = time.monotonic() + _FORGET_EVERY_S
+            self.timers.forget(now_ms)
+
+    def _horizons(self, now_ms: int) -> tuple[list[int], int]:
+        """Per shard: every event older than this (Redis ms) has been applied; and how many
+        events are waiting. The timer checks never judge an agent past its shard's horizon:
+        its missing beat may be sitting in the stream, unread (see timers.py)."""
+        streams = self.keys.event_streams()
+        pipe = self.client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        replies = pipe.execute(raise_on_error=False)
+        horizons, waiting = [], 0
+        for stream, groups in zip(streams, replies, strict=True):
+            horizon = now_ms
+            if isinstance(groups, Exception):
+                horizons.append(horizon)
+                continue
+            for info in groups:
+                if info["name"] not in (DETECTORS_GROUP, DETECTORS_GROUP.encode()):
+                    continue
+                lag = info.get("lag")  # None: Redis < 7, or unknown after deletions
+                if lag is None or lag > 0:
+                    delivered = info["last-delivered-id"]
+                    delivered = delivered.decode() if isinstance(delivered, bytes) else delivered
+                    first = self.client.xrange(stream, min=f"({delivered}", count=1)
+                    if first:  # the oldest entry no worker has read yet
+                        horizon = min(horizon, entry_ms(first[0][0]))
+                        waiting += int(lag or 1)
+                if info["pending"]:
+                    summary = self.client.xpending(stream, DETECTORS_GROUP)
+                    if summary and summary.get("min"):
+                        horizon = min(horizon, entry_ms(summary["min"]))
+                    waiting += int(info["pending"])
+            horizons.append(horizon)
+        return horizons, waiting
+
+    # -- alerts ------------------------------------------------------------------------------
+    def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        detector = self.renderers.get(kind)
+        if detector is None:  # decided while enabled, published after being disabled
+            return BuiltinDetector.render(detector, agent, kind, op)  # type: ignore[arg-type]
+        return detector.render(agent, kind, op)
+
+
+def _compose_update() -> str:
+    from detectors import exit, memory, tokens  # noqa: PLC0415 - they import this module
+
+    return "\n".join([lua_prelude(), exit.LUA, memory.LUA, tokens.LUA, state.LUA_MAIN])
+
+
+def lua_prelude() -> str:
+    """What every deciding script starts with: record codec, emit/flush, constants, helpers."""
+    return "\n".join(
+        [
+            record.lua(),
+            intents.LUA_EMIT,
+            state.profile_lua(),
+            state.segment_lua(),
+            state.flags_lua(),
+            state.LUA_COMMON,
+        ]
+    )

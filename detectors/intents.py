@@ -1,0 +1,182 @@
+"""From a decision in Lua to an alert on the stream: exactly once per transition, in order.
+
+Detectors decide inside Lua scripts (the batch update, the timer checks), because only there
+can "is the agent's silence incident open?" and "open it" be one atomic step across workers.
+But an alert is published by :class:`agentwatch.alerts.Incidents` from Python. Between the two a
+worker can die, and two workers can hold decisions about the same incident (one fired, the other
+saw the agent come back and resolved). So decisions are not published directly:
+
+1. The deciding script appends each decision ("op") to the shard's ``intents`` hash under
+   ``<agent>/<detector>``, in decision order, and takes a lease on that entry for its worker if
+   nobody holds one.
+2. The lease holder publishes the ops in order through ``Incidents`` (rendering each op's facts
+   into a summary), marks each one done as it goes, and deletes the entry when none is left.
+   Ops appended meanwhile by another worker are picked up before the lease is released.
+3. A worker that dies leaves its entry leased; once the lease expires any worker's sweep takes
+   it over and carries on from the first op not marked done.
+
+So every transition is published once and fire/resolve never swap. The one remaining duplicate is
+a worker frozen for longer than the lease in the middle of publishing, whose op is then
+published by the sweep as well; ``Incidents`` ignores a second firing of an open incident, so
+only a fire re-published after its own resolve would show twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
+from agentwatch.alerts import Incidents
+from agentwatch.keys import Keys
+
+log = logging.getLogger("agentwatch.detectors.intents")
+
+LEASE_MS: Final = 10_000
+"""How long a worker may take to publish what it decided before another worker takes over."""
+
+Render = Callable[[str, str, dict[str, Any]], tuple[str, str, dict[str, Any]]]
+"""(agent, detector, op) -> (severity, summary, details) for one op."""
+
+# Included in every deciding script. ``emit`` collects ops while the script decides; the
+# script calls ``flush_ops`` last, so a script that fails half-way writes no op at all.
+LUA_EMIT: Final = """
+local OPS, OPS_ORDER = {}, {}
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function emit(agent, det, o, at, facts)
+  local k = agent .. '/' .. det
+  local list = OPS[k]
+  if not list then list = {}; OPS[k] = list; OPS_ORDER[#OPS_ORDER + 1] = k end
+  list[#list + 1] = {o = o, at = at, f = facts}
+end
+local function flush_ops(intents_key, owner, lease)
+  local owned = {}
+  if #OPS_ORDER == 0 then return owned end
+  local now = now_ms()
+  for _, k in ipairs(OPS_ORDER) do
+    local raw = redis.call('HGET', intents_key, k)
+    local doc
+    if raw then doc = cjson.decode(raw) else doc = {ops = {}, done = 0, owner = '', ['until'] = 0} end
+    for _, op in ipairs(OPS[k]) do doc.ops[#doc.ops + 1] = op end
+    if doc.owner == '' or doc['until'] < now or doc.owner == owner then
+      doc.owner = owner
+      doc['until'] = now + lease
+      owned[#owned + 1] = k
+    end
+    redis.call('HSET', intents_key, k, cjson.encode(doc))
+  end
+  return owned
+end
+"""
+
+_HEAD: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return -1 end
+local doc = cjson.decode(raw)
+"""
+# ARGV: key, owner, done count, lease. 1 = recorded; 0 = the lease was lost.
+_PROGRESS: Final = (
+    _HEAD
+    + """
+if doc.owner ~= ARGV[2] then return 0 end
+doc.done = tonumber(ARGV[3])
+doc['until'] = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(doc))
+return 1
+"""
+)
+# ARGV: key, owner. 1 = all published and deleted; 0 = more ops arrived (still ours).
+_RELEASE: Final = (
+    _HEAD
+    + """
+if doc.owner ~= ARGV[2] then return -1 end
+if doc.done >= #doc.ops then redis.call('HDEL', KEYS[1], ARGV[1]); return 1 end
+return 0
+"""
+)
+# ARGV: key, owner, lease. Take over an entry whose lease expired: 1 = taken.
+_TAKE: Final = (
+    _HEAD
+    + """
+if doc.owner ~= '' and doc['until'] >= now and doc.owner ~= ARGV[2] then return 0 end
+doc.owner = ARGV[2]
+doc['until'] = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(doc))
+return 1
+"""
+)
+
+
+class Publisher:
+    """Publishes the ops of intents entries this worker holds (or takes over) via Incidents."""
+
+    def __init__(self, client: Any, keys: Keys, incidents: Incidents, owner: str, render: Render) -> None:
+        self.client = client
+        self.keys = keys
+        self.incidents = incidents
+        self.owner = owner
+        self.render = render
+        self.published = 0
+        self._progress = client.register_script(_PROGRESS)
+        self._release = client.register_script(_RELEASE)
+        self._take = client.register_script(_TAKE)
+
+    def publish(self, shard: int, owned: list[bytes | str]) -> None:
+        """Publish every entry the deciding script leased to us, in the order it decided them."""
+        for key in owned:
+            self._drain(shard, key.decode() if isinstance(key, bytes) else key)
+
+    def sweep(self, now_ms: int) -> int:
+        """Take over entries whose lease expired (their worker died) and publish them."""
+        taken = 0
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.hlen(self.keys.intents(shard))
+        for shard, count in enumerate(pipe.execute()):
+            if not count:
+                continue
+            intents = self.keys.intents(shard)
+            for key, raw in self.client.hgetall(intents).items():
+                doc = json.loads(raw)
+                if doc["owner"] and doc["until"] >= now_ms:
+                    continue
+                name = key.decode() if isinstance(key, bytes) else key
+                if self._take(keys=[intents], args=[name, self.owner, LEASE_MS]) == 1:
+                    log.info("publishing %s decided by a worker that stopped before it could", name)
+                    self._drain(shard, name)
+                    taken += 1
+        return taken
+
+    def _drain(self, shard: int, key: str) -> None:
+        intents = self.keys.intents(shard)
+        while True:
+            raw = self.client.hget(intents, key)
+            if raw is None:
+                return
+            doc = json.loads(raw)
+            if doc["owner"] != self.owner:
+                return
+            ops: list[dict[str, Any]] = doc["ops"]
+            for index in range(int(doc["done"]), len(ops)):
+                self._apply(key, ops[index])
+                if self._progress(keys=[intents], args=[key, self.owner, index + 1, LEASE_MS]) != 1:
+                    return  # the lease was lost: the new holder continues from the mark
+            if self._release(keys=[intents], args=[key, self.owner]) != 0:
+                return
+
+    def _apply(self, key: str, op: dict[str, Any]) -> None:
+        agent, _, detector = key.rpartition("/")
+        severity, summary, details = self.render(agent, detector, op)
+        if op["o"] == "f":
+            self.incidents.fire(
+                agent, detector, severity=severity, summary=summary, at_ms=int(op["at"]), details=details
+            )
+        else:
+            self.incidents.resolve(agent, detector, summary=summary, at_ms=int(op["at"]), details=details)
+        self.published += 1

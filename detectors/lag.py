@@ -1,0 +1,111 @@
+"""Pipeline self-health: when the detectors fall behind, say so once instead of paging for every
+agent.
+
+Each tick the engine measures how far the detector workers are behind: Redis time minus the
+*horizon* (the oldest event not yet applied: undelivered, or delivered but not acknowledged).
+While they are behind, silence and stall checks only judge deadlines before the horizon (see
+timers.py), so agents that kept beating through a worker outage are not declared dead while
+their beats wait in the stream. Instead, one ``lag`` incident for the agent ``agentwatch``:
+
+* fires when the lag exceeds ``after``, or when a tick finds nobody ran the checks for longer
+  than ``after`` (every worker, or Redis itself, was down: checks then restart from the end of
+  the gap, see ``blind_after`` and timers.py);
+* resolves once the lag has stayed under ``after`` / 2 for ``recover``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+from pydantic import Field
+
+from agentwatch.alerts import PIPELINE_AGENT
+from agentwatch.config import Seconds, format_duration
+from agentwatch.keys import shard_of
+from detectors import intents
+from detectors.base import DetectorConfig
+from detectors.engine import BuiltinDetector
+
+Severity = Literal["info", "warning", "error", "critical"]
+
+
+class LagConfig(DetectorConfig):
+    after_s: Seconds = Field(30.0, alias="after", gt=0, description="detectors this far behind: alert")
+    recover_s: Seconds = Field(5.0, alias="recover", ge=0, description="under after/2 this long: resolved")
+    blind_after_s: Seconds = Field(
+        5.0, alias="blind_after", gt=0, description="no check for this long: restart checks from now"
+    )
+    severity: Severity = "error"
+
+
+# KEYS: clock of the pipeline agent's shard, its intents. ARGV: owner, lease, now, behind ms,
+# gap ms, waiting, after ms, recover ms, agent. Returns the owned intents keys.
+_CHECK: Final = """
+local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
+local now, behind, gap, waiting = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local after, recover, agent = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local st = redis.call('HMGET', KEYS[1], 'lag_open', 'lag_ok', 'lag_peak')
+local is_open, ok, peak = st[1] == '1', tonumber(st[2]) or 0, tonumber(st[3]) or 0
+if not is_open then
+  if behind > after or gap > after then
+    emit(agent, 'lag', 'f', now, {behind = behind, gap = gap, waiting = waiting})
+    redis.call('HSET', KEYS[1], 'lag_open', 1, 'lag_ok', 0, 'lag_peak', math.max(behind, gap))
+  end
+else
+  if behind > peak then redis.call('HSET', KEYS[1], 'lag_peak', behind); peak = behind end
+  if behind <= after / 2 then
+    if ok == 0 then ok = now; redis.call('HSET', KEYS[1], 'lag_ok', ok) end
+    if now - ok >= recover then
+      emit(agent, 'lag', 'r', now, {behind = behind, peak = peak})
+      redis.call('HSET', KEYS[1], 'lag_open', 0, 'lag_ok', 0, 'lag_peak', 0)
+    end
+  elseif ok ~= 0 then
+    redis.call('HSET', KEYS[1], 'lag_ok', 0)
+  end
+end
+return flush_ops(KEYS[2], OWNER, LEASE)
+"""
+
+
+class Lag(BuiltinDetector[LagConfig]):
+    """Detector workers behind (or down): one pipeline alert instead of an alert storm."""
+
+    Config = LagConfig
+    kinds = ("lag",)
+
+    def check(self, now_ms: int, behind_ms: int, gap_ms: int, waiting: int) -> None:
+        script = self.ctx.shared.get("lag-check")
+        if script is None:
+            script = self.ctx.shared["lag-check"] = self.ctx.client.register_script(intents.LUA_EMIT + _CHECK)
+        shard = shard_of(PIPELINE_AGENT, self.ctx.keys.shards)
+        cfg = self.config
+        owned = script(
+            keys=[self.ctx.keys.clock(shard), self.ctx.keys.intents(shard)],
+            args=[self.engine.owner, intents.LEASE_MS, now_ms, behind_ms, gap_ms, waiting,
+                  int(cfg.after_s * 1000), int(cfg.recover_s * 1000), PIPELINE_AGENT],
+        )  # fmt: skip
+        if owned:
+            self.engine.publisher.publish(shard, owned)
+
+    def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        f = op["f"]
+        if op["o"] == "r":
+            return (
+                self.config.severity,
+                (
+                    f"agentwatch pipeline caught up (detectors {format_duration(f['behind'] / 1000)} behind, "
+                    f"at worst {format_duration(f['peak'] / 1000)})"
+                ),
+                {"behind_s": f["behind"] / 1000, "peak_s": f["peak"] / 1000},
+            )
+        details = {"behind_s": f["behind"] / 1000, "gap_s": f["gap"] / 1000, "waiting": f["waiting"]}
+        if f["gap"] > f["behind"]:
+            gap = format_duration(f["gap"] / 1000)
+            summary = (f"agentwatch pipeline lagging: no detector worker ran for {gap}; "
+                       "silence and stall checks restart from now")  # fmt: skip
+        else:
+            behind = format_duration(f["behind"] / 1000)
+            summary = (f"agentwatch pipeline lagging: detector workers are {behind} "
+                       f"behind ({f['waiting']:,} events waiting); silence and stall alerts held back "
+                       "until they catch up")  # fmt: skip
+        return self.config.severity, summary, details

@@ -1,0 +1,154 @@
+"""One agent's detector state as a fixed-layout binary record, readable from Python and Lua.
+
+Every built-in detector keeps its per-agent state in one record, a field of the shard's
+``states`` hash (see :meth:`agentwatch.keys.Keys.states`). A record is ~230 bytes: a hash of
+records costs less than half the memory of one Redis hash per agent, and the batch update reads
+and writes a whole batch of agents with one HMGET and one HSET.
+
+The layout is declared once, here (:data:`FIELDS`). The Lua that unpacks and packs records is
+generated from the same list, so Python and Lua cannot disagree about where a field lives.
+A record written by another layout version (or damaged) is treated as absent: the agent starts
+afresh, which costs at most a warm-up, never a wrong alert.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+VERSION: Final = 1
+
+# (name, struct code, meaning). Codes: d = float64, f = float32, I = uint32, H = uint16,
+# B = uint8. Times are Redis server milliseconds; sizes are KiB.
+FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
+    ("ver", "B", "layout version"),
+    ("flags", "I", "FLAG_* bits below"),
+    ("run", "d", "hash of the current run id (48 bits)"),
+    ("prun", "d", "hash of the previous run id"),
+    ("hw", "d", "highest seq applied in the current run (-1: none yet)"),
+    ("g1a", "d", "first gap below hw: seqs g1a..g1b not yet seen (0, 0: none)"),
+    ("g1b", "d", ""),
+    ("g2a", "d", "second gap"),
+    ("g2b", "d", ""),
+    ("start", "d", "when the current run started"),
+    ("seen", "d", "last event of any kind, any run"),
+    ("beat", "d", "last beat"),
+    ("pulse", "d", "last pulse"),
+    ("xu", "d", "an extend() holds alerts off until this time"),
+    ("iv", "f", "declared interval, seconds (0: none)"),
+    ("sa", "d", "silence allowance, ms: max(after, 3 x interval)"),
+    ("ta", "d", "stall allowance, ms"),
+    ("armed", "d", "score of this agent in the timers set (0: not armed)"),
+    ("idx", "d", "score last written to the fleet index"),
+    ("tb", "f", "tokens per beat: EWMA numerator"),
+    ("tw", "f", "tokens per beat: EWMA weight (bias correction)"),
+    ("cb", "f", "cost per beat: EWMA numerator"),
+    ("cw", "f", "cost per beat: EWMA weight"),
+    ("tn", "I", "beats with usage seen (warm-up)"),
+    ("hot", "H", "consecutive anomalous observations"),
+    ("calm", "H", "consecutive normal beats while firing"),
+    ("tt", "d", "tokens, total"),
+    ("ct", "d", "cost, total (USD)"),
+    ("ws", "d", "start of the current rate window"),
+    ("wt", "d", "tokens in the current rate window"),
+    ("rb", "f", "tokens per second per window: EWMA numerator"),
+    ("rw", "f", "tokens per second per window: EWMA weight"),
+    ("rn", "H", "rate windows closed"),
+    ("fp", "I", "fingerprint (crc32) of the last beat"),
+    ("fc", "I", "how many beats in a row carried it"),
+    ("lf", "I", "the fingerprint that is looping (loop incident open)"),
+    ("lq", "H", "beats without the looping fingerprint, while open"),
+    ("r0", "I", "first RSS of the run, KiB"),
+    ("t0", "d", "when it was taken"),
+    ("rl", "I", "last RSS, KiB"),
+    ("rpk", "I", "highest RSS of the run, KiB"),
+    ("bk", "d", "current RSS bucket (time // bucket)"),
+    ("bm", "I", "lowest RSS in the current bucket, KiB"),
+    ("mh", "B", "memory evaluations in a row that project the limit"),
+    ("mc", "B", "memory evaluations in a row that do not"),
+)
+
+NAMES: Final = tuple(name for name, _, _ in FIELDS)
+FORMAT: Final = "<" + "".join(code for _, code, _ in FIELDS)
+SIZE: Final = struct.calcsize(FORMAT)
+_STRUCT: Final = struct.Struct(FORMAT)
+_LIMITS: Final = {"I": 4294967295, "H": 65535, "B": 255}
+
+# Flag bits. "Open" bits mirror incidents the detectors decided; alerts.Incidents holds the
+# published truth, detectors/intents.py keeps the two in step.
+RETIRED: Final = 1 << 0  # deliberate shutdown: no silence expected
+EXITED: Final = 1 << 1  # the current run exited without shutdown and the exit alert covers it
+SILENCE: Final = 1 << 2
+STALL: Final = 1 << 3
+EXIT: Final = 1 << 4
+TOKENS: Final = 1 << 5
+LOOP: Final = 1 << 6
+MEMORY: Final = 1 << 7
+HAS_STACK: Final = 1 << 8  # the stacks hash holds this agent's newest stack
+HAS_RSS: Final = 1 << 9  # the rss hash holds a window for this agent
+
+OPEN_BITS: Final = {
+    "silence": SILENCE,
+    "stall": STALL,
+    "exit": EXIT,
+    "tokens": TOKENS,
+    "loop": LOOP,
+    "memory": MEMORY,
+}
+
+
+def decode(raw: bytes | None) -> dict[str, Any] | None:
+    """A record as a dict of :data:`NAMES`, or None if absent or of another layout."""
+    if raw is None or len(raw) != SIZE:
+        return None
+    values = _STRUCT.unpack(raw)
+    if values[0] != VERSION:
+        return None
+    return dict(zip(NAMES, values, strict=True))
+
+
+def encode(fields: dict[str, Any]) -> bytes:
+    """The inverse of :func:`decode` (tests and tools; workers write records from Lua)."""
+    values = [fields.get(name, 0) for name in NAMES]
+    values[0] = VERSION
+    return _STRUCT.pack(*values)
+
+
+def lua() -> str:
+    """Lua helpers ``rec_new()``, ``rec_load(raw)`` and ``rec_dump(r)`` for this layout.
+
+    Integer fields are clamped on the way out: struct.pack in Redis' Lua wraps silently.
+    """
+    lua_format = "<" + "".join("I4" if code == "I" else code for _, code, _ in FIELDS)
+    names = ", ".join(f"r.{name}" for name in NAMES)
+    fresh = ", ".join(f"{name} = 0" for name in NAMES if name != "hw")
+    dumped = []
+    for name, code, _ in FIELDS:
+        if name == "ver":
+            dumped.append(str(VERSION))
+        elif code in _LIMITS:
+            dumped.append(f"clamp(r.{name}, {_LIMITS[code]})")
+        else:
+            dumped.append(f"r.{name}")
+    return f"""
+local REC_FORMAT = '{lua_format}'
+local REC_SIZE = {SIZE}
+local function clamp(x, top)
+  if x ~= x or x < 0 then return 0 end
+  if x > top then return top end
+  return math.floor(x)
+end
+local function rec_new()
+  return {{{fresh}, hw = -1, ver = {VERSION}}}
+end
+local function rec_load(raw)
+  if not raw or #raw ~= REC_SIZE then return rec_new() end
+  local r = {{}}
+  {names} = struct.unpack(REC_FORMAT, raw)
+  if r.ver ~= {VERSION} then return rec_new() end
+  return r
+end
+local function rec_dump(r)
+  return struct.pack(REC_FORMAT, {", ".join(dumped)})
+end
+"""

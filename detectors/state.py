@@ -1,0 +1,491 @@
+"""Per-agent state of the built-in detectors: one atomic, idempotent update per batch and shard.
+
+A batch of events becomes *segments*: the events of one agent and one run, folded into a few
+numbers in Python (last beat, last pulse, seq range, token sums; the token EWMA terms with
+numpy across the whole batch). One Lua script per shard then applies every segment to its
+agent's record (detectors/record.py) and decides every transition, atomically:
+
+* **Idempotent under redelivery.** Each record keeps the current run's highest applied ``seq``
+  and up to two gaps below it. A segment above the mark is new; one inside a gap is a late
+  batch (a reclaimed one) and is applied then; anything else was applied already and is skipped.
+  A whole shard's update is one script, so a batch is either applied or not.
+* **Order between runs by Redis time.** A ``start`` whose entry is newer than the current run's
+  start begins a new run (resetting the per-run marks; resolving exit, stall, memory, loop).
+  A ``start`` that declares a ``parent`` (a forked child of the agent) does not take over.
+  Events of other runs count as signs of life only.
+* **Timers are lower bounds.** An agent's place in the timers set is only moved *earlier* here;
+  the timer check re-arms an agent it finds not due (detectors/timers.py). That saves a write
+  per event for the common case of an agent beating well within its allowance.
+
+Detector-specific parts of the script live with their detectors (exit.py, tokens.py, memory.py)
+as Lua functions this module's script calls; their parameters arrive per *profile* (the
+detector settings that apply to an agent after per-agent overrides).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from agentwatch.codec import Event
+from agentwatch.keys import Keys, shard_of
+from agentwatch.worker import Message
+from detectors import record
+
+PROFILE: Final = (
+    "sil_on", "sil_after", "stall_on", "stall_after", "exit_on", "exit_clean",
+    "tok_on", "factor", "min_tokens", "min_cost", "warmup", "alpha", "fire_after",
+    "recover_after", "recover_factor", "window", "loop_on", "repeat", "loop_recover",
+    "mem_on", "bucket", "points",
+)  # fmt: skip
+"""Per-agent parameters the update script needs, in this order (durations in ms)."""
+
+# Segment layout, shared with the Lua below (Lua indexes are these + 1).
+(S_AGENT, S_PROFILE, S_RUN, S_LO, S_HI, S_FIRST, S_LAST, S_START, S_IV, S_CHILD, S_BEAT,
+ S_NBEAT, S_PULSE, S_XU, S_XBEAT, S_EXIT, S_TOK, S_COST, S_FPS, S_RSS, S_STACK, S_STACKMS,
+ S_WIN, S_INDEX) = range(24)  # fmt: skip
+FP_TEXT_CHARS: Final = 80
+"""How much of a looping fingerprint the loop alert quotes."""
+
+_run_hashes: dict[str, int] = {}
+
+
+def run_hash(run: str) -> int:
+    """48 bits of BLAKE2b: exact as a Lua number, the same on every worker."""
+    value = _run_hashes.get(run)
+    if value is None:
+        value = int.from_bytes(hashlib.blake2b(run.encode(), digest_size=6).digest(), "big")
+        if len(_run_hashes) > 100_000:
+            _run_hashes.clear()
+        _run_hashes[run] = value
+    return value
+
+
+def fp_hash(fp: str) -> int:
+    """A fingerprint's crc32, never 0 (0 means "this beat had no fingerprint")."""
+    return zlib.crc32(fp.encode()) or 1
+
+
+def build_segments(
+    messages: Sequence[Message[Event]],
+    profile_of: Callable[[str], int],
+    alphas: Sequence[float],
+    windows: Sequence[float],
+) -> list[list[Any]]:
+    """Fold a batch into segments (one per agent and run, in order of first appearance).
+
+    This is the worker's hot path: one pass, a handful of dict lookups per event. The token
+    and cost EWMA terms are computed afterwards for the whole batch at once with numpy.
+    """
+    segs: dict[tuple[str, str], list[Any]] = {}
+    order: list[list[Any]] = []
+    tok_seg: list[int] = []
+    tok_val: list[int] = []
+    tok_ms: list[int] = []
+    cost_seg: list[int] = []
+    cost_val: list[float] = []
+    for entry_id, ev in messages:
+        agent = ev["agent"]
+        run = ev["run"]
+        key = (agent, run)
+        seg = segs.get(key)
+        ms = int(entry_id[: entry_id.index(b"-")])
+        seq = ev["seq"]
+        if seg is None:
+            seg = [agent, profile_of(agent), run_hash(run), seq, seq, ms, ms, 0, -1, 0, 0, 0,
+                   0, 0, 0, False, False, False, False, False, False, 0, False, len(order)]  # fmt: skip
+            segs[key] = seg
+            order.append(seg)
+        else:
+            if seq > seg[S_HI]:
+                seg[S_HI] = seq
+            elif seq < seg[S_LO]:
+                seg[S_LO] = seq
+            seg[S_LAST] = ms
+        kind = ev["kind"]
+        extend = ev.get("extend")
+        if kind == "beat":
+            seg[S_BEAT] = ms
+            seg[S_NBEAT] += 1
+            # A beat ends any extension announced before it (PROTOCOL.md: extend).
+            seg[S_XU] = ms + int(extend * 1000) if extend else 0
+            seg[S_XBEAT] = 1
+            seg[S_STACK] = False
+            tokens = ev.get("tokens")
+            if tokens is None and ("tokens_in" in ev or "tokens_out" in ev):
+                tokens = ev.get("tokens_in", 0) + ev.get("tokens_out", 0)
+            if tokens is not None:
+                tok_seg.append(seg[S_INDEX])
+                tok_val.append(tokens)
+                tok_ms.append(ms)
+            cost = ev.get("cost")
+            if cost is not None:
+                cost_seg.append(seg[S_INDEX])
+                cost_val.append(cost)
+            fp = ev.get("fp")
+            _add_fp(seg, fp)
+            continue
+        if extend:
+            seg[S_XU] = max(seg[S_XU], ms + int(extend * 1000))
+        if kind == "pulse":
+            seg[S_PULSE] = ms
+            rss = ev.get("rss")
+            if rss is not None:
+                if seg[S_RSS] is False:
+                    seg[S_RSS] = []
+                seg[S_RSS] += (ms, rss // 1024)
+            stack = ev.get("stack")
+            if stack:
+                seg[S_STACK] = stack
+                seg[S_STACKMS] = ms
+        elif kind == "start":
+            seg[S_START] = ms
+            interval = ev.get("interval")
+            seg[S_IV] = float(interval) if interval is not None else -1
+            seg[S_CHILD] = 1 if "parent" in ev else 0
+        else:  # exit
+            seg[S_EXIT] = [ms, ev.get("reason", "exit"), ev.get("code", 0), ev.get("error") or "",
+                           ev.get("traceback") or ""]  # fmt: skip
+    if tok_seg:
+        _fold(order, tok_seg, tok_val, S_TOK, alphas)
+        _windows(order, tok_seg, tok_ms, tok_val, windows)
+    if cost_seg:
+        _fold(order, cost_seg, cost_val, S_COST, alphas)
+    return order
+
+
+def _add_fp(seg: list[Any], fp: str | None) -> None:
+    """Run-length encode the beats' fingerprints: [hash, count, text, hash, count, text...]."""
+    runs = seg[S_FPS]
+    h = fp_hash(fp) if fp else 0
+    if runs is False:
+        seg[S_FPS] = [h, 1, fp[:FP_TEXT_CHARS] if fp else ""]
+    elif runs[-3] == h:
+        runs[-2] += 1
+    else:
+        runs += (h, 1, fp[:FP_TEXT_CHARS] if fp else "")
+
+
+def _fold(
+    order: list[list[Any]], seg_ids: list[int], values: Sequence[float], slot: int, alphas: Sequence[float]
+) -> None:
+    """Per segment: [n, sum, max, W] where W = sum_i alpha (1-alpha)^(n-1-i) x_i.
+
+    With the EWMA numerator b and weight w kept in the record, k beats fold in as
+    b' = (1-alpha)^k b + W and w' = (1-alpha)^k w + 1 - (1-alpha)^k: the script applies a whole
+    batch of an agent's beats in two multiplications.
+    """
+    seg = np.asarray(seg_ids, dtype=np.int64)
+    x = np.asarray(values, dtype=np.float64)
+    count = len(order)
+    n = np.bincount(seg, minlength=count)
+    # rank of each beat among its segment's beats (stream order), then counted from the last
+    sorter = np.argsort(seg, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(n)[:-1]))
+    rank = np.empty_like(seg)
+    rank[sorter] = np.arange(len(seg)) - np.repeat(starts, n)
+    from_end = n[seg] - 1 - rank
+    profile = np.fromiter((order[i][S_PROFILE] for i in range(count)), dtype=np.int64, count=count)
+    alpha = np.asarray(alphas, dtype=np.float64)[profile - 1][seg]
+    weighted = np.bincount(seg, weights=alpha * np.power(1.0 - alpha, from_end) * x, minlength=count)
+    total = np.bincount(seg, weights=x, minlength=count)
+    top = np.zeros(count)
+    np.maximum.at(top, seg, x)
+    for i in np.flatnonzero(n).tolist():
+        order[i][slot] = [int(n[i]), float(total[i]), float(top[i]), float(weighted[i])]
+
+
+def _windows(
+    order: list[list[Any]], seg_ids: list[int], times: list[int], values: list[int], widths: Sequence[float]
+) -> None:
+    """Per segment: tokens per rate window, [window start, tokens, ...] in time order, so that a
+    batch holding many of an agent's beats (a backlog) still closes every window it spans."""
+    seg = np.asarray(seg_ids, dtype=np.int64)
+    profile = np.fromiter((order[i][S_PROFILE] for i in seg_ids), dtype=np.int64, count=len(seg_ids))
+    width = np.asarray(widths, dtype=np.int64)[profile - 1]
+    start = np.asarray(times, dtype=np.int64) // width * width
+    pairs, inverse = np.unique(np.stack([seg, start]), axis=1, return_inverse=True)
+    sums = np.bincount(inverse.ravel(), weights=np.asarray(values, dtype=np.float64))
+    for (index, window_start), total in zip(pairs.T.tolist(), sums.tolist(), strict=True):
+        found = order[index][S_WIN]
+        if found is False:
+            found = order[index][S_WIN] = []
+        found += (window_start, total)
+
+
+def group_by_shard(segments: list[list[Any]], shards: int) -> dict[int, list[list[Any]]]:
+    if shards <= 1:
+        return {0: segments} if segments else {}
+    out: dict[int, list[list[Any]]] = {}
+    for seg in segments:
+        out.setdefault(shard_of(seg[S_AGENT], shards), []).append(seg)
+    return out
+
+
+def pack(segments: list[list[Any]]) -> bytes:
+    packed: bytes = msgpack.packb(segments, use_bin_type=False)
+    return packed
+
+
+def profile_lua() -> str:
+    return "\n".join(f"local P_{name.upper()} = {i + 1}" for i, name in enumerate(PROFILE))
+
+
+def segment_lua() -> str:
+    names = [
+        "AGENT", "PROFILE", "RUN", "LO", "HI", "FIRST", "LAST", "START", "IV", "CHILD", "BEAT",
+        "NBEAT", "PULSE", "XU", "XBEAT", "EXIT", "TOK", "COST", "FPS", "RSS", "STACK", "STACKMS", "WIN",
+    ]  # fmt: skip
+    return "\n".join(f"local S_{name} = {i + 1}" for i, name in enumerate(names))
+
+
+def flags_lua() -> str:
+    names = [
+        "RETIRED",
+        "EXITED",
+        "SILENCE",
+        "STALL",
+        "EXIT",
+        "TOKENS",
+        "LOOP",
+        "MEMORY",
+        "HAS_STACK",
+        "HAS_RSS",
+    ]
+    return "\n".join(f"local F_{name} = {getattr(record, name)}" for name in names)
+
+
+# Helpers every deciding script shares (after record.lua() and intents.LUA_EMIT).
+LUA_COMMON: Final = """
+local function has(r, f) return bit.band(r.flags, f) ~= 0 end
+local function set(r, f) r.flags = bit.bor(r.flags, f) end
+local function clear(r, f) r.flags = bit.band(r.flags, bit.bnot(f)) end
+local function open(a, r, f, det, at, facts)
+  if has(r, f) then return false end
+  set(r, f); emit(a, det, 'f', at, facts); return true
+end
+local function close(a, r, f, det, at, facts)
+  if not has(r, f) then return false end
+  clear(r, f); emit(a, det, 'r', at, facts); return true
+end
+local function chunked(cmd, key, list, prefix_args)
+  -- unpack() is limited to a few thousand values: issue big commands in slices
+  for i = 1, #list, 4000 do
+    local slice = {}
+    for j = i, math.min(i + 3999, #list) do slice[#slice + 1] = list[j] end
+    if prefix_args then redis.call(cmd, key, prefix_args, unpack(slice))
+    else redis.call(cmd, key, unpack(slice)) end
+  end
+end
+local function load_records(key, names)
+  local R = {}
+  for i = 1, #names, 4000 do
+    local slice = {}
+    for j = i, math.min(i + 3999, #names) do slice[#slice + 1] = names[j] end
+    local raws = redis.call('HMGET', key, unpack(slice))
+    for j, name in ipairs(slice) do R[name] = rec_load(raws[j]) end
+  end
+  return R
+end
+local function next_due(r, p)
+  -- The earliest time a timer check has something to decide for this agent (0: nothing).
+  if has(r, F_RETIRED) or has(r, F_EXITED) then return 0 end
+  local due = 0
+  if p[P_SIL_ON] == 1 and not has(r, F_SILENCE) then due = math.max(r.seen, r.xu) + r.sa end
+  if p[P_STALL_ON] == 1 and not has(r, F_STALL) and r.pulse > r.beat then
+    local td = math.max(r.beat, r.start, r.xu) + r.ta
+    if due == 0 or td < due then due = td end
+  end
+  return due
+end
+"""
+
+# The batch update. KEYS: states, timers, agents, stacks, rss, intents.
+# ARGV: owner, lease ms, profiles (msgpack), segments (msgpack).
+# Returns msgpack [owned intents keys, memory windows to evaluate].
+LUA_MAIN: Final = """
+local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
+local P = cmsgpack.unpack(ARGV[3])
+local S = cmsgpack.unpack(ARGV[4])
+local CUR, NEW, PREV, FOREIGN = 1, 2, 3, 4
+local ADOPT = F_RETIRED + F_EXITED + F_SILENCE
+
+local names, known = {}, {}
+for i = 1, #S do
+  local a = S[i][S_AGENT]
+  if not known[a] then known[a] = true; names[#names + 1] = a end
+end
+local R = load_records(KEYS[1], names)
+local STACK_SET, STACK_DEL, RSS_DEL = {}, {}, {}
+local MEM = {}  -- agent -> closed buckets, for memory_flush
+
+local function add_gap(r, lo, hi_excl)
+  r.g2a, r.g2b = r.g1a, r.g1b
+  r.g1a, r.g1b = lo, hi_excl
+end
+local function take_gap(r, lo, hi)
+  -- seqs lo..hi inside a gap [a, b): a late batch. Shrink or split the gap; keep at most two.
+  for g = 1, 2 do
+    local a, b
+    if g == 1 then a, b = r.g1a, r.g1b else a, b = r.g2a, r.g2b end
+    if b > a and lo >= a and hi < b then
+      local la, lb, ra, rb = a, lo, hi + 1, b
+      local parts = {}
+      if lb > la then parts[#parts + 1] = {la, lb} end
+      if rb > ra then parts[#parts + 1] = {ra, rb} end
+      local other = (g == 1) and {r.g2a, r.g2b} or {r.g1a, r.g1b}
+      if #parts == 2 then r.g1a, r.g1b, r.g2a, r.g2b = parts[2][1], parts[2][2], parts[1][1], parts[1][2]
+      elseif #parts == 1 then r.g1a, r.g1b, r.g2a, r.g2b = parts[1][1], parts[1][2], other[1], other[2]
+      else r.g1a, r.g1b, r.g2a, r.g2b = other[1], other[2], 0, 0 end
+      return true
+    end
+  end
+  return false
+end
+
+local function new_run(a, r, s)
+  local at = s[S_START] > 0 and s[S_START] or s[S_FIRST]
+  local facts = {at = at, restarted = 1}
+  if r.run ~= 0 then r.prun = r.run end
+  r.run = s[S_RUN]; r.hw = -1; r.g1a, r.g1b, r.g2a, r.g2b = 0, 0, 0, 0
+  r.start = at; r.beat = 0; r.pulse = 0; r.xu = 0
+  if s[S_IV] >= 0 then r.iv = s[S_IV] elseif s[S_START] > 0 then r.iv = 0 end
+  close(a, r, F_EXIT, 'exit', at, facts)
+  close(a, r, F_STALL, 'stall', at, facts)
+  close(a, r, F_MEMORY, 'memory', at, {at = at, restarted = 1, rl = r.rl * 1024, r0 = r.r0 * 1024})
+  close(a, r, F_LOOP, 'loop', at, facts)
+  clear(r, F_RETIRED + F_EXITED)
+  r.r0, r.t0, r.rl, r.rpk, r.bk, r.bm, r.mh, r.mc = 0, 0, 0, 0, 0, 0, 0, 0
+  r.fp, r.fc, r.lf, r.lq = 0, 0, 0, 0
+  if has(r, F_HAS_RSS) then RSS_DEL[a] = true; clear(r, F_HAS_RSS) end
+  if has(r, F_HAS_STACK) then STACK_DEL[a] = true; STACK_SET[a] = nil; clear(r, F_HAS_STACK) end
+end
+
+local function retire(a, r, at)
+  local facts = {at = at, shutdown = 1}
+  set(r, F_RETIRED)
+  close(a, r, F_SILENCE, 'silence', at, facts)
+  close(a, r, F_STALL, 'stall', at, facts)
+  close(a, r, F_TOKENS, 'tokens', at, facts)
+  close(a, r, F_LOOP, 'loop', at, facts)
+  close(a, r, F_MEMORY, 'memory', at, facts)
+end
+
+local ZADD, ZREM, ZIDX = {}, {}, {}
+
+local function apply(s)
+  local a = s[S_AGENT]
+  local r = R[a]
+  local p = P[s[S_PROFILE]]
+  local seen0, beat0 = r.seen, r.beat
+  local cls
+  if r.run ~= 0 and s[S_RUN] == r.run then cls = CUR
+  elseif s[S_START] > 0 and s[S_CHILD] == 0 and s[S_START] >= r.start then cls = NEW
+  elseif r.run == 0 or (has(r, ADOPT) and s[S_FIRST] > r.seen and s[S_RUN] ~= r.prun) then cls = NEW
+  elseif r.prun ~= 0 and s[S_RUN] == r.prun then cls = PREV
+  else cls = FOREIGN end
+
+  local late = false
+  if cls == NEW then new_run(a, r, s) end
+  if cls == CUR or cls == NEW then
+    if s[S_LO] > r.hw then
+      if r.hw >= 0 and s[S_LO] > r.hw + 1 then add_gap(r, r.hw + 1, s[S_LO]) end
+      r.hw = s[S_HI]
+    elseif take_gap(r, s[S_LO], s[S_HI]) then
+      late = true
+    else
+      return  -- applied before: a redelivered batch
+    end
+    if cls == CUR and s[S_START] > 0 then  -- this run's own start, arriving late
+      if s[S_IV] >= 0 then r.iv = s[S_IV] end
+      if r.start == 0 or s[S_START] < r.start then r.start = s[S_START] end
+    end
+  end
+
+  -- Signs of life: order-independent maxima, so any class may apply them.
+  local fresh = s[S_LAST] > seen0
+  if fresh then r.seen = s[S_LAST] end
+  if cls ~= PREV then
+    if s[S_BEAT] > r.beat then r.beat = s[S_BEAT] end
+    if s[S_PULSE] > r.pulse then r.pulse = s[S_PULSE] end
+    if s[S_XBEAT] == 1 then
+      if s[S_BEAT] >= beat0 then r.xu = s[S_XU] end
+    elseif s[S_XU] > r.xu then r.xu = s[S_XU] end
+  end
+  if fresh then
+    local facts = {back = s[S_LAST], since = seen0, start = s[S_START] > 0 and 1 or 0}
+    close(a, r, F_SILENCE, 'silence', s[S_LAST], facts)
+  end
+  if cls == CUR and s[S_BEAT] > beat0 then
+    close(a, r, F_STALL, 'stall', s[S_BEAT], {back = s[S_BEAT], since = beat0})
+  end
+  r.sa = math.max(p[P_SIL_AFTER], 3000 * r.iv)
+  r.ta = math.max(p[P_STALL_AFTER], 3000 * r.iv)
+
+  local ex = s[S_EXIT]
+  if cls == CUR or cls == NEW then
+    if ex then
+      if ex[2] == 'shutdown' then retire(a, r, ex[1]) else exit_fire(a, r, p, ex, false) end
+    end
+    memory_track(a, r, p, s, late)
+    tokens_apply(a, r, p, s, late)
+    if s[S_STACK] and s[S_STACKMS] > r.beat then
+      STACK_SET[a] = s[S_STACK]; STACK_DEL[a] = nil; set(r, F_HAS_STACK)
+    elseif s[S_BEAT] > beat0 and has(r, F_HAS_STACK) then
+      STACK_DEL[a] = true; STACK_SET[a] = nil; clear(r, F_HAS_STACK)
+    end
+  elseif cls == PREV and ex and ex[2] ~= 'shutdown' then
+    exit_fire(a, r, p, ex, true)  -- the previous run's crash, processed after the restart
+    r.prun = 0  -- once only, even if this batch is delivered again
+  end
+
+  local due = next_due(r, p)
+  if due == 0 then
+    if r.armed > 0 then ZREM[#ZREM + 1] = a; r.armed = 0 end
+  elseif r.armed == 0 or due < r.armed then
+    ZADD[#ZADD + 1] = due; ZADD[#ZADD + 1] = a; r.armed = due
+  end
+  if r.seen - r.idx >= 1000 then ZIDX[#ZIDX + 1] = r.seen; ZIDX[#ZIDX + 1] = a; r.idx = r.seen end
+end
+
+for i = 1, #S do apply(S[i]) end
+
+-- Every write happens here, after all decisions: a script that failed above wrote nothing.
+for a in pairs(RSS_DEL) do redis.call('HDEL', KEYS[5], a) end
+local windows = memory_flush(KEYS[5], R)  -- before the records: it sets F_HAS_RSS
+local out = {}
+for _, a in ipairs(names) do out[#out + 1] = a; out[#out + 1] = rec_dump(R[a]) end
+chunked('HSET', KEYS[1], out)
+if #ZADD > 0 then chunked('ZADD', KEYS[2], ZADD) end
+if #ZREM > 0 then chunked('ZREM', KEYS[2], ZREM) end
+if #ZIDX > 0 then chunked('ZADD', KEYS[3], ZIDX, 'GT') end
+for a, text in pairs(STACK_SET) do redis.call('HSET', KEYS[4], a, text) end
+for a in pairs(STACK_DEL) do redis.call('HDEL', KEYS[4], a) end
+local owned = flush_ops(KEYS[6], OWNER, LEASE)
+return cmsgpack.pack({owned, windows})
+"""
+
+
+def read_agents(client: Any, keys: Keys, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Decoded records (record.FIELDS, plus ``open``: the incidents the detectors hold open) of
+    ``agents``, or of every agent when None. For ``agentwatch status`` and tests."""
+    out: dict[str, dict[str, Any]] = {}
+    for shard in range(max(keys.shards, 1)):
+        if agents is None:
+            pairs = client.hscan_iter(keys.states(shard), count=1000)
+        else:
+            names = [a for a in agents if shard_of(a, keys.shards) == shard]
+            pairs = zip(names, client.hmget(keys.states(shard), names) if names else [], strict=True)
+        for name, raw in pairs:
+            fields = record.decode(raw)
+            if fields is None:
+                continue
+            fields["open"] = [kind for kind, bit in record.OPEN_BITS.items() if fields["flags"] & bit]
+            fields["retired"] = bool(fields["flags"] & record.RETIRED)
+            out[name.decode() if isinstance(name, bytes) else name] = fields
+    return out

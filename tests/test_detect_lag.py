@@ -1,0 +1,97 @@
+"""Pipeline self-health: detector workers stopped while agents keep beating come back without an
+alert storm, with one lag alert instead; an agent that really died meanwhile is still caught; a
+gap with nobody watching (Redis or every worker down) restarts the silence clock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from agentwatch.keys import Keys
+
+from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
+from helpers import running, wait_for
+
+LAG = {"after": "1s", "recover": "300ms", "blind_after": "500ms"}
+
+
+class Fleet:
+    """Simulated agents beating every 50 ms from a thread, each until told to stop."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, count: int) -> None:
+        self.agents = [Agent(r, keys, f"fleet-{i}") for i in range(count)]
+        self.stopped: set[str] = set()
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        for agent in self.agents:
+            agent.start(interval=0.05)
+        while not self._halt.wait(0.05):
+            for agent in self.agents:
+                if agent.name not in self.stopped:
+                    agent.beat(tokens=100)
+
+    def __enter__(self) -> Fleet:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def fleet(r: redis.Redis, keys: Keys) -> Iterator[Fleet]:
+    with Fleet(r, keys, 20) as running_fleet:
+        yield running_fleet
+
+
+def test_workers_down_while_agents_beat_means_one_lag_alert_not_a_storm(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys, fleet: Fleet
+) -> None:
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "1s"}, stall={"after": "1s"}, lag=LAG)
+    with running(worker_for(pipeline, redis_url)):
+        wait_for(lambda: r.zcard(keys.agents(0)) == 20, timeout=5, what="the fleet registered")
+    # Every detector worker is gone for 2.5 s: 2.5 allowances. One agent dies meanwhile.
+    time.sleep(0.5)
+    fleet.stopped.add("fleet-7")
+    time.sleep(2.0)
+    with running(worker_for(pipeline, redis_url)):
+        wait_for(lambda: resolved(r, keys, "lag"), timeout=10, what="the lag alert resolved")
+        wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="the dead agent's silence")
+        time.sleep(0.3)
+    lag_firing = fired(r, keys, "lag")[0]
+    assert lag_firing.agent == "agentwatch" and lag_firing.dedup_key == "agentwatch/lag"
+    assert lag_firing.summary.startswith("agentwatch pipeline lagging: ")
+    # fleet-7's silence fires while the backlog drains or after: both orders are right
+    assert sorted(transitions(r, keys)) == [
+        ("agentwatch", "lag", "firing"), ("agentwatch", "lag", "resolved"), ("fleet-7", "silence", "firing"),
+    ]  # fmt: skip
+
+
+def test_a_gap_with_nobody_watching_restarts_the_silence_clock(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "1s"}, lag=LAG)
+    worker = worker_for(pipeline, redis_url)
+    feed = Feed(worker)
+    t0 = feed.now
+    feed.apply([feed.event("bot", "start", at=t0), feed.event("bot", "beat", at=t0 + 10)])
+    feed.tick(t0 + 100)
+    # Redis was down for 5 s: the agent could not send, no worker could check.
+    feed.tick(t0 + 5100)
+    assert [a.detector for a in alerts(r, keys)] == ["lag"]
+    assert fired(r, keys, "lag")[0].summary.startswith("agentwatch pipeline lagging: no detector worker ran for 5s")
+    feed.apply([feed.event("bot", "beat", at=t0 + 5200)])  # what the agent buffered arrives
+    for step in range(1, 8):
+        feed.tick(t0 + 5200 + step * 100)
+    assert transitions(r, keys) == [("agentwatch", "lag", "firing"), ("agentwatch", "lag", "resolved")]
+    # The clock restarted, it did not stop: real silence after the gap is still caught.
+    feed.tick(t0 + 5200 + 1200)
+    assert transitions(r, keys)[-1] == ("bot", "silence", "firing")
+    worker.client.close()

@@ -1,0 +1,90 @@
+"""Memory: a robust trend over per-bucket minimum RSS fires before the limit is reached, ignores
+spikes and sawtooth GC patterns, and resolves on restart or when the growth stops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from agentwatch.keys import Keys
+from detectors.memory import MemoryConfig, format_bytes, parse_bytes, theil_sen
+
+from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
+
+MB = 1024 * 1024
+SETTINGS = {"window": "1s", "points": 10, "min_points": 5, "limit": "1GB", "horizon": "10s", "fire_after": 2}
+
+
+def test_theil_sen_shrugs_off_outliers() -> None:
+    t = np.arange(10, dtype=float)[None, :].repeat(2, axis=0)
+    y = np.vstack([5 + 2 * t[0], 5 + 2 * t[1]])
+    y[1, 3] = 1000.0  # one wild sample
+    y[1, 7] = -50.0
+    slope, intercept, rising = theil_sen(t, y)
+    assert slope.tolist() == pytest.approx([2.0, 2.0])
+    assert intercept.tolist() == pytest.approx([5.0, 5.0])
+    assert rising[0] == 1.0 and rising[1] > 0.7
+
+
+@pytest.mark.parametrize(("text", "size"), [("4GB", 4 * 10**9), ("4GiB", 4 * 2**30), ("512MB", 512 * 10**6),
+                                            ("1.5Gi", int(1.5 * 2**30)), (1024, 1024)])  # fmt: skip
+def test_sizes_parse_with_units(text: Any, size: int) -> None:
+    assert parse_bytes(text) == size
+    assert MemoryConfig.model_validate({"limit": text}).limit == size
+
+
+def test_sizes_read_like_people_write_them() -> None:
+    assert (format_bytes(210 * 10**6), format_bytes(3.9e9), format_bytes(512)) == ("210 MB", "3.9 GB", "512 B")
+
+
+@pytest.fixture
+def feed(redis_url: str, prefix: str) -> Iterator[Feed]:
+    worker = worker_for(pipeline_for(prefix, redis_url, memory=SETTINGS), redis_url)
+    feed = Feed(worker)
+    feed.apply([feed.event("bot", "start")])
+    yield feed
+    worker.client.close()
+
+
+def pulses(feed: Feed, rss_at: Any, seconds: float, every_ms: int = 20, agent: str = "bot") -> None:
+    for _ in range(int(seconds * 1000 / every_ms)):
+        feed.now += every_ms
+        feed.apply([feed.event(agent, "pulse", rss=int(rss_at(feed.now)), at=feed.now)])
+
+
+def test_a_leak_fires_before_the_limit_and_a_restart_resolves(feed: Feed, r: redis.Redis, keys: Keys) -> None:
+    t0 = feed.now
+    pulses(feed, lambda t: 200 * 10**6 + (t - t0) * 100 * 10**3, seconds=2.5)  # +100 MB/s
+    (alert,) = alerts(r, keys)
+    assert (alert.detector, alert.status, alert.severity) == ("memory", "firing", "warning")
+    assert alert.summary.startswith("bot: RSS 202 MB -> ")  # the first pulse, 20 ms in
+    assert "; 1.0 GB limit in ~" in alert.summary
+    assert 0 < alert.details["eta_s"] <= 10 and alert.details["trend_per_h"] == pytest.approx(3.6e11, rel=0.05)
+    feed.apply([feed.event("bot", "start", run="run-2")])
+    assert transitions(r, keys) == [("bot", "memory", "firing"), ("bot", "memory", "resolved")]
+    assert resolved(r, keys, "memory")[0].summary.startswith("bot: restarted (RSS was ")
+
+
+def test_growth_that_stops_resolves(feed: Feed, r: redis.Redis, keys: Keys) -> None:
+    t0 = feed.now
+    pulses(feed, lambda t: 200 * 10**6 + (t - t0) * 100 * 10**3, seconds=2)
+    assert fired(r, keys, "memory")
+    pulses(feed, lambda t: 400 * 10**6, seconds=2)
+    assert transitions(r, keys) == [("bot", "memory", "firing"), ("bot", "memory", "resolved")]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda t: 300 * MB + (150 * MB if (t // 50) % 7 == 0 else 0),  # flat with GC spikes
+        lambda t: 300 * MB + (t % 400) * MB // 2,  # sawtooth: grows, collected, grows
+        lambda t: 300 * MB + (t % 10_000) * 10,  # growing, but nowhere near 1 GB in 10 s
+    ],
+)
+def test_spikes_sawtooth_and_slow_growth_stay_quiet(feed: Feed, r: redis.Redis, keys: Keys, shape: Any) -> None:
+    pulses(feed, shape, seconds=3)
+    assert alerts(r, keys) == []

@@ -1,0 +1,134 @@
+"""Silence against a real Redis and a running worker: fires once after max(after, 3 x interval),
+names the cause, honours extend(), resolves when the agent is seen again, never for a retired
+agent, and per-agent overrides apply."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from agentwatch.codec import entry_ms
+from agentwatch.keys import Keys
+from agentwatch.redisconn import server_time_ms
+
+from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
+from helpers import running, wait_for
+
+MB = 1024 * 1024
+
+
+def test_fires_once_after_the_allowance_and_resolves_when_seen_again(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "800ms"}), redis_url)
+    bot = Agent(r, keys, "bot")
+    with running(worker):
+        bot.start(interval=0.1)
+        last = bot.beat()
+        alert = wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")[0]
+        waited_ms = alert.at_ms - entry_ms(last)
+        assert 800 <= waited_ms < 800 + 600, waited_ms
+        assert alert.agent == "bot" and alert.severity == "critical" and alert.dedup_key == "bot/silence"
+        assert alert.summary.startswith("bot: no heartbeat for ")
+        assert alert.summary.endswith("process gone without a goodbye (SIGKILL, OOM, host loss)")
+        time.sleep(0.3)  # more ticks: still one alert
+        assert len(fired(r, keys, "silence")) == 1
+        bot.beat()
+        back = wait_for(lambda: resolved(r, keys, "silence"), timeout=5, what="resolved")[0]
+        assert back.summary.startswith("bot: seen again after ")
+    assert transitions(r, keys) == [("bot", "silence", "firing"), ("bot", "silence", "resolved")]
+
+
+def test_the_allowance_is_three_declared_intervals_when_that_is_longer(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "300ms"}), redis_url)
+    slow = Agent(r, keys, "slow")
+    with running(worker):
+        slow.start(interval=0.5)
+        last = slow.beat()
+        alert = wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")[0]
+    assert 1500 <= alert.at_ms - entry_ms(last) < 1500 + 600
+    assert alert.details["allowance_s"] == 1.5 and alert.details["interval_s"] == 0.5
+
+
+def test_extend_holds_the_alert_off_until_the_step_should_be_over(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "500ms"}), redis_url)
+    bot = Agent(r, keys, "bot")
+    with running(worker):
+        bot.start()
+        bot.beat()
+        extended = bot.pulse(extend=1.0)  # "a long step starts now: wait 1 s longer"
+        alert = wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")[0]
+    assert alert.at_ms - entry_ms(extended) >= 1500
+
+
+def test_a_memory_climb_before_the_silence_is_named(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "500ms"}), redis_url)
+    leaky, steady = Agent(r, keys, "leaky"), Agent(r, keys, "steady")
+    with running(worker):
+        for agent in (leaky, steady):
+            agent.start()
+        for step in range(10):
+            leaky.pulse(rss=(210 + 400 * step) * MB)
+            steady.pulse(rss=(210 + step) * MB)
+        wait_for(lambda: len(fired(r, keys, "silence")) == 2, timeout=5, what="two silence alerts")
+    by_agent = {a.agent: a for a in fired(r, keys, "silence")}
+    assert by_agent["leaky"].summary.endswith("likely killed for memory: RSS grew 220 MB -> 4.0 GB")
+    assert by_agent["steady"].summary.endswith("process gone without a goodbye (SIGKILL, OOM, host loss)")
+
+
+def test_a_retired_agent_is_never_silent_until_it_starts_again(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "300ms"}), redis_url)
+    bot = Agent(r, keys, "bot")
+    with running(worker):
+        bot.start()
+        bot.beat()
+        bot.exit("shutdown")
+        quiet_until = server_time_ms(r) + 1200
+        wait_for(lambda: server_time_ms(r) > quiet_until, timeout=5)
+        assert transitions(r, keys) == []
+        assert r.zscore(keys.timers(0), "bot") is None
+        bot.start(run="run-2")
+        wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence after the restart")
+    assert transitions(r, keys) == [("bot", "silence", "firing")]
+
+
+def test_per_agent_overrides_by_glob(redis_url: str, prefix: str, r: redis.Redis, keys: Keys) -> None:
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "300ms", "agents": {"batch-*": {"after": "1h"}}})
+    worker = worker_for(pipeline, redis_url)
+    with running(worker):
+        for name in ("batch-7", "chat-1"):
+            agent = Agent(r, keys, name)
+            agent.start()
+            agent.beat()
+        wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")
+        time.sleep(0.5)
+    assert transitions(r, keys) == [("chat-1", "silence", "firing")]
+    assert r.zscore(keys.timers(0), "batch-7") is not None
+
+
+def test_many_workers_one_alert_per_silent_agent(redis_url: str, prefix: str, r: redis.Redis, keys: Keys) -> None:
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "400ms"})
+    workers = [worker_for(pipeline, redis_url, consumer=f"w{i}") for i in range(4)]
+    agents = [Agent(r, keys, f"bot-{i}") for i in range(50)]
+    with running(workers[0]), running(workers[1]), running(workers[2]), running(workers[3]):
+        for agent in agents:
+            agent.start()
+            agent.beat()
+        wait_for(lambda: len(fired(r, keys, "silence")) >= 50, timeout=8, what="50 silence alerts")
+        time.sleep(0.4)
+        for agent in agents:
+            agent.beat()
+            agent.exit("shutdown")  # no second silence while we count
+        wait_for(lambda: len(resolved(r, keys, "silence")) >= 50, timeout=8, what="50 resolutions")
+        time.sleep(0.5)
+    seen = transitions(r, keys)
+    assert sorted(seen) == sorted([(a.name, "silence", s) for a in agents for s in ("firing", "resolved")])

@@ -1,0 +1,99 @@
+"""Stall: pulses without beats for max(after, 3 x interval) fire with the newest stack and the
+frame the work loop is blocked in; beats resuming resolve it. Plus the stack reading itself."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from agentwatch.codec import entry_ms
+from agentwatch.keys import Keys
+from detectors.stall import blocked_in
+
+from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
+from helpers import running, wait_for
+
+STACK = """Thread 'MainThread', last beat 12.0s ago (most recent call last):
+  File "/srv/agent/main.py", line 88, in <module>
+    run()
+  File "/srv/agent/main.py", line 30, in run
+    data = fetch_from_api(url)
+  File "/srv/agent/api_client.py", line 47, in fetch_from_api
+    return session.get(url, timeout=None)
+  File "/srv/venv/lib/python3.11/site-packages/requests/sessions.py", line 602, in get
+    return self.request("GET", url, **kwargs)
+  File "/usr/lib/python3.11/ssl.py", line 1314, in do_handshake
+    self._sslobj.do_handshake()
+"""
+
+
+@pytest.mark.parametrize(
+    ("stack", "where"),
+    [
+        (STACK, "api_client.py:47 fetch_from_api -> ssl.py do_handshake"),
+        ('  File "/app/loop.py", line 9, in work\n    time.sleep(60)\n', "loop.py:9 work"),
+        ('  File "/usr/lib/python3.12/socket.py", line 720, in readinto\n', "socket.py:720 readinto"),
+        ('  File "C:\\\\app\\\\bot.py", line 3, in go\n', "bot.py:3 go"),
+        ("no frames here", None),
+    ],
+)
+def test_the_innermost_own_frame_and_what_it_waits_in(stack: str, where: str | None) -> None:
+    assert blocked_in(stack) == where
+
+
+def test_pulses_without_beats_fire_with_the_stack_and_resolve_when_beats_resume(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = pipeline_for(prefix, redis_url, stall={"after": "600ms"}, silence={"after": "5s"})
+    worker = worker_for(pipeline, redis_url)
+    bot = Agent(r, keys, "bot")
+    with running(worker):
+        bot.start(interval=0.1)
+        last = bot.beat()
+        deadline = time.monotonic() + 5
+        while not fired(r, keys, "stall") and time.monotonic() < deadline:
+            bot.pulse(rss=100 << 20, stack=STACK)  # the process lives, its loop does not move
+            time.sleep(0.05)
+        alert = wait_for(lambda: fired(r, keys, "stall"), timeout=1, what="stall alert")[0]
+        assert 600 <= alert.at_ms - entry_ms(last) < 600 + 500
+        assert alert.summary.startswith("bot: process alive, work loop stuck for ")
+        assert alert.summary.endswith("; blocked in api_client.py:47 fetch_from_api -> ssl.py do_handshake")
+        assert alert.details["stack"] == STACK and alert.severity == "critical"
+        assert r.hget(keys.stacks(0), "bot") == STACK.encode()
+        bot.beat()
+        back = wait_for(lambda: resolved(r, keys, "stall"), timeout=5, what="stall resolved")[0]
+        assert back.summary.startswith("bot: beats resumed after ")
+        wait_for(lambda: r.hget(keys.stacks(0), "bot") is None, timeout=2, what="stack dropped")
+    assert transitions(r, keys) == [("bot", "stall", "firing"), ("bot", "stall", "resolved")]
+
+
+def test_no_pulses_means_silence_not_stall(redis_url: str, prefix: str, r: redis.Redis, keys: Keys) -> None:
+    pipeline = pipeline_for(prefix, redis_url, stall={"after": "300ms"}, silence={"after": "600ms"})
+    worker = worker_for(pipeline, redis_url)
+    with running(worker):
+        bot = Agent(r, keys, "bot")
+        bot.start()
+        bot.beat()
+        wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")
+        time.sleep(0.2)
+    assert transitions(r, keys) == [("bot", "silence", "firing")]
+
+
+def test_a_dead_work_thread_is_named(redis_url: str, prefix: str, r: redis.Redis, keys: Keys) -> None:
+    died = (
+        "Thread 'worker' (the work thread) died of an uncaught exception:\n"
+        'Traceback (most recent call last):\n  File "/app/w.py", line 5, in loop\n'
+        "KeyError: 'user'\n"
+    )
+    pipeline = pipeline_for(prefix, redis_url, stall={"after": "300ms"}, silence={"after": "5s"})
+    with running(worker_for(pipeline, redis_url)):
+        bot = Agent(r, keys, "bot")
+        bot.start()
+        bot.beat()
+        deadline = time.monotonic() + 5
+        while not fired(r, keys, "stall") and time.monotonic() < deadline:
+            bot.pulse(stack=died)
+            time.sleep(0.05)
+    assert fired(r, keys, "stall")[0].summary.endswith("; the work thread died: KeyError: 'user'")

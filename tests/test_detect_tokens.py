@@ -1,0 +1,130 @@
+"""Token anomalies and loops, driven through the engine with explicit Redis times: a spike fires,
+the floor keeps small numbers quiet, a burst of normal beats trips the window rate, the baseline
+never learns the runaway, recovery takes recover_after calm beats, and a repeated fp is a loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from agentwatch.keys import Keys
+from detectors.state import read_agents
+
+from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
+
+
+@pytest.fixture
+def make_feed(redis_url: str, prefix: str) -> Iterator[Any]:
+    workers = []
+
+    def make(**tokens: Any) -> Feed:
+        worker = worker_for(pipeline_for(prefix, redis_url, tokens=tokens), redis_url)
+        workers.append(worker)
+        return Feed(worker)
+
+    yield make
+    for worker in workers:
+        worker.client.close()
+
+
+def warm(feed: Feed, agent: str = "bot", beats: int = 20, tokens: int = 200, gap_ms: int = 1000) -> None:
+    rng = np.random.default_rng(1)
+    batch = [feed.event(agent, "start")]
+    for _ in range(beats):
+        batch.append(feed.event(agent, "beat", tokens=int(tokens * rng.uniform(0.7, 1.3)), at=feed.now + gap_ms))
+    feed.apply(batch)
+
+
+def test_a_spike_fires_the_baseline_holds_and_calm_beats_resolve(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    feed = make_feed(recover_after=3)
+    warm(feed)
+    baseline = read_agents(r, keys)["bot"]
+    feed.apply([feed.event("bot", "beat", tokens=40_000, at=feed.now + 1000)])
+    (alert,) = alerts(r, keys)
+    assert (alert.detector, alert.status, alert.severity) == ("tokens", "firing", "error")
+    assert alert.summary.startswith("bot: token use 40,000 in one beat, ")
+    assert "x its baseline of " in alert.summary and alert.details["why"] == "beat"
+    for _ in range(5):  # the runaway goes on: still one incident, and nothing learned from it
+        feed.apply([feed.event("bot", "beat", tokens=30_000, at=feed.now + 1000)])
+    during = read_agents(r, keys)["bot"]
+    assert (during["tb"], during["tw"]) == (baseline["tb"], baseline["tw"])
+    feed.apply([feed.event("bot", "beat", tokens=210, at=feed.now + 1000) for _ in range(2)])
+    assert not resolved(r, keys, "tokens")
+    feed.apply([feed.event("bot", "beat", tokens=190, at=feed.now + 1000)])
+    assert transitions(r, keys) == [("bot", "tokens", "firing"), ("bot", "tokens", "resolved")]
+    assert resolved(r, keys, "tokens")[0].summary.startswith("bot: token use back near its baseline of ")
+
+
+def test_the_floor_keeps_small_numbers_quiet(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    feed = make_feed(min_tokens=500)
+    warm(feed, tokens=2)
+    feed.apply([feed.event("bot", "beat", tokens=40, at=feed.now + 1000)])  # 20x, but tiny
+    assert alerts(r, keys) == []
+    feed.apply([feed.event("bot", "beat", tokens=5000, at=feed.now + 1000)])
+    assert [a.detector for a in alerts(r, keys)] == ["tokens"]
+
+
+def test_nothing_is_judged_during_warm_up(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    feed = make_feed(warmup=20)
+    warm(feed, beats=5)
+    feed.apply([feed.event("bot", "beat", tokens=90_000, at=feed.now + 1000)])
+    assert alerts(r, keys) == []
+
+
+def test_many_normal_beats_in_a_short_window_trip_the_rate(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    feed = make_feed(warmup=5, window="1s", factor=10)
+    warm(feed, beats=40, tokens=100, gap_ms=100)  # ~1,000 tokens per second over 4 windows
+    burst = [feed.event("bot", "beat", tokens=100, at=feed.now + 2) for _ in range(150)]
+    feed.apply(burst)
+    (alert,) = fired(r, keys, "tokens")
+    assert alert.details["why"] == "rate"
+    assert "tokens in under 1s, over 10x the usual" in alert.summary
+
+
+def test_cost_per_beat_is_judged_too(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    feed = make_feed(warmup=5, min_cost=0.5)
+    batch = [feed.event("bot", "start")]
+    batch += [feed.event("bot", "beat", cost=0.01, at=feed.now + 1000) for _ in range(10)]
+    feed.apply(batch)
+    feed.apply([feed.event("bot", "beat", cost=2.5, at=feed.now + 1000)])
+    (alert,) = alerts(r, keys)
+    assert alert.details["why"] == "cost" and alert.summary.startswith("bot: $2.50 in one beat, ")
+
+
+def test_the_same_fp_repeat_times_in_a_row_is_a_loop(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    feed = make_feed(repeat=20, recover_after=3)
+    feed.apply([feed.event("bot", "start"), *[feed.event("bot", "beat", fp=f"job-{i}") for i in range(30)]])
+    feed.apply([feed.event("bot", "beat", fp="job-42") for _ in range(19)])
+    assert alerts(r, keys) == []
+    feed.apply([feed.event("bot", "beat", fp="job-42")])
+    (alert,) = alerts(r, keys)
+    assert (alert.detector, alert.dedup_key) == ("loop", "bot/loop")
+    assert alert.summary == "bot: work loop: the same work item (fp 'job-42') 20 beats in a row"
+    feed.apply([feed.event("bot", "beat", fp="job-42") for _ in range(100)])
+    feed.apply([feed.event("bot", "beat", fp=f"job-{i}") for i in range(43, 46)])
+    assert transitions(r, keys) == [("bot", "loop", "firing"), ("bot", "loop", "resolved")]
+
+
+def test_a_loop_split_across_batches_and_interleaved_with_others_is_counted_whole(
+    make_feed: Any, r: redis.Redis, keys: Keys
+) -> None:
+    feed = make_feed(repeat=10)
+    feed.apply([feed.event("a", "start"), feed.event("b", "start")])
+    for _ in range(4):
+        feed.apply([m for _ in range(3) for m in (feed.event("a", "beat", fp="x"), feed.event("b", "beat", fp="y"))])
+    assert sorted(a.agent for a in fired(r, keys, "loop")) == ["a", "b"]
+
+
+def test_redelivered_beats_are_not_counted_twice(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    feed = make_feed(warmup=3)
+    warm(feed, beats=10, tokens=100)
+    spike = [feed.event("bot", "beat", tokens=5000, at=feed.now + 1000)]
+    feed.apply(spike)
+    before = read_agents(r, keys)["bot"]
+    feed.apply(list(spike))
+    assert read_agents(r, keys)["bot"] == before
+    assert transitions(r, keys) == [("bot", "tokens", "firing")]
