@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
 
-from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 from helpers import running, wait_for
 
 
@@ -34,7 +34,12 @@ def test_an_exit_alerts_at_once_and_says_how(
     feed.apply([feed.event("bot", "start"), feed.event("bot", "beat")])
     feed.apply([feed.event("bot", "exit", reason=reason, code=code, **fields)])
     (alert,) = alerts(r, keys)
-    assert (alert.detector, alert.status, alert.summary, alert.severity) == ("exit", "firing", summary, severity)
+    assert (alert.detector, alert.status, alert.summary, alert.severity) == (
+        "exit",
+        "firing",
+        summary,
+        severity,
+    )
     assert alert.details["reason"] == reason and alert.details["code"] == code
     if "traceback" in fields:
         assert alert.details["traceback"] == fields["traceback"]
@@ -76,7 +81,9 @@ def test_a_clean_exit_can_be_quiet(live: tuple[Agent, Keys], r: redis.Redis) -> 
     assert transitions(r, keys) == [("other", "silence", "firing")]
 
 
-def test_an_exit_applied_after_the_restart_fires_and_resolves(redis_url: str, prefix: str, r: redis.Redis, keys: Keys) -> None:
+def test_an_exit_applied_after_the_restart_fires_and_resolves(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
     worker = worker_for(pipeline_for(prefix, redis_url), redis_url)
     feed = Feed(worker)
     feed.apply([feed.event("bot", "start"), feed.event("bot", "beat")])

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
 
-from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 from helpers import running, wait_for
 
 LAG = {"after": "1s", "recover": "300ms", "blind_after": "500ms"}
@@ -86,7 +86,9 @@ def test_a_gap_with_nobody_watching_restarts_the_silence_clock(
     # Redis was down for 5 s: the agent could not send, no worker could check.
     feed.tick(t0 + 5100)
     assert [a.detector for a in alerts(r, keys)] == ["lag"]
-    assert fired(r, keys, "lag")[0].summary.startswith("agentwatch pipeline lagging: no detector worker ran for 5s")
+    assert fired(r, keys, "lag")[0].summary.startswith(
+        "agentwatch pipeline lagging: no detector worker ran for 5s"
+    )
     feed.apply([feed.event("bot", "beat", at=t0 + 5200)])  # what the agent buffered arrives
     for step in range(1, 8):
         feed.tick(t0 + 5200 + step * 100)

@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
 from detectors.memory import MemoryConfig, format_bytes, parse_bytes, theil_sen
-
-from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 MB = 1024 * 1024
 SETTINGS = {"window": "1s", "points": 10, "min_points": 5, "limit": "1GB", "horizon": "10s", "fire_after": 2}
@@ -38,7 +37,11 @@ def test_sizes_parse_with_units(text: Any, size: int) -> None:
 
 
 def test_sizes_read_like_people_write_them() -> None:
-    assert (format_bytes(210 * 10**6), format_bytes(3.9e9), format_bytes(512)) == ("210 MB", "3.9 GB", "512 B")
+    assert (format_bytes(210 * 10**6), format_bytes(3.9e9), format_bytes(512)) == (
+        "210 MB",
+        "3.9 GB",
+        "512 B",
+    )
 
 
 @pytest.fixture
@@ -63,7 +66,9 @@ def test_a_leak_fires_before_the_limit_and_a_restart_resolves(feed: Feed, r: red
     assert (alert.detector, alert.status, alert.severity) == ("memory", "firing", "warning")
     assert alert.summary.startswith("bot: RSS 202 MB -> ")  # the first pulse, 20 ms in
     assert "; 1.0 GB limit in ~" in alert.summary
-    assert 0 < alert.details["eta_s"] <= 10 and alert.details["trend_per_h"] == pytest.approx(3.6e11, rel=0.05)
+    assert 0 < alert.details["eta_s"] <= 10 and alert.details["trend_per_h"] == pytest.approx(
+        3.6e11, rel=0.05
+    )
     feed.apply([feed.event("bot", "start", run="run-2")])
     assert transitions(r, keys) == [("bot", "memory", "firing"), ("bot", "memory", "resolved")]
     assert resolved(r, keys, "memory")[0].summary.startswith("bot: restarted (RSS was ")
@@ -85,6 +90,8 @@ def test_growth_that_stops_resolves(feed: Feed, r: redis.Redis, keys: Keys) -> N
         lambda t: 300 * MB + (t % 10_000) * 10,  # growing, but nowhere near 1 GB in 10 s
     ],
 )
-def test_spikes_sawtooth_and_slow_growth_stay_quiet(feed: Feed, r: redis.Redis, keys: Keys, shape: Any) -> None:
+def test_spikes_sawtooth_and_slow_growth_stay_quiet(
+    feed: Feed, r: redis.Redis, keys: Keys, shape: Any
+) -> None:
     pulses(feed, shape, seconds=3)
     assert alerts(r, keys) == []

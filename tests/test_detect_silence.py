@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 
 import redis
+from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.codec import entry_ms
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 
-from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
 from helpers import running, wait_for
 
 MB = 1024 * 1024
@@ -102,7 +102,9 @@ def test_a_retired_agent_is_never_silent_until_it_starts_again(
 
 
 def test_per_agent_overrides_by_glob(redis_url: str, prefix: str, r: redis.Redis, keys: Keys) -> None:
-    pipeline = pipeline_for(prefix, redis_url, silence={"after": "300ms", "agents": {"batch-*": {"after": "1h"}}})
+    pipeline = pipeline_for(
+        prefix, redis_url, silence={"after": "300ms", "agents": {"batch-*": {"after": "1h"}}}
+    )
     worker = worker_for(pipeline, redis_url)
     with running(worker):
         for name in ("batch-7", "chat-1"):
@@ -115,7 +117,9 @@ def test_per_agent_overrides_by_glob(redis_url: str, prefix: str, r: redis.Redis
     assert r.zscore(keys.timers(0), "batch-7") is not None
 
 
-def test_many_workers_one_alert_per_silent_agent(redis_url: str, prefix: str, r: redis.Redis, keys: Keys) -> None:
+def test_many_workers_one_alert_per_silent_agent(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
     pipeline = pipeline_for(prefix, redis_url, silence={"after": "400ms"})
     workers = [worker_for(pipeline, redis_url, consumer=f"w{i}") for i in range(4)]
     agents = [Agent(r, keys, f"bot-{i}") for i in range(50)]

@@ -7,12 +7,12 @@ import time
 
 import pytest
 import redis
+from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.codec import entry_ms
 from agentwatch.keys import Keys
 from detectors.stall import blocked_in
 
-from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
 from helpers import running, wait_for
 
 STACK = """Thread 'MainThread', last beat 12.0s ago (most recent call last):

@@ -10,12 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from agents_detect.kit import Feed, pipeline_for, transitions, worker_for
 
 from agentwatch.keys import Keys
 from detectors import record, state
 from detectors.state import read_agents
-
-from agents_detect.kit import Feed, pipeline_for, transitions, worker_for
 
 
 @pytest.fixture
@@ -98,9 +97,10 @@ def test_python_reads_what_lua_wrote(feed: Feed, r: redis.Redis, keys: Keys) -> 
 
 def test_the_numpy_fold_equals_the_ewma_beat_by_beat() -> None:
     rng = np.random.default_rng(7)
-    order: list[list[Any]] = [["a", 1], ["b", 2], ["c", 1]]
-    for seg in order:
-        seg += [0] * (state.S_INDEX - 2) + [len(order)]
+    names = [("a", 1), ("b", 2), ("c", 1)]
+    order: list[list[Any]] = [
+        [name, profile, *[0] * (state.S_INDEX - 2), i] for i, (name, profile) in enumerate(names)
+    ]
     seg_ids = rng.integers(0, 3, size=40).tolist()
     values = rng.integers(0, 1000, size=40).astype(float).tolist()
     alphas = [0.2, 0.05]

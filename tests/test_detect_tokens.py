@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
 from detectors.state import read_agents
-
-from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 
 @pytest.fixture
@@ -35,11 +34,15 @@ def warm(feed: Feed, agent: str = "bot", beats: int = 20, tokens: int = 200, gap
     rng = np.random.default_rng(1)
     batch = [feed.event(agent, "start")]
     for _ in range(beats):
-        batch.append(feed.event(agent, "beat", tokens=int(tokens * rng.uniform(0.7, 1.3)), at=feed.now + gap_ms))
+        batch.append(
+            feed.event(agent, "beat", tokens=int(tokens * rng.uniform(0.7, 1.3)), at=feed.now + gap_ms)
+        )
     feed.apply(batch)
 
 
-def test_a_spike_fires_the_baseline_holds_and_calm_beats_resolve(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+def test_a_spike_fires_the_baseline_holds_and_calm_beats_resolve(
+    make_feed: Any, r: redis.Redis, keys: Keys
+) -> None:
     feed = make_feed(recover_after=3)
     warm(feed)
     baseline = read_agents(r, keys)["bot"]
@@ -75,7 +78,9 @@ def test_nothing_is_judged_during_warm_up(make_feed: Any, r: redis.Redis, keys: 
     assert alerts(r, keys) == []
 
 
-def test_many_normal_beats_in_a_short_window_trip_the_rate(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+def test_many_normal_beats_in_a_short_window_trip_the_rate(
+    make_feed: Any, r: redis.Redis, keys: Keys
+) -> None:
     feed = make_feed(warmup=5, window="1s", factor=10)
     warm(feed, beats=40, tokens=100, gap_ms=100)  # ~1,000 tokens per second over 4 windows
     burst = [feed.event("bot", "beat", tokens=100, at=feed.now + 2) for _ in range(150)]
@@ -115,7 +120,9 @@ def test_a_loop_split_across_batches_and_interleaved_with_others_is_counted_whol
     feed = make_feed(repeat=10)
     feed.apply([feed.event("a", "start"), feed.event("b", "start")])
     for _ in range(4):
-        feed.apply([m for _ in range(3) for m in (feed.event("a", "beat", fp="x"), feed.event("b", "beat", fp="y"))])
+        feed.apply(
+            [m for _ in range(3) for m in (feed.event("a", "beat", fp="x"), feed.event("b", "beat", fp="y"))]
+        )
     assert sorted(a.agent for a in fired(r, keys, "loop")) == ["a", "b"]
 
 

@@ -24,14 +24,17 @@ from helpers import settings_for
 FAST_WORKER = {"tick": "50ms", "block": "50ms", "claim_idle": "1s"}
 
 
-def pipeline_for(prefix: str, url: str, *, worker: dict[str, Any] | None = None,
-                 **detectors: dict[str, Any]) -> Pipeline:
+def pipeline_for(
+    prefix: str, url: str, *, worker: dict[str, Any] | None = None, **detectors: dict[str, Any]
+) -> Pipeline:
     """Default pipeline for the test's prefix; detector sections as keyword arguments.
 
     Built-ins left out run with their defaults; ``name={"enabled": False}`` switches one off."""
     settings = settings_for(prefix, url, worker={**FAST_WORKER, **(worker or {})})
-    sections = {name.replace("_", "-") if name.startswith("x_") else name: values
-                for name, values in detectors.items()}
+    sections = {
+        name.replace("_", "-") if name.startswith("x_") else name: values
+        for name, values in detectors.items()
+    }
     loaded, problems = plugins.load_detectors(sections)
     assert not problems, problems
     settings = settings.model_copy(update={"detectors": sections})
@@ -113,8 +116,16 @@ class Feed:
         self.seqs: dict[tuple[str, str], itertools.count[int]] = {}
         self.runs: dict[str, str] = {}
 
-    def event(self, agent: str, kind: str, *, run: str | None = None, at: int | None = None,
-              seq: int | None = None, **fields: Any) -> tuple[bytes, dict[str, Any]]:
+    def event(
+        self,
+        agent: str,
+        kind: str,
+        *,
+        run: str | None = None,
+        at: int | None = None,
+        seq: int | None = None,
+        **fields: Any,
+    ) -> tuple[bytes, dict[str, Any]]:
         run = run or self.runs.setdefault(agent, "run-1")
         self.runs[agent] = run
         counter = self.seqs.setdefault((agent, run), itertools.count())
