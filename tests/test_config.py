@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from agentwatch import config
 from agentwatch.cli import app
 from agentwatch.errors import ConfigError
+from detectors import BUILTINS as BUILTIN_DETECTORS
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -67,8 +68,14 @@ def test_no_file_means_built_in_defaults(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_the_repository_pipeline_toml_is_valid_and_all_defaults() -> None:
     pipeline = config.load(ROOT / "pipeline.toml")
-    assert pipeline.settings == config.PipelineSettings()
+    defaults = config.PipelineSettings()
+    assert pipeline.settings.model_dump(exclude={"detectors"}) == defaults.model_dump(exclude={"detectors"})
     assert pipeline.notifiers == []
+    # every built-in detector has its section, and every value in it is the default
+    assert set(pipeline.settings.detectors) == set(BUILTIN_DETECTORS)
+    assert [p.name for p in pipeline.detectors] == list(BUILTIN_DETECTORS)
+    for plugin in pipeline.detectors:
+        assert plugin.config.model_dump() == type(plugin.config)().model_dump(), plugin.name
 
 
 def test_file_values_and_durations(tmp_path: Path) -> None:
