@@ -89,6 +89,7 @@ class Deliverer:
         self.queue = queue
         self.config = notifier.config
         self._stop = threading.Event()
+        self._abandoned = False
         self._wakes: list[threading.Event] = []
         self._threads: list[threading.Thread] = []
         self._inflight: dict[str, Claimed] = {}
@@ -120,6 +121,9 @@ class Deliverer:
         with self._lock:
             stuck = list(self._inflight.values())
             self._inflight.clear()
+            # Threads still blocked in a delivery must not touch Redis once we return: the
+            # worker closes its client next. Their deliveries are handed back here instead.
+            self._abandoned = True
         for claimed in stuck:
             with contextlib.suppress(*RECOVERABLE):  # else the lease runs out by itself
                 self.queue.retry(claimed, 0, release=True)
@@ -188,6 +192,9 @@ class Deliverer:
 
     def _settle(self, claimed: Claimed, outcome: Outcome) -> None:
         """Write the outcome; keep trying while Redis is away (until our lease is about to go)."""
+        with self._lock:
+            if self._abandoned:
+                return  # released by stop(): whoever claims it next decides
         deadline = time.monotonic() + self.notifier.lease_ms / 1000
         delay = 0.05
         while True:

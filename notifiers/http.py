@@ -29,6 +29,7 @@ from notifiers.journal import BODY_SNIPPET
 
 _READ_CHUNK_CAP = 8192
 """Bytes of an answer we read at most; we only keep a snippet for the failed-delivery record."""
+_CONNECT_TIMEOUT_S = 3.0
 RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
@@ -48,7 +49,7 @@ def check_url(value: str) -> str:
 class HttpConfig(NotifierConfig):
     url: str
     timeout_s: Seconds = Field(10.0, alias="timeout", gt=0, description="whole attempt")
-    connect_timeout_s: Seconds = Field(3.0, alias="connect_timeout", gt=0)
+    connect_timeout_s: Seconds | None = Field(None, alias="connect_timeout", gt=0, description="default: 3s")
     read_timeout_s: Seconds | None = Field(None, alias="read_timeout", gt=0, description="default: timeout")
     headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
     verify_tls: bool = True
@@ -60,7 +61,7 @@ class HttpConfig(NotifierConfig):
 
     @model_validator(mode="after")
     def _timeouts_fit(self) -> HttpConfig:
-        if self.connect_timeout_s > self.timeout_s:
+        if self.connect_timeout_s is not None and self.connect_timeout_s > self.timeout_s:
             raise ValueError("connect_timeout must not exceed timeout")
         if self.read_timeout_s is not None and self.read_timeout_s > self.timeout_s:
             raise ValueError("read_timeout must not exceed timeout")
@@ -103,10 +104,9 @@ class HttpNotifier(Notifier[H]):
     def open(self) -> None:
         cfg = self.config
         read = cfg.read_timeout_s or cfg.timeout_s
+        connect = cfg.connect_timeout_s or min(_CONNECT_TIMEOUT_S, cfg.timeout_s)
         self.http = httpx.Client(
-            timeout=httpx.Timeout(
-                cfg.timeout_s, connect=cfg.connect_timeout_s, read=read, pool=cfg.timeout_s
-            ),
+            timeout=httpx.Timeout(cfg.timeout_s, connect=connect, read=read, pool=cfg.timeout_s),
             limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
             follow_redirects=False,
             verify=cfg.verify_tls,

@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import json
 import re
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,9 @@ def test_posts_the_alert_json_exactly_and_the_documented_snippet_verifies_it(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
     with receiver() as hook:
-        pipeline = pipeline_with(prefix, redis_url, [webhook(hook.url, secret=SECRET, headers={"X-Team": "ml"})])
+        pipeline = pipeline_with(
+            prefix, redis_url, [webhook(hook.url, secret=SECRET, headers={"X-Team": "ml"})]
+        )
         with notifier_running(pipeline, redis_url):
             alert = fire(r, keys, "bot-1", details={"stack": "File x.py, line 3", "tokens": [1, 2]})
             (request,) = hook.wait_requests(1)
@@ -71,11 +75,15 @@ def test_whsec_secret_is_the_standard_webhooks_key_format(
 ) -> None:
     key = b"\x01\x02binary key\xff"
     secret = "whsec_" + base64.b64encode(key).decode()
-    with receiver() as hook:
-        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url, secret=secret)]), redis_url):
-            fire(r, keys)
-            (request,) = hook.wait_requests(1)
-    signed = f"{request.headers['webhook-id']}.{request.headers['webhook-timestamp']}.".encode() + request.body
+    with (
+        receiver() as hook,
+        notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url, secret=secret)]), redis_url),
+    ):
+        fire(r, keys)
+        (request,) = hook.wait_requests(1)
+    signed = (
+        f"{request.headers['webhook-id']}.{request.headers['webhook-timestamp']}.".encode() + request.body
+    )
     expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
     assert request.headers["webhook-signature"] == f"v1,{expected}"
 
@@ -83,10 +91,12 @@ def test_whsec_secret_is_the_standard_webhooks_key_format(
 def test_slack_format_sends_text_and_unsigned_requests_carry_no_signature(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
-    with receiver() as hook:
-        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url, format="slack")]), redis_url):
-            alert = fire(r, keys, "bot-s", detector="stall", details={"stack": "in socket.recv()"})
-            (request,) = hook.wait_requests(1)
+    with (
+        receiver() as hook,
+        notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url, format="slack")]), redis_url),
+    ):
+        alert = fire(r, keys, "bot-s", detector="stall", details={"stack": "in socket.recv()"})
+        (request,) = hook.wait_requests(1)
     assert request.json() == {"text": slack_text(alert)}
     assert "FIRING" in request.json()["text"] and "socket.recv()" in request.json()["text"]
     assert "x-agentwatch-signature" not in request.headers and "webhook-signature" not in request.headers
@@ -186,16 +196,18 @@ def test_4xx_is_dead_lettered_with_status_and_body_and_not_retried(
 def test_an_alert_the_stream_delivers_twice_is_sent_once_and_non_alerts_are_dead_lettered(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
-    with receiver() as hook:
-        with notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url)]), redis_url) as worker:
-            alert = fire(r, keys)
-            r.xadd(keys.alerts, {"d": alert.to_json()})  # what an outbox sweep after a crash can do
-            r.xadd(keys.alerts, {"d": b"\x93not json"})
-            r.xadd(keys.alerts, {"d": json.dumps({"id": "x", "status": "firing"})})
-            second = fire(r, keys, "bot-2")
-            wait_for(lambda: worker.stats.processed + worker.stats.deadlettered >= 5, what="all entries read")
-            hook.wait_requests(2)
-            wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="queue drained")
+    with (
+        receiver() as hook,
+        notifier_running(pipeline_with(prefix, redis_url, [webhook(hook.url)]), redis_url) as worker,
+    ):
+        alert = fire(r, keys)
+        r.xadd(keys.alerts, {"d": alert.to_json()})  # what an outbox sweep after a crash can do
+        r.xadd(keys.alerts, {"d": b"\x93not json"})
+        r.xadd(keys.alerts, {"d": json.dumps({"id": "x", "status": "firing"})})
+        second = fire(r, keys, "bot-2")
+        wait_for(lambda: worker.stats.processed + worker.stats.deadlettered >= 5, what="all entries read")
+        hook.wait_requests(2)
+        wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="queue drained")
     assert sorted(q.headers["webhook-id"] for q in hook.requests) == sorted([alert.id, second.id])
     reasons = [e["reason"] for e in stream(r, keys.deadletter)]
     assert len(reasons) == 2 and "not JSON" in reasons[0] and "lacks" in reasons[1]
@@ -205,9 +217,6 @@ def test_the_overall_timeout_cuts_a_receiver_that_dribbles_its_answer(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
     """Each read is quick, the whole answer is not: the overall deadline still applies."""
-    import socket
-    import threading
-
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()

@@ -1,0 +1,197 @@
+"""The restart notifier, fed alerts directly: argv substitution, start limits, timeouts, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from agentwatch import codec, plugins
+from agentwatch.alerts import Incidents, decode_alert
+from agentwatch.keys import Keys
+
+from helpers import wait_for
+from notify_kit import fire, notifier_running, pipeline_with, resolve, stream
+
+RECORD = """
+import json, sys
+with open(sys.argv[1], "a") as out:
+    out.write(json.dumps(sys.argv[2:]) + "\\n")
+print("restarting", *sys.argv[2:])
+"""
+
+
+@pytest.fixture
+def recorder(tmp_path: Path) -> tuple[Path, Path]:
+    script = tmp_path / "record.py"
+    script.write_text(RECORD)
+    return script, tmp_path / "calls.jsonl"
+
+
+def calls(path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def restart(command: list[str], **extra: Any) -> dict[str, Any]:
+    return {"type": "restart", "command": command, "backoff": "50ms", "restart_backoff": "0s", **extra}
+
+
+def loop_alerts(r: redis.Redis, keys: Keys) -> list[Any]:
+    alerts = [decode_alert(fields[b"d"]) for _, fields in r.xrange(keys.alerts)]
+    return [a for a in alerts if a.detector == "restart_loop"]
+
+
+def test_command_gets_placeholders_per_element_and_an_audit_record(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str, recorder: tuple[Path, Path]
+) -> None:
+    script, out = recorder
+    command = [
+        sys.executable,
+        str(script),
+        str(out),
+        "--agent={agent}",
+        "{detector}",
+        "{pid}",
+        "{host}",
+        "{run}",
+    ]
+    with notifier_running(pipeline_with(prefix, redis_url, [restart(command)]), redis_url):
+        alert = fire(r, keys, "bot;rm -rf $HOME", details={"pid": 4242, "host": "box-1", "run": "r-9"})
+        wait_for(lambda: calls(out), what="the restart command")
+        wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
+    assert calls(out) == [["--agent=bot;rm -rf $HOME", "silence", "4242", "box-1", "r-9"]]
+    (audit,) = stream(r, keys.notify_audit)
+    assert audit["action"] == "restarted" and audit["exit"] == "0" and audit["alert"] == alert.id
+    assert json.loads(audit["argv"])[3] == "--agent=bot;rm -rf $HOME"
+    assert audit["output"].startswith("restarting --agent=bot;rm -rf $HOME silence 4242")
+
+
+def test_only_detectors_listed_in_on_and_only_open_incidents_restart(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str, recorder: tuple[Path, Path]
+) -> None:
+    script, out = recorder
+    fire(r, keys, "gone-already")
+    resolve(r, keys, "gone-already")  # came back before any worker looked: leave it alone
+    entry = restart([sys.executable, str(script), str(out), "{agent}", "{detector}"], on=["silence"])
+    with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+        fire(r, keys, "hot", "tokens", severity="warning")
+        fire(r, keys, "dead")
+        wait_for(lambda: calls(out), what="the restart of 'dead'")
+        wait_for(lambda: len(stream(r, keys.notify_audit)) >= 2, what="both audit records")
+    assert calls(out) == [["dead", "silence"]]
+    actions = {(a["agent"], a["action"]) for a in stream(r, keys.notify_audit)}
+    assert actions == {("gone-already", "skipped"), ("dead", "restarted")}
+    skipped = next(a for a in stream(r, keys.notify_audit) if a["action"] == "skipped")
+    assert "no longer open" in skipped["detail"]
+
+
+def test_start_limit_yields_exactly_one_restart_loop_alert(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str, recorder: tuple[Path, Path]
+) -> None:
+    script, out = recorder
+    entry = restart([sys.executable, str(script), str(out), "{agent}"], start_limit_burst=2)
+    with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+        for n in (1, 2):  # crash, restart, come back - twice
+            fire(r, keys, "looper")
+            wait_for(lambda n=n: len(calls(out)) == n, what=f"restart {n}")
+            resolve(r, keys, "looper")
+        fire(r, keys, "looper")  # the third crash in the window: no restart, one loop alert
+        wait_for(lambda: loop_alerts(r, keys), what="the restart loop alert")
+        fire(r, keys, "looper", "stall")  # another detector while looping: held off, no 2nd alert
+        wait_for(lambda: any(a["detector"] == "stall" for a in stream(r, keys.notify_audit)), what="stall")
+        (loop,) = loop_alerts(r, keys)
+        assert len(calls(out)) == 2
+        assert loop.severity == "critical" and loop.status == "firing" and loop.agent == "looper"
+        assert "2 restarts within 10m" in loop.summary and loop.details["trigger"] == "silence"
+        # The agent recovers (its silence resolves): the loop resolves and restarts resume.
+        resolve(r, keys, "looper")
+        wait_for(lambda: len(loop_alerts(r, keys)) == 2, what="the loop resolved")
+        assert [a.status for a in loop_alerts(r, keys)] == ["firing", "resolved"]
+        fire(r, keys, "looper")
+        wait_for(lambda: len(calls(out)) == 3, what="restarts resumed")
+    assert Incidents(r, keys).open("looper", "restart_loop") is None
+
+
+def test_restarts_back_off_and_a_command_that_hangs_is_killed_at_its_timeout(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "starts"
+    hang = (
+        f"import time; open({str(marker)!r}, 'a').write('x'); print('starting', flush=True); time.sleep(30)"
+    )
+    entry = restart(
+        [sys.executable, "-c", hang], timeout="500ms", restart_backoff="700ms", start_limit_burst=3
+    )
+    with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+        fire(r, keys, "stuck")
+        wait_for(lambda: loop_alerts(r, keys), 15, what="three timed-out restarts, then the loop")
+    audits = stream(r, keys.notify_audit)
+    runs = [(entry_id, a) for entry_id, a in zip(r.xrange(keys.notify_audit), audits, strict=True)
+            if a["action"] == "failed"]  # fmt: skip
+    assert len(runs) == 3 and marker.read_text() == "xxx"
+    assert all(a["timed_out"] == "1" and a["exit"] == "" and "starting" in a["output"] for _, a in runs)
+    finished = [int(entry[0].split(b"-")[0]) for entry, _ in runs]  # Redis ms when each was audited
+    # restart n waits 700 ms x 2**(n-2) after restart n-1 began (each ran 500 ms before its audit)
+    assert finished[1] - finished[0] >= 700 and finished[2] - finished[1] >= 1400
+
+
+def test_signal_mode_signals_the_agent_pid_on_this_host_only(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        entry = {"type": "restart", "signal": "term", "on": ["stall"], "backoff": "50ms"}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys, "here", "stall", details={"host": socket.gethostname(), "pid": victim.pid})
+            fire(r, keys, "elsewhere", "stall", details={"host": "some-other-box", "pid": victim.pid})
+            assert victim.wait(10) == -signal.SIGTERM
+            wait_for(lambda: r.xlen(keys.notify_failed), what="the other host's failure")
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    (failed,) = stream(r, keys.notify_failed)
+    assert failed["agent"] == "elsewhere" and "some-other-box" in failed["reason"]
+    signalled = [a for a in stream(r, keys.notify_audit) if a["action"] == "signalled"]
+    assert [a["detail"] for a in signalled] == [f"SIGTERM to pid {victim.pid}"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"command": ["restart", "{agnet}"]}, "unknown placeholder {agnet}"),
+        ({"command": ["x"], "signal": "SIGTERM"}, "exactly one of command"),
+        ({}, "exactly one of command"),
+        ({"signal": "SIGNOPE"}, "unknown signal"),
+        ({"command": "systemctl restart x"}, "command"),
+        ({"command": ["x"], "start_limit_burst": 0}, "start_limit_burst"),
+    ],
+)
+def test_bad_config_fails_at_start_up_naming_the_key(entry: dict[str, Any], needle: str) -> None:
+    loaded, problems = plugins.load_notifiers([{"type": "restart", **entry}])
+    assert not loaded and needle in " ".join(problems), problems
+
+
+def test_facts_fall_back_to_the_agents_last_start_event(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str, recorder: tuple[Path, Path]
+) -> None:
+    start = {"v": 1, "agent": "bot", "kind": "start", "ts": time.time(), "run": "run-42", "seq": 0,
+             "interval": 1.0, "pid": 31337, "host": "box-9"}  # fmt: skip
+    r.xadd(keys.events(), {"d": codec.encode(start)})
+    for seq in range(1, 2500):  # its start is pages back
+        beat = {"v": 1, "agent": "other", "kind": "beat", "ts": 1.0, "run": "o", "seq": seq}
+        r.xadd(keys.events(), {"d": codec.encode(beat)})
+    script, out = recorder
+    entry = restart([sys.executable, str(script), str(out), "{run}", "{host}", "{pid}"])
+    with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+        fire(r, keys, "bot")
+        wait_for(lambda: calls(out), what="the restart")
+    assert calls(out) == [["run-42", "box-9", "31337"]]
