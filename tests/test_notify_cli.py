@@ -1,0 +1,122 @@
+"""``agentwatch alerts``, ``mute``, ``unmute`` and ``mutes`` against a real Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from agentwatch.alerts import Alert
+from agentwatch.cli import app
+from agentwatch.keys import Keys
+from notifiers.routing import Mutes
+
+from helpers import wait_for
+from notify_kit import (
+    FAST_DELIVERY,
+    Reply,
+    fire,
+    notifier_running,
+    now_ms,
+    pipeline_with,
+    receiver,
+    resolve,
+    stream,
+)
+
+
+@pytest.fixture
+def cli(tmp_path: Path, redis_url: str, prefix: str) -> Any:
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n')
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, [*args, "--config", str(config)], env={"COLUMNS": "250"})
+        assert result.exit_code == code, result.output
+        return result.output
+
+    return run
+
+
+def lines(output: str) -> list[Any]:
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def test_alerts_json_since_agent_and_firing(cli: Any, r: redis.Redis, keys: Keys) -> None:
+    a1 = fire(r, keys, "a-1")
+    fire(r, keys, "a-2")
+    b1 = fire(r, keys, "b-1", "stall", severity="warning")
+    resolve(r, keys, "a-2")
+    everything = lines(cli("alerts", "--json"))
+    assert [(x["agent"], x["status"]) for x in everything] == [
+        ("a-1", "firing"), ("a-2", "firing"), ("b-1", "firing"), ("a-2", "resolved"),
+    ]  # fmt: skip
+    assert set(everything[0]) == set(Alert.__dataclass_fields__)  # exactly SPEC section 5
+    assert [x["agent"] for x in lines(cli("alerts", "--json", "--agent", "a-*"))] == ["a-1", "a-2", "a-2"]
+    assert [x["id"] for x in lines(cli("alerts", "--json", "--firing"))] == [a1.id, b1.id]
+    assert lines(cli("alerts", "--json", "--limit", "1")) == [everything[-1]]
+    # The window is Redis time: once 300 ms have passed, a 200 ms window holds only what is new.
+    wait_for(lambda: now_ms(r) > a1.at_ms + 300 + 1000, what="time to pass")  # + any entry-id lag
+    late = fire(r, keys, "c-1")
+    assert [x["id"] for x in lines(cli("alerts", "--json", "--since", "200ms"))] == [late.id]
+    cli("alerts", "--since", "yesterday", code=2)
+
+
+def test_alerts_table_shows_what_each_notifier_did_and_failed_lists_dead_letters(
+    cli: Any, r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as good, receiver() as bad:
+        bad.default = Reply(410, b"gone for good")
+        entries = [
+            {"type": "webhook", "name": "good", "url": good.url, **FAST_DELIVERY},
+            {"type": "webhook", "name": "bad", "url": bad.url, **FAST_DELIVERY},
+        ]
+        with notifier_running(pipeline_with(prefix, redis_url, entries), redis_url):
+            alert = fire(r, keys, "table-bot")
+            wait_for(lambda: len(stream(r, keys.notify_log)) == 2, what="both outcomes")
+    table = cli("alerts")
+    assert "table-bot" in table and "good ok" in table and "bad FAILED 410" in table
+    (row,) = lines(cli("alerts", "--failed", "--json"))
+    assert row["notifier"] == "bad" and row["http_status"] == 410 and row["body"] == "gone for good"
+    assert row["alert"]["id"] == alert.id and row["attempts"] == 1
+    assert "gone for good" in cli("alerts", "--failed")
+    assert lines(cli("alerts", "--failed", "--json", "--agent", "other-*")) == []
+
+
+def test_mute_holds_back_delivery_until_unmuted_or_expired(
+    cli: Any, r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    assert "muted alerts of 'noisy-*' for 1h" in cli("mute", "noisy-*", "--for", "1h", "--reason", "deploy")
+    cli("mute", "calm", "--for", "300ms", "--detector", "silence")
+    (listed, short) = sorted(lines(cli("mutes", "--json")), key=lambda m: m["agent"], reverse=True)
+    assert listed["agent"] == "noisy-*" and listed["detector"] is None and listed["reason"] == "deploy"
+    assert short["detector"] == "silence"
+    with receiver() as hook:
+        entry = {"type": "webhook", "url": hook.url, **FAST_DELIVERY}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            muted = fire(r, keys, "noisy-3")
+            other = fire(r, keys, "calm", "stall")  # another detector: not muted
+            wait_for(lambda: len(stream(r, keys.notify_log)) == 2, what="two outcomes")
+            outcomes = {e["id"]: e["outcome"] for e in stream(r, keys.notify_log)}
+            assert outcomes == {muted.id: "muted", other.id: "delivered"}
+            assert "noisy-*" in next(e["detail"] for e in stream(r, keys.notify_log) if e["id"] == muted.id)
+            # The short mute expires by itself; the long one goes when unmuted.
+            wait_for(lambda: len(Mutes(r, keys).active()) == 1, what="the 300ms mute to expire")
+            assert "unmuted 'noisy-*'" in cli("unmute", "noisy-*")
+            assert cli("mutes") == "no mutes in force\n"
+            later = [fire(r, keys, "calm"), fire(r, keys, "noisy-4")]
+            hook.wait_requests(3)
+    assert [q.headers["webhook-id"] for q in hook.requests] == [other.id] + [a.id for a in later]
+    assert "muted" in cli("alerts")
+
+
+def test_cli_usage_errors_exit_2(cli: Any) -> None:
+    cli("unmute", code=2)
+    cli("mute", "x", "--for", "soon", code=2)
+    cli("mute", "x", "--for", "0s", code=2)
+    cli("unmute", "never-muted", code=1)
