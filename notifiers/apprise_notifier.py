@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from typing import Any
 
 from pydantic import Field, model_validator
 
+from agentwatch.config import Seconds
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Outcome, Retry
 from notifiers.webhook import slack_text
@@ -26,7 +28,7 @@ class AppriseConfig(NotifierConfig):
     title: str = Field(
         "agentwatch: {agent} {detector} {status}", description="{agent} {detector} {status} {severity}"
     )
-    timeout_s: float = Field(
+    timeout_s: Seconds = Field(
         30.0, alias="timeout", gt=0, description="budget of one message (sizes the lease)"
     )
 
@@ -46,12 +48,16 @@ class Apprise(Notifier[AppriseConfig]):
         return self.config.timeout_s
 
     def open(self) -> None:
-        apprise = importlib.import_module("apprise")
-        self.apobj = apprise.Apprise()
-        for url in self.config.urls:
-            if not self.apobj.add(url):
-                # check-config cannot know every scheme; say which URL at start-up, keep the rest
-                self.log.error("apprise does not understand the URL %r (see its docs); skipped", url)
+        # Apprise loads its ~100 service modules on first use; some import stdlib modules that
+        # Python deprecates (imghdr). Not ours to fix, and not worth a warning per worker start.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            apprise = importlib.import_module("apprise")
+            self.apobj = apprise.Apprise()
+            for url in self.config.urls:
+                if not self.apobj.add(url):
+                    # check-config cannot know every scheme: name the URL at start-up, keep the rest
+                    self.log.error("apprise does not understand the URL %r (see its docs); skipped", url)
 
     def deliver(self, delivery: Delivery) -> Outcome:
         alert = delivery.alert

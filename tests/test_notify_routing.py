@@ -1,0 +1,129 @@
+"""Routing (match, send_resolved, max_age), repeat reminders, and the apprise notifier."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+import redis
+
+from agentwatch import plugins
+from agentwatch.alerts import decode_alert
+from agentwatch.keys import Keys
+from notifiers.routing import parse_rate
+
+from helpers import wait_for
+from notify_kit import FAST_DELIVERY, fire, notifier_running, now_ms, pipeline_with, receiver, resolve, stream
+
+
+def test_match_and_send_resolved_pick_what_each_notifier_gets(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as pager, receiver() as everything:
+        entries = [
+            {"type": "webhook", "name": "pager", "url": pager.url, **FAST_DELIVERY, "send_resolved": False,
+             "match": {"agents": ["prod-*"], "detectors": ["silence", "stall"], "severity": "error"}},
+            {"type": "webhook", "name": "all", "url": everything.url, **FAST_DELIVERY},
+        ]  # fmt: skip
+        with notifier_running(pipeline_with(prefix, redis_url, entries), redis_url):
+            paged = fire(r, keys, "prod-1", "silence", severity="critical")
+            fire(r, keys, "prod-2", "stall", severity="warning")  # below the minimum severity
+            fire(r, keys, "prod-3", "tokens", severity="critical")  # another detector
+            fire(r, keys, "dev-1", "silence", severity="critical")  # another agent
+            resolve(r, keys, "prod-1", "silence")  # send_resolved = false
+            everything.wait_requests(5)
+            wait_for(lambda: len(stream(r, keys.notify_log)) == 6, what="every outcome")
+    assert [q.headers["webhook-id"] for q in pager.requests] == [paged.id]
+    assert len({q.headers["webhook-id"] for q in everything.requests}) == 5
+
+
+def test_repeat_reminds_while_firing_and_stops_when_resolved(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        entry = {"type": "webhook", "url": hook.url, **FAST_DELIVERY, "repeat": "300ms"}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            alert = fire(r, keys, "stuck-bot", "stall")
+            first, one, two = hook.wait_requests(3)
+            resolve(r, keys, "stuck-bot", "stall")
+            wait_for(
+                lambda: any(decode_alert(q.body).status == "resolved" for q in hook.requests), what="resolve"
+            )
+            # Once the resolve is queued, no reminder can follow: its schedule is gone.
+            assert r.zcard(keys.notifier_repeat("webhook")) == 0
+            assert r.hlen(keys.notifier_repeat_alerts("webhook")) == 0
+    reminders = [decode_alert(q.body) for q in (one, two)]
+    assert decode_alert(first.body) == alert
+    assert [x.details["reminder"] for x in reminders] == [1, 2]
+    assert all(x.dedup_key == alert.dedup_key and x.status == "firing" for x in reminders)
+    assert all(x.details["first_alert"] == alert.id and x.id != alert.id for x in reminders)
+    assert "still firing" in reminders[0].summary
+    assert one.at - first.at >= 0.25 and two.at - one.at >= 0.25
+
+
+def test_alerts_older_than_max_age_are_recorded_as_stale_not_sent(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        entry = {"type": "webhook", "url": hook.url, **FAST_DELIVERY, "max_age": "1h"}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            old = fire(r, keys, "old-bot", at_ms=now_ms(r) - 2 * 3600_000)
+            new = fire(r, keys, "new-bot")
+            hook.wait_requests(1)
+            wait_for(lambda: len(stream(r, keys.notify_log)) == 2, what="both outcomes")
+    assert [q.headers["webhook-id"] for q in hook.requests] == [new.id]
+    stale = next(e for e in stream(r, keys.notify_log) if e["id"] == old.id)
+    assert stale["outcome"] == "stale" and "max_age" in stale["detail"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("apprise") is None, reason="the apprise extra is not installed")
+def test_apprise_delivers_through_an_apprise_url(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        url = hook.url.replace("http://", "json://")  # apprise's generic JSON-over-HTTP service
+        entry = {"type": "apprise", "urls": [url], "backoff": "50ms", "timeout": "5s"}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys, "app-bot", "exit", summary="app-bot: exited with code 3")
+            (request,) = hook.wait_requests(1)
+            wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
+    body = request.json()
+    assert body["title"] == "agentwatch: app-bot exit firing"
+    assert "app-bot: exited with code 3" in body["message"]
+    assert stream(r, keys.notify_log)[0]["outcome"] == "delivered"
+
+
+def test_apprise_missing_fails_at_start_up_with_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "apprise" else real(name, *a)
+    )
+    loaded, problems = plugins.load_notifiers([{"type": "apprise", "urls": ["tgram://x/y"]}])
+    assert not loaded and "pip install 'agentwatch[apprise]'" in problems[0] and "#1" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"type": "webhook", "url": "http://x", "match": {"severity": "fatal"}}, "match.severity"),
+        ({"type": "webhook", "url": "http://x", "match": {"statuses": ["open"]}}, "match.statuses"),
+        ({"type": "webhook", "url": "http://x", "repeat": 60}, "repeat"),
+        ({"type": "webhook", "url": "http://x", "name": "has space"}, "name"),
+        ({"type": "webhook", "url": "http://x", "secret": "  "}, "secret is empty"),
+        ({"type": "webhook", "url": "http://x", "format": "teams"}, "format"),
+        ({"type": "webhook", "url": "http://x", "timeout": "1s", "read_timeout": "5s"}, "read_timeout"),
+        ({"type": "webhook"}, "url"),
+        ({"type": "webhok", "url": "http://x"}, "unknown notifier 'webhok'"),
+    ],
+)
+def test_bad_entries_fail_naming_the_key(entry: dict[str, Any], needle: str) -> None:
+    loaded, problems = plugins.load_notifiers([entry])
+    assert not loaded and needle in " ".join(problems), problems
+
+
+def test_rates_are_counts_over_a_period() -> None:
+    assert parse_rate("120/min") == 2.0 and parse_rate("2/s") == 2.0 and parse_rate("3600/h") == 1.0
+    for bad in ("120", "fast", "0/s", 120):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
