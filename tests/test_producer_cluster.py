@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import uuid
@@ -18,8 +20,6 @@ from redis.crc import key_slot
 from agentwatch.embedded import find_server_binary
 from agentwatch.errors import EmbeddedRedisError
 
-from conftest import free_port
-
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
@@ -34,6 +34,25 @@ def _answers(port: int, ready: bool = False) -> bool:
         client.close()
 
 
+def node_port(taken: list[int]) -> int:
+    """A free port whose cluster-bus port (port + 10000) is free too, and below 65536.
+
+    conftest's free_port() hands out ephemeral ports up to ~61000, whose bus port would not
+    exist: the node then refuses to start.
+    """
+    while True:
+        port = random.randrange(20_000, 45_000)
+        if port in taken:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+
+
 @pytest.fixture(scope="module")
 def cluster_ports() -> Iterator[list[int]]:
     try:
@@ -44,7 +63,9 @@ def cluster_ports() -> Iterator[list[int]]:
     if cli is None:
         pytest.skip("no redis-cli to create a cluster with")
     root = Path(tempfile.mkdtemp(prefix="aw-pc-"))
-    ports = [free_port() for _ in range(3)]
+    ports: list[int] = []
+    for _ in range(3):
+        ports.append(node_port(ports))
     nodes = []
     try:
         for port in ports:
