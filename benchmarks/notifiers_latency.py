@@ -1,8 +1,9 @@
 """Alert on the stream -> webhook receiver has it: p50/p99 over N alerts, notifier worker vs a raw loop.
 
 Alerts are published exactly as detectors publish them (``Incidents.fire``: Lua + XADD) at a
-steady rate; the clock starts just before the publish call and stops when the receiver (a
-threaded ``http.server`` on 127.0.0.1, in this process) has read the request. The notifier
+steady rate, after 20 unmeasured warm-up alerts; the clock starts just before the publish call
+and stops when the receiver (a threaded ``http.server`` on 127.0.0.1, in this process) has read
+the request. The notifier
 worker runs as its own process (``agentwatch worker notifiers``), with default settings except
 the notifier URLs. Scenarios:
 
@@ -40,6 +41,8 @@ from _common import percentile, report
 from agentwatch.alerts import Incidents, decode_alert
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.keys import Keys
+
+WARM_UP = 20
 
 
 class Receiver:
@@ -83,7 +86,7 @@ class Receiver:
         self.server.server_close()
 
 
-def publish(client: redis.Redis, keys: Keys, count: int, rate: float) -> dict[str, float]:
+def publish(client: redis.Redis, keys: Keys, count: int, rate: float, tag: str = "bench") -> dict[str, float]:
     """Fire ``count`` alerts at ``rate`` per second; alert id -> monotonic time before publishing."""
     incidents = Incidents(client, keys)
     sent: dict[str, float] = {}
@@ -94,7 +97,7 @@ def publish(client: redis.Redis, keys: Keys, count: int, rate: float) -> dict[st
             time.sleep(pause)
         seconds, micros = client.time()
         before = time.monotonic()
-        alert = incidents.fire(f"bench-{i}", "silence", severity="critical", summary=f"bench-{i} silent",
+        alert = incidents.fire(f"{tag}-{i}", "silence", severity="critical", summary=f"bench-{i} silent",
                                at_ms=int(seconds) * 1000 + int(micros) // 1000)  # fmt: skip
         assert alert is not None
         sent[alert.id] = before
@@ -111,10 +114,9 @@ def latencies_ms(sent: dict[str, float], arrived: dict[str, float], timeout_s: f
     return [(arrived[k] - sent[k]) * 1000 for k in sent]
 
 
-def raw_loop(url: str, keys: Keys, hook: str, stop: threading.Event) -> None:
+def raw_loop(url: str, keys: Keys, hook: str, stop: threading.Event, last: bytes) -> None:
     """The floor: XREAD BLOCK + one POST per alert, nothing else."""
     client = redis.Redis.from_url(url)
-    last = "$"
     with httpx.Client() as http:
         while not stop.is_set():
             reply = client.xread({keys.alerts: last}, block=200, count=100)
@@ -150,13 +152,18 @@ def worker_process(
 
 
 def wait_ready(client: redis.Redis, keys: Keys, timeout_s: float = 20.0) -> None:
-    """The worker is up once its consumer group exists on the alerts stream."""
+    """The worker is up once it published its first health record (after its notifiers started)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if client.exists(keys.alerts) and client.xinfo_groups(keys.alerts):
+        if client.zcard(keys.workers):
             return
         time.sleep(0.05)
     raise SystemExit("the notifier worker did not start")
+
+
+def warm_up(client: redis.Redis, keys: Keys, hook: Receiver) -> None:
+    """A few alerts first, not measured: connections, script loads, lazy imports in the worker."""
+    latencies_ms(publish(client, keys, WARM_UP, 50.0, tag="warm"), hook.arrived)
 
 
 def scenario(
@@ -170,10 +177,11 @@ def scenario(
     worker = worker_process(url, prefix, hooks, workdir)
     try:
         wait_ready(client, keys)
+        warm_up(client, keys, healthy)
         sent = publish(client, keys, args.alerts, args.rate)
         values = latencies_ms(sent, healthy.arrived)
         if stuck is not None:
-            print(f"  (hung receiver got {len(stuck.arrived)} requests and answered none)")
+            print(f"  (the hung receiver got {len(stuck.arrived)} requests and answered none)")
         return values
     finally:
         worker.terminate()
@@ -189,11 +197,11 @@ def baseline(url: str, client: redis.Redis, args: argparse.Namespace) -> list[fl
     keys = Keys(f"benchr{uuid.uuid4().hex[:6]}")
     hook = Receiver()
     stop = threading.Event()
-    thread = threading.Thread(target=raw_loop, args=(url, keys, hook.url, stop), daemon=True)
-    client.xadd(keys.alerts, {"d": b"{}"})  # so XREAD $ has a stream to wait on
+    seed = client.xadd(keys.alerts, {"d": b"{}"})  # the loop reads what comes after this entry
+    thread = threading.Thread(target=raw_loop, args=(url, keys, hook.url, stop, seed), daemon=True)
     thread.start()
-    time.sleep(0.3)  # let the loop block on XREAD before the first alert
     try:
+        warm_up(client, keys, hook)
         return latencies_ms(publish(client, keys, args.alerts, args.rate), hook.arrived)
     finally:
         stop.set()

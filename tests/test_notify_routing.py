@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from agentwatch import plugins
+from agentwatch import config, plugins
 from agentwatch.alerts import decode_alert
 from agentwatch.keys import Keys
 from notifiers.routing import parse_rate
@@ -127,3 +128,23 @@ def test_rates_are_counts_over_a_period() -> None:
     for bad in ("120", "fast", "0/s", 120):
         with pytest.raises(ValueError):
             parse_rate(bad)
+
+
+def test_the_commented_examples_in_pipeline_toml_are_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (Path(__file__).resolve().parents[1] / "pipeline.toml").read_text()
+    block = text[text.index("# -- notifiers") :]
+    block = block[block.index("# [[notifiers]]") :]
+    examples = "\n".join(line.removeprefix("#").removeprefix(" ") for line in block.splitlines())
+    if importlib.util.find_spec("apprise") is None:
+        examples = examples[: examples.index('type = "apprise"')].rsplit("[[notifiers]]", 1)[0]
+    for name in ("AGENTWATCH_WEBHOOK_SECRET", "HOOK_TOKEN", "SLACK_WEBHOOK_URL"):
+        monkeypatch.setenv(name, "https://hooks.example.com/x" if name == "SLACK_WEBHOOK_URL" else "s3cret")
+    monkeypatch.setenv("PD_ROUTING_KEY", "R0123456789abcdef0123456789abcde")
+    path = tmp_path / "pipeline.toml"
+    path.write_text(examples)
+    pipeline = config.load(path)
+    types = [plugin.config.type for plugin in pipeline.notifiers]
+    assert types[:4] == ["webhook", "webhook", "pagerduty", "restart"]
+    assert [plugin.name for plugin in pipeline.notifiers][:2] == ["webhook", "slack"]
