@@ -118,6 +118,11 @@ class Engine:
             self.renderers[name] = detector
         self._ready = False
 
+    def blind_ms(self) -> int:
+        """``[detectors.lag] blind_after`` in ms (its default when the lag detector is off)."""
+        lag = self.get("Lag")
+        return int(lag.config.blind_after_s * 1000) if lag is not None else BLIND_AFTER_MS
+
     def get(self, kind: str) -> BuiltinDetector[Any] | None:
         """The registered built-in of class name ``kind`` (e.g. "Silence"), if enabled."""
         return self.detectors.get(kind)
@@ -184,8 +189,9 @@ class Engine:
                 keys=[
                     self.keys.states(shard), self.keys.timers(shard), self.keys.agents(shard),
                     self.keys.stacks(shard), self.keys.rss(shard), self.keys.intents(shard),
+                    self.keys.clock(shard),
                 ],
-                args=[self.owner, intents.LEASE_MS, self._packed_profiles, state.pack(segs)],
+                args=[self.owner, intents.LEASE_MS, self._packed_profiles, state.pack(segs), self.blind_ms()],
             )  # fmt: skip
             owned, windows = msgpack.unpackb(reply, raw=False)
             if owned:

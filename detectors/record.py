@@ -34,6 +34,7 @@ FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
     ("seen", "d", "last event of any kind, any run"),
     ("beat", "d", "last beat"),
     ("pulse", "d", "last pulse"),
+    ("pg", "f", "time between the last two pulses, ms: how fresh a pulse must be to prove life"),
     ("xu", "d", "an extend() holds alerts off until this time"),
     ("iv", "f", "declared interval, seconds (0: none)"),
     ("sa", "d", "silence allowance, ms: max(after, 3 x interval)"),

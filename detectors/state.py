@@ -48,7 +48,10 @@ PROFILE: Final = (
 # Segment layout, shared with the Lua below (Lua indexes are these + 1).
 (S_AGENT, S_PROFILE, S_RUN, S_LO, S_HI, S_FIRST, S_LAST, S_START, S_IV, S_CHILD, S_BEAT,
  S_NBEAT, S_PULSE, S_XU, S_XBEAT, S_EXIT, S_TOK, S_COST, S_FPS, S_RSS, S_STACK, S_STACKMS,
- S_WIN, S_INDEX) = range(24)  # fmt: skip
+ S_WIN, S_PGAP, S_GA, S_GB, S_FBEAT, S_PBF, S_PSB, S_BA, S_BB, S_INDEX) = range(32)  # fmt: skip
+# S_GA..S_GB: the longest gap between two events of the segment; S_BA..S_BB: the longest gap
+# between two beats with a pulse in between; S_FBEAT: the first beat; S_PBF: a pulse came before
+# it; S_PSB: a pulse came since the last beat (bookkeeping for S_BA..S_BB).
 FP_TEXT_CHARS: Final = 80
 """How much of a looping fingerprint the loop alert quotes."""
 
@@ -98,7 +101,8 @@ def build_segments(
         seq = ev["seq"]
         if seg is None:
             seg = [agent, profile_of(agent), run_hash(run), seq, seq, ms, ms, 0, -1, 0, 0, 0,
-                   0, 0, 0, False, False, False, False, False, False, 0, False, len(order)]  # fmt: skip
+                   0, 0, 0, False, False, False, False, False, False, 0, False, 0, 0, 0, 0, 0, 0, 0, 0,
+                   len(order)]  # fmt: skip
             segs[key] = seg
             order.append(seg)
         else:
@@ -106,10 +110,19 @@ def build_segments(
                 seg[S_HI] = seq
             elif seq < seg[S_LO]:
                 seg[S_LO] = seq
+            if ms - seg[S_LAST] > seg[S_GB] - seg[S_GA]:
+                seg[S_GA] = seg[S_LAST]
+                seg[S_GB] = ms
             seg[S_LAST] = ms
         kind = ev["kind"]
         extend = ev.get("extend")
         if kind == "beat":
+            if not seg[S_BEAT]:
+                seg[S_FBEAT] = ms
+            elif seg[S_PSB] and ms - seg[S_BEAT] > seg[S_BB] - seg[S_BA]:
+                seg[S_BA] = seg[S_BEAT]
+                seg[S_BB] = ms
+            seg[S_PSB] = 0
             seg[S_BEAT] = ms
             seg[S_NBEAT] += 1
             # A beat ends any extension announced before it (PROTOCOL.md: extend).
@@ -133,7 +146,13 @@ def build_segments(
         if extend:
             seg[S_XU] = max(seg[S_XU], ms + int(extend * 1000))
         if kind == "pulse":
+            if seg[S_PULSE]:
+                seg[S_PGAP] = ms - seg[S_PULSE]
             seg[S_PULSE] = ms
+            if seg[S_BEAT]:
+                seg[S_PSB] = 1
+            else:
+                seg[S_PBF] = 1
             rss = ev.get("rss")
             if rss is not None:
                 if seg[S_RSS] is False:
@@ -240,6 +259,7 @@ def segment_lua() -> str:
     names = [
         "AGENT", "PROFILE", "RUN", "LO", "HI", "FIRST", "LAST", "START", "IV", "CHILD", "BEAT",
         "NBEAT", "PULSE", "XU", "XBEAT", "EXIT", "TOK", "COST", "FPS", "RSS", "STACK", "STACKMS", "WIN",
+        "PGAP", "GA", "GB", "FBEAT", "PBF", "PSB", "BA", "BB",
     ]  # fmt: skip
     return "\n".join(f"local S_{name} = {i + 1}" for i, name in enumerate(names))
 
@@ -305,8 +325,8 @@ local function next_due(r, p)
 end
 """
 
-# The batch update. KEYS: states, timers, agents, stacks, rss, intents.
-# ARGV: owner, lease ms, profiles (msgpack), segments (msgpack).
+# The batch update. KEYS: states, timers, agents, stacks, rss, intents, clock.
+# ARGV: owner, lease ms, profiles (msgpack), segments (msgpack), blind_after ms.
 # Returns msgpack [owned intents keys, memory windows to evaluate].
 LUA_MAIN: Final = """
 local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
@@ -314,6 +334,11 @@ local P = cmsgpack.unpack(ARGV[3])
 local S = cmsgpack.unpack(ARGV[4])
 local CUR, NEW, PREV, FOREIGN = 1, 2, 3, 4
 local ADOPT = F_RETIRED + F_EXITED + F_SILENCE
+-- The shard's watch clock (timers.py): while nobody checks (STALE), or for time before the
+-- last gap ended (SIGHT), a gap in an agent's events proves nothing.
+local CLOCK = redis.call('HMGET', KEYS[7], 'tick', 'sight')
+local SIGHT = tonumber(CLOCK[2]) or 0
+local STALE = not CLOCK[1] or now_ms() - tonumber(CLOCK[1]) > tonumber(ARGV[5])
 
 local names, known = {}, {}
 for i = 1, #S do
@@ -378,6 +403,40 @@ end
 
 local ZADD, ZREM, ZIDX = {}, {}, {}
 
+local function retro(a, det, fire_at, back, facts)
+  -- A gap longer than the allowance, found in the events themselves (a batch processed late:
+  -- a worker died, or the checks waited for the horizon). One worker watching in real time
+  -- would have fired and resolved: so do exactly that, with those times.
+  emit(a, det, 'f', fire_at, facts)
+  emit(a, det, 'r', back, {back = back, since = facts.since, late = 1})
+end
+
+local function retro_gaps(a, r, p, s, cls)
+  if STALE or has(r, F_RETIRED + F_EXITED) or r.seen == 0 then return end
+  if p[P_SIL_ON] == 1 and not has(r, F_SILENCE) then
+    local from, till = math.max(r.seen, r.xu, SIGHT), s[S_FIRST]
+    if s[S_GB] - math.max(s[S_GA], SIGHT) > till - from then
+      from, till = math.max(s[S_GA], SIGHT), s[S_GB]
+    end
+    if till - from > r.sa then
+      retro(a, 'silence', from + r.sa, till, {seen = from, since = from, allowance = r.sa, iv = r.iv,
+        r0 = r.r0 * 1024, rl = r.rl * 1024, rpk = r.rpk * 1024, t0 = r.t0})
+    end
+  end
+  if cls == CUR and p[P_STALL_ON] == 1 and not has(r, F_STALL) and s[S_FBEAT] > 0 then
+    local from, till = math.max(r.beat, r.start, r.xu, SIGHT), s[S_FBEAT]
+    local alive = r.pulse > r.beat or s[S_PBF] == 1
+    if s[S_BB] - math.max(s[S_BA], SIGHT) > till - from then
+      from, till, alive = math.max(s[S_BA], SIGHT), s[S_BB], true
+    end
+    if alive and till - from > r.ta then
+      local stack = has(r, F_HAS_STACK) and redis.call('HGET', KEYS[4], a) or ''
+      retro(a, 'stall', from + r.ta, till, {beat = from, start = r.start, since = from, allowance = r.ta,
+        iv = r.iv, stack = stack})
+    end
+  end
+end
+
 local function apply(s)
   local a = s[S_AGENT]
   local r = R[a]
@@ -391,6 +450,7 @@ local function apply(s)
   else cls = FOREIGN end
 
   local late = false
+  if (cls == CUR and s[S_LO] > r.hw) or cls == NEW then retro_gaps(a, r, p, s, cls) end
   if cls == NEW then new_run(a, r, s) end
   if cls == CUR or cls == NEW then
     if s[S_LO] > r.hw then
@@ -412,7 +472,10 @@ local function apply(s)
   if fresh then r.seen = s[S_LAST] end
   if cls ~= PREV then
     if s[S_BEAT] > r.beat then r.beat = s[S_BEAT] end
-    if s[S_PULSE] > r.pulse then r.pulse = s[S_PULSE] end
+    if s[S_PULSE] > r.pulse then
+      if s[S_PGAP] > 0 then r.pg = s[S_PGAP] elseif r.pulse > 0 then r.pg = s[S_PULSE] - r.pulse end
+      r.pulse = s[S_PULSE]
+    end
     if s[S_XBEAT] == 1 then
       if s[S_BEAT] >= beat0 then r.xu = s[S_XU] end
     elseif s[S_XU] > r.xu then r.xu = s[S_XU] end

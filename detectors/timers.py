@@ -65,13 +65,20 @@ for _, a in ipairs(due) do
       open(a, r, F_SILENCE, 'silence', now, {seen = r.seen, allowance = r.sa, iv = r.iv,
         r0 = r.r0 * 1024, rl = r.rl * 1024, rpk = r.rpk * 1024, t0 = r.t0})
     else
-      if stall_on and not has(r, F_STALL) and r.pulse > r.beat and td <= limit then
+      -- "Pulses keep coming": the newest must be fresh (2.5 pulse periods), or the process may
+      -- just have died after its last beat; silence decides that, or the next pulse brings this
+      -- agent back here (the batch update re-arms it).
+      local fresh = r.pg > 0 and 2.5 * r.pg or r.sa / 2
+      local alive = now - r.pulse <= fresh
+      if stall_on and not has(r, F_STALL) and r.pulse > r.beat and td <= limit and alive then
         local stack = has(r, F_HAS_STACK) and redis.call('HGET', KEYS[3], a) or ''
         open(a, r, F_STALL, 'stall', now, {beat = r.beat, start = r.start, pulse = r.pulse,
           allowance = r.ta, iv = r.iv, stack = stack})
       end
       if sil_on and not has(r, F_SILENCE) then nxt = sd end
-      if stall_on and not has(r, F_STALL) and r.pulse > r.beat and (nxt == 0 or td < nxt) then nxt = td end
+      if stall_on and not has(r, F_STALL) and r.pulse > r.beat and alive and (nxt == 0 or td < nxt) then
+        nxt = td
+      end
     end
   end
   if nxt > 0 then zadd[#zadd + 1] = nxt; zadd[#zadd + 1] = a else zrem[#zrem + 1] = a end
@@ -121,9 +128,8 @@ class Timers:
         self._forget = client.register_script(prelude + _FORGET)
 
     def _settings(self) -> tuple[bool, bool, int]:
-        silence, stall, lag = (self.engine.get(k) for k in ("Silence", "Stall", "Lag"))
-        blind = int(lag.config.blind_after_s * 1000) if lag is not None else 5000
-        return silence is not None, stall is not None, blind
+        silence, stall = (self.engine.get(k) for k in ("Silence", "Stall"))
+        return silence is not None, stall is not None, self.engine.blind_ms()
 
     def check(self, shard: int, now_ms: int, limit_ms: int) -> int:
         """Claim and decide every agent due by ``limit_ms``; the gap (ms) found, or 0."""
