@@ -24,6 +24,7 @@ from agents_detect.kit import alerts, fired, pipeline_for, resolved, transitions
 
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
+
 from helpers import running, wait_for
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,11 @@ class Agents:
         )  # fmt: skip
         environ.update({key: str(value) for key, value in env.items()})
         proc = subprocess.Popen(
-            [sys.executable, str(AGENT), mode], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, str(AGENT), mode],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.procs.append(proc)
         return proc
@@ -75,7 +80,9 @@ def statuses(r: redis.Redis, keys: Keys, agent: str) -> list[tuple[str, str]]:
     return [(detector, status) for name, detector, status in transitions(r, keys) if name == agent]
 
 
-def test_killed_after_a_memory_climb(redis_url: str, prefix: str, r: redis.Redis, keys: Keys, agents: Agents) -> None:
+def test_killed_after_a_memory_climb(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys, agents: Agents
+) -> None:
     with running(worker_for(pipeline_for(prefix, redis_url, **FAST), redis_url)):
         proc = agents.start("leaky", "leak", AW_LEAK_MB=25, AW_LEAK_TO_MB=350)
         assert proc.wait(timeout=30) == -9  # it SIGKILLed itself, as the OOM killer would
@@ -95,11 +102,12 @@ def test_hung_on_a_socket_that_never_answers(
     redis_url: str, prefix: str, r: redis.Redis, keys: Keys, agents: Agents
 ) -> None:
     with hung_server() as server, running(worker_for(pipeline_for(prefix, redis_url, **FAST), redis_url)):
-        agents.start("hangs", "hang", AW_HANG_URL=f"http://127.0.0.1:{server.port}/v1/data", AW_HANG_TIMEOUT=4)
+        url = f"http://127.0.0.1:{server.port}/v1/data"
+        agents.start("hangs", "hang", AW_HANG_URL=url, AW_HANG_TIMEOUT=4)
         stall = wait_for(lambda: fired(r, keys, "stall", "hangs"), timeout=15, what="stall")[0]
         assert stall.summary.startswith("hangs: process alive, work loop stuck for ")
         assert "; blocked in agent.py:" in stall.summary and " fetch_from_api -> socket.py " in stall.summary
-        assert 'in fetch_from_api\n' in stall.details["stack"]
+        assert "in fetch_from_api\n" in stall.details["stack"]
         wait_for(lambda: resolved(r, keys, "stall", "hangs"), timeout=10, what="stall resolved")
     assert statuses(r, keys, "hangs") == [("stall", "firing"), ("stall", "resolved")]
 
@@ -114,13 +122,16 @@ def test_a_token_loop_x200(redis_url: str, prefix: str, r: redis.Redis, keys: Ke
         ("loop", "firing"), ("loop", "resolved"), ("tokens", "firing"), ("tokens", "resolved"),
     ]  # fmt: skip
     loop, tokens = fired(r, keys, "loop")[0], fired(r, keys, "tokens")[0]
-    assert re.fullmatch(r"looper: work loop: the same work item \(fp 'ticket-4711'\) \d+ beats in a row", loop.summary)
+    pattern = r"looper: work loop: the same work item \(fp 'ticket-4711'\) \d+ beats in a row"
+    assert re.fullmatch(pattern, loop.summary)
     assert 20 <= loop.details["count"] <= 200
     assert tokens.summary.startswith("looper: token use ") and "in one beat" in tokens.summary
     assert "shut down" not in resolved(r, keys, "tokens")[0].summary  # calm beats resolved it
 
 
-def test_an_uncaught_exception(redis_url: str, prefix: str, r: redis.Redis, keys: Keys, agents: Agents) -> None:
+def test_an_uncaught_exception(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys, agents: Agents
+) -> None:
     with running(worker_for(pipeline_for(prefix, redis_url, **FAST), redis_url)):
         assert agents.start("crashy", "crash").wait(timeout=20) == 1
         exit_alert = wait_for(lambda: fired(r, keys, "exit", "crashy"), timeout=5, what="exit alert")[0]

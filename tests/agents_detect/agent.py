@@ -17,6 +17,7 @@ shutdown  producers.shutdown() and return
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -66,10 +67,8 @@ def main(mode: str) -> None:
         time.sleep(3 * PULSE)  # let a pulse carry the final RSS
         os.kill(os.getpid(), signal.SIGKILL)
     elif mode == "hang":
-        try:
+        with contextlib.suppress(OSError):  # timed out at last: back to work
             fetch_from_api(os.environ["AW_HANG_URL"])
-        except OSError:
-            pass  # timed out at last: back to work
         while True:
             work()
     elif mode == "loop":
