@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Literal, TypeVar
 
 from pydantic import Field
@@ -82,6 +82,9 @@ class NotifierContext:
     stats: Stats
     incidents: Incidents | None = None
     poll_s: float = 1.0
+    stop_by: list[float] = field(default_factory=list)
+    """Set by the first notifier to stop: one deadline for all, so a worker with several hung
+    notifiers still exits within the runtime's ~2 s, not 1.5 s per notifier."""
 
 
 Verdict = Literal["send", "muted", "stale"]
@@ -150,9 +153,11 @@ class Notifier(Handler[Alert], Generic[C]):
         self.deliverer.start()
 
     def on_stop(self) -> None:
+        if not self.ctx.stop_by:
+            self.ctx.stop_by.append(time.monotonic() + _STOP_WAIT_S)
         try:
             if self.deliverer is not None:
-                self.deliverer.stop(_STOP_WAIT_S)
+                self.deliverer.stop(max(0.0, self.ctx.stop_by[0] - time.monotonic()))
         finally:
             self.close()
 

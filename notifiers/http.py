@@ -40,9 +40,9 @@ def check_url(value: str) -> str:
     except (httpx.InvalidURL, TypeError) as exc:
         raise ValueError(f"not a URL: {exc}") from None
     if url.scheme not in ("http", "https"):
-        raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
+        raise ValueError("URL must start with http:// or https://")
     if not url.host:
-        raise ValueError(f"URL has no host (got {value!r})")
+        raise ValueError("URL has no host")
     return value
 
 

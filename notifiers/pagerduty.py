@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agentwatch.alerts import Alert
 from notifiers.delivery import Delivery, Failed, Outcome
@@ -25,19 +26,27 @@ from notifiers.http import HttpConfig, HttpNotifier
 from notifiers.routing import PerSecond
 
 DEFAULT_URL = "https://events.pagerduty.com/v2/enqueue"
+_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")
 DEDUP_MAX = 255
 SUMMARY_MAX = 1024
 
 
 class PagerDutyConfig(HttpConfig):
     url: str = DEFAULT_URL
-    routing_key: str = Field(
-        pattern=r"^[A-Za-z0-9]{32}$",
-        description="the 32-character integration key of an Events API v2 integration",
-    )
+    routing_key: str = Field(description="the 32-character integration key of an Events API v2 integration")
     rate_limit: PerSecond | None = Field(2.0, description="PagerDuty allows ~120 events/min per key")
     client: str = Field("agentwatch", description="shown in PagerDuty as the sender")
     client_url: str | None = Field(None, description="a link shown with each incident")
+
+    @field_validator("routing_key")
+    @classmethod
+    def _routing_key(cls, value: str) -> str:
+        if not _ROUTING_KEY.fullmatch(value):
+            raise ValueError(
+                f"must be the 32-character integration key of an Events API v2 integration "
+                f"(letters and digits; got {len(value)} characters)"
+            )
+        return value
 
 
 def dedup_key(key: str) -> str:

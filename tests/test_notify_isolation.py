@@ -15,7 +15,7 @@ import redis
 from agentwatch.keys import Keys
 
 from helpers import wait_for
-from notify_kit import FAST_DELIVERY, Reply, fire, notifier_running, pipeline_with, receiver, stream
+from notify_kit import FAST_DELIVERY, Reply, fire, notifier_running, now_ms, pipeline_with, receiver, stream
 
 
 def test_a_receiver_that_hangs_forever_does_not_delay_the_other_notifier(
@@ -103,3 +103,26 @@ def test_a_worker_stopping_gracefully_hands_its_hung_delivery_over_at_once(
             _, second = hook.wait_requests(2, timeout=10)
             wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
     assert second.at - stopped_at < 3.0
+
+
+def test_a_worker_with_several_hung_notifiers_still_stops_within_two_seconds(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as one, receiver() as two:
+        one.default = two.default = Reply(hang=True)
+        entries = [
+            {"type": "webhook", "name": name, "url": hook.url, **FAST_DELIVERY, "timeout": "20s"}
+            for name, hook in (("one", one), ("two", two))
+        ]
+        with notifier_running(pipeline_with(prefix, redis_url, entries), redis_url) as worker:
+            alert = fire(r, keys)
+            one.wait_requests(1)
+            two.wait_requests(1)
+            stopping = time.monotonic()
+            worker.stop()
+        stopped = time.monotonic() - stopping
+    assert stopped < 2.5, f"took {stopped:.2f}s to stop"
+    # Both hung deliveries were handed back for the next worker, not left leased for 25 s.
+    for name in ("one", "two"):
+        assert r.hget(keys.notifier_leases(name), alert.id) is None
+        assert r.zscore(keys.notifier_queue(name), alert.id) <= now_ms(r)  # due again at once
