@@ -40,7 +40,7 @@ def test_a_receiver_that_hangs_forever_does_not_delay_the_other_notifier(
     latencies = sorted(q.at - sent[q.headers["webhook-id"]] for q in healthy.requests)
     print(f"\nhealthy notifier latency with the other hung: p50 {latencies[10] * 1000:.1f} ms, "
           f"max {latencies[-1] * 1000:.1f} ms; stuck receiver held {stuck_calls} request(s)")  # fmt: skip
-    assert latencies[-1] < 1.0
+    assert latencies[-1] < 1.5  # well inside the stuck receiver's 3 s read timeout
 
 
 def worker_config(path: Path, redis_url: str, prefix: str, hook_url: str, timeout: str) -> Path:
@@ -82,7 +82,7 @@ def test_a_notifier_worker_sigkilled_mid_delivery_leaves_the_alert_to_another(
             wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
     assert second.headers["webhook-id"] == first.headers["webhook-id"] == alert.id
     # Taken over once the victim's lease ran out: 1 s timeout + 1 s margin, from its claim.
-    assert second.at - first.at >= 1.5 and second.at - killed_at < 4.0
+    assert second.at - first.at >= 1.5 and second.at - killed_at < 5.0
     (record,) = stream(r, keys.notify_log)
     assert record["outcome"] == "delivered"
 

@@ -110,7 +110,7 @@ def test_429_with_retry_after_is_honoured(r: redis.Redis, keys: Keys, prefix: st
             wait_for(lambda: len(stream(r, keys.notify_log)) == 2, what="both delivered")
     assert pd.errors == []
     assert all(request.at - first.at >= 1.0 for request in later), [q.at - first.at for q in later]
-    assert later[0].at - first.at < 2.5  # and no longer than Retry-After plus a poll
+    assert later[0].at - first.at < 3.0  # and not much longer than Retry-After
 
 
 def test_500_three_times_then_202_is_delivered_exactly_once(
@@ -163,7 +163,7 @@ def test_rate_limit_spreads_a_burst_over_time(
             requests = pd.wait_requests(8)
     # 2 at once from the burst, then one per 100 ms: the last no sooner than 0.6 s after the first
     assert requests[-1].at - requests[0].at >= 0.55
-    assert requests[1].at - requests[0].at < 0.1
+    assert requests[1].at - requests[0].at < 0.3  # the burst: no wait for a token
 
 
 def test_long_keys_and_summaries_are_cut_to_pagerduty_limits() -> None:
