@@ -303,9 +303,18 @@ def describe_error(err: Mapping[str, Any], env: Mapping[str, str], prefix: tuple
         if model is not None:
             return unknown_key(where, str(loc[-1]), valid_keys(model)) + origin
     value = err.get("input")
-    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    hidden = isinstance(value, dict | list) or is_secret(str(loc[-1]) if loc else "")
+    shown = "" if hidden else f" (got {value!r})"
     message = str(err["msg"]).removeprefix("Value error, ")
     return f"{where}: {message}{shown}{origin}"
+
+
+_SECRET_WORDS: Final = ("secret", "key", "token", "password", "auth", "headers")
+
+
+def is_secret(key: str) -> bool:
+    """Keys whose values must never be printed (routing_key, secret, headers, ...)."""
+    return any(word in key.lower() for word in _SECRET_WORDS)
 
 
 def unknown_key(where: str, key: str, choices: list[str]) -> str:

@@ -43,15 +43,23 @@ class Supervisor:
     up and exits 1 rather than burn CPU, like systemd's StartLimitBurst.
     """
 
-    def __init__(self, children: list[Child], *, burst: int = 5, window_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        children: list[Child],
+        *,
+        burst: int = 5,
+        window_s: float = 60.0,
+        stopping: threading.Event | None = None,
+    ) -> None:
         self.children = children
         self.burst = burst
         self.window_s = window_s
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
 
     def start(self) -> None:
         for child in self.children:
-            self._spawn(child)
+            if not self.stopping.is_set():
+                self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
         child.process = subprocess.Popen(

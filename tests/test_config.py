@@ -260,3 +260,24 @@ def test_check_config_defaults_to_pipeline_toml_in_the_working_directory(
     result = runner.invoke(app, ["check-config"])
     assert result.exit_code == 2
     assert "[redis] shards: Input should be greater than or equal to 1" in result.output
+
+
+def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[notifiers]]\ntype = "webhook"\nurl = "https://user:pw123@hooks.example.com/x"\n'
+        'secret = "s3cr3t"\nheaders = { Authorization = "Bearer tok3n" }\n',
+    )
+    result = runner.invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "webhook    type=webhook url=https://***@hooks.example.com/x headers=*** secret=***" in result.output
+    )
+    for secret in ("pw123", "s3cr3t", "tok3n"):
+        assert secret not in result.output
+
+
+def test_a_bad_secret_value_is_not_echoed_in_the_error(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nsecret = 12345678\n')
+    assert len(found) == 1 and found[0].startswith("[[notifiers]] #1 secret:")
+    assert "12345678" not in found[0]

@@ -9,11 +9,9 @@ import typer
 
 from agentwatch.cli import app
 from agentwatch.cli.common import load_pipeline
-from agentwatch.config import Pipeline, format_duration
+from agentwatch.config import Pipeline, format_duration, is_secret
 from agentwatch.plugins import DetectorConfig, PluginConfig
 from agentwatch.redisconn import describe
-
-_SECRET_HINTS = ("secret", "key", "token", "password")
 
 
 @app.command("check-config")
@@ -51,22 +49,22 @@ def summary(pipeline: Pipeline) -> str:
             f"  {plugin.name:<10} {_settings(config, skip={'enabled', 'class', 'agents'})}{overrides}"
         )
     lines.append("notifiers" + ("" if pipeline.notifiers else "  none (alerts stay on the alerts stream)"))
-    for plugin in pipeline.notifiers:
-        lines.append(f"  {plugin.name:<10} {_settings(plugin.config, skip={'name'})}")
+    for plugin in pipeline.notifiers:  # notifiers have many keys: show only what the file sets
+        lines.append(f"  {plugin.name:<10} {_settings(plugin.config, skip={'name'}, only_set=True)}")
     return "\n".join(lines)
 
 
-def _settings(config: PluginConfig, skip: set[str]) -> str:
+def _settings(config: PluginConfig, skip: set[str], *, only_set: bool = False) -> str:
     parts = []
     for name, info in type(config).model_fields.items():
         key = info.alias or name
-        if key in skip:
+        if key in skip or (only_set and name not in config.model_fields_set and key != "type"):
             continue
         value: Any = getattr(config, name)
-        if key.endswith(("_s", "after", "every")) and isinstance(value, float):
-            value = format_duration(value)
-        elif isinstance(value, str) and any(hint in key for hint in _SECRET_HINTS) and value:
+        if is_secret(key) and value:
             value = "***"
+        elif isinstance(value, str) and "://" in value:
+            value = describe(value)
         elif name.endswith("_s") and isinstance(value, float):
             value = format_duration(value)
         parts.append(f"{key}={value}")

@@ -6,6 +6,7 @@ import enum
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,6 +62,16 @@ def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
     setup_logging(log_level)
     pipeline = load_pipeline(config)
     settings = pipeline.settings
+    # Signals first: a Ctrl-C that arrives while the server or workers start must still stop
+    # everything cleanly, not raise KeyboardInterrupt half way.
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: stopping workers", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     embedded: EmbeddedRedis | None = None
     url = settings.redis.url
     if url is None and answers(DEFAULT_REDIS_URL):
@@ -79,14 +90,7 @@ def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
             worker_child("notifiers", i, url, config_arg, log_level) for i in range(settings.worker.notifiers)
         ]
     _print_banner(pipeline, url, embedded)
-    supervisor = Supervisor(children)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s: stopping workers", signal.Signals(signum).name)
-        supervisor.stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    supervisor = Supervisor(children, stopping=stopping)
     code = 1
     try:
         supervisor.start()
