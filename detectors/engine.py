@@ -141,7 +141,7 @@ class Engine:
             [],
         )
         self._add_profile(self._profile_for(None))
-        self._update = self.client.register_script(_compose_update())
+        self._update = register(self.client, _compose_update())
         self.timers = timers.Timers(self)
         self._ready = True
 
@@ -266,6 +266,11 @@ def _compose_update() -> str:
     from detectors import exit, memory, tokens  # noqa: PLC0415 - they import this module
 
     return "\n".join([lua_prelude(), exit.LUA, memory.LUA, tokens.LUA, state.LUA_MAIN])
+
+
+def register(client: Any, *parts: str) -> Any:
+    """Register a deciding script made of ``parts`` (record fields compiled to indexes)."""
+    return client.register_script(record.compile("\n".join(parts)))
 
 
 def lua_prelude() -> str:

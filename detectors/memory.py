@@ -26,7 +26,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer
 from agentwatch.config import Seconds, format_duration
 from detectors import intents
 from detectors.base import DetectorConfig
-from detectors.engine import BuiltinDetector, lua_prelude
+from detectors.engine import BuiltinDetector, lua_prelude, register
 
 Severity = Literal["info", "warning", "error", "critical"]
 
@@ -88,11 +88,11 @@ class MemoryConfig(DetectorConfig):
 LUA: Final = """
 local MEM_CLOSED, MEM_ORDER, MEM_K = {}, {}, {}
 local function memory_track(a, r, p, s, late)
-  local rs = s[S_RSS]
-  if not rs or late then return end
-  local bucket = p[P_BUCKET]
-  for i = 1, #rs, 2 do
-    local ms, kb = rs[i], rs[i + 1]
+  if s[S_RMS] == 0 or late then return end
+  local bucket, extra = p[P_BUCKET], s[S_RSSX]
+  for i = -1, extra and #extra or 0, 2 do
+    local ms, kb
+    if i < 0 then ms, kb = s[S_RMS], s[S_RKB] else ms, kb = extra[i], extra[i + 1] end
     if r.r0 == 0 then r.r0 = kb; r.t0 = ms end
     r.rl = kb
     if kb > r.rpk then r.rpk = kb end
@@ -128,7 +128,7 @@ local function memory_flush(key, R)
     for _, pt in ipairs(MEM_CLOSED[a]) do pts[#pts + 1] = pt end
     while #pts > MEM_K[a] do table.remove(pts, 1) end
     local buf = {}
-    for i, pt in ipairs(pts) do buf[i] = struct.pack('<dI4', pt[1], clamp(pt[2], 4294967295)) end
+    for i, pt in ipairs(pts) do buf[i] = struct.pack('<dI4', pt[1], math.floor(pt[2])) end
     redis.call('HSET', key, a, table.concat(buf))
     set(r, F_HAS_RSS)
     out[#out + 1] = {a, r.run, pts, r.r0, r.t0, r.rl}
@@ -244,8 +244,8 @@ class Memory(BuiltinDetector[MemoryConfig]):
     def _script(self) -> Any:
         script = self.ctx.shared.get("memory-transition")
         if script is None:
-            script = self.ctx.shared["memory-transition"] = self.ctx.client.register_script(
-                lua_prelude() + _TRANSITION
+            script = self.ctx.shared["memory-transition"] = register(
+                self.ctx.client, lua_prelude(), _TRANSITION
             )
         return script
 

@@ -13,6 +13,7 @@ afresh, which costs at most a warm-up, never a wrong alert.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any, Final
 
@@ -73,7 +74,6 @@ NAMES: Final = tuple(name for name, _, _ in FIELDS)
 FORMAT: Final = "<" + "".join(code for _, code, _ in FIELDS)
 SIZE: Final = struct.calcsize(FORMAT)
 _STRUCT: Final = struct.Struct(FORMAT)
-_LIMITS: Final = {"I": 4294967295, "H": 65535, "B": 255}
 
 # Flag bits. "Open" bits mirror incidents the detectors decided; alerts.Incidents holds the
 # published truth, detectors/intents.py keeps the two in step.
@@ -118,38 +118,43 @@ def encode(fields: dict[str, Any]) -> bytes:
 def lua() -> str:
     """Lua helpers ``rec_new()``, ``rec_load(raw)`` and ``rec_dump(r)`` for this layout.
 
-    Integer fields are clamped on the way out: struct.pack in Redis' Lua wraps silently.
+    In Lua a record is an *array* (``r[11]``), not a table of named fields: unpacking ~50 fields
+    into a fresh hash table costs several times more, and that cost is paid for every agent of
+    every batch. Scripts are still written with names (``r.seen``); :func:`compile` rewrites
+    them to indexes.
     """
     lua_format = "<" + "".join("I4" if code == "I" else code for _, code, _ in FIELDS)
-    names = ", ".join(f"r.{name}" for name in NAMES)
-    fresh = ", ".join(f"{name} = 0" for name in NAMES if name != "hw")
-    dumped = []
-    for name, code, _ in FIELDS:
-        if name == "ver":
-            dumped.append(str(VERSION))
-        elif code in _LIMITS:
-            dumped.append(f"clamp(r.{name}, {_LIMITS[code]})")
-        else:
-            dumped.append(f"r.{name}")
+    fresh = ", ".join("-1" if name == "hw" else str(VERSION) if name == "ver" else "0" for name in NAMES)
     return f"""
 local REC_FORMAT = '{lua_format}'
-local REC_SIZE = {SIZE}
-local function clamp(x, top)
-  if x ~= x or x < 0 then return 0 end
-  if x > top then return top end
-  return math.floor(x)
-end
+local REC_SIZE, REC_FIELDS = {SIZE}, {len(NAMES)}
 local function rec_new()
-  return {{{fresh}, hw = -1, ver = {VERSION}}}
+  return {{{fresh}}}
 end
 local function rec_load(raw)
   if not raw or #raw ~= REC_SIZE then return rec_new() end
-  local r = {{}}
-  {names} = struct.unpack(REC_FORMAT, raw)
-  if r.ver ~= {VERSION} then return rec_new() end
+  local r = {{struct.unpack(REC_FORMAT, raw)}}
+  if r[1] ~= {VERSION} then return rec_new() end
   return r
 end
 local function rec_dump(r)
-  return struct.pack(REC_FORMAT, {", ".join(dumped)})
+  return struct.pack(REC_FORMAT, unpack(r, 1, REC_FIELDS))
 end
 """
+
+
+_FIELD_RE: Final = re.compile(r"\br\.([A-Za-z_]\w*)")
+_INDEX: Final = {name: i + 1 for i, name in enumerate(NAMES)}
+
+
+def compile(script: str) -> str:
+    """Rewrite ``r.<field>`` to ``r[<index>]``; an unknown field name is an error here, at
+    start-up, instead of a nil in the middle of a batch."""
+
+    def index(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in _INDEX:
+            raise ValueError(f"Lua refers to unknown record field r.{name}")
+        return f"r[{_INDEX[name]}]"
+
+    return _FIELD_RE.sub(index, script)

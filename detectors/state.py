@@ -25,6 +25,7 @@ detector settings that apply to an agent after per-agent overrides).
 from __future__ import annotations
 
 import hashlib
+import struct
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -45,13 +46,30 @@ PROFILE: Final = (
 )  # fmt: skip
 """Per-agent parameters the update script needs, in this order (durations in ms)."""
 
-# Segment layout, shared with the Lua below (Lua indexes are these + 1).
-(S_AGENT, S_PROFILE, S_RUN, S_LO, S_HI, S_FIRST, S_LAST, S_START, S_IV, S_CHILD, S_BEAT,
- S_NBEAT, S_PULSE, S_XU, S_XBEAT, S_EXIT, S_TOK, S_COST, S_FPS, S_RSS, S_STACK, S_STACKMS,
- S_WIN, S_PGAP, S_GA, S_GB, S_FBEAT, S_PBF, S_PSB, S_BA, S_BB, S_INDEX) = range(32)  # fmt: skip
-# S_GA..S_GB: the longest gap between two events of the segment; S_BA..S_BB: the longest gap
-# between two beats with a pulse in between; S_FBEAT: the first beat; S_PBF: a pulse came before
-# it; S_PSB: a pulse came since the last beat (bookkeeping for S_BA..S_BB).
+# Segment layout, shared with the Lua below (Lua indexes are these + 1). The numbers travel as
+# one packed binary string for the whole batch (one struct.unpack per segment in Lua, instead of
+# decoding ~40 msgpack values); the few other fields as a msgpack list.
+SEGMENT_NUMBERS: Final = (
+    "PROFILE", "RUN", "LO", "HI", "FIRST", "LAST", "START", "IV", "CHILD", "BEAT", "NBEAT", "PULSE",
+    "XU", "XBEAT", "STACKMS", "PGAP", "GA", "GB", "FBEAT", "PBF", "PSB", "BA", "BB",
+    "TN", "TSUM", "TMAX", "TW", "CN", "CSUM", "CMAX", "CW", "FPH", "FPC", "WS", "WT", "RMS", "RKB",
+    "INDEX",
+)  # fmt: skip
+SEGMENT_OTHERS: Final = ("AGENT", "EXIT", "FPTEXT", "FPX", "RSSX", "STACK", "WINX")
+(S_PROFILE, S_RUN, S_LO, S_HI, S_FIRST, S_LAST, S_START, S_IV, S_CHILD, S_BEAT, S_NBEAT, S_PULSE,
+ S_XU, S_XBEAT, S_STACKMS, S_PGAP, S_GA, S_GB, S_FBEAT, S_PBF, S_PSB, S_BA, S_BB,
+ S_TN, S_TSUM, S_TMAX, S_TW, S_CN, S_CSUM, S_CMAX, S_CW, S_FPH, S_FPC, S_WS, S_WT, S_RMS, S_RKB,
+ S_INDEX, S_AGENT, S_EXIT, S_FPTEXT, S_FPX, S_RSSX, S_STACK, S_WINX) = range(45)  # fmt: skip
+# GA..GB: the longest gap between two events of the segment; BA..BB: the longest gap between
+# two beats with a pulse in between; FBEAT: the first beat; PBF: a pulse came before it; PSB: a
+# pulse came since the last beat (bookkeeping for BA..BB). TN..TW and CN..CW: the tokens and
+# cost folds (count, sum, max, EWMA term; count 0: none). Lists are run-length encoded and start
+# in numbers, so the common segment (one beat, one pulse) carries no list at all: FPH/FPC/FPTEXT
+# the first run of equal fingerprints and FPX the others ([hash, count, text, ...]); WS/WT the
+# tokens of the first rate window and WINX the others; RMS/RKB the first RSS sample (KiB) and
+# RSSX the others. INDEX: position in the batch.
+_NUMBERS: Final = len(SEGMENT_NUMBERS)
+_SEGMENT: Final = struct.Struct("<" + "d" * _NUMBERS)
 FP_TEXT_CHARS: Final = 80
 """How much of a looping fingerprint the loop alert quotes."""
 
@@ -100,9 +118,10 @@ def build_segments(
         ms = int(entry_id[: entry_id.index(b"-")])
         seq = ev["seq"]
         if seg is None:
-            seg = [agent, profile_of(agent), run_hash(run), seq, seq, ms, ms, 0, -1, 0, 0, 0,
-                   0, 0, 0, False, False, False, False, False, False, 0, False, 0, 0, 0, 0, 0, 0, 0, 0,
-                   len(order)]  # fmt: skip
+            seg = [profile_of(agent), run_hash(run), seq, seq, ms, ms, 0, -1, 0, 0, 0, 0,
+                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, len(order),
+                   agent, False, False, False, False, False, False]  # fmt: skip
             segs[key] = seg
             order.append(seg)
         else:
@@ -155,9 +174,13 @@ def build_segments(
                 seg[S_PBF] = 1
             rss = ev.get("rss")
             if rss is not None:
-                if seg[S_RSS] is False:
-                    seg[S_RSS] = []
-                seg[S_RSS] += (ms, rss // 1024)
+                if not seg[S_RMS]:
+                    seg[S_RMS] = ms
+                    seg[S_RKB] = rss // 1024
+                elif seg[S_RSSX] is False:
+                    seg[S_RSSX] = [ms, rss // 1024]
+                else:
+                    seg[S_RSSX] += (ms, rss // 1024)
             stack = ev.get("stack")
             if stack:
                 seg[S_STACK] = stack
@@ -171,29 +194,34 @@ def build_segments(
             seg[S_EXIT] = [ms, ev.get("reason", "exit"), ev.get("code", 0), ev.get("error") or "",
                            ev.get("traceback") or ""]  # fmt: skip
     if tok_seg:
-        _fold(order, tok_seg, tok_val, S_TOK, alphas)
+        _fold(order, tok_seg, tok_val, S_TN, alphas)
         _windows(order, tok_seg, tok_ms, tok_val, windows)
     if cost_seg:
-        _fold(order, cost_seg, cost_val, S_COST, alphas)
+        _fold(order, cost_seg, cost_val, S_CN, alphas)
     return order
 
 
 def _add_fp(seg: list[Any], fp: str | None) -> None:
-    """Run-length encode the beats' fingerprints: [hash, count, text, hash, count, text...]."""
-    runs = seg[S_FPS]
-    h = fp_hash(fp) if fp else 0
-    if runs is False:
-        seg[S_FPS] = [h, 1, fp[:FP_TEXT_CHARS] if fp else ""]
-    elif runs[-3] == h:
-        runs[-2] += 1
+    """Run-length encode the beats' fingerprints (hash 0: a beat without one)."""
+    h = (zlib.crc32(fp.encode()) or 1) if fp else 0
+    extra = seg[S_FPX]
+    if not seg[S_FPC]:
+        seg[S_FPH], seg[S_FPC], seg[S_FPTEXT] = h, 1, fp[:FP_TEXT_CHARS] if fp else ""
+    elif extra is False:
+        if seg[S_FPH] == h:
+            seg[S_FPC] += 1
+        else:
+            seg[S_FPX] = [h, 1, fp[:FP_TEXT_CHARS] if fp else ""]
+    elif extra[-3] == h:
+        extra[-2] += 1
     else:
-        runs += (h, 1, fp[:FP_TEXT_CHARS] if fp else "")
+        extra += (h, 1, fp[:FP_TEXT_CHARS] if fp else "")
 
 
 def _fold(
     order: list[list[Any]], seg_ids: list[int], values: Sequence[float], slot: int, alphas: Sequence[float]
 ) -> None:
-    """Per segment: [n, sum, max, W] where W = sum_i alpha (1-alpha)^(n-1-i) x_i.
+    """Per segment, from ``slot`` on: n, sum, max, W where W = sum_i alpha (1-alpha)^(n-1-i) x_i.
 
     With the EWMA numerator b and weight w kept in the record, k beats fold in as
     b' = (1-alpha)^k b + W and w' = (1-alpha)^k w + 1 - (1-alpha)^k: the script applies a whole
@@ -203,20 +231,24 @@ def _fold(
     x = np.asarray(values, dtype=np.float64)
     count = len(order)
     n = np.bincount(seg, minlength=count)
-    # rank of each beat among its segment's beats (stream order), then counted from the last
+    # stable sort by segment: each segment's beats become one run, still in stream order
     sorter = np.argsort(seg, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(n)[:-1]))
-    rank = np.empty_like(seg)
-    rank[sorter] = np.arange(len(seg)) - np.repeat(starts, n)
-    from_end = n[seg] - 1 - rank
-    profile = np.fromiter((order[i][S_PROFILE] for i in range(count)), dtype=np.int64, count=count)
-    alpha = np.asarray(alphas, dtype=np.float64)[profile - 1][seg]
-    weighted = np.bincount(seg, weights=alpha * np.power(1.0 - alpha, from_end) * x, minlength=count)
-    total = np.bincount(seg, weights=x, minlength=count)
-    top = np.zeros(count)
-    np.maximum.at(top, seg, x)
-    for i in np.flatnonzero(n).tolist():
-        order[i][slot] = [int(n[i]), float(total[i]), float(top[i]), float(weighted[i])]
+    xs, ss = x[sorter], seg[sorter]
+    ends = np.cumsum(n)
+    from_end = ends[ss] - 1 - np.arange(len(ss))  # beats after this one in its segment
+    if len(alphas) == 1:
+        alpha: Any = alphas[0]
+    else:
+        profile = np.fromiter((order[i][S_PROFILE] for i in range(count)), dtype=np.int64, count=count)
+        alpha = np.asarray(alphas, dtype=np.float64)[profile - 1][ss]
+    weighted = np.bincount(ss, weights=alpha * np.power(1.0 - alpha, from_end) * xs, minlength=count)
+    total = np.bincount(ss, weights=xs, minlength=count)
+    present = n > 0
+    starts = (ends - n)[present]
+    top = np.maximum.reduceat(xs, starts) if len(starts) else np.zeros(0)
+    for i, k, s, t, w in zip(np.flatnonzero(present).tolist(), n[present].tolist(), total[present].tolist(),
+                             top.tolist(), weighted[present].tolist(), strict=True):  # fmt: skip
+        order[i][slot : slot + 4] = (k, s, t, w)
 
 
 def _windows(
@@ -225,16 +257,26 @@ def _windows(
     """Per segment: tokens per rate window, [window start, tokens, ...] in time order, so that a
     batch holding many of an agent's beats (a backlog) still closes every window it spans."""
     seg = np.asarray(seg_ids, dtype=np.int64)
-    profile = np.fromiter((order[i][S_PROFILE] for i in seg_ids), dtype=np.int64, count=len(seg_ids))
-    width = np.asarray(widths, dtype=np.int64)[profile - 1]
+    if len(widths) == 1:
+        width: Any = int(widths[0])
+    else:
+        profile = np.fromiter((order[i][S_PROFILE] for i in seg_ids), dtype=np.int64, count=len(seg_ids))
+        width = np.asarray(widths, dtype=np.int64)[profile - 1]
     start = np.asarray(times, dtype=np.int64) // width * width
-    pairs, inverse = np.unique(np.stack([seg, start]), axis=1, return_inverse=True)
-    sums = np.bincount(inverse.ravel(), weights=np.asarray(values, dtype=np.float64))
-    for (index, window_start), total in zip(pairs.T.tolist(), sums.tolist(), strict=True):
-        found = order[index][S_WIN]
-        if found is False:
-            found = order[index][S_WIN] = []
-        found += (window_start, total)
+    # one key per (segment, window); keys sort by segment, then time
+    key = seg * (1 << 44) + (start - int(start.min()))
+    keys, inverse = np.unique(key, return_inverse=True)
+    sums = np.bincount(inverse, weights=np.asarray(values, dtype=np.float64))
+    index_of = (keys >> 44).tolist()
+    start_of = ((keys & ((1 << 44) - 1)) + int(start.min())).tolist()
+    for index, window_start, total in zip(index_of, start_of, sums.tolist(), strict=True):
+        row = order[index]
+        if not row[S_WS]:
+            row[S_WS], row[S_WT] = window_start, total
+        elif row[S_WINX] is False:
+            row[S_WINX] = [window_start, total]
+        else:
+            row[S_WINX] += (window_start, total)
 
 
 def group_by_shard(segments: list[list[Any]], shards: int) -> dict[int, list[list[Any]]]:
@@ -247,7 +289,11 @@ def group_by_shard(segments: list[list[Any]], shards: int) -> dict[int, list[lis
 
 
 def pack(segments: list[list[Any]]) -> bytes:
-    packed: bytes = msgpack.packb(segments, use_bin_type=False)
+    """[numbers of every segment as one binary string, the other fields of every segment]."""
+    pack_numbers = _SEGMENT.pack
+    numbers = b"".join([pack_numbers(*seg[:_NUMBERS]) for seg in segments])
+    others = [value for seg in segments for value in seg[_NUMBERS:]]
+    packed: bytes = msgpack.packb([numbers, others], use_bin_type=False)  # Lua: no bin type
     return packed
 
 
@@ -256,12 +302,13 @@ def profile_lua() -> str:
 
 
 def segment_lua() -> str:
-    names = [
-        "AGENT", "PROFILE", "RUN", "LO", "HI", "FIRST", "LAST", "START", "IV", "CHILD", "BEAT",
-        "NBEAT", "PULSE", "XU", "XBEAT", "EXIT", "TOK", "COST", "FPS", "RSS", "STACK", "STACKMS", "WIN",
-        "PGAP", "GA", "GB", "FBEAT", "PBF", "PSB", "BA", "BB",
-    ]  # fmt: skip
-    return "\n".join(f"local S_{name} = {i + 1}" for i, name in enumerate(names))
+    names = [*SEGMENT_NUMBERS, *SEGMENT_OTHERS]
+    lines = [f"local S_{name} = {i + 1}" for i, name in enumerate(names)]
+    lines.append(
+        f"local SEG_FORMAT, SEG_NUMBERS, SEG_OTHERS = '<{'d' * _NUMBERS}', {_NUMBERS}, {len(SEGMENT_OTHERS)}"
+    )
+    lines.append(f"local SEG_SIZE = {_SEGMENT.size}")
+    return "\n".join(lines)
 
 
 def flags_lua() -> str:
@@ -282,7 +329,8 @@ def flags_lua() -> str:
 
 # Helpers every deciding script shares (after record.lua() and intents.LUA_EMIT).
 LUA_COMMON: Final = """
-local function has(r, f) return bit.band(r.flags, f) ~= 0 end
+local band = bit.band
+local function has(r, f) return band(r.flags, f) ~= 0 end
 local function set(r, f) r.flags = bit.bor(r.flags, f) end
 local function clear(r, f) r.flags = bit.band(r.flags, bit.bnot(f)) end
 local function open(a, r, f, det, at, facts)
@@ -331,7 +379,17 @@ end
 LUA_MAIN: Final = """
 local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
 local P = cmsgpack.unpack(ARGV[3])
-local S = cmsgpack.unpack(ARGV[4])
+local S = {}
+do  -- segments: numbers from the packed string, the other fields from the list (state.pack)
+  local packed = cmsgpack.unpack(ARGV[4])
+  local numbers, others = packed[1], packed[2]
+  for i = 1, #numbers / SEG_SIZE do
+    local s = {struct.unpack(SEG_FORMAT, numbers, (i - 1) * SEG_SIZE + 1)}
+    local o = (i - 1) * SEG_OTHERS
+    for k = 1, SEG_OTHERS do s[SEG_NUMBERS + k] = others[o + k] end
+    S[i] = s
+  end
+end
 local CUR, NEW, PREV, FOREIGN = 1, 2, 3, 4
 local ADOPT = F_RETIRED + F_EXITED + F_SILENCE
 -- The shard's watch clock (timers.py): while nobody checks (STALE), or for time before the
@@ -480,11 +538,12 @@ local function apply(s)
       if s[S_BEAT] >= beat0 then r.xu = s[S_XU] end
     elseif s[S_XU] > r.xu then r.xu = s[S_XU] end
   end
-  if fresh then
+  -- (flags tested before building facts: this runs for every segment, closing almost never)
+  if fresh and has(r, F_SILENCE) then
     local facts = {back = s[S_LAST], since = seen0, start = s[S_START] > 0 and 1 or 0}
     close(a, r, F_SILENCE, 'silence', s[S_LAST], facts)
   end
-  if cls == CUR and s[S_BEAT] > beat0 then
+  if cls == CUR and s[S_BEAT] > beat0 and has(r, F_STALL) then
     close(a, r, F_STALL, 'stall', s[S_BEAT], {back = s[S_BEAT], since = beat0})
   end
   r.sa = math.max(p[P_SIL_AFTER], 3000 * r.iv)

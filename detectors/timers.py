@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgpack
 
 from detectors import intents
-from detectors.engine import lua_prelude
+from detectors.engine import lua_prelude, register
 
 if TYPE_CHECKING:
     from detectors.engine import Engine
@@ -123,9 +123,8 @@ class Timers:
         self.engine = engine
         self.keys = engine.keys
         client = engine.client
-        prelude = lua_prelude()
-        self._check = client.register_script(prelude + _CHECK)
-        self._forget = client.register_script(prelude + _FORGET)
+        self._check = register(client, lua_prelude(), _CHECK)
+        self._forget = register(client, lua_prelude(), _FORGET)
 
     def _settings(self) -> tuple[bool, bool, int]:
         silence, stall = (self.engine.get(k) for k in ("Silence", "Stall"))

@@ -53,13 +53,15 @@ class TokensConfig(DetectorConfig):
 # Called by the batch update for each applied segment of the agent's current run.
 LUA: Final = """
 local function ewma(num, weight, alpha, n, folded)
-  local decay = math.pow(1 - alpha, n)
+  local decay = n == 1 and 1 - alpha or math.pow(1 - alpha, n)
   return decay * num + folded, decay * weight + 1 - decay
 end
 local function tokens_apply(a, r, p, s, late)
-  local tok, cost = s[S_TOK], s[S_COST]
-  if tok then r.tt = r.tt + tok[2] end
-  if cost then r.ct = r.ct + cost[2] end
+  local tn, tsum, tmax, tw = s[S_TN], s[S_TSUM], s[S_TMAX], s[S_TW]
+  local cn, csum, cmax, cw = s[S_CN], s[S_CSUM], s[S_CMAX], s[S_CW]
+  local tok, cost = tn > 0, cn > 0
+  if tok then r.tt = r.tt + tsum end
+  if cost then r.ct = r.ct + csum end
   if p[P_TOK_ON] == 1 and (tok or cost) then
     local base_t = r.tw > 0 and r.tb / r.tw or 0
     local base_c = r.cw > 0 and r.cb / r.cw or 0
@@ -67,23 +69,24 @@ local function tokens_apply(a, r, p, s, late)
     local warm = r.tn >= p[P_WARMUP]
     local hot, facts = false, nil
     local at = s[S_BEAT] > 0 and s[S_BEAT] or s[S_LAST]
-    if warm and tok and tok[3] >= p[P_MIN_TOKENS] and tok[3] > factor * base_t then
+    if warm and tok and tmax >= p[P_MIN_TOKENS] and tmax > factor * base_t then
       hot = true
-      facts = {why = 'beat', tokens = tok[3], base = base_t, factor = factor}
-    elseif warm and cost and cost[3] >= p[P_MIN_COST] and cost[3] > factor * base_c then
+      facts = {why = 'beat', tokens = tmax, base = base_t, factor = factor}
+    elseif warm and cost and cmax >= p[P_MIN_COST] and cmax > factor * base_c then
       hot = true
-      facts = {why = 'cost', cost = cost[3], base = base_c, factor = factor}
+      facts = {why = 'cost', cost = cmax, base = base_c, factor = factor}
     end
-    local w, win = p[P_WINDOW], s[S_WIN]
-    if win and not late then
-      for i = 1, #win, 2 do
-        local start, sum = win[i], win[i + 1]
+    local w, extra = p[P_WINDOW], s[S_WINX]
+    if s[S_WS] > 0 and not late then
+      for i = -1, extra and #extra or 0, 2 do
+        local start, sum
+        if i < 0 then start, sum = s[S_WS], s[S_WT] else start, sum = extra[i], extra[i + 1] end
         if start > r.ws then
           -- close the window; empty windows in between are not folded in, so a burst after an
           -- idle spell is compared with the rate while busy, not with one diluted by idling
           if r.ws > 0 and r.wt > 0 and not hot and not has(r, F_TOKENS) then
             r.rb, r.rw = ewma(r.rb, r.rw, p[P_ALPHA], 1, p[P_ALPHA] * r.wt * 1000 / w)
-            r.rn = r.rn + 1
+            r.rn = math.min(r.rn + 1, 65535)
           end
           r.ws, r.wt = start, 0
         end
@@ -97,9 +100,9 @@ local function tokens_apply(a, r, p, s, late)
         end
       end
     end
-    local n = tok and tok[1] or cost[1]
+    local n = tok and tn or cn
     if hot then
-      r.hot = r.hot + 1
+      r.hot = math.min(r.hot + 1, 65535)
       r.calm = 0
       if r.hot >= p[P_FIRE_AFTER] then
         facts.total = r.tt
@@ -108,31 +111,33 @@ local function tokens_apply(a, r, p, s, late)
     else
       r.hot = 0
       if has(r, F_TOKENS) then
-        local calm = (not tok or tok[3] <= p[P_RECOVER_FACTOR] * base_t)
-          and (not cost or cost[3] <= p[P_RECOVER_FACTOR] * base_c)
-        if calm then r.calm = r.calm + n else r.calm = 0 end
+        local calm = (not tok or tmax <= p[P_RECOVER_FACTOR] * base_t)
+          and (not cost or cmax <= p[P_RECOVER_FACTOR] * base_c)
+        if calm then r.calm = math.min(r.calm + n, 65535) else r.calm = 0 end
         if r.calm >= p[P_RECOVER_AFTER] then
           r.calm = 0
-          close(a, r, F_TOKENS, 'tokens', at, {base = base_t, tokens = tok and tok[3] or 0, total = r.tt})
+          close(a, r, F_TOKENS, 'tokens', at, {base = base_t, tokens = tok and tmax or 0, total = r.tt})
         end
       end
     end
     if not hot and not has(r, F_TOKENS) then
-      if tok then r.tb, r.tw = ewma(r.tb, r.tw, p[P_ALPHA], tok[1], tok[4]) end
-      if cost then r.cb, r.cw = ewma(r.cb, r.cw, p[P_ALPHA], cost[1], cost[4]) end
-      r.tn = r.tn + n
+      if tok then r.tb, r.tw = ewma(r.tb, r.tw, p[P_ALPHA], tn, tw) end
+      if cost then r.cb, r.cw = ewma(r.cb, r.cw, p[P_ALPHA], cn, cw) end
+      r.tn = math.min(r.tn + n, 4e9)
     end
   end
-  local fps = s[S_FPS]
-  if fps and not late and p[P_LOOP_ON] == 1 then
-    for i = 1, #fps, 3 do
-      local h, c = fps[i], fps[i + 1]
-      if h ~= 0 and h == r.fp then r.fc = r.fc + c else r.fp = h; r.fc = c end
+  local fpx = s[S_FPX]
+  if s[S_FPC] > 0 and not late and p[P_LOOP_ON] == 1 then
+    for i = -2, fpx and #fpx or 0, 3 do
+      local h, c, text
+      if i < 0 then h, c, text = s[S_FPH], s[S_FPC], s[S_FPTEXT]
+      else h, c, text = fpx[i], fpx[i + 1], fpx[i + 2] end
+      if h ~= 0 and h == r.fp then r.fc = math.min(r.fc + c, 4e9) else r.fp = h; r.fc = c end
       if has(r, F_LOOP) then
-        if h == r.lf then r.lq = 0 else r.lq = r.lq + c end
+        if h == r.lf then r.lq = 0 else r.lq = math.min(r.lq + c, 65535) end
       elseif h ~= 0 and r.fc >= p[P_REPEAT] then
         r.lf = h; r.lq = 0
-        open(a, r, F_LOOP, 'loop', s[S_BEAT], {fp = fps[i + 2], count = r.fc})
+        open(a, r, F_LOOP, 'loop', s[S_BEAT], {fp = text, count = r.fc})
       end
     end
     if has(r, F_LOOP) and r.lq >= p[P_LOOP_RECOVER] then

@@ -97,14 +97,15 @@ def test_python_reads_what_lua_wrote(feed: Feed, r: redis.Redis, keys: Keys) -> 
 
 def test_the_numpy_fold_equals_the_ewma_beat_by_beat() -> None:
     rng = np.random.default_rng(7)
-    names = [("a", 1), ("b", 2), ("c", 1)]
-    order: list[list[Any]] = [
-        [name, profile, *[0] * (state.S_INDEX - 2), i] for i, (name, profile) in enumerate(names)
-    ]
+    order: list[list[Any]] = []
+    for i, (name, profile) in enumerate([("a", 1), ("b", 2), ("c", 1)]):
+        seg: list[Any] = [0] * (state.S_WINX + 1)
+        seg[state.S_PROFILE], seg[state.S_INDEX], seg[state.S_AGENT] = profile, i, name
+        order.append(seg)
     seg_ids = rng.integers(0, 3, size=40).tolist()
     values = rng.integers(0, 1000, size=40).astype(float).tolist()
     alphas = [0.2, 0.05]
-    state._fold(order, seg_ids, values, state.S_TOK, alphas)
+    state._fold(order, seg_ids, values, state.S_TN, alphas)
     for index, seg in enumerate(order):
         alpha = alphas[seg[state.S_PROFILE] - 1]
         xs = [v for s, v in zip(seg_ids, values, strict=True) if s == index]
@@ -113,7 +114,7 @@ def test_the_numpy_fold_equals_the_ewma_beat_by_beat() -> None:
         for x in xs:
             expected_b = (1 - alpha) * expected_b + alpha * x
             expected_w = (1 - alpha) * expected_w + alpha
-        n, total, top, folded = seg[state.S_TOK]
+        n, total, top, folded = seg[state.S_TN : state.S_TW + 1]
         decay = (1 - alpha) ** n
         assert (n, total, top) == (len(xs), sum(xs), max(xs))
         assert decay * b + folded == pytest.approx(expected_b)

@@ -1,0 +1,147 @@
+"""One detector worker with every built-in detector vs a raw consumer loop, same server, same run.
+
+Baseline: XREADGROUP COUNT 1000 + ``msgpack.unpackb`` per entry + one XACK per batch + one
+``ZADD GT`` per batch (agent -> entry time: the least a monitor must write). Contender: the
+worker ``agentwatch worker detectors`` runs (``detector_worker``: runtime, codec, and silence,
+stall, exit, tokens/loop, memory and lag with their default settings), in this process.
+Target (issue 4): contender / baseline >= 0.5.
+
+The stream holds a realistic fleet's events, not a tight loop of one agent: ``--agents`` agents
+(default 1,000) each sending one event per second of Redis time (entry ids are explicit and
+spaced accordingly): every 5th a pulse with RSS, the others beats with tokens, cost, model and a
+fresh fingerprint. So each batch of 1,000 touches ~1,000 distinct agents, every beat moves a
+token baseline and every pulse an RSS bucket.
+
+    python benchmarks/detectors_throughput.py [--events 200000] [--agents 1000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, report
+
+from agentwatch import codec, config
+from agentwatch.embedded import EmbeddedRedis
+from agentwatch.redisconn import connect
+from agentwatch.workers import detector_worker
+
+
+def fill(client: redis.Redis, stream: str, events: int, agents: int, group: str) -> None:
+    """``events`` entries; agent ``i`` sends once per simulated second, starting with ``start``."""
+    client.delete(stream)
+    per_ms = max(1, agents // 1000)
+    base_ms = int(time.time() * 1000) - events // per_ms - 60_000  # a backlog, in the past
+    pipe = client.pipeline(transaction=False)
+    for n in range(events):
+        agent_no, round_no = n % agents, n // agents
+        agent = f"agent-{agent_no:06d}"
+        event = {"v": 1, "agent": agent, "ts": 0.0, "run": f"run-{agent_no}", "seq": round_no}
+        if round_no == 0:
+            event.update(kind="start", interval=1.0, pid=1000 + agent_no, host="bench")
+        elif round_no % 5 == 0:
+            event.update(kind="pulse", rss=(200 + agent_no % 50) * 2**20 + round_no * 4096)
+        else:
+            tokens = 300 + (n * 7919) % 900
+            event.update(kind="beat", tokens=tokens, cost=tokens * 3e-6, model="gpt-x", fp=f"job-{n}")
+        entry_id = f"{base_ms + n // per_ms}-{n % per_ms}"
+        pipe.xadd(stream, {"d": codec.encode(event)}, id=entry_id)
+        if n % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    client.xgroup_create(stream, group, id="0")
+
+
+def raw_loop(url: str, stream: str, events: int, index: str) -> float:
+    client = redis.Redis.from_url(url)
+    start = time.perf_counter()
+    done = 0
+    while done < events:
+        reply = client.xreadgroup("raw", "raw", {stream: ">"}, count=1000, block=100)
+        if not reply:
+            continue
+        entries = reply[0][1]
+        seen: dict[str, int] = {}
+        for entry_id, fields in entries:
+            event = msgpack.unpackb(fields[b"d"])
+            seen[event["agent"]] = int(entry_id[: entry_id.index(b"-")])
+        client.xack(stream, "raw", *[e[0] for e in entries])
+        client.zadd(index, seen, gt=True)
+        done += len(entries)
+    elapsed = time.perf_counter() - start
+    client.close()
+    return events / elapsed
+
+
+def contender(url: str, prefix: str, events: int) -> tuple[float, dict[str, int]]:
+    pipeline = config.load(None)
+    settings = pipeline.settings.model_copy(
+        update={"redis": pipeline.settings.redis.model_copy(update={"prefix": prefix})}
+    )
+    pipeline = config.Pipeline(settings=settings, source="bench", detectors=pipeline.detectors)
+    client = connect(settings, url)
+    worker = detector_worker(pipeline, client)
+    worker._until_connected(worker._setup)  # groups exist; on_start ran: outside the timing
+    start = time.perf_counter()
+    while worker.stats.processed < events:
+        worker.run_once()
+    elapsed = time.perf_counter() - start
+    alerts = client.xlen(pipeline.keys.alerts)
+    errors = dict(worker.stats.handler_errors)
+    client.close()
+    return events / elapsed, {"alerts": alerts, "handler_errors": sum(errors.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--redis-url", default=None, help="default: a private server (embedded launcher)")
+    args = parser.parse_args()
+    server = None
+    url = args.redis_url
+    if url is None:
+        server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
+        url = server.url
+    client = redis.Redis.from_url(url)
+    raw_rates, det_rates, notes = [], [], []
+    try:
+        for round_no in range(args.rounds):
+            fill(client, "benchraw:events", args.events, args.agents, "raw")
+            raw_rates.append(raw_loop(url, "benchraw:events", args.events, "benchraw:index"))
+            prefix = f"benchdet{round_no}"
+            fill(client, f"{prefix}:events", args.events, args.agents, "detectors")
+            rate, note = contender(url, prefix, args.events)
+            det_rates.append(rate)
+            notes.append(note)
+            for key in client.scan_iter("bench*"):
+                client.delete(key)
+    finally:
+        for key in client.scan_iter("bench*"):
+            client.delete(key)
+        client.close()
+        if server:
+            server.cleanup()
+    raw, det = median(raw_rates), median(det_rates)
+    rows = [
+        {"loop": "raw: XREADGROUP+unpackb+XACK+ZADD GT", "events/s (median)": raw,
+         "rounds": [round(x) for x in raw_rates]},
+        {"loop": "detector worker, all built-ins", "events/s (median)": det,
+         "rounds": [round(x) for x in det_rates]},
+    ]  # fmt: skip
+    extra = {"ratio": det / raw, "target": 0.5, "events": args.events, "agents": args.agents, "notes": notes}
+    report("detectors_throughput", rows, extra)
+    print(f"ratio detectors/raw = {det / raw:.2f} (target >= 0.5); alerts raised: {[n['alerts'] for n in notes]}")
+
+
+if __name__ == "__main__":
+    main()
