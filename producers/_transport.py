@@ -18,6 +18,13 @@ sender thread only.
 from __future__ import annotations
 
 import contextlib
+
+# Imported here, at ``import producers`` time, because the first connection would otherwise
+# import them on the sender thread (redis-py's ConnectionPool imports ``secrets``; resolving a
+# host name loads the IDNA codec): imports hold the GIL for milliseconds, and the agent's
+# thread would stall that long in whatever it was doing, ``heartbeat()`` included.
+import encodings.idna  # noqa: F401
+import secrets  # noqa: F401
 from dataclasses import dataclass, field
 from typing import Any, Final
 
