@@ -188,7 +188,11 @@ class Producer:
             queue = self._queue
             if len(queue) < self._cap:
                 queue.append(event)
-                if len(queue) == self._wake_at:
+                size = len(queue)
+                # Wake the sender when a batch is ready, or when this is the first event for
+                # a sender that sleeps until the next pulse (it set `idle` before checking the
+                # queue; we appended before checking `idle`: one of us sees the other).
+                if size == self._wake_at or (size == 1 and self._sender.idle):  # type: ignore[union-attr]
                     self._wake.set()
             else:
                 next(self._overflow)

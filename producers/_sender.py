@@ -40,8 +40,13 @@ FIRST_BATCH: Final = 64
 """Events in the first batch on a new connection, before it has shown that Redis answers."""
 WAKE_FRACTION: Final = 8
 """Wake the sender early when 1/WAKE_FRACTION of the queue is full."""
+IDLE_AFTER: Final = 3
+"""Empty flushes in a row after which the thread sleeps until the next pulse (or an event)."""
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 1.0
+BACKOFF_MAX_HUNG: Final = 5.0
+"""Retry cap when Redis times out rather than refuses: a hung server rarely recovers in a
+second, and every try costs a connection on it and a few GIL hand-overs in the agent."""
 OUTAGE_LOG_EVERY: Final = 60.0
 
 BeatInfo = Callable[[], tuple[float, int, str | None]]
@@ -99,6 +104,9 @@ class Sender:
         self.wake_at = max(1, settings.queue_size // WAKE_FRACTION)
         self.extends: deque[float] = deque()
         self.finished = False
+        self.idle = False
+        """Asleep until the next pulse: the agent's thread wakes it with the first new event."""
+        self._empty_flushes = 0
         self._beat_info = beat_info
         # agentwatch.codec.encode's exact options, but one Packer kept for this thread: packb()
         # builds a new one per call, which doubles the cost of encoding a beat.
@@ -146,7 +154,11 @@ class Sender:
         self._transport.close()
 
     def _wait(self) -> None:
-        """Sleep until the next flush, pulse or retry is due, or until woken."""
+        """Sleep until the next flush, pulse or retry is due, or until woken.
+
+        Every wake-up makes this thread take the GIL from the agent's thread, which on a busy
+        machine can cost the agent a scheduler tick; so an idle producer does not tick.
+        """
         if self._final is not None:
             return
         now = time.monotonic()
@@ -155,9 +167,23 @@ class Sender:
         elif self._backlog or len(self.queue) >= self.wake_at or self.extends:
             return
         else:
+            if self._empty_flushes >= IDLE_AFTER:
+                if not self._sleep_idle(now):
+                    return  # a pulse is due, or extend()/exit woke us: act now
+                now = time.monotonic()  # woken by an event: give the batch its window
             delay = min(self.settings.flush_interval, self._next_pulse - now)
         if delay > 0:
             self.wake.wait(delay)
+
+    def _sleep_idle(self, now: float) -> bool:
+        """Sleep until the next pulse or the first new event; True if an event woke us."""
+        self.idle = True
+        # Publish "idle" before looking at the queue, while the agent's thread appends before
+        # looking at "idle": one of the two always sees the other (see Producer.heartbeat).
+        if not self.queue and not self.extends and self._final is None:
+            self.wake.wait(self._next_pulse - now)
+        self.idle = False
+        return bool(self.queue) and not self.extends and self._final is None
 
     def _step(self) -> None:
         self._wait()
@@ -176,6 +202,7 @@ class Sender:
         limit = BATCH_MAX if self._transport.proven else FIRST_BATCH
         items: list[dict[str, Any] | float] = [queue.popleft() for _ in range(min(len(queue), limit))]
         self._backlog = bool(queue)
+        self._empty_flushes = 0 if items else self._empty_flushes + 1
         while self.extends:
             items.append(self._pulse(now, extend=self.extends.popleft()))
         if now >= self._next_pulse and final is None:  # no pulse in the goodbye batch
@@ -311,7 +338,8 @@ class Sender:
 
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
-        self._retry_at = time.monotonic() + min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (self._failures - 1))
+        cap = BACKOFF_MAX_HUNG if reason_for(exc) == "redis_timeout" else BACKOFF_MAX
+        self._retry_at = time.monotonic() + min(cap, BACKOFF_MIN * 2 ** (self._failures - 1))
         if self._failing is not None:
             return
         self._failing = reason_for(exc)

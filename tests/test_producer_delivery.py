@@ -106,6 +106,31 @@ def test_extend_with_a_bad_value_is_ignored(
     assert len([rec for rec in caplog.records if "extend" in rec.getMessage()]) == 1
 
 
+def test_an_idle_sender_sleeps_and_still_delivers_the_next_beat_promptly(
+    make: Callable[..., Producer], r: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps: list[float] = []
+    original = Sender._step
+
+    def counted(self: Sender) -> None:
+        steps.append(time.monotonic())
+        original(self)
+
+    monkeypatch.setattr(Sender, "_step", counted)
+    producer = make(flush_interval=0.02, pulse_interval=600)
+    producer.heartbeat(tokens=1)
+    wait_for(lambda: producer._sender is not None and producer._sender.idle, what="the sender to idle")
+    before = len(steps)
+    deadline = time.monotonic() + 0.5
+    wait_for(lambda: time.monotonic() >= deadline, what="half a second of idling")
+    assert len(steps) - before <= 1  # asleep, not ticking every 20 ms
+
+    sent = time.monotonic()
+    producer.heartbeat(tokens=2)  # the first event wakes it
+    wait_for(lambda: len(of_kind(events(r, prefix), "beat")) == 2, what="the second beat")
+    assert time.monotonic() - sent < 0.5
+
+
 def test_a_flood_is_bounded_and_every_beat_is_delivered_or_counted(
     make: Callable[..., Producer], r: redis.Redis, prefix: str
 ) -> None:
