@@ -25,8 +25,8 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from producers._guard import internal_error, logger
-from producers._sender import wait_done
 from producers._stack import exception_text
+from producers._sync import wait_done
 
 if TYPE_CHECKING:
     from producers._producer import Producer

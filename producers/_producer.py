@@ -24,8 +24,9 @@ from producers._config import OPTIONS, Settings, inherited_from_parent, resolve
 from producers._fields import add_work_fields, amount, clean_meta
 from producers._guard import internal_error, warn_once
 from producers._lifecycle import EXIT_DEADLINE, Outcome
-from producers._sender import Sender, Wakeup, wait_done
+from producers._sender import Sender
 from producers._stack import exception_text, trim_frames
+from producers._sync import Wakeup, wait_done
 from producers._system import start_fields
 
 _monotonic = time.monotonic
@@ -76,7 +77,7 @@ class Producer:
         socket_timeout: float | None = None,
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in OPTIONS}
-        self._setup(explicit)
+        self._setup()
         self._configure(explicit)
 
     @classmethod
@@ -84,11 +85,10 @@ class Producer:
         """The module's default producer: configured from the environment on first use, so a
         program may still set ``AGENTWATCH_*`` variables after ``import producers``."""
         producer = cls.__new__(cls)
-        producer._setup({})
+        producer._setup()
         return producer
 
-    def _setup(self, explicit: dict[str, Any]) -> None:
-        self._explicit = explicit
+    def _setup(self) -> None:
         self._settings: Settings | None = None
         self._stream = ""
         self._lock = threading.RLock()
@@ -109,7 +109,6 @@ class Producer:
 
     def _configure(self, explicit: dict[str, Any], settings: Settings | None = None) -> None:
         """(Re)configure; a closed or finished producer becomes usable again (``init()``)."""
-        self._explicit = explicit
         if settings is None:
             try:
                 settings = resolve(**explicit)

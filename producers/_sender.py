@@ -15,7 +15,6 @@ whole queue.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
@@ -30,6 +29,7 @@ from producers._config import Settings, redact
 from producers._fields import RESERVED
 from producers._guard import internal_error, logger, warn_once
 from producers._stack import thread_stack, trim_frames
+from producers._sync import Wakeup
 from producers._system import rss_bytes
 from producers._transport import Replies, Transport, reason_for
 
@@ -51,43 +51,6 @@ OUTAGE_LOG_EVERY: Final = 60.0
 
 BeatInfo = Callable[[], tuple[float, int, str | None]]
 """Returns (monotonic time of the last beat, ident of the thread that beat, its death note)."""
-
-
-class Wakeup:
-    """A wake-up call any thread may make at any moment, even from a signal handler.
-
-    ``threading.Event`` holds a Python-level lock inside ``set()`` and ``wait()``. A Python
-    signal handler runs between bytecodes of the interrupted main thread, possibly inside those
-    methods; if it then waits for this thread, and this thread needs that lock, both wait until
-    the deadline (or forever, for a re-entered ``wait()``). A bare ``Lock`` used as a binary
-    semaphore has no such window: ``release()`` and ``acquire()`` are single C calls.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()  # held = "nothing to do"; release() = "wake up"
-
-    def set(self) -> None:
-        with contextlib.suppress(RuntimeError):  # already released: one pending wake is enough
-            self._lock.release()
-
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to ``timeout`` seconds or until woken; consumes the wake-up."""
-        return self._lock.acquire(timeout=max(timeout, 0.0))
-
-
-def wait_done(senders: list[Sender], deadline: float) -> bool:
-    """Wait until every sender has flushed its final event or ``deadline`` (monotonic) passes.
-
-    Polls a plain flag: safe in a signal handler (see :class:`Wakeup`); 5 ms steps are nothing
-    next to the deadline.
-    """
-    while not all(sender.done for sender in senders):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(0.005, remaining))
-    return True
 
 
 class Sender:
