@@ -1,0 +1,161 @@
+"""Silence delay at scale: from an agent's deadline to its firing alert on the alerts stream.
+
+``--agents`` agents (default 100,000) are registered with one detector worker process
+(``agentwatch worker detectors``, default settings: ``tick = "250ms"``). ``--silent`` of them
+(default 1,000) have ``after = "3s"``; the others ``after = "1h"`` (a per-agent override), so
+they stay registered and armed in the same timers set without having to beat for the whole
+run. With the others registered, and a background load of ``--background`` beats/s from them
+keeping the worker busy, the silent agents start, beat once and go quiet, one every 2 ms (their
+deadlines are spread over two seconds, out of step with the ticks).
+
+Delay = the alert's entry time on ``<prefix>:alerts`` minus (last beat's entry time + 3 s): both
+Redis times. Target (issue 4): p99 <= 1 s.
+
+    python benchmarks/detectors_silence_delay.py [--agents 100000] [--silent 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, percentile, report
+
+from agentwatch import codec
+from agentwatch.codec import entry_ms
+from agentwatch.embedded import EmbeddedRedis
+from agentwatch.keys import Keys
+
+AFTER_MS = 3000
+CONFIG = """
+[redis]
+url = "{url}"
+prefix = "{prefix}"
+[detectors.silence]
+after = "3s"
+[detectors.silence.agents."healthy-*"]
+after = "1h"
+"""
+
+
+def event(agent: str, kind: str, seq: int, **fields: object) -> bytes:
+    return codec.encode({"v": 1, "agent": agent, "kind": kind, "ts": 0.0, "run": "r1", "seq": seq, **fields})
+
+
+def drain(client: redis.Redis, stream: str, timeout: float = 600) -> None:
+    """Wait until the detector group has read and acknowledged everything."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        groups = client.xinfo_groups(stream)
+        if groups and groups[0]["pending"] == 0 and groups[0].get("lag") == 0:
+            return
+        time.sleep(0.2)
+    raise SystemExit("the worker did not catch up")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", type=int, default=100_000)
+    parser.add_argument("--silent", type=int, default=1000)
+    parser.add_argument("--background", type=int, default=2000, help="beats/s from healthy agents")
+    args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="aw-bench-"))
+    server = EmbeddedRedis(state).start()
+    client = redis.Redis.from_url(server.url)
+    keys = Keys("benchsil")
+    config = state / "pipeline.toml"
+    config.write_text(CONFIG.format(url=server.url, prefix=keys.prefix))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
+    argv = [sys.executable, "-m", "agentwatch", "worker", "detectors", "--config", str(config)]
+    worker = subprocess.Popen([*argv, "--log-level", "warning"], env=env)
+    stop = threading.Event()
+    try:
+        healthy = [f"healthy-{i:06d}" for i in range(args.agents - args.silent)]
+        silent = [f"silent-{i:05d}" for i in range(args.silent)]
+        seqs: dict[str, int] = {}
+        started = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for n, agent in enumerate(healthy):
+            pipe.xadd(keys.events(), {"d": event(agent, "start", 0, interval=1.0)})
+            pipe.xadd(keys.events(), {"d": event(agent, "beat", 1, tokens=300)})
+            seqs[agent] = 2
+            if n % 2000 == 1999:
+                pipe.execute()
+        pipe.execute()
+        drain(client, keys.events())
+        registered_s = time.perf_counter() - started
+        armed = client.zcard(keys.timers(0))
+
+        def background() -> None:
+            rng = random.Random(1)
+            bg = client.pipeline(transaction=False)
+            while not stop.wait(0.05):
+                for agent in rng.sample(healthy, max(1, args.background // 20)):
+                    bg.xadd(keys.events(), {"d": event(agent, "beat", seqs[agent], tokens=300)})
+                    seqs[agent] += 1
+                bg.execute()
+
+        load = threading.Thread(target=background, daemon=True)
+        load.start()
+        last_ms: dict[str, int] = {}
+        for agent in silent:  # they start, beat once and go quiet: one every 2 ms
+            client.xadd(keys.events(), {"d": event(agent, "start", 0, interval=1.0)})
+            last_ms[agent] = entry_ms(client.xadd(keys.events(), {"d": event(agent, "beat", 1, tokens=300)}))
+            time.sleep(0.002)
+        delays: dict[str, float] = {}
+        deadline = time.monotonic() + 60
+        cursor = "-"
+        while len(delays) < len(silent) and time.monotonic() < deadline:
+            for entry_id, fields in client.xrange(keys.alerts, min=cursor):
+                cursor = f"({entry_id.decode()}"
+                alert = json.loads(fields[b"d"])
+                if (
+                    alert["detector"] == "silence"
+                    and alert["status"] == "firing"
+                    and alert["agent"] in last_ms
+                ):
+                    assert alert["agent"] not in delays, "two firing alerts for one agent"
+                    delays[alert["agent"]] = entry_ms(entry_id) - (last_ms[alert["agent"]] + AFTER_MS)
+            time.sleep(0.5)
+        stop.set()
+        load.join(5)
+        wrong = [
+            a["agent"]
+            for _, f in client.xrange(keys.alerts)
+            if (a := json.loads(f[b"d"]))["agent"].startswith("healthy")
+        ]
+    finally:
+        stop.set()
+        worker.terminate()
+        worker.wait(10)
+        client.close()
+        server.cleanup()
+    values = list(delays.values())
+    rows = [
+        {"figure": "agents registered (timers armed)", "value": armed + len(silent)},
+        {"figure": "registration (start + beat each), s", "value": round(registered_s, 1)},
+        {"figure": "silent agents alerted", "value": f"{len(values)} / {len(silent)}"},
+        {"figure": "delay p50, ms", "value": median(values)},
+        {"figure": "delay p99, ms", "value": percentile(values, 99)},
+        {"figure": "delay max, ms", "value": max(values)},
+        {"figure": "false alerts for healthy agents", "value": len(wrong)},
+    ]
+    extra = {"target_p99_ms": 1000, "agents": args.agents, "silent": args.silent,
+             "background_beats_per_s": args.background}  # fmt: skip
+    report("detectors_silence_delay", rows, extra)
+    print(f"p99 = {percentile(values, 99):.0f} ms (target <= 1000 ms)")
+
+
+if __name__ == "__main__":
+    main()
