@@ -7,116 +7,28 @@ keys) run because their keys share a hash tag.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import redis
 from redis.cluster import RedisCluster
 
 from agentwatch import codec
 from agentwatch.alerts import Incidents, decode_alert
 from agentwatch.codec import Event
-from agentwatch.embedded import SERVER_NAMES, find_server_binary
-from agentwatch.errors import EmbeddedRedisError
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import connect
 from agentwatch.worker import Handler, Message, Worker
 
-from conftest import free_port
 from helpers import running, settings_for, wait_for
 
 pytestmark = pytest.mark.cluster
 
 
-def binaries() -> tuple[str, str] | None:
-    try:
-        server = find_server_binary()
-    except EmbeddedRedisError:
-        return None
-    cli_name = "valkey-cli" if server.name.startswith("valkey") else "redis-cli"
-    cli = shutil.which(cli_name) or (
-        str(server.parent / cli_name) if (server.parent / cli_name).exists() else None
-    )
-    return (str(server), cli) if cli and server.name in SERVER_NAMES else None
-
-
-@pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    found = binaries()
-    if found is None:
-        pytest.skip("no redis-server/redis-cli (or valkey) binaries to build a cluster with")
-    server_bin, cli_bin = found
-    root = Path(tempfile.mkdtemp(prefix="aw-cl-"))
-    ports = [free_port() for _ in range(3)]
-    processes = []
-    try:
-        for port in ports:
-            node_dir = root / str(port)
-            node_dir.mkdir()
-            processes.append(
-                subprocess.Popen(
-                    [
-                        server_bin,
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--dir",
-                        str(node_dir),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--logfile",
-                        "node.log",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        for port in ports:
-            wait_for(lambda port=port: _pings(port), timeout=10, what=f"cluster node {port}")
-        subprocess.run(
-            [cli_bin, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
-        wait_for(lambda: all(_cluster_ok(p) for p in ports), timeout=20, what="cluster_state:ok")
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(5)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _pings(port: int) -> bool:
-    client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def _cluster_ok(port: int) -> bool:
-    client = redis.Redis(port=port)
-    try:
-        return bool(client.cluster("info")["cluster_state"] == "ok")
-    finally:
-        client.close()
+@pytest.fixture
+def cluster_url(cluster_ports: list[int]) -> str:
+    return f"redis://127.0.0.1:{cluster_ports[0]}/0"
 
 
 class Collect(Handler[Event]):
