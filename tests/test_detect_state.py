@@ -13,7 +13,7 @@ import redis
 from agents_detect.kit import Feed, pipeline_for, transitions, worker_for
 
 from agentwatch.keys import Keys
-from detectors import record, state
+from detectors import record, segments
 from detectors.state import read_agents
 
 
@@ -61,7 +61,7 @@ def test_a_new_start_begins_a_new_run_and_stale_events_only_prove_life(
     feed.apply([feed.event("bot", "start", interval=2.0), *beats(feed, "bot", 3)])
     feed.apply([feed.event("bot", "start", run="run-2", interval=5.0), *beats(feed, "bot", 2)])
     rec = read_agents(r, keys)["bot"]
-    assert rec["run"] == state.run_hash("run-2") and rec["prun"] == state.run_hash("run-1")
+    assert rec["run"] == segments.run_hash("run-2") and rec["prun"] == segments.run_hash("run-1")
     assert rec["iv"] == 5.0 and rec["hw"] == 2 and rec["tt"] == 500
     # An old-run beat processed late: no tokens counted (no marks to deduplicate it with).
     old = feed.event("bot", "beat", run="run-1", seq=99, tokens=1000)
@@ -74,7 +74,7 @@ def test_a_forked_childs_start_does_not_take_over(feed: Feed, r: redis.Redis, ke
     feed.apply([feed.event("bot", "start", interval=1.0), *beats(feed, "bot", 2)])
     child = feed.event("bot", "start", run="child", parent="run-1")
     feed.apply([child, feed.event("bot", "beat", run="child", tokens=7)])
-    assert read_agents(r, keys)["bot"]["run"] == state.run_hash("run-1")
+    assert read_agents(r, keys)["bot"]["run"] == segments.run_hash("run-1")
 
 
 def test_python_reads_what_lua_wrote(feed: Feed, r: redis.Redis, keys: Keys) -> None:
@@ -99,22 +99,22 @@ def test_the_numpy_fold_equals_the_ewma_beat_by_beat() -> None:
     rng = np.random.default_rng(7)
     order: list[list[Any]] = []
     for i, (name, profile) in enumerate([("a", 1), ("b", 2), ("c", 1)]):
-        seg: list[Any] = [0] * (state.S_WINX + 1)
-        seg[state.S_PROFILE], seg[state.S_INDEX], seg[state.S_AGENT] = profile, i, name
+        seg: list[Any] = [0] * (segments.S_WINX + 1)
+        seg[segments.S_PROFILE], seg[segments.S_INDEX], seg[segments.S_AGENT] = profile, i, name
         order.append(seg)
     seg_ids = rng.integers(0, 3, size=40).tolist()
     values = rng.integers(0, 1000, size=40).astype(float).tolist()
     alphas = [0.2, 0.05]
-    state._fold(order, seg_ids, values, state.S_TN, alphas)
+    segments._fold(order, seg_ids, values, segments.S_TN, alphas)
     for index, seg in enumerate(order):
-        alpha = alphas[seg[state.S_PROFILE] - 1]
+        alpha = alphas[seg[segments.S_PROFILE] - 1]
         xs = [v for s, v in zip(seg_ids, values, strict=True) if s == index]
         b, w = 123.0, 0.7  # whatever the record held before
         expected_b, expected_w = b, w
         for x in xs:
             expected_b = (1 - alpha) * expected_b + alpha * x
             expected_w = (1 - alpha) * expected_w + alpha
-        n, total, top, folded = seg[state.S_TN : state.S_TW + 1]
+        n, total, top, folded = seg[segments.S_TN : segments.S_TW + 1]
         decay = (1 - alpha) ** n
         assert (n, total, top) == (len(xs), sum(xs), max(xs))
         assert decay * b + folded == pytest.approx(expected_b)
