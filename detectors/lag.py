@@ -30,7 +30,9 @@ Severity = Literal["info", "warning", "error", "critical"]
 
 
 class LagConfig(DetectorConfig):
-    after_s: Seconds = Field(30.0, alias="after", gt=0, description="detectors this far behind: alert")
+    # Above [worker] claim_idle (30 s) plus a reclaim round: a SIGKILLed worker's unacknowledged
+    # batch holds the horizon back until another worker takes it over, and that alone should not page.
+    after_s: Seconds = Field(60.0, alias="after", gt=0, description="detectors this far behind: alert")
     recover_s: Seconds = Field(5.0, alias="recover", ge=0, description="under after/2 this long: resolved")
     blind_after_s: Seconds = Field(
         5.0, alias="blind_after", gt=0, description="no check for this long: restart checks from now"
