@@ -17,7 +17,7 @@ import re
 import struct
 from typing import Any, Final
 
-VERSION: Final = 1
+VERSION: Final = 2
 
 # (name, struct code, meaning). Codes: d = float64, f = float32, I = uint32, H = uint16,
 # B = uint8. Times are Redis server milliseconds; sizes are KiB.
@@ -49,6 +49,7 @@ FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
     ("tn", "I", "beats with usage seen (warm-up)"),
     ("hot", "H", "consecutive anomalous observations"),
     ("calm", "H", "consecutive normal beats while firing"),
+    ("bt", "d", "beats, total (all runs; reports take differences of totals)"),
     ("tt", "d", "tokens, total"),
     ("ct", "d", "cost, total (USD)"),
     ("ws", "d", "start of the current rate window"),

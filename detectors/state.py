@@ -285,6 +285,7 @@ local function apply(s)
     if ex then
       if ex[2] == 'shutdown' then retire(a, r, ex[1]) else exit_fire(a, r, p, ex, false) end
     end
+    r.bt = r.bt + s[S_NBEAT]
     memory_track(a, r, p, s, late)
     tokens_apply(a, r, p, s, late)
     if s[S_STACK] and s[S_STACKMS] > r.beat then

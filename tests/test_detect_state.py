@@ -36,7 +36,7 @@ def test_a_redelivered_batch_changes_nothing(feed: Feed, r: redis.Redis, keys: K
     feed.apply(list(batch))  # the same entries again: a worker died before its XACK
     assert r.hget(keys.states(0), "bot") == first
     rec = read_agents(r, keys)["bot"]
-    assert rec["tt"] == 500 and rec["hw"] == 5 and rec["tn"] == 5
+    assert rec["tt"] == 500 and rec["hw"] == 5 and rec["tn"] == 5 and rec["bt"] == 5
 
 
 def test_a_late_batch_fills_its_gap_exactly_once(feed: Feed, r: redis.Redis, keys: Keys) -> None:
@@ -51,7 +51,7 @@ def test_a_late_batch_fills_its_gap_exactly_once(feed: Feed, r: redis.Redis, key
     feed.apply(list(late))  # and delivered once more
     feed.apply(list(first))
     rec = read_agents(r, keys)["bot"]
-    assert rec["tt"] == 554 and rec["hw"] == 14
+    assert rec["tt"] == 554 and rec["hw"] == 14 and rec["bt"] == 14
     assert (rec["g1a"], rec["g1b"], rec["g2a"], rec["g2b"]) == (0, 0, 0, 0)
 
 
@@ -68,6 +68,7 @@ def test_a_new_start_begins_a_new_run_and_stale_events_only_prove_life(
     feed.apply([old])
     rec = read_agents(r, keys)["bot"]
     assert rec["tt"] == 500 and rec["seen"] == int(old[0].split(b"-")[0])
+    assert rec["bt"] == 3 + 2  # beats of both runs, the stale one not counted
 
 
 def test_a_forked_childs_start_does_not_take_over(feed: Feed, r: redis.Redis, keys: Keys) -> None:
