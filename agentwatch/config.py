@@ -19,8 +19,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agentwatch.errors import ConfigError
@@ -119,6 +129,36 @@ class WorkerSection(Section):
     notifiers: int = Field(1, ge=0, le=64, description="notifier processes `up` starts")
 
 
+class ReportSection(Section):
+    """Fleet reports (``agentwatch report``) and the scheduled report notifiers can opt into."""
+
+    bucket_s: Seconds = Field(3600.0, alias="bucket", ge=60, description="rollup resolution")
+    retention_s: Seconds = Field(8 * 86400.0, alias="retention", gt=0, description="rollups kept")
+    every_s: Seconds | None = Field(None, alias="every", ge=1, description='send one every ..., e.g. "24h"')
+    at: str | None = Field(None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description='or daily at "HH:MM"')
+    timezone: str = Field("UTC", description='for "at" and "today", e.g. "Europe/Berlin"')
+    period_s: Seconds = Field(86400.0, alias="period", gt=0, description="what a scheduled report covers")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as 'Europe/Berlin')") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> ReportSection:
+        if self.every_s is not None and self.at is not None:
+            raise ValueError('set "every" or "at", not both')
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
 class PipelineSettings(BaseSettings):
     """The whole file. Plugin sections stay raw here; plugins.py validates each with its model."""
 
@@ -130,6 +170,7 @@ class PipelineSettings(BaseSettings):
     embedded: EmbeddedSection = EmbeddedSection()
     streams: StreamsSection = StreamsSection()
     worker: WorkerSection = WorkerSection()
+    report: ReportSection = ReportSection()
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notifiers: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -82,10 +82,6 @@ class Keys:
     def tag_for(self, agent: str) -> str:
         return self.tag(shard_of(agent, self.shards))
 
-    def agent(self, agent: str) -> str:
-        """Hash of one agent's state: last seen, interval, run, sequence marks, baselines..."""
-        return f"{self.tag_for(agent)}:agent:{agent}"
-
     def agents(self, shard: int) -> str:
         """Sorted set of the agents of a shard, scored by last time seen (ms): the fleet index."""
         return f"{self.tag(shard)}:agents"
@@ -202,6 +198,29 @@ class Keys:
     def mutes(self) -> str:
         """Hash ``<agent glob>|<detector or *>`` -> JSON of a mute (until when, why, by whom)."""
         return f"{self.prefix}:mutes"
+
+    # -- fleet facts and rollups (agentwatch/facts.py, agentwatch/rollups.py) ----------------------
+    def facts(self, shard: int) -> str:
+        """Hash agent -> JSON of its latest run's start facts (run, host, pid, version, interval,
+        started_ms) and when it was first seen (first_ms): for status, reports and restarts."""
+        return f"{self.tag(shard)}:facts"
+
+    def snapshot(self, shard: int, bucket_ms: int) -> str:
+        """Hash agent -> packed totals (beats, tokens, cost) as of the bucket's start; expires."""
+        return f"{self.tag(shard)}:snap:{bucket_ms}"
+
+    def snapshots(self, shard: int) -> str:
+        """Sorted set of the buckets whose snapshot is complete (member and score: bucket ms)."""
+        return f"{self.tag(shard)}:snaps"
+
+    def snapshot_progress(self, shard: int) -> str:
+        """Hash ``bucket``, ``cursor``: a snapshot being taken in slices, and the lock on it."""
+        return f"{self.tag(shard)}:snapping"
+
+    @property
+    def reports_sent(self) -> str:
+        """Hash schedule slot -> when its scheduled report was queued to the notifiers (ms)."""
+        return f"{self.prefix}:reports"
 
     def all_tags(self) -> list[str]:
         return [self.tag(shard) for shard in range(max(self.shards, 1))]

@@ -11,7 +11,9 @@ from agentwatch import codec
 from agentwatch.alerts import Alert, Incidents, decode_alert
 from agentwatch.codec import Event
 from agentwatch.config import Pipeline
+from agentwatch.facts import FactsRecorder
 from agentwatch.redisconn import Client
+from agentwatch.rollups import Snapshotter
 from agentwatch.worker import Handler, Worker
 
 DETECTORS_GROUP = "detectors"
@@ -51,7 +53,14 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     ctx = DetectorContext(
         client=client, keys=keys, incidents=incidents, settings=settings, stats=worker.stats
     )
-    worker.handlers.append(OutboxSweeper(incidents))
+    report = settings.report
+    worker.handlers += [
+        OutboxSweeper(incidents),
+        FactsRecorder(client, keys),
+        Snapshotter(
+            client, keys, bucket_s=report.bucket_s, retention_s=report.retention_s, owner=worker.consumer
+        ),
+    ]
     worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.detectors]
     return worker
 
@@ -64,6 +73,7 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     holds up the stream or another notifier (notifiers/queue.py, notifiers/delivery.py).
     """
     from notifiers.base import NotifierContext  # noqa: PLC0415 - notifiers import the spine
+    from notifiers.reports import ReportScheduler  # noqa: PLC0415
 
     settings = pipeline.settings
     keys = pipeline.keys
@@ -87,5 +97,6 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         incidents=incidents,
         poll_s=settings.worker.block_s,
     )
-    worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
+    notifiers = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
+    worker.handlers += [*notifiers, ReportScheduler(pipeline, client, notifiers)]
     return worker

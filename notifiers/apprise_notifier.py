@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
 from agentwatch.config import Seconds
+from agentwatch.report import render_text
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Outcome, Retry
 from notifiers.webhook import slack_text
@@ -31,6 +32,7 @@ class AppriseConfig(NotifierConfig):
     timeout_s: Seconds = Field(
         30.0, alias="timeout", gt=0, description="budget of one message (sizes the lease)"
     )
+    reports_supported: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _installed(self) -> AppriseConfig:
@@ -65,6 +67,9 @@ class Apprise(Notifier[AppriseConfig]):
         for name in ("agent", "detector", "status", "severity"):
             title = title.replace(f"{{{name}}}", str(getattr(alert, name)))
         body = slack_text(alert).replace("*", "")
+        report = delivery.extra.get("report")
+        if report is not None:  # a scheduled fleet report (notifiers/reports.py)
+            title, body = alert.summary, render_text(report)
         if self.apobj.notify(title=title, body=body):
             return Delivered()
         return Retry("apprise reported a failure (see the worker log for the service's answer)")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agentwatch import plugins
 from agentwatch.alerts import Alert, Incidents
@@ -69,6 +69,18 @@ class NotifierConfig(plugins.NotifierConfig):
     )
     rate_limit: PerSecond | None = Field(None, description='e.g. "120/min"; none: unlimited')
     burst: int = Field(10, ge=1, le=100_000, description="requests allowed at once under rate_limit")
+    reports: bool = Field(False, description="also deliver the scheduled fleet report ([report])")
+
+    reports_supported: ClassVar[bool] = False
+    """Set by notifier types that can carry a report (webhook JSON or text, apprise text)."""
+
+    @model_validator(mode="after")
+    def _reports(self) -> NotifierConfig:
+        if self.reports and not self.reports_supported:
+            raise ValueError(
+                f"reports: a {self.type} notifier cannot deliver reports (webhook and apprise can)"
+            )
+        return self
 
 
 @dataclass(frozen=True)

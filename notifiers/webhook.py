@@ -29,11 +29,12 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from agentwatch.alerts import Alert
+from agentwatch.report import render_text
 from notifiers.delivery import Delivery
 from notifiers.http import HttpConfig, HttpNotifier
 
@@ -44,6 +45,7 @@ _ICONS = {"firing": ":red_circle:", "resolved": ":large_green_circle:"}
 class WebhookConfig(HttpConfig):
     secret: str | None = Field(None, description="HMAC-SHA256 signing secret")
     format: Literal["json", "slack"] = "json"
+    reports_supported: ClassVar[bool] = True
 
     @field_validator("secret")
     @classmethod
@@ -95,7 +97,12 @@ class Webhook(HttpNotifier[WebhookConfig]):
 
     def render(self, delivery: Delivery) -> tuple[bytes, dict[str, str]]:
         alert = delivery.alert
-        if self.config.format == "slack":
+        report = delivery.extra.get("report")
+        if report is not None:  # a scheduled fleet report (notifiers/reports.py), not an alert
+            text = render_text(report)
+            payload = {"text": text} if self.config.format == "slack" else {"report": report, "text": text}
+            body = json.dumps(payload, separators=(",", ":")).encode()
+        elif self.config.format == "slack":
             body = json.dumps({"text": slack_text(alert)}, separators=(",", ":")).encode()
         else:
             body = alert.to_json().encode()

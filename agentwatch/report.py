@@ -1,0 +1,242 @@
+"""Fleet reports: per agent uptime, beats, incidents with durations, tokens and cost; fleet totals.
+
+Two sources, neither of them the raw event stream:
+
+* **beats, tokens, cost** are differences of running totals (rollups.py): now minus the latest
+  snapshot at or before the start of the period. So the period starts on a bucket boundary
+  (``from`` in the report says which), and a report over 7 days costs two reads per agent.
+* **uptime and incidents** come from the alerts stream, the state history: an agent is *down*
+  from the moment its silence, stall or exit incident began (the last sign of life, or the
+  last beat, as the alert records it) until the incident resolved. Uptime is the share of the
+  period, from when the agent was first seen, that it was not down.
+
+The dict :func:`build_report` returns is the stable ``report --json`` format (docs/operations.md)
+and what a webhook receives as a scheduled report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from agentwatch.alerts import PIPELINE_AGENT, Alert, decode_alert, iso_ms
+from agentwatch.config import Pipeline, ReportSection, format_duration
+from agentwatch.errors import InvalidEntry
+from agentwatch.facts import read_facts
+from agentwatch.redisconn import Client, server_time_ms
+from agentwatch.rollups import Totals, totals_at
+
+DOWN_DETECTORS: Final = ("silence", "stall", "exit")
+"""Incidents during which an agent counts as down (it is not doing its work)."""
+_LOOKBACK_MS: Final = 7 * 86400_000
+"""How far before the period to look for the firing alert of an incident still open in it."""
+
+
+@dataclass
+class _Incident:
+    agent: str
+    detector: str
+    severity: str
+    summary: str
+    start_ms: int
+    fired_ms: int
+    end_ms: int | None = None
+
+    def clipped(self, lo: int, hi: int) -> int:
+        end = self.end_ms if self.end_ms is not None else hi
+        return max(0, min(end, hi) - max(self.start_ms, lo))
+
+
+def build_report(
+    client: Client,
+    pipeline: Pipeline,
+    *,
+    since_s: float,
+    now_ms: int | None = None,
+    agents: str | None = None,
+) -> dict[str, Any]:
+    """The report over the last ``since_s`` seconds (``agents``: only names matching this glob)."""
+    from detectors.state import read_agents  # noqa: PLC0415 - the spine imports plugins lazily
+
+    keys = pipeline.keys
+    now = server_time_ms(client) if now_ms is None else now_ms
+    start = now - int(since_s * 1000)
+    records = read_agents(client, keys)
+    records.pop(PIPELINE_AGENT, None)
+    facts = read_facts(client, keys)
+    names = sorted(n for n in set(records) | set(facts) if agents is None or fnmatch.fnmatchcase(n, agents))
+    before, bucket = totals_at(client, keys, start, names)
+    incidents = _incidents(client, pipeline, start, now)
+    rows = []
+    for name in names:
+        first = int(facts.get(name, {}).get("first_ms") or records.get(name, {}).get("start") or start)
+        if first > now:
+            continue
+        now_totals = Totals.of_record(records.get(name, {}))
+        # No snapshot that old: the agent is newer than the period (all of it counts), or the
+        # rollups do not reach back that far (all of it counts too; ``from`` says so).
+        spent = now_totals - before.get(name, Totals())
+        observed_from = max(start, first)
+        mine = [i for i in incidents if i.agent == name]
+        down = [(i.start_ms, i.end_ms or now) for i in mine if i.detector in DOWN_DETECTORS]
+        down_ms = _union_ms(down, observed_from, now)
+        observed_ms = max(1, now - observed_from)
+        rows.append(
+            {
+                "agent": name,
+                "first_seen": iso_ms(first),
+                "uptime_pct": round(100 * (1 - down_ms / observed_ms), 3),
+                "down_s": round(down_ms / 1000, 3),
+                "beats": round(spent.beats),
+                "tokens": round(spent.tokens),
+                "cost": round(spent.cost, 6),
+                "incidents": [_incident_dict(i, start, now) for i in mine],
+            }
+        )
+    return {
+        "from": iso_ms(bucket if bucket is not None and bucket < start else start),
+        "to": iso_ms(now),
+        "period_s": round((now - start) / 1000, 3),
+        "prefix": pipeline.settings.redis.prefix,
+        "agents": rows,
+        "fleet": _fleet(rows, [i for i in incidents if i.agent == PIPELINE_AGENT], start, now),
+    }
+
+
+def _fleet(rows: list[dict[str, Any]], own: list[_Incident], start: int, now: int) -> dict[str, Any]:
+    observed = len(rows)
+    return {
+        "agents": observed,
+        "uptime_pct": round(sum(r["uptime_pct"] for r in rows) / observed, 3) if observed else None,
+        "down_s": round(sum(r["down_s"] for r in rows), 3),
+        "beats": sum(r["beats"] for r in rows),
+        "tokens": sum(r["tokens"] for r in rows),
+        "cost": round(sum(r["cost"] for r in rows), 6),
+        "incidents": sum(len(r["incidents"]) for r in rows),
+        "pipeline_incidents": [_incident_dict(i, start, now) for i in own],
+    }
+
+
+def _incident_dict(incident: _Incident, start: int, now: int) -> dict[str, Any]:
+    end = incident.end_ms
+    return {
+        "detector": incident.detector,
+        "severity": incident.severity,
+        "summary": incident.summary,
+        "from": iso_ms(incident.start_ms),
+        "to": iso_ms(end) if end is not None else None,
+        "open": end is None,
+        "duration_s": round(((end if end is not None else now) - incident.start_ms) / 1000, 3),
+        "in_period_s": round(incident.clipped(start, now) / 1000, 3),
+    }
+
+
+def _incidents(client: Client, pipeline: Pipeline, start: int, now: int) -> list[_Incident]:
+    """Incidents that overlap [start, now], from the alerts stream (firing/resolved pairs)."""
+    redis: Any = client
+    open_by_key: dict[str, _Incident] = {}
+    found: list[_Incident] = []
+    for _, fields in _scan(redis, pipeline.keys.alerts, start - _LOOKBACK_MS, now):
+        try:
+            alert = decode_alert(fields[b"d"])
+        except (InvalidEntry, KeyError):
+            continue
+        if alert.status == "firing":
+            open_by_key[alert.dedup_key] = _Incident(
+                alert.agent, alert.detector, alert.severity, alert.summary, _began(alert), alert.at_ms
+            )
+        elif (incident := open_by_key.pop(alert.dedup_key, None)) is not None:
+            incident.end_ms = alert.at_ms
+            found.append(incident)
+        else:  # resolved; its firing is older than the lookback
+            duration = float(alert.details.get("duration_s", 0))
+            began = alert.at_ms - int(duration * 1000)
+            found.append(
+                _Incident(
+                    alert.agent, alert.detector, alert.severity, alert.summary, began, began, alert.at_ms
+                )
+            )
+    found += open_by_key.values()
+    overlapping = (i for i in found if (i.end_ms is None or i.end_ms >= start) and i.start_ms <= now)
+    return sorted(overlapping, key=lambda i: i.start_ms)
+
+
+def _began(alert: Alert) -> int:
+    """When the trouble began, by the alert's own account: the last sign of life or last beat."""
+    for key in ("last_seen_ms", "last_beat_ms"):
+        value = alert.details.get(key)
+        if isinstance(value, int | float) and 0 < value <= alert.at_ms:
+            return int(value)
+    return alert.at_ms
+
+
+def _scan(
+    redis: Any, stream: str, lo: int, hi: int, page: int = 1000
+) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    """Entries with ids in [lo, hi] ms, a page at a time (an id of "hi" alone includes all of hi)."""
+    cursor = f"{max(lo, 0)}-0"
+    while True:
+        entries = redis.xrange(stream, cursor, str(hi), count=page)
+        yield from entries
+        if len(entries) < page:
+            return
+        cursor = "(" + entries[-1][0].decode()
+
+
+def _union_ms(intervals: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Total length of the union of intervals, clipped to [lo, hi]."""
+    total, reach = 0, lo
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals):
+        if b <= reach:
+            continue
+        total += b - max(a, reach)
+        reach = b
+    return total
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report as plain text, for Slack, apprise and the terminal."""
+    fleet = report["fleet"]
+    lines = [
+        f"agentwatch report {report['from']} -> {report['to']} ({format_duration(report['period_s'])})",
+        f"fleet: {fleet['agents']} agents, uptime {_pct(fleet['uptime_pct'])}, "
+        f"{fleet['incidents']} incidents, {fleet['beats']:,} beats, {fleet['tokens']:,} tokens, "
+        f"${fleet['cost']:,.2f}",
+    ]
+    for row in report["agents"]:
+        lines.append(
+            f"- {row['agent']}: uptime {_pct(row['uptime_pct'])}, {row['beats']:,} beats, "
+            f"{row['tokens']:,} tokens, ${row['cost']:,.2f}"
+        )
+        for incident in row["incidents"]:
+            state = "still open" if incident["open"] else f"lasted {format_duration(incident['duration_s'])}"
+            lines.append(f"    {incident['detector']} ({state}): {incident['summary']}")
+    for incident in fleet["pipeline_incidents"]:
+        lines.append(f"pipeline: {incident['summary']} ({format_duration(incident['duration_s'])})")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+def due_slot(now_ms: int, cfg: ReportSection) -> str | None:
+    """The schedule slot a scheduled report is due for at ``now_ms`` (None: no schedule set).
+
+    ``every``: slots are multiples of the period since the epoch; ``at``: one slot per local
+    day, due from that day's ``at`` on. A slot is sent once (the caller records it).
+    """
+    if cfg.every_s is not None:
+        every_ms = int(cfg.every_s * 1000)
+        return f"every:{now_ms // every_ms * every_ms}"
+    if cfg.at is not None:
+        local = datetime.fromtimestamp(now_ms / 1000, tz=cfg.zone)
+        hour, minute = (int(part) for part in cfg.at.split(":"))
+        due = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if local < due:
+            due -= timedelta(days=1)
+        return f"at:{due.date().isoformat()}"
+    return None

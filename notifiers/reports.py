@@ -1,0 +1,66 @@
+"""The scheduled fleet report: built once per ``[report]`` slot, delivered by opted-in notifiers.
+
+Which notifiers: those with ``reports = true`` (webhook: the report as JSON, or as text with
+``format = "slack"``; apprise: text). When: ``[report] every = "24h"`` (slots are multiples of
+the period since the epoch) or ``at = "09:00"`` in ``timezone`` (one slot a day).
+
+Exactly one report per slot, however many notifier workers run: the report is queued on each
+notifier's own delivery queue (notifiers/queue.py) under an id derived from the slot, and that
+queue already refuses an id it has seen. So two workers that both decide to send it queue it
+once, and a worker that dies half way leaves the slot unmarked for the next tick to finish.
+A deployment's first slot is skipped: a report of the few minutes since start-up helps nobody.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentwatch.alerts import PIPELINE_AGENT, Alert, iso_ms
+from agentwatch.config import Pipeline, format_duration
+from agentwatch.report import build_report, due_slot
+from agentwatch.worker import Handler
+from notifiers.base import Notifier
+
+
+class ReportScheduler(Handler[Alert]):
+    """Notifier-worker handler: on each tick, send the due slot's report if nobody has yet."""
+
+    name = "reports"
+
+    def __init__(self, pipeline: Pipeline, client: Any, notifiers: list[Notifier[Any]]) -> None:
+        self.pipeline = pipeline
+        self.client: Any = client
+        self.notifiers = [n for n in notifiers if n.config.reports]
+        self._sent: str | None = None
+
+    def on_tick(self, now_ms: int) -> None:
+        cfg = self.pipeline.settings.report
+        slot = due_slot(now_ms, cfg)
+        if slot is None or not self.notifiers or slot == self._sent:
+            return
+        key = self.pipeline.keys.reports_sent
+        if self.client.hget(key, slot) is not None:
+            self._sent = slot
+            return
+        if self.client.hlen(key) == 0 and self.client.hsetnx(key, slot, f"skipped:{now_ms}"):
+            self._sent = slot  # the slot the deployment started in
+            return
+        report = build_report(self.client, self.pipeline, since_s=cfg.period_s, now_ms=now_ms)
+        fleet = report["fleet"]
+        alert = Alert(
+            id=f"report-{slot}",
+            agent=PIPELINE_AGENT,
+            detector="report",
+            status="firing",
+            severity="info",
+            summary=f"agentwatch report, last {format_duration(cfg.period_s)}: {fleet['agents']} agents, "
+            f"uptime {fleet['uptime_pct']}%, {fleet['incidents']} incidents",
+            dedup_key=f"{PIPELINE_AGENT}/report:{slot}",
+            at=iso_ms(now_ms),
+        )
+        for notifier in self.notifiers:
+            notifier.enqueue(alert, extra={"report": report})
+            if notifier.deliverer is not None:
+                notifier.deliverer.wake()
+        self.client.hset(key, slot, now_ms)
+        self._sent = slot
