@@ -17,21 +17,24 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
-from agentwatch.codec import Event, entry_ms
+from agentwatch.codec import Event
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.worker import Handler, Message
 
-# KEYS[1] = facts hash; ARGV = agent, started_ms, facts JSON (without first_ms), repeated.
+# KEYS[1] = facts hash; ARGV = agent, entry ms, entry seq, facts JSON (no first_ms), repeated.
+# Newer means a later entry id (ms, then sequence): two starts in one millisecond keep order.
 _RECORD: Final = """
-for i = 1, #ARGV, 3 do
-  local agent, at, new = ARGV[i], tonumber(ARGV[i + 1]), cjson.decode(ARGV[i + 2])
+for i = 1, #ARGV, 4 do
+  local agent, at, eseq = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local new = cjson.decode(ARGV[i + 3])
   local raw = redis.call('HGET', KEYS[1], agent)
   local first = at
   if raw then
     local cur = cjson.decode(raw)
     first = math.min(tonumber(cur.first_ms) or at, at)
-    if tonumber(cur.started_ms) >= at then
+    local cur_at, cur_seq = tonumber(cur.started_ms), tonumber(cur.entry_seq) or 0
+    if cur_at > at or (cur_at == at and cur_seq >= eseq) then
       new = cur
     end
   end
@@ -58,11 +61,11 @@ class FactsRecorder(Handler[Event]):
         for entry_id, event in messages:
             if event["kind"] != "start" or event.get("parent"):
                 continue  # a forked worker's start does not speak for the agent
-            at = entry_ms(entry_id)
+            at, _, entry_seq = entry_id.decode().partition("-")
             facts: dict[str, Any] = {key: event[key] for key in _FACT_KEYS if key in event}
-            facts["started_ms"] = at
+            facts["started_ms"], facts["entry_seq"] = int(at), int(entry_seq)
             args = by_shard.setdefault(shard_of(event["agent"], self.keys.shards), [])
-            args += [event["agent"], str(at), json.dumps(facts, separators=(",", ":"))]
+            args += [event["agent"], at, entry_seq, json.dumps(facts, separators=(",", ":"))]
         for shard, args in by_shard.items():
             self._script(keys=[self.keys.facts(shard)], args=args)
 

@@ -29,10 +29,9 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from agentwatch import codec
 from agentwatch.alerts import Alert
 from agentwatch.config import Seconds, format_duration
-from agentwatch.errors import InvalidEntry
+from agentwatch.facts import read_facts
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
 from notifiers.startlimit import StartLimit
@@ -41,8 +40,6 @@ PLACEHOLDERS = ("agent", "run", "host", "pid", "detector")
 LOOP_DETECTOR = "restart_loop"
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _OUTPUT_TAIL = 2000
-_SCAN_PAGE = 1000
-_SCAN_PAGES = 50
 
 
 class RestartConfig(NotifierConfig):
@@ -249,42 +246,15 @@ class Restart(Notifier[RestartConfig]):
 
     # -- facts and audit ------------------------------------------------------------------------------
     def facts(self, alert: Alert) -> dict[str, str]:
-        """agent, detector, and run/host/pid from the alert's details, else its last start event."""
+        """agent, detector, and run/host/pid from the alert's details, else from the agent's
+        latest start as the detector workers record it (agentwatch/facts.py)."""
         facts = {"agent": alert.agent, "detector": alert.detector}
-        wanted = ("run", "host", "pid")
-        for name in wanted:
-            value = alert.details.get(name)
+        recorded = read_facts(self.ctx.client, self.ctx.keys, [alert.agent]).get(alert.agent, {})
+        for name in ("run", "host", "pid"):
+            value = alert.details.get(name, recorded.get(name))
             if value not in (None, ""):
                 facts[name] = str(value)
-        if any(name not in facts for name in wanted):
-            for name, value in self.last_start(alert.agent).items():
-                facts.setdefault(name, value)
         return facts
-
-    def last_start(self, agent: str) -> dict[str, str]:
-        """run, host and pid from the agent's latest ``start`` event still on its stream.
-
-        Detectors keep no strings per agent, so this reads the stream backwards, a page at a
-        time and bounded: restarts are rare, and an agent whose start was trimmed away simply
-        has no {pid} (a command that needs it fails with that reason).
-        """
-        client: Any = self.ctx.client
-        stream, upper = self.ctx.keys.events_for(agent), "+"
-        for _ in range(_SCAN_PAGES):
-            entries = client.xrevrange(stream, max=upper, count=_SCAN_PAGE)
-            for _entry_id, fields in entries:
-                try:
-                    event = codec.decode(fields.get(b"d") or fields.get("d") or b"")
-                except InvalidEntry:
-                    continue
-                if event["agent"] == agent and event["kind"] == "start":
-                    found = {"run": event.get("run"), "host": event.get("host"), "pid": event.get("pid")}
-                    return {name: str(value) for name, value in found.items() if value not in (None, "")}
-            if len(entries) < _SCAN_PAGE:
-                break
-            last = entries[-1][0]
-            upper = "(" + (last.decode() if isinstance(last, bytes) else str(last))
-        return {}
 
     def _audit(self, alert: Alert, action: str, *, argv: list[str] | None = None, exit: int | None = None,
                timed_out: bool = False, ms: int = 0, output: str = "", detail: str = "") -> None:  # fmt: skip

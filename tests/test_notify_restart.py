@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 import redis
+from agents_detect.kit import pipeline_for, worker_for
 
 from agentwatch import codec, plugins
 from agentwatch.alerts import Incidents, decode_alert
 from agentwatch.keys import Keys
 
-from helpers import wait_for
+from helpers import running, wait_for
 from notify_kit import fire, notifier_running, pipeline_with, resolve, stream
 
 RECORD = """
@@ -180,15 +181,17 @@ def test_bad_config_fails_at_start_up_naming_the_key(entry: dict[str, Any], need
     assert not loaded and needle in " ".join(problems), problems
 
 
-def test_facts_fall_back_to_the_agents_last_start_event(
+def test_facts_come_from_the_agents_last_start_as_the_detectors_recorded_it(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str, recorder: tuple[Path, Path]
 ) -> None:
-    start = {"v": 1, "agent": "bot", "kind": "start", "ts": time.time(), "run": "run-42", "seq": 0,
-             "interval": 1.0, "pid": 31337, "host": "box-9"}  # fmt: skip
-    r.xadd(keys.events(), {"d": codec.encode(start)})
-    for seq in range(1, 2500):  # its start is pages back
-        beat = {"v": 1, "agent": "other", "kind": "beat", "ts": 1.0, "run": "o", "seq": seq}
-        r.xadd(keys.events(), {"d": codec.encode(beat)})
+    for run, pid in (("run-41", 1), ("run-42", 31337)):  # restarted once: the latest start counts
+        start = {"v": 1, "agent": "bot", "kind": "start", "ts": time.time(), "run": run, "seq": 0,
+                 "interval": 1.0, "pid": pid, "host": "box-9"}  # fmt: skip
+        r.xadd(keys.events(), {"d": codec.encode(start)})
+    detectors = worker_for(pipeline_for(prefix, redis_url), redis_url)
+    with running(detectors):
+        wait_for(lambda: b"run-42" in (r.hget(keys.facts(0), "bot") or b""), what="the facts recorded")
+    detectors.client.close()
     script, out = recorder
     entry = restart([sys.executable, str(script), str(out), "{run}", "{host}", "{pid}"])
     with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
