@@ -23,7 +23,7 @@ import msgpack
 from agentwatch.codec import Event, entry_ms
 from agentwatch.worker import Message
 from agentwatch.workers import DETECTORS_GROUP
-from detectors import intents, record, segments, state
+from detectors import intents, layout, record, segments, state
 from detectors.base import Detector, DetectorConfig, DetectorContext
 
 log = logging.getLogger("agentwatch.detectors")
@@ -182,16 +182,17 @@ class Engine:
         if messages is self._last_batch:
             return
         self._prepare()
-        folded = segments.build_segments(messages, self.profile_of, self._alphas, self._windows)
+        profile_of = self.profile_of if self._overrides else None
+        folded = segments.build_segments(messages, profile_of, self._alphas, self._windows)
         memory = self.get("Memory")
-        for shard, segs in segments.group_by_shard(folded, self.keys.shards).items():
+        for shard, rows in folded.by_shard(self.keys.shards).items():
             reply = self._update(
                 keys=[
                     self.keys.states(shard), self.keys.timers(shard), self.keys.agents(shard),
                     self.keys.stacks(shard), self.keys.rss(shard), self.keys.intents(shard),
                     self.keys.clock(shard),
                 ],
-                args=[self.owner, intents.LEASE_MS, self._packed_profiles, segments.pack(segs),
+                args=[self.owner, intents.LEASE_MS, self._packed_profiles, segments.pack(folded, rows),
                       self.blind_ms()],
             )  # fmt: skip
             owned, windows = msgpack.unpackb(reply, raw=False)
@@ -281,7 +282,7 @@ def lua_prelude() -> str:
             record.lua(),
             intents.LUA_EMIT,
             state.profile_lua(),
-            segments.segment_lua(),
+            layout.segment_lua(),
             state.flags_lua(),
             state.LUA_COMMON,
         ]

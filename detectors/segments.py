@@ -1,22 +1,30 @@
 """A batch of events as *segments*: the events of one agent and one run, folded in Python.
 
-This is the detector worker's hot path. One pass over the batch folds each agent's events into
-a few numbers (seq range, first and last event, last beat and pulse, gaps, extend, the exit,
-the newest late stack); afterwards numpy folds every agent's token and cost numbers at once (the
-EWMA terms, per-window sums). The update script (state.py) then applies a whole segment to the
-agent's record in one step, however many events it holds.
+This is the detector worker's hot path. The batch is read column by column (C-level passes
+over the event dicts, no Python loop per event), and every number of every segment is computed
+with numpy for the whole batch at once (fold.py): the order statistics (first and last event,
+last beat and pulse, gaps) and the token and cost folds (the EWMA terms, per-window sums).
 
-Segments travel to Lua as one packed binary string of numbers for the whole batch plus a short
-list of the other fields (:func:`pack`): decoding ~40 msgpack values per agent cost more than
-the decisions themselves.
+A segment holding anything but beats and pulses (a start, an exit, a stack, an extend) is
+*complex*: it is folded event by event instead (:func:`_fold_events`, the fold every segment
+used to get), and only the token folds come from the arrays. Such segments are rare. The update
+script (state.py), or the fast path (fastpath.py), then applies a whole segment to the agent's
+record in one step, however many events it holds.
+
+The layout of a segment is in layout.py. Its numbers live in one float64 matrix (a row per
+segment), so packing them for Lua is one ``tobytes``; the other fields are built only for the
+segments that go to the update script (:meth:`Segments.others`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import count as counter
+from itertools import repeat
+from operator import contains, is_not, itemgetter
 from typing import Any, Final
 
 import msgpack
@@ -25,34 +33,51 @@ import numpy as np
 from agentwatch.codec import Event
 from agentwatch.keys import shard_of
 from agentwatch.worker import Message
+from detectors import fold
+from detectors.layout import (
+    FP_TEXT_CHARS,
+    NUMBERS,
+    S_AGENT,
+    S_BA,
+    S_BB,
+    S_BEAT,
+    S_CHILD,
+    S_CN,
+    S_EXIT,
+    S_FBEAT,
+    S_FPC,
+    S_FPH,
+    S_FPTEXT,
+    S_FPX,
+    S_GA,
+    S_GB,
+    S_HI,
+    S_INDEX,
+    S_IV,
+    S_LAST,
+    S_LO,
+    S_NBEAT,
+    S_PBF,
+    S_PGAP,
+    S_PROFILE,
+    S_PSB,
+    S_PULSE,
+    S_RKB,
+    S_RMS,
+    S_RSSX,
+    S_RUN,
+    S_STACK,
+    S_STACKMS,
+    S_START,
+    S_TN,
+    S_XBEAT,
+    S_XU,
+    TOKEN_NUMBERS,
+)
 
-# Segment layout, shared with the update script (Lua indexes are these + 1). The numbers travel as
-# one packed binary string for the whole batch (one struct.unpack per segment in Lua, instead of
-# decoding ~40 msgpack values); the few other fields as a msgpack list.
-SEGMENT_NUMBERS: Final = (
-    "PROFILE", "RUN", "LO", "HI", "FIRST", "LAST", "START", "IV", "CHILD", "BEAT", "NBEAT", "PULSE",
-    "XU", "XBEAT", "STACKMS", "PGAP", "GA", "GB", "FBEAT", "PBF", "PSB", "BA", "BB",
-    "TN", "TSUM", "TMAX", "TW", "CN", "CSUM", "CMAX", "CW", "FPH", "FPC", "WS", "WT", "RMS", "RKB",
-    "INDEX",
-)  # fmt: skip
-SEGMENT_OTHERS: Final = ("AGENT", "EXIT", "FPTEXT", "FPX", "RSSX", "STACK", "WINX")
-(S_PROFILE, S_RUN, S_LO, S_HI, S_FIRST, S_LAST, S_START, S_IV, S_CHILD, S_BEAT, S_NBEAT, S_PULSE,
- S_XU, S_XBEAT, S_STACKMS, S_PGAP, S_GA, S_GB, S_FBEAT, S_PBF, S_PSB, S_BA, S_BB,
- S_TN, S_TSUM, S_TMAX, S_TW, S_CN, S_CSUM, S_CMAX, S_CW, S_FPH, S_FPC, S_WS, S_WT, S_RMS, S_RKB,
- S_INDEX, S_AGENT, S_EXIT, S_FPTEXT, S_FPX, S_RSSX, S_STACK, S_WINX) = range(45)  # fmt: skip
-# GA..GB: the longest gap between two events of the segment; BA..BB: the longest gap between
-# two beats with a pulse in between; FBEAT: the first beat; PBF: a pulse came before it; PSB: a
-# pulse came since the last beat (bookkeeping for BA..BB). TN..TW and CN..CW: the tokens and
-# cost folds (count, sum, max, EWMA term; count 0: none). Lists are run-length encoded and start
-# in numbers, so the common segment (one beat, one pulse) carries no list at all: FPH/FPC/FPTEXT
-# the first run of equal fingerprints and FPX the others ([hash, count, text, ...]); WS/WT the
-# tokens of the first rate window and WINX the others; RMS/RKB the first RSS sample (KiB) and
-# RSSX the others. INDEX: position in the batch.
-_NUMBERS: Final = len(SEGMENT_NUMBERS)
-_SEGMENT: Final = struct.Struct("<" + "d" * _NUMBERS)
-FP_TEXT_CHARS: Final = 80
-"""How much of a looping fingerprint the loop alert quotes."""
-
+_KINDS: Final = {"beat": fold.BEAT, "pulse": fold.PULSE, "start": fold.START, "exit": fold.EXIT}
+_AGENT, _RUN, _SEQ, _KIND = itemgetter("agent"), itemgetter("run"), itemgetter("seq"), itemgetter("kind")
+_FROM_EVENTS: Final = [i for i in range(NUMBERS) if i not in TOKEN_NUMBERS]
 _run_hashes: dict[str, int] = {}
 
 
@@ -72,38 +97,226 @@ def fp_hash(fp: str) -> int:
     return zlib.crc32(fp.encode()) or 1
 
 
+def _fp_text(fp: str | None) -> str:
+    return fp[:FP_TEXT_CHARS] if fp else ""
+
+
+@dataclass(eq=False)
+class Segments:
+    """The segments of a batch, in order of first appearance (row ``i`` is segment ``i``)."""
+
+    numbers: np.ndarray
+    """float64, one row of layout.SEGMENT_NUMBERS per segment."""
+    agents: list[str]
+    simple: np.ndarray
+    """Per segment: only beats and pulses (folded by fold.py; the fast path takes only these)."""
+    complex: dict[int, list[Any]] = field(default_factory=dict)
+    """The other segments as the per-event fold built them (numbers and other fields)."""
+    fps: list[str | None] = field(default_factory=list)
+    """Per event, in segment order: the fingerprint."""
+    runs: tuple[np.ndarray, ...] = ()
+    """Fingerprint runs over each segment's beats: (segment, first event, length, hash)."""
+    rss: tuple[np.ndarray, ...] = ()
+    """RSS samples of each segment, in order: (segment, ms, KiB)."""
+    windows: tuple[np.ndarray, ...] = ()
+    """Tokens per rate window, by segment then window start: (segment, start, tokens)."""
+
+    def __len__(self) -> int:
+        return len(self.agents)
+
+    def by_shard(self, shards: int) -> dict[int, np.ndarray]:
+        """Rows of each shard's segments, in batch order."""
+        rows = np.arange(len(self.agents))
+        if shards <= 1:
+            return {0: rows} if len(rows) else {}
+        of = np.fromiter((shard_of(a, shards) for a in self.agents), dtype=np.int64, count=len(rows))
+        return {int(shard): rows[of == shard] for shard in np.unique(of)}
+
+    def others(self, rows: np.ndarray) -> list[Any]:
+        """The fields of layout.SEGMENT_OTHERS of segments ``rows``, one after the other."""
+        wanted = rows.tolist()
+        fpx: dict[int, list[Any]] = {}
+        fptext: dict[int, Any] = {}
+        if self.runs:
+            chosen = np.flatnonzero(np.isin(self.runs[0], rows))
+            run_seg, run_pos, run_len, run_h = (a[chosen].tolist() for a in self.runs)
+            fps = self.fps
+            for i, pos, length, h in zip(run_seg, run_pos, run_len, run_h, strict=True):
+                text = _fp_text(fps[pos])
+                if i not in fptext:
+                    fptext[i] = text
+                else:
+                    fpx.setdefault(i, []).extend((h, length, text))
+        rssx, winx = _tails(self.rss, rows), _tails(self.windows, rows)
+        out: list[Any] = []
+        for i in wanted:
+            seg = self.complex.get(i)
+            if seg is not None:
+                out += (*seg[S_AGENT : S_STACK + 1], winx.get(i, False))
+            else:
+                out += (self.agents[i], False, fptext.get(i, False), fpx.get(i, False),
+                        rssx.get(i, False), False, winx.get(i, False))  # fmt: skip
+        return out
+
+
+def _tails(arrays: tuple[np.ndarray, ...], rows: np.ndarray) -> dict[int, list[Any]]:
+    """Per segment of ``rows``: its items after the first, flattened ([a, b, a, b, ...]) as
+    Python numbers; ``arrays`` are (segment, a, b), sorted by segment."""
+    out: dict[int, list[Any]] = {}
+    if not arrays:
+        return out
+    of = arrays[0]
+    tail = np.ones(len(of), dtype=bool)
+    tail[1:] = of[1:] == of[:-1]
+    tail[0] = False
+    chosen = np.flatnonzero(tail & np.isin(of, rows))
+    items = zip(of[chosen].tolist(), arrays[1][chosen].tolist(), arrays[2][chosen].tolist(), strict=True)
+    for i, a, b in items:
+        out.setdefault(i, []).extend((a, b))
+    return out
+
+
+_DIGITS: Final = 10 ** np.arange(12, -1, -1, dtype=np.int64)
+
+
+def entry_times(ids: list[bytes]) -> np.ndarray:
+    """The ms part of stream entry ids ("<ms>-<seq>"). Redis time has 13 digits until 2286: read
+    those as digits, a few array operations for the whole batch, and parse others one by one."""
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    if len(ids) and lens.min() >= 15:
+        blob = np.frombuffer(b"".join(ids), dtype=np.uint8)
+        starts = np.cumsum(lens) - lens
+        digits = blob[starts[:, None] + np.arange(13)] - 48  # anything but a digit wraps past 9
+        if (digits <= 9).all() and (blob[starts + 13] == ord("-")).all():
+            times: np.ndarray = digits.astype(np.int64) @ _DIGITS
+            return times
+    return np.array([int(i[: i.index(b"-")]) for i in ids], dtype=np.int64)
+
+
 def build_segments(
     messages: Sequence[Message[Event]],
-    profile_of: Callable[[str], int],
+    profile_of: Callable[[str], int] | None,
     alphas: Sequence[float],
     windows: Sequence[float],
-) -> list[list[Any]]:
+    *,
+    vectorised: bool = True,
+) -> Segments:
     """Fold a batch into segments (one per agent and run, in order of first appearance).
 
-    This is the worker's hot path: one pass, a handful of dict lookups per event. The token
-    and cost EWMA terms are computed afterwards for the whole batch at once with numpy.
+    ``profile_of`` None: every agent has profile 1. ``vectorised=False`` folds every segment
+    event by event: the reference the tests compare the vectorised fold with."""
+    evs = [message[1] for message in messages]
+    keys = list(zip(map(_AGENT, evs), map(_RUN, evs), strict=True))
+    index = dict(zip(dict.fromkeys(keys), counter()))
+    count, n = len(index), len(evs)
+    seg = np.fromiter(map(index.__getitem__, keys), dtype=np.int64, count=n)
+    ms = entry_times([m[0] for m in messages])
+    kind = np.fromiter(map(_KINDS.__getitem__, map(_KIND, evs)), dtype=np.int64, count=n)
+    beat, pulse = kind == fold.BEAT, kind == fold.PULSE
+    tokens: list[Any] = list(map(dict.get, evs, repeat("tokens")))
+    if any(map(contains, evs, repeat("tokens_in"))) or any(map(contains, evs, repeat("tokens_out"))):
+        for k in np.flatnonzero(beat).tolist():  # the producer may send the two parts instead
+            ev = evs[k]
+            if tokens[k] is None and ("tokens_in" in ev or "tokens_out" in ev):
+                tokens[k] = ev.get("tokens_in", 0) + ev.get("tokens_out", 0)
+    tok = np.array(tokens, dtype=np.float64)  # None: nan
+    cost = np.array(list(map(dict.get, evs, repeat("cost"))), dtype=np.float64)
+    rss_raw = list(map(dict.get, evs, repeat("rss")))
+    has_rss = np.fromiter(map(is_not, rss_raw, repeat(None)), dtype=bool, count=n) & pulse
+    rare = (kind >= fold.START) | (ms == 0) | (not vectorised)
+    try:
+        seq = np.array(list(map(_SEQ, evs)), dtype=np.int64)
+        rss = np.zeros(n, dtype=np.int64)
+        found = [rss_raw[k] for k in np.flatnonzero(has_rss).tolist()]
+        rss[has_rss] = np.array(found, dtype=np.int64) // 1024
+    except OverflowError:  # a number beyond int64: fold the whole batch event by event
+        seq, rss, rare = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), rare | True
+    for name, of_kind in (("extend", None), ("stack", pulse)):
+        values = list(map(dict.get, evs, repeat(name)))
+        if any(values):
+            truthy = np.fromiter(map(bool, values), dtype=bool, count=n)
+            rare |= truthy if of_kind is None else truthy & of_kind
+    simple = np.ones(count, dtype=bool)
+    simple[seg[rare]] = False
+
+    numbers = np.zeros((count, NUMBERS))
+    order = np.argsort(seg, kind="stable") if count < n else np.arange(n)
+    sseg = seg[order]
+    ends = np.cumsum(np.bincount(sseg, minlength=count))
+    events = fold.Events(sseg, ms[order], seq[order], kind[order], ends - np.diff(ends, prepend=0), ends)
+    fold.fold_simple(numbers, events)
+    fps = list(map(dict.get, evs, repeat("fp")))
+    agents = [key[0] for key in index]
+    out = Segments(numbers, agents, simple, fps=fps if count == n else [fps[k] for k in order])
+    _fold_fp_and_rss(out, events, rss[order], has_rss[order])
+    if not simple.all():
+        wanted = set(np.flatnonzero(~simple).tolist())
+        chosen = [m for m, s in zip(messages, seg.tolist(), strict=True) if s in wanted]
+        out.complex = _fold_events(chosen, index)
+        for row, values in out.complex.items():
+            numbers[row, _FROM_EVENTS] = [values[k] for k in _FROM_EVENTS]
+    numbers[:, S_PROFILE] = 1 if profile_of is None else list(map(profile_of, out.agents))
+    runs = [key[1] for key in index]
+    hashes = list(map(_run_hashes.get, runs))
+    if None in hashes:
+        hashes = list(map(run_hash, runs))
+    numbers[:, S_RUN] = hashes
+    numbers[:, S_INDEX] = np.arange(count)
+    has_tok, has_cost = beat & ~np.isnan(tok), beat & ~np.isnan(cost)
+    if has_tok.any():
+        tok_seg = seg[has_tok]
+        fold.ewma_terms(numbers, tok_seg, tok[has_tok], S_TN, alphas)
+        out.windows = fold.rate_windows(numbers, tok_seg, ms[has_tok], tok[has_tok], windows)
+    if has_cost.any():
+        fold.ewma_terms(numbers, seg[has_cost], cost[has_cost], S_CN, alphas)
+    return out
+
+
+def _fold_fp_and_rss(out: Segments, ev: fold.Events, kb: np.ndarray, has_rss: np.ndarray) -> None:
+    """FPH/FPC and RMS/RKB of every segment; the runs and samples after the first are kept for
+    :meth:`Segments.others` and the fast path."""
+    numbers, beat = out.numbers, ev.kind == fold.BEAT
+    truthy = np.fromiter(map(bool, out.fps), dtype=bool, count=len(out.fps))
+    hashes = np.zeros(len(out.fps), dtype=np.int64)
+    hashes[truthy] = list(map(zlib.crc32, map(str.encode, filter(None, out.fps))))
+    hashes[truthy & (hashes == 0)] = 1  # 0 means "no fingerprint"
+    run_seg, run_pos, run_len = fold.fp_runs(ev, beat, hashes)
+    if len(run_seg):
+        first = np.ones(len(run_seg), dtype=bool)
+        first[1:] = run_seg[1:] != run_seg[:-1]
+        numbers[run_seg[first], S_FPH] = hashes[run_pos[first]]
+        numbers[run_seg[first], S_FPC] = run_len[first]
+        out.runs = (run_seg, run_pos, run_len, hashes[run_pos])
+    samples = np.flatnonzero((ev.kind == fold.PULSE) & has_rss)
+    if len(samples):
+        rss_seg = ev.seg[samples]
+        first = np.ones(len(samples), dtype=bool)
+        first[1:] = rss_seg[1:] != rss_seg[:-1]
+        numbers[rss_seg[first], S_RMS] = ev.ms[samples[first]]
+        numbers[rss_seg[first], S_RKB] = kb[samples[first]]
+        out.rss = (rss_seg, ev.ms[samples], kb[samples])
+
+
+def _fold_events(
+    messages: Sequence[Message[Event]], index: dict[tuple[str, str], int]
+) -> dict[int, list[Any]]:
+    """The per-event fold of the segments of ``messages`` (whatever they hold), by segment.
+
+    Token and cost numbers are left to the batch-wide folds; everything else is here.
     """
-    segs: dict[tuple[str, str], list[Any]] = {}
-    order: list[list[Any]] = []
-    tok_seg: list[int] = []
-    tok_val: list[int] = []
-    tok_ms: list[int] = []
-    cost_seg: list[int] = []
-    cost_val: list[float] = []
+    segs: dict[int, list[Any]] = {}
     for entry_id, ev in messages:
         agent = ev["agent"]
-        run = ev["run"]
-        key = (agent, run)
-        seg = segs.get(key)
+        i = index[(agent, ev["run"])]
+        seg = segs.get(i)
         ms = int(entry_id[: entry_id.index(b"-")])
         seq = ev["seq"]
         if seg is None:
-            seg = [profile_of(agent), run_hash(run), seq, seq, ms, ms, 0, -1, 0, 0, 0, 0,
+            seg = [0, 0, seq, seq, ms, ms, 0, -1, 0, 0, 0, 0,
                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, len(order),
+                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i,
                    agent, False, False, False, False, False, False]  # fmt: skip
-            segs[key] = seg
-            order.append(seg)
+            segs[i] = seg
         else:
             if seq > seg[S_HI]:
                 seg[S_HI] = seq
@@ -128,19 +341,7 @@ def build_segments(
             seg[S_XU] = ms + int(extend * 1000) if extend else 0
             seg[S_XBEAT] = 1
             seg[S_STACK] = False
-            tokens = ev.get("tokens")
-            if tokens is None and ("tokens_in" in ev or "tokens_out" in ev):
-                tokens = ev.get("tokens_in", 0) + ev.get("tokens_out", 0)
-            if tokens is not None:
-                tok_seg.append(seg[S_INDEX])
-                tok_val.append(tokens)
-                tok_ms.append(ms)
-            cost = ev.get("cost")
-            if cost is not None:
-                cost_seg.append(seg[S_INDEX])
-                cost_val.append(cost)
-            fp = ev.get("fp")
-            _add_fp(seg, fp)
+            _add_fp(seg, ev.get("fp"))
             continue
         if extend:
             seg[S_XU] = max(seg[S_XU], ms + int(extend * 1000))
@@ -173,12 +374,7 @@ def build_segments(
         else:  # exit
             seg[S_EXIT] = [ms, ev.get("reason", "exit"), ev.get("code", 0), ev.get("error") or "",
                            ev.get("traceback") or ""]  # fmt: skip
-    if tok_seg:
-        _fold(order, tok_seg, tok_val, S_TN, alphas)
-        _windows(order, tok_seg, tok_ms, tok_val, windows)
-    if cost_seg:
-        _fold(order, cost_seg, cost_val, S_CN, alphas)
-    return order
+    return segs
 
 
 def _add_fp(seg: list[Any], fp: str | None) -> None:
@@ -186,102 +382,21 @@ def _add_fp(seg: list[Any], fp: str | None) -> None:
     h = (zlib.crc32(fp.encode()) or 1) if fp else 0
     extra = seg[S_FPX]
     if not seg[S_FPC]:
-        seg[S_FPH], seg[S_FPC], seg[S_FPTEXT] = h, 1, fp[:FP_TEXT_CHARS] if fp else ""
+        seg[S_FPH], seg[S_FPC], seg[S_FPTEXT] = h, 1, _fp_text(fp)
     elif extra is False:
         if seg[S_FPH] == h:
             seg[S_FPC] += 1
         else:
-            seg[S_FPX] = [h, 1, fp[:FP_TEXT_CHARS] if fp else ""]
+            seg[S_FPX] = [h, 1, _fp_text(fp)]
     elif extra[-3] == h:
         extra[-2] += 1
     else:
-        extra += (h, 1, fp[:FP_TEXT_CHARS] if fp else "")
+        extra += (h, 1, _fp_text(fp))
 
 
-def _fold(
-    order: list[list[Any]], seg_ids: list[int], values: Sequence[float], slot: int, alphas: Sequence[float]
-) -> None:
-    """Per segment, from ``slot`` on: n, sum, max, W where W = sum_i alpha (1-alpha)^(n-1-i) x_i.
-
-    With the EWMA numerator b and weight w kept in the record, k beats fold in as
-    b' = (1-alpha)^k b + W and w' = (1-alpha)^k w + 1 - (1-alpha)^k: the script applies a whole
-    batch of an agent's beats in two multiplications.
-    """
-    seg = np.asarray(seg_ids, dtype=np.int64)
-    x = np.asarray(values, dtype=np.float64)
-    count = len(order)
-    n = np.bincount(seg, minlength=count)
-    # stable sort by segment: each segment's beats become one run, still in stream order
-    sorter = np.argsort(seg, kind="stable")
-    xs, ss = x[sorter], seg[sorter]
-    ends = np.cumsum(n)
-    from_end = ends[ss] - 1 - np.arange(len(ss))  # beats after this one in its segment
-    if len(alphas) == 1:
-        alpha: Any = alphas[0]
-    else:
-        profile = np.fromiter((order[i][S_PROFILE] for i in range(count)), dtype=np.int64, count=count)
-        alpha = np.asarray(alphas, dtype=np.float64)[profile - 1][ss]
-    weighted = np.bincount(ss, weights=alpha * np.power(1.0 - alpha, from_end) * xs, minlength=count)
-    total = np.bincount(ss, weights=xs, minlength=count)
-    present = n > 0
-    starts = (ends - n)[present]
-    top = np.maximum.reduceat(xs, starts) if len(starts) else np.zeros(0)
-    for i, k, s, t, w in zip(np.flatnonzero(present).tolist(), n[present].tolist(), total[present].tolist(),
-                             top.tolist(), weighted[present].tolist(), strict=True):  # fmt: skip
-        order[i][slot : slot + 4] = (k, s, t, w)
-
-
-def _windows(
-    order: list[list[Any]], seg_ids: list[int], times: list[int], values: list[int], widths: Sequence[float]
-) -> None:
-    """Per segment: tokens per rate window, [window start, tokens, ...] in time order, so that a
-    batch holding many of an agent's beats (a backlog) still closes every window it spans."""
-    seg = np.asarray(seg_ids, dtype=np.int64)
-    if len(widths) == 1:
-        width: Any = int(widths[0])
-    else:
-        profile = np.fromiter((order[i][S_PROFILE] for i in seg_ids), dtype=np.int64, count=len(seg_ids))
-        width = np.asarray(widths, dtype=np.int64)[profile - 1]
-    start = np.asarray(times, dtype=np.int64) // width * width
-    # one key per (segment, window); keys sort by segment, then time
-    key = seg * (1 << 44) + (start - int(start.min()))
-    keys, inverse = np.unique(key, return_inverse=True)
-    sums = np.bincount(inverse, weights=np.asarray(values, dtype=np.float64))
-    index_of = (keys >> 44).tolist()
-    start_of = ((keys & ((1 << 44) - 1)) + int(start.min())).tolist()
-    for index, window_start, total in zip(index_of, start_of, sums.tolist(), strict=True):
-        row = order[index]
-        if not row[S_WS]:
-            row[S_WS], row[S_WT] = window_start, total
-        elif row[S_WINX] is False:
-            row[S_WINX] = [window_start, total]
-        else:
-            row[S_WINX] += (window_start, total)
-
-
-def group_by_shard(segments: list[list[Any]], shards: int) -> dict[int, list[list[Any]]]:
-    if shards <= 1:
-        return {0: segments} if segments else {}
-    out: dict[int, list[list[Any]]] = {}
-    for seg in segments:
-        out.setdefault(shard_of(seg[S_AGENT], shards), []).append(seg)
-    return out
-
-
-def pack(segments: list[list[Any]]) -> bytes:
-    """[numbers of every segment as one binary string, the other fields of every segment]."""
-    pack_numbers = _SEGMENT.pack
-    numbers = b"".join([pack_numbers(*seg[:_NUMBERS]) for seg in segments])
-    others = [value for seg in segments for value in seg[_NUMBERS:]]
+def pack(segs: Segments, rows: np.ndarray) -> bytes:
+    """[numbers of segments ``rows`` as one binary string, their other fields] for the script."""
+    numbers = np.ascontiguousarray(segs.numbers[rows], dtype="<f8").tobytes()
+    others = segs.others(rows)
     packed: bytes = msgpack.packb([numbers, others], use_bin_type=False)  # Lua: no bin type
     return packed
-
-
-def segment_lua() -> str:
-    names = [*SEGMENT_NUMBERS, *SEGMENT_OTHERS]
-    lines = [f"local S_{name} = {i + 1}" for i, name in enumerate(names)]
-    lines.append(
-        f"local SEG_FORMAT, SEG_NUMBERS, SEG_OTHERS = '<{'d' * _NUMBERS}', {_NUMBERS}, {len(SEGMENT_OTHERS)}"
-    )
-    lines.append(f"local SEG_SIZE = {_SEGMENT.size}")
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ import redis
 from agents_detect.kit import Feed, pipeline_for, transitions, worker_for
 
 from agentwatch.keys import Keys
-from detectors import record, segments
+from detectors import fold, layout, record, segments
 from detectors.state import read_agents
 
 
@@ -98,24 +98,21 @@ def test_python_reads_what_lua_wrote(feed: Feed, r: redis.Redis, keys: Keys) -> 
 
 def test_the_numpy_fold_equals_the_ewma_beat_by_beat() -> None:
     rng = np.random.default_rng(7)
-    order: list[list[Any]] = []
-    for i, (name, profile) in enumerate([("a", 1), ("b", 2), ("c", 1)]):
-        seg: list[Any] = [0] * (segments.S_WINX + 1)
-        seg[segments.S_PROFILE], seg[segments.S_INDEX], seg[segments.S_AGENT] = profile, i, name
-        order.append(seg)
-    seg_ids = rng.integers(0, 3, size=40).tolist()
-    values = rng.integers(0, 1000, size=40).astype(float).tolist()
+    numbers = np.zeros((3, len(layout.SEGMENT_NUMBERS)))
+    numbers[:, layout.S_PROFILE] = [1, 2, 1]
+    seg_ids = rng.integers(0, 3, size=40)
+    values = rng.integers(0, 1000, size=40).astype(float)
     alphas = [0.2, 0.05]
-    segments._fold(order, seg_ids, values, segments.S_TN, alphas)
-    for index, seg in enumerate(order):
-        alpha = alphas[seg[segments.S_PROFILE] - 1]
-        xs = [v for s, v in zip(seg_ids, values, strict=True) if s == index]
+    fold.ewma_terms(numbers, seg_ids, values, layout.S_TN, alphas)
+    for index, row in enumerate(numbers):
+        alpha = alphas[int(row[layout.S_PROFILE]) - 1]
+        xs = [v for s, v in zip(seg_ids.tolist(), values.tolist(), strict=True) if s == index]
         b, w = 123.0, 0.7  # whatever the record held before
         expected_b, expected_w = b, w
         for x in xs:
             expected_b = (1 - alpha) * expected_b + alpha * x
             expected_w = (1 - alpha) * expected_w + alpha
-        n, total, top, folded = seg[segments.S_TN : segments.S_TW + 1]
+        n, total, top, folded = row[layout.S_TN : layout.S_TW + 1]
         decay = (1 - alpha) ** n
         assert (n, total, top) == (len(xs), sum(xs), max(xs))
         assert decay * b + folded == pytest.approx(expected_b)
