@@ -52,8 +52,10 @@ class Descendants:
                 for child in parent.children(recursive=True):
                     self.seen.setdefault(child.pid, child)
                     # Every round, not once: between fork and exec a child still shows the
-                    # demo's own command line.
-                    self.cmdlines[child.pid] = " ".join(child.cmdline())
+                    # demo's own command line; but never blank (a zombie has none).
+                    cmdline = " ".join(child.cmdline())
+                    if cmdline:
+                        self.cmdlines[child.pid] = cmdline
             except psutil.Error:
                 pass  # a child vanished mid-listing: the next round sees the rest
             time.sleep(0.05)
@@ -74,7 +76,7 @@ class Descendants:
         for pid, process in self.seen.items():
             try:
                 if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{pid}: {self.cmdlines[pid]}")
+                    alive.append(f"{pid}: {self.cmdlines.get(pid, process.name())}")
             except psutil.NoSuchProcess:
                 pass
         return alive
