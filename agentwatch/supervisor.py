@@ -17,7 +17,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agentwatch.embedded import die_with_parent
 
@@ -101,17 +103,23 @@ class Supervisor:
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM every child (each finishes its batch), SIGKILL what is left after the timeout."""
         self.stopping.set()
-        running = [c.process for c in self.children if c.process and c.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop within %.0fs; killing it", process.pid, timeout_s)
-                process.kill()
-                process.wait()
+        stop_processes([c.process for c in self.children if c.process], timeout_s)
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[Any]], timeout_s: float) -> None:
+    """SIGTERM each running process (a graceful stop), then SIGKILL whatever is still running
+    once ``timeout_s`` has passed in all (one deadline, however many processes)."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0fs; killing it", process.pid, timeout_s)
+            process.kill()
+            process.wait()
 
 
 def worker_child(kind: str, index: int, url: str, config: str | None, log_level: str) -> Child:

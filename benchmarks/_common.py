@@ -12,12 +12,26 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from agentwatch.embedded import EmbeddedRedis
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextmanager
+def redis_server(url: str | None = None) -> Iterator[str]:
+    """``url`` as given, or a private server (the embedded launcher) for the benchmark's run."""
+    if url:
+        yield url
+        return
+    with EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))) as server:
+        yield server.url
 
 
 def machine() -> dict[str, Any]:

@@ -17,35 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import redis
-from _common import median, report
+from _common import median, redis_server, report
 
 import producers
 from agentwatch.codec import FIELD, decode, encode
-from agentwatch.embedded import EmbeddedRedis
 
 GOAL_RATIO = 0.7
 RAW_EVENTS = 200_000
-
-
-@contextmanager
-def server(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-b-")))
-    embedded.start()
-    try:
-        yield embedded.url
-    finally:
-        embedded.cleanup()
 
 
 def raw_rate(client: redis.Redis, stream: str) -> float:
@@ -88,7 +71,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     raws, runs = [], []
-    with server(args.redis_url) as url, redis.Redis.from_url(url) as client:
+    with redis_server(args.redis_url) as url, redis.Redis.from_url(url) as client:
         for round_ in range(args.rounds):  # interleaved, so noise hits both loops alike
             stream = f"bench-raw{time.time_ns()}:events"
             raws.append(raw_rate(client, stream))

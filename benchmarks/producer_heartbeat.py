@@ -16,34 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import redis
-from _common import median, percentile, report
+from _common import median, percentile, redis_server, report
 
 import producers
-from agentwatch.embedded import EmbeddedRedis
 
 GOAL_MEDIAN_NS = 2_000
 GOAL_P99_NS = 20_000
-
-
-@contextmanager
-def server(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-b-")))
-    embedded.start()
-    try:
-        yield embedded.url
-    finally:
-        embedded.cleanup()
 
 
 def noop(tokens: int | None = None) -> None:
@@ -82,7 +66,7 @@ def main() -> None:
         "heartbeat(), paced by 20 us of work": (heartbeat, 20_000),
     }
     samples: dict[str, list[int]] = {name: [] for name in variants}
-    with server(args.redis_url) as url:
+    with redis_server(args.redis_url) as url:
         prefix = f"bench{time.time_ns()}"
         producers.init("bench-heartbeat", redis_url=url, prefix=prefix, pulse_interval=1.0)
         for _ in range(args.rounds):  # interleaved, so a noisy moment hits every variant

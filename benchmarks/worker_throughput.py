@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,10 +19,9 @@ import msgpack
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, report
+from _common import median, redis_server, report
 
 from agentwatch import codec, config
-from agentwatch.embedded import EmbeddedRedis
 from agentwatch.redisconn import connect
 from agentwatch.worker import Handler, Worker
 
@@ -90,25 +88,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--redis-url", default=None, help="default: a private server (embedded launcher)")
     args = parser.parse_args()
-    server = None
-    url = args.redis_url
-    if url is None:
-        server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
-        url = server.url
-    client = redis.Redis.from_url(url)
     raw_rates, rt_rates = [], []
-    try:
-        for _ in range(args.rounds):
-            fill(client, "bench:raw", args.events)
-            raw_rates.append(raw_loop(url, "bench:raw", args.events))
-            fill(client, "benchrt:events", args.events)
-            rt_rates.append(runtime(url, "benchrt", args.events))
-    finally:
-        for key in client.scan_iter("bench*"):
-            client.delete(key)
-        client.close()
-        if server:
-            server.cleanup()
+    with redis_server(args.redis_url) as url, redis.Redis.from_url(url) as client:
+        try:
+            for _ in range(args.rounds):
+                fill(client, "bench:raw", args.events)
+                raw_rates.append(raw_loop(url, "bench:raw", args.events))
+                fill(client, "benchrt:events", args.events)
+                rt_rates.append(runtime(url, "benchrt", args.events))
+        finally:
+            for key in client.scan_iter("bench*"):
+                client.delete(key)
     raw, rt = median(raw_rates), median(rt_rates)
     rows = [
         {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from agentwatch.demo.plan import Role
 from agentwatch.embedded import die_with_parent
+from agentwatch.supervisor import stop_processes
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,7 @@ class Fleet:
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """SIGTERM (each agent shuts down cleanly), then SIGKILL what is left after the timeout."""
-        running = [proc for proc in self.procs.values() if proc.poll() is None]
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for proc in running:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values(), timeout_s)
         for reader in self._readers:
             reader.join(1.0)
         for proc in self.procs.values():

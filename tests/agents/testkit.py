@@ -10,30 +10,18 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
 from agentwatch.codec import FIELD, decode
 
+from helpers import wait_for
+
 AGENTS = Path(__file__).resolve().parent
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def read_events(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
@@ -158,7 +146,7 @@ class Echo:
     def wait_beats(self, more: int, timeout: float = 10.0) -> None:
         """Wait until the agent has made ``more`` beats beyond the count seen now."""
         target = self.beats + more
-        wait_for(lambda: self.beats >= target, timeout, f"{target} beats from the agent")
+        wait_for(lambda: self.beats >= target, timeout, what=f"{target} beats from the agent")
 
     def finish(self, timeout: float = 15.0) -> tuple[int, str]:
         try:
