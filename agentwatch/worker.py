@@ -20,24 +20,22 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import redis
 
-from agentwatch import __version__
 from agentwatch.codec import entry_ms
 from agentwatch.config import PipelineSettings
 from agentwatch.errors import InvalidEntry
 from agentwatch.keys import Keys
 from agentwatch.redisconn import RECOVERABLE, Client, consumer_name, server_time_ms
+from agentwatch.upkeep import Upkeep
 
 log = logging.getLogger("agentwatch.worker")
 
@@ -46,7 +44,6 @@ Message = tuple[bytes, T]
 """(entry id, decoded entry). The id's time part is the Redis server's clock at XADD."""
 
 _TRIM_EVERY_S = 60.0
-_FORGET_CONSUMER_IDLE_MS = 3600_000
 _ERROR_LOG_EVERY_S = 60.0
 
 
@@ -89,9 +86,6 @@ class Stats:
     oldest_pending_ms: int = 0
     last_entry_ms: int = 0
     handler_errors: dict[str, int] = field(default_factory=dict)
-
-
-_RESETTABLE = ("processed", "deadlettered", "reclaimed", "errors", "batches", "trimmed_pending")
 
 
 def _raw_reply(response: Any, **_: Any) -> Any:
@@ -138,10 +132,10 @@ class Worker(Generic[T]):
         self._next_health = 0.0
         self._next_claim = 0.0
         self._next_trim = 0.0
-        self._published = Stats()
         self._error_logged: dict[tuple[str, str], float] = {}
         self._single_node = isinstance(client, redis.Redis)
         client.set_response_callback("XREADGROUP", _raw_reply)
+        self.upkeep = Upkeep(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, *, install_signals: bool = True) -> None:
@@ -192,9 +186,9 @@ class Worker(Generic[T]):
             entries = self._read("0", block_ms=None)
             if not entries:
                 self._recover_own = False
-            handled += self._process(entries)
+            handled += self.process(entries)
         block_ms = max(1, int(min(self.opts.block_s, self._next_tick - time.monotonic()) * 1000))
-        handled += self._process(self._read(">", block_ms=block_ms))
+        handled += self.process(self._read(">", block_ms=block_ms))
         return handled
 
     def _setup(self) -> None:
@@ -215,7 +209,7 @@ class Worker(Generic[T]):
             self._guarded(handler, "on_stop")
         try:
             pipe = self.client.pipeline(transaction=False)
-            self._publish_stats(pipe)
+            self.upkeep.publish_stats(pipe)
             pipe.zrem(self.keys.workers, self.consumer)
             pipe.delete(self.keys.worker(self.consumer))
             pipe.execute()
@@ -281,7 +275,7 @@ class Worker(Generic[T]):
             out += [(name, entry[0], entry[1]) for entry in entries]
         return out
 
-    def _process(self, entries: list[tuple[str, bytes, Any]]) -> int:
+    def process(self, entries: list[tuple[str, bytes, Any]]) -> int:
         """Decode, hand to handlers, dead-letter what failed, acknowledge everything."""
         if not entries:
             return 0
@@ -303,7 +297,7 @@ class Worker(Generic[T]):
             if poisoned:
                 by_id = {entry_id: (stream, fields) for stream, entry_id, fields in entries}
                 dead += [(by_id[eid][0], eid, by_id[eid][1], why) for eid, why in poisoned.items()]
-        self._acknowledge(entries, dead)
+        self.acknowledge(entries, dead)
         self.stats.processed += len(entries) - len(dead)
         self.stats.batches += 1
         self.stats.last_entry_ms = entry_ms(entries[-1][1])
@@ -337,7 +331,7 @@ class Worker(Generic[T]):
                     f"({self.opts.max_attempts} attempts)"
                 )
 
-    def _acknowledge(
+    def acknowledge(
         self, entries: list[tuple[str, bytes, Any]], dead: list[tuple[str, bytes, Any, str]]
     ) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -384,123 +378,17 @@ class Worker(Generic[T]):
             self._guarded(handler, "on_tick", now_ms)
         if now >= self._next_claim:
             self._next_claim = now + max(1.0, self.opts.claim_idle_s / 4)
-            self._reclaim()
+            self.upkeep.reclaim()
         if now >= self._next_health:
             self._next_health = now + 1.0
-            self._refresh_health(now_ms)
+            self.upkeep.refresh_health(now_ms)
         if now >= self._next_trim:
             self._next_trim = now + _TRIM_EVERY_S
             self.trim(now_ms)
 
-    def _reclaim(self) -> None:
-        """Take over entries that a dead (or hung) consumer left pending, and process them."""
-        idle_ms = int(self.opts.claim_idle_s * 1000)
-        for stream in self.streams:
-            cursor: bytes | str = "0-0"
-            for _ in range(100):  # bounded: at most 100 batches per reclaim round
-                reply = self.client.xautoclaim(
-                    stream, self.group, self.consumer, idle_ms, cursor, count=self.opts.batch
-                )
-                cursor, claimed = reply[0], reply[1]
-                gone = reply[2] if len(reply) > 2 else []
-                if gone:
-                    self.stats.trimmed_pending += len(gone)
-                    log.error(
-                        "%d pending entries of %s were trimmed before any worker processed them; "
-                        "raise [streams] events_retention or add workers",
-                        len(gone), stream,
-                    )  # fmt: skip
-                if claimed:
-                    self._process_claimed(stream, [(e[0], e[1]) for e in claimed])
-                if cursor in (b"0-0", "0-0"):
-                    break
-        self._forget_dead_consumers()
-
-    def _process_claimed(self, stream: str, claimed: list[tuple[bytes, Any]]) -> None:
-        self.stats.reclaimed += len(claimed)
-        log.info("reclaimed %d entries of %s from a dead or stuck consumer", len(claimed), stream)
-        first, last = claimed[0][0], claimed[-1][0]
-        pending = self.client.xpending_range(
-            stream, self.group, min=first, max=last, count=len(claimed), consumername=self.consumer
-        )
-        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
-        entries, dead = [], []
-        for entry_id, fields in claimed:
-            times = deliveries.get(entry_id, 1)
-            if times > self.opts.max_attempts:
-                reason = f"delivered {times} times without an ack (it may crash workers)"
-                dead.append((stream, entry_id, fields, reason))
-            else:
-                entries.append((stream, entry_id, fields))
-        if dead:
-            self._acknowledge([(s, e, f) for s, e, f, _ in dead], dead)
-        self._process(entries)
-
-    def _forget_dead_consumers(self) -> None:
-        """Consumer names are unique per process, so dead ones pile up; drop the idle, empty ones."""
-        for stream in self.streams:
-            for info in self.client.xinfo_consumers(stream, self.group):
-                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-                if name != self.consumer and info["pending"] == 0 and info["idle"] > _FORGET_CONSUMER_IDLE_MS:
-                    self.client.xgroup_delconsumer(stream, self.group, name)
-
-    def _refresh_health(self, now_ms: int) -> None:
-        lag = pending = 0
-        oldest = 0
-        for stream in self.streams:
-            for info in self.client.xinfo_groups(stream):
-                if info["name"] in (self.group, self.group.encode()):
-                    lag += int(info.get("lag") or 0)
-                    pending += int(info["pending"])
-            if pending:
-                summary = self.client.xpending(stream, self.group)
-                if summary and summary.get("min"):
-                    first = entry_ms(summary["min"])
-                    oldest = max(oldest, now_ms - first)
-        self.stats.lag, self.stats.pending, self.stats.oldest_pending_ms = lag, pending, oldest
-        pipe = self.client.pipeline(transaction=False)
-        self._publish_stats(pipe)
-        pipe.execute()
-
-    def _publish_stats(self, pipe: Any) -> None:
-        stats = asdict(self.stats)
-        handler_errors = stats.pop("handler_errors")
-        health = {
-            **stats,
-            **{f"errors:{name}": count for name, count in handler_errors.items()},
-            "kind": self.kind,
-            "group": self.group,
-            "streams": ",".join(self.streams),
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "version": __version__,
-            "started_ms": self.started_ms,
-            "seen_ms": int(time.time() * 1000),
-            "state": "stopping" if self._stop.is_set() else "running",
-        }
-        key = self.keys.worker(self.consumer)
-        pipe.hset(key, mapping=health)
-        pipe.pexpire(key, int(self.opts.health_ttl_s * 1000))
-        pipe.zadd(self.keys.workers, {self.consumer: health["seen_ms"]})
-        for name in _RESETTABLE:  # pipeline-wide totals: add what changed since the last publish
-            delta = getattr(self.stats, name) - getattr(self._published, name)
-            if delta:
-                pipe.hincrby(self.keys.stats, f"{self.kind}:{name}", delta)
-                setattr(self._published, name, getattr(self.stats, name))
-
     def trim(self, now_ms: int) -> None:
-        """Trim by age, but never past what any consumer group has yet to read or acknowledge."""
-        cutoff = now_ms - int(self.retention_s * 1000)
-        for stream in self.streams:
-            limit = cutoff
-            for info in self.client.xinfo_groups(stream):
-                limit = min(limit, entry_ms(info["last-delivered-id"]))
-                if info["pending"]:
-                    summary = self.client.xpending(stream, info["name"])
-                    if summary.get("min"):
-                        limit = min(limit, entry_ms(summary["min"]))
-            if limit > 0:
-                self.client.xtrim(stream, minid=f"{limit}-0", approximate=True)
+        """Trim the streams by age, never past what a consumer group still needs (upkeep.py)."""
+        self.upkeep.trim(now_ms)
 
     # -- error accounting ------------------------------------------------------------------------
     def _guarded(self, handler: Handler[T], hook: str, *args: Any) -> None:

@@ -1,0 +1,159 @@
+"""A worker's upkeep: reclaiming what dead consumers left, health and counters, trimming.
+
+These run from the worker's tick, not per entry, so they live apart from the read-process-ack
+loop in worker.py: a reader of that loop sees only the hot path.
+
+* **Reclaiming.** XAUTOCLAIM takes over entries another consumer has held unacknowledged for
+  ``[worker] claim_idle`` (it died, or hangs), and they are processed like any batch. An entry
+  already delivered more than ``max_attempts`` times is dead-lettered instead: it is probably
+  what kills workers. Consumers that are idle and own nothing are forgotten after an hour,
+  because every worker process joins under a new, unique name.
+* **Health.** Every second the worker refreshes ``<prefix>:worker:<consumer>`` (a hash with a
+  TTL: a worker that stops refreshing it disappears from ``agentwatch status`` by itself) and
+  adds its counter deltas to the pipeline-wide ``<prefix>:stats``.
+* **Trimming.** Streams are trimmed by age (``[streams] *_retention``), but never past an entry
+  that some consumer group has not yet read or acknowledged: trimming must not lose data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Final
+
+from agentwatch import __version__
+from agentwatch.codec import entry_ms
+
+if TYPE_CHECKING:
+    from agentwatch.worker import Stats, Worker
+
+log = logging.getLogger("agentwatch.worker")
+
+_FORGET_CONSUMER_IDLE_MS: Final = 3600_000
+_RESETTABLE: Final = ("processed", "deadlettered", "reclaimed", "errors", "batches", "trimmed_pending")
+
+
+class Upkeep:
+    """The tick-time chores of one :class:`~agentwatch.worker.Worker`."""
+
+    def __init__(self, worker: Worker[Any]) -> None:
+        self.w = worker
+        self.published: Stats = type(worker.stats)()  # all zero: nothing published yet
+        """Counters as last added to ``<prefix>:stats`` (so each publish adds only the delta)."""
+
+    def reclaim(self) -> None:
+        """Take over entries that a dead (or hung) consumer left pending, and process them."""
+        idle_ms = int(self.w.opts.claim_idle_s * 1000)
+        for stream in self.w.streams:
+            cursor: bytes | str = "0-0"
+            for _ in range(100):  # bounded: at most 100 batches per reclaim round
+                reply = self.w.client.xautoclaim(
+                    stream, self.w.group, self.w.consumer, idle_ms, cursor, count=self.w.opts.batch
+                )
+                cursor, claimed = reply[0], reply[1]
+                gone = reply[2] if len(reply) > 2 else []
+                if gone:
+                    self.w.stats.trimmed_pending += len(gone)
+                    log.error(
+                        "%d pending entries of %s were trimmed before any worker processed them; "
+                        "raise [streams] events_retention or add workers",
+                        len(gone), stream,
+                    )  # fmt: skip
+                if claimed:
+                    self._process_claimed(stream, [(e[0], e[1]) for e in claimed])
+                if cursor in (b"0-0", "0-0"):
+                    break
+        self._forget_dead_consumers()
+
+    def _process_claimed(self, stream: str, claimed: list[tuple[bytes, Any]]) -> None:
+        self.w.stats.reclaimed += len(claimed)
+        log.info("reclaimed %d entries of %s from a dead or stuck consumer", len(claimed), stream)
+        first, last = claimed[0][0], claimed[-1][0]
+        pending = self.w.client.xpending_range(
+            stream, self.w.group, min=first, max=last, count=len(claimed), consumername=self.w.consumer
+        )
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        entries, dead = [], []
+        for entry_id, fields in claimed:
+            times = deliveries.get(entry_id, 1)
+            if times > self.w.opts.max_attempts:
+                reason = f"delivered {times} times without an ack (it may crash workers)"
+                dead.append((stream, entry_id, fields, reason))
+            else:
+                entries.append((stream, entry_id, fields))
+        if dead:
+            self.w.acknowledge([(s, e, f) for s, e, f, _ in dead], dead)
+        self.w.process(entries)
+
+    def _forget_dead_consumers(self) -> None:
+        """Consumer names are unique per process, so dead ones pile up; drop the idle, empty ones."""
+        for stream in self.w.streams:
+            for info in self.w.client.xinfo_consumers(stream, self.w.group):
+                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+                if (
+                    name != self.w.consumer
+                    and info["pending"] == 0
+                    and info["idle"] > _FORGET_CONSUMER_IDLE_MS
+                ):
+                    self.w.client.xgroup_delconsumer(stream, self.w.group, name)
+
+    def refresh_health(self, now_ms: int) -> None:
+        lag = pending = 0
+        oldest = 0
+        for stream in self.w.streams:
+            for info in self.w.client.xinfo_groups(stream):
+                if info["name"] in (self.w.group, self.w.group.encode()):
+                    lag += int(info.get("lag") or 0)
+                    pending += int(info["pending"])
+            if pending:
+                summary = self.w.client.xpending(stream, self.w.group)
+                if summary and summary.get("min"):
+                    first = entry_ms(summary["min"])
+                    oldest = max(oldest, now_ms - first)
+        self.w.stats.lag, self.w.stats.pending, self.w.stats.oldest_pending_ms = lag, pending, oldest
+        pipe = self.w.client.pipeline(transaction=False)
+        self.publish_stats(pipe)
+        pipe.execute()
+
+    def publish_stats(self, pipe: Any) -> None:
+        stats = asdict(self.w.stats)
+        handler_errors = stats.pop("handler_errors")
+        health = {
+            **stats,
+            **{f"errors:{name}": count for name, count in handler_errors.items()},
+            "kind": self.w.kind,
+            "group": self.w.group,
+            "streams": ",".join(self.w.streams),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "version": __version__,
+            "started_ms": self.w.started_ms,
+            "seen_ms": int(time.time() * 1000),
+            "state": "stopping" if self.w.stopping else "running",
+        }
+        key = self.w.keys.worker(self.w.consumer)
+        pipe.hset(key, mapping=health)
+        pipe.pexpire(key, int(self.w.opts.health_ttl_s * 1000))
+        pipe.zadd(self.w.keys.workers, {self.w.consumer: health["seen_ms"]})
+        for name in _RESETTABLE:  # pipeline-wide totals: add what changed since the last publish
+            delta = getattr(self.w.stats, name) - getattr(self.published, name)
+            if delta:
+                pipe.hincrby(self.w.keys.stats, f"{self.w.kind}:{name}", delta)
+                setattr(self.published, name, getattr(self.w.stats, name))
+
+    def trim(self, now_ms: int) -> None:
+        """Trim by age, but never past what any consumer group has yet to read or acknowledge."""
+        cutoff = now_ms - int(self.w.retention_s * 1000)
+        for stream in self.w.streams:
+            limit = cutoff
+            for info in self.w.client.xinfo_groups(stream):
+                limit = min(limit, entry_ms(info["last-delivered-id"]))
+                if info["pending"]:
+                    summary = self.w.client.xpending(stream, info["name"])
+                    if summary.get("min"):
+                        limit = min(limit, entry_ms(summary["min"]))
+            if limit > 0:
+                self.w.client.xtrim(stream, minid=f"{limit}-0", approximate=True)
