@@ -45,6 +45,8 @@ Message = tuple[bytes, T]
 
 _TRIM_EVERY_S = 60.0
 _ERROR_LOG_EVERY_S = 60.0
+_BROKEN_AFTER = 5
+"""Entries in a row that fail alone before a handler counts as broken for the batch."""
 
 
 class Handler(Generic[T]):
@@ -304,7 +306,13 @@ class Worker(Generic[T]):
         return len(entries)
 
     def _feed(self, handler: Handler[T], good: list[Message[T]], poisoned: dict[bytes, str]) -> None:
-        """Run one handler on the batch; on failure isolate the entries that make it raise."""
+        """Run one handler on the batch; on failure isolate the entries that make it raise.
+
+        A handler that fails on its first few entries alone as well is broken, not fed bad
+        data: the rest of the batch is dead-lettered without calling it again (so a broken
+        plugin costs a few calls per batch, not ``max_attempts`` per entry, and its entries
+        are kept for a replay once it is fixed).
+        """
         try:
             handler.on_batch(good)
             return
@@ -312,24 +320,40 @@ class Worker(Generic[T]):
             raise
         except Exception:
             self._count_error(handler, "on_batch")
-        for message in good:
+        failures = 0
+        broken: str | None = None
+        for index, message in enumerate(good):
             if message[0] in poisoned:
                 continue
-            error: Exception | None = None
-            for _ in range(self.opts.max_attempts):
-                try:
-                    handler.on_batch([message])
-                    error = None
-                    break
-                except RECOVERABLE:
-                    raise
-                except Exception as exc:
-                    error = exc
-            if error is not None:
-                poisoned[message[0]] = (
-                    f"handler {handler.name!r} raised {type(error).__name__}: {error} "
-                    f"({self.opts.max_attempts} attempts)"
+            if broken is not None:
+                poisoned[message[0]] = broken
+                continue
+            error = self._retry_alone(handler, message)
+            if error is None:
+                continue
+            failures += 1
+            poisoned[message[0]] = (
+                f"handler {handler.name!r} raised {type(error).__name__}: {error} "
+                f"({self.opts.max_attempts} attempts)"
+            )
+            if failures == index + 1 == _BROKEN_AFTER:
+                broken = (
+                    f"handler {handler.name!r} failed on every entry (last: {type(error).__name__}: {error})"
                 )
+                log.error("%s; dead-lettering the rest of this batch without calling it", broken)
+
+    def _retry_alone(self, handler: Handler[T], message: Message[T]) -> Exception | None:
+        """Feed one entry up to ``max_attempts`` times; the last error, or None once it passed."""
+        error: Exception | None = None
+        for _ in range(self.opts.max_attempts):
+            try:
+                handler.on_batch([message])
+                return None
+            except RECOVERABLE:
+                raise
+            except Exception as exc:
+                error = exc
+        return error
 
     def acknowledge(
         self, entries: list[tuple[str, bytes, Any]], dead: list[tuple[str, bytes, Any, str]]

@@ -247,3 +247,30 @@ def test_trimming_never_drops_what_a_group_has_not_read(
     remaining = r.xrange(stream)
     assert len(remaining) < 301  # trimming happened (MINID ~ trims whole nodes)
     assert remaining[-1][0] > last_id  # the unread entry survived
+
+
+class AlwaysFails(Handler[Event]):
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+        self.calls += 1
+        raise KeyError("config_missing")
+
+
+def test_a_broken_handler_costs_a_few_calls_per_batch_and_its_entries_are_kept(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    for seq in range(50):
+        r.xadd(keys.events(), {"d": beat(seq=seq)})
+    broken, recorder = AlwaysFails(), Recorder()
+    worker = make_worker(client, prefix, [broken, recorder], batch=100, max_attempts=3)
+    with running(worker):
+        wait_for(lambda: r.xlen(keys.deadletter) == 50, what="every entry kept in the dead letters")
+    assert len(recorder.seen) == 50  # the other handler is unaffected
+    assert broken.calls == 1 + 5 * 3  # the batch, then five entries alone, then no more calls
+    reasons = [fields[b"reason"].decode() for _, fields in r.xrange(keys.deadletter)]
+    assert reasons[:5] == ["handler 'broken' raised KeyError: 'config_missing' (3 attempts)"] * 5
+    assert set(reasons[5:]) == {"handler 'broken' failed on every entry (last: KeyError: 'config_missing')"}
