@@ -104,9 +104,7 @@ def resolve(**explicit: Any) -> Settings:
         agent=agent,
         redis_url=_redis_url(_pick(explicit, "redis_url", env, "AGENTWATCH_REDIS_URL")),
         prefix=_prefix(_pick(explicit, "prefix", env, "AGENTWATCH_PREFIX")),
-        interval=_number(
-            "interval", _pick(explicit, "interval", env, "AGENTWATCH_INTERVAL"), None
-        ),
+        interval=_number("interval", _pick(explicit, "interval", env, "AGENTWATCH_INTERVAL"), None),
         pulse_interval=_number(
             "pulse_interval",
             _pick(explicit, "pulse_interval", env, "AGENTWATCH_PULSE_INTERVAL"),
@@ -115,12 +113,8 @@ def resolve(**explicit: Any) -> Settings:
         shards=_count("shards", _pick(explicit, "shards", env, "AGENTWATCH_SHARDS"), 1),
         stack_factor=_number("stack_factor", explicit.get("stack_factor"), DEFAULT_STACK_FACTOR),
         queue_size=_count("queue_size", explicit.get("queue_size"), DEFAULT_QUEUE_SIZE),
-        flush_interval=_number(
-            "flush_interval", explicit.get("flush_interval"), DEFAULT_FLUSH_INTERVAL
-        ),
-        socket_timeout=_number(
-            "socket_timeout", explicit.get("socket_timeout"), DEFAULT_SOCKET_TIMEOUT
-        ),
+        flush_interval=_number("flush_interval", explicit.get("flush_interval"), DEFAULT_FLUSH_INTERVAL),
+        socket_timeout=_number("socket_timeout", explicit.get("socket_timeout"), DEFAULT_SOCKET_TIMEOUT),
     )
 
 

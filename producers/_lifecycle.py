@@ -156,9 +156,7 @@ def _at_exit() -> None:
         internal_error("atexit")
 
 
-def _excepthook(
-    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
-) -> None:
+def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     global _hooked_exc
     if threading.current_thread() is threading.main_thread():
         _hooked_exc = exc

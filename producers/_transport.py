@@ -162,9 +162,7 @@ class Transport:
                 pool = redis.ConnectionPool.from_url(self._url, driver_info=None, **options)
                 self._conn = pool.make_connection()
             except TypeError:
-                pool = redis.ConnectionPool.from_url(
-                    self._url, lib_name=None, lib_version=None, **options
-                )
+                pool = redis.ConnectionPool.from_url(self._url, lib_name=None, lib_version=None, **options)
                 self._conn = pool.make_connection()
             self._kwargs = dict(pool.connection_kwargs)
         return self._conn

@@ -98,9 +98,7 @@ def test_unrecognised_usage_is_ignored_with_one_warning(caplog: pytest.LogCaptur
     assert len(warnings(caplog)) == 2  # one per kind of object
 
 
-def test_usage_and_explicit_arguments_end_to_end(
-    producer: Producer, r: redis.Redis, prefix: str
-) -> None:
+def test_usage_and_explicit_arguments_end_to_end(producer: Producer, r: redis.Redis, prefix: str) -> None:
     producer.heartbeat(usage=OpenAIUsage(100, 20, 120), model="gpt-x")
     producer.heartbeat(usage={"input_tokens": 5, "output_tokens": 6}, tokens_out=60)  # explicit wins
     producer.heartbeat(tokens_in=3, tokens_out=4)  # total derived

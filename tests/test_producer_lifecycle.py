@@ -61,7 +61,7 @@ def test_uncaught_exception_reports_type_and_keeps_traceback_and_code(
     assert "ValueError: boom in run_job" in err
     assert exit_["kind"] == "exit" and exit_["reason"] == "exception" and exit_["code"] == 1
     assert exit_["error"] == "ValueError: boom in run_job"
-    assert 'in run_job' in exit_["traceback"] and len(exit_["traceback"]) <= 4096
+    assert "in run_job" in exit_["traceback"] and len(exit_["traceback"]) <= 4096
 
 
 def test_sigterm_reports_signal_and_process_still_dies_by_sigterm(
@@ -147,9 +147,7 @@ def test_work_thread_dying_of_an_exception_is_the_exit_reason(
     assert exit_["error"] == "ValueError: boom in run_job"
 
 
-def test_work_resumed_by_another_thread_is_a_normal_exit(
-    redis_url: str, prefix: str, r: redis.Redis
-) -> None:
+def test_work_resumed_by_another_thread_is_a_normal_exit(redis_url: str, prefix: str, r: redis.Redis) -> None:
     code, _, err = run("scripted.py", agent_env(redis_url, prefix), "takeover")
 
     exit_ = read_events(r, stream(prefix))[-1]

@@ -51,9 +51,7 @@ def test_work_loop_hung_in_recv_pulses_carry_the_stack(redis_url: str, prefix: s
 
 
 def test_no_stack_while_beats_are_on_time(redis_url: str, prefix: str, r: redis.Redis) -> None:
-    env = agent_env(
-        redis_url, prefix, AGENTWATCH_INTERVAL=0.5, AGENTWATCH_PULSE_INTERVAL=0.05, AW_BEATS=30
-    )
+    env = agent_env(redis_url, prefix, AGENTWATCH_INTERVAL=0.5, AGENTWATCH_PULSE_INTERVAL=0.05, AW_BEATS=30)
     code, _, err = run("scripted.py", env, "exit")
 
     pulses = of_kind(read_events(r, f"{prefix}:events"), "pulse")

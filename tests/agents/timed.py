@@ -50,16 +50,21 @@ def main() -> None:
         if index % 1000 == 0:
             max_queue = max(max_queue, len(producer._queue))
     durations.sort()
-    print(json.dumps({
-        "rate_without": without,
-        "rate_with": with_beats,
-        "median_ns": durations[CALLS // 2],
-        "p99_ns": durations[CALLS * 99 // 100],
-        "max_ns": durations[-1],
-        "max_queue": max_queue,
-        "queue_size": producer.settings.queue_size,
-        "rss_growth": rss() - rss_before,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "rate_without": without,
+                "rate_with": with_beats,
+                "median_ns": durations[CALLS // 2],
+                "p99_ns": durations[CALLS * 99 // 100],
+                "max_ns": durations[-1],
+                "max_queue": max_queue,
+                "queue_size": producer.settings.queue_size,
+                "rss_growth": rss() - rss_before,
+            }
+        ),
+        flush=True,
+    )
     print(json.dumps({"end": time.monotonic()}), flush=True)
 
 
