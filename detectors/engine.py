@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import msgpack
+import numpy as np
 
 from agentwatch.codec import Event, entry_ms
+from agentwatch.redisconn import RECOVERABLE
 from agentwatch.worker import Message
 from agentwatch.workers import DETECTORS_GROUP
 from detectors import intents, layout, record, segments, state
@@ -96,6 +98,7 @@ class Engine:
         self._profile_ids: dict[tuple[float, ...], int] = {}
         self._agent_profiles: dict[str, int] = {}
         self._packed_profiles = b""
+        self._profile_array = np.zeros((0, len(state.PROFILE)))
         self._alphas: list[float] = []
         self._windows: list[float] = []
         self._last_batch: Sequence[Message[Event]] | None = None
@@ -103,6 +106,10 @@ class Engine:
         self._next_forget = 0.0
         self.horizons: list[int] = []
         self.last_gap_ms = 0
+        self.use_fast_path = True
+        """False: every segment goes through the update script (tests compare the two)."""
+        self.fast: Any = None
+        self.fast_errors = 0
 
     # -- registration ------------------------------------------------------------------------
     def register(self, detector: BuiltinDetector[Any]) -> None:
@@ -130,7 +137,7 @@ class Engine:
     def _prepare(self) -> None:
         if self._ready:
             return
-        from detectors import timers  # noqa: PLC0415 - timers imports this module
+        from detectors import fastpath, timers  # noqa: PLC0415 - they import this module
 
         self._overrides = any(d.config.agents for d in self.detectors.values())
         self._profiles, self._profile_ids, self._agent_profiles, self._alphas, self._windows = (
@@ -143,6 +150,8 @@ class Engine:
         self._add_profile(self._profile_for(None))
         self._update = register(self.client, _compose_update())
         self.timers = timers.Timers(self)
+        if self.use_fast_path:
+            self.fast = fastpath.FastPath(self.client, self.keys)
         self._ready = True
 
     def _profile_for(self, agent: str | None) -> tuple[float, ...]:
@@ -160,6 +169,7 @@ class Engine:
             self._alphas.append(profile[state.PROFILE.index("alpha")])
             self._windows.append(max(1.0, profile[state.PROFILE.index("window")]))
             self._packed_profiles = msgpack.packb([list(p) for p in self._profiles])
+            self._profile_array = np.array(self._profiles, dtype=np.float64)
         return found
 
     def profile_of(self, agent: str) -> int:
@@ -185,7 +195,12 @@ class Engine:
         profile_of = self.profile_of if self._overrides else None
         folded = segments.build_segments(messages, profile_of, self._alphas, self._windows)
         memory = self.get("Memory")
-        for shard, rows in folded.by_shard(self.keys.shards).items():
+        for shard, shard_rows in folded.by_shard(self.keys.shards).items():
+            rows = shard_rows
+            if self.fast is not None:  # the common segments first; the script takes the rest
+                rows = self._fast(shard, folded, rows)
+            if not len(rows):
+                continue
             reply = self._update(
                 keys=[
                     self.keys.states(shard), self.keys.timers(shard), self.keys.agents(shard),
@@ -201,6 +216,21 @@ class Engine:
             if windows and memory is not None:
                 memory.evaluate(shard, windows)  # type: ignore[attr-defined]
         self._last_batch = messages
+
+    def _fast(self, shard: int, folded: segments.Segments, rows: Any) -> Any:
+        """The rows the fast path leaves to the update script (all of them if it fails: it
+        wrote nothing then, or what it wrote the script skips as already applied)."""
+        try:
+            return self.fast.apply(shard, folded, rows, self._profile_array)
+        except RECOVERABLE:
+            raise
+        except Exception:
+            self.fast_errors += 1
+            if self.fast_errors == 1 or self.fast_errors % 1000 == 0:
+                log.exception(
+                    "fast path failed %d times; the update script applies its batches", self.fast_errors
+                )
+            return rows
 
     # -- the tick ----------------------------------------------------------------------------
     def tick(self, now_ms: int) -> None:

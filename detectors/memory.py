@@ -85,6 +85,7 @@ class MemoryConfig(DetectorConfig):
 # Batch update part (detectors/state.py). memory_track runs for every applied segment and keeps
 # the run's first/last/peak RSS (the silence alert quotes them even with this detector off);
 # memory_flush appends closed buckets to the rss hash and returns the windows to judge.
+# fastplan.py (_memory) mirrors memory_track when no bucket closes: keep the two in step.
 LUA: Final = """
 local MEM_CLOSED, MEM_ORDER, MEM_K = {}, {}, {}
 local function memory_track(a, r, p, s, late)

@@ -2,12 +2,17 @@
 
 A batch of events becomes *segments* (segments.py: the events of one agent and one run, folded
 in Python). One Lua script per shard then applies every segment to its agent's record
-(record.py) and decides every transition, atomically:
+(record.py) and decides every transition, atomically (segments for which it would decide
+nothing take the fast path instead: fastpath.py and fastplan.py mirror ``apply()`` below, so
+keep them in step with it):
 
 * **Idempotent under redelivery.** Each record keeps the current run's highest applied ``seq``
   and up to two gaps below it. A segment above the mark is new; one inside a gap is a late
   batch (a reclaimed one) and is applied then; anything else was applied already and is skipped.
-  A whole shard's update is one script, so a batch is either applied or not.
+  Each agent's update is atomic: this script per shard, or for the common "nothing happens"
+  segment the fast path's watched transaction (fastpath.py), which writes exactly what this
+  script would. A batch interrupted between the two is redelivered and the marks skip what
+  already landed.
 * **Order between runs by Redis time.** A ``start`` whose entry is newer than the current run's
   start begins a new run (resetting the per-run marks; resolving exit, stall, memory, loop).
   A ``start`` that declares a ``parent`` (a forked child of the agent) does not take over.

@@ -50,7 +50,8 @@ class TokensConfig(DetectorConfig):
     severity: Severity = "error"
 
 
-# Called by the batch update for each applied segment of the agent's current run.
+# Called by the batch update for each applied segment of the agent's current run. fastplan.py
+# (_tokens, _loop) mirrors what it does when nothing fires: keep the two in step.
 LUA: Final = """
 local function ewma(num, weight, alpha, n, folded)
   local decay = n == 1 and 1 - alpha or math.pow(1 - alpha, n)
