@@ -41,8 +41,24 @@ class Plan(NamedTuple):
     seen: np.ndarray  # per kept candidate: new fleet-index score (0: none)
 
 
+class Columns:
+    """The candidates' segment numbers, column by column (layout.S_*): a view where the
+    candidates are every segment (one shard, nothing left out), else a gathered copy."""
+
+    def __init__(self, numbers: np.ndarray, rows: np.ndarray) -> None:
+        self.numbers, self.rows = numbers, rows
+        self.every = len(rows) == len(numbers)  # rows are sorted and distinct: then all of them
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        found = self._cache.get(k)
+        if found is None:
+            found = self._cache[k] = self.numbers[:, k] if self.every else self.numbers[self.rows, k]
+        return found
+
+
 class Step(NamedTuple):
-    s: np.ndarray  # the segments' numbers, a row per candidate
+    s: Columns  # the segments' numbers
     p: np.ndarray  # their profiles (state.PROFILE), a row per candidate
     segs: Segments
     rows: np.ndarray  # the candidates' rows in segs
@@ -57,46 +73,52 @@ def decay(pow_of: PowOf, alpha: np.ndarray, n: np.ndarray) -> np.ndarray:
     return out
 
 
-def plan_batch(
-    old: np.ndarray, segs: Segments, rows: np.ndarray, profiles: np.ndarray, pow_of: PowOf
+def plan_batch(  # noqa: PLR0917 - one batch's inputs
+    old: np.ndarray,
+    segs: Segments,
+    rows: np.ndarray,
+    profiles: np.ndarray,
+    pow_of: PowOf,
+    into: np.ndarray | None = None,
 ) -> Plan:
     """The update script's ``apply()`` for segments ``rows`` on records ``old`` (one each),
-    restricted to what it does when nothing happens; ``ok`` marks where that is all it does."""
-    s = segs.numbers[rows]
+    restricted to what it does when nothing happens; ``ok`` marks where that is all it does.
+    ``into``: bytes (rows of record.SIZE, at least len(old)) to build the new records in."""
+    s = Columns(segs.numbers, rows)
     r = {name: old[name].astype(np.float64) for name in DTYPE.names or ()}
-    p = profiles[s[:, lo.S_PROFILE].astype(np.int64) - 1]
+    p = profiles[s[lo.S_PROFILE].astype(np.int64) - 1]
     step = Step(s, p, segs, rows)
     on = {name: p[:, P[name]] == 1 for name in ("sil_on", "stall_on", "tok_on", "loop_on", "mem_on")}
     flags = old["flags"]
 
     # The script's class must be CUR, applied in order, with no flag it would act on.
-    ok = (r["run"] != 0) & (r["run"] == s[:, lo.S_RUN]) & (s[:, lo.S_LO] > r["hw"])
+    ok = (r["run"] != 0) & (r["run"] == s[lo.S_RUN]) & (s[lo.S_LO] > r["hw"])
     ok &= (flags & ~np.uint32(record.HAS_RSS)) == 0
     # retro_gaps: SIGHT only shortens the gaps it measures, so with SIGHT = 0 these bound them.
-    gap = np.maximum(s[:, lo.S_FIRST] - np.maximum(r["seen"], r["xu"]), s[:, lo.S_GB] - s[:, lo.S_GA])
+    gap = np.maximum(s[lo.S_FIRST] - np.maximum(r["seen"], r["xu"]), s[lo.S_GB] - s[lo.S_GA])
     ok &= ~on["sil_on"] | (gap <= r["sa"])
-    gap = np.maximum(s[:, lo.S_FBEAT] - np.maximum(np.maximum(r["beat"], r["start"]), r["xu"]),
-                     s[:, lo.S_BB] - s[:, lo.S_BA])  # fmt: skip
-    ok &= ~on["stall_on"] | (s[:, lo.S_FBEAT] <= 0) | (gap <= r["ta"])
+    gap = np.maximum(s[lo.S_FBEAT] - np.maximum(np.maximum(r["beat"], r["start"]), r["xu"]),
+                     s[lo.S_BB] - s[lo.S_BA])  # fmt: skip
+    ok &= ~on["stall_on"] | (s[lo.S_FBEAT] <= 0) | (gap <= r["ta"])
 
     new = dict(r)
     hw = r["hw"]
-    gapped = (hw >= 0) & (s[:, lo.S_LO] > hw + 1)
+    gapped = (hw >= 0) & (s[lo.S_LO] > hw + 1)
     new["g2a"], new["g2b"] = np.where(gapped, r["g1a"], r["g2a"]), np.where(gapped, r["g1b"], r["g2b"])
-    new["g1a"], new["g1b"] = np.where(gapped, hw + 1, r["g1a"]), np.where(gapped, s[:, lo.S_LO], r["g1b"])
-    new["hw"] = s[:, lo.S_HI]
-    new["seen"] = np.where(s[:, lo.S_LAST] > r["seen"], s[:, lo.S_LAST], r["seen"])
-    new["beat"] = np.where(s[:, lo.S_BEAT] > r["beat"], s[:, lo.S_BEAT], r["beat"])
-    pulsed = s[:, lo.S_PULSE] > r["pulse"]
-    since = np.where(r["pulse"] > 0, s[:, lo.S_PULSE] - r["pulse"], r["pg"])
-    new["pg"] = np.where(pulsed, np.where(s[:, lo.S_PGAP] > 0, s[:, lo.S_PGAP], since), r["pg"])
-    new["pulse"] = np.where(pulsed, s[:, lo.S_PULSE], r["pulse"])
-    xu = s[:, lo.S_XU]
-    new["xu"] = np.where(s[:, lo.S_XBEAT] == 1, np.where(s[:, lo.S_BEAT] >= r["beat"], xu, r["xu"]),
+    new["g1a"], new["g1b"] = np.where(gapped, hw + 1, r["g1a"]), np.where(gapped, s[lo.S_LO], r["g1b"])
+    new["hw"] = s[lo.S_HI]
+    new["seen"] = np.where(s[lo.S_LAST] > r["seen"], s[lo.S_LAST], r["seen"])
+    new["beat"] = np.where(s[lo.S_BEAT] > r["beat"], s[lo.S_BEAT], r["beat"])
+    pulsed = s[lo.S_PULSE] > r["pulse"]
+    since = np.where(r["pulse"] > 0, s[lo.S_PULSE] - r["pulse"], r["pg"])
+    new["pg"] = np.where(pulsed, np.where(s[lo.S_PGAP] > 0, s[lo.S_PGAP], since), r["pg"])
+    new["pulse"] = np.where(pulsed, s[lo.S_PULSE], r["pulse"])
+    xu = s[lo.S_XU]
+    new["xu"] = np.where(s[lo.S_XBEAT] == 1, np.where(s[lo.S_BEAT] >= r["beat"], xu, r["xu"]),
                          np.where(xu > r["xu"], xu, r["xu"]))  # fmt: skip
     new["sa"] = np.maximum(p[:, P["sil_after"]], 3000 * r["iv"])
     new["ta"] = np.maximum(p[:, P["stall_after"]], 3000 * r["iv"])
-    new["bt"] = r["bt"] + s[:, lo.S_NBEAT]
+    new["bt"] = r["bt"] + s[lo.S_NBEAT]
     ok &= _memory(new, step, on["mem_on"])
     ok &= _tokens(new, step, on["tok_on"], pow_of)
     ok &= _loop(new, step, on["loop_on"])
@@ -120,7 +142,9 @@ def plan_batch(
             ok &= (values >= 0) & (values < _UINT32) & (values == np.floor(values))
         elif DTYPE[name].kind == "f" and DTYPE[name].itemsize == 4:
             ok &= np.abs(values) <= _FLOAT32_SAFE  # also False for nan
-    rows_out = old.view(np.uint8).reshape(len(old), record.SIZE)[ok]
+    kept = np.flatnonzero(ok)
+    target = None if into is None else into[: len(kept)]
+    rows_out = np.take(old.view(np.uint8).reshape(len(old), record.SIZE), kept, axis=0, out=target)
     out = rows_out.view(DTYPE).reshape(-1)
     for name in changed:
         out[name] = new[name][ok].astype(DTYPE[name])
@@ -154,7 +178,7 @@ def _memory(new: dict[str, np.ndarray], step: Step, on: np.ndarray) -> np.ndarra
     if not len(of):
         return ok
     n, kb = len(rows), kb_int.astype(np.float64)
-    has = s[:, lo.S_RMS] != 0  # the script's test; the same segments as those with samples
+    has = s[lo.S_RMS] != 0  # the script's test; the same segments as those with samples
     firsts = np.flatnonzero(rank == 0)
     lasts = np.append(firsts[1:], len(of)) - 1
     bucket = np.floor(ms / p[of, P["bucket"]])
@@ -194,8 +218,8 @@ def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowO
     """tokens_apply() when neither a beat, its cost nor a rate window is anomalous (and no
     incident is open, so the baselines learn)."""
     s, p, segs, rows = step
-    tn, tsum, tmax, tw = (s[:, k] for k in (lo.S_TN, lo.S_TSUM, lo.S_TMAX, lo.S_TW))
-    cn, csum, cmax, cw = (s[:, k] for k in (lo.S_CN, lo.S_CSUM, lo.S_CMAX, lo.S_CW))
+    tn, tsum, tmax, tw = (s[k] for k in (lo.S_TN, lo.S_TSUM, lo.S_TMAX, lo.S_TW))
+    cn, csum, cmax, cw = (s[k] for k in (lo.S_CN, lo.S_CSUM, lo.S_CMAX, lo.S_CW))
     tok, cost = tn > 0, cn > 0
     new["tt"] = np.where(tok, new["tt"] + tsum, new["tt"])
     new["ct"] = np.where(cost, new["ct"] + csum, new["ct"])
@@ -209,7 +233,7 @@ def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowO
     hot = warm & tok & (tmax >= p[:, P["min_tokens"]]) & (tmax > factor * base_t)
     hot |= warm & cost & (cmax >= p[:, P["min_cost"]]) & (cmax > factor * base_c)
     of, rank, start, total = _items(segs.windows, 3, segs, rows)
-    windowed = active & (s[:, lo.S_WS] > 0)
+    windowed = active & (s[lo.S_WS] > 0)
     ws, wt, rb, rw, rn = (new[k].copy() for k in ("ws", "wt", "rb", "rw", "rn"))
     for k in range(int(rank.max()) + 1 if len(rank) else 0):
         at = np.flatnonzero((rank == k) & windowed[of])
@@ -243,11 +267,11 @@ def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowO
 def _loop(new: dict[str, np.ndarray], step: Step, on: np.ndarray) -> np.ndarray:
     """The loop part of tokens_apply() when no fingerprint repeats ``repeat`` times."""
     s, p, segs, rows = step
-    active = on & (s[:, lo.S_FPC] > 0)
+    active = on & (s[lo.S_FPC] > 0)
     if not active.any():
         return np.ones(len(rows), dtype=bool)
     repeat = p[:, P["repeat"]]
-    h1, c1 = s[:, lo.S_FPH], s[:, lo.S_FPC]
+    h1, c1 = s[lo.S_FPH], s[lo.S_FPC]
     same = (h1 != 0) & (h1 == new["fp"])
     fc = np.where(same, np.minimum(new["fc"] + c1, 4e9), c1)
     hot = (h1 != 0) & (fc >= repeat)

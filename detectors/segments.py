@@ -239,7 +239,7 @@ def build_segments(
     simple = np.ones(count, dtype=bool)
     simple[seg[rare]] = False
 
-    numbers = np.zeros((count, NUMBERS))
+    numbers = np.zeros((count, NUMBERS), order="F")  # written and read column by column
     order = np.argsort(seg, kind="stable") if count < n else np.arange(n)
     sseg = seg[order]
     ends = np.cumsum(np.bincount(sseg, minlength=count))
