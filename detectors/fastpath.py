@@ -46,12 +46,11 @@ from collections.abc import Iterable
 from itertools import compress
 from typing import Any, Final
 
-import hiredis
 import numpy as np
 from redis.cluster import RedisCluster
 
 from agentwatch.keys import Keys
-from detectors import record
+from detectors import record, resp
 from detectors.fastplan import DTYPE, Plan, plan_batch
 from detectors.segments import Segments
 
@@ -97,6 +96,7 @@ class FastPath:
         self.applied = 0
         self.refused = 0
         self._scratch = np.empty((0, record.SIZE), dtype=np.uint8)
+        self.packer = resp.Packer()
 
     def apply(self, shard: int, segs: Segments, rows: np.ndarray, profiles: np.ndarray) -> np.ndarray:
         """Apply what it can of segments ``rows`` (of ``shard``); returns the rows left for the
@@ -106,9 +106,10 @@ class FastPath:
             return rows
         key = self.keys.states(shard)
         names = [segs.agents[i] for i in chosen.tolist()]
-        link = _Link(self.client, key)
+        link, packer = _Link(self.client, key), self.packer
         try:
-            link.send(("WATCH", key), ("HMGET", key, *names))
+            packer.begin()
+            link.send([resp.pack(("WATCH", key)), *packer.names(("HMGET", key), names)])
             link.read()
             raws = link.read()
             size = np.fromiter(map(len, [raw or b"" for raw in raws]), dtype=np.int64, count=len(raws))
@@ -122,18 +123,17 @@ class FastPath:
                 self._scratch = np.empty((2 * len(old), record.SIZE), dtype=np.uint8)
             plan = plan_batch(old, segs, chosen, profiles, self.decays, self._scratch)
             if not plan.ok.any():
-                link.send(("UNWATCH",))
+                link.send([resp.pack(("UNWATCH",))])
                 link.read()
                 link.release()
                 return rows
             kept = list(compress(names, plan.ok.tolist()))
-            commands = [
-                ("MULTI",),
-                _hset(key, kept, plan.records),
-                *_timer_writes(self.keys, shard, kept, plan),
-            ]
-            link.send(*commands, ("EXEC",))
-            for _ in commands:
+            records = plan.records.view(np.uint8).reshape(len(kept), record.SIZE)
+            writes = [packer.pairs(("HSET", key), kept, records, name_first=True),
+                      *_timer_writes(packer, self.keys, shard, kept, plan)]  # fmt: skip
+            link.send([resp.pack(("MULTI",)), *(piece for command in writes for piece in command),
+                       resp.pack(("EXEC",))])  # fmt: skip
+            for _ in range(len(writes) + 1):
                 link.read()  # OK, QUEUED...
             done = link.read() is not None  # None: the states hash changed since WATCH
         except BaseException:
@@ -159,8 +159,9 @@ class _Link:
         except TypeError:  # redis-py < 5.3 wants a command name
             self.conn = self.pool.get_connection("MULTI")
 
-    def send(self, *commands: tuple[Any, ...]) -> None:
-        self.conn.send_packed_command([hiredis.pack_command(c) for c in commands])
+    def send(self, pieces: list[Any]) -> None:
+        """Packed commands (bytes, or views of a packer's buffer), in one go."""
+        self.conn.send_packed_command(pieces)
 
     def read(self) -> Any:
         return self.conn.read_response()
@@ -189,26 +190,22 @@ def _candidates(segs: Segments, rows: np.ndarray) -> np.ndarray:
     return once
 
 
-def _hset(key: str, names: list[str], records: np.ndarray) -> tuple[Any, ...]:
-    flat, size = records.view(np.uint8).data, record.SIZE  # a view: no copy of the records
-    items: list[Any] = [None] * (2 * len(names))
-    items[0::2] = names
-    items[1::2] = [flat[k : k + size] for k in range(0, len(flat), size)]
-    return ("HSET", key, *items)
-
-
-def _timer_writes(keys: Keys, shard: int, names: list[str], plan: Plan) -> list[tuple[Any, ...]]:
+def _timer_writes(
+    packer: resp.Packer, keys: Keys, shard: int, names: list[str], plan: Plan
+) -> list[list[Any]]:
     """The timers and fleet-index writes of the kept agents, as the script would make them."""
-    out: list[tuple[Any, ...]] = []
+    out: list[list[Any]] = []
     add, remove, index = plan.due > 0, plan.due < 0, plan.seen > 0
-    if add.any():
-        out.append(("ZADD", keys.timers(shard), *_pairs(plan.due[add], compress(names, add.tolist()))))
+    for chosen, scores, head in ((add, plan.due, ("ZADD", keys.timers(shard))),
+                                 (index, plan.seen, ("ZADD", keys.agents(shard), "GT"))):  # fmt: skip
+        if chosen.any():
+            members, digits = list(compress(names, chosen.tolist())), resp.score_digits(scores[chosen])
+            if digits is None:
+                out.append([resp.pack((*head, *_pairs(scores[chosen], members)))])
+            else:
+                out.append(packer.pairs(head, members, digits, name_first=False))
     if remove.any():
-        out.append(("ZREM", keys.timers(shard), *compress(names, remove.tolist())))
-    if index.any():
-        out.append(
-            ("ZADD", keys.agents(shard), "GT", *_pairs(plan.seen[index], compress(names, index.tolist())))
-        )
+        out.append(packer.names(("ZREM", keys.timers(shard)), list(compress(names, remove.tolist()))))
     return out
 
 
