@@ -11,7 +11,7 @@ late batch, store a stack), ``Plan.ok`` is False and the segment goes to the scr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
@@ -165,6 +165,8 @@ def _items(
     of = of[chosen]
     first = np.ones(len(of), dtype=bool)
     first[1:] = of[1:] != of[:-1]
+    if first.all():  # one item per segment (one beat per agent): every rank is 0
+        return (of, np.zeros(len(of), dtype=np.int64), *(a[chosen] for a in arrays[1:]))
     starts = np.flatnonzero(first)
     rank = np.arange(len(of)) - np.repeat(starts, np.diff(np.append(starts, len(of))))
     return (of, rank, *(a[chosen] for a in arrays[1:]))
@@ -237,7 +239,10 @@ def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowO
     ws, wt, rb, rw, rn = (new[k].copy() for k in ("ws", "wt", "rb", "rw", "rn"))
     for k in range(int(rank.max()) + 1 if len(rank) else 0):
         at = np.flatnonzero((rank == k) & windowed[of])
-        c, begin, tokens = of[at], start[at], total[at]
+        c: Any = of[at]
+        begin, tokens = start[at], total[at]
+        if len(c) == len(rows):  # every candidate (in order): whole columns, no gathering
+            c = slice(None)
         closes = begin > ws[c]
         folds = closes & (ws[c] > 0) & (wt[c] > 0)  # (a hot segment is refused whatever it folds)
         a = alpha[c]
@@ -247,7 +252,7 @@ def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowO
         ws[c], wt[c] = np.where(closes, begin, ws[c]), np.where(closes, 0, wt[c])
         wt[c] = np.where(begin == ws[c], wt[c] + tokens, wt[c])
         judged = warm[c] & (rn[c] >= 2) & (rw[c] > 0)
-        expected = np.divide(rb[c], rw[c], out=np.zeros(len(c)), where=judged) * w[c] / 1000
+        expected = np.divide(rb[c], rw[c], out=np.zeros(len(at)), where=judged) * w[c] / 1000
         hot[c] |= judged & (wt[c] >= p[c, P["min_tokens"]]) & (wt[c] > factor[c] * expected)
     new["ws"], new["wt"], new["rb"], new["rw"], new["rn"] = ws, wt, rb, rw, rn
     new["hot"] = np.where(active, 0, new["hot"])

@@ -172,6 +172,16 @@ def ewma_terms(
     """
     count = len(numbers)
     n = np.bincount(seg, minlength=count)
+    alpha: Any
+    if n.max() <= 1:  # one beat per agent (a large fleet): the sums below, for a single term
+        alpha = (
+            alphas[0]
+            if len(alphas) == 1
+            else np.asarray(alphas)[numbers[seg, layout.S_PROFILE].astype(np.int64) - 1]
+        )
+        numbers[seg, slot], numbers[seg, slot + 1], numbers[seg, slot + 2] = 1, 0.0 + x, x
+        numbers[seg, slot + 3] = 0.0 + alpha * 1.0 * x  # bincount adds to 0.0; (1 - alpha)^0 = 1
+        return
     # stable sort by segment: each segment's beats become one run, still in stream order
     if len(seg) < 2 or (seg[1:] >= seg[:-1]).all():
         xs, ss = x, seg  # already in order (one beat per agent)
@@ -181,7 +191,7 @@ def ewma_terms(
     ends = np.cumsum(n)
     from_end = ends[ss] - 1 - np.arange(len(ss))  # beats after this one in its segment
     if len(alphas) == 1:
-        alpha: Any = alphas[0]
+        alpha = alphas[0]
     else:
         profile = numbers[:, layout.S_PROFILE].astype(np.int64)
         alpha = np.asarray(alphas, dtype=np.float64)[profile - 1][ss]

@@ -206,10 +206,17 @@ def build_segments(
     ``profile_of`` None: every agent has profile 1. ``vectorised=False`` folds every segment
     event by event: the reference the tests compare the vectorised fold with."""
     evs = [message[1] for message in messages]
-    keys = list(zip(map(_AGENT, evs), map(_RUN, evs), strict=True))
-    index = dict(zip(dict.fromkeys(keys), counter()))
-    count, n = len(index), len(evs)
-    seg = np.fromiter(map(index.__getitem__, keys), dtype=np.int64, count=n)
+    agents, runs = list(map(_AGENT, evs)), list(map(_RUN, evs))
+    keys = list(zip(agents, runs, strict=True))
+    firsts = dict.fromkeys(keys)
+    count, n = len(firsts), len(evs)
+    index = None
+    if count == n:  # one event per agent and run (a large fleet): segment i is event i
+        seg = np.arange(n)
+    else:
+        index = dict(zip(firsts, counter()))
+        seg = np.fromiter(map(index.__getitem__, keys), dtype=np.int64, count=n)
+        agents, runs = [key[0] for key in firsts], [key[1] for key in firsts]
     ms = entry_times([m[0] for m in messages])
     kind = np.fromiter(map(_KINDS.__getitem__, map(_KIND, evs)), dtype=np.int64, count=n)
     beat, pulse = kind == fold.BEAT, kind == fold.PULSE
@@ -246,17 +253,15 @@ def build_segments(
     events = fold.Events(sseg, ms[order], seq[order], kind[order], ends - np.diff(ends, prepend=0), ends)
     fold.fold_simple(numbers, events)
     fps = list(map(dict.get, evs, repeat("fp")))
-    agents = [key[0] for key in index]
     out = Segments(numbers, agents, simple, fps=fps if count == n else [fps[k] for k in order])
     _fold_fp_and_rss(out, events, rss[order], has_rss[order])
     if not simple.all():
         wanted = set(np.flatnonzero(~simple).tolist())
         chosen = [m for m, s in zip(messages, seg.tolist(), strict=True) if s in wanted]
-        out.complex = _fold_events(chosen, index)
+        out.complex = _fold_events(chosen, index or dict(zip(firsts, counter())))
         for row, values in out.complex.items():
             numbers[row, _FROM_EVENTS] = [values[k] for k in _FROM_EVENTS]
     numbers[:, S_PROFILE] = 1 if profile_of is None else list(map(profile_of, out.agents))
-    runs = [key[1] for key in index]
     hashes = list(map(_run_hashes.get, runs))
     if None in hashes:
         hashes = list(map(run_hash, runs))
@@ -278,7 +283,7 @@ def _fold_fp_and_rss(out: Segments, ev: fold.Events, kb: np.ndarray, has_rss: np
     numbers, beat = out.numbers, ev.kind == fold.BEAT
     truthy = np.fromiter(map(bool, out.fps), dtype=bool, count=len(out.fps))
     hashes = np.zeros(len(out.fps), dtype=np.int64)
-    hashes[truthy] = list(map(zlib.crc32, map(str.encode, filter(None, out.fps))))
+    hashes[truthy] = np.fromiter(map(zlib.crc32, map(str.encode, filter(None, out.fps))), dtype=np.int64)
     hashes[truthy & (hashes == 0)] = 1  # 0 means "no fingerprint"
     run_seg, run_pos, run_len = fold.fp_runs(ev, beat, hashes)
     if len(run_seg):

@@ -111,6 +111,32 @@ class Fleet:
         return out
 
 
+class Steady(Fleet):
+    """A large healthy fleet's batches: every agent once, beats with usage, every 5th a pulse
+    (the benchmark's shape: one event per agent per batch, the fast path's own case)."""
+
+    def __init__(self, feed: Feed, rng: random.Random, size: int) -> None:
+        super().__init__(feed, rng, size)
+        self.agents = [f"agent-{i:04d}" for i in range(size)]
+        self.rounds = 0
+        self.rss = {a: 200 * 2**20 for a in self.agents}
+
+    def batch(self) -> list[Any]:
+        self.rounds += 1
+        out = []
+        for agent in self.agents:
+            at = self.feed.now + self.rng.choice([0, 1, 2])
+            if self.rounds % 5 == 0:
+                out.append(
+                    self.feed.event(agent, "pulse", at=at, rss=self.rss[agent] + self.rng.randrange(2**20))
+                )
+            else:
+                tokens = int(self.rng.gauss(100, 20)) * (40 if self.rng.random() < 0.002 else 1)
+                out.append(self.feed.event(agent, "beat", at=at, tokens=max(tokens, 0), cost=tokens * 1e-5,
+                                           fp=f"job-{self.rng.randrange(10**6)}"))  # fmt: skip
+        return out
+
+
 @pytest.fixture
 def prefixes(r: redis.Redis) -> Iterator[tuple[str, str]]:
     names = (f"t{uuid.uuid4().hex[:10]}", f"t{uuid.uuid4().hex[:10]}")
@@ -172,6 +198,18 @@ def test_the_fast_path_changes_nothing(
         assert (detector, "firing") in kinds, detector
 
 
+def test_a_large_healthy_fleet_takes_the_fast_path_unchanged(
+    prefixes: tuple[str, str], r: redis.Redis, redis_url: str
+) -> None:
+    t0 = int(r.time()[0]) * 1000
+    fast, slow = (
+        make_feed(p, redis_url, 1, fast=f, t0=t0) for p, f in zip(prefixes, (True, False), strict=True)
+    )
+    rng = random.Random(11)
+    compare(r, fast, slow, [Keys(p, 1) for p in prefixes], rng, batches=60, fleet=Steady(fast, rng, size=400))
+    assert fast.engine.fast.applied > 0.8 * 60 * 400
+
+
 @pytest.mark.cluster
 def test_the_fast_path_changes_nothing_on_a_cluster(cluster_ports: list[int]) -> None:
     url = f"redis://127.0.0.1:{cluster_ports[0]}/0"
@@ -190,9 +228,17 @@ def test_the_fast_path_changes_nothing_on_a_cluster(cluster_ports: list[int]) ->
         r.close()
 
 
-def compare(r: Any, fast: Feed, slow: Feed, keys: list[Keys], rng: random.Random, batches: int) -> None:
+def compare(
+    r: Any,
+    fast: Feed,
+    slow: Feed,
+    keys: list[Keys],
+    rng: random.Random,
+    batches: int,
+    fleet: Fleet | None = None,
+) -> None:
     """Feed both engines the same batches and ticks; compare everything every 20 batches."""
-    fleet = Fleet(fast, rng, size=30)
+    fleet = fleet or Fleet(fast, rng, size=30)
     sent: list[list[Any]] = []
     for number in range(batches):
         batch = fleet.batch()

@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from detectors import layout, segments
+from detectors import fold, layout, segments
 
 T0 = 1_795_000_000_000
 
@@ -95,3 +95,25 @@ def test_entry_times_of_any_length() -> None:
     ids = [b"1795000000000-0", b"1795000000001-12", b"5-0", b"99999999999999-3"]
     assert segments.entry_times(ids).tolist() == [1795000000000, 1795000000001, 5, 99999999999999]
     assert segments.entry_times(ids[:2]).tolist() == [1795000000000, 1795000000001]
+
+
+@pytest.mark.parametrize("alphas", [[0.1], [0.2, 0.05]])
+def test_the_one_beat_shortcuts_equal_the_general_folds(alphas: list[float]) -> None:
+    """A batch with one beat per agent takes shortcuts in the token folds; an agent with two
+    beats in the same batch forces the general path: the single agents' numbers must not differ."""
+    rng = np.random.default_rng(3)
+    size = 300
+    values = np.concatenate([rng.integers(0, 5000, size // 2).astype(float), rng.random(size // 2) * 3])
+    values[::7] = 0.0
+    times = T0 + rng.integers(0, 600_000, size)
+    folded = []
+    for extra in (0, 2):  # extra: two more beats for one more agent
+        numbers = np.zeros((size + 1, layout.NUMBERS), order="F")
+        numbers[:, layout.S_PROFILE] = np.arange(size + 1) % len(alphas) + 1
+        seg = np.append(np.arange(size), np.full(extra, size))
+        x = np.append(values, [5.0, 7.0][:extra])
+        ms = np.append(times, np.array([T0, T0 + 1][:extra], dtype=np.int64))  # one window: np.unique
+        fold.ewma_terms(numbers, seg, x, layout.S_TN, alphas)
+        windows = fold.rate_windows(numbers, seg, ms, x, [60_000.0, 1000.0][: len(alphas)])
+        folded.append((numbers[:size].tobytes(), [w[:size].tobytes() for w in windows]))
+    assert folded[0] == folded[1]
