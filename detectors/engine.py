@@ -193,12 +193,29 @@ class Engine:
             return
         self._prepare()
         profile_of = self.profile_of if self._overrides else None
-        folded = segments.build_segments(messages, profile_of, self._alphas, self._windows)
+        shards: dict[int, Any] = {}
+
+        def read_ahead(agents: list[str]) -> None:  # the fast path reads records while we fold
+            shards.update(segments.by_shard(agents, self.keys.shards))
+            if self.fast is not None:
+                self._fast(self.fast.prefetch, agents, shards)
+
+        try:
+            folded = segments.build_segments(
+                messages, profile_of, self._alphas, self._windows, on_agents=read_ahead
+            )
+            self._apply(folded, shards)
+        finally:
+            if self.fast is not None:
+                self.fast.discard()
+        self._last_batch = messages
+
+    def _apply(self, folded: segments.Segments, shards: dict[int, Any]) -> None:
         memory = self.get("Memory")
-        for shard, shard_rows in folded.by_shard(self.keys.shards).items():
+        for shard, shard_rows in shards.items():
             rows = shard_rows
             if self.fast is not None:  # the common segments first; the script takes the rest
-                rows = self._fast(shard, folded, rows)
+                rows = self._fast(self.fast.apply, shard, folded, rows, self._profile_array, failed=rows)
             if not len(rows):
                 continue
             reply = self._update(
@@ -215,13 +232,13 @@ class Engine:
                 self.publisher.publish(shard, owned)
             if windows and memory is not None:
                 memory.evaluate(shard, windows)  # type: ignore[attr-defined]
-        self._last_batch = messages
 
-    def _fast(self, shard: int, folded: segments.Segments, rows: Any) -> Any:
-        """The rows the fast path leaves to the update script (all of them if it fails: it
-        wrote nothing then, or what it wrote the script skips as already applied)."""
+    def _fast(self, step: Any, *args: Any, failed: Any = None) -> Any:
+        """A step of the fast path; if it fails, ``failed`` (for apply: every row, so the update
+        script applies them; the fast path wrote nothing then, or what it wrote the script
+        skips as already applied)."""
         try:
-            return self.fast.apply(shard, folded, rows, self._profile_array)
+            return step(*args)
         except RECOVERABLE:
             raise
         except Exception:
@@ -230,7 +247,8 @@ class Engine:
                 log.exception(
                     "fast path failed %d times; the update script applies its batches", self.fast_errors
                 )
-            return rows
+            self.fast.discard()
+            return failed
 
     # -- the tick ----------------------------------------------------------------------------
     def tick(self, now_ms: int) -> None:

@@ -97,54 +97,109 @@ class FastPath:
         self.refused = 0
         self._scratch = np.empty((0, record.SIZE), dtype=np.uint8)
         self.packer = resp.Packer()
+        self._pending: dict[int, tuple[_Link, np.ndarray]] = {}
+
+    def prefetch(self, agents: list[str], shards: dict[int, np.ndarray]) -> None:
+        """Start reading the records of every agent of the batch (``shards``: their rows per
+        shard), before the batch is folded: Redis reads while Python folds."""
+        self.discard()
+        for shard, rows in shards.items():
+            key = self.keys.states(shard)
+            link = _Link(self.client, key)
+            try:
+                link.send(
+                    [resp.pack(("WATCH", key)), *self.packer.names(("HMGET", key), [agents[i] for i in rows])]
+                )
+            except BaseException:
+                link.drop()
+                raise
+            self._pending[shard] = (link, rows)
+
+    def discard(self) -> None:
+        """Forget reads :meth:`apply` did not take (a batch that failed half-way)."""
+        for link, _ in self._pending.values():
+            link.drop()
+        self._pending.clear()
 
     def apply(self, shard: int, segs: Segments, rows: np.ndarray, profiles: np.ndarray) -> np.ndarray:
         """Apply what it can of segments ``rows`` (of ``shard``); returns the rows left for the
         update script, in batch order."""
         chosen = _candidates(segs, rows)
-        if not len(chosen):
-            return rows
         key = self.keys.states(shard)
-        names = [segs.agents[i] for i in chosen.tolist()]
-        link, packer = _Link(self.client, key), self.packer
+        pending = self._pending.pop(shard, None)
+        if pending is None:
+            if not len(chosen):
+                return rows
+            link, read = _Link(self.client, key), chosen
+            try:
+                link.send(
+                    [resp.pack(("WATCH", key)), *self.packer.names(("HMGET", key), segs.agents_of(chosen))]
+                )
+            except BaseException:
+                link.drop()
+                raise
+        else:
+            link, read = pending
         try:
-            packer.begin()
-            link.send([resp.pack(("WATCH", key)), *packer.names(("HMGET", key), names)])
             link.read()
             raws = link.read()
-            size = np.fromiter(map(len, [raw or b"" for raw in raws]), dtype=np.int64, count=len(raws))
-            found = size == record.SIZE  # absent or of another layout: the script starts it afresh
-            if found.all():
-                old = np.frombuffer(b"".join(raws), DTYPE)
+            done, kept = False, np.zeros(0, dtype=np.int64)
+            if len(chosen):
+                if len(read) != len(chosen):  # records of every row were read: take the candidates'
+                    raws = [raws[k] for k in np.searchsorted(read, chosen).tolist()]
+                done, kept = self._write(link, key, shard, segs, chosen, raws, profiles)
             else:
-                chosen, names = chosen[found], list(compress(names, found.tolist()))
-                old = np.frombuffer(b"".join(compress(raws, found.tolist())), DTYPE)
-            if len(self._scratch) < len(old):  # reused: a fresh 250 kB buffer per batch is page faults
-                self._scratch = np.empty((2 * len(old), record.SIZE), dtype=np.uint8)
-            plan = plan_batch(old, segs, chosen, profiles, self.decays, self._scratch)
-            if not plan.ok.any():
                 link.send([resp.pack(("UNWATCH",))])
                 link.read()
-                link.release()
-                return rows
-            kept = list(compress(names, plan.ok.tolist()))
-            records = plan.records.view(np.uint8).reshape(len(kept), record.SIZE)
-            writes = [packer.pairs(("HSET", key), kept, records, name_first=True),
-                      *_timer_writes(packer, self.keys, shard, kept, plan)]  # fmt: skip
-            link.send([resp.pack(("MULTI",)), *(piece for command in writes for piece in command),
-                       resp.pack(("EXEC",))])  # fmt: skip
-            for _ in range(len(writes) + 1):
-                link.read()  # OK, QUEUED...
-            done = link.read() is not None  # None: the states hash changed since WATCH
         except BaseException:
             link.drop()
             raise
         link.release()
         if not done:
-            self.refused += 1
             return rows
         self.applied += len(kept)
-        return rows[~np.isin(rows, chosen[plan.ok])]
+        return rows[~np.isin(rows, kept)]
+
+    def _write(  # noqa: PLR0917 - one shard's batch
+        self,
+        link: _Link,
+        key: str,
+        shard: int,
+        segs: Segments,
+        chosen: np.ndarray,
+        raws: list[Any],
+        profiles: np.ndarray,
+    ) -> tuple[bool, np.ndarray]:
+        """Plan the candidates ``chosen`` on their records ``raws`` and write what is kept in
+        one transaction; (written, rows written)."""
+        names = segs.agents_of(chosen)
+        size = np.fromiter(map(len, [raw or b"" for raw in raws]), dtype=np.int64, count=len(raws))
+        found = size == record.SIZE  # absent or of another layout: the script starts it afresh
+        if found.all():
+            old = np.frombuffer(b"".join(raws), DTYPE)
+        else:
+            chosen, names = chosen[found], list(compress(names, found.tolist()))
+            old = np.frombuffer(b"".join(compress(raws, found.tolist())), DTYPE)
+        if len(self._scratch) < len(old):  # reused: a fresh 250 kB buffer per batch is page faults
+            self._scratch = np.empty((2 * len(old), record.SIZE), dtype=np.uint8)
+        plan = plan_batch(old, segs, chosen, profiles, self.decays, self._scratch)
+        if not plan.ok.any():
+            link.send([resp.pack(("UNWATCH",))])
+            link.read()
+            return False, chosen[:0]
+        kept = list(compress(names, plan.ok.tolist()))
+        records = plan.records.view(np.uint8).reshape(len(kept), record.SIZE)
+        self.packer.begin()
+        writes = [self.packer.pairs(("HSET", key), kept, records, name_first=True),
+                  *_timer_writes(self.packer, self.keys, shard, kept, plan)]  # fmt: skip
+        link.send([resp.pack(("MULTI",)), *(piece for command in writes for piece in command),
+                   resp.pack(("EXEC",))])  # fmt: skip
+        for _ in range(len(writes) + 1):
+            link.read()  # OK, QUEUED...
+        if link.read() is None:  # the states hash changed since WATCH: refused
+            self.refused += 1
+            return False, chosen[:0]
+        return True, chosen[plan.ok]
 
 
 class _Link:

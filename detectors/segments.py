@@ -124,13 +124,9 @@ class Segments:
     def __len__(self) -> int:
         return len(self.agents)
 
-    def by_shard(self, shards: int) -> dict[int, np.ndarray]:
-        """Rows of each shard's segments, in batch order."""
-        rows = np.arange(len(self.agents))
-        if shards <= 1:
-            return {0: rows} if len(rows) else {}
-        of = np.fromiter((shard_of(a, shards) for a in self.agents), dtype=np.int64, count=len(rows))
-        return {int(shard): rows[of == shard] for shard in np.unique(of)}
+    def agents_of(self, rows: np.ndarray) -> list[str]:
+        agents = self.agents
+        return agents if len(rows) == len(agents) else [agents[i] for i in rows.tolist()]
 
     def others(self, rows: np.ndarray) -> list[Any]:
         """The fields of layout.SEGMENT_OTHERS of segments ``rows``, one after the other."""
@@ -157,6 +153,15 @@ class Segments:
                 out += (self.agents[i], False, fptext.get(i, False), fpx.get(i, False),
                         rssx.get(i, False), False, winx.get(i, False))  # fmt: skip
         return out
+
+
+def by_shard(agents: list[str], shards: int) -> dict[int, np.ndarray]:
+    """Rows (segments, in batch order) of each shard's agents."""
+    rows = np.arange(len(agents))
+    if shards <= 1:
+        return {0: rows} if len(rows) else {}
+    of = np.fromiter((shard_of(a, shards) for a in agents), dtype=np.int64, count=len(rows))
+    return {int(shard): rows[of == shard] for shard in np.unique(of)}
 
 
 def _tails(arrays: tuple[np.ndarray, ...], rows: np.ndarray) -> dict[int, list[Any]]:
@@ -200,11 +205,13 @@ def build_segments(
     windows: Sequence[float],
     *,
     vectorised: bool = True,
+    on_agents: Callable[[list[str]], None] | None = None,
 ) -> Segments:
     """Fold a batch into segments (one per agent and run, in order of first appearance).
 
     ``profile_of`` None: every agent has profile 1. ``vectorised=False`` folds every segment
-    event by event: the reference the tests compare the vectorised fold with."""
+    event by event: the reference the tests compare the vectorised fold with. ``on_agents`` is
+    called with the segments' agents as soon as they are known (to start reading their state)."""
     evs = [message[1] for message in messages]
     agents, runs = list(map(_AGENT, evs)), list(map(_RUN, evs))
     keys = list(zip(agents, runs, strict=True))
@@ -217,6 +224,8 @@ def build_segments(
         index = dict(zip(firsts, counter()))
         seg = np.fromiter(map(index.__getitem__, keys), dtype=np.int64, count=n)
         agents, runs = [key[0] for key in firsts], [key[1] for key in firsts]
+    if on_agents is not None:
+        on_agents(agents)
     ms = entry_times([m[0] for m in messages])
     kind = np.fromiter(map(_KINDS.__getitem__, map(_KIND, evs)), dtype=np.int64, count=n)
     beat, pulse = kind == fold.BEAT, kind == fold.PULSE
