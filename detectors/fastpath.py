@@ -254,7 +254,8 @@ def _timer_writes(
     for chosen, scores, head in ((add, plan.due, ("ZADD", keys.timers(shard))),
                                  (index, plan.seen, ("ZADD", keys.agents(shard), "GT"))):  # fmt: skip
         if chosen.any():
-            members, digits = list(compress(names, chosen.tolist())), resp.score_digits(scores[chosen])
+            members = names if chosen.all() else list(compress(names, chosen.tolist()))  # (packer reuses)
+            digits = resp.score_digits(scores[chosen])
             if digits is None:
                 out.append([resp.pack((*head, *_pairs(scores[chosen], members)))])
             else:

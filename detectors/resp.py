@@ -28,13 +28,16 @@ class Packer:
         self._bulks: dict[str, bytes] = {}
         self._buffer = np.empty(1 << 16, dtype=np.uint8)
         self._used = 0
+        self._last: tuple[Any, list[bytes]] = (None, [])
 
     def begin(self) -> None:
         """Start packing the next exchange (what was packed before must have been sent)."""
-        self._used = 0
+        self._used, self._last = 0, (None, [])
 
     def bulks(self, names: list[str]) -> list[bytes]:
-        """``$<len>\\r\\n<name>\\r\\n`` of each name."""
+        """``$<len>\\r\\n<name>\\r\\n`` of each name (the same list again: the same answer)."""
+        if names is self._last[0]:
+            return self._last[1]
         cache = self._bulks
         out = list(map(cache.get, names))
         if None in out:
@@ -44,7 +47,9 @@ class Packer:
                 if out[k] is None:
                     raw = name.encode()
                     out[k] = cache[name] = b"$%d\r\n%s\r\n" % (len(raw), raw)
-        return out  # type: ignore[return-value]
+        done: list[bytes] = out  # type: ignore[assignment]
+        self._last = (names, done)
+        return done
 
     def names(self, head: tuple[str, ...], names: list[str]) -> list[Any]:
         """``*head, *names`` (HMGET, ZREM) as pieces to send."""
@@ -63,10 +68,17 @@ class Packer:
         total = int(lengths.sum()) + value_size * count
         start = self._reserve(total)
         offset = start
-        for size in np.unique(lengths).tolist():
-            group = np.flatnonzero(lengths == size)
-            rows = self._buffer[offset : offset + len(group) * (size + value_size)].reshape(len(group), -1)
-            named = np.frombuffer(b"".join([bulks[k] for k in group.tolist()]), dtype=np.uint8)
+        sizes = np.unique(lengths).tolist()
+        for size in sizes:
+            group: Any = slice(None)  # one size (the usual case): no gathering
+            named_bulks = bulks
+            if len(sizes) > 1:
+                group = np.flatnonzero(lengths == size)
+                named_bulks = [bulks[k] for k in group.tolist()]
+            rows = self._buffer[offset : offset + len(named_bulks) * (size + value_size)].reshape(
+                len(named_bulks), -1
+            )
+            named = np.frombuffer(b"".join(named_bulks), dtype=np.uint8)
             name_at, value_at = (0, size) if name_first else (value_size, 0)
             rows[:, name_at : name_at + size] = named.reshape(-1, size)
             rows[:, value_at : value_at + len(prefix)] = prefix

@@ -18,12 +18,15 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
+import hiredis
+import numpy as np
 import pytest
 import redis
 from agents_detect.kit import Feed, alerts, pipeline_for, worker_for
 from redis.cluster import RedisCluster
 
 from agentwatch.keys import Keys
+from detectors import resp
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "silence": {"after": "4s"},
@@ -265,3 +268,31 @@ def compare(
             assert snapshot(r, keys[0]) == snapshot(r, keys[1]), f"after batch {number}"
     assert snapshot(r, keys[0]) == snapshot(r, keys[1])
     assert fast.engine.fast_errors == 0 and slow.engine.fast is None
+
+
+@pytest.mark.parametrize("names", [["a", "bb", "ccc", "a2", "dddd"], [f"agent-{i:04d}" for i in range(50)]])
+def test_the_packer_writes_what_hiredis_would(names: list[str]) -> None:
+    rng = np.random.default_rng(5)
+    packer = resp.Packer()
+    values = rng.integers(0, 256, (len(names), 263)).astype(np.uint8)
+    scores = 1_795_000_000_000.0 + rng.integers(0, 10**6, len(names))
+    packer.begin()
+    commands = [
+        packer.pairs(("HSET", "k"), names, values, name_first=True),
+        packer.pairs(("ZADD", "z", "GT"), names, resp.score_digits(scores), name_first=False),  # type: ignore[arg-type]
+        packer.names(("HMGET", "k"), names),
+    ]
+    reader = hiredis.Reader()
+    reader.feed(b"".join(bytes(piece) for command in commands for piece in command))
+    hset, zadd, hmget = reader.gets(), reader.gets(), reader.gets()
+    encoded = [n.encode() for n in names]
+    assert hset[:2] == [b"HSET", b"k"] and len(hset) == 2 + 2 * len(names)
+    assert dict(zip(hset[2::2], hset[3::2], strict=True)) == dict(
+        zip(encoded, map(bytes, values), strict=True)
+    )
+    assert zadd[:3] == [b"ZADD", b"z", b"GT"]
+    assert dict(zip(zadd[4::2], zadd[3::2], strict=True)) == {
+        n: str(int(s)).encode() for n, s in zip(encoded, scores, strict=True)
+    }
+    assert hmget == [b"HMGET", b"k", *encoded]
+    assert resp.score_digits(np.array([1.5e12 + 0.5])) is None and resp.score_digits(np.array([12.0])) is None
