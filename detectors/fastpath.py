@@ -104,15 +104,7 @@ class FastPath:
         shard), before the batch is folded: Redis reads while Python folds."""
         self.discard()
         for shard, rows in shards.items():
-            key = self.keys.states(shard)
-            link = _Link(self.client, key)
-            try:
-                link.send(
-                    [resp.pack(("WATCH", key)), *self.packer.names(("HMGET", key), [agents[i] for i in rows])]
-                )
-            except BaseException:
-                link.drop()
-                raise
+            link = self._read(self.keys.states(shard), [agents[i] for i in rows.tolist()])
             self._pending[shard] = (link, rows)
 
     def discard(self) -> None:
@@ -127,38 +119,42 @@ class FastPath:
         chosen = _candidates(segs, rows)
         key = self.keys.states(shard)
         pending = self._pending.pop(shard, None)
-        if pending is None:
-            if not len(chosen):
-                return rows
-            link, read = _Link(self.client, key), chosen
+        for _ in range(2):  # refused (another worker wrote the shard meanwhile): once more, afresh
+            if pending is None:
+                if not len(chosen):
+                    return rows
+                pending = (self._read(key, segs.agents_of(chosen)), chosen)
+            (link, read), pending = pending, None
             try:
-                link.send(
-                    [resp.pack(("WATCH", key)), *self.packer.names(("HMGET", key), segs.agents_of(chosen))]
-                )
+                link.read()
+                raws = link.read()
+                kept: np.ndarray | None = chosen[:0]
+                if len(chosen):
+                    if len(read) != len(chosen):  # records of every row were read: the candidates'
+                        raws = [raws[k] for k in np.searchsorted(read, chosen).tolist()]
+                    kept = self._write(link, key, shard, segs, chosen, raws, profiles)
+                else:
+                    link.send([resp.pack(("UNWATCH",))])
+                    link.read()
             except BaseException:
                 link.drop()
                 raise
-        else:
-            link, read = pending
+            link.release()
+            if kept is not None:
+                self.applied += len(kept)
+                return rows[~np.isin(rows, kept)] if len(kept) else rows
+            self.refused += 1
+        return rows
+
+    def _read(self, key: str, names: list[str]) -> _Link:
+        """WATCH the states hash and ask for ``names``' records (read the replies later)."""
+        link = _Link(self.client, key)
         try:
-            link.read()
-            raws = link.read()
-            done, kept = False, np.zeros(0, dtype=np.int64)
-            if len(chosen):
-                if len(read) != len(chosen):  # records of every row were read: take the candidates'
-                    raws = [raws[k] for k in np.searchsorted(read, chosen).tolist()]
-                done, kept = self._write(link, key, shard, segs, chosen, raws, profiles)
-            else:
-                link.send([resp.pack(("UNWATCH",))])
-                link.read()
+            link.send([resp.pack(("WATCH", key)), *self.packer.names(("HMGET", key), names)])
         except BaseException:
             link.drop()
             raise
-        link.release()
-        if not done:
-            return rows
-        self.applied += len(kept)
-        return rows[~np.isin(rows, kept)]
+        return link
 
     def _write(  # noqa: PLR0917 - one shard's batch
         self,
@@ -169,9 +165,9 @@ class FastPath:
         chosen: np.ndarray,
         raws: list[Any],
         profiles: np.ndarray,
-    ) -> tuple[bool, np.ndarray]:
+    ) -> np.ndarray | None:
         """Plan the candidates ``chosen`` on their records ``raws`` and write what is kept in
-        one transaction; (written, rows written)."""
+        one transaction: the rows written, or None if Redis refused the transaction."""
         names = segs.agents_of(chosen)
         size = np.fromiter(map(len, [raw or b"" for raw in raws]), dtype=np.int64, count=len(raws))
         found = size == record.SIZE  # absent or of another layout: the script starts it afresh
@@ -186,7 +182,7 @@ class FastPath:
         if not plan.ok.any():
             link.send([resp.pack(("UNWATCH",))])
             link.read()
-            return False, chosen[:0]
+            return chosen[:0]
         kept = list(compress(names, plan.ok.tolist()))
         records = plan.records.view(np.uint8).reshape(len(kept), record.SIZE)
         self.packer.begin()
@@ -197,9 +193,9 @@ class FastPath:
         for _ in range(len(writes) + 1):
             link.read()  # OK, QUEUED...
         if link.read() is None:  # the states hash changed since WATCH: refused
-            self.refused += 1
-            return False, chosen[:0]
-        return True, chosen[plan.ok]
+            return None
+        written: np.ndarray = chosen[plan.ok]
+        return written
 
 
 class _Link:

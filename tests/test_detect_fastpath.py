@@ -26,7 +26,7 @@ from agents_detect.kit import Feed, alerts, pipeline_for, worker_for
 from redis.cluster import RedisCluster
 
 from agentwatch.keys import Keys
-from detectors import resp
+from detectors import fastpath, resp
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "silence": {"after": "4s"},
@@ -211,6 +211,42 @@ def test_a_large_healthy_fleet_takes_the_fast_path_unchanged(
     rng = random.Random(11)
     compare(r, fast, slow, [Keys(p, 1) for p in prefixes], rng, batches=60, fleet=Steady(fast, rng, size=400))
     assert fast.engine.fast.applied > 0.8 * 60 * 400
+
+
+@pytest.mark.parametrize("interfere", [1, 2])
+def test_a_refused_transaction_is_tried_again_then_left_to_the_script(
+    interfere: int, prefixes: tuple[str, str], r: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker writes the shard between our read and our write: Redis refuses the
+    transaction; the fast path reads and plans again once, then leaves the batch to the script."""
+    t0 = int(r.time()[0]) * 1000
+    fast, slow = (
+        make_feed(p, redis_url, 1, fast=f, t0=t0) for p, f in zip(prefixes, (True, False), strict=True)
+    )
+    rng = random.Random(5)
+    fleet = Steady(fast, rng, size=50)
+    keys = [Keys(p, 1) for p in prefixes]
+    for _ in range(3):  # warm: records exist
+        batch = fleet.batch()
+        for feed in (fast, slow):
+            feed.apply(batch)
+    real, calls = fastpath.plan_batch, []
+
+    def plan_under_a_concurrent_write(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= interfere:  # the other worker rewrites one record (same bytes: still a write)
+            name, raw = next(iter(r.hgetall(keys[0].states(0)).items()))
+            r.hset(keys[0].states(0), name, raw)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastpath, "plan_batch", plan_under_a_concurrent_write)
+    applied = fast.engine.fast.applied
+    batch = fleet.batch()
+    for feed in (fast, slow):
+        feed.apply(batch)
+    assert len(calls) == 2 and fast.engine.fast.refused == interfere
+    assert (fast.engine.fast.applied > applied) == (interfere == 1)
+    assert snapshot(r, keys[0]) == snapshot(r, keys[1])
 
 
 @pytest.mark.cluster
