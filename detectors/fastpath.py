@@ -169,7 +169,9 @@ class FastPath:
         """Plan the candidates ``chosen`` on their records ``raws`` and write what is kept in
         one transaction: the rows written, or None if Redis refused the transaction."""
         names = segs.agents_of(chosen)
-        size = np.fromiter(map(len, [raw or b"" for raw in raws]), dtype=np.int64, count=len(raws))
+        size = np.fromiter(
+            map(len, raws if None not in raws else [raw or b"" for raw in raws]), np.int64, len(raws)
+        )
         found = size == record.SIZE  # absent or of another layout: the script starts it afresh
         if found.all():
             old = np.frombuffer(b"".join(raws), DTYPE)
@@ -192,14 +194,18 @@ class FastPath:
                    resp.pack(("EXEC",))])  # fmt: skip
         for _ in range(len(writes) + 1):
             link.read()  # OK, QUEUED...
-        if link.read() is None:  # the states hash changed since WATCH: refused
+        replies = link.read()
+        if replies is None:  # the states hash changed since WATCH: refused
             return None
+        failed = [reply for reply in replies if isinstance(reply, Exception)]
+        if failed:  # (a key of the wrong type): say so; the script skips what did land
+            raise failed[0]
         written: np.ndarray = chosen[plan.ok]
         return written
 
 
 class _Link:
-    """One connection held for a WATCH ... EXEC exchange, commands packed by hiredis directly."""
+    """One connection held for a WATCH ... EXEC exchange; commands go out already packed."""
 
     def __init__(self, client: Any, key: str) -> None:
         if isinstance(client, RedisCluster):
