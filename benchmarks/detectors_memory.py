@@ -10,7 +10,8 @@ workers trim it) is deleted and memory is measured two ways:
 
 * ``MEMORY USAGE <key> SAMPLES 0`` summed over every detector key (states, timers, fleet index,
   RSS windows, stacks, intents, clock, incidents, outbox);
-* ``INFO memory`` ``used_memory`` minus the same figure before the first event.
+* ``INFO memory`` ``used_memory`` minus the same figure before the first event (this includes
+  the start facts the same worker records for status and reports, ``{0}:facts``, shown apart).
 
 Target (issue 4): <= 1 KB per agent.
 
@@ -107,6 +108,8 @@ def main() -> None:
         detector_keys = [keys.states(0), keys.timers(0), keys.agents(0), keys.rss(0), keys.stacks(0),
                          keys.intents(0), keys.clock(0), keys.incidents(0), keys.outbox(0)]  # fmt: skip
         usage = {key: int(client.memory_usage(key, samples=0) or 0) for key in detector_keys}
+        # Not detector state, but written by the same worker (agentwatch/facts.py): shown apart.
+        facts = int(client.memory_usage(keys.facts(0), samples=0) or 0)
         after = int(client.info("memory")["used_memory"])
         windows = client.hlen(keys.rss(0))
         worker.client.close()
@@ -119,6 +122,8 @@ def main() -> None:
         for key, size in usage.items()
     ]
     rows.append({"key": "all detector keys (MEMORY USAGE)", "bytes per agent": round(per_agent, 1)})
+    facts_row = {"key": "{0}:facts (start facts; not detector state)"}
+    rows.append({**facts_row, "bytes per agent": round(facts / args.agents, 1)})
     rows.append(
         {
             "key": "used_memory delta (INFO memory)",
