@@ -2,9 +2,10 @@
 
 Timeouts: ``connect_timeout`` to open a connection, ``read_timeout`` for each wait on the
 receiver, and ``timeout`` for the whole attempt. A receiver that accepts and never answers is
-cut off by the read timeout; one that dribbles its answer is cut off by the overall deadline,
-checked as each piece arrives. Redirects are not followed: a POST that is redirected is almost
-always a wrong URL, and we say so rather than guess.
+cut off by the read timeout; one that dribbles its status line, headers or body is cut off by the
+overall deadline, which caps every socket operation of the attempt (notifiers/deadline.py), so an
+attempt never outlives the lease ``timeout`` sizes. Redirects are not followed: a POST that is
+redirected is almost always a wrong URL, and we say so rather than guess.
 
 Answers: 2xx delivered; 429 retried after ``Retry-After`` (and the whole notifier waits, since
 every other request would be refused too); 408, 425 and 5xx retried with backoff (503 honours
@@ -14,7 +15,6 @@ every other request would be refused too); 408, 425 and 5xx retried with backoff
 from __future__ import annotations
 
 import email.utils
-import time
 from datetime import UTC, datetime
 from typing import ClassVar, TypeVar
 
@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agentwatch import __version__
 from agentwatch.config import Seconds
+from notifiers import deadline
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
 from notifiers.journal import BODY_SNIPPET
@@ -112,6 +113,7 @@ class HttpNotifier(Notifier[H]):
             verify=cfg.verify_tls,
             headers={"User-Agent": f"agentwatch/{__version__}"},
         )
+        deadline.install(self.http)
 
     def close(self) -> None:
         http = getattr(self, "http", None)
@@ -123,25 +125,31 @@ class HttpNotifier(Notifier[H]):
         try:
             status, answer_headers, answer = self.post(body, {**headers, **self.config.headers})
         except httpx.TimeoutException as exc:
-            return Retry(f"timed out ({type(exc).__name__})")
+            return Retry(f"timed out ({type(exc).__name__}: {exc})"[:300])
         except httpx.HTTPError as exc:  # refused, reset, DNS, TLS, a malformed answer...
             return Retry(f"{type(exc).__name__}: {exc}"[:300])
         return self.classify(status, answer_headers, answer)
 
     def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, httpx.Headers, str]:
-        """POST with the overall deadline: (status, headers, the start of the body as text)."""
+        """POST within the overall deadline: (status, headers, the start of the body as text)."""
         cfg = self.config
-        deadline = time.monotonic() + cfg.timeout_s
-        with self.http.stream("POST", cfg.url, content=body, headers=headers) as response:
+        with (
+            deadline.attempt(cfg.timeout_s),
+            self.http.stream("POST", cfg.url, content=body, headers=headers) as response,
+        ):
             chunks: list[bytes] = []
             size = 0
-            for chunk in response.iter_raw():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= _READ_CHUNK_CAP or time.monotonic() > deadline:
-                    break
-            if time.monotonic() > deadline and not 200 <= response.status_code < 300:
-                raise httpx.ReadTimeout("answer exceeded the overall timeout")
+            try:
+                for chunk in response.iter_raw():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size >= _READ_CHUNK_CAP:
+                        break
+            except httpx.TimeoutException:
+                # A 2xx whose body dribbles past the deadline was still accepted: the body is
+                # only a snippet for the failed-delivery record. Anything else is a timeout.
+                if not 200 <= response.status_code < 300:
+                    raise
             text = b"".join(chunks)[:_READ_CHUNK_CAP].decode(errors="replace")
             return response.status_code, response.headers, text
 

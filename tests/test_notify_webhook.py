@@ -10,6 +10,8 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +215,11 @@ def test_an_alert_the_stream_delivers_twice_is_sent_once_and_non_alerts_are_dead
     assert len(reasons) == 2 and "not JSON" in reasons[0] and "lacks" in reasons[1]
 
 
-def test_the_overall_timeout_cuts_a_receiver_that_dribbles_its_answer(
-    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
-) -> None:
-    """Each read is quick, the whole answer is not: the overall deadline still applies."""
+@contextmanager
+def dribbler(answer: bytes, every_s: float, head: int = 0) -> Iterator[tuple[str, list[float]]]:
+    """A receiver that reads the request, sends ``answer[:head]`` at once and then the rest one
+    byte every ``every_s``: each read is quick, the whole answer is not. Yields its URL and
+    the wall-clock times it accepted connections at."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -224,7 +227,7 @@ def test_the_overall_timeout_cuts_a_receiver_that_dribbles_its_answer(
     stop = threading.Event()
     accepted: list[float] = []
 
-    def dribble() -> None:
+    def serve() -> None:
         conns = []
         server.settimeout(0.1)
         while not stop.is_set():
@@ -233,30 +236,59 @@ def test_the_overall_timeout_cuts_a_receiver_that_dribbles_its_answer(
             except TimeoutError:
                 continue
             conns.append(conn)
-            accepted.append(time.monotonic())
+            accepted.append(time.time())
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000\r\n\r\n")
-            while not stop.is_set():
-                try:
-                    conn.sendall(b"x")
-                except OSError:
-                    break
-                stop.wait(0.05)
+            try:
+                conn.sendall(answer[:head])
+                for index in range(head, len(answer)):
+                    if stop.wait(every_s):
+                        break
+                    conn.sendall(answer[index : index + 1])
+            except OSError:
+                pass  # the client gave up and closed the connection
         for conn in conns:
             conn.close()
 
-    thread = threading.Thread(target=dribble, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{port}/hook"
-        entry = webhook(url, timeout="500ms", read_timeout="300ms", max_attempts=2)
-        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
-            fire(r, keys)
-            wait_for(lambda: r.xlen(keys.notify_failed), 10, what="the failed delivery")
+        yield f"http://127.0.0.1:{port}/hook", accepted
     finally:
         stop.set()
         thread.join(5)
         server.close()
+
+
+def test_the_overall_timeout_cuts_a_receiver_that_dribbles_its_answer(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """Each read is quick, the whole answer is not: the overall deadline still applies."""
+    answer = b"HTTP/1.1 500 Oops\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100
+    with dribbler(answer, 0.05, head=answer.index(b"x")) as (url, accepted):
+        entry = webhook(url, timeout="500ms", read_timeout="300ms", max_attempts=2)
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys)
+            wait_for(lambda: r.xlen(keys.notify_failed), 10, what="the failed delivery")
     (failed,) = stream(r, keys.notify_failed)
     assert "gave up after 2 attempts" in failed["reason"] and "timed out" in failed["reason"]
     assert len(accepted) == 2
+
+
+def test_the_overall_timeout_cuts_a_receiver_that_dribbles_its_status_line_and_headers(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """The audit's wedge: headers one byte every 400 ms never trip a 1 s read timeout, and the
+    attempt used to outlive its 2 s lease (a second thread then claimed the same alert)."""
+    with dribbler(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: " + b"p" * 100 + b"\r\n\r\nok", 0.4) as (
+        url,
+        accepted,
+    ):
+        entry = webhook(url, timeout="1s", max_attempts=1)
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys)
+            (failed,) = wait_for(lambda: stream(r, keys.notify_failed), 10, what="the failed delivery")
+            lease_s = 1.0 + 1.0
+            # Within the lease, so no other thread can have claimed it meanwhile.
+            assert int(failed["failed_ms"]) / 1000 - accepted[0] < lease_s
+    assert len(accepted) == 1
+    assert failed["attempts"] == "1" and "overall timeout (1s) ran out" in failed["reason"]
