@@ -134,7 +134,7 @@ def install(client: httpx.Client) -> bool:
     for transport in transports:
         if transport is None:
             continue  # a mount that bypasses proxies: requests go through the default transport
-        pool = getattr(transport, "_pool", None)
+        pool: Any = getattr(transport, "_pool", None)
         backend = getattr(pool, "_network_backend", None)
         if isinstance(backend, httpcore.NetworkBackend):
             if not isinstance(backend, _Backend):
