@@ -1,22 +1,33 @@
 """The fleet as ``agentwatch status`` shows it: each agent's state, and the pipeline's own health.
 
 Everything here is read from what the workers already keep (detector records, start facts, open
-incidents, mutes, worker health hashes, rollup snapshots): status never replays a stream, so it
-answers in milliseconds for a large fleet. The dict :func:`fleet_status` returns is the stable
-``status --json`` format documented in docs/operations.md; add keys, never rename them.
+incidents, mutes, worker health hashes, rollup snapshots) plus the detector group's own numbers
+(XINFO GROUPS, XPENDING): status never replays a stream, so it answers in milliseconds for a
+large fleet. The dict :func:`fleet_status` returns is the stable ``status --json`` format
+documented in docs/operations.md; add keys, never rename them.
+
+States are judged as of the pipeline's *horizon*: the Redis time before which every event has
+been applied to the records (the oldest entry the detector group has not yet read or not yet
+acknowledged). With detection running that is "now" less a few milliseconds; with no detector
+worker running it stands still, and so do the records. Judging "late" against the wall clock
+then would turn every healthy agent late just because nobody reads its beats, so lateness is
+measured up to the horizon, and ``pipeline.detecting`` says that detection is not running.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
+import redis as redis_py
+
 from agentwatch.alerts import PIPELINE_AGENT, Incidents, iso_ms
-from agentwatch.config import Pipeline
+from agentwatch.codec import entry_ms
+from agentwatch.config import Pipeline, format_duration
 from agentwatch.facts import read_facts
 from agentwatch.redisconn import Client, server_time_ms
-from agentwatch.rollups import Totals, totals_at
+from agentwatch.rollups import Totals, base_totals, local_midnight_ms
+from agentwatch.workers import DETECTORS_GROUP
 
 if TYPE_CHECKING:
     from notifiers.routing import Mute
@@ -25,6 +36,9 @@ STATES: Final = ("ok", "late", "muted", "stalled", "down", "exited", "retired")
 """Every value ``state`` can take. Precedence when several apply: retired, exited, down,
 stalled, muted, late, ok (a muted agent that is down still shows ``down``)."""
 _DOWN_DETECTORS: Final = {"exit": "exited", "silence": "down", "stall": "stalled"}
+_NOT_RUNNING: Final = ("down", "exited", "retired")
+"""States in which an agent spends nothing: its tokens/min is not shown."""
+_DEFAULT_WINDOW_MS: Final = 60_000
 
 
 def fleet_status(client: Client, pipeline: Pipeline, now_ms: int | None = None) -> dict[str, Any]:
@@ -36,28 +50,41 @@ def fleet_status(client: Client, pipeline: Pipeline, now_ms: int | None = None) 
     now = server_time_ms(client) if now_ms is None else now_ms
     records = read_agents(client, keys)
     records.pop(PIPELINE_AGENT, None)
-    facts = read_facts(client, keys)
+    # Only agents with a detector record: one the detectors forgot has no state to show, and
+    # its leftover facts (if any) must not make it look "ok" forever.
+    names = sorted(records)
+    facts = read_facts(client, keys, names)
     incidents = Incidents(client, keys).all_open()
     mutes = Mutes(client, keys).active(now)
-    day_start = _day_start_ms(now, pipeline)
-    names = sorted(set(records) | set(facts))
-    day_totals, _ = totals_at(client, keys, day_start, names)
+    health = pipeline_health(client, pipeline, now, incidents)
+    day_start = local_midnight_ms(now, pipeline.settings.report.zone)
+    day = base_totals(client, keys, day_start, names)
+    window_ms = _window_ms(pipeline)
     agents = []
     for name in names:
-        record = records.get(name, {})
-        fact = facts.get(name, {})
         open_here = {
             key.split("/", 1)[1]: value for key, value in incidents.items() if key.split("/", 1)[0] == name
         }
+        today: Totals | None
+        totals = Totals.of_record(records[name])
+        if day.from_ms is not None and not day.partial:
+            today = totals.since(day.totals.get(name, Totals()))  # absent: first seen after it
+        elif int(facts.get(name, {}).get("first_ms", now)) >= day_start:
+            today = totals  # first seen today: all of it is today's
+        else:
+            today = None  # no snapshot from before today yet (the pipeline is younger than a day)
         agents.append(
-            _agent(name, record=record, fact=fact, open_incidents=open_here, mutes=mutes, now=now,
-                   day_start=day_start, day_totals=day_totals)
+            _agent(name, record=records[name], fact=facts.get(name, {}), open_incidents=open_here,
+                   mutes=mutes, now=now, judged_at=health["horizon_ms"], today=today,
+                   window_ms=window_ms)
         )  # fmt: skip
+    today_from = day.from_ms if day.from_ms is not None and not day.partial else day_start
     return {
         "at": iso_ms(now),
         "prefix": pipeline.settings.redis.prefix,
+        "today_from": iso_ms(today_from),
         "agents": agents,
-        "pipeline": pipeline_health(client, pipeline, now, incidents),
+        "pipeline": {k: v for k, v in health.items() if k != "horizon_ms"},
     }
 
 
@@ -69,30 +96,24 @@ def _agent(
     open_incidents: dict[str, dict[str, Any]],
     mutes: list[Mute],
     now: int,
-    day_start: int,
-    day_totals: dict[str, Totals],
+    judged_at: int,
+    today: Totals | None,
+    window_ms: int,
 ) -> dict[str, Any]:
     interval = round(float(fact.get("interval") or record.get("iv") or 0.0), 6)  # record: float32
     beat, pulse, seen = (int(record.get(k, 0)) for k in ("beat", "pulse", "seen"))
     muted = any(fnmatch.fnmatchcase(name, m.agent) and not m.detector for m in mutes)
     totals = Totals.of_record(record)
-    if name in day_totals:
-        today = totals - day_totals[name]
-    elif int(fact.get("first_ms", now)) >= day_start:
-        today = totals  # first seen today: all of it is today's
-    else:
-        today = None  # no snapshot from before today yet (the pipeline is younger than a day)
+    state = _state(record, open_incidents, muted=muted, interval=interval, at=min(now, judged_at))
     return {
         "agent": name,
-        "state": _state(
-            record, open_incidents, muted=muted, interval=interval, beat=beat, seen=seen, now=now
-        ),
+        "state": state,
         "muted": muted,
         "last_beat_age_s": _age(now, beat),
         "last_pulse_age_s": _age(now, pulse),
         "last_seen_age_s": _age(now, seen),
         "interval_s": interval or None,
-        "tokens_per_min": _tokens_per_min(record, now),
+        "tokens_per_min": _tokens_per_min(record, now, window_ms, state),
         "tokens_today": None if today is None else round(today.tokens),
         "cost_today": None if today is None else round(today.cost, 6),
         "beats_total": round(totals.beats),
@@ -116,15 +137,9 @@ def _agent(
 
 
 def _state(
-    record: dict[str, Any],
-    open_incidents: dict[str, Any],
-    *,
-    muted: bool,
-    interval: float,
-    beat: int,
-    seen: int,
-    now: int,
+    record: dict[str, Any], open_incidents: dict[str, Any], *, muted: bool, interval: float, at: int
 ) -> str:
+    """The agent's state as of ``at`` (the horizon: see the module docstring)."""
     if record.get("retired"):
         return "retired"
     for detector in ("exit", "silence", "stall"):
@@ -133,31 +148,90 @@ def _state(
     if muted:
         return "muted"
     # Late: the work loop has not beaten for twice its declared interval (or, with no declared
-    # interval, half the stall allowance), but no detector has fired yet.
+    # interval, half the stall allowance), but no detector has fired yet. Counted like the
+    # detectors count: from the last beat, or from the run's start for an agent that pulses
+    # but has not beaten yet, and not before an extend() runs out (``xu``).
     late_after_ms = 2000 * interval if interval else float(record.get("ta", 0)) / 2
-    last = beat or seen
-    if late_after_ms and last and now - last > late_after_ms:
+    beat, start, extended = (int(record.get(k, 0)) for k in ("beat", "start", "xu"))
+    last = max(beat, start) or int(record.get("seen", 0))
+    if late_after_ms and last and at - max(last, extended) > late_after_ms:
         return "late"
     return "ok"
 
 
-def _tokens_per_min(record: dict[str, Any], now: int) -> float | None:
-    """The current rate window's tokens per minute once it is 10 s old, else the EWMA of past
-    windows (which, by design, does not learn a runaway: so it is not used while one fires)."""
+def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str) -> float | None:
+    """Tokens per minute now, from the detector's rate window (``ws`` start, ``wt`` tokens).
+
+    A window only moves on when a beat with tokens arrives, so an agent that stopped using
+    tokens keeps its last window forever: once that window is over, the rate is that window's;
+    once the next one is over too, nothing came in a whole window and the rate is 0. An agent
+    that is down, exited or retired spends nothing: None. A window younger than 10 s says too
+    little, so the EWMA of past windows stands in (by design it does not learn a runaway)."""
+    if state in _NOT_RUNNING:
+        return None
     started, tokens = float(record.get("ws", 0)), float(record.get("wt", 0))
-    if started and now - started >= 10_000:
-        return round(tokens / (now - started) * 60_000, 1)
+    if started:
+        age = now - started
+        if age >= 2 * window_ms:
+            return 0.0
+        if age >= window_ms:
+            return round(tokens / window_ms * 60_000, 1)
+        if age >= min(10_000, window_ms):
+            return round(tokens / age * 60_000, 1)
     weight = float(record.get("rw", 0))
     if weight > 0:
         return round(float(record.get("rb", 0)) / weight * 60, 1)
     return None
 
 
+def _window_ms(pipeline: Pipeline) -> int:
+    """The tokens detector's rate window (per-agent overrides aside, which status cannot see)."""
+    for plugin in pipeline.detectors:
+        if plugin.name == "tokens":
+            return int(float(getattr(plugin.config, "window_s", 60.0)) * 1000)
+    return _DEFAULT_WINDOW_MS
+
+
 def pipeline_health(
     client: Client, pipeline: Pipeline, now: int, incidents: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """Workers alive (by kind), their counters, lag and pending, dead letters, failed deliveries."""
+    """Workers alive (by kind), their counters, the detector group's lag and pending (read from
+    Redis directly, so they are right with no worker running), dead letters, failed deliveries,
+    whether detection is running, and ``horizon_ms`` (internal: see the module docstring)."""
     redis: Any = client
+    keys = pipeline.keys
+    workers = _workers(redis, pipeline, now)
+    alive: dict[str, int] = {}
+    for worker in workers:
+        alive[str(worker["kind"])] = alive.get(str(worker["kind"]), 0) + 1
+    backlog = _backlog(redis, keys.event_streams(), DETECTORS_GROUP, now)
+    own = {
+        key.split("/", 1)[1]: value
+        for key, value in (incidents or {}).items()
+        if key.split("/", 1)[0] == PIPELINE_AGENT
+    }
+    detecting = alive.get("detectors", 0) > 0
+    return {
+        "workers_alive": alive,
+        "workers": workers,
+        "detecting": detecting,
+        "detecting_reason": None if detecting else _why_not_detecting(backlog, now),
+        "applied_until": iso_ms(backlog.horizon),
+        "lag": backlog.lag,
+        "pending": backlog.pending,
+        "oldest_pending_s": backlog.oldest_pending_s(now),
+        "deadletter": int(redis.xlen(keys.deadletter)),
+        "failed_deliveries": int(redis.xlen(keys.notify_failed)),
+        "incidents": [
+            {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
+            for d, i in sorted(own.items())
+        ],
+        "horizon_ms": backlog.horizon,
+    }
+
+
+def _workers(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
+    """Workers whose health hash still exists (it expires when a worker stops refreshing it)."""
     keys = pipeline.keys
     ttl_ms = int(pipeline.settings.worker.health_ttl_s * 1000)
     names = [n.decode() for n in redis.zrangebyscore(keys.workers, now - ttl_ms, "+inf")]
@@ -183,36 +257,71 @@ def pipeline_health(
                 "seen_age_s": _age(now, _int(health.get("seen_ms"))),
             }
         )
-    alive: dict[str, int] = {}
-    for worker in workers:
-        alive[str(worker["kind"])] = alive.get(str(worker["kind"]), 0) + 1
-    detectors = [w for w in workers if w["kind"] == "detectors"]
-    own = {
-        key.split("/", 1)[1]: value
-        for key, value in (incidents or {}).items()
-        if key.split("/", 1)[0] == PIPELINE_AGENT
-    }
-    return {
-        "workers_alive": alive,
-        "workers": workers,
-        # Every detector worker reports its group's lag and pending: the same numbers, so max.
-        "lag": max((int(w["lag"]) for w in detectors), default=None),
-        "pending": max((int(w["pending"]) for w in detectors), default=None),
-        "oldest_pending_s": max((float(w["oldest_pending_s"]) for w in detectors), default=None),
-        "deadletter": int(redis.xlen(keys.deadletter)),
-        "failed_deliveries": int(redis.xlen(keys.notify_failed)),
-        "incidents": [
-            {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
-            for d, i in sorted(own.items())
-        ],
-    }
+    return workers
 
 
-def _day_start_ms(now: int, pipeline: Pipeline) -> int:
-    """Midnight today in ``[report] timezone``, in ms: where "today" starts for cost_today."""
-    zone = pipeline.settings.report.zone
-    local = datetime.fromtimestamp(now / 1000, tz=zone)
-    return int(local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
+class _Backlog:
+    """What the detector group has yet to read (``lag``) or to acknowledge (``pending``)."""
+
+    def __init__(self, now: int) -> None:
+        self.lag: int | None = 0
+        self.pending = 0
+        self.oldest_pending_ms: int | None = None
+        self.horizon = now
+        self.group_missing = False
+
+    def oldest_pending_s(self, now: int) -> float | None:
+        if self.oldest_pending_ms is None:
+            return 0.0 if self.pending == 0 else None
+        return round(max(0, now - self.oldest_pending_ms) / 1000, 3)
+
+
+def _backlog(redis: Any, streams: list[str], group: str, now: int) -> _Backlog:
+    """The group's lag and pending over every event stream, and the horizon they imply."""
+    out = _Backlog(now)
+    for stream in streams:
+        try:
+            groups = redis.xinfo_groups(stream)
+        except redis_py.ResponseError:
+            continue  # no such stream: nothing was ever sent on this shard
+        info = next((g for g in groups if g["name"] in (group, group.encode())), None)
+        if info is None:  # no detector worker ever ran: every entry is unread
+            out.group_missing = True
+            length = int(redis.xlen(stream))
+            out.lag = None if out.lag is None else out.lag + length
+            first = redis.xrange(stream, count=1) if length else []
+            if first:
+                out.horizon = min(out.horizon, entry_ms(first[0][0]))
+            continue
+        lag = info.get("lag")
+        out.lag = None if lag is None or out.lag is None else out.lag + int(lag)
+        pending = int(info.get("pending") or 0)
+        out.pending += pending
+        if pending:
+            summary = redis.xpending(stream, group)
+            if summary and summary.get("min"):
+                oldest = entry_ms(summary["min"])
+                out.oldest_pending_ms = min(out.oldest_pending_ms or oldest, oldest)
+                out.horizon = min(out.horizon, oldest)
+        if lag is None or int(lag) > 0:  # the first entry not yet read bounds the horizon too
+            last = info["last-delivered-id"]
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            unread = redis.xrange(stream, min=f"({last}", count=1)
+            if unread:
+                out.horizon = min(out.horizon, entry_ms(unread[0][0]))
+    return out
+
+
+def _why_not_detecting(backlog: _Backlog, now: int) -> str:
+    if backlog.group_missing:
+        why = "no detector worker is running, and none has ever read this prefix's events"
+    else:
+        why = "no detector worker is running"
+    if backlog.lag:
+        why += f"; {backlog.lag:,} events wait unread"
+    if now - backlog.horizon >= 1000:
+        why += f"; agent states are as of {format_duration((now - backlog.horizon) / 1000)} ago"
+    return why + " (start `agentwatch up` or `agentwatch worker detectors`)"
 
 
 def _age(now: int, then: int) -> float | None:

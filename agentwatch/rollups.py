@@ -6,12 +6,22 @@ each ``[report] bucket`` boundary (hourly by default) one worker copies every ag
 into a snapshot hash, and "tokens of my-bot between t1 and t2" is the difference of two totals.
 A 7-day report reads two snapshots, never the raw stream, and the hot path pays nothing.
 
+Besides the bucket boundaries (multiples of ``bucket`` since the epoch, so UTC-aligned), a
+snapshot is also taken at every local midnight in ``[report] timezone``: "cost today" must start
+at midnight where the operator lives, not at the UTC bucket before it (30 minutes of yesterday
+in Asia/Kolkata with hourly buckets, 23 hours in Europe/Berlin with daily ones).
+
+Totals only grow, except when a record is deleted and recreated (the agent was forgotten, or
+the detector layout changed): then the totals restart from zero, and a difference against an
+older snapshot would be negative. :meth:`Totals.since` treats that as "counted from the reset".
+
 Snapshots are taken in slices of a few thousand agents per tick (HSCAN with a cursor kept in
 Redis), so a large fleet never stalls a worker's tick, and any worker can continue a slice
 another one started. Each snapshot expires after ``[report] retention``.
 
 Memory: about 60 bytes per agent per snapshot; with hourly buckets kept 8 days that is ~12 KB
-per agent (12 MB for 1,000 agents). Large fleets should use ``bucket = "6h"`` or ``"1d"``.
+per agent (12 MB for 1,000 agents), plus one snapshot a day for local midnight when the time
+zone is not aligned to the buckets. Large fleets should use ``bucket = "6h"`` or ``"1d"``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 from agentwatch.codec import Event
 from agentwatch.keys import Keys, shard_of
@@ -42,6 +54,14 @@ class Totals:
     def __sub__(self, other: Totals) -> Totals:
         return Totals(self.beats - other.beats, self.tokens - other.tokens, self.cost - other.cost)
 
+    def since(self, base: Totals) -> Totals:
+        """What was added since ``base`` was taken. Totals never shrink unless the record was
+        deleted and recreated (a forgotten agent that came back): then everything counted now
+        was counted since that reset, and that is the answer, never a negative delta."""
+        if self.beats < base.beats or self.tokens < base.tokens or self.cost < base.cost - 1e-9:
+            return self
+        return self - base
+
     def pack(self) -> bytes:
         return _PACK.pack(self.beats, self.tokens, self.cost)
 
@@ -60,17 +80,30 @@ class Snapshotter(Handler[Event]):
     name = "rollups"
 
     def __init__(
-        self, client: Client, keys: Keys, *, bucket_s: float, retention_s: float, owner: str
+        self,
+        client: Client,
+        keys: Keys,
+        *,
+        bucket_s: float,
+        retention_s: float,
+        owner: str,
+        timezone: str = "UTC",
     ) -> None:
         self.client: Any = client
         self.keys = keys
         self.bucket_ms = int(bucket_s * 1000)
         self.retention_ms = int(retention_s * 1000)
         self.owner = owner
+        self.zone = ZoneInfo(timezone)
         self._done: dict[int, int] = {}  # shard -> last bucket known complete (saves a round trip)
 
+    def boundary(self, now_ms: int) -> int:
+        """The latest snapshot boundary at or before ``now_ms``: a bucket boundary or, if later,
+        local midnight (see the module docstring)."""
+        return max(now_ms // self.bucket_ms * self.bucket_ms, local_midnight_ms(now_ms, self.zone))
+
     def on_tick(self, now_ms: int) -> None:
-        bucket = now_ms // self.bucket_ms * self.bucket_ms
+        bucket = self.boundary(now_ms)
         for shard in range(max(self.keys.shards, 1)):
             if self._done.get(shard) != bucket:
                 self.advance(shard, bucket, now_ms)
@@ -114,6 +147,56 @@ class Snapshotter(Handler[Event]):
             self._done[shard] = bucket
             return True
         return False
+
+
+def local_midnight_ms(now_ms: int, zone: ZoneInfo) -> int:
+    """The start of the local day that ``now_ms`` falls in, in ms. Where midnight does not exist
+    (a DST jump at 00:00) this is the moment the day began, which is what "today" means."""
+    local = datetime.fromtimestamp(now_ms / 1000, tz=zone)
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    return min(now_ms, int(midnight.timestamp() * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class Base:
+    """What a period's counts are measured from (:func:`base_totals`)."""
+
+    totals: dict[str, Totals]
+    """Each agent's totals at the start (absent: counted from zero, e.g. first seen later)."""
+    from_ms: int | None
+    """The snapshot used (the oldest, over shards); None: there is no snapshot at all."""
+    partial: bool
+    """No snapshot reaches back to the start (the rollups' retention, or a young pipeline): the
+    earliest snapshot after it was used, so the counts cover less than was asked for."""
+
+
+def base_totals(client: Client, keys: Keys, start_ms: int, agents: Iterable[str]) -> Base:
+    """The totals to subtract for counts since ``start_ms``: per shard the latest snapshot at or
+    before it, else the earliest one after it (``partial``): never "from the beginning of time"
+    for an agent that is older than the period."""
+    redis: Any = client
+    wanted: dict[int, list[str]] = {}
+    for agent in agents:
+        wanted.setdefault(shard_of(agent, keys.shards), []).append(agent)
+    out: dict[str, Totals] = {}
+    before: list[int] = []  # snapshots at or before the start, one per shard that has one
+    after: list[int] = []  # the earliest snapshot of shards that have none that old
+    for shard, names in wanted.items():
+        found = redis.zrevrangebyscore(keys.snapshots(shard), start_ms, "-inf", start=0, num=1)
+        if found:
+            before.append(int(found[0]))
+        else:
+            found = redis.zrange(keys.snapshots(shard), 0, 0)
+            if not found:
+                continue
+            after.append(int(found[0]))
+        bucket = int(found[0])
+        for name, raw in zip(names, redis.hmget(keys.snapshot(shard, bucket), names), strict=True):
+            if raw:
+                out[name] = Totals.unpack(raw)
+    if after:  # the counts cover only what every shard's snapshots cover
+        return Base(out, max(after), True)
+    return Base(out, min(before) if before else None, False)
 
 
 def totals_at(

@@ -1,0 +1,238 @@
+"""``status`` states and figures, from records the real detector engine wrote (real Redis).
+
+The engine is driven with hand-made batches at chosen Redis times (agents_detect.kit.Feed), so
+every state is reached exactly, with no waiting: late (no beat, pulses only, and an extend()
+that holds it off), stalled, down, exited, retired, muted, ok; and what status must leave out
+(agents the detectors forgot). Plus the figures that go stale when an agent stops: tokens/min
+and cost today (from local midnight in ``[report] timezone``), and the pipeline's own state
+when no detector worker runs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis
+from agents_detect.kit import Feed, pipeline_for, worker_for
+
+from agentwatch import config
+from agentwatch.alerts import iso_ms
+from agentwatch.config import Pipeline
+from agentwatch.facts import FactsRecorder
+from agentwatch.fleet import fleet_status
+from agentwatch.keys import Keys
+from agentwatch.redisconn import server_time_ms
+from agentwatch.rollups import Snapshotter, local_midnight_ms
+from detectors.state import read_agents
+from notifiers.routing import Mutes
+
+SECOND = 1000
+
+
+def states(document: dict[str, Any]) -> dict[str, str]:
+    return {row["agent"]: row["state"] for row in document["agents"]}
+
+
+def rows(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["agent"]: row for row in document["agents"]}
+
+
+@pytest.fixture
+def feed(redis_url: str, prefix: str, r: redis.Redis) -> Feed:
+    """An engine on the test's prefix whose clock starts a minute ago (mutes use real time)."""
+    pipeline = pipeline_for(prefix, redis_url, stall={"after": "1s"}, silence={"after": "2s"})
+    worker = worker_for(pipeline, redis_url)
+    feed = Feed(worker, t0_ms=server_time_ms(r) - 60 * SECOND)
+    feed.pipeline = pipeline  # type: ignore[attr-defined]
+    return feed
+
+
+def beat_for(feed: Feed, agent: str, until_ms: int, every_ms: int = 100, **fields: Any) -> None:
+    """Beats (with a pulse after each) from now until ``until_ms``."""
+    batch = []
+    while feed.now + every_ms <= until_ms:
+        batch.append(feed.event(agent, "beat", at=feed.now + every_ms, **fields))
+        batch.append(feed.event(agent, "pulse", at=feed.now + 1))
+    feed.apply(batch)
+
+
+def pulse_for(feed: Feed, agent: str, until_ms: int, every_ms: int = 100, **fields: Any) -> None:
+    batch = []
+    while feed.now + every_ms <= until_ms:
+        batch.append(feed.event(agent, "pulse", at=feed.now + every_ms, **fields))
+    feed.apply(batch)
+
+
+def test_late_is_judged_from_beats_and_starts_and_waits_for_an_extend(feed: Feed, r: redis.Redis) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = feed.now
+    for name in ("steady", "lagging", "pulser", "extended"):
+        feed.apply([feed.event(name, "start", at=t0, interval=1.0)])
+        feed.now = t0
+    beat_for(feed, "steady", t0 + 10 * SECOND, every_ms=500)
+    feed.now = t0
+    feed.apply([feed.event("lagging", "beat", at=t0 + 100)])
+    pulse_for(feed, "lagging", t0 + 10 * SECOND)  # the process lives; its loop stopped beating
+    feed.now = t0
+    pulse_for(feed, "pulser", t0 + 10 * SECOND)  # has never beaten since it started
+    feed.now = t0
+    feed.apply([feed.event("extended", "beat", at=t0 + 300),
+                feed.event("extended", "pulse", at=t0 + 400, extend=30.0)])  # fmt: skip
+    pulse_for(feed, "extended", t0 + 10 * SECOND)
+
+    now = t0 + 10 * SECOND
+    assert states(fleet_status(r, pipeline, now_ms=now)) == {
+        "steady": "ok", "lagging": "late", "pulser": "late", "extended": "ok",
+    }  # fmt: skip
+    # Twice the interval after the extension ran out, it is late like any other.
+    assert states(fleet_status(r, pipeline, now_ms=t0 + 30_400 + 1900))["extended"] == "ok"
+    assert states(fleet_status(r, pipeline, now_ms=t0 + 30_400 + 2100))["extended"] == "late"
+
+
+def test_stalled_down_exited_retired_and_muted(feed: Feed, r: redis.Redis, keys: Keys) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = feed.now
+    feed.tick(t0)  # the checks start watching (they judge silence only from when they watch)
+    for name in ("stuck", "gone", "crashed", "quitter", "muted-bot", "muted-gone"):
+        feed.apply([feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)])
+        feed.now = t0 + 10
+    pulse_for(feed, "stuck", t0 + 3 * SECOND)  # pulses, no beats: stall after 1s
+    feed.apply([feed.event("crashed", "exit", reason="exception", code=1, error="ValueError: boom")])
+    feed.apply([feed.event("quitter", "exit", reason="shutdown", code=0)])
+    feed.now = t0 + 10
+    beat_for(feed, "muted-bot", t0 + 3 * SECOND)
+    for at in range(t0 + 250, t0 + 3 * SECOND + 1, 250):
+        feed.tick(at)  # silence for "gone" and "muted-gone" (2s), stall for "stuck" (1s)
+    Mutes(r, keys).add("muted-*", 3600, reason="maintenance")
+
+    document = fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND)
+    assert states(document) == {
+        "stuck": "stalled", "gone": "down", "crashed": "exited", "quitter": "retired",
+        "muted-bot": "muted", "muted-gone": "down",  # a muted agent that is down shows down
+    }  # fmt: skip
+    by_name = rows(document)
+    assert [i["detector"] for i in by_name["stuck"]["incidents"]] == ["stall"]
+    assert "ValueError: boom" in by_name["crashed"]["incidents"][0]["summary"]
+    assert by_name["muted-bot"]["muted"] is True and by_name["muted-gone"]["muted"] is True
+    assert by_name["stuck"]["last_beat_age_s"] == pytest.approx(2.99)
+
+
+def test_an_agent_the_detectors_forgot_is_not_shown(feed: Feed, r: redis.Redis, keys: Keys) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = feed.now
+    start = {"v": 1, "agent": "ghost", "kind": "start", "ts": 0.0, "run": "r", "seq": 0, "pid": 7,
+             "host": "box", "interval": 1.0}  # fmt: skip
+    FactsRecorder(r, keys).on_batch([(f"{t0}-0".encode(), start)])  # facts, but no record (forgotten)
+    feed.apply([feed.event("alive", "start", at=t0 + 1), feed.event("alive", "beat", at=t0 + 2)])
+    document = fleet_status(r, pipeline, now_ms=t0 + 100)
+    assert states(document) == {"alive": "ok"}
+
+
+def test_tokens_per_min_falls_to_zero_when_windows_pass_and_is_not_shown_for_the_dead(
+    feed: Feed, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = feed.now - 200 * SECOND  # 60 s windows; room for three of them before "now"
+    feed.now = t0
+    feed.apply([feed.event("spender", "start", at=t0), feed.event("crasher", "start", at=t0)])
+    spend = [feed.event("spender", "beat", at=t0 + 1000 * i, tokens=100) for i in range(1, 6)]
+    spend += [feed.event("crasher", "beat", at=t0 + 1000 * i + 1, tokens=100) for i in range(1, 6)]
+    feed.apply(spend)
+    feed.apply([feed.event("crasher", "exit", reason="signal", code=137, at=t0 + 6000)])
+    record = read_agents(r, keys)["spender"]
+    ws, wt = int(record["ws"]), int(record["wt"])
+    assert wt > 0
+
+    def rate(at: int) -> Any:
+        return rows(fleet_status(r, pipeline, now_ms=at))["spender"]["tokens_per_min"]
+
+    assert rate(ws + 30 * SECOND) == pytest.approx(wt / 30 * 60, rel=1e-3)  # the window so far
+    assert rate(ws + 90 * SECOND) == pytest.approx(wt, rel=1e-3)  # the last whole window
+    assert rate(ws + 121 * SECOND) == 0.0  # a whole window without a token
+    assert rows(fleet_status(r, pipeline, now_ms=ws + 30 * SECOND))["crasher"]["tokens_per_min"] is None
+
+
+def test_cost_today_starts_at_local_midnight_in_the_report_time_zone(
+    feed: Feed, r: redis.Redis, keys: Keys
+) -> None:
+    zone = "Asia/Kolkata"  # UTC+5:30: hourly UTC buckets start 30 minutes before its midnight
+    base: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    report = config.ReportSection.model_validate({"timezone": zone, "bucket": "1h"})
+    pipeline = Pipeline(settings=base.settings.model_copy(update={"report": report}), source="test",
+                        detectors=base.detectors)  # fmt: skip
+    now_real = server_time_ms(r)
+    midnight = local_midnight_ms(now_real, report.zone)
+    snapper = Snapshotter(r, keys, bucket_s=3600, retention_s=86400, owner="test", timezone=zone)
+    assert snapper.boundary(midnight + 20 * 60 * SECOND) == midnight  # not the UTC hour before it
+
+    feed.now = midnight - 20 * 60 * SECOND  # yesterday, local time: after the last UTC hour began
+    feed.apply([feed.event("bot", "start")] + [feed.event("bot", "beat", cost=1.0) for _ in range(3)])
+    assert snapper.advance(0, snapper.boundary(midnight + 1), midnight + 1) is True
+    feed.now = midnight + 10 * SECOND
+    feed.apply([feed.event("bot", "beat", cost=0.25) for _ in range(2)])
+
+    document = fleet_status(r, pipeline, now_ms=midnight + 30 * 60 * SECOND)
+    row = rows(document)["bot"]
+    assert (row["cost_today"], row["cost_total"]) == (0.5, 3.5)
+    assert document["today_from"] == iso_ms(midnight)
+
+
+@pytest.mark.parametrize(
+    ("zone", "bucket", "now", "boundary"),
+    [
+        ("Europe/Berlin", "1d", "2026-11-23T23:30:00", "2026-11-23T23:00:00"),  # midnight, not 00:00 UTC
+        ("Europe/Berlin", "1d", "2026-11-24T00:30:00", "2026-11-24T00:00:00"),  # then the UTC day
+        ("Asia/Kolkata", "1h", "2026-11-23T18:40:00", "2026-11-23T18:30:00"),
+        ("Asia/Kolkata", "1h", "2026-11-23T19:10:00", "2026-11-23T19:00:00"),
+        ("UTC", "1h", "2026-11-23T19:10:00", "2026-11-23T19:00:00"),
+    ],
+)
+def test_snapshot_boundaries_are_buckets_and_local_midnights(
+    r: redis.Redis, keys: Keys, zone: str, bucket: str, now: str, boundary: str
+) -> None:
+    def ms(text: str) -> int:
+        return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+    snapper = Snapshotter(r, keys, bucket_s=config.parse_duration(bucket), retention_s=86400, owner="t",
+                          timezone=zone)  # fmt: skip
+    assert snapper.boundary(ms(now)) == ms(boundary)
+
+
+def test_without_a_detector_worker_status_says_so_and_does_not_call_healthy_agents_late(
+    feed: Feed, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = feed.now
+    feed.apply([feed.event("bot", "start", at=t0, interval=1.0), feed.event("bot", "beat", at=t0 + 2000)])
+    now = t0 + 20 * SECOND
+
+    # Nothing was ever sent on the stream: the record is simply old, and nobody is detecting.
+    document = fleet_status(r, pipeline, now_ms=now)
+    assert states(document) == {"bot": "late"}
+    health = document["pipeline"]
+    assert (health["detecting"], health["lag"], health["pending"]) == (False, 0, 0)
+    assert health["detecting_reason"].startswith("no detector worker is running")
+
+    # Events wait on the stream that no group has read: every one of them is lag, and the
+    # agent is judged as of the oldest of them (its next beat may be right there).
+    r.xadd(keys.events(), {"d": b"x"}, id=f"{t0 + 2500}-0")
+    r.xadd(keys.events(), {"d": b"x"}, id=f"{t0 + 3000}-0")
+    document = fleet_status(r, pipeline, now_ms=now)
+    health = document["pipeline"]
+    assert states(document) == {"bot": "ok"}
+    assert (health["lag"], health["applied_until"]) == (2, iso_ms(t0 + 2500))
+    assert (
+        "none has ever read" in health["detecting_reason"]
+        and "2 events wait unread" in health["detecting_reason"]
+    )
+
+    # A group that read one entry and never acknowledged it (its worker died): lag and pending
+    # come from Redis itself, not from a worker's last health report.
+    r.xgroup_create(keys.events(), "detectors", id="0")
+    r.xreadgroup("detectors", "dead-worker", {keys.events(): ">"}, count=1)
+    health = fleet_status(r, pipeline, now_ms=now)["pipeline"]
+    assert (health["lag"], health["pending"]) == (1, 1)
+    assert health["oldest_pending_s"] == pytest.approx((now - t0 - 2500) / 1000)
+    assert health["applied_until"] == iso_ms(t0 + 2500) and health["detecting"] is False
