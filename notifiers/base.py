@@ -60,8 +60,12 @@ class NotifierConfig(plugins.NotifierConfig):
     repeat_s: Seconds | None = Field(None, alias="repeat", gt=0, description="remind while still firing")
     max_age_s: Seconds = Field(86400.0, alias="max_age", gt=0, description="older alerts are not sent")
     concurrency: int = Field(2, ge=1, le=32, description="delivery threads per worker")
-    max_attempts: int = Field(50, ge=1, le=10_000)
-    retry_for_s: Seconds = Field(86400.0, alias="retry_for", gt=0, description="give up after this long")
+    retry_for_s: Seconds = Field(
+        86400.0, alias="retry_for", gt=0, description="keep retrying this long after it was queued"
+    )
+    max_attempts: int | None = Field(
+        None, ge=1, le=100_000, description="also give up after this many attempts; default: no cap"
+    )
     backoff_s: Seconds = Field(1.0, alias="backoff", gt=0)
     backoff_max_s: Seconds = Field(300.0, alias="backoff_max", gt=0)
     retry_after_max_s: Seconds = Field(

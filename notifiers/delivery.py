@@ -10,8 +10,14 @@ webhook that hangs ties up only its own threads: PagerDuty's keep running. A not
   every request would be refused, not just this one).
 * :class:`Failed` - permanent (e.g. PagerDuty's 400): to ``<prefix>:notify:failed`` at once.
 
-A retry becomes a failure when ``max_attempts`` or ``retry_for`` runs out. A delivery that
-keeps killing its worker (claimed again and again without an outcome) is failed too.
+A retry becomes a failure once ``retry_for`` has passed since the alert was queued (by
+default a day: a receiver down for hours still gets every alert), or after ``max_attempts``
+when that optional cap is set, whichever comes first.
+
+An attempt counts from the moment it is claimed, so one that died with its worker (SIGKILL, OOM)
+still counts: the next try says ``attempt 2``, the log and the dead letter say how many requests
+were really made. A delivery that keeps killing its worker (claimed again and again without an
+outcome) is failed too.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ _EXTRA_CLAIMS = 3
 
 @dataclass(frozen=True)
 class Delivery:
-    """What a notifier delivers: the alert, and which attempt this is (1 for the first)."""
+    """What a notifier delivers: the alert, and which attempt this is (1 for the first, counting
+    attempts that died with their worker). ``extra`` holds what the queue carries beside the
+    alert, including what a :class:`Retry` asked to keep (``progress``)."""
 
     id: str
     alert: Alert
@@ -62,6 +70,9 @@ class Retry:
     body: str = ""
     after_s: float | None = None
     pause: bool = False
+    progress: dict[str, Any] | None = None
+    """Merged into the delivery's ``extra`` for the next attempt: e.g. which of several
+    destinations already got it, so a retry sends only to the others."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +136,13 @@ class Deliverer:
             # worker closes its client next. Their deliveries are handed back here instead.
             self._abandoned = True
         for claimed in stuck:
+            job = claimed.job
+            # The request may have reached the receiver: the attempt counts, but it ended here
+            # on purpose, so it does not count as one that crashed its worker.
+            handed = Job(job.id, job.alert, job.first_ms, job.attempts + 1, "handed over at a worker's stop",
+                         job.last_status, job.extra)  # fmt: skip
             with contextlib.suppress(*RECOVERABLE):  # else the lease runs out by itself
-                self.queue.retry(claimed, 0, release=True)
+                self.queue.retry(Claimed(handed, claimed.token, claimed.claims), 0)
 
     @property
     def alive(self) -> bool:
@@ -174,12 +190,13 @@ class Deliverer:
     def _attempt(self, claimed: Claimed) -> Outcome:
         job = claimed.job
         if claimed.claims > job.attempts + _EXTRA_CLAIMS:
-            return Failed(f"claimed {claimed.claims} times without an outcome (it may crash workers)")
+            died = claimed.claims - 1 - job.attempts
+            return Failed(f"{died} attempts ended without an outcome: it may crash its workers")
         try:
             alert = Alert(**job.alert)
         except TypeError as exc:
             return Failed(f"queued alert is malformed: {exc}")
-        delivery = Delivery(job.id, alert, job.attempts + 1, job.first_ms, job.extra)
+        delivery = Delivery(job.id, alert, claimed.claims, job.first_ms, job.extra)
         try:
             return self.notifier.deliver(delivery)
         except RECOVERABLE:
@@ -213,10 +230,11 @@ class Deliverer:
 
     def _record(self, claimed: Claimed, outcome: Outcome) -> None:
         job, cfg, journal = claimed.job, self.config, self.notifier.journal
-        attempts = job.attempts + 1
+        attempts = claimed.claims  # every attempt started, including any that died with a worker
         if isinstance(outcome, Retry):
             age_s = time.time() - job.first_ms / 1000
-            if attempts >= cfg.max_attempts or age_s >= cfg.retry_for_s:
+            capped = cfg.max_attempts is not None and attempts >= cfg.max_attempts
+            if capped or age_s >= cfg.retry_for_s:
                 why = f"gave up after {attempts} attempts over {age_s:.0f}s: {outcome.reason}"
                 outcome = Failed(why, outcome.status, outcome.body)
         if isinstance(outcome, Delivered):
@@ -233,8 +251,11 @@ class Deliverer:
             if after_s is None:
                 after_s = backoff_s(attempts, cfg.backoff_s, cfg.backoff_max_s)
             after_s = min(after_s, cfg.retry_after_max_s)
-            retried = Job(job.id, job.alert, job.first_ms, attempts, outcome.reason[:500], outcome.status,
-                          job.extra)  # fmt: skip
+            extra = {**job.extra, **(outcome.progress or {})}
+            # ``attempts`` in the job counts attempts that ended with an outcome; the claims
+            # beyond it died with their worker (see _attempt).
+            retried = Job(job.id, job.alert, job.first_ms, job.attempts + 1, outcome.reason[:500],
+                          outcome.status, extra)  # fmt: skip
             pause_ms = int(after_s * 1000) if outcome.pause else 0
             self.queue.retry(Claimed(retried, claimed.token, claimed.claims), int(after_s * 1000),
                              pause_ms=pause_ms)  # fmt: skip

@@ -7,10 +7,11 @@ PagerDuty meanwhile). So the runtime handler only *queues* each alert per notifi
 notifier's own delivery threads drain its queue. The state, all under the tag ``{n:<name>}``:
 
 * ``queue`` (zset): delivery id -> when it is next due, in Redis server time (ms);
-* ``jobs`` (hash): delivery id -> JSON (the alert, attempts so far, last error);
-* ``leases`` (hash): delivery id -> token of the thread delivering it. Claiming a delivery pushes
-  its due time out by the lease, so if that worker is SIGKILLed the delivery simply becomes due
-  again and any other worker claims it: nothing is lost, and no timer or heartbeat is needed;
+* ``jobs`` (hash): delivery id -> JSON (the alert, attempts that ended with an outcome, last error);
+* ``leases`` (hash): delivery id -> token of the thread delivering it, and ``n:<id>`` -> how many
+  times it was claimed, which numbers its attempts. Claiming a delivery pushes its due time out
+  by the lease, so if that worker is SIGKILLed the delivery simply becomes due again and any
+  other worker claims it (as the next attempt): nothing is lost, and no timer or heartbeat is needed;
 * ``order`` (hash): per dedup key, deliveries form a chain, so a ``resolved`` never overtakes
   the ``firing`` it closes, even while the firing waits out a backoff;
 * ``seen`` (zset): alert ids already queued: an alert the stream redelivers (a worker crashed
@@ -115,13 +116,12 @@ return 1
 """)
 
 # Try again later (ARGV[3] ms from now); ARGV[5] > 0 pauses the whole notifier (Retry-After).
-# ARGV[6] = 1 is a release (worker stopping): the claim does not count as an attempt.
+# The claim counter ``n:<id>`` stays: it numbers the attempts, including the next one.
 _RETRY: Final = _script("""
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
-if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[3], 'n:' .. ARGV[1], -1) end
 local pause = tonumber(ARGV[5])
 if pause > 0 then
   local until_ms = now + pause
@@ -140,6 +140,8 @@ class Job:
     alert: dict[str, Any]
     first_ms: int
     attempts: int = 0
+    """Attempts that ended with an outcome (or were handed back by a stopping worker). The
+    claim count is the attempt number; claims beyond this died with their worker."""
     last_error: str = ""
     last_status: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -201,18 +203,11 @@ class DeliveryQueue:
         job = claimed.job
         return bool(self._finish(keys=keys, args=[job.id, claimed.token, job.alert.get("dedup_key", "")]))
 
-    def retry(self, claimed: Claimed, delay_ms: int, *, pause_ms: int = 0, release: bool = False) -> bool:
+    def retry(self, claimed: Claimed, delay_ms: int, *, pause_ms: int = 0) -> bool:
         """Make it due again in ``delay_ms``, saving its updated attempts and last error."""
         keys = [self.queue, self.jobs, self.leases, self.limits]
         job = claimed.job
-        args: list[Any] = [
-            job.id,
-            claimed.token,
-            max(0, delay_ms),
-            job.to_json(),
-            max(0, pause_ms),
-            int(release),
-        ]
+        args: list[Any] = [job.id, claimed.token, max(0, delay_ms), job.to_json(), max(0, pause_ms)]
         return bool(self._retry(keys=keys, args=args))
 
     def trim_seen(self, older_than_ms: int) -> None:

@@ -83,8 +83,10 @@ def test_a_notifier_worker_sigkilled_mid_delivery_leaves_the_alert_to_another(
     assert second.headers["webhook-id"] == first.headers["webhook-id"] == alert.id
     # Taken over once the victim's lease ran out: 1 s timeout + 1 s margin, from its claim.
     assert second.at - first.at >= 1.5 and second.at - killed_at < 5.0
+    # The victim's attempt counts although it never recorded an outcome: two requests, two attempts.
+    assert [q.headers["x-agentwatch-attempt"] for q in (first, second)] == ["1", "2"]
     (record,) = stream(r, keys.notify_log)
-    assert record["outcome"] == "delivered"
+    assert record["outcome"] == "delivered" and record["attempts"] == "2"
 
 
 def test_a_worker_stopping_gracefully_hands_its_hung_delivery_over_at_once(
