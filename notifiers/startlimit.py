@@ -7,7 +7,8 @@ One Lua step decides, so two workers handling two alerts of the same agent (say 
 * ``done`` - the agent was already restarted after this alert fired, for another alert;
 * ``loop`` - ``burst`` restarts within the interval: stop restarting, raise "restart loop";
 * ``wait`` - too soon after the previous restart: the n-th restart in the window waits
-  ``backoff * 2**(n-1)`` (capped) after the one before, so a crash loop slows down;
+  ``backoff * 2**(n-2)`` (capped at ``backoff_max``) after the one before began, so a crash loop
+  slows down (the 2nd waits ``backoff``, the 3rd twice that...);
 * ``go``   - recorded as started now; run the command.
 """
 

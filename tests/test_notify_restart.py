@@ -125,8 +125,9 @@ def test_restarts_back_off_and_a_command_that_hangs_is_killed_at_its_timeout(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "starts"
-    hang = (
-        f"import time; open({str(marker)!r}, 'a').write('x'); print('starting', flush=True); time.sleep(30)"
+    hang = (  # no braces: the command's elements are templates ({agent}...)
+        f"import time; open({str(marker)!r}, 'a').write(str(time.time()) + chr(10)); "
+        "print('starting', flush=True); time.sleep(30)"
     )
     entry = restart(
         [sys.executable, "-c", hang], timeout="500ms", restart_backoff="700ms", start_limit_burst=3
@@ -134,14 +135,17 @@ def test_restarts_back_off_and_a_command_that_hangs_is_killed_at_its_timeout(
     with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
         fire(r, keys, "stuck")
         wait_for(lambda: loop_alerts(r, keys), 15, what="three timed-out restarts, then the loop")
-    audits = stream(r, keys.notify_audit)
-    runs = [(entry_id, a) for entry_id, a in zip(r.xrange(keys.notify_audit), audits, strict=True)
-            if a["action"] == "failed"]  # fmt: skip
-    assert len(runs) == 3 and marker.read_text() == "xxx"
-    assert all(a["timed_out"] == "1" and a["exit"] == "" and "starting" in a["output"] for _, a in runs)
-    finished = [int(entry[0].split(b"-")[0]) for entry, _ in runs]  # Redis ms when each was audited
-    # restart n waits 700 ms x 2**(n-2) after restart n-1 began (each ran 500 ms before its audit)
-    assert finished[1] - finished[0] >= 700 and finished[2] - finished[1] >= 1400
+    runs = [a for a in stream(r, keys.notify_audit) if a["action"] == "failed"]
+    assert len(runs) == 3
+    assert all(a["timed_out"] == "1" and a["exit"] == "" and "starting" in a["output"] for a in runs)
+    assert all(500 <= int(a["ms"]) < 3000 for a in runs)  # killed at its timeout, not left to run
+    # The backoff runs from when a restart began (the start limit's record, Redis time), not from
+    # when the previous command was killed: restart n waits 700 ms x 2**(n-2) after restart n-1.
+    began = [start["ms"] for start in json.loads(r.hget(keys.notifier_starts("restart"), "stuck") or b"[]")]
+    assert len(began) == 3 and began[1] - began[0] >= 700 and began[2] - began[1] >= 1400
+    # And the commands really started that far apart (allowing each Python start-up 50 ms).
+    started = [float(line) for line in marker.read_text().split()]
+    assert len(started) == 3 and started[1] - started[0] >= 0.65 and started[2] - started[1] >= 1.35
 
 
 def test_signal_mode_signals_the_agent_pid_on_this_host_only(
