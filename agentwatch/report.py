@@ -3,12 +3,21 @@
 Two sources, neither of them the raw event stream:
 
 * **beats, tokens, cost** are differences of running totals (rollups.py): now minus the latest
-  snapshot at or before the start of the period. So the period starts on a bucket boundary
-  (``from`` in the report says which), and a report over 7 days costs two reads per agent.
+  snapshot at or before the requested start. So the report's span starts on that snapshot's
+  boundary (``from``; ``requested_from`` is what was asked), and a report over 7 days costs two
+  reads per agent. When no snapshot reaches back that far (older ones expired after
+  ``[report] retention``), the span starts at the earliest snapshot instead and the report says
+  ``partial``: it never counts "everything ever" as if it were the period.
 * **uptime and incidents** come from the alerts stream, the state history: an agent is *down*
   from the moment its silence, stall or exit incident began (the last sign of life, or the
   last beat, as the alert records it) until the incident resolved. Uptime is the share of the
-  period, from when the agent was first seen, that it was not down.
+  same span, from when the agent was first seen if later, that it was not down. Incidents
+  still open are also read from the incident hashes, so they count however old their firing
+  alert is; but the alerts stream is capped, and when it no longer reaches back to the span's
+  start the report says so (``history_complete: false``) instead of overstating uptime.
+
+``from``, ``to`` and ``period_s`` describe the one span that counts, uptime and incidents are
+all measured over.
 
 The dict :func:`build_report` returns is the stable ``report --json`` format (docs/operations.md)
 and what a webhook receives as a scheduled report.
@@ -22,12 +31,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from agentwatch.alerts import PIPELINE_AGENT, Alert, decode_alert, iso_ms
+import redis as redis_py
+
+from agentwatch.alerts import PIPELINE_AGENT, Alert, Incidents, decode_alert, iso_ms
+from agentwatch.codec import entry_ms
 from agentwatch.config import Pipeline, ReportSection, format_duration
 from agentwatch.errors import InvalidEntry
 from agentwatch.facts import read_facts
 from agentwatch.redisconn import Client, server_time_ms
-from agentwatch.rollups import Totals, totals_at
+from agentwatch.rollups import Base, Totals, base_totals
 
 DOWN_DETECTORS: Final = ("silence", "stall", "exit")
 """Incidents during which an agent counts as down (it is not doing its work)."""
@@ -63,23 +75,27 @@ def build_report(
 
     keys = pipeline.keys
     now = server_time_ms(client) if now_ms is None else now_ms
-    start = now - int(since_s * 1000)
+    requested = now - int(since_s * 1000)
     records = read_agents(client, keys)
     records.pop(PIPELINE_AGENT, None)
-    facts = read_facts(client, keys)
-    names = sorted(n for n in set(records) | set(facts) if agents is None or fnmatch.fnmatchcase(n, agents))
-    before, bucket = totals_at(client, keys, start, names)
-    incidents = _incidents(client, pipeline, start, now)
+    # Agents the detectors forgot have no record: nothing to report (and no totals to subtract).
+    names = sorted(n for n in records if agents is None or fnmatch.fnmatchcase(n, agents))
+    facts = read_facts(client, keys, names)
+    first_seen = {
+        name: int(facts.get(name, {}).get("first_ms") or records[name].get("start") or requested)
+        for name in names
+    }
+    base = base_totals(client, keys, requested, names)
+    begin, partial = _span_start(base, requested, first_seen, now)
+    incidents = _incidents(client, pipeline, begin, now)
+    history = _history(client, pipeline, begin, now)
     rows = []
     for name in names:
-        first = int(facts.get(name, {}).get("first_ms") or records.get(name, {}).get("start") or start)
+        first = first_seen[name]
         if first > now:
             continue
-        now_totals = Totals.of_record(records.get(name, {}))
-        # No snapshot that old: the agent is newer than the period (all of it counts), or the
-        # rollups do not reach back that far (all of it counts too; ``from`` says so).
-        spent = now_totals - before.get(name, Totals())
-        observed_from = max(start, first)
+        spent = Totals.of_record(records[name]).since(base.totals.get(name, Totals()))
+        observed_from = max(begin, first)
         mine = [i for i in incidents if i.agent == name]
         down = [(i.start_ms, i.end_ms or now) for i in mine if i.detector in DOWN_DETECTORS]
         down_ms = _union_ms(down, observed_from, now)
@@ -93,17 +109,64 @@ def build_report(
                 "beats": round(spent.beats),
                 "tokens": round(spent.tokens),
                 "cost": round(spent.cost, 6),
-                "incidents": [_incident_dict(i, start, now) for i in mine],
+                "incidents": [_incident_dict(i, begin, now) for i in mine],
             }
         )
     return {
-        "from": iso_ms(bucket if bucket is not None and bucket < start else start),
+        "from": iso_ms(begin),
         "to": iso_ms(now),
-        "period_s": round((now - start) / 1000, 3),
+        "period_s": round((now - begin) / 1000, 3),
+        "requested_from": iso_ms(requested),
+        "partial": partial,
+        "history_complete": history is None,
+        "history_from": None if history is None else iso_ms(history),
         "prefix": pipeline.settings.redis.prefix,
         "agents": rows,
-        "fleet": _fleet(rows, [i for i in incidents if i.agent == PIPELINE_AGENT], start, now),
+        "fleet": _fleet(rows, [i for i in incidents if i.agent == PIPELINE_AGENT], begin, now),
     }
+
+
+def _span_start(base: Base, requested: int, first_seen: dict[str, int], now: int) -> tuple[int, bool]:
+    """Where the report's one span begins, and whether that is later than was asked (partial).
+
+    Counts are differences against a snapshot, so the span begins at that snapshot: the latest
+    at or before the requested start (a bucket boundary, so up to one bucket earlier), or, when
+    the rollups do not reach back that far, the earliest one (later than asked: partial). With
+    no snapshot at all, agents count from their first sighting: the span begins at the oldest
+    of those if that is before the requested start (partial: the counts include older events).
+    """
+    if base.from_ms is not None:
+        return min(base.from_ms, now), base.partial
+    older = [first for first in first_seen.values() if first < requested]
+    if older:
+        return min(older), True
+    return requested, False
+
+
+def _history(client: Client, pipeline: Pipeline, begin: int, now: int) -> int | None:
+    """None if the alerts stream (the state history) covers the span; else the time of its
+    oldest entry: older alerts were trimmed (``[streams] alerts_max_len`` or ``alerts_retention``)
+    and incidents that began and ended before it are missing from uptime."""
+    redis: Any = client
+    try:
+        info = redis.xinfo_stream(pipeline.keys.alerts)
+    except redis_py.ResponseError:
+        return None  # no alert was ever published
+    first = info.get("first-entry")
+    if not first:
+        return None
+    oldest = entry_ms(first[0])
+    if oldest <= begin:
+        return None
+    added = info.get("entries-added")
+    if added is not None:
+        trimmed = int(added) > int(info["length"])
+    else:  # Redis < 7 does not count what was added: judge by the caps
+        streams = pipeline.settings.streams
+        trimmed = int(info["length"]) >= 0.9 * streams.alerts_max_len or (
+            now - begin > streams.alerts_retention_s * 1000
+        )
+    return oldest if trimmed else None
 
 
 def _fleet(rows: list[dict[str, Any]], own: list[_Incident], start: int, now: int) -> dict[str, Any]:
@@ -159,6 +222,14 @@ def _incidents(client: Client, pipeline: Pipeline, start: int, now: int) -> list
                     alert.agent, alert.detector, alert.severity, alert.summary, began, began, alert.at_ms
                 )
             )
+    # Incidents still open whose firing alert the scan did not find (it is older than the
+    # lookback, or was trimmed from the capped stream): the incident hashes still hold them.
+    for dedup_key, held in Incidents(client, pipeline.keys).all_open().items():
+        agent, _, detector = dedup_key.partition("/")
+        if dedup_key not in open_by_key and held.get("since_ms"):
+            since = int(held["since_ms"])
+            open_by_key[dedup_key] = _Incident(agent, detector, str(held.get("severity") or "error"),
+                                               str(held.get("summary") or ""), since, since)  # fmt: skip
     found += open_by_key.values()
     overlapping = (i for i in found if (i.end_ms is None or i.end_ms >= start) and i.start_ms <= now)
     return sorted(overlapping, key=lambda i: i.start_ms)
@@ -202,13 +273,12 @@ def render_text(report: dict[str, Any]) -> str:
     fleet = report["fleet"]
     lines = [
         f"agentwatch report {report['from']} -> {report['to']} ({format_duration(report['period_s'])})",
-        f"fleet: {fleet['agents']} agents, uptime {_pct(fleet['uptime_pct'])}, "
-        f"{fleet['incidents']} incidents, {fleet['beats']:,} beats, {fleet['tokens']:,} tokens, "
-        f"${fleet['cost']:,.2f}",
+        *notes(report),
+        f"fleet: {fleet_summary(report)}",
     ]
     for row in report["agents"]:
         lines.append(
-            f"- {row['agent']}: uptime {_pct(row['uptime_pct'])}, {row['beats']:,} beats, "
+            f"- {row['agent']}: uptime {pct(row['uptime_pct'])}, {row['beats']:,} beats, "
             f"{row['tokens']:,} tokens, ${row['cost']:,.2f}"
         )
         for incident in row["incidents"]:
@@ -219,7 +289,37 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pct(value: float | None) -> str:
+def fleet_summary(report: dict[str, Any]) -> str:
+    """One line about the whole fleet: "3 agents, uptime 99.52%, 2 incidents, ..."."""
+    fleet = report["fleet"]
+    if not fleet["agents"]:
+        return "no agents were seen in this period"
+    agents = "1 agent" if fleet["agents"] == 1 else f"{fleet['agents']} agents"
+    incidents = "1 incident" if fleet["incidents"] == 1 else f"{fleet['incidents']} incidents"
+    return (
+        f"{agents}, uptime {pct(fleet['uptime_pct'])}, {incidents}, {fleet['beats']:,} beats, "
+        f"{fleet['tokens']:,} tokens, ${fleet['cost']:,.2f}"
+    )
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """What a reader must know about how far the figures reach (empty: they cover the period)."""
+    out = []
+    if report.get("partial"):
+        out.append(
+            f"note: covers only from {report['from']}, not from {report['requested_from']} as asked: "
+            "no rollup reaches back further ([report] retention, or the pipeline is younger)"
+        )
+    if not report.get("history_complete", True):
+        out.append(
+            f"note: the alert history reaches back only to {report['history_from']} (older alerts were "
+            "trimmed: [streams] alerts_max_len / alerts_retention); earlier downtime is missing from uptime"
+        )
+    return out
+
+
+def pct(value: float | None) -> str:
+    """A percentage as reports print it: two decimals, "n/a" when there is nothing to measure."""
     return "n/a" if value is None else f"{value:.2f}%"
 
 

@@ -9,17 +9,22 @@ notifier's own delivery queue (notifiers/queue.py) under an id derived from the 
 queue already refuses an id it has seen. So two workers that both decide to send it queue it
 once, and a worker that dies half way leaves the slot unmarked for the next tick to finish.
 A deployment's first slot is skipped: a report of the few minutes since start-up helps nobody.
+The record of sent slots keeps only the latest few (a slot is only ever checked while due), so
+it does not grow by one field per report forever.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from agentwatch.alerts import PIPELINE_AGENT, Alert, iso_ms
 from agentwatch.config import Pipeline, format_duration
-from agentwatch.report import build_report, due_slot
+from agentwatch.report import build_report, due_slot, fleet_summary
 from agentwatch.worker import Handler
 from notifiers.base import Notifier
+
+KEEP_SLOTS: Final = 8
+"""Sent slots remembered: the current one is what matters; a few more help whoever looks."""
 
 
 class ReportScheduler(Handler[Alert]):
@@ -46,15 +51,13 @@ class ReportScheduler(Handler[Alert]):
             self._sent = slot  # the slot the deployment started in
             return
         report = build_report(self.client, self.pipeline, since_s=cfg.period_s, now_ms=now_ms)
-        fleet = report["fleet"]
         alert = Alert(
             id=f"report-{slot}",
             agent=PIPELINE_AGENT,
             detector="report",
             status="firing",
             severity="info",
-            summary=f"agentwatch report, last {format_duration(cfg.period_s)}: {fleet['agents']} agents, "
-            f"uptime {fleet['uptime_pct']}%, {fleet['incidents']} incidents",
+            summary=f"agentwatch report, last {format_duration(cfg.period_s)}: {fleet_summary(report)}",
             dedup_key=f"{PIPELINE_AGENT}/report:{slot}",
             at=iso_ms(now_ms),
         )
@@ -64,3 +67,17 @@ class ReportScheduler(Handler[Alert]):
                 notifier.deliverer.wake()
         self.client.hset(key, slot, now_ms)
         self._sent = slot
+        self._trim(key)
+
+    def _trim(self, key: str) -> None:
+        """Forget all but the latest :data:`KEEP_SLOTS` slots (by when each was recorded)."""
+        sent = self.client.hgetall(key)
+        if len(sent) <= KEEP_SLOTS:
+            return
+
+        def recorded(value: bytes) -> int:
+            text = value.decode(errors="replace").rpartition(":")[2]  # "skipped:<ms>" or "<ms>"
+            return int(text) if text.isdigit() else 0
+
+        by_age = sorted(sent, key=lambda field: recorded(sent[field]))
+        self.client.hdel(key, *by_age[: len(by_age) - KEEP_SLOTS])
