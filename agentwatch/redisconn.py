@@ -21,14 +21,60 @@ from agentwatch.errors import RedisUnavailable
 
 Client = redis.Redis | RedisCluster
 
+
+class WritesRefused(redis.ResponseError):
+    """``MISCONF`` (the server cannot persist, so it refuses writes) or ``NOREPLICAS`` (too few
+    replicas acknowledge): the server is up but cannot take writes now."""
+
+
+class ServerBusy(redis.ResponseError):
+    """``BUSY``: the server is running a long script or module command and answers nothing else."""
+
+
+def _register_reply_errors() -> None:
+    """Make redis-py raise our classes for the replies above (it raises a bare ResponseError,
+    which would look like bad data). Both its parsers map error prefixes through this table."""
+    from redis._parsers.base import BaseParser  # noqa: PLC0415 - private, so kept in one place
+
+    for prefix, cls in (("MISCONF", WritesRefused), ("NOREPLICAS", WritesRefused), ("BUSY", ServerBusy)):
+        BaseParser.EXCEPTION_CLASSES.setdefault(prefix, cls)
+
+
+_register_reply_errors()
+
 RECOVERABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.exceptions.BusyLoadingError,
-    redis.exceptions.ClusterDownError,
+    redis.exceptions.ClusterDownError,  # also MasterDownError: a replica without its master
     redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached with a noeviction policy
+    redis.exceptions.ReadOnlyError,  # a replica, e.g. right after a failover
+    WritesRefused,
+    ServerBusy,
 )
-"""Errors that mean "Redis is away or busy": wait and retry, never dead-letter or crash."""
+"""Errors that mean "Redis is away, busy or cannot write now": wait and retry, never dead-letter
+or crash. A handler hit by one has not failed on its data: the worker keeps the batch pending,
+backs off, and processes it again once Redis takes writes (handlers are idempotent)."""
+
+
+def explain(exc: BaseException) -> str:
+    """What a recoverable error means, for the one log line a worker writes when it starts waiting."""
+    what = {
+        redis.exceptions.OutOfMemoryError: "Redis refuses writes: out of memory (maxmemory reached)",
+        redis.exceptions.ReadOnlyError: "Redis refuses writes: it is a read-only replica",
+        redis.exceptions.MasterDownError: "Redis refuses commands: the replica lost its master",
+        redis.exceptions.BusyLoadingError: "Redis is loading its data set",
+        WritesRefused: "Redis refuses writes",
+        ServerBusy: "Redis is busy running a script",
+        redis.exceptions.ClusterDownError: "the Redis Cluster is down",
+        redis.exceptions.TryAgainError: "the Redis Cluster is resharding",
+        redis.TimeoutError: "Redis does not answer",
+    }
+    for cls, text in what.items():
+        if isinstance(exc, cls):
+            return f"{text} ({exc})"
+    return f"Redis unreachable ({exc})"
 
 
 def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -> Client:
@@ -93,6 +139,15 @@ def describe(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return url
+
+
+def disconnect(client: Client) -> None:
+    """Close every connection of ``client``, also those in use by another thread: a read
+    blocked on a hung server returns at once with a ConnectionError. Safe from any thread."""
+    if isinstance(client, RedisCluster):
+        client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
+    else:
+        client.connection_pool.disconnect()
 
 
 def server_time_ms(client: Client) -> int:

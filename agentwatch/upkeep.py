@@ -10,7 +10,10 @@ loop in worker.py: a reader of that loop sees only the hot path.
   because every worker process joins under a new, unique name.
 * **Health.** Every second the worker refreshes ``<prefix>:worker:<consumer>`` (a hash with a
   TTL: a worker that stops refreshing it disappears from ``agentwatch status`` by itself) and
-  adds its counter deltas to the pipeline-wide ``<prefix>:stats``.
+  its score in ``<prefix>:workers``, both stamped with Redis server time (the clock
+  ``agentwatch status`` compares them with: a worker host with a skewed clock must not look
+  dead), and adds its counter deltas to the pipeline-wide ``<prefix>:stats``. Registry entries
+  whose health key has expired (a SIGKILLed worker) are pruned by the workers still alive.
 * **Trimming.** Streams are trimmed by age (``[streams] *_retention``), but never past an entry
   that some consumer group has not yet read or acknowledged: trimming must not lose data.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final
 
@@ -33,7 +35,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentwatch.worker")
 
 _FORGET_CONSUMER_IDLE_MS: Final = 3600_000
-_RESETTABLE: Final = ("processed", "deadlettered", "reclaimed", "errors", "batches", "trimmed_pending")
+_PRUNE_EVERY: Final = 10
+"""Health refreshes between two prunings of the worker registry."""
+_PRUNE_BATCH: Final = 100
+_RESETTABLE: Final = (
+    "processed", "deadlettered", "reclaimed", "errors", "skipped", "batches", "trimmed_pending",
+)  # fmt: skip
 
 
 class Upkeep:
@@ -43,6 +50,7 @@ class Upkeep:
         self.w = worker
         self.published: Stats = type(worker.stats)()  # all zero: nothing published yet
         """Counters as last added to ``<prefix>:stats`` (so each publish adds only the delta)."""
+        self._refreshes = 0
 
     def reclaim(self) -> None:
         """Take over entries that a dead (or hung) consumer left pending, and process them."""
@@ -115,15 +123,27 @@ class Upkeep:
                     oldest = max(oldest, now_ms - first)
         self.w.stats.lag, self.w.stats.pending, self.w.stats.oldest_pending_ms = lag, pending, oldest
         pipe = self.w.client.pipeline(transaction=False)
-        self.publish_stats(pipe)
+        self.publish_stats(pipe, now_ms)
         pipe.execute()
+        self._refreshes += 1
+        if self._refreshes % _PRUNE_EVERY == 1:
+            self.prune_registry(now_ms)
 
-    def publish_stats(self, pipe: Any) -> None:
+    def publish_stats(self, pipe: Any, now_ms: int) -> None:
+        """Queue the health hash, the registry score and the counter deltas on ``pipe``.
+
+        ``now_ms`` is Redis server time (what ``agentwatch status`` compares ``seen_ms`` and the
+        registry scores with), not this host's clock.
+        """
         stats = asdict(self.w.stats)
         handler_errors = stats.pop("handler_errors")
+        handler_skipped = stats.pop("handler_skipped")
+        broken = stats.pop("broken")
         health = {
             **stats,
             **{f"errors:{name}": count for name, count in handler_errors.items()},
+            **{f"skipped:{name}": count for name, count in handler_skipped.items()},
+            "broken": ",".join(broken),
             "kind": self.w.kind,
             "group": self.w.group,
             "streams": ",".join(self.w.streams),
@@ -131,18 +151,46 @@ class Upkeep:
             "host": socket.gethostname(),
             "version": __version__,
             "started_ms": self.w.started_ms,
-            "seen_ms": int(time.time() * 1000),
+            "seen_ms": now_ms,
             "state": "stopping" if self.w.stopping else "running",
         }
         key = self.w.keys.worker(self.w.consumer)
         pipe.hset(key, mapping=health)
         pipe.pexpire(key, int(self.w.opts.health_ttl_s * 1000))
-        pipe.zadd(self.w.keys.workers, {self.w.consumer: health["seen_ms"]})
+        pipe.zadd(self.w.keys.workers, {self.w.consumer: now_ms})
+        self._publish_totals(pipe)
+
+    def publish_final(self, pipe: Any) -> None:
+        """On a graceful stop: the last counter deltas, and out of the registry at once."""
+        self._publish_totals(pipe)
+        pipe.zrem(self.w.keys.workers, self.w.consumer)
+        pipe.delete(self.w.keys.worker(self.w.consumer))
+
+    def _publish_totals(self, pipe: Any) -> None:
         for name in _RESETTABLE:  # pipeline-wide totals: add what changed since the last publish
             delta = getattr(self.w.stats, name) - getattr(self.published, name)
             if delta:
                 pipe.hincrby(self.w.keys.stats, f"{self.w.kind}:{name}", delta)
                 setattr(self.published, name, getattr(self.w.stats, name))
+
+    def prune_registry(self, now_ms: int) -> None:
+        """Drop registry entries of workers whose health key has expired (SIGKILLed, or lost
+        with their host): nothing else removes them. An entry is only a candidate once it is
+        older than our own health TTL, and is removed only if its health key is gone, so a
+        worker with a longer TTL than ours is never dropped while alive."""
+        stale_before = now_ms - int(self.w.opts.health_ttl_s * 1000)
+        names = self.w.client.zrangebyscore(
+            self.w.keys.workers, "-inf", f"({stale_before}", start=0, num=_PRUNE_BATCH
+        )
+        if not names:
+            return
+        pipe = self.w.client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self.w.keys.worker(name.decode() if isinstance(name, bytes) else name))
+        gone = [name for name, exists in zip(names, pipe.execute(), strict=True) if not exists]
+        if gone:
+            self.w.client.zrem(self.w.keys.workers, *gone)
+            log.info("forgot %d dead worker(s) whose health key expired", len(gone))
 
     def trim(self, now_ms: int) -> None:
         """Trim by age, but never past what any consumer group has yet to read or acknowledge."""

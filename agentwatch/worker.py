@@ -12,8 +12,16 @@ and acknowledged only after the handlers returned, i.e. after their effects are 
   to the dead-letter stream with its reason and is acknowledged: it never blocks the stream;
 * a handler that raises is isolated: logged, counted, retried entry by entry, and the other
   handlers and the worker carry on;
-* Redis going away is not an error in the data: the worker waits with backoff, keeps its
-  unacknowledged entries, and re-reads them once Redis is back.
+* a handler that fails on every entry is *broken*, not fed bad data: after a few entries in a
+  row have failed alone (and been dead-lettered), its breaker opens, and while it stays open
+  the entries it cannot handle are acked without it and counted per handler, not
+  dead-lettered, so a broken plugin cannot flood the dead-letter stream (breaker.py);
+* Redis going away, or refusing writes (full, read-only), is not an error in the data: the
+  worker waits with backoff, keeps its unacknowledged entries, and re-reads them once Redis
+  takes writes again; a dead letter is acknowledged only once it was written;
+* a stop (SIGTERM, SIGINT) finishes the batch, acknowledges it and exits; if Redis hangs, the
+  connection is cut shortly after the stop request, so the process still exits within 2 s
+  and what it had not acknowledged stays pending for another worker.
 """
 
 from __future__ import annotations
@@ -30,11 +38,12 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
+from agentwatch.breaker import Breaker
 from agentwatch.codec import entry_ms
 from agentwatch.config import PipelineSettings
 from agentwatch.errors import InvalidEntry
 from agentwatch.keys import Keys
-from agentwatch.redisconn import RECOVERABLE, Client, consumer_name, server_time_ms
+from agentwatch.redisconn import RECOVERABLE, Client, consumer_name, disconnect, explain, server_time_ms
 from agentwatch.upkeep import Upkeep
 
 log = logging.getLogger("agentwatch.worker")
@@ -45,8 +54,10 @@ Message = tuple[bytes, T]
 
 _TRIM_EVERY_S = 60.0
 _ERROR_LOG_EVERY_S = 60.0
-_BROKEN_AFTER = 5
-"""Entries in a row that fail alone before a handler counts as broken for the batch."""
+_WAITING_LOG_EVERY_S = 60.0
+_STOP_CUT_AFTER_S = 1.2
+"""After a stop request, Redis I/O still going on this long is cut (Redis hangs): with the
+default 1 s BLOCK a healthy read has returned by then, and the process exits within 2 s."""
 
 
 class Handler(Generic[T]):
@@ -81,6 +92,8 @@ class Stats:
     deadlettered: int = 0
     reclaimed: int = 0
     errors: int = 0
+    skipped: int = 0
+    """Entries acked without a broken handler having seen them (breaker.py); also in ``processed``."""
     batches: int = 0
     trimmed_pending: int = 0
     lag: int = 0
@@ -88,6 +101,9 @@ class Stats:
     oldest_pending_ms: int = 0
     last_entry_ms: int = 0
     handler_errors: dict[str, int] = field(default_factory=dict)
+    handler_skipped: dict[str, int] = field(default_factory=dict)
+    broken: list[str] = field(default_factory=list)
+    """Names of the handlers whose breaker is open now."""
 
 
 def _raw_reply(response: Any, **_: Any) -> Any:
@@ -128,6 +144,11 @@ class Worker(Generic[T]):
         self.stats = Stats()
         self.started_ms = int(time.time() * 1000)
         self._stop = threading.Event()
+        self._done = threading.Event()
+        self._running = False
+        self._cut = False  # the stop watchdog cut the connections: no more Redis I/O
+        self._redis_ok = True  # False from a recoverable error until Redis answered again
+        self._breakers: dict[int, Breaker] = {}
         self._recover_own = False
         self._started = False
         self._next_tick = 0.0
@@ -145,21 +166,34 @@ class Worker(Generic[T]):
         if install_signals and threading.current_thread() is threading.main_thread():
             self._install_signals()
         log.info("%s worker %s starting on %s", self.kind, self.consumer, ", ".join(self.streams))
-        self._until_connected(self._setup)
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except RECOVERABLE as exc:
+        self._running = True
+        try:
+            self._until_connected(self._setup)
+            while not self._stop.is_set():
+                self._run_guarded()
+            self._finish()
+        finally:
+            self._done.set()
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run_once()
+            self._redis_ok = True
+        except RECOVERABLE as exc:
+            self._redis_ok = False
+            if not self._stop.is_set():
                 self._until_connected(self._setup, first_error=exc)
-            except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    log.warning("consumer group vanished (Redis restarted without data?); recreating")
-                    self._until_connected(self._setup)
-                else:
-                    self._unexpected(exc)
-            except Exception as exc:
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                log.warning("consumer group vanished (Redis restarted without data?); recreating")
+                self._until_connected(self._setup)
+            else:
                 self._unexpected(exc)
-        self._finish()
+        except Exception as exc:
+            if self._cut:  # the stop watchdog closed a socket under us: not a fault
+                self._redis_ok = False
+            else:
+                self._unexpected(exc)
 
     def _unexpected(self, exc: Exception) -> None:
         """A fault in the runtime itself: log it, count it, pause, carry on. Unacknowledged
@@ -171,8 +205,31 @@ class Worker(Generic[T]):
         self._stop.wait(1.0)
 
     def stop(self) -> None:
-        """Ask the loop to finish its current batch, acknowledge it and return."""
+        """Ask the loop to finish its current batch, acknowledge it and return.
+
+        If Redis hangs, the loop would wait out its socket timeout (and the final writes
+        theirs): a watchdog cuts the client's connections once the stop is
+        ``_STOP_CUT_AFTER_S`` old, and keeps them cut until the loop has returned. What was
+        not acknowledged stays pending; another worker reclaims it (at least once).
+        """
+        if self._stop.is_set():
+            return
         self._stop.set()
+        if self._running and not self._done.is_set():
+            threading.Thread(target=self._cut_when_late, name="agentwatch-stop", daemon=True).start()
+
+    def _cut_when_late(self) -> None:
+        if self._done.wait(_STOP_CUT_AFTER_S):
+            return
+        log.warning(
+            "%s worker %s: still busy %.1fs after the stop request (Redis not answering, or a slow "
+            "handler); closing its Redis connections, unacknowledged entries stay pending",
+            self.kind, self.consumer, _STOP_CUT_AFTER_S,
+        )  # fmt: skip
+        self._cut = True
+        while not self._done.is_set():
+            disconnect(self.client)
+            self._done.wait(0.05)
 
     @property
     def stopping(self) -> bool:
@@ -201,6 +258,7 @@ class Worker(Generic[T]):
                 if "BUSYGROUP" not in str(exc):
                     raise
         if not self._started:
+            self.started_ms = server_time_ms(self.client)  # the clock `status` compares it with
             for handler in self.handlers:
                 self._guarded(handler, "on_start")
             self._started = True
@@ -208,15 +266,24 @@ class Worker(Generic[T]):
 
     def _finish(self) -> None:
         for handler in self.handlers:
-            self._guarded(handler, "on_stop")
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            self.upkeep.publish_stats(pipe)
-            pipe.zrem(self.keys.workers, self.consumer)
-            pipe.delete(self.keys.worker(self.consumer))
-            pipe.execute()
-        except RECOVERABLE:
-            pass  # the health key expires by itself
+            try:
+                self._guarded(handler, "on_stop")
+            except RECOVERABLE as exc:
+                log.warning("%s %r: Redis unavailable in on_stop (%s)", self.kind, handler.name, exc)
+        if self._cut or not self._redis_ok:
+            # A write now would wait out the socket timeout on a hung server. The health key
+            # expires by itself and other workers prune our registry entry.
+            log.info("%s worker %s: Redis unavailable, final health write skipped", self.kind, self.consumer)
+        else:
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                self.upkeep.publish_final(pipe)
+                pipe.execute()
+            except RECOVERABLE:
+                pass  # the health key expires by itself
+            except Exception:
+                if not self._cut:
+                    raise
         log.info("%s worker %s stopped (%s)", self.kind, self.consumer, self._summary())
 
     def _install_signals(self) -> None:
@@ -230,20 +297,34 @@ class Worker(Generic[T]):
         signal.signal(signal.SIGINT, on_signal)
 
     def _until_connected(self, action: Callable[[], None], first_error: Exception | None = None) -> None:
-        """Retry ``action`` with capped exponential backoff and jitter until it succeeds or we stop."""
+        """Retry ``action`` with capped exponential backoff and jitter until it succeeds or we stop.
+
+        One log line when the wait starts, one when the kind of trouble changes, a reminder
+        once a minute, and one when Redis is back.
+        """
         delay, since, error = 0.1, time.monotonic(), first_error
+        logged: type[Exception] | None = None
+        reminded = since
         if error is not None:
-            log.warning("lost Redis (%s); retrying with backoff, pending entries are kept", error)
+            log.warning("%s; retrying with backoff, pending entries are kept", explain(error))
+            logged = type(error)
         while not self._stop.is_set():
             if error is None:
                 try:
                     action()
-                    if first_error is not None or delay > 0.1:
+                    self._redis_ok = True
+                    if logged is not None:
                         log.info("Redis is back after %.1fs", time.monotonic() - since)
                     return
                 except RECOVERABLE as exc:
-                    if delay == 0.1:
-                        log.warning("Redis unreachable (%s); retrying with backoff", exc)
+                    self._redis_ok = False
+                    now = time.monotonic()
+                    if type(exc) is not logged:
+                        log.warning("%s; retrying with backoff", explain(exc))
+                        logged, reminded = type(exc), now
+                    elif now - reminded >= _WAITING_LOG_EVERY_S:
+                        log.warning("still waiting after %.0fs: %s", now - since, explain(exc))
+                        reminded = now
             error = None
             self._stop.wait(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 5.0)
@@ -300,7 +381,6 @@ class Worker(Generic[T]):
                 by_id = {entry_id: (stream, fields) for stream, entry_id, fields in entries}
                 dead += [(by_id[eid][0], eid, by_id[eid][1], why) for eid, why in poisoned.items()]
         self.acknowledge(entries, dead)
-        self.stats.processed += len(entries) - len(dead)
         self.stats.batches += 1
         self.stats.last_entry_ms = entry_ms(entries[-1][1])
         return len(entries)
@@ -308,75 +388,111 @@ class Worker(Generic[T]):
     def _feed(self, handler: Handler[T], good: list[Message[T]], poisoned: dict[bytes, str]) -> None:
         """Run one handler on the batch; on failure isolate the entries that make it raise.
 
-        A handler that fails on its first few entries alone as well is broken, not fed bad
-        data: the rest of the batch is dead-lettered without calling it again (so a broken
-        plugin costs a few calls per batch, not ``max_attempts`` per entry, and its entries
-        are kept for a replay once it is fixed).
+        Each entry is retried alone ``max_attempts`` times and dead-lettered if it keeps
+        failing: it is poison for this handler. A handler that fails on every entry is
+        broken instead (breaker.py): once its breaker is open, what it cannot handle is
+        acked without it and counted, not dead-lettered, until it passes a batch again.
         """
+        breaker = self._breakers.get(id(handler))
+        if breaker is None:
+            breaker = self._breakers[id(handler)] = Breaker(handler.name, self.stats)
         try:
             handler.on_batch(good)
+            breaker.passed()
             return
         except RECOVERABLE:
             raise
         except Exception:
             self._count_error(handler, "on_batch")
-        failures = 0
-        broken: str | None = None
-        for index, message in enumerate(good):
+        start = 0
+        if breaker.is_open:
+            # Still broken, or was only one entry of this batch bad? One entry alone decides.
+            error = self._attempt(handler, good[0])
+            if error is not None:
+                breaker.skip(sum(1 for m in good if m[0] not in poisoned), error)
+                return
+            breaker.passed()
+            start = 1
+        for index in range(start, len(good)):
+            message = good[index]
             if message[0] in poisoned:
-                continue
-            if broken is not None:
-                poisoned[message[0]] = broken
                 continue
             error = self._retry_alone(handler, message)
             if error is None:
+                breaker.passed()
                 continue
-            failures += 1
             poisoned[message[0]] = (
                 f"handler {handler.name!r} raised {type(error).__name__}: {error} "
                 f"({self.opts.max_attempts} attempts)"
             )
-            if failures == index + 1 == _BROKEN_AFTER:
-                broken = (
-                    f"handler {handler.name!r} failed on every entry (last: {type(error).__name__}: {error})"
-                )
-                log.error("%s; dead-lettering the rest of this batch without calling it", broken)
+            if breaker.failed(error):  # it just opened: the rest of the batch goes without it
+                breaker.skip(sum(1 for m in good[index + 1 :] if m[0] not in poisoned), error)
+                return
+
+    def _attempt(self, handler: Handler[T], message: Message[T]) -> Exception | None:
+        try:
+            handler.on_batch([message])
+            return None
+        except RECOVERABLE:
+            raise
+        except Exception as exc:
+            return exc
 
     def _retry_alone(self, handler: Handler[T], message: Message[T]) -> Exception | None:
         """Feed one entry up to ``max_attempts`` times; the last error, or None once it passed."""
         error: Exception | None = None
         for _ in range(self.opts.max_attempts):
-            try:
-                handler.on_batch([message])
+            error = self._attempt(handler, message)
+            if error is None:
                 return None
-            except RECOVERABLE:
-                raise
-            except Exception as exc:
-                error = exc
         return error
 
     def acknowledge(
         self, entries: list[tuple[str, bytes, Any]], dead: list[tuple[str, bytes, Any, str]]
     ) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for stream, entry_id, fields, reason in dead:
-            log.warning("dead-lettered %s %s: %s", stream, entry_id.decode(), reason)
-            pipe.xadd(
-                self.keys.deadletter,
-                self._deadletter_fields(stream, entry_id, fields, reason),
-                maxlen=self.settings.streams.deadletter_max_len,
-                approximate=True,
-            )
-        if len(self.streams) == 1:
-            pipe.xack(self.streams[0], self.group, *[e[1] for e in entries])
-        else:
-            by_stream: dict[str, list[bytes]] = {}
-            for stream, entry_id, _ in entries:
-                by_stream.setdefault(stream, []).append(entry_id)
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, self.group, *ids)
-        pipe.execute()
-        self.stats.deadlettered += len(dead)
+        """XACK ``entries``; those in ``dead`` only once their dead letter is written.
+
+        The dead letters go first and their replies are checked one by one: in one
+        non-transactional pipeline, an XADD refused (a full Redis) next to an XACK accepted
+        would ack an entry that was neither applied nor kept. (MULTI would make the two atomic,
+        but the streams live in different Cluster slots.) An entry whose dead letter was
+        refused stays pending, and the refusal is raised: the worker backs off and retries.
+        """
+        refused: set[bytes] = set()
+        failure: Exception | None = None
+        if dead:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, entry_id, fields, reason in dead:
+                pipe.xadd(
+                    self.keys.deadletter,
+                    self._deadletter_fields(stream, entry_id, fields, reason),
+                    maxlen=self.settings.streams.deadletter_max_len,
+                    approximate=True,
+                )
+            replies = pipe.execute(raise_on_error=False)
+            for (stream, entry_id, _, reason), reply in zip(dead, replies, strict=True):
+                if isinstance(reply, Exception):
+                    refused.add(entry_id)
+                    failure = failure or reply
+                else:
+                    log.warning("dead-lettered %s %s: %s", stream, entry_id.decode(), reason)
+        acked = [e for e in entries if e[1] not in refused] if refused else entries
+        if acked:
+            pipe = self.client.pipeline(transaction=False)
+            if len(self.streams) == 1:
+                pipe.xack(self.streams[0], self.group, *[e[1] for e in acked])
+            else:
+                by_stream: dict[str, list[bytes]] = {}
+                for stream, entry_id, _ in acked:
+                    by_stream.setdefault(stream, []).append(entry_id)
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, self.group, *ids)
+            pipe.execute()
+        lettered = len(dead) - len(refused)
+        self.stats.deadlettered += lettered
+        self.stats.processed += len(acked) - lettered
+        if failure is not None:
+            raise failure
 
     def _deadletter_fields(self, stream: str, entry_id: bytes, fields: Any, reason: str) -> dict[str, Any]:
         raw = _original_bytes(fields)

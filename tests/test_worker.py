@@ -250,27 +250,61 @@ def test_trimming_never_drops_what_a_group_has_not_read(
 
 
 class AlwaysFails(Handler[Event]):
+    """Raises on everything until ``fixed``."""
+
     name = "broken"
 
     def __init__(self) -> None:
         self.calls = 0
+        self.fixed = False
+        self.seen = 0
 
     def on_batch(self, messages: Sequence[Message[Event]]) -> None:
         self.calls += 1
-        raise KeyError("config_missing")
+        if not self.fixed:
+            raise KeyError("config_missing")
+        self.seen += len(messages)
 
 
-def test_a_broken_handler_costs_a_few_calls_per_batch_and_its_entries_are_kept(
+def test_a_broken_handler_leaves_a_handful_of_dead_letters_and_skips_the_rest_until_it_works(
     client: Any, r: redis.Redis, keys: Keys, prefix: str
 ) -> None:
     for seq in range(50):
         r.xadd(keys.events(), {"d": beat(seq=seq)})
     broken, recorder = AlwaysFails(), Recorder()
     worker = make_worker(client, prefix, [broken, recorder], batch=100, max_attempts=3)
+    health = keys.worker(worker.consumer)
     with running(worker):
-        wait_for(lambda: r.xlen(keys.deadletter) == 50, what="every entry kept in the dead letters")
-    assert len(recorder.seen) == 50  # the other handler is unaffected
-    assert broken.calls == 1 + 5 * 3  # the batch, then five entries alone, then no more calls
+        wait_for(lambda: worker.stats.processed == 45, what="the batch acked")
+        assert r.xlen(keys.deadletter) == 5  # the entries that judged it broken, no more
+        assert broken.calls == 1 + 5 * 3  # the batch, then five entries alone, then no more calls
+        wait_for(lambda: r.hget(health, "skipped:broken") == b"45", what="skips in the health hash")
+        assert r.hget(health, "broken") == b"broken"
+        for seq in range(50, 70):  # later batches while it stays broken: one probe each, no letters
+            r.xadd(keys.events(), {"d": beat(seq=seq)})
+        wait_for(lambda: worker.stats.processed == 65, what="the later events acked")
+        assert r.xlen(keys.deadletter) == 5
+        assert worker.stats.handler_skipped == {"broken": 65}
+        broken.fixed = True
+        r.xadd(keys.events(), {"d": beat(seq=70)})
+        wait_for(lambda: broken.seen == 1, what="the mended handler fed again")
+        wait_for(lambda: r.hget(health, "broken") == b"", what="the breaker closed in the health hash")
+        assert r.hget(keys.stats, "detectors:skipped") == b"65"
+    assert len(recorder.seen) == 71  # the other handler saw every entry
     reasons = [fields[b"reason"].decode() for _, fields in r.xrange(keys.deadletter)]
-    assert reasons[:5] == ["handler 'broken' raised KeyError: 'config_missing' (3 attempts)"] * 5
-    assert set(reasons[5:]) == {"handler 'broken' failed on every entry (last: KeyError: 'config_missing')"}
+    assert reasons == ["handler 'broken' raised KeyError: 'config_missing' (3 attempts)"] * 5
+    assert worker.stats.processed == 66 and worker.stats.deadlettered == 5
+    assert r.xpending(keys.events(), "detectors")["pending"] == 0
+
+
+def test_a_broken_handler_is_judged_across_batches(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str
+) -> None:
+    """One entry per batch (a quiet fleet) must not dead-letter every event either."""
+    for seq in range(12):
+        r.xadd(keys.events(), {"d": beat(seq=seq)})
+    worker = make_worker(client, prefix, [AlwaysFails()], batch=1, max_attempts=2)
+    with running(worker):
+        wait_for(lambda: worker.stats.processed + worker.stats.deadlettered == 12, what="all acked")
+    assert r.xlen(keys.deadletter) == 5
+    assert worker.stats.handler_skipped == {"broken": 7}
