@@ -9,7 +9,9 @@ hang). Only alerts of the detectors listed in ``on`` act.
 Before acting the notifier checks that the incident is still open (an agent that came back by
 itself is left alone) and asks the start limit (notifiers/startlimit.py): past ``burst``
 restarts within ``interval`` it raises one critical ``restart_loop`` alert instead and makes no
-more restarts for that agent until it recovers (the alert that triggered it resolves). Every
+more restarts for that agent until it recovers: the incident that hit the limit resolves, or no
+incident of a detector in ``on`` is open for it any more (an older stall ending while the agent
+is still dead is no recovery). Every
 action, or reason for holding off, is an audit record in ``<prefix>:notify:audit`` with the
 exit status and the tail of the command's output.
 """
@@ -82,6 +84,12 @@ class RestartConfig(NotifierConfig):
     def _one_action(self) -> RestartConfig:
         if (self.command is None) == (self.signal is None):
             raise ValueError("set exactly one of command (an argv list) or signal")
+        if not self.send_resolved or "resolved" not in self.match.statuses:
+            # Resolved alerts are how it learns an agent recovered; without them a restart loop
+            # would never end and the agent would never be restarted again.
+            raise ValueError(
+                "the restart notifier needs resolved alerts: drop send_resolved / match.statuses"
+            )
         return self
 
 
@@ -226,19 +234,28 @@ class Restart(Notifier[RestartConfig]):
             details={"restarts": restarts, "window_s": self.config.start_limit_interval_s,
                      "trigger": alert.detector, "trigger_alert": alert.id},
         )  # fmt: skip
+        if fired:
+            self.limit.looping(alert.agent, alert.detector)
         self._audit(alert, "loop", detail=summary if fired else "restart loop already open")
         return Delivered(detail="start limit hit: restart loop alert raised")
 
     def _recovered(self, alert: Alert) -> Outcome:
+        """An incident of ``alert.agent`` resolved: end its restart loop if the agent recovered."""
         incidents = self.ctx.incidents
         assert incidents is not None
-        if incidents.open(alert.agent, LOOP_DETECTOR):
-            incidents.resolve(alert.agent, LOOP_DETECTOR, at_ms=alert.at_ms,
-                              summary=f"{alert.agent}: recovered; restarts resume")  # fmt: skip
-            self.limit.forget(alert.agent)
-            self._audit(alert, "recovered", detail="restart loop resolved; start budget reset")
-            return Delivered(detail="restart loop resolved")
-        return Delivered(detail="nothing to do")
+        if not incidents.open(alert.agent, LOOP_DETECTOR):
+            return Delivered(detail="nothing to do")
+        trigger = self.limit.loop_trigger(alert.agent)
+        if alert.detector != trigger:
+            still = [name for name in self.config.on if incidents.open(alert.agent, name)]
+            if still:
+                why = f"still in a restart loop: {', '.join(still)} still open"
+                return self._held(alert, "skipped", why + (f" ({trigger} hit the limit)" if trigger else ""))
+        incidents.resolve(alert.agent, LOOP_DETECTOR, at_ms=alert.at_ms,
+                          summary=f"{alert.agent}: recovered; restarts resume")  # fmt: skip
+        self.limit.forget(alert.agent)
+        self._audit(alert, "recovered", detail="restart loop resolved; start budget reset")
+        return Delivered(detail="restart loop resolved")
 
     def _held(self, alert: Alert, action: str, why: str) -> Outcome:
         self._audit(alert, action, detail=why)

@@ -68,6 +68,19 @@ class StartLimit:
         verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         return Decision(verdict, int(reply[1]), int(reply[2]), int(reply[3]))
 
+    def looping(self, agent: str, trigger: str) -> None:
+        """Remember which detector's alert hit the limit: its recovery ends the loop."""
+        self.client.hset(self.key, _loop_field(agent), trigger)
+
+    def loop_trigger(self, agent: str) -> str | None:
+        """The detector that hit the limit, or None if not known (a worker died in between)."""
+        raw = self.client.hget(self.key, _loop_field(agent))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
     def forget(self, agent: str) -> None:
         """A fresh budget (after the agent recovered from a restart loop)."""
-        self.client.hdel(self.key, agent)
+        self.client.hdel(self.key, agent, _loop_field(agent))
+
+
+def _loop_field(agent: str) -> str:
+    return f"{agent}|loop"  # "|" cannot occur in an agent name (codec.AGENT_RE)

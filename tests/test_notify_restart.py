@@ -121,6 +121,52 @@ def test_start_limit_yields_exactly_one_restart_loop_alert(
     assert Incidents(r, keys).open("looper", "restart_loop") is None
 
 
+def test_the_restart_loop_ends_only_when_the_agent_recovers_not_on_an_older_incident(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str, recorder: tuple[Path, Path]
+) -> None:
+    script, out = recorder
+    entry = restart([sys.executable, str(script), str(out), "{agent}", "{detector}"], start_limit_burst=2)
+
+    def handled(alert: Any) -> dict[str, str]:
+        """The audit record of the restart notifier's handling of ``alert``."""
+
+        def records() -> list[dict[str, str]]:
+            return [a for a in stream(r, keys.notify_audit) if a["alert"] == alert.id]
+
+        return wait_for(records, what=f"{alert.detector} {alert.status} handled")[0]
+
+    def into_a_loop(agent: str) -> None:
+        fire(r, keys, agent, "stall")
+        wait_for(lambda: [agent, "stall"] in calls(out), what="restart 1, for the stall")
+        fire(r, keys, agent, "exit")  # the restarted agent crashes
+        wait_for(lambda: [agent, "exit"] in calls(out), what="restart 2, for the exit")
+        fire(r, keys, agent, "silence")  # and stays silent: the third restart hits the limit
+        wait_for(lambda: [a for a in loop_alerts(r, keys) if a.agent == agent], what="the loop alert")
+
+    incidents = Incidents(r, keys)
+    with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+        into_a_loop("a")
+        # The old stall ends while the agent is still dead: not a recovery (the audit's bug).
+        kept = handled(resolve(r, keys, "a", "stall"))
+        assert kept["action"] == "skipped" and "silence, exit still open" in kept["detail"]
+        assert incidents.open("a", "restart_loop") is not None
+        # The incident that hit the limit ends (heartbeats are back): recovered, although the
+        # exit incident is still open.
+        assert handled(resolve(r, keys, "a", "silence"))["action"] == "recovered"
+        assert incidents.open("a", "restart_loop") is None and incidents.open("a", "exit") is not None
+
+        # Without a record of which incident hit the limit (its worker died before writing it),
+        # the loop ends once no incident of a detector in `on` is open any more.
+        into_a_loop("b")
+        r.hdel(keys.notifier_starts("restart"), "b|loop")
+        assert handled(resolve(r, keys, "b", "silence"))["action"] == "skipped"
+        assert handled(resolve(r, keys, "b", "stall"))["action"] == "skipped"
+        assert handled(resolve(r, keys, "b", "exit"))["action"] == "recovered"
+        assert incidents.open("b", "restart_loop") is None
+    assert [a.status for a in loop_alerts(r, keys)] == ["firing", "resolved", "firing", "resolved"]
+    assert len(calls(out)) == 4  # two restarts each, none while looping
+
+
 def test_restarts_back_off_and_a_command_that_hangs_is_killed_at_its_timeout(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -178,6 +224,8 @@ def test_signal_mode_signals_the_agent_pid_on_this_host_only(
         ({"signal": "SIGNOPE"}, "unknown signal"),
         ({"command": "systemctl restart x"}, "command"),
         ({"command": ["x"], "start_limit_burst": 0}, "start_limit_burst"),
+        ({"command": ["x"], "send_resolved": False}, "needs resolved alerts"),
+        ({"command": ["x"], "match": {"statuses": ["firing"]}}, "needs resolved alerts"),
     ],
 )
 def test_bad_config_fails_at_start_up_naming_the_key(entry: dict[str, Any], needle: str) -> None:
