@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
 import pytest
 import redis
+from agents_detect.kit import Agent, fired, pipeline_for, worker_for
 
 from agentwatch import codec
 from agentwatch.codec import Event
 from agentwatch.keys import Keys
 from agentwatch.redisconn import connect, server_time_ms
 from agentwatch.worker import Handler, Message, Worker
+from detectors.base import Detector, DetectorConfig
 
 from helpers import running, settings_for, wait_for
 
@@ -308,3 +311,70 @@ def test_a_broken_handler_is_judged_across_batches(
         wait_for(lambda: worker.stats.processed + worker.stats.deadlettered == 12, what="all acked")
     assert r.xlen(keys.deadletter) == 5
     assert worker.stats.handler_skipped == {"broken": 7}
+
+
+def test_health_is_stamped_with_redis_time_and_dead_workers_are_pruned(
+    client: Any, r: redis.Redis, keys: Keys, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)  # this host's clock is an hour fast
+    now_ms = server_time_ms(client)
+    r.zadd(keys.workers, {"sigkilled": now_ms - 60_000, "slow-but-alive": now_ms - 60_000})
+    r.hset(keys.worker("slow-but-alive"), "kind", "detectors")  # its health key has not expired
+    worker = make_worker(client, prefix, [Recorder()], health_ttl="5s")
+    with running(worker):
+        wait_for(lambda: r.zscore(keys.workers, "sigkilled") is None, what="the dead worker pruned")
+        score = r.zscore(keys.workers, worker.consumer)
+        seen = int(r.hget(keys.worker(worker.consumer), "seen_ms") or 0)
+        started = int(r.hget(keys.worker(worker.consumer), "started_ms") or 0)
+        assert r.zscore(keys.workers, "slow-but-alive") is not None
+    assert score is not None and abs(score - server_time_ms(client)) < 5000
+    assert abs(seen - server_time_ms(client)) < 5000
+    assert abs(started - now_ms) < 5000
+
+
+def test_redis_replies_that_mean_cannot_write_now_are_recoverable(r: redis.Redis, prefix: str) -> None:
+    """MISCONF, NOREPLICAS and BUSY arrive as bare ResponseErrors unless registered."""
+    from agentwatch.redisconn import RECOVERABLE  # noqa: PLC0415
+
+    for reply in (
+        "MISCONF Errors writing to the AOF file",
+        "NOREPLICAS Not enough good replicas",
+        "BUSY Redis is busy running a script",
+    ):
+        with pytest.raises(RECOVERABLE):
+            r.eval(f"return redis.error_reply('{reply}')", 0)
+    with pytest.raises(redis.ResponseError) as caught:
+        r.eval("return redis.error_reply('BUSYGROUP Consumer Group name already exists')", 0)
+    assert not isinstance(caught.value, RECOVERABLE)
+
+
+class RaisesOnEverything(Detector[DetectorConfig]):
+    """A plugin with a bug: every batch and every entry raises."""
+
+    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+        raise RuntimeError("plugin bug")
+
+
+def test_a_plugin_that_raises_on_everything_cannot_flood_the_dead_letters(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = pipeline_for(prefix, redis_url, buggy={"class": "test_worker:RaisesOnEverything"})
+    worker = worker_for(pipeline, redis_url)
+    with running(worker):
+        bots = [Agent(r, keys, f"bot-{i}") for i in range(3)]
+        for bot in bots:
+            bot.start(interval=30.0)
+        for _ in range(9):
+            for bot in bots:
+                bot.beat(tokens=100)
+        bots[0].exit("exception", 1, error="KeyError: 'x'")  # 31 healthy events in all
+        wait_for(lambda: fired(r, keys, "exit"), timeout=10, what="the built-in exit alert")
+        wait_for(lambda: worker.stats.processed + worker.stats.deadlettered == 31, what="every event acked")
+        health = keys.worker(worker.consumer)
+        wait_for(lambda: r.hget(health, "skipped:buggy") == b"26", what="the skips in the health hash")
+        assert r.hget(health, "broken") == b"buggy"
+        assert int(r.hget(health, "errors:buggy") or 0) >= 1
+    assert r.xlen(keys.deadletter) == 5  # the entries that judged it broken
+    assert worker.stats.processed == 26
+    assert r.xpending(keys.events(), "detectors")["pending"] == 0
