@@ -35,11 +35,20 @@ MAX_STACK_CHARS: Final = 4096
 MAX_TEXT_CHARS: Final = 1024
 """Cap for free-text fields other than the stack (``error``, ``model``, ``fp``, ``run``...)."""
 
+MAX_COUNT: Final = 2**53 - 1
+"""Cap of every count (``tokens``, ``rss``, ``seq``, ``pid``, ...): the largest integer a double
+holds exactly, so detectors' Lua scripts (numbers are doubles) and JavaScript readers see the
+value that was sent. No real count comes near it; 2**63 from a buggy producer is refused."""
+MAX_SPAN_S: Final = 31_536_000.0
+"""Cap of ``interval`` and ``extend`` in seconds (365 days): anything longer is a bug in the
+producer (milliseconds sent as seconds), and would park an agent's timers for ever."""
+
 Event = dict[str, Any]
 
 # Keys with a fixed meaning and the checks they get; everything else is meta (size/depth only).
 _COUNTS: Final = ("tokens", "tokens_in", "tokens_out", "rss", "seq", "pid")
-_AMOUNTS: Final = ("cost", "interval", "extend")
+_AMOUNTS: Final = ("cost",)
+_SPANS: Final = ("interval", "extend")
 _TEXTS: Final = ("model", "fp", "error", "host", "version")
 
 _valid_agents: set[str] = set()
@@ -89,12 +98,14 @@ def validate(event: Event) -> None:
         _valid_agents.add(agent)
     if kind.__class__ is not str or kind not in KINDS:
         raise InvalidEntry(f"unknown kind {_short(kind)} (expected one of {sorted(KINDS)})")
-    if (ts.__class__ is not float and ts.__class__ is not int) or not math.isfinite(ts):
-        raise InvalidEntry(f"'ts' must be a finite number, got {_short(ts)}")
+    # One chained comparison per number: it refuses NaN too (every comparison with NaN is
+    # false) and costs less than a math.isfinite call.
+    if (ts.__class__ is not float and ts.__class__ is not int) or not 0 <= ts < math.inf:
+        raise InvalidEntry(f"'ts' must be a finite number >= 0, got {_short(ts)}")
     if run.__class__ is not str or not 0 < len(run) <= 64:
         raise InvalidEntry(f"'run' must be a string of 1-64 chars, got {_short(run)}")
-    if seq.__class__ is not int or seq < 0:
-        raise InvalidEntry(f"'seq' must be an integer >= 0, got {_short(seq)}")
+    if seq.__class__ is not int or not 0 <= seq <= MAX_COUNT:
+        _check_count("seq", seq)
     if kind == "exit":
         reason = event.get("reason")
         if reason.__class__ is not str or reason not in EXIT_REASONS:
@@ -108,7 +119,7 @@ def validate(event: Event) -> None:
     tokens = event.get("tokens")
     if tokens is not None:
         seen += 1
-        if tokens.__class__ is not int or tokens < 0:
+        if tokens.__class__ is not int or not 0 <= tokens <= MAX_COUNT:
             _check_count("tokens", tokens)
     cost = event.get("cost")
     if cost is not None:
@@ -150,11 +161,21 @@ def entry_ms(entry_id: bytes | str) -> int:
 def _check_count(key: str, value: Any) -> None:
     if value.__class__ is not int or value < 0:
         raise InvalidEntry(f"'{key}' must be an integer >= 0, got {_short(value)}")
+    if value > MAX_COUNT:
+        raise InvalidEntry(f"'{key}' must be at most 2**53-1 ({MAX_COUNT}), got {_short(value)}")
 
 
 def _check_amount(key: str, value: Any) -> None:
     if (value.__class__ is not float and value.__class__ is not int) or not (0 <= value < math.inf):
         raise InvalidEntry(f"'{key}' must be a finite number >= 0, got {_short(value)}")
+
+
+def _check_span(key: str, value: Any) -> None:
+    _check_amount(key, value)
+    if value > MAX_SPAN_S:
+        raise InvalidEntry(
+            f"'{key}' must be at most {MAX_SPAN_S:.0f} seconds (365 days), got {_short(value)}"
+        )
 
 
 def _check_text(key: str, value: Any) -> None:
@@ -168,8 +189,8 @@ def _check_stack(key: str, value: Any) -> None:
 
 
 def _check_code(key: str, value: Any) -> None:
-    if value.__class__ is not int:
-        raise InvalidEntry(f"'{key}' must be an integer, got {_short(value)}")
+    if value.__class__ is not int or not -MAX_COUNT <= value <= MAX_COUNT:
+        raise InvalidEntry(f"'{key}' must be an integer within +-(2**53-1), got {_short(value)}")
 
 
 def _check_reason(key: str, value: Any) -> None:
@@ -179,14 +200,15 @@ def _check_reason(key: str, value: Any) -> None:
 
 def _check_dropped(key: str, value: Any) -> None:
     if value.__class__ is not dict or not all(
-        k.__class__ is str and v.__class__ is int and v >= 0 for k, v in value.items()
+        k.__class__ is str and v.__class__ is int and 0 <= v <= MAX_COUNT for k, v in value.items()
     ):
-        raise InvalidEntry(f"'{key}' must map reason strings to counts >= 0")
+        raise InvalidEntry(f"'{key}' must map reason strings to counts from 0 to 2**53-1")
 
 
 _CHECKS: Final = {
     **dict.fromkeys(_COUNTS, _check_count),
     **dict.fromkeys(_AMOUNTS, _check_amount),
+    **dict.fromkeys(_SPANS, _check_span),
     **dict.fromkeys(_TEXTS, _check_text),
     "stack": _check_stack,
     "traceback": _check_stack,

@@ -1,6 +1,6 @@
 """Wire protocol v1 decoding: what is accepted, and the reason given for what is not.
 
-Pure logic, no Redis: the same inputs go through real streams in test_worker_deadletter.py.
+Pure logic, no Redis: the same inputs go through real streams in test_worker.py.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def test_unknown_keys_are_kept_for_forward_compatibility() -> None:
         (codec.encode(event(cost=math.nan)), "'cost' must be a finite number >= 0"),
         (codec.encode(event(cost=math.inf)), "'cost' must be a finite number >= 0"),
         (codec.encode(event(cost=-0.5)), "'cost' must be a finite number >= 0"),
-        (codec.encode(event(ts=math.nan)), "'ts' must be a finite number"),
+        (codec.encode(event(ts=math.nan)), "'ts' must be a finite number >= 0"),
+        (codec.encode(event(ts=-5.0)), "'ts' must be a finite number >= 0, got -5.0"),
+        (codec.encode(event(ts=math.inf)), "'ts' must be a finite number >= 0"),
         (codec.encode(event(seq=-1)), "'seq' must be an integer >= 0"),
         (codec.encode(event(run="")), "'run' must be a string"),
         (codec.encode(event(agent=None)), "missing key 'agent'"),
@@ -79,10 +81,39 @@ def test_unknown_keys_are_kept_for_forward_compatibility() -> None:
         (codec.encode(event(agent="")), "must be 1-128 chars, got 0"),
         (codec.encode(event(stack="x" * 5000)), "'stack' must be a string of at most 4096"),
         (codec.encode(event(dropped={"queue_full": -1})), "'dropped' must map"),
+        (codec.encode(event(dropped={"queue_full": 2**53})), "'dropped' must map"),
+        (codec.encode(event(tokens=2**63)), "'tokens' must be at most 2**53-1 (9007199254740991), got"),
+        (codec.encode(event(tokens=2**53)), "'tokens' must be at most 2**53-1"),
+        (codec.encode(event(seq=2**64 - 1)), "'seq' must be at most 2**53-1"),
+        (codec.encode(event(kind="pulse", rss=2**60)), "'rss' must be at most 2**53-1"),
+        (codec.encode(event(kind="start", pid=2**53)), "'pid' must be at most 2**53-1"),
+        (codec.encode(event(tokens_in=2**53)), "'tokens_in' must be at most 2**53-1"),
+        (codec.encode(event(tokens_out=2**53)), "'tokens_out' must be at most 2**53-1"),
+        (
+            codec.encode(event(kind="start", interval=31_536_001)),
+            "'interval' must be at most 31536000 seconds",
+        ),
+        (codec.encode(event(extend=1e12)), "'extend' must be at most 31536000 seconds (365 days)"),
+        (codec.encode(event(extend=-1.0)), "'extend' must be a finite number >= 0"),
+        (codec.encode(event(kind="exit", reason="exit", code=2**63)), "'code' must be an integer within"),
     ],
 )
 def test_bad_entries_are_refused_with_a_precise_reason(raw: bytes, expected: str) -> None:
     assert expected in reason(raw)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"ts": 0}, {"ts": 0.0}, {"seq": 2**53 - 1}, {"tokens": 2**53 - 1}, {"tokens": 0},
+        {"kind": "pulse", "rss": 2**53 - 1, "interval": 31_536_000}, {"extend": 31_536_000.0},
+        {"kind": "start", "pid": 2**53 - 1, "interval": 0.5}, {"kind": "exit", "reason": "exit", "code": -9},
+        {"dropped": {"queue_full": 2**53 - 1}},
+    ],
+)  # fmt: skip
+def test_values_at_the_caps_are_accepted(changes: dict[str, object]) -> None:
+    decoded = codec.decode(codec.encode(event(**changes)))
+    assert {key: decoded[key] for key in changes} == changes
 
 
 def test_an_oversized_entry_is_refused_before_unpacking() -> None:
