@@ -19,8 +19,7 @@ from rich.table import Table
 
 from agentwatch.alerts import Alert, Incidents, decode_alert, iso_ms
 from agentwatch.cli import app
-from agentwatch.cli.common import EXIT_USAGE, ConfigOption, client_for, fail, load_pipeline
-from agentwatch.config import parse_duration
+from agentwatch.cli.common import AgentOption, ConfigOption, client_for, duration_flag, load_pipeline
 from agentwatch.errors import InvalidEntry
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
@@ -43,9 +42,7 @@ def alerts_cmd(
     since: Annotated[
         str | None, typer.Option("--since", help='How far back, e.g. "1h", "30m", "7d" (default 24h).')
     ] = None,
-    agent: Annotated[
-        str | None, typer.Option("--agent", help='Only agents matching this glob, e.g. "scraper-*".')
-    ] = None,
+    agent: AgentOption = None,
     firing: Annotated[
         bool, typer.Option("--firing", help="Only incidents still firing (however old).")
     ] = False,
@@ -53,10 +50,7 @@ def alerts_cmd(
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (the most recent).")] = 200,
 ) -> None:
     """Recent alerts (or, with --failed, deliveries that failed for good)."""
-    try:
-        window_s = parse_duration(since or "24h")
-    except ValueError as exc:
-        fail(f"--since: {exc}", EXIT_USAGE)
+    window_s = duration_flag("--since", since or "24h")
     pipeline = load_pipeline(config, plugins=False)
     client: Any = client_for(pipeline)
     keys = pipeline.keys

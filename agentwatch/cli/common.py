@@ -1,21 +1,25 @@
-"""What every subcommand shares: loading the config, connecting, logging, exit codes."""
+"""What every subcommand shares: loading the config, connecting, logging, exit codes, options."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
+import redis
 import typer
 
 from agentwatch import config as config_mod
-from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline
+from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline, parse_duration
 from agentwatch.errors import ConfigError, RedisUnavailable
 from agentwatch.redisconn import Client, answers, connect, describe, resolve_url, running_embedded_url
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
+_URL_ENV = "AGENTWATCH_REDIS__URL"
 
 ConfigOption = Annotated[
     Path | None,
@@ -32,6 +36,35 @@ LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning
 def fail(message: str, code: int = EXIT_RUNTIME) -> NoReturn:
     typer.echo(f"agentwatch: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _agent_glob(value: str | None) -> str | None:
+    # `alerts --agent --json` would otherwise take "--json" as the glob, match nothing and
+    # exit 0 with "no alerts": a silent wrong answer. No agent name starts with "-".
+    if value is not None and value.startswith("-"):
+        fail(
+            f"--agent needs an agent name or glob, got the option {value!r} (e.g. --agent 'scraper-*')",
+            EXIT_USAGE,
+        )
+    return value
+
+
+AgentOption = Annotated[
+    str | None,
+    typer.Option("--agent", help='Only agents matching this glob, e.g. "scraper-*".', callback=_agent_glob),
+]
+"""``--agent GLOB``, the same in every command that has it."""
+
+
+def duration_flag(flag: str, text: str) -> float:
+    """A duration given on the command line, in seconds; exit 2 unless it is valid and > 0."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        fail(f"{flag}: {exc}", EXIT_USAGE)
+    if seconds <= 0:
+        fail(f"{flag} must be longer than zero, got {text!r}", EXIT_USAGE)
+    return seconds
 
 
 def load_pipeline(path: Path | None, *, plugins: bool = True) -> Pipeline:
@@ -52,6 +85,10 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    # httpx logs every request with its full URL at INFO: for Slack, ntfy or a webhook with a
+    # token in its path that URL is the secret. Our notifiers log deliveries themselves.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def worker_url(pipeline: Pipeline) -> str:
@@ -68,11 +105,91 @@ def worker_url(pipeline: Pipeline) -> str:
 
 
 def client_for(pipeline: Pipeline, *, name: str = "agentwatch-cli") -> Client:
-    """A connected client for one-shot commands, or exit 1 saying which URL failed and why."""
+    """A connected client for one-shot commands, or exit saying which URL failed and why:
+    1 when Redis does not answer (it may later), 2 when the URL itself is wrong (not a Redis
+    URL, a password the server refuses, a database number it does not have)."""
     try:
         url = resolve_url(pipeline.settings)
     except RedisUnavailable as exc:
         fail(str(exc))
-    if not answers(url, timeout_s=pipeline.settings.redis.timeout_s):
-        fail(f"Redis does not answer at {describe(url)}; is it running? (`agentwatch up` embeds one)")
-    return connect(pipeline.settings, url, name=name)
+    shown = describe(url)
+    where = _url_source(pipeline, url)
+    client: Client | None = None
+    try:
+        client = connect(pipeline.settings, url, name=name)
+        client.ping()
+    except ValueError as exc:
+        fail(
+            f"{where}: {shown!r} is not a Redis URL ({exc}); use redis://host:port/db, "
+            "rediss://host:port/db (TLS) or unix:///path/to/redis.sock",
+            EXIT_USAGE,
+        )
+    except redis.AuthenticationError:
+        _close(client)
+        fail(f"Redis at {shown} refused the credentials: authentication failed; check the user and "
+             f"password in {where}", EXIT_USAGE)  # fmt: skip
+    except redis.ResponseError as exc:
+        _close(client)
+        text = str(exc)
+        if "DB index is out of range" in text:
+            fail(f"Redis at {shown} has no database {_db_of(url)}: {_databases(pipeline, url)}; fix the "
+                 f"number at the end of {where}", EXIT_USAGE)  # fmt: skip
+        if text.startswith(("NOAUTH", "WRONGPASS")):
+            fail(f"Redis at {shown} requires a password ({text}); put it in {where} "
+                 "(redis://:PASSWORD@host:port/db)", EXIT_USAGE)  # fmt: skip
+        fail(f"Redis at {shown} refused the connection: {text}")
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        _close(client)
+        fail(f"Redis does not answer at {shown}; is it running? ({exc}) {_hint(pipeline, where)}")
+    return client
+
+
+def _url_source(pipeline: Pipeline, url: str) -> str:
+    """Where the URL came from, as the user would look for it."""
+    configured = pipeline.settings.redis.url
+    if configured and configured != EMBEDDED and configured == url:
+        return _URL_ENV if os.environ.get(_URL_ENV) == url else "[redis] url"
+    return "the Redis URL"
+
+
+def _hint(pipeline: Pipeline, where: str) -> str:
+    configured = pipeline.settings.redis.url
+    if configured and configured != EMBEDDED:
+        # `agentwatch up` does not embed a server when a URL is configured: say what does help.
+        undo = (
+            f"unset {where} (or set it to embedded)"
+            if where == _URL_ENV
+            else ('remove [redis] url (or set url = "embedded")')
+        )
+        return f"Start Redis at that URL, or {undo} so that `agentwatch up` runs an embedded one."
+    return "`agentwatch up` embeds one."
+
+
+def _db_of(url: str) -> str:
+    """The database number a URL names (path ``/N`` or ``?db=N``), for the error message."""
+    parts = urlsplit(url)
+    return (parse_qs(parts.query).get("db") or [parts.path.strip("/") or "0"])[0]
+
+
+def _databases(pipeline: Pipeline, url: str) -> str:
+    """How many databases the server has (database 0 always exists), for the error message."""
+    parts = urlsplit(url)
+    probe: Client | None = None
+    try:
+        probe = connect(
+            pipeline.settings, parts._replace(path="/0", query="").geturl(), name="agentwatch-cli"
+        )
+        reply: Any = probe.config_get("databases")
+        count = int(reply.get("databases") or 0)
+    except (redis.RedisError, OSError, ValueError):
+        count = 0
+    finally:
+        _close(probe)
+    if count:
+        return f"it has {count} (0 to {count - 1}; its `databases` setting)"
+    return "its `databases` setting allows 0 to N-1 (16 by default)"
+
+
+def _close(client: Client | None) -> None:
+    if client is not None:
+        client.close()
