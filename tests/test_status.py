@@ -10,15 +10,18 @@ when no detector worker runs.
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import redis
 from agents_detect.kit import Feed, pipeline_for, worker_for
+from rich.console import Console
 
 from agentwatch import config
 from agentwatch.alerts import iso_ms
+from agentwatch.cli.status import _render
 from agentwatch.config import Pipeline
 from agentwatch.facts import FactsRecorder
 from agentwatch.fleet import fleet_status
@@ -236,3 +239,39 @@ def test_without_a_detector_worker_status_says_so_and_does_not_call_healthy_agen
     assert (health["lag"], health["pending"]) == (1, 1)
     assert health["oldest_pending_s"] == pytest.approx((now - t0 - 2500) / 1000)
     assert health["applied_until"] == iso_ms(t0 + 2500) and health["detecting"] is False
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_board_fits_the_terminal_without_cutting_agent_names(
+    feed: Feed, r: redis.Redis, width: int
+) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = feed.now
+    feed.tick(t0)
+    names = ["exited-worker-03", "stalled-scraper-7", "ok"]
+    for name in names:
+        feed.apply([feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)])
+        feed.now = t0 + 10
+    error = "RuntimeError: the upstream API kept answering 503 for ten minutes"
+    feed.apply([feed.event("exited-worker-03", "exit", reason="exception", code=1, error=error)])
+    pulse_for(feed, "stalled-scraper-7", t0 + 3 * SECOND)
+    feed.now = t0 + 10
+    beat_for(feed, "ok", t0 + 3 * SECOND)
+    for at in range(t0 + 250, t0 + 3 * SECOND + 1, 250):
+        feed.tick(at)
+    out = io.StringIO()
+    Console(file=out, width=width).print(_render(fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND), width))
+    lines = out.getvalue().splitlines()
+    assert all(len(line.rstrip()) <= width for line in lines), lines
+    header = next(line for line in lines if line.startswith("agent "))
+    assert header.split() == ["agent", "state", "beat", "pulse", "every", "tok/min", "today",
+                              *(["incidents"] if width > 80 else [])]  # fmt: skip
+    for name in names:
+        assert any(line.startswith(f"{name} ") for line in lines), (name, lines)
+    exited = next(line for line in lines if line.startswith("exited-worker-03 "))
+    if width > 80:  # the incidents column is the one that gives way, cut with an ellipsis
+        assert "exit: exited-worker-03: crashed with" in exited and exited.rstrip().endswith("…")
+    else:  # no room for it: each incident goes under the table, whole
+        assert "exit:" not in exited
+        text = " ".join(line.strip() for line in lines)
+        assert "exited-worker-03: exit: exited-worker-03: crashed with RuntimeError: the upstream API" in text
