@@ -8,7 +8,8 @@ override the hooks you need; each is a no-op here:
 * :meth:`Notifier.wants` - routing beyond ``match`` (the restart notifier's ``on``).
 * :meth:`Notifier.open` / :meth:`Notifier.close` - resources such as an HTTP client.
 
-The base class does the rest: routing (``match``, ``send_resolved``, mutes, ``max_age``),
+The base class does the rest: routing (``match``, ``send_resolved``, mutes and what happens when
+they end, ``max_age``),
 queueing per notifier in Redis (notifiers/queue.py), at-least-once delivery with backoff, rate
 limits and dead letters (notifiers/delivery.py), and ``repeat`` reminders. A notifier that
 overrides ``on_batch`` instead of ``deliver`` runs synchronously on the worker loop, like any
@@ -17,6 +18,7 @@ worker handler (no queue, no retries beyond the runtime's own).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -45,6 +47,8 @@ __all__ = [
 C = TypeVar("C", bound="NotifierConfig")
 
 _TRIM_SEEN_EVERY_S = 60.0
+_HELD_EVERY_S = 1.0
+"""How often a worker looks for held alerts whose mute ended (one HGETALL when none is held)."""
 _STOP_WAIT_S = 1.5
 """How long a stopping worker waits for deliveries in flight (the runtime exits within ~2 s)."""
 
@@ -124,6 +128,7 @@ class Notifier(Handler[Alert], Generic[C]):
         self.reminders = Reminders(ctx.client, ctx.keys, name, config.repeat_s) if config.repeat_s else None
         self.deliverer: Deliverer | None = None
         self._next_trim = 0.0
+        self._next_held = 0.0
 
     # -- hooks for subclasses ----------------------------------------------------------------------
     def open(self) -> None:
@@ -189,22 +194,28 @@ class Notifier(Handler[Alert], Generic[C]):
             if self.reminders is not None and alert.status == "resolved":
                 self.reminders.cancel(alert.dedup_key)
             verdict = self.route(alert, now_ms, mutes)
-            if verdict is None:
-                continue
-            if verdict != "send":
-                self._skip(alert, verdict, now_ms, mutes)
-                continue
-            if self.enqueue(alert) and self.reminders is not None and alert.status == "firing":
-                self.reminders.schedule(alert)
-            queued = True
+            if verdict == "send":
+                queued = self._send(alert) or queued
+            elif verdict == "muted":
+                self._mute(alert, now_ms, mutes)
+            else:
+                if verdict is not None:
+                    self._skip(alert, verdict, now_ms, mutes)
+                if alert.status == "resolved":  # the incident is over: nothing held may go out
+                    self.queue.drop_held(alert.dedup_key)
         if queued and self.deliverer is not None:
             self.deliverer.wake()
 
     def on_tick(self, now_ms: int) -> None:
-        if self.reminders is not None and self._queues():
+        if not self._queues():
+            return
+        if self.reminders is not None:
             self._remind()
         now = time.monotonic()
-        if now >= self._next_trim and self._queues():
+        if now >= self._next_held:
+            self._next_held = now + _HELD_EVERY_S
+            self._release_held(now_ms)
+        if now >= self._next_trim:
             self._next_trim = now + _TRIM_SEEN_EVERY_S
             # Redeliveries come within minutes; anything older than max_age is stale anyway.
             keep_ms = int((self.config.max_age_s + 3600) * 1000)
@@ -228,24 +239,80 @@ class Notifier(Handler[Alert], Generic[C]):
 
     def enqueue(self, alert: Alert, *, extra: dict[str, object] | None = None) -> bool:
         """Queue ``alert`` for delivery (False: it was queued before)."""
-        job = Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
-        return self.queue.enqueue(job, alert.dedup_key)
+        return self.queue.enqueue(self._job(alert, extra), alert.dedup_key)
 
-    def _skip(self, alert: Alert, verdict: str, now_ms: int, mutes: list[Mute]) -> None:
-        # Record once per alert, even when the stream redelivers it.
-        if not self.ctx.client.zadd(self.queue.seen, {alert.id: now_ms}, nx=True):
-            return
+    def _job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
+        return Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
+
+    def _send(self, alert: Alert) -> bool:
+        """Queue a routed alert; True if it was queued now."""
+        if alert.status == "resolved":
+            queued = self.queue.enqueue_resolve(self._job(alert), alert.dedup_key)
+            if queued is None:
+                self.journal.skipped(self.name, "skipped", alert, "its firing was muted and never sent")
+            return bool(queued)
+        queued = self.enqueue(alert)
+        if queued and self.reminders is not None:
+            self.reminders.schedule(alert)
+        return queued
+
+    def _mute(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> None:
+        """Record a muted alert and hold it for when the mute ends (see :meth:`_release_held`).
+        Reminders keep their schedule while muted; each is checked against the mutes when due."""
+        if not self._skip(alert, "muted", now_ms, mutes):
+            return  # a redelivered entry: held (and perhaps released) the first time
+        self.queue.hold(alert.to_json(), alert.dedup_key, alert.status)
+        if alert.status == "firing" and self.reminders is not None:
+            self.reminders.schedule(alert)
+
+    def _skip(self, alert: Alert, verdict: str, now_ms: int, mutes: list[Mute]) -> bool:
+        """Record an alert that is not sent, once even when the stream redelivers it (False
+        then). The marker is not the alert id: a held alert may still be queued under its id."""
+        if not self.ctx.client.zadd(self.queue.seen, {f"{alert.id}:{verdict}": now_ms}, nx=True):
+            return False
         mute = muted_by(alert, mutes, now_ms)
         detail = f"muted by {mute.agent} ({mute.detector or 'all detectors'})" if mute else ""
         if verdict == "stale":
             detail = f"{(now_ms - alert.at_ms) / 1000:.0f}s old (max_age {self.config.max_age_s:.0f}s)"
         self.journal.skipped(self.name, verdict, alert, detail)
+        return True
+
+    def _release_held(self, now_ms: int) -> None:
+        """Deliver what mutes held back once they end (expired or lifted), as Alertmanager does
+        when a silence ends: a firing alert whose incident is still open, or the resolve of an
+        incident the receiver was told about. An incident that ended while muted says nothing."""
+        held = self.queue.held_alerts()
+        if not held:
+            return
+        mutes = self.mutes.active(now_ms)
+        incidents = self.ctx.incidents
+        queued = False
+        for dedup_key, raw in held.items():
+            try:
+                alert = Alert(**json.loads(raw))
+            except (ValueError, TypeError):
+                self.queue.drop_held(dedup_key, raw)  # not ours: never block the others on it
+                continue
+            if muted_by(alert, mutes, now_ms) is not None:
+                continue
+            if alert.status == "firing" and incidents is not None:
+                incident = incidents.open(alert.agent, alert.detector)
+                if not incident or incident.get("alert") != alert.id:
+                    self.queue.drop_held(dedup_key, raw)  # resolved (or replaced) while muted
+                    continue
+            if self.queue.release(self._job(alert), dedup_key, raw):
+                self.log.info("%s %s: its mute ended; delivering it", alert.dedup_key, alert.status)
+                queued = True
+        if queued and self.deliverer is not None:
+            self.deliverer.wake()
 
     def _remind(self) -> None:
         assert self.reminders is not None
         now_ms, due = self.reminders.pop_due()
         if not due:
             return
+        # A mute that just ended: its held firing goes first, so no reminder overtakes it.
+        self._release_held(now_ms)
         mutes = self.mutes.active(now_ms)
         queued = False
         for alert, n in due:

@@ -16,7 +16,11 @@ notifier's own delivery threads drain its queue. The state, all under the tag ``
   the ``firing`` it closes, even while the firing waits out a backoff;
 * ``seen`` (zset): alert ids already queued: an alert the stream redelivers (a worker crashed
   before acking) is queued once;
-* ``limits`` (hash): the token bucket of the rate limit, and ``paused_until`` after a 429.
+* ``limits`` (hash): the token bucket of the rate limit, and ``paused_until`` after a 429;
+* ``held`` (hash): per dedup key, the latest alert a mute held back that the receiver has not
+  seen (a firing, or the resolve of an incident whose firing it did get). When the mute ends,
+  the alert is queued if it still tells the truth (notifiers/base.py); a resolve whose firing
+  was held is never sent (the receiver never heard of that incident).
 
 Every state change is one Lua script on those keys, so concurrent workers never claim the same
 delivery twice while its lease holds, and a rate limit holds across all workers together.
@@ -42,7 +46,18 @@ def _script(body: str) -> str:
     return f"{clock}\n{body}"
 
 
+# ARGV[5], the mode: "send" (a routed alert), "resolve" (a routed resolve: not sent, returning
+# 2, when its firing is held, never sent), "release" (a held alert whose mute ended: only if it
+# is still the one held, ARGV[6], else 3). Any of them supersedes what was held for the key.
 _ENQUEUE: Final = _script("""
+local held = redis.call('HGET', KEYS[5], ARGV[3])
+if ARGV[5] == 'release' then
+  if held ~= ARGV[6] then return 3 end
+elseif ARGV[5] == 'resolve' and held and cjson.decode(held)['status'] == 'firing' then
+  redis.call('HDEL', KEYS[5], ARGV[3])
+  return 2
+end
+if held then redis.call('HDEL', KEYS[5], ARGV[3]) end
 if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -55,6 +70,23 @@ redis.call('HSET', KEYS[3], 'head:' .. ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
 return 1
 """)
+
+# A mute held back an alert: keep it for when the mute ends. A muted resolve of an incident
+# whose firing is held cancels both (returns 2): the receiver never heard of that incident.
+_HOLD: Final = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[3] == 'resolved' and held and cjson.decode(held)['status'] == 'firing' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 2
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+_DROP_HELD: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
 
 # Returns {1, id, job, claims} for a claimed delivery, or {0, wait_ms} (-1: the queue is empty).
 _CLAIM: Final = _script("""
@@ -178,15 +210,48 @@ class DeliveryQueue:
         self.order = keys.notifier_order(notifier)
         self.seen = keys.notifier_seen(notifier)
         self.limits = keys.notifier_limits(notifier)
+        # TODO(spine): Keys.notifier_held, beside the other per-notifier keys
+        self.held = f"{keys.notifier_tag(notifier)}:held"
         self._enqueue = self.client.register_script(_ENQUEUE)
+        self._hold = self.client.register_script(_HOLD)
+        self._drop_held = self.client.register_script(_DROP_HELD)
         self._claim = self.client.register_script(_CLAIM)
         self._finish = self.client.register_script(_FINISH)
         self._retry = self.client.register_script(_RETRY)
 
     def enqueue(self, job: Job, dedup_key: str, *, delay_ms: int = 0) -> bool:
         """Queue ``job`` unless its id was queued before (then False: a redelivered alert)."""
-        keys = [self.queue, self.jobs, self.order, self.seen]
-        return bool(self._enqueue(keys=keys, args=[job.id, job.to_json(), dedup_key, delay_ms]))
+        return self._queue(job, dedup_key, delay_ms, "send") == 1
+
+    def enqueue_resolve(self, job: Job, dedup_key: str) -> bool | None:
+        """Queue a resolve like :meth:`enqueue`; None: not sent, since its firing never was."""
+        done = self._queue(job, dedup_key, 0, "resolve")
+        return None if done == 2 else done == 1
+
+    def release(self, job: Job, dedup_key: str, held: str) -> bool:
+        """Queue a held alert whose mute ended, unless another worker did or it was superseded."""
+        return self._queue(job, dedup_key, 0, "release", held) == 1
+
+    def _queue(self, job: Job, dedup_key: str, delay_ms: int, mode: str, held: str = "") -> int:
+        keys = [self.queue, self.jobs, self.order, self.seen, self.held]
+        return int(self._enqueue(keys=keys, args=[job.id, job.to_json(), dedup_key, delay_ms, mode, held]))
+
+    def hold(self, alert_json: str, dedup_key: str, status: str) -> bool:
+        """Keep a muted alert for when its mute ends; False: it and the held firing it resolves
+        are both dropped (the incident began and ended while muted)."""
+        return int(self._hold(keys=[self.held], args=[dedup_key, alert_json, status])) == 1
+
+    def held_alerts(self) -> dict[str, str]:
+        """dedup key -> the JSON of the alert held for it."""
+        raw = self.client.hgetall(self.held)
+        return {_text(key): _text(value) for key, value in raw.items()}
+
+    def drop_held(self, dedup_key: str, held: str | None = None) -> None:
+        """Forget what is held for ``dedup_key`` (only if it is still ``held``, when given)."""
+        if held is None:
+            self.client.hdel(self.held, dedup_key)
+        else:
+            self._drop_held(keys=[self.held], args=[dedup_key, held])
 
     def claim(self, lease_ms: int, *, rate_per_s: float = 0.0, burst: int = 1) -> Claimed | int:
         """The next due delivery, leased to us for ``lease_ms``; else ms to wait (-1: empty)."""
@@ -224,3 +289,7 @@ class DeliveryQueue:
             return -1
         seconds, micros = self.client.time()
         return int(first[0][1]) - (int(seconds) * 1000 + int(micros) // 1000)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

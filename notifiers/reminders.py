@@ -1,11 +1,11 @@
 """``repeat = "4h"``: remind while an incident stays firing.
 
-When a notifier with ``repeat`` queues a ``firing`` alert, its dedup key goes into a sorted set
-scored by when the first reminder is due; a ``resolved`` alert takes it out. On every tick a
-worker pops the due reminders (one Lua step, so two workers never pop the same one), checks the
-incident is still open *with the same firing alert*, and queues a copy of that alert with its
-own id, ``details.reminder = n`` and ``details.firing_for_s``. Reminders go through mutes like
-any alert.
+When a notifier with ``repeat`` queues (or a mute holds back) a ``firing`` alert, its dedup key
+goes into a sorted set scored by when the first reminder is due; a ``resolved`` alert takes it
+out. On every tick a worker pops the due reminders (one Lua step, so two workers never pop the
+same one), checks the incident is still open *with the same firing alert*, and queues a copy of
+that alert with its own id, ``details.reminder = n`` and ``details.firing_for_s``. Reminders go
+through mutes like any alert: one due while muted is recorded, not sent, and the schedule goes on.
 """
 
 from __future__ import annotations

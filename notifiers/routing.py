@@ -3,7 +3,8 @@
 A ``match`` is static config (agent globs, detectors, a minimum severity, statuses). A mute is
 operator state in Redis (``agentwatch mute "scraper-*" --for 1h``): it silences matching alerts
 for every notifier until it expires by itself. Muted alerts are still on the alerts stream and
-recorded in the delivery log as ``muted``; they are just not sent.
+recorded in the delivery log as ``muted``; they are not sent while the mute lasts, and what is
+still true when it ends is sent then (notifiers/base.py, ``_release_held``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import redis
 from agentwatch import config, plugins
 from agentwatch.alerts import decode_alert
 from agentwatch.keys import Keys
-from notifiers.routing import parse_rate
+from notifiers.routing import Mutes, parse_rate
 
 from helpers import wait_for
 from notify_kit import FAST_DELIVERY, fire, notifier_running, now_ms, pipeline_with, receiver, resolve, stream
@@ -61,6 +62,54 @@ def test_repeat_reminds_while_firing_and_stops_when_resolved(
     assert all(x.details["first_alert"] == alert.id and x.id != alert.id for x in reminders)
     assert "still firing" in reminders[0].summary
     assert one.at - first.at >= 0.25 and two.at - one.at >= 0.25
+
+
+def test_a_muted_incident_still_firing_is_delivered_when_its_mute_ends_and_reminders_resume(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """The audit: ``repeat = "1s"``, ``mute noisy-* --for 2s``: never delivered. Now as with an
+    Alertmanager silence: what is still true when the mute ends is sent then."""
+    mutes = Mutes(r, keys)
+    with receiver() as hook:
+        entry = {"type": "webhook", "url": hook.url, **FAST_DELIVERY, "repeat": "1s"}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            calm = fire(r, keys, "calm", "stall")  # delivered before its mute...
+            hook.wait_requests(1)
+            mute = mutes.add("noisy-*", 1.5)
+            mutes.add("calm", 3600)
+            ends_at = time.monotonic() + (mute.until_ms - now_ms(r)) / 1000
+            noisy = fire(r, keys, "noisy-1")  # stays firing through the mute
+            brief = fire(r, keys, "noisy-2", "exit")  # begins and ends inside the mute
+            resolve(r, keys, "noisy-2", "exit")
+            calm_back = resolve(r, keys, "calm", "stall")  # ...and resolved while muted
+            wait_for(lambda: len(stream(r, keys.notify_log)) >= 5, what="the muted records")
+            # noisy-1 comes after the mute's end, with its own id, then the reminders go on.
+            wait_for(lambda: len(_for(hook, "noisy-1")) >= 2, 10, what="noisy-1, then a reminder")
+            first, reminder = _for(hook, "noisy-1")[:2]
+            assert _ids(hook, "calm") == [calm.id]  # the resolve waits for its mute
+            mutes.remove("calm")  # lifted by hand: the resolve the receiver is owed goes now
+            wait_for(lambda: len(_for(hook, "calm")) == 2, 5, what="calm's resolve after unmute")
+            wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="queue drained")
+    assert decode_alert(first.body) == noisy and first.at >= ends_at - 0.05
+    assert decode_alert(reminder.body).details["reminder"] >= 2 and reminder.at > first.at
+    assert _ids(hook, "calm") == [calm.id, calm_back.id]
+    assert _for(hook, "noisy-2") == []  # never heard of: neither its firing nor its resolve
+    log = stream(r, keys.notify_log)
+    assert [e["outcome"] for e in log if e["id"] == brief.id] == ["muted"]
+    assert [e["outcome"] for e in log if e["id"] == noisy.id] == ["muted", "delivered"]
+    assert [e["outcome"] for e in log if e["id"] == f"{noisy.id}-r1"] == ["muted"]  # due inside the mute
+    assert r.hlen(f"{keys.notifier_tag('webhook')}:held") == 0
+
+
+def _for(hook: Any, agent: str) -> list[Any]:
+    """The requests ``hook`` received about ``agent``, in order."""
+    with hook.lock:
+        requests = list(hook.requests)
+    return [q for q in requests if decode_alert(q.body).agent == agent]
+
+
+def _ids(hook: Any, agent: str) -> list[str]:
+    return [decode_alert(q.body).id for q in _for(hook, agent)]
 
 
 def test_alerts_older_than_max_age_are_recorded_as_stale_not_sent(

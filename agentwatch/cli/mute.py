@@ -1,9 +1,9 @@
 """``agentwatch mute`` / ``unmute`` / ``mutes``: silence notifications for agents for a while.
 
-A mute stops delivery of matching alerts through every notifier until it expires by itself;
-the alerts still happen, stay on the alerts stream and are recorded as ``muted`` in the delivery
-log (``agentwatch alerts`` shows that). Muting the same glob and detector again replaces the
-expiry.
+A mute stops delivery of matching alerts through every notifier until it expires by itself or
+is lifted; the alerts still happen, stay on the alerts stream and are recorded as ``muted`` in
+the delivery log (``agentwatch alerts`` shows that). When it ends, incidents still firing are
+delivered (docs/notifiers.md, Mutes). Muting the same glob and detector again replaces the expiry.
 """
 
 from __future__ import annotations
