@@ -16,7 +16,19 @@ from agentwatch.keys import Keys
 from notifiers.routing import Mutes, parse_rate
 
 from helpers import wait_for
-from notify_kit import FAST_DELIVERY, fire, notifier_running, now_ms, pipeline_with, receiver, resolve, stream
+from notify_kit import (
+    FAST_DELIVERY,
+    Reply,
+    fire,
+    notifier_running,
+    now_ms,
+    pipeline_with,
+    receiver,
+    resolve,
+    stream,
+)
+
+needs_apprise = pytest.mark.skipif(importlib.util.find_spec("apprise") is None, reason="no apprise extra")
 
 
 def test_match_and_send_resolved_pick_what_each_notifier_gets(
@@ -127,7 +139,7 @@ def test_alerts_older_than_max_age_are_recorded_as_stale_not_sent(
     assert stale["outcome"] == "stale" and "max_age" in stale["detail"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("apprise") is None, reason="the apprise extra is not installed")
+@needs_apprise
 def test_apprise_delivers_through_an_apprise_url(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
@@ -141,7 +153,48 @@ def test_apprise_delivers_through_an_apprise_url(
     body = request.json()
     assert body["title"] == "agentwatch: app-bot exit firing"
     assert "app-bot: exited with code 3" in body["message"]
+    assert body["type"] == "failure"  # critical
     assert stream(r, keys.notify_log)[0]["outcome"] == "delivered"
+
+
+@needs_apprise
+def test_apprise_retries_only_the_urls_that_failed_and_its_type_follows_severity(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as good, receiver() as flaky:
+        flaky.reply(Reply(500, b"try later"))
+        urls = [hook.url.replace("http://", "json://") for hook in (good, flaky)]
+        entry = {"type": "apprise", "urls": urls, "backoff": "50ms", "timeout": "5s"}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys, "app-bot", "tokens", severity="warning", summary="app-bot: burning tokens")
+            flaky.wait_requests(2)
+            resolve(r, keys, "app-bot", "tokens")
+            good.wait_requests(2)
+            flaky.wait_requests(3)
+            wait_for(lambda: len(stream(r, keys.notify_log)) == 2, what="both delivered")
+    # The URL that worked got the warning once; the retry went to the failed one only.
+    assert [q.json()["type"] for q in good.requests] == ["warning", "success"]
+    assert [q.json()["type"] for q in flaky.requests] == ["warning", "warning", "success"]
+    assert good.requests[0].body == flaky.requests[1].body
+    firing, resolved = stream(r, keys.notify_log)
+    assert (firing["outcome"], firing["attempts"], resolved["attempts"]) == ("delivered", "2", "1")
+
+
+@needs_apprise
+def test_apprise_attempts_end_at_the_timeout_whatever_the_service_does(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        hook.reply(Reply(hang=True))  # apprise's own read timeout for json:// is longer
+        url = hook.url.replace("http://", "json://")
+        entry = {"type": "apprise", "urls": [url], "backoff": "50ms", "timeout": "1s"}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys, "app-bot")
+            first, second = hook.wait_requests(2)
+            wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
+    assert 1.0 <= second.at - first.at < 2.0  # the attempt's lease is 2 s: well inside it
+    (record,) = stream(r, keys.notify_log)
+    assert (record["outcome"], record["attempts"]) == ("delivered", "2")
 
 
 def test_apprise_missing_fails_at_start_up_with_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
