@@ -82,6 +82,13 @@ class NotifierConfig(plugins.NotifierConfig):
     reports_supported: ClassVar[bool] = False
     """Set by notifier types that can carry a report (webhook JSON or text, apprise text)."""
 
+    def referenced_detectors(self) -> set[str]:
+        """The detector names this entry filters on (``match.detectors``; the restart notifier
+        adds ``on``): the pipeline checks each against the detectors it has, so a misspelt name
+        fails at start-up instead of silently matching nothing (notifiers/routing.py,
+        ``known_detectors`` and ``unknown_detectors``)."""
+        return set(self.match.detectors)
+
     @model_validator(mode="after")
     def _reports(self) -> NotifierConfig:
         if self.reports and not self.reports_supported:

@@ -36,10 +36,10 @@ from agentwatch.config import Seconds, format_duration
 from agentwatch.facts import read_facts
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
+from notifiers.routing import LOOP_DETECTOR
 from notifiers.startlimit import StartLimit
 
 PLACEHOLDERS = ("agent", "run", "host", "pid", "detector")
-LOOP_DETECTOR = "restart_loop"
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _OUTPUT_TAIL = 2000
 
@@ -57,6 +57,9 @@ class RestartConfig(NotifierConfig):
     restart_backoff_max_s: Seconds = Field(300.0, alias="restart_backoff_max", ge=0)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the command")
     cwd: str | None = None
+
+    def referenced_detectors(self) -> set[str]:
+        return super().referenced_detectors() | set(self.on)
 
     @field_validator("command")
     @classmethod

@@ -9,16 +9,20 @@ still true when it ends is sent then (notifiers/base.py, ``_release_held``).
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BeforeValidator, Field
 
+from agentwatch import plugins
 from agentwatch.alerts import SEVERITIES, Alert
 from agentwatch.config import Section
+from agentwatch.errors import PluginError
 from agentwatch.keys import Keys
 from agentwatch.redisconn import Client, server_time_ms
 
@@ -47,6 +51,40 @@ class Match(Section):
 
 def _rank(severity: str) -> int:
     return SEVERITIES.index(severity) if severity in SEVERITIES else len(SEVERITIES)
+
+
+# -- detector names -------------------------------------------------------------------------------
+LOOP_DETECTOR: Final = "restart_loop"
+"""The detector name of the restart notifier's own "restart loop" alerts."""
+
+
+def known_detectors(sections: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Every ``detector`` name an alert of this pipeline can carry: each built-in detector's alert
+    names (``tokens`` words ``tokens`` and ``loop``), the ``[detectors.<name>]`` sections (plugin
+    detectors alert under their section's name, plus any names their class lists in ``kinds``),
+    and the restart notifier's ``restart_loop``. ``sections`` is ``settings.detectors``."""
+    names = {LOOP_DETECTOR}
+    for name in {*plugins.builtins("detectors"), *sections}:
+        names.add(name)
+        ref = sections.get(name, {}).get("class") or name
+        try:
+            cls = plugins.resolve("detectors", str(ref))
+        except PluginError:
+            continue  # config validation reports a class that does not load
+        names.update(str(kind) for kind in getattr(cls, "kinds", ()))
+    return names
+
+
+def unknown_detectors(names: Iterable[str], known: set[str]) -> list[str]:
+    """A message for each name that is not a known detector, with the closest known name."""
+    problems = []
+    for name in dict.fromkeys(names):
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"unknown detector {name!r}{hint}; known: {', '.join(sorted(known))}")
+    return problems
 
 
 # -- rate limits: "120/min" -----------------------------------------------------------------------

@@ -10,10 +10,11 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from agentwatch import plugins
 from agentwatch.alerts import Alert
 from agentwatch.cli import app
 from agentwatch.keys import Keys
-from notifiers.routing import Mutes
+from notifiers.routing import Mutes, known_detectors, unknown_detectors
 
 from helpers import wait_for
 from notify_kit import (
@@ -125,3 +126,52 @@ def test_cli_usage_errors_exit_2(cli: Any) -> None:
     cli("mute", "x", "--for", "soon", code=2)
     cli("mute", "x", "--for", "0s", code=2)
     cli("unmute", "never-muted", code=1)
+
+
+def test_mute_refuses_a_misspelt_detector_and_accepts_every_real_one(
+    cli: Any, r: redis.Redis, keys: Keys, tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    """A typo would mute nothing, silently; the names the pipeline really alerts under pass."""
+    runner = CliRunner()
+    config = tmp_path / "plugin.toml"
+    config.write_text(f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n'
+                      '[detectors.limits]\nclass = "sample_plugins:Threshold"\n')  # fmt: skip
+    result = runner.invoke(
+        app, ["mute", "typo", "--for", "1h", "--detector", "stal", "--config", str(config)]
+    )
+    assert (
+        result.exit_code == 2
+        and "--detector: unknown detector 'stal' (did you mean 'stall'?)" in result.output
+    )
+    assert "limits" in result.output and "restart_loop" in result.output  # the known names are listed
+    assert Mutes(r, keys).active() == []
+    for name in ("stall", "loop", "restart_loop", "lag", "limits"):  # built-in, alert-only, plugin
+        done = runner.invoke(app, ["mute", "bot", "--for", "1h", "-d", name, "--config", str(config)])
+        assert done.exit_code == 0, done.output
+    assert sorted(m.detector or "" for m in Mutes(r, keys).active()) == [
+        "lag",
+        "limits",
+        "loop",
+        "restart_loop",
+        "stall",
+    ]
+    cli("mute", "bot", "--for", "1h", "--detector", "silense", code=2)  # without plugins too
+
+
+def test_notifier_entries_name_the_detectors_they_filter_on() -> None:
+    """What the pipeline checks against its detectors (``referenced_detectors``)."""
+    loaded, problems = plugins.load_notifiers(
+        [
+            {"type": "webhook", "url": "http://x", "match": {"detectors": ["silense", "stall"]}},
+            {"type": "restart", "command": ["x"], "on": ["stal"], "match": {"detectors": ["exit"]}},
+            {"type": "webhook", "name": "all", "url": "http://x"},
+        ]
+    )
+    assert not problems, problems
+    referenced = [plugin.config.referenced_detectors() for plugin in loaded]
+    assert referenced == [{"silense", "stall"}, {"stal", "exit"}, set()]
+    known = known_detectors({})
+    assert unknown_detectors(sorted(referenced[0] | referenced[1]), known) == [
+        f"unknown detector {name!r} (did you mean {fix!r}?); known: {', '.join(sorted(known))}"
+        for name, fix in sorted([("silense", "silence"), ("stal", "stall")])
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -196,3 +197,10 @@ def test_bad_config_fails_naming_the_key(entry: dict[str, Any], needle: str) -> 
     loaded, problems = plugins.load_notifiers([{"type": "pagerduty", **entry}])
     assert not loaded and len(problems) >= 1
     assert needle in " ".join(problems) and "[[notifiers]] #1" in problems[0], problems
+
+
+def test_the_documented_routing_key_error_is_the_real_one() -> None:
+    _, problems = plugins.load_notifiers([{}, {"type": "pagerduty", "routing_key": "short12chars"}])
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "notifiers.md").read_text().split())
+    assert problems[-1].startswith("[[notifiers]] #2 routing_key: must be the 32-character")
+    assert f"`{problems[-1]}`" in docs

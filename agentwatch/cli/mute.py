@@ -22,7 +22,7 @@ from agentwatch.cli import app
 from agentwatch.cli.common import EXIT_USAGE, ConfigOption, client_for, fail, load_pipeline
 from agentwatch.config import format_duration, parse_duration
 from agentwatch.redisconn import server_time_ms
-from notifiers.routing import Mutes
+from notifiers.routing import Mutes, known_detectors, unknown_detectors
 
 AgentGlob = Annotated[str, typer.Argument(help='Agent name or glob, e.g. "scraper-*" (quote it).')]
 DetectorOption = Annotated[
@@ -46,6 +46,10 @@ def mute(
     if seconds <= 0:
         fail("--for must be longer than zero", EXIT_USAGE)
     pipeline = load_pipeline(config, plugins=False)
+    if detector is not None:
+        # A misspelt name would mute nothing, silently: say so instead.
+        for problem in unknown_detectors([detector], known_detectors(pipeline.settings.detectors)):
+            fail(f"--detector: {problem}", EXIT_USAGE)
     client: Any = client_for(pipeline)
     try:
         done = Mutes(client, pipeline.keys).add(agent, seconds, detector=detector, reason=reason, by=_who())
