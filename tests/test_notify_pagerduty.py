@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import redis
 from agentwatch import plugins
 from agentwatch.alerts import Alert
 from agentwatch.keys import Keys
+from notifiers.http import retry_after_s
 from notifiers.pagerduty import DEDUP_MAX, SUMMARY_MAX, PagerDutyConfig, dedup_key, event
 
 from helpers import wait_for
@@ -112,6 +115,35 @@ def test_429_with_retry_after_is_honoured(r: redis.Redis, keys: Keys, prefix: st
     assert pd.errors == []
     assert all(request.at - first.at >= 1.0 for request in later), [q.at - first.at for q in later]
     assert later[0].at - first.at < 3.0  # and not much longer than Retry-After
+
+
+def test_429_with_retry_after_as_an_http_date_is_honoured(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """RFC 9110 allows ``Retry-After: <HTTP-date>``; it has one-second resolution, so a date
+    2 s ahead means a wait of 1-2 s (never the 50 ms backoff)."""
+    with pd_receiver() as pd:
+        pd.reply(
+            Reply(
+                429, b'{"status":"throttle event"}', {"Retry-After": formatdate(time.time() + 2, usegmt=True)}
+            )
+        )
+        pd.default = Reply(202)
+        url = pd.url.replace("/hook", "/v2/enqueue")
+        with notifier_running(pipeline_with(prefix, redis_url, [pagerduty(url)]), redis_url):
+            fire(r, keys)
+            first, second = pd.wait_requests(2)
+            wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
+    assert 0.9 <= second.at - first.at < 3.0, second.at - first.at
+    assert stream(r, keys.notify_log)[0]["attempts"] == "2"
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    assert retry_after_s("120") == 120.0 and retry_after_s(" 0 ") == 0.0
+    ahead = retry_after_s(formatdate(time.time() + 60, usegmt=True))
+    assert ahead is not None and 58 <= ahead <= 60
+    assert retry_after_s("Sun, 06 Nov 1994 08:49:37 GMT") == 0.0  # past: at once
+    assert retry_after_s("soon") is None and retry_after_s("") is None and retry_after_s(None) is None
 
 
 def test_500_three_times_then_202_is_delivered_exactly_once(
