@@ -5,13 +5,19 @@ built-in defaults. For convenience the producer's own variables ``AGENTWATCH_RED
 ``AGENTWATCH_PREFIX`` fill ``[redis] url``/``prefix`` when neither the file nor an override sets
 them, so one environment serves agents and workers alike.
 
-Every problem is reported at once, each naming the file and the key, because a monitor that
-refuses to start should say everything that is wrong in one go.
+Every problem is reported at once, each naming the file and the key (and the variable, for a
+value from the environment), because a monitor that refuses to start should say everything that
+is wrong in one go (config_errors.py words each problem).
+
+Overrides of a ``[[notifiers]]`` entry name it by its position in the file, counting from 0:
+``AGENTWATCH_NOTIFIERS__0__URL``. A variable that looks like an override
+(``AGENTWATCH_<SECTION>__...``) but names no section is an error, not silently ignored.
 """
 
 from __future__ import annotations
 
-import difflib
+import decimal
+import math
 import os
 import re
 import tomllib
@@ -33,6 +39,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agentwatch.config_env import (
+    ENV_PREFIX,
+    DetectorSections,
+    Environment,
+    notifier_overrides,
+    unknown_sections,
+)
+from agentwatch.config_errors import describe_error, key_path, mask_url, valid_keys
 from agentwatch.errors import ConfigError
 from agentwatch.keys import Keys
 
@@ -41,6 +55,7 @@ EMBEDDED: Final = "embedded"
 """``[redis] url = "embedded"``: always start (or find) the private server, never use 6379."""
 DEFAULT_FILE: Final = "pipeline.toml"
 BUILTIN_SOURCE: Final = "built-in defaults"
+URL_SCHEMES: Final = ("redis", "rediss", "unix")
 
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -81,12 +96,33 @@ def format_duration(seconds: float) -> str:
     return "".join(parts[:2])
 
 
-def _duration_text(seconds: float) -> str:
-    """Exact inverse of :func:`parse_duration`, so dumped settings validate again unchanged."""
-    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
+def duration_text(seconds: float) -> str:
+    """A duration as one would write it ("5m", "1h30m", "1.5s", "250ms"), and an exact inverse
+    of :func:`parse_duration`, so dumped settings validate again unchanged."""
+    text = _compact_duration(seconds)
+    if text is not None and parse_duration(text) == seconds:
+        return text
+    return f"{decimal.Decimal(repr(seconds)):f}s"  # the shortest exact digits, never 1e-07
 
 
-Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_duration_text)]
+def _compact_duration(seconds: float) -> str | None:
+    if not 0 <= seconds < math.inf:
+        return None
+    if seconds < 1:
+        millis = seconds * 1000
+        return f"{millis:g}ms" if "e" not in f"{millis:g}" else None
+    whole = int(seconds)
+    if whole != seconds:
+        return f"{seconds:g}s" if "e" not in f"{seconds:g}" else None
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            count, whole = divmod(whole, size)
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(duration_text)]
 """A duration key: a string with a unit in the file (and when dumped), float seconds in code."""
 
 
@@ -103,6 +139,29 @@ class RedisSection(Section):
     cluster: bool = Field(False, description="connect with the Redis Cluster client")
     timeout_s: Seconds = Field(5.0, alias="timeout", gt=0)
 
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """A typo here would otherwise surface as a traceback in every worker, or as a worker
+        waiting for ever on a server that cannot exist."""
+        if value is None or value == EMBEDDED:
+            return value
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in URL_SCHEMES:
+            raise ValueError(
+                "not a Redis URL: use redis://host:6379/0, rediss://host:6380/0 (TLS), "
+                'unix:///path/to/redis.sock, or "embedded"'
+            )
+        if scheme == "unix" and not rest.split("?", 1)[0]:
+            raise ValueError("a unix:// URL needs the socket's path, e.g. unix:///run/redis/redis.sock")
+        from redis.connection import parse_url  # noqa: PLC0415 - only here; the module stays light
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(f"not a valid Redis URL: {exc}") from None
+        return value
+
 
 class EmbeddedSection(Section):
     state_dir: Path | None = Field(None, description="socket, log and data; default: runtime dir")
@@ -115,7 +174,7 @@ class StreamsSection(Section):
     alerts_retention_s: Seconds = Field(30 * 86400.0, alias="alerts_retention", gt=0)
     alerts_max_len: int = Field(100_000, ge=100)
     deadletter_max_len: int = Field(10_000, ge=10)
-    deadletter_max_bytes: int = Field(1 << 20, ge=1024, description="original entry bytes kept")
+    deadletter_max_bytes: int = Field(16_384, ge=1024, description="original entry bytes kept")
 
 
 class WorkerSection(Section):
@@ -163,7 +222,7 @@ class PipelineSettings(BaseSettings):
     """The whole file. Plugin sections stay raw here; plugins.py validates each with its model."""
 
     model_config = SettingsConfigDict(
-        env_prefix="AGENTWATCH_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
     redis: RedisSection = RedisSection()
@@ -184,7 +243,7 @@ class PipelineSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file arrives as init kwargs; environment overrides beat it.
-        return (env_settings, init_settings)
+        return (Environment(settings_cls), init_settings)
 
 
 @dataclass(frozen=True)
@@ -228,42 +287,56 @@ def load(path: str | Path | None = None, *, plugins: bool = True) -> Pipeline:
             raise ConfigError(source, [f"cannot read: {exc}"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    unset: list[str] = []  # keys whose ${VAR} is not set: reported once, not again as invalid
     problems: list[str] = []
-    raw = _expand(raw, (), env, problems)
+    raw = _expand(raw, (), env, problems, unset)
+    problems += unknown_sections(env, valid_keys(PipelineSettings))
+    raw = notifier_overrides(raw, env, problems)
     settings: PipelineSettings | None = None
     try:
-        settings = _producer_env_fallbacks(PipelineSettings(**raw), raw, env)
+        settings = _producer_env_fallbacks(PipelineSettings(**raw), raw, env, problems)
     except ValidationError as exc:
-        problems += [describe_error(err, env) for err in exc.errors()]
+        problems += [describe_error(err, env, model=PipelineSettings) for err in exc.errors()]
     detectors: list[Any] = []
     notifiers: list[Any] = []
     if plugins:  # check plugin sections even when the rest failed: report everything in one go
-        detectors, notifiers = _load_plugins(settings, raw, problems)
+        detectors, notifiers = _load_plugins(settings, raw, env, problems)
+    problems = [p for p in problems if not any(p.startswith(f"{w}: ") for w in unset) or "is not set" in p]
     if problems or settings is None:
         raise ConfigError(source, problems)
     return Pipeline(settings=settings, source=source, detectors=detectors, notifiers=notifiers)
 
 
 def _load_plugins(
-    settings: PipelineSettings | None, raw: dict[str, Any], problems: list[str]
+    settings: PipelineSettings | None, raw: dict[str, Any], env: Mapping[str, str], problems: list[str]
 ) -> tuple[list[Any], list[Any]]:
     from agentwatch import plugins as registry  # noqa: PLC0415 - plugins imports this module
 
-    sections = settings.detectors if settings else raw.get("detectors", {})
-    entries = settings.notifiers if settings else raw.get("notifiers", [])
+    if settings is not None:
+        sections: Any = settings.detectors
+        entries: Any = settings.notifiers
+    else:
+        entries = raw.get("notifiers", [])
+        try:
+            sections = DetectorSections(detectors=raw.get("detectors", {})).detectors
+        except ValidationError:
+            sections = raw.get("detectors", {})
     detectors: list[Any] = []
     notifiers: list[Any] = []
     if isinstance(sections, dict) and all(isinstance(v, dict) for v in sections.values()):
-        detectors, bad = registry.load_detectors(sections)
+        detectors, bad = registry.load_detectors(sections, env)
         problems += bad
     if isinstance(entries, list) and all(isinstance(v, dict) for v in entries):
-        notifiers, bad = registry.load_notifiers(entries)
+        notifiers, bad = registry.load_notifiers(entries, env)
         problems += bad
     return detectors, notifiers
 
 
+_FALLBACKS: Final = {"url": "AGENTWATCH_REDIS_URL", "prefix": "AGENTWATCH_PREFIX"}
+
+
 def _producer_env_fallbacks(
-    settings: PipelineSettings, raw: dict[str, Any], env: Mapping[str, str]
+    settings: PipelineSettings, raw: dict[str, Any], env: Mapping[str, str], problems: list[str]
 ) -> PipelineSettings:
     redis = settings.redis
     updates: dict[str, Any] = {}
@@ -277,19 +350,24 @@ def _producer_env_fallbacks(
     try:
         RedisSection.model_validate(updates)  # check just these values; the rest are valid already
     except ValidationError as exc:
-        raise ConfigError("environment", [describe_error(e, env, ("redis",)) for e in exc.errors()]) from None
+        for err in exc.errors():
+            line = describe_error(err, {}, ("redis",), model=RedisSection)
+            problems.append(f"{line} (from environment {_FALLBACKS[str(err['loc'][0])]})")
+        return settings
     return settings.model_copy(update={"redis": redis.model_copy(update=updates)})
 
 
 _VAR_RE: Final = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: list[str]) -> Any:
+def _expand(
+    value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: list[str], unset: list[str]
+) -> Any:
     """Expand ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
     if isinstance(value, dict):
-        return {k: _expand(v, (*path, str(k)), env, problems) for k, v in value.items()}
+        return {k: _expand(v, (*path, str(k)), env, problems, unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, (*path, str(i)), env, problems) for i, v in enumerate(value)]
+        return [_expand(v, (*path, str(i)), env, problems, unset) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
 
@@ -301,78 +379,16 @@ def _expand(value: Any, path: tuple[str, ...], env: Mapping[str, str], problems:
             return env[name]
         if default is not None:
             return default
+        where = key_path(path)
+        unset.append(where)
         problems.append(
-            f"{key_path(path)}: environment variable {name} is not set "
-            f"(export it, or write ${{{name}:-default}})"
+            f"{where}: environment variable {name} is not set (export it, or write ${{{name}:-default}})"
         )
         return ""
 
     return _VAR_RE.sub(substitute, value)
 
 
-def key_path(path: tuple[str | int, ...]) -> str:
-    """('detectors', 'silence', 'after') -> '[detectors.silence] after'; lists by index."""
-    parts = [str(p) for p in path]
-    if len(parts) <= 1:
-        return f"[{parts[0]}]" if parts else "(top level)"
-    if parts[0] == "notifiers" and parts[1].isdigit():
-        head = f"[[notifiers]] #{int(parts[1]) + 1}"
-        return head + (f" {'.'.join(parts[2:])}" if parts[2:] else "")
-    return f"[{'.'.join(_quote(p) for p in parts[:-1])}] {parts[-1]}"
-
-
-def _quote(part: str) -> str:
-    return part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else f'"{part}"'
-
-
-def valid_keys(model: type[BaseModel]) -> list[str]:
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def describe_error(err: Mapping[str, Any], env: Mapping[str, str], prefix: tuple[str | int, ...] = ()) -> str:
-    """One pydantic error -> one line naming the key, with the valid choices for unknown keys."""
-    loc = (*prefix, *err["loc"])
-    where = key_path(loc)
-    env_name = "AGENTWATCH_" + "__".join(str(p).upper() for p in loc)
-    origin = f" (from environment {env_name})" if env_name in env else ""
-    if err["type"] == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        if len(loc) == 1:
-            choices = valid_keys(PipelineSettings)
-            hint = _hint(str(loc[0]), choices)
-            return f"unknown section [{loc[0]}]{hint}; valid sections: {', '.join(choices)}"
-        if model is not None:
-            return unknown_key(where, str(loc[-1]), valid_keys(model)) + origin
-    value = err.get("input")
-    hidden = isinstance(value, dict | list) or is_secret(str(loc[-1]) if loc else "")
-    shown = "" if hidden else f" (got {value!r})"
-    message = str(err["msg"]).removeprefix("Value error, ")
-    return f"{where}: {message}{shown}{origin}"
-
-
-_SECRET_WORDS: Final = ("secret", "key", "token", "password", "auth", "headers")
-
-
-def is_secret(key: str) -> bool:
-    """Keys whose values must never be printed (routing_key, secret, headers, ...)."""
-    return any(word in key.lower() for word in _SECRET_WORDS)
-
-
-def unknown_key(where: str, key: str, choices: list[str]) -> str:
-    return f"{where}: unknown key{_hint(key, choices)}; valid keys: {', '.join(choices)}"
-
-
-def _hint(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = PipelineSettings
-    for part in loc:
-        info = model.model_fields.get(str(part))
-        annotation = info.annotation if info else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
+def display_url(url: str) -> str:
+    """A Redis URL for logs and summaries: the password masked, host and database kept."""
+    return mask_url(url, path=False)

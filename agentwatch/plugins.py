@@ -23,7 +23,8 @@ from typing import Any, Literal, Self, cast
 
 from pydantic import Field, PrivateAttr, ValidationError
 
-from agentwatch.config import Section, describe_error, key_path, unknown_key, valid_keys
+from agentwatch.config import Section
+from agentwatch.config_errors import describe_error, did_you_mean, key_path
 from agentwatch.errors import PluginError
 
 Group = Literal["detectors", "notifiers"]
@@ -100,8 +101,9 @@ def resolve(group: Group, ref: str) -> type[Any]:
                 target = ep.value
                 break
     if target is None and ":" not in ref:
+        choices = available(group)
         raise PluginError(
-            f"unknown {group[:-1]} {ref!r}; available: {', '.join(available(group))} "
+            f"unknown {group[:-1]} {ref!r}{did_you_mean(ref, choices)}; available: {', '.join(choices)} "
             f'(or a "package.module:Class" path)'
         )
     module_name, _, attr = (target or ref).partition(":")
@@ -118,8 +120,14 @@ def resolve(group: Group, ref: str) -> type[Any]:
     return cls
 
 
-def load_detectors(sections: Mapping[str, Mapping[str, Any]]) -> tuple[list[LoadedPlugin], list[str]]:
-    """Built-ins are on unless ``enabled = false``; other detectors run when they have a section."""
+def load_detectors(
+    sections: Mapping[str, Mapping[str, Any]], env: Mapping[str, str] | None = None
+) -> tuple[list[LoadedPlugin], list[str]]:
+    """Built-ins are on unless ``enabled = false``; other detectors run when they have a section.
+
+    ``env``: the environment the sections' overrides came from, so an error names the variable.
+    """
+    env = env or {}
     loaded: list[LoadedPlugin] = []
     problems: list[str] = []
     for name in dict.fromkeys([*builtins("detectors"), *sections]):
@@ -130,17 +138,20 @@ def load_detectors(sections: Mapping[str, Mapping[str, Any]]) -> tuple[list[Load
         except PluginError as exc:
             problems.append(f"{where.rsplit(' ', 1)[0]}: {exc}")
             continue
-        config = _validate(cls.Config, section, ("detectors", name), problems)
+        config = _validate(cls.Config, section, ("detectors", name), env=env, problems=problems)
         if config is None:
             continue
         assert isinstance(config, DetectorConfig)
-        _attach_overrides(cls.Config, config, section, name, problems)
+        _attach_overrides(cls.Config, config, section, name, env=env, problems=problems)
         if config.enabled:
             loaded.append(LoadedPlugin(name=name, cls=cls, config=config))
     return loaded, problems
 
 
-def load_notifiers(entries: Sequence[Mapping[str, Any]]) -> tuple[list[LoadedPlugin], list[str]]:
+def load_notifiers(
+    entries: Sequence[Mapping[str, Any]], env: Mapping[str, str] | None = None
+) -> tuple[list[LoadedPlugin], list[str]]:
+    env = env or {}
     loaded: list[LoadedPlugin] = []
     problems: list[str] = []
     seen: set[str] = set()
@@ -155,7 +166,7 @@ def load_notifiers(entries: Sequence[Mapping[str, Any]]) -> tuple[list[LoadedPlu
         except PluginError as exc:
             problems.append(f"{where} type: {exc}")
             continue
-        config = _validate(cls.Config, dict(entry), ("notifiers", index), problems)
+        config = _validate(cls.Config, dict(entry), ("notifiers", index), env=env, problems=problems)
         if config is None:
             continue
         assert isinstance(config, NotifierConfig)
@@ -169,17 +180,18 @@ def load_notifiers(entries: Sequence[Mapping[str, Any]]) -> tuple[list[LoadedPlu
 
 
 def _validate(
-    model: type[PluginConfig], data: dict[str, Any], loc: tuple[str | int, ...], problems: list[str]
+    model: type[PluginConfig],
+    data: dict[str, Any],
+    loc: tuple[str | int, ...],
+    *,
+    env: Mapping[str, str],
+    problems: list[str],
+    exclude: frozenset[str] = frozenset(),
 ) -> PluginConfig | None:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        for err in exc.errors():
-            if err["type"] == "extra_forbidden":
-                sub = tuple(err["loc"])
-                problems.append(unknown_key(key_path((*loc, *sub)), str(sub[-1]), valid_keys(model)))
-            else:
-                problems.append(describe_error(err, {}, loc))
+        problems += [describe_error(err, env, loc, model=model, exclude=exclude) for err in exc.errors()]
         return None
 
 
@@ -191,6 +203,8 @@ def _attach_overrides(
     config: DetectorConfig,
     section: dict[str, Any],
     name: str,
+    *,
+    env: Mapping[str, str],
     problems: list[str],
 ) -> None:
     base = {k: v for k, v in section.items() if k not in _NOT_OVERRIDABLE}
@@ -200,7 +214,9 @@ def _attach_overrides(
         if bad:
             problems.append(f"{key_path((*loc, bad[0]))}: cannot be set per agent")
             continue
-        resolved = _validate(model, {**base, **override}, loc, problems)
+        resolved = _validate(
+            model, {**base, **override}, loc, env=env, problems=problems, exclude=_NOT_OVERRIDABLE
+        )
         if resolved is not None:
             assert isinstance(resolved, DetectorConfig)
             config._overrides.append((glob, resolved))

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings
+from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings, display_url
 from agentwatch.embedded import default_state_dir
 from agentwatch.errors import RedisUnavailable
 
@@ -135,10 +135,7 @@ def running_embedded_url(settings: PipelineSettings) -> str | None:
 
 def describe(url: str) -> str:
     """The URL without its password, for logs and error messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
+    return display_url(url)
 
 
 def disconnect(client: Client) -> None:

@@ -3,6 +3,7 @@ and the error for every kind of bad file (naming the file and the key)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentwatch import config
+from agentwatch import config, config_errors
 from agentwatch.cli import app
 from agentwatch.errors import ConfigError
 from detectors import BUILTINS as BUILTIN_DETECTORS
@@ -271,7 +272,8 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
     result = runner.invoke(app, ["check-config", str(path)])
     assert result.exit_code == 0, result.output
     assert (
-        "webhook    type=webhook url=https://***@hooks.example.com/x headers=*** secret=***" in result.output
+        "webhook    type=webhook url=https://***@hooks.example.com/*** headers={Authorization=***} secret=***"
+        in result.output
     )
     for secret in ("pw123", "s3cr3t", "tok3n"):
         assert secret not in result.output
@@ -281,3 +283,240 @@ def test_a_bad_secret_value_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     found = problems(tmp_path, '[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nsecret = 12345678\n')
     assert len(found) == 1 and found[0].startswith("[[notifiers]] #1 secret:")
     assert "12345678" not in found[0]
+
+
+# -- [redis] url ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:6379/0", "rediss://:pw@cache.example.com:6380/1", "unix:///run/redis.sock?db=2",
+     "embedded"],
+)  # fmt: skip
+def test_redis_urls_that_are_accepted(tmp_path: Path, url: str) -> None:
+    assert config.load(write(tmp_path, f'[redis]\nurl = "{url}"\n'), plugins=False).settings.redis.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [("htp://localhost:6379", "not a Redis URL"), ("localhost:6379", "not a Redis URL"),
+     ("REDIS://host", "not a Redis URL"), ("unix://", "a unix:// URL needs the socket's path"),
+     ("redis://host:port/0", "not a valid Redis URL")],
+)  # fmt: skip
+def test_a_bad_redis_url_is_refused_naming_the_key(tmp_path: Path, url: str, why: str) -> None:
+    (found,) = problems(tmp_path, f'[redis]\nurl = "{url}"\n')
+    assert found.startswith(f"[redis] url: {why}")
+
+
+def test_a_bad_redis_url_from_the_environment_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "AGENTWATCH_REDIS__URL": "foo://x"}
+    for command in (["check-config"], ["worker", "detectors"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "agentwatch", *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "[redis] url: not a Redis URL" in result.stderr
+        assert "(from environment AGENTWATCH_REDIS__URL)" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_bad_producer_url_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTWATCH_REDIS_URL", "http://:hunter2@cache:6379")
+    (found,) = problems(tmp_path, "")
+    assert found.startswith("[redis] url: not a Redis URL")
+    assert found.endswith("(got 'http://***@cache:6379') (from environment AGENTWATCH_REDIS_URL)")
+
+
+# -- environment overrides --------------------------------------------------------------------
+
+
+def test_a_misspelled_section_in_an_override_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTWATCH_WROKER__BATCH", "5")
+    (found,) = problems(tmp_path, "")
+    assert found == (
+        "environment variable AGENTWATCH_WROKER__BATCH: unknown section 'wroker' (did you mean 'worker'?); "
+        "valid sections: redis, embedded, streams, worker, report, detectors, notifiers "
+        "(overrides are AGENTWATCH_<SECTION>__<KEY>)"
+    )
+
+
+def test_producer_and_user_variables_are_never_taken_for_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = ["AGENTWATCH_AGENT", "AGENTWATCH_INTERVAL", "AGENTWATCH_PULSE_INTERVAL",
+             "AGENTWATCH_TEST_REDIS_URL", "AGENTWATCH_WEBHOOK_SECRET", "AGENTWATCH_CONFIG_DIR"]  # fmt: skip
+    for name in names:
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("AGENTWATCH_PREFIX", "fleet")
+    assert config.load(write(tmp_path, ""), plugins=False).settings.redis.prefix == "fleet"
+
+
+def test_an_override_of_a_detector_key_is_named_as_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTWATCH_DETECTORS__SILENCE__AFTER", "2minutes")
+    monkeypatch.setenv("AGENTWATCH_DETECTORS__SILENCE__AFTR", "2m")
+    first, *found = problems(tmp_path, "[worker]\nbatch = 0\n")  # the plugin check runs even so
+    assert first.startswith("[worker] batch: Input should be greater than or equal to 1")
+    assert (
+        "[detectors.silence] aftr: unknown key (did you mean 'after'?); valid keys: enabled, class, agents, "
+        "after, severity, rss_growth, rss_growth_min, forget "
+        "(from environment AGENTWATCH_DETECTORS__SILENCE__AFTR)"
+    ) in found
+    assert (
+        '[detectors.silence] after: bad duration \'2minutes\': use e.g. "500ms", "30s", "5m", "1h", '
+        '"1d" (from environment AGENTWATCH_DETECTORS__SILENCE__AFTER)'
+    ) in found
+    assert len(found) == 2
+
+
+def test_a_notifier_is_overridden_by_its_position(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = '[[notifiers]]\ntype = "webhook"\nurl = "http://a"\n[[notifiers]]\ntype = "webhook"\nurl = "http://b"\n'
+    monkeypatch.setenv("AGENTWATCH_NOTIFIERS__1__URL", "https://hooks.example.com/prod")
+    monkeypatch.setenv("AGENTWATCH_NOTIFIERS__1__HEADERS__X_TEAM", "ops")
+    first, second = config.load(write(tmp_path, text)).notifiers
+    assert first.config.url == "http://a"
+    assert (second.config.url, second.config.headers) == ("https://hooks.example.com/prod", {"x_team": "ops"})
+    monkeypatch.setenv("AGENTWATCH_NOTIFIERS__0__TIMEOUT", "soon")
+    monkeypatch.setenv("AGENTWATCH_NOTIFIERS__5__URL", "http://c")
+    found = problems(tmp_path, text)
+    assert found[0] == (
+        "environment variable AGENTWATCH_NOTIFIERS__5__URL: the file declares 2 [[notifiers]] "
+        "(numbered from 0), so there is no #5 to override"
+    )
+    assert found[1].startswith("[[notifiers]] #1 timeout: bad duration 'soon'")
+    assert found[1].endswith("(from environment AGENTWATCH_NOTIFIERS__0__TIMEOUT)")
+
+
+# -- hints --------------------------------------------------------------------------------------
+
+
+def test_a_nested_unknown_key_lists_the_nested_keys(tmp_path: Path) -> None:
+    (found,) = problems(
+        tmp_path, '[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nmatch = { agent = ["a"] }\n'
+    )
+    assert found == (
+        "[[notifiers]] #1 match.agent: unknown key (did you mean 'agents'?); "
+        "valid keys: agents, detectors, severity, statuses"
+    )
+
+
+def test_an_unknown_plugin_gets_a_did_you_mean(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[detectors.silense]\nafter = "1m"\n[[notifiers]]\ntype = "webhok"\n')
+    assert found[0].startswith("[detectors.silense]: unknown detector 'silense' (did you mean 'silence'?);")
+    assert found[1].startswith("[[notifiers]] #1 type: unknown notifier 'webhok' (did you mean 'webhook'?);")
+
+
+def test_a_per_agent_unknown_key_lists_only_what_can_be_set_per_agent(tmp_path: Path) -> None:
+    (found,) = problems(tmp_path, '[detectors.silence.agents."x-*"]\naftr = "1m"\n')
+    assert found == (
+        "[detectors.silence.agents.\"x-*\"] aftr: unknown key (did you mean 'after'?); "
+        "valid keys: after, severity, rss_growth, rss_growth_min, forget"
+    )
+
+
+def test_notifiers_written_as_one_table_get_the_double_bracket_hint(tmp_path: Path) -> None:
+    (found,) = problems(tmp_path, '[notifiers]\ntype = "webhook"\n')
+    assert found == (
+        "[notifiers]: each notifier is its own [[notifiers]] table (double brackets: a list of tables), "
+        "not one [notifiers] table"
+    )
+
+
+def test_an_unset_variable_is_reported_once(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nsecret = "${NOT_SET_X}"\n')
+    assert found == [
+        "[[notifiers]] #1 secret: environment variable NOT_SET_X is not set "
+        "(export it, or write ${NOT_SET_X:-default})"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [('[worker]\nblock = "5s"\n', "[worker] block: must be at most 1.5s, got 5s"),
+     ('[worker]\nhealth_ttl = "500ms"\n', "[worker] health_ttl: must be at least 2s, got 500ms"),
+     ('[detectors.silence]\nafter = "0s"\n', "[detectors.silence] after: must be more than 0ms, got 0ms")],
+)  # fmt: skip
+def test_duration_bounds_are_said_in_durations(tmp_path: Path, text: str, expected: str) -> None:
+    assert problems(tmp_path, text) == [expected]
+
+
+@pytest.mark.parametrize(
+    "seconds", [0.0, 0.001, 0.25, 0.1, 1.5, 5.0, 60.0, 90.0, 5400.0, 86400.0 * 8, 0.123456789, 1e-7, 3600.5,
+                123456.789, 1 / 3]
+)  # fmt: skip
+def test_duration_text_is_an_exact_inverse(seconds: float) -> None:
+    assert config.parse_duration(config.duration_text(seconds)) == seconds
+
+
+def test_duration_text_reads_as_written() -> None:
+    assert [config.duration_text(x) for x in (0.25, 1.5, 300.0, 5400.0, 604800.0)] == [
+        "250ms", "1.5s", "5m", "1h30m", "7d"
+    ]  # fmt: skip
+
+
+# -- secrets and sizes in the summary -----------------------------------------------------------
+
+
+def test_only_secret_keys_are_masked(tmp_path: Path) -> None:
+    keys = ["min_tokens", "tokens", "token", "bot_token", "routing_key", "dedup_key", "api_key", "secret",
+            "password", "headers", "env", "max_tokens_per_run"]  # fmt: skip
+    assert [key for key in keys if config_errors.is_secret(key)] == [
+        "token", "bot_token", "routing_key", "api_key", "secret", "password", "headers", "env"
+    ]  # fmt: skip
+    (found,) = problems(tmp_path, '[detectors.tokens]\nmin_tokens = "many"\n')
+    assert (
+        found.startswith("[detectors.tokens] min_tokens: Input should be a valid integer")
+        and "'many'" in found
+    )
+
+
+def test_check_config_masks_secret_bearing_urls_and_shows_sizes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[notifiers]]\ntype = "webhook"\nurl = "https://hooks.slack.com/services/T0/B0/XXSECRET"\n'
+        '[[notifiers]]\ntype = "apprise"\nurls = ["tgram://BOTSECRET/12345", "mailto://u:MAILPW@example.com"]\n'
+        '[[notifiers]]\ntype = "pagerduty"\nrouting_key = "PDSECRET0123456789abcdef01234567"\n',
+    )
+    result = runner.invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "url=https://hooks.slack.com/***" in result.output
+    assert "urls=[tgram://***, mailto://***]" in result.output
+    assert "routing_key=***" in result.output
+    for secret in ("XXSECRET", "BOTSECRET", "MAILPW", "PDSECRET", "12345"):
+        assert secret not in result.output
+    assert "rss_growth_min=50MB" in result.output and "min_tokens=500" in result.output
+    assert "limit=4GB" in result.output
+
+
+# -- a bad file through the real commands -------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["worker", "detectors"], ["up"]])
+def test_a_bad_file_stops_the_real_commands_with_exit_2_naming_file_and_keys(
+    command: list[str], tmp_path: Path
+) -> None:
+    path = write(
+        tmp_path,
+        '[worker]\nbatchsize = 10\nmax_attempts = "many"\nclaim_idle = "soon"\n'
+        '[detectors.silense]\nafter = "1m"\n',
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "agentwatch", *command, "--config", str(path)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"invalid configuration in {path}:" in result.stderr
+    for line in (
+        "[worker] batchsize: unknown key (did you mean 'batch'?)",  # unknown key
+        "[worker] max_attempts: Input should be a valid integer",  # wrong type
+        "[worker] claim_idle: bad duration 'soon'",  # bad duration
+        "[detectors.silense]: unknown detector 'silense' (did you mean 'silence'?)",  # unknown plugin
+    ):
+        assert line in result.stderr

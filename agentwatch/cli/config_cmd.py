@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic.fields import FieldInfo
 
 from agentwatch.cli import app
 from agentwatch.cli.common import load_pipeline
-from agentwatch.config import Pipeline, format_duration, is_secret
+from agentwatch.config import Pipeline, format_duration
+from agentwatch.config_errors import is_secret, looks_like_url, mask_url, serializer
 from agentwatch.plugins import DetectorConfig, PluginConfig
 from agentwatch.redisconn import describe
 
@@ -27,7 +29,8 @@ def check_config(
 
 
 def summary(pipeline: Pipeline) -> str:
-    """A one-screen description of the pipeline, secrets masked."""
+    """A one-screen description of the pipeline, secrets masked: secret keys, header and env
+    values, userinfo in any URL, and the path of notifier URLs (a webhook's path is its key)."""
     s = pipeline.settings
     url = describe(s.redis.url) if s.redis.url else "default (127.0.0.1:6379, else embedded)"
     lines = [
@@ -38,7 +41,8 @@ def summary(pipeline: Pipeline) -> str:
         f"batch={s.worker.batch} tick={format_duration(s.worker.tick_s)} "
         f"claim_idle={format_duration(s.worker.claim_idle_s)} max_attempts={s.worker.max_attempts}",
         f"streams    events kept {format_duration(s.streams.events_retention_s)}, "
-        f"alerts kept {format_duration(s.streams.alerts_retention_s)}",
+        f"alerts kept {format_duration(s.streams.alerts_retention_s)}, "
+        f"dead letters {s.streams.deadletter_max_len} of at most {_kib(s.streams.deadletter_max_bytes)}",
         "detectors",
     ]
     for plugin in pipeline.detectors:
@@ -60,12 +64,26 @@ def _settings(config: PluginConfig, skip: set[str], *, only_set: bool = False) -
         key = info.alias or name
         if key in skip or (only_set and name not in config.model_fields_set and key != "type"):
             continue
-        value: Any = getattr(config, name)
-        if is_secret(key) and value:
-            value = "***"
-        elif isinstance(value, str) and "://" in value:
-            value = describe(value)
-        elif name.endswith("_s") and isinstance(value, float):
-            value = format_duration(value)
-        parts.append(f"{key}={value}")
+        parts.append(f"{key}={_shown(key, getattr(config, name), info)}")
     return " ".join(parts)
+
+
+def _shown(key: str, value: Any, info: FieldInfo) -> str:
+    if is_secret(key) and value:
+        if isinstance(value, dict):  # headers, env: which are set, not what they are
+            return "{" + ", ".join(f"{name}=***" for name in value) + "}"
+        return "***"
+    show = serializer(info)  # durations and sizes as one would write them: 1m, 50MB
+    if show is not None and value is not None:
+        return str(show(value))
+    if looks_like_url(value):
+        return mask_url(value)
+    if isinstance(value, list) and any(looks_like_url(item) for item in value):
+        return "[" + ", ".join(mask_url(item) if looks_like_url(item) else str(item) for item in value) + "]"
+    if key.endswith("_s") and isinstance(value, float):
+        return format_duration(value)
+    return str(value)
+
+
+def _kib(size: int) -> str:
+    return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} bytes"
