@@ -12,8 +12,10 @@ reports how the process ends. Redis being down, slow, hung or full never blocks 
 the agent: events are dropped, counted and the count reported once Redis answers again.
 
 Configuration comes from ``init()`` or, without it, the ``AGENTWATCH_*`` environment; see
-``docs/producer.md``. Importing this package starts nothing and imports only the standard
-library, ``redis``, ``msgpack`` and agentwatch's codec.
+``docs/producer.md``. Importing this package starts no thread, opens no connection and imports
+only the standard library, ``redis``, ``msgpack`` and agentwatch's codec. On the main thread it
+takes over SIGTERM and SIGHUP where they still have their default action, to report them as the
+run's end (the process still dies by the signal, exactly as before).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from producers._config import export_for_children, resolve
+from producers import _exitcode, _lifecycle
+from producers._config import resolve
 from producers._guard import internal_error
 from producers._producer import Producer
 
@@ -29,6 +32,8 @@ __all__ = ["Producer", "extend", "heartbeat", "init", "shutdown"]
 
 _default = Producer._deferred()
 _default_lock = threading.RLock()
+_lifecycle.install_signals()  # only the main thread may; the work loop may never run there
+_exitcode.find_main()
 
 heartbeat = _default.heartbeat
 """Record one unit of work on the default producer (see :meth:`Producer.heartbeat`).
@@ -53,8 +58,8 @@ def init(
     Arguments left out fall back to the environment, then to defaults (see :class:`Producer`,
     which also lists the tuning ``options``). Calling ``init()`` again with other settings
     retires the previous run first (``exit`` with reason ``shutdown``). Multiprocessing workers
-    started with ``spawn``/``forkserver`` inherit these arguments; forked ones inherit the
-    producer itself.
+    started with ``spawn``/``forkserver`` inherit these arguments and know their parent run
+    (also without ``init()``); forked ones inherit the producer itself.
     """
     explicit: dict[str, Any] = {
         "agent": agent,
@@ -67,6 +72,7 @@ def init(
     }
     with _default_lock:
         try:
+            _lifecycle.install_signals()
             settings = resolve(**explicit)
             if _default._running() and _default.settings == settings:
                 return _default
@@ -74,7 +80,6 @@ def init(
                 _default.close()
             _default._configure(explicit, settings)
             _default._begin()
-            export_for_children(explicit, _default.run)
         except Exception:  # an unknown option, say: never an exception in the agent
             internal_error("init")
         return _default

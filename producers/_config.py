@@ -1,8 +1,11 @@
 """Producer settings: explicit arguments, else ``AGENTWATCH_*`` environment, else defaults.
 
-A bad value never stops the agent: it is reported once (a WARNING on ``agentwatch.producer``)
-and replaced by the default, because a monitor that crashes its host on a typo in a deployment
-variable is worse than one that reports under a default name.
+A bad value never stops the agent: it is reported once (a WARNING on ``agentwatch.producer``,
+naming the argument or variable and what is used instead) and replaced by the default, because
+a monitor that crashes its host on a typo in a deployment variable is worse than one that
+reports under a default name. A variable that is set but empty counts as a bad value, not as
+unset: ``AGENTWATCH_PREFIX=${PREFIX}`` with ``PREFIX`` forgotten would otherwise send the
+agent's events, without a word, to a pipeline nobody watches for it.
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import redis
 
 from agentwatch.codec import AGENT_RE, MAX_AGENT_LEN
+from producers._caps import MAX_SECONDS
 from producers._guard import warn_once
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX: Final = "aw"
+PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
+"""The pipeline's own rule for ``[redis] prefix`` (agentwatch.config): a prefix outside it is one
+no pipeline can be configured to read."""
 DEFAULT_PULSE_INTERVAL: Final = 5.0
 DEFAULT_STACK_FACTOR: Final = 2.0
 """Pulses carry the work thread's stack once the last beat is this many intervals old. Below the
@@ -31,6 +39,13 @@ stall detector's 3 x interval, so the evidence is already in the stream when the
 DEFAULT_STACK_AFTER: Final = 30.0
 """Seconds without a beat before pulses carry the stack, for agents that declared no interval."""
 DEFAULT_QUEUE_SIZE: Final = 10_000
+DEFAULT_QUEUE_BYTES: Final = 4 * 2**20
+"""Approximate encoded bytes of the events that carry meta, held while Redis is slow or away.
+Plain beats are bounded by ``queue_size`` alone (10,000 of them take well under 1 MB)."""
+DEFAULT_MAXLEN: Final = 1_000_000
+"""``XADD ... MAXLEN ~`` of the shared event stream: only a safety net for a pipeline that is
+down (its workers trim by age, after reading). Large, because every agent shares the stream: a
+small cap lets one flooding agent trim the others' unread events."""
 DEFAULT_FLUSH_INTERVAL: Final = 0.1
 DEFAULT_SOCKET_TIMEOUT: Final = 1.0
 MIN_PERIOD: Final = 0.01
@@ -38,16 +53,29 @@ MIN_PERIOD: Final = 0.01
 OPTIONS: Final = frozenset(
     {
         "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
-        "queue_size", "flush_interval", "socket_timeout",
+        "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout",
     }
 )  # fmt: skip
 """Every keyword a Producer (and ``init()``) accepts."""
 
+ENV_VARS: Final = {
+    "agent": "AGENTWATCH_AGENT",
+    "redis_url": "AGENTWATCH_REDIS_URL",
+    "prefix": "AGENTWATCH_PREFIX",
+    "interval": "AGENTWATCH_INTERVAL",
+    "pulse_interval": "AGENTWATCH_PULSE_INTERVAL",
+    "shards": "AGENTWATCH_SHARDS",
+    "maxlen": "AGENTWATCH_MAXLEN",
+}
+"""The options that may also come from the environment, and their variables."""
+
 INHERIT_ENV: Final = "_AGENTWATCH_INIT"
-"""Where ``init()`` leaves its arguments for multiprocessing children started by spawn or
-forkserver, which re-import everything and would otherwise fall back to the environment."""
+"""Where the default producer leaves its arguments and run id for multiprocessing children
+started by spawn or forkserver, which re-import everything and would otherwise look like a
+restart of the agent rather than a worker of it."""
 
 _BAD_AGENT_CHARS: Final = re.compile(r"[^A-Za-z0-9._:@/-]")
+_DB_PATH: Final = re.compile(r"/?(\d*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +90,8 @@ class Settings:
     shards: int
     stack_factor: float
     queue_size: int
+    queue_bytes: int
+    maxlen: int
     flush_interval: float
     socket_timeout: float
 
@@ -94,32 +124,29 @@ def script_agent_name() -> str:
 
 def resolve(**explicit: Any) -> Settings:
     """Settings from explicit keyword values (``None`` = not given), the environment, defaults."""
-    env = os.environ
     unknown = sorted(set(explicit) - OPTIONS)
     if unknown:
         warn_once("config:unknown", "agentwatch: unknown option(s) %s ignored (known: %s)",
                   ", ".join(unknown), ", ".join(sorted(OPTIONS)))  # fmt: skip
-    agent = _agent(_pick(explicit, "agent", env, "AGENTWATCH_AGENT"))
+    given = _Given(explicit)
     return Settings(
-        agent=agent,
-        redis_url=_redis_url(_pick(explicit, "redis_url", env, "AGENTWATCH_REDIS_URL")),
-        prefix=_prefix(_pick(explicit, "prefix", env, "AGENTWATCH_PREFIX")),
-        interval=_number("interval", _pick(explicit, "interval", env, "AGENTWATCH_INTERVAL"), None),
-        pulse_interval=_number(
-            "pulse_interval",
-            _pick(explicit, "pulse_interval", env, "AGENTWATCH_PULSE_INTERVAL"),
-            DEFAULT_PULSE_INTERVAL,
-        ),
-        shards=_count("shards", _pick(explicit, "shards", env, "AGENTWATCH_SHARDS"), 1),
-        stack_factor=_number("stack_factor", explicit.get("stack_factor"), DEFAULT_STACK_FACTOR),
-        queue_size=_count("queue_size", explicit.get("queue_size"), DEFAULT_QUEUE_SIZE),
-        flush_interval=_number("flush_interval", explicit.get("flush_interval"), DEFAULT_FLUSH_INTERVAL),
-        socket_timeout=_number("socket_timeout", explicit.get("socket_timeout"), DEFAULT_SOCKET_TIMEOUT),
+        agent=_agent(*given.pick("agent")),
+        redis_url=_redis_url(*given.pick("redis_url")),
+        prefix=_prefix(*given.pick("prefix")),
+        interval=_number(*given.pick("interval"), None, MAX_SECONDS),
+        pulse_interval=_number(*given.pick("pulse_interval"), DEFAULT_PULSE_INTERVAL, MAX_SECONDS),
+        shards=_count(*given.pick("shards"), 1),
+        stack_factor=_number(*given.pick("stack_factor"), DEFAULT_STACK_FACTOR, MAX_SECONDS),
+        queue_size=_count(*given.pick("queue_size"), DEFAULT_QUEUE_SIZE),
+        queue_bytes=_count(*given.pick("queue_bytes"), DEFAULT_QUEUE_BYTES),
+        maxlen=_count(*given.pick("maxlen"), DEFAULT_MAXLEN),
+        flush_interval=_number(*given.pick("flush_interval"), DEFAULT_FLUSH_INTERVAL, MAX_SECONDS),
+        socket_timeout=_number(*given.pick("socket_timeout"), DEFAULT_SOCKET_TIMEOUT, MAX_SECONDS),
     )
 
 
 def export_for_children(explicit: dict[str, Any], run: str) -> None:
-    """Leave ``init()``'s arguments where spawned multiprocessing workers will find them."""
+    """Leave the default producer's arguments and run id where multiprocessing workers look."""
     given = {key: value for key, value in explicit.items() if value is not None}
     given["parent"] = run
     with contextlib.suppress(TypeError, ValueError):  # unserialisable: warned about already
@@ -127,7 +154,7 @@ def export_for_children(explicit: dict[str, Any], run: str) -> None:
 
 
 def inherited_from_parent() -> tuple[dict[str, Any], str | None]:
-    """``init()`` arguments and run id of the parent, when this is a multiprocessing worker.
+    """Arguments and run id of the parent's default producer, in a multiprocessing worker.
 
     Only a process that multiprocessing started (``parent_process()`` is set) takes them, so an
     unrelated program the agent runs with ``subprocess`` keeps its own identity.
@@ -147,30 +174,40 @@ def inherited_from_parent() -> tuple[dict[str, Any], str | None]:
     return options, parent if isinstance(parent, str) else None
 
 
-def _pick(explicit: dict[str, Any], key: str, env: os._Environ[str], var: str) -> Any:
-    value = explicit.get(key)
-    if value is not None:
-        return value
-    text = env.get(var)
-    if text is None or not text.strip():
-        return None
-    return text.strip()
+class _Given:
+    """Where each option's value comes from: the explicit argument, else its variable."""
+
+    def __init__(self, explicit: dict[str, Any]) -> None:
+        self._explicit = explicit
+
+    def pick(self, key: str) -> tuple[Any, str]:
+        """``(value or None, label)``; the label names the source in warnings."""
+        value = self._explicit.get(key)
+        if value is not None:
+            return value, key
+        var = ENV_VARS.get(key)
+        if var is None:
+            return None, key
+        text = os.environ.get(var)
+        return (None if text is None else text.strip()), var
 
 
-def _agent(value: Any) -> str:
+def _agent(value: Any, label: str) -> str:
     if value is None:
         return script_agent_name()
-    if not isinstance(value, str):
-        warn_once("config:agent", "agentwatch: agent name %r is not a string; using the script name",
-                  value)  # fmt: skip
-        return script_agent_name()
+    if not isinstance(value, str) or not value:
+        fallback = script_agent_name()
+        warn_once(f"config:{label}", "agentwatch: %s=%r is not an agent name; reporting as %r "
+                  "(the script's name)", label, value, fallback)  # fmt: skip
+        return fallback
     if AGENT_RE.fullmatch(value):
         return value
     fixed = sanitize_agent(value)
     warn_once(
-        "config:agent",
-        "agentwatch: agent name %r has characters outside A-Za-z0-9._:@/- or is over %d chars; "
-        "reporting as %r",
+        f"config:{label}",
+        "agentwatch: %s: agent name %r has characters outside A-Za-z0-9._:@/- or is over %d "
+        "chars; reporting as %r",
+        label,
         value,
         MAX_AGENT_LEN,
         fixed,
@@ -178,54 +215,92 @@ def _agent(value: Any) -> str:
     return fixed
 
 
-def _redis_url(value: Any) -> str:
+def _redis_url(value: Any, label: str) -> str:
     if value is None:
         return DEFAULT_REDIS_URL
-    if isinstance(value, str) and value.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            redis.ConnectionPool.from_url(value)  # parses only; connects on first use
-            return value
-        except (ValueError, TypeError):
-            pass
+    problem = url_problem(value)
+    if problem is None:
+        return str(value)
     warn_once(
-        "config:redis_url",
-        "agentwatch: invalid Redis URL %r (expected redis://, rediss:// or unix://); using %s",
+        f"config:{label}",
+        "agentwatch: %s=%r is not a usable Redis URL (%s); events go to the default %s instead",
+        label,
         redact(str(value)),
+        problem,
         DEFAULT_REDIS_URL,
     )
     return DEFAULT_REDIS_URL
 
 
-def _prefix(value: Any) -> str:
+def url_problem(value: Any) -> str | None:
+    """What is wrong with a Redis URL, or ``None``. Stricter than redis-py, which reads
+    ``redis://:6379`` as localhost and ``redis://host/abc`` as database 0 without a word."""
+    if not isinstance(value, str):
+        return f"not a string but {type(value).__name__}"
+    try:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            return "expected redis://host[:port][/db], rediss://... (TLS) or unix:///path"
+        parts = urlsplit(value)
+        if parts.scheme == "unix":
+            if not parts.path:
+                return "no socket path"
+        else:
+            host = parts.hostname
+            if not host or any(char.isspace() for char in host):
+                return "no host name" if not host else "blank in the host name"
+            if parts.port == 0:
+                return "port 0"
+            db = _DB_PATH.fullmatch(parts.path)
+            if db is None:
+                return f"database {parts.path[1:]!r} is not a number"
+        pool = redis.ConnectionPool.from_url(value)  # parses only; connects on first use
+    except (ValueError, TypeError) as exc:
+        return str(exc) or type(exc).__name__
+    if int(pool.connection_kwargs.get("db") or 0) < 0:
+        return "negative database number"
+    return None
+
+
+def _prefix(value: Any, label: str) -> str:
     if value is None:
         return DEFAULT_PREFIX
-    if isinstance(value, str) and AGENT_RE.fullmatch(value):
+    if isinstance(value, str) and PREFIX_RE.fullmatch(value):
         return value
-    warn_once("config:prefix", "agentwatch: invalid key prefix %r; using %r", value, DEFAULT_PREFIX)
+    warn_once(
+        f"config:{label}",
+        "agentwatch: %s=%r is not a key prefix a pipeline can use (1-32 chars of A-Za-z0-9._-); "
+        "events go to the default prefix %r instead",
+        label,
+        value,
+        DEFAULT_PREFIX,
+    )
     return DEFAULT_PREFIX
 
 
-def _number(name: str, value: Any, default: float | None) -> Any:
+def _number(value: Any, label: str, default: float | None, maximum: float) -> Any:
+    """A period in seconds (or a factor) within [MIN_PERIOD, maximum]. The upper bound is the
+    protocol's cap for ``interval``, and keeps every other period a valid lock timeout."""
     if value is None:
         return default
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = math.nan
-    if isinstance(value, bool) or not (MIN_PERIOD <= number < math.inf):
+    if isinstance(value, bool) or not (MIN_PERIOD <= number <= maximum):
         warn_once(
-            f"config:{name}",
-            "agentwatch: %s=%r is not a number >= %s; using %s",
-            name,
+            f"config:{label}",
+            "agentwatch: %s=%r is not a number from %s to %s; %s",
+            label,
             value,
             MIN_PERIOD,
-            default,
+            f"{maximum:.0f}",
+            "ignored" if default is None else f"using {default}",
         )
         return default
     return number
 
 
-def _count(name: str, value: Any, default: int) -> int:
+def _count(value: Any, label: str, default: int) -> int:
     if value is None:
         return default
     try:
@@ -234,9 +309,9 @@ def _count(name: str, value: Any, default: int) -> int:
         number = -1
     if number < 1:
         warn_once(
-            f"config:{name}",
+            f"config:{label}",
             "agentwatch: %s=%r is not an integer >= 1; using %s",
-            name,
+            label,
             value,
             default,
         )

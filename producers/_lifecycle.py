@@ -2,13 +2,19 @@
 
 Hooks are chained, never replaced in behaviour: the previous ``sys.excepthook`` and
 ``threading.excepthook`` still print their tracebacks, ``sys.exit`` still exits with its code,
-and a default-handled SIGTERM/SIGINT still kills the process *by that signal* (we restore the
+and a default-handled SIGTERM/SIGHUP still kills the process *by that signal* (we restore the
 default disposition and re-send the signal after flushing). Handlers a program installed itself
 are left alone: wrapping them breaks identity checks such as asyncio's "is my SIGINT handler
 still installed?", and a program that handles SIGTERM decides itself how it exits.
 
+Signal handlers go in as early as possible: at ``import producers`` on the main thread (else at
+``Producer()``/``init()``/first use there), because Python lets only the main thread install
+them, and an agent whose work loop runs in a thread may never call the producer from the main
+thread at all.
+
 The exit flush has one deadline (:data:`EXIT_DEADLINE`) for all producers together, so a hung
-Redis costs the exiting process at most that long.
+Redis costs the exiting process at most that long. The exit code is worked out by
+:mod:`producers._exitcode`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from producers import _exitcode
 from producers._guard import internal_error, logger
 from producers._stack import exception_text
 from producers._sync import wait_done
@@ -32,7 +39,10 @@ if TYPE_CHECKING:
     from producers._producer import Producer
 
 EXIT_DEADLINE: Final = 2.0
-_SIGNALS: Final = ("SIGTERM", "SIGINT")
+_SIGNALS: Final = ("SIGTERM", "SIGHUP", "SIGINT")
+"""Signals whose *default* action ends the process, reported as reason ``signal``. SIGHUP: the
+terminal or SSH session closed. SIGINT normally has Python's own handler (KeyboardInterrupt,
+reported from the exception); it is SIG_DFL only when the program or its parent set it so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +50,8 @@ class Outcome:
     """Why the process (or one producer) stops: the ``exit`` event's fields."""
 
     reason: str
-    code: int
+    code: int | None
+    """``None``: the exit code cannot be known (see :mod:`producers._exitcode`); sent without."""
     error: str | None = None
     traceback: str | None = None
 
@@ -48,15 +59,16 @@ class Outcome:
     def from_exception(cls, exc: BaseException, tb: TracebackType | None = None) -> Outcome:
         """The outcome of an exception that ends the process (or a ``with Producer()`` block)."""
         if isinstance(exc, SystemExit):
-            code = exc.code
-            return cls("exit", 0 if code is None else code if isinstance(code, int) else 1)
+            return cls("exit", _exitcode.as_exit_code(exc.code))
         if isinstance(exc, KeyboardInterrupt):  # what the default SIGINT handler raises
             return cls("signal", 128 + signal.SIGINT, "SIGINT")
         error, text = exception_text(type(exc), exc, tb or exc.__traceback__)
         return cls("exception", 1, error, text)
 
     def fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"kind": "exit", "reason": self.reason, "code": self.code}
+        fields: dict[str, Any] = {"kind": "exit", "reason": self.reason}
+        if self.code is not None:
+            fields["code"] = self.code
         if self.error is not None:
             fields["error"] = self.error
         if self.traceback is not None:
@@ -68,7 +80,6 @@ _producers: dict[int, Producer] = {}
 _installed = False
 _signals_installed = False
 _mp_hooked_pid = 0
-_exit_code: int | None = None
 _hooked_exc: BaseException | None = None
 _previous_excepthook: Callable[..., Any] = sys.excepthook
 _previous_thread_hook: Callable[[threading.ExceptHookArgs], Any] = threading.excepthook
@@ -87,8 +98,8 @@ def register(producer: Producer) -> None:
         _previous_excepthook, sys.excepthook = sys.excepthook, _excepthook
         _previous_thread_hook, threading.excepthook = threading.excepthook, _thread_excepthook
         _previous_exit, sys.exit = sys.exit, _sys_exit
-    if not _signals_installed and threading.current_thread() is threading.main_thread():
-        _install_signals()
+    install_signals()
+    _exitcode.watch()
     _hook_multiprocessing_exit()
 
 
@@ -140,13 +151,14 @@ def finish_all(outcome: Outcome) -> None:
 
 def exit_outcome() -> Outcome:
     """The outcome of a process exit, judged at ``atexit`` time."""
-    # Python stores an uncaught main-thread exception here before calling sys.excepthook; it is
-    # the only trace of it left once atexit handlers run. Our excepthook covers embedders that
-    # call the hook without setting it.
-    exc = getattr(sys, "last_value", None) or _hooked_exc
-    if exc is not None:
-        return Outcome.from_exception(exc)
-    return Outcome("exit", _exit_code or 0)
+    # Python stores an uncaught main-thread exception in sys.last_exc/last_value before calling
+    # sys.excepthook; it is the only trace of it left once atexit handlers run. Our excepthook
+    # covers embedders that call the hook without setting it. Either may be stale (an error an
+    # IPython shell displayed, a hook called by hand): only one that left the main program counts.
+    for exc in (_hooked_exc, getattr(sys, "last_exc", None), getattr(sys, "last_value", None)):
+        if isinstance(exc, BaseException) and _exitcode.through_main(exc):
+            return Outcome.from_exception(exc)
+    return Outcome("exit", _exitcode.exit_code())
 
 
 def _at_exit() -> None:
@@ -176,19 +188,19 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
 
 def _sys_exit(status: object = None) -> NoReturn:
     """``sys.exit`` that remembers the code: atexit handlers cannot see it otherwise."""
-    global _exit_code
-    if threading.current_thread() is threading.main_thread():
-        if status is None:
-            _exit_code = 0
-        elif isinstance(status, int):
-            _exit_code = int(status)
-        else:
-            _exit_code = 1  # Python prints the object and exits with 1
+    _exitcode.requested(status)
     _previous_exit(status)
 
 
-def _install_signals() -> None:
+def install_signals() -> None:
+    """Report default-handled fatal signals (see :data:`_SIGNALS`); once, on the main thread.
+
+    Only handlers still at ``SIG_DFL`` are taken over; ignored signals and a program's own
+    handlers stay as they are.
+    """
     global _signals_installed
+    if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
     _signals_installed = True
     for name in _SIGNALS:
         signum = getattr(signal, name, None)
@@ -205,6 +217,10 @@ def _install_signals() -> None:
 
 def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
     """A signal whose default action is to terminate: report, then die by it as before."""
+    if signal.getsignal(signum) is not _on_fatal_signal:
+        # A handler installed after ours called us as "the previous handler". Without us it
+        # would have found SIG_DFL, which it cannot call: it decides how the process ends.
+        return
     try:
         name = signal.Signals(signum).name
         finish_all(Outcome("signal", 128 + signum, name))
@@ -217,8 +233,8 @@ def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
 
 def _after_fork_in_child() -> None:
     """A forked child is a new run: forget the parent's outcome, reset every producer."""
-    global _exit_code, _hooked_exc
-    _exit_code = None
+    global _hooked_exc
+    _exitcode.forget()
     _hooked_exc = None
     for producer in list(_producers.values()):
         producer._after_fork()

@@ -20,11 +20,19 @@ from typing import Any
 from agentwatch.codec import MAX_STACK_CHARS
 from agentwatch.keys import Keys
 from producers import _lifecycle
-from producers._config import OPTIONS, Settings, inherited_from_parent, resolve
+from producers._caps import MAX_SECONDS
+from producers._config import (
+    INHERIT_ENV,
+    OPTIONS,
+    Settings,
+    export_for_children,
+    inherited_from_parent,
+    resolve,
+)
 from producers._fields import add_work_fields, amount, clean_meta
 from producers._guard import internal_error, warn_once
 from producers._lifecycle import EXIT_DEADLINE, Outcome
-from producers._sender import Sender
+from producers._sender import SIZE_KEY, Sender
 from producers._stack import exception_text, trim_frames
 from producers._sync import Wakeup, wait_done
 from producers._system import start_fields
@@ -45,6 +53,10 @@ def _refresh_pid() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh_pid)
 
+HEAVY_EVENT = 512
+"""Approximate encoded bytes above which a beat counts towards ``queue_bytes``. Lighter beats
+are bounded well enough by ``queue_size``, and skip the accounting."""
+
 
 class Producer:
     """Reports one agent's liveness, work and exit to the agentwatch pipeline.
@@ -52,10 +64,12 @@ class Producer:
     Arguments left out (``None``) come from the ``AGENTWATCH_*`` environment, then defaults:
     ``agent`` (the script's name), ``redis_url`` (``redis://127.0.0.1:6379/0``), ``prefix``
     (``aw``), ``interval`` (seconds between beats the agent means to keep; none by default),
-    ``pulse_interval`` (5 s), ``shards`` (1). Tuning: ``queue_size`` (events held while Redis is
-    slow or away, 10000), ``flush_interval`` (0.1 s), ``socket_timeout`` (1 s),
-    ``stack_factor`` (pulses carry the work thread's stack once the last beat is this many
-    intervals old, 2.0; 30 s without a declared interval).
+    ``pulse_interval`` (5 s), ``shards`` (1), ``maxlen`` (the stream's ``MAXLEN ~`` cap,
+    1,000,000). Tuning: ``queue_size`` (events held while Redis is slow or away, 10000),
+    ``queue_bytes`` (approximate encoded bytes of the beats with meta among them, 4 MiB),
+    ``flush_interval`` (0.1 s), ``socket_timeout`` (1 s), ``stack_factor`` (pulses carry the
+    work thread's stack once the last beat is this many intervals old, 2.0; 30 s without a
+    declared interval).
 
     Nothing is sent until first use: the first ``heartbeat()`` or ``extend()`` sends ``start``
     and starts the sender thread. ``close()`` retires the agent (an ``exit`` with reason
@@ -71,14 +85,17 @@ class Producer:
         interval: float | None = None,
         pulse_interval: float | None = None,
         shards: int | None = None,
+        maxlen: int | None = None,
         stack_factor: float | None = None,
         queue_size: int | None = None,
+        queue_bytes: int | None = None,
         flush_interval: float | None = None,
         socket_timeout: float | None = None,
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in OPTIONS}
         self._setup()
         self._configure(explicit)
+        _lifecycle.install_signals()  # now, if on the main thread: first use may be elsewhere
 
     @classmethod
     def _deferred(cls) -> Producer:
@@ -86,10 +103,14 @@ class Producer:
         program may still set ``AGENTWATCH_*`` variables after ``import producers``."""
         producer = cls.__new__(cls)
         producer._setup()
+        producer._exports = True
         return producer
 
     def _setup(self) -> None:
         self._settings: Settings | None = None
+        self._explicit: dict[str, Any] = {}
+        self._exports = False
+        """The default producer: leaves its arguments and run for multiprocessing children."""
         self._stream = ""
         self._lock = threading.RLock()
         self._pid = 0  # the process whose sender runs; anything else means "start (again)"
@@ -102,6 +123,7 @@ class Producer:
         self._overflow = itertools.count()
         self._wake = Wakeup()
         self._cap = 0
+        self._queue_bytes = 0
         self._wake_at = 0
         self._last_beat = _monotonic()
         self._work_thread = 0
@@ -116,6 +138,7 @@ class Producer:
                 internal_error("config")
                 settings = resolve()
         self._settings = settings
+        self._explicit = explicit
         self._stream = Keys(settings.prefix, settings.shards).events_for(settings.agent)
         self._closed = False
         self._exit_sent = False
@@ -168,9 +191,10 @@ class Producer:
                 # A bare beat travels as its timestamp: cheaper than a dict, and a float is no
                 # GC container, so this call can never be the one that triggers a GC pass.
                 event = now
+                size = 0
             else:
                 event = {"kind": "beat", "ts": now}
-                add_work_fields(
+                size = add_work_fields(
                     event,
                     tokens=tokens,
                     tokens_in=tokens_in,
@@ -181,22 +205,33 @@ class Producer:
                     usage=usage,
                 )
                 if meta:
-                    event.update(clean_meta(meta))
+                    size += clean_meta(meta, event)
             self._last_beat = now
             self._work_thread = _get_ident()
             queue = self._queue
-            if len(queue) < self._cap:
+            if len(queue) < self._cap and (size <= HEAVY_EVENT or self._reserve(event, size)):  # type: ignore[arg-type]
                 queue.append(event)
-                size = len(queue)
+                queued = len(queue)
                 # Wake the sender when a batch is ready, or when this is the first event for
                 # a sender that sleeps until the next pulse (it set `idle` before checking the
                 # queue; we appended before checking `idle`: one of us sees the other).
-                if size == self._wake_at or (size == 1 and self._sender.idle):  # type: ignore[union-attr]
+                if queued == self._wake_at or (queued == 1 and self._sender.idle):  # type: ignore[union-attr]
                     self._wake.set()
             else:
                 next(self._overflow)
         except Exception:
             internal_error("heartbeat")
+
+    def _reserve(self, event: dict[Any, Any], size: int) -> bool:
+        """Room in ``queue_bytes`` for a heavy beat? If so it is counted (the sender uncounts it
+        when it takes the beat: each counter has one writer, so no lock is needed)."""
+        sender = self._sender
+        assert sender is not None
+        if sender.bytes_in - sender.bytes_out + size > self._queue_bytes:
+            return False
+        event[SIZE_KEY] = size
+        sender.bytes_in += size
+        return True
 
     # -- the rest of the API ---------------------------------------------------------------
     def extend(self, seconds: float) -> None:
@@ -207,6 +242,10 @@ class Producer:
         """
         try:
             value = amount("extend", seconds)
+            if value is not None and value > MAX_SECONDS:
+                warn_once("arg:extend:cap", "agentwatch: extend(%s) is over 365 days; sent as %d s",
+                          seconds, MAX_SECONDS)  # fmt: skip
+                value = MAX_SECONDS
             if value is None or (self._pid != _PID and not self._begin()):
                 return
             assert self._sender is not None
@@ -234,6 +273,8 @@ class Producer:
                 warn_once("close", "agentwatch: shutdown flush gave up after %.1fs",
                           EXIT_DEADLINE)  # fmt: skip
             _lifecycle.unregister(self)
+            if self._exports:  # spawned workers of a retired run must not claim it as parent
+                os.environ.pop(INHERIT_ENV, None)
         except Exception:
             internal_error("close")
 
@@ -288,6 +329,10 @@ class Producer:
             if self._pid != 0:  # forked by something that skipped os.register_at_fork hooks
                 self._after_fork()
             self._run = os.urandom(8).hex()
+            if self._exports:
+                # Spawn and forkserver children re-import everything: this is how they learn
+                # they are workers of this run, not a restart of the agent (also without init()).
+                export_for_children(self._explicit, self._run)
             start = start_fields(settings.interval, pid, self._parent_run)
             sender = Sender(settings, self._stream, self._run, start, self._beat_info)
             try:
@@ -301,6 +346,7 @@ class Producer:
             self._overflow = sender.overflow
             self._wake = sender.wake
             self._cap = settings.queue_size
+            self._queue_bytes = settings.queue_bytes
             self._wake_at = sender.wake_at
             self._last_beat = _monotonic()
             self._work_thread = _get_ident()

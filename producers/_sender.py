@@ -5,12 +5,14 @@ beat, a small dict otherwise). This thread wakes every ``flush_interval`` (or as
 ``wake_at`` events wait), stamps each event (``v``, agent, run, wall-clock ``ts``, ``seq`` in
 stream order), encodes it and hands the batch to :class:`~producers._transport.Transport`.
 
-Failure model: a batch Redis refuses, or that dies in flight, is dropped and counted by reason;
-the counts ride as ``dropped`` on the next event that gets through. When Redis cannot be reached
-at all, events wait in the (bounded) queue and this thread only PINGs, with backoff, until it
-answers. A new or unproven connection first gets a small batch: a hung server then costs this
-thread one socket timeout per try, and the agent nothing, not even a GIL-hogging encode of the
-whole queue.
+Failure model: a batch Redis refuses, or that cannot be sent, is dropped and counted by reason;
+the counts ride as ``dropped`` on the next event that gets through. A batch that was sent but
+whose replies never came (a timeout, a connection cut while reading) is counted as
+``unconfirmed``, not as dropped: a Redis that was only slow or paused has usually written it.
+When Redis cannot be reached at all, events wait in the (bounded) queue and this thread only
+PINGs, with backoff, until it answers. A new or unproven connection first gets a small batch:
+a hung server then costs this thread one socket timeout per try, and the agent nothing, not even
+a GIL-hogging encode of the whole queue.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ BACKOFF_MAX_HUNG: Final = 5.0
 """Retry cap when Redis times out rather than refuses: a hung server rarely recovers in a
 second, and every try costs a connection on it and a few GIL hand-overs in the agent."""
 OUTAGE_LOG_EVERY: Final = 60.0
+UNCONFIRMED: Final = "unconfirmed"
+"""Drop reason of events sent to Redis whose replies never came: maybe written, maybe not."""
+SIZE_KEY: Final = 0
+"""Key under which a heavy beat carries its approximate size from the agent's thread to this one
+(an int: it can collide with no meta key); removed before encoding."""
 
 BeatInfo = Callable[[], tuple[float, int, str | None]]
 """Returns (monotonic time of the last beat, ident of the thread that beat, its death note)."""
@@ -66,6 +73,10 @@ class Sender:
         self.wake = Wakeup()
         self.wake_at = max(1, settings.queue_size // WAKE_FRACTION)
         self.extends: deque[float] = deque()
+        self.bytes_in = 0
+        """Approximate bytes of heavy beats queued so far: written by the agent's threads only."""
+        self.bytes_out = 0
+        """... and taken off the queue so far: written by this thread only."""
         self.finished = False
         self.idle = False
         """Asleep until the next pulse: the agent's thread wakes it with the first new event."""
@@ -74,7 +85,7 @@ class Sender:
         # agentwatch.codec.encode's exact options, but one Packer kept for this thread: packb()
         # builds a new one per call, which doubles the cost of encoding a beat.
         self._pack = msgpack.Packer(use_bin_type=True).pack
-        self._transport = Transport(settings.redis_url, stream, settings.socket_timeout)
+        self._transport = Transport(settings.redis_url, stream, settings.socket_timeout, settings.maxlen)
         self._start: dict[str, Any] | None = start
         self._start_payload: bytes | None = None
         self._seq = 0
@@ -182,6 +193,11 @@ class Sender:
 
     def _pulse(self, now: float, extend: float | None = None) -> dict[str, Any]:
         pulse: dict[str, Any] = {"kind": "pulse", "ts": now}
+        if self.settings.interval is not None:
+            # Repeated on every pulse, so a pipeline that lost this agent's record (a Redis
+            # restarted without persistence, a new state layout) relearns the interval at
+            # once instead of judging silence by its default until the next start.
+            pulse["interval"] = self.settings.interval
         rss = rss_bytes()
         if rss is not None:
             pulse["rss"] = rss
@@ -208,7 +224,13 @@ class Sender:
         drops = self._take_drops()
         carrier = -1
         for item in items:
-            fields = {"kind": "beat", "ts": item} if isinstance(item, float) else item
+            if isinstance(item, float):
+                fields = {"kind": "beat", "ts": item}
+            else:
+                fields = item
+                size = fields.pop(SIZE_KEY, 0)  # type: ignore[call-overload]
+                if size:
+                    self.bytes_out += size
             data = self._encode(fields, offset, drops if carrier < 0 else None)
             if data is None:
                 continue
@@ -232,7 +254,10 @@ class Sender:
         if replies.error is not None:
             lost = replies.count - replies.cut - (1 if with_start and replies.cut == 0 else 0)
             if lost:
-                self._drops[replies.cut_reason] = self._drops.get(replies.cut_reason, 0) + lost
+                # Sent, no reply: Redis may well have written them (a paused server executes
+                # what it had read once it resumes). Saying "dropped" would be a guess.
+                reason = UNCONFIRMED if replies.sent else replies.cut_reason
+                self._drops[reason] = self._drops.get(reason, 0) + lost
             self._failed(replies.error)
 
     def _encode(

@@ -35,7 +35,6 @@ from redis.retry import Retry
 
 from producers._guard import warn_once
 
-MAXLEN: Final = 100_000
 _PING: Final = b"*1\r\n$4\r\nPING\r\n"
 
 
@@ -47,7 +46,9 @@ class Replies:
     refused: dict[int, str] = field(default_factory=dict)
     """Commands Redis answered with an error (index -> drop reason); the others went through."""
     cut: int = -1
-    """Commands from this index on were lost in transit (``-1``: none were)."""
+    """Commands from this index on got no reply (``-1``: all did)."""
+    sent: bool = True
+    """The whole batch went out: commands without a reply may have been executed."""
     error: BaseException | None = None
     """The transport error behind ``cut``, if any."""
 
@@ -62,7 +63,7 @@ class Replies:
 class Transport:
     """XADD batches to one stream over one lazily made connection."""
 
-    def __init__(self, url: str, stream: str, socket_timeout: float) -> None:
+    def __init__(self, url: str, stream: str, socket_timeout: float, maxlen: int) -> None:
         self._url = url
         self._timeout = socket_timeout
         self._conn: Any = None
@@ -71,7 +72,7 @@ class Transport:
         key = stream.encode()
         self._head = (
             b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
-            b"$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key, len(str(MAXLEN)), MAXLEN)
+            b"$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key, len(str(maxlen)), maxlen)
         )
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
@@ -91,7 +92,7 @@ class Transport:
             except (RedisError, OSError) as exc:
                 self._broken(conn)
                 if attempt + 1 == attempts:
-                    return Replies(count, cut=0, error=exc)
+                    return Replies(count, cut=0, sent=False, error=exc)
         replies = Replies(count)
         moved = ""
         for index in range(count):

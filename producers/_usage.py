@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from producers._caps import MAX_COUNT
 from producers._guard import warn_once
 
 CACHE_READ: Final = "tokens_cache_read"
@@ -64,6 +65,10 @@ def usage_fields(usage: object) -> dict[str, int]:
         fields[CACHE_READ] = cache_read
     if cache_write:
         fields[CACHE_WRITE] = cache_write
+    for key in [key for key, value in fields.items() if value > MAX_COUNT]:  # sums of the above
+        del fields[key]
+        warn_once(f"usage:{key}:cap", "agentwatch: usage gives %s over 2**53 - 1, the largest "
+                  "count the pipeline holds exactly; ignored", key)  # fmt: skip
     if not fields:
         warn_once(
             f"usage:{type(usage).__name__}",
@@ -86,7 +91,10 @@ def _get(source: object, name: str) -> object:
 def _count(source: object, name: str) -> int | None:
     value = _get(source, name)
     if isinstance(value, int) and value.__class__ is not bool and value >= 0:
-        return value
+        if value <= MAX_COUNT:
+            return int(value)
+        warn_once(f"usage:{name}:cap", "agentwatch: usage %s=%d is over 2**53 - 1, the largest "
+                  "count the pipeline holds exactly; ignored", name, value)  # fmt: skip
     return None
 
 

@@ -94,6 +94,37 @@ def test_extend_is_sent_at_once_on_a_pulse(
     assert kinds(events(r, prefix)) == ["start", "beat", "pulse"]
 
 
+def test_pulses_repeat_the_declared_interval(
+    make: Callable[..., Producer], r: redis.Redis, prefix: str
+) -> None:
+    # So a pipeline that lost the agent's record (Redis restarted empty) relearns it at once.
+    declared, undeclared = (
+        make("declared", interval=2.5, pulse_interval=0.05),
+        make("free", pulse_interval=0.05),
+    )
+    declared.heartbeat()
+    undeclared.heartbeat()
+
+    def pulses(agent: str) -> list[dict[str, Any]]:
+        return [e for e in of_kind(events(r, prefix), "pulse") if e["agent"] == agent]
+
+    wait_for(lambda: len(pulses("declared")) >= 2 and len(pulses("free")) >= 2, what="pulses of both")
+    assert all(p["interval"] == 2.5 for p in pulses("declared"))
+    assert not any("interval" in p for p in pulses("free"))
+
+
+def test_extend_beyond_a_year_is_clamped_to_the_protocol_cap(
+    make: Callable[..., Producer], r: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    producer = make(pulse_interval=600)
+    producer.extend(1e308)  # would crash a detector's int(): dead-lettered pulses
+    producer.extend(10**9)
+
+    got = wait_for(lambda: len(p := of_kind(events(r, prefix), "pulse")) >= 2 and p, what="extend pulses")
+    assert [p["extend"] for p in got] == [31_536_000.0, 31_536_000.0]
+    assert sum("over 365 days" in rec.getMessage() for rec in caplog.records) == 1
+
+
 def test_extend_with_a_bad_value_is_ignored(
     make: Callable[..., Producer], r: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -106,11 +108,30 @@ def test_usage_and_explicit_arguments_end_to_end(producer: Producer, r: redis.Re
     first, second, third = delivered(r, prefix, 3)
     assert (first["tokens_in"], first["tokens_out"], first["tokens"]) == (100, 20, 120)
     assert first["model"] == "gpt-x"
-    assert (second["tokens_in"], second["tokens_out"]) == (5, 60)
+    assert (second["tokens_in"], second["tokens_out"], second["tokens"]) == (5, 60, 65)  # total follows
     assert third["tokens"] == 7
 
 
+def test_an_explicit_total_is_kept_and_usage_total_stands_without_a_split() -> None:
+    def fields(**kwargs: Any) -> dict[str, Any]:
+        event: dict[str, Any] = {}
+        arguments = dict.fromkeys(("tokens", "tokens_in", "tokens_out", "cost", "model", "fp", "usage"))
+        add_work_fields(event, **{**arguments, **kwargs})
+        return event
+
+    usage = OpenAIUsage(100, 20, 125)  # a total with more than in+out (reasoning, say)
+    assert fields(usage=usage)["tokens"] == 125
+    assert fields(usage=usage, tokens_in=10)["tokens"] == 30  # the split was overridden
+    assert fields(usage=usage, tokens_in=10, tokens=99)["tokens"] == 99  # explicit total wins
+    assert fields(usage=usage, tokens_in=-1)["tokens"] == 125  # a dropped override changes nothing
+
+
 # -- bad arguments -------------------------------------------------------------------------
+
+
+class BrokenRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
 
 
 BAD_CALLS: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
@@ -126,7 +147,13 @@ BAD_CALLS: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], bool]]] = 
     ("nan meta", {"score": math.nan}, lambda e: "score" not in e),
     ("reserved meta key", {"rss": "fake"}, lambda e: "rss" not in e),
     ("deep meta", {"tree": [[[[[1]]]]]}, lambda e: e["tree"] == [[[[]]]]),
-]
+    ("tokens over 2**53-1", {"tokens": 2**53}, lambda e: "tokens" not in e),
+    ("usage over 2**53-1", {"usage": {"input_tokens": 2**60, "output_tokens": 1}},
+     lambda e: "tokens_in" not in e and e["tokens_out"] == 1 and e["tokens"] == 1),
+    ("fp whose repr raises", {"fp": BrokenRepr()}, lambda e: "fp" not in e),
+    ("huge nested meta", {"response": [[n] * 256 for n in range(256)], "step": "s"},
+     lambda e: "response" not in e and e["step"] == "s"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("kwargs", "check"), [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
@@ -164,27 +191,98 @@ def test_numbers_from_other_libraries_are_accepted() -> None:
 
 
 def test_meta_is_reduced_to_plain_data() -> None:
-    meta = clean_meta({"ok": False, "n": 3, "tags": ("a", "b"), "d": {"k": 1.5, 2: "int key"}})
+    meta: dict[str, Any] = {}
+    clean_meta({"ok": False, "n": 3, "tags": ("a", "b"), "d": {"k": 1.5, 2: "int key"}}, meta)
     assert meta == {"ok": False, "n": 3, "tags": ["a", "b"], "d": {"k": 1.5}}
     assert fingerprint("short") == "short"
 
 
-def test_an_event_over_the_size_cap_keeps_the_beat_and_loses_the_meta(
+def test_meta_beyond_the_budget_is_dropped_value_by_value(
     producer: Producer, r: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    many = {f"field{i}": "z" * 1000 for i in range(20)}  # each value fits, together 20 KB
-    producer.heartbeat(tokens=5, **many)
+    many = {f"field{i:02}": "z" * 1000 for i in range(20)}  # each value fits, together 20 KB
+    producer.heartbeat(tokens=5, **many, small="kept")
 
     (beat,) = delivered(r, prefix, 1)
-    assert beat["tokens"] == 5
+    kept = sorted(key for key in beat if key.startswith("field"))
+    assert beat["tokens"] == 5 and beat["small"] == "kept"  # a later value that fits still goes
+    assert kept == [f"field{i:02}" for i in range(len(kept))] and 4 <= len(kept) <= 7  # ~7 KiB
+    assert sum("too large for one beat" in message for message in warnings(caplog)) == 1
+
+
+def test_an_event_still_over_the_size_cap_keeps_the_beat_and_loses_the_meta(
+    producer: Producer, r: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Within the meta budget, but with a long model name and fingerprint the event is over 8 KiB.
+    meta = {f"field{i}": "z" * 1000 for i in range(6)}
+    producer.heartbeat(tokens=5, model="m" * 1024, fp="f" * 1024, **meta)
+
+    (beat,) = delivered(r, prefix, 1)
+    assert beat["tokens"] == 5 and len(beat["model"]) == 1024
     assert not [key for key in beat if key.startswith("field")]
     assert any("lost its meta" in message for message in warnings(caplog))
+
+
+def api_response(items: int) -> list[dict[str, Any]]:
+    """What a parsed JSON API response looks like: ~90 bytes of JSON per item."""
+    return [
+        {"id": n, "name": f"item-{n}", "tags": ["a", "b"], "score": n / 7, "ok": True, "next": None}
+        for n in range(items)
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [api_response(5000), [[n] * 256 for n in range(256)], {f"k{n}": list(range(300)) for n in range(3000)}],
+    ids=["445 KB JSON list", "256x256 nested list", "3000 keys of 300 items"],
+)
+def test_a_huge_meta_value_is_cut_short_in_microseconds(value: Any, caplog: pytest.LogCaptureFixture) -> None:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(300):
+        event: dict[str, Any] = {}
+        start = clock()
+        size = clean_meta({"response": value, "step": "search"}, event)
+        samples.append(clock() - start)
+        assert event == {"step": "search"}  # the huge value is dropped whole, the rest kept
+        assert size < 100
+    # The walk stops at the budget (~1000 values): tens of microseconds, not a copy of the
+    # whole value (the audit measured a 605 us median and 436 ms worst before the budget).
+    assert statistics.median(samples) < 300_000
+    assert max(samples) < 20_000_000
+    assert sum("too large for one beat" in m for m in warnings(caplog)) == 1
+
+
+def test_heavy_beats_are_bounded_by_queue_bytes_and_every_one_is_counted(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    producer = Producer("heavy-bot", redis_url=redis_url, prefix=prefix, queue_bytes=64 * 1024,
+                        flush_interval=600, pulse_interval=600)  # fmt: skip
+    meta = {f"field{i}": "z" * 1000 for i in range(5)}  # ~5 KB per beat
+    try:
+        for n in range(100):
+            producer.heartbeat(tokens=n, **meta)
+        sender = producer._sender
+        assert sender is not None
+        queued = sender.bytes_in - sender.bytes_out
+        one = clean_meta(meta, {})  # the approximate size each of them is counted at
+        assert 64 * 1024 - one < queued <= 64 * 1024  # a dozen heavy beats, not a hundred
+        assert len(producer._queue) * one == queued
+        producer.heartbeat(tokens=1000)  # a light beat still fits: queue_size is not reached
+        assert len(producer._queue) == queued // one + 1
+    finally:
+        producer.close()
+
+    events = read_events(r, f"{prefix}:events")
+    dropped = sum(e.get("dropped", {}).get("queue_full", 0) for e in events)
+    assert len(of_kind(events, "beat")) + dropped == 101
+    assert sender.bytes_in == sender.bytes_out  # every heavy beat taken off the queue was uncounted
 
 
 def test_internal_errors_are_swallowed_unless_asked_to_raise(
     producer: Producer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(meta: dict[str, Any]) -> dict[str, Any]:
+    def broken(*args: Any) -> int:
         raise ZeroDivisionError("an SDK bug")
 
     monkeypatch.setattr("producers._producer.clean_meta", broken)

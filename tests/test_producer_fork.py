@@ -69,3 +69,22 @@ def test_multiprocessing_workers_each_report(
     worker_beats = [e for e in events if e["kind"] == "beat" and e["run"] != parent_run]
     assert sorted(e["tokens"] for e in worker_beats) == sorted(list(range(1, 9)) * 2)
     assert all(kinds(run_events)[0] == "start" for run_events in grouped.values())
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spawned_workers_without_init_are_workers_not_restarts(
+    redis_url: str, prefix: str, r: redis.Redis, method: str
+) -> None:
+    # Zero setup: a plain heartbeat() in the parent, no init(). Without the parent's run id a
+    # spawned worker's start looks like a restart, and its end like the agent exiting.
+    env = agent_env(redis_url, prefix, agent="zero-setup", AGENTWATCH_PULSE_INTERVAL=60)
+    exit_code, out, err = run("pool.py", env, method, "noinit", timeout=30)
+
+    starts = [e for e in read_events(r, f"{prefix}:events") if e["kind"] == "start"]
+    assert exit_code == 0
+    assert_no_internal_errors(err)
+    (parent,) = [e for e in starts if "parent" not in e]  # one run is the agent itself...
+    workers = [e for e in starts if e is not parent]
+    assert len(workers) == int(out.strip())  # ...every other one is a worker of it
+    assert {e["parent"] for e in workers} == {parent["run"]}
+    assert {e["agent"] for e in starts} == {"zero-setup"}

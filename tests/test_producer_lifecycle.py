@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import redis
@@ -17,6 +23,8 @@ from agents.testkit import (
     spawn,
     wait_for,
 )
+
+from producers import _exitcode
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +187,164 @@ except KeyError:
     assert kinds(by_agent["ctx-b"]) == ["start", "beat", "exit"]
     assert by_agent["ctx-b"][-1]["reason"] == "exception"
     assert by_agent["ctx-b"][-1]["error"] == "KeyError: 'gone'"
+
+
+def test_sigterm_with_the_work_loop_in_a_thread_reports_signal(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    # The main thread never calls the producer: the handler went in at `import producers`.
+    process = spawn("scripted.py", agent_env(redis_url, prefix), "thread-forever")
+    wait_for(lambda: len(of_kind(read_events(r, stream(prefix)), "beat")) >= 3, what="beats")
+
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+
+    exit_ = read_events(r, stream(prefix))[-1]
+    assert code == -signal.SIGTERM
+    assert_no_internal_errors(err)
+    assert (exit_["kind"], exit_["reason"], exit_["error"], exit_["code"]) == (
+        "exit",
+        "signal",
+        "SIGTERM",
+        143,
+    )
+
+
+def test_sighup_reports_signal_and_the_process_still_dies_by_it(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    process = spawn("scripted.py", agent_env(redis_url, prefix), "forever")
+    wait_for(lambda: len(of_kind(read_events(r, stream(prefix)), "beat")) >= 3, what="beats")
+
+    process.send_signal(signal.SIGHUP)  # the terminal or the SSH session went away
+    code, _, err = finish(process)
+
+    exit_ = read_events(r, stream(prefix))[-1]
+    assert code == -signal.SIGHUP
+    assert_no_internal_errors(err)
+    assert (exit_["kind"], exit_["reason"], exit_["error"], exit_["code"]) == (
+        "exit",
+        "signal",
+        "SIGHUP",
+        129,
+    )
+
+
+def test_a_program_handler_that_calls_ours_keeps_its_own_behaviour(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    process = spawn("scripted.py", agent_env(redis_url, prefix), "chain-sigterm")
+    wait_for(lambda: len(of_kind(read_events(r, stream(prefix)), "beat")) >= 3, what="beats")
+
+    process.send_signal(signal.SIGTERM)
+    code, out, err = finish(process)
+
+    exit_ = read_events(r, stream(prefix))[-1]
+    assert "own handler ran" in out  # ours, called as "the previous handler", did not kill it
+    assert code == 0
+    assert_no_internal_errors(err)
+    assert (exit_["kind"], exit_["reason"], exit_["code"]) == ("exit", "exit", 0)
+
+
+MONITORED = sys.version_info >= (3, 12)  # sys.monitoring sees `raise SystemExit(main())`
+ENDINGS: dict[str, tuple[int, int | None]] = {
+    # mode: (the process's exit code, the exit event's code; None = sent without one)
+    "raise-literal": (4, 4),
+    "raise-main": (4, 4 if MONITORED else None),
+    "raise-class": (0, 0),
+    "builtin-exit": (4, 4),
+    "in-function": (5, None),  # unknowable: no code rather than a wrong 0
+    "thread-exit": (0, 0),
+    "caught-exit": (0, 0),
+    "stale-error": (0, 0),
+}
+
+
+def test_exit_events_carry_the_real_exit_code_or_none(redis_url: str, prefix: str, r: redis.Redis) -> None:
+    processes = {
+        mode: spawn("ending.py", agent_env(redis_url, prefix, agent=mode), mode) for mode in ENDINGS
+    }  # all at once: each is a short interpreter run
+    results = {mode: finish(process) for mode, process in processes.items()}
+
+    events = read_events(r, stream(prefix))
+    for mode, (process_code, event_code) in ENDINGS.items():
+        code, _, err = results[mode]
+        assert code == process_code, (mode, err)
+        assert_no_internal_errors(err)
+        exit_ = [e for e in events if e["agent"] == mode][-1]
+        assert (exit_["kind"], exit_["reason"]) == ("exit", "exit"), (mode, exit_)
+        assert exit_.get("code") == event_code, (mode, exit_)
+        assert ("code" in exit_) == (event_code is not None), (mode, exit_)
+    assert "ZeroDivisionError" in results["stale-error"][2]  # the handled error was shown
+
+
+EXITCODE_PROBE = """
+import atexit, importlib.util, json, sys, threading
+spec = importlib.util.spec_from_file_location("aw_exitcode", sys.argv[1])
+exitcode = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(exitcode)
+exitcode.watch()
+atexit.register(lambda: print(json.dumps([exitcode.main_ending(), exitcode.exit_code()])))
+
+def main():
+    return 4
+
+def fail_deep():
+    raise SystemExit(5)
+
+mode = sys.argv[2]
+if mode == "raise-literal":
+    raise SystemExit(4)
+elif mode == "raise-main":
+    raise SystemExit(main())
+elif mode == "builtin-exit":
+    exit(4)
+elif mode == "in-function":
+    fail_deep()
+elif mode == "error":
+    raise ValueError("boom")
+"""
+PROBES: dict[str, tuple[str, int | None]] = {
+    "raise-literal": ("raise", 4),
+    "raise-main": ("raise", 4),  # on 3.11: None, see below
+    "builtin-exit": ("raise", 4),
+    "in-function": ("raise", None),
+    "end": ("return", 0),
+    "error": ("raise", None),
+}
+
+
+def interpreter(minor: int) -> str | None:
+    """A CPython 3.<minor> on this machine (PATH, or pyenv's versions), if there is one."""
+    if sys.version_info[:2] == (3, minor):
+        return sys.executable
+    candidates = [
+        shutil.which(f"python3.{minor}"),
+        *glob.glob(str(Path.home() / f".pyenv/versions/3.{minor}.*/bin/python3.{minor}")),
+    ]
+    for candidate in filter(None, candidates):
+        try:
+            probe = [candidate, "-c", "import sys; print(sys.version_info[1])"]
+            version = subprocess.run(probe, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if version.returncode == 0 and version.stdout.strip() == str(minor):
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("minor", [11, 12, 13])
+def test_exit_code_detection_on_each_python_version(minor: int) -> None:
+    python = interpreter(minor)
+    if python is None:
+        pytest.skip(f"no Python 3.{minor} on this machine")
+    argv = [python, "-c", EXITCODE_PROBE, str(Path(_exitcode.__file__))]
+    runs = {
+        mode: subprocess.Popen([*argv, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for mode in PROBES
+    }
+    for mode, (ending, code) in PROBES.items():
+        out, err = runs[mode].communicate(timeout=30)
+        # Without sys.monitoring (3.11) the value main() returned is gone by atexit time.
+        expected = None if mode == "raise-main" and minor < 12 else code
+        assert json.loads(out.strip().splitlines()[-1]) == [ending, expected], (mode, err)

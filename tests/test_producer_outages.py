@@ -27,6 +27,7 @@ from agents.testkit import (
 )
 
 from agentwatch.embedded import EmbeddedRedis
+from producers._sender import UNCONFIRMED
 
 from conftest import free_port
 
@@ -52,12 +53,67 @@ def test_redis_down_from_the_start_costs_the_agent_nothing(prefix: str, free_por
     assert err.count("cannot deliver events to Redis") == 1  # one warning, not one per beat
 
 
+def stop_paced(echo: Echo) -> tuple[dict[str, Any], float, int, str]:
+    """Stop a ``paced.py`` agent: its call statistics, its exit time (from its last line of
+    Python to the process being gone), return code and stderr."""
+    echo.process.send_signal(signal.SIGUSR1)
+    code, err = echo.finish()
+    stats, end = (json.loads(line) for line in echo.lines[-2:])
+    return stats, echo.exited_at - end["end"], code, err
+
+
+def assert_unharmed(stats: dict[str, Any], exit_s: float) -> None:
+    """What an outage may cost the agent: nothing it could notice. The bounds are generous for a
+    loaded 2-core box and still far below what a blocking client costs (a refused connect takes
+    tens of microseconds, a hung one the socket timeout)."""
+    assert stats["median_ns"] < 10_000, stats
+    assert stats["p99_ns"] < 1_000_000, stats
+    assert stats["max_ns"] < 100_000_000, stats
+    assert stats["rss_growth"] < 30 * 2**20, stats
+    assert exit_s < 2.5  # the exit flush has a 2 s deadline
+
+
+def beats_after_drops(client: redis.Redis, stream: str) -> Callable[[], list[dict[str, Any]]]:
+    """A wait_for predicate: the stream's events, once a beat follows the first drop count."""
+
+    def recovered() -> list[dict[str, Any]]:
+        events = read_events(client, stream)
+        first = next((i for i, e in enumerate(events) if "dropped" in e), None)
+        return events if first is not None and of_kind(events[first + 1 :], "beat") else []
+
+    return recovered
+
+
+def test_redis_down_from_the_start_then_started_beats_flow_with_the_drop_count(
+    prefix: str, spawn_redis: Callable[..., EmbeddedRedis]
+) -> None:
+    port = free_port()
+    env = agent_env(f"redis://127.0.0.1:{port}/0", prefix, AW_INIT=json.dumps({"queue_size": 50}))
+    echo = Echo(spawn("paced.py", env))
+    try:
+        echo.wait_beats(200)  # nothing listens: 150 beats more than the queue holds
+        server = spawn_redis(port=port)  # Redis appears where the agent looks for it
+        with redis.Redis.from_url(server.tcp_url) as client:
+            events = wait_for(beats_after_drops(client, f"{prefix}:events"), what="beats after drops")
+    finally:
+        stats, exit_s, code, err = stop_paced(echo)
+
+    assert events[0]["kind"] == "start"  # held until Redis took it
+    dropped = total_dropped(events)
+    assert set(dropped) == {"redis_down"}  # named after the outage, not "queue full"
+    assert dropped["redis_down"] >= 200 - 50 - 10
+    assert code == 0
+    assert_unharmed(stats, exit_s)
+    assert_no_internal_errors(err)
+    assert err.count("cannot deliver events to Redis") == 1
+
+
 def test_redis_killed_mid_run_then_back_beats_flow_again_with_drop_count(
     prefix: str, spawn_redis: Callable[..., EmbeddedRedis]
 ) -> None:
     server = spawn_redis()
-    env = agent_env(server.url, prefix, AW_ECHO=1, AW_QUEUE_SIZE=20)
-    echo = Echo(spawn("scripted.py", env, "forever"))
+    env = agent_env(server.url, prefix, AW_INIT=json.dumps({"queue_size": 20}))
+    echo = Echo(spawn("paced.py", env))
     client = redis.Redis.from_url(server.url)
     try:
         stream = f"{prefix}:events"
@@ -65,27 +121,59 @@ def test_redis_killed_mid_run_then_back_beats_flow_again_with_drop_count(
         last_seq = read_events(client, stream)[-1]["seq"]
 
         server.kill()
-        echo.wait_beats(60)  # the agent keeps working through the outage: 3x the queue
+        echo.wait_beats(100)  # the agent keeps working through the outage: 5x the queue
         server.start()  # same URL, empty server (no persistence)
-
-        def recovered() -> list[dict[str, Any]]:
-            events = read_events(client, stream)
-            with_drops = [e for e in events if "dropped" in e]
-            return events if with_drops and events[-1] is not with_drops[0] else []
-
-        events = wait_for(recovered, what="beats with a drop count after the restart")
+        events = wait_for(beats_after_drops(client, stream), what="beats with a drop count after the restart")
     finally:
         client.close()
-        echo.process.send_signal(signal.SIGTERM)
-        code, err = echo.finish()
+        stats, exit_s, code, err = stop_paced(echo)
 
     dropped = total_dropped(events)
-    assert set(dropped) == {"redis_down"}  # named after the outage, not "queue full"
-    assert dropped["redis_down"] >= 60 - 20 - 5  # beyond what the queue could hold
+    assert set(dropped) <= {"redis_down", UNCONFIRMED}  # a batch in flight at the kill: maybe written
+    assert dropped["redis_down"] >= 100 - 20 - 10  # beyond what the queue could hold
     beats = of_kind(events, "beat")
     assert beats[0]["seq"] > last_seq  # the same run carries on
     assert len(beats) >= 2
-    assert code == -signal.SIGTERM
+    assert code == 0
+    assert_unharmed(stats, exit_s)
+    assert_no_internal_errors(err)
+
+
+def test_redis_paused_then_resumed_beats_flow_again_and_unanswered_ones_are_unconfirmed(
+    prefix: str, spawn_redis: Callable[..., EmbeddedRedis]
+) -> None:
+    server = spawn_redis()
+    assert server.process is not None
+    options = {"queue_size": 30, "socket_timeout": 0.2, "flush_interval": 0.02}
+    env = agent_env(server.url, prefix, AW_INIT=json.dumps(options))
+    echo = Echo(spawn("paced.py", env))
+    client = redis.Redis.from_url(server.url)
+    stream = f"{prefix}:events"
+    try:
+        wait_for(lambda: len(read_events(client, stream)) >= 5, what="beats before the pause")
+        server.process.send_signal(signal.SIGSTOP)  # a hung server: connected, never answering
+        try:
+            echo.wait_beats(200)  # 0.4 s: batches time out, then the queue overflows
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        events = wait_for(beats_after_drops(client, stream), what="beats after the pause")
+        echo.wait_beats(20)
+    finally:
+        client.close()
+        stats, exit_s, code, err = stop_paced(echo)
+
+    events = read_events(redis.Redis.from_url(server.url), stream)
+    dropped = total_dropped(events)
+    assert dropped.get(UNCONFIRMED, 0) > 0, dropped  # sent, no reply: not claimed as dropped
+    assert set(dropped) <= {UNCONFIRMED, "redis_timeout"}
+    beats = of_kind(events, "beat")
+    # Honest accounting: what is in the stream plus what is certainly lost never exceeds what the
+    # agent made (counting written events as dropped would), and unconfirmed ones close the gap.
+    certainly_lost = dropped.get("redis_timeout", 0)
+    assert len(beats) + certainly_lost <= stats["beats"] <= len(beats) + sum(dropped.values())
+    assert beats[-1]["seq"] > beats[0]["seq"]
+    assert code == 0
+    assert_unharmed(stats, exit_s)
     assert_no_internal_errors(err)
 
 

@@ -27,6 +27,11 @@ def main() -> None:
         tokens = handle(ticket)
         heartbeat(tokens=tokens, fp=f"ticket-{ticket}")  # from the loop itself, not a thread
 
+    # This agent ends on purpose once its tickets are done: say so. Without shutdown() the run
+    # ends with a plain exit, which the pipeline reports as "exited without shutdown()" (for a
+    # service that should run for ever, an exit is news). A loop that never ends needs neither.
+    producers.shutdown()
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,9 @@
-"""A multiprocessing agent: ``python pool.py fork|spawn|forkserver``; prints how many workers ran.
+"""A multiprocessing agent: ``python pool.py fork|spawn|forkserver [noinit]``; prints how many
+workers ran.
 
-The parent calls ``init()``; workers only call ``heartbeat()``. Forked workers inherit the
-producer, spawned ones its ``init()`` arguments; either way each worker is its own run.
+The parent calls ``init()`` (unless ``noinit``: then it only beats, configured from the
+environment); workers only call ``heartbeat()``. Forked workers inherit the producer, spawned
+ones its arguments and run id; either way each worker is its own run, a child of the parent's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def task(n: int) -> int:
 
 
 if __name__ == "__main__":
-    producers.init(agent="mp-agent", pulse_interval=60)
+    if sys.argv[2:] != ["noinit"]:
+        producers.init(agent="mp-agent", pulse_interval=60)
     producers.heartbeat(tokens=0)
     with mp.get_context(sys.argv[1]).Pool(2) as pool:
         pids = set(pool.map(task, range(1, 9), chunksize=1))

@@ -14,6 +14,9 @@ recv          block forever in fetch_from_api() on a socket recv that never retu
 thread-raise  the work loop runs in a thread that dies of an exception; main exits normally
 takeover      like thread-raise, but a second thread takes over the work and beats on
 own-sigterm   the program handles SIGTERM itself (prints, exits 0), then beats forever
+chain-sigterm like own-sigterm, but the handler first calls the one it replaced, as some
+              frameworks do (the producer's, here: it must not end the process)
+thread-forever the work loop runs forever in a thread; the main thread only waits for it
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def beat_some(beats: int = BEATS) -> None:
         time.sleep(PERIOD)
 
 
+def beat_forever() -> None:
+    while True:
+        beat_some(1)
+
+
 def run_job() -> None:
     raise ValueError("boom in run_job")
 
@@ -60,13 +68,21 @@ def thread_work() -> None:
 def main(mode: str) -> None:
     if os.environ.get("AW_QUEUE_SIZE"):
         producers.init(queue_size=int(os.environ["AW_QUEUE_SIZE"]))
-    if mode == "own-sigterm":
+    if mode in {"own-sigterm", "chain-sigterm"}:
+        previous = signal.getsignal(signal.SIGTERM)
 
         def on_term(signum: int, frame: object) -> None:
+            if mode == "chain-sigterm" and callable(previous):
+                previous(signum, frame)
             print("own handler ran", flush=True)
             sys.exit(0)
 
         signal.signal(signal.SIGTERM, on_term)
+    if mode == "thread-forever":
+        worker = threading.Thread(target=beat_forever, name="work-loop", daemon=True)
+        worker.start()
+        worker.join()
+        return
     if mode in {"thread-raise", "takeover"}:
         worker = threading.Thread(target=thread_work, name="work-loop")
         worker.start()
@@ -77,9 +93,8 @@ def main(mode: str) -> None:
             successor.join()
         return
     beat_some()
-    if mode in {"forever", "own-sigterm"}:
-        while True:
-            beat_some(1)
+    if mode in {"forever", "own-sigterm", "chain-sigterm"}:
+        beat_forever()
     elif mode == "exit3":
         sys.exit(3)
     elif mode == "raise":

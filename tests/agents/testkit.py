@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,11 +130,17 @@ def hung_server() -> Iterator[HungServer]:
 
 
 class Echo:
-    """Reads an ``AW_ECHO=1`` agent's stdout on a thread: how many beats it has made so far."""
+    """Reads an ``AW_ECHO=1`` agent's stdout on a thread: how many beats it has made so far.
+
+    Lines that are not a beat count are kept in :attr:`lines`; :attr:`exited_at` is the
+    monotonic time at which :meth:`finish` saw the process gone.
+    """
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process = process
         self.beats = 0
+        self.lines: list[str] = []
+        self.exited_at = 0.0
         self._thread = threading.Thread(target=self._read, name="echo-reader", daemon=True)
         self._thread.start()
 
@@ -142,6 +149,8 @@ class Echo:
         for line in self.process.stdout:
             if line.strip().isdigit():
                 self.beats = int(line)
+            elif line.strip():
+                self.lines.append(line.strip())
 
     def wait_beats(self, more: int, timeout: float = 10.0) -> None:
         """Wait until the agent has made ``more`` beats beyond the count seen now."""
@@ -155,6 +164,7 @@ class Echo:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"agent did not exit within {timeout}s") from None
+        self.exited_at = time.monotonic()
         self._thread.join(5)
         assert self.process.stderr is not None
         err = self.process.stderr.read()
