@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 
 from agentwatch.codec import Event, entry_ms
+from agentwatch.config import format_duration
 from agentwatch.redisconn import RECOVERABLE
 from agentwatch.worker import Message
 from agentwatch.workers import DETECTORS_GROUP
@@ -91,7 +92,11 @@ class Engine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.detectors: dict[str, BuiltinDetector[Any]] = {}
         self.renderers: dict[str, BuiltinDetector[Any]] = {}
-        self.publisher = intents.Publisher(self.client, self.keys, ctx.incidents, self.owner, self.render)
+        self.lease_ms = intents.lease_for(ctx.settings.worker.claim_idle_s)
+        self.publisher = intents.Publisher(
+            self.client, self.keys, ctx.incidents, self.owner, self.render,
+            lease_ms=self.lease_ms, on_error=self._publish_failed,
+        )  # fmt: skip
         self._ready = False
         self._overrides = False
         self._profiles: list[tuple[float, ...]] = []
@@ -110,6 +115,10 @@ class Engine:
         """False: every segment goes through the update script (tests compare the two)."""
         self.fast: Any = None
         self.fast_errors = 0
+
+    def _publish_failed(self) -> None:
+        stats = self.ctx.stats.handler_errors
+        stats["intents"] = stats.get("intents", 0) + 1
 
     # -- registration ------------------------------------------------------------------------
     def register(self, detector: BuiltinDetector[Any]) -> None:
@@ -224,7 +233,7 @@ class Engine:
                     self.keys.stacks(shard), self.keys.rss(shard), self.keys.intents(shard),
                     self.keys.clock(shard),
                 ],
-                args=[self.owner, intents.LEASE_MS, self._packed_profiles, segments.pack(folded, rows),
+                args=[self.owner, self.lease_ms, self._packed_profiles, segments.pack(folded, rows),
                       self.blind_ms()],
             )  # fmt: skip
             owned, windows = msgpack.unpackb(reply, raw=False)
@@ -306,10 +315,47 @@ class Engine:
 
     # -- alerts ------------------------------------------------------------------------------
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        """(severity, summary, details) of one decided op. Never raises: a decision must reach
+        the alerts stream even if its wording fails (a bug, facts of an older version), so a
+        failing renderer is logged and counted, and the op is published in plain words."""
         detector = self.renderers.get(kind)
-        if detector is None:  # decided while enabled, published after being disabled
-            return BuiltinDetector.render(detector, agent, kind, op)  # type: ignore[arg-type]
-        return detector.render(agent, kind, op)
+        try:
+            facts = op.get("f") or {}
+            if op["o"] == "r" and facts.get("forgotten"):
+                return self._forgotten(detector, agent, kind, op)
+            if detector is None:  # decided while enabled, published after being disabled
+                return BuiltinDetector.render(detector, agent, kind, op)  # type: ignore[arg-type]
+            return detector.render(agent, kind, op)
+        except Exception:
+            name = detector.name if detector is not None else kind
+            self.ctx.stats.handler_errors[name] = self.ctx.stats.handler_errors.get(name, 0) + 1
+            log.exception("could not word the %s alert of %s (op %r); publishing it plainly", kind, agent, op)
+            verb = "started" if op.get("o") == "f" else "ended"
+            facts = op.get("f")
+            return (
+                _severity(detector, agent),
+                f"{agent}: {kind} incident {verb}",
+                dict(facts if isinstance(facts, dict) else {}),
+            )
+
+    @staticmethod
+    def _forgotten(
+        detector: BuiltinDetector[Any] | None, agent: str, kind: str, op: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]]:
+        """The resolve of an incident still open when its agent was forgotten (timers.forget):
+        worded here once for every kind, from the facts every kind's forget op carries."""
+        seen = float(op["f"].get("seen") or 0)
+        silent_s = max(0.0, (op["at"] - seen) / 1000) if seen else 0.0
+        summary = f"{agent}: forgotten after {format_duration(silent_s)} of silence; {kind} incident closed"
+        return _severity(detector, agent), summary, {"forgotten": True, "silent_s": round(silent_s, 3)}
+
+
+def _severity(detector: BuiltinDetector[Any] | None, agent: str) -> str:
+    """The severity ``detector`` is configured with for ``agent`` ("error" when unknown)."""
+    if detector is None:
+        return "error"
+    severity = getattr(detector.config.for_agent(agent), "severity", "error")
+    return severity if isinstance(severity, str) else "error"
 
 
 def _compose_update() -> str:

@@ -30,11 +30,21 @@ from typing import Any, Final
 
 from agentwatch.alerts import Incidents
 from agentwatch.keys import Keys
+from agentwatch.redisconn import RECOVERABLE
 
 log = logging.getLogger("agentwatch.detectors.intents")
 
 LEASE_MS: Final = 10_000
-"""How long a worker may take to publish what it decided before another worker takes over."""
+"""How long a worker may take to publish what it decided before another worker takes over (at
+most; see :func:`lease_for`)."""
+
+
+def lease_for(claim_idle_s: float) -> int:
+    """The lease in ms for a pipeline whose workers count as dead after ``[worker] claim_idle``:
+    never longer than that (a dead worker's decisions are not held back longer than its
+    entries), never shorter than a second (a busy worker keeps what it decided)."""
+    return min(LEASE_MS, max(1000, int(claim_idle_s * 1000)))
+
 
 Render = Callable[[str, str, dict[str, Any]], tuple[str, str, dict[str, Any]]]
 """(agent, detector, op) -> (severity, summary, details) for one op."""
@@ -116,13 +126,26 @@ return 1
 class Publisher:
     """Publishes the ops of intents entries this worker holds (or takes over) via Incidents."""
 
-    def __init__(self, client: Any, keys: Keys, incidents: Incidents, owner: str, render: Render) -> None:
+    def __init__(  # noqa: PLR0917 - the worker's parts
+        self,
+        client: Any,
+        keys: Keys,
+        incidents: Incidents,
+        owner: str,
+        render: Render,
+        lease_ms: int = LEASE_MS,
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.incidents = incidents
         self.owner = owner
         self.render = render
+        self.lease_ms = lease_ms
+        self.on_error = on_error
         self.published = 0
+        self.failed = 0
+        """Entries whose publishing failed (each is retried after its lease)."""
         self._progress = client.register_script(_PROGRESS)
         self._release = client.register_script(_RELEASE)
         self._take = client.register_script(_TAKE)
@@ -130,7 +153,7 @@ class Publisher:
     def publish(self, shard: int, owned: list[bytes | str]) -> None:
         """Publish every entry the deciding script leased to us, in the order it decided them."""
         for key in owned:
-            self._drain(shard, key.decode() if isinstance(key, bytes) else key)
+            self._guarded(shard, key.decode() if isinstance(key, bytes) else key)
 
     def sweep(self, now_ms: int) -> int:
         """Take over entries whose lease expired (their worker died) and publish them."""
@@ -143,15 +166,31 @@ class Publisher:
                 continue
             intents = self.keys.intents(shard)
             for key, raw in self.client.hgetall(intents).items():
-                doc = json.loads(raw)
-                if doc["owner"] and doc["until"] >= now_ms:
-                    continue
                 name = key.decode() if isinstance(key, bytes) else key
-                if self._take(keys=[intents], args=[name, self.owner, LEASE_MS]) == 1:
+                try:
+                    doc = json.loads(raw)
+                    if doc["owner"] and doc["until"] >= now_ms:
+                        continue
+                except (ValueError, KeyError, TypeError):
+                    pass  # unreadable: _take and _drain below say so and count it
+                if self._take(keys=[intents], args=[name, self.owner, self.lease_ms]) == 1:
                     log.info("publishing %s decided by a worker that stopped before it could", name)
-                    self._drain(shard, name)
+                    self._guarded(shard, name)
                     taken += 1
         return taken
+
+    def _guarded(self, shard: int, key: str) -> None:
+        """:meth:`_drain` one entry; a failure is logged and counted and never stops the others
+        (the entry stays, leased: after the lease the sweep tries it again). Lost connections
+        go up to the worker runtime, which retries the whole step."""
+        try:
+            self._drain(shard, key)
+        except RECOVERABLE:
+            raise
+        except Exception:
+            self.failed += 1
+            self.on_error()
+            log.exception("could not publish the decisions of %s; it is retried after the lease", key)
 
     def _drain(self, shard: int, key: str) -> None:
         intents = self.keys.intents(shard)
@@ -165,7 +204,7 @@ class Publisher:
             ops: list[dict[str, Any]] = doc["ops"]
             for index in range(int(doc["done"]), len(ops)):
                 self._apply(key, ops[index])
-                if self._progress(keys=[intents], args=[key, self.owner, index + 1, LEASE_MS]) != 1:
+                if self._progress(keys=[intents], args=[key, self.owner, index + 1, self.lease_ms]) != 1:
                     return  # the lease was lost: the new holder continues from the mark
             if self._release(keys=[intents], args=[key, self.owner]) != 0:
                 return

@@ -83,7 +83,7 @@ class Lag(BuiltinDetector[LagConfig]):
         cfg = self.config
         owned = script(
             keys=[self.ctx.keys.clock(shard), self.ctx.keys.intents(shard)],
-            args=[self.engine.owner, intents.LEASE_MS, now_ms, behind_ms, gap_ms, waiting,
+            args=[self.engine.owner, self.engine.lease_ms, now_ms, behind_ms, gap_ms, waiting,
                   int(cfg.after_s * 1000), int(cfg.recover_s * 1000), PIPELINE_AGENT],
         )  # fmt: skip
         if owned:

@@ -24,7 +24,6 @@ import numpy as np
 from pydantic import BeforeValidator, Field, PlainSerializer
 
 from agentwatch.config import Seconds, format_duration
-from detectors import intents
 from detectors.base import DetectorConfig
 from detectors.engine import BuiltinDetector, lua_prelude, register
 
@@ -223,7 +222,7 @@ class Memory(BuiltinDetector[MemoryConfig]):
         script = self._script()
         owned = script(
             keys=[self.ctx.keys.states(shard), self.ctx.keys.intents(shard)],
-            args=[self.engine.owner, intents.LEASE_MS, msgpack.packb(verdicts)],
+            args=[self.engine.owner, self.engine.lease_ms, msgpack.packb(verdicts)],
         )
         if owned:
             self.engine.publisher.publish(shard, owned)

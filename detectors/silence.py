@@ -72,12 +72,6 @@ class Silence(BuiltinDetector[SilenceConfig]):
             return severity, summary, details
         if f.get("shutdown"):
             return severity, f"{agent}: shut down", {}
-        if f.get("forgotten"):
-            return (
-                severity,
-                f"{agent}: forgotten after {format_duration(self.config.forget_s)} of silence",
-                {},
-            )
         away = format_duration(max(0.0, (f["back"] - f["since"]) / 1000))
         return (
             severity,

@@ -72,8 +72,6 @@ class Stall(BuiltinDetector[StallConfig]):
                 return severity, f"{agent}: restarted", {}
             if f.get("shutdown"):
                 return severity, f"{agent}: shut down", {}
-            if f.get("forgotten"):
-                return severity, f"{agent}: forgotten", {}
             stuck = format_duration(max(0.0, (f["back"] - f["since"]) / 1000))
             return severity, f"{agent}: beats resumed after {stuck}", {}
         last = max(f["beat"], f["start"])

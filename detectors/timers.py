@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from detectors import intents
 from detectors.engine import lua_prelude, register
 
 if TYPE_CHECKING:
@@ -92,8 +91,9 @@ local owned = flush_ops(KEYS[4], OWNER, LEASE)
 return cmsgpack.pack({gap, owned, #due == k and 1 or 0})
 """
 
-# Forget agents not seen since ARGV[3]: resolve what is open, delete every trace.
-# KEYS: states, timers, agents, stacks, rss, intents. ARGV: owner, lease, cutoff, k.
+# Forget agents not seen since ARGV[3]: resolve what is open, delete every trace (the start
+# facts too, agentwatch/facts.py: a forgotten agent is not listed by status or reports).
+# KEYS: states, timers, agents, stacks, rss, intents, facts. ARGV: owner, lease, cutoff, k.
 _FORGET: Final = """
 local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
 local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
@@ -112,6 +112,7 @@ redis.call('ZREM', KEYS[2], unpack(old))
 redis.call('ZREM', KEYS[3], unpack(old))
 redis.call('HDEL', KEYS[4], unpack(old))
 redis.call('HDEL', KEYS[5], unpack(old))
+redis.call('HDEL', KEYS[7], unpack(old))
 return flush_ops(KEYS[6], OWNER, LEASE)
 """
 
@@ -139,7 +140,7 @@ class Timers:
             reply = self._check(
                 keys=[keys.states(shard), keys.timers(shard), keys.stacks(shard), keys.intents(shard),
                       keys.clock(shard)],
-                args=[self.engine.owner, intents.LEASE_MS, now_ms, limit_ms, CLAIM_BATCH, blind,
+                args=[self.engine.owner, self.engine.lease_ms, now_ms, limit_ms, CLAIM_BATCH, blind,
                       int(silence), int(stall)],
             )  # fmt: skip
             found, owned, more = msgpack.unpackb(reply, raw=False)
@@ -159,8 +160,8 @@ class Timers:
         for shard in range(keys.shards):
             owned: Any = self._forget(
                 keys=[keys.states(shard), keys.timers(shard), keys.agents(shard), keys.stacks(shard),
-                      keys.rss(shard), keys.intents(shard)],
-                args=[self.engine.owner, intents.LEASE_MS, cutoff, 500],
+                      keys.rss(shard), keys.intents(shard), keys.facts(shard)],
+                args=[self.engine.owner, self.engine.lease_ms, cutoff, 500],
             )  # fmt: skip
             if owned:
                 self.engine.publisher.publish(shard, owned)
