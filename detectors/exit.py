@@ -34,6 +34,7 @@ LUA: Final = """
 local function exit_fire(a, r, p, ex, stale)
   if p[P_EXIT_ON] ~= 1 then return end
   local reason, code = ex[2], ex[3]
+  if code == false then code = nil end  -- unknown: left out of the facts
   local facts = {reason = reason, code = code, error = ex[4], traceback = ex[5]}
   if reason == 'exit' and code == 0 and p[P_EXIT_CLEAN] ~= 1 then
     if not stale then set(r, F_EXITED) end
@@ -76,7 +77,8 @@ class Exit(BuiltinDetector[ExitConfig]):
         if op["o"] == "r":
             late = " (its exit was processed after the restart)" if f.get("late") else ""
             return severity, f"{agent}: started again{late}", {}
-        reason, code, error = f["reason"], int(f["code"]), f.get("error") or ""
+        reason, error = f["reason"], f.get("error") or ""
+        code = int(f["code"]) if isinstance(f.get("code"), int | float) else None  # None: unknown
         details: dict[str, Any] = {"reason": reason, "code": code}
         if error:
             details["error"] = error
@@ -85,7 +87,10 @@ class Exit(BuiltinDetector[ExitConfig]):
         if reason == "exception":
             summary = f"{agent}: crashed with {error or 'an uncaught exception'}"
         elif reason == "signal":
-            summary = f"{agent}: killed by {error or _signal_name(code)}"
+            how = error or (_signal_name(code) if code is not None else "a signal")
+            summary = f"{agent}: killed by {how}"
+        elif code is None:
+            summary = f"{agent}: exited without shutdown(), exit code unknown"
         elif code == 0:
             severity = "warning"
             summary = f"{agent}: exited with code 0 without shutdown()"

@@ -27,6 +27,8 @@ assert DTYPE.itemsize == record.SIZE
 P: Final = {name: i for i, name in enumerate(PROFILE)}
 _UINT32: Final = 2.0**32
 _FLOAT32_SAFE: Final = 3.4e38  # rounds to a finite float32
+TOK_MARGIN: Final = 1 - 1e-9
+"""tokens.LUA's TOK_MARGIN."""
 
 PowOf = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(alpha, n) -> (1 - alpha)^n as the server's ``math.pow`` computes it (fastpath.Decays)."""
@@ -116,8 +118,9 @@ def plan_batch(  # noqa: PLR0917 - one batch's inputs
     xu = s[lo.S_XU]
     new["xu"] = np.where(s[lo.S_XBEAT] == 1, np.where(s[lo.S_BEAT] >= r["beat"], xu, r["xu"]),
                          np.where(xu > r["xu"], xu, r["xu"]))  # fmt: skip
-    new["sa"] = np.maximum(p[:, P["sil_after"]], 3000 * r["iv"])
-    new["ta"] = np.maximum(p[:, P["stall_after"]], 3000 * r["iv"])
+    new["iv"] = np.where(s[lo.S_IV] >= 0, s[lo.S_IV], r["iv"])  # a pulse repeating the interval
+    new["sa"] = np.maximum(p[:, P["sil_after"]], 3000 * new["iv"])
+    new["ta"] = np.maximum(p[:, P["stall_after"]], 3000 * new["iv"])
     new["bt"] = r["bt"] + s[lo.S_NBEAT]
     ok &= _memory(new, step, on["mem_on"])
     ok &= _tokens(new, step, on["tok_on"], pow_of)
@@ -217,8 +220,8 @@ def _ewma(
 
 
 def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowOf) -> np.ndarray:
-    """tokens_apply() when neither a beat, its cost nor a rate window is anomalous (and no
-    incident is open, so the baselines learn)."""
+    """tokens_apply() where tok_safe() holds (judging the beats one by one would decide nothing)
+    and so the script folds them (tok_fold; one beat: tok_beat, the same arithmetic then)."""
     s, p, segs, rows = step
     tn, tsum, tmax, tw = (s[k] for k in (lo.S_TN, lo.S_TSUM, lo.S_TMAX, lo.S_TW))
     cn, csum, cmax, cw = (s[k] for k in (lo.S_CN, lo.S_CSUM, lo.S_CMAX, lo.S_CW))
@@ -229,32 +232,37 @@ def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowO
     if not active.any():
         return np.ones(len(rows), dtype=bool)
     alpha, factor, w = p[:, P["alpha"]], p[:, P["factor"]], p[:, P["window"]]
+    # tok_safe: no beat judged before the last, or none anomalous against any baseline reachable
+    judged = new["tn"] + s[lo.S_UN] - 1 >= p[:, P["warmup"]]
     base_t = np.divide(new["tb"], new["tw"], out=np.zeros(len(rows)), where=new["tw"] > 0)
     base_c = np.divide(new["cb"], new["cw"], out=np.zeros(len(rows)), where=new["cw"] > 0)
-    warm = new["tn"] >= p[:, P["warmup"]]
-    hot = warm & tok & (tmax >= p[:, P["min_tokens"]]) & (tmax > factor * base_t)
-    hot |= warm & cost & (cmax >= p[:, P["min_cost"]]) & (cmax > factor * base_c)
+    low_t, low_c = np.minimum(s[lo.S_TMIN], base_t), np.minimum(s[lo.S_CMIN], base_c)
+    hot = judged & tok & (tmax >= p[:, P["min_tokens"]]) & (tmax > factor * low_t * TOK_MARGIN)
+    hot |= judged & cost & (cmax >= p[:, P["min_cost"]]) & (cmax > factor * low_c * TOK_MARGIN)
     of, rank, start, total = _items(segs.windows, 3, segs, rows)
     windowed = active & (s[lo.S_WS] > 0)
-    ws, wt, rb, rw, rn = (new[k].copy() for k in ("ws", "wt", "rb", "rw", "rn"))
-    for k in range(int(rank.max()) + 1 if len(rank) else 0):
+    ws, wt, rb, rw, rn, pws, pwt = (new[k].copy() for k in ("ws", "wt", "rb", "rw", "rn", "pws", "pwt"))
+    for k in range(int(rank.max()) + 1 if len(rank) else 0):  # tok_window, window by window
         at = np.flatnonzero((rank == k) & windowed[of])
         c: Any = of[at]
         begin, tokens = start[at], total[at]
         if len(c) == len(rows):  # every candidate (in order): whole columns, no gathering
             c = slice(None)
-        closes = begin > ws[c]
-        folds = closes & (ws[c] > 0) & (wt[c] > 0)  # (a hot segment is refused whatever it folds)
+        closes, had = begin > ws[c], ws[c] > 0
+        hot[c] |= begin < ws[c]  # a window older than the current one: never in order; the script's
+        folds = closes & had & (wt[c] > 0)  # (a hot or firing segment is refused whatever it folds)
         a = alpha[c]
         rb_new, rw_new = _ewma(rb[c], rw[c], 1 - a, a * wt[c] * 1000 / w[c])
         rb[c], rw[c] = np.where(folds, rb_new, rb[c]), np.where(folds, rw_new, rw[c])
         rn[c] = np.where(folds, np.minimum(rn[c] + 1, 65535), rn[c])
+        pws[c] = np.where(closes & had, np.where(folds, ws[c], -ws[c]), pws[c])
+        pwt[c] = np.where(closes & had, wt[c], pwt[c])
         ws[c], wt[c] = np.where(closes, begin, ws[c]), np.where(closes, 0, wt[c])
         wt[c] = np.where(begin == ws[c], wt[c] + tokens, wt[c])
-        judged = warm[c] & (rn[c] >= 2) & (rw[c] > 0)
-        expected = np.divide(rb[c], rw[c], out=np.zeros(len(at)), where=judged) * w[c] / 1000
-        hot[c] |= judged & (wt[c] >= p[c, P["min_tokens"]]) & (wt[c] > factor[c] * expected)
-    new["ws"], new["wt"], new["rb"], new["rw"], new["rn"] = ws, wt, rb, rw, rn
+        rated = judged[c] & (rn[c] >= 2) & (rw[c] > 0)
+        expected = np.divide(rb[c], rw[c], out=np.zeros(len(at)), where=rated) * w[c] / 1000
+        hot[c] |= rated & (wt[c] >= p[c, P["min_tokens"]]) & (wt[c] > factor[c] * expected * TOK_MARGIN)
+    new.update(ws=ws, wt=wt, rb=rb, rw=rw, rn=rn, pws=pws, pwt=pwt)
     new["hot"] = np.where(active, 0, new["hot"])
     learn = active & tok
     if learn.any():
@@ -264,7 +272,7 @@ def _tokens(new: dict[str, np.ndarray], step: Step, on: np.ndarray, pow_of: PowO
     if learn.any():
         cb, cw_new = _ewma(new["cb"], new["cw"], decay(pow_of, alpha, np.where(learn, cn, 1)), cw)
         new["cb"], new["cw"] = np.where(learn, cb, new["cb"]), np.where(learn, cw_new, new["cw"])
-    new["tn"] = np.where(active, np.minimum(new["tn"] + np.where(tok, tn, cn), 4e9), new["tn"])
+    new["tn"] = np.where(active, np.minimum(new["tn"] + s[lo.S_UN], 4e9), new["tn"])
     ok: np.ndarray = ~(active & hot)
     return ok
 

@@ -84,6 +84,7 @@ def fold_simple(numbers: np.ndarray, ev: Events) -> None:
     numbers[:, layout.S_HI] = np.maximum.reduceat(ev.seq, ev.starts)
     numbers[:, layout.S_FIRST] = ms[ev.starts]
     numbers[:, layout.S_LAST] = ms[ev.ends - 1]
+    numbers[:, layout.S_NEV] = ev.ends - ev.starts
     numbers[:, layout.S_START] = 0
     numbers[:, layout.S_IV] = -1
     numbers[:, layout.S_CHILD] = 0
@@ -139,6 +140,7 @@ def _fold_single(numbers: np.ndarray, ev: Events, beat: np.ndarray, pulse: np.nd
     ms = ev.ms
     numbers[:, layout.S_LO] = numbers[:, layout.S_HI] = ev.seq
     numbers[:, layout.S_FIRST] = numbers[:, layout.S_LAST] = ms
+    numbers[:, layout.S_NEV] = 1
     numbers[:, layout.S_IV] = -1
     numbers[:, layout.S_FBEAT] = numbers[:, layout.S_BEAT] = np.where(beat, ms, 0)
     numbers[:, layout.S_NBEAT] = numbers[:, layout.S_XBEAT] = beat
@@ -161,10 +163,11 @@ def fp_runs(ev: Events, beat: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarra
     return seg[first], beat_pos[first], length
 
 
-def ewma_terms(
-    numbers: np.ndarray, seg: np.ndarray, x: np.ndarray, slot: int, alphas: Sequence[float]
+def ewma_terms(  # noqa: PLR0917 - one fold's columns
+    numbers: np.ndarray, seg: np.ndarray, x: np.ndarray, slot: int, alphas: Sequence[float], low: int
 ) -> None:
-    """Per segment, from ``slot`` on: n, sum, max, W where W = sum_i alpha (1-alpha)^(n-1-i) x_i.
+    """Per segment, from ``slot`` on: n, sum, max, W where W = sum_i alpha (1-alpha)^(n-1-i) x_i;
+    and the smallest value in ``low``.
 
     With the EWMA numerator b and weight w kept in the record, k beats fold in as
     b' = (1-alpha)^k b + W and w' = (1-alpha)^k w + 1 - (1-alpha)^k: the script applies a whole
@@ -180,6 +183,7 @@ def ewma_terms(
             else np.asarray(alphas)[numbers[seg, layout.S_PROFILE].astype(np.int64) - 1]
         )
         numbers[seg, slot], numbers[seg, slot + 1], numbers[seg, slot + 2] = 1, 0.0 + x, x
+        numbers[seg, low] = x
         numbers[seg, slot + 3] = 0.0 + alpha * 1.0 * x  # bincount adds to 0.0; (1 - alpha)^0 = 1
         return
     # stable sort by segment: each segment's beats become one run, still in stream order
@@ -202,6 +206,7 @@ def ewma_terms(
     numbers[present, slot] = n[present]
     numbers[present, slot + 1] = total[present]
     numbers[present, slot + 2] = np.maximum.reduceat(xs, starts)
+    numbers[present, low] = np.minimum.reduceat(xs, starts)
     numbers[present, slot + 3] = weighted[present]
 
 

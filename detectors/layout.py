@@ -15,24 +15,31 @@ SEGMENT_NUMBERS: Final = (
     "PROFILE", "RUN", "LO", "HI", "FIRST", "LAST", "START", "IV", "CHILD", "BEAT", "NBEAT", "PULSE",
     "XU", "XBEAT", "STACKMS", "PGAP", "GA", "GB", "FBEAT", "PBF", "PSB", "BA", "BB",
     "TN", "TSUM", "TMAX", "TW", "CN", "CSUM", "CMAX", "CW", "FPH", "FPC", "WS", "WT", "RMS", "RKB",
-    "INDEX",
+    "UN", "TMIN", "CMIN", "NEV", "INDEX",
 )  # fmt: skip
-SEGMENT_OTHERS: Final = ("AGENT", "EXIT", "FPTEXT", "FPX", "RSSX", "STACK", "WINX")
+SEGMENT_OTHERS: Final = ("AGENT", "EXIT", "FPTEXT", "FPX", "RSSX", "STACK", "WINX", "BEATX")
 (S_PROFILE, S_RUN, S_LO, S_HI, S_FIRST, S_LAST, S_START, S_IV, S_CHILD, S_BEAT, S_NBEAT, S_PULSE,
  S_XU, S_XBEAT, S_STACKMS, S_PGAP, S_GA, S_GB, S_FBEAT, S_PBF, S_PSB, S_BA, S_BB,
  S_TN, S_TSUM, S_TMAX, S_TW, S_CN, S_CSUM, S_CMAX, S_CW, S_FPH, S_FPC, S_WS, S_WT, S_RMS, S_RKB,
- S_INDEX, S_AGENT, S_EXIT, S_FPTEXT, S_FPX, S_RSSX, S_STACK, S_WINX) = range(45)  # fmt: skip
-# GA..GB: the longest gap between two events of the segment; BA..BB: the longest gap between
-# two beats with a pulse in between; FBEAT: the first beat; PBF: a pulse came before it; PSB: a
-# pulse came since the last beat (bookkeeping for BA..BB). TN..TW and CN..CW: the tokens and
-# cost folds (count, sum, max, EWMA term; count 0: none). Lists are run-length encoded and start
-# in numbers, so the common segment (one beat, one pulse) carries no list at all: FPH/FPC/FPTEXT
-# the first run of equal fingerprints and FPX the others ([hash, count, text, ...]); WS/WT the
-# tokens of the first rate window and WINX the others; RMS/RKB the first RSS sample (KiB) and
-# RSSX the others. INDEX: position in the batch.
+ S_UN, S_TMIN, S_CMIN, S_NEV, S_INDEX,
+ S_AGENT, S_EXIT, S_FPTEXT, S_FPX, S_RSSX, S_STACK, S_WINX, S_BEATX) = range(50)  # fmt: skip
+# IV: the interval the segment's events declare (the last one that does: a start, or a pulse
+# repeating it; -1: none). GA..GB: the longest gap between two events of the segment; BA..BB:
+# the longest gap between two beats with a pulse in between; FBEAT: the first beat; PBF: a pulse
+# came before it; PSB: a pulse came since the last beat (bookkeeping for BA..BB). NEV: events.
+# TN..TW and CN..CW: the tokens and cost folds (count, sum, max, EWMA term; count 0: none), with
+# TMIN/CMIN the smallest, and UN the beats with either (usage). Lists are run-length encoded and
+# start in numbers, so the common segment (one beat, one pulse) carries no list at all:
+# FPH/FPC/FPTEXT the first run of equal fingerprints and FPX the others ([hash, count, text,
+# ...]); WS/WT the tokens of the first rate window and WINX the others; RMS/RKB the first RSS
+# sample (KiB) and RSSX the others. BEATX: with more than one usage beat, each one's
+# [ms, tokens, cost] (-1: not given), for the script to judge them one by one where the
+# folded numbers cannot decide (tokens.py). INDEX: position in the batch.
 NUMBERS: Final = len(SEGMENT_NUMBERS)
-TOKEN_NUMBERS: Final = (S_TN, S_TSUM, S_TMAX, S_TW, S_CN, S_CSUM, S_CMAX, S_CW, S_WS, S_WT)
-"""The numbers the batch-wide token folds write (segments._fold, _windows)."""
+TOKEN_NUMBERS: Final = (
+    S_TN, S_TSUM, S_TMAX, S_TW, S_CN, S_CSUM, S_CMAX, S_CW, S_WS, S_WT, S_UN, S_TMIN, S_CMIN,
+)  # fmt: skip
+"""The numbers the batch-wide token folds write (fold.ewma_terms, fold.rate_windows)."""
 FP_TEXT_CHARS: Final = 80
 """How much of a looping fingerprint the loop alert quotes."""
 

@@ -1,14 +1,16 @@
 """One agent's detector state as a fixed-layout binary record, readable from Python and Lua.
 
 Every built-in detector keeps its per-agent state in one record, a field of the shard's
-``states`` hash (see :meth:`agentwatch.keys.Keys.states`). A record is ~230 bytes: a hash of
+``states`` hash (see :meth:`agentwatch.keys.Keys.states`). A record is ~290 bytes: a hash of
 records costs less than half the memory of one Redis hash per agent, and the batch update reads
 and writes a whole batch of agents with one HMGET and one HSET.
 
 The layout is declared once, here (:data:`FIELDS`). The Lua that unpacks and packs records is
 generated from the same list, so Python and Lua cannot disagree about where a field lives.
-A record written by another layout version (or damaged) is treated as absent: the agent starts
-afresh, which costs at most a warm-up, never a wrong alert.
+A record written by another layout version (or damaged, or lost with a Redis that restarted
+without persistence) is treated as absent: the agent starts afresh. That costs a warm-up of the
+token baselines, and the declared interval until the agent's next pulse (pulses repeat it):
+until then silence and stall allow ``after`` alone.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import struct
 from typing import Any, Final
 
-VERSION: Final = 2
+VERSION: Final = 3
 
 # (name, struct code, meaning). Codes: d = float64, f = float32, I = uint32, H = uint16,
 # B = uint8. Times are Redis server milliseconds; sizes are KiB.
@@ -57,6 +59,8 @@ FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
     ("rb", "f", "tokens per second per window: EWMA numerator"),
     ("rw", "f", "tokens per second per window: EWMA weight"),
     ("rn", "H", "rate windows closed"),
+    ("pws", "d", "start of the window closed last (negative: not folded into the rate; 0: none)"),
+    ("pwt", "f", "tokens in the window closed last"),
     ("fp", "I", "fingerprint (crc32) of the last beat"),
     ("fc", "I", "how many beats in a row carried it"),
     ("lf", "I", "the fingerprint that is looping (loop incident open)"),
@@ -69,6 +73,10 @@ FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
     ("bm", "I", "lowest RSS in the current bucket, KiB"),
     ("mh", "B", "memory evaluations in a row that project the limit"),
     ("mc", "B", "memory evaluations in a row that do not"),
+    ("sr", "H", "events on time in a row since a silence ended (while its incident is open)"),
+    ("sw", "f", "how long that silence lasted, ms"),
+    ("kr", "H", "beats on time in a row since a stall ended (while its incident is open)"),
+    ("kw", "f", "how long that stall lasted, ms"),
 )
 
 NAMES: Final = tuple(name for name, _, _ in FIELDS)
@@ -88,6 +96,7 @@ LOOP: Final = 1 << 6
 MEMORY: Final = 1 << 7
 HAS_STACK: Final = 1 << 8  # the stacks hash holds this agent's newest stack
 HAS_RSS: Final = 1 << 9  # the rss hash holds a window for this agent
+TOKENS_COST: Final = 1 << 10  # the open tokens incident is about cost per beat
 
 OPEN_BITS: Final = {
     "silence": SILENCE,

@@ -6,8 +6,8 @@ with numpy for the whole batch at once (fold.py): the order statistics (first an
 last beat and pulse, gaps) and the token and cost folds (the EWMA terms, per-window sums).
 
 A segment holding anything but beats and pulses (a start, an exit, a stack, an extend) is
-*complex*: it is folded event by event instead (:func:`_fold_events`, the fold every segment
-used to get), and only the token folds come from the arrays. Such segments are rare. The update
+*complex*: it is folded event by event instead (eventfold.py, the fold every segment used to
+get), and only the token folds come from the arrays. Such segments are rare. The update
 script (state.py), or the fast path (fastpath.py), then applies a whole segment to the agent's
 record in one step, however many events it holds.
 
@@ -34,44 +34,25 @@ from agentwatch.codec import Event
 from agentwatch.keys import shard_of
 from agentwatch.worker import Message
 from detectors import fold
+from detectors.eventfold import fold_events, fp_text
 from detectors.layout import (
-    FP_TEXT_CHARS,
     NUMBERS,
     S_AGENT,
-    S_BA,
-    S_BB,
-    S_BEAT,
-    S_CHILD,
+    S_CMIN,
     S_CN,
-    S_EXIT,
-    S_FBEAT,
     S_FPC,
     S_FPH,
-    S_FPTEXT,
-    S_FPX,
-    S_GA,
-    S_GB,
-    S_HI,
     S_INDEX,
     S_IV,
-    S_LAST,
-    S_LO,
     S_NBEAT,
-    S_PBF,
-    S_PGAP,
     S_PROFILE,
-    S_PSB,
-    S_PULSE,
     S_RKB,
     S_RMS,
-    S_RSSX,
     S_RUN,
     S_STACK,
-    S_STACKMS,
-    S_START,
+    S_TMIN,
     S_TN,
-    S_XBEAT,
-    S_XU,
+    S_UN,
     TOKEN_NUMBERS,
 )
 
@@ -97,10 +78,6 @@ def fp_hash(fp: str) -> int:
     return zlib.crc32(fp.encode()) or 1
 
 
-def _fp_text(fp: str | None) -> str:
-    return fp[:FP_TEXT_CHARS] if fp else ""
-
-
 @dataclass(eq=False)
 class Segments:
     """The segments of a batch, in order of first appearance (row ``i`` is segment ``i``)."""
@@ -120,6 +97,8 @@ class Segments:
     """RSS samples of each segment, in order: (segment, ms, KiB)."""
     windows: tuple[np.ndarray, ...] = ()
     """Tokens per rate window, by segment then window start: (segment, start, tokens)."""
+    usage: tuple[np.ndarray, ...] = ()
+    """Every beat with tokens or cost, in stream order: (segment, ms, tokens, cost; -1: none)."""
 
     def __len__(self) -> int:
         return len(self.agents)
@@ -138,20 +117,38 @@ class Segments:
             run_seg, run_pos, run_len, run_h = (a[chosen].tolist() for a in self.runs)
             fps = self.fps
             for i, pos, length, h in zip(run_seg, run_pos, run_len, run_h, strict=True):
-                text = _fp_text(fps[pos])
+                text = fp_text(fps[pos])
                 if i not in fptext:
                     fptext[i] = text
                 else:
                     fpx.setdefault(i, []).extend((h, length, text))
-        rssx, winx = _tails(self.rss, rows), _tails(self.windows, rows)
+        rssx, winx, beatx = _tails(self.rss, rows), _tails(self.windows, rows), self._beats(rows)
         out: list[Any] = []
         for i in wanted:
             seg = self.complex.get(i)
             if seg is not None:
-                out += (*seg[S_AGENT : S_STACK + 1], winx.get(i, False))
+                out += (*seg[S_AGENT : S_STACK + 1], winx.get(i, False), beatx.get(i, False))
             else:
                 out += (self.agents[i], False, fptext.get(i, False), fpx.get(i, False),
-                        rssx.get(i, False), False, winx.get(i, False))  # fmt: skip
+                        rssx.get(i, False), False, winx.get(i, False), beatx.get(i, False))  # fmt: skip
+        return out
+
+    def _beats(self, rows: np.ndarray) -> dict[int, list[Any]]:
+        """BEATX of the segments of ``rows`` with usage and more than one beat: [ms, tokens,
+        cost, ...] of each usage beat in stream order (tokens.py judges them one by one when it
+        must; a single beat is judged from the numbers, its time being the segment's last beat)."""
+        out: dict[int, list[Any]] = {}
+        numbers = self.numbers
+        many = rows[(numbers[rows, S_UN] > 0) & (numbers[rows, S_NBEAT] > 1)]
+        if not len(many) or not self.usage:
+            return out
+        of, ms, tok, cost = self.usage
+        chosen = np.flatnonzero(np.isin(of, many))
+        chosen = chosen[np.argsort(of[chosen], kind="stable")]
+        items = zip(of[chosen].tolist(), ms[chosen].tolist(), tok[chosen].tolist(), cost[chosen].tolist(),
+                    strict=True)  # fmt: skip
+        for i, at, t, c in items:
+            out.setdefault(i, []).extend((at, t, c))
         return out
 
 
@@ -254,6 +251,8 @@ def build_segments(
             rare |= truthy if of_kind is None else truthy & of_kind
     simple = np.ones(count, dtype=bool)
     simple[seg[rare]] = False
+    intervals = list(map(dict.get, evs, repeat("interval")))
+    declared = np.fromiter(map(is_not, intervals, repeat(None)), dtype=bool, count=n)
 
     numbers = np.zeros((count, NUMBERS), order="F")  # written and read column by column
     order = np.argsort(seg, kind="stable") if count < n else np.arange(n)
@@ -261,13 +260,17 @@ def build_segments(
     ends = np.cumsum(np.bincount(sseg, minlength=count))
     events = fold.Events(sseg, ms[order], seq[order], kind[order], ends - np.diff(ends, prepend=0), ends)
     fold.fold_simple(numbers, events)
+    if declared.any():  # pulses repeat the declared interval: the last one tells
+        last = events.last(declared[order])
+        iv = np.array([intervals[k] for k in order[last[last >= 0]].tolist()], dtype=np.float64)
+        numbers[last >= 0, S_IV] = iv
     fps = list(map(dict.get, evs, repeat("fp")))
     out = Segments(numbers, agents, simple, fps=fps if count == n else [fps[k] for k in order])
     _fold_fp_and_rss(out, events, rss[order], has_rss[order])
     if not simple.all():
         wanted = set(np.flatnonzero(~simple).tolist())
         chosen = [m for m, s in zip(messages, seg.tolist(), strict=True) if s in wanted]
-        out.complex = _fold_events(chosen, index or dict(zip(firsts, counter())))
+        out.complex = fold_events(chosen, index or dict(zip(firsts, counter())))
         for row, values in out.complex.items():
             numbers[row, _FROM_EVENTS] = [values[k] for k in _FROM_EVENTS]
     numbers[:, S_PROFILE] = 1 if profile_of is None else list(map(profile_of, out.agents))
@@ -279,10 +282,16 @@ def build_segments(
     has_tok, has_cost = beat & ~np.isnan(tok), beat & ~np.isnan(cost)
     if has_tok.any():
         tok_seg = seg[has_tok]
-        fold.ewma_terms(numbers, tok_seg, tok[has_tok], S_TN, alphas)
+        fold.ewma_terms(numbers, tok_seg, tok[has_tok], S_TN, alphas, low=S_TMIN)
         out.windows = fold.rate_windows(numbers, tok_seg, ms[has_tok], tok[has_tok], windows)
     if has_cost.any():
-        fold.ewma_terms(numbers, seg[has_cost], cost[has_cost], S_CN, alphas)
+        fold.ewma_terms(numbers, seg[has_cost], cost[has_cost], S_CN, alphas, low=S_CMIN)
+    usage = has_tok | has_cost
+    if usage.any():
+        used = seg[usage]
+        numbers[:, S_UN] = np.bincount(used, minlength=count) if count < n else usage
+        given = (np.nan_to_num(tok[usage], nan=-1.0), np.nan_to_num(cost[usage], nan=-1.0))  # -1: not given
+        out.usage = (used, ms[usage], *given)
     return out
 
 
@@ -309,103 +318,6 @@ def _fold_fp_and_rss(out: Segments, ev: fold.Events, kb: np.ndarray, has_rss: np
         numbers[rss_seg[first], S_RMS] = ev.ms[samples[first]]
         numbers[rss_seg[first], S_RKB] = kb[samples[first]]
         out.rss = (rss_seg, ev.ms[samples], kb[samples])
-
-
-def _fold_events(
-    messages: Sequence[Message[Event]], index: dict[tuple[str, str], int]
-) -> dict[int, list[Any]]:
-    """The per-event fold of the segments of ``messages`` (whatever they hold), by segment.
-
-    Token and cost numbers are left to the batch-wide folds; everything else is here.
-    """
-    segs: dict[int, list[Any]] = {}
-    for entry_id, ev in messages:
-        agent = ev["agent"]
-        i = index[(agent, ev["run"])]
-        seg = segs.get(i)
-        ms = int(entry_id[: entry_id.index(b"-")])
-        seq = ev["seq"]
-        if seg is None:
-            seg = [0, 0, seq, seq, ms, ms, 0, -1, 0, 0, 0, 0,
-                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i,
-                   agent, False, False, False, False, False, False]  # fmt: skip
-            segs[i] = seg
-        else:
-            if seq > seg[S_HI]:
-                seg[S_HI] = seq
-            elif seq < seg[S_LO]:
-                seg[S_LO] = seq
-            if ms - seg[S_LAST] > seg[S_GB] - seg[S_GA]:
-                seg[S_GA] = seg[S_LAST]
-                seg[S_GB] = ms
-            seg[S_LAST] = ms
-        kind = ev["kind"]
-        extend = ev.get("extend")
-        if kind == "beat":
-            if not seg[S_BEAT]:
-                seg[S_FBEAT] = ms
-            elif seg[S_PSB] and ms - seg[S_BEAT] > seg[S_BB] - seg[S_BA]:
-                seg[S_BA] = seg[S_BEAT]
-                seg[S_BB] = ms
-            seg[S_PSB] = 0
-            seg[S_BEAT] = ms
-            seg[S_NBEAT] += 1
-            # A beat ends any extension announced before it (PROTOCOL.md: extend).
-            seg[S_XU] = ms + int(extend * 1000) if extend else 0
-            seg[S_XBEAT] = 1
-            seg[S_STACK] = False
-            _add_fp(seg, ev.get("fp"))
-            continue
-        if extend:
-            seg[S_XU] = max(seg[S_XU], ms + int(extend * 1000))
-        if kind == "pulse":
-            if seg[S_PULSE]:
-                seg[S_PGAP] = ms - seg[S_PULSE]
-            seg[S_PULSE] = ms
-            if seg[S_BEAT]:
-                seg[S_PSB] = 1
-            else:
-                seg[S_PBF] = 1
-            rss = ev.get("rss")
-            if rss is not None:
-                if not seg[S_RMS]:
-                    seg[S_RMS] = ms
-                    seg[S_RKB] = rss // 1024
-                elif seg[S_RSSX] is False:
-                    seg[S_RSSX] = [ms, rss // 1024]
-                else:
-                    seg[S_RSSX] += (ms, rss // 1024)
-            stack = ev.get("stack")
-            if stack:
-                seg[S_STACK] = stack
-                seg[S_STACKMS] = ms
-        elif kind == "start":
-            seg[S_START] = ms
-            interval = ev.get("interval")
-            seg[S_IV] = float(interval) if interval is not None else -1
-            seg[S_CHILD] = 1 if "parent" in ev else 0
-        else:  # exit
-            seg[S_EXIT] = [ms, ev.get("reason", "exit"), ev.get("code", 0), ev.get("error") or "",
-                           ev.get("traceback") or ""]  # fmt: skip
-    return segs
-
-
-def _add_fp(seg: list[Any], fp: str | None) -> None:
-    """Run-length encode the beats' fingerprints (hash 0: a beat without one)."""
-    h = (zlib.crc32(fp.encode()) or 1) if fp else 0
-    extra = seg[S_FPX]
-    if not seg[S_FPC]:
-        seg[S_FPH], seg[S_FPC], seg[S_FPTEXT] = h, 1, _fp_text(fp)
-    elif extra is False:
-        if seg[S_FPH] == h:
-            seg[S_FPC] += 1
-        else:
-            seg[S_FPX] = [h, 1, _fp_text(fp)]
-    elif extra[-3] == h:
-        extra[-2] += 1
-    else:
-        extra += (h, 1, _fp_text(fp))
 
 
 def pack(segs: Segments, rows: np.ndarray) -> bytes:

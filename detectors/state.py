@@ -59,6 +59,7 @@ def flags_lua() -> str:
         "MEMORY",
         "HAS_STACK",
         "HAS_RSS",
+        "TOKENS_COST",
     ]
     return "\n".join(f"local F_{name} = {getattr(record, name)}" for name in names)
 
@@ -256,9 +257,11 @@ local function apply(s)
       return  -- applied before: a redelivered batch
     end
     if cls == CUR and s[S_START] > 0 then  -- this run's own start, arriving late
-      if s[S_IV] >= 0 then r.iv = s[S_IV] end
       if r.start == 0 or s[S_START] < r.start then r.start = s[S_START] end
     end
+    -- The declared interval: from the start, and repeated by every pulse, so a record that was
+    -- lost (Redis restarted without persistence, a layout change) relearns it at the next pulse.
+    if cls == CUR and s[S_IV] >= 0 and (not late or s[S_START] > 0) then r.iv = s[S_IV] end
   end
 
   -- Signs of life: order-independent maxima, so any class may apply them.

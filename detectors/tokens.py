@@ -12,8 +12,16 @@ beat (and of cost per beat, where beats carry ``cost``), with span ``warmup`` (s
   beats in quick succession.
 
 ``fire_after`` anomalous observations in a row open the incident; it resolves after
-``recover_after`` beats in a row back under ``recover_factor`` x the baseline. The baseline never
-learns while an incident is open or from an anomalous beat, so a runaway cannot become normal.
+``recover_after`` calm beats in a row: each back under ``recover_factor`` x the baseline, and the
+tokens of the last window-length (sliding over the current and the previous window) back under
+``recover_factor`` x what the baseline rate predicts, so a runaway of normal-sized beats cannot
+look calm at the start of every window. The baseline never learns while an incident is open or
+from an anomalous beat, so a runaway cannot become normal.
+
+Beats are judged one by one, in stream order, whatever the batches: a batch holding many of an
+agent's beats (a backlog, a busy agent) decides what one beat per batch would have. Beats that
+arrive late (another worker applied later ones first) count in their own rate window if it is
+still the current one or the one closed last.
 
 **loop** — the same ``fp`` (work-item fingerprint) on ``repeat`` beats in a row: an agent retrying
 one item forever. Its own incident (detector name ``loop``, dedup key ``<agent>/loop``), configured
@@ -52,100 +60,221 @@ class TokensConfig(DetectorConfig):
 
 # Called by the batch update for each applied segment of the agent's current run. fastplan.py
 # (_tokens, _loop) mirrors what it does when nothing fires: keep the two in step.
+#
+# The reference is one beat at a time, in stream order (tok_beat): what a worker applying one
+# event per batch decides, so that how the stream is cut into batches cannot change a verdict.
+# A segment of several usage beats is folded at once (tok_fold: the baselines learn all of them
+# in two multiplications) only where tok_safe proves that judging them one by one would decide
+# nothing: no incident open, and no beat or window that could be anomalous against any baseline
+# the beats before it could have left (the EWMA is a weighted mean: it never drops below the
+# smaller of the old baseline and the beats learned). Otherwise the script walks BEATX, the
+# segment's usage beats one by one.
 LUA: Final = """
+local TOK_MARGIN = 1 - 1e-9  -- rounding in a fold of many beats cannot cross a threshold
 local function ewma(num, weight, alpha, n, folded)
   local decay = n == 1 and 1 - alpha or math.pow(1 - alpha, n)
   return decay * num + folded, decay * weight + 1 - decay
 end
-local function tokens_apply(a, r, p, s, late)
-  local tn, tsum, tmax, tw = s[S_TN], s[S_TSUM], s[S_TMAX], s[S_TW]
-  local cn, csum, cmax, cw = s[S_CN], s[S_CSUM], s[S_CMAX], s[S_CW]
-  local tok, cost = tn > 0, cn > 0
-  if tok then r.tt = r.tt + tsum end
-  if cost then r.ct = r.ct + csum end
-  if p[P_TOK_ON] == 1 and (tok or cost) then
-    local base_t = r.tw > 0 and r.tb / r.tw or 0
-    local base_c = r.cw > 0 and r.cb / r.cw or 0
-    local factor = p[P_FACTOR]
-    local warm = r.tn >= p[P_WARMUP]
-    local hot, facts = false, nil
-    local at = s[S_BEAT] > 0 and s[S_BEAT] or s[S_LAST]
-    if warm and tok and tmax >= p[P_MIN_TOKENS] and tmax > factor * base_t then
+local function tok_step(v, alpha, w, start, sum, folds)
+  -- One step of the rate windows on v = {ws, wt, rb, rw, rn, pws, pwt}: the current window (ws,
+  -- wt), a baseline of tokens per second over closed windows (rb / rw, rn of them) and the
+  -- window closed last (pws, negative when it was not folded; pwt). Empty windows in between are
+  -- not folded in, so a burst after an idle spell is compared with the rate while busy, not with
+  -- one diluted by idling. ``folds``: closing a window may fold it (no anomaly, nothing open).
+  local ws, wt, rb, rw, rn, pws, pwt = v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+  if start > ws then
+    if ws > 0 then
+      local fold = folds and wt > 0
+      if fold then
+        rb, rw = ewma(rb, rw, alpha, 1, alpha * wt * 1000 / w)
+        rn = math.min(rn + 1, 65535)
+      end
+      pws, pwt = fold and ws or -ws, wt
+    end
+    ws, wt = start, 0
+  end
+  if start == ws then
+    wt = wt + sum
+  elseif start > math.abs(pws) then
+    -- Late beats (another worker applied their successors first) of a window this record
+    -- never opened: it closes now, in its place (after the windows closed before it).
+    local fold = folds and sum > 0
+    if fold then
+      rb, rw = ewma(rb, rw, alpha, 1, alpha * sum * 1000 / w)
+      rn = math.min(rn + 1, 65535)
+    end
+    pws, pwt = fold and start or -start, sum
+  elseif start == math.abs(pws) then
+    -- late beats of the window closed last: they count there, and in the rate it was folded
+    -- into (exactly: that fold is linear in its tokens)
+    pwt = pwt + sum
+    if pws > 0 then rb = rb + alpha * sum * 1000 / w end
+  end  -- older: its window's rate is long folded
+  v[1], v[2], v[3], v[4], v[5], v[6], v[7] = ws, wt, rb, rw, rn, pws, pwt
+end
+local function tok_window(r, p, start, sum, hot)
+  local v = {r.ws, r.wt, r.rb, r.rw, r.rn, r.pws, r.pwt}
+  tok_step(v, p[P_ALPHA], p[P_WINDOW], start, sum, not hot and not has(r, F_TOKENS))
+  r.ws, r.wt, r.rb, r.rw, r.rn, r.pws, r.pwt = v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+end
+local function tok_expected(r, p)
+  -- tokens per window at the baseline rate, once two windows have closed (else nil)
+  if r.rn >= 2 and r.rw > 0 then return r.rb / r.rw * p[P_WINDOW] / 1000 end
+  return nil
+end
+local function tok_recent(r, w, at)
+  -- the tokens of the last window-length before `at`: the current window's and the share of
+  -- the window closed last that overlaps it (a sliding window, so a burst that goes on into a
+  -- fresh window does not look calm at the window's start)
+  local cur = math.min(1, math.max(0, (r.ws + 2 * w - at) / w))
+  local prev = math.min(1, math.max(0, (math.abs(r.pws) + 2 * w - at) / w))
+  return r.wt * cur + r.pwt * prev
+end
+local function tok_beat(a, r, p, at, start, t, c)
+  -- One beat: t tokens and c cost (nil: not given), at Redis time `at`, in rate window `start`.
+  if t then r.tt = r.tt + t end
+  if c then r.ct = r.ct + c end
+  local base_t = r.tw > 0 and r.tb / r.tw or 0
+  local base_c = r.cw > 0 and r.cb / r.cw or 0
+  local factor = p[P_FACTOR]
+  local warm = r.tn >= p[P_WARMUP]
+  local hot, facts = false, nil
+  if warm and t and t >= p[P_MIN_TOKENS] and t > factor * base_t then
+    hot = true
+    facts = {why = 'beat', tokens = t, base = base_t, factor = factor}
+  elseif warm and c and c >= p[P_MIN_COST] and c > factor * base_c then
+    hot = true
+    facts = {why = 'cost', cost = c, base = base_c, factor = factor}
+  end
+  if t and start > 0 then
+    tok_window(r, p, start, t, hot)
+    local expected = warm and not hot and tok_expected(r, p)
+    if expected and r.wt >= p[P_MIN_TOKENS] and r.wt > factor * expected then
       hot = true
-      facts = {why = 'beat', tokens = tmax, base = base_t, factor = factor}
-    elseif warm and cost and cmax >= p[P_MIN_COST] and cmax > factor * base_c then
-      hot = true
-      facts = {why = 'cost', cost = cmax, base = base_c, factor = factor}
-    end
-    local w, extra = p[P_WINDOW], s[S_WINX]
-    if s[S_WS] > 0 and not late then
-      for i = -1, extra and #extra or 0, 2 do
-        local start, sum
-        if i < 0 then start, sum = s[S_WS], s[S_WT] else start, sum = extra[i], extra[i + 1] end
-        if start > r.ws then
-          -- close the window; empty windows in between are not folded in, so a burst after an
-          -- idle spell is compared with the rate while busy, not with one diluted by idling
-          if r.ws > 0 and r.wt > 0 and not hot and not has(r, F_TOKENS) then
-            r.rb, r.rw = ewma(r.rb, r.rw, p[P_ALPHA], 1, p[P_ALPHA] * r.wt * 1000 / w)
-            r.rn = math.min(r.rn + 1, 65535)
-          end
-          r.ws, r.wt = start, 0
-        end
-        if start == r.ws then r.wt = r.wt + sum end
-        if warm and not hot and r.rn >= 2 and r.rw > 0 then
-          local expected = r.rb / r.rw * w / 1000
-          if r.wt >= p[P_MIN_TOKENS] and r.wt > factor * expected then
-            hot = true
-            facts = {why = 'rate', tokens = r.wt, base = expected, factor = factor, window = w}
-          end
-        end
-      end
-    end
-    local n = tok and tn or cn
-    if hot then
-      r.hot = math.min(r.hot + 1, 65535)
-      r.calm = 0
-      if r.hot >= p[P_FIRE_AFTER] then
-        facts.total = r.tt
-        open(a, r, F_TOKENS, 'tokens', at, facts)
-      end
-    else
-      r.hot = 0
-      if has(r, F_TOKENS) then
-        local calm = (not tok or tmax <= p[P_RECOVER_FACTOR] * base_t)
-          and (not cost or cmax <= p[P_RECOVER_FACTOR] * base_c)
-        if calm then r.calm = math.min(r.calm + n, 65535) else r.calm = 0 end
-        if r.calm >= p[P_RECOVER_AFTER] then
-          r.calm = 0
-          close(a, r, F_TOKENS, 'tokens', at, {base = base_t, tokens = tok and tmax or 0, total = r.tt})
-        end
-      end
-    end
-    if not hot and not has(r, F_TOKENS) then
-      if tok then r.tb, r.tw = ewma(r.tb, r.tw, p[P_ALPHA], tn, tw) end
-      if cost then r.cb, r.cw = ewma(r.cb, r.cw, p[P_ALPHA], cn, cw) end
-      r.tn = math.min(r.tn + n, 4e9)
+      facts = {why = 'rate', tokens = r.wt, base = expected, factor = factor, window = p[P_WINDOW]}
     end
   end
+  if hot then
+    r.hot = math.min(r.hot + 1, 65535)
+    r.calm = 0
+    if r.hot >= p[P_FIRE_AFTER] then
+      facts.total = r.tt
+      if open(a, r, F_TOKENS, 'tokens', at, facts) and facts.why == 'cost' then set(r, F_TOKENS_COST) end
+    end
+  else
+    r.hot = 0
+    if has(r, F_TOKENS) then
+      -- calm: this beat back under recover_factor x the baselines, and so is the rate of the
+      -- last window-length (a rate runaway is made of normal-sized beats)
+      local rf = p[P_RECOVER_FACTOR]
+      local calm = (not t or t <= rf * base_t) and (not c or c <= rf * base_c)
+      local expected = calm and tok_expected(r, p)
+      if expected and tok_recent(r, p[P_WINDOW], at) > rf * expected then calm = false end
+      if calm then r.calm = math.min(r.calm + 1, 65535) else r.calm = 0 end
+      if r.calm >= p[P_RECOVER_AFTER] then
+        r.calm = 0
+        local cost = has(r, F_TOKENS_COST)
+        clear(r, F_TOKENS_COST)
+        close(a, r, F_TOKENS, 'tokens', at, {base = cost and base_c or base_t, cost = cost and 1 or 0,
+          tokens = t or 0, total = r.tt})
+      end
+    end
+  end
+  if not hot and not has(r, F_TOKENS) then
+    local alpha = p[P_ALPHA]
+    if t then r.tb, r.tw = ewma(r.tb, r.tw, alpha, 1, alpha * t) end
+    if c then r.cb, r.cw = ewma(r.cb, r.cw, alpha, 1, alpha * c) end
+    r.tn = math.min(r.tn + 1, 4e9)
+  end
+end
+local function tok_windows(s)
+  -- the segment's rate windows as {start, tokens, start, tokens, ...}
+  local out = {s[S_WS], s[S_WT]}
+  local extra = s[S_WINX]
+  if extra then for i = 1, #extra do out[#out + 1] = extra[i] end end
+  return out
+end
+local function tok_safe(r, p, s)
+  -- Would judging the segment's beats one by one decide nothing? (see above)
+  if has(r, F_TOKENS) then return false end
+  if r.tn + s[S_UN] - 1 < p[P_WARMUP] then return true end  -- no beat is judged before the last
+  local factor = p[P_FACTOR]
+  if s[S_TN] > 0 and s[S_TMAX] >= p[P_MIN_TOKENS] then
+    local low = math.min(s[S_TMIN], r.tw > 0 and r.tb / r.tw or 0)
+    if s[S_TMAX] > factor * low * TOK_MARGIN then return false end
+  end
+  if s[S_CN] > 0 and s[S_CMAX] >= p[P_MIN_COST] then
+    local low = math.min(s[S_CMIN], r.cw > 0 and r.cb / r.cw or 0)
+    if s[S_CMAX] > factor * low * TOK_MARGIN then return false end
+  end
+  if s[S_WS] > 0 then  -- the windows as tok_fold will step them, on a copy
+    local v = {r.ws, r.wt, r.rb, r.rw, r.rn, r.pws, r.pwt}
+    local alpha, w, list = p[P_ALPHA], p[P_WINDOW], tok_windows(s)
+    for i = 1, #list, 2 do
+      tok_step(v, alpha, w, list[i], list[i + 1], true)
+      local wt, rb, rw = v[2], v[3], v[4]
+      if v[5] >= 2 and rw > 0 and wt >= p[P_MIN_TOKENS] then
+        if wt > factor * (rb / rw * w / 1000) * TOK_MARGIN then return false end
+      end
+    end
+  end
+  return true
+end
+local function tok_fold(r, p, s)
+  -- Several beats at once, where tok_safe holds: the same records as one by one, up to rounding.
+  local tn, cn = s[S_TN], s[S_CN]
+  if tn > 0 then r.tt = r.tt + s[S_TSUM] end
+  if cn > 0 then r.ct = r.ct + s[S_CSUM] end
+  if s[S_WS] > 0 then
+    local list = tok_windows(s)
+    for i = 1, #list, 2 do tok_window(r, p, list[i], list[i + 1], false) end
+  end
+  r.hot = 0
+  if tn > 0 then r.tb, r.tw = ewma(r.tb, r.tw, p[P_ALPHA], tn, s[S_TW]) end
+  if cn > 0 then r.cb, r.cw = ewma(r.cb, r.cw, p[P_ALPHA], cn, s[S_CW]) end
+  r.tn = math.min(r.tn + s[S_UN], 4e9)
+end
+local function loop_apply(a, r, p, s)
+  -- Runs of equal fingerprints, in order; each run is judged whole (the decisions are those of
+  -- its beats one by one: a run either reaches `repeat`, or ends the quiet count, or not).
   local fpx = s[S_FPX]
-  if s[S_FPC] > 0 and not late and p[P_LOOP_ON] == 1 then
-    for i = -2, fpx and #fpx or 0, 3 do
-      local h, c, text
-      if i < 0 then h, c, text = s[S_FPH], s[S_FPC], s[S_FPTEXT]
-      else h, c, text = fpx[i], fpx[i + 1], fpx[i + 2] end
-      if h ~= 0 and h == r.fp then r.fc = math.min(r.fc + c, 4e9) else r.fp = h; r.fc = c end
-      if has(r, F_LOOP) then
-        if h == r.lf then r.lq = 0 else r.lq = math.min(r.lq + c, 65535) end
-      elseif h ~= 0 and r.fc >= p[P_REPEAT] then
-        r.lf = h; r.lq = 0
-        open(a, r, F_LOOP, 'loop', s[S_BEAT], {fp = text, count = r.fc})
+  for i = -2, fpx and #fpx or 0, 3 do
+    local h, c, text
+    if i < 0 then h, c, text = s[S_FPH], s[S_FPC], s[S_FPTEXT]
+    else h, c, text = fpx[i], fpx[i + 1], fpx[i + 2] end
+    if h ~= 0 and h == r.fp then r.fc = math.min(r.fc + c, 4e9) else r.fp = h; r.fc = c end
+    if has(r, F_LOOP) then
+      if h == r.lf then r.lq = 0 else r.lq = math.min(r.lq + c, 65535) end
+      if r.lq >= p[P_LOOP_RECOVER] then
+        close(a, r, F_LOOP, 'loop', s[S_BEAT], {count = r.fc, quiet = r.lq})
+        r.lf, r.lq = 0, 0
       end
     end
-    if has(r, F_LOOP) and r.lq >= p[P_LOOP_RECOVER] then
-      close(a, r, F_LOOP, 'loop', s[S_BEAT], {count = r.fc, quiet = r.lq})
-      r.lf, r.lq = 0, 0
+    if not has(r, F_LOOP) and h ~= 0 and r.fc >= p[P_REPEAT] then
+      r.lf = h; r.lq = 0
+      open(a, r, F_LOOP, 'loop', s[S_BEAT], {fp = text, count = r.fc})
     end
   end
+end
+local function tokens_apply(a, r, p, s, late)
+  local tn, cn = s[S_TN], s[S_CN]
+  if p[P_TOK_ON] ~= 1 then
+    if tn > 0 then r.tt = r.tt + s[S_TSUM] end
+    if cn > 0 then r.ct = r.ct + s[S_CSUM] end
+  elseif s[S_UN] > 0 and not s[S_BEATX] then  -- one beat (segments.py sends BEATX for more)
+    tok_beat(a, r, p, s[S_BEAT], s[S_WS], tn > 0 and s[S_TSUM] or nil, cn > 0 and s[S_CSUM] or nil)
+  elseif s[S_UN] > 0 then
+    if tok_safe(r, p, s) then
+      tok_fold(r, p, s)
+    else
+      local list, w = s[S_BEATX], p[P_WINDOW]
+      for i = 1, #list, 3 do
+        local at, t, c = list[i], list[i + 1], list[i + 2]
+        tok_beat(a, r, p, at, math.floor(at / w) * w, t >= 0 and t or nil, c >= 0 and c or nil)
+      end
+    end
+  end
+  if s[S_FPC] > 0 and not late and p[P_LOOP_ON] == 1 then loop_apply(a, r, p, s) end
 end
 """
 
@@ -174,7 +303,7 @@ class Tokens(BuiltinDetector[TokensConfig]):
             "fire_after": config.fire_after,
             "recover_after": config.recover_after,
             "recover_factor": config.recover_factor,
-            "window": config.window_s * 1000,
+            "window": max(1.0, float(round(config.window_s * 1000))),  # whole ms: fold.rate_windows
             "loop_on": 1 if config.loop else 0,
             "repeat": config.repeat,
             "loop_recover": config.recover_after,
@@ -221,11 +350,7 @@ class Tokens(BuiltinDetector[TokensConfig]):
             return cfg.severity, summary, details
         if f.get("shutdown"):
             return cfg.severity, f"{agent}: shut down", {}
-        return (
-            cfg.severity,
-            f"{agent}: token use back near its baseline of {_n(f['base'])}/beat",
-            {
-                "baseline": round(f["base"], 3),
-                "total_tokens": f.get("total", 0),
-            },
-        )
+        details = {"baseline": round(f["base"], 3), "total_tokens": f.get("total", 0)}
+        if f.get("cost"):
+            return cfg.severity, f"{agent}: cost back near its baseline of ${f['base']:.3f}/beat", details
+        return cfg.severity, f"{agent}: token use back near its baseline of {_n(f['base'])}/beat", details

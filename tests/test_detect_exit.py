@@ -23,16 +23,20 @@ from helpers import running, wait_for
         ("signal", 137, {}, "bot: killed by SIGKILL", "critical"),
         ("exit", 3, {}, "bot: exited with code 3", "critical"),
         ("exit", 0, {}, "bot: exited with code 0 without shutdown()", "warning"),
+        # the producer could not know the code: unknown, never 0 (and so never the clean case)
+        ("exit", None, {}, "bot: exited without shutdown(), exit code unknown", "critical"),
+        ("signal", None, {}, "bot: killed by a signal", "critical"),
     ],
 )  # fmt: skip
 def test_an_exit_alerts_at_once_and_says_how(
     redis_url: str, prefix: str, r: redis.Redis, keys: Keys,
-    reason: str, code: int, fields: dict[str, str], summary: str, severity: str,
+    reason: str, code: int | None, fields: dict[str, str], summary: str, severity: str,
 ) -> None:  # fmt: skip
     worker = worker_for(pipeline_for(prefix, redis_url), redis_url)
     feed = Feed(worker)
     feed.apply([feed.event("bot", "start"), feed.event("bot", "beat")])
-    feed.apply([feed.event("bot", "exit", reason=reason, code=code, **fields)])
+    known = {} if code is None else {"code": code}
+    feed.apply([feed.event("bot", "exit", reason=reason, **known, **fields)])
     (alert,) = alerts(r, keys)
     assert (alert.detector, alert.status, alert.summary, alert.severity) == (
         "exit",

@@ -72,7 +72,8 @@ class Fleet:
                 run = f"run-{self.runs[agent]}"
                 return feed.event(agent, "start", run=run, at=at, interval=rng.choice([0.5, 2]))
             if kind == "crasher":
-                return feed.event(agent, "exit", run=run, at=at, reason="exception", code=1, error="Boom")
+                code = {"code": 1} if rng.random() < 0.7 else {}  # the producer may not know it
+                return feed.event(agent, "exit", run=run, at=at, reason="exception", error="Boom", **code)
             return feed.event(agent, "exit", run=run, at=at, reason="shutdown")
         if rng.random() < 0.25 or (kind == "staller" and odd):
             if kind == "leaker":
@@ -82,6 +83,8 @@ class Fleet:
                 fields["stack"] = 'File "agent.py", line 3, in work'
             if rng.random() < 0.02:
                 fields["extend"] = 2.0
+            if rng.random() < 0.7:  # pulses repeat the declared interval (which may change)
+                fields["interval"] = rng.choice([0.5, 1.0, 2.0])
             return feed.event(agent, "pulse", run=run, at=at, **fields)
         tokens = int(rng.gauss(100, 20))
         if kind == "spiky" and odd and rng.random() < 0.3:
@@ -130,9 +133,8 @@ class Steady(Fleet):
         for agent in self.agents:
             at = self.feed.now + self.rng.choice([0, 1, 2])
             if self.rounds % 5 == 0:
-                out.append(
-                    self.feed.event(agent, "pulse", at=at, rss=self.rss[agent] + self.rng.randrange(2**20))
-                )
+                rss = self.rss[agent] + self.rng.randrange(2**20)
+                out.append(self.feed.event(agent, "pulse", at=at, rss=rss, interval=1.0))
             else:
                 tokens = int(self.rng.gauss(100, 20)) * (40 if self.rng.random() < 0.002 else 1)
                 out.append(self.feed.event(agent, "beat", at=at, tokens=max(tokens, 0), cost=tokens * 1e-5,

@@ -28,7 +28,9 @@ def random_batch(rng: random.Random, size: int, agents: int, runs: int, rare: fl
         if x < rare / 2:
             ev.update(kind="start", **rng.choice([{}, {"interval": 1.0}, {"interval": 3}, {"parent": "p"}]))
         elif x < rare:
-            ev.update(kind="exit", reason=rng.choice(["exit", "shutdown", "signal"]), code=rng.randrange(3))
+            ev.update(kind="exit", reason=rng.choice(["exit", "shutdown", "signal"]))
+            if rng.random() < 0.8:  # without: the producer could not know it
+                ev["code"] = rng.randrange(3)
         elif x < 0.65:
             ev["kind"] = "beat"
             y = rng.random()
@@ -48,6 +50,8 @@ def random_batch(rng: random.Random, size: int, agents: int, runs: int, rare: fl
                 ev["rss"] = rng.randrange(10**10)
             if rng.random() < rare:
                 ev["stack"] = rng.choice(["", "File x"])
+            if rng.random() < 0.5:  # pulses repeat the declared interval
+                ev["interval"] = rng.choice([0.5, 2, 7.25])
         if rng.random() < rare / 2:
             ev["extend"] = rng.choice([0, 1.5, 3])
         out.append((f"{ms}-{rng.randrange(3)}".encode(), ev))
@@ -113,7 +117,7 @@ def test_the_one_beat_shortcuts_equal_the_general_folds(alphas: list[float]) -> 
         seg = np.append(np.arange(size), np.full(extra, size))
         x = np.append(values, [5.0, 7.0][:extra])
         ms = np.append(times, np.array([T0, T0 + 1][:extra], dtype=np.int64))  # one window: np.unique
-        fold.ewma_terms(numbers, seg, x, layout.S_TN, alphas)
+        fold.ewma_terms(numbers, seg, x, layout.S_TN, alphas, low=layout.S_TMIN)
         windows = fold.rate_windows(numbers, seg, ms, x, [60_000.0, 1000.0][: len(alphas)])
         folded.append((numbers[:size].tobytes(), [w[:size].tobytes() for w in windows]))
     assert folded[0] == folded[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
 
@@ -136,3 +137,30 @@ def test_many_workers_one_alert_per_silent_agent(
         time.sleep(0.5)
     seen = transitions(r, keys)
     assert sorted(seen) == sorted([(a.name, "silence", s) for a in agents for s in ("firing", "resolved")])
+
+
+def test_a_lost_record_relearns_the_interval_from_the_next_pulse(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """Interval 0.3 s, after 0.3 s: the allowance is 0.9 s, and the agent beats every 0.6 s.
+    Its record is lost (Redis restarted without persistence, or a layout change): judged by
+    ``after`` alone, silence would fire and resolve on every beat. Pulses repeat the interval,
+    so the next one restores the allowance."""
+    from detectors.state import read_agents  # noqa: PLC0415
+
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "300ms"}), redis_url)
+    bot = Agent(r, keys, "bot")
+    with running(worker):
+        bot.start(interval=0.3)
+        for step in range(7):
+            if step == 2:
+                wait_for(lambda: r.hexists(keys.states(0), "bot"), timeout=5, what="the record")
+                r.hdel(keys.states(0), "bot")  # the record is gone
+            if step % 2 == 0:
+                bot.pulse(rss=100 * MB, interval=0.3)
+            last = bot.beat(tokens=100)
+            time.sleep(0.6)
+        wait_for(lambda: read_agents(r, keys).get("bot", {}).get("beat") == entry_ms(last), timeout=5)
+        interval = read_agents(r, keys)["bot"]["iv"]
+    assert transitions(r, keys) == []
+    assert interval == pytest.approx(0.3)

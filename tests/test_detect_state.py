@@ -103,7 +103,7 @@ def test_the_numpy_fold_equals_the_ewma_beat_by_beat() -> None:
     seg_ids = rng.integers(0, 3, size=40)
     values = rng.integers(0, 1000, size=40).astype(float)
     alphas = [0.2, 0.05]
-    fold.ewma_terms(numbers, seg_ids, values, layout.S_TN, alphas)
+    fold.ewma_terms(numbers, seg_ids, values, layout.S_TN, alphas, low=layout.S_TMIN)
     for index, row in enumerate(numbers):
         alpha = alphas[int(row[layout.S_PROFILE]) - 1]
         xs = [v for s, v in zip(seg_ids.tolist(), values.tolist(), strict=True) if s == index]
