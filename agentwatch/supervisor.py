@@ -5,6 +5,11 @@ hung worker cannot take the others down, and so ``up`` is exactly "the same work
 scale out by hand". Each child runs in its own session, so a terminal Ctrl-C reaches only
 ``up``, which then stops every child once, gracefully; each child also dies with ``up`` if
 ``up`` itself is SIGKILLed (``PR_SET_PDEATHSIG``).
+
+The embedded Redis that ``up`` may have started is watched the same way (:class:`ServerWatch`):
+a monitor whose Redis died must not sit there with every worker retrying in silence. It is
+restarted on the same socket and port, so the URL ``up`` printed stays right and the workers
+reconnect by themselves; if it keeps dying, ``up`` exits 1 saying so.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentwatch.embedded import die_with_parent
+from agentwatch.embedded import EmbeddedRedis, die_with_parent
+from agentwatch.errors import EmbeddedRedisError
 
 log = logging.getLogger("agentwatch.up")
 
@@ -52,11 +58,13 @@ class Supervisor:
         burst: int = 5,
         window_s: float = 60.0,
         stopping: threading.Event | None = None,
+        server: ServerWatch | None = None,
     ) -> None:
         self.children = children
         self.burst = burst
         self.window_s = window_s
         self.stopping = stopping or threading.Event()
+        self.server = server
 
     def start(self) -> None:
         for child in self.children:
@@ -76,6 +84,9 @@ class Supervisor:
         """Watch children until :meth:`stop`; returns the exit code for ``up``."""
         while not self.stopping.wait(0.2):
             now = time.monotonic()
+            if self.server is not None and not self.server.check(now):
+                self.stop()
+                return 1
             for child in self.children:
                 process = child.process
                 if process is None:
@@ -104,6 +115,69 @@ class Supervisor:
         """SIGTERM every child (each finishes its batch), SIGKILL what is left after the timeout."""
         self.stopping.set()
         stop_processes([c.process for c in self.children if c.process], timeout_s)
+
+
+class ServerWatch:
+    """Restart the embedded Redis when it dies, with backoff; give up if it keeps dying.
+
+    The first restart is immediate (workers are waiting), later ones wait 1, 2, 4... s. More
+    than ``burst`` deaths within ``window_s`` mean something is wrong with the server itself
+    (its log says what): :meth:`check` returns False and ``up`` exits 1.
+    """
+
+    def __init__(self, server: EmbeddedRedis, *, burst: int = 5, window_s: float = 60.0) -> None:
+        self.server = server
+        self.burst = burst
+        self.window_s = window_s
+        self.deaths: deque[float] = deque(maxlen=burst + 1)
+        self.restart_at: float | None = None
+
+    def check(self, now: float) -> bool:
+        """Called from ``up``'s main thread (PR_SET_PDEATHSIG follows the thread that started
+        the server). False once it gave up."""
+        if self.restart_at is None:
+            process = self.server.process
+            if process is not None and process.poll() is None:
+                return True
+            self.deaths.append(now)
+            recent = [t for t in self.deaths if now - t <= self.window_s]
+            how = _exit_text(process.returncode if process is not None else None)
+            if len(recent) > self.burst:
+                log.error(
+                    "the embedded Redis %s, %d times in %.0fs; giving up (its log: %s)",
+                    how, len(recent), self.window_s, self.server.log_path,
+                )  # fmt: skip
+                return False
+            delay = 0 if len(recent) == 1 else min(2 ** (len(recent) - 2), 30)
+            log.error(
+                "the embedded Redis %s; restarting it at %s in %ds (workers wait and reconnect; "
+                "its data is %s)",
+                how, self.server.url, delay,
+                "kept (persist = true)" if self.server.persist else "gone: detectors start afresh",
+            )  # fmt: skip
+            self.restart_at = now + delay
+        if now < self.restart_at:
+            return True
+        self.restart_at = None
+        try:
+            self.server.start()
+        except EmbeddedRedisError as exc:
+            log.error("could not restart the embedded Redis: %s", exc)  # the next check counts it
+            return True
+        assert self.server.process is not None
+        log.warning("embedded Redis restarted (pid %d) at %s", self.server.process.pid, self.server.url)
+        return True
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "is not running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def stop_processes(processes: Iterable[subprocess.Popen[Any]], timeout_s: float) -> None:

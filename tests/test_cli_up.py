@@ -17,6 +17,8 @@ import pytest
 import redis
 
 from agentwatch import __version__
+from agentwatch.embedded import EmbeddedRedis
+from agentwatch.supervisor import ServerWatch
 
 from conftest import free_port
 from helpers import wait_for
@@ -188,3 +190,67 @@ def test_bad_usage_exits_2() -> None:
     )
     assert result.returncode == 2
     assert "'painters' is not one of" in result.stderr
+
+
+def test_up_restarts_its_embedded_redis_at_the_same_url(up_config: Path) -> None:
+    log = up_config.parent / "up.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agentwatch", "up", "--config", str(up_config), "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=up_config.parent,
+        )  # fmt: skip
+    try:
+        banner = read_until(process, "Ctrl-C to stop.")
+        match = re.search(r"redis: embedded server at (\S+)", banner)
+        assert match, banner
+        url = match.group(1)
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        try:
+            wait_for(lambda: registered_workers(client), what="a worker")
+            first_pid = int(client.info("server")["process_id"])
+            os.kill(first_pid, signal.SIGKILL)
+
+            def new_server() -> bool:
+                try:
+                    return int(client.info("server")["process_id"]) != first_pid
+                except redis.RedisError:
+                    return False
+
+            wait_for(new_server, timeout=10, what="a new server at the same URL")
+            wait_for(lambda: registered_workers(client), timeout=15, what="the workers back on it")
+        finally:
+            client.close()
+        assert process.poll() is None
+        text = log.read_text()
+        assert f"the embedded Redis was killed by SIGKILL; restarting it at {url} in 0s" in text
+        assert "embedded Redis restarted (pid " in text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def test_an_embedded_redis_that_keeps_dying_is_given_up_on(short_dir: Path) -> None:
+    server = EmbeddedRedis(short_dir / "s").start()
+    watch = ServerWatch(server, burst=2, window_s=60)
+    try:
+        outcomes = []
+        for _ in range(3):
+            server.kill()
+            now = time.monotonic()
+            outcomes.append(watch.check(now))
+            while watch.restart_at is not None:  # the backoff: 0 s, then 1 s
+                time.sleep(watch.restart_at - now)
+                now = time.monotonic()
+                watch.check(now)
+            if outcomes[-1]:
+                assert server.process is not None and server.process.poll() is None
+                with redis.Redis.from_url(server.url) as probe:
+                    assert probe.ping()
+    finally:
+        server.cleanup()
+    assert outcomes == [True, True, False]

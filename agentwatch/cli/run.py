@@ -19,7 +19,7 @@ from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline
 from agentwatch.embedded import EmbeddedRedis, default_state_dir, tcp_port_free
 from agentwatch.errors import EmbeddedRedisError
 from agentwatch.redisconn import answers, connect, describe, embedded_url_file
-from agentwatch.supervisor import Supervisor, worker_child
+from agentwatch.supervisor import ServerWatch, Supervisor, worker_child
 from agentwatch.worker import Worker
 from agentwatch.workers import detector_worker, notifier_worker
 
@@ -90,7 +90,8 @@ def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
             worker_child("notifiers", i, url, config_arg, log_level) for i in range(settings.worker.notifiers)
         ]
     _print_banner(pipeline, url, embedded)
-    supervisor = Supervisor(children, stopping=stopping)
+    watch = ServerWatch(embedded) if embedded is not None else None
+    supervisor = Supervisor(children, stopping=stopping, server=watch)
     code = 1
     try:
         supervisor.start()
