@@ -6,6 +6,11 @@ need are about the process: a Unix socket in our own state directory, no persist
 asked, ready in milliseconds, stopped on exit, and dead as soon as its parent dies, even by
 SIGKILL (``PR_SET_PDEATHSIG``), so a crashed ``agentwatch up`` never leaves a server behind.
 
+The state directory is private: ``<runtime dir>/agentwatch-<uid>`` is created 0700 and must
+belong to the user (in a shared /tmp another user could otherwise pre-create it and read, or
+replace, the socket). ``up`` keeps one sub-directory per process there; those of processes that
+died without cleaning up (SIGKILL) are removed at the next start.
+
 The test suite starts its servers through this same class.
 """
 
@@ -17,9 +22,11 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -65,9 +72,88 @@ def tcp_port_free(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((host, port)) != 0
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) 0700, or check that the existing one is a real
+    directory owned by this user; tighten its mode if it is ours but open to others."""
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise EmbeddedRedisError(
+            f"{path} is not a directory (a symlink or a file); remove it, or set [embedded] state_dir"
+        )
+    if info.st_uid != os.getuid():
+        raise EmbeddedRedisError(
+            f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}): another user could read "
+            "or replace the Redis socket there; remove it, or set [embedded] state_dir"
+        )
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def remove_stale_dirs(base: Path) -> list[Path]:
+    """Remove the per-process directories under ``base`` whose process is gone (an ``up``
+    that was SIGKILLed leaves its socket and log behind), and a ``current-url`` record that
+    pointed into one of them. Directories of live processes and ``data`` are kept."""
+    removed = []
+    for child in base.iterdir() if base.is_dir() else ():
+        if not child.name.isdigit() or child.is_symlink() or not child.is_dir():
+            continue
+        if _process_alive(int(child.name)) or child.lstat().st_uid != os.getuid():
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    record = base / "current-url"
+    try:
+        url = record.read_text().strip()
+    except OSError:
+        return removed
+    if any(url.startswith(f"unix://{gone}/") for gone in removed):
+        record.unlink(missing_ok=True)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive, and not our directory's owner anyway
+    return True
+
+
+def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the forked child before exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def dies_with(parent: int | None = None) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when ``parent`` (default: the caller) dies.
+
+    PR_SET_PDEATHSIG only covers a parent that dies *after* the call; one that died between
+    fork and prctl would leave the child running for ever, so the child then checks that its
+    parent is still the one that spawned it and exits at once if not.
+    """
+    expected = os.getpid() if parent is None else parent
+
+    def preexec() -> None:  # pragma: no cover - runs in the forked child before exec
+        _set_parent_death_signal()
+        if os.getppid() != expected:
+            os._exit(1)
+
+    return preexec
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
+    """A ``preexec_fn`` like :func:`dies_with`, for callers that cannot capture their pid:
+    it detects a parent that died *during* the prctl (prefer ``dies_with()``)."""
+    before = os.getppid()
+    _set_parent_death_signal()
+    if os.getppid() != before or before == 1:
+        os._exit(1)
 
 
 class EmbeddedRedis:
@@ -133,7 +219,9 @@ class EmbeddedRedis:
         """Start the server and return once it answers PING (typically 10-30 ms)."""
         if self.process is not None and self.process.poll() is None:
             return self
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.state_dir.parent == default_state_dir():
+            private_dir(self.state_dir.parent)
+        private_dir(self.state_dir)
         self.socket_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(
             self.command(),
@@ -143,7 +231,7 @@ class EmbeddedRedis:
             # Its own session: a terminal's Ctrl-C goes to `up`, which stops the workers first
             # and the server last; the server must not vanish under workers finishing a batch.
             start_new_session=True,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl must run in the child
+            preexec_fn=dies_with(),  # noqa: PLW1509 - prctl must run in the child
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

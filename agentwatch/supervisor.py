@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentwatch.embedded import EmbeddedRedis, die_with_parent
+from agentwatch.embedded import EmbeddedRedis, dies_with
 from agentwatch.errors import EmbeddedRedisError
 
 log = logging.getLogger("agentwatch.up")
@@ -76,7 +76,7 @@ class Supervisor:
             child.argv,
             env=child.env,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl must run in the child
+            preexec_fn=dies_with(),  # noqa: PLW1509 - prctl must run in the child
         )
         log.info("started %s (pid %d)", child.name, child.process.pid)
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,57 @@ def test_a_server_that_cannot_start_reports_its_log(short_dir: Path) -> None:
         clash = EmbeddedRedis(short_dir / "b", port=port)  # same TCP port: must fail
         with pytest.raises(EmbeddedRedisError, match="exited with code"):
             clash.start()
+
+
+def test_the_default_state_dir_is_private_even_when_created_from_scratch(
+    monkeypatch: pytest.MonkeyPatch, short_dir: Path
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(embedded.tempfile, "tempdir", str(short_dir))
+    base = embedded.default_state_dir()
+    assert base == short_dir / f"agentwatch-{os.getuid()}" and not base.exists()
+    with EmbeddedRedis() as server:  # state dir: <base>/<pid>
+        assert server.state_dir == base / str(os.getpid())
+        assert (base.stat().st_mode & 0o777, server.state_dir.stat().st_mode & 0o777) == (0o700, 0o700)
+
+
+def test_a_state_dir_that_is_not_ours_or_not_a_directory_is_refused(short_dir: Path) -> None:
+    loose = short_dir / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    embedded.private_dir(loose)
+    assert loose.stat().st_mode & 0o777 == 0o700  # ours but open: tightened
+    link = short_dir / "link"
+    link.symlink_to(loose)
+    with pytest.raises(EmbeddedRedisError, match="is not a directory"):
+        embedded.private_dir(link)
+    if os.getuid() != 0:
+        pytest.skip("changing a directory's owner needs root")
+    foreign = short_dir / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    with pytest.raises(EmbeddedRedisError, match=f"belongs to uid 65534, not to you \\(uid {os.getuid()}\\)"):
+        EmbeddedRedis(foreign).start()
+
+
+def test_directories_left_by_dead_processes_are_removed(short_dir: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is gone (and reaped)
+    for name in (str(dead.pid), str(os.getpid()), "data"):
+        (short_dir / name).mkdir()
+        (short_dir / name / "redis.log").write_text("x")
+    (short_dir / "current-url").write_text(f"unix://{short_dir / str(dead.pid)}/redis.sock?db=0\n")
+    assert embedded.remove_stale_dirs(short_dir) == [short_dir / str(dead.pid)]
+    assert sorted(p.name for p in short_dir.iterdir()) == sorted([str(os.getpid()), "data"])
+
+
+def test_a_child_whose_parent_is_already_gone_does_not_start() -> None:
+    # As if the spawning process had died between fork and prctl: the child sees another parent.
+    def run(preexec: Callable[[], None]) -> tuple[int, str]:
+        result = subprocess.run(
+            ["echo", "ran"], preexec_fn=preexec, capture_output=True, text=True, timeout=5
+        )
+        return result.returncode, result.stdout
+
+    assert run(embedded.dies_with(parent=1)) == (1, "")  # never got to exec
+    assert run(embedded.dies_with()) == (0, "ran\n")  # its real parent: it runs

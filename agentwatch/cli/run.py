@@ -16,7 +16,13 @@ from agentwatch import __version__
 from agentwatch.cli import app
 from agentwatch.cli.common import ConfigOption, LogLevel, fail, load_pipeline, setup_logging, worker_url
 from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline
-from agentwatch.embedded import EmbeddedRedis, default_state_dir, tcp_port_free
+from agentwatch.embedded import (
+    EmbeddedRedis,
+    default_state_dir,
+    private_dir,
+    remove_stale_dirs,
+    tcp_port_free,
+)
 from agentwatch.errors import EmbeddedRedisError
 from agentwatch.redisconn import answers, connect, describe, embedded_url_file
 from agentwatch.supervisor import ServerWatch, Supervisor, worker_child
@@ -109,6 +115,9 @@ def _start_embedded(pipeline: Pipeline) -> EmbeddedRedis:
     port = cfg.port if cfg.port and tcp_port_free(cfg.port) else 0
     server_dir = base / ("data" if cfg.persist else str(os.getpid()))
     try:
+        private_dir(base)
+        for stale in remove_stale_dirs(base):
+            log.info("removed %s, left by an agentwatch up that is gone", stale)
         server = EmbeddedRedis(server_dir, port=port, persist=cfg.persist).start()
     except EmbeddedRedisError as exc:
         fail(f"cannot start the embedded Redis: {exc}")
