@@ -204,7 +204,10 @@ def _monitor_module_calls(frame: FrameType) -> None:
             pass
         return disable
 
-    monitoring.use_tool_id(tool, "agentwatch")
+    try:
+        monitoring.use_tool_id(tool, "agentwatch")
+    except ValueError:  # claimed by another thread since get_tool(): do without
+        return
     monitoring.register_callback(tool, monitoring.events.CALL, on_call)
     monitoring.set_local_events(tool, frame.f_code, monitoring.events.CALL)
     _monitoring = True
