@@ -6,7 +6,12 @@ Pure logic, no Redis: the same inputs go through real streams in test_worker.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -183,3 +188,15 @@ def test_agent_names_are_cached_only_after_validation() -> None:
 def test_entry_ms_reads_redis_time_from_an_entry_id() -> None:
     assert codec.entry_ms(b"1700000000123-7") == 1700000000123
     assert codec.entry_ms("1700000000123-0") == 1700000000123
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_the_redis_cli_example_in_protocol_md_prints_a_valid_beat_in_any_shell(shell: str) -> None:
+    if shutil.which(shell) is None:
+        pytest.skip(f"no {shell}")
+    text = (Path(__file__).resolve().parents[1] / "PROTOCOL.md").read_text()
+    example = re.search(r"```sh\n# (\{.*\})\n(printf '[^']*')", text)
+    assert example is not None, "the redis-cli example in PROTOCOL.md"
+    printed = subprocess.run([shell, "-c", example.group(2)], capture_output=True, check=True).stdout
+    assert printed == codec.encode(json.loads(example.group(1)))
+    assert codec.decode(printed)["kind"] == "beat"
