@@ -11,7 +11,12 @@ numpy over every agent judged in the batch. An evaluation is *hot* when
 * the trend reaches ``limit`` within ``horizon`` (or is already past it and still growing).
 
 ``fire_after`` hot evaluations in a row open a ``memory`` incident ("RSS 210 MB -> 3.9 GB over
-3 days; 4 GB limit in ~2 h"); ``recover_after`` cool ones in a row, or a restart, resolve it.
+3 days; 4 GB limit in ~2 h"); ``recover_after`` *cool* ones in a row, or a restart, resolve it.
+Cool is not merely "not hot": the same test deciding both would flap on a noisy leak whose
+projection wanders around the horizon. An evaluation is cool when the growth has plainly
+stopped: the trend is flat or falling, or fewer than half of the pairwise slopes rise, or the
+limit is more than twice the horizon away (:data:`COOL_HORIZONS`). In between, an evaluation
+neither opens nor resolves anything, and breaks both counts.
 """
 
 from __future__ import annotations
@@ -137,9 +142,15 @@ local function memory_flush(key, R)
 end
 """
 
+COOL_HORIZONS: Final = 2.0
+"""An evaluation projecting the limit further away than this many horizons is cool."""
+COOL_RISING: Final = 0.5
+"""... and so is one with fewer rising pairwise slopes than this share."""
+HOT, BETWEEN, COOL = 2, 1, 0
+
 # Apply verdicts. KEYS: states, intents. ARGV: owner, lease, verdicts (msgpack list of
-# [agent, run, hot, at, fire_after, recover_after, facts]). A verdict about a run that has
-# since been replaced is dropped.
+# [agent, run, verdict (HOT, BETWEEN or COOL), at, fire_after, recover_after, facts]). A verdict
+# about a run that has since been replaced is dropped.
 _TRANSITION: Final = """
 local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
 local V = cmsgpack.unpack(ARGV[3])
@@ -149,12 +160,14 @@ for _, v in ipairs(V) do
   if raw then
     local r = rec_load(raw)
     if r.run == v[2] then
-      if v[3] == 1 then
+      if v[3] == 2 then
         r.mh = math.min(r.mh + 1, 255); r.mc = 0
         if r.mh >= v[5] then open(a, r, F_MEMORY, 'memory', v[4], v[7]) end
-      else
+      elseif v[3] == 0 then
         r.mc = math.min(r.mc + 1, 255); r.mh = 0
         if r.mc >= v[6] then close(a, r, F_MEMORY, 'memory', v[4], v[7]) end
+      else
+        r.mh, r.mc = 0, 0
       end
       redis.call('HSET', KEYS[1], a, rec_dump(r))
     end
@@ -233,13 +246,16 @@ class Memory(BuiltinDetector[MemoryConfig]):
         agent, run, points, r0, t0, rl = window
         horizon_ms = cfg.horizon_s * 1000
         eta_ms = (cfg.limit - level) / slope if slope > 0 else float("inf")
-        hot = len(points) >= cfg.min_points and slope > 0 and rising >= cfg.rising and eta_ms <= horizon_ms
+        enough = len(points) >= cfg.min_points
+        hot = enough and slope > 0 and rising >= cfg.rising and eta_ms <= horizon_ms
+        cool = not enough or slope <= 0 or rising < COOL_RISING or eta_ms > COOL_HORIZONS * horizon_ms
         facts = {
             "r0": r0 * 1024, "t0": t0, "rl": rl * 1024, "level": float(level), "limit": cfg.limit,
             "slope_per_h": float(slope) * 3_600_000, "eta_s": max(0.0, eta_ms / 1000) if hot else -1,
             "at": float(at),
         }  # fmt: skip
-        return [agent, run, 1 if hot else 0, int(at), cfg.fire_after, cfg.recover_after, facts]
+        verdict = HOT if hot else COOL if cool else BETWEEN
+        return [agent, run, verdict, int(at), cfg.fire_after, cfg.recover_after, facts]
 
     def _script(self) -> Any:
         script = self.ctx.shared.get("memory-transition")

@@ -95,3 +95,25 @@ def test_spikes_sawtooth_and_slow_growth_stay_quiet(
 ) -> None:
     pulses(feed, shape, seconds=3)
     assert alerts(r, keys) == []
+
+
+def test_a_noisy_leak_fires_once_and_stays_open_while_it_goes_on(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """A replay: RSS grows linearly from 210 MB to 3.9 GB over 3 days (+51 MB/h), with 0.3%
+    noise, default settings (limit 4 GB, horizon 6 h, window 1 h). Near the horizon the noisy
+    projection wanders around it; with one test for hot and cool the incident resolved
+    ("no longer on course") and fired again while the leak went on."""
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"enabled": False}), redis_url)
+    feed = Feed(worker)
+    rng = np.random.default_rng(1)
+    t0, every, steps = feed.now, 30_000, 3 * 86400 // 30
+    feed.apply([feed.event("bot", "start", at=t0)])
+    rss = (210e6 + (3.9e9 - 210e6) * np.arange(1, steps + 1) / steps) * (1 + rng.normal(0, 0.003, steps))
+    for start in range(0, steps, 10):  # 5 minutes a batch: each bucket judged as it closes, as live
+        feed.apply([feed.event("bot", "pulse", rss=int(rss[k]), at=t0 + (k + 1) * every)
+                    for k in range(start, min(start + 10, steps))])  # fmt: skip
+    assert transitions(r, keys) == [("bot", "memory", "firing")]
+    alert = fired(r, keys, "memory")[0]
+    assert 60 < (alert.at_ms - t0) / 3_600_000 < 70 and "4.0 GB limit in ~" in alert.summary
+    worker.client.close()
