@@ -22,7 +22,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import redis
 
 from helpers import wait_for
 
@@ -39,6 +38,8 @@ class Descendants:
         self.root = root
         self.seen: dict[int, psutil.Process] = {}
         self.cmdlines: dict[int, str] = {}
+        self.redis_urls: dict[int, dict[str, str]] = {}  # agentwatch processes: the URLs they got
+        self.to_user_redis: list[str] = []  # any TCP connection to port 6379, by anyone
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
@@ -56,8 +57,18 @@ class Descendants:
                     cmdline = " ".join(child.cmdline())
                     if cmdline:
                         self.cmdlines[child.pid] = cmdline
+                    if re.search(r"agentwatch(\.demo\.agents| worker )", cmdline):  # after exec
+                        env = child.environ()
+                        self.redis_urls[child.pid] = {k: v for k, v in env.items() if "REDIS" in k}
             except psutil.Error:
                 pass  # a child vanished mid-listing: the next round sees the rest
+            for process in [parent, *self.seen.values()]:
+                try:
+                    for conn in process.net_connections(kind="tcp"):
+                        if conn.raddr and conn.raddr.port == 6379:
+                            self.to_user_redis.append(f"{process.pid}: {conn.raddr}")
+                except psutil.Error:
+                    pass  # gone, or a zombie
             time.sleep(0.05)
 
     def matching(self, pattern: str) -> list[int]:
@@ -105,15 +116,20 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def user_redis_keys() -> list[bytes] | None:
-    """The demo's keys on the user's Redis at 6379 (there must be none); None if nothing answers."""
-    client = redis.Redis.from_url(USER_REDIS, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        return list(client.scan_iter(match="aw-demo:*", count=1000))
-    except redis.ConnectionError:
-        return None
-    finally:
-        client.close()
+def assert_never_used_the_users_redis(tree: Descendants, state_dir: str) -> None:
+    """The user's shell points at 6379 (user_env); no process of the demo may have used it.
+
+    Checked on the processes themselves, not on keys in 6379 (which other tests share): every
+    agentwatch process the demo started was given only the demo's own socket, and no process of
+    the demo ever held a TCP connection to port 6379."""
+    sampled = [tree.cmdlines.get(pid, "") for pid in tree.redis_urls]
+    assert len([c for c in sampled if "agentwatch.demo.agents" in c]) == 6, sampled
+    assert [c for c in sampled if "agentwatch worker detectors" in c], sampled
+    for pid, urls in tree.redis_urls.items():
+        assert urls, f"{tree.cmdlines.get(pid)} was given no Redis URL at all"
+        for name, url in urls.items():
+            assert url.startswith(f"unix://{state_dir}/"), (tree.cmdlines.get(pid), name, url)
+    assert tree.to_user_redis == []
 
 
 @pytest.fixture
@@ -201,7 +217,7 @@ def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     assert state_dir and not Path(state_dir).exists()
     assert summary["redis_url"].startswith(f"unix://{state_dir}/")
     assert processes_mentioning(state_dir) == []
-    assert user_redis_keys() in (None, [])  # the user's Redis was never written to
+    assert_never_used_the_users_redis(tree, state_dir)
     assert elapsed < 45
 
 
@@ -225,15 +241,21 @@ def test_ctrl_c_mid_demo_stops_and_removes_everything(
         signal.SIGINT
     )  # what a terminal's Ctrl-C sends (its children have their own sessions)
     assert process.wait(timeout=15) == 1
-    time.sleep(0.2)
-    seen += drain(lines)
-    assert "interrupted: everything the demo started is stopped and removed." in seen, seen
+
+    def said(text: str) -> bool:  # the reader thread may still be passing on the last lines
+        nonlocal seen
+        seen += drain(lines)
+        return text in seen
+
+    wait_for(lambda: said("interrupted: everything the demo started is stopped and removed."),
+             timeout=5, what="the interrupted line")  # fmt: skip
     assert "demo interrupted" in seen
     assert tree.still_running() == []
     match = re.search(r"private server at unix://(/\S+?)/redis/redis\.sock", seen)
     assert match, seen
     assert not Path(match.group(1)).exists()
     assert processes_mentioning(match.group(1)) == []
+    assert_never_used_the_users_redis(tree, match.group(1))
 
 
 def test_no_redis_server_binary_is_a_clear_error(tmp_path: Path) -> None:
