@@ -47,8 +47,11 @@ class ReportScheduler(Handler[Alert]):
         if self.client.hget(key, slot) is not None:
             self._sent = slot
             return
-        if self.client.hlen(key) == 0 and self.client.hsetnx(key, slot, f"skipped:{now_ms}"):
-            self._sent = slot  # the slot the deployment started in
+        if self.client.hlen(key) == 0:
+            # The slot the deployment started in: skipped. Whoever loses the HSETNX race lost it
+            # to another worker skipping this very slot, so it must not send it either.
+            self.client.hsetnx(key, slot, f"skipped:{now_ms}")
+            self._sent = slot
             return
         report = build_report(self.client, self.pipeline, since_s=cfg.period_s, now_ms=now_ms)
         alert = Alert(
