@@ -23,8 +23,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from agentwatch.codec import AGENT_RE, MAX_AGENT_LEN
-from producers._caps import MAX_SECONDS
+from agentwatch.codec import AGENT_RE, MAX_AGENT_LEN, MAX_SPAN_S
 from producers._guard import warn_once
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
@@ -133,15 +132,15 @@ def resolve(**explicit: Any) -> Settings:
         agent=_agent(*given.pick("agent")),
         redis_url=_redis_url(*given.pick("redis_url")),
         prefix=_prefix(*given.pick("prefix")),
-        interval=_number(*given.pick("interval"), None, MAX_SECONDS),
-        pulse_interval=_number(*given.pick("pulse_interval"), DEFAULT_PULSE_INTERVAL, MAX_SECONDS),
+        interval=_number(*given.pick("interval"), None, MAX_SPAN_S),
+        pulse_interval=_number(*given.pick("pulse_interval"), DEFAULT_PULSE_INTERVAL, MAX_SPAN_S),
         shards=_count(*given.pick("shards"), 1),
-        stack_factor=_number(*given.pick("stack_factor"), DEFAULT_STACK_FACTOR, MAX_SECONDS),
+        stack_factor=_number(*given.pick("stack_factor"), DEFAULT_STACK_FACTOR, MAX_SPAN_S),
         queue_size=_count(*given.pick("queue_size"), DEFAULT_QUEUE_SIZE),
         queue_bytes=_count(*given.pick("queue_bytes"), DEFAULT_QUEUE_BYTES),
         maxlen=_count(*given.pick("maxlen"), DEFAULT_MAXLEN),
-        flush_interval=_number(*given.pick("flush_interval"), DEFAULT_FLUSH_INTERVAL, MAX_SECONDS),
-        socket_timeout=_number(*given.pick("socket_timeout"), DEFAULT_SOCKET_TIMEOUT, MAX_SECONDS),
+        flush_interval=_number(*given.pick("flush_interval"), DEFAULT_FLUSH_INTERVAL, MAX_SPAN_S),
+        socket_timeout=_number(*given.pick("socket_timeout"), DEFAULT_SOCKET_TIMEOUT, MAX_SPAN_S),
     )
 
 

@@ -20,8 +20,7 @@ import operator
 from itertools import islice
 from typing import Any, Final
 
-from agentwatch.codec import MAX_DEPTH, MAX_ENTRY_BYTES, MAX_TEXT_CHARS
-from producers._caps import MAX_COUNT
+from agentwatch.codec import MAX_COUNT, MAX_DEPTH, MAX_ENTRY_BYTES, MAX_TEXT_CHARS
 from producers._guard import warn_once
 from producers._usage import usage_fields
 

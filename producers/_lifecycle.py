@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from agentwatch.codec import MAX_COUNT
 from producers import _exitcode
 from producers._guard import internal_error, logger
 from producers._stack import exception_text
@@ -67,7 +68,7 @@ class Outcome:
 
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"kind": "exit", "reason": self.reason}
-        if self.code is not None:
+        if self.code is not None and -MAX_COUNT <= self.code <= MAX_COUNT:  # sys.exit(2**64): no
             fields["code"] = self.code
         if self.error is not None:
             fields["error"] = self.error

@@ -17,10 +17,9 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
-from agentwatch.codec import MAX_STACK_CHARS
+from agentwatch.codec import MAX_SPAN_S, MAX_STACK_CHARS
 from agentwatch.keys import Keys
 from producers import _lifecycle
-from producers._caps import MAX_SECONDS
 from producers._config import (
     INHERIT_ENV,
     OPTIONS,
@@ -242,10 +241,10 @@ class Producer:
         """
         try:
             value = amount("extend", seconds)
-            if value is not None and value > MAX_SECONDS:
+            if value is not None and value > MAX_SPAN_S:
                 warn_once("arg:extend:cap", "agentwatch: extend(%s) is over 365 days; sent as %d s",
-                          seconds, MAX_SECONDS)  # fmt: skip
-                value = MAX_SECONDS
+                          seconds, MAX_SPAN_S)  # fmt: skip
+                value = MAX_SPAN_S
             if value is None or (self._pid != _PID and not self._begin()):
                 return
             assert self._sender is not None

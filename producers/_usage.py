@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from producers._caps import MAX_COUNT
+from agentwatch.codec import MAX_COUNT
 from producers._guard import warn_once
 
 CACHE_READ: Final = "tokens_cache_read"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -248,8 +247,9 @@ def test_a_huge_meta_value_is_cut_short_in_microseconds(value: Any, caplog: pyte
         assert size < 100
     # The walk stops at the budget (512 values): 25-100 us on a quiet machine, not a copy of the
     # whole value (the audit measured a 605 us median and 436 ms worst before the budget).
-    assert statistics.median(samples) < 400_000
-    assert max(samples) < 20_000_000
+    samples.sort()
+    assert samples[len(samples) // 2] < 400_000
+    assert samples[len(samples) * 95 // 100] < 2_000_000  # not max: a shared box preempts anyone
     assert sum("too large for one beat" in m for m in warnings(caplog)) == 1
 
 
