@@ -29,7 +29,7 @@ from agentwatch.cli.common import (
 )
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.fleet import fleet_status
-from agentwatch.redisconn import Client, describe
+from agentwatch.redisconn import Client, describe, explain
 from agentwatch.report import build_report, notes, pct, render_text
 
 _STATE_STYLES = {
@@ -117,8 +117,8 @@ def _lost(
     last: dict[str, Any] | None, where: str, exc: Exception, *, since: float, every_s: float, width: int
 ) -> RenderableType:
     error = Text(
-        f"Redis at {where} is unreachable since {iso_ms(int(since * 1000))[11:19]} UTC "
-        f"({type(exc).__name__}: {exc}); retrying every {format_duration(every_s)}",
+        f"Redis at {where} is unreachable since {iso_ms(int(since * 1000))[11:19]} UTC: "
+        f"{explain(exc)}; retrying every {format_duration(every_s)}",
         style="bold red",
     )
     if last is None:
