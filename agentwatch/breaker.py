@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from agentwatch.worker import Stats
+    from agentwatch.handler import Stats
 
 log = logging.getLogger("agentwatch.worker")
 

@@ -8,7 +8,12 @@ directory while it runs.
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from agentwatch.embedded import default_state_dir
 from agentwatch.errors import RedisUnavailable
 
 Client = redis.Redis | RedisCluster
+log = logging.getLogger("agentwatch.worker")
 
 
 class WritesRefused(redis.ResponseError):
@@ -75,6 +81,46 @@ def explain(exc: BaseException) -> str:
         if isinstance(exc, cls):
             return f"{text} ({exc})"
     return f"Redis unreachable ({exc})"
+
+
+_WAITING_LOG_EVERY_S = 60.0
+
+
+def retry_until_available(
+    action: Callable[[], None], stop: threading.Event, first_error: Exception | None = None, *, note: str = ""
+) -> bool:
+    """Run ``action`` until it gets through a recoverable error, with capped exponential backoff
+    and jitter, or until ``stop`` is set; True once it succeeded.
+
+    One log line when the wait starts (saying what kind of trouble it is), one when the kind
+    changes, a reminder once a minute, and one when Redis is back.
+    """
+    delay, since, error = 0.1, time.monotonic(), first_error
+    logged: type[Exception] | None = None
+    reminded = since
+    suffix = f"; retrying with backoff{', ' + note if note else ''}"
+    if error is not None:
+        log.warning("%s%s", explain(error), suffix)
+        logged = type(error)
+    while not stop.is_set():
+        if error is None:
+            try:
+                action()
+                if logged is not None:
+                    log.info("Redis is back after %.1fs", time.monotonic() - since)
+                return True
+            except RECOVERABLE as exc:
+                now = time.monotonic()
+                if type(exc) is not logged:
+                    log.warning("%s%s", explain(exc), suffix)
+                    logged, reminded = type(exc), now
+                elif now - reminded >= _WAITING_LOG_EVERY_S:
+                    log.warning("still waiting after %.0fs: %s", now - since, explain(exc))
+                    reminded = now
+        error = None
+        stop.wait(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, 5.0)
+    return False
 
 
 def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -> Client:

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import redis
@@ -41,69 +39,31 @@ import redis
 from agentwatch.breaker import Breaker
 from agentwatch.codec import entry_ms
 from agentwatch.config import PipelineSettings
+from agentwatch.deadletter import entry_field, letter
 from agentwatch.errors import InvalidEntry
+from agentwatch.handler import Handler, Message, Stats
 from agentwatch.keys import Keys
-from agentwatch.redisconn import RECOVERABLE, Client, consumer_name, disconnect, explain, server_time_ms
+from agentwatch.redisconn import (
+    RECOVERABLE,
+    Client,
+    consumer_name,
+    disconnect,
+    retry_until_available,
+    server_time_ms,
+)
 from agentwatch.upkeep import Upkeep
+
+__all__ = ["Handler", "Message", "Stats", "Worker"]  # Handler, Message, Stats: handler.py
 
 log = logging.getLogger("agentwatch.worker")
 
 T = TypeVar("T")
-Message = tuple[bytes, T]
-"""(entry id, decoded entry). The id's time part is the Redis server's clock at XADD."""
 
 _TRIM_EVERY_S = 60.0
 _ERROR_LOG_EVERY_S = 60.0
-_WAITING_LOG_EVERY_S = 60.0
 _STOP_CUT_AFTER_S = 1.2
 """After a stop request, Redis I/O still going on this long is cut (Redis hangs): with the
 default 1 s BLOCK a healthy read has returned by then, and the process exits within 2 s."""
-
-
-class Handler(Generic[T]):
-    """What a worker feeds. Override only the hooks you need; each one is a no-op here.
-
-    Exceptions from any hook are caught by the runtime, logged and counted; they never stop the
-    worker or the other handlers. Raise only for a real failure: the runtime retries
-    ``on_batch`` entry by entry and dead-letters what keeps failing.
-    """
-
-    name: str = "handler"
-
-    def on_start(self) -> None:
-        """Once per worker process, after Redis answered and the consumer groups exist."""
-
-    def on_batch(self, messages: Sequence[Message[T]]) -> None:
-        """Per batch of valid entries, in stream order. Write effects before returning: the
-        batch is acknowledged right after. May see an entry again after a crash (at least once)."""
-
-    def on_tick(self, now_ms: int) -> None:
-        """Every ``[worker] tick`` on every worker, with Redis server time: for timer checks."""
-
-    def on_stop(self) -> None:
-        """Once, when the worker stops gracefully (not after SIGKILL)."""
-
-
-@dataclass
-class Stats:
-    """Counters a worker keeps and publishes in its health hash (``agentwatch status`` shows them)."""
-
-    processed: int = 0
-    deadlettered: int = 0
-    reclaimed: int = 0
-    errors: int = 0
-    skipped: int = 0
-    """Entries acked without a broken handler having seen them (breaker.py); also in ``processed``."""
-    batches: int = 0
-    trimmed_pending: int = 0
-    lag: int = 0
-    pending: int = 0
-    oldest_pending_ms: int = 0
-    last_entry_ms: int = 0
-    handler_errors: dict[str, int] = field(default_factory=dict)
-    handler_skipped: dict[str, int] = field(default_factory=dict)
-    broken: list[str] = field(default_factory=list)
-    """Names of the handlers whose breaker is open now."""
 
 
 def _raw_reply(response: Any, **_: Any) -> Any:
@@ -297,37 +257,10 @@ class Worker(Generic[T]):
         signal.signal(signal.SIGINT, on_signal)
 
     def _until_connected(self, action: Callable[[], None], first_error: Exception | None = None) -> None:
-        """Retry ``action`` with capped exponential backoff and jitter until it succeeds or we stop.
-
-        One log line when the wait starts, one when the kind of trouble changes, a reminder
-        once a minute, and one when Redis is back.
-        """
-        delay, since, error = 0.1, time.monotonic(), first_error
-        logged: type[Exception] | None = None
-        reminded = since
-        if error is not None:
-            log.warning("%s; retrying with backoff, pending entries are kept", explain(error))
-            logged = type(error)
-        while not self._stop.is_set():
-            if error is None:
-                try:
-                    action()
-                    self._redis_ok = True
-                    if logged is not None:
-                        log.info("Redis is back after %.1fs", time.monotonic() - since)
-                    return
-                except RECOVERABLE as exc:
-                    self._redis_ok = False
-                    now = time.monotonic()
-                    if type(exc) is not logged:
-                        log.warning("%s; retrying with backoff", explain(exc))
-                        logged, reminded = type(exc), now
-                    elif now - reminded >= _WAITING_LOG_EVERY_S:
-                        log.warning("still waiting after %.0fs: %s", now - since, explain(exc))
-                        reminded = now
-            error = None
-            self._stop.wait(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 5.0)
+        """Run ``action`` (the set-up) once Redis takes it, waiting with backoff (redisconn.py)."""
+        self._redis_ok = retry_until_available(
+            action, self._stop, first_error, note="pending entries are kept"
+        )
 
     # -- reading and processing ------------------------------------------------------------------
     def _read(self, start: str, block_ms: int | None) -> list[tuple[str, bytes, Any]]:
@@ -370,7 +303,7 @@ class Worker(Generic[T]):
                 if fields.__class__ is list and fields[0] == b"d":  # the common shape, fast
                     good.append((entry_id, decode(fields[1])))
                 else:
-                    good.append((entry_id, decode(_field(fields))))
+                    good.append((entry_id, decode(entry_field(fields))))
             except InvalidEntry as exc:
                 dead.append((stream, entry_id, fields, str(exc)))
         if good:
@@ -461,11 +394,14 @@ class Worker(Generic[T]):
         refused: set[bytes] = set()
         failure: Exception | None = None
         if dead:
+            cap = self.settings.streams.deadletter_max_bytes
             pipe = self.client.pipeline(transaction=False)
             for stream, entry_id, fields, reason in dead:
                 pipe.xadd(
                     self.keys.deadletter,
-                    self._deadletter_fields(stream, entry_id, fields, reason),
+                    letter(
+                        stream, entry_id, fields, reason, group=self.group, consumer=self.consumer, cap=cap
+                    ),
                     maxlen=self.settings.streams.deadletter_max_len,
                     approximate=True,
                 )
@@ -493,22 +429,6 @@ class Worker(Generic[T]):
         self.stats.processed += len(acked) - lettered
         if failure is not None:
             raise failure
-
-    def _deadletter_fields(self, stream: str, entry_id: bytes, fields: Any, reason: str) -> dict[str, Any]:
-        raw = _original_bytes(fields)
-        cap = self.settings.streams.deadletter_max_bytes
-        out: dict[str, Any] = {
-            "reason": reason,
-            "stream": stream,
-            "id": entry_id,
-            "group": self.group,
-            "consumer": self.consumer,
-            "size": len(raw),
-            "d": raw[:cap],
-        }
-        if len(raw) > cap:
-            out["truncated"] = 1
-        return out
 
     # -- timers: tick, health, reclaiming, trimming ----------------------------------------------
     def _tick(self, now: float) -> None:
@@ -556,34 +476,5 @@ class Worker(Generic[T]):
         s = self.stats
         return (
             f"processed={s.processed} dead-lettered={s.deadlettered} "
-            f"reclaimed={s.reclaimed} errors={s.errors}"
+            f"reclaimed={s.reclaimed} errors={s.errors} skipped={s.skipped}"
         )
-
-
-def _field(fields: Any) -> bytes:
-    """The ``d`` field's bytes from a flat [name, value, ...] list or a dict; InvalidEntry if absent."""
-    pairs = _pairs(fields)
-    value = pairs.get(b"d", pairs.get("d"))
-    if value is None:
-        names = ", ".join(repr(k.decode(errors="replace") if isinstance(k, bytes) else k) for k in pairs)
-        names = names or "none"
-        raise InvalidEntry(f"entry has no 'd' field (fields: {names})")
-    return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _original_bytes(fields: Any) -> bytes:
-    """What to keep of a dead entry: its ``d`` bytes, or all its fields when it has no ``d``."""
-    pairs = _pairs(fields)
-    value = pairs.get(b"d", pairs.get("d"))
-    if isinstance(value, bytes):
-        return value
-    return repr(pairs).encode()
-
-
-def _pairs(fields: Any) -> dict[Any, Any]:
-    if isinstance(fields, dict):
-        return fields
-    if not fields:
-        return {}
-    it = iter(fields)
-    return dict(zip(it, it, strict=False))
