@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -191,6 +192,38 @@ def disconnect(client: Client) -> None:
         client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
     else:
         client.connection_pool.disconnect()
+
+
+def responsive(client: Client, timeout_s: float) -> bool | None:
+    """Whether the server (every node, for a cluster) answers a PING on a fresh socket within
+    ``timeout_s``; any reply counts, even NOAUTH: a server that replies is not hung. None when
+    this cannot be told without the client's own handshake (TLS). Safe from any thread."""
+    if isinstance(client, RedisCluster):
+        nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+        pools = [n.redis_connection.connection_pool for n in nodes if n.redis_connection]
+        addresses: list[str | tuple[str, int]] = [(n.host, int(n.port)) for n in nodes]
+    else:
+        pools = [client.connection_pool]
+        kwargs = client.connection_pool.connection_kwargs
+        path = kwargs.get("path")
+        addresses = [path] if path else [(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)))]
+    if any(issubclass(pool.connection_class, redis.SSLConnection) for pool in pools):
+        return None
+    for address in addresses:
+        try:
+            if isinstance(address, str):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                probe.settimeout(timeout_s)
+                probe.connect(address)
+            else:
+                probe = socket.create_connection(address, timeout=timeout_s)
+            with probe:
+                probe.sendall(b"PING\r\n")
+                if not probe.recv(64):
+                    return False
+        except OSError:
+            return False
+    return True
 
 
 def server_time_ms(client: Client) -> int:

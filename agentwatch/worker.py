@@ -48,6 +48,7 @@ from agentwatch.redisconn import (
     Client,
     consumer_name,
     disconnect,
+    responsive,
     retry_until_available,
     server_time_ms,
 )
@@ -61,9 +62,11 @@ T = TypeVar("T")
 
 _TRIM_EVERY_S = 60.0
 _ERROR_LOG_EVERY_S = 60.0
-_STOP_CUT_AFTER_S = 1.2
-"""After a stop request, Redis I/O still going on this long is cut (Redis hangs): with the
-default 1 s BLOCK a healthy read has returned by then, and the process exits within 2 s."""
+_STOP_PROBE_AFTER_S = 0.5
+_STOP_PROBE_TIMEOUT_S = 0.5
+"""A worker still running this long after a stop request probes Redis (a PING on a fresh
+socket); one that does not answer within the timeout is hung, and the worker's connections are
+cut, so the process exits within 2 s however long the socket timeout."""
 
 
 def _raw_reply(response: Any, **_: Any) -> Any:
@@ -168,9 +171,10 @@ class Worker(Generic[T]):
         """Ask the loop to finish its current batch, acknowledge it and return.
 
         If Redis hangs, the loop would wait out its socket timeout (and the final writes
-        theirs): a watchdog cuts the client's connections once the stop is
-        ``_STOP_CUT_AFTER_S`` old, and keeps them cut until the loop has returned. What was
-        not acknowledged stays pending; another worker reclaims it (at least once).
+        theirs): a watchdog probes Redis while the loop is still running, and once Redis does
+        not answer, cuts the client's connections and keeps them cut until the loop returned.
+        What was not acknowledged stays pending; another worker reclaims it (at least once). A
+        slow handler on a healthy Redis is left to finish its batch.
         """
         if self._stop.is_set():
             return
@@ -179,12 +183,14 @@ class Worker(Generic[T]):
             threading.Thread(target=self._cut_when_late, name="agentwatch-stop", daemon=True).start()
 
     def _cut_when_late(self) -> None:
-        if self._done.wait(_STOP_CUT_AFTER_S):
+        if self._done.wait(_STOP_PROBE_AFTER_S):
             return
+        while responsive(self.client, _STOP_PROBE_TIMEOUT_S) is not False:
+            if self._done.wait(0.25):  # Redis answers (or cannot be probed): let the batch finish
+                return
         log.warning(
-            "%s worker %s: still busy %.1fs after the stop request (Redis not answering, or a slow "
-            "handler); closing its Redis connections, unacknowledged entries stay pending",
-            self.kind, self.consumer, _STOP_CUT_AFTER_S,
+            "%s worker %s: Redis does not answer while the worker stops; closing its connections "
+            "(unacknowledged entries stay pending for another worker)", self.kind, self.consumer,
         )  # fmt: skip
         self._cut = True
         while not self._done.is_set():

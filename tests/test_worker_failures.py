@@ -328,7 +328,7 @@ def test_sigterm_exits_0_within_2s_when_redis_accepts_but_never_answers(prefix: 
         mute.close()
     assert code == 0, stderr
     assert elapsed < 2.5  # 2 s + margin for the interpreter's exit
-    assert "closing its Redis connections" in stderr
+    assert "Redis does not answer while the worker stops" in stderr
 
 
 def test_sigterm_exits_0_within_2s_when_redis_is_sigstopped(
@@ -392,3 +392,35 @@ def test_redis_restarted_with_persistence_during_a_batch_loses_nothing(
     assert set(applied) == set(range(200))
     assert all(count >= 1 for count in applied.values())
     assert max(applied[seq] for seq in range(50)) == 2  # the interrupted batch was processed again
+
+
+def test_a_slow_handler_on_a_healthy_redis_is_not_cut_off_by_the_stop(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    """The stop watchdog cuts only a Redis that does not answer: a batch that takes longer than
+    the probe delay still finishes and is acknowledged."""
+    keys = Keys(prefix)
+    for seq in range(4):
+        r.xadd(keys.events(), {"d": beat(seq)})
+    client = connect(settings_for(prefix, redis_url), redis_url)
+    inside = threading.Event()
+
+    class Slow(Handler[Event]):
+        name = "slow"
+
+        def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+            inside.set()
+            for _, event in messages:
+                time.sleep(0.3)
+                client.sadd(f"{prefix}:effects", event["seq"])
+
+    worker = worker_for(client, prefix, [Slow()])
+    try:
+        with running(worker):
+            assert inside.wait(10)
+            worker.stop()  # 1.2 s of batch left: past the first probe, Redis answers
+    finally:
+        client.close()
+    assert r.scard(f"{prefix}:effects") == 4
+    assert r.xpending(keys.events(), "detectors")["pending"] == 0
+    assert r.zscore(keys.workers, worker.consumer) is None  # the final writes went through too
