@@ -34,7 +34,8 @@ log = logging.getLogger("agentwatch.detectors")
 C = TypeVar("C", bound=DetectorConfig)
 
 DEFAULT_PROFILE: Final[dict[str, float]] = {
-    "sil_on": 0, "sil_after": 60_000, "stall_on": 0, "stall_after": 120_000, "exit_on": 0,
+    "sil_on": 0, "sil_after": 60_000, "sil_recover": 1, "stall_on": 0, "stall_after": 120_000,
+    "stall_recover": 1, "exit_on": 0,
     "exit_clean": 1, "tok_on": 0, "factor": 10.0, "min_tokens": 500, "min_cost": 0.1, "warmup": 20,
     "alpha": 0.1, "fire_after": 1, "recover_after": 5, "recover_factor": 2.0, "window": 60_000,
     "loop_on": 0, "repeat": 20, "loop_recover": 5, "mem_on": 0, "bucket": 300_000, "points": 12,
@@ -359,9 +360,10 @@ def _severity(detector: BuiltinDetector[Any] | None, agent: str) -> str:
 
 
 def _compose_update() -> str:
-    from detectors import exit, memory, tokens  # noqa: PLC0415 - they import this module
+    from detectors import exit, memory, silence, stall, tokens  # noqa: PLC0415 - they import this module
 
-    return "\n".join([lua_prelude(), exit.LUA, memory.LUA, tokens.LUA, state.LUA_MAIN])
+    parts = (silence.LUA, stall.LUA, exit.LUA, memory.LUA, tokens.LUA)
+    return "\n".join([lua_prelude(), *parts, state.LUA_MAIN])
 
 
 def register(client: Any, *parts: str) -> Any:

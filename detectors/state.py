@@ -21,7 +21,8 @@ keep them in step with it):
   the timer check re-arms an agent it finds not due (detectors/timers.py). That saves a write
   per event for the common case of an agent beating well within its allowance.
 
-Detector-specific parts of the script live with their detectors (exit.py, tokens.py, memory.py)
+Detector-specific parts of the script live with their detectors (silence.py, stall.py, exit.py,
+tokens.py, memory.py)
 as Lua functions this module's script calls; their parameters arrive per *profile* (the
 detector settings that apply to an agent after per-agent overrides).
 """
@@ -35,8 +36,8 @@ from agentwatch.keys import Keys, shard_of
 from detectors import record
 
 PROFILE: Final = (
-    "sil_on", "sil_after", "stall_on", "stall_after", "exit_on", "exit_clean",
-    "tok_on", "factor", "min_tokens", "min_cost", "warmup", "alpha", "fire_after",
+    "sil_on", "sil_after", "sil_recover", "stall_on", "stall_after", "stall_recover",
+    "exit_on", "exit_clean", "tok_on", "factor", "min_tokens", "min_cost", "warmup", "alpha", "fire_after",
     "recover_after", "recover_factor", "window", "loop_on", "repeat", "loop_recover",
     "mem_on", "bucket", "points",
 )  # fmt: skip
@@ -176,7 +177,7 @@ local function new_run(a, r, s)
   r.start = at; r.beat = 0; r.pulse = 0; r.xu = 0
   if s[S_IV] >= 0 then r.iv = s[S_IV] elseif s[S_START] > 0 then r.iv = 0 end
   close(a, r, F_EXIT, 'exit', at, facts)
-  close(a, r, F_STALL, 'stall', at, facts)
+  if close(a, r, F_STALL, 'stall', at, facts) then r.kr, r.kw = 0, 0 end
   close(a, r, F_MEMORY, 'memory', at, {at = at, restarted = 1, rl = r.rl * 1024, r0 = r.r0 * 1024})
   close(a, r, F_LOOP, 'loop', at, facts)
   clear(r, F_RETIRED + F_EXITED)
@@ -191,6 +192,7 @@ local function retire(a, r, at)
   set(r, F_RETIRED)
   close(a, r, F_SILENCE, 'silence', at, facts)
   close(a, r, F_STALL, 'stall', at, facts)
+  r.sr, r.sw, r.kr, r.kw = 0, 0, 0, 0
   close(a, r, F_TOKENS, 'tokens', at, facts)
   close(a, r, F_LOOP, 'loop', at, facts)
   close(a, r, F_MEMORY, 'memory', at, facts)
@@ -277,16 +279,11 @@ local function apply(s)
       if s[S_BEAT] >= beat0 then r.xu = s[S_XU] end
     elseif s[S_XU] > r.xu then r.xu = s[S_XU] end
   end
-  -- (flags tested before building facts: this runs for every segment, closing almost never)
-  if fresh and has(r, F_SILENCE) then
-    local facts = {back = s[S_LAST], since = seen0, start = s[S_START] > 0 and 1 or 0}
-    close(a, r, F_SILENCE, 'silence', s[S_LAST], facts)
-  end
-  if cls == CUR and s[S_BEAT] > beat0 and has(r, F_STALL) then
-    close(a, r, F_STALL, 'stall', s[S_BEAT], {back = s[S_BEAT], since = beat0})
-  end
   r.sa = math.max(p[P_SIL_AFTER], 3000 * r.iv)
   r.ta = math.max(p[P_STALL_AFTER], 3000 * r.iv)
+  -- (flags tested first: this runs for every segment, closing almost never)
+  if fresh and has(r, F_SILENCE) then silence_back(a, r, p, s, seen0) end
+  if cls == CUR and s[S_BEAT] > beat0 and has(r, F_STALL) then stall_back(a, r, p, s, beat0) end
 
   local ex = s[S_EXIT]
   if cls == CUR or cls == NEW then

@@ -29,8 +29,8 @@ from agentwatch.keys import Keys
 from detectors import fastpath, resp
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "silence": {"after": "4s"},
-    "stall": {"after": "3s"},
+    "silence": {"after": "4s", "recover_after": 2},
+    "stall": {"after": "3s", "recover_after": 2},
     "tokens": {"warmup": 3, "min_tokens": 50, "repeat": 4, "recover_after": 2, "window": "5s",
                "agents": {"spiky-*": {"factor": 3.0, "min_tokens": 20}}},
     "memory": {"window": "30s", "points": 6, "min_points": 3, "horizon": "120s", "limit": "400MB",

@@ -164,3 +164,35 @@ def test_a_lost_record_relearns_the_interval_from_the_next_pulse(
         interval = read_agents(r, keys)["bot"]["iv"]
     assert transitions(r, keys) == []
     assert interval == pytest.approx(0.3)
+
+
+def test_recover_after_needs_events_on_time_in_a_row(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """``recover_after = 3``: an agent that comes back, falls silent again for longer than its
+    allowance, and comes back again resolves only after three events on time in a row; an agent
+    overridden to 1 resolves at its first event, as by default."""
+    from agents_detect.kit import Feed  # noqa: PLC0415
+
+    silence = {"after": "1s", "recover_after": 3, "agents": {"quick-*": {"recover_after": 1}}}
+    worker = worker_for(pipeline_for(prefix, redis_url, silence=silence), redis_url)
+    feed = Feed(worker)
+    t0 = feed.now
+    feed.apply([feed.event(a, "start", at=t0) for a in ("bot", "quick-1")])
+    feed.tick(t0 + 100)
+    feed.tick(t0 + 1200)
+    assert sorted(a.agent for a in fired(r, keys, "silence")) == ["bot", "quick-1"]
+    feed.apply([feed.event(a, "beat", at=t0 + 2000) for a in ("bot", "quick-1")])
+    assert [a.agent for a in resolved(r, keys, "silence")] == ["quick-1"]
+    feed.apply([feed.event("bot", "beat", at=t0 + 2500)])  # two on time...
+    feed.apply([feed.event("bot", "beat", at=t0 + 4000)])  # ...then 1.5 s: late, the count restarts
+    feed.apply([feed.event("bot", "pulse", at=t0 + 4500)])
+    assert [a.agent for a in resolved(r, keys, "silence")] == ["quick-1"]
+    feed.apply([feed.event("bot", "beat", at=t0 + 5000)])
+    (back,) = resolved(r, keys, "silence", "bot")
+    assert (
+        back.at_ms == t0 + 5000
+        and back.summary == "bot: seen again after 2s of silence; 3 events on time since"
+    )
+    assert transitions(r, keys).count(("bot", "silence", "firing")) == 1
+    worker.client.close()

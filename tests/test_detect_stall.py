@@ -97,3 +97,35 @@ def test_a_dead_work_thread_is_named(redis_url: str, prefix: str, r: redis.Redis
             bot.pulse(stack=died)
             time.sleep(0.05)
     assert fired(r, keys, "stall")[0].summary.endswith("; the work thread died: KeyError: 'user'")
+
+
+def test_recover_after_needs_beats_on_time_in_a_row(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """``recover_after = 2``: a work loop that beats once and hangs again does not resolve the
+    stall; two beats on time in a row do, even when they come in one batch."""
+    from agents_detect.kit import Feed  # noqa: PLC0415
+
+    pipeline = pipeline_for(
+        prefix, redis_url, stall={"after": "1s", "recover_after": 2}, silence={"after": "5s"}
+    )
+    worker = worker_for(pipeline, redis_url)
+    feed = Feed(worker)
+    t0 = feed.now
+    feed.apply([feed.event("bot", "start", at=t0), feed.event("bot", "beat", at=t0 + 10)])
+    for k in range(1, 13):  # pulses every 100 ms, no beat
+        feed.apply([feed.event("bot", "pulse", at=t0 + 10 + 100 * k)])
+        feed.tick()
+    assert fired(r, keys, "stall")
+    feed.apply([feed.event("bot", "beat", at=t0 + 1300)])  # one beat, then stuck again
+    for k in range(1, 16):
+        feed.apply([feed.event("bot", "pulse", at=t0 + 1300 + 100 * k)])
+        feed.tick()
+    assert not resolved(r, keys, "stall")
+    feed.apply([feed.event("bot", "beat", at=t0 + 2900)])  # 1.6 s after the last: the count restarts
+    assert not resolved(r, keys, "stall")
+    feed.apply([feed.event("bot", "beat", at=t0 + 3000), feed.event("bot", "beat", at=t0 + 3100)])
+    (back,) = resolved(r, keys, "stall")
+    assert back.summary == "bot: beats resumed after 1s; 3 beats on time since"
+    assert transitions(r, keys) == [("bot", "stall", "firing"), ("bot", "stall", "resolved")]
+    worker.client.close()
