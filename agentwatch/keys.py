@@ -61,12 +61,15 @@ class Keys:
 
     # -- worker runtime ----------------------------------------------------------------------
     def worker(self, consumer: str) -> str:
-        """Hash of one worker's health and counters; expires when the worker stops refreshing it."""
+        """Hash of one worker's health and counters (``errors:<handler>``, ``skipped:<handler>``,
+        ``broken`` among them); expires when the worker stops refreshing it."""
         return f"{self.prefix}:worker:{consumer}"
 
     @property
     def workers(self) -> str:
-        """Sorted set of worker consumer names scored by last health refresh (ms)."""
+        """Sorted set of worker consumer names scored by their last health refresh, in Redis
+        server time (ms): compare it with TIME, never with a host clock. Live workers prune the
+        entries whose health key has expired (upkeep.py)."""
         return f"{self.prefix}:workers"
 
     @property
