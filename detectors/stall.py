@@ -13,6 +13,8 @@ before); or when the agent restarts or shuts down.
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from pydantic import Field
@@ -24,7 +26,34 @@ from detectors.engine import BuiltinDetector
 Severity = Literal["info", "warning", "error", "critical"]
 
 _FRAME: Final = re.compile(r'^\s*File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)', re.MULTILINE)
-_LIBRARY: Final = re.compile(r"(site-packages|dist-packages|/lib/python\d|\\lib\\|^<frozen |^<)")
+_PACKAGES: Final = re.compile(r"/(?:site|dist)-packages/(?:[^/]+\.egg/)?(?P<top>[^/]+)")
+# The standard library, on any OS (paths in lower case with "/" separators): lib/pythonX.Y/ on
+# POSIX (system, pyenv, conda, framework builds), or a module of the standard library directly
+# under a Lib directory (Windows installs and conda: C:/Python312/Lib/ssl.py, .../Lib/asyncio/).
+_STDLIB: Final = re.compile(r"/lib(?:64)?/python\d+(?:\.\d+)?t?/")
+_UNDER_LIB: Final = re.compile(r"/lib/(?P<top>[^/]+)")
+_STDLIB_NAMES: Final = frozenset(sys.stdlib_module_names)
+INFRASTRUCTURE: Final = frozenset({
+    # HTTP and sockets
+    "httpx", "httpcore", "h11", "h2", "hpack", "requests", "urllib3", "aiohttp", "aiohttp_retry",
+    "yarl", "multidict", "websockets", "websocket", "httplib2", "pycurl", "socks", "sockshandler",
+    "certifi", "idna", "charset_normalizer", "chardet", "brotli",
+    # TLS
+    "ssl", "_ssl", "openssl", "truststore", "cryptography",
+    # async runtimes and concurrency
+    "anyio", "sniffio", "trio", "uvloop", "gevent", "eventlet", "greenlet",
+    # RPC and model APIs
+    "grpc", "grpcio", "google", "googleapiclient", "proto", "openai", "anthropic", "cohere",
+    "mistralai", "groq", "together", "litellm", "boto3", "botocore", "aiobotocore", "s3transfer",
+    # retries and clients of stores
+    "tenacity", "backoff", "redis", "hiredis", "psycopg", "psycopg2", "pymongo", "motor",
+    "sqlalchemy", "asyncpg", "aiomysql", "pymysql",
+    # ourselves
+    "producers", "agentwatch",
+})  # fmt: skip
+"""Packages whose frames are never "the agent's own code": the library calls the agent's work
+waits in. Anything else installed (``pip install .`` puts the agent itself in site-packages) is
+the agent's."""
 
 
 class StallConfig(DetectorConfig):
@@ -55,16 +84,48 @@ def _base(path: str) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
+def is_library(path: str) -> bool:
+    """Whether a frame's file is the standard library or a well-known infrastructure package
+    (:data:`INFRASTRUCTURE`), on any OS; everything else is the agent's own code."""
+    if path.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return True
+    norm = path.replace("\\", "/").lower()
+    installed = _PACKAGES.search(norm)
+    if installed is not None:
+        top = installed["top"].removesuffix(".py").split(".", 1)[0]
+        return top in INFRASTRUCTURE or top.startswith("_")  # _cffi_backend, _pytest...
+    if _STDLIB.search(norm):
+        return True
+    under = [m["top"].removesuffix(".py") for m in _UNDER_LIB.finditer(norm)]
+    if under and under[-1] in _STDLIB_NAMES:
+        return True
+    parts = norm.rsplit("/", 2)
+    return len(parts) == 3 and parts[1] == "producers" and parts[2] in _PRODUCER_FILES  # an editable install
+
+
+def _producer_files() -> frozenset[str]:
+    try:
+        import producers  # noqa: PLC0415 - only to know its file names
+
+        return frozenset(p.name for p in Path(producers.__file__).parent.glob("*.py"))
+    except ImportError:  # pragma: no cover - installed with agentwatch
+        return frozenset()
+
+
+_PRODUCER_FILES: Final = _producer_files()
+
+
 def blocked_in(stack: str) -> str | None:
     """Where a Python stack (``File "...", line N, in f`` lines) is blocked, in a few words.
 
-    The innermost frame of the agent's own code (not the standard library or site-packages),
-    then, when deeper frames exist, the innermost frame of all: what it waits in.
+    The innermost frame of the agent's own code (:func:`is_library`: not the standard library
+    nor an infrastructure package), then, when deeper frames exist, the innermost frame of all:
+    what it waits in.
     """
     frames = [(m["path"], m["line"], m["func"]) for m in _FRAME.finditer(stack)]
     if not frames:
         return None
-    own = [f for f in frames if not _LIBRARY.search(f[0])]
+    own = [f for f in frames if not is_library(f[0])]
     inner = frames[-1]
     if not own:
         return f"{_base(inner[0])}:{inner[1]} {inner[2]}"

@@ -29,10 +29,42 @@ STACK = """Thread 'MainThread', last beat 12.0s ago (most recent call last):
 """
 
 
+INSTALLED = """Thread 'MainThread', last beat 40.0s ago (most recent call last):
+  File "/usr/local/bin/myagent", line 8, in <module>
+    sys.exit(main())
+  File "/usr/local/lib/python3.12/site-packages/myagent/loop.py", line 31, in run
+    reply = client.chat(messages)
+  File "/usr/local/lib/python3.12/site-packages/openai/_base_client.py", line 950, in request
+    response = self._client.send(request)
+  File "/usr/local/lib/python3.12/site-packages/httpx/_client.py", line 914, in send
+    return self._send_handling_auth(request)
+  File "/usr/local/lib/python3.12/site-packages/httpcore/_sync/connection.py", line 101, in handle_request
+    raise exc
+  File "/usr/local/lib/python3.12/ssl.py", line 1134, in read
+    return self._sslobj.read(len, buffer)
+"""
+WINDOWS = """Thread 'MainThread', last beat 12.0s ago (most recent call last):
+  File "C:\\agents\\bot\\main.py", line 12, in <module>
+    loop()
+  File "C:\\agents\\bot\\worker.py", line 40, in loop
+    fetch()
+  File "C:\\agents\\bot\\.venv\\Lib\\site-packages\\requests\\api.py", line 73, in get
+    return request("get", url, params=params, **kwargs)
+  File "C:\\Python312\\Lib\\ssl.py", line 1314, in do_handshake
+    self._sslobj.do_handshake()
+"""
+
+
 @pytest.mark.parametrize(
     ("stack", "where"),
     [
         (STACK, "api_client.py:47 fetch_from_api -> ssl.py do_handshake"),
+        (INSTALLED, "loop.py:31 run -> ssl.py read"),  # pip install . puts the agent in site-packages
+        (WINDOWS, "worker.py:40 loop -> ssl.py do_handshake"),  # Lib, not lib; any case
+        (
+            '  File "c:\\python311\\lib\\asyncio\\base_events.py", line 1, in run_forever\n',
+            "base_events.py:1 run_forever",
+        ),
         ('  File "/app/loop.py", line 9, in work\n    time.sleep(60)\n', "loop.py:9 work"),
         ('  File "/usr/lib/python3.12/socket.py", line 720, in readinto\n', "socket.py:720 readinto"),
         ('  File "C:\\\\app\\\\bot.py", line 3, in go\n', "bot.py:3 go"),
