@@ -118,8 +118,10 @@ def test_status_alerts_and_report_tell_the_scenario_as_it_happened(
     assert steady["interval_s"] == 0.1 and steady["last_beat_age_s"] < 2
     assert steady["tokens_total"] > 0 and steady["cost_today"] == 0  # beats carry tokens, no cost
     assert steady["host"] and steady["pid"] and steady["run"]
-    assert status["pipeline"]["workers_alive"] == {"detectors": 1}
-    assert status["pipeline"]["deadletter"] == 0
+    health = status["pipeline"]
+    assert health["workers_alive"] == {"detectors": 1} and health["deadletter"] == 0
+    assert (health["detecting"], health["detecting_reason"]) == (True, None)
+    assert isinstance(health["lag"], int) and isinstance(health["pending"], int)
 
     lines = [json.loads(line) for line in cli(redis_url, prefix, "alerts", "--json").splitlines()]
     seen = [(a["agent"], a["detector"], a["status"]) for a in lines]
