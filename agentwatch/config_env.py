@@ -78,9 +78,9 @@ def notifier_overrides(raw: dict[str, Any], env: Mapping[str, str], problems: li
     """Apply ``AGENTWATCH_NOTIFIERS__<n>__<KEY>[__<SUBKEY>]`` to the n-th ``[[notifiers]]``."""
     start = f"{ENV_PREFIX}NOTIFIERS__"
     found = sorted((name, value) for name, value in env.items() if name.upper().startswith(start))
-    entries = raw.get("notifiers")
+    entries = raw.get("notifiers", [])
     if not found or not isinstance(entries, list):
-        return raw
+        return raw  # a malformed [notifiers] is reported by the validation
     entries = copy.deepcopy(entries)
     for name, value in found:
         index, *path = name[len(start) :].split("__")

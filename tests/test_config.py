@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentwatch import config, config_errors
+from agentwatch import config, config_errors, plugins
 from agentwatch.cli import app
 from agentwatch.errors import ConfigError
 from detectors import BUILTINS as BUILTIN_DETECTORS
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+SILENCE_KEYS = ", ".join(config_errors.valid_keys(plugins.resolve("detectors", "silence").Config))
+"""enabled, class, agents, after, ...: the keys of [detectors.silence] (detectors/ owns the list)."""
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -365,8 +367,7 @@ def test_an_override_of_a_detector_key_is_named_as_from_the_environment(
     first, *found = problems(tmp_path, "[worker]\nbatch = 0\n")  # the plugin check runs even so
     assert first.startswith("[worker] batch: Input should be greater than or equal to 1")
     assert (
-        "[detectors.silence] aftr: unknown key (did you mean 'after'?); valid keys: enabled, class, agents, "
-        "after, severity, rss_growth, rss_growth_min, forget "
+        f"[detectors.silence] aftr: unknown key (did you mean 'after'?); valid keys: {SILENCE_KEYS} "
         "(from environment AGENTWATCH_DETECTORS__SILENCE__AFTR)"
     ) in found
     assert (
@@ -392,6 +393,14 @@ def test_a_notifier_is_overridden_by_its_position(tmp_path: Path, monkeypatch: p
     )
     assert found[1].startswith("[[notifiers]] #1 timeout: bad duration 'soon'")
     assert found[1].endswith("(from environment AGENTWATCH_NOTIFIERS__0__TIMEOUT)")
+    monkeypatch.delenv("AGENTWATCH_NOTIFIERS__0__TIMEOUT")
+    monkeypatch.delenv("AGENTWATCH_NOTIFIERS__5__URL")
+    assert problems(tmp_path, "") == [  # none declared: nothing to override, said so
+        "environment variable AGENTWATCH_NOTIFIERS__1__HEADERS__X_TEAM: the file declares 0 [[notifiers]] "
+        "(numbered from 0), so there is no #1 to override",
+        "environment variable AGENTWATCH_NOTIFIERS__1__URL: the file declares 0 [[notifiers]] "
+        "(numbered from 0), so there is no #1 to override",
+    ]
 
 
 # -- hints --------------------------------------------------------------------------------------
@@ -415,9 +424,10 @@ def test_an_unknown_plugin_gets_a_did_you_mean(tmp_path: Path) -> None:
 
 def test_a_per_agent_unknown_key_lists_only_what_can_be_set_per_agent(tmp_path: Path) -> None:
     (found,) = problems(tmp_path, '[detectors.silence.agents."x-*"]\naftr = "1m"\n')
+    per_agent = SILENCE_KEYS.removeprefix("enabled, class, agents, ")
     assert found == (
-        "[detectors.silence.agents.\"x-*\"] aftr: unknown key (did you mean 'after'?); "
-        "valid keys: after, severity, rss_growth, rss_growth_min, forget"
+        f"[detectors.silence.agents.\"x-*\"] aftr: unknown key (did you mean 'after'?); "
+        f"valid keys: {per_agent}"
     )
 
 
