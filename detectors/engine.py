@@ -21,12 +21,11 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 import msgpack
 import numpy as np
 
-from agentwatch.codec import Event, entry_ms
+from agentwatch.codec import Event
 from agentwatch.config import format_duration
 from agentwatch.redisconn import RECOVERABLE
 from agentwatch.worker import Message
-from agentwatch.workers import DETECTORS_GROUP
-from detectors import intents, layout, record, segments, state
+from detectors import horizon, intents, layout, record, segments, state
 from detectors.base import Detector, DetectorConfig, DetectorContext
 
 log = logging.getLogger("agentwatch.detectors")
@@ -111,6 +110,7 @@ class Engine:
         self._last_tick = -1
         self._next_forget = 0.0
         self.horizons: list[int] = []
+        self._lost = [0] * len(self.keys.event_streams())  # per stream: trimmed unread, last known
         self.last_gap_ms = 0
         self.use_fast_path = True
         """False: every segment goes through the update script (tests compare the two)."""
@@ -267,52 +267,21 @@ class Engine:
             return
         self._last_tick = now_ms
         self._prepare()
-        self.horizons, waiting = self._horizons(now_ms)
+        positions = horizon.read_positions(self.client, self.keys.event_streams(), now_ms, self._lost)
+        self.horizons = positions.horizons
+        known = zip(positions.lost, self._lost, strict=True)
+        self._lost = [new if new is not None else old for new, old in known]
         gaps = [self.timers.check(shard, now_ms, min(now_ms, self.horizons[shard]))
                 for shard in range(self.keys.shards)]  # fmt: skip
         self.last_gap_ms = max(gaps)
         lag = self.get("Lag")
         if lag is not None:
             behind = now_ms - min(self.horizons)
-            lag.check(now_ms, behind, self.last_gap_ms, waiting)  # type: ignore[attr-defined]
+            lag.check(now_ms, behind, self.last_gap_ms, positions)  # type: ignore[attr-defined]
         self.publisher.sweep(now_ms)
         if time.monotonic() >= self._next_forget:
             self._next_forget = time.monotonic() + _FORGET_EVERY_S
             self.timers.forget(now_ms)
-
-    def _horizons(self, now_ms: int) -> tuple[list[int], int]:
-        """Per shard: every event older than this (Redis ms) has been applied; and how many
-        events are waiting. The timer checks never judge an agent past its shard's horizon:
-        its missing beat may be sitting in the stream, unread (see timers.py)."""
-        streams = self.keys.event_streams()
-        pipe = self.client.pipeline(transaction=False)
-        for stream in streams:
-            pipe.xinfo_groups(stream)
-        replies = pipe.execute(raise_on_error=False)
-        horizons, waiting = [], 0
-        for stream, groups in zip(streams, replies, strict=True):
-            horizon = now_ms
-            if isinstance(groups, Exception):
-                horizons.append(horizon)
-                continue
-            for info in groups:
-                if info["name"] not in (DETECTORS_GROUP, DETECTORS_GROUP.encode()):
-                    continue
-                lag = info.get("lag")  # None: Redis < 7, or unknown after deletions
-                if lag is None or lag > 0:
-                    delivered = info["last-delivered-id"]
-                    delivered = delivered.decode() if isinstance(delivered, bytes) else delivered
-                    first = self.client.xrange(stream, min=f"({delivered}", count=1)
-                    if first:  # the oldest entry no worker has read yet
-                        horizon = min(horizon, entry_ms(first[0][0]))
-                        waiting += int(lag or 1)
-                if info["pending"]:
-                    summary = self.client.xpending(stream, DETECTORS_GROUP)
-                    if summary and summary.get("min"):
-                        horizon = min(horizon, entry_ms(summary["min"]))
-                    waiting += int(info["pending"])
-            horizons.append(horizon)
-        return horizons, waiting
 
     # -- alerts ------------------------------------------------------------------------------
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:

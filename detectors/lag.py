@@ -11,6 +11,11 @@ their beats wait in the stream. Instead, one ``lag`` incident for the agent ``ag
   than ``after`` (every worker, or Redis itself, was down: checks then restart from the end of
   the gap, see ``blind_after`` and timers.py);
 * resolves once the lag has stayed under ``after`` / 2 for ``recover``.
+
+And one ``trimmed`` incident (same agent) when events were trimmed from a stream before the
+detectors read them (a flooding agent, a small ``MAXLEN``, workers down for longer than the
+retention: horizon.py tells), counted in ``trimmed`` of the pipeline agent's clock hash; it
+resolves once the detectors caught up and lost nothing more for ``recover``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from agentwatch.keys import shard_of
 from detectors import intents
 from detectors.base import DetectorConfig
 from detectors.engine import BuiltinDetector
+from detectors.horizon import Positions
 
 Severity = Literal["info", "warning", "error", "critical"]
 
@@ -41,7 +47,8 @@ class LagConfig(DetectorConfig):
 
 
 # KEYS: clock of the pipeline agent's shard, its intents. ARGV: owner, lease, now, behind ms,
-# gap ms, waiting, after ms, recover ms, agent. Returns the owned intents keys.
+# gap ms, waiting, after ms, recover ms, agent, then per event stream its losses in all (-1:
+# not known now; horizon.py). Returns the owned intents keys.
 _CHECK: Final = """
 local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
 local now, behind, gap, waiting = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -65,6 +72,30 @@ else
     redis.call('HSET', KEYS[1], 'lag_ok', 0)
   end
 end
+-- Trimmed unread: each stream's losses only grow, so what exceeds its high-water mark is new.
+local new = 0
+for i = 10, #ARGV do
+  local lost, mark = tonumber(ARGV[i]), 'trim_mark:' .. (i - 10)
+  if lost >= 0 then
+    local seen = tonumber(redis.call('HGET', KEYS[1], mark)) or 0
+    if lost > seen then new = new + lost - seen; redis.call('HSET', KEYS[1], mark, lost) end
+  end
+end
+local t = redis.call('HMGET', KEYS[1], 'trim_open', 'trim_ok', 'trim_n')
+local t_open, t_ok, t_n = t[1] == '1', tonumber(t[2]) or 0, tonumber(t[3]) or 0
+if new > 0 then
+  redis.call('HINCRBY', KEYS[1], 'trimmed', new)
+  if not t_open then emit(agent, 'trimmed', 'f', now, {count = new}) end
+  redis.call('HSET', KEYS[1], 'trim_open', 1, 'trim_ok', 0, 'trim_n', t_n + new)
+elseif t_open and behind <= after / 2 then
+  if t_ok == 0 then t_ok = now; redis.call('HSET', KEYS[1], 'trim_ok', t_ok) end
+  if now - t_ok >= recover then
+    emit(agent, 'trimmed', 'r', now, {count = t_n})
+    redis.call('HSET', KEYS[1], 'trim_open', 0, 'trim_ok', 0, 'trim_n', 0)
+  end
+elseif t_open and t_ok ~= 0 then
+  redis.call('HSET', KEYS[1], 'trim_ok', 0)
+end
 return flush_ops(KEYS[2], OWNER, LEASE)
 """
 
@@ -73,9 +104,9 @@ class Lag(BuiltinDetector[LagConfig]):
     """Detector workers behind (or down): one pipeline alert instead of an alert storm."""
 
     Config = LagConfig
-    kinds = ("lag",)
+    kinds = ("lag", "trimmed")
 
-    def check(self, now_ms: int, behind_ms: int, gap_ms: int, waiting: int) -> None:
+    def check(self, now_ms: int, behind_ms: int, gap_ms: int, positions: Positions) -> None:
         script = self.ctx.shared.get("lag-check")
         if script is None:
             script = self.ctx.shared["lag-check"] = self.ctx.client.register_script(intents.LUA_EMIT + _CHECK)
@@ -83,14 +114,25 @@ class Lag(BuiltinDetector[LagConfig]):
         cfg = self.config
         owned = script(
             keys=[self.ctx.keys.clock(shard), self.ctx.keys.intents(shard)],
-            args=[self.engine.owner, self.engine.lease_ms, now_ms, behind_ms, gap_ms, waiting,
-                  int(cfg.after_s * 1000), int(cfg.recover_s * 1000), PIPELINE_AGENT],
+            args=[self.engine.owner, self.engine.lease_ms, now_ms, behind_ms, gap_ms, positions.waiting,
+                  int(cfg.after_s * 1000), int(cfg.recover_s * 1000), PIPELINE_AGENT,
+                  *(-1 if lost is None else lost for lost in positions.lost)],
         )  # fmt: skip
         if owned:
             self.engine.publisher.publish(shard, owned)
 
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]
+        if kind == "trimmed":
+            count = int(f["count"])
+            if op["o"] == "r":
+                summary = f"agentwatch pipeline caught up; {count:,} events were trimmed unread in all"
+                return self.config.severity, summary, {"trimmed": count}
+            summary = (
+                f"agentwatch pipeline lost events: {count:,} events were trimmed before detectors read them: "
+                "raise the producers' MAXLEN (AGENTWATCH_MAXLEN) or add detector workers"
+            )
+            return self.config.severity, summary, {"trimmed": count}
         if op["o"] == "r":
             return (
                 self.config.severity,
