@@ -120,15 +120,19 @@ class Supervisor:
 class ServerWatch:
     """Restart the embedded Redis when it dies, with backoff; give up if it keeps dying.
 
-    The first restart is immediate (workers are waiting), later ones wait 1, 2, 4... s. More
+    The first restart is immediate (workers are waiting), later ones wait 1, 2, 4... s (up to
+    30 s; ``backoff_s`` is the first wait). More
     than ``burst`` deaths within ``window_s`` mean something is wrong with the server itself
     (its log says what): :meth:`check` returns False and ``up`` exits 1.
     """
 
-    def __init__(self, server: EmbeddedRedis, *, burst: int = 5, window_s: float = 60.0) -> None:
+    def __init__(
+        self, server: EmbeddedRedis, *, burst: int = 5, window_s: float = 60.0, backoff_s: float = 1.0
+    ) -> None:
         self.server = server
         self.burst = burst
         self.window_s = window_s
+        self.backoff_s = backoff_s
         self.deaths: deque[float] = deque(maxlen=burst + 1)
         self.restart_at: float | None = None
 
@@ -148,9 +152,9 @@ class ServerWatch:
                     how, len(recent), self.window_s, self.server.log_path,
                 )  # fmt: skip
                 return False
-            delay = 0 if len(recent) == 1 else min(2 ** (len(recent) - 2), 30)
+            delay = 0.0 if len(recent) == 1 else min(self.backoff_s * 2 ** (len(recent) - 2), 30.0)
             log.error(
-                "the embedded Redis %s; restarting it at %s in %ds (workers wait and reconnect; "
+                "the embedded Redis %s; restarting it at %s in %gs (workers wait and reconnect; "
                 "its data is %s)",
                 how, self.server.url, delay,
                 "kept (persist = true)" if self.server.persist else "gone: detectors start afresh",

@@ -171,19 +171,6 @@ def test_the_embedded_server_also_listens_on_the_configured_tcp_port(short_dir: 
     assert code == 0
 
 
-@pytest.mark.parametrize("command", [["up"], ["worker", "detectors"]])
-def test_bad_config_exits_2_naming_the_key(command: list[str], tmp_path: Path) -> None:
-    config = tmp_path / "pipeline.toml"
-    config.write_text('[redis]\nprefix = "has spaces"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "agentwatch", *command, "--config", str(config)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert "[redis] prefix: String should match pattern" in result.stderr
-
-
 def test_bad_usage_exits_2() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "agentwatch", "worker", "painters"], capture_output=True, text=True
@@ -236,14 +223,14 @@ def test_up_restarts_its_embedded_redis_at_the_same_url(up_config: Path) -> None
 
 def test_an_embedded_redis_that_keeps_dying_is_given_up_on(short_dir: Path) -> None:
     server = EmbeddedRedis(short_dir / "s").start()
-    watch = ServerWatch(server, burst=2, window_s=60)
+    watch = ServerWatch(server, burst=2, window_s=60, backoff_s=0.05)
     try:
         outcomes = []
         for _ in range(3):
             server.kill()
             now = time.monotonic()
             outcomes.append(watch.check(now))
-            while watch.restart_at is not None:  # the backoff: 0 s, then 1 s
+            while watch.restart_at is not None:  # the backoff: 0 s, then 0.05 s
                 time.sleep(watch.restart_at - now)
                 now = time.monotonic()
                 watch.check(now)

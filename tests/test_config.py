@@ -3,7 +3,6 @@ and the error for every kind of bad file (naming the file and the key)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -310,20 +309,16 @@ def test_a_bad_redis_url_is_refused_naming_the_key(tmp_path: Path, url: str, why
     assert found.startswith(f"[redis] url: {why}")
 
 
-def test_a_bad_redis_url_from_the_environment_exits_2_naming_the_variable(tmp_path: Path) -> None:
-    env = {**os.environ, "AGENTWATCH_REDIS__URL": "foo://x"}
-    for command in (["check-config"], ["worker", "detectors"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "agentwatch", *command],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
-        assert result.returncode == 2, result.stderr
-        assert "[redis] url: not a Redis URL" in result.stderr
-        assert "(from environment AGENTWATCH_REDIS__URL)" in result.stderr
-        assert "Traceback" not in result.stderr
+def test_a_bad_redis_url_from_the_environment_exits_2_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["check-config"], ["worker", "detectors"], ["status"]):
+        result = runner.invoke(app, command, env={"AGENTWATCH_REDIS__URL": "foo://x"})
+        assert result.exit_code == 2, result.output
+        assert "[redis] url: not a Redis URL" in result.output
+        assert "(from environment AGENTWATCH_REDIS__URL)" in result.output
+        assert isinstance(result.exception, SystemExit)  # typer's exit 2, not a traceback
 
 
 def test_a_bad_producer_url_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -514,8 +509,8 @@ def test_a_bad_file_stops_the_real_commands_with_exit_2_naming_file_and_keys(
 ) -> None:
     path = write(
         tmp_path,
-        '[worker]\nbatchsize = 10\nmax_attempts = "many"\nclaim_idle = "soon"\n'
-        '[detectors.silense]\nafter = "1m"\n',
+        '[redis]\nprefix = "has spaces"\n[worker]\nbatchsize = 10\nmax_attempts = "many"\n'
+        'claim_idle = "soon"\n[detectors.silense]\nafter = "1m"\n',
     )
     result = subprocess.run(
         [sys.executable, "-m", "agentwatch", *command, "--config", str(path)],
@@ -524,6 +519,7 @@ def test_a_bad_file_stops_the_real_commands_with_exit_2_naming_file_and_keys(
     assert result.returncode == 2, result.stderr
     assert f"invalid configuration in {path}:" in result.stderr
     for line in (
+        "[redis] prefix: String should match pattern",  # a bad value
         "[worker] batchsize: unknown key (did you mean 'batch'?)",  # unknown key
         "[worker] max_attempts: Input should be a valid integer",  # wrong type
         "[worker] claim_idle: bad duration 'soon'",  # bad duration

@@ -277,22 +277,29 @@ def test_a_broken_handler_leaves_a_handful_of_dead_letters_and_skips_the_rest_un
     broken, recorder = AlwaysFails(), Recorder()
     worker = make_worker(client, prefix, [broken, recorder], batch=100, max_attempts=3)
     health = keys.worker(worker.consumer)
-    with running(worker):
-        wait_for(lambda: worker.stats.processed == 45, what="the batch acked")
-        assert r.xlen(keys.deadletter) == 5  # the entries that judged it broken, no more
-        assert broken.calls == 1 + 5 * 3  # the batch, then five entries alone, then no more calls
-        wait_for(lambda: r.hget(health, "skipped:broken") == b"45", what="skips in the health hash")
-        assert r.hget(health, "broken") == b"broken"
-        for seq in range(50, 70):  # later batches while it stays broken: one probe each, no letters
-            r.xadd(keys.events(), {"d": beat(seq=seq)})
-        wait_for(lambda: worker.stats.processed == 65, what="the later events acked")
-        assert r.xlen(keys.deadletter) == 5
-        assert worker.stats.handler_skipped == {"broken": 65}
-        broken.fixed = True
-        r.xadd(keys.events(), {"d": beat(seq=70)})
-        wait_for(lambda: broken.seen == 1, what="the mended handler fed again")
-        wait_for(lambda: r.hget(health, "broken") == b"", what="the breaker closed in the health hash")
-        assert r.hget(keys.stats, "detectors:skipped") == b"65"
+
+    def publish() -> None:  # what the worker's tick does every second
+        worker.upkeep.refresh_health(server_time_ms(client))
+
+    worker._setup()
+    worker.run_once()
+    assert worker.stats.processed == 45  # acked without the broken handler, not dead-lettered
+    assert r.xlen(keys.deadletter) == 5  # the entries that judged it broken, no more
+    assert broken.calls == 1 + 5 * 3  # the batch, then five entries alone, then no more calls
+    publish()
+    assert (r.hget(health, "skipped:broken"), r.hget(health, "broken")) == (b"45", b"broken")
+    for seq in range(50, 70):  # later batches while it stays broken: one probe each, no letters
+        r.xadd(keys.events(), {"d": beat(seq=seq)})
+        worker.run_once()
+    assert worker.stats.processed == 65 and r.xlen(keys.deadletter) == 5
+    assert worker.stats.handler_skipped == {"broken": 65}
+    assert broken.calls == 16 + 20 * 2
+    broken.fixed = True
+    r.xadd(keys.events(), {"d": beat(seq=70)})
+    worker.run_once()
+    assert broken.seen == 1  # the mended handler is fed again
+    publish()
+    assert r.hget(health, "broken") == b"" and r.hget(keys.stats, "detectors:skipped") == b"65"
     assert len(recorder.seen) == 71  # the other handler saw every entry
     reasons = [fields[b"reason"].decode() for _, fields in r.xrange(keys.deadletter)]
     assert reasons == ["handler 'broken' raised KeyError: 'config_missing' (3 attempts)"] * 5

@@ -411,14 +411,14 @@ def test_a_slow_handler_on_a_healthy_redis_is_not_cut_off_by_the_stop(
         def on_batch(self, messages: Sequence[Message[Event]]) -> None:
             inside.set()
             for _, event in messages:
-                time.sleep(0.3)
+                time.sleep(0.2)
                 client.sadd(f"{prefix}:effects", event["seq"])
 
     worker = worker_for(client, prefix, [Slow()])
     try:
         with running(worker):
             assert inside.wait(10)
-            worker.stop()  # 1.2 s of batch left: past the first probe, Redis answers
+            worker.stop()  # 0.8 s of batch left: past the first probe, and Redis answers it
     finally:
         client.close()
     assert r.scard(f"{prefix}:effects") == 4
