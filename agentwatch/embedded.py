@@ -150,9 +150,9 @@ def dies_with(parent: int | None = None) -> Callable[[], None]:
 def die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
     """A ``preexec_fn`` like :func:`dies_with`, for callers that cannot capture their pid:
     it detects a parent that died *during* the prctl (prefer ``dies_with()``)."""
-    before = os.getppid()
+    before = os.getppid()  # not "== 1 means orphaned": the parent may be PID 1 in a container
     _set_parent_death_signal()
-    if os.getppid() != before or before == 1:
+    if os.getppid() != before:
         os._exit(1)
 
 
