@@ -48,7 +48,7 @@ from agentwatch.config_env import (
 )
 from agentwatch.config_errors import describe_error, key_path, mask_url, valid_keys
 from agentwatch.errors import ConfigError
-from agentwatch.keys import Keys
+from agentwatch.keys import PREFIX_RE, Keys
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 EMBEDDED: Final = "embedded"
@@ -134,7 +134,7 @@ class Section(BaseModel):
 
 class RedisSection(Section):
     url: str | None = Field(None, description='leave out for the default; "embedded" forces a private one')
-    prefix: str = Field("aw", pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    prefix: str = Field("aw", pattern=rf"^{PREFIX_RE.pattern}$")
     shards: int = Field(1, ge=1, le=1024, description="event stream shards (PROTOCOL.md)")
     cluster: bool = Field(False, description="connect with the Redis Cluster client")
     timeout_s: Seconds = Field(5.0, alias="timeout", gt=0)
@@ -329,7 +329,25 @@ def _load_plugins(
     if isinstance(entries, list) and all(isinstance(v, dict) for v in entries):
         notifiers, bad = registry.load_notifiers(entries, env)
         problems += bad
+    if notifiers and isinstance(sections, dict):
+        problems += _unknown_detector_refs(sections, notifiers)
     return detectors, notifiers
+
+
+def _unknown_detector_refs(sections: Mapping[str, Any], notifiers: list[Any]) -> list[str]:
+    """A notifier filtering on a detector this pipeline has not (``on = ["silense"]``) would match
+    nothing, silently: name it at start-up, like any other bad key."""
+    from notifiers.routing import known_detectors, unknown_detectors  # noqa: PLC0415 - notifiers import the spine
+
+    known = known_detectors(sections)
+    problems = []
+    for index, plugin in enumerate(notifiers):
+        referenced = getattr(plugin.config, "referenced_detectors", None)  # a plugin's own config may lack it
+        if referenced is None:
+            continue
+        for problem in unknown_detectors(sorted(referenced()), known):
+            problems.append(f"{key_path(('notifiers', index))} ({plugin.name}): {problem}")
+    return problems
 
 
 _FALLBACKS: Final = {"url": "AGENTWATCH_REDIS_URL", "prefix": "AGENTWATCH_PREFIX"}

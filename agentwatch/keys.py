@@ -18,8 +18,14 @@ PROTOCOL.md carries the same table for people writing producers in other languag
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
+from typing import Final
+
+PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
+"""What a key prefix may be (``[redis] prefix``, ``AGENTWATCH_PREFIX``): safe in every key name and
+in the producer's environment. The producer imports it from here (no pydantic on its side)."""
 
 
 def shard_of(agent: str, shards: int) -> int:
@@ -172,6 +178,10 @@ class Keys:
     def notifier_repeat_alerts(self, notifier: str) -> str:
         """Hash dedup key -> JSON of the firing alert a reminder repeats, with the reminder count."""
         return f"{self.notifier_tag(notifier)}:repeat-alerts"
+
+    def notifier_held(self, notifier: str) -> str:
+        """Hash dedup key -> JSON of the firing alert a mute held back, delivered when the mute ends."""
+        return f"{self.notifier_tag(notifier)}:held"
 
     def notifier_starts(self, notifier: str) -> str:
         """Hash agent -> JSON list of restart times (ms) within the start-limit window (restart)."""

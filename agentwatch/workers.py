@@ -58,7 +58,12 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         OutboxSweeper(incidents),
         FactsRecorder(client, keys),
         Snapshotter(
-            client, keys, bucket_s=report.bucket_s, retention_s=report.retention_s, owner=worker.consumer
+            client,
+            keys,
+            bucket_s=report.bucket_s,
+            retention_s=report.retention_s,
+            owner=worker.consumer,
+            timezone=report.timezone,
         ),
     ]
     worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.detectors]

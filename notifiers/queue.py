@@ -210,8 +210,7 @@ class DeliveryQueue:
         self.order = keys.notifier_order(notifier)
         self.seen = keys.notifier_seen(notifier)
         self.limits = keys.notifier_limits(notifier)
-        # TODO(spine): Keys.notifier_held, beside the other per-notifier keys
-        self.held = f"{keys.notifier_tag(notifier)}:held"
+        self.held = keys.notifier_held(notifier)
         self._enqueue = self.client.register_script(_ENQUEUE)
         self._hold = self.client.register_script(_HOLD)
         self._drop_held = self.client.register_script(_DROP_HELD)

@@ -24,13 +24,11 @@ from urllib.parse import urlsplit
 import redis
 
 from agentwatch.codec import AGENT_RE, MAX_AGENT_LEN, MAX_SPAN_S
+from agentwatch.keys import PREFIX_RE
 from producers._guard import warn_once
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX: Final = "aw"
-PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
-"""The pipeline's own rule for ``[redis] prefix`` (agentwatch.config): a prefix outside it is one
-no pipeline can be configured to read."""
 DEFAULT_PULSE_INTERVAL: Final = 5.0
 DEFAULT_STACK_FACTOR: Final = 2.0
 """Pulses carry the work thread's stack once the last beat is this many intervals old. Below the

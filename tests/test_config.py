@@ -178,6 +178,23 @@ def test_unknown_plugins_are_named_with_the_choices(tmp_path: Path) -> None:
     assert found[3].startswith("[[notifiers]] #3: missing key 'type'")
 
 
+def test_a_notifier_filtering_on_a_detector_the_pipeline_lacks_is_named(tmp_path: Path) -> None:
+    text = (
+        '[detectors.limits]\nclass = "sample_plugins:Threshold"\n'
+        '[[notifiers]]\ntype = "restart"\ncommand = ["true"]\non = ["silense", "stall", "loop"]\n'
+        '[[notifiers]]\ntype = "webhook"\nurl = "http://127.0.0.1:9/hook"\n'
+        'match = { detectors = ["limits", "restart_loop", "stal"] }\n'
+    )
+    found = problems(tmp_path, text)
+    assert len(found) == 2
+    assert found[0].startswith(
+        "[[notifiers]] #1 (restart): unknown detector 'silense' (did you mean 'silence'?); known: "
+    )
+    assert found[1].startswith("[[notifiers]] #2 (webhook): unknown detector 'stal' (did you mean 'stall'?)")
+    # The plugin's section name and the restart notifier's own alert are known names.
+    assert "limits" in found[1] and "restart_loop" in found[1]
+
+
 def test_a_plugin_validates_its_own_section(tmp_path: Path) -> None:
     found = problems(
         tmp_path, '[detectors.limits]\nclass = "sample_plugins:Threshold"\nlimt = 3\nafter = 3\n'
