@@ -77,6 +77,10 @@ def explain(exc: BaseException) -> str:
         redis.exceptions.ClusterDownError: "the Redis Cluster is down",
         redis.exceptions.TryAgainError: "the Redis Cluster is resharding",
         redis.TimeoutError: "Redis does not answer",
+        # A subclass of ConnectionError, so it is waited out like one (an ACL or a password can be
+        # fixed on the server without restarting every worker), but named for what it is.
+        redis.exceptions.AuthenticationError: "Redis refused the credentials (check the user and "
+        "password in [redis] url)",
     }
     for cls, text in what.items():
         if isinstance(exc, cls):
