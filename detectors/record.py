@@ -51,6 +51,7 @@ FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
     ("tn", "I", "beats with usage seen (warm-up)"),
     ("hot", "H", "consecutive anomalous observations"),
     ("calm", "H", "consecutive normal beats while firing"),
+    ("tx", "d", "when the last tokens incident ended (late beats before it are told of already)"),
     ("bt", "d", "beats, total (all runs; reports take differences of totals)"),
     ("tt", "d", "tokens, total"),
     ("ct", "d", "cost, total (USD)"),

@@ -193,7 +193,7 @@ local function retire(a, r, at)
   close(a, r, F_SILENCE, 'silence', at, facts)
   close(a, r, F_STALL, 'stall', at, facts)
   r.sr, r.sw, r.kr, r.kw = 0, 0, 0, 0
-  close(a, r, F_TOKENS, 'tokens', at, facts)
+  if close(a, r, F_TOKENS, 'tokens', at, facts) then r.tx = at end
   close(a, r, F_LOOP, 'loop', at, facts)
   close(a, r, F_MEMORY, 'memory', at, facts)
 end
@@ -251,7 +251,9 @@ local function apply(s)
   if cls == NEW then new_run(a, r, s) end
   if cls == CUR or cls == NEW then
     if s[S_LO] > r.hw then
-      if r.hw >= 0 and s[S_LO] > r.hw + 1 then add_gap(r, r.hw + 1, s[S_LO]) end
+      -- (a run adopted without its first events, as when another worker has them: they may
+      -- still come, so they are a gap too)
+      if (r.hw >= 0 or cls == NEW) and s[S_LO] > r.hw + 1 then add_gap(r, r.hw + 1, s[S_LO]) end
       r.hw = s[S_HI]
     elseif take_gap(r, s[S_LO], s[S_HI]) then
       late = true

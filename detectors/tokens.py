@@ -130,8 +130,15 @@ local function tok_recent(r, w, at)
   local prev = math.min(1, math.max(0, (math.abs(r.pws) + 2 * w - at) / w))
   return r.wt * cur + r.pwt * prev
 end
-local function tok_beat(a, r, p, at, start, t, c)
-  -- One beat: t tokens and c cost (nil: not given), at Redis time `at`, in rate window `start`.
+local function tok_learn(r, p, t, c)
+  local alpha = p[P_ALPHA]
+  if t then r.tb, r.tw = ewma(r.tb, r.tw, alpha, 1, alpha * t) end
+  if c then r.cb, r.cw = ewma(r.cb, r.cw, alpha, 1, alpha * c) end
+  r.tn = math.min(r.tn + 1, 4e9)
+end
+local function tok_beat(a, r, p, at, start, t, c, late)
+  -- One beat: t tokens and c cost (nil: not given), at Redis time `at`, in rate window `start`;
+  -- `late`: applied after beats that came after it (another worker had them first).
   if t then r.tt = r.tt + t end
   if c then r.ct = r.ct + c end
   local base_t = r.tw > 0 and r.tb / r.tw or 0
@@ -153,6 +160,12 @@ local function tok_beat(a, r, p, at, start, t, c)
       hot = true
       facts = {why = 'rate', tokens = r.wt, base = expected, factor = factor, window = p[P_WINDOW]}
     end
+  end
+  if late and (has(r, F_TOKENS) or at <= r.tx) then
+    -- An incident open now, or one that ended after this beat, already told of this stretch:
+    -- a late beat neither fires it again nor counts towards (or against) its recovery.
+    if not hot and not has(r, F_TOKENS) then tok_learn(r, p, t, c) end
+    return
   end
   if hot then
     r.hot = math.min(r.hot + 1, 65535)
@@ -177,15 +190,11 @@ local function tok_beat(a, r, p, at, start, t, c)
         clear(r, F_TOKENS_COST)
         close(a, r, F_TOKENS, 'tokens', at, {base = cost and base_c or base_t, cost = cost and 1 or 0,
           tokens = t or 0, total = r.tt})
+        r.tx = at
       end
     end
   end
-  if not hot and not has(r, F_TOKENS) then
-    local alpha = p[P_ALPHA]
-    if t then r.tb, r.tw = ewma(r.tb, r.tw, alpha, 1, alpha * t) end
-    if c then r.cb, r.cw = ewma(r.cb, r.cw, alpha, 1, alpha * c) end
-    r.tn = math.min(r.tn + 1, 4e9)
-  end
+  if not hot and not has(r, F_TOKENS) then tok_learn(r, p, t, c) end
 end
 local function tok_windows(s)
   -- the segment's rate windows as {start, tokens, start, tokens, ...}
@@ -262,7 +271,7 @@ local function tokens_apply(a, r, p, s, late)
     if tn > 0 then r.tt = r.tt + s[S_TSUM] end
     if cn > 0 then r.ct = r.ct + s[S_CSUM] end
   elseif s[S_UN] > 0 and not s[S_BEATX] then  -- one beat (segments.py sends BEATX for more)
-    tok_beat(a, r, p, s[S_BEAT], s[S_WS], tn > 0 and s[S_TSUM] or nil, cn > 0 and s[S_CSUM] or nil)
+    tok_beat(a, r, p, s[S_BEAT], s[S_WS], tn > 0 and s[S_TSUM] or nil, cn > 0 and s[S_CSUM] or nil, late)
   elseif s[S_UN] > 0 then
     if tok_safe(r, p, s) then
       tok_fold(r, p, s)
@@ -270,7 +279,7 @@ local function tokens_apply(a, r, p, s, late)
       local list, w = s[S_BEATX], p[P_WINDOW]
       for i = 1, #list, 3 do
         local at, t, c = list[i], list[i + 1], list[i + 2]
-        tok_beat(a, r, p, at, math.floor(at / w) * w, t >= 0 and t or nil, c >= 0 and c or nil)
+        tok_beat(a, r, p, at, math.floor(at / w) * w, t >= 0 and t or nil, c >= 0 and c or nil, late)
       end
     end
   end

@@ -3,13 +3,15 @@
 * A healthy fleet of 1,000 simulated agents, beating with +-30% jitter and bursty-but-normal
   token use, pulsing a steady RSS, for the whole test: zero alerts.
 * The same scripted failures fed to one worker process and, in parallel, to two worker
-  processes of which one is SIGKILLed mid-run: both produce exactly the expected alerts, none
-  duplicated, none missing.
+  processes of which one is SIGKILLed mid-run, caught holding unacknowledged entries or
+  unpublished decisions: once nothing is left to reclaim or publish, both produced exactly the
+  expected alerts, none duplicated, none missing.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import os
 import random
 import signal
@@ -172,6 +174,20 @@ class Script:
             self.send(agent, "exit", run=runs[agent], reason="shutdown", code=0)
 
 
+def holds(r: redis.Redis, keys: Keys, pid: int) -> bool:
+    """Whether the worker process ``pid`` holds unacknowledged entries or intents leases."""
+    consumers = r.xinfo_consumers(keys.events(), "detectors")
+    if any(f"-{pid}-" in str(c["name"]) and c["pending"] for c in consumers):
+        return True
+    return any(f":{pid}:" in json.loads(raw)["owner"] for raw in r.hvals(keys.intents(0)))
+
+
+def settled(r: redis.Redis, keys: Keys) -> bool:
+    """No decision pending anywhere: every entry acknowledged, every intent and alert published."""
+    pending = r.xpending(keys.events(), "detectors")["pending"]
+    return pending == 0 and r.hlen(keys.intents(0)) == 0 and r.hlen(keys.outbox(0)) == 0
+
+
 def start_worker(config: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
     return subprocess.Popen(
@@ -217,12 +233,23 @@ def test_two_workers_one_sigkilled_alert_exactly_like_one(
     thread = threading.Thread(target=script.run, daemon=True)
     thread.start()
     time.sleep(1.6)  # in the middle of it all: silence, exit, tokens and loop under way
-    processes[2].send_signal(signal.SIGKILL)
+    victim = processes[2]
+
+    def caught_holding_work() -> bool:
+        """Freeze the victim; keep it frozen (to be killed) only if it holds entries it has not
+        acknowledged or decisions it has not published: else the kill would prove nothing."""
+        victim.send_signal(signal.SIGSTOP)
+        held = holds(r, duo, victim.pid)
+        if not held:
+            victim.send_signal(signal.SIGCONT)
+        return held
+
+    wait_for(caught_holding_work, timeout=5, interval=0.003, what="the victim caught with work in hand")
+    victim.send_signal(signal.SIGKILL)
     thread.join(10)
     for keys in (solo, duo):
-        wait_for(lambda keys=keys: len(transitions(r, keys)) >= len(EXPECTED), timeout=15,
-                 what=f"the expected alerts on {keys.prefix}")  # fmt: skip
-    time.sleep(0.5)  # anything late would be a duplicate
+        done = lambda keys=keys: len(transitions(r, keys)) >= len(EXPECTED) and settled(r, keys)  # noqa: E731
+        wait_for(done, timeout=15, what=f"the expected alerts on {keys.prefix}, nothing left to publish")
     assert sorted(transitions(r, solo)) == sorted(transitions(r, duo)) == EXPECTED
     assert duplicates(r, solo) == duplicates(r, duo) == []
     assert processes[2].wait(timeout=5) == -signal.SIGKILL

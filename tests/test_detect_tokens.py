@@ -189,3 +189,23 @@ def test_two_workers_see_the_rate_one_worker_sees(redis_url: str, prefix: str, r
             r.delete(key)
     assert rates[0] == pytest.approx(18_000, rel=0.1)  # (the first window was partial)
     assert rates[1] == pytest.approx(rates[0], rel=1e-6)
+
+
+def test_a_late_spike_already_told_of_does_not_fire_twice(make_feed: Any, r: redis.Redis, keys: Keys) -> None:
+    """A worker dies holding the first beats of a runaway; the other worker fires on the rest
+    and resolves on the calm beats after. The dead worker's batch, reclaimed, brings beats of a
+    stretch an incident already covered: no second incident. A late spike nobody told of fires."""
+    feed = make_feed(warmup=5, recover_after=3)
+    warm(feed, beats=10, tokens=100)
+    held = [feed.event("bot", "beat", tokens=9000, at=feed.now + 100) for _ in range(2)]
+    rest = [feed.event("bot", "beat", tokens=9000, at=feed.now + 100) for _ in range(2)]
+    calm = [feed.event("bot", "beat", tokens=100, at=feed.now + 100) for _ in range(4)]
+    feed.apply(rest)
+    feed.apply(calm)
+    feed.apply(held)  # reclaimed after its successors were applied
+    assert transitions(r, keys) == [("bot", "tokens", "firing"), ("bot", "tokens", "resolved")]
+    warm(feed, agent="other", beats=10, tokens=100)
+    held = [feed.event("other", "beat", tokens=9000, at=feed.now + 100)]
+    feed.apply([feed.event("other", "beat", tokens=100, at=feed.now + 100) for _ in range(4)])
+    feed.apply(held)
+    assert transitions(r, keys)[2:] == [("other", "tokens", "firing")]
