@@ -152,11 +152,11 @@ def test_a_lost_record_relearns_the_interval_from_the_next_pulse(
     bot = Agent(r, keys, "bot")
     with running(worker):
         bot.start(interval=0.3)
-        for step in range(7):
-            if step == 2:
+        for step in range(5):
+            if step == 1:
                 wait_for(lambda: r.hexists(keys.states(0), "bot"), timeout=5, what="the record")
                 r.hdel(keys.states(0), "bot")  # the record is gone
-            if step % 2 == 0:
+            if step % 2 == 1:
                 bot.pulse(rss=100 * MB, interval=0.3)
             last = bot.beat(tokens=100)
             time.sleep(0.6)
