@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, distribution
 
 import pytest
 import redis
@@ -43,6 +44,20 @@ def prefix(r: redis.Redis) -> Iterator[str]:
     yield name
     for key in r.scan_iter(f"{name}:*"):
         r.delete(key)
+
+
+def test_found_through_its_entry_point_when_installed() -> None:
+    """``pip install`` registers the alias: ``[detectors.errorrate]`` needs no ``class``."""
+    try:
+        distribution("agentwatch-errorrate")
+    except PackageNotFoundError:
+        pytest.skip("agentwatch-errorrate is not installed (pip install -e examples/detectors/errorrate)")
+    assert "errorrate" in plugins.available("detectors")
+    assert plugins.resolve("detectors", "errorrate") is ErrorRate
+    loaded, problems = plugins.load_detectors({"errorrate": {"window": 10}})
+    assert not problems
+    (plugin,) = [p for p in loaded if p.name == "errorrate"]
+    assert plugin.cls is ErrorRate and plugin.config.window == 10
 
 
 def make_pipeline(prefix: str) -> Pipeline:
@@ -98,3 +113,4 @@ def test_half_of_the_last_20_beats_failing_fires_and_recovery_resolves(r: redis.
     finally:
         worker.stop()
         thread.join(5)
+        worker.client.close()
