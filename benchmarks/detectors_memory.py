@@ -71,7 +71,7 @@ def fill(client: redis.Redis, stream: str, agents: int) -> int:
                 continue
             seq = 2 * n_round - 1
             rss = (180 << 20) + ((agent_no + n_round) % 5) * 300_000  # steady, a little noise
-            add(n_round, agent_no, {**head, "seq": seq, "kind": "pulse", "rss": rss})
+            add(n_round, agent_no, {**head, "seq": seq, "kind": "pulse", "rss": rss, "interval": 5.0})
             tokens = 250 + (agent_no * 31 + n_round * 7) % 400
             beat = {"kind": "beat", "tokens": tokens, "cost": tokens * 3e-6, "model": "gpt-x",
                     "fp": f"ticket-{agent_no}-{n_round}"}  # fmt: skip

@@ -8,11 +8,11 @@ Target (issue 4): contender / baseline >= 0.5.
 
 The stream holds a fleet's events, not a tight loop of one agent: ``--agents`` agents each sending
 one event per second of Redis time (entry ids are explicit and spaced accordingly; the stream is a
-backlog being caught up): every 5th a pulse with RSS, the others beats with tokens, cost, model
-and a fresh fingerprint. Every beat moves a token baseline and every pulse an RSS bucket. With
-1,000 agents each batch of 1,000 touches ~1,000 distinct agents: one state read-modify-write per
-event, the worst case. With 100 agents each agent has ~10 events per batch, folded into one
-update. Both are run by default.
+backlog being caught up): every 5th a pulse with RSS (and the declared interval, as producers
+repeat it), the others beats with tokens, cost, model and a fresh fingerprint. Every beat moves a
+token baseline and every pulse an RSS bucket. With 1,000 agents each batch of 1,000 touches
+~1,000 distinct agents: one state read-modify-write per event, the worst case. With 100 agents
+each agent has ~10 events per batch, folded into one update. Both are run by default.
 
     python benchmarks/detectors_throughput.py [--events 200000] [--agents 1000 100] [--rounds 3]
 """
@@ -50,8 +50,8 @@ def fill(client: redis.Redis, stream: str, events: int, agents: int, group: str)
         event = {"v": 1, "agent": agent, "ts": 0.0, "run": f"run-{agent_no}", "seq": round_no}
         if round_no == 0:
             event.update(kind="start", interval=1.0, pid=1000 + agent_no, host="bench")
-        elif round_no % 5 == 0:
-            event.update(kind="pulse", rss=(200 + agent_no % 50) * 2**20 + round_no * 4096)
+        elif round_no % 5 == 0:  # pulses repeat the declared interval, as the producer sends them
+            event.update(kind="pulse", rss=(200 + agent_no % 50) * 2**20 + round_no * 4096, interval=1.0)
         else:
             tokens = 300 + (n * 7919) % 900
             event.update(kind="beat", tokens=tokens, cost=tokens * 3e-6, model="gpt-x", fp=f"job-{n}")
