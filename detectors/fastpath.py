@@ -12,9 +12,11 @@ costs well under one, for the whole batch at once:
    (float32 fields rounded the same way, ``pow`` taken from the server itself: :class:`Decays`).
 3. Keep a segment only when the script's run of it provably decides nothing: same run, in
    order (seq above the mark), no flag but HAS_RSS set, no retro gap possible whatever the
-   shard's clock (the largest gap it could see is within the allowance), no token or cost
-   anomaly, no loop, no RSS bucket closing. Everything else (and every segment of an agent
-   with two runs in the batch, or without a record) goes to the update script, unchanged.
+   shard's clock (the largest gap it could see is within the allowance), no beat or rate
+   window that judged one by one could be anomalous (tokens.py ``tok_safe``, so the script
+   would fold the beats at once too), no loop, no RSS bucket closing. Everything else (and
+   every segment of an agent with two runs in the batch, or without a record) goes to the
+   update script, unchanged.
 4. ``MULTI``: write the kept records, their timer and fleet-index scores; ``EXEC``. If anything
    wrote the states hash since step 1 (another worker, a timer check, a memory verdict), Redis
    refuses the transaction and the whole set goes to the update script instead.

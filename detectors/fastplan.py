@@ -5,7 +5,8 @@ Each step below mirrors the script's statement of the same meaning, with the sam
 operations in the same order, so the results round identically; float32 record fields are
 rounded once, when the record is packed, as ``struct.pack`` does in Lua. Where the script would
 do anything more than arithmetic (open or close an incident, fold a closed RSS bucket, take a
-late batch, store a stack), ``Plan.ok`` is False and the segment goes to the script.
+late batch, store a stack, judge beats one by one), ``Plan.ok`` is False and the segment goes to
+the script.
 """
 
 from __future__ import annotations
