@@ -25,6 +25,7 @@ from agentwatch.alerts import PIPELINE_AGENT, Incidents, iso_ms
 from agentwatch.codec import entry_ms
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.facts import read_facts
+from agentwatch.keys import shard_of
 from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.rollups import Totals, base_totals, local_midnight_ms
 from agentwatch.workers import DETECTORS_GROUP
@@ -221,6 +222,8 @@ def pipeline_health(
         "pending": backlog.pending,
         "oldest_pending_s": backlog.oldest_pending_s(now),
         "deadletter": int(redis.xlen(keys.deadletter)),
+        # events trimmed from a stream before any detector read them (detectors/lag.py counts them)
+        "trimmed_unread": _int(redis.hget(keys.clock(shard_of(PIPELINE_AGENT, keys.shards)), "trimmed")),
         "failed_deliveries": int(redis.xlen(keys.notify_failed)),
         "incidents": [
             {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
@@ -251,6 +254,8 @@ def _workers(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
                 "deadlettered": _int(health.get("deadlettered")),
                 "reclaimed": _int(health.get("reclaimed")),
                 "errors": _int(health.get("errors")),
+                "skipped": _int(health.get("skipped")),
+                "broken": [name for name in (health.get("broken") or "").split(",") if name],
                 "lag": _int(health.get("lag")),
                 "pending": _int(health.get("pending")),
                 "oldest_pending_s": _int(health.get("oldest_pending_ms")) / 1000,

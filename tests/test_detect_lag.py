@@ -109,6 +109,7 @@ def test_events_trimmed_before_the_detectors_read_them_are_counted_and_alerted(
     nobody read: one alert with the count, the count in the clock hash, resolved once caught up."""
     from agentwatch import codec  # noqa: PLC0415
     from agentwatch.alerts import PIPELINE_AGENT  # noqa: PLC0415
+    from agentwatch.fleet import fleet_status  # noqa: PLC0415
     from agentwatch.keys import shard_of  # noqa: PLC0415
 
     pipeline = pipeline_for(prefix, redis_url, lag=LAG)
@@ -143,4 +144,5 @@ def test_events_trimmed_before_the_detectors_read_them_are_counted_and_alerted(
     )
     clock = keys.clock(shard_of(PIPELINE_AGENT, keys.shards))
     assert int(r.hget(clock, "trimmed") or 0) == 400
+    assert fleet_status(r, pipeline)["pipeline"]["trimmed_unread"] == 400  # what `status` shows
     assert [t for t in transitions(r, keys) if t[1] != "trimmed"] == []

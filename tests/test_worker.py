@@ -15,6 +15,7 @@ from agents_detect.kit import Agent, fired, pipeline_for, worker_for
 
 from agentwatch import codec
 from agentwatch.codec import Event
+from agentwatch.fleet import fleet_status
 from agentwatch.keys import Keys
 from agentwatch.redisconn import connect, server_time_ms
 from agentwatch.worker import Handler, Message, Worker
@@ -382,6 +383,8 @@ def test_a_plugin_that_raises_on_everything_cannot_flood_the_dead_letters(
         wait_for(lambda: r.hget(health, "skipped:buggy") == b"26", what="the skips in the health hash")
         assert r.hget(health, "broken") == b"buggy"
         assert int(r.hget(health, "errors:buggy") or 0) >= 1
+        (shown,) = fleet_status(r, pipeline)["pipeline"]["workers"]  # what `status` shows
+        assert (shown["broken"], shown["skipped"]) == (["buggy"], 26)
     assert r.xlen(keys.deadletter) == 5  # the entries that judged it broken
     assert worker.stats.processed == 26
     assert r.xpending(keys.events(), "detectors")["pending"] == 0
