@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import threading
 import time
@@ -12,8 +13,10 @@ import msgpack
 import pytest
 import redis
 from agents_detect.kit import Agent, fired, pipeline_for, worker_for
+from rich.console import Console
 
 from agentwatch import codec
+from agentwatch.cli.status import _render
 from agentwatch.codec import Event
 from agentwatch.fleet import fleet_status
 from agentwatch.keys import Keys
@@ -383,8 +386,13 @@ def test_a_plugin_that_raises_on_everything_cannot_flood_the_dead_letters(
         wait_for(lambda: r.hget(health, "skipped:buggy") == b"26", what="the skips in the health hash")
         assert r.hget(health, "broken") == b"buggy"
         assert int(r.hget(health, "errors:buggy") or 0) >= 1
-        (shown,) = fleet_status(r, pipeline)["pipeline"]["workers"]  # what `status` shows
+        document = fleet_status(r, pipeline)  # what `status` shows
+        (shown,) = document["pipeline"]["workers"]
         assert (shown["broken"], shown["skipped"]) == (["buggy"], 26)
+        board = io.StringIO()
+        Console(file=board, width=120).print(_render(document, 120))
+        line = f"{worker.consumer}: handler 'buggy' is broken (26 entries acked without it)"
+        assert line in board.getvalue()
     assert r.xlen(keys.deadletter) == 5  # the entries that judged it broken
     assert worker.stats.processed == 26
     assert r.xpending(keys.events(), "detectors")["pending"] == 0

@@ -238,6 +238,11 @@ def _render(document: dict[str, Any], width: int = 80) -> Group:
         )
     ]
     lines += [Text(f"pipeline: {i['summary']}", style="bold red") for i in health["incidents"]]
+    lines += [
+        Text(f"{w['name']}: handler {name!r} is broken ({w['skipped']:,} entries acked without it)",
+             style="bold red")
+        for w in health["workers"] for name in w.get("broken", [])
+    ]  # fmt: skip
     if not health.get("detecting", True):
         lines.append(Text(f"not detecting: {health['detecting_reason']}", style="bold red"))
     return Group(*board, *below, *lines)
