@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -29,6 +30,20 @@ from agentwatch.errors import EmbeddedRedisError
 from agentwatch.keys import Keys
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Children start with default signal dispositions, however the test run was started.
+
+    An ignored signal is inherited across exec: a run started in the background by a
+    non-interactive shell (``cmd &`` ignores SIGINT) or under ``nohup`` (SIGHUP) would hand that
+    to every agent and CLI process the tests start, and the tests that send them Ctrl-C or a
+    hang-up would test the ignore instead of agentwatch.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _answers(url: str) -> bool:
