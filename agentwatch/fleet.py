@@ -19,18 +19,15 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING, Any, Final
 
-import redis as redis_py
-
 from agentwatch.alerts import PIPELINE_AGENT, Incidents, iso_ms
-from agentwatch.codec import entry_ms
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.facts import read_facts
 from agentwatch.keys import shard_of
 from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.rollups import Totals, base_totals, local_midnight_ms
-from agentwatch.workers import DETECTORS_GROUP
 
 if TYPE_CHECKING:
+    from detectors.horizon import Positions
     from notifiers.routing import Mute
 
 STATES: Final = ("ok", "late", "muted", "stalled", "down", "exited", "retired")
@@ -205,7 +202,11 @@ def pipeline_health(
     alive: dict[str, int] = {}
     for worker in workers:
         alive[str(worker["kind"])] = alive.get(str(worker["kind"]), 0) + 1
-    backlog = _backlog(redis, keys.event_streams(), DETECTORS_GROUP, now)
+    from detectors.horizon import read_positions  # noqa: PLC0415 - the spine imports plugins lazily
+
+    backlog = read_positions(redis, keys.event_streams(), now, [])  # what the detectors use too
+    horizon = min(backlog.horizons, default=now)
+    oldest = backlog.oldest_pending_ms
     own = {
         key.split("/", 1)[1]: value
         for key, value in (incidents or {}).items()
@@ -216,11 +217,11 @@ def pipeline_health(
         "workers_alive": alive,
         "workers": workers,
         "detecting": detecting,
-        "detecting_reason": None if detecting else _why_not_detecting(backlog, now),
-        "applied_until": iso_ms(backlog.horizon),
-        "lag": backlog.lag,
+        "detecting_reason": None if detecting else _why_not_detecting(backlog, horizon, now),
+        "applied_until": iso_ms(horizon),
+        "lag": backlog.unread,
         "pending": backlog.pending,
-        "oldest_pending_s": backlog.oldest_pending_s(now),
+        "oldest_pending_s": round(max(0, now - oldest) / 1000, 3) if oldest is not None else 0.0,
         "deadletter": int(redis.xlen(keys.deadletter)),
         # events trimmed from a stream before any detector read them (detectors/lag.py counts them)
         "trimmed_unread": _int(redis.hget(keys.clock(shard_of(PIPELINE_AGENT, keys.shards)), "trimmed")),
@@ -229,7 +230,7 @@ def pipeline_health(
             {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
             for d, i in sorted(own.items())
         ],
-        "horizon_ms": backlog.horizon,
+        "horizon_ms": horizon,
     }
 
 
@@ -265,67 +266,15 @@ def _workers(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
     return workers
 
 
-class _Backlog:
-    """What the detector group has yet to read (``lag``) or to acknowledge (``pending``)."""
-
-    def __init__(self, now: int) -> None:
-        self.lag: int | None = 0
-        self.pending = 0
-        self.oldest_pending_ms: int | None = None
-        self.horizon = now
-        self.group_missing = False
-
-    def oldest_pending_s(self, now: int) -> float | None:
-        if self.oldest_pending_ms is None:
-            return 0.0 if self.pending == 0 else None
-        return round(max(0, now - self.oldest_pending_ms) / 1000, 3)
-
-
-def _backlog(redis: Any, streams: list[str], group: str, now: int) -> _Backlog:
-    """The group's lag and pending over every event stream, and the horizon they imply."""
-    out = _Backlog(now)
-    for stream in streams:
-        try:
-            groups = redis.xinfo_groups(stream)
-        except redis_py.ResponseError:
-            continue  # no such stream: nothing was ever sent on this shard
-        info = next((g for g in groups if g["name"] in (group, group.encode())), None)
-        if info is None:  # no detector worker ever ran: every entry is unread
-            out.group_missing = True
-            length = int(redis.xlen(stream))
-            out.lag = None if out.lag is None else out.lag + length
-            first = redis.xrange(stream, count=1) if length else []
-            if first:
-                out.horizon = min(out.horizon, entry_ms(first[0][0]))
-            continue
-        lag = info.get("lag")
-        out.lag = None if lag is None or out.lag is None else out.lag + int(lag)
-        pending = int(info.get("pending") or 0)
-        out.pending += pending
-        if pending:
-            summary = redis.xpending(stream, group)
-            if summary and summary.get("min"):
-                oldest = entry_ms(summary["min"])
-                out.oldest_pending_ms = min(out.oldest_pending_ms or oldest, oldest)
-                out.horizon = min(out.horizon, oldest)
-        if lag is None or int(lag) > 0:  # the first entry not yet read bounds the horizon too
-            last = info["last-delivered-id"]
-            last = last.decode() if isinstance(last, bytes) else str(last)
-            unread = redis.xrange(stream, min=f"({last}", count=1)
-            if unread:
-                out.horizon = min(out.horizon, entry_ms(unread[0][0]))
-    return out
-
-
-def _why_not_detecting(backlog: _Backlog, now: int) -> str:
+def _why_not_detecting(backlog: Positions, horizon: int, now: int) -> str:
     if backlog.group_missing:
         why = "no detector worker is running, and none has ever read this prefix's events"
     else:
         why = "no detector worker is running"
-    if backlog.lag:
-        why += f"; {backlog.lag:,} events wait unread"
-    if now - backlog.horizon >= 1000:
-        why += f"; agent states are as of {format_duration((now - backlog.horizon) / 1000)} ago"
+    if backlog.unread:
+        why += f"; {backlog.unread:,} events wait unread"
+    if now - horizon >= 1000:
+        why += f"; agent states are as of {format_duration((now - horizon) / 1000)} ago"
     return why + " (start `agentwatch up` or `agentwatch worker detectors`)"
 
 

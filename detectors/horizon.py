@@ -38,6 +38,13 @@ class Positions:
     """Events not yet applied: undelivered and unacknowledged, over all streams."""
     lost: list[int | None] = field(default_factory=list)
     """Per stream: events trimmed before the group read them, in all (None: not known now)."""
+    unread: int | None = 0
+    """Events no detector has read yet, over all streams (None: Redis cannot say now)."""
+    pending: int = 0
+    """Events read but not yet acknowledged, over all streams."""
+    oldest_pending_ms: int | None = None
+    group_missing: bool = False
+    """A stream holds events but no detector group ever read it (every event is unread)."""
 
 
 def _text(value: Any) -> str:
@@ -63,8 +70,15 @@ def read_positions(client: Any, streams: list[str], now_ms: int, lost_before: li
         groups, info = replies[2 * k], replies[2 * k + 1]
         horizon, lost = now_ms, None
         group = None
-        if not isinstance(groups, Exception):
+        if not isinstance(groups, Exception):  # an error: no such stream, nothing ever sent on it
             group = next((g for g in groups if _text(g["name"]) == DETECTORS_GROUP), None)
+            if group is None and isinstance(info, dict) and info.get("length"):
+                out.group_missing = True  # no detector worker ever ran here
+                out.waiting += int(info["length"])
+                out.unread = None if out.unread is None else out.unread + int(info["length"])
+                first = info.get("first-entry")
+                if first:
+                    horizon = min(horizon, entry_ms(first[0]))
         if group is not None:
             delivered = _id(group["last-delivered-id"])
             known = isinstance(info, dict) and info.get("entries-added") is not None
@@ -79,11 +93,18 @@ def read_positions(client: Any, streams: list[str], now_ms: int, lost_before: li
                     horizon = min(horizon, entry_ms(first[0][0]))
                     gone = lost if lost is not None else lost_before[k] if k < len(lost_before) else 0
                     out.waiting += max(1, int(behind or 1) - gone)
+                    if behind is None or out.unread is None:
+                        out.unread = None
+                    else:
+                        out.unread += max(1, int(behind) - gone)
             if group["pending"]:
                 summary = client.xpending(stream, DETECTORS_GROUP)
                 if summary and summary.get("min"):
-                    horizon = min(horizon, entry_ms(summary["min"]))
+                    oldest = entry_ms(summary["min"])
+                    horizon = min(horizon, oldest)
+                    out.oldest_pending_ms = min(out.oldest_pending_ms or oldest, oldest)
                 out.waiting += int(group["pending"])
+                out.pending += int(group["pending"])
         out.horizons.append(horizon)
         out.lost.append(lost)
     return out
