@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from agentwatch import config
 from agentwatch.config import PipelineSettings
+from agentwatch.keys import Keys
 from agentwatch.worker import Worker
 
 T = TypeVar("T")
@@ -60,3 +61,10 @@ def running(worker: Worker[Any]) -> Iterator[threading.Thread]:
         worker.stop()
         thread.join(10)
         assert not thread.is_alive(), "worker did not stop within 10s"
+
+
+def caught_up(r: Any, keys: Keys) -> bool:
+    """The detector group exists and has read and acknowledged every event (an absent group
+    would make "all groups caught up" vacuously true before the worker has even started)."""
+    groups = r.xinfo_groups(keys.events()) if r.exists(keys.events()) else []
+    return bool(groups) and all(g["lag"] == 0 and g["pending"] == 0 for g in groups)

@@ -26,7 +26,7 @@ from agentwatch.codec import decode, entry_ms
 from agentwatch.keys import Keys
 from detectors.state import read_agents
 
-from helpers import running, wait_for
+from helpers import caught_up, running, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +48,6 @@ def cli(redis_url: str, prefix: str, *args: str) -> Any:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def caught_up(r: redis.Redis, keys: Keys) -> bool:
-    """The detector group exists and has read and acknowledged every event (an absent group
-    would make "all groups caught up" vacuously true before the worker has even started)."""
-    groups = r.xinfo_groups(keys.events()) if r.exists(keys.events()) else []
-    return bool(groups) and all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
 
 
 @pytest.fixture

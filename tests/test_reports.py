@@ -24,7 +24,7 @@ from agentwatch.report import _union_ms, build_report, due_slot, fleet_summary, 
 from agentwatch.rollups import Snapshotter, Totals, totals_at
 from notifiers.reports import KEEP_SLOTS
 
-from helpers import running, wait_for
+from helpers import caught_up, running, wait_for
 from notify_kit import notifier_running, pipeline_with, receiver
 
 
@@ -70,13 +70,6 @@ def test_union_of_down_intervals_counts_overlaps_once() -> None:
     assert _union_ms([(0, 10), (5, 15), (20, 30)], 0, 100) == 25
     assert _union_ms([(0, 10), (5, 15)], 8, 12) == 4
     assert _union_ms([], 0, 100) == 0
-
-
-def caught_up(r: redis.Redis, keys: Keys) -> bool:
-    """The detector group exists and has read and acknowledged every event (an absent group
-    would make "all groups caught up" vacuously true before the worker has even started)."""
-    groups = r.xinfo_groups(keys.events()) if r.exists(keys.events()) else []
-    return bool(groups) and all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
 
 
 @pytest.fixture
