@@ -68,3 +68,15 @@ def caught_up(r: Any, keys: Keys) -> bool:
     would make "all groups caught up" vacuously true before the worker has even started)."""
     groups = r.xinfo_groups(keys.events()) if r.exists(keys.events()) else []
     return bool(groups) and all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
+
+
+def events_worker(client: Any, prefix: str, handlers: list[Any], **worker: Any) -> Worker[Any]:
+    """A bare runtime worker on the prefix's event stream (real codec, the given handlers only,
+    a fast tick): for tests of the runtime itself, without any detector."""
+    from agentwatch import codec  # noqa: PLC0415
+
+    settings = settings_for(prefix, worker={"tick": "50ms", **worker})
+    return Worker(
+        client, settings, kind="detectors", streams=[Keys(prefix).events()], group="detectors",
+        decode=codec.decode, handlers=handlers, retention_s=3600,
+    )  # fmt: skip

@@ -21,9 +21,9 @@ from agentwatch.codec import Event
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.keys import Keys
 from agentwatch.redisconn import connect
-from agentwatch.worker import Handler, Message, Worker
+from agentwatch.worker import Handler, Message
 
-from helpers import running, settings_for, wait_for
+from helpers import events_worker, running, settings_for, wait_for
 
 TESTS = Path(__file__).resolve().parent
 
@@ -73,14 +73,6 @@ class Effects(Handler[Event]):
         pipe.execute()
 
 
-def worker_for(client: Any, prefix: str, handlers: list[Handler[Event]], **worker: Any) -> Worker[Event]:
-    settings = settings_for(prefix, worker={"tick": "50ms", **worker})
-    return Worker(
-        client, settings, kind="detectors", streams=[Keys(prefix).events()], group="detectors",
-        decode=codec.decode, handlers=handlers, retention_s=3600,
-    )  # fmt: skip
-
-
 def test_a_worker_sigkilled_mid_batch_loses_nothing(redis_url: str, prefix: str, r: redis.Redis) -> None:
     keys = Keys(prefix)
     for seq in range(100):
@@ -99,7 +91,7 @@ def test_a_worker_sigkilled_mid_batch_loses_nothing(redis_url: str, prefix: str,
 
     client = connect(settings_for(prefix, redis_url), redis_url)
     try:
-        rescuer = worker_for(client, prefix, [Effects(client, prefix)], claim_idle="200ms")
+        rescuer = events_worker(client, prefix, [Effects(client, prefix)], claim_idle="200ms")
         with running(rescuer):
             wait_for(lambda: r.scard(f"{prefix}:effects") == 100, what="every event's effect")
             wait_for(lambda: r.xpending(keys.events(), "detectors")["pending"] == 0, what="nothing pending")
@@ -124,7 +116,7 @@ def test_redis_restarted_under_a_running_worker(
         def on_batch(self, messages: Sequence[Message[Event]]) -> None:
             seen.extend(event["seq"] for _, event in messages)
 
-    worker = worker_for(client, prefix, [Collect()])
+    worker = events_worker(client, prefix, [Collect()])
     try:
         with running(worker) as thread:
             plain.xadd(keys.events(), {"d": beat(1)})
@@ -155,7 +147,7 @@ def test_a_worker_started_before_redis_waits_for_it(
         def on_batch(self, messages: Sequence[Message[Event]]) -> None:
             seen.extend(event["seq"] for _, event in messages)
 
-    worker = worker_for(client, prefix, [Collect()])
+    worker = events_worker(client, prefix, [Collect()])
     try:
         with running(worker) as thread:
             time.sleep(0.3)
@@ -201,7 +193,7 @@ def test_sigterm_finishes_and_exits_0_within_2s(
 
 def test_stop_returns_within_one_block(redis_url: str, prefix: str, r: redis.Redis) -> None:
     client = connect(settings_for(prefix, redis_url), redis_url)
-    worker = worker_for(client, prefix, [], block="1s", tick="1s")
+    worker = events_worker(client, prefix, [], block="1s", tick="1s")
     thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
     thread.start()
     try:
@@ -373,7 +365,7 @@ def test_redis_restarted_with_persistence_during_a_batch_loses_nothing(
                     released.wait(10)  # the server is killed and restarted right here
                 client.hincrby(f"{prefix}:applied", str(event["seq"]), 1)
 
-    worker = worker_for(client, prefix, [Counted()], batch=100)
+    worker = events_worker(client, prefix, [Counted()], batch=100)
     try:
         with running(worker) as thread:
             assert reached.wait(10)
@@ -414,7 +406,7 @@ def test_a_slow_handler_on_a_healthy_redis_is_not_cut_off_by_the_stop(
                 time.sleep(0.2)
                 client.sadd(f"{prefix}:effects", event["seq"])
 
-    worker = worker_for(client, prefix, [Slow()])
+    worker = events_worker(client, prefix, [Slow()])
     try:
         with running(worker):
             assert inside.wait(10)

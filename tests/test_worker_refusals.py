@@ -18,10 +18,10 @@ from agentwatch.codec import Event
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.keys import Keys
 from agentwatch.redisconn import connect
-from agentwatch.worker import Handler, Message, Worker
+from agentwatch.worker import Handler, Message
 
 from conftest import free_port
-from helpers import running, settings_for, wait_for
+from helpers import events_worker, running, settings_for, wait_for
 
 
 def beat(seq: int) -> bytes:
@@ -44,14 +44,6 @@ def admin(server: EmbeddedRedis) -> Iterator[redis.Redis]:
     client.config_set("maxmemory-policy", "noeviction")
     yield client
     client.close()
-
-
-def make_worker(client: Any, prefix: str, handlers: list[Handler[Event]], **worker: Any) -> Worker[Event]:
-    settings = settings_for(prefix, worker={"tick": "50ms", **worker})
-    return Worker(
-        client, settings, kind="detectors", streams=[Keys(prefix).events()], group="detectors",
-        decode=codec.decode, handlers=handlers, retention_s=3600,
-    )  # fmt: skip
 
 
 def test_redis_filling_up_mid_batch_loses_nothing(
@@ -77,7 +69,7 @@ def test_redis_filling_up_mid_batch_loses_nothing(
                     admin.config_set("maxmemory", 1)  # every write refused from now on
                 client.sadd(f"{prefix}:effects", event["seq"])
 
-    worker = make_worker(client, prefix, [Effects()], batch=100)
+    worker = events_worker(client, prefix, [Effects()], batch=100)
     try:
         with running(worker) as thread:
             wait_for(lambda: oom_errors(admin) >= 3, what="the worker to retry against the full Redis")
@@ -101,7 +93,7 @@ def test_a_dead_letter_refused_by_a_full_redis_is_not_acknowledged(
 ) -> None:
     keys = Keys(prefix)
     client = connect(settings_for(prefix, server.url), server.url)
-    worker = make_worker(client, prefix, [])
+    worker = events_worker(client, prefix, [])
     try:
         with running(worker) as thread:
             wait_for(lambda: admin.exists(keys.events()) and admin.xinfo_groups(keys.events()), what="group")
@@ -132,7 +124,7 @@ def test_a_dead_letter_write_that_fails_for_another_reason_is_not_acknowledged_e
     bad_id = r.xadd(keys.events(), {"d": b"\xc1"})
     r.xadd(keys.events(), {"d": beat(1)})
     client = connect(settings_for(prefix, redis_url), redis_url)
-    worker = make_worker(client, prefix, [])
+    worker = events_worker(client, prefix, [])
     try:
         worker._setup()
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
@@ -172,7 +164,7 @@ def test_a_worker_started_on_a_redis_that_refuses_writes_waits_for_it(
     name, *args = refuse
     getattr(admin, name)(*[free_port() if a == "PORT" else a for a in args])
     client = connect(settings_for(prefix, server.url), server.url)
-    worker = make_worker(client, prefix, [])
+    worker = events_worker(client, prefix, [])
     caplog.set_level(logging.INFO, logger="agentwatch.worker")
     try:
         with running(worker) as thread:
