@@ -23,6 +23,18 @@ from agentwatch.report import build_report, due_slot, fleet_summary
 from agentwatch.worker import Handler
 from notifiers.base import Notifier
 
+# KEYS[1] = the sent slots; ARGV = slot, now (ms). 1: send this slot's report. Atomic, so of
+# several workers ticking at once only one can find the record empty and skip the first slot
+# (checked and marked separately, a second worker could read "not sent" before the mark and
+# "not empty" after it, and send the start-up report).
+_DECIDE: Final = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], 'skipped:' .. ARGV[2])
+  return 0
+end
+return 1
+"""
 KEEP_SLOTS: Final = 8
 """Sent slots remembered: the current one is what matters; a few more help whoever looks."""
 
@@ -37,6 +49,7 @@ class ReportScheduler(Handler[Alert]):
         self.client: Any = client
         self.notifiers = [n for n in notifiers if n.config.reports]
         self._sent: str | None = None
+        self._decide = self.client.register_script(_DECIDE)
 
     def on_tick(self, now_ms: int) -> None:
         cfg = self.pipeline.settings.report
@@ -44,14 +57,8 @@ class ReportScheduler(Handler[Alert]):
         if slot is None or not self.notifiers or slot == self._sent:
             return
         key = self.pipeline.keys.reports_sent
-        if self.client.hget(key, slot) is not None:
-            self._sent = slot
-            return
-        if self.client.hlen(key) == 0:
-            # The slot the deployment started in: skipped. Whoever loses the HSETNX race lost it
-            # to another worker skipping this very slot, so it must not send it either.
-            self.client.hsetnx(key, slot, f"skipped:{now_ms}")
-            self._sent = slot
+        if not self._decide(keys=[key], args=[slot, now_ms]):
+            self._sent = slot  # handled already, or the deployment's first slot (now skipped)
             return
         report = build_report(self.client, self.pipeline, since_s=cfg.period_s, now_ms=now_ms)
         alert = Alert(
