@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from agentwatch.errors import EmbeddedRedisError
 
@@ -72,9 +73,15 @@ def tcp_port_free(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((host, port)) != 0
 
 
-def private_dir(path: Path) -> Path:
+MARKER: Final = ".agentwatch-embedded"
+"""File in each server directory the launcher made: only such directories are ever swept as
+stale, so a ``state_dir`` pointed at a folder that holds other things loses nothing."""
+
+
+def private_dir(path: Path, *, tighten: bool = True) -> Path:
     """Create ``path`` (and missing parents) 0700, or check that the existing one is a real
-    directory owned by this user; tighten its mode if it is ours but open to others."""
+    directory owned by this user; with ``tighten``, close its mode if it is open to others
+    (only for directories agentwatch owns: not a ``state_dir`` the user chose)."""
     missing = [p for p in [path, *path.parents] if not p.exists()]
     for directory in reversed(missing):
         directory.mkdir(mode=0o700, exist_ok=True)
@@ -88,7 +95,7 @@ def private_dir(path: Path) -> Path:
             f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}): another user could read "
             "or replace the Redis socket there; remove it, or set [embedded] state_dir"
         )
-    if info.st_mode & 0o077:
+    if tighten and info.st_mode & 0o077:
         path.chmod(0o700)
     return path
 
@@ -96,11 +103,14 @@ def private_dir(path: Path) -> Path:
 def remove_stale_dirs(base: Path) -> list[Path]:
     """Remove the per-process directories under ``base`` whose process is gone (an ``up``
     that was SIGKILLed leaves its socket and log behind), and a ``current-url`` record that
-    pointed into one of them. Directories of live processes and ``data`` are kept."""
+    pointed into one of them. Only directories the launcher made (holding :data:`MARKER`);
+    directories of live processes and ``data`` are kept."""
     removed = []
     for child in base.iterdir() if base.is_dir() else ():
         if not child.name.isdigit() or child.is_symlink() or not child.is_dir():
             continue
+        if not (child / MARKER).is_file():
+            continue  # not a server directory of ours, whatever its name
         if _process_alive(int(child.name)) or child.lstat().st_uid != os.getuid():
             continue
         shutil.rmtree(child, ignore_errors=True)
@@ -222,6 +232,7 @@ class EmbeddedRedis:
         if self.state_dir.parent == default_state_dir():
             private_dir(self.state_dir.parent)
         private_dir(self.state_dir)
+        (self.state_dir / MARKER).write_text(f"{os.getpid()}\n")
         self.socket_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(
             self.command(),

@@ -15,7 +15,8 @@ Configuration comes from ``init()`` or, without it, the ``AGENTWATCH_*`` environ
 ``docs/producer.md``. Importing this package starts no thread, opens no connection and imports
 only the standard library, ``redis``, ``msgpack`` and agentwatch's codec. On the main thread it
 takes over SIGTERM and SIGHUP where they still have their default action, to report them as the
-run's end (the process still dies by the signal, exactly as before).
+run's end (a process with no handler of its own still dies by the signal, as before; see
+docs/producer.md for handlers installed later that chain to the producer's).
 """
 
 from __future__ import annotations

@@ -132,6 +132,8 @@ def test_a_state_dir_that_is_not_ours_or_not_a_directory_is_refused(short_dir: P
     loose = short_dir / "loose"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
+    embedded.private_dir(loose, tighten=False)
+    assert loose.stat().st_mode & 0o777 == 0o755  # a state_dir the user chose keeps its mode
     embedded.private_dir(loose)
     assert loose.stat().st_mode & 0o777 == 0o700  # ours but open: tightened
     link = short_dir / "link"
@@ -153,9 +155,14 @@ def test_directories_left_by_dead_processes_are_removed(short_dir: Path) -> None
     for name in (str(dead.pid), str(os.getpid()), "data"):
         (short_dir / name).mkdir()
         (short_dir / name / "redis.log").write_text("x")
+        (short_dir / name / embedded.MARKER).write_text("x")
+    # A folder that merely has a number for a name (a state_dir pointed at a folder of the user's)
+    (short_dir / "2024").mkdir()
+    (short_dir / "2024" / "photo.jpg").write_text("x")
     (short_dir / "current-url").write_text(f"unix://{short_dir / str(dead.pid)}/redis.sock?db=0\n")
     assert embedded.remove_stale_dirs(short_dir) == [short_dir / str(dead.pid)]
-    assert sorted(p.name for p in short_dir.iterdir()) == sorted([str(os.getpid()), "data"])
+    assert sorted(p.name for p in short_dir.iterdir()) == sorted([str(os.getpid()), "data", "2024"])
+    assert (short_dir / "2024" / "photo.jpg").is_file()
 
 
 def test_a_child_whose_parent_is_already_gone_does_not_start() -> None:

@@ -115,7 +115,7 @@ def _start_embedded(pipeline: Pipeline) -> EmbeddedRedis:
     port = cfg.port if cfg.port and tcp_port_free(cfg.port) else 0
     server_dir = base / ("data" if cfg.persist else str(os.getpid()))
     try:
-        private_dir(base)
+        private_dir(base, tighten=cfg.state_dir is None)  # a folder the user chose keeps its mode
         for stale in remove_stale_dirs(base):
             log.info("removed %s, left by an agentwatch up that is gone", stale)
         server = EmbeddedRedis(server_dir, port=port, persist=cfg.persist).start()
