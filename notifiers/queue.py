@@ -20,7 +20,9 @@ notifier's own delivery threads drain its queue. The state, all under the tag ``
 * ``held`` (hash): per dedup key, the latest alert a mute held back that the receiver has not
   seen (a firing, or the resolve of an incident whose firing it did get). When the mute ends,
   the alert is queued if it still tells the truth (notifiers/base.py); a resolve whose firing
-  was held is never sent (the receiver never heard of that incident).
+  was held is never sent (the receiver never heard of that incident), unless the receiver is
+  still owed a resolve from before the mute (``#owed <dedup key>``: the incident resolved,
+  fired again and resolved again, all while muted).
 
 Every state change is one Lua script on those keys, so concurrent workers never claim the same
 delivery twice while its lease holds, and a rate limit holds across all workers together.
@@ -51,13 +53,15 @@ def _script(body: str) -> str:
 # is still the one held, ARGV[6], else 3). Any of them supersedes what was held for the key.
 _ENQUEUE: Final = _script("""
 local held = redis.call('HGET', KEYS[5], ARGV[3])
+local owed = '#owed ' .. ARGV[3]
 if ARGV[5] == 'release' then
   if held ~= ARGV[6] then return 3 end
-elseif ARGV[5] == 'resolve' and held and cjson.decode(held)['status'] == 'firing' then
+elseif ARGV[5] == 'resolve' and held and cjson.decode(held)['status'] == 'firing'
+    and redis.call('HEXISTS', KEYS[5], owed) == 0 then
   redis.call('HDEL', KEYS[5], ARGV[3])
   return 2
 end
-if held then redis.call('HDEL', KEYS[5], ARGV[3]) end
+if held then redis.call('HDEL', KEYS[5], ARGV[3], owed) end
 if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -72,21 +76,35 @@ return 1
 """)
 
 # A mute held back an alert: keep it for when the mute ends. A muted resolve of an incident
-# whose firing is held cancels both (returns 2): the receiver never heard of that incident.
+# whose firing is held cancels both (returns 2): the receiver never heard of that incident;
+# unless a resolve was held before that firing (the receiver still has an incident open from
+# before the mute, marked OWED_MARK): then the resolve stays held, since it is owed.
 _HOLD: Final = """
 local held = redis.call('HGET', KEYS[1], ARGV[1])
-if ARGV[3] == 'resolved' and held and cjson.decode(held)['status'] == 'firing' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  return 2
+local owed = '#owed ' .. ARGV[1]
+local status = held and cjson.decode(held)['status']
+if ARGV[3] == 'resolved' and status == 'firing' then
+  if redis.call('HDEL', KEYS[1], owed) == 0 then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    return 2
+  end
+elseif ARGV[3] == 'firing' and status == 'resolved' then
+  redis.call('HSET', KEYS[1], owed, 1)
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
 _DROP_HELD: Final = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1], '#owed ' .. ARGV[1])
+end
 return 0
 """
+OWED_MARK: Final = "#owed "
+"""Field prefix in the held hash: ``#owed <dedup key>`` says the receiver is owed a resolve for
+an incident it heard of before the mute (``#`` is not in an agent name, so no dedup key starts
+with it)."""
 
 # Returns {1, id, job, claims} for a claimed delivery, or {0, wait_ms} (-1: the queue is empty).
 _CLAIM: Final = _script("""
@@ -243,12 +261,13 @@ class DeliveryQueue:
     def held_alerts(self) -> dict[str, str]:
         """dedup key -> the JSON of the alert held for it."""
         raw = self.client.hgetall(self.held)
-        return {_text(key): _text(value) for key, value in raw.items()}
+        held = {_text(key): _text(value) for key, value in raw.items()}
+        return {key: value for key, value in held.items() if not key.startswith(OWED_MARK)}
 
     def drop_held(self, dedup_key: str, held: str | None = None) -> None:
         """Forget what is held for ``dedup_key`` (only if it is still ``held``, when given)."""
         if held is None:
-            self.client.hdel(self.held, dedup_key)
+            self.client.hdel(self.held, dedup_key, OWED_MARK + dedup_key)
         else:
             self._drop_held(keys=[self.held], args=[dedup_key, held])
 

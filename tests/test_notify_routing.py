@@ -113,6 +113,37 @@ def test_a_muted_incident_still_firing_is_delivered_when_its_mute_ends_and_remin
     assert r.hlen(f"{keys.notifier_tag('webhook')}:held") == 0
 
 
+def test_a_resolve_owed_from_before_a_mute_survives_the_incident_flapping_inside_it(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """Delivered before the mute, then resolved, fired and resolved again while muted (an agent
+    flapping through maintenance): the receiver still has the first incident open, so the last
+    resolve goes out when the mute ends, and nothing else. Still firing at the end instead: the
+    newest firing goes out."""
+    mutes = Mutes(r, keys)
+    with receiver() as hook:
+        entry = {"type": "webhook", "url": hook.url, **FAST_DELIVERY}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            flappy, steady = fire(r, keys, "flappy"), fire(r, keys, "steady")
+            hook.wait_requests(2)
+            mutes.add("flappy", 3600)
+            mutes.add("steady", 3600)
+            resolve(r, keys, "flappy")
+            fire(r, keys, "flappy")
+            flappy_last = resolve(r, keys, "flappy")
+            resolve(r, keys, "steady")
+            steady_last = fire(r, keys, "steady")
+            wait_for(lambda: len(stream(r, keys.notify_log)) >= 7, what="the five muted records")
+            assert len(hook.requests) == 2  # nothing while muted
+            mutes.remove("flappy")
+            mutes.remove("steady")
+            wait_for(lambda: len(hook.requests) == 4, 10, what="what each receiver is owed")
+            wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="queue drained")
+    assert _ids(hook, "flappy") == [flappy.id, flappy_last.id]
+    assert _ids(hook, "steady") == [steady.id, steady_last.id]
+    assert r.hlen(keys.notifier_held("webhook")) == 0  # nothing held, no owed marker left
+
+
 def _for(hook: Any, agent: str) -> list[Any]:
     """The requests ``hook`` received about ``agent``, in order."""
     with hook.lock:
