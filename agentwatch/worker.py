@@ -395,9 +395,14 @@ class Worker(Generic[T]):
         non-transactional pipeline, an XADD refused (a full Redis) next to an XACK accepted
         would ack an entry that was neither applied nor kept. (MULTI would make the two atomic,
         but the streams live in different Cluster slots.) An entry whose dead letter was
-        refused stays pending, and the refusal is raised: the worker backs off and retries.
+        refused for a passing reason (full, read-only: :data:`RECOVERABLE`) stays pending, and
+        the refusal is raised: the worker backs off and retries. Refused for good (the
+        dead-letter key holds another type, an ACL forbids it), retrying would wedge the worker
+        on the same entries forever: the entry is logged with its reason and acked, and counted
+        in ``errors``.
         """
         refused: set[bytes] = set()
+        unlettered = 0  # refused for good: acked without a dead letter
         failure: Exception | None = None
         if dead:
             cap = self.settings.streams.deadletter_max_bytes
@@ -413,9 +418,15 @@ class Worker(Generic[T]):
                 )
             replies = pipe.execute(raise_on_error=False)
             for (stream, entry_id, _, reason), reply in zip(dead, replies, strict=True):
-                if isinstance(reply, Exception):
+                if isinstance(reply, RECOVERABLE):
                     refused.add(entry_id)
                     failure = failure or reply
+                elif isinstance(reply, Exception):
+                    unlettered += 1
+                    log.error(
+                        "cannot dead-letter %s %s (%s: %s); acknowledged without it, its reason "
+                        "was: %s", stream, entry_id.decode(), type(reply).__name__, reply, reason,
+                    )  # fmt: skip
                 else:
                     log.warning("dead-lettered %s %s: %s", stream, entry_id.decode(), reason)
         acked = [e for e in entries if e[1] not in refused] if refused else entries
@@ -430,9 +441,10 @@ class Worker(Generic[T]):
                 for stream, ids in by_stream.items():
                     pipe.xack(stream, self.group, *ids)
             pipe.execute()
-        lettered = len(dead) - len(refused)
+        lettered = len(dead) - len(refused) - unlettered
         self.stats.deadlettered += lettered
-        self.stats.processed += len(acked) - lettered
+        self.stats.errors += unlettered
+        self.stats.processed += len(acked) - lettered - unlettered
         if failure is not None:
             raise failure
 
