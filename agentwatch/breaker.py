@@ -7,7 +7,8 @@ evict the entries that really were bad. So:
 
 * after ``BROKEN_AFTER`` entries in a row have failed alone (across batches; they are
   dead-lettered, a handful per trip), the handler counts as broken: its breaker opens;
-* while it is open, each batch gets one call, and if that fails one entry alone decides; what
+* while it is open, each batch gets one call, and if that fails a few entries alone decide
+  (the first three, in order: one bad entry must not keep a recovered handler out); what
   the handler could not handle is acknowledged without it (the other handlers did process it)
   and counted per handler (``skipped:<name>`` in the worker's health hash), not dead-lettered;
   the state is logged when it opens, at most once a minute while it stays open, and when it

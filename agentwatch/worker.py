@@ -343,18 +343,26 @@ class Worker(Generic[T]):
             raise
         except Exception:
             self._count_error(handler, "on_batch")
-        start = 0
+        done: set[int] = set()
         if breaker.is_open:
-            # Still broken, or was only one entry of this batch bad? One entry alone decides.
-            error = self._attempt(handler, good[0])
-            if error is not None:
+            # Still broken, or was only one entry of this batch bad? Its first few entries alone
+            # decide, in order (one bad entry must not keep a recovered handler skipped).
+            error: Exception | None = None
+            for probe in range(min(3, len(good))):
+                if good[probe][0] in poisoned:
+                    continue
+                error = self._attempt(handler, good[probe])
+                if error is None:
+                    done.add(probe)
+                    break
+            if error is not None and not done:
                 breaker.skip(sum(1 for m in good if m[0] not in poisoned), error)
                 return
-            breaker.passed()
-            start = 1
-        for index in range(start, len(good)):
+            if done:
+                breaker.passed()
+        for index in range(len(good)):
             message = good[index]
-            if message[0] in poisoned:
+            if index in done or message[0] in poisoned:
                 continue
             error = self._retry_alone(handler, message)
             if error is None:

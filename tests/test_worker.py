@@ -24,7 +24,7 @@ from agentwatch.redisconn import connect, server_time_ms
 from agentwatch.worker import Handler, Message, Worker
 from detectors.base import Detector, DetectorConfig
 
-from helpers import running, settings_for, wait_for
+from helpers import events_worker, running, settings_for, wait_for
 
 
 class Recorder(Handler[Event]):
@@ -73,26 +73,11 @@ def client(redis_url: str, prefix: str) -> Iterator[Any]:
     c.close()
 
 
-def make_worker(client: Any, prefix: str, handlers: list[Handler[Event]], **worker: Any) -> Worker[Event]:
-    settings = settings_for(prefix, worker={"tick": "50ms", **worker})
-    keys = Keys(prefix)
-    return Worker(
-        client,
-        settings,
-        kind="detectors",
-        streams=[keys.events()],
-        group="detectors",
-        decode=codec.decode,
-        handlers=handlers,
-        retention_s=3600,
-    )
-
-
 def test_a_batch_is_processed_then_acknowledged(client: Any, r: redis.Redis, keys: Keys, prefix: str) -> None:
     for seq in range(50):
         r.xadd(keys.events(), {"d": beat(seq=seq)})
     recorder = Recorder()
-    worker = make_worker(client, prefix, [recorder])
+    worker = events_worker(client, prefix, [recorder])
     with running(worker):
         wait_for(lambda: len(recorder.seen) == 50, what="50 events handled")
         wait_for(lambda: r.xpending(keys.events(), "detectors")["pending"] == 0, what="all acked")
@@ -127,7 +112,7 @@ def test_every_bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on
     r.xadd(keys.events(), {"wrong": b"field"})
     r.xadd(keys.events(), {"d": beat(agent="good", seq=99)})
     recorder = Recorder()
-    worker = make_worker(client, prefix, [recorder])
+    worker = events_worker(client, prefix, [recorder])
     with running(worker):
         wait_for(lambda: ("good", 99) in recorder.seen, what="the event after all bad ones")
         wait_for(lambda: r.xlen(keys.deadletter) == len(BAD_INPUTS) + 1)
@@ -170,7 +155,7 @@ def test_a_raising_handler_is_isolated_and_its_poison_entry_dead_lettered(
     poison_id = r.xadd(keys.events(), {"d": beat(agent="boom", seq=2)})
     r.xadd(keys.events(), {"d": beat(agent="fine", seq=3)})
     recorder, explodes = Recorder(), Explodes()
-    worker = make_worker(client, prefix, [explodes, recorder], max_attempts=3)
+    worker = events_worker(client, prefix, [explodes, recorder], max_attempts=3)
     with running(worker):
         wait_for(lambda: r.xlen(keys.deadletter) == 1, what="the poison entry dead-lettered")
         wait_for(lambda: worker.stats.handler_errors.get("explodes", 0) >= 3, what="tick errors counted")
@@ -190,7 +175,7 @@ def test_entries_left_by_a_dead_consumer_are_reclaimed(
         r.xadd(keys.events(), {"d": beat(seq=seq)})
     r.xreadgroup("detectors", "dead-consumer", {keys.events(): ">"}, count=5)  # read, never acked
     recorder = Recorder()
-    worker = make_worker(client, prefix, [recorder], claim_idle="100ms")
+    worker = events_worker(client, prefix, [recorder], claim_idle="100ms")
     with running(worker):
         wait_for(lambda: len(recorder.seen) == 5, what="reclaimed entries processed")
         wait_for(lambda: r.xpending(keys.events(), "detectors")["pending"] == 0)
@@ -205,7 +190,7 @@ def test_an_entry_that_keeps_killing_workers_is_dead_lettered_on_reclaim(
     r.xreadgroup("detectors", "crashed-1", {keys.events(): ">"}, count=1)
     r.xclaim(keys.events(), "detectors", "crashed-3", 0, [killer], retrycount=3)  # delivered 3 times
     recorder = Recorder()
-    worker = make_worker(client, prefix, [recorder], claim_idle="100ms", max_attempts=3)
+    worker = events_worker(client, prefix, [recorder], claim_idle="100ms", max_attempts=3)
     with running(worker):
         wait_for(lambda: r.xlen(keys.deadletter) == 1)
     ((_, letter),) = r.xrange(keys.deadletter)
@@ -215,7 +200,7 @@ def test_an_entry_that_keeps_killing_workers_is_dead_lettered_on_reclaim(
 
 def test_health_key_and_counters_are_published(client: Any, r: redis.Redis, keys: Keys, prefix: str) -> None:
     r.xadd(keys.events(), {"d": beat()})
-    worker = make_worker(client, prefix, [Recorder()], health_ttl="5s")
+    worker = events_worker(client, prefix, [Recorder()], health_ttl="5s")
     with running(worker):
         wait_for(lambda: r.hget(keys.worker(worker.consumer), "processed") == b"1")
         health = r.hgetall(keys.worker(worker.consumer))
@@ -238,7 +223,7 @@ def test_trimming_never_drops_what_a_group_has_not_read(
     client.xgroup_create(stream, "slow-group", id="0")
     for seq in range(300):
         r.xadd(stream, {"d": beat(seq=seq)})
-    worker = make_worker(client, prefix, [Recorder()])
+    worker = events_worker(client, prefix, [Recorder()])
     worker.retention_s = 0.001  # everything is "old"
     while worker.run_once():
         pass
@@ -279,7 +264,7 @@ def test_a_broken_handler_leaves_a_handful_of_dead_letters_and_skips_the_rest_un
     for seq in range(50):
         r.xadd(keys.events(), {"d": beat(seq=seq)})
     broken, recorder = AlwaysFails(), Recorder()
-    worker = make_worker(client, prefix, [broken, recorder], batch=100, max_attempts=3)
+    worker = events_worker(client, prefix, [broken, recorder], batch=100, max_attempts=3)
     health = keys.worker(worker.consumer)
 
     def publish() -> None:  # what the worker's tick does every second
@@ -317,7 +302,7 @@ def test_a_broken_handler_is_judged_across_batches(
     """One entry per batch (a quiet fleet) must not dead-letter every event either."""
     for seq in range(12):
         r.xadd(keys.events(), {"d": beat(seq=seq)})
-    worker = make_worker(client, prefix, [AlwaysFails()], batch=1, max_attempts=2)
+    worker = events_worker(client, prefix, [AlwaysFails()], batch=1, max_attempts=2)
     with running(worker):
         wait_for(lambda: worker.stats.processed + worker.stats.deadlettered == 12, what="all acked")
     assert r.xlen(keys.deadletter) == 5
@@ -332,7 +317,7 @@ def test_health_is_stamped_with_redis_time_and_dead_workers_are_pruned(
     now_ms = server_time_ms(client)
     r.zadd(keys.workers, {"sigkilled": now_ms - 60_000, "slow-but-alive": now_ms - 60_000})
     r.hset(keys.worker("slow-but-alive"), "kind", "detectors")  # its health key has not expired
-    worker = make_worker(client, prefix, [Recorder()], health_ttl="5s")
+    worker = events_worker(client, prefix, [Recorder()], health_ttl="5s")
     with running(worker):
         wait_for(lambda: r.zscore(keys.workers, "sigkilled") is None, what="the dead worker pruned")
         score = r.zscore(keys.workers, worker.consumer)
@@ -396,3 +381,37 @@ def test_a_plugin_that_raises_on_everything_cannot_flood_the_dead_letters(
     assert r.xlen(keys.deadletter) == 5  # the entries that judged it broken
     assert worker.stats.processed == 26
     assert r.xpending(keys.events(), "detectors")["pending"] == 0
+
+
+class Flaky(Handler[Event]):
+    """Raises on everything while ``broken``; afterwards only on seq 666 (one poison entry)."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.seen: list[int] = []
+
+    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+        if self.broken or any(event["seq"] == 666 for _, event in messages):
+            raise RuntimeError("flaky")
+        self.seen += [event["seq"] for _, event in messages]
+
+
+def test_a_recovered_handler_is_fed_again_even_when_a_bad_entry_leads_the_batch(
+    client: Any, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    flaky = Flaky()
+    worker = events_worker(client, prefix, [flaky], max_attempts=1)
+    worker._setup()
+    for seq in range(6):
+        r.xadd(keys.events(), {"d": beat(seq=seq)})
+    worker.run_once()
+    assert worker.stats.broken == ["flaky"]  # five failed alone: its breaker opened
+    flaky.broken = False  # fixed, but the next batch starts with a poison entry
+    for seq in (666, 10, 11, 12):
+        r.xadd(keys.events(), {"d": beat(seq=seq)})
+    worker.run_once()
+    assert worker.stats.broken == [] and flaky.seen == [10, 11, 12]  # fed, in order, not skipped
+    dead = [fields[b"reason"].decode() for _, fields in r.xrange(keys.deadletter)]
+    assert dead[-1].startswith("handler 'flaky' raised RuntimeError")  # seq 666, dead-lettered
