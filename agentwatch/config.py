@@ -46,16 +46,16 @@ from agentwatch.config_env import (
     notifier_overrides,
     unknown_sections,
 )
-from agentwatch.config_errors import describe_error, key_path, mask_url, valid_keys
+from agentwatch.config_errors import describe_error, key_path, valid_keys
 from agentwatch.errors import ConfigError
 from agentwatch.keys import PREFIX_RE, Keys
+from agentwatch.urls import redis_url_problem
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 EMBEDDED: Final = "embedded"
 """``[redis] url = "embedded"``: always start (or find) the private server, never use 6379."""
 DEFAULT_FILE: Final = "pipeline.toml"
 BUILTIN_SOURCE: Final = "built-in defaults"
-URL_SCHEMES: Final = ("redis", "rediss", "unix")
 
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -146,20 +146,14 @@ class RedisSection(Section):
         waiting for ever on a server that cannot exist."""
         if value is None or value == EMBEDDED:
             return value
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in URL_SCHEMES:
+        problem = redis_url_problem(value)  # the producer's own check: agents accept it too
+        if problem is not None and problem.startswith("expected "):
             raise ValueError(
                 "not a Redis URL: use redis://host:6379/0, rediss://host:6380/0 (TLS), "
                 'unix:///path/to/redis.sock, or "embedded"'
             )
-        if scheme == "unix" and not rest.split("?", 1)[0]:
-            raise ValueError("a unix:// URL needs the socket's path, e.g. unix:///run/redis/redis.sock")
-        from redis.connection import parse_url  # noqa: PLC0415 - only here; the module stays light
-
-        try:
-            parse_url(value)  # type: ignore[no-untyped-call]
-        except ValueError as exc:
-            raise ValueError(f"not a valid Redis URL: {exc}") from None
+        if problem is not None:
+            raise ValueError(f"not a valid Redis URL: {problem}")
         return value
 
 
@@ -405,8 +399,3 @@ def _expand(
         return ""
 
     return _VAR_RE.sub(substitute, value)
-
-
-def display_url(url: str) -> str:
-    """A Redis URL for logs and summaries: the password masked, host and database kept."""
-    return mask_url(url, path=False)

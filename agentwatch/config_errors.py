@@ -15,10 +15,11 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, PlainSerializer
 from pydantic.fields import FieldInfo
+
+from agentwatch.urls import mask_url
 
 # -- naming keys ------------------------------------------------------------------------------
 
@@ -136,30 +137,6 @@ def is_secret(key: str) -> bool:
 
 def looks_like_url(value: object) -> bool:
     return isinstance(value, str) and _URL_RE.match(value) is not None
-
-
-def mask_url(url: str, *, path: bool = True) -> str:
-    """A URL safe to print. Userinfo is always masked. With ``path`` masked (notifier URLs: a
-    Slack or PagerDuty webhook's path *is* the secret), http(s) URLs keep only scheme and host,
-    and other schemes (apprise's ``tgram://BOTTOKEN/CHAT``: the host is the token) only the
-    scheme."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")
-    if at or userinfo:
-        netloc = f"***@{host}"
-    if not path:
-        return f"{scheme}://{netloc}{slash}{tail}"
-    if scheme.lower() not in ("http", "https"):
-        return f"{scheme}://***"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return f"{scheme}://***"
-    hidden = "/***" if (parts.path not in ("", "/") or parts.query or parts.fragment) else ""
-    return f"{scheme}://{netloc}{hidden}"
 
 
 # -- one error, one line ----------------------------------------------------------------------

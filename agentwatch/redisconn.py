@@ -21,9 +21,10 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings, display_url
+from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings
 from agentwatch.embedded import default_state_dir
 from agentwatch.errors import RedisUnavailable
+from agentwatch.urls import display_url
 
 Client = redis.Redis | RedisCluster
 log = logging.getLogger("agentwatch.worker")

@@ -19,12 +19,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
-
-import redis
 
 from agentwatch.codec import AGENT_RE, MAX_AGENT_LEN, MAX_SPAN_S
 from agentwatch.keys import PREFIX_RE
+from agentwatch.urls import display_url, redis_url_problem
 from producers._guard import warn_once
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
@@ -72,7 +70,6 @@ started by spawn or forkserver, which re-import everything and would otherwise l
 restart of the agent rather than a worker of it."""
 
 _BAD_AGENT_CHARS: Final = re.compile(r"[^A-Za-z0-9._:@/-]")
-_DB_PATH: Final = re.compile(r"/?(\d*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,47 +212,18 @@ def _agent(value: Any, label: str) -> str:
 def _redis_url(value: Any, label: str) -> str:
     if value is None:
         return DEFAULT_REDIS_URL
-    problem = url_problem(value)
+    problem = redis_url_problem(value)
     if problem is None:
         return str(value)
     warn_once(
         f"config:{label}",
         "agentwatch: %s=%r is not a usable Redis URL (%s); events go to the default %s instead",
         label,
-        redact(str(value)),
+        display_url(str(value)),
         problem,
         DEFAULT_REDIS_URL,
     )
     return DEFAULT_REDIS_URL
-
-
-def url_problem(value: Any) -> str | None:
-    """What is wrong with a Redis URL, or ``None``. Stricter than redis-py, which reads
-    ``redis://:6379`` as localhost and ``redis://host/abc`` as database 0 without a word."""
-    if not isinstance(value, str):
-        return f"not a string but {type(value).__name__}"
-    try:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            return "expected redis://host[:port][/db], rediss://... (TLS) or unix:///path"
-        parts = urlsplit(value)
-        if parts.scheme == "unix":
-            if not parts.path:
-                return "no socket path"
-        else:
-            host = parts.hostname
-            if not host or any(char.isspace() for char in host):
-                return "no host name" if not host else "blank in the host name"
-            if parts.port == 0:
-                return "port 0"
-            db = _DB_PATH.fullmatch(parts.path)
-            if db is None:
-                return f"database {parts.path[1:]!r} is not a number"
-        pool = redis.ConnectionPool.from_url(value)  # parses only; connects on first use
-    except (ValueError, TypeError) as exc:
-        return str(exc) or type(exc).__name__
-    if int(pool.connection_kwargs.get("db") or 0) < 0:
-        return "negative database number"
-    return None
 
 
 def _prefix(value: Any, label: str) -> str:
@@ -314,8 +282,3 @@ def _count(value: Any, label: str, default: int) -> int:
         )
         return default
     return number
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for log lines."""
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)

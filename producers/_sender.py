@@ -27,7 +27,8 @@ from typing import Any, Final
 import msgpack
 
 from agentwatch.codec import MAX_ENTRY_BYTES, MAX_STACK_CHARS, VERSION
-from producers._config import Settings, redact
+from agentwatch.urls import display_url
+from producers._config import Settings
 from producers._fields import RESERVED
 from producers._guard import internal_error, logger, warn_once
 from producers._stack import thread_stack, trim_frames
@@ -321,7 +322,7 @@ class Sender:
             return False
         self._failing = None
         self._failures = 0
-        logger.info("agentwatch: Redis at %s answers again", redact(self.settings.redis_url))
+        logger.info("agentwatch: Redis at %s answers again", display_url(self.settings.redis_url))
         return True
 
     def _failed(self, exc: BaseException) -> None:
@@ -337,7 +338,7 @@ class Sender:
             logger.warning(
                 "agentwatch: cannot deliver events to Redis at %s (%s: %s); events wait in memory "
                 "(up to %d) and drops are counted until it answers",
-                redact(self.settings.redis_url),
+                display_url(self.settings.redis_url),
                 type(exc).__name__,
                 exc,
                 self.settings.queue_size,

@@ -318,8 +318,12 @@ def test_redis_urls_that_are_accepted(tmp_path: Path, url: str) -> None:
 @pytest.mark.parametrize(
     ("url", "why"),
     [("htp://localhost:6379", "not a Redis URL"), ("localhost:6379", "not a Redis URL"),
-     ("REDIS://host", "not a Redis URL"), ("unix://", "a unix:// URL needs the socket's path"),
-     ("redis://host:port/0", "not a valid Redis URL")],
+     ("REDIS://host", "not a Redis URL"), ("unix://", "not a valid Redis URL: no socket path"),
+     ("redis://host:port/0", "not a valid Redis URL"),
+     # what redis-py would quietly read as something else; the producer refuses them alike
+     ("redis://host/abc", "not a valid Redis URL: database 'abc' is not a number"),
+     ("redis://:6379/0", "not a valid Redis URL: no host name"),
+     ("redis://host:0/0", "not a valid Redis URL: port 0")],
 )  # fmt: skip
 def test_a_bad_redis_url_is_refused_naming_the_key(tmp_path: Path, url: str, why: str) -> None:
     (found,) = problems(tmp_path, f'[redis]\nurl = "{url}"\n')

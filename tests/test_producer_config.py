@@ -14,7 +14,9 @@ from producers._config import resolve
 
 HEAVY = ("numpy", "typer", "pydantic", "pydantic_settings", "rich", "httpx", "detectors",
          "notifiers", "psutil", "openai", "anthropic")  # fmt: skip
-ALLOWED_AGENTWATCH = {"agentwatch", "agentwatch.codec", "agentwatch.keys", "agentwatch.errors"}
+ALLOWED_AGENTWATCH = {
+    "agentwatch", "agentwatch.codec", "agentwatch.keys", "agentwatch.errors", "agentwatch.urls",
+}  # fmt: skip
 
 
 def test_import_is_light_and_starts_nothing(redis_url: str, prefix: str) -> None:

@@ -11,9 +11,10 @@ from pydantic.fields import FieldInfo
 from agentwatch.cli import app
 from agentwatch.cli.common import load_pipeline
 from agentwatch.config import Pipeline, format_duration
-from agentwatch.config_errors import is_secret, looks_like_url, mask_url, serializer
+from agentwatch.config_errors import is_secret, looks_like_url, serializer
 from agentwatch.plugins import DetectorConfig, PluginConfig
 from agentwatch.redisconn import describe
+from agentwatch.urls import mask_url
 
 
 @app.command("check-config")
