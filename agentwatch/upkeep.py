@@ -112,11 +112,13 @@ class Upkeep:
         lag = pending = 0
         oldest = 0
         for stream in self.w.streams:
+            here = 0
             for info in self.w.client.xinfo_groups(stream):
                 if info["name"] in (self.w.group, self.w.group.encode()):
                     lag += int(info.get("lag") or 0)
-                    pending += int(info["pending"])
-            if pending:
+                    here = int(info["pending"])
+            pending += here
+            if here:  # this stream's own pending entries, not the running total
                 summary = self.w.client.xpending(stream, self.w.group)
                 if summary and summary.get("min"):
                     first = entry_ms(summary["min"])
