@@ -273,9 +273,13 @@ class Worker(Generic[T]):
         """One XREADGROUP over all streams -> [(stream, entry id, field list)]."""
         streams = {stream: start for stream in self.streams}
         if not self._single_node and len(streams) > 1:  # cluster: one slot per command
+            # The wait is shared out over the streams, never below 1 ms: BLOCK 0 would wait for
+            # ever on an idle shard, and the timer checks (silence!) with it. Once one stream
+            # gave entries, the others are only looked at.
+            each = None if block_ms is None else max(1, block_ms // len(streams))
             out: list[tuple[str, bytes, Any]] = []
             for stream in self.streams:
-                out += self._read_streams({stream: start}, block_ms and block_ms // len(streams))
+                out += self._read_streams({stream: start}, None if out else each)
             return out
         return self._read_streams(streams, block_ms)
 

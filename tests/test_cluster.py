@@ -108,3 +108,25 @@ def test_worker_runtime_on_a_three_master_cluster(cluster_url: str) -> None:
         for key in client.scan_iter(match=f"{prefix}:*", target_nodes=RedisCluster.ALL_NODES):
             client.delete(key)
         client.close()
+
+
+def test_a_short_wait_shared_over_shards_never_becomes_block_0(cluster_url: str) -> None:
+    """Reading three shards one by one with a 2 ms wait left before the next tick: 2 // 3 would
+    be BLOCK 0, which waits for ever on idle shards (and silence checks with it)."""
+    prefix = f"cb{int(time.time() * 1000) % 10**8}"
+    settings = settings_for(prefix, cluster_url, redis={"cluster": True, "shards": 3})
+    keys = Keys(prefix, shards=3)
+    client: Any = connect(settings, cluster_url)
+    worker: Worker[Event] = Worker(
+        client, settings, kind="detectors", streams=keys.event_streams(), group="detectors",
+        decode=codec.decode, handlers=[], retention_s=3600,
+    )  # fmt: skip
+    try:
+        worker._setup()
+        started = time.monotonic()
+        assert worker._read(">", block_ms=2) == []
+        assert time.monotonic() - started < 1.0
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*", target_nodes=RedisCluster.ALL_NODES):
+            client.delete(key)
+        client.close()
