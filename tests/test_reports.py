@@ -21,7 +21,7 @@ from agentwatch.facts import FactsRecorder
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 from agentwatch.report import _union_ms, build_report, due_slot, fleet_summary, render_text
-from agentwatch.rollups import Snapshotter, Totals, totals_at
+from agentwatch.rollups import Base, Snapshotter, Totals, base_totals
 from notifiers.reports import KEEP_SLOTS
 
 from helpers import caught_up, running, wait_for
@@ -96,12 +96,12 @@ def test_snapshots_copy_every_agents_totals_in_slices(fleet: Keys, r: redis.Redi
     current = now // 3_600_000 * 3_600_000
     following = current + 3_600_000
     assert snap.advance(0, following, now) is True  # two agents: one slice
-    totals, used = totals_at(r, fleet, following + 1, ["alpha", "beta", "ghost"])
-    assert used == following
-    assert totals == {"alpha": Totals(5, 500, 2.5), "beta": Totals(5, 35, 2.5)}
-    assert totals_at(r, fleet, now, ["alpha"]) == ({}, current)  # the hour began before them
+    base = base_totals(r, fleet, following + 1, ["alpha", "beta", "ghost"])
+    assert base == Base({"alpha": Totals(5, 500, 2.5), "beta": Totals(5, 35, 2.5)}, following, False)
+    assert base_totals(r, fleet, now, ["alpha"]) == Base({}, current, False)  # the hour began before them
     assert 0 < r.pttl(fleet.snapshot(0, following)) <= 86_400_000
-    assert totals_at(r, fleet, current - 1, ["alpha"]) == ({}, None)  # nothing that old
+    # nothing that old: the earliest snapshot after it, flagged partial
+    assert base_totals(r, fleet, current - 1, ["alpha"]) == Base({}, current, True)
 
 
 def test_the_scheduled_report_reaches_the_notifiers_that_opt_in_once_per_slot(
@@ -149,8 +149,7 @@ def test_a_large_fleet_is_snapshotted_a_slice_per_tick(
         assert r.zscore(fleet.snapshots(0), following) is None  # not complete until the last slice
         assert calls < 50
     assert calls > 1  # records are larger than a listpack value: a real hash table, sliced
-    totals, _ = totals_at(r, fleet, following, ["alpha", "beta"])
-    assert set(totals) == {"alpha", "beta"}
+    assert set(base_totals(r, fleet, following, ["alpha", "beta"]).totals) == {"alpha", "beta"}
 
 
 # -- spans, retention, resets and the alert history (the engine driven at chosen times) ----------
