@@ -75,6 +75,16 @@ local function ewma(num, weight, alpha, n, folded)
   local decay = n == 1 and 1 - alpha or math.pow(1 - alpha, n)
   return decay * num + folded, decay * weight + 1 - decay
 end
+local function tok_close(rb, rw, rn, alpha, w, folds, at, tokens)
+  -- the window starting `at` closes with `tokens` in it: folded into the rate baseline when
+  -- `folds` (and it had tokens); returns the baseline and the window closed last (pws, pwt)
+  local fold = folds and tokens > 0
+  if fold then
+    rb, rw = ewma(rb, rw, alpha, 1, alpha * tokens * 1000 / w)
+    rn = math.min(rn + 1, 65535)
+  end
+  return rb, rw, rn, fold and at or -at, tokens
+end
 local function tok_step(v, alpha, w, start, sum, folds)
   -- One step of the rate windows on v = {ws, wt, rb, rw, rn, pws, pwt}: the current window (ws,
   -- wt), a baseline of tokens per second over closed windows (rb / rw, rn of them) and the
@@ -83,14 +93,7 @@ local function tok_step(v, alpha, w, start, sum, folds)
   -- one diluted by idling. ``folds``: closing a window may fold it (no anomaly, nothing open).
   local ws, wt, rb, rw, rn, pws, pwt = v[1], v[2], v[3], v[4], v[5], v[6], v[7]
   if start > ws then
-    if ws > 0 then
-      local fold = folds and wt > 0
-      if fold then
-        rb, rw = ewma(rb, rw, alpha, 1, alpha * wt * 1000 / w)
-        rn = math.min(rn + 1, 65535)
-      end
-      pws, pwt = fold and ws or -ws, wt
-    end
+    if ws > 0 then rb, rw, rn, pws, pwt = tok_close(rb, rw, rn, alpha, w, folds, ws, wt) end
     ws, wt = start, 0
   end
   if start == ws then
@@ -98,12 +101,7 @@ local function tok_step(v, alpha, w, start, sum, folds)
   elseif start > math.abs(pws) then
     -- Late beats (another worker applied their successors first) of a window this record
     -- never opened: it closes now, in its place (after the windows closed before it).
-    local fold = folds and sum > 0
-    if fold then
-      rb, rw = ewma(rb, rw, alpha, 1, alpha * sum * 1000 / w)
-      rn = math.min(rn + 1, 65535)
-    end
-    pws, pwt = fold and start or -start, sum
+    rb, rw, rn, pws, pwt = tok_close(rb, rw, rn, alpha, w, folds, start, sum)
   elseif start == math.abs(pws) then
     -- late beats of the window closed last: they count there, and in the rate it was folded
     -- into (exactly: that fold is linear in its tokens)
