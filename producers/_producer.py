@@ -223,7 +223,9 @@ class Producer:
 
     def _reserve(self, event: dict[Any, Any], size: int) -> bool:
         """Room in ``queue_bytes`` for a heavy beat? If so it is counted (the sender uncounts it
-        when it takes the beat: each counter has one writer, so no lock is needed)."""
+        when it takes the beat). No lock: the bound is approximate (threads beating one producer
+        at once may each miss the other's bytes), which a memory cap can afford and the hot path
+        cannot afford to pay for."""
         sender = self._sender
         assert sender is not None
         if sender.bytes_in - sender.bytes_out + size > self._queue_bytes:
