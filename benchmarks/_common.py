@@ -3,6 +3,10 @@
 Each script measures agentwatch against a baseline taken in the same run on the same server, and
 states its figure as a ratio, so results compare across machines. Scripts are run directly
 (``python benchmarks/<name>.py``); results land in ``benchmarks/results/<name>.json``.
+
+Besides its table, a script names its headline *figures* (:func:`figure`): one value each per
+run, with the goal it is held to. ``benchmarks/run_all.py`` runs every script several times and
+reports min / median / max of each figure, so a figure must be a single number per run.
 """
 
 from __future__ import annotations
@@ -56,8 +60,32 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
-    """Print ``rows`` as an aligned table and write them (with machine facts) as JSON."""
+def figure(
+    name: str,
+    value: float,
+    unit: str,
+    *,
+    goal: float | None = None,
+    better: str = "lower",
+    issue: int | None = None,
+) -> dict[str, Any]:
+    """One headline figure of a run: ``value`` in ``unit`` ("ratio", "ms", "us", "B", "events/s",
+    ...), held to ``goal`` (``better`` = "lower": value <= goal; "higher": value >= goal)."""
+    if better not in ("lower", "higher"):
+        raise ValueError(f"better must be 'lower' or 'higher', not {better!r}")
+    met = None if goal is None else (value <= goal if better == "lower" else value >= goal)
+    return {"figure": name, "value": value, "unit": unit, "goal": goal, "better": better,
+            "met": met, "issue": issue}  # fmt: skip
+
+
+def report(
+    name: str,
+    rows: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+    figures: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """Print ``rows`` as an aligned table and write them (with machine facts and the run's
+    ``figures``, see :func:`figure`) as JSON."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     cells = [[_fmt(row.get(col, "")) for col in columns] for row in rows]
     widths = [max(len(col), *(len(c[i]) for c in cells)) for i, col in enumerate(columns)]
@@ -67,7 +95,8 @@ def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None =
         print(" | ".join(c.ljust(w) for c, w in zip(row_cells, widths, strict=True)))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "argv": sys.argv, "machine": machine(), "rows": rows}
+    payload = {"benchmark": name, "argv": sys.argv, "machine": machine(), "rows": rows,
+               "figures": list(figures), "loadavg": os.getloadavg()}  # fmt: skip
     payload.update(extra or {})
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
