@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from agentwatch.codec import AGENT_RE, MAX_AGENT_LEN, MAX_SPAN_S
+from agentwatch.codec import MAX_AGENT_LEN, MAX_SPAN_S, name_problem
 from agentwatch.keys import PREFIX_RE
 from agentwatch.urls import display_url, redis_url_problem
 from producers._guard import warn_once
@@ -98,8 +98,14 @@ class Settings:
 
 
 def sanitize_agent(name: str) -> str:
-    """Map any string onto the protocol's agent charset (bad characters become ``_``)."""
+    """Map any string onto a valid agent name: characters outside the protocol's charset, a
+    leading ``-`` and ``.``/``..`` path segments become ``_`` (codec.name_problem's rules)."""
     cleaned = _BAD_AGENT_CHARS.sub("_", name)[:MAX_AGENT_LEN]
+    if cleaned.startswith("-"):
+        cleaned = "_" + cleaned[1:]
+    if "." in cleaned:
+        segments = cleaned.split("/")
+        cleaned = "/".join("_" * len(s) if s in (".", "..") else s for s in segments)
     return cleaned or "python"
 
 
@@ -194,18 +200,12 @@ def _agent(value: Any, label: str) -> str:
         warn_once(f"config:{label}", "agentwatch: %s=%r is not an agent name; reporting as %r "
                   "(the script's name)", label, value, fallback)  # fmt: skip
         return fallback
-    if AGENT_RE.fullmatch(value):
+    problem = name_problem(value)
+    if problem is None:
         return value
     fixed = sanitize_agent(value)
-    warn_once(
-        f"config:{label}",
-        "agentwatch: %s: agent name %r has characters outside A-Za-z0-9._:@/- or is over %d "
-        "chars; reporting as %r",
-        label,
-        value,
-        MAX_AGENT_LEN,
-        fixed,
-    )
+    warn_once(f"config:{label}", "agentwatch: %s: agent name %s; reporting as %r", label, problem,
+              fixed)  # fmt: skip
     return fixed
 
 

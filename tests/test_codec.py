@@ -82,6 +82,11 @@ def test_unknown_keys_are_kept_for_forward_compatibility() -> None:
         (codec.encode(event(agent="bot\nx")), "characters outside"),
         (codec.encode(event(agent="bot;rm -rf /")), "characters outside"),
         (codec.encode(event(agent="$(reboot)")), "characters outside"),
+        (codec.encode(event(agent="-oProxyCommand")), "starts with '-' (it could be read as an option)"),
+        (codec.encode(event(agent="../evil")), "has a '.' or '..' path segment"),
+        (codec.encode(event(agent="team/../../evil")), "has a '.' or '..' path segment"),
+        (codec.encode(event(agent="team/..")), "has a '.' or '..' path segment"),
+        (codec.encode(event(agent=".")), "has a '.' or '..' path segment"),
         (codec.encode(event(agent="a" * 256)), "must be 1-128 chars, got 256"),
         (codec.encode(event(agent="")), "must be 1-128 chars, got 0"),
         (codec.encode(event(stack="x" * 5000)), "'stack' must be a string of at most 4096"),
@@ -175,6 +180,11 @@ def test_any_value_of_any_key_is_accepted_or_refused_never_crashes(key: str) -> 
             raw = codec.encode({**event(kind=kind, reason="exit"), key: value})
             with contextlib.suppress(InvalidEntry):
                 codec.decode(raw)
+
+
+@pytest.mark.parametrize("name", ["a..b", "team/bot.v2", "..hidden-not", "x-", "bot@host:1", "a/b/c", "_-x"])
+def test_names_that_only_look_like_paths_or_options_are_valid(name: str) -> None:
+    assert codec.decode(codec.encode(event(agent=name)))["agent"] == name
 
 
 def test_agent_names_are_cached_only_after_validation() -> None:
