@@ -1,8 +1,9 @@
 """``type = "restart"``: restart an agent when it dies or stalls, within start limits.
 
 Either ``command`` - an argv list run without a shell, with ``{agent}``, ``{run}``, ``{host}``,
-``{pid}`` and ``{detector}`` replaced inside each element (a value can never become a second
-argument or a shell construct) - or ``signal`` - sent to the agent's pid, only when the agent
+``{pid}`` and ``{detector}`` replaced inside each element, each value checked first so that it
+can be neither a second argument, an option, a path out of its directory nor a shell construct
+(notifiers/restart_argv.py) - or ``signal`` - sent to the agent's pid, only when the agent
 runs on this worker's host (for agents whose supervisor restarts them on exit but cannot see a
 hang). Only alerts of the detectors listed in ``on`` act.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal as signals
 import socket
 import subprocess
@@ -36,11 +36,10 @@ from agentwatch.config import Seconds, format_duration
 from agentwatch.facts import read_facts
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
+from notifiers.restart_argv import UnsafeValue, command_problem, substitute
 from notifiers.routing import LOOP_DETECTOR
 from notifiers.startlimit import StartLimit
 
-PLACEHOLDERS = ("agent", "run", "host", "pid", "detector")
-_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _OUTPUT_TAIL = 2000
 
 
@@ -57,21 +56,10 @@ class RestartConfig(NotifierConfig):
     restart_backoff_max_s: Seconds = Field(300.0, alias="restart_backoff_max", ge=0)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the command")
     cwd: str | None = None
+    allow_shell: bool = Field(False, description="accept placeholders in a shell's -c script")
 
     def referenced_detectors(self) -> set[str]:
         return super().referenced_detectors() | set(self.on)
-
-    @field_validator("command")
-    @classmethod
-    def _placeholders(cls, argv: list[str] | None) -> list[str] | None:
-        for element in argv or []:
-            for name in _PLACEHOLDER_RE.findall(element):
-                if name not in PLACEHOLDERS:
-                    raise ValueError(f"unknown placeholder {{{name}}}; valid: " + ", ".join(
-                        f"{{{p}}}" for p in PLACEHOLDERS))  # fmt: skip
-        if argv is not None and not argv[0].strip():
-            raise ValueError("the command's first element (the program) is empty")
-        return argv
 
     @field_validator("signal")
     @classmethod
@@ -87,6 +75,9 @@ class RestartConfig(NotifierConfig):
     def _one_action(self) -> RestartConfig:
         if (self.command is None) == (self.signal is None):
             raise ValueError("set exactly one of command (an argv list) or signal")
+        problem = None if self.command is None else command_problem(self.command, allow_shell=self.allow_shell)
+        if problem is not None:
+            raise ValueError(f"command: {problem}")
         if not self.send_resolved or "resolved" not in self.match.statuses:
             # Resolved alerts are how it learns an agent recovered; without them a restart loop
             # would never end and the agent would never be restarted again.
@@ -94,18 +85,6 @@ class RestartConfig(NotifierConfig):
                 "the restart notifier needs resolved alerts: drop send_resolved / match.statuses"
             )
         return self
-
-
-def substitute(argv: list[str], facts: dict[str, str]) -> list[str]:
-    """Replace placeholders inside each element; a missing fact is a KeyError naming it."""
-
-    def one(match: re.Match[str]) -> str:
-        value = facts.get(match.group(1), "")
-        if value == "":
-            raise KeyError(match.group(1))
-        return value
-
-    return [_PLACEHOLDER_RE.sub(one, element) for element in argv]
 
 
 class Restart(Notifier[RestartConfig]):
@@ -161,6 +140,10 @@ class Restart(Notifier[RestartConfig]):
         except KeyError as exc:
             reason = f"the command uses {{{exc.args[0]}}} but the alert and agent state do not say it"
             self._audit(alert, "failed", detail=reason)
+            return Failed(reason)
+        except UnsafeValue as exc:  # from an event: never passed, whatever the command
+            reason = f"refused to run the command: {exc}"
+            self._audit(alert, "refused", detail=reason)
             return Failed(reason)
         env = {**os.environ, **self.config.env, "AW_ALERT": alert.to_json(),
                **{f"AW_{name.upper()}": value for name, value in facts.items()}}  # fmt: skip

