@@ -303,6 +303,26 @@ def test_a_bad_secret_value_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     assert "12345678" not in found[0]
 
 
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [('{ Authorization = "${TOKEN}" }', "the value of 'Authorization' holds a line feed (LF)"),
+     ('{ X-Team = "ml\\r\\nX-Evil: 1" }', "the value of 'X-Team' holds a carriage return (CR)"),
+     ('{ X-Team = "caf\u00e9" }', "the value of 'X-Team' holds the character 'é'"),
+     ('{ "X Team" = "ml" }', "'X Team' is not an HTTP header name"),
+     ('{ Host = "evil.example" }', "'Host' is set by the HTTP client itself")],
+)  # fmt: skip
+def test_a_header_that_would_break_every_delivery_is_refused_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, header: str, why: str
+) -> None:
+    monkeypatch.setenv("TOKEN", "Bearer s3cr3t-tok3n\n")  # read from a file, newline and all
+    path = write(tmp_path, f'[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nheaders = {header}\n')
+    result = subprocess.run([sys.executable, "-m", "agentwatch", "check-config", str(path)],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert f"[[notifiers]] #1 headers: {why}" in result.stderr, result.stderr
+    assert "s3cr3t" not in result.stderr
+
+
 # -- [redis] url ----------------------------------------------------------------------------
 
 
