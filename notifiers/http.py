@@ -37,6 +37,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name: a token (RFC 9110 section 5.1)."""
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 """Headers the HTTP client owns: set by hand they would corrupt the request's framing."""
+_NAMED = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)"}
 
 
 def header_problem(name: str, value: str) -> str | None:
@@ -49,7 +50,7 @@ def header_problem(name: str, value: str) -> str | None:
         return f"{name!r} is set by the HTTP client itself and cannot be configured"
     for char in value:
         if char != "\t" and not " " <= char <= "~":
-            what = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)"}.get(char, f"the character {char!r}")
+            what = _NAMED.get(char, f"the character {char!r}")
             return (f"the value of {name!r} holds {what}: header values may hold printable ASCII and "
                     "tabs only (an unset variable, or one read from a file with its newline?)")  # fmt: skip
     return None

@@ -75,7 +75,7 @@ class RestartConfig(NotifierConfig):
     def _one_action(self) -> RestartConfig:
         if (self.command is None) == (self.signal is None):
             raise ValueError("set exactly one of command (an argv list) or signal")
-        problem = None if self.command is None else command_problem(self.command, allow_shell=self.allow_shell)
+        problem = command_problem(self.command, allow_shell=self.allow_shell) if self.command else None
         if problem is not None:
             raise ValueError(f"command: {problem}")
         if not self.send_resolved or "resolved" not in self.match.statuses:

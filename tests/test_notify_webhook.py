@@ -21,7 +21,7 @@ import redis
 from agentwatch import plugins
 from agentwatch.alerts import Alert, decode_alert
 from agentwatch.keys import Keys
-from notifiers.webhook import slack_text
+from notifiers.text import slack_text
 
 from helpers import wait_for
 from notify_kit import FAST_DELIVERY, Reply, fire, notifier_running, pipeline_with, receiver, resolve, stream

@@ -31,8 +31,8 @@ RECORD = "import json, sys; open(sys.argv[1], 'a').write(json.dumps(sys.argv[2:]
 
 def forge(r: redis.Redis, keys: Keys, agent: str, **start: Any) -> None:
     """What anyone who can XADD can do: a start with chosen facts, then a crash exit."""
-    for seq, event in enumerate(({"kind": "start", "interval": 1.0, "pid": 4242, **start},
-                                 {"kind": "exit", "reason": "exception", "code": 1, "error": "E"})):  # fmt: skip
+    crash = {"kind": "exit", "reason": "exception", "code": 1, "error": "E"}
+    for seq, event in enumerate(({"kind": "start", "interval": 1.0, "pid": 4242, **start}, crash)):
         full = {"v": 1, "agent": agent, "ts": time.time(), "run": "forged", "seq": seq, **event}
         r.xadd(keys.events_for(agent), {"d": codec.encode(full)})
 
@@ -64,7 +64,8 @@ def test_a_forged_host_that_is_an_option_never_reaches_the_command(
         command = [sys.executable, "-c", RECORD, str(calls), "{host}"]
     forge(r, keys, "victim", host=host.format(marker=marker, config=config))
     detectors = worker_for(pipeline_for(prefix, redis_url), redis_url)
-    with running(detectors), notifier_running(pipeline_with(prefix, redis_url, [restart(command)]), redis_url):
+    notifiers = pipeline_with(prefix, redis_url, [restart(command)])
+    with running(detectors), notifier_running(notifiers, redis_url):
         (audit,) = wait_for(lambda: refusals(r, keys), what="the refusal")
     detectors.client.close()
     assert not marker.exists() and not calls.exists()
@@ -102,11 +103,11 @@ def test_an_agent_name_climbing_out_of_its_directory_runs_nothing(
 
 def test_a_shell_script_with_placeholders_is_refused_at_check_config(tmp_path: Path) -> None:
     config = tmp_path / "pipeline.toml"
-    config.write_text('[[notifiers]]\ntype = "restart"\ncommand = ["sh", "-c", "ssh {host} restart {agent}"]\n')
+    config.write_text('[[notifiers]]\ntype = "restart"\ncommand = ["sh", "-c", "ssh {host} go {agent}"]\n')
     done = subprocess.run([sys.executable, "-m", "agentwatch", "check-config", str(config)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2
-    assert "[[notifiers]] #1: command: " in done.stderr and "'sh' runs 'ssh {host} restart {agent}' as a script" in done.stderr
+    assert "[[notifiers]] #1: command: 'sh' runs 'ssh {host} go {agent}' as a script" in done.stderr
     assert "allow_shell = true" in done.stderr
 
 
@@ -127,7 +128,8 @@ def test_every_way_of_handing_placeholders_to_a_shell_is_refused(command: list[s
     "command",
     [["sh", "-c", 'systemctl restart "agent@$AW_AGENT"'], ["bash", "/opt/restart.sh", "{agent}"],
      ["sh", "-c", 'systemctl restart "agent@$1"', "sh", "{agent}"],
-     [sys.executable, "restart.py", "{agent}", "{host}"], ["ssh", "{host}", "systemctl", "restart", "agent@{agent}"]],
+     [sys.executable, "restart.py", "{agent}", "{host}"],
+     ["ssh", "{host}", "systemctl", "restart", "agent@{agent}"]],
 )  # fmt: skip
 def test_commands_that_pass_values_as_arguments_or_environment_are_accepted(command: list[str]) -> None:
     loaded, problems = plugins.load_notifiers([{"type": "restart", "command": command}])
