@@ -49,6 +49,7 @@ from agentwatch.config_env import (
 from agentwatch.config_errors import describe_error, key_path, valid_keys
 from agentwatch.errors import ConfigError
 from agentwatch.keys import PREFIX_RE, Keys
+from agentwatch.signing import MIN_SECRET_CHARS
 from agentwatch.urls import redis_url_problem
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
@@ -213,6 +214,33 @@ class ReportSection(Section):
         return ZoneInfo(self.timezone)
 
 
+class SecuritySection(Section):
+    """Signed events and alerts (agentwatch/security.py, docs/security.md)."""
+
+    secret: str | None = Field(None, description="signs alerts, derives agent keys; default: kept in Redis")
+    agent_keys: bool = Field(False, description="require every event signed with its agent's key")
+    max_skew_s: Seconds = Field(300.0, alias="max_skew", gt=0, description="signed time vs Redis time")
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_CHARS} characters (an unset variable?); make one with "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _keys_need_a_secret(self) -> SecuritySection:
+        if self.agent_keys and self.secret is None:
+            raise ValueError(
+                "agent_keys = true needs secret: every agent's key derives from it, and a secret "
+                'generated in Redis would change if Redis lost its data (secret = "${AGENTWATCH_SECRET}")'
+            )
+        return self
+
+
 class PipelineSettings(BaseSettings):
     """The whole file. Plugin sections stay raw here; plugins.py validates each with its model."""
 
@@ -225,6 +253,7 @@ class PipelineSettings(BaseSettings):
     streams: StreamsSection = StreamsSection()
     worker: WorkerSection = WorkerSection()
     report: ReportSection = ReportSection()
+    security: SecuritySection = SecuritySection()
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notifiers: list[dict[str, Any]] = Field(default_factory=list)
 

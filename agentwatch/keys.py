@@ -208,6 +208,13 @@ class Keys:
         return f"{self.prefix}:notify:stats"
 
     @property
+    def secret(self) -> str:
+        """String: the pipeline secret the workers generated because none is configured
+        (``[security] secret``); alerts are signed with a key derived from it. Only the detector
+        and notifier roles may read it (agentwatch/acl.py)."""
+        return f"{self.prefix}:secret"
+
+    @property
     def mutes(self) -> str:
         """Hash ``<agent glob>|<detector or *>`` -> JSON of a mute (until when, why, by whom)."""
         return f"{self.prefix}:mutes"

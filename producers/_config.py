@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,7 +48,7 @@ MIN_PERIOD: Final = 0.01
 OPTIONS: Final = frozenset(
     {
         "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
-        "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout",
+        "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout", "key",
     }
 )  # fmt: skip
 """Every keyword a Producer (and ``init()``) accepts."""
@@ -61,6 +61,7 @@ ENV_VARS: Final = {
     "pulse_interval": "AGENTWATCH_PULSE_INTERVAL",
     "shards": "AGENTWATCH_SHARDS",
     "maxlen": "AGENTWATCH_MAXLEN",
+    "key": "AGENTWATCH_KEY",
 }
 """The options that may also come from the environment, and their variables."""
 
@@ -70,6 +71,8 @@ started by spawn or forkserver, which re-import everything and would otherwise l
 restart of the agent rather than a worker of it."""
 
 _BAD_AGENT_CHARS: Final = re.compile(r"[^A-Za-z0-9._:@/-]")
+_KEY_RE: Final = re.compile(r"[0-9a-f]{64}")
+"""An agent key as ``agentwatch agent-key`` prints it (agentwatch/signing.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,8 @@ class Settings:
     maxlen: int
     flush_interval: float
     socket_timeout: float
+    key: str | None = field(default=None, repr=False)
+    """The agent's key: events are signed with it (never printed)."""
 
     @property
     def stack_after(self) -> float:
@@ -142,6 +147,7 @@ def resolve(**explicit: Any) -> Settings:
         maxlen=_count(*given.pick("maxlen"), DEFAULT_MAXLEN),
         flush_interval=_number(*given.pick("flush_interval"), DEFAULT_FLUSH_INTERVAL, MAX_SPAN_S),
         socket_timeout=_number(*given.pick("socket_timeout"), DEFAULT_SOCKET_TIMEOUT, MAX_SPAN_S),
+        key=_key(*given.pick("key")),
     )
 
 
@@ -240,6 +246,18 @@ def _prefix(value: Any, label: str) -> str:
         DEFAULT_PREFIX,
     )
     return DEFAULT_PREFIX
+
+
+def _key(value: Any, label: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and _KEY_RE.fullmatch(value):
+        return value
+    # Never the value itself in the warning: it is a secret, even when malformed.
+    warn_once(f"config:{label}", "agentwatch: %s is not an agent key (64 lowercase hex characters, "
+              "as `agentwatch agent-key AGENT` prints it); events are sent unsigned, and a pipeline "
+              "with [security] agent_keys refuses them", label)  # fmt: skip
+    return None
 
 
 def _number(value: Any, label: str, default: float | None, maximum: float) -> Any:

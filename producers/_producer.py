@@ -68,7 +68,8 @@ class Producer:
     ``queue_bytes`` (approximate encoded bytes of the beats with meta among them, 4 MiB),
     ``flush_interval`` (0.1 s), ``socket_timeout`` (1 s), ``stack_factor`` (pulses carry the
     work thread's stack once the last beat is this many intervals old, 2.0; 30 s without a
-    declared interval).
+    declared interval). ``key`` (``AGENTWATCH_KEY``): the agent's key from ``agentwatch
+    agent-key``; every event is then signed with it, on the sender thread.
 
     Nothing is sent until first use: the first ``heartbeat()`` or ``extend()`` sends ``start``
     and starts the sender thread. ``close()`` retires the agent (an ``exit`` with reason
@@ -90,6 +91,7 @@ class Producer:
         queue_bytes: int | None = None,
         flush_interval: float | None = None,
         socket_timeout: float | None = None,
+        key: str | None = None,
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in OPTIONS}
         self._setup()

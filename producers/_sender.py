@@ -27,6 +27,7 @@ from typing import Any, Final
 import msgpack
 
 from agentwatch.codec import MAX_ENTRY_BYTES, MAX_STACK_CHARS, VERSION
+from agentwatch.signing import Signer
 from agentwatch.urls import display_url
 from producers._config import Settings
 from producers._fields import RESERVED
@@ -87,6 +88,8 @@ class Sender:
         # builds a new one per call, which doubles the cost of encoding a beat.
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._transport = Transport(settings.redis_url, stream, settings.socket_timeout, settings.maxlen)
+        self._signer = Signer(settings.key, stream) if settings.key else None
+        """Signs each batch as it is sent (agentwatch/signing.py): here, never in heartbeat()."""
         self._start: dict[str, Any] | None = start
         self._start_payload: bytes | None = None
         self._seq = 0
@@ -241,7 +244,11 @@ class Sender:
         if carrier < 0 and drops:  # nothing carried them: keep for the next batch
             self._add_drops(drops)
         if payloads:
-            self._account(self._transport.send(payloads), with_start, carrier, drops)
+            signatures = None
+            if self._signer is not None:  # at send time: a retried start is signed afresh
+                self._signer.stamp(time.time())
+                signatures = [self._signer.sign(payload) for payload in payloads]
+            self._account(self._transport.send(payloads, signatures), with_start, carrier, drops)
 
     def _account(self, replies: Replies, with_start: bool, carrier: int, drops: dict[str, int]) -> None:
         """Count what did not get through; keep what must be sent again (start, drop counts)."""

@@ -71,16 +71,26 @@ class Transport:
         self._redirected = False
         self._kwargs: dict[str, Any] = {}
         key = stream.encode()
-        self._head = (
-            b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
+        command = (
+            b"$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
             b"$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key, len(str(maxlen)), maxlen)
         )
+        self._head = b"*8\r\n" + command
+        self._head_signed = b"*10\r\n" + command  # ... d <event> s <signature>
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
 
-    def send(self, payloads: list[bytes], *, redirected: bool = False) -> Replies:
-        head = self._head
-        buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads])
+    def send(
+        self, payloads: list[bytes], signatures: list[bytes] | None = None, *, redirected: bool = False
+    ) -> Replies:
+        """XADD each payload as ``d`` (and its signature as ``s``, when signing)."""
+        if signatures is None:
+            head = self._head
+            buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads])
+        else:
+            head, mark = self._head_signed, b"\r\n$1\r\ns\r\n"
+            buffer = b"".join([head + b"$%d\r\n" % len(p) + p + mark + b"$%d\r\n" % len(s) + s + b"\r\n"
+                               for p, s in zip(payloads, signatures, strict=True)])  # fmt: skip
         count = len(payloads)
         conn = self._connection()
         # A connection idle for a while may have been closed by the server or a proxy: one
@@ -113,7 +123,7 @@ class Transport:
                 return replies
         if moved and len(replies.refused) == count and not redirected:
             self._redirect(moved)  # nothing was written: send it all to the slot's owner
-            return self.send(payloads, redirected=True)
+            return self.send(payloads, signatures, redirected=True)
         self.proven = True
         return replies
 

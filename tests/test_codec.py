@@ -16,7 +16,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agentwatch import codec
+from agentwatch import codec, signing
 from agentwatch.errors import InvalidEntry
 
 
@@ -210,3 +210,21 @@ def test_the_redis_cli_example_in_protocol_md_prints_a_valid_beat_in_any_shell(s
     printed = subprocess.run([shell, "-c", example.group(2)], capture_output=True, check=True).stdout
     assert printed == codec.encode(json.loads(example.group(1)))
     assert codec.decode(printed)["kind"] == "beat"
+
+
+def test_the_signature_test_vector_in_protocol_md_holds() -> None:
+    text = (Path(__file__).resolve().parents[1] / "PROTOCOL.md").read_text()
+    found = re.search(
+        r"secret `([^`]+)`, agent `([^`]+)` gives the key\s+`([0-9a-f]{64})`.*?`d` = `([0-9a-f]+)`.*?"
+        r"signed at `(\d+)` for `([^`]+)`, carries\s+`s` = `([^`]+)`",
+        text,
+        re.S,
+    )
+    assert found, "the test vector in PROTOCOL.md"
+    secret, agent, key, data, at, stream, signature = found.groups()
+    assert signing.agent_key(secret, agent) == key
+    signer = signing.Signer(key, stream)
+    signer.stamp(int(at))
+    assert signer.sign(bytes.fromhex(data)).decode() == signature
+    assert signing.check(key, stream, bytes.fromhex(data), signature.encode()) == int(at)
+    assert codec.decode(bytes.fromhex(data))["agent"] == agent
