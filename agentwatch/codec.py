@@ -49,7 +49,7 @@ producer (milliseconds sent as seconds), and would park an agent's timers for ev
 Event = dict[str, Any]
 
 # Keys with a fixed meaning and the checks they get; everything else is meta (size/depth only).
-_COUNTS: Final = ("tokens", "tokens_in", "tokens_out", "rss", "seq", "pid")
+_COUNTS: Final = ("tokens", "tokens_in", "tokens_out", "rss", "seq", "pid", "pid_start")
 _AMOUNTS: Final = ("cost",)
 _SPANS: Final = ("interval", "extend")
 _TEXTS: Final = ("model", "fp", "error", "host", "version")

@@ -4,7 +4,9 @@ Either ``command`` - an argv list run without a shell, with ``{agent}``, ``{run}
 ``{pid}`` and ``{detector}`` replaced inside each element, each value checked first so that it
 can be neither a second argument, an option, a path out of its directory nor a shell construct
 (notifiers/restart_argv.py) - or ``signal`` - sent to the agent's pid, only when the agent
-runs on this worker's host (for agents whose supervisor restarts them on exit but cannot see a
+runs on this worker's host and the pid is proven to be the agent's run: the run file its
+producer left, the pid's owner and its start time must all agree (agentwatch/runfile.py), for an
+event's pid is only a claim (for agents whose supervisor restarts them on exit but cannot see a
 hang). Only alerts of the detectors listed in ``on`` act.
 
 Before acting the notifier checks that the incident is still open (an agent that came back by
@@ -31,6 +33,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from agentwatch import runfile
 from agentwatch.alerts import Alert
 from agentwatch.config import Seconds, format_duration
 from agentwatch.facts import read_facts
@@ -48,6 +51,7 @@ class RestartConfig(NotifierConfig):
         None, min_length=1, description="argv; {agent} {run} {host} {pid} {detector}"
     )
     signal: str | None = Field(None, description='e.g. "SIGTERM": signal the agent instead')
+    run_dir: str = Field(runfile.DEFAULT_DIR, description="where producers leave run files (signal)")
     on: list[str] = Field(default_factory=lambda: ["silence", "stall", "exit"], min_length=1)
     timeout_s: Seconds = Field(60.0, alias="timeout", gt=0, description="the command's time limit")
     start_limit_burst: int = Field(5, ge=1, le=1000)
@@ -198,8 +202,16 @@ class Restart(Notifier[RestartConfig]):
         if not pid.isdigit() or int(pid) <= 1 or int(pid) == os.getpid():
             self._audit(alert, "failed", detail=f"no usable pid ({pid or 'unknown'})")
             return Failed(f"no usable pid for {alert.agent} ({pid or 'unknown'})")
+        started = facts.get("pid_start", "")
         try:
-            os.kill(int(pid), signals.Signals[name])
+            runfile.send_signal(
+                self.config.run_dir, agent=alert.agent, run=facts.get("run", ""), pid=int(pid),
+                pid_start=int(started) if started.isdigit() else None, signum=signals.Signals[name],
+            )  # fmt: skip
+        except runfile.NotProven as exc:  # an event's pid is a claim: never signal on it alone
+            reason = f"refused to send {name} to pid {pid}: {exc}"
+            self._audit(alert, "refused", detail=reason)
+            return Failed(reason)
         except ProcessLookupError:
             self._audit(alert, "skipped", detail=f"pid {pid} is already gone")
             return Delivered(detail=f"pid {pid} already gone")
@@ -253,7 +265,7 @@ class Restart(Notifier[RestartConfig]):
         latest start as the detector workers record it (agentwatch/facts.py)."""
         facts = {"agent": alert.agent, "detector": alert.detector}
         recorded = read_facts(self.ctx.client, self.ctx.keys, [alert.agent]).get(alert.agent, {})
-        for name in ("run", "host", "pid"):
+        for name in ("run", "host", "pid", "pid_start"):
             value = alert.details.get(name, recorded.get(name))
             if value not in (None, ""):
                 facts[name] = str(value)

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from agentwatch.codec import MAX_AGENT_LEN, MAX_SPAN_S, name_problem
 from agentwatch.keys import PREFIX_RE
+from agentwatch.runfile import DEFAULT_DIR as DEFAULT_RUN_DIR
 from agentwatch.urls import display_url, redis_url_problem
 from producers._guard import warn_once
 
@@ -48,7 +49,7 @@ MIN_PERIOD: Final = 0.01
 OPTIONS: Final = frozenset(
     {
         "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
-        "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout", "key",
+        "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout", "key", "run_dir",
     }
 )  # fmt: skip
 """Every keyword a Producer (and ``init()``) accepts."""
@@ -62,6 +63,7 @@ ENV_VARS: Final = {
     "shards": "AGENTWATCH_SHARDS",
     "maxlen": "AGENTWATCH_MAXLEN",
     "key": "AGENTWATCH_KEY",
+    "run_dir": "AGENTWATCH_RUN_DIR",
 }
 """The options that may also come from the environment, and their variables."""
 
@@ -93,6 +95,8 @@ class Settings:
     socket_timeout: float
     key: str | None = field(default=None, repr=False)
     """The agent's key: events are signed with it (never printed)."""
+    run_dir: str = DEFAULT_RUN_DIR
+    """Where the run file goes (agentwatch/runfile.py); "" for none."""
 
     @property
     def stack_after(self) -> float:
@@ -148,6 +152,7 @@ def resolve(**explicit: Any) -> Settings:
         flush_interval=_number(*given.pick("flush_interval"), DEFAULT_FLUSH_INTERVAL, MAX_SPAN_S),
         socket_timeout=_number(*given.pick("socket_timeout"), DEFAULT_SOCKET_TIMEOUT, MAX_SPAN_S),
         key=_key(*given.pick("key")),
+        run_dir=_run_dir(*given.pick("run_dir")),
     )
 
 
@@ -258,6 +263,16 @@ def _key(value: Any, label: str) -> str | None:
               "as `agentwatch agent-key AGENT` prints it); events are sent unsigned, and a pipeline "
               "with [security] agent_keys refuses them", label)  # fmt: skip
     return None
+
+
+def _run_dir(value: Any, label: str) -> str:
+    if value is None:
+        return DEFAULT_RUN_DIR
+    if value == "" or (isinstance(value, str) and os.path.isabs(value)):
+        return str(value)
+    warn_once(f"config:{label}", "agentwatch: %s=%r is not an absolute directory (or \"\" for none); "
+              "using %s", label, value, DEFAULT_RUN_DIR)  # fmt: skip
+    return DEFAULT_RUN_DIR
 
 
 def _number(value: Any, label: str, default: float | None, maximum: float) -> Any:

@@ -22,10 +22,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import msgpack
 
+from agentwatch import runfile
 from agentwatch.codec import MAX_ENTRY_BYTES, MAX_STACK_CHARS, VERSION
 from agentwatch.signing import Signer
 from agentwatch.urls import display_url
@@ -91,6 +93,9 @@ class Sender:
         self._signer = Signer(settings.key, stream) if settings.key else None
         """Signs each batch as it is sent (agentwatch/signing.py): here, never in heartbeat()."""
         self._start: dict[str, Any] | None = start
+        self._run_record = {key: start.get(key) for key in ("pid", "pid_start", "host")}
+        self._run_record.update(agent=settings.agent, run=run)
+        self._run_file: Path | None = None
         self._start_payload: bytes | None = None
         self._seq = 0
         self._drops: dict[str, int] = {}
@@ -123,6 +128,8 @@ class Sender:
 
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.settings.run_dir:  # here, not in the agent's thread: it is file I/O
+            self._run_file = runfile.write(self.settings.run_dir, self._run_record)
         while not self.finished:
             try:
                 self._step()
@@ -130,6 +137,7 @@ class Sender:
                 internal_error("sender")
                 time.sleep(0.1)  # a persistent bug must not become a hot loop
         self._transport.close()
+        runfile.remove(self._run_file)
 
     def _wait(self) -> None:
         """Sleep until the next flush, pulse or retry is due, or until woken.

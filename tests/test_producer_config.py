@@ -17,7 +17,7 @@ HEAVY = ("numpy", "typer", "pydantic", "pydantic_settings", "rich", "httpx", "de
          "notifiers", "psutil", "openai", "anthropic")  # fmt: skip
 ALLOWED_AGENTWATCH = {
     "agentwatch", "agentwatch.codec", "agentwatch.keys", "agentwatch.errors", "agentwatch.urls",
-    "agentwatch.signing",
+    "agentwatch.signing", "agentwatch.runfile",
 }  # fmt: skip
 
 
