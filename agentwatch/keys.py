@@ -237,6 +237,10 @@ class Keys:
         """Hash ``bucket``, ``cursor``: a snapshot being taken in slices, and the lock on it."""
         return f"{self.tag(shard)}:snapping"
 
+    def snapshot_lock(self, shard: int) -> str:
+        """String, TTL: the worker taking the current snapshot slice (one at a time per shard)."""
+        return f"{self.tag(shard)}:snapping:lock"
+
     @property
     def reports_sent(self) -> str:
         """Hash schedule slot -> when its scheduled report was queued to the notifiers (ms)."""
