@@ -24,7 +24,7 @@ from redis.cluster import RedisCluster
 from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings
 from agentwatch.embedded import default_state_dir
 from agentwatch.errors import RedisUnavailable
-from agentwatch.urls import display_url
+from agentwatch.urls import connection_options, display_url
 
 Client = redis.Redis | RedisCluster
 log = logging.getLogger("agentwatch.worker")
@@ -137,6 +137,7 @@ def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -
         "socket_connect_timeout": min(cfg.timeout_s, 5.0),
         "client_name": name,
         "protocol": 2,
+        **connection_options(url),
     }
     if cfg.cluster:
         return RedisCluster.from_url(url, **options)
@@ -145,7 +146,9 @@ def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -
 
 def answers(url: str, timeout_s: float = 0.5) -> bool:
     """True when a Redis server answers PING at ``url`` within the timeout."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, **connection_options(url)
+    )
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):

@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
+from agentwatch.urls import connection_options
 from producers._guard import warn_once
 
 _PING: Final = b"*1\r\n$4\r\nPING\r\n"
@@ -168,6 +169,7 @@ class Transport:
                 "health_check_interval": 0,
                 "socket_read_size": 256 * 1024,
                 "redis_connect_func": _sized_then_handshake,
+                **connection_options(self._url),  # TLS: the server's certificate is verified
             }
             # No CLIENT SETINFO on connect: the producer needs only XADD and PING, so an ACL
             # user limited to those works. redis-py >= 7 spells it driver_info, older lib_name.
