@@ -63,6 +63,7 @@ def test_signed_producers_are_accepted_and_unsigned_or_misfiled_ones_refused(
     assert sum("event of agent 'thief-bot' refused: bad signature" in x for x in reasons) == 5
     assert all("`agentwatch agent-key`" in x for x in reasons)
     assert r.hget(keys.stats, "detectors:rejected") == b"10"  # published, for `status`
+    assert fleet_status(r, signed_pipeline(prefix, redis_url))["pipeline"]["rejected"] == 10
 
 
 def test_a_replayed_entry_is_the_same_event_again_and_changes_nothing(
