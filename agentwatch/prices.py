@@ -39,13 +39,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
-from agentwatch.codec import MAX_COST
+from agentwatch.codec import MAX_COST, TOKEN_CLASSES
 
 if TYPE_CHECKING:
     from agentwatch.config import ModelRates
 
-CLASSES: Final = ("tokens_in", "tokens_out", "tokens_cache_read", "tokens_cache_write", "tokens_reasoning")
-"""The beat's token-class keys (PROTOCOL.md)."""
+CLASSES: Final = ("tokens_in", "tokens_out", *TOKEN_CLASSES)
+"""A beat's token counts in the order priced: input, output, cache read, cache write, reasoning."""
 TOKEN_KEYS: Final = ("tokens", *CLASSES)
 _RATE_KEYS: Final = {
     "input": "input_mtok",
