@@ -63,7 +63,8 @@ def known_detectors(sections: Mapping[str, Mapping[str, Any]]) -> set[str]:
     """Every ``detector`` name an alert of this pipeline can carry: each built-in detector's alert
     names (``tokens`` words ``tokens`` and ``loop``), the ``[detectors.<name>]`` sections (plugin
     detectors alert under their section's name, plus any names their class lists in ``kinds``),
-    the restart notifier's ``restart_loop`` and the brake's ``halt``. ``sections`` is ``settings.detectors``."""
+    the restart notifier's ``restart_loop`` and the brake's ``halt``. ``sections`` is
+    ``settings.detectors``."""
     names = {LOOP_DETECTOR, HALT_DETECTOR}
     for name in {*plugins.builtins("detectors"), *sections}:
         names.add(name)

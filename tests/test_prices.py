@@ -6,6 +6,7 @@ response, ``calc_price`` on a ``Usage``); the PriceBook must give the same float
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,3 +174,17 @@ def test_prices_in_pipeline_toml_are_validated_naming_the_key(tmp_path: Path) ->
     assert "[prices.my-ft] input: Input should be greater than or equal to 0" in result.output
     assert "[prices.other] output: a rate is a number" in result.output
     assert "[prices] empty: give at least one of input, output" in result.output
+
+
+def test_the_prices_command_shows_a_models_rates_and_their_source(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.toml"
+    path.write_text('[prices."my-ft"]\ninput = 3.0\noutput = 15\n')
+    runner = CliRunner()
+    shown = runner.invoke(app, ["prices", "gpt-4o", "--json", "--config", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output) == {"model": "gpt-4o", "priced_as": "gpt-4o", "source": "table",
+                                        **(BOOK.rates_of("gpt-4o") or {})}  # fmt: skip
+    mine = runner.invoke(app, ["prices", "my-ft", "--config", str(path)])
+    assert "from [prices] in the config" in mine.output and "input             3" in mine.output
+    unknown = runner.invoke(app, ["prices", "no-such-model", "--config", str(path)])
+    assert unknown.exit_code == 1 and "no price known for 'no-such-model'" in unknown.output
