@@ -79,25 +79,19 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "notify_stats": _NOTIFIER_STATE,
     "reports_sent": _NOTIFIER_STATE,
     "mutes": {"detector": R, "notifier": R, "operator": R, "http": RW},
+    # the brake: every producer polls its stream's copy; detectors expire halts, the CLI (admin)
+    # and the HTTP server set them
+    "halts": {"producer": R, "detector": RW, "notifier": R, "operator": R, "http": RW},
 }
 """``Keys`` member -> role -> access. A role not named has no access to the key."""
 
-RESERVED: Final[dict[str, tuple[tuple[str, ...], dict[str, str]]]] = {
-    # The brake (issue 13, being built): halts by hand or by budget, read by every producer.
-    "halts": (("{prefix}:halts", "{prefix}:halt:*"),
-              {"producer": R, "detector": RW, "notifier": R, "operator": R, "http": RW}),
-}  # fmt: skip
-"""Key names announced for features not yet in keys.py, with their access (moved into
-:data:`ACCESS` when the keys land there)."""
-
 HELPERS: Final = frozenset({"prefix", "shards", "event_streams", "events_for", "tag", "tag_for", "all_tags",
-                            "notifier_tag"})  # fmt: skip
+                            "notifier_tag", "halts_for", "all_halts"})  # fmt: skip
 """``Keys`` members that build names or list keys rather than name one key."""
 
-_HANDSHAKE: Final = "+ping +echo +select +hello +client|setname +client|getname +client|id"
-_PRODUCER_READS: Final = (
-    "+get +mget +exists +type +pttl +hget +hmget +hgetall +hexists +smembers +sismember +zscore +zrange"
-)
+_HANDSHAKE: Final = "+ping +echo +select +hello +client|setname +client|getname +client|id +time"
+_PRODUCER_READS: Final = "+hget +hmget +hgetall +hexists"
+"""What a producer reads its halts with (producers/_halts.py): ``HGET`` of the epoch, ``HGETALL``."""
 COMMANDS: Final[dict[str, str]] = {
     "producer": f"+xadd {_HANDSHAKE}",
     "detector": "+@read +@write +@scripting +@transaction +@connection +time -@dangerous -@admin -function "
@@ -126,8 +120,6 @@ def user_name(prefix: str, role: str) -> str:
 
 def patterns(keys: Keys, member: str) -> list[str]:
     """Every glob pattern of the key(s) ``member`` names, unsharded and sharded alike."""
-    if member in RESERVED:
-        return [pattern.format(prefix=keys.prefix) for pattern in RESERVED[member][0]]
     attribute = getattr(Keys, member)
     found = set()
     for shards in (1, 2):
@@ -142,9 +134,8 @@ def patterns(keys: Keys, member: str) -> list[str]:
 
 def rules(keys: Keys, role: str) -> list[str]:
     """The ``ACL SETUSER`` rules (after ``resetkeys resetchannels -@all``) of one role."""
-    table = {**ACCESS, **{name: access for name, (_, access) in RESERVED.items()}}
     reads, writes = [], []
-    for member, access in table.items():
+    for member, access in ACCESS.items():
         level = access.get(role)
         if level == RW:
             writes += patterns(keys, member)

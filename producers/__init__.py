@@ -27,9 +27,10 @@ from typing import Any
 from producers import _exitcode, _lifecycle
 from producers._config import resolve
 from producers._guard import internal_error
+from producers._halts import Halted
 from producers._producer import Producer
 
-__all__ = ["Producer", "extend", "heartbeat", "init", "shutdown"]
+__all__ = ["Halted", "Producer", "extend", "halted", "heartbeat", "init", "shutdown"]
 
 _default = Producer._deferred()
 _default_lock = threading.RLock()
@@ -61,9 +62,9 @@ def init(
     which also lists the tuning ``options``). ``key`` (``AGENTWATCH_KEY``) signs every event
     with the agent's key, for a pipeline with ``[security] agent_keys`` (docs/security.md).
     Calling ``init()`` again with other settings retires the previous run first (``exit`` with
-    reason ``shutdown``). Multiprocessing workers
-    started with ``spawn``/``forkserver`` inherit these arguments and know their parent run
-    (also without ``init()``); forked ones inherit the producer itself.
+    reason ``shutdown``). Multiprocessing workers started with ``spawn``/``forkserver`` inherit
+    these arguments and know their parent run (also without ``init()``); forked ones inherit the
+    producer itself.
     """
     explicit: dict[str, Any] = {
         "agent": agent,
@@ -93,6 +94,16 @@ def init(
 def extend(seconds: float) -> None:
     """Tell the pipeline a long step starts now: wait ``seconds`` longer before alerting."""
     _default.extend(seconds)
+
+
+def halted() -> str | None:
+    """Why this agent is halted, or None: for loops that poll rather than catch :class:`Halted`.
+
+    ``agentwatch halt`` reaches the producer within about a second; from then on every
+    ``heartbeat()`` raises :class:`Halted` (unless ``init(on_halt="ignore")``) until
+    ``agentwatch resume``.
+    """
+    return _default.halted()
 
 
 def shutdown() -> None:

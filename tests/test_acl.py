@@ -77,7 +77,7 @@ def test_patterns_come_from_the_key_schema_in_both_spellings() -> None:
     assert acl.patterns(keys, "states") == ["aw:{*}:states"]
     assert acl.patterns(keys, "snapshot") == ["aw:{*}:snap:*"]
     assert acl.patterns(keys, "notifier_queue") == ["aw:{n:*}:queue"]
-    assert acl.patterns(keys, "halts") == ["aw:halts", "aw:halt:*"]
+    assert acl.patterns(keys, "halts") == ["aw:halt:{aw:events:*}", "aw:halt:{aw:events}"]
 
 
 def test_the_printed_commands_are_what_redis_accepts(
@@ -155,10 +155,11 @@ def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
         producer, detector, notifier, operator, http = (as_role[r] for r in acl.ROLES)
         forged_alert = ("XADD", "aw:alerts", "*", "d", "{}")
         # The producer: XADD events and read halts, nothing else.
-        assert producer.xadd("aw:events", {"d": b"x"}) and producer.get("aw:halts") is None
+        assert producer.xadd("aw:events", {"d": b"x"}) and producer.hgetall("aw:halt:{aw:events}") == {}
         for command in (("XRANGE", "aw:events", "-", "+"), forged_alert, ("GET", "aw:secret"),
                         ("HSET", "aw:mutes", "*|*", "{}"), ("DEL", "aw:events"),
-                        ("XTRIM", "aw:events", "MAXLEN", 0), ("SET", "aw:halts", "x"), ("SCAN", 0),
+                        ("XTRIM", "aw:events", "MAXLEN", 0), ("HSET", "aw:halt:{aw:events}", "x", "y"),
+                        ("GET", "aw:halt:{aw:events}"), ("SCAN", 0),
                         ("FLUSHALL",), ("CONFIG", "GET", "*"),
                         ("XADD", "other:events", "*", "d", "x")):  # fmt: skip
             assert refused(producer, *command), command

@@ -16,7 +16,9 @@ from agents_detect.kit import pipeline_for, worker_for
 from agentwatch import codec, signing
 from agentwatch.config import Pipeline, SecuritySection
 from agentwatch.fleet import fleet_status
+from agentwatch.halts import Halts
 from agentwatch.keys import Keys
+from producers import Halted, Producer
 
 from helpers import caught_up, running, wait_for
 
@@ -142,3 +144,27 @@ def test_a_signature_for_another_stream_does_not_carry_over(
         "event of agent 'bot' refused: bad signature ([security] agent_keys: sign with the key "
         "`agentwatch agent-key` prints for it)"
     ]
+
+
+def test_a_signing_producer_still_learns_of_its_halt_and_its_events_pass(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """The halt poll rides on the same write as the signed XADDs (producers/_transport.py)."""
+    producer = Producer("braked", redis_url=redis_url, prefix=prefix, flush_interval=0.01,
+                        key=signing.agent_key(SECRET, "braked"))  # fmt: skip
+    try:
+        producer.heartbeat()
+        Halts(r, keys).add("braked", "over budget", by="test")
+        deadline = time.monotonic() + 10
+        with pytest.raises(Halted):
+            while time.monotonic() < deadline:
+                producer.heartbeat(tokens=5)
+                time.sleep(0.01)
+    finally:
+        producer.close()
+    worker = worker_for(signed_pipeline(prefix, redis_url), redis_url)
+    with running(worker):
+        wait_for(lambda: caught_up(r, keys), what="every event read")
+    worker.client.close()
+    assert dead_letters(r, keys) == [] and worker.stats.rejected == 0
+    assert all(fields.get(b"s", b"").startswith(b"v1.") for _, fields in r.xrange(keys.events()))

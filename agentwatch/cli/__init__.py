@@ -36,7 +36,17 @@ def _root(
 
 
 # Subcommand modules register themselves on ``app`` when imported.
-from agentwatch.cli import acl, alerts, config_cmd, demo, mute, run, status  # noqa: E402, F401
+from agentwatch.cli import (  # noqa: E402, F401
+    acl,
+    alerts,
+    config_cmd,
+    demo,
+    halt,
+    mute,
+    prices,
+    run,
+    status,
+)
 
 
 def main() -> None:
