@@ -183,7 +183,7 @@ class Run:
 
     def kill_worker(self, kind: str) -> None:
         """SIGKILL one running worker of ``kind`` (``up`` restarts it)."""
-        with redis.Redis.from_url(self.url, socket_timeout=2) as client:
+        with redis.Redis.from_url(self.url, socket_timeout=5) as client:
             for name in client.zrange(f"{self.prefix}:workers", 0, -1):
                 health = client.hgetall(f"{self.prefix}:worker:{name.decode()}")
                 if health.get(b"kind") == kind.encode() and health.get(b"pid"):
@@ -207,9 +207,17 @@ class Run:
             for index in range(count):
                 client.xadd(f"{self.prefix}:events", {"d": samples[index % len(samples)]})
 
-    def dead_letters(self) -> int:
-        with redis.Redis.from_url(self.url, socket_timeout=2) as client:
-            return int(client.xlen(f"{self.prefix}:deadletter"))
+    def dead_letters(self) -> int | None:
+        """Entries moved to the dead letters (None if Redis does not answer within 30 s)."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5) as client:
+                    return int(client.xlen(f"{self.prefix}:deadletter"))
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(1)
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -226,7 +234,7 @@ class Run:
             self.redis.cleanup()
 
 
-def judge(run: Run) -> dict[str, Any]:
+def judge(run: Run, *, final: bool = False) -> dict[str, Any]:
     with run.receiver.lock:
         got = [alert for _, alert in run.receiver.got]
     ids = Counter(alert["id"] for alert in got)
@@ -259,7 +267,7 @@ def judge(run: Run) -> dict[str, Any]:
     lost = sum(1 for victim in run.killed if victim not in fired)
     return {"scenario": run.name, "victims": len(run.killed), "deliveries": len(got), "lost": lost,
             "duplicated": duplicated, "out-of-order": out_of_order, "false": false,
-            "pipeline alerts": pipeline, "dead letters": run.dead_letters()}  # fmt: skip
+            "pipeline alerts": pipeline, "dead letters": run.dead_letters() if final else None}  # fmt: skip
 
 
 def _epoch(iso: str) -> float:
@@ -320,7 +328,7 @@ def play(name: str, persist: bool, victims: int, steps: list[Step], agents: int)
             while time.monotonic() < deadline and judge(run)["lost"]:
                 time.sleep(0.5)
             time.sleep(2 * SILENCE_S)  # a quiet spell: late duplicates and false alerts show up here
-            row = judge(run)
+            row = judge(run, final=True)
         finally:
             run.stop()
     print(f"  {name}: {row}", flush=True)
