@@ -132,7 +132,7 @@ def client_url(client: Any) -> str:
     kwargs = client.connection_pool.connection_kwargs
     if kwargs.get("path"):
         return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    scheme = "rediss" if "ssl" in type(client.connection_pool.connection_class).__name__.lower() else "redis"
+    scheme = "rediss" if issubclass(client.connection_pool.connection_class, redis.SSLConnection) else "redis"
     return f"{scheme}://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
