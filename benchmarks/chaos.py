@@ -240,6 +240,7 @@ def judge(run: Run, *, final: bool = False) -> dict[str, Any]:
     ids = Counter(alert["id"] for alert in got)
     duplicated = sum(n - 1 for n in ids.values())
     out_of_order = false = pipeline = 0
+    kinds: Counter[str] = Counter()  # what the false alerts were, for the reader to tell causes apart
     state: dict[str, str] = {}
     seen: set[str] = set()
     for alert in got:
@@ -261,13 +262,16 @@ def judge(run: Run, *, final: bool = False) -> dict[str, Any]:
             not victim or alert["detector"] != "silence" or at < run.killed[agent] - 1
         ):
             false += 1
+            kinds[f"{'victim' if victim else 'healthy'} {alert['detector']}"] += 1
         if status == "resolved" and victim:
             false += 1
+            kinds["victim resolved"] += 1
     fired = {a["agent"] for a in got if a["status"] == "firing" and a["detector"] == "silence"}
     lost = sum(1 for victim in run.killed if victim not in fired)
     return {"scenario": run.name, "victims": len(run.killed), "deliveries": len(got), "lost": lost,
             "duplicated": duplicated, "out-of-order": out_of_order, "false": false,
-            "pipeline alerts": pipeline, "dead letters": run.dead_letters() if final else None}  # fmt: skip
+            "pipeline alerts": pipeline, "dead letters": run.dead_letters() if final else None,
+            "false alerts were": ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) or "-"}  # fmt: skip
 
 
 def _epoch(iso: str) -> float:
