@@ -35,7 +35,10 @@ DEFAULT_DIR: Final = "/tmp/agentwatch-runs"
 """Where producers leave run files unless told otherwise (``AGENTWATCH_RUN_DIR``): one place every
 user can write (mode 1777, like /tmp itself), and every file in it is judged by its owner."""
 _RUN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SWEEP_MAX: Final = 1000
+_SWEEP_MAX: Final = 100
+"""Entries a process looks at when it sweeps: stale files go a hundred per agent start, and a
+process hosting many producers (one file each) sweeps once, not once per producer."""
+_swept: set[str] = set()
 
 
 class NotProven(Exception):
@@ -71,7 +74,9 @@ def write(run_dir: str, record: dict[str, Any]) -> Path | None:
         if not directory.is_dir():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             directory.chmod(0o1777)  # mkdir's mode is cut by the umask
-        _sweep(directory)
+        if run_dir not in _swept:
+            _swept.add(run_dir)
+            _sweep(directory)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w") as out:
             json.dump(record, out)
