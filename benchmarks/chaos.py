@@ -4,17 +4,19 @@ Black box, real processes only: a private Redis (``agentwatch.embedded``), the p
 runs it (``agentwatch up`` against that Redis, 2 detector and 2 notifier workers, restarted by
 ``up`` when killed), a jittered fleet of healthy agents in one process, a few *victim* agents in
 their own processes, and a webhook receiver here that records every request. Each scenario
-SIGKILLs its victims at known moments, inflicts its faults, waits until every victim's silence
-alert arrived (or a deadline), then a quiet spell, and judges what the receiver got:
+SIGKILLs some victims at known moments and freezes others (SIGSTOP) for a while, so that their
+silence fires and then resolves, inflicts its faults, waits until every victim's alerts arrived
+(or a deadline), then a quiet spell, and judges what the receiver got:
 
-* **lost**: a victim whose ``silence`` firing never arrived;
+* **lost**: a victim whose ``silence`` firing never arrived, or a frozen one whose ``resolved``
+  never did (the receiver's incident stays open for ever);
 * **duplicated**: a delivery of an alert id already delivered, or a second firing of an
   incident that had not resolved;
 * **out of order**: a ``resolved`` that arrived before its ``firing``;
 * **false**: any firing about a healthy agent, a victim's alert from before it died or of the
-  wrong kind (``stall`` for a SIGKILLed process), and a victim's incident resolving while it is
-  dead. Alerts about the pipeline itself (agent ``agentwatch``: lag, trimmed) are counted apart:
-  they are true while Redis is stopped.
+  wrong kind (``stall`` for a SIGKILLed process), and a killed victim's incident resolving.
+  Alerts about the pipeline itself (agent ``agentwatch``: lag, trimmed) are counted apart: they
+  are true while Redis is stopped.
 
 Scenarios: ``worker-sigkill`` (workers SIGKILLed three times), ``redis-restart-persist`` and
 ``redis-restart-volatile`` (Redis SIGKILLed and restarted with and without its append-only file),
@@ -137,6 +139,7 @@ class Run:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     victims: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     killed: dict[str, float] = field(default_factory=dict)  # victim -> wall time of its SIGKILL
+    frozen: dict[str, float] = field(default_factory=dict)  # victim -> wall time of its SIGSTOP
     up: subprocess.Popen[bytes] | None = None
 
     @property
@@ -176,10 +179,23 @@ class Run:
         self.processes.append(process)
         return process
 
+    def _next_victim(self) -> str:
+        return next(n for n in self.victims if n not in self.killed and n not in self.frozen)
+
     def kill_victim(self) -> None:
-        name = next(n for n in self.victims if n not in self.killed)
+        name = self._next_victim()
         self.victims[name].kill()
         self.killed[name] = time.time()
+
+    def freeze_victim(self, seconds: float = 3 * SILENCE_S) -> None:
+        """SIGSTOP a victim for ``seconds``, then SIGCONT: its silence fires, then resolves."""
+        name = self._next_victim()
+        process = self.victims[name]
+        process.send_signal(signal.SIGSTOP)
+        self.frozen[name] = time.time()
+        threading.Timer(
+            seconds, lambda: process.poll() is None and process.send_signal(signal.SIGCONT)
+        ).start()
 
     def kill_worker(self, kind: str) -> None:
         """SIGKILL one running worker of ``kind`` (``up`` restarts it)."""
@@ -257,18 +273,20 @@ def judge(run: Run, *, final: bool = False) -> dict[str, Any]:
             duplicated += 1
         state[key] = status
         at = _epoch(alert["at"])
-        victim = agent in run.killed
-        if status == "firing" and (
-            not victim or alert["detector"] != "silence" or at < run.killed[agent] - 1
-        ):
+        victim = agent in run.killed or agent in run.frozen
+        since = run.killed.get(agent, run.frozen.get(agent, 0.0))
+        if status == "firing" and (not victim or alert["detector"] != "silence" or at < since - 1):
             false += 1
             kinds[f"{'victim' if victim else 'healthy'} {alert['detector']}"] += 1
-        if status == "resolved" and victim:
+        if status == "resolved" and agent in run.killed:
             false += 1
-            kinds["victim resolved"] += 1
+            kinds["killed victim resolved"] += 1
     fired = {a["agent"] for a in got if a["status"] == "firing" and a["detector"] == "silence"}
-    lost = sum(1 for victim in run.killed if victim not in fired)
-    return {"scenario": run.name, "victims": len(run.killed), "deliveries": len(got), "lost": lost,
+    back = {a["agent"] for a in got if a["status"] == "resolved" and a["detector"] == "silence"}
+    lost = sum(1 for victim in [*run.killed, *run.frozen] if victim not in fired)
+    lost += sum(1 for victim in run.frozen if victim not in back)
+    victims = len(run.killed) + len(run.frozen)
+    return {"scenario": run.name, "victims": victims, "deliveries": len(got), "lost": lost,
             "duplicated": duplicated, "out-of-order": out_of_order, "false": false,
             "pipeline alerts": pipeline, "dead letters": run.dead_letters() if final else None,
             "false alerts were": ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) or "-"}  # fmt: skip
@@ -299,16 +317,18 @@ def scenarios(scale: float) -> dict[str, tuple[bool, int, list[Step]]]:
     third = hang / 3
     restart = [(4, Run.kill_victim), (7, Run.restart_redis), (12, Run.kill_victim)]
     return {
-        "worker-sigkill": (True, 3, [
+        "worker-sigkill": (True, 4, [
             (4, Run.kill_victim), (5, lambda r: r.kill_worker("detectors")), (10, Run.kill_victim),
-            (11, lambda r: r.kill_worker("notifiers")), (16, lambda r: r.kill_worker("detectors")),
-            (17, Run.kill_victim)]),
+            (11, lambda r: r.kill_worker("notifiers")), (12, Run.freeze_victim),
+            (16, lambda r: r.kill_worker("detectors")), (17, Run.kill_victim)]),
         "redis-restart-persist": (True, 2, restart),
         "redis-restart-volatile": (False, 2, restart),
-        "receiver": (True, 3, [  # 500 for a third of `hang`, refused for a third, then hung for `hang`
+        "receiver": (True, 5, [  # 500 for a third of `hang`, refused for a third, then hung for `hang`
             (3, lambda r: r.receiver.set("500")), (4, Run.kill_victim),
             (3 + third, lambda r: r.receiver.set("refused")), (4 + third, Run.kill_victim),
             (3 + 2 * third, lambda r: r.receiver.set("hang")), (4 + 2 * third, Run.kill_victim),
+            (5 + 2 * third, Run.freeze_victim), (6 + 2 * third, Run.freeze_victim),
+            # a notifier worker dies holding the frozen victims' firings; their resolves follow
             (12 + 2 * third, lambda r: r.kill_worker("notifiers")),
             (3 + 2 * third + hang, lambda r: r.receiver.set("ok"))]),
         "redis-sigstop": (True, 2, [(4, Run.kill_victim), (6, lambda r: r.freeze_redis(freeze)),
@@ -328,7 +348,7 @@ def play(name: str, persist: bool, victims: int, steps: list[Step], agents: int)
             for at, action in steps:
                 time.sleep(max(0.0, began + at - time.monotonic()))
                 action(run)
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 120
             while time.monotonic() < deadline and judge(run)["lost"]:
                 time.sleep(0.5)
             time.sleep(2 * SILENCE_S)  # a quiet spell: late duplicates and false alerts show up here
