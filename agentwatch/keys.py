@@ -242,6 +242,10 @@ class Keys:
         (agentwatch/series.py): the dashboard's charts."""
         return f"{self.tag(shard)}:series"
 
+    def series_sweep(self, shard: int) -> str:
+        """Hash ``bucket``, ``cursor``, ``done``, ``orphans``: the series sweep in progress (+ ``:lock``)."""
+        return f"{self.tag(shard)}:series:sweep"
+
     @property
     def reports_sent(self) -> str:
         """Hash schedule slot -> when its scheduled report was queued to the notifiers (ms)."""

@@ -14,7 +14,7 @@ from agents_detect.kit import fired, pipeline_for, resolved, transitions, worker
 from agentwatch import codec
 from agentwatch.errors import InvalidEntry
 from agentwatch.fleet import fleet_status
-from agentwatch.ingest import EventWriter, FloodLimit, Flooded
+from agentwatch.ingest import EventWriter, Flooded, FloodLimit
 from agentwatch.keys import Keys
 
 from helpers import running, wait_for
