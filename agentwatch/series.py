@@ -107,10 +107,18 @@ def unpack(raw: bytes, bucket_ms: int, points: int, now_ms: int) -> Series | Non
     return Series(bucket_ms, out, Totals(beats, tokens, cost), last * bucket_ms)
 
 
+def empty(bucket_ms: int, points: int, now_ms: int) -> Series:
+    """The series of an agent no sweep has sampled yet (it is younger than the current bucket,
+    or no detector worker has run since it appeared): zeros, and all of its totals live."""
+    current = now_ms // bucket_ms
+    zeros = [Point(index * bucket_ms, 0, 0, 0.0, 0) for index in range(current - points, current)]
+    return Series(bucket_ms, zeros, Totals(), current * bucket_ms)
+
+
 def read_series(
     client: Client, keys: Keys, agents: Sequence[str], *, bucket_s: float, span_s: float, now_ms: int
 ) -> dict[str, Series]:
-    """The series of ``agents`` (those that have one), one HMGET per shard."""
+    """The series of ``agents`` (:func:`empty` for those without one), one HMGET per shard."""
     redis: Any = client
     bucket_ms, points = int(bucket_s * 1000), points_of(bucket_s, span_s)
     out: dict[str, Series] = {}
@@ -120,8 +128,7 @@ def read_series(
     for shard, names in by_shard.items():
         for name, raw in zip(names, redis.hmget(keys.series(shard), names), strict=True):
             found = unpack(raw, bucket_ms, points, now_ms) if raw else None
-            if found is not None:
-                out[name] = found
+            out[name] = found or empty(bucket_ms, points, now_ms)
     return out
 
 
