@@ -4,7 +4,7 @@ An agent that embeds the producer numbers its own events: a run id per process s
 ``seq`` from 0. An agent known only through HTTP (a cron job with ``curl``, a span exporter)
 has no process of ours to keep that state, and several ``agentwatch serve`` may stand behind
 a load balancer, so the state lives in Redis, one small hash per agent
-(:meth:`agentwatch.keys.Keys.ingest`), and one script per call decides everything at once:
+(:meth:`agentwatch.keys.Keys.ingest`), and one script per call decides and writes everything:
 
 * **Flood limit.** A token bucket per agent (``rate`` per second, ``burst`` at once), on Redis
   time, shared by every server. A refused call writes nothing and says when to come back.
@@ -13,9 +13,10 @@ a load balancer, so the state lives in Redis, one small hash per agent
   agent declared, remembered across runs), exactly what a producer sends when a process
   starts. So the detectors treat an HTTP agent like any other: silence, exit and token anomalies
   all work, and an ``exit`` incident resolves when the next run starts.
-* **Seq.** Every call reserves as many consecutive numbers as it writes events. Two servers
-  writing for one agent at once may land their entries out of order; the detectors take a
-  late seq as a late batch (the same as a reclaimed one), so nothing is lost or counted twice.
+* **Seq.** The same script numbers the events and appends them to the agent's stream (the
+  agent's ingest hash shares the stream's Cluster slot), so seqs reach the stream in order
+  however many servers write for one agent at once: the detectors see exactly what one
+  producer would have sent.
 * **Interval.** A call that declares a new interval for a running run is preceded by a
   ``pulse`` carrying it (PROTOCOL.md: pulses repeat the interval), so the silence allowance
   follows without starting a new run.
@@ -29,7 +30,6 @@ input costs neither a seq nor a flood token, and nothing written here can become
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -47,13 +47,16 @@ Kind = Literal["start", "beat", "pulse", "exit"]
 SOURCE_VERSION: Final = f"agentwatch-http/{__version__}"
 """The ``version`` fact of runs started here (``status`` shows it), unless the caller names one."""
 
-# KEYS[1] = the agent's ingest hash.
+# KEYS[1] = the agent's ingest hash, KEYS[2] = its event stream (one slot: see Keys.ingest).
 # ARGV: 1 candidate run id, 2 force a new run (0/1), 3 this call ends the run (0/1),
-#       4 declared interval in s (-1: none), 5 rate per ms, 6 burst, 7 ttl ms,
-#       8/9/10 events this call writes when the run goes on / is new / gets a new interval.
-# Returns {0, retry-after ms} when flooded, else {1, run, first seq, mode, interval as text}
-# with mode 0 (same run), 1 (new run: a start leads), 2 (new interval: a pulse leads).
-_RESERVE: Final = """
+#       4 declared interval in s (-1: none), 5 rate per ms, 6 burst, 7 ttl ms, 8 stream MAXLEN,
+#       then three events, each as (entry count, msgpack map entries without header, run and
+#       seq): the start, the pulse and the call's own event (whose count is 0 for a start).
+# Appends run, seq (and interval, to the start and the pulse) to each event it writes: a start
+# and the event when a run begins (mode 1), a pulse and the event when the interval changes
+# (mode 2), else the event alone (mode 0). Returns {0, retry-after ms} when flooded, else
+# {1, run, seq of the last event, mode, events written}.
+_WRITE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', KEYS[1], 'run', 'seq', 'tk', 'tat', 'iv', 'end')
@@ -71,11 +74,38 @@ elseif want >= 0 and want ~= iv then
   mode = 2
 end
 if want >= 0 then iv = want end
-local n = tonumber(ARGV[8 + mode])
-redis.call('HSET', KEYS[1], 'run', run, 'seq', seq + n, 'tk', tk - 1, 'tat', now, 'iv', iv, 'end', ARGV[3])
+local function header(n)
+  if n < 16 then return string.char(0x80 + n) end
+  return string.char(0xde, math.floor(n / 256), n % 256)
+end
+local function add(at, declare)
+  local n, body = tonumber(ARGV[at]), ARGV[at + 1]
+  if n == 0 then return end
+  local tail = cmsgpack.pack('run') .. cmsgpack.pack(run) .. cmsgpack.pack('seq') .. cmsgpack.pack(seq)
+  n = n + 2
+  if declare and iv >= 0 then
+    tail = tail .. cmsgpack.pack('interval') .. cmsgpack.pack(iv)
+    n = n + 1
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'd', header(n) .. body .. tail)
+  seq = seq + 1
+end
+local first = seq
+if mode == 1 then add(9, true) elseif mode == 2 then add(11, true) end
+add(13, ARGV[2] == '1')
+redis.call('HSET', KEYS[1], 'run', run, 'seq', seq, 'tk', tk - 1, 'tat', now, 'iv', iv, 'end', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[7]), math.floor(4000 * iv)))
-return {1, run, seq, mode, tostring(iv)}
+return {1, run, seq - 1, mode, seq - first}
 """
+
+
+def _entries(event: Mapping[str, Any]) -> tuple[int, bytes]:
+    """(entry count, the msgpack map's entries without its header) for the script to complete:
+    it adds ``run`` and ``seq`` (and the interval) and writes the header for the new count."""
+    if not event:
+        return 0, b""
+    packed = codec.encode(dict(event))
+    return len(event), packed[1 if len(event) < 16 else 3 :]  # fixmap, or map16
 
 
 class Flooded(AgentwatchError):
@@ -129,7 +159,7 @@ class EventWriter:
         self.run_ttl_ms = int(run_ttl_s * 1000)
         self.maxlen = maxlen
         self.version = version
-        self._reserve = self.client.register_script(_RESERVE)
+        self._write = self.client.register_script(_WRITE)
 
     def write(
         self,
@@ -146,18 +176,22 @@ class EventWriter:
         Raises :class:`agentwatch.errors.InvalidEntry` (a bad name or field; nothing written),
         :class:`Flooded`, or a Redis error."""
         codec.check_agent(agent)
-        body = {**(fields or {}), "v": codec.VERSION, "agent": agent, "kind": kind, "ts": 0.0}
-        body.update(run="-", seq=0)
-        if interval_s is not None:
-            codec.validate({**body, "interval": interval_s})
-        codec.validate(body)  # a bad field must cost neither a seq nor a flood token
+        now = time.time()
+        head: dict[str, Any] = {"v": codec.VERSION, "agent": agent, "ts": now}
         facts = {"version": self.version, **(start_facts or {})}
+        start = {**head, "kind": "start", **facts}
+        own: dict[str, Any] = {**head, "kind": kind, **(fields or {})}
         if kind == "start":
-            body.update(facts)
-            codec.validate(body)
-        plain = 1
-        reply = self._reserve(
-            keys=[self.keys.ingest(agent)],
+            start, own = {**start, **own}, {}  # the run's own start, with the caller's fields
+        declared = {} if interval_s is None else {"interval": interval_s}
+        for event in (start, own):  # nothing bad may cost a seq or a flood token: check first
+            if event:
+                codec.validate({**event, "run": "-", "seq": 0, **declared})
+        events: list[Any] = []
+        for event in (start, {**head, "kind": "pulse"}, own):
+            events += _entries(event)
+        reply = self._write(
+            keys=[self.keys.ingest(agent), self.keys.events_for(agent)],
             args=[
                 "h" + os.urandom(8).hex(),
                 1 if kind == "start" else 0,
@@ -166,32 +200,11 @@ class EventWriter:
                 self.limit.rate_per_s / 1000,
                 self.limit.burst,
                 self.run_ttl_ms,
-                plain,
-                1 if kind == "start" else 2,
-                2,
+                self.maxlen,
+                *events,
             ],
         )
         if int(reply[0]) == 0:
             raise Flooded(agent, int(reply[1]) / 1000)
         run = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        seq, mode = int(reply[2]), int(reply[3])
-        interval = float(reply[4])
-        declared = {"interval": interval} if interval >= 0 and math.isfinite(interval) else {}
-        now = time.time()
-        head = {"v": codec.VERSION, "agent": agent, "ts": now}
-        events: list[dict[str, Any]] = []
-        if mode == 1 and kind != "start":
-            events.append({**head, "kind": "start", **facts, **declared})
-        elif mode == 2:
-            events.append({**head, "kind": "pulse", **declared})
-        own = {**body, "ts": now}
-        if kind == "start":
-            own.update(declared)
-        events.append(own)
-        stream = self.keys.events_for(agent)
-        pipe = self.client.pipeline(transaction=False)
-        for offset, event in enumerate(events):
-            event.update(run=run, seq=seq + offset)
-            pipe.xadd(stream, {codec.FIELD: codec.encode(event)}, maxlen=self.maxlen, approximate=True)
-        pipe.execute()
-        return Written(run=run, seq=seq + len(events) - 1, started=mode == 1, events=len(events))
+        return Written(run=run, seq=int(reply[2]), started=int(reply[3]) == 1, events=int(reply[4]))

@@ -234,8 +234,10 @@ class Keys:
     def ingest(self, agent: str) -> str:
         """Hash of one agent whose events a server writes: its current ``run``, next ``seq``,
         declared interval ``iv``, flood bucket ``tk``/``tat``, ``end`` (the run has exited).
-        Expires when unused (``[http] run_ttl``)."""
-        return f"{self.tag_for(agent)}:ingest:{agent}"
+        Expires when unused (``[http] run_ttl``). Its hash tag is the name of the agent's event
+        stream, so one script can number the events and append them in the same step (one
+        Cluster slot): seqs reach the stream in order, however many servers write."""
+        return f"{{{self.events_for(agent)}}}:ingest:{agent}"
 
     def series(self, shard: int) -> str:
         """Hash agent -> packed per-bucket beats, tokens, cost and RSS over ``[http] series_span``
