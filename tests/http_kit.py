@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,6 +104,22 @@ def write_config(
     ]
     config.write_text("".join(lines))
     return config
+
+
+@contextmanager
+def shared_prefix(redis_url: str) -> Iterator[str]:
+    """A prefix for a module's shared deployment (starting servers is the slow part of these
+    tests; their agents have distinct names), deleted afterwards like the ``prefix`` fixture's."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    try:
+        batch = list(client.scan_iter(match=f"{name}:*", count=1000))
+        batch += list(client.scan_iter(match=f"{{{name}:*", count=1000))  # ingest hashes
+        for start in range(0, len(batch), 500):
+            client.unlink(*batch[start : start + 500])
+    finally:
+        client.close()
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,20 +13,26 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from http_kit import Deployment, deployment
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import wait_for
+from http_kit import Deployment, deployment, shared_prefix
 
 pytestmark = pytest.mark.slow
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on PATH")
 
 
-@pytest.fixture
-def dep(short_dir: Path, prefix: str, redis_url: str) -> Iterator[Deployment]:
+@pytest.fixture(scope="module")
+def dep(redis_url: str) -> Iterator[Deployment]:
+    """One server and detector worker for the module's tests (each uses its own agent names)."""
     extra = '[detectors.silence]\nafter = "1s"\n[detectors.exit]\nclean_exit = false\n'
-    with deployment(short_dir, prefix=prefix, redis_url=redis_url, extra=extra) as running:
+    root = Path(tempfile.mkdtemp(prefix="aw-"))
+    with (
+        shared_prefix(redis_url) as prefix,
+        deployment(root, prefix=prefix, redis_url=redis_url, extra=extra) as running,
+    ):
         yield running
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def curl(*args: str) -> tuple[int, str]:
@@ -78,6 +85,7 @@ def test_fail_and_exit_codes_alert_and_the_next_run_resolves(dep: Deployment) ->
 
 @needs_curl
 def test_bad_pings_get_precise_answers_and_are_counted(dep: Deployment) -> None:
+    before = pings(dep)
     assert curl(f"{dep.base}/ping/not-the-key/job") == (404, "not found")
     code, body = curl(dep.ping_url("bad%20name"))
     assert code == 400 and "has characters outside A-Za-z0-9._:@/-" in body
@@ -91,12 +99,23 @@ def test_bad_pings_get_precise_answers_and_are_counted(dep: Deployment) -> None:
     assert code == 400 and "interval" in body
     code, body = curl(dep.ping_url("job/999"))
     assert code == 400 and "0-255" in body
+    after = pings(dep)
+    counted = {outcome: after[outcome] - before[outcome] for outcome in after}
+    assert counted == {
+        "ok": 0,
+        "bad_key": 1,
+        "bad_request": 5,
+        "too_large": 1,
+        "flooded": 0,
+        "unavailable": 0,
+    }
+    assert not dep.status("job")  # nothing bad was written
+
+
+def pings(dep: Deployment) -> dict[str, float]:
     with dep.client() as http:
         families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
-    pings = {s.labels["outcome"]: s.value for s in families["agentwatch_http_pings"].samples}
-    assert pings["bad_key"] == 1 and pings["bad_request"] == 5 and pings["too_large"] == 1
-    assert pings["ok"] == 0
-    assert dep.r.xlen(dep.keys.events()) == 0  # nothing bad was written
+    return {s.labels["outcome"]: s.value for s in families["agentwatch_http_pings"].samples}
 
 
 def test_a_flooding_agent_gets_429_and_others_do_not(short_dir: Path, prefix: str, redis_url: str) -> None:
