@@ -30,11 +30,15 @@ input costs neither a seq nor a flood token, and nothing written here can become
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
+
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from agentwatch import __version__, codec
 from agentwatch.errors import AgentwatchError
@@ -160,6 +164,7 @@ class EventWriter:
         self.maxlen = maxlen
         self.version = version
         self._write = self.client.register_script(_WRITE)
+        self._batches = _Batches(self.client, self._write)
 
     def write(
         self,
@@ -175,6 +180,34 @@ class EventWriter:
 
         Raises :class:`agentwatch.errors.InvalidEntry` (a bad name or field; nothing written),
         :class:`Flooded`, or a Redis error."""
+        keys, args = self._prepare(agent, kind, fields, interval_s, start_facts)
+        return self._written(agent, self._write(keys=keys, args=args))
+
+    async def awrite(
+        self,
+        agent: str,
+        kind: Kind,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        interval_s: float | None = None,
+        start_facts: Mapping[str, Any] | None = None,
+    ) -> Written:
+        """:meth:`write` from an event loop (an HTTP server): the writes of concurrent requests
+        share one pipeline and one thread hop per round trip (:class:`_Batches`)."""
+        keys, args = self._prepare(agent, kind, fields, interval_s, start_facts)
+        if isinstance(self.client, RedisCluster):  # a cluster pipeline cannot reload scripts
+            return self._written(agent, await asyncio.to_thread(self._write, keys=keys, args=args))
+        return self._written(agent, await self._batches.submit(keys, args))
+
+    def _prepare(
+        self,
+        agent: str,
+        kind: Kind,
+        fields: Mapping[str, Any] | None,
+        interval_s: float | None,
+        start_facts: Mapping[str, Any] | None,
+    ) -> tuple[list[str], list[Any]]:
+        """The script's keys and arguments; raises InvalidEntry before anything is reserved."""
         codec.check_agent(agent)
         now = time.time()
         head: dict[str, Any] = {"v": codec.VERSION, "agent": agent, "ts": now}
@@ -190,21 +223,74 @@ class EventWriter:
         events: list[Any] = []
         for event in (start, {**head, "kind": "pulse"}, own):
             events += _entries(event)
-        reply = self._write(
-            keys=[self.keys.ingest(agent), self.keys.events_for(agent)],
-            args=[
-                "h" + os.urandom(8).hex(),
-                1 if kind == "start" else 0,
-                1 if kind == "exit" else 0,
-                -1 if interval_s is None else interval_s,
-                self.limit.rate_per_s / 1000,
-                self.limit.burst,
-                self.run_ttl_ms,
-                self.maxlen,
-                *events,
-            ],
-        )
+        args = [
+            "h" + os.urandom(8).hex(),
+            1 if kind == "start" else 0,
+            1 if kind == "exit" else 0,
+            -1 if interval_s is None else interval_s,
+            self.limit.rate_per_s / 1000,
+            self.limit.burst,
+            self.run_ttl_ms,
+            self.maxlen,
+            *events,
+        ]
+        return [self.keys.ingest(agent), self.keys.events_for(agent)], args
+
+    @staticmethod
+    def _written(agent: str, reply: Any) -> Written:
         if int(reply[0]) == 0:
             raise Flooded(agent, int(reply[1]) / 1000)
         run = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return Written(run=run, seq=int(reply[2]), started=int(reply[3]) == 1, events=int(reply[4]))
+
+
+class _Batches:
+    """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
+    that arrive wait for it and go together in the next one. One request alone still goes at
+    once; a busy server makes fewer, larger round trips (and fewer thread hops) instead of
+    queueing one round trip per request. Each write gets its own reply or its own error."""
+
+    def __init__(self, client: Any, script: Any, max_batch: int = 256) -> None:
+        self.client = client
+        self.script = script
+        self.max_batch = max_batch
+        self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, keys: list[str], args: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((keys, args, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                replies = await asyncio.to_thread(self._execute, [(k, a) for k, a, _ in batch])
+            except Exception as exc:  # each waiting request gets the error (Redis away, say)
+                replies = [exc] * len(batch)
+            for (_, _, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue  # the request was cancelled (its client went away)
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    def _execute(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        replies = self._pipeline(batch)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # a restarted server lost the script: those writes did not run, so run them
+            self.script.sha = self.client.script_load(self.script.script)
+            for i, reply in zip(missing, self._pipeline([batch[i] for i in missing]), strict=True):
+                replies[i] = reply
+        return replies
+
+    def _pipeline(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in batch:
+            pipe.evalsha(self.script.sha, len(keys), *keys, *args)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        return replies

@@ -53,7 +53,7 @@ def seen(dep: Deployment, agent: str, **expected: Any) -> dict[str, Any]:
 
 def test_pages_show_the_fleet_an_agent_and_its_alerts(dep: Deployment) -> None:
     beat(dep, "writer", tokens=1200, model="gpt-4o")
-    seen(dep, "writer", tokens_total=1200)
+    state = seen(dep, "writer", tokens_total=1200)["state"]
     with dep.client() as http:
         fleet = http.get("/")
         assert fleet.status_code == 200 and 'data-agent="writer"' in fleet.text
@@ -67,7 +67,6 @@ def test_pages_show_the_fleet_an_agent_and_its_alerts(dep: Deployment) -> None:
         assert http.get("/alerts").status_code == 200
         missing = http.get("/agents/nobody")
         assert missing.status_code == 404 and "no such agent" in missing.text
-        state = dep.status("writer")["state"]  # type: ignore[index]
         filtered = http.get("/", params={"q": "wri*", "state": state})
         assert 'data-agent="writer"' in filtered.text
         other = "down" if state != "down" else "ok"

@@ -65,7 +65,7 @@ def test_a_cron_script_that_stops_beating_gets_a_silence_alert(dep: Deployment) 
     )
     (alert,) = wait_for(lambda: dep.fired("nightly-report", "silence"), timeout=15, what="a silence alert")
     assert "no heartbeat" in alert.summary
-    assert dep.status("nightly-report")["state"] == "down"  # type: ignore[index]
+    wait_for(lambda: (s := dep.status("nightly-report")) and s["state"] == "down", timeout=10, what="down")
 
 
 @needs_curl
@@ -76,7 +76,7 @@ def test_fail_and_exit_codes_alert_and_the_next_run_resolves(dep: Deployment) ->
     (alert,) = wait_for(lambda: dep.fired("backup", "exit"), timeout=10, what="an exit alert")
     assert alert.details["error"] == "disk full" and alert.details["code"] is None
     assert curl(dep.ping_url("backup/0"))[0] == 200  # exit status 0 is a success: a beat, a new run
-    wait_for(lambda: dep.status("backup")["state"] != "exited", timeout=10, what="resolved")  # type: ignore[index]
+    wait_for(lambda: (s := dep.status("backup")) and s["state"] != "exited", timeout=10, what="resolved")
     assert curl(dep.ping_url("backup/3"))[0] == 200
     codes = wait_for(lambda: [a.details.get("code") for a in dep.fired("backup", "exit")][1:], timeout=10,
                      what="the second exit")  # fmt: skip

@@ -4,6 +4,7 @@ what it writes exactly like a producer's events."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -150,3 +151,35 @@ def test_the_detectors_treat_written_events_like_a_producers(
         wait_for(lambda: fired(r, keys, "silence", "job"), timeout=10, what="silence once it stops")
     assert transitions(r, keys) == [("job", "exit", "firing"), ("job", "exit", "resolved"),
                                     ("job", "silence", "firing")]  # fmt: skip
+
+
+def test_concurrent_writes_from_an_event_loop_share_round_trips(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys)
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(*(w.awrite("async-agent", "beat", {"tokens": 1}) for _ in range(100)))
+
+    written = asyncio.run(burst())
+    assert sorted(x.seq for x in written) == list(range(1, 101))  # seq 0: the run's start
+    assert [e["seq"] for e in events(r, keys, "async-agent")] == list(range(101))
+
+
+def test_a_server_that_lost_the_script_gets_it_again(spawn_redis: Any) -> None:
+    server = spawn_redis()
+    client = redis.Redis.from_url(server.url)
+    w = writer(client, Keys("t"))
+    asyncio.run(w.awrite("a", "beat"))
+    client.script_flush()  # what a restarted server without persistence has lost
+    assert asyncio.run(w.awrite("a", "beat")).seq == 2
+    client.close()
+
+
+def test_bad_input_and_floods_reach_only_their_own_request(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys, FloodLimit(rate_per_s=0.01, burst=2))
+
+    async def mixed() -> list[Any]:
+        calls = [w.awrite("limited", "beat") for _ in range(3)] + [w.awrite("other", "beat")]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(mixed())
+    assert [type(o).__name__ for o in outcomes] == ["Written", "Written", "Flooded", "Written"]

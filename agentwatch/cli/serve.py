@@ -25,7 +25,7 @@ from agentwatch.cli.common import (
 )
 from agentwatch.config import split_bind
 from agentwatch.errors import ConfigError
-from agentwatch.redisconn import connect, describe
+from agentwatch.redisconn import describe
 
 log = logging.getLogger("agentwatch.http")
 
@@ -63,10 +63,9 @@ def serve(
     from agentwatch.http.app import create_app  # noqa: PLC0415
 
     url = worker_url(pipeline)
-    client = connect(pipeline.settings, url, name="agentwatch-http")
     typer.echo(f"dashboard: {dashboard_url(host, port)}  (redis: {describe(url)})")
     if http.ping_key is None:
         typer.echo("ping API: off (set [http] ping_key to accept /ping/<key>/<agent>)")
     # No access log: a ping URL carries [http] ping_key, which must not land in a log file.
-    uvicorn.run(create_app(pipeline, client), host=host, port=port, log_level=log_level, access_log=False,
+    uvicorn.run(create_app(pipeline, url), host=host, port=port, log_level=log_level, access_log=False,
                 server_header=False)  # fmt: skip

@@ -30,7 +30,7 @@ from agentwatch import __version__
 from agentwatch.config import Pipeline
 from agentwatch.http import badges, metrics, pages, ping
 from agentwatch.http.server import Server, unavailable
-from agentwatch.redisconn import RECOVERABLE, Client, explain
+from agentwatch.redisconn import RECOVERABLE, explain
 
 
 async def healthz(request: Request) -> Response:
@@ -62,7 +62,7 @@ class Guard:
         self.server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith("/ping/"):  # the ping key is its access
             await self.app(scope, receive, send)
             return
         refused = self.refusal(HTTPConnection(scope))
@@ -106,15 +106,16 @@ def _redis_down(request: Request, exc: Exception) -> Response:
     return unavailable(exc)
 
 
-def create_app(pipeline: Pipeline, client: Client, *, cache_s: float | None = None) -> Starlette:
-    """The whole server for ``pipeline``, reading and writing through ``client``."""
-    server = Server(pipeline, client, cache_s=cache_s)
+def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) -> Starlette:
+    """The whole server for ``pipeline``, on the Redis at ``url`` (connected lazily: it starts,
+    and says so on every page, while Redis is away)."""
+    server = Server(pipeline, url, cache_s=cache_s)
     server.metrics.registry.register(metrics.FleetCollector(server))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        client.close()
+        server.client.close()
 
     routes: list[Any] = [
         Route("/healthz", healthz),

@@ -22,7 +22,6 @@ import json
 import math
 from typing import Any, Final
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -117,9 +116,7 @@ async def ping(request: Request) -> Response:
         kind, fields = event_of(command, parse_fields(body, allowed))
         interval = parse_interval(request.query_params.get("interval"))
         facts = {"host": request.client.host} if request.client else {}
-        written = await run_in_threadpool(
-            server.writer.write, agent, kind, fields, interval_s=interval, start_facts=facts
-        )
+        written = await server.writer.awrite(agent, kind, fields, interval_s=interval, start_facts=facts)
     except BodyTooLarge as exc:
         count("too_large")
         return PlainTextResponse(f"{exc}\n", status_code=413)

@@ -3,7 +3,8 @@ the event writer, this server's counters, and a short-lived cache of the fleet's
 
 Route modules (ping.py, pages.py, metrics.py, badges.py, and the OTLP receiver's) take a
 :class:`Server` from ``request.app.state.server`` and nothing else, so a new module of routes
-is added in app.py with one line.
+is added in app.py with one line. Writers call ``await server.writer.awrite(...)`` (batched
+round trips); readers run their synchronous Redis reads in the thread pool.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from agentwatch.fleet import fleet_status
 from agentwatch.http.access import Access
 from agentwatch.http.counters import Counters
 from agentwatch.ingest import EventWriter, FloodLimit
-from agentwatch.redisconn import Client, explain
+from agentwatch.redisconn import Client, connect, explain
 
 RETRY_AFTER_S: Final = 5
 """What a 503 tells a client to wait while Redis is away."""
@@ -74,15 +75,18 @@ class FleetCache:
 class Server:
     """Everything the routes share (see the module docstring)."""
 
-    def __init__(self, pipeline: Pipeline, client: Client, *, cache_s: float | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, url: str, *, cache_s: float | None = None) -> None:
         http = pipeline.settings.http
         self.pipeline = pipeline
         self.settings = pipeline.settings
         self.keys = pipeline.keys
-        self.client = client
+        self.client: Client = connect(self.settings, url, name="agentwatch-http")
         self.access = Access(http)
         self.writer = EventWriter(
-            client, self.keys, limit=FloodLimit(http.ping_rate, http.ping_burst), run_ttl_s=http.run_ttl_s
+            self.client,
+            self.keys,
+            limit=FloodLimit(http.ping_rate, http.ping_burst),
+            run_ttl_s=http.run_ttl_s,
         )
         self.metrics = Counters()
         self.fleet = FleetCache(self, min(1.0, http.refresh_s / 2) if cache_s is None else cache_s)
