@@ -91,14 +91,15 @@ def sample(raw: bytes | None, bucket: int, now: Sample, points: int) -> bytes | 
     return _pack(bucket, now.totals, ring)
 
 
-def unpack(raw: bytes, bucket_ms: int, points: int, now_ms: int) -> Series | None:
-    """Decode a record; points older than the span (or from a differently sized ring) vanish."""
+def unpack(raw: bytes, bucket_ms: int, points: int, now_ms: int, window: int | None = None) -> Series | None:
+    """Decode a record (its last ``window`` points only, when given); points older than the
+    span (or from a differently sized ring) vanish."""
     if len(raw) != _HEADER.size + points * _POINT.size:
         return None
     last, beats, tokens, cost = _HEADER.unpack_from(raw)
     current = now_ms // bucket_ms
     out = []
-    for index in range(current - points, current):
+    for index in range(current - min(window or points, points), current):
         if index >= last or index < 0:
             values: tuple[int, int, float, int] = (0, 0, 0.0, 0)
         else:
@@ -107,28 +108,38 @@ def unpack(raw: bytes, bucket_ms: int, points: int, now_ms: int) -> Series | Non
     return Series(bucket_ms, out, Totals(beats, tokens, cost), last * bucket_ms)
 
 
-def empty(bucket_ms: int, points: int, now_ms: int) -> Series:
+def empty(bucket_ms: int, points: int, now_ms: int, window: int | None = None) -> Series:
     """The series of an agent no sweep has sampled yet (it is younger than the current bucket,
     or no detector worker has run since it appeared): zeros, and all of its totals live."""
     current = now_ms // bucket_ms
-    zeros = [Point(index * bucket_ms, 0, 0, 0.0, 0) for index in range(current - points, current)]
+    first = current - min(window or points, points)
+    zeros = [Point(index * bucket_ms, 0, 0, 0.0, 0) for index in range(first, current)]
     return Series(bucket_ms, zeros, Totals(), current * bucket_ms)
 
 
 def read_series(
-    client: Client, keys: Keys, agents: Sequence[str], *, bucket_s: float, span_s: float, now_ms: int
+    client: Client,
+    keys: Keys,
+    agents: Sequence[str],
+    *,
+    bucket_s: float,
+    span_s: float,
+    now_ms: int,
+    window_s: float | None = None,
 ) -> dict[str, Series]:
-    """The series of ``agents`` (:func:`empty` for those without one), one HMGET per shard."""
+    """The series of ``agents`` (:func:`empty` for those without one), one HMGET per shard;
+    with ``window_s``, only the points of that last stretch (a sparkline's hour)."""
     redis: Any = client
     bucket_ms, points = int(bucket_s * 1000), points_of(bucket_s, span_s)
+    window = None if window_s is None else points_of(bucket_s, window_s)
     out: dict[str, Series] = {}
     by_shard: dict[int, list[str]] = {}
     for agent in agents:
         by_shard.setdefault(shard_of(agent, keys.shards), []).append(agent)
     for shard, names in by_shard.items():
         for name, raw in zip(names, redis.hmget(keys.series(shard), names), strict=True):
-            found = unpack(raw, bucket_ms, points, now_ms) if raw else None
-            out[name] = found or empty(bucket_ms, points, now_ms)
+            found = unpack(raw, bucket_ms, points, now_ms, window) if raw else None
+            out[name] = found or empty(bucket_ms, points, now_ms, window)
     return out
 
 

@@ -82,16 +82,24 @@ def test_agent_text_is_escaped_everywhere(dep: Deployment) -> None:
     bot = Agent(dep.r, dep.keys, "stuck-../../etc/passwd")
     bot.start()
     bot.beat()
-    bot.pulse(stack=f"File 'x.py', line 1\n</pre>{SCRIPT}")
+    stack = f"File 'x.py', line 1\n</pre>{SCRIPT}"
     dot = Agent(dep.r, dep.keys, "..")
     dot.start()
     dot.exit("exception", 1, error=f"ValueError: {SCRIPT}", traceback=f"Traceback\n{SCRIPT}")
-    wait_for(
-        lambda: [a for a in dep.alerts() if a.detector == "stall"], timeout=15, what="a stall with a stack"
-    )
+
+    def stalled() -> bool:
+        bot.pulse(stack=stack)  # the process lives (pulses) but its loop does not beat: a stall
+        return any(a.detector == "stall" for a in dep.alerts())
+
+    wait_for(stalled, timeout=20, interval=0.2, what="a stall with a stack")
+    links = ('href="/agents/stuck-..%2F..%2Fetc%2Fpasswd"', 'href="/agents?agent=.."')
     with dep.client() as http:
-        fleet = http.get("/").text
-        assert 'href="/agents/stuck-..%2F..%2Fetc%2Fpasswd"' in fleet and 'href="/agents?agent=.."' in fleet
+
+        def fleet_with_both() -> str | None:
+            text = http.get("/").text
+            return text if all(link in text for link in links) else None
+
+        fleet = wait_for(fleet_with_both, timeout=10, what="both agents on the fleet page (cached a moment)")
         pages = [fleet, http.get("/alerts").text]
         pages.append(http.get("/agents/stuck-..%2F..%2Fetc%2Fpasswd").text)
         pages.append(http.get("/agents", params={"agent": ".."}).text)

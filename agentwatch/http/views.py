@@ -65,24 +65,29 @@ class FleetPage:
 
 def fleet_page(server: Server, *, query: str, state: str, page: int, size: int) -> FleetPage:
     """One page of the fleet, worst first, filtered by a name glob (or substring) and a state."""
-    status = server.fleet.get()
-    agents = status["agents"]
-    counts: dict[str, int] = {}
-    for agent in agents:
-        counts[agent["state"]] = counts.get(agent["state"], 0) + 1
+    status, (ordered, counts) = server.fleet.derived("worst-first", _worst_first)
+    agents = ordered
     if query:
         pattern = query if any(c in query for c in "*?[") else f"*{query}*"
         agents = [a for a in agents if fnmatch.fnmatchcase(a["agent"], pattern)]
     if state:
         agents = [a for a in agents if a["state"] == state]
-    rank = {name: i for i, name in enumerate(STATE_ORDER)}
-    agents = sorted(agents, key=lambda a: (rank.get(a["state"], len(rank)), a["agent"]))
     pages = max(1, -(-len(agents) // size))
     page = min(max(page, 1), pages)
     shown = agents[(page - 1) * size : page * size]
     result = FleetPage(shown, len(agents), page, pages, counts, status["pipeline"], status["at"])
     result.sparks = sparklines(server, shown)
     return result
+
+
+def _worst_first(status: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The fleet ordered worst state first, then by name; and how many agents are in each state."""
+    rank = {name: i for i, name in enumerate(STATE_ORDER)}
+    counts: dict[str, int] = {}
+    for agent in status["agents"]:
+        counts[agent["state"]] = counts.get(agent["state"], 0) + 1
+    ordered = sorted(status["agents"], key=lambda a: (rank.get(a["state"], len(rank)), a["agent"]))
+    return ordered, counts
 
 
 def sparklines(
@@ -98,6 +103,7 @@ def sparklines(
         bucket_s=http.series_bucket_s,
         span_s=http.series_span_s,
         now_ms=now,
+        window_s=span_ms / 1000,
     )
     minutes = http.series_bucket_s / 60
     out = {}
