@@ -21,7 +21,7 @@ a load balancer, so the state lives in Redis, one small hash per agent
   ``pulse`` carrying it (PROTOCOL.md: pulses repeat the interval), so the silence allowance
   follows without starting a new run.
 * **Memory.** The hash expires after ``run_ttl`` unused (at least 4 x the agent's interval):
-  about 150 bytes per agent while it is active, nothing once it has gone quiet. An agent
+  about 170 bytes per agent while it is active, nothing once it has gone quiet. An agent
   that comes back after that simply starts a new run.
 
 Events are validated with the protocol's own codec before anything is reserved, so a bad
