@@ -16,6 +16,7 @@ import pytest
 from agents_detect.kit import Agent
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentwatch.halts import Halts
 from notifiers.routing import Mutes
 
 from conftest import free_port
@@ -153,6 +154,26 @@ def test_mute_and_unmute_from_the_page(dep: Deployment) -> None:
         gone = http.post("/actions/unmute", data={"agent": "noisy", "next": "//evil.example"})
         assert gone.status_code == 303 and gone.headers["location"] == "/"  # never off-site
         assert not mutes.active()
+
+
+def test_halt_and_resume_from_the_page(dep: Deployment) -> None:
+    beat(dep, "braked")
+    seen(dep, "braked")
+    halts = Halts(dep.r, dep.keys)
+    with dep.client() as http:
+        bad = http.post("/actions/halt", data={"agent": "braked", "reason": "line\nbreak"})
+        assert bad.status_code == 400 and "printable text only" in bad.text and not halts.halting("braked")
+        form = {"agent": "braked", "reason": "budget spent", "next": "/agents/braked"}
+        assert http.post("/actions/halt", data=form).status_code == 303
+        (halt,) = halts.halting("braked")
+        assert (halt.reason, halt.by.startswith("dashboard")) == ("budget spent", True)
+        assert "Halted by glob" in http.get("/agents/braked").text
+        assert http.post("/actions/resume", data={"agent": "braked"}).status_code == 303
+        assert not halts.halting("braked")
+    assert [a.status for a in dep.alerts() if a.detector == "halt" and a.agent == "braked"] == [
+        "firing",
+        "resolved",
+    ]
 
 
 def test_without_a_token_pages_are_open_on_loopback_but_actions_are_off(
