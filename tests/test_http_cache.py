@@ -49,9 +49,9 @@ def test_a_failed_read_reaches_the_next_caller(prefix: str, spawn_redis: Any) ->
             return True
         return False
 
-    wait_for(raised, timeout=20, what="the outage to surface")
+    wait_for(raised, timeout=60, what="the outage to surface")
     backend.start()
-    wait_for(lambda: _reads(server), timeout=20, what="recovery")
+    wait_for(lambda: _reads(server), timeout=60, what="recovery")
     server.client.close()
 
 

@@ -23,7 +23,8 @@ from conftest import free_port
 from helpers import wait_for
 from http_kit import PING_KEY, TOKEN, Deployment, deployment, shared_prefix
 
-pytestmark = pytest.mark.slow
+# Real server processes: starting them takes seconds on a loaded machine (bounded, not hoped).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SCRIPT = "<script>document.title='pwned'</script>"
 
 
@@ -92,7 +93,7 @@ def test_agent_text_is_escaped_everywhere(dep: Deployment) -> None:
         bot.pulse(stack=stack)  # the process lives (pulses) but its loop does not beat: a stall
         return any(a.detector == "stall" for a in dep.alerts())
 
-    wait_for(stalled, timeout=20, interval=0.2, what="a stall with a stack")
+    wait_for(stalled, timeout=60, interval=0.2, what="a stall with a stack")
     links = ('href="/agents/stuck-..%2F..%2Fetc%2Fpasswd"', 'href="/agents?agent=.."')
     with dep.client() as http:
 
@@ -266,7 +267,7 @@ def test_up_starts_the_dashboard_and_prints_its_url(short_dir: Path) -> None:
         while not lines or (lines[-1] and "Ctrl-C to stop." not in lines[-1]):
             lines.append(process.stdout.readline())  # the banner ends with that line
         assert f"dashboard: http://127.0.0.1:{port}/\n" in lines, lines
-        page = wait_for(lambda: _get(f"http://127.0.0.1:{port}/"), timeout=20, what="the dashboard")
+        page = wait_for(lambda: _get(f"http://127.0.0.1:{port}/"), timeout=60, what="the dashboard")
         assert "agentwatch: fleet" in page
     finally:
         process.terminate()
