@@ -62,6 +62,11 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "snapshots": _DETECTOR_STATE,
     "snapshot_progress": _DETECTOR_STATE,
     "snapshot_lock": _DETECTOR_STATE,
+    "series": _DETECTOR_STATE,
+    "series_sweep": _DETECTOR_STATE,
+    "series_lock": _DETECTOR_STATE,
+    # events the HTTP server writes for an agent (ping API, OTLP): its run, seq and flood bucket
+    "ingest": {"http": RW, "operator": R},
     # notifiers
     "notifier_queue": _NOTIFIER_STATE,
     "notifier_jobs": _NOTIFIER_STATE,
@@ -114,6 +119,19 @@ DESCRIPTIONS: Final = {
 }
 
 
+class _AnyShard(Keys):
+    """The sharded spelling, with every per-agent route leading to the wildcard shard."""
+
+    def events_for(self, agent: str) -> str:
+        return self.events("*")  # type: ignore[arg-type]
+
+    def tag_for(self, agent: str) -> str:
+        return self.tag("*")  # type: ignore[arg-type]
+
+    def halts_for(self, agent: str) -> str:
+        return self.halts("*")  # type: ignore[arg-type]
+
+
 def user_name(prefix: str, role: str) -> str:
     return f"{prefix}-{role}"
 
@@ -122,8 +140,7 @@ def patterns(keys: Keys, member: str) -> list[str]:
     """Every glob pattern of the key(s) ``member`` names, unsharded and sharded alike."""
     attribute = getattr(Keys, member)
     found = set()
-    for shards in (1, 2):
-        spelled = Keys(keys.prefix, shards)
+    for spelled in (Keys(keys.prefix, 1), _AnyShard(keys.prefix, 2)):
         if isinstance(attribute, property):
             found.add(getattr(spelled, member))
         else:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from agents.testkit import agent_env, run
@@ -51,11 +52,15 @@ def admin(server: EmbeddedRedis) -> Iterator[redis.Redis]:
     client.close()
 
 
-def config_for(tmp_path: Path, server: EmbeddedRedis, hook_url: str) -> Path:
+PING_KEY = "ping-key-for-the-acl-test"
+
+
+def config_for(tmp_path: Path, server: EmbeddedRedis, hook_url: str, http_port: int = 0) -> Path:
     path = tmp_path / "pipeline.toml"
     path.write_text(
         f'[redis]\nurl = "{server.tcp_url}"\nprefix = "{PREFIX}"\n'
         '[worker]\ntick = "50ms"\nblock = "100ms"\n'
+        f'[http]\nbind = "127.0.0.1:{http_port or free_port()}"\nping_key = "{PING_KEY}"\n'
         f'[[notifiers]]\ntype = "webhook"\nurl = "{hook_url}"\nbackoff = "50ms"\n'
     )
     return path
@@ -92,6 +97,20 @@ def test_the_printed_commands_are_what_redis_accepts(
     assert sorted(admin.acl_users()) == sorted(["default", *(f"aw-{r}" for r in acl.ROLES)])
 
 
+def _get(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _text(url: str) -> str:
+    try:
+        return httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return ""
+
+
 def refused(client: redis.Redis, *command: Any) -> bool:
     try:
         client.execute_command(*command)
@@ -105,8 +124,9 @@ def refused(client: redis.Redis, *command: Any) -> bool:
 def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
     tmp_path: Path, server: EmbeddedRedis, admin: redis.Redis
 ) -> None:
+    port = free_port()
     with receiver() as hook:
-        config = config_for(tmp_path, server, hook.url)
+        config = config_for(tmp_path, server, hook.url, port)
         applied = cli(config, "acl", "--apply")
         assert applied.returncode == 0, applied.stderr
         urls = dict(re.findall(r"^(\w+)\s+(redis://\S+)$", applied.stdout, re.M))
@@ -118,18 +138,32 @@ def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
         assert code == 1 and "Traceback" in err and "NOPERM" not in err
         assert admin.xlen("aw:events") == 4  # start, two beats, exit
         # The workers, each as its own user: the exit alert reaches the receiver.
+        # ... and the HTTP server as its own: the ping API writes events, the pages read.
+        commands = (
+            (["worker", "detectors"], "detector"),
+            (["worker", "notifiers"], "notifier"),
+            (["serve"], "http"),
+        )
         workers = [
             subprocess.Popen(
-                [sys.executable, "-m", "agentwatch", "worker", kind, "--config", str(config)],
+                [sys.executable, "-m", "agentwatch", *command, "--config", str(config)],
                 env={**os.environ, "AGENTWATCH_REDIS__URL": urls[role]},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for kind, role in (("detectors", "detector"), ("notifiers", "notifier"))
+            for command, role in commands
         ]
         try:
             (request,) = hook.wait_requests(1, timeout=30)
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _get(f"{base}/healthz") == 200, 60, what="the HTTP server")
+            assert _get(f"{base}/ping/{PING_KEY}/acl-ping-bot/start?interval=60") == 200
+            assert _get(f"{base}/ping/{PING_KEY}/acl-ping-bot") == 200
+            wait_for(
+                lambda: "acl-ping-bot" in _text(f"{base}/api/status"), 30, what="the pinged agent in status"
+            )
+            assert _get(f"{base}/") == 200 and _get(f"{base}/metrics") == 200
             # a second pass of their timers and upkeep, then their health says whether anything failed
             wait_for(lambda: len(admin.zrange("aw:workers", 0, -1)) == 2, what="both workers registered")
             healths = [
@@ -141,12 +175,12 @@ def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
             logs = [worker.communicate(timeout=15)[1] for worker in workers]
         assert json.loads(request.body)["detector"] == "exit"
         assert all(h[b"errors"] == b"0" for h in healths), healths
-        assert not any("NOPERM" in log or "Traceback" in log for log in logs), logs
+        assert not any("NOPERM" in log or "Traceback" in log or "no permission" in log for log in logs), logs
 
     # The operator's views work, read-only.
     status = cli(config, "status", "--json", url=urls["operator"])
     assert status.returncode == 0, status.stderr
-    assert [a["agent"] for a in json.loads(status.stdout)["agents"]] == ["acl-bot"]
+    assert [a["agent"] for a in json.loads(status.stdout)["agents"]] == ["acl-bot", "acl-ping-bot"]
     alerts = cli(config, "alerts", "--json", url=urls["operator"])
     assert alerts.returncode == 0 and '"detector":"exit"' in alerts.stdout.replace(" ", ""), alerts.stderr
 

@@ -338,6 +338,12 @@ def test_security_settings_that_cannot_work_are_refused(
     assert "s3cr3t" not in found
 
 
+def test_agent_keys_with_a_ping_api_that_cannot_sign_is_refused(tmp_path: Path) -> None:
+    text = f'[security]\nsecret = "{"s" * 40}"\nagent_keys = true\n[http]\nping_key = "{"p" * 20}"\n'
+    (found,) = problems(tmp_path, text)
+    assert found.startswith("[security] agent_keys: the HTTP ping API ([http] ping_key) does not sign")
+
+
 def test_the_agent_key_command_prints_the_derived_key_alone(tmp_path: Path) -> None:
     secret = "s" * 40
     path = write(tmp_path, f'[security]\nsecret = "{secret}"\nagent_keys = true\n')
@@ -409,7 +415,8 @@ def test_a_misspelled_section_in_an_override_is_an_error(
     (found,) = problems(tmp_path, "")
     assert found == (
         "environment variable AGENTWATCH_WROKER__BATCH: unknown section 'wroker' (did you mean 'worker'?); "
-        "valid sections: redis, embedded, streams, worker, report, security, prices, detectors, notifiers "
+        "valid sections: redis, embedded, streams, worker, report, security, http, prices, detectors, "
+        "notifiers "
         "(overrides are AGENTWATCH_<SECTION>__<KEY>)"
     )
 

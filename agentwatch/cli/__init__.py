@@ -45,6 +45,7 @@ from agentwatch.cli import (  # noqa: E402, F401
     mute,
     prices,
     run,
+    serve,
     status,
 )
 

@@ -45,6 +45,7 @@ def summary(pipeline: Pipeline) -> str:
         f"alerts kept {format_duration(s.streams.alerts_retention_s)}, "
         f"dead letters {s.streams.deadletter_max_len} of at most {_kib(s.streams.deadletter_max_bytes)}",
         _security(pipeline),
+        _http_line(pipeline),
         "detectors",
     ]
     for plugin in pipeline.detectors:
@@ -69,6 +70,15 @@ def _security(pipeline: Pipeline) -> str:
         else "unsigned events accepted (agent_keys = false)"
     )
     return f"security   alerts signed, {secret}; {events}"
+
+
+def _http_line(pipeline: Pipeline) -> str:
+    http = pipeline.settings.http
+    if not http.enabled:
+        return "http       off in `up` ([http] enabled = false)"
+    access = "token required" if http.token else "no token (loopback only)"
+    ping = "ping API on" if http.ping_key else "ping API off (no ping_key)"
+    return f"http       {http.bind}  {access}, {ping}"
 
 
 def _settings(config: PluginConfig, skip: set[str], *, only_set: bool = False) -> str:
