@@ -17,6 +17,7 @@ Overrides of a ``[[notifiers]]`` entry name it by its position in the file, coun
 from __future__ import annotations
 
 import decimal
+import fnmatch
 import math
 import os
 import re
@@ -24,7 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -212,6 +213,37 @@ class ReportSection(Section):
         return ZoneInfo(self.timezone)
 
 
+class OtlpAgents(Section):
+    """``[otlp.agents."<glob>"]``: settings for the OTel agents whose name matches the glob."""
+
+    interval_s: Seconds = Field(alias="interval", gt=0, le=31_536_000, description="fixed; not learnt")
+
+
+class OtlpSection(Section):
+    """The OpenTelemetry receiver (``POST /v1/traces``, ``/v1/metrics``; docs/opentelemetry.md)."""
+
+    enabled: bool = Field(True, description="serve the OTLP routes on the HTTP server")
+    agent_from: list[str] = Field(
+        ["gen_ai.agent.name", "service.name"], min_length=1, description="attributes naming the agent"
+    )
+    run_from: list[str] = Field(["service.instance.id"], description="resource attributes naming the run")
+    accept: str = Field("*", min_length=1, description="glob: the agent names OTLP may write")
+    interval_s: Seconds = Field(60.0, alias="interval", gt=0, le=31_536_000, description="until learnt")
+    usage_from: Literal["auto", "spans", "metrics"] = "auto"
+    max_agents: int = Field(1000, ge=1, le=10_000_000, description="OTel-known agents at most")
+    max_agents_per_export: int = Field(100, ge=1, le=100_000)
+    max_tokens: int = Field(100_000_000, ge=1, le=2**53 - 1, description="a larger count is garbage")
+    forget_s: Seconds = Field(7 * 86400.0, alias="forget", gt=0, description="unseen this long: not counted")
+    agents: dict[str, OtlpAgents] = Field(default_factory=dict)
+
+    def interval_for(self, agent: str) -> float | None:
+        """The interval configured for ``agent`` by the first matching glob, else None (learnt)."""
+        for glob, override in self.agents.items():
+            if fnmatch.fnmatchcase(agent, glob):
+                return override.interval_s
+        return None
+
+
 class PipelineSettings(BaseSettings):
     """The whole file. Plugin sections stay raw here; plugins.py validates each with its model."""
 
@@ -224,6 +256,7 @@ class PipelineSettings(BaseSettings):
     streams: StreamsSection = StreamsSection()
     worker: WorkerSection = WorkerSection()
     report: ReportSection = ReportSection()
+    otlp: OtlpSection = OtlpSection()
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notifiers: list[dict[str, Any]] = Field(default_factory=list)
 
