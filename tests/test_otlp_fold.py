@@ -240,6 +240,7 @@ def test_a_bad_metric_value_is_dropped_and_counted():
     ("payload", "usage"),
     [
         ("openai-v2.metrics.pb", {"tokens_in": 120, "tokens_out": 30, "tokens": 150}),
+        ("openlit.metrics.pb", {"tokens_in": 120, "tokens_out": 30, "tokens": 150, "cost": 0.0006}),
         ("pydantic-ai.metrics.pb", {"tokens_in": 240, "tokens_out": 60, "tokens": 300, "cost": 0.00095}),
         (
             "inference-counters.metrics.pb",

@@ -31,7 +31,7 @@ def read(name: str):
 
 
 @pytest.mark.parametrize(
-    ("payload", "agent", "usage", "provider"),
+    ("payload", "agent", "usage", "provider", "cost"),
     [
         # opentelemetry-instrumentation-openai-v2 2.4b0: semconv >= 1.37 names, no cache/reasoning
         (
@@ -39,21 +39,37 @@ def read(name: str):
             "rec-openai-v2",
             {"tokens_in": 120, "tokens_out": 30, "tokens": 150},
             "openai",
+            None,
         ),
         # OpenLLMetry 0.62: semconv names plus gen_ai.usage.reasoning_tokens
-        ("openllmetry.traces.pb", "rec-openllmetry", FULL_USAGE, "openai"),
+        ("openllmetry.traces.pb", "rec-openllmetry", FULL_USAGE, "openai", None),
         # OpenLLMetry 0.30: the deprecated prompt/completion names and gen_ai.system (semconv <= 1.26)
         (
             "openllmetry-0.30.traces.pb",
             "rec-openllmetry-0.30",
             {"tokens_in": 120, "tokens_out": 30, "tokens": 150},
             "OpenAI",
+            None,
         ),
         # OpenInference: llm.token_count.* and llm.model_name
-        ("openinference.traces.pb", "rec-openinference", FULL_USAGE, "openai"),
+        ("openinference.traces.pb", "rec-openinference", FULL_USAGE, "openai", None),
+        # OpenLIT: semconv names, its own gen_ai.usage.cost (priced from a local list: 0.0006)
+        (
+            "openlit.traces.pb",
+            "rec-openlit",
+            {
+                "tokens_in": 120,
+                "tokens_out": 30,
+                "tokens": 150,
+                "tokens_cache_read": 100,
+                "tokens_cache_write": 0,
+            },
+            "openai",
+            0.0006,
+        ),
     ],
 )
-def test_one_llm_call_from_each_generation_gives_its_exact_usage(payload, agent, usage, provider):
+def test_one_llm_call_from_each_generation_gives_its_exact_usage(payload, agent, usage, provider, cost):
     batches = read(payload).batches
     assert len(batches) == 1
     (call,) = batches[0].steps
@@ -62,8 +78,16 @@ def test_one_llm_call_from_each_generation_gives_its_exact_usage(payload, agent,
     assert call.usage == usage
     assert call.model == "gpt-4o-2024-08-06"
     assert call.provider == provider
-    assert call.cost is None
-    assert batches[0].origin.run == payload.removesuffix(".traces.pb") + "-1"
+    assert call.cost == (pytest.approx(cost) if cost else None)
+    # the SDK set service.instance.id in the recorder (OpenLIT's own SDK set-up does not)
+    run = None if payload.startswith("openlit") else payload.removesuffix(".traces.pb") + "-1"
+    assert batches[0].origin.run == run
+
+
+def test_spans_of_other_instrumentations_only_prove_the_process_alive():
+    found = read("openlit.traces.1.pb")  # OpenLIT's httpx span of the same request
+    (batch,) = found.batches
+    assert batch.steps == [] and batch.spans == 1
 
 
 @pytest.mark.parametrize("payload", ["pydantic-ai.traces.pb", "pydantic-ai-json.traces.json"])

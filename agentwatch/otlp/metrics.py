@@ -141,6 +141,8 @@ def _add(  # noqa: PLR0917 - one point's parts
         return
     agent = None
     for key in settings.agent_from:
+        if key == conv.SERVICE_NAME:
+            continue  # a copy of the resource's (OpenLIT puts it on points): the resource decides
         found = attrs.get(key)
         name_text = text(found) if found is not None else None
         if name_text is not None and not name_text.startswith(conv.UNKNOWN_SERVICE):

@@ -31,26 +31,32 @@ sys.path.insert(0, str(HERE.parents[1]))  # tests/, for otlp_kit
 SCENARIOS = {
     "openai-v2": "opentelemetry-instrumentation-openai-v2 on the OpenAI client",
     "openllmetry": "OpenLLMetry (opentelemetry-instrumentation-openai) on the OpenAI client",
-    "openllmetry-0.30": "OpenLLMetry 0.30 (semconv <= 1.26 names) on the OpenAI client",
+    "openllmetry-0.30": "OpenLLMetry 0.30 on the OpenAI client",
     "openinference": "OpenInference (openinference-instrumentation-openai) on the OpenAI client",
-    "openlit": "OpenLIT on the OpenAI client",
+    "openlit": "OpenLIT on the OpenAI client, priced from a local price list",
     "pydantic-ai": "PydanticAI's own instrumentation, an agent calling one tool",
     "pydantic-ai-json": "the same, sent by the OTLP/HTTP JSON exporters",
-    "inference-counters": "gen_ai.client.inference.usage.* counters made with the SDK (no "
-    "instrumentation emits them yet)",
+    "inference-counters": "gen_ai.client.inference.usage.* counters made with the SDK as "
+    "semantic-conventions-genai describes them (no instrumentation emits them yet)",
 }
-PACKAGES = (
-    "opentelemetry-sdk",
-    "opentelemetry-exporter-otlp-proto-http",
-    "opentelemetry-exporter-otlp-json-http",
-    "opentelemetry-instrumentation-openai-v2",
-    "opentelemetry-util-genai",
-    "opentelemetry-instrumentation-openai",
-    "openinference-instrumentation-openai",
-    "openlit",
-    "pydantic-ai-slim",
-    "openai",
-)
+SDK = ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http")
+PACKAGES = {
+    "openai-v2": (*SDK, "opentelemetry-instrumentation-openai-v2", "opentelemetry-util-genai", "openai"),
+    "openllmetry": (*SDK, "opentelemetry-instrumentation-openai", "openai"),
+    "openllmetry-0.30": (*SDK, "opentelemetry-instrumentation-openai", "openai"),
+    "openinference": (*SDK, "openinference-instrumentation-openai", "openai"),
+    "openlit": (*SDK, "openlit", "openai"),
+    "pydantic-ai": (*SDK, "pydantic-ai-slim", "openai"),
+    "pydantic-ai-json": (
+        "opentelemetry-sdk",
+        "opentelemetry-exporter-otlp-json-http",
+        "pydantic-ai-slim",
+        "openai",
+    ),
+    "inference-counters": SDK,
+}
+NAMES = ("gen_ai.", "llm.", "operation.cost", "tool", "openinference.")
+"""Attribute and metric names worth listing in the manifest: what each generation calls things."""
 
 
 def providers(scenario: str, endpoint: str) -> tuple[Any, Any]:
@@ -85,9 +91,12 @@ def run(scenario: str, out: Path) -> None:
     from otlp_kit import FakeOpenAI, OtlpCapture  # noqa: PLC0415
 
     api, capture = FakeOpenAI(), OtlpCapture()
-    tracing, metering = providers(scenario, capture.url)
-    trace.set_tracer_provider(tracing)
-    metrics.set_meter_provider(metering)
+    if scenario == "openlit":
+        tracing, metering = _openlit(capture.url, out)
+    else:
+        tracing, metering = providers(scenario, capture.url)
+        trace.set_tracer_provider(tracing)
+        metrics.set_meter_provider(metering)
     if scenario.startswith("pydantic-ai"):
         _pydantic_agent(api.url)
     elif scenario == "inference-counters":
@@ -102,13 +111,15 @@ def run(scenario: str, out: Path) -> None:
     metering.force_flush()
     files = []
     for signal in ("traces", "metrics"):
-        for index, item in enumerate(capture.bodies(signal)):
+        # GenAI payloads first: other instrumentations' (OpenLIT's httpx spans) follow as .1, .2
+        bodies = sorted(capture.bodies(signal), key=lambda item: b"gen_ai" not in item.body)
+        for index, item in enumerate(bodies):
             suffix = "json" if "json" in item.content_type else "pb"
             name = f"{scenario}.{signal}{'' if index == 0 else f'.{index}'}.{suffix}"
             (out / name).write_bytes(item.body)
             files.append(name)
     versions = {}
-    for package in PACKAGES:
+    for package in PACKAGES[scenario]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
     print(
@@ -131,12 +142,30 @@ def _instrument(scenario: str, tracing: Any, metering: Any) -> None:
         from openinference.instrumentation.openai import OpenAIInstrumentor  # noqa: PLC0415
 
         OpenAIInstrumentor().instrument(tracer_provider=tracing)
-    elif scenario == "openlit":
-        import openlit  # noqa: PLC0415
-
-        openlit.init(tracer=tracing.get_tracer("openlit"), meter=metering.get_meter("openlit"))
-    else:
+    elif scenario != "openlit":  # OpenLIT instrumented itself in _openlit
         raise SystemExit(f"unknown scenario {scenario}")
+
+
+def _openlit(endpoint: str, out: Path) -> tuple[Any, Any]:
+    """OpenLIT sets up its own SDK providers and OTLP/HTTP exporters from ``otlp_endpoint``. Its
+    default price list is fetched over the network; a local one (USD per 1k tokens, OpenLIT's
+    format) makes it price the call offline."""
+    import openlit  # noqa: PLC0415
+    from opentelemetry import metrics, trace  # noqa: PLC0415
+
+    prices = out / "openlit-prices.json"
+    prices.write_text(json.dumps({"chat": {"gpt-4o": {"promptPrice": 0.0025, "completionPrice": 0.01}}}))
+    try:
+        openlit.init(
+            otlp_endpoint=endpoint,
+            application_name="rec-openlit",
+            environment="recording",
+            pricing_json=str(prices),
+            disable_batch=True,
+        )
+    finally:
+        prices.unlink()
+    return trace.get_tracer_provider(), metrics.get_meter_provider()
 
 
 def _pydantic_agent(api_url: str) -> None:
@@ -177,6 +206,40 @@ def _inference_counters(metering: Any) -> None:
         meter.create_counter(f"gen_ai.client.inference.usage.{name}", unit="{token}").add(value, base)
 
 
+def names_in(files: list[str]) -> list[str]:
+    """The GenAI attribute and metric names the recorded payloads hold (what the manifest shows
+    for each generation), read with opentelemetry-proto."""
+    from google.protobuf import json_format  # noqa: PLC0415
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # noqa: PLC0415
+        ExportMetricsServiceRequest,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: PLC0415
+
+    found: set[str] = set()
+    for name in files:
+        body = (HERE / name).read_bytes()
+        if ".traces" in name:
+            traces = ExportTraceServiceRequest()
+            _parse(traces, body, name, json_format)
+            for rs in traces.resource_spans:
+                found |= {
+                    kv.key for scope in rs.scope_spans for span in scope.spans for kv in span.attributes
+                }
+        else:
+            metrics = ExportMetricsServiceRequest()
+            _parse(metrics, body, name, json_format)
+            for rm in metrics.resource_metrics:
+                found |= {f"metric {m.name}" for scope in rm.scope_metrics for m in scope.metrics}
+    return sorted(n for n in found if n.removeprefix("metric ").startswith(NAMES))
+
+
+def _parse(message: Any, body: bytes, name: str, json_format: Any) -> None:
+    if name.endswith(".json"):  # ids are hex in OTLP JSON; the names are all this needs
+        json_format.Parse(body, message, ignore_unknown_fields=True)
+    else:
+        message.ParseFromString(body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,6 +263,7 @@ def main() -> None:
             continue
         entry = json.loads(done.stdout.strip().splitlines()[-1])
         manifest[scenario] = {key: entry[key] for key in ("what", "files", "versions")}
+        manifest[scenario]["names"] = names_in(entry["files"])
         print(f"{scenario}: {', '.join(entry['files'])}")
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
 
