@@ -39,6 +39,9 @@ MAX_COUNT: Final = 2**53 - 1
 """Cap of every count (``tokens``, ``rss``, ``seq``, ``pid``, ...): the largest integer a double
 holds exactly, so detectors' Lua scripts (numbers are doubles) and JavaScript readers see the
 value that was sent. No real count comes near it; 2**63 from a buggy producer is refused."""
+MAX_COST: Final = 1_000_000.0
+"""Cap of ``cost`` (USD, one beat). No unit of work costs a million dollars: a bigger value is a
+bug (tokens passed as cost), and would swamp every total and budget it is added to."""
 MAX_SPAN_S: Final = 31_536_000.0
 """Cap of ``interval`` and ``extend`` in seconds (365 days): anything longer is a bug in the
 producer (milliseconds sent as seconds), and would park an agent's timers for ever."""
@@ -46,8 +49,10 @@ producer (milliseconds sent as seconds), and would park an agent's timers for ev
 Event = dict[str, Any]
 
 # Keys with a fixed meaning and the checks they get; everything else is meta (size/depth only).
-_COUNTS: Final = ("tokens", "tokens_in", "tokens_out", "rss", "seq", "pid")
-_AMOUNTS: Final = ("cost",)
+TOKEN_CLASSES: Final = ("tokens_cache_read", "tokens_cache_write", "tokens_reasoning")
+"""Shares of ``tokens_in`` (cache reads and writes) and ``tokens_out`` (reasoning), priced at
+their own rates (PROTOCOL.md)."""
+_COUNTS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "rss", "seq", "pid")
 _SPANS: Final = ("interval", "extend")
 _TEXTS: Final = ("model", "fp", "error", "host", "version")
 
@@ -124,8 +129,8 @@ def validate(event: Event) -> None:
     cost = event.get("cost")
     if cost is not None:
         seen += 1
-        if (cost.__class__ is not float and cost.__class__ is not int) or not 0 <= cost < math.inf:
-            _check_amount("cost", cost)
+        if (cost.__class__ is not float and cost.__class__ is not int) or not 0 <= cost <= MAX_COST:
+            _check_cost("cost", cost)
     model = event.get("model")
     if model is not None:
         seen += 1
@@ -170,6 +175,12 @@ def _check_amount(key: str, value: Any) -> None:
         raise InvalidEntry(f"'{key}' must be a finite number >= 0, got {_short(value)}")
 
 
+def _check_cost(key: str, value: Any) -> None:
+    _check_amount(key, value)
+    if value > MAX_COST:
+        raise InvalidEntry(f"'{key}' must be at most {MAX_COST:,.0f} (USD, one beat), got {_short(value)}")
+
+
 def _check_span(key: str, value: Any) -> None:
     _check_amount(key, value)
     if value > MAX_SPAN_S:
@@ -207,7 +218,7 @@ def _check_dropped(key: str, value: Any) -> None:
 
 _CHECKS: Final = {
     **dict.fromkeys(_COUNTS, _check_count),
-    **dict.fromkeys(_AMOUNTS, _check_amount),
+    "cost": _check_cost,
     **dict.fromkeys(_SPANS, _check_span),
     **dict.fromkeys(_TEXTS, _check_text),
     "stack": _check_stack,

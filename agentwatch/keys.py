@@ -28,6 +28,11 @@ PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
 in the producer's environment. The producer imports it from here (no pydantic on its side)."""
 
 
+HALT_EPOCH_FIELD: Final = "#epoch"
+"""Field of the halts hash whose value every change replaces (producers poll it). ``#`` appears
+in no agent name nor in any pattern ``agentwatch halt`` accepts, so it collides with neither."""
+
+
 def shard_of(agent: str, shards: int) -> int:
     """The shard an agent's events and state belong to (documented in PROTOCOL.md)."""
     if shards <= 1:
@@ -206,6 +211,20 @@ class Keys:
     def notify_stats(self) -> str:
         """Hash ``<notifier>:<outcome>`` -> count, for ``agentwatch status``."""
         return f"{self.prefix}:notify:stats"
+
+    # -- the brake (agentwatch/halts.py, producers/_halts.py) ----------------------------------------
+    def halts(self, shard: int = 0) -> str:
+        """Hash of the halts in force: ``<agent or glob>`` -> JSON (reason, by, at_ms, until_ms),
+        and ``#epoch`` -> a token replaced on every change. One copy per event stream, named
+        with the stream as its hash tag (``<prefix>:halt:{<prefix>:events}``): it shares the
+        stream's Cluster slot, so a producer reads it on the connection its events take."""
+        return f"{self.prefix}:halt:{{{self.events(shard)}}}"
+
+    def halts_for(self, agent: str) -> str:
+        return self.halts(shard_of(agent, self.shards))
+
+    def all_halts(self) -> list[str]:
+        return [self.halts(shard) for shard in range(max(self.shards, 1))]
 
     @property
     def mutes(self) -> str:

@@ -12,6 +12,7 @@ from agentwatch.alerts import Alert, Incidents, decode_alert
 from agentwatch.codec import Event
 from agentwatch.config import Pipeline
 from agentwatch.facts import FactsRecorder
+from agentwatch.halts import HaltExpiry, Halts
 from agentwatch.redisconn import Client
 from agentwatch.rollups import Snapshotter
 from agentwatch.worker import Handler, Worker
@@ -57,6 +58,7 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     worker.handlers += [
         OutboxSweeper(incidents),
         FactsRecorder(client, keys),
+        HaltExpiry(Halts(client, keys, incidents)),
         Snapshotter(
             client,
             keys,

@@ -27,9 +27,10 @@ from typing import Any
 from producers import _exitcode, _lifecycle
 from producers._config import resolve
 from producers._guard import internal_error
+from producers._halts import Halted
 from producers._producer import Producer
 
-__all__ = ["Producer", "extend", "heartbeat", "init", "shutdown"]
+__all__ = ["Halted", "Producer", "extend", "halted", "heartbeat", "init", "shutdown"]
 
 _default = Producer._deferred()
 _default_lock = threading.RLock()
@@ -89,6 +90,16 @@ def init(
 def extend(seconds: float) -> None:
     """Tell the pipeline a long step starts now: wait ``seconds`` longer before alerting."""
     _default.extend(seconds)
+
+
+def halted() -> str | None:
+    """Why this agent is halted, or None: for loops that poll rather than catch :class:`Halted`.
+
+    ``agentwatch halt`` reaches the producer within about a second; from then on every
+    ``heartbeat()`` raises :class:`Halted` (unless ``init(on_halt="ignore")``) until
+    ``agentwatch resume``.
+    """
+    return _default.halted()
 
 
 def shutdown() -> None:

@@ -43,12 +43,17 @@ down (its workers trim by age, after reading). Large, because every agent shares
 small cap lets one flooding agent trim the others' unread events."""
 DEFAULT_FLUSH_INTERVAL: Final = 0.1
 DEFAULT_SOCKET_TIMEOUT: Final = 1.0
+DEFAULT_HALT_INTERVAL: Final = 1.0
+"""How often an idle sender asks Redis whether the agent was halted (a beating one asks with
+every batch it delivers anyway)."""
+ON_HALT: Final = ("raise", "ignore")
 MIN_PERIOD: Final = 0.01
 
 OPTIONS: Final = frozenset(
     {
         "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
-        "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout",
+        "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout", "on_halt",
+        "halt_interval",
     }
 )  # fmt: skip
 """Every keyword a Producer (and ``init()``) accepts."""
@@ -61,6 +66,8 @@ ENV_VARS: Final = {
     "pulse_interval": "AGENTWATCH_PULSE_INTERVAL",
     "shards": "AGENTWATCH_SHARDS",
     "maxlen": "AGENTWATCH_MAXLEN",
+    "on_halt": "AGENTWATCH_ON_HALT",
+    "halt_interval": "AGENTWATCH_HALT_INTERVAL",
 }
 """The options that may also come from the environment, and their variables."""
 
@@ -88,6 +95,10 @@ class Settings:
     maxlen: int
     flush_interval: float
     socket_timeout: float
+    on_halt: str = "raise"
+    """``raise``: ``heartbeat()`` raises :class:`~producers.Halted` while halted; ``ignore``: it
+    never does (``producers.halted()`` still tells)."""
+    halt_interval: float = DEFAULT_HALT_INTERVAL
 
     @property
     def stack_after(self) -> float:
@@ -136,6 +147,8 @@ def resolve(**explicit: Any) -> Settings:
         maxlen=_count(*given.pick("maxlen"), DEFAULT_MAXLEN),
         flush_interval=_number(*given.pick("flush_interval"), DEFAULT_FLUSH_INTERVAL, MAX_SPAN_S),
         socket_timeout=_number(*given.pick("socket_timeout"), DEFAULT_SOCKET_TIMEOUT, MAX_SPAN_S),
+        on_halt=_choice(*given.pick("on_halt"), ON_HALT),
+        halt_interval=_number(*given.pick("halt_interval"), DEFAULT_HALT_INTERVAL, MAX_SPAN_S),
     )
 
 
@@ -263,6 +276,17 @@ def _number(value: Any, label: str, default: float | None, maximum: float) -> An
         )
         return default
     return number
+
+
+def _choice(value: Any, label: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first is the default)."""
+    if value is None:
+        return choices[0]
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    warn_once(f"config:{label}", "agentwatch: %s=%r is not one of %s; using %r",
+              label, value, ", ".join(choices), choices[0])  # fmt: skip
+    return choices[0]
 
 
 def _count(value: Any, label: str, default: int) -> int:

@@ -20,7 +20,7 @@ import operator
 from itertools import islice
 from typing import Any, Final
 
-from agentwatch.codec import MAX_COUNT, MAX_DEPTH, MAX_ENTRY_BYTES, MAX_TEXT_CHARS
+from agentwatch.codec import MAX_COST, MAX_COUNT, MAX_DEPTH, MAX_ENTRY_BYTES, MAX_TEXT_CHARS, TOKEN_CLASSES
 from producers._guard import warn_once
 from producers._usage import usage_fields
 
@@ -28,10 +28,11 @@ RESERVED: Final = frozenset(
     {
         "v", "agent", "kind", "ts", "run", "seq", "interval", "pid", "host", "version",
         "tokens", "tokens_in", "tokens_out", "cost", "model", "fp", "rss", "stack",
-        "extend", "dropped", "code", "reason", "error", "traceback",
+        "extend", "dropped", "code", "reason", "error", "traceback", *TOKEN_CLASSES,
     }
 )  # fmt: skip
-"""Protocol keys: never accepted as meta, whatever their value, so meta cannot forge them."""
+"""Protocol keys: never accepted as meta, whatever their value, so meta cannot forge them (the
+token classes, ``heartbeat(tokens_cache_read=...)``, are taken as counts instead)."""
 
 META_INT_MIN: Final = -(2**63)
 META_INT_END: Final = 2**64
@@ -102,7 +103,7 @@ def add_work_fields(
             _too_large("tokens", total)
     size = 0
     if cost is not None:
-        _put(event, "cost", amount("cost", cost))
+        _put(event, "cost", amount("cost", cost, MAX_COST))
     if model is not None and _put(event, "model", _model(model)):
         size += len(event["model"])
     if fp is not None and _put(event, "fp", fingerprint(fp)):
@@ -136,8 +137,8 @@ def count(name: str, value: Any) -> int | None:
     return number
 
 
-def amount(name: str, value: Any) -> float | None:
-    """``value`` as a finite float >= 0, or ``None`` (with a warning)."""
+def amount(name: str, value: Any, cap: float = math.inf) -> float | None:
+    """``value`` as a finite float >= 0 (and at most ``cap``), or ``None`` (with a warning)."""
     number = math.nan
     if not isinstance(value, (bool, str, bytes)):
         try:
@@ -145,7 +146,12 @@ def amount(name: str, value: Any) -> float | None:
         except (TypeError, ValueError, OverflowError):
             number = math.nan
     if 0 <= number < math.inf:
-        return number
+        if number <= cap:
+            return number
+        warn_once(f"arg:{name}:cap", "agentwatch: %s=%s is over %s, more than any unit of work "
+                  "costs (tokens passed as cost?); field dropped",
+                  name, _short(value), f"{cap:,.0f}")  # fmt: skip
+        return None
     warn_once(f"arg:{name}", "agentwatch: %s=%s is not a finite number >= 0; field dropped",
               name, _short(value))  # fmt: skip
     return None
@@ -177,6 +183,9 @@ def clean_meta(meta: dict[str, Any], into: dict[str, Any]) -> int:
     walked = 0
     for key, value in meta.items():
         if key in RESERVED:
+            if key in TOKEN_CLASSES:  # a share of tokens_in/tokens_out given by hand: a count
+                _put(into, key, count(key, value))
+                continue
             warn_once(f"meta:reserved:{key}", "agentwatch: %r is a protocol key and cannot be "
                       "used as meta; dropped", key)  # fmt: skip
             continue

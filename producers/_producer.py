@@ -30,6 +30,7 @@ from producers._config import (
 )
 from producers._fields import add_work_fields, amount, clean_meta
 from producers._guard import internal_error, warn_once
+from producers._halts import Halt, Halted, HaltWatch, current
 from producers._lifecycle import EXIT_DEADLINE, Outcome
 from producers._sender import SIZE_KEY, Sender
 from producers._stack import exception_text, trim_frames
@@ -68,7 +69,9 @@ class Producer:
     ``queue_bytes`` (approximate encoded bytes of the beats with meta among them, 4 MiB),
     ``flush_interval`` (0.1 s), ``socket_timeout`` (1 s), ``stack_factor`` (pulses carry the
     work thread's stack once the last beat is this many intervals old, 2.0; 30 s without a
-    declared interval).
+    declared interval). The brake: ``on_halt`` (``"raise"``: ``heartbeat()`` raises
+    :class:`~producers.Halted` while the agent is halted; ``"ignore"``: it never does),
+    ``halt_interval`` (how often an idle agent asks whether it was halted, 1 s).
 
     Nothing is sent until first use: the first ``heartbeat()`` or ``extend()`` sends ``start``
     and starts the sender thread. ``close()`` retires the agent (an ``exit`` with reason
@@ -90,6 +93,8 @@ class Producer:
         queue_bytes: int | None = None,
         flush_interval: float | None = None,
         socket_timeout: float | None = None,
+        on_halt: str | None = None,
+        halt_interval: float | None = None,
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in OPTIONS}
         self._setup()
@@ -127,6 +132,8 @@ class Producer:
         self._last_beat = _monotonic()
         self._work_thread = 0
         self._death: tuple[float, str, Outcome] | None = None  # (when, pulse note, outcome)
+        self._halts: tuple[Halt, ...] = ()
+        """Halts covering this agent, as the sender last read them (replaced whole, never edited)."""
 
     def _configure(self, explicit: dict[str, Any], settings: Settings | None = None) -> None:
         """(Re)configure; a closed or finished producer becomes usable again (``init()``)."""
@@ -220,6 +227,25 @@ class Producer:
                 next(self._overflow)
         except Exception:
             internal_error("heartbeat")
+        if self._halts:  # the brake's only cost on the hot path: one attribute test
+            self._halt_check()
+
+    def _halt_check(self) -> None:
+        halt = current(self._halts)
+        if halt is not None and self.settings.on_halt == "raise":
+            raise Halted(halt.reason, halt.pattern)
+
+    def halted(self) -> str | None:
+        """Why this agent is halted (``agentwatch halt``, a budget), or None while it may work.
+
+        What the sender last read from Redis: within about a second of the halt (or resume).
+        """
+        halt = current(self._halts)
+        return None if halt is None else halt.reason or "halted"
+
+    def _set_halts(self, halts: tuple[Halt, ...]) -> None:
+        """Called on the sender thread: one reference store, which the agent's thread reads."""
+        self._halts = halts
 
     def _reserve(self, event: dict[Any, Any], size: int) -> bool:
         """Room in ``queue_bytes`` for a heavy beat? If so it is counted (the sender uncounts it
@@ -335,7 +361,9 @@ class Producer:
                 # they are workers of this run, not a restart of the agent (also without init()).
                 export_for_children(self._explicit, self._run)
             start = start_fields(settings.interval, pid, self._parent_run)
-            sender = Sender(settings, self._stream, self._run, start, self._beat_info)
+            halts = Keys(settings.prefix, settings.shards).halts_for(settings.agent)
+            watch = HaltWatch(settings.agent, halts, settings.halt_interval, self._set_halts)
+            sender = Sender(settings, self._stream, self._run, start, self._beat_info, halts=watch)
             try:
                 sender.start()
             except RuntimeError as exc:  # no more threads, or the interpreter is shutting down

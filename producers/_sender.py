@@ -31,6 +31,7 @@ from agentwatch.urls import display_url
 from producers._config import Settings
 from producers._fields import RESERVED
 from producers._guard import internal_error, logger, warn_once
+from producers._halts import HaltWatch
 from producers._stack import thread_stack, trim_frames
 from producers._sync import Wakeup
 from producers._system import rss_bytes
@@ -65,7 +66,14 @@ class Sender:
     """Owns the queue, the connection and the thread for one producer in one process run."""
 
     def __init__(
-        self, settings: Settings, stream: str, run: str, start: dict[str, Any], beat_info: BeatInfo
+        self,
+        settings: Settings,
+        stream: str,
+        run: str,
+        start: dict[str, Any],
+        beat_info: BeatInfo,
+        *,
+        halts: HaltWatch | None = None,
     ) -> None:
         self.settings = settings
         self.run = run
@@ -100,6 +108,8 @@ class Sender:
         self._next_pulse = time.monotonic() + settings.pulse_interval
         self._final: dict[str, Any] | None = None
         self._thread: threading.Thread | None = None
+        self._halts = halts
+        """Polled with every batch, and alone when idle for its interval (producers/_halts.py)."""
 
     # -- called from other threads ---------------------------------------------------------
     def start(self) -> None:
@@ -144,7 +154,7 @@ class Sender:
         else:
             if self._empty_flushes >= IDLE_AFTER:
                 if not self._sleep_idle(now):
-                    return  # a pulse is due, or extend()/exit woke us: act now
+                    return  # a pulse or a halt poll is due, or extend()/exit woke us: act now
                 now = time.monotonic()  # woken by an event: give the batch its window
             delay = min(self.settings.flush_interval, self._next_pulse - now)
         if delay > 0:
@@ -156,7 +166,8 @@ class Sender:
         # Publish "idle" before looking at the queue, while the agent's thread appends before
         # looking at "idle": one of the two always sees the other (see Producer.heartbeat).
         if not self.queue and not self.extends and self._final is None:
-            self.wake.wait(self._next_pulse - now)
+            until = self._next_pulse if self._halts is None else min(self._next_pulse, self._halts.next_poll)
+            self.wake.wait(until - now)
         self.idle = False
         return bool(self.queue) and not self.extends and self._final is None
 
@@ -189,8 +200,25 @@ class Sender:
             items.append(final)
         if items or self._start is not None:
             self._deliver(items)
+        elif self._halts is not None and final is None and now >= self._halts.next_poll:
+            self._poll_halts()
         if last:
             self.finished = True
+
+    def _poll_halts(self) -> None:
+        """The idle poll: one small read on its own (a beating agent's rides on its batches)."""
+        assert self._halts is not None
+        replies = self._transport.call([self._halts.poll])
+        if isinstance(replies, BaseException):  # Redis away: the next batch finds out and says so
+            self._halts.next_poll = time.monotonic() + self._halts.interval
+            return
+        self._halts_polled(replies[0])
+
+    def _halts_polled(self, reply: Any) -> None:
+        assert self._halts is not None
+        now = time.monotonic()
+        if self._halts.polled(reply, now):
+            self._halts.read(self._transport.call(self._halts.read_all), now)
 
     def _pulse(self, now: float, extend: float | None = None) -> dict[str, Any]:
         pulse: dict[str, Any] = {"kind": "pulse", "ts": now}
@@ -241,7 +269,11 @@ class Sender:
         if carrier < 0 and drops:  # nothing carried them: keep for the next batch
             self._add_drops(drops)
         if payloads:
-            self._account(self._transport.send(payloads), with_start, carrier, drops)
+            poll = b"" if self._halts is None or self._final is not None else self._halts.poll
+            replies = self._transport.send(payloads, also=poll)
+            self._account(replies, with_start, carrier, drops)
+            if poll and replies.error is None:
+                self._halts_polled(replies.also)
 
     def _account(self, replies: Replies, with_start: bool, carrier: int, drops: dict[str, int]) -> None:
         """Count what did not get through; keep what must be sent again (start, drop counts)."""

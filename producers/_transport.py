@@ -52,6 +52,8 @@ class Replies:
     """The whole batch went out: commands without a reply may have been executed."""
     error: BaseException | None = None
     """The transport error behind ``cut``, if any."""
+    also: Any = None
+    """The reply to the extra command sent after the batch (an exception if Redis refused it)."""
 
     @property
     def cut_reason(self) -> str:
@@ -78,9 +80,11 @@ class Transport:
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
 
-    def send(self, payloads: list[bytes], *, redirected: bool = False) -> Replies:
+    def send(self, payloads: list[bytes], *, also: bytes = b"", redirected: bool = False) -> Replies:
+        """XADD every payload; ``also`` (one packed command, e.g. the halt poll) rides at the end
+        of the same write, its reply in :attr:`Replies.also`."""
         head = self._head
-        buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads])
+        buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads]) + also
         count = len(payloads)
         conn = self._connection()
         # A connection idle for a while may have been closed by the server or a proxy: one
@@ -111,11 +115,37 @@ class Transport:
                 self._broken(conn)
                 replies.cut, replies.error = index, exc
                 return replies
+        if also:
+            try:
+                replies.also = conn.read_response()
+            except ResponseError as exc:  # refused (an ACL, say): the batch still went through
+                replies.also = exc
+            except (RedisError, OSError) as exc:
+                self._broken(conn)
+                replies.also = exc  # every XADD was answered: nothing of the batch is lost
+                return replies
         if moved and len(replies.refused) == count and not redirected:
             self._redirect(moved)  # nothing was written: send it all to the slot's owner
-            return self.send(payloads, redirected=True)
+            return self.send(payloads, also=also, redirected=True)
         self.proven = True
         return replies
+
+    def call(self, commands: list[bytes]) -> list[Any] | BaseException:
+        """Send packed commands in one write; their replies (an error reply in its place), or
+        the transport error. For the halt reads: the batches' own path stays :meth:`send`."""
+        conn = self._connection()
+        try:
+            conn.send_packed_command([b"".join(commands)], check_health=False)
+            out: list[Any] = []
+            for _ in commands:
+                try:
+                    out.append(conn.read_response())
+                except ResponseError as exc:
+                    out.append(exc)
+        except (RedisError, OSError) as exc:
+            self._broken(conn)
+            return exc
+        return out
 
     def ping(self) -> BaseException | None:
         """PING (on a new connection if need be); the error, or ``None`` if Redis answered."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import sys
@@ -54,6 +55,14 @@ AgentOption = Annotated[
     typer.Option("--agent", help='Only agents matching this glob, e.g. "scraper-*".', callback=_agent_glob),
 ]
 """``--agent GLOB``, the same in every command that has it."""
+
+
+def who() -> str:
+    """The operator's user name, for the record of a mute or a halt ('' when unknown)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 def duration_flag(flag: str, text: str) -> float:

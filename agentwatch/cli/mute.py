@@ -8,7 +8,6 @@ delivered (docs/notifiers.md, Mutes). Muting the same glob and detector again re
 
 from __future__ import annotations
 
-import getpass
 import json
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from agentwatch.alerts import iso_ms
 from agentwatch.cli import app
-from agentwatch.cli.common import EXIT_USAGE, ConfigOption, client_for, fail, load_pipeline
+from agentwatch.cli.common import EXIT_USAGE, ConfigOption, client_for, fail, load_pipeline, who
 from agentwatch.config import format_duration, parse_duration
 from agentwatch.redisconn import server_time_ms
 from notifiers.routing import Mutes, known_detectors, unknown_detectors
@@ -52,7 +51,7 @@ def mute(
             fail(f"--detector: {problem}", EXIT_USAGE)
     client: Any = client_for(pipeline)
     try:
-        done = Mutes(client, pipeline.keys).add(agent, seconds, detector=detector, reason=reason, by=_who())
+        done = Mutes(client, pipeline.keys).add(agent, seconds, detector=detector, reason=reason, by=who())
     finally:
         client.close()
     what = f"{detector} alerts of" if detector else "alerts of"
@@ -108,10 +107,3 @@ def mutes(
         table.add_row(item.agent, item.detector or "all", format_duration((item.until_ms - now) / 1000),
                       iso_ms(item.until_ms)[:19].replace("T", " "), item.by, item.reason)  # fmt: skip
     Console().print(table)
-
-
-def _who() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return ""
