@@ -126,6 +126,28 @@ def _compact_duration(seconds: float) -> str | None:
 Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(duration_text)]
 """A duration key: a string with a unit in the file (and when dumped), float seconds in code."""
 
+_PERIODS: Final = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+                   "h": 3600.0, "hour": 3600.0}  # fmt: skip
+_RATE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+
+
+def parse_rate(value: object) -> float:
+    """``"120/min"`` -> 2.0 (per second). A rate is a count over a period, never a bare number."""
+    if not isinstance(value, str):
+        raise ValueError('a rate is a string like "120/min", "2/s" or "1000/h"')
+    match = _RATE_RE.match(value.lower())
+    if not match or match.group(2) not in _PERIODS:
+        raise ValueError(f'bad rate {value!r}: use e.g. "120/min", "2/s" or "1000/h"')
+    per_second = float(match.group(1)) / _PERIODS[match.group(2)]
+    if per_second <= 0:
+        raise ValueError("a rate limit must be above zero (leave the key out for no limit)")
+    return per_second
+
+
+PerSecond = Annotated[float, BeforeValidator(parse_rate)]
+"""A rate key: ``"120/min"`` in the file, events per second in code (notifiers' ``rate_limit``,
+``[http] ping_rate``)."""
+
 
 class Section(BaseModel):
     """Base of every config section and plugin config: unknown keys are errors."""
@@ -282,6 +304,66 @@ class OtlpSection(Section):
         return None
 
 
+class HttpSection(Section):
+    """``agentwatch serve`` (and ``up``): the dashboard, ``/metrics``, badges and the ping API
+    (docs/http.md). Loopback by default; any other address needs ``token``."""
+
+    enabled: bool = Field(True, description="whether `up` starts the HTTP server")
+    bind: str = Field("127.0.0.1:8787", description='"host:port"; "[::1]:8787" for IPv6')
+    token: str | None = Field(None, description="required for every route but /ping, /healthz, badges")
+    ping_key: str | None = Field(None, description="secret in /ping/<ping_key>/...; unset: no ping API")
+    public_badges: bool = Field(True, description="badges readable without the token")
+    max_body_bytes: int = Field(16_384, ge=256, le=16 * 1024 * 1024, description="bigger bodies get 413")
+    ping_rate: PerSecond = Field(2.0, description='per agent, e.g. "120/min"; more gets 429')
+    ping_burst: int = Field(60, ge=1, le=100_000, description="pings an agent may send at once")
+    run_ttl_s: Seconds = Field(7 * 86400.0, alias="run_ttl", gt=0, description="a ping agent's idle run ends")
+    refresh_s: Seconds = Field(2.0, alias="refresh", ge=0.2, le=3600, description="pages update every ...")
+    page_size: int = Field(100, ge=10, le=5000, description="agents per fleet page")
+    series_bucket_s: Seconds = Field(300.0, alias="series_bucket", ge=10, description="chart resolution")
+    series_span_s: Seconds = Field(86400.0, alias="series_span", ge=600, le=31 * 86400, description="span")
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        split_bind(value)
+        return value
+
+    @field_validator("token", "ping_key")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            # A short secret in a URL or a header is guessed: refuse it rather than expose the fleet.
+            raise ValueError("must be at least 16 characters (e.g. `python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(24))'`)")  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _series(self) -> HttpSection:
+        if self.series_span_s / self.series_bucket_s > 4096:
+            raise ValueError("series_span / series_bucket: at most 4096 points per agent")
+        return self
+
+    @property
+    def host(self) -> str:
+        return split_bind(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return split_bind(self.bind)[1]
+
+
+def split_bind(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8787"`` -> ("127.0.0.1", 8787); ``"[::1]:8787"`` -> ("::1", 8787)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'bad address {value!r}: use "host:port", e.g. "127.0.0.1:8787" or "[::1]:8787"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'bad address {value!r}: write an IPv6 address in brackets, "[::1]:8787"')
+    return host, int(port)
+
+
 class PipelineSettings(BaseSettings):
     """The whole file. Plugin sections stay raw here; plugins.py validates each with its model."""
 
@@ -294,6 +376,7 @@ class PipelineSettings(BaseSettings):
     streams: StreamsSection = StreamsSection()
     worker: WorkerSection = WorkerSection()
     report: ReportSection = ReportSection()
+    http: HttpSection = HttpSection()
     prices: dict[str, ModelRates] = Field(default_factory=dict, description="per-model rates (prices.py)")
     otlp: OtlpSection = OtlpSection()
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)

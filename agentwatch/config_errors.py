@@ -122,7 +122,7 @@ def serializer(info: FieldInfo | None) -> Callable[[Any], Any] | None:
 
 _SECRET_KEYS: Final = frozenset(
     {"secret", "password", "passwd", "token", "routing_key", "integration_key", "api_key", "apikey",
-     "auth", "authorization", "headers", "env"}
+     "auth", "authorization", "headers", "env", "ping_key"}
 )  # fmt: skip
 _SECRET_SUFFIXES: Final = ("_token", "_secret", "_password", "_api_key")
 _URL_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -17,6 +17,7 @@ measured up to the horizon, and ``pipeline.detecting`` says that detection is no
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from agentwatch.alerts import PIPELINE_AGENT, Incidents, iso_ms
@@ -39,14 +40,17 @@ _NOT_RUNNING: Final = ("down", "exited", "retired")
 _DEFAULT_WINDOW_MS: Final = 60_000
 
 
-def fleet_status(client: Client, pipeline: Pipeline, now_ms: int | None = None) -> dict[str, Any]:
-    """The whole ``status --json`` document (see the module docstring)."""
+def fleet_status(
+    client: Client, pipeline: Pipeline, now_ms: int | None = None, only: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The whole ``status --json`` document (see the module docstring). With ``only``, just those
+    agents (of them, the ones that exist) are read and listed: the dashboard's agent page, badges."""
     from detectors.state import read_agents  # noqa: PLC0415 - the spine imports plugins lazily
     from notifiers.routing import Mutes  # noqa: PLC0415
 
     keys = pipeline.keys
     now = server_time_ms(client) if now_ms is None else now_ms
-    records = read_agents(client, keys)
+    records = read_agents(client, keys, only)
     records.pop(PIPELINE_AGENT, None)
     # Only agents with a detector record: one the detectors forgot has no state to show, and
     # its leftover facts (if any) must not make it look "ok" forever.

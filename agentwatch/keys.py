@@ -249,6 +249,24 @@ class Keys:
         """Hash ``bucket``, ``cursor``: a snapshot being taken in slices, and the lock on it."""
         return f"{self.tag(shard)}:snapping"
 
+    # -- events written on an agent's behalf (agentwatch/ingest.py: HTTP ping API, OTLP) ------------
+    def ingest(self, agent: str) -> str:
+        """Hash of one agent whose events a server writes: its current ``run``, next ``seq``,
+        declared interval ``iv``, flood bucket ``tk``/``tat``, ``end`` (the run has exited).
+        Expires when unused (``[http] run_ttl``). Its hash tag is the name of the agent's event
+        stream, so one script can number the events and append them in the same step (one
+        Cluster slot): seqs reach the stream in order, however many servers write."""
+        return f"{{{self.events_for(agent)}}}:ingest:{agent}"
+
+    def series(self, shard: int) -> str:
+        """Hash agent -> packed per-bucket beats, tokens, cost and RSS over ``[http] series_span``
+        (agentwatch/series.py): the dashboard's charts."""
+        return f"{self.tag(shard)}:series"
+
+    def series_sweep(self, shard: int) -> str:
+        """Hash ``bucket``, ``cursor``, ``done``, ``orphans``: the series sweep in progress (+ ``:lock``)."""
+        return f"{self.tag(shard)}:series:sweep"
+
     @property
     def reports_sent(self) -> str:
         """Hash schedule slot -> when its scheduled report was queued to the notifiers (ms)."""

@@ -129,16 +129,20 @@ def retry_until_available(
     return False
 
 
-def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -> Client:
-    """A client with timeouts that exceed the worker's BLOCK, so a hung server is noticed."""
+def _options(settings: PipelineSettings, name: str) -> dict[str, Any]:
     cfg = settings.redis
-    options: dict[str, Any] = {
+    return {
         "socket_timeout": cfg.timeout_s + settings.worker.block_s,
         "socket_connect_timeout": min(cfg.timeout_s, 5.0),
         "client_name": name,
         "protocol": 2,
     }
-    if cfg.cluster:
+
+
+def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -> Client:
+    """A client with timeouts that exceed the worker's BLOCK, so a hung server is noticed."""
+    options = _options(settings, name)
+    if settings.redis.cluster:
         return RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, health_check_interval=30, **options)
 

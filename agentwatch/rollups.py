@@ -27,7 +27,7 @@ zone is not aligned to the buckets. Large fleets should use ``bucket = "6h"`` or
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -74,6 +74,40 @@ class Totals:
         return cls(float(record.get("bt", 0)), float(record.get("tt", 0)), float(record.get("ct", 0)))
 
 
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """What a sweep reads of one agent: its running totals and its last RSS (KiB, 0: unknown)."""
+
+    totals: Totals
+    rss_kib: int
+
+
+def scan_totals(
+    client: Client, keys: Keys, shard: int, cursor: int, count: int | None = None
+) -> tuple[int, dict[bytes, Sample]]:
+    """One slice of a shard's agents, HSCAN-style: (next cursor, 0 when done; agent -> sample).
+
+    The one place where sweeps over the whole fleet (rollup snapshots, chart series) read the
+    detectors' records, so a new record layout changes this function and nothing else."""
+    from detectors import record  # noqa: PLC0415 - the spine imports detectors lazily
+
+    redis: Any = client
+    cursor, pairs = redis.hscan(keys.states(shard), cursor, count=count or _SLICE)
+    out: dict[bytes, Sample] = {}
+    for agent, raw in pairs.items():
+        fields = record.decode(raw)
+        if fields is not None:
+            out[agent] = Sample(Totals.of_record(fields), int(fields.get("rl", 0)))
+    return int(cursor), out
+
+
+def known_agents(client: Client, keys: Keys, shard: int, agents: Sequence[bytes]) -> set[bytes]:
+    """Which of ``agents`` (of ``shard``) the detectors still keep (the others were forgotten)."""
+    redis: Any = client
+    found = redis.hmget(keys.states(shard), list(agents)) if agents else []
+    return {agent for agent, raw in zip(agents, found, strict=True) if raw is not None}
+
+
 class Snapshotter(Handler[Event]):
     """Detector-worker handler: takes each bucket's snapshot, a slice per tick (see module doc)."""
 
@@ -110,8 +144,6 @@ class Snapshotter(Handler[Event]):
 
     def advance(self, shard: int, bucket: int, now_ms: int) -> bool:
         """Take the next slice of ``bucket``'s snapshot of ``shard``; True once it is complete."""
-        from detectors import record  # noqa: PLC0415 - the spine imports detectors lazily
-
         keys, redis = self.keys, self.client
         if redis.zscore(keys.snapshots(shard), bucket) is not None:
             self._done[shard] = bucket
@@ -122,13 +154,9 @@ class Snapshotter(Handler[Event]):
         try:
             state = redis.hgetall(progress)
             cursor = int(state[b"cursor"]) if state.get(b"bucket") == str(bucket).encode() else 0
-            cursor, pairs = redis.hscan(keys.states(shard), cursor, count=_SLICE)
+            cursor, found = scan_totals(redis, keys, shard, cursor)
             target = keys.snapshot(shard, bucket)
-            rows = {}
-            for agent, raw in pairs.items():
-                fields = record.decode(raw)
-                if fields is not None:
-                    rows[agent] = Totals.of_record(fields).pack()
+            rows = {agent: sample.totals.pack() for agent, sample in found.items()}
             pipe = redis.pipeline(transaction=False)
             if rows:
                 pipe.hset(target, mapping=rows)

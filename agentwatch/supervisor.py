@@ -42,6 +42,10 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     crashes: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     restart_at: float = 0.0
+    essential: bool = True
+    """A crash loop of an essential child stops ``up``; of another (the dashboard), only that
+    child is given up on: monitoring goes on without its web pages."""
+    abandoned: bool = False
 
 
 class Supervisor:
@@ -89,6 +93,8 @@ class Supervisor:
                 return 1
             for child in self.children:
                 process = child.process
+                if child.abandoned:
+                    continue
                 if process is None:
                     if now >= child.restart_at:
                         self._spawn(child)
@@ -99,6 +105,13 @@ class Supervisor:
                 child.process = None
                 child.crashes.append(now)
                 recent = [t for t in child.crashes if now - t <= self.window_s]
+                if len(recent) > self.burst and not child.essential:
+                    log.error(
+                        "%s crashed %d times in %.0fs; giving up on it, the workers go on (see the "
+                        "errors above)", child.name, len(recent), self.window_s,
+                    )  # fmt: skip
+                    child.abandoned = True
+                    continue
                 if len(recent) > self.burst:
                     log.error(
                         "%s crashed %d times in %.0fs; giving up (see the errors above)",
@@ -207,3 +220,12 @@ def worker_child(kind: str, index: int, url: str, config: str | None, log_level:
         argv += ["--config", config]
     env = {**os.environ, "AGENTWATCH_REDIS__URL": url}
     return Child(name=f"{kind}-worker-{index}", argv=argv, env=env)
+
+
+def serve_child(url: str, config: str | None, log_level: str, bind: str) -> Child:
+    """A ``python -m agentwatch serve`` child (the dashboard), not essential to monitoring."""
+    argv = [sys.executable, "-m", "agentwatch", "serve", "--bind", bind, "--log-level", log_level]
+    if config:
+        argv += ["--config", config]
+    env = {**os.environ, "AGENTWATCH_REDIS__URL": url}
+    return Child(name="http-server", argv=argv, env=env, essential=False)

@@ -15,6 +15,7 @@ from agentwatch.facts import FactsRecorder
 from agentwatch.halts import HaltExpiry, Halts
 from agentwatch.redisconn import Client
 from agentwatch.rollups import Snapshotter
+from agentwatch.series import SeriesRecorder
 from agentwatch.worker import Handler, Worker
 
 DETECTORS_GROUP = "detectors"
@@ -66,6 +67,13 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
             retention_s=report.retention_s,
             owner=worker.consumer,
             timezone=report.timezone,
+        ),
+        SeriesRecorder(
+            client,
+            keys,
+            bucket_s=settings.http.series_bucket_s,
+            span_s=settings.http.series_span_s,
+            owner=worker.consumer,
         ),
     ]
     worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.detectors]

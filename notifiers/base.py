@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from agentwatch import plugins
 from agentwatch.alerts import Alert, Incidents
-from agentwatch.config import PipelineSettings, Seconds
+from agentwatch.config import PerSecond, PipelineSettings, Seconds
 from agentwatch.keys import Keys
 from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.worker import Handler, Message, Stats
@@ -37,7 +37,7 @@ from notifiers.delivery import Delivered, Deliverer, Delivery, Failed, Outcome, 
 from notifiers.journal import Journal
 from notifiers.queue import DeliveryQueue, Job
 from notifiers.reminders import Reminders, reminder_of
-from notifiers.routing import Match, Mute, Mutes, PerSecond, muted_by
+from notifiers.routing import Match, Mute, Mutes, muted_by
 
 __all__ = [
     "Alert", "Delivered", "Delivery", "Failed", "Message", "Notifier", "NotifierConfig",

@@ -21,9 +21,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from agentwatch.alerts import Alert
+from agentwatch.config import PerSecond
 from notifiers.delivery import Delivery, Failed, Outcome
 from notifiers.http import HttpConfig, HttpNotifier
-from notifiers.routing import PerSecond
 
 DEFAULT_URL = "https://events.pagerduty.com/v2/enqueue"
 _ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")

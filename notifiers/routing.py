@@ -12,12 +12,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
 from agentwatch import plugins
 from agentwatch.alerts import SEVERITIES, Alert
@@ -87,29 +86,6 @@ def unknown_detectors(names: Iterable[str], known: set[str]) -> list[str]:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         problems.append(f"unknown detector {name!r}{hint}; known: {', '.join(sorted(known))}")
     return problems
-
-
-# -- rate limits: "120/min" -----------------------------------------------------------------------
-_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
-            "h": 3600.0, "hour": 3600.0}  # fmt: skip
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
-
-
-def parse_rate(value: object) -> float:
-    """``"120/min"`` -> 2.0 (per second). A rate is a count over a period, never a bare number."""
-    if not isinstance(value, str):
-        raise ValueError('a rate is a string like "120/min", "2/s" or "1000/h"')
-    match = _RATE_RE.match(value.lower())
-    if not match or match.group(2) not in _PERIODS:
-        raise ValueError(f'bad rate {value!r}: use e.g. "120/min", "2/s" or "1000/h"')
-    per_second = float(match.group(1)) / _PERIODS[match.group(2)]
-    if per_second <= 0:
-        raise ValueError("a rate limit must be above zero (leave the key out for no limit)")
-    return per_second
-
-
-PerSecond = Annotated[float, BeforeValidator(parse_rate)]
-"""A rate key: ``"120/min"`` in the file, events per second in code."""
 
 
 # -- mutes --------------------------------------------------------------------------------------

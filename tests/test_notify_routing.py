@@ -12,8 +12,9 @@ import redis
 
 from agentwatch import config, plugins
 from agentwatch.alerts import decode_alert
+from agentwatch.config import parse_rate
 from agentwatch.keys import Keys
-from notifiers.routing import Mutes, parse_rate
+from notifiers.routing import Mutes
 
 from helpers import wait_for
 from notify_kit import (

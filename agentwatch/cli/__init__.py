@@ -36,7 +36,7 @@ def _root(
 
 
 # Subcommand modules register themselves on ``app`` when imported.
-from agentwatch.cli import alerts, config_cmd, demo, halt, mute, prices, run, status  # noqa: E402, F401
+from agentwatch.cli import alerts, config_cmd, demo, halt, mute, prices, run, serve, status  # noqa: E402, F401
 
 
 def main() -> None:

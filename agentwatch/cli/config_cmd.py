@@ -44,6 +44,7 @@ def summary(pipeline: Pipeline) -> str:
         f"streams    events kept {format_duration(s.streams.events_retention_s)}, "
         f"alerts kept {format_duration(s.streams.alerts_retention_s)}, "
         f"dead letters {s.streams.deadletter_max_len} of at most {_kib(s.streams.deadletter_max_bytes)}",
+        _http_line(pipeline),
         "detectors",
     ]
     for plugin in pipeline.detectors:
@@ -57,6 +58,15 @@ def summary(pipeline: Pipeline) -> str:
     for plugin in pipeline.notifiers:  # notifiers have many keys: show only what the file sets
         lines.append(f"  {plugin.name:<10} {_settings(plugin.config, skip={'name'}, only_set=True)}")
     return "\n".join(lines)
+
+
+def _http_line(pipeline: Pipeline) -> str:
+    http = pipeline.settings.http
+    if not http.enabled:
+        return "http       off in `up` ([http] enabled = false)"
+    access = "token required" if http.token else "no token (loopback only)"
+    ping = "ping API on" if http.ping_key else "ping API off (no ping_key)"
+    return f"http       {http.bind}  {access}, {ping}"
 
 
 def _settings(config: PluginConfig, skip: set[str], *, only_set: bool = False) -> str:

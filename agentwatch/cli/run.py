@@ -14,7 +14,16 @@ import typer
 
 from agentwatch import __version__
 from agentwatch.cli import app
-from agentwatch.cli.common import ConfigOption, LogLevel, fail, load_pipeline, setup_logging, worker_url
+from agentwatch.cli.common import (
+    EXIT_USAGE,
+    ConfigOption,
+    LogLevel,
+    fail,
+    load_pipeline,
+    setup_logging,
+    worker_url,
+)
+from agentwatch.cli.serve import dashboard_url
 from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline
 from agentwatch.embedded import (
     EmbeddedRedis,
@@ -23,9 +32,10 @@ from agentwatch.embedded import (
     remove_stale_dirs,
     tcp_port_free,
 )
-from agentwatch.errors import EmbeddedRedisError
+from agentwatch.errors import ConfigError, EmbeddedRedisError
+from agentwatch.http.access import check_bind
 from agentwatch.redisconn import answers, connect, describe, embedded_url_file
-from agentwatch.supervisor import ServerWatch, Supervisor, worker_child
+from agentwatch.supervisor import ServerWatch, Supervisor, serve_child, worker_child
 from agentwatch.worker import Worker
 from agentwatch.workers import detector_worker, notifier_worker
 
@@ -68,6 +78,12 @@ def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
     setup_logging(log_level)
     pipeline = load_pipeline(config)
     settings = pipeline.settings
+    if settings.http.enabled:
+        try:
+            check_bind(settings.http, source=pipeline.source)  # before anything starts
+        except ConfigError as exc:
+            typer.echo(exc.render(), err=True)
+            raise typer.Exit(EXIT_USAGE) from None
     # Signals first: a Ctrl-C that arrives while the server or workers start must still stop
     # everything cleanly, not raise KeyboardInterrupt half way.
     stopping = threading.Event()
@@ -95,7 +111,10 @@ def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
         children += [
             worker_child("notifiers", i, url, config_arg, log_level) for i in range(settings.worker.notifiers)
         ]
-    _print_banner(pipeline, url, embedded)
+    serving, dashboard = _dashboard(pipeline)
+    if serving:
+        children.append(serve_child(url, config_arg, log_level, settings.http.bind))
+    _print_banner(pipeline, url, embedded, dashboard)
     watch = ServerWatch(embedded) if embedded is not None else None
     supervisor = Supervisor(children, stopping=stopping, server=watch)
     code = 1
@@ -132,7 +151,24 @@ def _stop_embedded(pipeline: Pipeline, server: EmbeddedRedis) -> None:
     server.cleanup()
 
 
-def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None) -> None:
+def _dashboard(pipeline: Pipeline) -> tuple[bool, str]:
+    """Whether ``up`` starts the dashboard, and its URL or why not. A port already taken (another
+    ``up``, say) is said plainly and the workers start anyway: monitoring must not wait for a page."""
+    http = pipeline.settings.http
+    if not http.enabled:
+        return False, "off ([http] enabled = false; `agentwatch serve` runs it on its own)"
+    probe = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    try:
+        free = tcp_port_free(http.port, probe)
+    except OSError:
+        free = True  # an address this probe cannot reach (IPv6): let the server try
+    if not free:
+        why = f"not started: {http.bind} is in use (another agentwatch up?); set [http] bind"
+        return False, why + ", or [http] enabled = false"
+    return True, dashboard_url(http.host, http.port)
+
+
+def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None, dashboard: str) -> None:
     settings = pipeline.settings
     typer.echo(f"agentwatch {__version__} - pipeline from {pipeline.source}")
     if embedded is not None:
@@ -151,4 +187,5 @@ def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None) 
         typer.echo(f"notifiers: {names} ({settings.worker.notifiers} worker(s))")
     else:
         typer.echo("notifiers: none configured (alerts are kept; see `agentwatch alerts`)")
+    typer.echo(f"dashboard: {dashboard}")
     typer.echo("Ctrl-C to stop.")

@@ -1,0 +1,134 @@
+"""The ASGI application: route modules, the access guard, and what a Redis outage looks like.
+
+Starlette + uvicorn, because they are the plain, widely deployed pair for a small ASGI service:
+routing, forms, cookies, static files from a package and a test client, with no ORM, no
+template engine of their own and few dependencies; uvicorn serves it from the CLI process
+without any deployment step, and anyone can put the app behind their own ASGI server.
+
+Route modules each export ``routes``; the OTLP receiver adds its own module beside ping.py.
+Handlers that touch Redis run in a thread pool (redis-py is synchronous, like the workers), so
+a slow Redis never blocks the event loop, and every Redis error that means "away for now"
+becomes a 503 (pages say so in plain words; the ping API adds ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agentwatch import __version__
+from agentwatch.config import Pipeline
+from agentwatch.http import badges, metrics, pages, ping
+from agentwatch.http.server import Server, unavailable
+from agentwatch.redisconn import RECOVERABLE, explain
+
+
+async def healthz(request: Request) -> Response:
+    """200 while this server can reach Redis, else 503 (for load balancers and uptime checks)."""
+    server: Server = request.app.state.server
+    try:
+        await run_in_threadpool(server.client.ping)
+    except RECOVERABLE as exc:
+        server.metrics.redis_error()
+        return JSONResponse({"ok": False, "redis": explain(exc), "version": __version__}, status_code=503)
+    return JSONResponse({"ok": True, "redis": "ok", "version": __version__})
+
+
+async def api_status(request: Request) -> Response:
+    """The JSON of ``agentwatch status --json`` (docs/operations.md)."""
+    server: Server = request.app.state.server
+    return JSONResponse(await run_in_threadpool(server.fleet.get))
+
+
+async def favicon(request: Request) -> Response:
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
+class Guard:
+    """Access rules (access.py) in front of every route, as plain ASGI middleware."""
+
+    def __init__(self, app: ASGIApp, server: Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/ping/"):  # the ping key is its access
+            await self.app(scope, receive, send)
+            return
+        refused = self.refusal(HTTPConnection(scope))
+        if refused is None:
+            await self.app(scope, receive, send)
+        else:
+            await refused(scope, receive, send)
+
+    def refusal(self, conn: HTTPConnection) -> Response | None:
+        access, path = self.server.access, conn.url.path
+        if path.startswith("/actions/") and not access.actions_enabled:
+            return PlainTextResponse("actions need [http] token to be set\n", status_code=403)
+        if not access.is_public(path) and not access.allowed(conn):
+            self.server.metrics.denied()
+            wants_page = conn.scope["method"] == "GET" and "text/html" in conn.headers.get("accept", "")
+            if wants_page:
+                return RedirectResponse("/login?" + urlencode({"next": conn.url.path}), status_code=303)
+            return PlainTextResponse(
+                "a valid [http] token is needed (Authorization: Bearer <token>)\n",
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="agentwatch"'},
+            )
+        if conn.scope["method"] == "POST" and not path.startswith("/ping/") and not _same_origin(conn):
+            return PlainTextResponse("cross-site form posts are refused\n", status_code=403)
+        return None
+
+
+def _same_origin(conn: HTTPConnection) -> bool:
+    """A browser names the page a form was posted from; it must be this server."""
+    origin = conn.headers.get("origin")
+    if origin is None or (origin == "null" and conn.headers.get("sec-fetch-site") == "same-origin"):
+        return True
+    return urlsplit(origin).netloc == conn.headers.get("host", "")
+
+
+def _redis_down(request: Request, exc: Exception) -> Response:
+    server: Server = request.app.state.server
+    server.metrics.redis_error()
+    if "text/html" in request.headers.get("accept", "") and request.method == "GET":
+        return pages.render(request, "unavailable.html", 503, why=explain(exc))
+    return unavailable(exc)
+
+
+def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) -> Starlette:
+    """The whole server for ``pipeline``, on the Redis at ``url`` (connected lazily: it starts,
+    and says so on every page, while Redis is away)."""
+    server = Server(pipeline, url, cache_s=cache_s)
+    server.metrics.registry.register(metrics.FleetCollector(server))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        server.client.close()
+
+    routes: list[Any] = [
+        Route("/healthz", healthz),
+        Route("/api/status", api_status),
+        Route("/favicon.ico", favicon),
+        *ping.routes,
+        *metrics.routes,
+        *badges.routes,
+        *pages.routes,
+        Mount("/static", StaticFiles(packages=[("agentwatch.http", "static")]), name="static"),
+    ]
+    handlers: dict[Any, Any] = dict.fromkeys(RECOVERABLE, _redis_down)
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.server = server
+    app.add_middleware(Guard, server=server)
+    return app

@@ -1,0 +1,143 @@
+"""The ping API (SPEC section 8): cron jobs, shell scripts and any language beat over HTTP.
+
+    GET|POST /ping/<ping_key>/<agent>              a beat (JSON body: tokens, cost, model, ...)
+    GET|POST /ping/<ping_key>/<agent>/start        a new run (?interval=300 or ?interval=5m)
+    GET|POST /ping/<ping_key>/<agent>/fail         the run failed: an exit alert
+    GET|POST /ping/<ping_key>/<agent>/<exit code>  0: a beat (success); 1-255: failed with that code
+
+Every call becomes protocol events through the one server-side writer (agentwatch/ingest.py),
+so the detectors cannot tell a ``curl`` agent from one running the producer. Answers: 200
+``OK``; 404 for a wrong key (or no ``[http] ping_key``: the API is off) without saying which;
+400 naming the rule that was broken; 413 over ``[http] max_body_bytes``; 429 with
+``Retry-After`` when one agent floods; 503 with ``Retry-After`` while Redis is away. Each
+outcome is counted (``agentwatch_http_pings_total{outcome=...}`` on ``/metrics``).
+
+An agent name may hold ``/``: a last path segment ``start``, ``fail`` or a number is read as the
+command, so an agent whose name ends that way cannot beat through this API (docs/http.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from agentwatch.config import parse_duration
+from agentwatch.errors import InvalidEntry
+from agentwatch.http.access import same
+from agentwatch.http.server import BodyTooLarge, Server, read_body, unavailable
+from agentwatch.ingest import Flooded, Kind
+from agentwatch.redisconn import RECOVERABLE
+
+BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", "cost", "model", "fp")
+"""What a JSON body may carry (SPEC section 8); an exit also takes ``error``."""
+EXIT_KEYS: Final = (*BEAT_KEYS, "error")
+_MAX_EXIT_CODE: Final = 255
+
+
+class BadPing(Exception):
+    """A request the ping API refuses with 400; the message says why."""
+
+
+def parse_command(rest: str) -> tuple[str, str]:
+    """``"nightly/backup/start"`` -> ("nightly/backup", "start"); a bare name is a beat."""
+    agent, sep, last = rest.rpartition("/")
+    if sep and agent and (last in ("start", "fail") or last.isdigit()):
+        return agent, last
+    return rest, "beat"
+
+
+def parse_interval(text: str | None) -> float | None:
+    """``?interval=300`` (seconds) or ``?interval=5m``."""
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = parse_duration(text)
+        except ValueError as exc:
+            raise BadPing(f"interval: {exc} (or a number of seconds)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise BadPing(f"interval must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def parse_fields(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object of a ping's body (empty: none). Unknown keys are refused, not ignored: a
+    ``token`` meant as ``tokens`` would otherwise lose the usage without a word."""
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadPing('the body must be a JSON object, e.g. {"tokens": 1200, "model": "gpt-4o"}') from None
+    if not isinstance(data, dict):
+        raise BadPing(f"the body must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise BadPing(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def event_of(command: str, fields: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
+    """The protocol event one command writes."""
+    if command in ("beat", "start", "0"):
+        return ("start" if command == "start" else "beat"), fields
+    usage = {key: value for key, value in fields.items() if key != "error"}
+    if usage:
+        raise BadPing(f"/{command} takes only 'error' in its body; send usage with a beat")
+    if command == "fail":
+        return "exit", {"reason": "exit", "error": str(fields.get("error") or "reported as failed (/fail)")}
+    code = int(command)
+    if code > _MAX_EXIT_CODE:
+        raise BadPing(f"an exit code is 0-255, got {command}")
+    exit_fields: dict[str, Any] = {"reason": "exit", "code": code}
+    if fields.get("error"):
+        exit_fields["error"] = fields["error"]
+    return "exit", exit_fields
+
+
+async def ping(request: Request) -> Response:
+    server: Server = request.app.state.server
+    count = server.metrics.ping
+    expected = server.settings.http.ping_key
+    if expected is None or not same(request.path_params["key"], expected):
+        count("bad_key")
+        return PlainTextResponse("not found\n", status_code=404)
+    agent, command = parse_command(request.path_params["rest"])
+    try:
+        body = await read_body(request, server.settings.http.max_body_bytes)
+        allowed = BEAT_KEYS if command in ("beat", "start", "0") else EXIT_KEYS
+        kind, fields = event_of(command, parse_fields(body, allowed))
+        interval = parse_interval(request.query_params.get("interval"))
+        facts = {"host": request.client.host} if request.client else {}
+        written = await server.writer.awrite(agent, kind, fields, interval_s=interval, start_facts=facts)
+    except BodyTooLarge as exc:
+        count("too_large")
+        return PlainTextResponse(f"{exc}\n", status_code=413)
+    except (BadPing, InvalidEntry) as exc:
+        count("bad_request")
+        return PlainTextResponse(f"bad request: {exc}\n", status_code=400)
+    except Flooded as exc:
+        count("flooded")
+        retry = max(1, math.ceil(exc.retry_after_s))
+        return PlainTextResponse(
+            f"too many pings for {agent}; retry in {retry}s\n",
+            status_code=429,
+            headers={"Retry-After": str(retry)},
+        )
+    except RECOVERABLE as exc:
+        count("unavailable")
+        return unavailable(exc)
+    count("ok")
+    return PlainTextResponse(
+        "OK\n", headers={"X-Agentwatch-Run": written.run, "X-Agentwatch-Seq": str(written.seq)}
+    )
+
+
+routes = [Route("/ping/{key}/{rest:path}", ping, methods=["GET", "POST"])]

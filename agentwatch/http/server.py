@@ -1,0 +1,157 @@
+"""What every route of the HTTP server shares: the pipeline, one Redis client, access rules,
+the event writer, this server's counters, and a short-lived cache of the fleet's status.
+
+Route modules (ping.py, pages.py, metrics.py, badges.py, and the OTLP receiver's) take a
+:class:`Server` from ``request.app.state.server`` and nothing else, so a new module of routes
+is added in app.py with one line. Writers call ``await server.writer.awrite(...)`` (batched
+round trips); readers run their synchronous Redis reads in the thread pool.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from agentwatch.config import Pipeline
+from agentwatch.fleet import fleet_status
+from agentwatch.http.access import Access
+from agentwatch.http.counters import Counters
+from agentwatch.ingest import EventWriter, FloodLimit
+from agentwatch.redisconn import Client, connect, explain
+
+T = TypeVar("T")
+RETRY_AFTER_S: Final = 5
+"""What a 503 tells a client to wait while Redis is away."""
+
+
+class BodyTooLarge(Exception):
+    """A request body over ``[http] max_body_bytes`` (answered 413)."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes without reading the rest into memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the body is {int(declared):,} bytes; at most {limit:,} are accepted")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
+    return bytes(body)
+
+
+def unavailable(exc: BaseException) -> Response:
+    """503 while Redis is away or refuses writes: the client should retry, nothing was kept."""
+    return PlainTextResponse(
+        f"unavailable: {explain(exc)}; retry later\n",
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+class FleetCache:
+    """The fleet's status, shared by every page, scrape and badge of this server.
+
+    ``fleet_status`` reads every agent: tens of milliseconds for a hundred agents, about a
+    second of Python and Redis time for 10,000 on a busy machine. So a status younger than
+    ``max_age_s`` (or twice what the last read cost, when that is longer) is served as is;
+    an older one is served while one background thread reads the next (stale-while-revalidate),
+    so a page polled every few seconds never waits for the whole fleet. A status older than
+    ``stale_s``, or none yet, is read before answering; a read that failed (Redis away) is
+    raised to every caller until a read succeeds, so pages say so instead of showing old data.
+    """
+
+    def __init__(self, server: Server, max_age_s: float, stale_s: float = 30.0) -> None:
+        self.server = server
+        self.max_age_s = max_age_s
+        self.stale_s = stale_s
+        self._lock = threading.Lock()
+        self._reading = threading.Lock()
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
+        self._cost = 0.0
+        self._error: Exception | None = None
+        self._refreshing = False
+        self._derived: dict[str, tuple[int, Any]] = {}
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            if self._error is not None:
+                error, self._error = self._error, None
+                self._value = None
+                raise error
+            age = time.monotonic() - self._at
+            if self._value is not None and age < max(self.max_age_s, 2 * self._cost):
+                return self._value
+            if self._value is not None and age < self.stale_s:
+                if not self._refreshing:
+                    self._refreshing = True
+                    threading.Thread(target=self._refresh, name="fleet-status", daemon=True).start()
+                return self._value
+        return self._read()
+
+    def derived(self, name: str, build: Callable[[dict[str, Any]], T]) -> tuple[dict[str, Any], T]:
+        """The status and ``build(status)``, built once per status read (e.g. the fleet sorted
+        worst first: sorting 10,000 agents on every page view would cost more than the page)."""
+        value = self.get()
+        with self._lock:
+            known = self._derived.get(name)
+            if known is not None and known[0] == id(value) and value is self._value:
+                return value, known[1]
+        built = build(value)
+        with self._lock:
+            if value is self._value:
+                self._derived[name] = (id(value), built)
+        return value, built
+
+    def _read(self) -> dict[str, Any]:
+        with self._reading:  # one read at a time: concurrent callers wait for it, not add to it
+            with self._lock:
+                if self._value is not None and time.monotonic() - self._at < self.max_age_s:
+                    return self._value
+            started = time.monotonic()
+            value = fleet_status(self.server.client, self.server.pipeline)
+            with self._lock:
+                self._value, self._at, self._cost = value, time.monotonic(), time.monotonic() - started
+            return value
+
+    def _refresh(self) -> None:
+        try:
+            self._read()
+        except Exception as exc:  # Redis away: the next caller gets it (pages say so)
+            with self._lock:
+                self._error = exc
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+
+class Server:
+    """Everything the routes share (see the module docstring)."""
+
+    def __init__(self, pipeline: Pipeline, url: str, *, cache_s: float | None = None) -> None:
+        http = pipeline.settings.http
+        self.pipeline = pipeline
+        self.settings = pipeline.settings
+        self.keys = pipeline.keys
+        self.client: Client = connect(self.settings, url, name="agentwatch-http")
+        self.access = Access(http)
+        self.writer = EventWriter(
+            self.client,
+            self.keys,
+            limit=FloodLimit(http.ping_rate, http.ping_burst),
+            run_ttl_s=http.run_ttl_s,
+        )
+        self.metrics = Counters()
+        self.fleet = FleetCache(self, min(1.0, http.refresh_s / 2) if cache_s is None else cache_s)
+
+    def agent_status(self, name: str) -> dict[str, Any] | None:
+        """One agent's entry of the status document, read fresh (None: no such agent)."""
+        found = fleet_status(self.client, self.pipeline, only=[name])["agents"]
+        return found[0] if found else None

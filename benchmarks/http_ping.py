@@ -1,0 +1,168 @@
+"""Ping API throughput and latency on one core vs a bare ASGI app, same server, same run.
+
+Baseline: an ASGI app that answers every request 200 with no work, served by the same uvicorn
+(same HTTP parser, same process pinned to the same core). Contender: ``agentwatch serve``'s app
+answering ``POST /ping/<key>/<agent>`` with a JSON body, each call a real Redis script that
+numbers the event and appends it to the stream (agentwatch/ingest.py). Load: ``wrk`` (Debian's
+package) on the other core, 1,000 agent names, keep-alive connections.
+Target (issue 14): contender req/s / baseline req/s >= 0.5.
+
+    python benchmarks/http_ping.py [--rounds 3] [--seconds 5] [--connections 16] [--redis-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import figure, median, redis_server, report
+
+KEY = "bench-ping-key-0123456789"
+BARE = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"OK\\n"})
+"""
+SERVE = """
+import sys
+from agentwatch import config
+from agentwatch.http.app import create_app
+pipeline = config.load(sys.argv[1])
+app = create_app(pipeline, pipeline.settings.redis.url)
+"""
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"tokens": 1200, "model": "gpt-4o-mini"}'
+wrk.headers["Content-Type"] = "application/json"
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/ping/%s/bench-agent-" .. (n %% 1000))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(module_dir: Path, module: str, port: int, core: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    """uvicorn serving ``module:app`` pinned to ``core`` (one process, one core)."""
+    code = (
+        f"import os, sys; os.sched_setaffinity(0, {{{core}}}); sys.argv = ['x', *{argv!r}]; "
+        f"sys.path.insert(0, {str(module_dir)!r}); import uvicorn; "
+        f"uvicorn.run('{module}:app', host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise SystemExit(f"{module} did not start on port {port}")
+
+
+def load(port: int, script: Path, seconds: float, connections: int, core: int) -> tuple[float, float]:
+    """(requests/s, p99 latency ms) from one wrk run pinned to ``core``."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+            f"http://127.0.0.1:{port}"]  # fmt: skip
+    out = subprocess.run(
+        ["taskset", "-c", str(core), *argv], capture_output=True, text=True, check=True
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise SystemExit(f"{errors.group(1)} requests failed:\n{out}")
+    return rate, float(p99.group(1)) * scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--redis-url")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("needs wrk (apt-get install wrk)")
+    cores = sorted(os.sched_getaffinity(0))
+    server_core, load_core = cores[0], cores[-1]
+    work = Path(tempfile.mkdtemp(prefix="aw-bench-http-"))
+    (work / "bare.py").write_text(BARE)
+    (work / "serve.py").write_text(SERVE)
+    (work / "ping.lua").write_text(WRK_SCRIPT % KEY)
+    rows = []
+    with redis_server(args.redis_url) as url:
+        (work / "pipeline.toml").write_text(
+            f'[redis]\nurl = "{url}"\nprefix = "bench{os.getpid()}"\n'
+            f'[http]\nping_key = "{KEY}"\nping_rate = "1000000/s"\nping_burst = 100000\n'
+        )
+        ports = {"bare ASGI app": free_port(), "agentwatch ping API": free_port()}
+        servers = {
+            "bare ASGI app": serve(work, "bare", ports["bare ASGI app"], server_core, []),
+            "agentwatch ping API": serve(
+                work, "serve", ports["agentwatch ping API"], server_core, [str(work / "pipeline.toml")]
+            ),
+        }
+        try:
+            for port in ports.values():  # warm-up: scripts loaded, connections open
+                load(port, work / "ping.lua", 1, args.connections, load_core)
+            results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+            for _ in range(args.rounds):
+                for name, port in ports.items():
+                    results[name].append(
+                        load(port, work / "ping.lua", args.seconds, args.connections, load_core)
+                    )
+        finally:
+            for process in servers.values():
+                process.terminate()
+                process.wait(10)
+    ratios = []
+    for index in range(args.rounds):
+        ratios.append(results["agentwatch ping API"][index][0] / results["bare ASGI app"][index][0])
+    for name, runs in results.items():
+        rates = [rate for rate, _ in runs]
+        p99s = [p99 for _, p99 in runs]
+        rows.append({"server (one core)": name, "req/s min": min(rates), "req/s median": median(rates),
+                     "req/s max": max(rates), "p99 ms median": median(p99s),
+                     "p99 ms max": max(p99s)})  # fmt: skip
+    rows.append({"server (one core)": "ratio ping / bare", "req/s min": min(ratios),
+                 "req/s median": median(ratios), "req/s max": max(ratios)})  # fmt: skip
+    figures = [
+        figure(
+            "ping API req/s vs bare ASGI app", median(ratios), "ratio", goal=0.5, better="higher", issue=14
+        ),
+        figure(
+            "ping API p99 latency", median([p for _, p in results["agentwatch ping API"]]), "ms", issue=14
+        ),
+    ]
+    report("http_ping", rows, {"connections": args.connections, "seconds": args.seconds}, figures)
+
+
+if __name__ == "__main__":
+    main()

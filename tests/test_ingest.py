@@ -1,0 +1,185 @@
+"""The server-side event writer (agentwatch/ingest.py) on a real Redis: runs and seqs the way a
+producer numbers them, coordinated between servers; flood limits; and the detectors treating
+what it writes exactly like a producer's events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+import redis
+from agents_detect.kit import fired, pipeline_for, resolved, transitions, worker_for
+
+from agentwatch import codec
+from agentwatch.errors import InvalidEntry
+from agentwatch.fleet import fleet_status
+from agentwatch.ingest import EventWriter, Flooded, FloodLimit
+from agentwatch.keys import Keys
+
+from helpers import running, wait_for
+
+ROOMY = FloodLimit(rate_per_s=1000.0, burst=1000)
+
+
+def writer(r: redis.Redis, keys: Keys, limit: FloodLimit = ROOMY, **kwargs: Any) -> EventWriter:
+    return EventWriter(r, keys, limit=limit, run_ttl_s=kwargs.pop("run_ttl_s", 3600.0), **kwargs)
+
+
+def events(r: redis.Redis, keys: Keys, agent: str = "cron") -> list[dict[str, Any]]:
+    decoded = [codec.decode(fields[b"d"]) for _, fields in r.xrange(keys.events_for(agent))]
+    return [event for event in decoded if event["agent"] == agent]
+
+
+def shape(evs: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    return [(e["kind"], e["run"], e["seq"]) for e in evs]
+
+
+def test_the_first_call_starts_a_run_and_later_calls_continue_it(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys)
+    first = w.write("cron", "beat", {"tokens": 5}, interval_s=60.0)
+    w.write("cron", "beat", {"tokens": 7})
+    evs = events(r, keys)
+    run = first.run
+    assert first.started and first.seq == 1 and first.events == 2
+    assert shape(evs) == [("start", run, 0), ("beat", run, 1), ("beat", run, 2)]
+    assert evs[0]["interval"] == 60.0 and evs[0]["version"].startswith("agentwatch-http/")
+    assert [e.get("tokens") for e in evs[1:]] == [5, 7]
+
+
+def test_start_and_exit_delimit_runs_and_the_interval_is_remembered(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys)
+    one = w.write("cron", "start", interval_s=300.0)
+    w.write("cron", "exit", {"reason": "exit", "code": 2})
+    two = w.write("cron", "beat")  # the run after a failure is a new one
+    three = w.write("cron", "start")
+    evs = events(r, keys)
+    assert len({one.run, two.run, three.run}) == 3
+    assert shape(evs) == [
+        ("start", one.run, 0), ("exit", one.run, 1),
+        ("start", two.run, 0), ("beat", two.run, 1),
+        ("start", three.run, 0),
+    ]  # fmt: skip
+    assert [e.get("interval") for e in evs if e["kind"] == "start"] == [300.0, 300.0, 300.0]
+
+
+def test_a_new_interval_is_announced_by_a_pulse(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys)
+    w.write("cron", "beat", interval_s=60.0)
+    w.write("cron", "beat", interval_s=60.0)  # unchanged: no pulse
+    w.write("cron", "beat", interval_s=120.0)
+    kinds = [(e["kind"], e["seq"], e.get("interval")) for e in events(r, keys)]
+    assert kinds == [("start", 0, 60.0), ("beat", 1, None), ("beat", 2, None), ("pulse", 3, 120.0),
+                     ("beat", 4, None)]  # fmt: skip
+
+
+def test_bad_input_writes_nothing_and_costs_no_seq(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys)
+    w.write("cron", "beat")
+    with pytest.raises(InvalidEntry, match="'tokens' must be an integer >= 0"):
+        w.write("cron", "beat", {"tokens": -1})
+    with pytest.raises(InvalidEntry, match="outside A-Za-z0-9"):
+        w.write("<script>", "beat")
+    with pytest.raises(InvalidEntry, match="'interval' must be a finite number"):
+        w.write("cron", "beat", interval_s=float("nan"))
+    w.write("cron", "beat")
+    assert [e["seq"] for e in events(r, keys)] == [0, 1, 2]
+
+
+def test_a_flood_is_refused_per_agent_with_a_time_to_come_back(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys, FloodLimit(rate_per_s=0.5, burst=3))
+    for _ in range(3):
+        w.write("noisy", "beat")
+    with pytest.raises(Flooded) as refused:
+        w.write("noisy", "beat")
+    assert 0 < refused.value.retry_after_s <= 2.0
+    w.write("quiet", "beat")  # another agent has its own bucket
+    assert len(events(r, keys, "noisy")) == 4  # start + 3 beats: the refused one wrote nothing
+
+
+def test_servers_behind_a_load_balancer_share_one_sequence(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    clients = [redis.Redis.from_url(redis_url) for _ in range(4)]
+    writers = [writer(c, keys) for c in clients]
+    writers[0].write("shared", "start")
+
+    def pump(w: EventWriter) -> None:
+        for _ in range(50):
+            w.write("shared", "beat", {"tokens": 1})
+
+    threads = [threading.Thread(target=pump, args=(w,)) for w in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    evs = events(r, keys, "shared")
+    assert len({e["run"] for e in evs}) == 1
+    assert sorted(e["seq"] for e in evs) == list(range(201))
+    for c in clients:
+        c.close()
+
+
+def test_its_state_expires_when_the_agent_goes_quiet(r: redis.Redis, keys: Keys) -> None:
+    writer(r, keys, run_ttl_s=60.0).write("cron", "beat")
+    assert 55_000 < r.pttl(keys.ingest("cron")) <= 60_000
+    writer(r, keys, run_ttl_s=60.0).write("weekly", "start", interval_s=7 * 86400.0)
+    assert r.pttl(keys.ingest("weekly")) > 4 * 7 * 86400 * 1000 - 5000  # outlives its interval
+
+
+def test_the_detectors_treat_written_events_like_a_producers(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "600ms"}, exit={"clean_exit": False})
+    keys = pipeline.keys
+    w = writer(r, keys)
+    with running(worker_for(pipeline, redis_url)):
+        for tokens in (10, 20, 30):
+            w.write("job", "beat", {"tokens": tokens, "cost": 0.01})
+
+        def totals() -> Any:
+            found = [a for a in fleet_status(r, pipeline)["agents"] if a["agent"] == "job"]
+            return found and found[0]["tokens_total"] == 60 and found[0]
+
+        agent = wait_for(totals, timeout=10, what="tokens counted")
+        assert agent["beats_total"] == 3 and agent["cost_total"] == pytest.approx(0.03)
+        w.write("job", "exit", {"reason": "exit", "code": 1, "error": "backup failed"})
+        wait_for(lambda: fired(r, keys, "exit", "job"), timeout=10, what="exit alert")
+        w.write("job", "beat")  # the next run: the exit incident resolves
+        wait_for(lambda: resolved(r, keys, "exit", "job"), timeout=10, what="exit resolved")
+        wait_for(lambda: fired(r, keys, "silence", "job"), timeout=10, what="silence once it stops")
+    assert transitions(r, keys) == [("job", "exit", "firing"), ("job", "exit", "resolved"),
+                                    ("job", "silence", "firing")]  # fmt: skip
+
+
+def test_concurrent_writes_from_an_event_loop_share_round_trips(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys)
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(*(w.awrite("async-agent", "beat", {"tokens": 1}) for _ in range(100)))
+
+    written = asyncio.run(burst())
+    assert sorted(x.seq for x in written) == list(range(1, 101))  # seq 0: the run's start
+    assert [e["seq"] for e in events(r, keys, "async-agent")] == list(range(101))
+
+
+def test_a_server_that_lost_the_script_gets_it_again(spawn_redis: Any) -> None:
+    server = spawn_redis()
+    client = redis.Redis.from_url(server.url)
+    w = writer(client, Keys("t"))
+    asyncio.run(w.awrite("a", "beat"))
+    client.script_flush()  # what a restarted server without persistence has lost
+    assert asyncio.run(w.awrite("a", "beat")).seq == 2
+    client.close()
+
+
+def test_bad_input_and_floods_reach_only_their_own_request(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys, FloodLimit(rate_per_s=0.01, burst=2))
+
+    async def mixed() -> list[Any]:
+        calls = [w.awrite("limited", "beat") for _ in range(3)] + [w.awrite("other", "beat")]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(mixed())
+    assert [type(o).__name__ for o in outcomes] == ["Written", "Written", "Flooded", "Written"]
