@@ -290,6 +290,7 @@ class OtlpSection(Section):
     accept: str = Field("*", min_length=1, description="glob: the agent names OTLP may write")
     interval_s: Seconds = Field(60.0, alias="interval", gt=0, le=31_536_000, description="until learnt")
     usage_from: Literal["auto", "spans", "metrics"] = "auto"
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="413 above")
     max_agents: int = Field(1000, ge=1, le=10_000_000, description="OTel-known agents at most")
     max_agents_per_export: int = Field(100, ge=1, le=100_000)
     max_tokens: int = Field(100_000_000, ge=1, le=2**53 - 1, description="a larger count is garbage")
@@ -312,6 +313,7 @@ class HttpSection(Section):
     bind: str = Field("127.0.0.1:8787", description='"host:port"; "[::1]:8787" for IPv6')
     token: str | None = Field(None, description="required for every route but /ping, /healthz, badges")
     ping_key: str | None = Field(None, description="secret in /ping/<ping_key>/...; unset: no ping API")
+    ingest_token: str | None = Field(None, description="Bearer token of OTLP exporters; unset: no OTLP")
     public_badges: bool = Field(True, description="badges readable without the token")
     max_body_bytes: int = Field(16_384, ge=256, le=16 * 1024 * 1024, description="bigger bodies get 413")
     ping_rate: PerSecond = Field(2.0, description='per agent, e.g. "120/min"; more gets 429')
@@ -328,7 +330,7 @@ class HttpSection(Section):
         split_bind(value)
         return value
 
-    @field_validator("token", "ping_key")
+    @field_validator("token", "ping_key", "ingest_token")
     @classmethod
     def _secret(cls, value: str | None) -> str | None:
         if value is not None and len(value) < 16:

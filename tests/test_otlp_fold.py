@@ -13,7 +13,7 @@ import pytest
 from agentwatch import codec
 from agentwatch.config import OtlpSection
 from agentwatch.otlp.decode import decode_metrics
-from agentwatch.otlp.fold import Draft, fold_metrics, fold_spans
+from agentwatch.otlp.fold import Draft, fold_metrics, fold_spans, start_facts
 from agentwatch.otlp.metrics import read_metrics
 from agentwatch.otlp.spans import read_traces
 from agentwatch.otlp.state import MetricState, TraceState
@@ -69,14 +69,18 @@ def kinds(drafts: list[Draft]) -> list[tuple[str, str]]:
     return [(d.agent, d.kind) for d in drafts]
 
 
-def test_the_first_export_starts_the_agent_once_with_its_run_and_interval():
+def test_each_llm_call_is_a_beat_of_its_agent_and_run_with_its_usage():
     process = Process()
-    first = process.spans(llm_call(100, 20))
-    assert kinds(first) == [("svc", "start"), ("svc", "beat")]
-    assert first[0].run == "i-1"
-    assert first[0].fields == {"interval": 60.0, "source": "otlp"}
-    assert first[1].fields == {"tokens_in": 100, "tokens_out": 20, "tokens": 120, "model": "gpt-4o"}
-    assert kinds(process.spans(llm_call(5, 5))) == [("svc", "beat")]
+    first = process.spans(llm_call(100, 20), llm_call(5, 5))
+    assert kinds(first) == [("svc", "beat"), ("svc", "beat")]
+    assert {draft.run for draft in first} == {"i-1"}
+    assert first[0].fields == {"tokens_in": 100, "tokens_out": 20, "tokens": 120, "model": "gpt-4o"}
+
+
+def test_a_run_says_where_it_runs():
+    resource = {**SERVICE, "host.name": "h1", "service.version": "2.1"}
+    (batch,) = read_traces(traces((resource, [])), OtlpSection()).batches
+    assert start_facts(batch.origin) == {"source": "otlp", "host": "h1", "version": "2.1"}
 
 
 def test_a_new_service_instance_is_another_process_and_a_new_run():
@@ -123,7 +127,9 @@ def test_tool_calls_of_another_trace_are_not_read_by_this_one():
 
 def test_tool_calls_alone_are_a_pulse_not_a_beat():
     process = Process()
-    assert kinds(process.spans(tool_call())) == [("svc", "start"), ("svc", "pulse")]
+    drafts = process.spans(tool_call())
+    assert kinds(drafts) == [("svc", "pulse")]
+    assert drafts[0].fields == {"interval": 60.0}
 
 
 def test_other_spans_keep_known_agents_alive_and_create_none():
@@ -137,15 +143,12 @@ def test_other_spans_keep_known_agents_alive_and_create_none():
 def test_a_resource_naming_its_agent_is_an_agent_before_any_genai_span():
     process = Process()
     resource = {**SERVICE, "gen_ai.agent.name": "crawler"}
-    assert kinds(process.spans(span("GET /page"), resource=resource)) == [
-        ("crawler", "start"),
-        ("crawler", "pulse"),
-    ]
+    assert kinds(process.spans(span("GET /page"), resource=resource)) == [("crawler", "pulse")]
 
 
 def test_the_interval_comes_from_a_glob_before_the_default():
     process = Process(OtlpSection(agents={"sv*": {"interval": "10m"}}))
-    assert process.spans(llm_call())[0].fields["interval"] == 600.0
+    assert process.spans(tool_call())[0].fields["interval"] == 600.0
 
 
 def test_usage_from_metrics_keeps_span_beats_for_loops_but_without_usage():
@@ -164,7 +167,7 @@ def test_cumulative_totals_become_usage_since_the_previous_export():
     second = process.metrics(
         token_histogram(SERVICE, [("input", 150, start), ("output", 40, start)]), T0_MS + 60_000
     )
-    assert kinds(second) == [("svc", "start"), ("svc", "pulse"), ("svc", "beat")]
+    assert kinds(second) == [("svc", "pulse"), ("svc", "beat")]
     # the receiver saw the series from its start: all of it counts
     assert second[-1].fields == {"tokens_in": 150, "tokens_out": 40, "tokens": 190, "model": "gpt-4o"}
     third = process.metrics(
@@ -188,7 +191,7 @@ def test_a_series_that_began_long_before_the_receiver_saw_it_only_sets_a_baselin
     old = (T0_MS - 3_600_000) * 1_000_000
     process.metrics(token_histogram(SERVICE, [("input", 10_000, old)]), T0_MS)
     second = process.metrics(token_histogram(SERVICE, [("input", 10_000, old)]), T0_MS + 60_000)
-    assert [d.kind for d in second] == ["start", "pulse"]
+    assert [d.kind for d in second] == ["pulse"]
     third = process.metrics(token_histogram(SERVICE, [("input", 10_300, old)]), T0_MS + 120_000)
     assert third[-1].fields["tokens_in"] == 300
 

@@ -3,8 +3,9 @@
 The events are the ordinary ones of PROTOCOL.md, so every detector treats an OTel agent exactly
 like an agent running the Python producer:
 
-* ``start`` (with ``interval``) the first time a process is seen as an agent: a new
-  ``service.instance.id`` is a new run.
+* ``start`` (with ``interval``, ``host``, ``version``) when a run begins: the event writer
+  (agentwatch/ingest.py) opens one for an agent's first events, and for a new
+  ``service.instance.id``, the run's name.
 * ``beat`` per **LLM call**, with its usage (``tokens_in``, ``tokens_out``, ``tokens``, the
   cache and reasoning shares), ``model``, ``provider`` and ``cost`` where the span has one; no cost
   otherwise: the pipeline prices model and token classes itself. Its ``fp`` is the tool calls
@@ -25,14 +26,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from agentwatch.config import OtlpSection
 from agentwatch.otlp.metrics import COST, MetricBatch, Point
+from agentwatch.otlp.resource import Origin
 from agentwatch.otlp.spans import Call, SpanBatch, ToolCall
-from agentwatch.otlp.state import MAX_PENDING, MetricState, Series, TraceState
+from agentwatch.otlp.state import MAX_AGENTS, MAX_PENDING, MetricState, Series, TraceState
 from agentwatch.otlp.values import MAX_COST_USD
 
 FIRST_SERIES_GRACE_MS: Final = 600_000
@@ -46,12 +47,23 @@ MAX_FP_TOOLS: Final = 8
 
 @dataclass(slots=True)
 class Draft:
-    """A protocol event before the writer gives it ``v``, ``ts``, ``run`` (if None) and ``seq``."""
+    """A beat or pulse before the writer gives it ``v``, ``ts``, ``run`` and ``seq`` (and leads
+    it with a ``start`` when a run begins)."""
 
     agent: str
     run: str | None
-    kind: str
+    kind: Literal["beat", "pulse"]
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+def start_facts(origin: Origin) -> dict[str, Any]:
+    """What a run started from OTLP says about itself (``status`` shows host and version)."""
+    facts: dict[str, Any] = {"source": "otlp"}
+    if origin.host is not None:
+        facts["host"] = origin.host
+    if origin.version is not None:
+        facts["version"] = origin.version
+    return facts
 
 
 def interval_of(agent: str, metric: MetricState, settings: OtlpSection) -> float:
@@ -68,14 +80,6 @@ def fold_spans(
     """The events of one process's spans; updates ``trace`` (the caller stores it)."""
     out: list[Draft] = []
     run = batch.origin.run
-    known = set(trace.agents) | set(metric.agents)
-
-    def begin(agent: str) -> None:
-        if agent not in known:
-            known.add(agent)
-            trace.remember(agent)
-            out.append(Draft(agent, run, "start", _start_fields(agent, batch, metric, settings)))
-
     pending: dict[bytes, tuple[str, list[str]]] = {}
     if trace.pending:
         pending[trace.trace] = (trace.pending_agent, list(trace.pending))
@@ -83,7 +87,7 @@ def fold_spans(
     beat_agents: set[str] = set()
     step_agents: list[str] = []
     for step in batch.steps:
-        begin(step.agent)
+        trace.remember(step.agent)
         step_agents.append(step.agent)
         if isinstance(step, ToolCall):
             _, fps = pending.setdefault(step.trace, (step.agent, []))
@@ -99,14 +103,15 @@ def fold_spans(
             fields["fp"] = round_fp(read[1])
         out.append(Draft(step.agent, run, "beat", fields))
         beat_agents.add(step.agent)
-    for agent in dict.fromkeys(step_agents):
-        if agent not in beat_agents:
-            out.append(Draft(agent, run, "pulse", {"interval": interval_of(agent, metric, settings)}))
-    if not batch.steps and batch.spans:
-        explicit = batch.origin.agent if batch.origin.explicit else None
-        out += _liveness(explicit, trace, metric, run, settings=settings, begin=begin)
+    alive = [agent for agent in dict.fromkeys(step_agents) if agent not in beat_agents]
+    if not batch.steps and batch.spans:  # spans, but no LLM or tool call: the process lives
+        alive = list(dict.fromkeys([*trace.agents, *metric.agents]))
+        if not alive and batch.origin.explicit and batch.origin.agent is not None:
+            trace.remember(batch.origin.agent)
+            alive = [batch.origin.agent]
+    out += [Draft(agent, run, "pulse", {"interval": interval_of(agent, metric, settings)}) for agent in alive]
     _keep_pending(trace, pending, last_tool)
-    tally["beats"] += sum(1 for draft in out if draft.kind == "beat")
+    tally["beats"] += len(out) - len(alive)
     return out
 
 
@@ -138,12 +143,9 @@ def fold_metrics(
             return []
         agents = [origin.agent]
     out: list[Draft] = []
-    known = set(trace.agents) | set(metric.agents)
     for agent in agents:
-        if agent not in known:
-            known.add(agent)
-            metric.agents.append(agent)
-            out.append(Draft(agent, origin.run, "start", _start_fields(agent, batch, metric, settings)))
+        if agent not in trace.agents and agent not in metric.agents:
+            metric.agents = [*metric.agents, agent][-MAX_AGENTS:]
         out.append(Draft(agent, origin.run, "pulse", {"interval": interval_of(agent, metric, settings)}))
     counts = settings.usage_from == "metrics" or (settings.usage_from == "auto" and not trace.span_usage)
     if not counts:
@@ -194,36 +196,6 @@ def _call_fields(call: Call, settings: OtlpSection) -> dict[str, Any]:
     if call.provider is not None:
         fields["provider"] = call.provider
     return fields
-
-
-def _start_fields(
-    agent: str, batch: SpanBatch | MetricBatch, metric: MetricState, settings: OtlpSection
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {"interval": interval_of(agent, metric, settings), "source": "otlp"}
-    if batch.origin.host is not None:
-        fields["host"] = batch.origin.host
-    if batch.origin.version is not None:
-        fields["version"] = batch.origin.version
-    return fields
-
-
-def _liveness(
-    explicit: str | None,
-    trace: TraceState,
-    metric: MetricState,
-    run: str | None,
-    *,
-    settings: OtlpSection,
-    begin: Callable[[str], None],
-) -> list[Draft]:
-    """Spans that are neither LLM nor tool calls: the process's agents are alive."""
-    agents = list(dict.fromkeys([*trace.agents, *metric.agents]))
-    if not agents and explicit is not None:
-        begin(explicit)
-        agents = [explicit]
-    return [
-        Draft(agent, run, "pulse", {"interval": interval_of(agent, metric, settings)}) for agent in agents
-    ]
 
 
 def _keep_pending(trace: TraceState, pending: dict[bytes, tuple[str, list[str]]], last: bytes | None) -> None:

@@ -33,7 +33,7 @@ MAX_SERIES: Final = 64
 @dataclass(slots=True)
 class TraceState:
     agents: list[str] = field(default_factory=list)
-    """Agents this process has been seen as (a ``start`` was sent for each), oldest first."""
+    """Agents the process's spans named, oldest first: its metrics prove them alive."""
     span_usage: bool = False
     """Its spans carry usage: its usage metrics describe the same calls and are not counted."""
     trace: bytes = b""
@@ -41,13 +41,12 @@ class TraceState:
     """Fingerprints of the tool calls of ``trace`` that ended after its last LLM call."""
     pending_agent: str = ""
 
-    def remember(self, agent: str) -> bool:
-        """Note ``agent`` as one of the process's; True if it is new (it needs a ``start``)."""
+    def remember(self, agent: str) -> None:
+        """Note ``agent`` as one of the process's (the most recent last)."""
         if agent in self.agents:
-            return False
+            return
         self.agents.append(agent)
         del self.agents[:-MAX_AGENTS]
-        return True
 
     def pack(self) -> bytes:
         data = {
@@ -90,7 +89,7 @@ class MetricState:
     interval_s: float = 0.0
     """The export interval learnt from the cadence (0: not learnt yet)."""
     agents: list[str] = field(default_factory=list)
-    """Agents a ``start`` was sent for from metrics (a process whose spans name none)."""
+    """Agents named by metrics alone (a process whose spans name none)."""
     series: dict[bytes, Series] = field(default_factory=dict)
 
     def pack(self) -> bytes:
