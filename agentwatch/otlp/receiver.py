@@ -132,7 +132,8 @@ class Receiver:
                 drafts = fold_spans(batch, trace, metric, self.settings, outcome.tally)
                 items = Counter(step.agent for step in batch.steps)
                 self._collect(writes, drafts, batch.origin, metric, items)
-                states[batch.origin.key.hex()] = ("t", trace.pack())
+                if trace != TraceState():  # a process that is no agent leaves nothing behind
+                    states[batch.origin.key.hex()] = ("t", trace.pack())
         else:
             for mbatch in metrics.batches:
                 trace, metric = loaded[mbatch.origin.key]
@@ -181,12 +182,14 @@ class Receiver:
         """The writes whose agent may be written (``accept``, per-export and global caps)."""
         settings = self.settings
         allowed: list[AgentWrite] = []
+        named: set[str] = set()
         for write in writes:
             if not fnmatch.fnmatchcase(write.agent, settings.accept):
                 self._refuse(outcome, write, "agents_not_accepted")
-            elif len({w.agent for w in allowed} | {write.agent}) > settings.max_agents_per_export:
+            elif write.agent not in named and len(named) >= settings.max_agents_per_export:
                 self._refuse(outcome, write, "agents_over_export_cap")
             else:
+                named.add(write.agent)
                 allowed.append(write)
         names = list(dict.fromkeys(write.agent for write in allowed))
         if not names:
