@@ -22,6 +22,7 @@ class Sdk:
 
     tracing: TracerProvider
     metering: MeterProvider | None
+    stopped: bool = False
 
     def flush(self) -> None:
         self.tracing.force_flush()
@@ -29,7 +30,10 @@ class Sdk:
             self.metering.force_flush()
 
     def shutdown(self) -> None:
-        """What an agent's SDK does at exit: flush, then stop exporting."""
+        """What an agent's SDK does at exit: flush, then stop exporting (once)."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.tracing.shutdown()
         if self.metering is not None:
             self.metering.shutdown()

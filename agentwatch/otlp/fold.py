@@ -40,7 +40,7 @@ FIRST_SERIES_GRACE_MS: Final = 600_000
 """A cumulative series first seen by the receiver counts whole if it started no earlier than
 this before the process's metrics were first seen (the receiver saw all of it, give or take the
 first export); older series (a receiver that started late, state lost) only set a baseline."""
-MIN_INTERVAL_S: Final = 1.0
+MIN_INTERVAL_S: Final = 0.1
 MAX_INTERVAL_S: Final = 86_400.0
 MAX_FP_TOOLS: Final = 8
 
