@@ -188,3 +188,34 @@ def test_a_gzipped_body_is_decoded(r: redis.Redis, keys: Keys) -> None:
 def test_an_empty_export_writes_nothing(r: redis.Redis, keys: Keys) -> None:
     assert export(receiver(r, keys), ExportTraceServiceRequest()).rejected == 0
     assert events(r, keys) == []
+
+
+def test_without_an_ingest_token_the_routes_say_ingest_is_off(redis_url: str, prefix: str) -> None:
+    from google.rpc import status_pb2  # noqa: PLC0415
+    from starlette.testclient import TestClient  # noqa: PLC0415
+
+    from agentwatch.config import Pipeline  # noqa: PLC0415
+    from agentwatch.http.app import create_app  # noqa: PLC0415
+
+    from helpers import settings_for  # noqa: PLC0415
+
+    pipeline = Pipeline(settings=settings_for(prefix, redis_url), source="test")
+    with TestClient(create_app(pipeline, redis_url)) as http:
+        answer = http.post("/v1/metrics", content=b"", headers={"Content-Type": "application/x-protobuf"})
+    assert answer.status_code == 404
+    why = status_pb2.Status.FromString(answer.content)
+    assert "OTLP ingest is off: set [http] ingest_token" in why.message
+
+
+def test_with_otlp_disabled_there_are_no_routes(redis_url: str, prefix: str) -> None:
+    from starlette.testclient import TestClient  # noqa: PLC0415
+
+    from agentwatch.config import OtlpSection, Pipeline  # noqa: PLC0415
+    from agentwatch.http.app import create_app  # noqa: PLC0415
+
+    from helpers import settings_for  # noqa: PLC0415
+
+    settings = settings_for(prefix, redis_url)
+    settings = settings.model_copy(update={"otlp": OtlpSection(enabled=False)})
+    with TestClient(create_app(Pipeline(settings=settings, source="test"), redis_url)) as http:
+        assert http.post("/v1/traces", content=b"").status_code == 404
