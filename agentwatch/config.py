@@ -235,44 +235,6 @@ class ReportSection(Section):
         return ZoneInfo(self.timezone)
 
 
-MAX_RATE_USD: Final = 1_000_000.0
-"""Cap of one ``[prices]`` rate (USD per 1M tokens): today's dearest models cost a few hundred;
-a rate above this is a typo (per token written as per million, say) that would make every cost
-absurd."""
-
-
-def _rate_number(value: object) -> object:
-    """A rate is a TOML number: ``true`` or ``"3"`` is a mistake, not 1.0 or 3.0."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise ValueError("a rate is a number: USD per 1M tokens, e.g. 3.0")
-    return value
-
-
-Rate = Annotated[
-    float | None, BeforeValidator(_rate_number), Field(ge=0, le=MAX_RATE_USD, allow_inf_nan=False)
-]
-
-
-class ModelRates(Section):
-    """``[prices."<model>"]``: USD per 1M tokens of each token class, replacing the price table's
-    rates for a model whose name (or glob) matches. The keys are genai-prices' own price keys less
-    their ``_mtok`` suffix. A class left out keeps the table's rate for a model the table knows,
-    and otherwise costs what its parent costs (cache reads and writes: ``input``; reasoning:
-    ``output``), as genai-prices does."""
-
-    input: Rate = Field(None, description="USD / 1M input tokens")
-    output: Rate = Field(None, description="USD / 1M output tokens")
-    cache_read: Rate = Field(None, description="USD / 1M input tokens read from a prompt cache")
-    cache_write: Rate = Field(None, description="USD / 1M input tokens written to a prompt cache")
-    output_reasoning: Rate = Field(None, description="USD / 1M reasoning (thinking) output tokens")
-
-    @model_validator(mode="after")
-    def _some_rate(self) -> ModelRates:
-        if all(value is None for value in self.model_dump().values()):
-            raise ValueError("give at least one of input, output, cache_read, cache_write, output_reasoning")
-        return self
-
-
 class OtlpAgents(Section):
     """``[otlp.agents."<glob>"]``: settings for the OTel agents whose name matches the glob."""
 
@@ -364,6 +326,44 @@ def split_bind(value: str) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f'bad address {value!r}: write an IPv6 address in brackets, "[::1]:8787"')
     return host, int(port)
+
+
+MAX_RATE_USD: Final = 1_000_000.0
+"""Cap of one ``[prices]`` rate (USD per 1M tokens): today's dearest models cost a few hundred;
+a rate above this is a typo (per token written as per million, say) that would make every cost
+absurd."""
+
+
+def _rate_number(value: object) -> object:
+    """A rate is a TOML number: ``true`` or ``"3"`` is a mistake, not 1.0 or 3.0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError("a rate is a number: USD per 1M tokens, e.g. 3.0")
+    return value
+
+
+Rate = Annotated[
+    float | None, BeforeValidator(_rate_number), Field(ge=0, le=MAX_RATE_USD, allow_inf_nan=False)
+]
+
+
+class ModelRates(Section):
+    """``[prices."<model>"]``: USD per 1M tokens of each token class, replacing the price table's
+    rates for a model whose name (or glob) matches. The keys are genai-prices' own price keys less
+    their ``_mtok`` suffix. A class left out keeps the table's rate for a model the table knows,
+    and otherwise costs what its parent costs (cache reads and writes: ``input``; reasoning:
+    ``output``), as genai-prices does."""
+
+    input: Rate = Field(None, description="USD / 1M input tokens")
+    output: Rate = Field(None, description="USD / 1M output tokens")
+    cache_read: Rate = Field(None, description="USD / 1M input tokens read from a prompt cache")
+    cache_write: Rate = Field(None, description="USD / 1M input tokens written to a prompt cache")
+    output_reasoning: Rate = Field(None, description="USD / 1M reasoning (thinking) output tokens")
+
+    @model_validator(mode="after")
+    def _some_rate(self) -> ModelRates:
+        if all(value is None for value in self.model_dump().values()):
+            raise ValueError("give at least one of input, output, cache_read, cache_write, output_reasoning")
+        return self
 
 
 class PipelineSettings(BaseSettings):

@@ -139,7 +139,7 @@ def deployment(
             dep.start(kind, "worker", kind)
         dep.start("serve", "serve")
         wait_for(
-            lambda: _answers(dep), timeout=20, what=f"agentwatch serve on port {port}: {dep.log('serve')}"
+            lambda: _answers(dep), timeout=90, what=f"agentwatch serve on port {port}: {dep.log('serve')}"
         )
         yield dep
     finally:

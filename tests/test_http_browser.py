@@ -23,7 +23,8 @@ import pytest
 from helpers import wait_for
 from http_kit import Deployment, deployment
 
-pytestmark = pytest.mark.slow
+# Real server processes: starting them takes seconds on a loaded machine (bounded, not hoped).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 CHROMIUM = os.environ.get("AGENTWATCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -80,16 +81,16 @@ class Console:
 def test_a_killed_agent_turns_down_without_a_reload(dep: Deployment, browser: Any, redis_url: str) -> None:
     agents = [start_agent(dep, name, redis_url) for name in ("writer-1", "writer-2", "scraper")]
     try:
-        wait_for(lambda: all(dep.status(n) for n in ("writer-1", "writer-2", "scraper")), timeout=20,
+        wait_for(lambda: all(dep.status(n) for n in ("writer-1", "writer-2", "scraper")), timeout=60,
                  what="three agents in status")  # fmt: skip
         page = browser.new_page(viewport={"width": 1100, "height": 640})
         console = Console(page)
         page.goto(dep.base + "/")
-        page.wait_for_selector('tr[data-agent="scraper"][data-state="ok"]', timeout=20_000)
+        page.wait_for_selector('tr[data-agent="scraper"][data-state="ok"]', timeout=60_000)
         page.evaluate("window.__sameDocument = true")  # gone if the page reloads
         agents[2].send_signal(signal.SIGKILL)
         agents[2].wait(10)
-        page.wait_for_selector('tr[data-agent="scraper"][data-state="down"]', timeout=30_000)
+        page.wait_for_selector('tr[data-agent="scraper"][data-state="down"]', timeout=60_000)
         assert page.evaluate("window.__sameDocument") is True
         assert page.inner_text('tr[data-agent="scraper"] .incident') == "silence"
         if os.environ.get("AGENTWATCH_SCREENSHOT"):
@@ -111,7 +112,7 @@ def test_the_agent_page_draws_its_charts_and_fits_a_phone(
 ) -> None:
     agent = start_agent(dep, "charted", redis_url)
     try:
-        wait_for(lambda: (s := dep.status("charted")) and s["tokens_total"] > 0, timeout=20, what="tokens")
+        wait_for(lambda: (s := dep.status("charted")) and s["tokens_total"] > 0, timeout=60, what="tokens")
         page = browser.new_page(viewport={"width": 390, "height": 800})  # a phone
         console = Console(page)
         page.goto(dep.base + "/agents/charted")

@@ -16,13 +16,15 @@ import pytest
 from agents_detect.kit import Agent
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentwatch.halts import Halts
 from notifiers.routing import Mutes
 
 from conftest import free_port
 from helpers import wait_for
 from http_kit import PING_KEY, TOKEN, Deployment, deployment, shared_prefix
 
-pytestmark = pytest.mark.slow
+# Real server processes: starting them takes seconds on a loaded machine (bounded, not hoped).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SCRIPT = "<script>document.title='pwned'</script>"
 
 
@@ -91,7 +93,7 @@ def test_agent_text_is_escaped_everywhere(dep: Deployment) -> None:
         bot.pulse(stack=stack)  # the process lives (pulses) but its loop does not beat: a stall
         return any(a.detector == "stall" for a in dep.alerts())
 
-    wait_for(stalled, timeout=20, interval=0.2, what="a stall with a stack")
+    wait_for(stalled, timeout=60, interval=0.2, what="a stall with a stack")
     links = ('href="/agents/stuck-..%2F..%2Fetc%2Fpasswd"', 'href="/agents?agent=.."')
     with dep.client() as http:
 
@@ -153,6 +155,26 @@ def test_mute_and_unmute_from_the_page(dep: Deployment) -> None:
         gone = http.post("/actions/unmute", data={"agent": "noisy", "next": "//evil.example"})
         assert gone.status_code == 303 and gone.headers["location"] == "/"  # never off-site
         assert not mutes.active()
+
+
+def test_halt_and_resume_from_the_page(dep: Deployment) -> None:
+    beat(dep, "braked")
+    seen(dep, "braked")
+    halts = Halts(dep.r, dep.keys)
+    with dep.client() as http:
+        bad = http.post("/actions/halt", data={"agent": "braked", "reason": "line\nbreak"})
+        assert bad.status_code == 400 and "printable text only" in bad.text and not halts.halting("braked")
+        form = {"agent": "braked", "reason": "budget spent", "next": "/agents/braked"}
+        assert http.post("/actions/halt", data=form).status_code == 303
+        (halt,) = halts.halting("braked")
+        assert (halt.reason, halt.by.startswith("dashboard")) == ("budget spent", True)
+        assert "Halted by glob" in http.get("/agents/braked").text
+        assert http.post("/actions/resume", data={"agent": "braked"}).status_code == 303
+        assert not halts.halting("braked")
+    assert [a.status for a in dep.alerts() if a.detector == "halt" and a.agent == "braked"] == [
+        "firing",
+        "resolved",
+    ]
 
 
 def test_without_a_token_pages_are_open_on_loopback_but_actions_are_off(
@@ -245,7 +267,7 @@ def test_up_starts_the_dashboard_and_prints_its_url(short_dir: Path) -> None:
         while not lines or (lines[-1] and "Ctrl-C to stop." not in lines[-1]):
             lines.append(process.stdout.readline())  # the banner ends with that line
         assert f"dashboard: http://127.0.0.1:{port}/\n" in lines, lines
-        page = wait_for(lambda: _get(f"http://127.0.0.1:{port}/"), timeout=20, what="the dashboard")
+        page = wait_for(lambda: _get(f"http://127.0.0.1:{port}/"), timeout=60, what="the dashboard")
         assert "agentwatch: fleet" in page
     finally:
         process.terminate()

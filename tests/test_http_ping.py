@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers import wait_for
 from http_kit import Deployment, deployment, shared_prefix
 
-pytestmark = pytest.mark.slow
+# Real server processes: starting them takes seconds on a loaded machine (bounded, not hoped).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on PATH")
 
 
@@ -159,7 +160,7 @@ def test_redis_down_is_503_with_retry_after_and_the_server_recovers(
             scrape = http.get("/metrics")
             assert scrape.status_code == 200 and "agentwatch_redis_up 0.0" in scrape.text
             server.start()
-            wait_for(lambda: http.get("/healthz").status_code == 200, timeout=20, what="recovery")
+            wait_for(lambda: http.get("/healthz").status_code == 200, timeout=60, what="recovery")
             assert httpx.get(dep.ping_url("job"), timeout=10).status_code == 200
             assert dep.processes["serve"].poll() is None
         client = redis.Redis.from_url(server.url)

@@ -17,6 +17,7 @@ from http_kit import TOKEN, deployment
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(240),
     pytest.mark.skipif(
         not Path(PROMETHEUS).exists(),
         reason="no prometheus binary (apt-get install prometheus; .ci/run does)",

@@ -5,8 +5,8 @@ stacks and errors come from whoever can write an event). A page polls itself wit
 ``?partial=1`` every ``[http] refresh`` and swaps in the fresh middle part (static/app.js): no
 reload, no client-side rendering of agent text, works behind any proxy that passes plain GETs.
 
-Actions (mute, unmute; halt and resume join them with the brake) are POST forms, allowed only
-when ``[http] token`` is set (access.py); they redirect back to the page they came from.
+Actions (mute, unmute, halt, resume) are POST forms, allowed only when ``[http] token`` is set
+(access.py); they redirect back to the page they came from.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from agentwatch import __version__, codec
 from agentwatch.config import format_duration, parse_duration
 from agentwatch.errors import InvalidEntry
 from agentwatch.fleet import STATES
+from agentwatch.halts import Halts, pattern_problem, reason_problem
 from agentwatch.http import charts, views
 from agentwatch.http.access import COOKIE
 from agentwatch.http.server import Server
@@ -179,10 +180,11 @@ async def mute(request: Request) -> Response:
         return Response("an agent (or glob) and a duration above zero are needed\n", status_code=400)
     if detector is not None and detector not in known_detectors(server.settings.detectors):
         return Response(f"unknown detector {detector!r}\n", status_code=400)
-    who = f"dashboard ({request.client.host})" if request.client else "dashboard"
     reason = str(form.get("reason", ""))[:200]
     mutes = Mutes(server.client, server.keys)
-    await run_in_threadpool(lambda: mutes.add(glob, seconds, detector=detector, reason=reason, by=who))
+    await run_in_threadpool(
+        lambda: mutes.add(glob, seconds, detector=detector, reason=reason, by=_who(request))
+    )
     return _back(form.get("next"))
 
 
@@ -195,6 +197,40 @@ async def unmute(request: Request) -> Response:
     mutes = Mutes(server.client, server.keys)
     await run_in_threadpool(mutes.remove, glob, detector)
     return _back(form.get("next"))
+
+
+async def halt(request: Request) -> Response:
+    server: Server = request.app.state.server
+    form = await request.form()
+    pattern, reason = str(form.get("agent", "")), str(form.get("reason", ""))
+    problem = pattern_problem(pattern) or reason_problem(reason)
+    if problem is not None:
+        return Response(f"{problem}\n", status_code=400)
+    lasting = str(form.get("for", ""))
+    try:
+        seconds = parse_duration(lasting) if lasting else None
+    except ValueError as exc:
+        return Response(f"for: {exc}\n", status_code=400)
+    halts = Halts(server.client, server.keys)
+    await run_in_threadpool(lambda: halts.add(pattern, reason, by=_who(request), for_s=seconds))
+    return _back(form.get("next"))
+
+
+async def resume(request: Request) -> Response:
+    server: Server = request.app.state.server
+    form = await request.form()
+    pattern = str(form.get("agent", ""))
+    problem = pattern_problem(pattern)
+    if problem is not None:
+        return Response(f"{problem}\n", status_code=400)
+    halts = Halts(server.client, server.keys)
+    await run_in_threadpool(lambda: halts.remove(pattern, by=_who(request)))
+    return _back(form.get("next"))
+
+
+def _who(request: Request) -> str:
+    """Who did it, as mutes and halts record it: the dashboard, from which address."""
+    return f"dashboard ({request.client.host})" if request.client else "dashboard"
 
 
 def _back(target: Any) -> Response:
@@ -237,7 +273,8 @@ async def logout(request: Request) -> Response:
 ACTIONS: Final = [
     Route("/actions/mute", mute, methods=["POST"]),
     Route("/actions/unmute", unmute, methods=["POST"]),
-    # halt / resume (the brake) go here, as POST forms like these
+    Route("/actions/halt", halt, methods=["POST"]),
+    Route("/actions/resume", resume, methods=["POST"]),
 ]
 """Routes that change state: access.py lets them through only with ``[http] token``."""
 

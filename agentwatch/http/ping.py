@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from agentwatch.codec import TOKEN_CLASSES
 from agentwatch.config import parse_duration
 from agentwatch.errors import InvalidEntry
 from agentwatch.http.access import same
@@ -33,8 +34,9 @@ from agentwatch.http.server import BodyTooLarge, Server, read_body, unavailable
 from agentwatch.ingest import Flooded, Kind
 from agentwatch.redisconn import RECOVERABLE
 
-BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", "cost", "model", "fp")
-"""What a JSON body may carry (SPEC section 8); an exit also takes ``error``."""
+BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "cost", "model", "fp")
+"""What a JSON body may carry (SPEC section 8, and the token classes the pipeline prices by:
+PROTOCOL.md); an exit also takes ``error``."""
 EXIT_KEYS: Final = (*BEAT_KEYS, "error")
 _MAX_EXIT_CODE: Final = 255
 

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from agentwatch.alerts import Alert, decode_alert
 from agentwatch.errors import InvalidEntry
+from agentwatch.halts import Halt, Halts
 from agentwatch.http.server import Server
 from agentwatch.redisconn import server_time_ms
 from agentwatch.rollups import Totals
@@ -126,6 +127,7 @@ class AgentPage:
     points: list[Point]
     incidents: list[Incident]
     mutes: list[Mute]
+    halts: list[Halt]
     stack: str | None
     exit: Incident | None
     now_ms: int
@@ -159,6 +161,7 @@ def agent_page(server: Server, name: str) -> AgentPage | None:
         points=points,
         incidents=history,
         mutes=mutes,
+        halts=Halts(server.client, server.keys).halting(name, now),
         stack=str(stalls[-1].details["stack"]) if stalls else None,
         exit=exits[-1] if exits else None,
         now_ms=now,
