@@ -8,8 +8,10 @@ its instrumentation's scope as the SDK batches them. Measured in the same run, i
 by round, as CPU seconds of this process (the receiver's one core; Redis runs in its own process):
 
 * ``decode``: ``ExportTraceServiceRequest.FromString`` alone, the baseline (goal: ingest >= 0.5x);
+* ``decode + every attribute``: decoding, then visiting each attribute of each span once (key and
+  value kind): what any receiver that reads the spans without the byte search pays, for context;
 * ``decode + read``: decoding plus reading every process's LLM and tool calls (agentwatch/otlp/
-  spans.py), no Redis;
+  spans.py: scopes and spans without a GenAI attribute name are not decoded), no Redis;
 * ``ingest``: the whole receiver, as ``POST /v1/traces`` runs it: decode, read, fold with the
   process's state, admit, write 51 beats through the ingest writer, store the state.
 
@@ -100,15 +102,28 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
     def decode() -> None:
         ExportTraceServiceRequest.FromString(body)
 
+    def every_attribute() -> None:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    for kv in span.attributes:
+                        kv.value.WhichOneof("value")
+
     def read() -> None:
-        read_traces(ExportTraceServiceRequest.FromString(body), settings)
+        read_traces(body, settings)
 
     def ingest() -> None:
         outcome = loop.run_until_complete(receiver.export("traces", body, "application/x-protobuf", None))
         assert outcome.tally["events"] == SPANS // LLM_EVERY + 1, outcome
 
     ingest()  # warm-up: scripts loaded, the run started
-    cases = {"decode": decode, "decode + read": read, "ingest": ingest}
+    cases = {
+        "decode": decode,
+        "decode + every attribute": every_attribute,
+        "decode + read": read,
+        "ingest": ingest,
+    }
     samples: dict[str, list[float]] = {name: [] for name in cases}
     ratios = []
     for _ in range(rounds):

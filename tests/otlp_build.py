@@ -119,5 +119,12 @@ def token_histogram(
     return request
 
 
+def read_request(request: ExportTraceServiceRequest, settings: Any) -> Any:
+    """What the receiver reads from this request (it reads the protobuf encoding)."""
+    from agentwatch.otlp.spans import read_traces  # noqa: PLC0415
+
+    return read_traces(request.SerializeToString(), settings)
+
+
 def recorded(name: str) -> bytes:
     return (DATA / name).read_bytes()

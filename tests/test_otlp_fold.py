@@ -15,10 +15,9 @@ from agentwatch.config import OtlpSection
 from agentwatch.otlp.decode import decode_metrics
 from agentwatch.otlp.fold import Draft, fold_metrics, fold_spans, start_facts
 from agentwatch.otlp.metrics import read_metrics
-from agentwatch.otlp.spans import read_traces
 from agentwatch.otlp.state import MetricState, TraceState
 
-from otlp_build import DELTA, llm_call, recorded, span, token_histogram, tool_call, traces
+from otlp_build import DELTA, llm_call, read_request, recorded, span, token_histogram, tool_call, traces
 
 SERVICE = {"service.name": "svc", "service.instance.id": "i-1"}
 T0_MS = 1_800_000_000_000
@@ -34,7 +33,7 @@ class Process:
         self.tally: Counter[str] = Counter()
 
     def spans(self, *spans, resource=SERVICE) -> list[Draft]:
-        (batch,) = read_traces(traces((resource, list(spans))), self.settings).batches
+        (batch,) = read_request(traces((resource, list(spans))), self.settings).batches
         trace, metric = TraceState.unpack(self.trace), MetricState.unpack(self.metric)
         out = fold_spans(batch, trace, metric, self.settings, self.tally)
         self.trace = trace.pack()
@@ -79,15 +78,15 @@ def test_each_llm_call_is_a_beat_of_its_agent_and_run_with_its_usage():
 
 def test_a_run_says_where_it_runs():
     resource = {**SERVICE, "host.name": "h1", "service.version": "2.1"}
-    (batch,) = read_traces(traces((resource, [])), OtlpSection()).batches
+    (batch,) = read_request(traces((resource, [])), OtlpSection()).batches
     assert start_facts(batch.origin) == {"source": "otlp", "host": "h1", "version": "2.1"}
 
 
 def test_a_new_service_instance_is_another_process_and_a_new_run():
     settings = OtlpSection()
-    (first,) = read_traces(traces((SERVICE, [llm_call()])), settings).batches
+    (first,) = read_request(traces((SERVICE, [llm_call()])), settings).batches
     restarted = {**SERVICE, "service.instance.id": "i-2"}
-    (second,) = read_traces(traces((restarted, [llm_call()])), settings).batches
+    (second,) = read_request(traces((restarted, [llm_call()])), settings).batches
     assert first.origin.key != second.origin.key  # its own state: it starts afresh
     assert (first.origin.run, second.origin.run) == ("i-1", "i-2")
 

@@ -34,7 +34,9 @@ from http_kit import Deployment, deployment, shared_prefix
 from otlp_build import llm_call, traces
 from otlp_kit import FakeOpenAI, Usage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+WAIT_S = 60.0
+"""Bounded waits for what the server and worker do asynchronously, sized for a loaded 2-core box."""
 INGEST = "ingest-token-for-tests-0123456789"
 CONFIG = """
 [otlp]
@@ -121,7 +123,7 @@ def status(dep: Deployment, agent: str, **expected: Any) -> dict[str, Any]:
         found = dep.status(agent)
         return found if found and all(found.get(k) == v for k, v in expected.items()) else None
 
-    return wait_for(matches, timeout=20, what=f"{agent} in status with {expected}")
+    return wait_for(matches, timeout=WAIT_S, what=f"{agent} in status with {expected}")
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +169,7 @@ def test_an_agent_whose_exports_stop_gets_a_silence_alert(
     agent.run_sync("weather in Paris?")
     process.shutdown()  # the process exits: its SDK flushes, then nothing more comes
     status(dep, "quiet-pai", beats_total=2)
-    (alert,) = wait_for(lambda: dep.fired("quiet-pai", "silence"), timeout=20, what="a silence alert")
+    (alert,) = wait_for(lambda: dep.fired("quiet-pai", "silence"), timeout=WAIT_S, what="a silence alert")
     assert "no heartbeat" in alert.summary
 
 
@@ -181,7 +183,7 @@ def test_a_token_runaway_raises_a_tokens_incident(
     api.usage = Usage(prompt=40_000, completion=2_000)
     chat(client)
     process.flush()
-    (alert,) = wait_for(lambda: dep.fired("runaway-bot", "tokens"), timeout=20, what="a tokens alert")
+    (alert,) = wait_for(lambda: dep.fired("runaway-bot", "tokens"), timeout=WAIT_S, what="a tokens alert")
     assert "42,000" in alert.summary
     process.shutdown()
 
@@ -197,7 +199,7 @@ def test_an_agent_calling_the_same_tool_again_and_again_raises_a_loop(
     with pytest.raises(UsageLimitExceeded):
         agent.run_sync("weather in Paris?", usage_limits=UsageLimits(request_limit=8))
     process.flush()
-    (alert,) = wait_for(lambda: dep.fired("loop-bot", "loop"), timeout=20, what="a loop alert")
+    (alert,) = wait_for(lambda: dep.fired("loop-bot", "loop"), timeout=WAIT_S, what="a loop alert")
     assert alert.details["fp"].startswith("get_weather(") and alert.details["count"] >= 5
     process.shutdown()
 
@@ -216,13 +218,13 @@ def test_an_agent_known_by_its_metrics_alone_is_timed_by_their_cadence(
         lambda: [
             e for e in events_of(dep, "metered-bot") if e["kind"] == "pulse" and e.get("interval", 60) < 1
         ],
-        timeout=20,
+        timeout=WAIT_S,
         what="pulses declaring the learnt interval",
     )
     assert 0.3 <= pulses[-1]["interval"] <= 0.9
     assert process.metering is not None
     process.metering.shutdown()
-    wait_for(lambda: dep.fired("metered-bot", "silence"), timeout=20, what="a silence alert")
+    wait_for(lambda: dep.fired("metered-bot", "silence"), timeout=WAIT_S, what="a silence alert")
 
 
 def test_bad_requests_get_a_status_saying_why_and_are_counted(dep: Deployment) -> None:
@@ -319,7 +321,7 @@ def test_redis_down_is_503_and_the_exporter_keeps_the_batch_until_it_is_back(
         try:
             beats = wait_for(
                 lambda: [e for e in _events(client, down) if e["kind"] == "beat"],
-                timeout=20,
+                timeout=WAIT_S,
                 what="the retried beat",
             )
             assert beats[0]["tokens_in"] == 9

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from agentwatch.config import OtlpSection
-from agentwatch.otlp.decode import decode_traces
+from agentwatch.otlp.decode import trace_bytes
 from agentwatch.otlp.spans import Call, ToolCall, read_traces
 
-from otlp_build import llm_call, recorded, span, tool_call, traces
+from otlp_build import llm_call, read_request, recorded, span, tool_call, traces
 
 SETTINGS = OtlpSection()
 SERVICE = {"service.name": "svc", "service.instance.id": "i-1"}
@@ -27,7 +27,7 @@ FULL_USAGE = {
 
 def read(name: str):
     content_type = "application/json" if name.endswith(".json") else "application/x-protobuf"
-    return read_traces(decode_traces(recorded(name), content_type, None, 10**7), SETTINGS)
+    return read_traces(trace_bytes(recorded(name), content_type, None, 10**7), SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -109,14 +109,14 @@ def test_usage_on_an_agent_run_span_is_not_counted_again():
     run = span("invoke_agent bot", gen_ai__operation__name="invoke_agent", gen_ai__agent__name="bot",
                gen_ai__usage__input_tokens=300, gen_ai__usage__output_tokens=60)  # fmt: skip
     child = llm_call(100, 20, parent=run.span_id)
-    (batch,) = read_traces(traces((SERVICE, [child, run])), SETTINGS).batches
+    (batch,) = read_request(traces((SERVICE, [child, run])), SETTINGS).batches
     assert [step.usage["tokens"] for step in batch.steps if isinstance(step, Call)] == [120]
 
 
 def test_a_call_seen_by_two_nested_instrumentations_counts_once():
     outer = llm_call(100, 20, gen_ai__agent__name="bot")
     inner = llm_call(100, 20, parent=outer.span_id)  # the OpenAI client's own span inside it
-    found = read_traces(traces((SERVICE, [inner, outer])), SETTINGS)
+    found = read_request(traces((SERVICE, [inner, outer])), SETTINGS)
     (call,) = found.batches[0].steps
     assert isinstance(call, Call) and call.agent == "bot"
     assert found.tally["calls_nested"] == 1
@@ -127,7 +127,7 @@ def test_spans_inherit_the_agent_named_by_an_ancestor_in_the_same_export():
     step = span("step", parent=run.span_id)
     call = llm_call(parent=step.span_id)
     orphan = llm_call()  # no ancestor names an agent: the resource's service.name does
-    (batch,) = read_traces(traces((SERVICE, [call, orphan, step, run])), SETTINGS).batches
+    (batch,) = read_request(traces((SERVICE, [call, orphan, step, run])), SETTINGS).batches
     assert sorted(step.agent for step in batch.steps) == ["planner", "svc"]
 
 
@@ -137,7 +137,7 @@ def test_openinference_kinds_decide_what_is_a_call_or_a_tool():
         "llm", openinference__span__kind="LLM", llm__token_count__prompt=7, llm__token_count__completion=3
     )
     tool = span("tool", openinference__span__kind="TOOL", tool__name="lookup", input__value='{"id": 1}')
-    (batch,) = read_traces(traces((SERVICE, [chain, llm, tool])), SETTINGS).batches
+    (batch,) = read_request(traces((SERVICE, [chain, llm, tool])), SETTINGS).batches
     assert [type(step).__name__ for step in batch.steps] == ["Call", "ToolCall"]
     assert batch.steps[0].usage == {"tokens_in": 7, "tokens_out": 3, "tokens": 10}  # type: ignore[union-attr]
     assert batch.steps[1].fp.startswith("lookup(")  # type: ignore[union-attr]
@@ -145,7 +145,7 @@ def test_openinference_kinds_decide_what_is_a_call_or_a_tool():
 
 def test_only_a_total_gives_tokens_without_a_split():
     only_total = span("c", gen_ai__operation__name="chat", gen_ai__usage__total_tokens=77)
-    (call,) = read_traces(traces((SERVICE, [only_total])), SETTINGS).batches[0].steps
+    (call,) = read_request(traces((SERVICE, [only_total])), SETTINGS).batches[0].steps
     assert call.usage == {"tokens": 77}  # type: ignore[union-attr]
 
 
@@ -157,7 +157,7 @@ def test_only_a_total_gives_tokens_without_a_split():
 def test_a_bad_count_is_dropped_and_counted_and_the_rest_is_kept(bad):
     bad_span = llm_call(gen_ai__usage__input_tokens=bad, gen_ai__usage__output_tokens=30)
     good = llm_call(200, 40)
-    found = read_traces(traces((SERVICE, [bad_span, good])), SETTINGS)
+    found = read_request(traces((SERVICE, [bad_span, good])), SETTINGS)
     first, second = found.batches[0].steps
     assert first.usage == {"tokens_out": 30, "tokens": 30}  # type: ignore[union-attr]
     assert second.usage == {"tokens_in": 200, "tokens_out": 40, "tokens": 240}  # type: ignore[union-attr]
@@ -166,25 +166,25 @@ def test_a_bad_count_is_dropped_and_counted_and_the_rest_is_kept(bad):
 
 def test_a_whole_float_count_is_accepted_as_javascript_sdks_send_it():
     call = llm_call(gen_ai__usage__input_tokens=120.0)
-    (step,) = read_traces(traces((SERVICE, [call])), SETTINGS).batches[0].steps
+    (step,) = read_request(traces((SERVICE, [call])), SETTINGS).batches[0].steps
     assert step.usage["tokens_in"] == 120  # type: ignore[union-attr]
 
 
 def test_a_bad_cost_is_dropped_and_counted():
     call = llm_call(gen_ai__usage__cost=-1.0)
-    found = read_traces(traces((SERVICE, [call])), SETTINGS)
+    found = read_request(traces((SERVICE, [call])), SETTINGS)
     assert found.batches[0].steps[0].cost is None  # type: ignore[union-attr]
     assert found.tally["counts_dropped"] == 1
 
 
 def test_the_token_cap_is_configurable():
-    found = read_traces(traces((SERVICE, [llm_call(5000, 10)])), OtlpSection(max_tokens=1000))
+    found = read_request(traces((SERVICE, [llm_call(5000, 10)])), OtlpSection(max_tokens=1000))
     assert found.batches[0].steps[0].usage == {"tokens_out": 10, "tokens": 10}  # type: ignore[union-attr]
 
 
 def test_genai_spans_without_any_agent_name_are_counted_and_rejected_not_guessed():
     unnamed = {"service.name": "unknown_service:python"}
-    found = read_traces(traces((unnamed, [llm_call(), tool_call(), span("GET /")])), SETTINGS)
+    found = read_request(traces((unnamed, [llm_call(), tool_call(), span("GET /")])), SETTINGS)
     assert found.batches[0].steps == []
     assert found.tally["spans_without_agent"] == 2
     assert found.rejected == 2
@@ -192,7 +192,7 @@ def test_genai_spans_without_any_agent_name_are_counted_and_rejected_not_guessed
 
 def test_agent_names_are_mapped_onto_the_protocol_charset():
     call = llm_call(gen_ai__agent__name="Weather Bot <script>")
-    (step,) = read_traces(traces((SERVICE, [call])), SETTINGS).batches[0].steps
+    (step,) = read_request(traces((SERVICE, [call])), SETTINGS).batches[0].steps
     assert step.agent == "Weather_Bot__script_"
 
 
@@ -200,7 +200,7 @@ def test_tool_fingerprints_hash_the_arguments_and_never_show_them():
     first = tool_call("send_mail", '{"to": "a@b.c", "password": "hunter2"}')
     same = tool_call("send_mail", '{"to": "a@b.c", "password": "hunter2"}')
     other = tool_call("send_mail", '{"to": "x@y.z"}')
-    steps = read_traces(traces((SERVICE, [first, same, other])), SETTINGS).batches[0].steps
+    steps = read_request(traces((SERVICE, [first, same, other])), SETTINGS).batches[0].steps
     fps = [step.fp for step in steps]  # type: ignore[union-attr]
     assert fps[0] == fps[1] != fps[2]
     assert all(fp.startswith("send_mail(") and "hunter2" not in fp for fp in fps)
@@ -210,7 +210,7 @@ def test_steps_come_in_the_order_they_ended():
     late = llm_call(end_ns=3_000)
     early = tool_call(end_ns=1_000)
     middle = llm_call(end_ns=2_000)
-    steps = read_traces(traces((SERVICE, [late, early, middle])), SETTINGS).batches[0].steps
+    steps = read_request(traces((SERVICE, [late, early, middle])), SETTINGS).batches[0].steps
     assert [step.end_ns for step in steps] == [1_000, 2_000, 3_000]
 
 
@@ -218,6 +218,6 @@ def test_agent_from_is_configurable():
     settings = OtlpSection(agent_from=["deployment.name", "service.name"])
     resource = {**SERVICE, "deployment.name": "prod-bot"}
     (step,) = (
-        read_traces(traces((resource, [llm_call(gen_ai__agent__name="ignored")])), settings).batches[0].steps
+        read_request(traces((resource, [llm_call(gen_ai__agent__name="ignored")])), settings).batches[0].steps
     )
     assert step.agent == "prod-bot"

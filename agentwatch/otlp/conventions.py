@@ -101,6 +101,10 @@ SPAN_KEYS: Final = (
     | {OPERATION, OPENINFERENCE_KIND}
 )
 """Every span attribute the receiver reads (besides the configured agent attributes)."""
+SPAN_PREFIXES: Final = ("gen_ai.", "llm.", "openinference.", "operation.cost", "tool.name", "tool_arguments")
+"""Every name in :data:`SPAN_KEYS` starts with one of these: a span whose encoding holds none is no
+GenAI span, and is not decoded (wire.py). ``input.value`` is read on OpenInference TOOL spans
+only, which carry ``openinference.span.kind``."""
 
 # -- metrics -----------------------------------------------------------------------------------
 TOKEN_USAGE_HISTOGRAM: Final = "gen_ai.client.token.usage"

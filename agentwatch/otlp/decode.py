@@ -83,6 +83,15 @@ def decode_traces(
     return _decode(ExportTraceServiceRequest(), body, content_type, content_encoding, max_bytes)
 
 
+def trace_bytes(body: bytes, content_type: str | None, content_encoding: str | None, max_bytes: int) -> bytes:
+    """A ``POST /v1/traces`` body as the protobuf encoding of its request, which
+    :func:`agentwatch.otlp.spans.read_traces` reads span by span (JSON is decoded, then encoded)."""
+    if encoding_of(content_type) == "protobuf":
+        return inflate(body, content_encoding, max_bytes)
+    encoded: bytes = decode_traces(body, content_type, content_encoding, max_bytes).SerializeToString()
+    return encoded
+
+
 def decode_metrics(
     body: bytes, content_type: str | None, content_encoding: str | None, max_bytes: int
 ) -> ExportMetricsServiceRequest:

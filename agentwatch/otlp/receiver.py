@@ -29,7 +29,7 @@ from agentwatch.config import OtlpSection
 from agentwatch.errors import InvalidEntry
 from agentwatch.ingest import EventWriter, Flooded
 from agentwatch.keys import Keys
-from agentwatch.otlp.decode import decode_metrics, decode_traces
+from agentwatch.otlp.decode import decode_metrics, trace_bytes
 from agentwatch.otlp.fold import Draft, fold_metrics, fold_spans, interval_of, start_facts
 from agentwatch.otlp.metrics import read_metrics
 from agentwatch.otlp.resource import Origin
@@ -112,7 +112,7 @@ class Receiver:
         cap = self.settings.max_body_bytes
         outcome = Outcome(signal)
         if signal == "traces":
-            traces = read_traces(decode_traces(body, content_type, encoding, cap), self.settings)
+            traces = read_traces(trace_bytes(body, content_type, encoding, cap), self.settings)
             origins = [batch.origin for batch in traces.batches if batch.steps or batch.spans]
             outcome.tally.update(traces.tally)
             outcome.rejected += traces.rejected

@@ -22,19 +22,22 @@ reported back to the exporter, never guessed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agentwatch.config import OtlpSection
+from agentwatch.errors import OtlpRejected
 from agentwatch.otlp import conventions as conv
 from agentwatch.otlp.resource import Origin, origin_of
 from agentwatch.otlp.values import Bad, amount, count, plain, text
+from agentwatch.otlp.wire import ScopeSpansView, TracesView
 
 MAX_ANCESTRY: Final = 64
 """Parent links followed to find an ancestor naming the agent (a cycle or a deep tree stops here)."""
@@ -86,18 +89,28 @@ class Traces:
     """Spans not accepted (GenAI spans naming no agent): OTLP's partial success ``rejected_spans``."""
 
 
-def read_traces(request: ExportTraceServiceRequest, settings: OtlpSection) -> Traces:
-    """Every process's LLM and tool calls in ``request``, with counters of what was dropped."""
+def read_traces(body: bytes, settings: OtlpSection) -> Traces:
+    """Every process's LLM and tool calls in an ``ExportTraceServiceRequest``'s protobuf
+    encoding, with counters of what was dropped. Only spans whose bytes hold an attribute name the
+    receiver reads are decoded (wire.py); the others are counted."""
+    try:
+        request = TracesView.FromString(body)
+    except DecodeError as exc:
+        raise OtlpRejected(
+            400, f"body is not a protobuf ExportTraceServiceRequest ({exc or 'malformed'})"
+        ) from None
     out = Traces()
     wanted = conv.SPAN_KEYS | frozenset(settings.agent_from)
+    needles = _needles(tuple(settings.agent_from))
     for resource_spans in request.resource_spans:
         origin = origin_of(resource_spans.resource.attributes, settings)
         batch = SpanBatch(origin)
-        spans = [span for scope in resource_spans.scope_spans for span in scope.spans]
-        batch.spans = len(spans)
-        out.tally["spans"] += len(spans)
+        raws, genai = _span_bytes(resource_spans.scope_spans, needles)
+        batch.spans = len(raws)
+        out.tally["spans"] += len(raws)
+        spans = [_decode(raw) for raw in genai]
         found = [_attributes(span.attributes, wanted) for span in spans]
-        named = _span_agents(spans, found, settings.agent_from)
+        named = _span_agents(spans, found, settings.agent_from, raws)
         calls = {span.span_id for span, attrs in zip(spans, found, strict=True) if _is_call(attrs)}
         for span, attrs in zip(spans, found, strict=True):
             if not attrs:
@@ -115,6 +128,39 @@ def read_traces(request: ExportTraceServiceRequest, settings: OtlpSection) -> Tr
         batch.steps.sort(key=lambda step: step.end_ns)
         out.batches.append(batch)
     return out
+
+
+@functools.cache
+def _needles(agent_from: tuple[str, ...]) -> tuple[bytes, ...]:
+    """What a scope's or span's encoding must contain to be worth decoding: the prefixes of every
+    attribute name in conventions.py, and the configured agent attributes. (A match inside a value
+    only costs a decode.)"""
+    return tuple(dict.fromkeys(name.encode() for name in (*conv.SPAN_PREFIXES, *agent_from)))
+
+
+def _span_bytes(scopes: list[bytes], needles: tuple[bytes, ...]) -> tuple[list[bytes], list[bytes]]:
+    """Every span's encoding in the resource's scopes, and those holding a needle. A scope holding
+    none (an HTTP client's, a database driver's) is skipped with one search per needle."""
+    every: list[bytes] = []
+    genai: list[bytes] = []
+    for scope_bytes in scopes:
+        try:
+            spans = ScopeSpansView.FromString(scope_bytes).spans
+        except DecodeError as exc:
+            raise OtlpRejected(
+                400, f"a scope of spans is not valid protobuf ({exc or 'malformed'})"
+            ) from None
+        every += spans
+        if any(needle in scope_bytes for needle in needles):
+            genai += [raw for raw in spans if any(needle in raw for needle in needles)]
+    return every, genai
+
+
+def _decode(raw: bytes) -> Span:
+    try:
+        return Span.FromString(raw)
+    except DecodeError as exc:
+        raise OtlpRejected(400, f"a span is not valid protobuf ({exc or 'malformed'})") from None
 
 
 def _attributes(attributes: object, wanted: frozenset[str]) -> dict[str, AnyValue]:
@@ -215,9 +261,9 @@ def tool_fp(attrs: dict[str, AnyValue]) -> str:
 
 
 def _span_agents(
-    spans: list[Span], found: list[dict[str, AnyValue]], agent_from: list[str]
+    spans: list[Span], found: list[dict[str, AnyValue]], agent_from: list[str], raws: list[bytes]
 ) -> dict[bytes, str]:
-    """span id -> the agent its own attributes name, for the spans that name one."""
+    """span id -> the agent its own attributes (or its nearest ancestor's) name."""
     named: dict[bytes, str] = {}
     for span, attrs in zip(spans, found, strict=True):
         for key in agent_from:
@@ -226,13 +272,19 @@ def _span_agents(
             if name is not None and not name.startswith(conv.UNKNOWN_SERVICE):
                 named[span.span_id] = name
                 break
-    if named:
-        parents = {span.span_id: span.parent_span_id for span in spans}
-        for span in spans:
-            if span.span_id not in named:
-                inherited = _ancestor_agent(span.parent_span_id, parents, named)
-                if inherited is not None:
-                    named[span.span_id] = inherited
+    if not named or len(named) == len(spans):
+        return named
+    parents = {span.span_id: span.parent_span_id for span in spans}
+    if any(span.parent_span_id not in parents for span in spans if span.span_id not in named):
+        # an ancestor among the spans that were not decoded (a plain "step" span between the
+        # agent's span and its calls): decode them all, for their ids (rare: most instrumentations
+        # name the agent on every span, or on none)
+        parents = {span.span_id: span.parent_span_id for span in map(_decode, raws)}
+    for span in spans:
+        if span.span_id not in named:
+            inherited = _ancestor_agent(span.parent_span_id, parents, named)
+            if inherited is not None:
+                named[span.span_id] = inherited
     return named
 
 
