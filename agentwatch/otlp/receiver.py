@@ -29,6 +29,7 @@ from agentwatch.config import OtlpSection
 from agentwatch.errors import InvalidEntry
 from agentwatch.ingest import EventWriter, Flooded
 from agentwatch.keys import Keys
+from agentwatch.otlp import CAP_DETECTOR
 from agentwatch.otlp.decode import decode_metrics, trace_bytes
 from agentwatch.otlp.fold import Draft, fold_metrics, fold_spans, interval_of, start_facts
 from agentwatch.otlp.metrics import read_metrics
@@ -38,8 +39,6 @@ from agentwatch.otlp.state import MetricState, TraceState
 from agentwatch.redisconn import Client
 
 Signal = Literal["traces", "metrics"]
-DETECTOR: Final = "otlp"
-"""The ``detector`` of the alert raised when the agent cap refuses exporters' agents."""
 RESOLVE_CHECK_S: Final = 60.0
 """How often, at most, a server that refuses nothing looks for an open cap incident to resolve."""
 
@@ -265,7 +264,7 @@ class Receiver:
             )
             self.incidents.fire(
                 PIPELINE_AGENT,
-                DETECTOR,
+                CAP_DETECTOR,
                 severity="error",
                 summary=summary,
                 at_ms=folded.now_ms,
@@ -276,12 +275,12 @@ class Receiver:
         if folded.now_ms / 1000 - self._last_resolve_check < RESOLVE_CHECK_S:
             return
         self._last_resolve_check = folded.now_ms / 1000
-        if self.incidents.open(PIPELINE_AGENT, DETECTOR) is None:
+        if self.incidents.open(PIPELINE_AGENT, CAP_DETECTOR) is None:
             return
         if int(self.client.zcard(self.keys.otlp_agents)) < cap:
             self.incidents.resolve(
                 PIPELINE_AGENT,
-                DETECTOR,
+                CAP_DETECTOR,
                 summary=f"OTLP agents are back under [otlp] max_agents ({cap:,})",
                 at_ms=folded.now_ms,
             )

@@ -13,10 +13,12 @@ from typing import Any, Final
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from agentwatch.codec import MAX_COST
+
 MAX_TEXT: Final = 1024
 """Longest model, provider or tool name kept (the protocol's text cap); longer is cut."""
-MAX_COST_USD: Final = 1_000_000.0
-"""A single call or data point claiming more is garbage, not a bill (the codec caps a beat so)."""
+MAX_COST_USD: Final = MAX_COST
+"""A single call or data point claiming more is garbage, not a bill: the codec's cap of a beat."""
 
 
 class Bad:
