@@ -8,6 +8,7 @@ The model API is a local server answering like OpenAI's (otlp_kit.FakeOpenAI).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import tempfile
@@ -155,7 +156,7 @@ def test_a_pydantic_ai_agent_appears_with_its_tokens_and_cost(
     dep: Deployment, api: FakeOpenAI, processes: list[Sdk]
 ) -> None:
     process, agent = pydantic_agent(dep, api, processes, "weather bot", protocol="json")
-    agent.run_sync("weather in Paris?")
+    asyncio.run(agent.run("weather in Paris?"))  # run_sync would leave its event loop open
     process.flush()
     found = status(dep, "weather_bot", tokens_total=300, beats_total=2)
     assert found["cost_total"] == pytest.approx(0.00095)  # PydanticAI's operation.cost, twice
@@ -166,7 +167,7 @@ def test_an_agent_whose_exports_stop_gets_a_silence_alert(
     dep: Deployment, api: FakeOpenAI, processes: list[Sdk]
 ) -> None:
     process, agent = pydantic_agent(dep, api, processes, "quiet-pai")  # [otlp.agents."quiet-*"] interval = 1s
-    agent.run_sync("weather in Paris?")
+    asyncio.run(agent.run("weather in Paris?"))  # run_sync would leave its event loop open
     process.shutdown()  # the process exits: its SDK flushes, then nothing more comes
     status(dep, "quiet-pai", beats_total=2)
     (alert,) = wait_for(lambda: dep.fired("quiet-pai", "silence"), timeout=WAIT_S, what="a silence alert")
@@ -197,7 +198,7 @@ def test_an_agent_calling_the_same_tool_again_and_again_raises_a_loop(
     api.loop = True  # the model asks for get_weather(Paris) after every result
     process, agent = pydantic_agent(dep, api, processes, "loop-bot")
     with pytest.raises(UsageLimitExceeded):
-        agent.run_sync("weather in Paris?", usage_limits=UsageLimits(request_limit=8))
+        asyncio.run(agent.run("weather in Paris?", usage_limits=UsageLimits(request_limit=8)))
     process.flush()
     (alert,) = wait_for(lambda: dep.fired("loop-bot", "loop"), timeout=WAIT_S, what="a loop alert")
     assert alert.details["fp"].startswith("get_weather(") and alert.details["count"] >= 5
