@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from helpers import wait_for
-from http_kit import Deployment, deployment
+from http_kit import Deployment, deployment, shared_prefix
 
 # Real server processes: starting them takes seconds on a loaded machine (bounded, not hoped).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -56,11 +57,17 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
-@pytest.fixture
-def dep(short_dir: Path, prefix: str, redis_url: str) -> Iterator[Deployment]:
+@pytest.fixture(scope="module")
+def dep(redis_url: str) -> Iterator[Deployment]:
+    """One server and detector worker for the module's tests (each uses its own agent names)."""
     extra = '[detectors.silence]\nafter = "1s"\n'
-    with deployment(short_dir, prefix=prefix, redis_url=redis_url, token=None, extra=extra) as running:
+    root = Path(tempfile.mkdtemp(prefix="aw-"))
+    with (
+        shared_prefix(redis_url) as prefix,
+        deployment(root, prefix=prefix, redis_url=redis_url, token=None, extra=extra) as running,
+    ):
         yield running
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def start_agent(dep: Deployment, name: str, redis_url: str) -> subprocess.Popen[bytes]:

@@ -22,6 +22,7 @@ from notifiers.routing import Mutes
 from conftest import free_port
 from helpers import wait_for
 from http_kit import PING_KEY, TOKEN, Deployment, deployment, shared_prefix
+from notify_kit import Reply, receiver
 
 # Real server processes: starting them takes seconds on a loaded machine (bounded, not hoped).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -282,3 +283,25 @@ def _get(url: str) -> str | None:
     except httpx.TransportError:
         return None
     return answer.text if answer.status_code == 200 else None
+
+
+def test_the_alerts_page_shows_what_each_notifier_did(short_dir: Path, prefix: str, redis_url: str) -> None:
+    with receiver() as good, receiver() as bad:
+        bad.default = Reply(status=500, body=b"receiver exploded")
+        timing = 'backoff = "50ms"\nbackoff_max = "100ms"\ntimeout = "2s"\n'
+        extra = "".join(
+            f'[[notifiers]]\ntype = "webhook"\nname = "{name}"\nurl = "{where.url}"\n{timing}{more}'
+            for name, where, more in (("good", good, ""), ("bad", bad, "max_attempts = 2\n"))
+        )
+        with deployment(short_dir, prefix=prefix, redis_url=redis_url, workers=("detectors", "notifiers"),
+                        extra=extra) as dep:  # fmt: skip
+            assert (
+                httpx.post(dep.ping_url("deliv/fail"), json={"error": "boom"}, timeout=10).status_code == 200
+            )
+            wait_for(lambda: dep.r.xlen(dep.keys.notify_failed) == 1, timeout=60, what="the failed delivery")
+            with dep.client() as http:
+                page = wait_for(lambda: (t := http.get("/alerts").text) and "good: delivered" in t and t,
+                                timeout=30, what="both outcomes on the page")  # fmt: skip
+    assert "bad: failed after 2 attempts (HTTP 500)" in page
+    assert "receiver exploded" in page  # the receiver's answer, in the failed deliveries
+    assert "deliv: exited without shutdown()" in page

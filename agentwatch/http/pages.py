@@ -176,8 +176,11 @@ async def mute(request: Request) -> Response:
         seconds = parse_duration(str(form.get("for", "")))
     except ValueError as exc:
         return Response(f"for: {exc}\n", status_code=400)
-    if not glob or seconds <= 0:
-        return Response("an agent (or glob) and a duration above zero are needed\n", status_code=400)
+    problem = pattern_problem(glob) or reason_problem(str(form.get("reason", "")))
+    if problem is not None:
+        return Response(f"{problem}\n", status_code=400)
+    if seconds <= 0:
+        return Response("a duration above zero is needed\n", status_code=400)
     if detector is not None and detector not in known_detectors(server.settings.detectors):
         return Response(f"unknown detector {detector!r}\n", status_code=400)
     reason = str(form.get("reason", ""))[:200]
