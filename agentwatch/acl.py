@@ -14,7 +14,7 @@ The roles (docs/security.md has the threat model):
 * **operator** - read-only views (``status``, ``alerts``, ``report``): reads every key but the
   secret, writes nothing.
 * **http** - the HTTP server (dashboard, ping API, OTLP): the operator's reads, plus writing
-  events (ingest), mutes and halts.
+  events (ingest), mutes and halts, and the (signed) alerts of the halts and the OTLP agent cap.
 
 Administrative commands (``mute``, ``forget``, ``halt``, ``acl --apply``) run with an admin
 credential (the default user, or your own), which this table does not describe.
@@ -39,17 +39,18 @@ _NOTIFIER_STATE: Final = {"notifier": RW, "operator": R, "http": R}
 ACCESS: Final[dict[str, dict[str, str]]] = {
     # streams of the protocol
     "events": {"producer": RW, "detector": RW, "notifier": R, "operator": R, "http": RW},
-    "alerts": {"detector": RW, "notifier": RW, "operator": R, "http": R},
+    "alerts": {"detector": RW, "notifier": RW, "operator": R, "http": RW},
     "deadletter": _WORKERS_RW,
     # worker runtime
     "worker": _WORKERS_RW,
     "workers": _WORKERS_RW,
     "stats": _WORKERS_RW,
-    "secret": {"detector": RW, "notifier": RW},  # never the operator or the HTTP server
-    # per-shard detector state; incidents and outbox also by notifiers (the restart_loop alert)
+    "secret": {"detector": RW, "notifier": RW, "http": R},  # never the operator
+    # per-shard detector state; incidents and outbox also by whatever else raises alerts: notifiers
+    # (restart_loop) and the HTTP server (halts from the dashboard, the OTLP agent cap)
     "agents": _DETECTOR_STATE,
-    "incidents": {"detector": RW, "notifier": RW, "operator": R, "http": R},
-    "outbox": {"detector": RW, "notifier": RW, "operator": R, "http": R},
+    "incidents": {"detector": RW, "notifier": RW, "operator": R, "http": RW},
+    "outbox": {"detector": RW, "notifier": RW, "operator": R, "http": RW},
     "states": _DETECTOR_STATE,
     "timers": _DETECTOR_STATE,
     "stacks": _DETECTOR_STATE,
@@ -67,6 +68,9 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "series_lock": _DETECTOR_STATE,
     # events the HTTP server writes for an agent (ping API, OTLP): its run, seq and flood bucket
     "ingest": {"http": RW, "operator": R},
+    # the OTLP receiver on the HTTP server: per exporting process, and the agents it named
+    "otlp_process": {"http": RW, "operator": R},
+    "otlp_agents": {"http": RW, "operator": R},
     # notifiers
     "notifier_queue": _NOTIFIER_STATE,
     "notifier_jobs": _NOTIFIER_STATE,
@@ -115,7 +119,7 @@ DESCRIPTIONS: Final = {
     "detector": "detector workers: read events, write detector state and alerts",
     "notifier": "notifier workers: read alerts, write delivery state and the journal",
     "operator": "people and scripts: read-only views (status, alerts, report)",
-    "http": "the HTTP server: the operator's reads, plus events (ping API, OTLP), mutes and halts",
+    "http": "the HTTP server: the operator's reads, plus events (ping, OTLP), mutes, halts and their alerts",
 }
 
 

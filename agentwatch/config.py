@@ -17,6 +17,7 @@ Overrides of a ``[[notifiers]]`` entry name it by its position in the file, coun
 from __future__ import annotations
 
 import decimal
+import fnmatch
 import math
 import os
 import re
@@ -24,7 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -263,6 +264,38 @@ class SecuritySection(Section):
         return self
 
 
+class OtlpAgents(Section):
+    """``[otlp.agents."<glob>"]``: settings for the OTel agents whose name matches the glob."""
+
+    interval_s: Seconds = Field(alias="interval", gt=0, le=31_536_000, description="fixed; not learnt")
+
+
+class OtlpSection(Section):
+    """The OpenTelemetry receiver (``POST /v1/traces``, ``/v1/metrics``; docs/opentelemetry.md)."""
+
+    enabled: bool = Field(True, description="serve the OTLP routes on the HTTP server")
+    agent_from: list[str] = Field(
+        ["gen_ai.agent.name", "service.name"], min_length=1, description="attributes naming the agent"
+    )
+    run_from: list[str] = Field(["service.instance.id"], description="resource attributes naming the run")
+    accept: str = Field("*", min_length=1, description="glob: the agent names OTLP may write")
+    interval_s: Seconds = Field(60.0, alias="interval", gt=0, le=31_536_000, description="until learnt")
+    usage_from: Literal["auto", "spans", "metrics"] = "auto"
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="413 above")
+    max_agents: int = Field(1000, ge=1, le=10_000_000, description="OTel-known agents at most")
+    max_agents_per_export: int = Field(100, ge=1, le=100_000)
+    max_tokens: int = Field(100_000_000, ge=1, le=2**53 - 1, description="a larger count is garbage")
+    forget_s: Seconds = Field(7 * 86400.0, alias="forget", gt=0, description="unseen this long: not counted")
+    agents: dict[str, OtlpAgents] = Field(default_factory=dict)
+
+    def interval_for(self, agent: str) -> float | None:
+        """The interval configured for ``agent`` by the first matching glob, else None (learnt)."""
+        for glob, override in self.agents.items():
+            if fnmatch.fnmatchcase(agent, glob):
+                return override.interval_s
+        return None
+
+
 class HttpSection(Section):
     """``agentwatch serve`` (and ``up``): the dashboard, ``/metrics``, badges and the ping API
     (docs/http.md). Loopback by default; any other address needs ``token``."""
@@ -271,6 +304,7 @@ class HttpSection(Section):
     bind: str = Field("127.0.0.1:8787", description='"host:port"; "[::1]:8787" for IPv6')
     token: str | None = Field(None, description="required for every route but /ping, /healthz, badges")
     ping_key: str | None = Field(None, description="secret in /ping/<ping_key>/...; unset: no ping API")
+    ingest_token: str | None = Field(None, description="Bearer token of OTLP exporters; unset: no OTLP")
     public_badges: bool = Field(True, description="badges readable without the token")
     max_body_bytes: int = Field(16_384, ge=256, le=16 * 1024 * 1024, description="bigger bodies get 413")
     ping_rate: PerSecond = Field(2.0, description='per agent, e.g. "120/min"; more gets 429')
@@ -287,7 +321,7 @@ class HttpSection(Section):
         split_bind(value)
         return value
 
-    @field_validator("token", "ping_key")
+    @field_validator("token", "ping_key", "ingest_token")
     @classmethod
     def _secret(cls, value: str | None) -> str | None:
         if value is not None and len(value) < 16:
@@ -376,6 +410,7 @@ class PipelineSettings(BaseSettings):
     security: SecuritySection = SecuritySection()
     http: HttpSection = HttpSection()
     prices: dict[str, ModelRates] = Field(default_factory=dict, description="per-model rates (prices.py)")
+    otlp: OtlpSection = OtlpSection()
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notifiers: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -500,12 +535,18 @@ def _unknown_detector_refs(sections: Mapping[str, Any], notifiers: list[Any]) ->
 def _unsigned_writers(settings: PipelineSettings) -> list[str]:
     """Event writers that cannot sign yet, with ``agent_keys`` on: every event they wrote would be
     refused, and their agents would look silent. Said at start-up instead."""
-    if settings.security.agent_keys and settings.http.ping_key:
-        return [
-            "[security] agent_keys: the HTTP ping API ([http] ping_key) does not sign the events it "
-            "writes yet, so with agent_keys = true every ping would be refused; turn one of them off"
-        ]
-    return []
+    if not settings.security.agent_keys:
+        return []
+    writers = []
+    if settings.http.ping_key:
+        writers.append("the HTTP ping API ([http] ping_key)")
+    if settings.http.ingest_token and settings.otlp.enabled:
+        writers.append("the OTLP receiver ([http] ingest_token)")
+    return [
+        f"[security] agent_keys: {writer} does not sign the events it writes yet, so with agent_keys = "
+        "true every one would be refused; turn one of them off"
+        for writer in writers
+    ]
 
 
 _FALLBACKS: Final = {"url": "AGENTWATCH_REDIS_URL", "prefix": "AGENTWATCH_PREFIX"}

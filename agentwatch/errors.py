@@ -44,3 +44,17 @@ class RedisUnavailable(AgentwatchError):
 
 class EmbeddedRedisError(AgentwatchError):
     """The embedded Redis server could not be found or started."""
+
+
+class OtlpRejected(AgentwatchError):
+    """An OTLP/HTTP request the receiver refuses as a whole, with the HTTP status to answer.
+
+    400: not OTLP (garbage protobuf, JSON of another shape); 413: over the size cap; 415: a media
+    type or content encoding the receiver does not speak. Parts of an accepted request that are
+    unusable are not errors: they are counted and reported in the response's partial success.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"{status}: {message}")

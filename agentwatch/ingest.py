@@ -26,6 +26,11 @@ a load balancer, so the state lives in Redis, one small hash per agent
 
 Events are validated with the protocol's own codec before anything is reserved, so a bad
 input costs neither a seq nor a flood token, and nothing written here can become a dead letter.
+
+**Several events, a run of the caller's.** The OTLP receiver writes all of one agent's events of
+an export in one call (:meth:`EventWriter.write_events`): they cost one flood token (the limit
+bounds exports, whose size the exporter bounds), and get consecutive seqs. It may name the run
+itself (``service.instance.id``): a call naming another run than the current one starts it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -52,10 +57,11 @@ SOURCE_VERSION: Final = f"agentwatch-http/{__version__}"
 """The ``version`` fact of runs started here (``status`` shows it), unless the caller names one."""
 
 # KEYS[1] = the agent's ingest hash, KEYS[2] = its event stream (one slot: see Keys.ingest).
-# ARGV: 1 candidate run id, 2 force a new run (0/1), 3 this call ends the run (0/1),
+# ARGV: 1 candidate run id, 2 force a new run (1), or a run named by the caller that starts when
+#       it is not the current one (2), or neither (0), 3 this call ends the run (0/1),
 #       4 declared interval in s (-1: none), 5 rate per ms, 6 burst, 7 ttl ms, 8 stream MAXLEN,
-#       then three events, each as (entry count, msgpack map entries without header, run and
-#       seq): the start, the pulse and the call's own event (whose count is 0 for a start).
+#       then events, each as (entry count, msgpack map entries without header, run and seq):
+#       the start, the pulse, and the call's own events (one whose count is 0 for a start).
 # Appends run, seq (and interval, to the start and the pulse) to each event it writes: a start
 # and the event when a run begins (mode 1), a pulse and the event when the interval changes
 # (mode 2), else the event alone (mode 0). Returns {0, retry-after ms} when flooded, else
@@ -72,7 +78,7 @@ if tk < 1 then return {0, math.ceil((1 - tk) / rate)} end
 local run, seq, iv = h[1], tonumber(h[2]) or 0, tonumber(h[5]) or -1
 local want = tonumber(ARGV[4])
 local mode = 0
-if ARGV[2] == '1' or not run or h[6] == '1' then
+if ARGV[2] == '1' or not run or h[6] == '1' or (ARGV[2] == '2' and run ~= ARGV[1]) then
   run, seq, mode = ARGV[1], 0, 1
 elseif want >= 0 and want ~= iv then
   mode = 2
@@ -96,7 +102,7 @@ local function add(at, declare)
 end
 local first = seq
 if mode == 1 then add(9, true) elseif mode == 2 then add(11, true) end
-add(13, ARGV[2] == '1')
+for at = 13, #ARGV, 2 do add(at, ARGV[2] == '1' and at == 13) end
 redis.call('HSET', KEYS[1], 'run', run, 'seq', seq, 'tk', tk - 1, 'tat', now, 'iv', iv, 'end', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[7]), math.floor(4000 * iv)))
 return {1, run, seq - 1, mode, seq - first}
@@ -180,7 +186,7 @@ class EventWriter:
 
         Raises :class:`agentwatch.errors.InvalidEntry` (a bad name or field; nothing written),
         :class:`Flooded`, or a Redis error."""
-        keys, args = self._prepare(agent, kind, fields, interval_s, start_facts)
+        keys, args = self._prepare(agent, [(kind, fields or {})], interval_s, start_facts, None)
         return self._written(agent, self._write(keys=keys, args=args))
 
     async def awrite(
@@ -194,7 +200,29 @@ class EventWriter:
     ) -> Written:
         """:meth:`write` from an event loop (an HTTP server): the writes of concurrent requests
         share one pipeline and one thread hop per round trip (:class:`_Batches`)."""
-        keys, args = self._prepare(agent, kind, fields, interval_s, start_facts)
+        keys, args = self._prepare(agent, [(kind, fields or {})], interval_s, start_facts, None)
+        return await self._submit(agent, keys, args)
+
+    async def awrite_events(
+        self,
+        agent: str,
+        events: Sequence[tuple[Kind, Mapping[str, Any]]],
+        *,
+        run: str | None = None,
+        interval_s: float | None = None,
+        start_facts: Mapping[str, Any] | None = None,
+    ) -> Written:
+        """Write several events of ``agent`` in one call, with consecutive seqs, for one flood
+        token (the OTLP receiver: one call per agent and export). ``run`` names the run (a
+        ``service.instance.id``); when it is not the agent's current run, a new run begins with
+        it. None: the current run, as :meth:`write` does. No event may be a ``start`` or an
+        ``exit`` (runs begin here, and OTLP cannot tell an exit)."""
+        if any(kind in ("start", "exit") for kind, _ in events):
+            raise ValueError("write_events writes beats and pulses; runs begin by themselves")
+        keys, args = self._prepare(agent, events, interval_s, start_facts, run)
+        return await self._submit(agent, keys, args)
+
+    async def _submit(self, agent: str, keys: list[str], args: list[Any]) -> Written:
         if isinstance(self.client, RedisCluster):  # a cluster pipeline cannot reload scripts
             return self._written(agent, await asyncio.to_thread(self._write, keys=keys, args=args))
         return self._written(agent, await self._batches.submit(keys, args))
@@ -202,10 +230,10 @@ class EventWriter:
     def _prepare(
         self,
         agent: str,
-        kind: Kind,
-        fields: Mapping[str, Any] | None,
+        calls: Sequence[tuple[Kind, Mapping[str, Any]]],
         interval_s: float | None,
         start_facts: Mapping[str, Any] | None,
+        run: str | None,
     ) -> tuple[list[str], list[Any]]:
         """The script's keys and arguments; raises InvalidEntry before anything is reserved."""
         codec.check_agent(agent)
@@ -213,20 +241,22 @@ class EventWriter:
         head: dict[str, Any] = {"v": codec.VERSION, "agent": agent, "ts": now}
         facts = {"version": self.version, **(start_facts or {})}
         start = {**head, "kind": "start", **facts}
-        own: dict[str, Any] = {**head, "kind": kind, **(fields or {})}
-        if kind == "start":
-            start, own = {**start, **own}, {}  # the run's own start, with the caller's fields
+        own: list[dict[str, Any]] = [{**head, "kind": kind, **fields} for kind, fields in calls]
+        opens = len(own) == 1 and own[0]["kind"] == "start"
+        if opens:
+            start, own = {**start, **own[0]}, [{}]  # the run's own start, with the caller's fields
         declared = {} if interval_s is None else {"interval": interval_s}
-        for event in (start, own):  # nothing bad may cost a seq or a flood token: check first
+        for event in (start, *own):  # nothing bad may cost a seq or a flood token: check first
             if event:
-                codec.validate({**event, "run": "-", "seq": 0, **declared})
+                codec.validate({**event, "run": run or "-", "seq": 0, **declared})
         events: list[Any] = []
-        for event in (start, {**head, "kind": "pulse"}, own):
+        for event in (start, {**head, "kind": "pulse"}, *own):
             events += _entries(event)
+        exits = any(event.get("kind") == "exit" for event in own)
         args = [
-            "h" + os.urandom(8).hex(),
-            1 if kind == "start" else 0,
-            1 if kind == "exit" else 0,
+            run if run is not None else "h" + os.urandom(8).hex(),
+            1 if opens else (2 if run is not None else 0),
+            1 if exits else 0,
             -1 if interval_s is None else interval_s,
             self.limit.rate_per_s / 1000,
             self.limit.burst,

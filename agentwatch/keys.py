@@ -260,6 +260,19 @@ class Keys:
         """String, TTL: the worker taking the current snapshot slice (one at a time per shard)."""
         return f"{self.tag(shard)}:snapping:lock"
 
+    # -- the OTLP receiver (agentwatch/otlp/receiver.py) ----------------------------------------------
+    def otlp_process(self, process: str) -> str:
+        """Hash of one exporting process (a hash of its resource): ``t`` what its spans left for
+        the next export, ``m`` its metrics' cadence and totals (agentwatch/otlp/state.py).
+        Expires after ``[otlp] forget`` without an export."""
+        return f"{self.prefix}:otlp:proc:{process}"
+
+    @property
+    def otlp_agents(self) -> str:
+        """Sorted set of the agents OTLP exports named -> last export (ms, Redis time): the count
+        ``[otlp] max_agents`` bounds; entries older than ``[otlp] forget`` are dropped."""
+        return f"{self.prefix}:otlp:agents"
+
     # -- events written on an agent's behalf (agentwatch/ingest.py: HTTP ping API, OTLP) ------------
     def ingest(self, agent: str) -> str:
         """Hash of one agent whose events a server writes: its current ``run``, next ``seq``,

@@ -96,13 +96,15 @@ class AlertVerifier:
             signed_s = check(self._key, stream, data, signature)
         except BadSignature as exc:
             if signature is None or not self.secret.reread():
-                raise Unauthenticated(f"alert refused: {exc}; only detector workers publish alerts") from None
+                raise Unauthenticated(
+                    f"alert refused: {exc}; alerts come from the pipeline, which holds the secret"
+                ) from None
             self._key = alerts_key(self.secret.get())  # regenerated: try once more with it
             try:
                 signed_s = check(self._key, stream, data, signature)
             except BadSignature as again:
                 raise Unauthenticated(
-                    f"alert refused: {again}; only detector workers publish alerts"
+                    f"alert refused: {again}; alerts come from the pipeline, which holds the secret"
                 ) from None
         _check_time("alert", signed_s, entry_id, self.max_skew_s)
 

@@ -24,6 +24,7 @@ from agentwatch.config import Section
 from agentwatch.errors import PluginError
 from agentwatch.halts import DETECTOR as HALT_DETECTOR
 from agentwatch.keys import Keys
+from agentwatch.otlp import CAP_DETECTOR as OTLP_DETECTOR
 from agentwatch.redisconn import Client, server_time_ms
 
 Severity = Literal["info", "warning", "error", "critical"]
@@ -62,9 +63,9 @@ def known_detectors(sections: Mapping[str, Mapping[str, Any]]) -> set[str]:
     """Every ``detector`` name an alert of this pipeline can carry: each built-in detector's alert
     names (``tokens`` words ``tokens`` and ``loop``), the ``[detectors.<name>]`` sections (plugin
     detectors alert under their section's name, plus any names their class lists in ``kinds``),
-    the restart notifier's ``restart_loop`` and the brake's ``halt``. ``sections`` is
-    ``settings.detectors``."""
-    names = {LOOP_DETECTOR, HALT_DETECTOR}
+    the restart notifier's ``restart_loop``, the brake's ``halt`` and the OTLP receiver's
+    ``otlp``. ``sections`` is ``settings.detectors``."""
+    names = {LOOP_DETECTOR, HALT_DETECTOR, OTLP_DETECTOR}
     for name in {*plugins.builtins("detectors"), *sections}:
         names.add(name)
         ref = sections.get(name, {}).get("class") or name

@@ -53,6 +53,8 @@ def admin(server: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 
 PING_KEY = "ping-key-for-the-acl-test"
+TOKEN = "dashboard-token-for-the-acl-test"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def config_for(tmp_path: Path, server: EmbeddedRedis, hook_url: str, http_port: int = 0) -> Path:
@@ -60,7 +62,7 @@ def config_for(tmp_path: Path, server: EmbeddedRedis, hook_url: str, http_port: 
     path.write_text(
         f'[redis]\nurl = "{server.tcp_url}"\nprefix = "{PREFIX}"\n'
         '[worker]\ntick = "50ms"\nblock = "100ms"\n'
-        f'[http]\nbind = "127.0.0.1:{http_port or free_port()}"\nping_key = "{PING_KEY}"\n'
+        f'[http]\nbind = "127.0.0.1:{http_port or free_port()}"\nping_key = "{PING_KEY}"\ntoken = "{TOKEN}"\n'
         f'[[notifiers]]\ntype = "webhook"\nurl = "{hook_url}"\nbackoff = "50ms"\n'
     )
     return path
@@ -99,14 +101,14 @@ def test_the_printed_commands_are_what_redis_accepts(
 
 def _get(url: str) -> int:
     try:
-        return httpx.get(url, timeout=5).status_code
+        return httpx.get(url, timeout=5, headers=AUTH).status_code
     except httpx.HTTPError:
         return 0
 
 
 def _text(url: str) -> str:
     try:
-        return httpx.get(url, timeout=5).text
+        return httpx.get(url, timeout=5, headers=AUTH).text
     except httpx.HTTPError:
         return ""
 
@@ -155,7 +157,7 @@ def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
             for command, role in commands
         ]
         try:
-            (request,) = hook.wait_requests(1, timeout=30)
+            request = hook.wait_requests(1, timeout=30)[0]
             base = f"http://127.0.0.1:{port}"
             wait_for(lambda: _get(f"{base}/healthz") == 200, 60, what="the HTTP server")
             assert _get(f"{base}/ping/{PING_KEY}/acl-ping-bot/start?interval=60") == 200
@@ -164,6 +166,12 @@ def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
                 lambda: "acl-ping-bot" in _text(f"{base}/api/status"), 30, what="the pinged agent in status"
             )
             assert _get(f"{base}/") == 200 and _get(f"{base}/metrics") == 200
+            # A halt from the dashboard: its alert is signed by the server and delivered.
+            form = {"agent": "acl-ping-bot", "reason": "acl test"}
+            halted = httpx.post(f"{base}/actions/halt", data=form, headers=AUTH)
+            assert halted.status_code == 303, halted.text
+            wait_for(lambda: any(json.loads(q.body)["detector"] == "halt" for q in hook.requests), 30,
+                     what="the halt alert delivered")  # fmt: skip
             # a second pass of their timers and upkeep, then their health says whether anything failed
             wait_for(lambda: len(admin.zrange("aw:workers", 0, -1)) == 2, what="both workers registered")
             healths = [
@@ -189,7 +197,8 @@ def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
         producer, detector, notifier, operator, http = (as_role[r] for r in acl.ROLES)
         forged_alert = ("XADD", "aw:alerts", "*", "d", "{}")
         # The producer: XADD events and read halts, nothing else.
-        assert producer.xadd("aw:events", {"d": b"x"}) and producer.hgetall("aw:halt:{aw:events}") == {}
+        assert producer.xadd("aw:events", {"d": b"x"})
+        assert b"acl-ping-bot" in producer.hgetall("aw:halt:{aw:events}")  # the dashboard's halt
         for command in (("XRANGE", "aw:events", "-", "+"), forged_alert, ("GET", "aw:secret"),
                         ("HSET", "aw:mutes", "*|*", "{}"), ("DEL", "aw:events"),
                         ("XTRIM", "aw:events", "MAXLEN", 0), ("HSET", "aw:halt:{aw:events}", "x", "y"),
@@ -212,9 +221,10 @@ def test_each_role_does_its_job_as_its_own_user_and_is_refused_the_rest(
         assert refused(notifier, "XADD", "aw:events", "*", "d", "x")
         assert refused(detector, "HSET", "aw:{n:webhook}:jobs", "x", "{}")
         assert detector.get("aw:secret") == notifier.get("aw:secret") is not None
-        # The HTTP server writes events and mutes; never alerts, never the secret.
+        # The HTTP server writes events and mutes (and its own alerts); never worker state.
         assert http.xadd("aw:events", {"d": b"x"}) and http.hset("aw:mutes", "x|*", "{}") == 1
-        for command in (forged_alert, ("GET", "aw:secret"), ("HSET", "aw:{n:webhook}:jobs", "x", "{}")):
+        for command in (("HSET", "aw:{n:webhook}:jobs", "x", "{}"), ("HSET", "aw:{0}:states", "x", "y"),
+                        ("DEL", "aw:workers"), ("XTRIM", "aw:deadletter", "MAXLEN", 0)):  # fmt: skip
             assert refused(http, *command), command
     finally:
         for client in as_role.values():

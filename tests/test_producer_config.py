@@ -22,8 +22,12 @@ ALLOWED_AGENTWATCH = {
 
 
 def test_import_is_light_and_starts_nothing(redis_url: str, prefix: str) -> None:
+    # redis-py imports the OpenTelemetry SDK (and through it psutil) whenever the SDK is installed,
+    # as it is in the test environment for the OTLP tests: redis-py's choice, not the producer's.
+    # An agent without the SDK is what this checks, so the SDK is made unimportable first.
     code = f"""
 import json, sys, threading
+sys.modules["opentelemetry.sdk"] = None
 import producers
 def report():
     return {{

@@ -5,8 +5,12 @@ receiver, and refuses the rest with the reason (dead letter) and a count (``reje
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -55,9 +59,9 @@ def test_forged_alerts_page_no_one_and_a_forged_resolve_closes_nothing(
             wait_for(lambda: worker.stats.rejected == 3, what="the count")
     assert [json.loads(q.body)["id"] for q in hook.requests] == [real.id, genuine.id]
     assert reasons(r, keys) == [
-        "alert refused: unsigned (no 's' field); only detector workers publish alerts",
-        "alert refused: unsigned (no 's' field); only detector workers publish alerts",
-        "alert refused: bad signature; only detector workers publish alerts",
+        "alert refused: unsigned (no 's' field); alerts come from the pipeline, which holds the secret",
+        "alert refused: unsigned (no 's' field); alerts come from the pipeline, which holds the secret",
+        "alert refused: bad signature; alerts come from the pipeline, which holds the secret",
     ]
 
 
@@ -115,4 +119,41 @@ def test_detectors_and_notifiers_with_different_configured_secrets_deliver_nothi
             fire(r, keys, "bot")  # signed with the Redis-kept secret
             wait_for(lambda: reasons(r, keys), what="the refusal")
     assert hook.requests == []
-    assert reasons(r, keys) == ["alert refused: bad signature; only detector workers publish alerts"]
+    assert reasons(r, keys) == [
+        "alert refused: bad signature; alerts come from the pipeline, which holds the secret"
+    ]
+
+
+def test_with_a_configured_secret_every_publisher_signs_with_it(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Detectors, notifiers, `agentwatch halt` and the dashboard all take [security] secret from the
+    configuration; a halt from the CLI is delivered by a notifier holding the same secret."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n[security]\nsecret = "{OTHER}"\n')
+    with receiver() as hook:
+        pipeline = pipeline_with(prefix, redis_url, [{"type": "webhook", "url": hook.url, "backoff": "50ms"}])
+        security = SecuritySection.model_validate({"secret": OTHER})
+        pipeline = pipeline.__class__(
+            settings=pipeline.settings.model_copy(update={"security": security}),
+            source="test",
+            notifiers=pipeline.notifiers,
+        )
+        with notifier_running(pipeline, redis_url):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
+            argv = [
+                sys.executable,
+                "-m",
+                "agentwatch",
+                "halt",
+                "bot",
+                "--reason",
+                "drill",
+                "--config",
+                str(config),
+            ]
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+            assert done.returncode == 0, done.stderr
+            (request,) = hook.wait_requests(1)
+    assert json.loads(request.body)["detector"] == "halt" and reasons(r, keys) == []
+    assert r.get(keys.secret) is None  # nothing generated: the configured secret is the only one

@@ -78,7 +78,10 @@ def _http_line(pipeline: Pipeline) -> str:
         return "http       off in `up` ([http] enabled = false)"
     access = "token required" if http.token else "no token (loopback only)"
     ping = "ping API on" if http.ping_key else "ping API off (no ping_key)"
-    return f"http       {http.bind}  {access}, {ping}"
+    otlp = "OTLP on" if http.ingest_token and pipeline.settings.otlp.enabled else "OTLP off (no ingest_token)"
+    if not pipeline.settings.otlp.enabled:
+        otlp = "OTLP off ([otlp] enabled = false)"
+    return f"http       {http.bind}  {access}, {ping}, {otlp}"
 
 
 def _settings(config: PluginConfig, skip: set[str], *, only_set: bool = False) -> str:

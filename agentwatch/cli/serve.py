@@ -66,6 +66,12 @@ def serve(
     typer.echo(f"dashboard: {dashboard_url(host, port)}  (redis: {describe(url)})")
     if http.ping_key is None:
         typer.echo("ping API: off (set [http] ping_key to accept /ping/<key>/<agent>)")
+    if not pipeline.settings.otlp.enabled:
+        typer.echo("OTLP ingest: off ([otlp] enabled = false)")
+    elif http.ingest_token is None:
+        typer.echo("OTLP ingest: off (set [http] ingest_token to accept /v1/traces and /v1/metrics)")
+    else:
+        typer.echo(f"OTLP ingest: {dashboard_url(host, port).rstrip('/')}/v1/traces, /v1/metrics")
     # No access log: a ping URL carries [http] ping_key, which must not land in a log file.
     uvicorn.run(create_app(pipeline, url), host=host, port=port, log_level=log_level, access_log=False,
                 server_header=False)  # fmt: skip

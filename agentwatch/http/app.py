@@ -5,7 +5,7 @@ routing, forms, cookies, static files from a package and a test client, with no 
 template engine of their own and few dependencies; uvicorn serves it from the CLI process
 without any deployment step, and anyone can put the app behind their own ASGI server.
 
-Route modules each export ``routes``; the OTLP receiver adds its own module beside ping.py.
+Route modules each export ``routes``; the OTLP receiver's (otlp.py) sits beside ping.py.
 Handlers that touch Redis run in a thread pool (redis-py is synchronous, like the workers), so
 a slow Redis never blocks the event loop, and every Redis error that means "away for now"
 becomes a 503 (pages say so in plain words; the ping API adds ``Retry-After``).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlencode, urlsplit
 
 from starlette.applications import Starlette
@@ -28,9 +28,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentwatch import __version__
 from agentwatch.config import Pipeline
-from agentwatch.http import badges, metrics, pages, ping
+from agentwatch.http import badges, metrics, otlp, pages, ping
 from agentwatch.http.server import Server, unavailable
 from agentwatch.redisconn import RECOVERABLE, explain
+
+OWN_ACCESS: Final = ("/ping/", "/v1/traces", "/v1/metrics")
+"""Paths whose routes check their own credential, not ``[http] token``."""
 
 
 async def healthz(request: Request) -> Response:
@@ -62,7 +65,8 @@ class Guard:
         self.server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/ping/"):  # the ping key is its access
+        # The ping key and the ingest token are those routes' own access (ping.py, otlp.py).
+        if scope["type"] != "http" or scope["path"].startswith(OWN_ACCESS):
             await self.app(scope, receive, send)
             return
         refused = self.refusal(HTTPConnection(scope))
@@ -122,6 +126,7 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
         Route("/api/status", api_status),
         Route("/favicon.ico", favicon),
         *ping.routes,
+        *(otlp.routes if pipeline.settings.otlp.enabled else []),
         *metrics.routes,
         *badges.routes,
         *pages.routes,

@@ -7,11 +7,20 @@ targets, and ``sum(rate(agentwatch_http_pings_total[5m]))`` adds them up.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 
 PING_OUTCOMES: Final = ("ok", "bad_key", "bad_request", "too_large", "flooded", "unavailable")
+OTLP_OUTCOMES: Final = ("ok", "partial", "off", "unauthorized", "bad_request", "too_large", "unsupported",
+                        "unavailable")  # fmt: skip
+OTLP_ITEMS: Final = (
+    "spans", "calls", "tool_calls", "calls_nested", "metrics", "usage_points", "events",
+    "counts_dropped", "spans_without_agent", "points_without_agent", "usage_unattributed",
+    "agents_not_accepted", "agents_over_export_cap", "agents_refused", "agents_flooded", "agents_invalid",
+)  # fmt: skip
+"""What OTLP exports held and what was dropped (agentwatch/otlp/receiver.py names each)."""
 
 
 class Counters:
@@ -36,6 +45,29 @@ class Counters:
             "Requests answered 503 because Redis was unavailable.",
             registry=self.registry,
         )
+
+        self._otlp = Counter(
+            "agentwatch_otlp_requests",
+            "OTLP exports answered by this server, by signal and outcome (partial: some parts refused).",
+            ["signal", "outcome"],
+            registry=self.registry,
+        )
+        self._otlp_items = Counter(
+            "agentwatch_otlp_items",
+            "What OTLP exports held (spans, LLM and tool calls, events written) and what was dropped, "
+            "by signal and item (counts_dropped, spans_without_agent, agents_refused...).",
+            ["signal", "item"],
+            registry=self.registry,
+        )
+        for signal in ("traces", "metrics"):
+            for outcome in OTLP_OUTCOMES:
+                self._otlp.labels(signal, outcome)
+
+    def otlp(self, signal: str, outcome: str, items: Mapping[str, int] | None = None) -> None:
+        self._otlp.labels(signal, outcome).inc()
+        for item, count in (items or {}).items():
+            if item in OTLP_ITEMS and count:
+                self._otlp_items.labels(signal, item).inc(count)
 
     def ping(self, outcome: str) -> None:
         self._pings.labels(outcome).inc()

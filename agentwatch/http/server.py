@@ -1,7 +1,7 @@
 """What every route of the HTTP server shares: the pipeline, one Redis client, access rules,
 the event writer, this server's counters, and a short-lived cache of the fleet's status.
 
-Route modules (ping.py, pages.py, metrics.py, badges.py, and the OTLP receiver's) take a
+Route modules (ping.py, pages.py, metrics.py, badges.py, otlp.py) take a
 :class:`Server` from ``request.app.state.server`` and nothing else, so a new module of routes
 is added in app.py with one line. Writers call ``await server.writer.awrite(...)`` (batched
 round trips); readers run their synchronous Redis reads in the thread pool.
@@ -22,6 +22,7 @@ from agentwatch.fleet import fleet_status
 from agentwatch.http.access import Access
 from agentwatch.http.counters import Counters
 from agentwatch.ingest import EventWriter, FloodLimit
+from agentwatch.otlp.receiver import Receiver
 from agentwatch.redisconn import Client, connect, explain
 
 T = TypeVar("T")
@@ -149,6 +150,9 @@ class Server:
             run_ttl_s=http.run_ttl_s,
         )
         self.metrics = Counters()
+        self.otlp = Receiver(
+            self.client, self.keys, self.settings.otlp, self.writer, secret=self.settings.security.secret
+        )
         self.fleet = FleetCache(self, min(1.0, http.refresh_s / 2) if cache_s is None else cache_s)
 
     def agent_status(self, name: str) -> dict[str, Any] | None:

@@ -1,0 +1,278 @@
+"""OTLP ingest: spans per second through the receiver on one core, and Redis memory per OTel agent.
+
+**Throughput.** A realistic export: 512 spans from one process, 10 % of them LLM calls (copies of
+the chat span opentelemetry-instrumentation-openai-v2 recorded in tests/data/otlp/, with the
+content capture PydanticAI and OpenLLMetry switch on by default: prompts and completions as
+attributes), the rest HTTP client spans (copies of the httpx span OpenLIT recorded), each kind in
+its instrumentation's scope as the SDK batches them. Measured in the same run, interleaved round
+by round, as CPU seconds of this process (the receiver's one core; Redis runs in its own process):
+
+* ``decode``: ``ExportTraceServiceRequest.FromString`` alone, the baseline (goal: ingest >= 0.5x);
+* ``decode + every attribute``: decoding, then visiting each attribute of each span once (key and
+  value kind): what any receiver that reads the spans without the byte search pays, for context;
+* ``decode + read``: decoding plus reading every process's LLM and tool calls (agentwatch/otlp/
+  spans.py: scopes and spans without a GenAI attribute name are not decoded), no Redis;
+* ``ingest``: the whole receiver, as ``POST /v1/traces`` runs it: decode, read, fold with the
+  process's state, admit, write 51 beats through the ingest writer, store the state.
+
+**Memory.** ``--agents`` agents reach Redis one way or the other with the same usage (a start and
+10 LLM calls each): as a producer sends it (events XADDed directly), and as OTLP exports through
+the receiver. A detector worker applies everything; the event and alert streams are deleted (they
+are capped and trimmed, not per-agent state) and ``used_memory`` is compared with the empty
+server's, one private server per population. The OTel agent's extra keys are listed.
+
+    python benchmarks/otlp_ingest.py [--rounds 5] [--exports 40] [--agents 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import figure, median, report
+
+from agentwatch import codec, config, plugins
+from agentwatch.embedded import EmbeddedRedis
+from agentwatch.ingest import EventWriter, FloodLimit
+from agentwatch.otlp.receiver import Receiver
+from agentwatch.otlp.spans import read_traces
+from agentwatch.redisconn import connect
+from agentwatch.workers import detector_worker
+
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "otlp"
+SPANS = 512
+LLM_EVERY = 10
+BEATS = 10
+UNLIMITED = FloodLimit(rate_per_s=1e9, burst=1_000_000_000)
+
+
+def export_body(service: str = "bench-bot", instance: str = "bench-1") -> bytes:
+    """The realistic export (see the module docstring)."""
+    chat = _first_span("openai-v2.traces.pb")
+    chat.attributes.extend(
+        [
+            KeyValue(key="gen_ai.input.messages", value=AnyValue(string_value="[" + "x" * 1500 + "]")),
+            KeyValue(key="gen_ai.output.messages", value=AnyValue(string_value="[" + "y" * 500 + "]")),
+        ]
+    )
+    http = _first_span("openlit.traces.1.pb")
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    for key, value in (("service.name", service), ("service.instance.id", instance), ("host.name", "bench")):
+        resource_spans.resource.attributes.add(key=key, value=AnyValue(string_value=value))
+    genai = resource_spans.scope_spans.add()
+    genai.scope.name = "opentelemetry.instrumentation.openai_v2"
+    other = resource_spans.scope_spans.add()
+    other.scope.name = "opentelemetry.instrumentation.httpx"
+    for n in range(SPANS):
+        template, scope = (chat, genai) if n % LLM_EVERY == 0 else (http, other)
+        span = scope.spans.add()
+        span.CopyFrom(template)
+        span.span_id = (n + 1).to_bytes(8, "big")
+        span.trace_id = (n // LLM_EVERY + 1).to_bytes(16, "big")
+        span.end_time_unix_nano = template.end_time_unix_nano + n
+    body: bytes = request.SerializeToString()
+    return body
+
+
+def _first_span(name: str) -> Any:
+    request = ExportTraceServiceRequest.FromString((DATA / name).read_bytes())
+    return request.resource_spans[0].scope_spans[0].spans[0]
+
+
+def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]], float]:
+    client = redis.Redis.from_url(url)
+    settings = config.OtlpSection()
+    keys = config.Pipeline(settings=config.PipelineSettings(), source="bench").keys
+    writer = EventWriter(client, keys, limit=UNLIMITED, run_ttl_s=3600.0)
+    receiver = Receiver(client, keys, settings, writer)
+    body = export_body()
+    loop = asyncio.new_event_loop()
+
+    def decode() -> None:
+        ExportTraceServiceRequest.FromString(body)
+
+    def every_attribute() -> None:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    for kv in span.attributes:
+                        kv.value.WhichOneof("value")
+
+    def read() -> None:
+        read_traces(body, settings)
+
+    def ingest() -> None:
+        outcome = loop.run_until_complete(receiver.export("traces", body, "application/x-protobuf", None))
+        assert outcome.tally["events"] == SPANS // LLM_EVERY + 1, outcome
+
+    ingest()  # warm-up: scripts loaded, the run started
+    cases = {
+        "decode": decode,
+        "decode + every attribute": every_attribute,
+        "decode + read": read,
+        "ingest": ingest,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    ratios = []
+    for _ in range(rounds):
+        for name, run in cases.items():
+            started = time.process_time()
+            for _ in range(exports):
+                run()
+            samples[name].append(SPANS * exports / (time.process_time() - started))
+        ratios.append(samples["ingest"][-1] / samples["decode"][-1])
+    loop.close()
+    client.delete(keys.events())
+    client.close()
+    rows = [
+        {
+            "path": name,
+            "spans/s min": min(values),
+            "spans/s median": median(values),
+            "spans/s max": max(values),
+            "x decode (median)": median(values) / median(samples["decode"]),
+        }
+        for name, values in samples.items()
+    ]
+    return rows, median(ratios)
+
+
+def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    per_agent = {}
+    breakdown: dict[str, float] = {}
+    for population in ("producer", "otlp"):
+        server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
+        client = redis.Redis.from_url(server.url)
+        try:
+            detectors, problems = plugins.load_detectors({})
+            assert not problems, problems
+            settings = config.PipelineSettings()
+            pipeline = config.Pipeline(settings=settings, source="bench", detectors=detectors)
+            keys = pipeline.keys
+            client.xgroup_create(keys.events(), "detectors", id="0", mkstream=True)
+            before = int(client.info("memory")["used_memory"])
+            if population == "producer":
+                _as_producers(client, keys.events(), agents)
+            else:
+                _as_otlp(client, pipeline, agents)
+                for name, pattern in (("otlp:proc", "*:otlp:proc:*"), ("ingest", "{*}:ingest:*")):
+                    found = list(client.scan_iter(match=pattern, count=10_000))
+                    total = sum(int(client.memory_usage(key, samples=0) or 0) for key in found)
+                    breakdown[name] = total / agents
+                breakdown["otlp:agents"] = int(client.memory_usage(keys.otlp_agents, samples=0) or 0) / agents
+            worker = detector_worker(pipeline, connect(settings, server.url))
+            events = client.xlen(keys.events())
+            while worker.stats.processed < events:
+                worker.run_once()
+            worker.client.close()
+            client.delete(keys.events(), keys.alerts)
+            per_agent[population] = (int(client.info("memory")["used_memory"]) - before) / agents
+        finally:
+            client.close()
+            server.cleanup()
+    rows = [
+        {"agent": "producer (start + 10 beats XADDed)", "bytes per agent": per_agent["producer"]},
+        {"agent": "OTel (one export of 10 LLM calls)", "bytes per agent": per_agent["otlp"]},
+    ]
+    rows += [{"agent": f"  of which {name}", "bytes per agent": size} for name, size in breakdown.items()]
+    return rows, per_agent
+
+
+def _as_producers(client: redis.Redis, stream: str, agents: int) -> None:
+    pipe = client.pipeline(transaction=False)
+    for n in range(agents):
+        head = {"v": 1, "agent": f"agent-{n:06d}", "ts": time.time(), "run": f"{n:016x}"}
+        start = {**head, "kind": "start", "seq": 0, "interval": 60.0, "pid": 4242, "host": "bench",
+                 "version": "0.1.0"}  # fmt: skip
+        pipe.xadd(stream, {"d": codec.encode(start)})
+        for seq in range(1, BEATS + 1):
+            usage = {"tokens": 150, "tokens_in": 120, "tokens_out": 30, "tokens_cache_read": 100,
+                     "tokens_reasoning": 10, "model": "gpt-4o-2024-08-06"}  # fmt: skip
+            beat = {**head, "kind": "beat", "seq": seq, **usage}
+            pipe.xadd(stream, {"d": codec.encode(beat)})
+        if n % 200 == 0:
+            pipe.execute()
+    pipe.execute()
+
+
+def _as_otlp(client: redis.Redis, pipeline: config.Pipeline, agents: int) -> None:
+    settings = pipeline.settings.otlp.model_copy(update={"max_agents": agents})
+    writer = EventWriter(client, pipeline.keys, limit=UNLIMITED, run_ttl_s=7 * 86400.0)
+    receiver = Receiver(client, pipeline.keys, settings, writer)
+    chat = _first_span("openai-v2.traces.pb")
+
+    async def send() -> None:
+        for n in range(agents):
+            request = ExportTraceServiceRequest()
+            resource_spans = request.resource_spans.add()
+            for key, value in (("service.name", f"agent-{n:06d}"), ("service.instance.id", f"{n:016x}")):
+                resource_spans.resource.attributes.add(key=key, value=AnyValue(string_value=value))
+            scope = resource_spans.scope_spans.add()
+            for _ in range(BEATS):
+                scope.spans.add().CopyFrom(chat)
+            await receiver.export("traces", request.SerializeToString(), "application/x-protobuf", None)
+
+    asyncio.run(send())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--exports", type=int, default=40, help="exports per case and round")
+    parser.add_argument("--agents", type=int, default=2000, help="agents per population (memory)")
+    args = parser.parse_args()
+    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
+    try:
+        rows, ratio = throughput(server.url, args.rounds, args.exports)
+    finally:
+        server.cleanup()
+    memory_rows, per_agent = memory(args.agents)
+    figures = [
+        figure(
+            "OTLP ingest spans/s vs opentelemetry-proto decoding alone",
+            round(ratio, 3),
+            "ratio",
+            goal=0.5,
+            better="higher",
+            issue=15,
+        ),
+        figure(
+            "Redis bytes per OTel agent / per producer agent",
+            round(per_agent["otlp"] / per_agent["producer"], 3),
+            "ratio",
+            goal=1.0,
+            better="lower",
+            issue=15,
+        ),
+    ]
+    report(
+        "otlp_ingest",
+        [*rows, *memory_rows],
+        extra={
+            "spans": SPANS,
+            "llm_share": 1 / LLM_EVERY,
+            "exports": args.exports,
+            "rounds": args.rounds,
+            "agents": args.agents,
+            "bytes_per_agent": per_agent,
+        },
+        figures=figures,
+    )
+    print(f"ingest / decode: {ratio:.3f} (goal >= 0.5); bytes per OTel agent {per_agent['otlp']:.0f} vs "
+          f"producer {per_agent['producer']:.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
