@@ -12,6 +12,10 @@ Detectors decide; this module makes the decision stick exactly once, however man
 
 The outbox exists because the alerts stream's name is fixed by the protocol and so cannot share
 a Redis Cluster slot with per-shard state (see keys.py).
+
+Every alert is signed as it is published (security.py): notifier workers deliver only entries of
+the alerts stream that carry a valid signature, so whoever else can write that stream can
+neither page anyone nor close an incident.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Final, Literal
 from agentwatch.errors import InvalidEntry
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import Client
+from agentwatch.security import AlertSigner, PipelineSecret
 
 Status = Literal["firing", "resolved"]
 SEVERITIES: Final = ("info", "warning", "error", "critical")
@@ -109,10 +114,15 @@ def decode_alert(raw: bytes) -> Alert:
 class Incidents:
     """Open incidents and the alerts they produce, for one deployment (prefix and shards)."""
 
-    def __init__(self, client: Client, keys: Keys, *, alerts_max_len: int = 100_000) -> None:
+    def __init__(
+        self, client: Client, keys: Keys, *, alerts_max_len: int = 100_000, secret: str | None = None
+    ) -> None:
+        """``secret``: ``[security] secret``; None reads (or makes) the one kept in Redis, only
+        when an alert is published (readers of incidents never touch it)."""
         self.client: Any = client  # untyped: redis-py's stubs do not model scripts and pipelines well
         self.keys = keys
         self.alerts_max_len = alerts_max_len
+        self.signer = AlertSigner(PipelineSecret(client, keys, secret))
         self._fire = self.client.register_script(_FIRE)
         self._resolve = self.client.register_script(_RESOLVE)
 
@@ -220,8 +230,11 @@ class Incidents:
         return published
 
     def _publish(self, shard: int, alerts: list[Alert]) -> None:
+        signed = [(data, self.signer.sign(data)) for data in (alert.to_json().encode() for alert in alerts)]
         pipe = self.client.pipeline(transaction=False)
-        for alert in alerts:
-            pipe.xadd(self.keys.alerts, {"d": alert.to_json()}, maxlen=self.alerts_max_len, approximate=True)
+        for data, signature in signed:
+            pipe.xadd(
+                self.keys.alerts, {"d": data, "s": signature}, maxlen=self.alerts_max_len, approximate=True
+            )
         pipe.hdel(self.keys.outbox(shard), *[alert.id for alert in alerts])
         pipe.execute()

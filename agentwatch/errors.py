@@ -29,6 +29,11 @@ class InvalidEntry(AgentwatchError):
     """A stream entry that does not decode or validate; it is dead-lettered with this reason."""
 
 
+class Unauthenticated(InvalidEntry):
+    """An entry whose signature is missing, wrong or too old (security.py): dead-lettered like
+    any invalid entry, and counted apart (``rejected``) because it may be an attack."""
+
+
 class PluginError(AgentwatchError):
     """A detector or notifier that cannot be found or loaded."""
 

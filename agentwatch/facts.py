@@ -43,7 +43,7 @@ for i = 1, #ARGV, 4 do
 end
 return 1
 """
-_FACT_KEYS: Final = ("run", "host", "pid", "version", "interval", "parent")
+_FACT_KEYS: Final = ("run", "host", "pid", "pid_start", "version", "interval", "parent")
 
 
 class FactsRecorder(Handler[Event]):

@@ -227,6 +227,10 @@ def pipeline_health(
         "pending": backlog.pending,
         "oldest_pending_s": round(max(0, now - oldest) / 1000, 3) if oldest is not None else 0.0,
         "deadletter": int(redis.xlen(keys.deadletter)),
+        # entries refused for a missing, wrong or stale signature, since the prefix was created
+        "rejected": sum(
+            _int(redis.hget(keys.stats, f"{kind}:rejected")) for kind in ("detectors", "notifiers")
+        ),
         # events trimmed from a stream before any detector read them (detectors/lag.py counts them)
         "trimmed_unread": _int(redis.hget(keys.clock(shard_of(PIPELINE_AGENT, keys.shards)), "trimmed")),
         "failed_deliveries": int(redis.xlen(keys.notify_failed)),
@@ -260,6 +264,7 @@ def _workers(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
                 "reclaimed": _int(health.get("reclaimed")),
                 "errors": _int(health.get("errors")),
                 "skipped": _int(health.get("skipped")),
+                "rejected": _int(health.get("rejected")),
                 "broken": [name for name in (health.get("broken") or "").split(",") if name],
                 "lag": _int(health.get("lag")),
                 "pending": _int(health.get("pending")),

@@ -120,10 +120,12 @@ class Halt:
 class Halts:
     """The halts of one deployment, and their alerts."""
 
-    def __init__(self, client: Client, keys: Keys, incidents: Incidents | None = None) -> None:
+    def __init__(
+        self, client: Client, keys: Keys, incidents: Incidents | None = None, *, secret: str | None = None
+    ) -> None:
         self.client: Any = client
         self.keys = keys
-        self.incidents = incidents or Incidents(client, keys)
+        self.incidents = incidents or Incidents(client, keys, secret=secret)  # [security] secret: signs
         self._change = self.client.register_script(_CHANGE)
 
     def add(

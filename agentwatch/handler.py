@@ -48,6 +48,8 @@ class Stats:
     errors: int = 0
     skipped: int = 0
     """Entries acked without a broken handler having seen them (breaker.py); also in ``processed``."""
+    rejected: int = 0
+    """Entries refused for a missing, wrong or too old signature (security.py); also dead-lettered."""
     batches: int = 0
     trimmed_pending: int = 0
     lag: int = 0

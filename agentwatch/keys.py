@@ -227,6 +227,13 @@ class Keys:
         return [self.halts(shard) for shard in range(max(self.shards, 1))]
 
     @property
+    def secret(self) -> str:
+        """String: the pipeline secret the workers generated because none is configured
+        (``[security] secret``); alerts are signed with a key derived from it. Only the detector
+        and notifier roles may read it (agentwatch/acl.py)."""
+        return f"{self.prefix}:secret"
+
+    @property
     def mutes(self) -> str:
         """Hash ``<agent glob>|<detector or *>`` -> JSON of a mute (until when, why, by whom)."""
         return f"{self.prefix}:mutes"
@@ -248,6 +255,10 @@ class Keys:
     def snapshot_progress(self, shard: int) -> str:
         """Hash ``bucket``, ``cursor``: a snapshot being taken in slices, and the lock on it."""
         return f"{self.tag(shard)}:snapping"
+
+    def snapshot_lock(self, shard: int) -> str:
+        """String, TTL: the worker taking the current snapshot slice (one at a time per shard)."""
+        return f"{self.tag(shard)}:snapping:lock"
 
     # -- the OTLP receiver (agentwatch/otlp/receiver.py) ----------------------------------------------
     def otlp_process(self, process: str) -> str:
@@ -277,8 +288,12 @@ class Keys:
         return f"{self.tag(shard)}:series"
 
     def series_sweep(self, shard: int) -> str:
-        """Hash ``bucket``, ``cursor``, ``done``, ``orphans``: the series sweep in progress (+ ``:lock``)."""
+        """Hash ``bucket``, ``cursor``, ``done``, ``orphans``: the series sweep in progress."""
         return f"{self.tag(shard)}:series:sweep"
+
+    def series_lock(self, shard: int) -> str:
+        """String, TTL: the worker taking the current series sweep (one at a time per shard)."""
+        return f"{self.tag(shard)}:series:sweep:lock"
 
     @property
     def reports_sent(self) -> str:

@@ -24,7 +24,7 @@ from redis.cluster import RedisCluster
 from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings
 from agentwatch.embedded import default_state_dir
 from agentwatch.errors import RedisUnavailable
-from agentwatch.urls import display_url
+from agentwatch.urls import connection_options, display_url
 
 Client = redis.Redis | RedisCluster
 log = logging.getLogger("agentwatch.worker")
@@ -129,19 +129,20 @@ def retry_until_available(
     return False
 
 
-def _options(settings: PipelineSettings, name: str) -> dict[str, Any]:
+def _options(settings: PipelineSettings, url: str, name: str) -> dict[str, Any]:
     cfg = settings.redis
     return {
         "socket_timeout": cfg.timeout_s + settings.worker.block_s,
         "socket_connect_timeout": min(cfg.timeout_s, 5.0),
         "client_name": name,
         "protocol": 2,
+        **connection_options(url),  # TLS: the server's certificate and name are verified
     }
 
 
 def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -> Client:
     """A client with timeouts that exceed the worker's BLOCK, so a hung server is noticed."""
-    options = _options(settings, name)
+    options = _options(settings, url, name)
     if settings.redis.cluster:
         return RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, health_check_interval=30, **options)
@@ -149,7 +150,9 @@ def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -
 
 def answers(url: str, timeout_s: float = 0.5) -> bool:
     """True when a Redis server answers PING at ``url`` within the timeout."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, **connection_options(url)
+    )
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):

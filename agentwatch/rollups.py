@@ -148,8 +148,8 @@ class Snapshotter(Handler[Event]):
         if redis.zscore(keys.snapshots(shard), bucket) is not None:
             self._done[shard] = bucket
             return True
-        progress = keys.snapshot_progress(shard)
-        if not redis.set(f"{progress}:lock", self.owner, nx=True, px=_LOCK_MS):
+        progress, lock = keys.snapshot_progress(shard), keys.snapshot_lock(shard)
+        if not redis.set(lock, self.owner, nx=True, px=_LOCK_MS):
             return False  # another worker is on it
         try:
             state = redis.hgetall(progress)
@@ -169,8 +169,8 @@ class Snapshotter(Handler[Event]):
                 pipe.hset(progress, mapping={"bucket": bucket, "cursor": cursor})
             pipe.execute()
         finally:
-            if redis.get(f"{progress}:lock") == self.owner.encode():
-                redis.delete(f"{progress}:lock")
+            if redis.get(lock) == self.owner.encode():
+                redis.delete(lock)
         if int(cursor) == 0:
             self._done[shard] = bucket
             return True

@@ -174,7 +174,7 @@ class SeriesRecorder(Handler[Event]):
         if state.get("done") == bucket:
             self._done[shard] = bucket
             return True
-        lock = f"{progress}:lock"
+        lock = keys.series_lock(shard)
         if not redis.set(lock, self.owner, nx=True, px=_LOCK_MS):
             return False  # another worker is on it
         try:

@@ -39,7 +39,7 @@ _PRUNE_EVERY: Final = 10
 """Health refreshes between two prunings of the worker registry."""
 _PRUNE_BATCH: Final = 100
 _RESETTABLE: Final = (
-    "processed", "deadlettered", "reclaimed", "errors", "skipped", "batches", "trimmed_pending",
+    "processed", "deadlettered", "reclaimed", "errors", "skipped", "batches", "trimmed_pending", "rejected",
 )  # fmt: skip
 
 

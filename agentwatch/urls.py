@@ -3,17 +3,34 @@
 Both sides use them: the pipeline's config (``[redis] url``) and the producer inside the agent
 (``AGENTWATCH_REDIS_URL``), so a URL a worker accepts is one the agents accept too, and each
 says the same thing about it. Standard library and redis-py only: the producer imports this.
+
+TLS is ``rediss://``, configured in the URL's query, the same for agents, workers and the CLI:
+``?ssl_ca_certs=/etc/agentwatch/ca.pem`` (the CA to trust; default: the system's),
+``&ssl_certfile=...&ssl_keyfile=...`` (a client certificate, for ``tls-auth-clients yes``).
+The server's certificate is always verified, host name included (:func:`connection_options`),
+unless the URL itself says ``ssl_cert_reqs=none`` or ``ssl_check_hostname=false``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 
 _DB_PATH: Final = re.compile(r"/?(\d*)")
+_TLS_FILES: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+_VERIFIED: Final = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+"""What a ``rediss://`` connection checks unless its URL says otherwise: redis-py before 6
+did not check the host name by default."""
+
+
+def connection_options(url: str) -> dict[str, Any]:
+    """Keyword arguments for redis-py's ``from_url`` that every connection to ``url`` gets:
+    certificate and host-name verification for TLS (the URL's own query still wins)."""
+    return dict(_VERIFIED) if url.startswith("rediss://") else {}
 
 
 def redis_url_problem(value: Any) -> str | None:
@@ -41,6 +58,25 @@ def redis_url_problem(value: Any) -> str | None:
         return str(exc) or type(exc).__name__
     if int(pool.connection_kwargs.get("db") or 0) < 0:
         return "negative database number"
+    return _options_problem(value, pool)
+
+
+def _options_problem(url: str, pool: Any) -> str | None:
+    """An option in the URL's query that no connection would take, or a TLS file that is not there:
+    said now, not as a TypeError or an SSL error on every connection attempt."""
+    names = set(parse_qs(urlsplit(url).query))
+    tls = sorted(name for name in names if name.startswith("ssl_"))
+    if tls and not url.startswith("rediss://"):
+        return f"{', '.join(tls)} need a TLS URL: rediss://..."
+    try:
+        pool.connection_class(**pool.connection_kwargs)  # builds the object only: no I/O
+    except TypeError as exc:
+        unknown = re.search(r"argument '(\w+)'", str(exc))
+        return f"unknown option {unknown.group(1)!r} in the URL's query" if unknown else f"bad option ({exc})"
+    for name in _TLS_FILES:
+        path = pool.connection_kwargs.get(name)
+        if path and not os.path.exists(path):
+            return f"{name}: no such file or directory: {path}"
     return None
 
 

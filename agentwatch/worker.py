@@ -7,9 +7,10 @@ and acknowledged only after the handlers returned, i.e. after their effects are 
   XAUTOCLAIM once they have been idle for ``claim_idle`` and processes them again;
 * handlers must make their effects idempotent; entry ids (and the producer's per-run ``seq``)
   are what they key that on;
-* an entry that does not decode, or that makes a handler raise ``max_attempts`` times, or that
-  was delivered more than ``max_attempts`` times without an ack (it keeps killing workers), goes
-  to the dead-letter stream with its reason and is acknowledged: it never blocks the stream;
+* an entry that does not decode, or fails its ``verify`` check (a missing or bad signature,
+  security.py: counted as ``rejected``), or that makes a handler raise ``max_attempts`` times, or
+  that was delivered more than ``max_attempts`` times without an ack (it keeps killing workers),
+  goes to the dead-letter stream with its reason and is acknowledged: it never blocks the stream;
 * a handler that raises is isolated: logged, counted, retried entry by entry, and the other
   handlers and the worker carry on;
 * a handler that fails on every entry is *broken*, not fed bad data: after a few entries in a
@@ -40,7 +41,7 @@ from agentwatch.breaker import Breaker
 from agentwatch.codec import entry_ms
 from agentwatch.config import PipelineSettings
 from agentwatch.deadletter import entry_field, letter
-from agentwatch.errors import InvalidEntry
+from agentwatch.errors import InvalidEntry, Unauthenticated
 from agentwatch.handler import Handler, Message, Stats
 from agentwatch.keys import Keys
 from agentwatch.redisconn import (
@@ -59,6 +60,10 @@ __all__ = ["Handler", "Message", "Stats", "Worker"]  # Handler, Message, Stats: 
 log = logging.getLogger("agentwatch.worker")
 
 T = TypeVar("T")
+
+Verify = Callable[[str, bytes, Any, bytes, T], None]
+"""``(stream, entry id, fields, d bytes, decoded) -> None``: a check of each decoded entry before
+any handler sees it (security.py's signatures); it raises :class:`InvalidEntry` to refuse one."""
 
 _TRIM_EVERY_S = 60.0
 _ERROR_LOG_EVERY_S = 60.0
@@ -90,6 +95,7 @@ class Worker(Generic[T]):
         handlers: Sequence[Handler[T]],
         retention_s: float,
         consumer: str | None = None,
+        verify: Verify[T] | None = None,
     ) -> None:
         # redis-py's stubs type stream replies loosely (and differently per RESP version); the
         # runtime handles both shapes itself, so it talks to Redis through an untyped alias.
@@ -101,6 +107,7 @@ class Worker(Generic[T]):
         self.streams = list(streams)
         self.group = group
         self.decode = decode
+        self.verify = verify
         self.handlers = list(handlers)
         self.retention_s = retention_s
         self.consumer = consumer or consumer_name(kind)
@@ -307,15 +314,19 @@ class Worker(Generic[T]):
             return 0
         good: list[Message[T]] = []
         dead: list[tuple[str, bytes, Any, str]] = []
-        decode = self.decode
+        decode, verify = self.decode, self.verify
         for stream, entry_id, fields in entries:
             try:
-                if fields.__class__ is list and fields[0] == b"d":  # the common shape, fast
-                    good.append((entry_id, decode(fields[1])))
-                else:
-                    good.append((entry_id, decode(entry_field(fields))))
+                # [b"d", bytes] is the common shape: the fast path
+                data = fields[1] if fields.__class__ is list and fields[0] == b"d" else entry_field(fields)
+                item = decode(data)
+                if verify is not None:
+                    verify(stream, entry_id, fields, data, item)
+                good.append((entry_id, item))
             except InvalidEntry as exc:
                 dead.append((stream, entry_id, fields, str(exc)))
+                if exc.__class__ is Unauthenticated:
+                    self.stats.rejected += 1
         if good:
             poisoned: dict[bytes, str] = {}
             for handler in self.handlers:

@@ -15,6 +15,7 @@ from agentwatch.facts import FactsRecorder
 from agentwatch.halts import HaltExpiry, Halts
 from agentwatch.redisconn import Client
 from agentwatch.rollups import Snapshotter
+from agentwatch.security import AlertVerifier, EventVerifier, PipelineSecret
 from agentwatch.series import SeriesRecorder
 from agentwatch.worker import Handler, Worker
 
@@ -50,8 +51,11 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         handlers=[],
         retention_s=settings.streams.events_retention_s,
         consumer=consumer,
+        verify=EventVerifier(settings.security) if settings.security.agent_keys else None,
     )
-    incidents = Incidents(client, keys, alerts_max_len=settings.streams.alerts_max_len)
+    incidents = Incidents(
+        client, keys, alerts_max_len=settings.streams.alerts_max_len, secret=settings.security.secret
+    )
     ctx = DetectorContext(
         client=client, keys=keys, incidents=incidents, settings=settings, stats=worker.stats
     )
@@ -102,8 +106,13 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         handlers=[],
         retention_s=settings.streams.alerts_retention_s,
         consumer=consumer,
+        verify=AlertVerifier(
+            PipelineSecret(client, keys, settings.security.secret), settings.security.max_skew_s
+        ),
     )
-    incidents = Incidents(client, keys, alerts_max_len=settings.streams.alerts_max_len)
+    incidents = Incidents(
+        client, keys, alerts_max_len=settings.streams.alerts_max_len, secret=settings.security.secret
+    )
     ctx = NotifierContext(
         client=client,
         keys=keys,

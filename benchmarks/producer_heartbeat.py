@@ -7,7 +7,9 @@ it is measured, so its sender thread competes for the GIL as it would in an agen
 
 Variants: ``heartbeat()`` back to back (the sender cannot keep up, so most calls take the
 queue-full path and are counted as drops); ``heartbeat(tokens=, model=, cost=)`` back to back;
-and ``heartbeat()`` paced by ~20 us of busy work per call, the path a real agent takes.
+and ``heartbeat()`` paced by ~20 us of busy work per call, the path a real agent takes. The
+paced call is also timed on a second producer that signs its events (``key=``, issue 11): the
+signing happens on the sender thread, so the figure "signed / unsigned" should stay near 1.
 
     python benchmarks/producer_heartbeat.py [--redis-url URL] [--calls 100000] [--rounds 3]
 """
@@ -22,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import redis
-from _common import median, percentile, redis_server, report
+from _common import figure, median, percentile, redis_server, report
 
 import producers
+from agentwatch.signing import agent_key
 
 GOAL_MEDIAN_NS = 2_000
 GOAL_P99_NS = 20_000
@@ -55,25 +58,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     heartbeat = producers.heartbeat
-    variants: dict[str, tuple[Callable[[], object], int]] = {
-        "no-op function (baseline)": (noop, 0),
-        "heartbeat()": (heartbeat, 0),
-        "heartbeat(tokens=, model=, cost=)": (
-            lambda: heartbeat(tokens=512, model="gpt-4o-mini", cost=0.0004),
-            0,
-        ),
-        "no-op, paced by 20 us of work (baseline)": (noop, 20_000),
-        "heartbeat(), paced by 20 us of work": (heartbeat, 20_000),
-    }
-    samples: dict[str, list[int]] = {name: [] for name in variants}
     with redis_server(args.redis_url) as url:
         prefix = f"bench{time.time_ns()}"
         producers.init("bench-heartbeat", redis_url=url, prefix=prefix, pulse_interval=1.0)
+        key = agent_key("benchmark secret, at least 32 characters", "bench-signed")
+        signed = producers.Producer("bench-signed", redis_url=url, prefix=prefix, pulse_interval=1.0, key=key)
+        variants: dict[str, tuple[Callable[[], object], int]] = {
+            "no-op function (baseline)": (noop, 0),
+            "heartbeat()": (heartbeat, 0),
+            "heartbeat(tokens=, model=, cost=)": (
+                lambda: heartbeat(tokens=512, model="gpt-4o-mini", cost=0.0004),
+                0,
+            ),
+            "no-op, paced by 20 us of work (baseline)": (noop, 20_000),
+            "heartbeat(), paced by 20 us of work": (heartbeat, 20_000),
+            "heartbeat(), paced, signing producer": (signed.heartbeat, 20_000),
+        }
+        samples: dict[str, list[int]] = {name: [] for name in variants}
         for _ in range(args.rounds):  # interleaved, so a noisy moment hits every variant
             for name, (call, work_ns) in variants.items():
                 calls = args.calls if not work_ns else args.calls // 4
                 samples[name] += timed(call, calls, work_ns)
         producers.shutdown()
+        signed.close()
         with redis.Redis.from_url(url) as client:
             delivered = int(client.xinfo_stream(f"{prefix}:events")["entries-added"])
             client.delete(f"{prefix}:events")
@@ -90,6 +97,8 @@ def main() -> None:
             }
         )
     base, beat = rows[0], rows[1]
+    paced, paced_signed = rows[4], rows[5]
+    signed_ratio = paced_signed["median ns"] / paced["median ns"]
     verdict = {
         "median_ns": beat["median ns"],
         "p99_ns": beat["p99 ns"],
@@ -99,11 +108,25 @@ def main() -> None:
         "median_goal_met": beat["median ns"] <= GOAL_MEDIAN_NS,
         "p99_goal_met": beat["p99 ns"] <= GOAL_P99_NS,
         "events_delivered_during_run": delivered,
+        "signed_over_unsigned_median": signed_ratio,
     }
-    report("producer_heartbeat", rows, {"verdict": verdict})
+    figures = [
+        figure("heartbeat() median", beat["median ns"] / 1000, "us", goal=GOAL_MEDIAN_NS / 1000, issue=3),
+        figure("heartbeat() p99", beat["p99 ns"] / 1000, "us", goal=GOAL_P99_NS / 1000, issue=3),
+        figure(
+            "heartbeat() median, signing / unsigned (paced)",
+            round(signed_ratio, 3),
+            "ratio",
+            goal=1.1,
+            issue=11,
+        ),
+    ]
+    report("producer_heartbeat", rows, {"verdict": verdict}, figures=figures)
     print(f"\nheartbeat(): median {beat['median ns']} ns (goal <= {GOAL_MEDIAN_NS}), "
           f"p99 {beat['p99 ns']} ns (goal <= {GOAL_P99_NS}); no-op baseline median "
           f"{base['median ns']} ns; {delivered:,} events delivered meanwhile")  # fmt: skip
+    print(f"paced heartbeat() median: signing producer {paced_signed['median ns']} ns, unsigned "
+          f"{paced['median ns']} ns ({signed_ratio:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ failed; its thread finishes in the background under the service's own timeouts).
 success or failure per URL but no status code, so a failure is retried with backoff, and the
 retry goes only to the URLs that failed: the others are not sent the same message twice. The
 message's apprise type follows the alert: critical and error are ``failure``, warning is
-``warning``, info is ``info``, and a resolved alert is ``success``.
+``warning``, info is ``info``, and a resolved alert is ``success``. The message goes to apprise
+as plain text, which apprise escapes into each target's format (notifiers/text.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agentwatch.config import Seconds
 from agentwatch.report import render_text
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
-from notifiers.webhook import slack_text
+from notifiers.text import plain_text
 
 INSTALL_HINT = "apprise is not installed: pip install 'agentwatch[apprise]'"
 SENT = "apprise_sent"
@@ -92,7 +93,7 @@ class Apprise(Notifier[AppriseConfig]):
         title = self.config.title
         for name in ("agent", "detector", "status", "severity"):
             title = title.replace(f"{{{name}}}", str(getattr(alert, name)))
-        body = slack_text(alert).replace("*", "")
+        body = plain_text(alert)
         report = delivery.extra.get("report")
         if report is not None:  # a scheduled fleet report (notifiers/reports.py)
             title, body = alert.summary, render_text(report)
@@ -100,7 +101,10 @@ class Apprise(Notifier[AppriseConfig]):
             return Failed("apprise understood none of the configured urls (see the worker log at start-up)")
         sent = set(delivery.extra.get(SENT, []))
         pending = {key: target for key, target in self.targets.items() if key not in sent}
-        results = self._notify_all(pending, title=title, body=body, notify_type=notify_type(alert))
+        # As text: apprise converts it to each target's format, escaping agent text (text.py).
+        message = {"title": title, "body": body, "notify_type": notify_type(alert),
+                   "body_format": "text", "interpret_escapes": False}  # fmt: skip
+        results = self._notify_all(pending, **message)
         sent |= {key for key, ok in results.items() if ok}
         failed = len(pending) - sum(results.values())
         if not failed:

@@ -15,6 +15,7 @@ every other request would be refused too); 408, 425 and 5xx retried with backoff
 from __future__ import annotations
 
 import email.utils
+import re
 from datetime import UTC, datetime
 from typing import ClassVar, TypeVar
 
@@ -32,6 +33,27 @@ _READ_CHUNK_CAP = 8192
 """Bytes of an answer we read at most; we only keep a snippet for the failed-delivery record."""
 _CONNECT_TIMEOUT_S = 3.0
 RETRYABLE_4XX = frozenset({408, 425, 429})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name: a token (RFC 9110 section 5.1)."""
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+"""Headers the HTTP client owns: set by hand they would corrupt the request's framing."""
+_NAMED = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)"}
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """What makes one configured header unusable, or ``None``. Checked at start-up: a CR or LF
+    (say, from a ``${VAR}`` read from a file with its newline) would otherwise make every
+    delivery fail inside the HTTP client, retried for a day, or split the request."""
+    if not _HEADER_NAME.fullmatch(name):
+        return f"{name!r} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+    if name.lower() in _FRAMING:
+        return f"{name!r} is set by the HTTP client itself and cannot be configured"
+    for char in value:
+        if char != "\t" and not " " <= char <= "~":
+            what = _NAMED.get(char, f"the character {char!r}")
+            return (f"the value of {name!r} holds {what}: header values may hold printable ASCII and "
+                    "tabs only (an unset variable, or one read from a file with its newline?)")  # fmt: skip
+    return None
 
 
 def check_url(value: str) -> str:
@@ -59,6 +81,15 @@ class HttpConfig(NotifierConfig):
     @classmethod
     def _url(cls, value: str) -> str:
         return check_url(value)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            problem = header_problem(name, text)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _timeouts_fit(self) -> HttpConfig:

@@ -1,9 +1,12 @@
 """``type = "restart"``: restart an agent when it dies or stalls, within start limits.
 
 Either ``command`` - an argv list run without a shell, with ``{agent}``, ``{run}``, ``{host}``,
-``{pid}`` and ``{detector}`` replaced inside each element (a value can never become a second
-argument or a shell construct) - or ``signal`` - sent to the agent's pid, only when the agent
-runs on this worker's host (for agents whose supervisor restarts them on exit but cannot see a
+``{pid}`` and ``{detector}`` replaced inside each element, each value checked first so that it
+can be neither a second argument, an option, a path out of its directory nor a shell construct
+(notifiers/restart_argv.py) - or ``signal`` - sent to the agent's pid, only when the agent
+runs on this worker's host and the pid is proven to be the agent's run: the run file its
+producer left, the pid's owner and its start time must all agree (agentwatch/runfile.py), for an
+event's pid is only a claim (for agents whose supervisor restarts them on exit but cannot see a
 hang). Only alerts of the detectors listed in ``on`` act.
 
 Before acting the notifier checks that the incident is still open (an agent that came back by
@@ -21,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal as signals
 import socket
 import subprocess
@@ -31,16 +33,16 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from agentwatch import runfile
 from agentwatch.alerts import Alert
 from agentwatch.config import Seconds, format_duration
 from agentwatch.facts import read_facts
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
+from notifiers.restart_argv import UnsafeValue, command_problem, substitute
 from notifiers.routing import LOOP_DETECTOR
 from notifiers.startlimit import StartLimit
 
-PLACEHOLDERS = ("agent", "run", "host", "pid", "detector")
-_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _OUTPUT_TAIL = 2000
 
 
@@ -49,6 +51,7 @@ class RestartConfig(NotifierConfig):
         None, min_length=1, description="argv; {agent} {run} {host} {pid} {detector}"
     )
     signal: str | None = Field(None, description='e.g. "SIGTERM": signal the agent instead')
+    run_dir: str = Field(runfile.DEFAULT_DIR, description="where producers leave run files (signal)")
     on: list[str] = Field(default_factory=lambda: ["silence", "stall", "exit"], min_length=1)
     timeout_s: Seconds = Field(60.0, alias="timeout", gt=0, description="the command's time limit")
     start_limit_burst: int = Field(5, ge=1, le=1000)
@@ -57,21 +60,10 @@ class RestartConfig(NotifierConfig):
     restart_backoff_max_s: Seconds = Field(300.0, alias="restart_backoff_max", ge=0)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the command")
     cwd: str | None = None
+    allow_shell: bool = Field(False, description="accept placeholders in a shell's -c script")
 
     def referenced_detectors(self) -> set[str]:
         return super().referenced_detectors() | set(self.on)
-
-    @field_validator("command")
-    @classmethod
-    def _placeholders(cls, argv: list[str] | None) -> list[str] | None:
-        for element in argv or []:
-            for name in _PLACEHOLDER_RE.findall(element):
-                if name not in PLACEHOLDERS:
-                    raise ValueError(f"unknown placeholder {{{name}}}; valid: " + ", ".join(
-                        f"{{{p}}}" for p in PLACEHOLDERS))  # fmt: skip
-        if argv is not None and not argv[0].strip():
-            raise ValueError("the command's first element (the program) is empty")
-        return argv
 
     @field_validator("signal")
     @classmethod
@@ -87,6 +79,9 @@ class RestartConfig(NotifierConfig):
     def _one_action(self) -> RestartConfig:
         if (self.command is None) == (self.signal is None):
             raise ValueError("set exactly one of command (an argv list) or signal")
+        problem = command_problem(self.command, allow_shell=self.allow_shell) if self.command else None
+        if problem is not None:
+            raise ValueError(f"command: {problem}")
         if not self.send_resolved or "resolved" not in self.match.statuses:
             # Resolved alerts are how it learns an agent recovered; without them a restart loop
             # would never end and the agent would never be restarted again.
@@ -94,18 +89,6 @@ class RestartConfig(NotifierConfig):
                 "the restart notifier needs resolved alerts: drop send_resolved / match.statuses"
             )
         return self
-
-
-def substitute(argv: list[str], facts: dict[str, str]) -> list[str]:
-    """Replace placeholders inside each element; a missing fact is a KeyError naming it."""
-
-    def one(match: re.Match[str]) -> str:
-        value = facts.get(match.group(1), "")
-        if value == "":
-            raise KeyError(match.group(1))
-        return value
-
-    return [_PLACEHOLDER_RE.sub(one, element) for element in argv]
 
 
 class Restart(Notifier[RestartConfig]):
@@ -162,6 +145,10 @@ class Restart(Notifier[RestartConfig]):
             reason = f"the command uses {{{exc.args[0]}}} but the alert and agent state do not say it"
             self._audit(alert, "failed", detail=reason)
             return Failed(reason)
+        except UnsafeValue as exc:  # from an event: never passed, whatever the command
+            reason = f"refused to run the command: {exc}"
+            self._audit(alert, "refused", detail=reason)
+            return Failed(reason)
         env = {**os.environ, **self.config.env, "AW_ALERT": alert.to_json(),
                **{f"AW_{name.upper()}": value for name, value in facts.items()}}  # fmt: skip
         started = time.monotonic()
@@ -215,8 +202,16 @@ class Restart(Notifier[RestartConfig]):
         if not pid.isdigit() or int(pid) <= 1 or int(pid) == os.getpid():
             self._audit(alert, "failed", detail=f"no usable pid ({pid or 'unknown'})")
             return Failed(f"no usable pid for {alert.agent} ({pid or 'unknown'})")
+        started = facts.get("pid_start", "")
         try:
-            os.kill(int(pid), signals.Signals[name])
+            runfile.send_signal(
+                self.config.run_dir, agent=alert.agent, run=facts.get("run", ""), pid=int(pid),
+                pid_start=int(started) if started.isdigit() else None, signum=signals.Signals[name],
+            )  # fmt: skip
+        except runfile.NotProven as exc:  # an event's pid is a claim: never signal on it alone
+            reason = f"refused to send {name} to pid {pid}: {exc}"
+            self._audit(alert, "refused", detail=reason)
+            return Failed(reason)
         except ProcessLookupError:
             self._audit(alert, "skipped", detail=f"pid {pid} is already gone")
             return Delivered(detail=f"pid {pid} already gone")
@@ -270,7 +265,7 @@ class Restart(Notifier[RestartConfig]):
         latest start as the detector workers record it (agentwatch/facts.py)."""
         facts = {"agent": alert.agent, "detector": alert.detector}
         recorded = read_facts(self.ctx.client, self.ctx.keys, [alert.agent]).get(alert.agent, {})
-        for name in ("run", "host", "pid"):
+        for name in ("run", "host", "pid", "pid_start"):
             value = alert.details.get(name, recorded.get(name))
             if value not in (None, ""):
                 facts[name] = str(value)

@@ -18,7 +18,8 @@ Both bind the timestamp, so a receiver that rejects old timestamps also rejects 
 is the secret's UTF-8 bytes, or the decoded key when the secret is ``whsec_<base64>``.
 
 ``format = "slack"`` posts ``{"text": ...}`` instead, for Slack (and Mattermost, Rocket.Chat)
-incoming webhooks.
+incoming webhooks, with agent-supplied text escaped by Slack's rules (notifiers/text.py): no
+``<!channel>``, no disguised link.
 """
 
 from __future__ import annotations
@@ -33,13 +34,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from agentwatch.alerts import Alert
 from agentwatch.report import render_text
 from notifiers.delivery import Delivery
 from notifiers.http import HttpConfig, HttpNotifier
-
-_SLACK_STACK_CHARS = 1500
-_ICONS = {"firing": ":red_circle:", "resolved": ":large_green_circle:"}
+from notifiers.text import slack_escape, slack_text
 
 
 class WebhookConfig(HttpConfig):
@@ -81,17 +79,6 @@ def sign_standard(secret: str, msg_id: str, timestamp: str, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
-def slack_text(alert: Alert) -> str:
-    """One message a human reads on a phone: what, who, how bad; the stack when there is one."""
-    icon = _ICONS.get(alert.status, "")
-    text = f"{icon} *{alert.status.upper()}* [{alert.severity}] {alert.summary}\n"
-    text += f"agent `{alert.agent}` · detector `{alert.detector}` · {alert.at}"
-    stack = alert.details.get("stack")
-    if isinstance(stack, str) and stack and alert.status == "firing":
-        text += f"\n```{stack[-_SLACK_STACK_CHARS:]}```"
-    return text
-
-
 class Webhook(HttpNotifier[WebhookConfig]):
     Config = WebhookConfig
 
@@ -100,7 +87,8 @@ class Webhook(HttpNotifier[WebhookConfig]):
         report = delivery.extra.get("report")
         if report is not None:  # a scheduled fleet report (notifiers/reports.py), not an alert
             text = render_text(report)
-            payload = {"text": text} if self.config.format == "slack" else {"report": report, "text": text}
+            slack = {"text": slack_escape(text)}
+            payload = slack if self.config.format == "slack" else {"report": report, "text": text}
             body = json.dumps(payload, separators=(",", ":")).encode()
         elif self.config.format == "slack":
             body = json.dumps({"text": slack_text(alert)}, separators=(",", ":")).encode()

@@ -53,15 +53,18 @@ def init(
     interval: float | None = None,
     pulse_interval: float | None = None,
     shards: int | None = None,
+    key: str | None = None,
     **options: Any,
 ) -> Producer:
     """Configure the default producer explicitly and start it (``start`` is sent now).
 
     Arguments left out fall back to the environment, then to defaults (see :class:`Producer`,
-    which also lists the tuning ``options``). Calling ``init()`` again with other settings
-    retires the previous run first (``exit`` with reason ``shutdown``). Multiprocessing workers
-    started with ``spawn``/``forkserver`` inherit these arguments and know their parent run
-    (also without ``init()``); forked ones inherit the producer itself.
+    which also lists the tuning ``options``). ``key`` (``AGENTWATCH_KEY``) signs every event
+    with the agent's key, for a pipeline with ``[security] agent_keys`` (docs/security.md).
+    Calling ``init()`` again with other settings retires the previous run first (``exit`` with
+    reason ``shutdown``). Multiprocessing workers started with ``spawn``/``forkserver`` inherit
+    these arguments and know their parent run (also without ``init()``); forked ones inherit the
+    producer itself.
     """
     explicit: dict[str, Any] = {
         "agent": agent,
@@ -70,6 +73,7 @@ def init(
         "interval": interval,
         "pulse_interval": pulse_interval,
         "shards": shards,
+        "key": key,
         **options,
     }
     with _default_lock:

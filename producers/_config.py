@@ -16,12 +16,13 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from agentwatch.codec import AGENT_RE, MAX_AGENT_LEN, MAX_SPAN_S
+from agentwatch.codec import MAX_AGENT_LEN, MAX_SPAN_S, name_problem
 from agentwatch.keys import PREFIX_RE
+from agentwatch.runfile import DEFAULT_DIR as DEFAULT_RUN_DIR
 from agentwatch.urls import display_url, redis_url_problem
 from producers._guard import warn_once
 
@@ -53,7 +54,7 @@ OPTIONS: Final = frozenset(
     {
         "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
         "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout", "on_halt",
-        "halt_interval",
+        "halt_interval", "key", "run_dir",
     }
 )  # fmt: skip
 """Every keyword a Producer (and ``init()``) accepts."""
@@ -68,6 +69,8 @@ ENV_VARS: Final = {
     "maxlen": "AGENTWATCH_MAXLEN",
     "on_halt": "AGENTWATCH_ON_HALT",
     "halt_interval": "AGENTWATCH_HALT_INTERVAL",
+    "key": "AGENTWATCH_KEY",
+    "run_dir": "AGENTWATCH_RUN_DIR",
 }
 """The options that may also come from the environment, and their variables."""
 
@@ -77,6 +80,8 @@ started by spawn or forkserver, which re-import everything and would otherwise l
 restart of the agent rather than a worker of it."""
 
 _BAD_AGENT_CHARS: Final = re.compile(r"[^A-Za-z0-9._:@/-]")
+_KEY_RE: Final = re.compile(r"[0-9a-f]{64}")
+"""An agent key as ``agentwatch agent-key`` prints it (agentwatch/signing.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,10 @@ class Settings:
     """``raise``: ``heartbeat()`` raises :class:`~producers.Halted` while halted; ``ignore``: it
     never does (``producers.halted()`` still tells)."""
     halt_interval: float = DEFAULT_HALT_INTERVAL
+    key: str | None = field(default=None, repr=False)
+    """The agent's key: events are signed with it (never printed)."""
+    run_dir: str = DEFAULT_RUN_DIR
+    """Where the run file goes (agentwatch/runfile.py); "" for none."""
 
     @property
     def stack_after(self) -> float:
@@ -109,8 +118,14 @@ class Settings:
 
 
 def sanitize_agent(name: str) -> str:
-    """Map any string onto the protocol's agent charset (bad characters become ``_``)."""
+    """Map any string onto a valid agent name: characters outside the protocol's charset, a
+    leading ``-`` and ``.``/``..`` path segments become ``_`` (codec.name_problem's rules)."""
     cleaned = _BAD_AGENT_CHARS.sub("_", name)[:MAX_AGENT_LEN]
+    if cleaned.startswith("-"):
+        cleaned = "_" + cleaned[1:]
+    if "." in cleaned:
+        segments = cleaned.split("/")
+        cleaned = "/".join("_" * len(s) if s in (".", "..") else s for s in segments)
     return cleaned or "python"
 
 
@@ -149,6 +164,8 @@ def resolve(**explicit: Any) -> Settings:
         socket_timeout=_number(*given.pick("socket_timeout"), DEFAULT_SOCKET_TIMEOUT, MAX_SPAN_S),
         on_halt=_choice(*given.pick("on_halt"), ON_HALT),
         halt_interval=_number(*given.pick("halt_interval"), DEFAULT_HALT_INTERVAL, MAX_SPAN_S),
+        key=_key(*given.pick("key")),
+        run_dir=_run_dir(*given.pick("run_dir")),
     )
 
 
@@ -207,18 +224,12 @@ def _agent(value: Any, label: str) -> str:
         warn_once(f"config:{label}", "agentwatch: %s=%r is not an agent name; reporting as %r "
                   "(the script's name)", label, value, fallback)  # fmt: skip
         return fallback
-    if AGENT_RE.fullmatch(value):
+    problem = name_problem(value)
+    if problem is None:
         return value
     fixed = sanitize_agent(value)
-    warn_once(
-        f"config:{label}",
-        "agentwatch: %s: agent name %r has characters outside A-Za-z0-9._:@/- or is over %d "
-        "chars; reporting as %r",
-        label,
-        value,
-        MAX_AGENT_LEN,
-        fixed,
-    )
+    warn_once(f"config:{label}", "agentwatch: %s: agent name %s; reporting as %r", label, problem,
+              fixed)  # fmt: skip
     return fixed
 
 
@@ -253,6 +264,28 @@ def _prefix(value: Any, label: str) -> str:
         DEFAULT_PREFIX,
     )
     return DEFAULT_PREFIX
+
+
+def _key(value: Any, label: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and _KEY_RE.fullmatch(value):
+        return value
+    # Never the value itself in the warning: it is a secret, even when malformed.
+    warn_once(f"config:{label}", "agentwatch: %s is not an agent key (64 lowercase hex characters, "
+              "as `agentwatch agent-key AGENT` prints it); events are sent unsigned, and a pipeline "
+              "with [security] agent_keys refuses them", label)  # fmt: skip
+    return None
+
+
+def _run_dir(value: Any, label: str) -> str:
+    if value is None:
+        return DEFAULT_RUN_DIR
+    if value == "" or (isinstance(value, str) and os.path.isabs(value)):
+        return str(value)
+    warn_once(f"config:{label}", "agentwatch: %s=%r is not an absolute directory (or \"\" for none); "
+              "using %s", label, value, DEFAULT_RUN_DIR)  # fmt: skip
+    return DEFAULT_RUN_DIR
 
 
 def _number(value: Any, label: str, default: float | None, maximum: float) -> Any:

@@ -71,7 +71,10 @@ class Producer:
     work thread's stack once the last beat is this many intervals old, 2.0; 30 s without a
     declared interval). The brake: ``on_halt`` (``"raise"``: ``heartbeat()`` raises
     :class:`~producers.Halted` while the agent is halted; ``"ignore"``: it never does),
-    ``halt_interval`` (how often an idle agent asks whether it was halted, 1 s).
+    ``halt_interval`` (how often an idle agent asks whether it was halted, 1 s). ``key``
+    (``AGENTWATCH_KEY``): the agent's key from ``agentwatch agent-key``; every event is then
+    signed with it, on the sender thread. ``run_dir`` (``AGENTWATCH_RUN_DIR``): where the run
+    file goes that lets a ``signal`` restart notifier prove this process is the agent's run.
 
     Nothing is sent until first use: the first ``heartbeat()`` or ``extend()`` sends ``start``
     and starts the sender thread. ``close()`` retires the agent (an ``exit`` with reason
@@ -95,6 +98,8 @@ class Producer:
         socket_timeout: float | None = None,
         on_halt: str | None = None,
         halt_interval: float | None = None,
+        key: str | None = None,
+        run_dir: str | None = None,
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in OPTIONS}
         self._setup()

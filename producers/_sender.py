@@ -22,11 +22,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import msgpack
 
+from agentwatch import runfile
 from agentwatch.codec import MAX_ENTRY_BYTES, MAX_STACK_CHARS, VERSION
+from agentwatch.signing import Signer
 from agentwatch.urls import display_url
 from producers._config import Settings
 from producers._fields import RESERVED
@@ -95,7 +98,12 @@ class Sender:
         # builds a new one per call, which doubles the cost of encoding a beat.
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._transport = Transport(settings.redis_url, stream, settings.socket_timeout, settings.maxlen)
+        self._signer = Signer(settings.key, stream) if settings.key else None
+        """Signs each batch as it is sent (agentwatch/signing.py): here, never in heartbeat()."""
         self._start: dict[str, Any] | None = start
+        self._run_record = {key: start.get(key) for key in ("pid", "pid_start", "host")}
+        self._run_record.update(agent=settings.agent, run=run)
+        self._run_file: Path | None = None
         self._start_payload: bytes | None = None
         self._seq = 0
         self._drops: dict[str, int] = {}
@@ -130,6 +138,8 @@ class Sender:
 
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.settings.run_dir:  # here, not in the agent's thread: it is file I/O
+            self._run_file = runfile.write(self.settings.run_dir, self._run_record)
         while not self.finished:
             try:
                 self._step()
@@ -137,6 +147,7 @@ class Sender:
                 internal_error("sender")
                 time.sleep(0.1)  # a persistent bug must not become a hot loop
         self._transport.close()
+        runfile.remove(self._run_file)
 
     def _wait(self) -> None:
         """Sleep until the next flush, pulse or retry is due, or until woken.
@@ -269,8 +280,12 @@ class Sender:
         if carrier < 0 and drops:  # nothing carried them: keep for the next batch
             self._add_drops(drops)
         if payloads:
+            signatures = None
+            if self._signer is not None:  # at send time: a retried start is signed afresh
+                self._signer.stamp(time.time())
+                signatures = [self._signer.sign(payload) for payload in payloads]
             poll = b"" if self._halts is None or self._final is not None else self._halts.poll
-            replies = self._transport.send(payloads, also=poll)
+            replies = self._transport.send(payloads, signatures, also=poll)
             self._account(replies, with_start, carrier, drops)
             if poll and replies.error is None:
                 self._halts_polled(replies.also)

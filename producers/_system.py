@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any, Final
 
 from agentwatch import __version__
+from agentwatch.runfile import process_start
 
 resource: ModuleType | None
 try:
@@ -57,6 +58,9 @@ def start_fields(interval: float | None, pid: int, parent_run: str | None) -> di
         "host": hostname(),
         "version": __version__,
     }
+    started = process_start(pid)  # with the run file, what lets a restart notifier signal us
+    if started is not None:
+        start["pid_start"] = started
     if interval is not None:
         start["interval"] = interval
     if parent_run:

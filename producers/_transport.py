@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
+from agentwatch.urls import connection_options
 from producers._guard import warn_once
 
 _PING: Final = b"*1\r\n$4\r\nPING\r\n"
@@ -73,18 +74,33 @@ class Transport:
         self._redirected = False
         self._kwargs: dict[str, Any] = {}
         key = stream.encode()
-        self._head = (
-            b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
+        command = (
+            b"$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%d\r\n"
             b"$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key, len(str(maxlen)), maxlen)
         )
+        self._head = b"*8\r\n" + command
+        self._head_signed = b"*10\r\n" + command  # ... d <event> s <signature>
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
 
-    def send(self, payloads: list[bytes], *, also: bytes = b"", redirected: bool = False) -> Replies:
-        """XADD every payload; ``also`` (one packed command, e.g. the halt poll) rides at the end
-        of the same write, its reply in :attr:`Replies.also`."""
-        head = self._head
-        buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads]) + also
+    def send(
+        self,
+        payloads: list[bytes],
+        signatures: list[bytes] | None = None,
+        *,
+        also: bytes = b"",
+        redirected: bool = False,
+    ) -> Replies:
+        """XADD each payload as ``d`` (and its signature as ``s``, when signing); ``also`` (one
+        packed command, e.g. the halt poll) rides at the end of the same write, its reply in
+        :attr:`Replies.also`."""
+        if signatures is None:
+            head = self._head
+            buffer = b"".join([head + b"$%d\r\n" % len(p) + p + b"\r\n" for p in payloads]) + also
+        else:
+            head, mark = self._head_signed, b"\r\n$1\r\ns\r\n"
+            buffer = b"".join([head + b"$%d\r\n" % len(p) + p + mark + b"$%d\r\n" % len(s) + s + b"\r\n"
+                               for p, s in zip(payloads, signatures, strict=True)]) + also  # fmt: skip
         count = len(payloads)
         conn = self._connection()
         # A connection idle for a while may have been closed by the server or a proxy: one
@@ -126,7 +142,7 @@ class Transport:
                 return replies
         if moved and len(replies.refused) == count and not redirected:
             self._redirect(moved)  # nothing was written: send it all to the slot's owner
-            return self.send(payloads, also=also, redirected=True)
+            return self.send(payloads, signatures, also=also, redirected=True)
         self.proven = True
         return replies
 
@@ -188,6 +204,7 @@ class Transport:
                 "health_check_interval": 0,
                 "socket_read_size": 256 * 1024,
                 "redis_connect_func": _sized_then_handshake,
+                **connection_options(self._url),  # TLS: the server's certificate is verified
             }
             # No CLIENT SETINFO on connect: the producer needs only XADD and PING, so an ACL
             # user limited to those works. redis-py >= 7 spells it driver_info, older lib_name.

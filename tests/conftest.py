@@ -46,6 +46,22 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_dir() -> Iterator[Path]:
+    """The producers' run files (agentwatch/runfile.py) of this session, agent processes included
+    (they inherit the environment), go to a directory of its own, not the machine's
+    /tmp/agentwatch-runs."""
+    path = Path(tempfile.mkdtemp(prefix="aw-runs-"))
+    before = os.environ.get("AGENTWATCH_RUN_DIR")
+    os.environ["AGENTWATCH_RUN_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("AGENTWATCH_RUN_DIR", None)
+    else:
+        os.environ["AGENTWATCH_RUN_DIR"] = before
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _answers(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:

@@ -118,6 +118,22 @@ def test_up_runs_workers_on_an_embedded_redis_and_stops_cleanly_on_sigterm(
     assert not record.exists()
 
 
+def test_the_embedded_data_is_kept_by_default_and_one_up_serves_it(
+    up: tuple[subprocess.Popen[str], str], up_config: Path
+) -> None:
+    _, url = up
+    data = up_config.parent / "state" / "data"  # with a state_dir; else ~/.local/state/agentwatch
+    with redis.Redis.from_url(url) as client:
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("dir") == {"dir": str(data)}
+    second = subprocess.run(
+        [sys.executable, "-m", "agentwatch", "up", "--config", str(up_config), "--log-level", "warning"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert f"{data} holds the data of an embedded Redis that agentwatch (pid " in second.stderr
+
+
 def test_up_restarts_a_worker_that_dies(up: tuple[subprocess.Popen[str], str]) -> None:
     _, url = up
     client = redis.Redis.from_url(url)
@@ -195,6 +211,9 @@ def test_up_restarts_its_embedded_redis_at_the_same_url(up_config: Path) -> None
         try:
             wait_for(lambda: registered_workers(client), what="a worker")
             first_pid = int(client.info("server")["process_id"])
+            # Persisted by default: what a client saw acknowledged survives a SIGKILL.
+            client.xadd("aw:events", {"d": b"kept"})
+            groups = client.xinfo_groups("aw:events")
             os.kill(first_pid, signal.SIGKILL)
 
             def new_server() -> bool:
@@ -205,12 +224,16 @@ def test_up_restarts_its_embedded_redis_at_the_same_url(up_config: Path) -> None
 
             wait_for(new_server, timeout=10, what="a new server at the same URL")
             wait_for(lambda: registered_workers(client), timeout=15, what="the workers back on it")
+            assert [f[b"d"] for _, f in client.xrange("aw:events")][-1:] == [b"kept"]
+            assert [g["name"] for g in client.xinfo_groups("aw:events")] == [g["name"] for g in groups]
+            assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
         finally:
             client.close()
         assert process.poll() is None
+        # The workers' registry survived the restart (persisted): the log line may come later.
+        wait_for(lambda: "embedded Redis restarted (pid " in log.read_text(), what="the restart logged")
         text = log.read_text()
         assert f"the embedded Redis was killed by SIGKILL; restarting it at {url} in 0s" in text
-        assert "embedded Redis restarted (pid " in text
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:

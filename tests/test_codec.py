@@ -16,7 +16,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agentwatch import codec
+from agentwatch import codec, signing
 from agentwatch.errors import InvalidEntry
 
 
@@ -82,6 +82,11 @@ def test_unknown_keys_are_kept_for_forward_compatibility() -> None:
         (codec.encode(event(agent="bot\nx")), "characters outside"),
         (codec.encode(event(agent="bot;rm -rf /")), "characters outside"),
         (codec.encode(event(agent="$(reboot)")), "characters outside"),
+        (codec.encode(event(agent="-oProxyCommand")), "starts with '-' (it could be read as an option)"),
+        (codec.encode(event(agent="../evil")), "has a '.' or '..' path segment"),
+        (codec.encode(event(agent="team/../../evil")), "has a '.' or '..' path segment"),
+        (codec.encode(event(agent="team/..")), "has a '.' or '..' path segment"),
+        (codec.encode(event(agent=".")), "has a '.' or '..' path segment"),
         (codec.encode(event(agent="a" * 256)), "must be 1-128 chars, got 256"),
         (codec.encode(event(agent="")), "must be 1-128 chars, got 0"),
         (codec.encode(event(stack="x" * 5000)), "'stack' must be a string of at most 4096"),
@@ -177,6 +182,11 @@ def test_any_value_of_any_key_is_accepted_or_refused_never_crashes(key: str) -> 
                 codec.decode(raw)
 
 
+@pytest.mark.parametrize("name", ["a..b", "team/bot.v2", "..hidden-not", "x-", "bot@host:1", "a/b/c", "_-x"])
+def test_names_that_only_look_like_paths_or_options_are_valid(name: str) -> None:
+    assert codec.decode(codec.encode(event(agent=name)))["agent"] == name
+
+
 def test_agent_names_are_cached_only_after_validation() -> None:
     name = "cache-probe-agent"
     codec.decode(codec.encode(event(agent=name)))
@@ -200,3 +210,21 @@ def test_the_redis_cli_example_in_protocol_md_prints_a_valid_beat_in_any_shell(s
     printed = subprocess.run([shell, "-c", example.group(2)], capture_output=True, check=True).stdout
     assert printed == codec.encode(json.loads(example.group(1)))
     assert codec.decode(printed)["kind"] == "beat"
+
+
+def test_the_signature_test_vector_in_protocol_md_holds() -> None:
+    text = (Path(__file__).resolve().parents[1] / "PROTOCOL.md").read_text()
+    found = re.search(
+        r"secret `([^`]+)`, agent `([^`]+)` gives the key\s+`([0-9a-f]{64})`.*?`d` = `([0-9a-f]+)`.*?"
+        r"signed at `(\d+)` for `([^`]+)`, carries\s+`s` = `([^`]+)`",
+        text,
+        re.S,
+    )
+    assert found, "the test vector in PROTOCOL.md"
+    secret, agent, key, data, at, stream, signature = found.groups()
+    assert signing.agent_key(secret, agent) == key
+    signer = signing.Signer(key, stream)
+    signer.stamp(int(at))
+    assert signer.sign(bytes.fromhex(data)).decode() == signature
+    assert signing.check(key, stream, bytes.fromhex(data), signature.encode()) == int(at)
+    assert codec.decode(bytes.fromhex(data))["agent"] == agent

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentwatch import config, config_errors, plugins
+from agentwatch import config, config_errors, plugins, signing
 from agentwatch.cli import app
 from agentwatch.errors import ConfigError
 from detectors import BUILTINS as BUILTIN_DETECTORS
@@ -303,6 +303,62 @@ def test_a_bad_secret_value_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     assert "12345678" not in found[0]
 
 
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [('{ Authorization = "${TOKEN}" }', "the value of 'Authorization' holds a line feed (LF)"),
+     ('{ X-Team = "ml\\r\\nX-Evil: 1" }', "the value of 'X-Team' holds a carriage return (CR)"),
+     ('{ X-Team = "caf\u00e9" }', "the value of 'X-Team' holds the character 'é'"),
+     ('{ "X Team" = "ml" }', "'X Team' is not an HTTP header name"),
+     ('{ Host = "evil.example" }', "'Host' is set by the HTTP client itself")],
+)  # fmt: skip
+def test_a_header_that_would_break_every_delivery_is_refused_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, header: str, why: str
+) -> None:
+    monkeypatch.setenv("TOKEN", "Bearer s3cr3t-tok3n\n")  # read from a file, newline and all
+    path = write(tmp_path, f'[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nheaders = {header}\n')
+    result = subprocess.run([sys.executable, "-m", "agentwatch", "check-config", str(path)],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert f"[[notifiers]] #1 headers: {why}" in result.stderr, result.stderr
+    assert "s3cr3t" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "why"),
+    [('agent_keys = true', "[security]: agent_keys = true needs secret"),
+     ('secret = "${SHORT}"', "[security] secret: must be at least 32 characters"),
+     ('max_skew = "0s"', "[security] max_skew: must be more than 0ms, got 0ms")],
+)  # fmt: skip
+def test_security_settings_that_cannot_work_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, section: str, why: str
+) -> None:
+    monkeypatch.setenv("SHORT", "hunter2-s3cr3t")
+    (found,) = problems(tmp_path, f"[security]\n{section}\n")
+    assert found.startswith(why), found
+    assert "s3cr3t" not in found
+
+
+def test_agent_keys_with_a_ping_api_that_cannot_sign_is_refused(tmp_path: Path) -> None:
+    text = f'[security]\nsecret = "{"s" * 40}"\nagent_keys = true\n[http]\nping_key = "{"p" * 20}"\n'
+    (found,) = problems(tmp_path, text)
+    assert found.startswith("[security] agent_keys: the HTTP ping API ([http] ping_key) does not sign")
+
+
+def test_the_agent_key_command_prints_the_derived_key_alone(tmp_path: Path) -> None:
+    secret = "s" * 40
+    path = write(tmp_path, f'[security]\nsecret = "{secret}"\nagent_keys = true\n')
+    command = [sys.executable, "-m", "agentwatch", "agent-key", "team/bot-1", "--config", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stdout) == (0, signing.agent_key(secret, "team/bot-1") + "\n")
+    bad = runner.invoke(app, ["agent-key", "../evil", "--config", str(path)])
+    assert bad.exit_code == 2 and "not an agent name: '../evil' has a '.' or '..' path segment" in bad.output
+    other = write(tmp_path, "[worker]\nbatch = 5\n")
+    unset = runner.invoke(app, ["agent-key", "bot", "--config", str(other)])
+    assert (
+        unset.exit_code == 2 and "agent keys derive from [security] secret, which is not set" in unset.output
+    )
+
+
 # -- [redis] url ----------------------------------------------------------------------------
 
 
@@ -359,7 +415,8 @@ def test_a_misspelled_section_in_an_override_is_an_error(
     (found,) = problems(tmp_path, "")
     assert found == (
         "environment variable AGENTWATCH_WROKER__BATCH: unknown section 'wroker' (did you mean 'worker'?); "
-        "valid sections: redis, embedded, streams, worker, report, http, prices, otlp, detectors, notifiers "
+        "valid sections: redis, embedded, streams, worker, report, security, http, prices, otlp, "
+        "detectors, notifiers "
         "(overrides are AGENTWATCH_<SECTION>__<KEY>)"
     )
 

@@ -73,6 +73,23 @@ def test_persist_keeps_data_across_restarts(short_dir: Path) -> None:
         server.stop()
 
 
+def test_data_lives_apart_from_the_socket_where_it_outlives_a_reboot(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(short_dir / "state"))
+    assert embedded.default_data_dir() == short_dir / "state" / "agentwatch"
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")  # the spec: absolute paths only
+    assert embedded.default_data_dir() == Path.home() / ".local" / "state" / "agentwatch"
+    server = EmbeddedRedis(short_dir / "run", persist=True, data_dir=short_dir / "data").start()
+    with redis.Redis.from_url(server.url) as client:
+        client.set("kept", "yes")
+    server.cleanup()  # the socket's directory goes, the data stays
+    assert not (short_dir / "run").exists() and (short_dir / "data" / "appendonlydir").is_dir()
+    again = EmbeddedRedis(short_dir / "run2", persist=True, data_dir=short_dir / "data")
+    with again, redis.Redis.from_url(again.url) as client:
+        assert client.get("kept") == b"yes"
+
+
 def test_dies_when_its_parent_is_sigkilled(short_dir: Path) -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c",

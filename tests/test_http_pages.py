@@ -81,12 +81,15 @@ def test_agent_text_is_escaped_everywhere(dep: Deployment) -> None:
     # Names with markup cannot exist (the protocol's charset): refused at the door...
     answer = httpx.get(dep.ping_url("%3Cscript%3Ealert(1)%3C%2Fscript%3E"), timeout=10)
     assert answer.status_code == 400 and "outside A-Za-z0-9._:@/-" in answer.text
-    # ...but path tricks are valid names, and free text (errors, stacks) carries anything.
-    bot = Agent(dep.r, dep.keys, "stuck-../../etc/passwd")
+    # ...and so are "." and ".." path segments (PROTOCOL.md), but dots and slashes are valid
+    # names, and free text (errors, stacks) carries anything.
+    answer = httpx.get(dep.ping_url("..%2F..%2Fetc%2Fpasswd"), timeout=10)
+    assert answer.status_code == 400 and "has a '.' or '..' path segment" in answer.text
+    bot = Agent(dep.r, dep.keys, "stuck-../..x/etc/passwd")
     bot.start()
     bot.beat()
     stack = f"File 'x.py', line 1\n</pre>{SCRIPT}"
-    dot = Agent(dep.r, dep.keys, "..")
+    dot = Agent(dep.r, dep.keys, "...")
     dot.start()
     dot.exit("exception", 1, error=f"ValueError: {SCRIPT}", traceback=f"Traceback\n{SCRIPT}")
 
@@ -95,7 +98,7 @@ def test_agent_text_is_escaped_everywhere(dep: Deployment) -> None:
         return any(a.detector == "stall" for a in dep.alerts())
 
     wait_for(stalled, timeout=60, interval=0.2, what="a stall with a stack")
-    links = ('href="/agents/stuck-..%2F..%2Fetc%2Fpasswd"', 'href="/agents?agent=.."')
+    links = ('href="/agents/stuck-..%2F..x%2Fetc%2Fpasswd"', 'href="/agents?agent=..."')
     with dep.client() as http:
 
         def fleet_with_both() -> str | None:
@@ -104,8 +107,8 @@ def test_agent_text_is_escaped_everywhere(dep: Deployment) -> None:
 
         fleet = wait_for(fleet_with_both, timeout=10, what="both agents on the fleet page (cached a moment)")
         pages = [fleet, http.get("/alerts").text]
-        pages.append(http.get("/agents/stuck-..%2F..%2Fetc%2Fpasswd").text)
-        pages.append(http.get("/agents", params={"agent": ".."}).text)
+        pages.append(http.get("/agents/stuck-..%2F..x%2Fetc%2Fpasswd").text)
+        pages.append(http.get("/agents", params={"agent": "..."}).text)
     for page in pages:
         assert SCRIPT not in page and "<script>document" not in page
     assert "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;" in pages[3]  # the exit's error

@@ -9,6 +9,7 @@ import pytest
 import redis
 from agents.testkit import agent_env, assert_no_internal_errors, kinds, read_events, run
 
+from agentwatch import codec
 from producers import _guard
 from producers._config import resolve
 
@@ -16,6 +17,7 @@ HEAVY = ("numpy", "typer", "pydantic", "pydantic_settings", "rich", "httpx", "de
          "notifiers", "psutil", "openai", "anthropic")  # fmt: skip
 ALLOWED_AGENTWATCH = {
     "agentwatch", "agentwatch.codec", "agentwatch.keys", "agentwatch.errors", "agentwatch.urls",
+    "agentwatch.signing", "agentwatch.runfile",
 }  # fmt: skip
 
 
@@ -168,6 +170,23 @@ def test_a_prefix_no_pipeline_can_use_names_the_variable_and_the_fallback(
     (message,) = [rec.getMessage() for rec in caplog.records if rec.name == "agentwatch.producer"]
     assert message.startswith(f"agentwatch: AGENTWATCH_PREFIX={prefix!r} is not a key prefix")
     assert message.endswith("events go to the default prefix 'aw' instead")
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [("../evil", "__/evil"), ("-oProxyCommand=x", "_oProxyCommand_x"), ("team/./bot", "team/_/bot"),
+     ("ok/..", "ok/__"), ("fine-name", "fine-name")],
+)  # fmt: skip
+def test_agent_names_that_could_climb_a_path_or_pass_as_an_option_are_rewritten(
+    given: str, sent: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_guard, "_warned", set())
+    name = resolve(agent=given).agent
+    assert name == sent
+    assert codec.name_problem(name) is None
+    warned = [rec.getMessage() for rec in caplog.records if rec.name == "agentwatch.producer"]
+    assert warned == ([] if given == sent else [f"agentwatch: agent: agent name {codec.name_problem(given)}; "
+                                                f"reporting as {sent!r}"])  # fmt: skip
 
 
 def test_an_explicit_argument_is_named_as_such(

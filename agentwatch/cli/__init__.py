@@ -36,7 +36,18 @@ def _root(
 
 
 # Subcommand modules register themselves on ``app`` when imported.
-from agentwatch.cli import alerts, config_cmd, demo, halt, mute, prices, run, serve, status  # noqa: E402, F401
+from agentwatch.cli import (  # noqa: E402, F401
+    acl,
+    alerts,
+    config_cmd,
+    demo,
+    halt,
+    mute,
+    prices,
+    run,
+    serve,
+    status,
+)
 
 
 def main() -> None:

@@ -149,6 +149,13 @@ def client_for(pipeline: Pipeline, *, name: str = "agentwatch-cli") -> Client:
         fail(f"Redis at {shown} refused the connection: {text}")
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         _close(client)
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            fail(f"TLS: Redis at {shown} presented a certificate that does not verify ({exc}); set "
+                 f"ssl_ca_certs=<the CA that signed it> in the query of {where}, and connect by a name "
+                 "the certificate holds", EXIT_USAGE)  # fmt: skip
+        if url.startswith("rediss://"):
+            fail(f"Redis does not answer at {shown} ({exc}); is it running, and does the server ask for "
+                 f"a client certificate (ssl_certfile, ssl_keyfile in the query of {where})?")  # fmt: skip
         fail(f"Redis does not answer at {shown}; is it running? ({exc}) {_hint(pipeline, where)}")
     return client
 

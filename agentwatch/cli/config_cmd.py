@@ -44,6 +44,7 @@ def summary(pipeline: Pipeline) -> str:
         f"streams    events kept {format_duration(s.streams.events_retention_s)}, "
         f"alerts kept {format_duration(s.streams.alerts_retention_s)}, "
         f"dead letters {s.streams.deadletter_max_len} of at most {_kib(s.streams.deadletter_max_bytes)}",
+        _security(pipeline),
         _http_line(pipeline),
         "detectors",
     ]
@@ -58,6 +59,17 @@ def summary(pipeline: Pipeline) -> str:
     for plugin in pipeline.notifiers:  # notifiers have many keys: show only what the file sets
         lines.append(f"  {plugin.name:<10} {_settings(plugin.config, skip={'name'}, only_set=True)}")
     return "\n".join(lines)
+
+
+def _security(pipeline: Pipeline) -> str:
+    sec = pipeline.settings.security
+    secret = "secret=***" if sec.secret else f"secret generated and kept in Redis ({pipeline.keys.secret})"
+    events = (
+        f"every event signed with its agent's key, max_skew={format_duration(sec.max_skew_s)}"
+        if sec.agent_keys
+        else "unsigned events accepted (agent_keys = false)"
+    )
+    return f"security   alerts signed, {secret}; {events}"
 
 
 def _http_line(pipeline: Pipeline) -> str:

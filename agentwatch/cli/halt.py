@@ -62,7 +62,9 @@ def halt(
     client: Any = client_for(pipeline)
     try:
         matched = fnmatch.filter(known_agents(client, pipeline.keys), agent)
-        done, replaced = Halts(client, pipeline.keys).add(agent, reason, by=by, for_s=seconds)
+        done, replaced = Halts(client, pipeline.keys, secret=pipeline.settings.security.secret).add(
+            agent, reason, by=by, for_s=seconds
+        )
     except redis.RedisError as exc:
         fail(f"Redis failed while halting {agent!r} ({exc}); the halt may be partly written: "
              "run the command again")  # fmt: skip
@@ -92,7 +94,7 @@ def resume(agent: PatternArgument, config: ConfigOption = None) -> None:
     pipeline = load_pipeline(config, plugins=False)
     client: Any = client_for(pipeline)
     try:
-        halts = Halts(client, pipeline.keys)
+        halts = Halts(client, pipeline.keys, secret=pipeline.settings.security.secret)
         gone = halts.remove(agent, by=who())
         still = [] if gone or is_glob(agent) else halts.halting(agent)
     except redis.RedisError as exc:
@@ -119,7 +121,7 @@ def halts(
     client: Any = client_for(pipeline)
     try:
         now = server_time_ms(client)
-        active = Halts(client, pipeline.keys).active(now)
+        active = Halts(client, pipeline.keys, secret=pipeline.settings.security.secret).active(now)
         known = known_agents(client, pipeline.keys) if active else []
     except redis.RedisError as exc:
         fail(f"Redis failed while reading the halts ({exc})")

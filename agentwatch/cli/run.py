@@ -27,6 +27,7 @@ from agentwatch.cli.serve import dashboard_url
 from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline
 from agentwatch.embedded import (
     EmbeddedRedis,
+    default_data_dir,
     default_state_dir,
     private_dir,
     remove_stale_dirs,
@@ -132,12 +133,13 @@ def _start_embedded(pipeline: Pipeline) -> EmbeddedRedis:
     cfg = pipeline.settings.embedded
     base = cfg.state_dir or default_state_dir()
     port = cfg.port if cfg.port and tcp_port_free(cfg.port) else 0
-    server_dir = base / ("data" if cfg.persist else str(os.getpid()))
+    data_dir = cfg.data_dir or (cfg.state_dir / "data" if cfg.state_dir else default_data_dir())
     try:
         private_dir(base, tighten=cfg.state_dir is None)  # a folder the user chose keeps its mode
         for stale in remove_stale_dirs(base):
             log.info("removed %s, left by an agentwatch up that is gone", stale)
-        server = EmbeddedRedis(server_dir, port=port, persist=cfg.persist).start()
+        data = data_dir if cfg.persist else None
+        server = EmbeddedRedis(base / str(os.getpid()), port=port, persist=cfg.persist, data_dir=data).start()
     except EmbeddedRedisError as exc:
         fail(f"cannot start the embedded Redis: {exc}")
     embedded_url_file(base).write_text(server.url + "\n")
@@ -173,6 +175,10 @@ def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None, 
     typer.echo(f"agentwatch {__version__} - pipeline from {pipeline.source}")
     if embedded is not None:
         typer.echo(f"redis: embedded server at {embedded.url}")
+        if embedded.persist:
+            typer.echo(f"       data kept in {embedded.data_dir} (append-only file, fsync every second)")
+        else:
+            typer.echo("       not persisted ([embedded] persist = false): a restart forgets everything")
         if embedded.tcp_url:
             typer.echo(f"       also at {embedded.tcp_url}: agents with default settings connect as is")
         else:

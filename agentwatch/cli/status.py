@@ -238,6 +238,9 @@ def _render(document: dict[str, Any], width: int = 80) -> Group:
         )
     ]
     lines += [Text(f"pipeline: {i['summary']}", style="bold red") for i in health["incidents"]]
+    if health.get("rejected"):
+        why = "with a missing or bad signature (forged, or a key that does not match: see the dead letters)"
+        lines.append(Text(f"rejected: {health['rejected']:,} events or alerts {why}", style="bold red"))
     lines += [
         Text(f"{w['name']}: handler {name!r} is broken ({w['skipped']:,} entries acked without it)",
              style="bold red")

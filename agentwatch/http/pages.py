@@ -214,7 +214,7 @@ async def halt(request: Request) -> Response:
         seconds = parse_duration(lasting) if lasting else None
     except ValueError as exc:
         return Response(f"for: {exc}\n", status_code=400)
-    halts = Halts(server.client, server.keys)
+    halts = Halts(server.client, server.keys, secret=server.settings.security.secret)
     await run_in_threadpool(lambda: halts.add(pattern, reason, by=_who(request), for_s=seconds))
     return _back(form.get("next"))
 
@@ -226,7 +226,7 @@ async def resume(request: Request) -> Response:
     problem = pattern_problem(pattern)
     if problem is not None:
         return Response(f"{problem}\n", status_code=400)
-    halts = Halts(server.client, server.keys)
+    halts = Halts(server.client, server.keys, secret=server.settings.security.secret)
     await run_in_threadpool(lambda: halts.remove(pattern, by=_who(request)))
     return _back(form.get("next"))
 

@@ -150,7 +150,9 @@ class Server:
             run_ttl_s=http.run_ttl_s,
         )
         self.metrics = Counters()
-        self.otlp = Receiver(self.client, self.keys, self.settings.otlp, self.writer)
+        self.otlp = Receiver(
+            self.client, self.keys, self.settings.otlp, self.writer, secret=self.settings.security.secret
+        )
         self.fleet = FleetCache(self, min(1.0, http.refresh_s / 2) if cache_s is None else cache_s)
 
     def agent_status(self, name: str) -> dict[str, Any] | None:

@@ -86,12 +86,20 @@ class _Fold:
 class Receiver:
     """Turns OTLP exports into protocol events for one HTTP server (see the module docstring)."""
 
-    def __init__(self, client: Client, keys: Keys, settings: OtlpSection, writer: EventWriter) -> None:
+    def __init__(
+        self,
+        client: Client,
+        keys: Keys,
+        settings: OtlpSection,
+        writer: EventWriter,
+        *,
+        secret: str | None = None,
+    ) -> None:
         self.client: Any = client
         self.keys = keys
         self.settings = settings
         self.writer = writer
-        self.incidents = Incidents(client, keys)
+        self.incidents = Incidents(client, keys, secret=secret)  # [security] secret signs its alerts
         self._last_resolve_check = 0.0
 
     async def export(
