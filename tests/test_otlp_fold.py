@@ -15,7 +15,7 @@ from agentwatch.config import OtlpSection
 from agentwatch.otlp.decode import decode_metrics
 from agentwatch.otlp.fold import Draft, fold_metrics, fold_spans, start_facts
 from agentwatch.otlp.metrics import read_metrics
-from agentwatch.otlp.state import MetricState, TraceState
+from agentwatch.otlp.state import ProcessState
 
 from otlp_build import DELTA, llm_call, read_request, recorded, span, token_histogram, tool_call, traces
 
@@ -28,22 +28,21 @@ class Process:
 
     def __init__(self, settings: OtlpSection | None = None) -> None:
         self.settings = settings or OtlpSection()
-        self.trace = b""
-        self.metric = b""
+        self.state: bytes | None = None
         self.tally: Counter[str] = Counter()
 
     def spans(self, *spans, resource=SERVICE) -> list[Draft]:
         (batch,) = read_request(traces((resource, list(spans))), self.settings).batches
-        trace, metric = TraceState.unpack(self.trace), MetricState.unpack(self.metric)
-        out = fold_spans(batch, trace, metric, self.settings, self.tally)
-        self.trace = trace.pack()
+        state = ProcessState.unpack(self.state)
+        out = fold_spans(batch, state.trace, state.metric, self.settings, self.tally)
+        self.state = state.pack(2**32 - 1)
         return _valid(out)
 
     def metrics(self, request, at_ms: int) -> list[Draft] | None:
         (batch,) = read_metrics(request, self.settings).batches
-        trace, metric = TraceState.unpack(self.trace), MetricState.unpack(self.metric)
-        out = fold_metrics(batch, trace, metric, self.settings, now_ms=at_ms, tally=self.tally)
-        self.metric = metric.pack()
+        state = ProcessState.unpack(self.state)
+        out = fold_metrics(batch, state.trace, state.metric, self.settings, now_ms=at_ms, tally=self.tally)
+        self.state = state.pack(2**32 - 1)
         return None if out is None else _valid(out)
 
 

@@ -30,9 +30,8 @@ from agentwatch.codec import TOKEN_CLASSES
 from agentwatch.config import parse_duration
 from agentwatch.errors import InvalidEntry
 from agentwatch.http.access import same
-from agentwatch.http.server import BodyTooLarge, Server, read_body, unavailable
+from agentwatch.http.server import UNAVAILABLE, BodyTooLarge, Server, read_body, unavailable
 from agentwatch.ingest import Flooded, Kind
-from agentwatch.redisconn import RECOVERABLE
 
 BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "cost", "model", "fp")
 """What a JSON body may carry (SPEC section 8, and the token classes the pipeline prices by:
@@ -133,7 +132,7 @@ async def ping(request: Request) -> Response:
             status_code=429,
             headers={"Retry-After": str(retry)},
         )
-    except RECOVERABLE as exc:
+    except UNAVAILABLE as exc:
         count("unavailable")
         return unavailable(exc)
     count("ok")
