@@ -13,7 +13,7 @@ import pytest
 import redis
 from agents_detect.kit import fired, pipeline_for, resolved, transitions, worker_for
 
-from agentwatch import codec
+from agentwatch import codec, signing
 from agentwatch.errors import InvalidEntry
 from agentwatch.fleet import fleet_status
 from agentwatch.ingest import EventWriter, Flooded, FloodLimit
@@ -214,3 +214,38 @@ def test_bad_input_and_floods_reach_only_their_own_request(r: redis.Redis, keys:
 
     outcomes = asyncio.run(mixed())
     assert [type(o).__name__ for o in outcomes] == ["Written", "Written", "Flooded", "Written"]
+
+
+SECRET = "a-pipeline-secret-for-the-tests-" + "0123456789"
+
+
+def test_with_agent_keys_every_event_is_signed_with_its_agents_key(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys, secret=SECRET)
+    w.write("signed-bot", "start", interval_s=30.0)
+    w.write("signed-bot", "beat", {"tokens": 3}, interval_s=60.0)  # a pulse declares the new interval
+    entries = [fields for _, fields in r.xrange(keys.events_for("signed-bot"))]
+    assert [codec.decode(f[b"d"])["kind"] for f in entries] == ["start", "pulse", "beat"]
+    key = signing.agent_key(SECRET, "signed-bot")
+    for fields in entries:
+        signed_s = signing.check(key, keys.events_for("signed-bot"), fields[b"d"], fields[b"s"])
+        assert abs(signed_s - time.time()) < 60
+    with pytest.raises(signing.BadSignature):  # another agent's key does not verify them
+        signing.check(
+            signing.agent_key(SECRET, "other"), keys.events_for("x"), entries[0][b"d"], entries[0][b"s"]
+        )
+
+
+def test_a_server_that_missed_the_last_writes_numbers_again_from_the_record(
+    r: redis.Redis, keys: Keys
+) -> None:
+    one, two = writer(r, keys), writer(r, keys)  # two servers behind a load balancer, each its own memory
+    one.write("lb", "beat")
+    two.write("lb", "beat")  # two has never seen lb: numbered as new, told otherwise, numbered again
+    one.write("lb", "beat")  # one's memory is two writes behind
+    two.write("lb", "exit", {"reason": "exit", "code": 0})
+    after = one.write("lb", "beat")  # the run exited on the other server: this one starts the next
+    evs = events(r, keys, "lb")
+    run = evs[0]["run"]
+    assert shape(evs) == [("start", run, 0), ("beat", run, 1), ("beat", run, 2), ("beat", run, 3),
+                          ("exit", run, 4), ("start", after.run, 0), ("beat", after.run, 1)]  # fmt: skip
+    assert after.started and after.run != run

@@ -15,7 +15,7 @@ from agentwatch import codec
 from agentwatch.alerts import decode_alert
 from agentwatch.config import OtlpSection
 from agentwatch.ingest import EventWriter, FloodLimit
-from agentwatch.keys import OTLP_COUNT_FIELD, Keys
+from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.otlp.receiver import Outcome, Receiver
 from agentwatch.otlp.state import EXPIRY, ProcessState
 
@@ -221,3 +221,47 @@ def test_with_otlp_disabled_there_are_no_routes(redis_url: str, prefix: str) -> 
     settings = settings.model_copy(update={"otlp": OtlpSection(enabled=False)})
     with TestClient(create_app(Pipeline(settings=settings, source="test"), redis_url)) as http:
         assert http.post("/v1/traces", content=b"").status_code == 404
+
+
+def test_exports_spread_over_servers_fold_from_the_state_the_other_left(r: redis.Redis, keys: Keys) -> None:
+    """Two servers behind a load balancer, each remembering what it stored last: a server whose
+    memory is behind folds again from the state in Redis, so nothing is counted twice."""
+    one, two = receiver(r, keys), receiver(r, keys)
+    start = (int(r.time()[0]) - 5) * 1_000_000_000
+    for rec, total in ((one, 100), (two, 150), (one, 250), (two, 260)):  # one's memory says 100 at 250
+        export(rec, token_histogram(SERVICE, [("input", total, start)]), "metrics")
+    # the first export of a metrics-only process is held back (docs/opentelemetry.md), then usage
+    # since the series began, then each export's increase: 250 - 150, not 250 - 100
+    assert [b["tokens_in"] for b in events(r, keys) if b["kind"] == "beat"] == [150, 100, 10]
+    export(one, traces((SERVICE, [llm_call(), tool_call("lookup", "1")])))
+    export(two, traces((SERVICE, [llm_call(), tool_call("fetch", "2")])))  # reads what one left
+    export(one, traces((SERVICE, [llm_call()])))  # reads what two left, not its own memory
+    fps = [e["fp"].split("(")[0] for e in events(r, keys) if "fp" in e]
+    assert fps == ["lookup", "fetch"]
+    assert [e["seq"] for e in events(r, keys)] == list(range(len(events(r, keys))))  # one run, in order
+
+
+def test_agents_in_other_streams_than_their_process_are_written_after_its_state(
+    r: redis.Redis, prefix: str
+) -> None:
+    keys = Keys(prefix, 4)
+    home = shard_of("svc", 4)
+    far = next(f"agent-{n}" for n in range(100) if shard_of(f"agent-{n}", 4) != home)
+    near = next(f"agent-{n}" for n in range(100) if shard_of(f"agent-{n}", 4) == home)
+    rec = receiver(r, keys)
+    resource = {"service.name": "svc", "service.instance.id": "i-1"}
+    calls = [
+        llm_call(gen_ai__agent__name=far),
+        llm_call(gen_ai__agent__name=near),
+        tool_call(gen_ai__agent__name=far),
+    ]
+    outcome = export(rec, traces((resource, calls)))
+    assert outcome.rejected == 0 and outcome.tally["events"] == 4  # a start and a beat each
+    for agent in (far, near):
+        stream = [codec.decode(f[b"d"]) for _, f in r.xrange(keys.events_for(agent))]
+        assert [(e["agent"], e["kind"]) for e in stream] == [(agent, "start"), (agent, "beat")]
+    (state,) = [v for k, v in r.hgetall(keys.otlp(home)).items() if k != OTLP_COUNT_FIELD.encode()]
+    assert ProcessState.unpack(state).trace.pending_agent == far  # the tool call waits in the home stream
+    export(rec, traces((resource, [llm_call(gen_ai__agent__name=far)])))
+    beats = [codec.decode(f[b"d"]) for _, f in r.xrange(keys.events_for(far))][2:]
+    assert [b["fp"].split("(")[0] for b in beats] == ["search"]
