@@ -85,6 +85,20 @@ def test_fail_and_exit_codes_alert_and_the_next_run_resolves(dep: Deployment) ->
 
 
 @needs_curl
+def test_names_that_end_like_a_command_are_pinged_with_the_kind_query(dep: Deployment) -> None:
+    assert curl(dep.ping_url("etl/start?kind=start&interval=600"))[0] == 200  # the agent "etl/start"
+    assert curl("-d", '{"tokens": 7}', dep.ping_url("etl/start?kind=beat"))[0] == 200
+    assert curl(dep.ping_url("shards/3?kind=3"))[0] == 200  # the agent "shards/3" exited with 3
+    agent = wait_for(lambda: dep.status("etl/start"), timeout=10, what="the agent etl/start")
+    assert agent["interval_s"] == 600 and not dep.status("etl")
+    wait_for(lambda: (s := dep.status("etl/start")) and s["tokens_total"] == 7, timeout=10, what="tokens")
+    (alert,) = wait_for(lambda: dep.fired("shards/3", "exit"), timeout=10, what="an exit alert")
+    assert alert.details["code"] == 3
+    code, body = curl(dep.ping_url("etl?kind=finish"))
+    assert code == 400 and "kind must be one of beat, start, fail or an exit code (0-255)" in body
+
+
+@needs_curl
 def test_bad_pings_get_precise_answers_and_are_counted(dep: Deployment) -> None:
     before = pings(dep)
     assert curl(f"{dep.base}/ping/not-the-key/job") == (404, "not found")

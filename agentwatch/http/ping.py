@@ -4,6 +4,7 @@
     GET|POST /ping/<ping_key>/<agent>/start        a new run (?interval=300 or ?interval=5m)
     GET|POST /ping/<ping_key>/<agent>/fail         the run failed: an exit alert
     GET|POST /ping/<ping_key>/<agent>/<exit code>  0: a beat (success); 1-255: failed with that code
+    GET|POST /ping/<ping_key>/<agent>?kind=<beat|start|fail|exit code>   the same, unambiguously
 
 Every call becomes protocol events through the one server-side writer (agentwatch/ingest.py),
 so the detectors cannot tell a ``curl`` agent from one running the producer. Answers: 200
@@ -13,7 +14,9 @@ so the detectors cannot tell a ``curl`` agent from one running the producer. Ans
 outcome is counted (``agentwatch_http_pings_total{outcome=...}`` on ``/metrics``).
 
 An agent name may hold ``/``: a last path segment ``start``, ``fail`` or a number is read as the
-command, so an agent whose name ends that way cannot beat through this API (docs/http.md).
+command. With ``?kind=`` the whole path is the agent's name and the query the command, so an
+agent named ``backup/start`` or ``shards/3`` is pinged as ``/ping/<key>/shards/3?kind=beat``
+(docs/http.md).
 """
 
 from __future__ import annotations
@@ -44,10 +47,20 @@ class BadPing(Exception):
     """A request the ping API refuses with 400; the message says why."""
 
 
-def parse_command(rest: str) -> tuple[str, str]:
-    """``"nightly/backup/start"`` -> ("nightly/backup", "start"); a bare name is a beat."""
+COMMANDS: Final = ("beat", "start", "fail")
+"""What ``?kind=`` takes, besides an exit code (0-255)."""
+
+
+def parse_command(rest: str, kind: str | None = None) -> tuple[str, str]:
+    """``"nightly/backup/start"`` -> ("nightly/backup", "start"); a bare name is a beat. With
+    ``kind`` (the ``?kind=`` query) the whole path is the agent and ``kind`` the command."""
+    if kind is not None:
+        if kind not in COMMANDS and not (kind.isascii() and kind.isdigit()):
+            words = ", ".join(COMMANDS)
+            raise BadPing(f"kind must be one of {words} or an exit code (0-255), got {kind[:20]!r}")
+        return rest, kind
     agent, sep, last = rest.rpartition("/")
-    if sep and agent and (last in ("start", "fail") or last.isdigit()):
+    if sep and agent and (last in ("start", "fail") or (last.isascii() and last.isdigit())):
         return agent, last
     return rest, "beat"
 
@@ -110,8 +123,9 @@ async def ping(request: Request) -> Response:
     if expected is None or not same(request.path_params["key"], expected):
         count("bad_key")
         return PlainTextResponse("not found\n", status_code=404)
-    agent, command = parse_command(request.path_params["rest"])
+    agent = request.path_params["rest"]
     try:
+        agent, command = parse_command(agent, request.query_params.get("kind"))
         body = await read_body(request, server.settings.http.max_body_bytes)
         allowed = BEAT_KEYS if command in ("beat", "start", "0") else EXIT_KEYS
         kind, fields = event_of(command, parse_fields(body, allowed))
