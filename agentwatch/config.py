@@ -304,6 +304,7 @@ class HttpSection(Section):
     bind: str = Field("127.0.0.1:8787", description='"host:port"; "[::1]:8787" for IPv6')
     token: str | None = Field(None, description="required for every route but /ping, /healthz, badges")
     ping_key: str | None = Field(None, description="secret in /ping/<ping_key>/...; unset: no ping API")
+    ping_accept: str = Field("*", min_length=1, description="glob: the agent names the ping key may write")
     ingest_token: str | None = Field(None, description="Bearer token of OTLP exporters; unset: no OTLP")
     public_badges: bool = Field(True, description="badges readable without the token")
     max_body_bytes: int = Field(16_384, ge=256, le=16 * 1024 * 1024, description="bigger bodies get 413")

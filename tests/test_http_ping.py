@@ -119,6 +119,7 @@ def test_bad_pings_get_precise_answers_and_are_counted(dep: Deployment) -> None:
     assert counted == {
         "ok": 0,
         "bad_key": 1,
+        "not_accepted": 0,
         "bad_request": 5,
         "too_large": 1,
         "flooded": 0,

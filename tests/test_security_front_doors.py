@@ -42,7 +42,11 @@ def dep(redis_url: str) -> Iterator[Deployment]:
     with (
         shared_prefix(redis_url) as prefix,
         deployment(
-            root, prefix=prefix, redis_url=redis_url, extra=CONFIG, http=f'ingest_token = "{INGEST}"\n'
+            root,
+            prefix=prefix,
+            redis_url=redis_url,
+            extra=CONFIG,
+            http=f'ingest_token = "{INGEST}"\nping_accept = "door-*"\n',
         ) as running,
     ):
         yield running
@@ -106,3 +110,18 @@ def test_an_unsigned_event_xadded_by_anyone_else_is_refused(dep: Deployment) -> 
         what="the real beat counted",
     )
     assert agent["state"] != "down" and not dep.fired("door-victim", "exit")
+
+
+def test_an_agents_own_key_pings_for_it_alone_and_the_ping_key_only_within_its_glob(dep: Deployment) -> None:
+    own = signing.agent_key(SECRET, "cron-job")
+    assert httpx.get(f"{dep.base}/ping/{own}/cron-job", timeout=10).status_code == 200  # outside the glob
+    wrong = httpx.get(f"{dep.base}/ping/{own}/door-other", timeout=10)  # cron-job's key, another agent
+    assert (wrong.status_code, wrong.text) == (404, "not found\n")
+    refused = httpx.get(dep.ping_url("cron-job"), timeout=10)  # the ping key, outside ping_accept
+    assert refused.status_code == 403 and "ping_accept = 'door-*'" in refused.text
+    written = [codec.decode(f[b"d"]) for _, f in dep.r.xrange(dep.keys.events_for("cron-job"))]
+    assert [e["kind"] for e in written if e["agent"] == "cron-job"] == ["start", "beat"]
+    assert not [e for e in written if e["agent"] == "door-other"]
+    with dep.client() as http:
+        text = http.get("/metrics").text
+    assert 'agentwatch_http_pings_total{outcome="not_accepted"} 1.0' in text

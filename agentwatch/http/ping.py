@@ -6,10 +6,13 @@
     GET|POST /ping/<ping_key>/<agent>/<exit code>  0: a beat (success); 1-255: failed with that code
     GET|POST /ping/<ping_key>/<agent>?kind=<beat|start|fail|exit code>   the same, unambiguously
 
-Every call becomes protocol events through the one server-side writer (agentwatch/ingest.py),
-so the detectors cannot tell a ``curl`` agent from one running the producer. Answers: 200
-``OK``; 404 for a wrong key (or no ``[http] ping_key``: the API is off) without saying which;
-400 naming the rule that was broken; 413 over ``[http] max_body_bytes``; 429 with
+The key is ``[http] ping_key``, which writes for every agent ``[http] ping_accept`` matches, or,
+with ``[security] agent_keys``, the agent's own key (``agentwatch agent-key``), which writes for
+that agent alone (docs/security.md). Every call becomes protocol events through the one
+server-side writer (agentwatch/ingest.py), so the detectors cannot tell a ``curl`` agent from one
+running the producer. Answers: 200 ``OK``; 404 for a wrong key (or no key at all: the API is
+off) without saying which; 403 for an agent outside ``ping_accept``; 400 naming the rule that
+was broken; 413 over ``[http] max_body_bytes``; 429 with
 ``Retry-After`` when one agent floods; 503 with ``Retry-After`` while Redis is away. Each
 outcome is counted (``agentwatch_http_pings_total{outcome=...}`` on ``/metrics``).
 
@@ -21,6 +24,7 @@ agent named ``backup/start`` or ``shards/3`` is pinged as ``/ping/<key>/shards/3
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from typing import Any, Final
@@ -35,6 +39,7 @@ from agentwatch.errors import InvalidEntry
 from agentwatch.http.access import same
 from agentwatch.http.server import UNAVAILABLE, BodyTooLarge, Server, read_body, unavailable
 from agentwatch.ingest import Flooded, Kind
+from agentwatch.signing import agent_key
 
 BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "cost", "model", "fp")
 """What a JSON body may carry (SPEC section 8, and the token classes the pipeline prices by:
@@ -116,16 +121,40 @@ def event_of(command: str, fields: dict[str, Any]) -> tuple[Kind, dict[str, Any]
     return "exit", exit_fields
 
 
+def authorised(server: Server, key: str, agent: str) -> bool | None:
+    """Whether ``key`` may write for ``agent``: the ping key may for every agent ``[http]
+    ping_accept`` matches (False: a valid key, an agent outside the glob); with ``[security]
+    agent_keys``, an agent's own key (``agentwatch agent-key``) may for that agent alone. None: no
+    such key (the caller is told nothing more than "not found")."""
+    http, security = server.settings.http, server.settings.security
+    if http.ping_key is not None and same(key, http.ping_key):
+        return fnmatch.fnmatchcase(agent, http.ping_accept)
+    if security.agent_keys and security.secret is not None and same(key, agent_key(security.secret, agent)):
+        return True
+    return None
+
+
 async def ping(request: Request) -> Response:
     server: Server = request.app.state.server
     count = server.metrics.ping
-    expected = server.settings.http.ping_key
-    if expected is None or not same(request.path_params["key"], expected):
+    rest = request.path_params["rest"]
+    try:
+        agent, command = parse_command(rest, request.query_params.get("kind"))
+        problem: BadPing | None = None
+    except BadPing as exc:
+        agent, command, problem = rest, "beat", exc
+    allowed_here = authorised(server, request.path_params["key"], agent)
+    if allowed_here is None:
         count("bad_key")
         return PlainTextResponse("not found\n", status_code=404)
-    agent = request.path_params["rest"]
+    if not allowed_here:
+        count("not_accepted")
+        glob = server.settings.http.ping_accept
+        why = f"this ping key may not write for {agent!r} ([http] ping_accept = {glob!r})\n"
+        return PlainTextResponse(why, status_code=403)
     try:
-        agent, command = parse_command(agent, request.query_params.get("kind"))
+        if problem is not None:
+            raise problem
         body = await read_body(request, server.settings.http.max_body_bytes)
         allowed = BEAT_KEYS if command in ("beat", "start", "0") else EXIT_KEYS
         kind, fields = event_of(command, parse_fields(body, allowed))
