@@ -31,6 +31,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ SPANS = 512
 LLM_EVERY = 10
 BEATS = 10
 UNLIMITED = FloodLimit(rate_per_s=1e9, burst=1_000_000_000)
+SECRET = "a-benchmark-pipeline-secret-0123456789abcdef"
 
 
 def export_body(service: str = "bench-bot", instance: str = "bench-1") -> bytes:
@@ -90,12 +92,15 @@ def _first_span(name: str) -> Any:
     return request.resource_spans[0].scope_spans[0].spans[0]
 
 
-def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]], float]:
+def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]], float, dict[str, float]]:
     client = redis.Redis.from_url(url)
     settings = config.OtlpSection()
-    keys = config.Pipeline(settings=config.PipelineSettings(), source="bench").keys
-    writer = EventWriter(client, keys, limit=UNLIMITED, run_ttl_s=3600.0)
-    receiver = Receiver(client, keys, settings, writer)
+    receivers = {}
+    for name, secret in (("plain", None), ("signed", SECRET)):  # each its own prefix: its own agent
+        keys = config.Pipeline(settings=config.PipelineSettings(), source="bench").keys
+        keys = type(keys)(f"bench-{name}", keys.shards)
+        writer = EventWriter(client, keys, limit=UNLIMITED, run_ttl_s=3600.0, secret=secret)
+        receivers[name] = Receiver(client, keys, settings, writer)
     body = export_body()
     loop = asyncio.new_event_loop()
 
@@ -113,17 +118,22 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
     def read() -> None:
         read_traces(body, settings)
 
-    def ingest() -> None:
-        outcome = loop.run_until_complete(receiver.export("traces", body, "application/x-protobuf", None))
-        assert outcome.tally["beats"] == SPANS // LLM_EVERY + 1 and not outcome.rejected, outcome
+    def ingest(receiver: Receiver) -> Callable[[], None]:
+        def run() -> None:
+            outcome = loop.run_until_complete(receiver.export("traces", body, "application/x-protobuf", None))
+            assert outcome.tally["beats"] == SPANS // LLM_EVERY + 1 and not outcome.rejected, outcome
 
-    ingest()  # warm-up: scripts loaded, the run started
+        return run
+
     cases = {
         "decode": decode,
         "decode + every attribute": every_attribute,
         "decode + read": read,
-        "ingest": ingest,
+        "ingest": ingest(receivers["plain"]),
+        "ingest, signed ([security] agent_keys)": ingest(receivers["signed"]),
     }
+    for run in cases.values():
+        run()  # warm-up: scripts loaded, the runs started, the states remembered
     samples: dict[str, list[float]] = {name: [] for name in cases}
     ratios = []
     for _ in range(rounds):
@@ -133,8 +143,10 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
                 run()
             samples[name].append(SPANS * exports / (time.process_time() - started))
         ratios.append(samples["ingest"][-1] / samples["decode"][-1])
+    where = stages(receivers["plain"], body, rounds, exports)
     loop.close()
-    client.delete(keys.events())
+    for receiver in receivers.values():
+        client.delete(receiver.keys.events(), receiver.keys.ingest(), receiver.keys.otlp())
     client.close()
     rows = [
         {
@@ -146,7 +158,64 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
         }
         for name, values in samples.items()
     ]
-    return rows, median(ratios)
+    return rows, median(ratios), where
+
+
+STAGES = {
+    "decode the request and read the LLM and tool calls": ("receiver", "_read"),
+    "look up what this server does not hold (none when warm)": ("receiver", "_prefetch"),
+    "number, encode (and sign) the events": ("writer", "_prepare"),
+    "the one Redis round trip (redis-py, syscalls)": ("ingest", "run_calls"),
+    "settle the script's reply": ("writer", "_settle"),
+}
+
+
+def stages(receiver: Receiver, body: bytes, rounds: int, exports: int) -> dict[str, float]:
+    """Where one export's CPU goes (median us over the rounds), the decode baseline beside it:
+    the receiver's steps timed in place (process CPU time), in the calling thread."""
+    import agentwatch.ingest as ingest_module  # noqa: PLC0415 - its run_calls is timed in place
+
+    spent: dict[str, float] = {}
+    owners = {"receiver": receiver, "writer": receiver.writer, "ingest": ingest_module}
+    originals = {name: getattr(owners[owner], attr) for name, (owner, attr) in STAGES.items()}
+
+    def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - started
+
+        return run
+
+    per_round: dict[str, list[float]] = {}
+    try:
+        for name, (owner, attr) in STAGES.items():
+            setattr(owners[owner], attr, timed(name, originals[name]))
+        for _ in range(rounds):
+            spent.clear()
+            started = time.process_time()
+            for _ in range(exports):
+                ExportTraceServiceRequest.FromString(body)
+            baseline = time.process_time() - started
+            started = time.process_time()
+            for _ in range(exports):
+                receiver.ingest("traces", body, "application/x-protobuf", None)
+            total = time.process_time() - started
+            measured = {name: spent.get(name, 0.0) for name in STAGES}
+            measured["fold, admit, plan the calls, the answer (the rest)"] = total - sum(measured.values())
+            measured["= an export in the calling thread (no event loop hop)"] = total
+            measured["decode alone (the baseline)"] = baseline
+            for name, value in measured.items():
+                per_round.setdefault(name, []).append(value / exports * 1e6)
+    finally:
+        for name, (owner, attr) in STAGES.items():
+            if owner == "ingest":
+                setattr(owners[owner], attr, originals[name])
+            else:
+                delattr(owners[owner], attr)  # the instance attribute: the method shows again
+    return {name: median(values) for name, values in per_round.items()}
 
 
 def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -226,16 +295,21 @@ def _as_otlp(client: redis.Redis, pipeline: config.Pipeline, agents: int) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--exports", type=int, default=40, help="exports per case and round")
-    parser.add_argument("--agents", type=int, default=2000, help="agents per population (memory)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 20 exports, 500 agents")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5")
+    parser.add_argument("--exports", type=int, default=None, help="exports per case and round (40)")
+    parser.add_argument("--agents", type=int, default=None, help="agents per population, memory (2000)")
     args = parser.parse_args()
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.exports = args.exports or (20 if args.quick else 40)
+    args.agents = args.agents or (500 if args.quick else 2000)
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
     try:
-        rows, ratio = throughput(server.url, args.rounds, args.exports)
+        rows, ratio, where = throughput(server.url, args.rounds, args.exports)
     finally:
         server.cleanup()
     memory_rows, per_agent = memory(args.agents)
+    stage_rows = [{"where an export's CPU goes": name, "us (median)": value} for name, value in where.items()]
     figures = [
         figure(
             "OTLP ingest spans/s vs opentelemetry-proto decoding alone",
@@ -256,7 +330,7 @@ def main() -> None:
     ]
     report(
         "otlp_ingest",
-        [*rows, *memory_rows],
+        [*rows, *stage_rows, *memory_rows],
         extra={
             "spans": SPANS,
             "llm_share": 1 / LLM_EVERY,
@@ -264,6 +338,7 @@ def main() -> None:
             "rounds": args.rounds,
             "agents": args.agents,
             "bytes_per_agent": per_agent,
+            "stages_us": where,
         },
         figures=figures,
     )

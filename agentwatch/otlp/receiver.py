@@ -163,10 +163,12 @@ class Receiver:
         shards = self.keys.shards
         verdicts: dict[str, str | None] = {}
         todo = processes
+        remote = False
         for _ in range(ATTEMPTS):
             for p in todo:
                 p.fold(self.settings, now)
             writes = collect(todo, self.settings, shards)
+            remote = remote or any(not write.local for write in writes)
             self._admit(writes, verdicts, outcome)
             groups = local_groups(todo, writes, verdicts, self.settings)
             results = self.writer.commit([group for group, _ in groups])
@@ -188,7 +190,11 @@ class Receiver:
             raise Contended("the exporting process's state changed under every attempt; retry later")
         for p in processes:
             outcome.tally.update(p.tally)
-        later = remote_groups(collect(processes, self.settings, shards), verdicts, self.settings)
+        later = (
+            remote_groups(collect(processes, self.settings, shards), verdicts, self.settings)
+            if remote
+            else []
+        )
         if later:  # every process's state is stored: the agents homed in other streams
             for (_, members), result in zip(later, self.writer.commit([g for g, _ in later]), strict=True):
                 self._settle(members, result.outcomes, outcome)
