@@ -146,6 +146,7 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
     where = stages(receivers["plain"], body, rounds, exports)
     loop.close()
     for receiver in receivers.values():
+        receiver.close()
         client.delete(receiver.keys.events(), receiver.keys.ingest(), receiver.keys.otlp())
     client.close()
     rows = [
@@ -291,6 +292,7 @@ def _as_otlp(client: redis.Redis, pipeline: config.Pipeline, agents: int) -> Non
             await receiver.export("traces", request.SerializeToString(), "application/x-protobuf", None)
 
     asyncio.run(send())
+    receiver.close()
 
 
 def main() -> None:

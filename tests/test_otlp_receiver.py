@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import redis
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -27,9 +29,21 @@ SERVICE = {"service.name": "bot", "service.instance.id": "i-1", "host.name": "h1
 ROOMY = FloodLimit(rate_per_s=1000.0, burst=1000)
 
 
+_made: list[Receiver] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_receivers() -> Iterator[None]:
+    yield
+    while _made:
+        _made.pop().close()
+
+
 def receiver(r: redis.Redis, keys: Keys, limit: FloodLimit = ROOMY, **settings: Any) -> Receiver:
     writer = EventWriter(r, keys, limit=limit, run_ttl_s=3600.0)
-    return Receiver(r, keys, OtlpSection(**settings), writer)
+    made = Receiver(r, keys, OtlpSection(**settings), writer)
+    _made.append(made)
+    return made
 
 
 def export(rec: Receiver, request: Any, signal: str = "traces") -> Outcome:

@@ -122,6 +122,7 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
         sweeping = asyncio.get_running_loop().create_task(server.sweeping())
         yield
         sweeping.cancel()
+        server.otlp.close()
         server.client.close()
 
     routes: list[Any] = [
