@@ -104,26 +104,30 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
     body = export_body()
     loop = asyncio.new_event_loop()
 
-    def decode() -> None:
-        ExportTraceServiceRequest.FromString(body)
+    def decode(n: int) -> None:
+        for _ in range(n):
+            ExportTraceServiceRequest.FromString(body)
 
-    def every_attribute() -> None:
-        request = ExportTraceServiceRequest.FromString(body)
-        for resource_spans in request.resource_spans:
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    for kv in span.attributes:
-                        kv.value.WhichOneof("value")
+    def every_attribute(n: int) -> None:
+        for _ in range(n):
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        for kv in span.attributes:
+                            kv.value.WhichOneof("value")
 
-    def read() -> None:
-        read_traces(body, settings)
+    def read(n: int) -> None:
+        for _ in range(n):
+            read_traces(body, settings)
 
-    def ingest(receiver: Receiver) -> Callable[[], None]:
-        def run() -> None:
-            outcome = loop.run_until_complete(receiver.export("traces", body, "application/x-protobuf", None))
-            assert outcome.tally["beats"] == SPANS // LLM_EVERY + 1 and not outcome.rejected, outcome
+    def ingest(receiver: Receiver) -> Callable[[int], None]:
+        async def exports_in_turn(n: int) -> None:  # as the server's event loop awaits them
+            for _ in range(n):
+                outcome = await receiver.export("traces", body, "application/x-protobuf", None)
+                assert outcome.tally["beats"] == SPANS // LLM_EVERY + 1 and not outcome.rejected, outcome
 
-        return run
+        return lambda n: loop.run_until_complete(exports_in_turn(n))
 
     cases = {
         "decode": decode,
@@ -133,14 +137,13 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
         "ingest, signed ([security] agent_keys)": ingest(receivers["signed"]),
     }
     for run in cases.values():
-        run()  # warm-up: scripts loaded, the runs started, the states remembered
+        run(1)  # warm-up: scripts loaded, the runs started, the states remembered
     samples: dict[str, list[float]] = {name: [] for name in cases}
     ratios = []
     for _ in range(rounds):
         for name, run in cases.items():
             started = time.process_time()
-            for _ in range(exports):
-                run()
+            run(exports)
             samples[name].append(SPANS * exports / (time.process_time() - started))
         ratios.append(samples["ingest"][-1] / samples["decode"][-1])
     where = stages(receivers["plain"], body, rounds, exports)
