@@ -9,19 +9,33 @@ by round, as CPU seconds of this process (the receiver's one core; Redis runs in
 
 * ``decode``: ``ExportTraceServiceRequest.FromString`` alone, the baseline (goal: ingest >= 0.5x);
 * ``decode + every attribute``: decoding, then visiting each attribute of each span once (key and
-  value kind): what any receiver that reads the spans without the byte search pays, for context;
-* ``decode + read``: decoding plus reading every process's LLM and tool calls (agentwatch/otlp/
-  spans.py: scopes and spans without a GenAI attribute name are not decoded), no Redis;
-* ``ingest``: the whole receiver, as ``POST /v1/traces`` runs it: decode, read, fold with the
-  process's state, admit, write 51 beats through the ingest writer, store the state.
+  value kind): what any receiver that reads the spans without skipping pays, for context;
+* ``decode + read``: reading every process's LLM and tool calls (agentwatch/otlp/spans.py: scopes
+  without a GenAI name are searched and counted, never decoded; GenAI scopes are decoded with
+  attributes as a map, only the names read become Python objects), no Redis;
+* ``ingest``: the whole receiver as ``POST /v1/traces`` runs it, awaited from a running event
+  loop: its export thread, decode, read, fold with the process's state, admit, number and encode
+  52 beats, one script call that writes them and the new state, the answer;
+* ``ingest, signed``: the same with ``[security] agent_keys`` (every event HMAC-signed).
+
+A second table times the receiver's steps in place (the calling thread, no event loop) beside
+the decode baseline: where an export's CPU goes. It shows why 0.5x is out of reach for a Python
+receiver that writes one event per LLM call: 0.5x leaves one decode's time for everything else,
+and the fixed costs alone take more (searching the non-GenAI scope for GenAI names, one pass per
+name at CPython's substring-search speed, about a decode; one Redis round trip through redis-py
+and the kernel, most of a decode; the hop to the export thread), before the Python work of 52 LLM
+calls (finding their names, reading usage, model and provider, folding, encoding: a few
+microseconds each, several decodes in all).
 
 **Memory.** ``--agents`` agents reach Redis one way or the other with the same usage (a start and
 10 LLM calls each): as a producer sends it (events XADDed directly), and as OTLP exports through
 the receiver. A detector worker applies everything; the event and alert streams are deleted (they
 are capped and trimmed, not per-agent state) and ``used_memory`` is compared with the empty
-server's, one private server per population. The OTel agent's extra keys are listed.
+server's, one private server per population. What the server keeps for OTel agents is listed:
+each agent's run record (the stream's ingest hash) and each process's state (the stream's OTLP
+hash), which a producer agent keeps in its own process instead.
 
-    python benchmarks/otlp_ingest.py [--rounds 5] [--exports 40] [--agents 2000]
+    python benchmarks/otlp_ingest.py [--quick] [--rounds 5] [--exports 40] [--agents 2000]
 """
 
 from __future__ import annotations
@@ -172,16 +186,25 @@ STAGES = {
     "the one Redis round trip (redis-py, syscalls)": ("ingest", "run_calls"),
     "settle the script's reply": ("writer", "_settle"),
 }
+READ_STAGES = {
+    "  of which: search the scopes for GenAI names": ("spans", "_holds"),
+    "  of which: decode the GenAI scopes, count the others' spans (with the search)": ("spans", "_decoded"),
+    "  of which: read the calls' usage, model, provider": ("spans", "_call"),
+}
+"""Steps inside the read, timed the same way (nested: each is part of the read's time)."""
 
 
 def stages(receiver: Receiver, body: bytes, rounds: int, exports: int) -> dict[str, float]:
     """Where one export's CPU goes (median us over the rounds), the decode baseline beside it:
-    the receiver's steps timed in place (process CPU time), in the calling thread."""
+    the receiver's steps timed in place (process CPU time, each wrapper's own cost included: a
+    few percent), in the calling thread."""
     import agentwatch.ingest as ingest_module  # noqa: PLC0415 - its run_calls is timed in place
+    import agentwatch.otlp.spans as spans_module  # noqa: PLC0415 - so are steps of the read
 
     spent: dict[str, float] = {}
-    owners = {"receiver": receiver, "writer": receiver.writer, "ingest": ingest_module}
-    originals = {name: getattr(owners[owner], attr) for name, (owner, attr) in STAGES.items()}
+    owners = {"receiver": receiver, "writer": receiver.writer, "ingest": ingest_module, "spans": spans_module}
+    every = {**STAGES, **READ_STAGES}
+    originals = {name: getattr(owners[owner], attr) for name, (owner, attr) in every.items()}
 
     def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -195,7 +218,7 @@ def stages(receiver: Receiver, body: bytes, rounds: int, exports: int) -> dict[s
 
     per_round: dict[str, list[float]] = {}
     try:
-        for name, (owner, attr) in STAGES.items():
+        for name, (owner, attr) in every.items():
             setattr(owners[owner], attr, timed(name, originals[name]))
         for _ in range(rounds):
             spent.clear()
@@ -207,15 +230,22 @@ def stages(receiver: Receiver, body: bytes, rounds: int, exports: int) -> dict[s
             for _ in range(exports):
                 receiver.ingest("traces", body, "application/x-protobuf", None)
             total = time.process_time() - started
-            measured = {name: spent.get(name, 0.0) for name in STAGES}
-            measured["fold, admit, plan the calls, the answer (the rest)"] = total - sum(measured.values())
-            measured["= an export in the calling thread (no event loop hop)"] = total
-            measured["decode alone (the baseline)"] = baseline
+            steps = {name: spent.get(name, 0.0) for name in STAGES}
+            rest = total - sum(steps.values())
+            (read, *others) = steps.items()
+            measured = {
+                "decode alone (the baseline)": baseline,
+                read[0]: read[1],
+                **{name: spent.get(name, 0.0) for name in READ_STAGES},
+                **dict(others),
+                "fold, admit, plan the calls, the answer (the rest)": rest,
+                "= an export in the calling thread (no event loop hop)": total,
+            }
             for name, value in measured.items():
                 per_round.setdefault(name, []).append(value / exports * 1e6)
     finally:
-        for name, (owner, attr) in STAGES.items():
-            if owner == "ingest":
+        for name, (owner, attr) in every.items():
+            if owner in ("ingest", "spans"):
                 setattr(owners[owner], attr, originals[name])
             else:
                 delattr(owners[owner], attr)  # the instance attribute: the method shows again

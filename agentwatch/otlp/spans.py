@@ -150,7 +150,7 @@ def _decoded(scopes: Sequence[bytes], needles: tuple[bytes, ...]) -> tuple[list[
     skipped = 0
     try:
         for scope in scopes:
-            if any(needle in scope for needle in needles):
+            if _holds(scope, needles):
                 spans += ScopeSpansLite.FromString(scope).spans
             else:
                 skipped += len(ScopeSpansView.FromString(scope).spans)
@@ -161,6 +161,11 @@ def _decoded(scopes: Sequence[bytes], needles: tuple[bytes, ...]) -> tuple[list[
 
 _Found = tuple[Any, Any, reading.Reading]
 """A span the receiver reads: the span, its attributes (a map), how to read them."""
+
+
+def _holds(scope: bytes, needles: tuple[bytes, ...]) -> bool:
+    """Whether a scope's encoding holds any needle: one C-level search per needle."""
+    return any(needle in scope for needle in needles)
 
 
 def _is_call(attributes: Any, how: reading.Reading) -> bool:
