@@ -189,7 +189,8 @@ STAGES = {
 READ_STAGES = {
     "  of which: search the scopes for GenAI names": ("spans", "_holds"),
     "  of which: decode the GenAI scopes, count the others' spans (with the search)": ("spans", "_decoded"),
-    "  of which: read the calls' usage, model, provider": ("spans", "_call"),
+    "  of which: find the wanted names of the GenAI scopes' spans": ("spans", "_found"),
+    "  of which: read the calls (usage, model, provider) and their agents": ("spans", "_steps"),
 }
 """Steps inside the read, timed the same way (nested: each is part of the read's time)."""
 

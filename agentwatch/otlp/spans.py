@@ -101,37 +101,50 @@ def read_traces(body: bytes, settings: OtlpSection) -> Traces:
         ) from None
     out = Traces()
     agent_from = tuple(settings.agent_from)
-    needles, wanted = _needles(agent_from), reading.wanted(agent_from)
+    needles = _needles(agent_from)
     for resource_spans in request.resource_spans:
-        origin = origin_of(resource_spans.resource.attributes, settings)
-        batch = SpanBatch(origin)
+        batch = SpanBatch(origin_of(resource_spans.resource.attributes, settings))
         scopes = resource_spans.scope_spans
         spans, skipped = _decoded(scopes, needles)
         batch.spans = len(spans) + skipped
         out.tally["spans"] += batch.spans
-        found: list[_Found] = []
-        for span in spans:
-            attributes = span.attributes
-            present = wanted.intersection(attributes)
-            if present:  # a span of a GenAI scope that is not itself one (an agent's own span, say)
-                found.append((span, attributes, reading.reading_of(present, agent_from)))
-        named = _span_agents(found, scopes)
-        calls = {span.span_id for span, attributes, how in found if _is_call(attributes, how)}
-        for one in found:
-            span = one[0]
-            step = _step(one, calls, settings, out.tally)
-            if step is None:
-                continue
-            agent = _agent(span, named, origin)
-            if agent is None:
-                out.tally["spans_without_agent"] += 1
-                out.rejected += 1
-                continue
-            step.agent = agent
-            batch.steps.append(step)
-        batch.steps.sort(key=lambda step: step.end_ns)
+        found = _found(spans, agent_from)
+        _steps(batch, found, scopes, settings, out)
         out.batches.append(batch)
     return out
+
+
+def _found(spans: list[Any], agent_from: tuple[str, ...]) -> list[_Found]:
+    """The spans holding a name the receiver reads, each with how to read it."""
+    wanted = reading.wanted(agent_from)
+    found: list[_Found] = []
+    for span in spans:
+        attributes = span.attributes
+        present = wanted.intersection(attributes)
+        if present:  # else a span of a GenAI scope that is not itself one (an HTTP call, say)
+            found.append((span, attributes, reading.reading_of(present, agent_from)))
+    return found
+
+
+def _steps(
+    batch: SpanBatch, found: list[_Found], scopes: Sequence[bytes], settings: OtlpSection, out: Traces
+) -> None:
+    """The LLM and tool calls among ``found``, each with its agent, into ``batch`` in the order
+    they ended; spans naming no agent are counted as refused."""
+    named = _span_agents(found, scopes)
+    calls = {span.span_id for span, attributes, how in found if _is_call(attributes, how)}
+    for one in found:
+        step = _step(one, calls, settings, out.tally)
+        if step is None:
+            continue
+        agent = _agent(one[0], named, batch.origin)
+        if agent is None:
+            out.tally["spans_without_agent"] += 1
+            out.rejected += 1
+            continue
+        step.agent = agent
+        batch.steps.append(step)
+    batch.steps.sort(key=lambda step: step.end_ns)
 
 
 @functools.cache
