@@ -39,7 +39,6 @@ is one round trip.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -51,15 +50,16 @@ from agentwatch.errors import AgentwatchError
 from agentwatch.ingest_records import (
     SWEEP,
     WRITE,
+    Batches,
     Cache,
     Call,
     Record,
     _Missing,
     numbering,
+    pack_entries,
     predicted,
     run_calls,
 )
-from agentwatch.ingest_records import entries as pack_entries
 from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.signing import Signer, agent_key
@@ -193,7 +193,7 @@ class EventWriter:
         self._encode = codec.encoder()
         self._write = self.client.register_script(WRITE)
         self._sweep = self.client.register_script(SWEEP)
-        self._batches = _Batches(self.client, self._write)
+        self._batches = Batches(self.client, self._write)
 
     # -- one agent, one call: the ping API ---------------------------------------------------
     def write(
@@ -224,7 +224,7 @@ class EventWriter:
         start_facts: Mapping[str, Any] | None = None,
     ) -> Written:
         """:meth:`write` from an event loop (an HTTP server): the writes of concurrent requests
-        share one pipeline and one thread hop per round trip (:class:`_Batches`)."""
+        share one pipeline and one thread hop per round trip (:class:`~agentwatch.ingest_records.Batches`)."""
         item = Item(agent, [(kind, fields or {})], interval_s=interval_s, start_facts=start_facts)
         shard = shard_of(agent, self.keys.shards)
         for _ in range(ATTEMPTS):
@@ -317,8 +317,9 @@ class EventWriter:
             for item in items:
                 codec.check_agent(item.agent)
                 known = planned[item.agent] if item.agent in planned else self.records.get(item.agent)
-                before = None if isinstance(known, _Missing) else known  # unknown: assumed new (the
-                prepared = self._number(item, before, now)  # script says if it is not)
+                # an agent unknown here is numbered as new: the script says so if it is not
+                before = None if isinstance(known, _Missing) else known
+                prepared = self._number(item, before, now)
                 planned[item.agent] = prepared.expected
                 out.append(prepared)
             for prepared in out:  # a later write of the same agent chains on these
@@ -425,35 +426,3 @@ def _raised(outcome: Written | Flooded) -> Written:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class _Batches:
-    """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
-    that arrive wait for it and go together in the next one. One request alone still goes at
-    once; a busy server makes fewer, larger round trips (and fewer thread hops) instead of
-    queueing one round trip per request. Each write gets its own reply or its own error."""
-
-    def __init__(self, client: Any, script: Any, max_batch: int = 256) -> None:
-        self.client = client
-        self.script = script
-        self.max_batch = max_batch
-        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, call: Call) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((call, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            try:
-                replies = await asyncio.to_thread(run_calls, self.client, self.script, [c for c, _ in batch])
-            except Exception as exc:  # each waiting request gets the error (Redis away, say)
-                replies = [exc] * len(batch)
-            for (_, future), reply in zip(batch, replies, strict=True):
-                if not future.done():  # else the request was cancelled (its client went away)
-                    future.set_result(reply)

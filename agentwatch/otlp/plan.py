@@ -163,7 +163,15 @@ def _place(
         members.refused.append((write, reason))
         return
     events = [(draft.kind, draft.fields) for draft in write.events]
-    item = Item(write.agent, events, run=write.run, interval_s=write.interval_s, start_facts=write.facts)
-    item.ttl_s, item.counted, item.trusted = settings.forget_s, True, True
+    item = Item(
+        write.agent,
+        events,
+        run=write.run,
+        interval_s=write.interval_s,
+        start_facts=write.facts,
+        ttl_s=settings.forget_s,
+        counted=True,
+        trusted=True,
+    )
     group.items.append(item)
     members.writes.append(write)

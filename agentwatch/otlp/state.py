@@ -64,7 +64,7 @@ class Series:
 @dataclass(slots=True)
 class MetricState:
     first_ms: int = 0
-    """When the receiver first saw the process's metrics (Redis time)."""
+    """When the receiver first saw the process's metrics (ms, the receiving server's clock)."""
     last_ms: int = 0
     """When its latest metrics export arrived."""
     exports: int = 0
