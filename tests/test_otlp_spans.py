@@ -301,3 +301,11 @@ def test_the_readings_and_decoded_values_remembered_are_bounded() -> None:
     assert len(values._whole) <= values.MAX_CACHED
     raw = AnyValue(int_value=500).SerializeToString()
     assert values.count_of(raw, 1000) == 500 and values.count_of(raw, 100) is values.BAD  # cap after cache
+
+
+def test_a_call_whose_parts_are_each_under_the_cap_but_not_their_sum_loses_its_usage() -> None:
+    settings = OtlpSection(max_tokens=1000)
+    (batch,) = read_request(traces((SERVICE, [llm_call(600, 600), llm_call(6, 6)])), settings).batches
+    first, second = batch.steps
+    assert isinstance(first, Call) and first.usage == {} and first.model == "gpt-4o"  # still a call
+    assert isinstance(second, Call) and second.usage["tokens"] == 12

@@ -151,12 +151,13 @@ class Receiver:
         records of the agents the telemetry names that this server has not seen (one round trip
         for whatever it does not hold)."""
         unknown: list[Process] = []
-        for p in processes:
-            known = self.states.get(p.key)
-            if isinstance(known, _Missing):
-                unknown.append(p)
-            else:
-                p.before = known
+        with self.states.lock:
+            for p in processes:
+                known = self.states.get(p.key)
+                if isinstance(known, _Missing):
+                    unknown.append(p)
+                else:
+                    p.before = known
         names = {name for p in processes for name in p.named()}
         agents = [name for name in names if self.writer.known(name) is MISSING]
         if not unknown and not agents:
@@ -168,8 +169,12 @@ class Receiver:
         replies = pipe.execute()
         for p, raw in zip(unknown, replies, strict=False):
             p.before = raw or None
-            self.states.put(p.key, p.before)
+            self._remember(p.key, p.before)
         self.writer.loaded(agents, replies[len(unknown) :])
+
+    def _remember(self, key: bytes, state: bytes | None) -> None:
+        with self.states.lock:
+            self.states.put(key, state)
 
     # -- fold, admit, write -------------------------------------------------------------------
     def _write(self, processes: list[Process], outcome: Outcome, now: float) -> None:
@@ -191,11 +196,11 @@ class Receiver:
                     for p in members.processes:
                         if p.key in result.conflicts:
                             p.before = result.conflicts[p.key]
-                            self.states.put(p.key, p.before)
+                            self._remember(p.key, p.before)
                     todo += members.processes
                     continue
                 for p in members.processes:
-                    self.states.put(p.key, p.after)
+                    self._remember(p.key, p.after)
                 self._settle(members, result.outcomes, outcome)
             if not todo:
                 break

@@ -220,6 +220,9 @@ def _call(span: Any, attributes: Any, how: reading.Reading, cap: int, tally: Cou
             usage[key] = number  # type: ignore[assignment]
     if "tokens_in" in usage or "tokens_out" in usage:
         usage["tokens"] = usage.get("tokens_in", 0) + usage.get("tokens_out", 0)
+        if usage["tokens"] > cap:  # each part under the cap, their sum over it: garbage too
+            tally["counts_dropped"] += 1
+            usage = {}
     elif how.total is not None:
         number = count_of(attributes[how.total], cap)
         if number.__class__ is Bad:
