@@ -10,6 +10,7 @@ round trips); readers run their synchronous Redis reads in the thread pool.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from agentwatch.ingest import Contended, EventWriter, FloodLimit
 from agentwatch.otlp.receiver import Receiver
 from agentwatch.redisconn import RECOVERABLE, Client, connect, explain
 
+log = logging.getLogger("agentwatch.http")
 T = TypeVar("T")
 RETRY_AFTER_S: Final = 5
 """What a 503 tells a client to wait while Redis is away."""
@@ -172,13 +174,17 @@ class Server:
 
     async def sweeping(self) -> None:
         """Run :meth:`EventWriter.sweep` every :attr:`sweep_every_s`, for as long as the server
-        runs; a Redis that is away is swept on a later round."""
+        runs; a Redis that is away is swept on a later round, and a sweep that fails otherwise
+        (an ACL without the ingest keys, say) is logged and tried again, never ends the loop."""
         while True:
             await asyncio.sleep(self.sweep_every_s)
             try:
                 await asyncio.to_thread(self.writer.sweep)
             except RECOVERABLE:
                 self.metrics.redis_error()
+            except Exception as exc:  # the loop must outlive any one failure: said, not raised
+                self.metrics.redis_error()
+                log.warning("sweeping expired run records failed: %s: %s", type(exc).__name__, exc)
 
     def agent_status(self, name: str) -> dict[str, Any] | None:
         """One agent's entry of the status document, read fresh (None: no such agent)."""
