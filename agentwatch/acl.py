@@ -66,11 +66,10 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "series": _DETECTOR_STATE,
     "series_sweep": _DETECTOR_STATE,
     "series_lock": _DETECTOR_STATE,
-    # events the HTTP server writes for an agent (ping API, OTLP): its run, seq and flood bucket
+    # events the HTTP server writes for an agent (ping API, OTLP): its run, seq and flood bucket;
+    # the OTLP receiver's per-process state and count of OTel agents
     "ingest": {"http": RW, "operator": R},
-    # the OTLP receiver on the HTTP server: per exporting process, and the agents it named
-    "otlp_process": {"http": RW, "operator": R},
-    "otlp_agents": {"http": RW, "operator": R},
+    "otlp": {"http": RW, "operator": R},
     # notifiers
     "notifier_queue": _NOTIFIER_STATE,
     "notifier_jobs": _NOTIFIER_STATE,
@@ -95,7 +94,7 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
 """``Keys`` member -> role -> access. A role not named has no access to the key."""
 
 HELPERS: Final = frozenset({"prefix", "shards", "event_streams", "events_for", "tag", "tag_for", "all_tags",
-                            "notifier_tag", "halts_for", "all_halts"})  # fmt: skip
+                            "notifier_tag", "halts_for", "all_halts", "ingest_for"})  # fmt: skip
 """``Keys`` members that build names or list keys rather than name one key."""
 
 _HANDSHAKE: Final = "+ping +echo +select +hello +client|setname +client|getname +client|id +time"
@@ -134,6 +133,9 @@ class _AnyShard(Keys):
 
     def halts_for(self, agent: str) -> str:
         return self.halts("*")  # type: ignore[arg-type]
+
+    def ingest_for(self, agent: str) -> str:
+        return self.ingest("*")  # type: ignore[arg-type]
 
 
 def user_name(prefix: str, role: str) -> str:

@@ -304,6 +304,7 @@ class HttpSection(Section):
     bind: str = Field("127.0.0.1:8787", description='"host:port"; "[::1]:8787" for IPv6')
     token: str | None = Field(None, description="required for every route but /ping, /healthz, badges")
     ping_key: str | None = Field(None, description="secret in /ping/<ping_key>/...; unset: no ping API")
+    ping_accept: str = Field("*", min_length=1, description="glob: the agent names the ping key may write")
     ingest_token: str | None = Field(None, description="Bearer token of OTLP exporters; unset: no OTLP")
     public_badges: bool = Field(True, description="badges readable without the token")
     max_body_bytes: int = Field(16_384, ge=256, le=16 * 1024 * 1024, description="bigger bodies get 413")
@@ -476,7 +477,6 @@ def load(path: str | Path | None = None, *, plugins: bool = True) -> Pipeline:
     settings: PipelineSettings | None = None
     try:
         settings = _producer_env_fallbacks(PipelineSettings(**raw), raw, env, problems)
-        problems += _unsigned_writers(settings)
     except ValidationError as exc:
         problems += [describe_error(err, env, model=PipelineSettings) for err in exc.errors()]
     detectors: list[Any] = []
@@ -530,23 +530,6 @@ def _unknown_detector_refs(sections: Mapping[str, Any], notifiers: list[Any]) ->
         for problem in unknown_detectors(sorted(referenced()), known):
             problems.append(f"{key_path(('notifiers', index))} ({plugin.name}): {problem}")
     return problems
-
-
-def _unsigned_writers(settings: PipelineSettings) -> list[str]:
-    """Event writers that cannot sign yet, with ``agent_keys`` on: every event they wrote would be
-    refused, and their agents would look silent. Said at start-up instead."""
-    if not settings.security.agent_keys:
-        return []
-    writers = []
-    if settings.http.ping_key:
-        writers.append("the HTTP ping API ([http] ping_key)")
-    if settings.http.ingest_token and settings.otlp.enabled:
-        writers.append("the OTLP receiver ([http] ingest_token)")
-    return [
-        f"[security] agent_keys: {writer} does not sign the events it writes yet, so with agent_keys = "
-        "true every one would be refused; turn one of them off"
-        for writer in writers
-    ]
 
 
 _FALLBACKS: Final = {"url": "AGENTWATCH_REDIS_URL", "prefix": "AGENTWATCH_PREFIX"}

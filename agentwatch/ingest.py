@@ -1,121 +1,80 @@
-"""Writing protocol events on an agent's behalf: the HTTP ping API today, OTLP ingest next.
+"""Writing protocol events on an agent's behalf: the HTTP ping API and the OTLP receiver.
 
 An agent that embeds the producer numbers its own events: a run id per process start, a
-``seq`` from 0. An agent known only through HTTP (a cron job with ``curl``, a span exporter)
-has no process of ours to keep that state, and several ``agentwatch serve`` may stand behind
-a load balancer, so the state lives in Redis, one small hash per agent
-(:meth:`agentwatch.keys.Keys.ingest`), and one script per call decides and writes everything:
+``seq`` from 0, each signed with its agent key when the pipeline asks for it. An agent known
+only through HTTP (a cron job with ``curl``, a span exporter) has no process of ours to keep
+that state, and several ``agentwatch serve`` may stand behind a load balancer, so the state
+lives in Redis, one record per agent (agentwatch/ingest_records.py), and this writer does what
+the producer would have done:
 
-* **Flood limit.** A token bucket per agent (``rate`` per second, ``burst`` at once), on Redis
-  time, shared by every server. A refused call writes nothing and says when to come back.
-* **Run.** The first call for an agent, an explicit ``start``, or any call after an ``exit``
-  begins a new run: the events written then open with a ``start`` (carrying the interval the
-  agent declared, remembered across runs), exactly what a producer sends when a process
-  starts. So the detectors treat an HTTP agent like any other: silence, exit and token anomalies
-  all work, and an ``exit`` incident resolves when the next run starts.
-* **Seq.** The same script numbers the events and appends them to the agent's stream (the
-  agent's ingest hash shares the stream's Cluster slot), so seqs reach the stream in order
-  however many servers write for one agent at once: the detectors see exactly what one
-  producer would have sent.
+* **Run.** The first call for an agent, an explicit ``start``, a run that has exited, a record
+  gone stale (``[http] run_ttl`` unused; ``[otlp] forget`` for OTel agents), or a run named by
+  the caller that is not the current one, begin a new run: the events written then open with a
+  ``start`` (carrying the interval the agent declared, remembered across runs), exactly what a
+  producer sends when a process starts. So the detectors treat an HTTP agent like any other.
+* **Seq and signature.** The writer numbers the events from the record it last saw, signs them
+  with the agent's key (``[security] agent_keys``: the key ``agentwatch agent-key`` prints,
+  derived from ``[security] secret``, so the detectors accept them like a signed producer's),
+  and one script appends them only if the record is still the one they were numbered from
+  (compare and set). Another server wrote in between: the script says so and returns the
+  record, and the writer numbers again. Seqs reach the stream in order however many servers
+  write for one agent, and a server that made the last write itself needs no read: one round
+  trip per call.
 * **Interval.** A call that declares a new interval for a running run is preceded by a
   ``pulse`` carrying it (PROTOCOL.md: pulses repeat the interval), so the silence allowance
   follows without starting a new run.
-* **Memory.** The hash expires after ``run_ttl`` unused (at least 4 x the agent's interval):
-  about 170 bytes per agent while it is active, nothing once it has gone quiet. An agent
-  that comes back after that simply starts a new run.
+* **Flood limit.** Per agent, ``rate`` calls per second, ``burst`` at once, on Redis time,
+  shared by every server; a refused call writes nothing and says when to come back.
 
-Events are validated with the protocol's own codec before anything is reserved, so a bad
-input costs neither a seq nor a flood token, and nothing written here can become a dead letter.
+Events from a ping are validated with the protocol's own codec before anything is written, so
+a bad input costs nothing and nothing written here can become a dead letter. Events the OTLP
+receiver builds (``trusted``) are made of values it has already bounded (agentwatch/otlp/
+values.py), and are not checked twice.
 
-**Several events, a run of the caller's.** The OTLP receiver writes all of one agent's events of
-an export in one call (:meth:`EventWriter.write_events`): they cost one flood token (the limit
-bounds exports, whose size the exporter bounds), and get consecutive seqs. It may name the run
-itself (``service.instance.id``): a call naming another run than the current one starts it.
+**Several agents, one call.** The OTLP receiver writes all of an export's agents of one stream
+in one call (:meth:`EventWriter.commit`), each agent's events costing one flood token, together
+with compare-and-set guards on its own per-process state (the stream's OTLP hash), so an export
+is one round trip.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
-
-from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from agentwatch import __version__, codec
 from agentwatch.errors import AgentwatchError
-from agentwatch.keys import Keys
+from agentwatch.ingest_records import (
+    SWEEP,
+    WRITE,
+    Batches,
+    Cache,
+    Call,
+    Record,
+    _Missing,
+    numbering,
+    pack_entries,
+    predicted,
+    run_calls,
+)
+from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.redisconn import Client
+from agentwatch.signing import Signer, agent_key
 from producers._config import DEFAULT_MAXLEN
 
 Kind = Literal["start", "beat", "pulse", "exit"]
 
 SOURCE_VERSION: Final = f"agentwatch-http/{__version__}"
 """The ``version`` fact of runs started here (``status`` shows it), unless the caller names one."""
-
-# KEYS[1] = the agent's ingest hash, KEYS[2] = its event stream (one slot: see Keys.ingest).
-# ARGV: 1 candidate run id, 2 force a new run (1), or a run named by the caller that starts when
-#       it is not the current one (2), or neither (0), 3 this call ends the run (0/1),
-#       4 declared interval in s (-1: none), 5 rate per ms, 6 burst, 7 ttl ms, 8 stream MAXLEN,
-#       then events, each as (entry count, msgpack map entries without header, run and seq):
-#       the start, the pulse, and the call's own events (one whose count is 0 for a start).
-# Appends run, seq (and interval, to the start and the pulse) to each event it writes: a start
-# and the event when a run begins (mode 1), a pulse and the event when the interval changes
-# (mode 2), else the event alone (mode 0). Returns {0, retry-after ms} when flooded, else
-# {1, run, seq of the last event, mode, events written}.
-_WRITE: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'run', 'seq', 'tk', 'tat', 'iv', 'end')
-local rate, burst = tonumber(ARGV[5]), tonumber(ARGV[6])
-local tk = tonumber(h[3]) or burst
-local tat = tonumber(h[4]) or now
-tk = math.min(burst, tk + math.max(0, now - tat) * rate)
-if tk < 1 then return {0, math.ceil((1 - tk) / rate)} end
-local run, seq, iv = h[1], tonumber(h[2]) or 0, tonumber(h[5]) or -1
-local want = tonumber(ARGV[4])
-local mode = 0
-if ARGV[2] == '1' or not run or h[6] == '1' or (ARGV[2] == '2' and run ~= ARGV[1]) then
-  run, seq, mode = ARGV[1], 0, 1
-elseif want >= 0 and want ~= iv then
-  mode = 2
-end
-if want >= 0 then iv = want end
-local function header(n)
-  if n < 16 then return string.char(0x80 + n) end
-  return string.char(0xde, math.floor(n / 256), n % 256)
-end
-local function add(at, declare)
-  local n, body = tonumber(ARGV[at]), ARGV[at + 1]
-  if n == 0 then return end
-  local tail = cmsgpack.pack('run') .. cmsgpack.pack(run) .. cmsgpack.pack('seq') .. cmsgpack.pack(seq)
-  n = n + 2
-  if declare and iv >= 0 then
-    tail = tail .. cmsgpack.pack('interval') .. cmsgpack.pack(iv)
-    n = n + 1
-  end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'd', header(n) .. body .. tail)
-  seq = seq + 1
-end
-local first = seq
-if mode == 1 then add(9, true) elseif mode == 2 then add(11, true) end
-for at = 13, #ARGV, 2 do add(at, ARGV[2] == '1' and at == 13) end
-redis.call('HSET', KEYS[1], 'run', run, 'seq', seq, 'tk', tk - 1, 'tat', now, 'iv', iv, 'end', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[7]), math.floor(4000 * iv)))
-return {1, run, seq - 1, mode, seq - first}
-"""
-
-
-def _entries(event: Mapping[str, Any]) -> tuple[int, bytes]:
-    """(entry count, the msgpack map's entries without its header) for the script to complete:
-    it adds ``run`` and ``seq`` (and the interval) and writes the header for the new count."""
-    if not event:
-        return 0, b""
-    packed = codec.encode(dict(event))
-    return len(event), packed[1 if len(event) < 16 else 3 :]  # fixmap, or map16
+ATTEMPTS: Final = 50
+"""Writes numbered from a record another server had just changed, before giving up (each
+failed attempt means another writer succeeded)."""
+CACHE_SIZE: Final = 100_000
+"""Agents whose record a server remembers (about 200 bytes each); others are read first."""
+SWEEP_COUNT: Final = 1000
 
 
 class Flooded(AgentwatchError):
@@ -127,9 +86,14 @@ class Flooded(AgentwatchError):
         super().__init__(f"{agent}: too many events; retry in {retry_after_s:.1f}s")
 
 
+class Contended(AgentwatchError):
+    """Other writers changed the agent's record before every attempt of this one; nothing was
+    written, and the caller should retry later (503)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What one :meth:`EventWriter.write` put on the agent's stream."""
+    """What one call put on the agent's stream."""
 
     run: str
     seq: int
@@ -145,12 +109,62 @@ class FloodLimit:
     burst: int
 
 
+@dataclass(slots=True)
+class Item:
+    """One agent's events in one write."""
+
+    agent: str
+    events: Sequence[tuple[Kind, Mapping[str, Any]]]
+    run: str | None = None
+    """A run named by the caller (``service.instance.id``): when it is not the current run, a new
+    run begins with it. None: the current run, or a new random one."""
+    interval_s: float | None = None
+    start_facts: Mapping[str, Any] | None = None
+    ttl_s: float | None = None
+    """How long the record outlives its last use (None: ``[http] run_ttl``)."""
+    counted: bool = False
+    """The agent counts toward ``[otlp] max_agents`` (an OTel agent)."""
+    trusted: bool = False
+    """Built from values already bounded (OTLP): not validated again."""
+
+
+@dataclass(slots=True)
+class Group:
+    """One script call: agents of one stream, and guards on that stream's OTLP hash (field,
+    value expected or None for absent, new value or None to delete), all or nothing."""
+
+    shard: int
+    items: list[Item] = field(default_factory=list)
+    guards: list[tuple[bytes, bytes | None, bytes | None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Result:
+    """What became of a :class:`Group`: the guards that failed (with the values in Redis now;
+    nothing was written), or one outcome per item."""
+
+    conflicts: dict[bytes, bytes | None] = field(default_factory=dict)
+    outcomes: list[Written | Flooded] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    item: Item
+    before: Record | None
+    expected: Record
+    args: list[Any]
+    written: Written
+
+
+_STALE: Final = object()
+
+
 class EventWriter:
     """Writes protocol events for agents that do not run a producer (see the module docstring).
 
-    Thread-safe as far as its Redis client is; one instance serves every request of a server.
-    Redis errors propagate (the caller answers 503, ``Retry-After``): nothing is buffered here,
-    because an HTTP client that is told "try later" keeps the event and the truth.
+    Thread-safe; one instance serves every request of a server. Redis errors propagate (the
+    caller answers 503, ``Retry-After``): nothing is buffered here, because an HTTP client that
+    is told "try later" keeps the event and the truth.
     """
 
     def __init__(
@@ -162,16 +176,26 @@ class EventWriter:
         run_ttl_s: float,
         maxlen: int = DEFAULT_MAXLEN,
         version: str = SOURCE_VERSION,
+        secret: str | None = None,
+        cache_size: int = CACHE_SIZE,
     ) -> None:
         self.client: Any = client
         self.keys = keys
         self.limit = limit
-        self.run_ttl_ms = int(run_ttl_s * 1000)
+        self.run_ttl_s = run_ttl_s
         self.maxlen = maxlen
         self.version = version
-        self._write = self.client.register_script(_WRITE)
-        self._batches = _Batches(self.client, self._write)
+        self.secret = secret
+        """``[security] secret`` when ``agent_keys`` is on: events are signed per agent."""
+        self.records: Cache[str, Record | None] = Cache(cache_size)
+        """Each agent's record as this server last saw it (its lock also guards the encoder)."""
+        self._signers: Cache[str, Signer] = Cache(cache_size)
+        self._encode = codec.encoder()
+        self._write = self.client.register_script(WRITE)
+        self._sweep = self.client.register_script(SWEEP)
+        self._batches = Batches(self.client, self._write)
 
+    # -- one agent, one call: the ping API ---------------------------------------------------
     def write(
         self,
         agent: str,
@@ -185,9 +209,10 @@ class EventWriter:
         run begins, or by a ``pulse`` when ``interval_s`` changes the declared interval.
 
         Raises :class:`agentwatch.errors.InvalidEntry` (a bad name or field; nothing written),
-        :class:`Flooded`, or a Redis error."""
-        keys, args = self._prepare(agent, [(kind, fields or {})], interval_s, start_facts, None)
-        return self._written(agent, self._write(keys=keys, args=args))
+        :class:`Flooded`, :class:`Contended`, or a Redis error."""
+        item = Item(agent, [(kind, fields or {})], interval_s=interval_s, start_facts=start_facts)
+        (result,) = self.commit([Group(shard_of(agent, self.keys.shards), [item])])
+        return _raised(result.outcomes[0])
 
     async def awrite(
         self,
@@ -199,128 +224,205 @@ class EventWriter:
         start_facts: Mapping[str, Any] | None = None,
     ) -> Written:
         """:meth:`write` from an event loop (an HTTP server): the writes of concurrent requests
-        share one pipeline and one thread hop per round trip (:class:`_Batches`)."""
-        keys, args = self._prepare(agent, [(kind, fields or {})], interval_s, start_facts, None)
-        return await self._submit(agent, keys, args)
+        share one pipeline and one thread hop per round trip (:class:`~agentwatch.ingest_records.Batches`)."""
+        item = Item(agent, [(kind, fields or {})], interval_s=interval_s, start_facts=start_facts)
+        shard = shard_of(agent, self.keys.shards)
+        for _ in range(ATTEMPTS):
+            prepared = self._prepare([item])
+            reply = await self._batches.submit(self._call(shard, prepared, []))
+            outcome = self._settle(prepared, reply)[0]
+            if outcome is not _STALE:
+                return _raised(outcome)  # type: ignore[arg-type]
+        raise Contended(f"{agent}: its record changed under every attempt; retry later")
 
-    async def awrite_events(
-        self,
-        agent: str,
-        events: Sequence[tuple[Kind, Mapping[str, Any]]],
-        *,
-        run: str | None = None,
-        interval_s: float | None = None,
-        start_facts: Mapping[str, Any] | None = None,
-    ) -> Written:
-        """Write several events of ``agent`` in one call, with consecutive seqs, for one flood
-        token (the OTLP receiver: one call per agent and export). ``run`` names the run (a
-        ``service.instance.id``); when it is not the agent's current run, a new run begins with
-        it. None: the current run, as :meth:`write` does. No event may be a ``start`` or an
-        ``exit`` (runs begin here, and OTLP cannot tell an exit)."""
-        if any(kind in ("start", "exit") for kind, _ in events):
-            raise ValueError("write_events writes beats and pulses; runs begin by themselves")
-        keys, args = self._prepare(agent, events, interval_s, start_facts, run)
-        return await self._submit(agent, keys, args)
-
-    async def _submit(self, agent: str, keys: list[str], args: list[Any]) -> Written:
-        if isinstance(self.client, RedisCluster):  # a cluster pipeline cannot reload scripts
-            return self._written(agent, await asyncio.to_thread(self._write, keys=keys, args=args))
-        return self._written(agent, await self._batches.submit(keys, args))
-
-    def _prepare(
-        self,
-        agent: str,
-        calls: Sequence[tuple[Kind, Mapping[str, Any]]],
-        interval_s: float | None,
-        start_facts: Mapping[str, Any] | None,
-        run: str | None,
-    ) -> tuple[list[str], list[Any]]:
-        """The script's keys and arguments; raises InvalidEntry before anything is reserved."""
-        codec.check_agent(agent)
-        now = time.time()
-        head: dict[str, Any] = {"v": codec.VERSION, "agent": agent, "ts": now}
-        facts = {"version": self.version, **(start_facts or {})}
-        start = {**head, "kind": "start", **facts}
-        own: list[dict[str, Any]] = [{**head, "kind": kind, **fields} for kind, fields in calls]
-        opens = len(own) == 1 and own[0]["kind"] == "start"
-        if opens:
-            start, own = {**start, **own[0]}, [{}]  # the run's own start, with the caller's fields
-        declared = {} if interval_s is None else {"interval": interval_s}
-        for event in (start, *own):  # nothing bad may cost a seq or a flood token: check first
-            if event:
-                codec.validate({**event, "run": run or "-", "seq": 0, **declared})
-        events: list[Any] = []
-        for event in (start, {**head, "kind": "pulse"}, *own):
-            events += _entries(event)
-        exits = any(event.get("kind") == "exit" for event in own)
-        args = [
-            run if run is not None else "h" + os.urandom(8).hex(),
-            1 if opens else (2 if run is not None else 0),
-            1 if exits else 0,
-            -1 if interval_s is None else interval_s,
-            self.limit.rate_per_s / 1000,
-            self.limit.burst,
-            self.run_ttl_ms,
-            self.maxlen,
-            *events,
-        ]
-        return [self.keys.ingest(agent), self.keys.events_for(agent)], args
-
-    @staticmethod
-    def _written(agent: str, reply: Any) -> Written:
-        if int(reply[0]) == 0:
-            raise Flooded(agent, int(reply[1]) / 1000)
-        run = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return Written(run=run, seq=int(reply[2]), started=int(reply[3]) == 1, events=int(reply[4]))
-
-
-class _Batches:
-    """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
-    that arrive wait for it and go together in the next one. One request alone still goes at
-    once; a busy server makes fewer, larger round trips (and fewer thread hops) instead of
-    queueing one round trip per request. Each write gets its own reply or its own error."""
-
-    def __init__(self, client: Any, script: Any, max_batch: int = 256) -> None:
-        self.client = client
-        self.script = script
-        self.max_batch = max_batch
-        self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, keys: list[str], args: list[Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((keys, args, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            try:
-                replies = await asyncio.to_thread(self._execute, [(k, a) for k, a, _ in batch])
-            except Exception as exc:  # each waiting request gets the error (Redis away, say)
-                replies = [exc] * len(batch)
-            for (_, _, future), reply in zip(batch, replies, strict=True):
-                if future.done():
-                    continue  # the request was cancelled (its client went away)
+    # -- several agents and guards per call: the OTLP receiver -------------------------------
+    def commit(self, groups: Sequence[Group], *, attempt: int = 1) -> list[Result]:
+        """Write ``groups`` in one round trip (from a worker thread), one :class:`Result` each.
+        Items numbered from a record another server had just changed are numbered again and
+        written in a further round trip; a group whose guards failed writes nothing. Raises
+        InvalidEntry (before anything is written), :class:`Contended` or a Redis error."""
+        prepared = [self._prepare(group.items) for group in groups]
+        calls = [self._call(group.shard, p, group.guards) for group, p in zip(groups, prepared, strict=True)]
+        replies = run_calls(self.client, self._write, calls)
+        results: list[Result] = []
+        for group, items, reply in zip(groups, prepared, replies, strict=True):
+            result = Result()
+            if isinstance(reply, BaseException) or int(reply[0]) == 0:
+                self._forget(items)
                 if isinstance(reply, BaseException):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+                    raise reply
+                flat = reply[1]
+                pairs = zip(flat[::2], flat[1::2], strict=True)
+                result.conflicts = {bytes(name): bytes(now) or None for name, now in pairs}
+                results.append(result)
+                continue
+            outcomes = self._settle(items, reply)
+            stale = [p.item for p, outcome in zip(items, outcomes, strict=True) if outcome is _STALE]
+            if stale:  # numbered again from the records the script returned
+                if attempt >= ATTEMPTS:
+                    raise Contended(f"{stale[0].agent}: its record changed under every attempt; retry later")
+                again = iter(self.commit([Group(group.shard, stale)], attempt=attempt + 1)[0].outcomes)
+                outcomes = [next(again) if outcome is _STALE else outcome for outcome in outcomes]
+            result.outcomes = outcomes  # type: ignore[assignment]
+            results.append(result)
+        return results
 
-    def _execute(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        replies = self._pipeline(batch)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:  # a restarted server lost the script: those writes did not run, so run them
-            self.script.sha = self.client.script_load(self.script.script)
-            for i, reply in zip(missing, self._pipeline([batch[i] for i in missing]), strict=True):
-                replies[i] = reply
-        return replies
+    # -- what this server knows, and reading what it does not -----------------------------------
+    def known(self, agent: str) -> Record | _Missing | None:
+        """The agent's record as this server last saw it, None if it had none, or
+        :data:`~agentwatch.ingest_records.MISSING` if this server has not seen it."""
+        with self.records.lock:
+            return self.records.get(agent)
 
-    def _pipeline(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def load(self, agents: Sequence[str], pipe: Any) -> None:
+        """Queue reads of ``agents``' records on ``pipe``; :meth:`loaded` takes the replies."""
+        for agent in agents:
+            pipe.hget(self.keys.ingest_for(agent), agent)
+
+    def loaded(self, agents: Sequence[str], replies: Sequence[Any]) -> None:
+        with self.records.lock:
+            for agent, raw in zip(agents, replies, strict=True):
+                self.records.put(agent, Record.parse(raw) if raw else None)
+
+    def counted(self) -> int:
+        """How many agents count toward ``[otlp] max_agents`` (summed over the streams)."""
         pipe = self.client.pipeline(transaction=False)
-        for keys, args in batch:
-            pipe.evalsha(self.script.sha, len(keys), *keys, *args)
-        replies: list[Any] = pipe.execute(raise_on_error=False)
-        return replies
+        for shard in range(max(self.keys.shards, 1)):
+            pipe.hget(self.keys.otlp(shard), OTLP_COUNT_FIELD)
+        return sum(int(value or 0) for value in pipe.execute())
+
+    def sweep(self, count: int = SWEEP_COUNT) -> int:
+        """Delete the records (and OTLP process states) whose expiry has passed, a slice at a
+        time; the number deleted. The HTTP server runs it periodically (memory only: a stale
+        record is treated as absent whether or not it has been swept)."""
+        deleted = 0
+        for shard in range(max(self.keys.shards, 1)):
+            cursors = ["0", "0"]
+            while cursors != ["-", "-"]:
+                keys = [self.keys.ingest(shard), self.keys.otlp(shard)]
+                reply = self._sweep(keys=keys, args=[*cursors, count])
+                cursors = [_text(reply[0]), _text(reply[1])]
+                deleted += int(reply[2])
+        return deleted
+
+    # -- numbering, encoding, signing ----------------------------------------------------------
+    def _prepare(self, items: Sequence[Item]) -> list[_Prepared]:
+        """Each item's script arguments, numbered from the record last seen (or, for an item
+        after another of the same agent, from what that one will leave). Raises InvalidEntry
+        before anything is remembered."""
+        now = time.time()
+        out: list[_Prepared] = []
+        with self.records.lock:
+            planned: dict[str, Record | None] = {}
+            for item in items:
+                codec.check_agent(item.agent)
+                known = planned[item.agent] if item.agent in planned else self.records.get(item.agent)
+                # an agent unknown here is numbered as new: the script says so if it is not
+                before = None if isinstance(known, _Missing) else known
+                prepared = self._number(item, before, now)
+                planned[item.agent] = prepared.expected
+                out.append(prepared)
+            for prepared in out:  # a later write of the same agent chains on these
+                self.records.put(prepared.item.agent, prepared.expected)
+        return out
+
+    def _number(self, item: Item, before: Record | None, now: float) -> _Prepared:
+        own = [(kind, dict(fields)) for kind, fields in item.events]
+        opens = len(own) == 1 and own[0][0] == "start"
+        fresh = before is None or before.ended or before.exp_s < now
+        new_run = opens or fresh or (item.run is not None and item.run != before.run)  # type: ignore[union-attr]
+        interval = item.interval_s if item.interval_s is not None else (before.interval_s if before else None)
+        head: dict[str, Any] = {"v": codec.VERSION, "agent": item.agent, "ts": now}
+        declared = {} if interval is None else {"interval": interval}
+        leading: list[tuple[Kind, dict[str, Any]]] = []
+        if new_run:
+            run = item.run if item.run is not None else "h" + os.urandom(8).hex()
+            seq = 0
+            facts = {"version": self.version, **(item.start_facts or {}), **declared}
+            if opens:
+                own = [("start", {**facts, **own[0][1]})]
+            else:
+                leading.append(("start", facts))
+        else:
+            assert before is not None
+            run, seq = before.run, before.seq
+            if item.interval_s is not None and item.interval_s != before.interval_s:
+                leading.append(("pulse", dict(declared)))
+        stream = self.keys.events(shard_of(item.agent, self.keys.shards))
+        signer = self._signer(item.agent, stream, now)
+        entries: list[Any] = []
+        for kind, fields in (*leading, *own):
+            event = {**head, "kind": kind, **fields, "run": run, "seq": seq}
+            if not item.trusted:
+                codec.validate(event)
+            data = self._encode(event)
+            entries += (data, signer.sign(data) if signer is not None else b"")
+            seq += 1
+        ended = any(kind == "exit" for kind, _ in own)
+        packed = numbering(run, seq, interval, ended)
+        ttl_s = max(item.ttl_s if item.ttl_s is not None else self.run_ttl_s, 4 * (interval or 0.0))
+        expected = predicted(before, packed, exp_s=int(now + ttl_s) + 1)
+        events = len(entries) // 2
+        args = [item.agent, before.numbering if before else b"", packed, 1 if item.counted else 0,
+                int(ttl_s * 1000), pack_entries(entries)]  # fmt: skip
+        return _Prepared(item, before, expected, args, Written(run, seq - 1, new_run, events))
+
+    def _signer(self, agent: str, stream: str, now: float) -> Signer | None:
+        if self.secret is None:
+            return None
+        with_stream = f"{stream}\x00{agent}"
+        signer = self._signers.get(with_stream)
+        if isinstance(signer, _Missing):
+            signer = Signer(agent_key(self.secret, agent), stream)
+            self._signers.put(with_stream, signer)
+        signer.stamp(now)
+        return signer
+
+    def _call(self, shard: int, prepared: Sequence[_Prepared], guards: Sequence[tuple[bytes, bytes | None,
+              bytes | None]]) -> Call:  # fmt: skip
+        args: list[Any] = [self.maxlen, 1000 / self.limit.rate_per_s, self.limit.burst, len(guards)]
+        for name, expected, new in guards:
+            args += (name, expected or b"", new or b"")
+        for p in prepared:
+            args += p.args
+        return Call([self.keys.ingest(shard), self.keys.events(shard), self.keys.otlp(shard)], args)
+
+    def _settle(self, prepared: Sequence[_Prepared], reply: Any) -> list[Written | Flooded | object]:
+        """Each item's outcome from the script's reply, the records remembered accordingly."""
+        if isinstance(reply, BaseException):
+            self._forget(prepared)
+            raise reply
+        outcomes: list[Written | Flooded | object] = []
+        with self.records.lock:
+            for index, p in enumerate(prepared):
+                status, payload = int(reply[1 + 2 * index]), reply[2 + 2 * index]
+                agent = p.item.agent
+                if status == 1:
+                    if self.records.get(agent) is p.expected:  # nothing prepared after it
+                        self.records.put(agent, Record.parse(payload))
+                    outcomes.append(p.written)
+                elif status == 2:
+                    self.records.put(agent, Record.parse(payload) if payload else None)
+                    outcomes.append(_STALE)
+                else:
+                    if self.records.get(agent) is p.expected:
+                        self.records.put(agent, p.before)
+                    outcomes.append(Flooded(agent, int(payload) / 1000))
+        return outcomes
+
+    def _forget(self, prepared: Sequence[_Prepared]) -> None:
+        """After a call whose outcome is unknown (an error) or that wrote nothing (a guard): the
+        records are read again before the next write of these agents."""
+        with self.records.lock:
+            for p in prepared:
+                self.records.drop(p.item.agent)
+
+
+def _raised(outcome: Written | Flooded) -> Written:
+    if isinstance(outcome, Flooded):
+        raise outcome
+    return outcome
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

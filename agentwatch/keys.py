@@ -32,6 +32,10 @@ HALT_EPOCH_FIELD: Final = "#epoch"
 """Field of the halts hash whose value every change replaces (producers poll it). ``#`` appears
 in no agent name nor in any pattern ``agentwatch halt`` accepts, so it collides with neither."""
 
+OTLP_COUNT_FIELD: Final = "#agents"
+"""Field of a stream's OTLP hash (:meth:`Keys.otlp`) counting the stream's agents known through
+OTLP; beside 12-byte process hashes, never one of them."""
+
 
 def shard_of(agent: str, shards: int) -> int:
     """The shard an agent's events and state belong to (documented in PROTOCOL.md)."""
@@ -260,27 +264,29 @@ class Keys:
         """String, TTL: the worker taking the current snapshot slice (one at a time per shard)."""
         return f"{self.tag(shard)}:snapping:lock"
 
-    # -- the OTLP receiver (agentwatch/otlp/receiver.py) ----------------------------------------------
-    def otlp_process(self, process: str) -> str:
-        """Hash of one exporting process (a hash of its resource): ``t`` what its spans left for
-        the next export, ``m`` its metrics' cadence and totals (agentwatch/otlp/state.py).
-        Expires after ``[otlp] forget`` without an export."""
-        return f"{self.prefix}:otlp:proc:{process}"
-
-    @property
-    def otlp_agents(self) -> str:
-        """Sorted set of the agents OTLP exports named -> last export (ms, Redis time): the count
-        ``[otlp] max_agents`` bounds; entries older than ``[otlp] forget`` are dropped."""
-        return f"{self.prefix}:otlp:agents"
-
     # -- events written on an agent's behalf (agentwatch/ingest.py: HTTP ping API, OTLP) ------------
-    def ingest(self, agent: str) -> str:
-        """Hash of one agent whose events a server writes: its current ``run``, next ``seq``,
-        declared interval ``iv``, flood bucket ``tk``/``tat``, ``end`` (the run has exited).
-        Expires when unused (``[http] run_ttl``). Its hash tag is the name of the agent's event
-        stream, so one script can number the events and append them in the same step (one
-        Cluster slot): seqs reach the stream in order, however many servers write."""
-        return f"{{{self.events_for(agent)}}}:ingest:{agent}"
+    # Both hashes of a stream carry the stream's name as their hash tag (as the halts do): one
+    # script numbers an agent's events, appends them and keeps what it must remember, in one
+    # Cluster slot. One hash per stream rather than one key per agent or process: a field costs
+    # a third of a key (no key object, no expiry entry); records carry their own expiry, and the
+    # HTTP server sweeps expired ones (agentwatch/ingest_records.py).
+    def ingest(self, shard: int = 0) -> str:
+        """Hash agent -> the run record of an agent whose events a server writes: its current
+        run, next ``seq``, declared interval, whether the run has exited, its flood state and
+        expiry (``[http] run_ttl`` unused; ``[otlp] forget`` for an OTel agent), and whether it
+        counts toward ``[otlp] max_agents``. Format in agentwatch/ingest_records.py."""
+        return f"{self.prefix}:ingest:{{{self.events(shard)}}}"
+
+    def ingest_for(self, agent: str) -> str:
+        return self.ingest(shard_of(agent, self.shards))
+
+    def otlp(self, shard: int = 0) -> str:
+        """Hash of the OTLP receiver (agentwatch/otlp/receiver.py): one field per exporting
+        process (a 12-byte hash of its resource) -> what its spans left for the next export and
+        its metrics' cadence and totals (agentwatch/otlp/state.py), expiring after ``[otlp]
+        forget`` without an export; and ``#agents``, how many of this stream's agents count
+        toward ``[otlp] max_agents``."""
+        return f"{self.prefix}:otlp:{{{self.events(shard)}}}"
 
     def series(self, shard: int) -> str:
         """Hash agent -> packed per-bucket beats, tokens, cost and RSS over ``[http] series_span``

@@ -2,9 +2,9 @@
 
 Baseline: an ASGI app that answers every request 200 with no work, served by the same uvicorn
 (same HTTP parser, same process pinned to the same core). Contender: ``agentwatch serve``'s app
-answering ``POST /ping/<key>/<agent>`` with a JSON body, each call a real Redis script that
-numbers the event and appends it to the stream (agentwatch/ingest.py). Load: ``wrk`` (Debian's
-package) on the other core, 1,000 agent names, keep-alive connections.
+answering ``POST /ping/<key>/<agent>`` with a JSON body, each call numbered by the server and
+appended by a real Redis script if the agent's run record is unchanged (agentwatch/ingest.py).
+Load: ``wrk`` (Debian's package) on the other core, 1,000 agent names, keep-alive connections.
 Target (issue 14): contender req/s / baseline req/s >= 0.5.
 
     python benchmarks/http_ping.py [--rounds 3] [--seconds 5] [--connections 16] [--redis-url URL]

@@ -9,19 +9,33 @@ by round, as CPU seconds of this process (the receiver's one core; Redis runs in
 
 * ``decode``: ``ExportTraceServiceRequest.FromString`` alone, the baseline (goal: ingest >= 0.5x);
 * ``decode + every attribute``: decoding, then visiting each attribute of each span once (key and
-  value kind): what any receiver that reads the spans without the byte search pays, for context;
-* ``decode + read``: decoding plus reading every process's LLM and tool calls (agentwatch/otlp/
-  spans.py: scopes and spans without a GenAI attribute name are not decoded), no Redis;
-* ``ingest``: the whole receiver, as ``POST /v1/traces`` runs it: decode, read, fold with the
-  process's state, admit, write 51 beats through the ingest writer, store the state.
+  value kind): what any receiver that reads the spans without skipping pays, for context;
+* ``decode + read``: reading every process's LLM and tool calls (agentwatch/otlp/spans.py: scopes
+  without a GenAI name are searched and counted, never decoded; GenAI scopes are decoded with
+  attributes as a map, only the names read become Python objects), no Redis;
+* ``ingest``: the whole receiver as ``POST /v1/traces`` runs it, awaited from a running event
+  loop: its export thread, decode, read, fold with the process's state, admit, number and encode
+  52 beats, one script call that writes them and the new state, the answer;
+* ``ingest, signed``: the same with ``[security] agent_keys`` (every event HMAC-signed).
+
+A second table times the receiver's steps in place (the calling thread, no event loop) beside
+the decode baseline: where an export's CPU goes. It shows why 0.5x is out of reach for a Python
+receiver that writes one event per LLM call: 0.5x leaves one decode's time for everything else,
+and the fixed costs alone take more (searching the non-GenAI scope for GenAI names, one pass per
+name at CPython's substring-search speed, about a decode; one Redis round trip through redis-py
+and the kernel, most of a decode; the hop to the export thread), before the Python work of 52 LLM
+calls (finding their names, reading usage, model and provider, folding, encoding: a few
+microseconds each, several decodes in all).
 
 **Memory.** ``--agents`` agents reach Redis one way or the other with the same usage (a start and
 10 LLM calls each): as a producer sends it (events XADDed directly), and as OTLP exports through
 the receiver. A detector worker applies everything; the event and alert streams are deleted (they
 are capped and trimmed, not per-agent state) and ``used_memory`` is compared with the empty
-server's, one private server per population. The OTel agent's extra keys are listed.
+server's, one private server per population. What the server keeps for OTel agents is listed:
+each agent's run record (the stream's ingest hash) and each process's state (the stream's OTLP
+hash), which a producer agent keeps in its own process instead.
 
-    python benchmarks/otlp_ingest.py [--rounds 5] [--exports 40] [--agents 2000]
+    python benchmarks/otlp_ingest.py [--quick] [--rounds 5] [--exports 40] [--agents 2000]
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +69,7 @@ SPANS = 512
 LLM_EVERY = 10
 BEATS = 10
 UNLIMITED = FloodLimit(rate_per_s=1e9, burst=1_000_000_000)
+SECRET = "a-benchmark-pipeline-secret-0123456789abcdef"
 
 
 def export_body(service: str = "bench-bot", instance: str = "bench-1") -> bytes:
@@ -90,51 +106,65 @@ def _first_span(name: str) -> Any:
     return request.resource_spans[0].scope_spans[0].spans[0]
 
 
-def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]], float]:
+def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]], float, dict[str, float]]:
     client = redis.Redis.from_url(url)
     settings = config.OtlpSection()
-    keys = config.Pipeline(settings=config.PipelineSettings(), source="bench").keys
-    writer = EventWriter(client, keys, limit=UNLIMITED, run_ttl_s=3600.0)
-    receiver = Receiver(client, keys, settings, writer)
+    receivers = {}
+    for name, secret in (("plain", None), ("signed", SECRET)):  # each its own prefix: its own agent
+        keys = config.Pipeline(settings=config.PipelineSettings(), source="bench").keys
+        keys = type(keys)(f"bench-{name}", keys.shards)
+        writer = EventWriter(client, keys, limit=UNLIMITED, run_ttl_s=3600.0, secret=secret)
+        receivers[name] = Receiver(client, keys, settings, writer)
     body = export_body()
     loop = asyncio.new_event_loop()
 
-    def decode() -> None:
-        ExportTraceServiceRequest.FromString(body)
+    def decode(n: int) -> None:
+        for _ in range(n):
+            ExportTraceServiceRequest.FromString(body)
 
-    def every_attribute() -> None:
-        request = ExportTraceServiceRequest.FromString(body)
-        for resource_spans in request.resource_spans:
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    for kv in span.attributes:
-                        kv.value.WhichOneof("value")
+    def every_attribute(n: int) -> None:
+        for _ in range(n):
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        for kv in span.attributes:
+                            kv.value.WhichOneof("value")
 
-    def read() -> None:
-        read_traces(body, settings)
+    def read(n: int) -> None:
+        for _ in range(n):
+            read_traces(body, settings)
 
-    def ingest() -> None:
-        outcome = loop.run_until_complete(receiver.export("traces", body, "application/x-protobuf", None))
-        assert outcome.tally["events"] == SPANS // LLM_EVERY + 1, outcome
+    def ingest(receiver: Receiver) -> Callable[[int], None]:
+        async def exports_in_turn(n: int) -> None:  # as the server's event loop awaits them
+            for _ in range(n):
+                outcome = await receiver.export("traces", body, "application/x-protobuf", None)
+                assert outcome.tally["beats"] == SPANS // LLM_EVERY + 1 and not outcome.rejected, outcome
 
-    ingest()  # warm-up: scripts loaded, the run started
+        return lambda n: loop.run_until_complete(exports_in_turn(n))
+
     cases = {
         "decode": decode,
         "decode + every attribute": every_attribute,
         "decode + read": read,
-        "ingest": ingest,
+        "ingest": ingest(receivers["plain"]),
+        "ingest, signed ([security] agent_keys)": ingest(receivers["signed"]),
     }
+    for run in cases.values():
+        run(1)  # warm-up: scripts loaded, the runs started, the states remembered
     samples: dict[str, list[float]] = {name: [] for name in cases}
     ratios = []
     for _ in range(rounds):
         for name, run in cases.items():
             started = time.process_time()
-            for _ in range(exports):
-                run()
+            run(exports)
             samples[name].append(SPANS * exports / (time.process_time() - started))
         ratios.append(samples["ingest"][-1] / samples["decode"][-1])
+    where = stages(receivers["plain"], body, rounds, exports)
     loop.close()
-    client.delete(keys.events())
+    for receiver in receivers.values():
+        receiver.close()
+        client.delete(receiver.keys.events(), receiver.keys.ingest(), receiver.keys.otlp())
     client.close()
     rows = [
         {
@@ -146,7 +176,81 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
         }
         for name, values in samples.items()
     ]
-    return rows, median(ratios)
+    return rows, median(ratios), where
+
+
+STAGES = {
+    "decode the request and read the LLM and tool calls": ("receiver", "_read"),
+    "look up what this server does not hold (none when warm)": ("receiver", "_prefetch"),
+    "number, encode (and sign) the events": ("writer", "_prepare"),
+    "the one Redis round trip (redis-py, syscalls)": ("ingest", "run_calls"),
+    "settle the script's reply": ("writer", "_settle"),
+}
+READ_STAGES = {
+    "  of which: search the scopes for GenAI names": ("spans", "_holds"),
+    "  of which: decode the GenAI scopes, count the others' spans (with the search)": ("spans", "_decoded"),
+    "  of which: find the wanted names of the GenAI scopes' spans": ("spans", "_found"),
+    "  of which: read the calls (usage, model, provider) and their agents": ("spans", "_steps"),
+}
+"""Steps inside the read, timed the same way (nested: each is part of the read's time)."""
+
+
+def stages(receiver: Receiver, body: bytes, rounds: int, exports: int) -> dict[str, float]:
+    """Where one export's CPU goes (median us over the rounds), the decode baseline beside it:
+    the receiver's steps timed in place (process CPU time, each wrapper's own cost included: a
+    few percent), in the calling thread."""
+    import agentwatch.ingest as ingest_module  # noqa: PLC0415 - its run_calls is timed in place
+    import agentwatch.otlp.spans as spans_module  # noqa: PLC0415 - so are steps of the read
+
+    spent: dict[str, float] = {}
+    owners = {"receiver": receiver, "writer": receiver.writer, "ingest": ingest_module, "spans": spans_module}
+    every = {**STAGES, **READ_STAGES}
+    originals = {name: getattr(owners[owner], attr) for name, (owner, attr) in every.items()}
+
+    def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - started
+
+        return run
+
+    per_round: dict[str, list[float]] = {}
+    try:
+        for name, (owner, attr) in every.items():
+            setattr(owners[owner], attr, timed(name, originals[name]))
+        for _ in range(rounds):
+            spent.clear()
+            started = time.process_time()
+            for _ in range(exports):
+                ExportTraceServiceRequest.FromString(body)
+            baseline = time.process_time() - started
+            started = time.process_time()
+            for _ in range(exports):
+                receiver.ingest("traces", body, "application/x-protobuf", None)
+            total = time.process_time() - started
+            steps = {name: spent.get(name, 0.0) for name in STAGES}
+            rest = total - sum(steps.values())
+            (read, *others) = steps.items()
+            measured = {
+                "decode alone (the baseline)": baseline,
+                read[0]: read[1],
+                **{name: spent.get(name, 0.0) for name in READ_STAGES},
+                **dict(others),
+                "fold, admit, plan the calls, the answer (the rest)": rest,
+                "= an export in the calling thread (no event loop hop)": total,
+            }
+            for name, value in measured.items():
+                per_round.setdefault(name, []).append(value / exports * 1e6)
+    finally:
+        for name, (owner, attr) in every.items():
+            if owner in ("ingest", "spans"):
+                setattr(owners[owner], attr, originals[name])
+            else:
+                delattr(owners[owner], attr)  # the instance attribute: the method shows again
+    return {name: median(values) for name, values in per_round.items()}
 
 
 def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -167,11 +271,8 @@ def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
                 _as_producers(client, keys.events(), agents)
             else:
                 _as_otlp(client, pipeline, agents)
-                for name, pattern in (("otlp:proc", "*:otlp:proc:*"), ("ingest", "{*}:ingest:*")):
-                    found = list(client.scan_iter(match=pattern, count=10_000))
-                    total = sum(int(client.memory_usage(key, samples=0) or 0) for key in found)
-                    breakdown[name] = total / agents
-                breakdown["otlp:agents"] = int(client.memory_usage(keys.otlp_agents, samples=0) or 0) / agents
+                for name, key in (("ingest", keys.ingest()), ("otlp", keys.otlp())):
+                    breakdown[name] = int(client.memory_usage(key, samples=0) or 0) / agents
             worker = detector_worker(pipeline, connect(settings, server.url))
             events = client.xlen(keys.events())
             while worker.stats.processed < events:
@@ -225,20 +326,26 @@ def _as_otlp(client: redis.Redis, pipeline: config.Pipeline, agents: int) -> Non
             await receiver.export("traces", request.SerializeToString(), "application/x-protobuf", None)
 
     asyncio.run(send())
+    receiver.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--exports", type=int, default=40, help="exports per case and round")
-    parser.add_argument("--agents", type=int, default=2000, help="agents per population (memory)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 20 exports, 500 agents")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5")
+    parser.add_argument("--exports", type=int, default=None, help="exports per case and round (40)")
+    parser.add_argument("--agents", type=int, default=None, help="agents per population, memory (2000)")
     args = parser.parse_args()
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.exports = args.exports or (20 if args.quick else 40)
+    args.agents = args.agents or (500 if args.quick else 2000)
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
     try:
-        rows, ratio = throughput(server.url, args.rounds, args.exports)
+        rows, ratio, where = throughput(server.url, args.rounds, args.exports)
     finally:
         server.cleanup()
     memory_rows, per_agent = memory(args.agents)
+    stage_rows = [{"where an export's CPU goes": name, "us (median)": value} for name, value in where.items()]
     figures = [
         figure(
             "OTLP ingest spans/s vs opentelemetry-proto decoding alone",
@@ -259,7 +366,7 @@ def main() -> None:
     ]
     report(
         "otlp_ingest",
-        [*rows, *memory_rows],
+        [*rows, *stage_rows, *memory_rows],
         extra={
             "spans": SPANS,
             "llm_share": 1 / LLM_EVERY,
@@ -267,6 +374,7 @@ def main() -> None:
             "rounds": args.rounds,
             "agents": args.agents,
             "bytes_per_agent": per_agent,
+            "stages_us": where,
         },
         figures=figures,
     )

@@ -115,7 +115,6 @@ def shared_prefix(redis_url: str) -> Iterator[str]:
     client = redis.Redis.from_url(redis_url)
     try:
         batch = list(client.scan_iter(match=f"{name}:*", count=1000))
-        batch += list(client.scan_iter(match=f"{{{name}:*", count=1000))  # ingest hashes
         for start in range(0, len(batch), 500):
             client.unlink(*batch[start : start + 500])
     finally:

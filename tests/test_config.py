@@ -338,10 +338,12 @@ def test_security_settings_that_cannot_work_are_refused(
     assert "s3cr3t" not in found
 
 
-def test_agent_keys_with_a_ping_api_that_cannot_sign_is_refused(tmp_path: Path) -> None:
-    text = f'[security]\nsecret = "{"s" * 40}"\nagent_keys = true\n[http]\nping_key = "{"p" * 20}"\n'
-    (found,) = problems(tmp_path, text)
-    assert found.startswith("[security] agent_keys: the HTTP ping API ([http] ping_key) does not sign")
+def test_agent_keys_work_with_the_ping_api_and_otlp_ingest(tmp_path: Path) -> None:
+    """Both front doors sign what they write (tests/test_security_front_doors.py): no refusal."""
+    text = (f'[security]\nsecret = "{"s" * 40}"\nagent_keys = true\n'
+            f'[http]\nping_key = "{"p" * 20}"\ningest_token = "{"i" * 20}"\n')  # fmt: skip
+    settings = config.load(write(tmp_path, text)).settings
+    assert settings.security.agent_keys and settings.http.ping_key and settings.http.ingest_token
 
 
 def test_the_agent_key_command_prints_the_derived_key_alone(tmp_path: Path) -> None:

@@ -66,6 +66,27 @@ def test_ping_paths(rest: str, expected: tuple[str, str]) -> None:
     assert parse_command(rest) == expected
 
 
+@pytest.mark.parametrize(
+    ("rest", "kind", "expected"),
+    [("backup/start", "beat", ("backup/start", "beat")), ("shards/3", "start", ("shards/3", "start")),
+     ("a/fail", "fail", ("a/fail", "fail")), ("a", "137", ("a", "137"))],
+)  # fmt: skip
+def test_the_kind_query_makes_the_whole_path_the_agent(
+    rest: str, kind: str, expected: tuple[str, str]
+) -> None:
+    assert parse_command(rest, kind) == expected
+
+
+@pytest.mark.parametrize("kind", ["exit", "", "²", "-1", "START"])
+def test_an_unknown_kind_is_refused_by_name(kind: str) -> None:
+    with pytest.raises(BadPing, match="kind must be one of beat, start, fail or an exit code"):
+        parse_command("job", kind)
+
+
+def test_a_last_segment_of_non_ascii_digits_is_part_of_the_name() -> None:
+    assert parse_command("a/²") == ("a/²", "beat")  # int("²") fails: never read as an exit code
+
+
 def test_ping_bodies_and_commands() -> None:
     assert parse_fields(b"", ("tokens",)) == {}
     assert parse_fields(b'{"tokens": 5, "model": null}', ("tokens", "model")) == {"tokens": 5}

@@ -16,7 +16,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import wait_for
-from http_kit import Deployment, deployment, shared_prefix
+from http_kit import PING_KEY, Deployment, deployment, shared_prefix
 
 # Real server processes: starting them takes seconds on a loaded machine (bounded, not hoped).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -85,6 +85,20 @@ def test_fail_and_exit_codes_alert_and_the_next_run_resolves(dep: Deployment) ->
 
 
 @needs_curl
+def test_names_that_end_like_a_command_are_pinged_with_the_kind_query(dep: Deployment) -> None:
+    assert curl(dep.ping_url("etl/start?kind=start&interval=600"))[0] == 200  # the agent "etl/start"
+    assert curl("-d", '{"tokens": 7}', dep.ping_url("etl/start?kind=beat"))[0] == 200
+    assert curl(dep.ping_url("shards/3?kind=3"))[0] == 200  # the agent "shards/3" exited with 3
+    agent = wait_for(lambda: dep.status("etl/start"), timeout=10, what="the agent etl/start")
+    assert agent["interval_s"] == 600 and not dep.status("etl")
+    wait_for(lambda: (s := dep.status("etl/start")) and s["tokens_total"] == 7, timeout=10, what="tokens")
+    (alert,) = wait_for(lambda: dep.fired("shards/3", "exit"), timeout=10, what="an exit alert")
+    assert alert.details["code"] == 3
+    code, body = curl(dep.ping_url("etl?kind=finish"))
+    assert code == 400 and "kind must be one of beat, start, fail or an exit code (0-255)" in body
+
+
+@needs_curl
 def test_bad_pings_get_precise_answers_and_are_counted(dep: Deployment) -> None:
     before = pings(dep)
     assert curl(f"{dep.base}/ping/not-the-key/job") == (404, "not found")
@@ -105,6 +119,7 @@ def test_bad_pings_get_precise_answers_and_are_counted(dep: Deployment) -> None:
     assert counted == {
         "ok": 0,
         "bad_key": 1,
+        "not_accepted": 0,
         "bad_request": 5,
         "too_large": 1,
         "flooded": 0,
@@ -166,3 +181,31 @@ def test_redis_down_is_503_with_retry_after_and_the_server_recovers(
         client = redis.Redis.from_url(server.url)
         assert client.xlen(dep.keys.events()) == 2  # start + beat, once Redis was back
         client.close()
+
+
+def test_the_server_sweeps_the_records_of_agents_gone_quiet(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    """In-process, so the sweep's interval follows a short run_ttl: the record of an agent that
+    stopped pinging is deleted by the server itself (memory), the active one's is kept."""
+    from starlette.testclient import TestClient  # noqa: PLC0415
+
+    from agentwatch.config import HttpSection, Pipeline  # noqa: PLC0415
+    from agentwatch.http.app import create_app  # noqa: PLC0415
+
+    from helpers import settings_for  # noqa: PLC0415
+
+    settings = settings_for(prefix, redis_url)
+    http = HttpSection(ping_key=PING_KEY, run_ttl="1s", ping_rate="1000/s", ping_burst=10_000)
+    pipeline = Pipeline(settings=settings.model_copy(update={"http": http}), source="test")
+    keys = pipeline.keys
+    with TestClient(create_app(pipeline, redis_url)) as client:
+        assert client.get(f"/ping/{PING_KEY}/gone-quiet").status_code == 200
+        assert r.hexists(keys.ingest(), "gone-quiet")
+
+        def swept() -> bool:
+            assert client.get(f"/ping/{PING_KEY}/still-here").status_code == 200
+            return not r.hexists(keys.ingest(), "gone-quiet")
+
+        wait_for(swept, timeout=20, what="the quiet agent's record swept by the server")
+        assert r.hexists(keys.ingest(), "still-here")

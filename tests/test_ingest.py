@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
 import redis
 from agents_detect.kit import fired, pipeline_for, resolved, transitions, worker_for
 
-from agentwatch import codec
+from agentwatch import codec, signing
 from agentwatch.errors import InvalidEntry
 from agentwatch.fleet import fleet_status
 from agentwatch.ingest import EventWriter, Flooded, FloodLimit
+from agentwatch.ingest_records import Record
 from agentwatch.keys import Keys
 
 from helpers import running, wait_for
@@ -121,11 +123,40 @@ def test_servers_behind_a_load_balancer_share_one_sequence(
         c.close()
 
 
-def test_its_state_expires_when_the_agent_goes_quiet(r: redis.Redis, keys: Keys) -> None:
-    writer(r, keys, run_ttl_s=60.0).write("cron", "beat")
-    assert 55_000 < r.pttl(keys.ingest("cron")) <= 60_000
-    writer(r, keys, run_ttl_s=60.0).write("weekly", "start", interval_s=7 * 86400.0)
-    assert r.pttl(keys.ingest("weekly")) > 4 * 7 * 86400 * 1000 - 5000  # outlives its interval
+def record(r: redis.Redis, keys: Keys, agent: str) -> Record | None:
+    raw = r.hget(keys.ingest_for(agent), agent)
+    return Record.parse(raw) if raw else None
+
+
+def test_its_record_expires_when_the_agent_goes_quiet_and_is_swept(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys, run_ttl_s=1.0)
+    first = w.write("cron", "beat")
+    found = record(r, keys, "cron")
+    assert found is not None and time.time() < found.exp_s <= time.time() + 2
+    w.write("weekly", "start", interval_s=7 * 86400.0)
+    weekly = record(r, keys, "weekly")
+    assert weekly is not None and weekly.exp_s > time.time() + 4 * 7 * 86400 - 5  # outlives its interval
+    wait_for(
+        lambda: (w.sweep(), record(r, keys, "cron") is None)[1], timeout=10, what="the quiet agent swept"
+    )
+    assert record(r, keys, "weekly") is not None
+    again = w.write("cron", "beat")  # the next call after the expiry starts a new run
+    assert again.started and again.run != first.run
+    assert shape(events(r, keys))[-2:] == [("start", again.run, 0), ("beat", again.run, 1)]
+
+
+def test_a_stale_record_starts_a_new_run_even_before_it_is_swept(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys, run_ttl_s=1.0)
+    first = w.write("cron", "beat")
+    wait_for(lambda: time.time() > first_exp(r, keys), timeout=10, what="the record to go stale")
+    second = w.write("cron", "beat")
+    assert second.started and second.run != first.run
+    assert r.hlen(keys.ingest()) == 1  # the same record, renewed
+
+
+def first_exp(r: redis.Redis, keys: Keys) -> float:
+    found = record(r, keys, "cron")
+    return found.exp_s if found else 0.0
 
 
 def test_the_detectors_treat_written_events_like_a_producers(
@@ -183,3 +214,38 @@ def test_bad_input_and_floods_reach_only_their_own_request(r: redis.Redis, keys:
 
     outcomes = asyncio.run(mixed())
     assert [type(o).__name__ for o in outcomes] == ["Written", "Written", "Flooded", "Written"]
+
+
+SECRET = "a-pipeline-secret-for-the-tests-" + "0123456789"
+
+
+def test_with_agent_keys_every_event_is_signed_with_its_agents_key(r: redis.Redis, keys: Keys) -> None:
+    w = writer(r, keys, secret=SECRET)
+    w.write("signed-bot", "start", interval_s=30.0)
+    w.write("signed-bot", "beat", {"tokens": 3}, interval_s=60.0)  # a pulse declares the new interval
+    entries = [fields for _, fields in r.xrange(keys.events_for("signed-bot"))]
+    assert [codec.decode(f[b"d"])["kind"] for f in entries] == ["start", "pulse", "beat"]
+    key = signing.agent_key(SECRET, "signed-bot")
+    for fields in entries:
+        signed_s = signing.check(key, keys.events_for("signed-bot"), fields[b"d"], fields[b"s"])
+        assert abs(signed_s - time.time()) < 60
+    with pytest.raises(signing.BadSignature):  # another agent's key does not verify them
+        signing.check(
+            signing.agent_key(SECRET, "other"), keys.events_for("x"), entries[0][b"d"], entries[0][b"s"]
+        )
+
+
+def test_a_server_that_missed_the_last_writes_numbers_again_from_the_record(
+    r: redis.Redis, keys: Keys
+) -> None:
+    one, two = writer(r, keys), writer(r, keys)  # two servers behind a load balancer, each its own memory
+    one.write("lb", "beat")
+    two.write("lb", "beat")  # two has never seen lb: numbered as new, told otherwise, numbered again
+    one.write("lb", "beat")  # one's memory is two writes behind
+    two.write("lb", "exit", {"reason": "exit", "code": 0})
+    after = one.write("lb", "beat")  # the run exited on the other server: this one starts the next
+    evs = events(r, keys, "lb")
+    run = evs[0]["run"]
+    assert shape(evs) == [("start", run, 0), ("beat", run, 1), ("beat", run, 2), ("beat", run, 3),
+                          ("exit", run, 4), ("start", after.run, 0), ("beat", after.run, 1)]  # fmt: skip
+    assert after.started and after.run != run

@@ -15,7 +15,7 @@ from agentwatch.config import OtlpSection
 from agentwatch.otlp.decode import decode_metrics
 from agentwatch.otlp.fold import Draft, fold_metrics, fold_spans, start_facts
 from agentwatch.otlp.metrics import read_metrics
-from agentwatch.otlp.state import MetricState, TraceState
+from agentwatch.otlp.state import ProcessState
 
 from otlp_build import DELTA, llm_call, read_request, recorded, span, token_histogram, tool_call, traces
 
@@ -28,22 +28,21 @@ class Process:
 
     def __init__(self, settings: OtlpSection | None = None) -> None:
         self.settings = settings or OtlpSection()
-        self.trace = b""
-        self.metric = b""
+        self.state: bytes | None = None
         self.tally: Counter[str] = Counter()
 
     def spans(self, *spans, resource=SERVICE) -> list[Draft]:
         (batch,) = read_request(traces((resource, list(spans))), self.settings).batches
-        trace, metric = TraceState.unpack(self.trace), MetricState.unpack(self.metric)
-        out = fold_spans(batch, trace, metric, self.settings, self.tally)
-        self.trace = trace.pack()
+        state = ProcessState.unpack(self.state)
+        out = fold_spans(batch, state.trace, state.metric, self.settings, self.tally)
+        self.state = state.pack(2**32 - 1)
         return _valid(out)
 
     def metrics(self, request, at_ms: int) -> list[Draft] | None:
         (batch,) = read_metrics(request, self.settings).batches
-        trace, metric = TraceState.unpack(self.trace), MetricState.unpack(self.metric)
-        out = fold_metrics(batch, trace, metric, self.settings, now_ms=at_ms, tally=self.tally)
-        self.metric = metric.pack()
+        state = ProcessState.unpack(self.state)
+        out = fold_metrics(batch, state.trace, state.metric, self.settings, now_ms=at_ms, tally=self.tally)
+        self.state = state.pack(2**32 - 1)
         return None if out is None else _valid(out)
 
 
@@ -269,3 +268,20 @@ def test_recorded_usage_metrics_give_the_usage_of_their_calls(payload, usage):
     assert len(beats) == 1
     fields = {key: value for key, value in beats[0].fields.items() if key not in ("model", "provider")}
     assert fields == pytest.approx(usage)
+
+
+def test_metric_deltas_each_under_the_cap_but_summed_over_it_are_dropped() -> None:
+    process = Process(OtlpSection(max_tokens=1000, usage_from="metrics"))
+    start = T0_MS * 1_000_000 - 10
+    resource = {**SERVICE, "gen_ai.agent.name": "bot"}  # names its agent: counted from the first export
+    request = token_histogram(resource, [("input", 600, start)], extra={"gen_ai.operation.name": "chat"})
+    other = token_histogram(resource, [("input", 600, start)], extra={"gen_ai.operation.name": "embeddings"})
+    request.resource_metrics[0].scope_metrics[0].metrics.extend(
+        other.resource_metrics[0].scope_metrics[0].metrics
+    )
+    drafts = process.metrics(request, T0_MS) or []  # two series, one model: 1,200 input tokens in all
+    assert [d.fields for d in drafts if d.kind == "beat"] == []
+    assert process.tally["counts_dropped"] == 1
+    within = token_histogram(resource, [("input", 900, start)], extra={"gen_ai.operation.name": "chat"})
+    (beat,) = [d for d in process.metrics(within, T0_MS + 60_000) or [] if d.kind == "beat"]
+    assert beat.fields["tokens_in"] == 300  # the series' totals were kept: only that usage was dropped

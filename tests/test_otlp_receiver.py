@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,9 +17,11 @@ from agentwatch import codec
 from agentwatch.alerts import decode_alert
 from agentwatch.config import OtlpSection
 from agentwatch.ingest import EventWriter, FloodLimit
-from agentwatch.keys import Keys
+from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.otlp.receiver import Outcome, Receiver
+from agentwatch.otlp.state import EXPIRY, ProcessState
 
+from helpers import wait_for
 from otlp_build import llm_call, span, token_histogram, tool_call, traces
 
 PB = "application/x-protobuf"
@@ -26,18 +29,21 @@ SERVICE = {"service.name": "bot", "service.instance.id": "i-1", "host.name": "h1
 ROOMY = FloodLimit(rate_per_s=1000.0, burst=1000)
 
 
-@pytest.fixture
-def clean(r: redis.Redis, prefix: str) -> Iterator[None]:
-    """The ingest hashes live under ``{<prefix>:events}``: the prefix fixture does not see them."""
+_made: list[Receiver] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_receivers() -> Iterator[None]:
     yield
-    leftover = list(r.scan_iter(match=f"{{{prefix}:*", count=1000))
-    if leftover:
-        r.unlink(*leftover)
+    while _made:
+        _made.pop().close()
 
 
 def receiver(r: redis.Redis, keys: Keys, limit: FloodLimit = ROOMY, **settings: Any) -> Receiver:
     writer = EventWriter(r, keys, limit=limit, run_ttl_s=3600.0)
-    return Receiver(r, keys, OtlpSection(**settings), writer)
+    made = Receiver(r, keys, OtlpSection(**settings), writer)
+    _made.append(made)
+    return made
 
 
 def export(rec: Receiver, request: Any, signal: str = "traces") -> Outcome:
@@ -47,9 +53,6 @@ def export(rec: Receiver, request: Any, signal: str = "traces") -> Outcome:
 def events(r: redis.Redis, keys: Keys, agent: str | None = None) -> list[dict[str, Any]]:
     decoded = [codec.decode(fields[b"d"]) for _, fields in r.xrange(keys.events())]
     return [event for event in decoded if agent is None or event["agent"] == agent]
-
-
-pytestmark = pytest.mark.usefixtures("clean")
 
 
 def test_an_export_becomes_a_run_of_protocol_events(r: redis.Redis, keys: Keys) -> None:
@@ -113,7 +116,7 @@ def test_ten_thousand_service_names_from_one_exporter_are_bounded_with_an_alert(
         groups = [({"service.name": f"svc-{batch}-{n}"}, [llm_call()]) for n in range(1000)]
         rejected += export(rec, traces(*groups)).rejected
     assert rejected == 10_000 - 100
-    assert r.zcard(keys.otlp_agents) == 100
+    assert int(r.hget(keys.otlp(), OTLP_COUNT_FIELD) or 0) == 100
     assert len({e["agent"] for e in events(r, keys)}) == 100
     alerts = [decode_alert(fields[b"d"]) for _, fields in r.xrange(keys.alerts)]
     assert [(a.agent, a.detector, a.status) for a in alerts] == [("agentwatch", "otlp", "firing")]
@@ -123,12 +126,15 @@ def test_ten_thousand_service_names_from_one_exporter_are_bounded_with_an_alert(
 
 
 def test_the_cap_incident_resolves_once_forgotten_agents_make_room(r: redis.Redis, keys: Keys) -> None:
-    rec = receiver(r, keys, max_agents=2)
+    rec = receiver(r, keys, max_agents=2, forget="1s", interval="0.1s")  # a record outlives 4 intervals
     export(rec, traces(*[({"service.name": f"a{n}"}, [llm_call()]) for n in range(3)]))
-    r.delete(keys.otlp_agents)  # as if [otlp] forget had passed for all of them
-    export(rec, traces(({"service.name": "a0"}, [llm_call()])))
+    assert export(rec, traces(({"service.name": "a2"}, [llm_call()]))).rejected == 1  # still no room
+    # [otlp] forget passes for the two known agents; the HTTP server's sweep forgets them
+    wait_for(lambda: (rec.writer.sweep(), rec.writer.counted() == 0)[1], timeout=10, what="agents forgotten")
+    assert export(rec, traces(({"service.name": "a2"}, [llm_call()]))).rejected == 0
     alerts = [decode_alert(fields[b"d"]) for _, fields in r.xrange(keys.alerts)]
     assert [a.status for a in alerts] == ["firing", "resolved"]
+    assert rec.writer.counted() == 1
 
 
 def test_one_export_may_name_only_so_many_agents(r: redis.Redis, keys: Keys) -> None:
@@ -175,8 +181,18 @@ def test_processes_that_are_not_agents_leave_nothing_behind(r: redis.Redis, keys
 
 def test_the_process_state_expires_after_forget(r: redis.Redis, keys: Keys) -> None:
     export(receiver(r, keys, forget="1h"), traces((SERVICE, [tool_call()])))
-    (key,) = r.scan_iter(match=f"{keys.prefix}:otlp:proc:*")
-    assert 3500 < r.ttl(key) <= 3600
+    (value,) = [v for field, v in r.hgetall(keys.otlp()).items() if field != OTLP_COUNT_FIELD.encode()]
+    (expires,) = EXPIRY.unpack_from(value)
+    assert time.time() + 3500 < expires <= time.time() + 3602
+    assert ProcessState.unpack(value).trace.pending  # the tool call waits for the next LLM call
+
+
+def test_expired_process_states_and_agents_are_swept(r: redis.Redis, keys: Keys) -> None:
+    rec = receiver(r, keys, forget="1s", interval="0.1s")
+    export(rec, traces((SERVICE, [llm_call(), tool_call()])))
+    assert len(r.hgetall(keys.otlp())) == 2 and r.hlen(keys.ingest()) == 1  # a process, #agents; the agent
+    wait_for(lambda: (rec.writer.sweep(), r.hlen(keys.ingest()) == 0)[1], timeout=10, what="the sweep")
+    assert r.hgetall(keys.otlp()) == {OTLP_COUNT_FIELD.encode(): b"0"}
 
 
 def test_a_gzipped_body_is_decoded(r: redis.Redis, keys: Keys) -> None:
@@ -219,3 +235,47 @@ def test_with_otlp_disabled_there_are_no_routes(redis_url: str, prefix: str) -> 
     settings = settings.model_copy(update={"otlp": OtlpSection(enabled=False)})
     with TestClient(create_app(Pipeline(settings=settings, source="test"), redis_url)) as http:
         assert http.post("/v1/traces", content=b"").status_code == 404
+
+
+def test_exports_spread_over_servers_fold_from_the_state_the_other_left(r: redis.Redis, keys: Keys) -> None:
+    """Two servers behind a load balancer, each remembering what it stored last: a server whose
+    memory is behind folds again from the state in Redis, so nothing is counted twice."""
+    one, two = receiver(r, keys), receiver(r, keys)
+    start = (int(r.time()[0]) - 5) * 1_000_000_000
+    for rec, total in ((one, 100), (two, 150), (one, 250), (two, 260)):  # one's memory says 100 at 250
+        export(rec, token_histogram(SERVICE, [("input", total, start)]), "metrics")
+    # the first export of a metrics-only process is held back (docs/opentelemetry.md), then usage
+    # since the series began, then each export's increase: 250 - 150, not 250 - 100
+    assert [b["tokens_in"] for b in events(r, keys) if b["kind"] == "beat"] == [150, 100, 10]
+    export(one, traces((SERVICE, [llm_call(), tool_call("lookup", "1")])))
+    export(two, traces((SERVICE, [llm_call(), tool_call("fetch", "2")])))  # reads what one left
+    export(one, traces((SERVICE, [llm_call()])))  # reads what two left, not its own memory
+    fps = [e["fp"].split("(")[0] for e in events(r, keys) if "fp" in e]
+    assert fps == ["lookup", "fetch"]
+    assert [e["seq"] for e in events(r, keys)] == list(range(len(events(r, keys))))  # one run, in order
+
+
+def test_agents_in_other_streams_than_their_process_are_written_after_its_state(
+    r: redis.Redis, prefix: str
+) -> None:
+    keys = Keys(prefix, 4)
+    home = shard_of("svc", 4)
+    far = next(f"agent-{n}" for n in range(100) if shard_of(f"agent-{n}", 4) != home)
+    near = next(f"agent-{n}" for n in range(100) if shard_of(f"agent-{n}", 4) == home)
+    rec = receiver(r, keys)
+    resource = {"service.name": "svc", "service.instance.id": "i-1"}
+    calls = [
+        llm_call(gen_ai__agent__name=far),
+        llm_call(gen_ai__agent__name=near),
+        tool_call(gen_ai__agent__name=far),
+    ]
+    outcome = export(rec, traces((resource, calls)))
+    assert outcome.rejected == 0 and outcome.tally["events"] == 4  # a start and a beat each
+    for agent in (far, near):
+        stream = [codec.decode(f[b"d"]) for _, f in r.xrange(keys.events_for(agent))]
+        assert [(e["agent"], e["kind"]) for e in stream] == [(agent, "start"), (agent, "beat")]
+    (state,) = [v for k, v in r.hgetall(keys.otlp(home)).items() if k != OTLP_COUNT_FIELD.encode()]
+    assert ProcessState.unpack(state).trace.pending_agent == far  # the tool call waits in the home stream
+    export(rec, traces((resource, [llm_call(gen_ai__agent__name=far)])))
+    beats = [codec.decode(f[b"d"]) for _, f in r.xrange(keys.events_for(far))][2:]
+    assert [b["fp"].split("(")[0] for b in beats] == ["search"]

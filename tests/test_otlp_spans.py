@@ -7,12 +7,16 @@ which, and which versions); the built ones cover what no instrumentation sends o
 from __future__ import annotations
 
 import pytest
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from agentwatch.config import OtlpSection
+from agentwatch.errors import OtlpRejected
 from agentwatch.otlp.decode import trace_bytes
 from agentwatch.otlp.spans import Call, ToolCall, read_traces
 
-from otlp_build import llm_call, read_request, recorded, span, tool_call, traces
+from otlp_build import DATA, llm_call, read_request, recorded, span, tool_call, traces
 
 SETTINGS = OtlpSection()
 SERVICE = {"service.name": "svc", "service.instance.id": "i-1"}
@@ -221,3 +225,87 @@ def test_agent_from_is_configurable():
         read_request(traces((resource, [llm_call(gen_ai__agent__name="ignored")])), settings).batches[0].steps
     )
     assert step.agent == "prod-bot"
+
+
+def test_every_name_that_makes_a_span_a_call_or_a_tool_carries_a_marker() -> None:
+    """Scopes without a marker are skipped undecoded (wire.py): that is only sound if no span
+    can be an LLM call or a tool call without one."""
+    from agentwatch.otlp import conventions as conv  # noqa: PLC0415
+
+    for name in (*conv.USAGE, conv.OPERATION, conv.OPENINFERENCE_KIND):
+        assert name.startswith(conv.SPAN_MARKERS), name
+
+
+def test_every_recorded_span_read_in_full_gives_what_the_scope_skipping_read_gives() -> None:
+    """Reading every span of every recording (markers or not) finds no call or tool more."""
+    from agentwatch.otlp import conventions as conv  # noqa: PLC0415
+
+    for path in sorted(DATA.glob("*.traces*")):
+        content_type = "application/json" if path.name.endswith(".json") else "application/x-protobuf"
+        body = trace_bytes(path.read_bytes(), content_type, None, 10**7)
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for scope in resource_spans.scope_spans:
+                encoded = scope.SerializeToString()
+                if any(marker.encode() in encoded for marker in conv.SPAN_MARKERS):
+                    continue
+                names = {kv.key for span in scope.spans for kv in span.attributes}
+                assert names.isdisjoint(conv.USAGE | {conv.OPERATION, conv.OPENINFERENCE_KIND}), path.name
+
+
+def test_garbage_inside_an_attribute_that_is_read_is_refused_like_garbage_anywhere() -> None:
+    good = llm_call(5, 5).SerializeToString()
+    broken_value = b"\x0a\x05ab"  # AnyValue.string_value of 5 bytes, 2 given
+    key = b"gen_ai.usage.input_tokens"
+    key_value = b"\x0a" + bytes([len(key)]) + key + b"\x12" + bytes([len(broken_value)]) + broken_value
+    span_bytes = good + b"\x4a" + bytes([len(key_value)]) + key_value  # field 9: one more attribute
+    request = traces((SERVICE, []))
+    scope = request.resource_spans[0].scope_spans[0]
+    body = request.SerializeToString()
+    with pytest.raises(DecodeError):  # what decoding the whole request with the official class says
+        ExportTraceServiceRequest.FromString(_with_span(body, scope, span_bytes))
+    with pytest.raises(OtlpRejected) as refused:
+        read_traces(_with_span(body, scope, span_bytes), SETTINGS)
+    assert refused.value.status == 400 and "not valid protobuf" in refused.value.message
+
+
+def _with_span(body: bytes, scope: object, span: bytes) -> bytes:
+    """``body`` (one resource, one empty scope) with ``span`` appended to that scope."""
+    request = ExportTraceServiceRequest.FromString(body)
+    resource = request.resource_spans[0]
+    encoded_scope = resource.scope_spans[0].SerializeToString() + b"\x12" + _varint(len(span)) + span
+    del resource.scope_spans[:]
+    encoded_resource = resource.SerializeToString() + b"\x12" + _varint(len(encoded_scope)) + encoded_scope
+    return b"\x0a" + _varint(len(encoded_resource)) + encoded_resource
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def test_the_readings_and_decoded_values_remembered_are_bounded() -> None:
+    from agentwatch.otlp import reading, values  # noqa: PLC0415
+
+    names = sorted(reading.wanted(("gen_ai.agent.name",)))
+    for n in range(reading.MAX_READINGS + 10):
+        subset = frozenset(name for bit, name in enumerate(names) if n >> bit & 1)
+        reading.reading_of(subset, ("gen_ai.agent.name",))
+    assert len(reading._readings(("gen_ai.agent.name",))) <= reading.MAX_READINGS
+    for n in range(values.MAX_CACHED + 10):
+        assert values.count_of(AnyValue(int_value=n).SerializeToString(), 10**9) == n
+    assert len(values._whole) <= values.MAX_CACHED
+    raw = AnyValue(int_value=500).SerializeToString()
+    assert values.count_of(raw, 1000) == 500 and values.count_of(raw, 100) is values.BAD  # cap after cache
+
+
+def test_a_call_whose_parts_are_each_under_the_cap_but_not_their_sum_loses_its_usage() -> None:
+    settings = OtlpSection(max_tokens=1000)
+    (batch,) = read_request(traces((SERVICE, [llm_call(600, 600), llm_call(6, 6)])), settings).batches
+    first, second = batch.steps
+    assert isinstance(first, Call) and first.usage == {} and first.model == "gpt-4o"  # still a call
+    assert isinstance(second, Call) and second.usage["tokens"] == 12

@@ -13,6 +13,7 @@ becomes a 503 (pages say so in plain words; the ping API adds ``Retry-After``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -118,7 +119,10 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sweeping = asyncio.get_running_loop().create_task(server.sweeping())
         yield
+        sweeping.cancel()
+        server.otlp.close()
         server.client.close()
 
     routes: list[Any] = [

@@ -12,7 +12,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 
-PING_OUTCOMES: Final = ("ok", "bad_key", "bad_request", "too_large", "flooded", "unavailable")
+PING_OUTCOMES: Final = ("ok", "bad_key", "not_accepted", "bad_request", "too_large", "flooded", "unavailable")
 OTLP_OUTCOMES: Final = ("ok", "partial", "off", "unauthorized", "bad_request", "too_large", "unsupported",
                         "unavailable")  # fmt: skip
 OTLP_ITEMS: Final = (

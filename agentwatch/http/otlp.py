@@ -31,10 +31,11 @@ from starlette.routing import Route
 
 from agentwatch.errors import OtlpRejected
 from agentwatch.http.access import same
-from agentwatch.http.server import RETRY_AFTER_S, BodyTooLarge, Server, read_body
+from agentwatch.http.server import RETRY_AFTER_S, UNAVAILABLE, BodyTooLarge, Server, read_body
+from agentwatch.ingest import Contended
 from agentwatch.otlp.decode import encoding_of
 from agentwatch.otlp.receiver import Outcome, Signal
-from agentwatch.redisconn import RECOVERABLE, explain
+from agentwatch.redisconn import explain
 
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"
@@ -115,11 +116,12 @@ async def export(request: Request, signal: Signal) -> Response:
     except OtlpRejected as exc:
         count(signal, _OUTCOMES.get(exc.status, "bad_request"))
         return _status(exc.status, exc.message, media)
-    except RECOVERABLE as exc:
+    except UNAVAILABLE as exc:
         count(signal, "unavailable")
-        server.metrics.redis_error()
-        text = f"unavailable: {explain(exc)}; retry later"
-        return _status(503, text, media, {"Retry-After": str(RETRY_AFTER_S)})
+        why = str(exc) if isinstance(exc, Contended) else explain(exc)
+        if not isinstance(exc, Contended):
+            server.metrics.redis_error()
+        return _status(503, f"unavailable: {why}; retry later", media, {"Retry-After": str(RETRY_AFTER_S)})
     count(signal, "partial" if outcome.rejected or outcome.problems else "ok", outcome.tally)
     return _success(signal, outcome, media)
 

@@ -4,20 +4,27 @@
     GET|POST /ping/<ping_key>/<agent>/start        a new run (?interval=300 or ?interval=5m)
     GET|POST /ping/<ping_key>/<agent>/fail         the run failed: an exit alert
     GET|POST /ping/<ping_key>/<agent>/<exit code>  0: a beat (success); 1-255: failed with that code
+    GET|POST /ping/<ping_key>/<agent>?kind=<beat|start|fail|exit code>   the same, unambiguously
 
-Every call becomes protocol events through the one server-side writer (agentwatch/ingest.py),
-so the detectors cannot tell a ``curl`` agent from one running the producer. Answers: 200
-``OK``; 404 for a wrong key (or no ``[http] ping_key``: the API is off) without saying which;
-400 naming the rule that was broken; 413 over ``[http] max_body_bytes``; 429 with
+The key is ``[http] ping_key``, which writes for every agent ``[http] ping_accept`` matches, or,
+with ``[security] agent_keys``, the agent's own key (``agentwatch agent-key``), which writes for
+that agent alone (docs/security.md). Every call becomes protocol events through the one
+server-side writer (agentwatch/ingest.py), so the detectors cannot tell a ``curl`` agent from one
+running the producer. Answers: 200 ``OK``; 404 for a wrong key (or no key at all: the API is
+off) without saying which; 403 for an agent outside ``ping_accept``; 400 naming the rule that
+was broken; 413 over ``[http] max_body_bytes``; 429 with
 ``Retry-After`` when one agent floods; 503 with ``Retry-After`` while Redis is away. Each
 outcome is counted (``agentwatch_http_pings_total{outcome=...}`` on ``/metrics``).
 
 An agent name may hold ``/``: a last path segment ``start``, ``fail`` or a number is read as the
-command, so an agent whose name ends that way cannot beat through this API (docs/http.md).
+command. With ``?kind=`` the whole path is the agent's name and the query the command, so an
+agent named ``backup/start`` or ``shards/3`` is pinged as ``/ping/<key>/shards/3?kind=beat``
+(docs/http.md).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from typing import Any, Final
@@ -30,9 +37,9 @@ from agentwatch.codec import TOKEN_CLASSES
 from agentwatch.config import parse_duration
 from agentwatch.errors import InvalidEntry
 from agentwatch.http.access import same
-from agentwatch.http.server import BodyTooLarge, Server, read_body, unavailable
+from agentwatch.http.server import UNAVAILABLE, BodyTooLarge, Server, read_body, unavailable
 from agentwatch.ingest import Flooded, Kind
-from agentwatch.redisconn import RECOVERABLE
+from agentwatch.signing import agent_key
 
 BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "cost", "model", "fp")
 """What a JSON body may carry (SPEC section 8, and the token classes the pipeline prices by:
@@ -45,10 +52,20 @@ class BadPing(Exception):
     """A request the ping API refuses with 400; the message says why."""
 
 
-def parse_command(rest: str) -> tuple[str, str]:
-    """``"nightly/backup/start"`` -> ("nightly/backup", "start"); a bare name is a beat."""
+COMMANDS: Final = ("beat", "start", "fail")
+"""What ``?kind=`` takes, besides an exit code (0-255)."""
+
+
+def parse_command(rest: str, kind: str | None = None) -> tuple[str, str]:
+    """``"nightly/backup/start"`` -> ("nightly/backup", "start"); a bare name is a beat. With
+    ``kind`` (the ``?kind=`` query) the whole path is the agent and ``kind`` the command."""
+    if kind is not None:
+        if kind not in COMMANDS and not (kind.isascii() and kind.isdigit()):
+            words = ", ".join(COMMANDS)
+            raise BadPing(f"kind must be one of {words} or an exit code (0-255), got {kind[:20]!r}")
+        return rest, kind
     agent, sep, last = rest.rpartition("/")
-    if sep and agent and (last in ("start", "fail") or last.isdigit()):
+    if sep and agent and (last in ("start", "fail") or (last.isascii() and last.isdigit())):
         return agent, last
     return rest, "beat"
 
@@ -104,15 +121,40 @@ def event_of(command: str, fields: dict[str, Any]) -> tuple[Kind, dict[str, Any]
     return "exit", exit_fields
 
 
+def authorised(server: Server, key: str, agent: str) -> bool | None:
+    """Whether ``key`` may write for ``agent``: the ping key may for every agent ``[http]
+    ping_accept`` matches (False: a valid key, an agent outside the glob); with ``[security]
+    agent_keys``, an agent's own key (``agentwatch agent-key``) may for that agent alone. None: no
+    such key (the caller is told nothing more than "not found")."""
+    http, security = server.settings.http, server.settings.security
+    if http.ping_key is not None and same(key, http.ping_key):
+        return fnmatch.fnmatchcase(agent, http.ping_accept)
+    if security.agent_keys and security.secret is not None and same(key, agent_key(security.secret, agent)):
+        return True
+    return None
+
+
 async def ping(request: Request) -> Response:
     server: Server = request.app.state.server
     count = server.metrics.ping
-    expected = server.settings.http.ping_key
-    if expected is None or not same(request.path_params["key"], expected):
+    rest = request.path_params["rest"]
+    try:
+        agent, command = parse_command(rest, request.query_params.get("kind"))
+        problem: BadPing | None = None
+    except BadPing as exc:
+        agent, command, problem = rest, "beat", exc
+    allowed_here = authorised(server, request.path_params["key"], agent)
+    if allowed_here is None:
         count("bad_key")
         return PlainTextResponse("not found\n", status_code=404)
-    agent, command = parse_command(request.path_params["rest"])
+    if not allowed_here:
+        count("not_accepted")
+        glob = server.settings.http.ping_accept
+        why = f"this ping key may not write for {agent!r} ([http] ping_accept = {glob!r})\n"
+        return PlainTextResponse(why, status_code=403)
     try:
+        if problem is not None:
+            raise problem
         body = await read_body(request, server.settings.http.max_body_bytes)
         allowed = BEAT_KEYS if command in ("beat", "start", "0") else EXIT_KEYS
         kind, fields = event_of(command, parse_fields(body, allowed))
@@ -133,7 +175,7 @@ async def ping(request: Request) -> Response:
             status_code=429,
             headers={"Retry-After": str(retry)},
         )
-    except RECOVERABLE as exc:
+    except UNAVAILABLE as exc:
         count("unavailable")
         return unavailable(exc)
     count("ok")

@@ -9,6 +9,8 @@ round trips); readers run their synchronous Redis reads in the thread pool.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,13 +23,17 @@ from agentwatch.config import Pipeline
 from agentwatch.fleet import fleet_status
 from agentwatch.http.access import Access
 from agentwatch.http.counters import Counters
-from agentwatch.ingest import EventWriter, FloodLimit
+from agentwatch.ingest import Contended, EventWriter, FloodLimit
 from agentwatch.otlp.receiver import Receiver
-from agentwatch.redisconn import Client, connect, explain
+from agentwatch.redisconn import RECOVERABLE, Client, connect, explain
 
+log = logging.getLogger("agentwatch.http")
 T = TypeVar("T")
 RETRY_AFTER_S: Final = 5
 """What a 503 tells a client to wait while Redis is away."""
+SWEEP_EVERY_MAX_S: Final = 600.0
+UNAVAILABLE: Final[tuple[type[Exception], ...]] = (*RECOVERABLE, Contended)
+"""What a writing route answers 503 (``Retry-After``) to: the client keeps its data and retries."""
 
 
 class BodyTooLarge(Exception):
@@ -48,9 +54,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def unavailable(exc: BaseException) -> Response:
-    """503 while Redis is away or refuses writes: the client should retry, nothing was kept."""
+    """503 while Redis is away or refuses writes, or other servers keep changing the agent's
+    record (:class:`~agentwatch.ingest.Contended`): the client should retry, nothing was kept."""
+    why = str(exc) if isinstance(exc, Contended) else explain(exc)
     return PlainTextResponse(
-        f"unavailable: {explain(exc)}; retry later\n",
+        f"unavailable: {why}; retry later\n",
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
@@ -143,17 +151,40 @@ class Server:
         self.keys = pipeline.keys
         self.client: Client = connect(self.settings, url, name="agentwatch-http")
         self.access = Access(http)
+        security = self.settings.security
         self.writer = EventWriter(
             self.client,
             self.keys,
             limit=FloodLimit(http.ping_rate, http.ping_burst),
             run_ttl_s=http.run_ttl_s,
+            secret=security.secret if security.agent_keys else None,  # signed like a producer's
         )
         self.metrics = Counters()
         self.otlp = Receiver(
             self.client, self.keys, self.settings.otlp, self.writer, secret=self.settings.security.secret
         )
         self.fleet = FleetCache(self, min(1.0, http.refresh_s / 2) if cache_s is None else cache_s)
+
+    @property
+    def sweep_every_s(self) -> float:
+        """How often this server deletes the run records and OTLP process states that have
+        expired (memory only: an expired record is treated as absent whether swept or not)."""
+        shortest = min(self.settings.http.run_ttl_s, self.settings.otlp.forget_s)
+        return min(max(shortest / 4, 1.0), SWEEP_EVERY_MAX_S)
+
+    async def sweeping(self) -> None:
+        """Run :meth:`EventWriter.sweep` every :attr:`sweep_every_s`, for as long as the server
+        runs; a Redis that is away is swept on a later round, and a sweep that fails otherwise
+        (an ACL without the ingest keys, say) is logged and tried again, never ends the loop."""
+        while True:
+            await asyncio.sleep(self.sweep_every_s)
+            try:
+                await asyncio.to_thread(self.writer.sweep)
+            except RECOVERABLE:
+                self.metrics.redis_error()
+            except Exception as exc:  # the loop must outlive any one failure: said, not raised
+                self.metrics.redis_error()
+                log.warning("sweeping expired run records failed: %s: %s", type(exc).__name__, exc)
 
     def agent_status(self, name: str) -> dict[str, Any] | None:
         """One agent's entry of the status document, read fresh (None: no such agent)."""

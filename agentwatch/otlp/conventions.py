@@ -101,10 +101,12 @@ SPAN_KEYS: Final = (
     | {OPERATION, OPENINFERENCE_KIND}
 )
 """Every span attribute the receiver reads (besides the configured agent attributes)."""
-SPAN_PREFIXES: Final = ("gen_ai.", "llm.", "openinference.", "operation.cost", "tool.name", "tool_arguments")
-"""Every name in :data:`SPAN_KEYS` starts with one of these: a span whose encoding holds none is no
-GenAI span, and is not decoded (wire.py). ``input.value`` is read on OpenInference TOOL spans
-only, which carry ``openinference.span.kind``."""
+SPAN_MARKERS: Final = ("gen_ai.", "openinference.", "llm.token_count.", "llm.usage.")
+"""A span is an LLM call only with a :data:`USAGE` name and a tool call only with
+:data:`OPERATION` or :data:`OPENINFERENCE_KIND`, and each of those starts with one of these: a
+span whose encoding holds none of them (nor a configured agent attribute) is none of those, and
+is not decoded (wire.py). The other names (model, cost, tool name...) are read only on spans that
+are one. Long markers are searched faster (the search skips by the marker's length)."""
 
 # -- metrics -----------------------------------------------------------------------------------
 TOKEN_USAGE_HISTOGRAM: Final = "gen_ai.client.token.usage"

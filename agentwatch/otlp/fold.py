@@ -168,6 +168,11 @@ def fold_metrics(
     for (agent, model, provider), fields in usage.items():
         if "tokens_in" in fields or "tokens_out" in fields:
             fields["tokens"] = fields.get("tokens_in", 0) + fields.get("tokens_out", 0)
+        if any(
+            value > (MAX_COST_USD if key == COST else settings.max_tokens) for key, value in fields.items()
+        ):
+            tally["counts_dropped"] += 1  # points each under the cap, their sum over it: garbage
+            continue
         if model is not None:
             fields["model"] = model
         if provider is not None:

@@ -8,6 +8,7 @@ named, and its export cadence learnt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,15 +47,14 @@ class Origin:
         return sanitize_agent(raw[: MAX_AGENT_LEN * 4])
 
 
+@functools.cache
+def _wanted(agent_from: tuple[str, ...], run_from: tuple[str, ...]) -> frozenset[str]:
+    return frozenset({*agent_from, *run_from, conv.SERVICE_NAME, conv.HOST_NAME, conv.SERVICE_VERSION})
+
+
 def origin_of(attributes: Iterable[KeyValue], settings: OtlpSection) -> Origin:
     """The :class:`Origin` of one resource's attributes."""
-    wanted = {
-        *settings.agent_from,
-        *settings.run_from,
-        conv.SERVICE_NAME,
-        conv.HOST_NAME,
-        conv.SERVICE_VERSION,
-    }
+    wanted = _wanted(tuple(settings.agent_from), tuple(settings.run_from))
     found: dict[str, str] = {}
     for kv in attributes:
         if kv.key in wanted:

@@ -1,22 +1,28 @@
-"""What the receiver remembers about each process between exports (a few hundred bytes).
+"""What the receiver remembers about each process between exports (tens of bytes).
 
 Exports are independent requests, possibly to different servers behind a load balancer, so what
-one export leaves for the next lives in Redis (``Keys.otlp_process``: one hash per process, which
-expires when the process has not exported for ``[otlp] forget``). Traces and metrics are exported
-by separate threads of the SDK and may arrive at the same moment, so each signal owns one field of
-the hash and only ever writes that one:
+one export leaves for the next lives in Redis: one field per process in the OTLP hash of a stream
+(``Keys.otlp``; the stream of the process's own agent, so that the usual export, one process of
+one agent, is one script in one Cluster slot), holding a :class:`ProcessState`:
 
-* ``t`` (:class:`TraceState`): the agents the process's spans named, whether its spans carry
-  usage, and the tool calls of its latest trace that no LLM call has read yet;
-* ``m`` (:class:`MetricState`): when its last metrics export arrived, the export interval learnt
-  from their cadence, and the last total of each cumulative usage series.
+* its :class:`TraceState`: the agents the process's spans named, whether its spans carry usage,
+  and the tool calls of its latest trace that no LLM call has read yet;
+* its :class:`MetricState`: when its last metrics export arrived, the export interval learnt
+  from their cadence, and the last total of each cumulative usage series;
 
-A field that does not decode (written by another version, or damaged) is read as empty: the cost
+packed in one msgpack array after a 4-byte expiry (Unix seconds: ``[otlp] forget`` after the
+process's last export), with the defaults left out, so a process of one agent whose spans carry
+usage costs about 20 bytes. Traces and metrics of one process may arrive at the same moment (the
+SDK exports them from separate threads): the receiver writes a state only if it is still the one
+it folded from (agentwatch/ingest_records.py, guards), and folds again otherwise.
+
+A state that does not decode (written by another version, or damaged) is read as empty: the cost
 is one export's fingerprint or usage, never a failed request.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -48,30 +54,6 @@ class TraceState:
         self.agents.append(agent)
         del self.agents[:-MAX_AGENTS]
 
-    def pack(self) -> bytes:
-        data = {
-            "a": self.agents,
-            "u": self.span_usage,
-            "t": self.trace,
-            "p": self.pending,
-            "pa": self.pending_agent,
-        }
-        return _pack(data)
-
-    @classmethod
-    def unpack(cls, raw: bytes | None) -> TraceState:
-        data = _unpack(raw)
-        try:
-            return cls(
-                agents=[str(a) for a in data.get("a", [])][-MAX_AGENTS:],
-                span_usage=bool(data.get("u", False)),
-                trace=bytes(data.get("t", b"")),
-                pending=[str(p) for p in data.get("p", [])][:MAX_PENDING],
-                pending_agent=str(data.get("pa", "")),
-            )
-        except (TypeError, ValueError):
-            return cls()
-
 
 @dataclass(slots=True)
 class Series:
@@ -82,7 +64,7 @@ class Series:
 @dataclass(slots=True)
 class MetricState:
     first_ms: int = 0
-    """When the receiver first saw the process's metrics (Redis time)."""
+    """When the receiver first saw the process's metrics (ms, the receiving server's clock)."""
     last_ms: int = 0
     """When its latest metrics export arrived."""
     exports: int = 0
@@ -92,47 +74,73 @@ class MetricState:
     """Agents named by metrics alone (a process whose spans name none)."""
     series: dict[bytes, Series] = field(default_factory=dict)
 
-    def pack(self) -> bytes:
-        series = {key: [s.start_ns, s.total] for key, s in list(self.series.items())[-MAX_SERIES:]}
-        data = {
-            "f": self.first_ms,
-            "l": self.last_ms,
-            "n": self.exports,
-            "i": self.interval_s,
-            "a": self.agents[-MAX_AGENTS:],
-            "s": series,
-        }
-        return _pack(data)
+
+EXPIRY: Final = struct.Struct(">I")
+"""The first 4 bytes of a stored state: when it expires (Unix seconds), read by the sweep
+(agentwatch/ingest_records.py) without decoding the rest."""
+
+
+@dataclass(slots=True)
+class ProcessState:
+    """Everything remembered about one process (see the module docstring)."""
+
+    trace: TraceState = field(default_factory=TraceState)
+    metric: MetricState = field(default_factory=MetricState)
+
+    def empty(self) -> bool:
+        """Nothing worth keeping: a process that is no agent leaves nothing behind."""
+        return self.trace == TraceState() and self.metric == MetricState()
+
+    def pack(self, exp_s: int) -> bytes:
+        t, m = self.trace, self.metric
+        series = {key: [s.start_ns, s.total] for key, s in list(m.series.items())[-MAX_SERIES:]}
+        interval = int(m.interval_s) if m.interval_s.is_integer() else m.interval_s
+        data: list[Any] = [t.agents, t.span_usage, t.trace, t.pending, t.pending_agent, m.first_ms,
+                           m.last_ms, m.exports, interval, m.agents[-MAX_AGENTS:], series]  # fmt: skip
+        while data and data[-1] == _DEFAULTS[len(data) - 1]:
+            data.pop()
+        return EXPIRY.pack(exp_s) + _pack(data)
 
     @classmethod
-    def unpack(cls, raw: bytes | None) -> MetricState:
-        data = _unpack(raw)
+    def unpack(cls, raw: bytes | None) -> ProcessState:
+        if not raw or len(raw) < EXPIRY.size:
+            return cls()
+        data = _unpack(raw[EXPIRY.size :])
+        if not isinstance(data, list):
+            return cls()
+        a, u, t, p, pa, f, last, n, i, ma, series = [*data, *_DEFAULTS[len(data) :]][: len(_DEFAULTS)]
         try:
-            series = {
-                bytes(key): Series(int(v[0]), float(v[1])) for key, v in dict(data.get("s", {})).items()
-            }
-            return cls(
-                first_ms=int(data.get("f", 0)),
-                last_ms=int(data.get("l", 0)),
-                exports=int(data.get("n", 0)),
-                interval_s=float(data.get("i", 0.0)),
-                agents=[str(a) for a in data.get("a", [])][-MAX_AGENTS:],
-                series=series,
+            trace = TraceState(
+                agents=[str(x) for x in a][-MAX_AGENTS:],
+                span_usage=bool(u),
+                trace=bytes(t),
+                pending=[str(x) for x in p][:MAX_PENDING],
+                pending_agent=str(pa),
+            )
+            metric = MetricState(
+                first_ms=int(f),
+                last_ms=int(last),
+                exports=int(n),
+                interval_s=float(i),
+                agents=[str(x) for x in ma][-MAX_AGENTS:],
+                series={bytes(key): Series(int(v[0]), float(v[1])) for key, v in dict(series).items()},
             )
         except (TypeError, ValueError, IndexError):
             return cls()
+        return cls(trace, metric)
 
 
-def _pack(data: dict[str, Any]) -> bytes:
+_DEFAULTS: Final[tuple[Any, ...]] = ([], False, b"", [], "", 0, 0, 0, 0, [], {})
+"""What each position of a packed state holds when left out (trailing defaults are)."""
+
+
+def _pack(data: list[Any]) -> bytes:
     packed: bytes = msgpack.packb(data, use_bin_type=True)
     return packed
 
 
-def _unpack(raw: bytes | None) -> dict[str, Any]:
-    if not raw:
-        return {}
+def _unpack(raw: bytes) -> Any:
     try:
-        data = msgpack.unpackb(raw, strict_map_key=False)
+        return msgpack.unpackb(raw, strict_map_key=False)
     except Exception:  # msgpack raises several unrelated types for bad input
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None

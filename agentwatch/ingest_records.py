@@ -1,0 +1,301 @@
+"""What a server writing events on agents' behalf keeps in Redis, and the scripts that change it.
+
+agentwatch/ingest.py decides what to write (runs, seqs, signatures); this module is where it is
+kept and how it is changed, in one place for both languages involved (Python and the Lua of the
+scripts below):
+
+* **Run records.** Per event stream, the hash :meth:`agentwatch.keys.Keys.ingest` maps each
+  agent to one record: ``exp`` (Unix seconds after which the record is stale: ``[http]
+  run_ttl`` unused, ``[otlp] forget`` for an OTel agent), ``tat`` (the flood limit's
+  theoretical arrival time, ms: GCRA, one number instead of a token bucket's two), ``flags``
+  (bit 0: counted toward ``[otlp] max_agents``), then the *numbering*: msgpack ``[run, next
+  seq, declared interval or nil, the run has exited]``, which only Python reads.
+* **Compare and set.** The writer numbers and signs events in Python (an HMAC cannot be made
+  inside Redis), from the record it last saw, and the write script appends them only if the
+  record's numbering is still exactly that. Otherwise it writes nothing for that agent and
+  returns the record as it is; the writer numbers again from it. So several servers behind a
+  load balancer still append one agent's seqs in order, and a server that saw the last write
+  itself (the usual case) needs no read before writing: one round trip.
+* **Guards.** The same script can compare-and-set fields of the stream's OTLP hash
+  (:meth:`~agentwatch.keys.Keys.otlp`: the receiver's per-process state) before writing
+  anything, all or nothing: the events an export becomes are written only if the state they
+  were folded from is still the state in Redis.
+* **Expiry.** A record carries its expiry instead of a key TTL (a hash field has none before
+  Redis 7.4): the writer treats a stale record as absent, and :data:`SWEEP` deletes stale
+  records (and processes) in slices, which the HTTP server runs periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import msgpack
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
+from agentwatch.keys import OTLP_COUNT_FIELD
+
+HEADER: Final = struct.Struct(">IdB")
+"""``exp`` (uint32 s), ``tat`` (double ms), ``flags`` (uint8): what the scripts read and write."""
+COUNTED: Final = 1
+"""``flags`` bit: the agent counts toward ``[otlp] max_agents`` (once, in ``#agents``)."""
+
+# KEYS[1] = the stream's ingest hash, KEYS[2] = the stream, KEYS[3] = the stream's OTLP hash.
+# ARGV: 1 stream MAXLEN, 2 ms per flood token, 3 flood burst, 4 number of guards G, then
+#   G x (field of KEYS[3], expected value ('' = absent), new value ('' = delete)),
+#   then per agent: name, expected numbering ('' = no record), new numbering, counted (0/1),
+#   ttl ms, entries: one msgpack array d, s, d, s... (s '' = unsigned; raw strings, which Redis's
+#   cmsgpack reads: one argument per agent rather than two per event, each of which costs the
+#   client more than Redis's unpacking).
+# Returns {0, {field, value now, ...}} if a guard failed (nothing written), else {1, then per
+# agent: 1 and its new record (written), 2 and its record now ('' = none: numbered from a stale
+# record, nothing written), or 3 and ms to wait (flooded, nothing written)}.
+WRITE: Final = f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local at, failed = 5, {{}}
+for i = 1, tonumber(ARGV[4]) do
+  local cur = redis.call('HGET', KEYS[3], ARGV[at]) or ''
+  if cur ~= ARGV[at + 1] then failed[#failed + 1] = ARGV[at]; failed[#failed + 1] = cur end
+  at = at + 3
+end
+if #failed > 0 then return {{0, failed}} end
+for i = 5, at - 1, 3 do
+  if ARGV[i + 2] == '' then redis.call('HDEL', KEYS[3], ARGV[i])
+  else redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2]) end
+end
+local step, burst = tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {{1}}
+while at <= #ARGV do
+  local agent = ARGV[at]
+  local cur = redis.call('HGET', KEYS[1], agent)
+  local tat, flags, numbering = 0, 0, ''
+  if cur then
+    local _
+    _, tat, flags = struct.unpack('{HEADER.format}', cur)
+    numbering = string.sub(cur, {HEADER.size + 1})
+  end
+  tat = math.max(tat, now)
+  if numbering ~= ARGV[at + 1] then
+    out[#out + 1] = 2; out[#out + 1] = cur or ''
+  elseif tat - now > (burst - 1) * step then
+    out[#out + 1] = 3; out[#out + 1] = math.ceil(tat - now - (burst - 1) * step)
+  else
+    local entries = cmsgpack.unpack(ARGV[at + 5])
+    for i = 1, #entries, 2 do
+      if entries[i + 1] == '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'd', entries[i])
+      else redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'd', entries[i], 's', entries[i + 1]) end
+    end
+    if ARGV[at + 3] == '1' and flags % 2 == 0 then
+      flags = flags + {COUNTED}
+      redis.call('HINCRBY', KEYS[3], '{OTLP_COUNT_FIELD}', 1)
+    end
+    local record = struct.pack('{HEADER.format}', math.ceil((now + tonumber(ARGV[at + 4])) / 1000),
+      tat + step, flags) .. ARGV[at + 2]
+    redis.call('HSET', KEYS[1], agent, record)
+    out[#out + 1] = 1; out[#out + 1] = record
+  end
+  at = at + 6
+end
+return out
+"""
+
+# KEYS[1] = a stream's ingest hash, KEYS[2] = its OTLP hash. ARGV: 1 and 2 their HSCAN cursors
+# ('-' = done), 3 COUNT. Deletes the records and processes whose exp (the first 4 bytes of every
+# value but #agents) has passed, uncounting counted agents. Returns {cursor 1, cursor 2, deleted}.
+SWEEP: Final = f"""
+local now = tonumber(redis.call('TIME')[1])
+local deleted = 0
+local function sweep(key, cursor, agents)
+  if cursor == '-' then return '-' end
+  local found = redis.call('HSCAN', key, cursor, 'COUNT', ARGV[3])
+  local items = found[2]
+  for i = 1, #items, 2 do
+    local value = items[i + 1]
+    if items[i] ~= '{OTLP_COUNT_FIELD}' and #value >= 4 and struct.unpack('>I', value) < now then
+      redis.call('HDEL', key, items[i])
+      deleted = deleted + 1
+      if agents and #value >= {HEADER.size} and string.byte(value, {HEADER.size}) % 2 == {COUNTED} then
+        if redis.call('HINCRBY', KEYS[2], '{OTLP_COUNT_FIELD}', -1) < 0 then
+          redis.call('HSET', KEYS[2], '{OTLP_COUNT_FIELD}', 0)
+        end
+      end
+    end
+  end
+  if found[1] == '0' then return '-' end
+  return found[1]
+end
+return {{sweep(KEYS[1], ARGV[1], true), sweep(KEYS[2], ARGV[2], false), deleted}}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One agent's run record as Redis holds it (see the module docstring)."""
+
+    raw: bytes
+    exp_s: int
+    counted: bool
+    run: str
+    seq: int
+    """The seq the next event gets."""
+    interval_s: float | None
+    ended: bool
+
+    @property
+    def numbering(self) -> bytes:
+        """What the write script compares: the part the writer decides from."""
+        return self.raw[HEADER.size :]
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Record | None:
+        """A stored record, or None for one this version cannot read (treated as absent: the
+        agent starts a new run, as after an expiry)."""
+        try:
+            exp_s, _tat, flags = HEADER.unpack_from(raw)
+            run, seq, interval, ended = msgpack.unpackb(raw[HEADER.size :])
+            return cls(raw, int(exp_s), bool(flags & COUNTED), str(run), int(seq),
+                       None if interval is None else float(interval), bool(ended))  # fmt: skip
+        except (struct.error, ValueError, TypeError):
+            return None
+
+
+def numbering(run: str, seq: int, interval_s: float | None, ended: bool) -> bytes:
+    """The numbering part of a record (msgpack: an integral interval packs in one byte)."""
+    if interval_s is not None and interval_s.is_integer():
+        packed: bytes = msgpack.packb([run, seq, int(interval_s), ended])
+    else:
+        packed = msgpack.packb([run, seq, interval_s, ended])
+    return packed
+
+
+def predicted(before: Record | None, new_numbering: bytes, *, exp_s: int) -> Record:
+    """The record a write will leave if it succeeds, for a write prepared before its reply (the
+    next write of the same agent is numbered after it). Its header is a guess (the script sets
+    it from Redis time): only its numbering is ever compared."""
+    counted = before.counted if before is not None else False
+    raw = HEADER.pack(exp_s, 0.0, COUNTED if counted else 0) + new_numbering
+    found = Record.parse(raw)
+    assert found is not None
+    return found
+
+
+class _Missing:
+    """The type of :data:`MISSING`."""
+
+    __slots__ = ()
+
+
+MISSING: Final = _Missing()
+"""What :meth:`Cache.get` returns for a name the cache does not hold."""
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Cache(Generic[K, V]):
+    """What this server last saw, most recent last, at most ``size`` entries. Thread-safe when
+    callers hold :attr:`lock` (HTTP requests and OTLP exports share a writer's)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, name: K) -> V | _Missing:
+        """The value, or :data:`MISSING` when this server does not know it."""
+        value = self._items.get(name, MISSING)
+        if value is not MISSING:
+            self._items.move_to_end(name)
+        return value
+
+    def put(self, name: K, value: V) -> None:
+        self._items[name] = value
+        self._items.move_to_end(name)
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def drop(self, name: K) -> None:
+        self._items.pop(name, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One run of a script: its keys and arguments."""
+
+    keys: list[str]
+    args: list[Any]
+
+
+def pack_entries(pairs: list[bytes]) -> bytes:
+    """One agent's ``d, s, d, s...`` as the write script takes them (msgpack raw strings)."""
+    packed: bytes = msgpack.packb(pairs, use_bin_type=False)
+    return packed
+
+
+def run_calls(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
+    """Run ``calls`` of ``script`` (a registered redis-py Script) in one round trip, in order,
+    each reply or error in its place. A server that lost the script (restarted without
+    persistence) ran none of the calls that failed for it: they are run again after loading it.
+    A cluster client runs them one by one (its pipelines cannot reload a script)."""
+    if isinstance(client, RedisCluster):
+        replies: list[Any] = []
+        for call in calls:
+            try:
+                replies.append(script(keys=call.keys, args=call.args))
+            except Exception as exc:  # each call's own error, like a pipeline's
+                replies.append(exc)
+        return replies
+    replies = _pipeline(client, script, calls)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        script.sha = client.script_load(script.script)
+        for i, reply in zip(missing, _pipeline(client, script, [calls[i] for i in missing]), strict=True):
+            replies[i] = reply
+    return replies
+
+
+def _pipeline(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for call in calls:
+        pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    return replies
+
+
+class Batches:
+    """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
+    that arrive wait for it and go together in the next one. One request alone still goes at
+    once; a busy server makes fewer, larger round trips (and fewer thread hops) instead of
+    queueing one round trip per request. Each write gets its own reply or its own error."""
+
+    def __init__(self, client: Any, script: Any, max_batch: int = 256) -> None:
+        self.client = client
+        self.script = script
+        self.max_batch = max_batch
+        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, call: Call) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((call, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                replies = await asyncio.to_thread(run_calls, self.client, self.script, [c for c, _ in batch])
+            except Exception as exc:  # each waiting request gets the error (Redis away, say)
+                replies = [exc] * len(batch)
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if not future.done():  # else the request was cancelled (its client went away)
+                    future.set_result(reply)
