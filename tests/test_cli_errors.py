@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result  # typer bundles its own click (0.20+): not a dependency
 
 from agentwatch.cli import app
 
