@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result  # typer bundles its own click (0.20+): not a dependency
 
 from agentwatch.cli import app
+from agentwatch.embedded import EmbeddedRedis
 
 from conftest import free_port
 from notify_kit import receiver
@@ -102,10 +103,8 @@ def _redis_at(url: str) -> dict[str, str]:
     return {"AGENTWATCH_REDIS__URL": url, "AGENTWATCH_REDIS__PREFIX": "never-written"}
 
 
-def test_a_wrong_password_says_so_with_the_password_masked(redis_url: str) -> None:
-    if not redis_url.startswith("redis://"):
-        pytest.skip("needs the TCP Redis")
-    host = redis_url.split("://", 1)[1].split("/", 1)[0]
+def test_a_wrong_password_says_so_with_the_password_masked(spawn_redis: Callable[..., EmbeddedRedis]) -> None:
+    host = f"127.0.0.1:{spawn_redis(port=free_port()).port}"  # a TCP URL, on a server of its own
     result = agentwatch("status", env=_redis_at(f"redis://nobody:s3cret@{host}/0"))
     assert result.returncode == 2
     assert f"Redis at redis://***@{host}/0 refused the credentials: authentication failed" in result.stderr
@@ -113,10 +112,8 @@ def test_a_wrong_password_says_so_with_the_password_masked(redis_url: str) -> No
     assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_database_the_server_does_not_have_is_named(redis_url: str) -> None:
-    if not redis_url.startswith("redis://"):
-        pytest.skip("needs the TCP Redis")
-    host = redis_url.split("://", 1)[1].split("/", 1)[0]
+def test_a_database_the_server_does_not_have_is_named(spawn_redis: Callable[..., EmbeddedRedis]) -> None:
+    host = f"127.0.0.1:{spawn_redis(port=free_port()).port}"  # a TCP URL, on a server of its own
     result = agentwatch("alerts", env=_redis_at(f"redis://{host}/99"))
     assert result.returncode == 2
     assert f"Redis at redis://{host}/99 has no database 99: it has " in result.stderr

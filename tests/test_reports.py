@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -320,7 +319,7 @@ def test_a_daily_report_at_a_local_time_is_delivered_once_and_old_slots_are_forg
     assert b"at:2026-01-01" not in sent  # the oldest went first
 
 
-@pytest.mark.skipif(importlib.util.find_spec("apprise") is None, reason="the apprise extra is not installed")
+@pytest.mark.apprise
 def test_apprise_gets_the_report_as_text_with_a_rounded_summary_as_title(
     fleet: Keys, redis_url: str, prefix: str, r: redis.Redis
 ) -> None:
