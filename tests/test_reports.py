@@ -139,6 +139,8 @@ def test_a_large_fleet_is_snapshotted_a_slice_per_tick(
     fleet: Keys, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rollups, "_SLICE", 1)  # HSCAN COUNT is a hint: one or a few per call
+    if r.object("encoding", fleet.states(0)) != b"hashtable":  # a server with raised listpack limits
+        pytest.skip("this server keeps the states hash as a listpack, which HSCAN returns whole")
     snap = Snapshotter(r, fleet, bucket_s=3600, retention_s=86400, owner="test")
     now = server_time_ms(r)
     following = now // 3_600_000 * 3_600_000 + 3_600_000
