@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from agentwatch.alerts import PIPELINE_AGENT, Incidents, iso_ms
-from agentwatch.config import Pipeline, format_duration
+from agentwatch.config import Pipeline, format_duration, parse_duration
 from agentwatch.facts import read_facts
 from agentwatch.keys import shard_of
 from agentwatch.redisconn import Client, server_time_ms
@@ -187,11 +187,18 @@ def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str
 
 
 def _window_ms(pipeline: Pipeline) -> int:
-    """The tokens detector's rate window (per-agent overrides aside, which status cannot see)."""
+    """The tokens detector's rate window (per-agent overrides aside, which status cannot see).
+
+    ``status`` loads the settings without the plugins (importing the detectors costs a CLI
+    start-up numpy), so the window then comes from the ``[detectors.tokens]`` section itself."""
     for plugin in pipeline.detectors:
         if plugin.name == "tokens":
             return int(float(getattr(plugin.config, "window_s", 60.0)) * 1000)
-    return _DEFAULT_WINDOW_MS
+    section = pipeline.settings.detectors.get("tokens", {})
+    try:
+        return int(parse_duration(section["window"]) * 1000) if "window" in section else _DEFAULT_WINDOW_MS
+    except ValueError:  # validated where the detectors run (and by check-config), not here
+        return _DEFAULT_WINDOW_MS
 
 
 def pipeline_health(

@@ -163,7 +163,6 @@ def demo_process(user_env: dict[str, str], tmp_path: Path) -> Iterator[list[subp
 def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     user_env: dict[str, str], tmp_path: Path, demo_process: list[subprocess.Popen[str]]
 ) -> None:
-    began = time.monotonic()
     process = subprocess.Popen(
         [*DEMO, "--json"],
         env=user_env,
@@ -175,7 +174,6 @@ def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     demo_process.append(process)
     tree = Descendants(process)
     out, err = process.communicate(timeout=55)
-    elapsed = time.monotonic() - began
     assert process.returncode == 0, f"exit {process.returncode}\n{err}\n{out}"
 
     summary = json.loads(out)
@@ -218,7 +216,6 @@ def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     assert summary["redis_url"].startswith(f"unix://{state_dir}/")
     assert processes_mentioning(state_dir) == []
     assert_never_used_the_users_redis(tree, state_dir)
-    assert elapsed < 45
 
 
 def test_ctrl_c_mid_demo_stops_and_removes_everything(

@@ -62,7 +62,7 @@ def status(
     if refresh is not None and not watch:
         fail("--refresh goes with --watch", EXIT_USAGE)
     every_s = duration_flag("--refresh", refresh or "2s")
-    pipeline = load_pipeline(config)
+    pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
     try:
         if as_json:
@@ -149,7 +149,7 @@ def report(
     if as_json and text:
         fail("--json and --text do not go together", EXIT_USAGE)
     since_s = duration_flag("--since", since)
-    pipeline = load_pipeline(config)
+    pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
     try:
         document = build_report(client, pipeline, since_s=since_s, agents=agent)
