@@ -231,6 +231,8 @@ def _print_banner(
     else:
         typer.echo("notifiers: none configured (alerts are kept; see `agentwatch alerts`)")
     typer.echo(f"dashboard: {dashboard}")
+    if dashboard.startswith("http") and settings.otlp.enabled and settings.http.ingest_token:
+        typer.echo(f"OTLP ingest: {dashboard.rstrip('/')}/v1/traces, /v1/metrics")
     typer.echo("Ctrl-C to stop.")
 
 
