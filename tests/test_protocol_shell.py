@@ -79,8 +79,8 @@ def test_the_shell_loop_keeps_its_agent_alive(
         loop = subprocess.Popen(["sh", "-c", script], env=shell_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
         shell.append(loop)
-        # 30 beats at 0.2 s: 6 s, twice the silence threshold.
-        wait_for(lambda: r.xlen(keys.events()) >= 31 or loop.poll() is not None, 60, what="30 beats")
+        # 20 beats at 0.2 s and more (each spawns redis-cli): past the 3 s silence threshold.
+        wait_for(lambda: r.xlen(keys.events()) >= 21 or loop.poll() is not None, 60, what="20 beats")
         assert loop.poll() is None, loop.communicate()
         wait_for(lambda: caught_up(r, keys), 20, what="the worker to catch up")
         assert r.zscore(keys.agents(0), "sh-bot") is not None  # the detectors know the agent

@@ -137,7 +137,7 @@ def _config(short_dir: Path, hook_url: str | None) -> Path:
         f'[redis]\nurl = "embedded"\n[embedded]\nstate_dir = "{short_dir / "state"}"\n'
         "port = 0\npersist = false\n"
         '[worker]\ntick = "100ms"\nblock = "200ms"\n[http]\nenabled = false\n'
-        '[detectors.silence]\nafter = "2s"\n'
+        '[detectors.silence]\nafter = "1s"\n'
     )
     if hook_url:
         text += f'[[notifiers]]\ntype = "webhook"\nname = "hook"\nurl = "{hook_url}"\nbackoff = "100ms"\n'
