@@ -25,10 +25,13 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
 def test_status_notes_events_arriving_on_a_prefix_nobody_reads(
     redis_url: str, prefix: str, r: redis.Redis, tmp_path: Path
 ) -> None:
-    stray, read = f"{prefix}x", f"{prefix}y"  # removed with the test's prefix
+    stray, read, left = f"{prefix}x", f"{prefix}y", f"{prefix}z"  # removed with the test's prefix
     r.xadd(f"{stray}:events", {"d": b"an agent without AGENTWATCH_PREFIX"})
     r.xadd(f"{read}:events", {"d": b"another pipeline's agent"})
     r.xgroup_create(f"{read}:events", "detectors", id="$")  # that pipeline has read everything
+    r.xgroup_create(f"{left}:events:3", "detectors", id="0", mkstream=True)  # a pipeline moved away...
+    r.xadd(f"{left}:events:3", {"d": b"old"}, id=f"{int(r.time()[0]) * 1000 - 60_000}-0")
+    r.xadd(f"{left}:events:3", {"d": b"new"})  # ...and its agents still write: a minute unread
     env = {"AGENTWATCH_REDIS__URL": redis_url, "AGENTWATCH_REDIS__PREFIX": prefix}
     text = _cli("status", env=env, cwd=tmp_path)
     assert text.returncode == 0, text.stderr
@@ -39,6 +42,7 @@ def test_status_notes_events_arriving_on_a_prefix_nobody_reads(
         and f"set AGENTWATCH_PREFIX={prefix} in the agents" in flat
     )
     assert f"prefix '{read}'" not in flat
+    assert f"events are arriving on prefix '{left}' ({left}:events:3" in flat
     assert "(from AGENTWATCH_REDIS__URL)" in flat
     document = json.loads(_cli("status", "--json", env=env, cwd=tmp_path).stdout)
     strays = {s["prefix"]: s for s in document["unread_streams"]}

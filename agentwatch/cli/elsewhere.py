@@ -8,7 +8,7 @@ redelivery. Neither is an error anywhere, so ``status`` looks for them:
 
 * event streams of *other* prefixes on the same Redis (``SCAN`` for ``*:events*`` stream keys,
   bounded by :data:`SCAN_BUDGET` keys) whose newest entry is recent and that no consumer group
-  has read up to: events arriving that no pipeline reads. A stream some other pipeline reads
+  keeps up with: events arriving that no pipeline reads. A stream some other pipeline reads
   (another deployment sharing the server) is not mentioned;
 * the detectors' count of events dropped because their ``seq`` was not above their run's highest
   (``duplicates`` in each shard's clock hash, detectors/state.py).
@@ -31,7 +31,7 @@ SCAN_BUDGET: Final = 20_000
 RECENT_S: Final = 3600.0
 """A stream whose newest entry is older than this is an old experiment, not a live mistake."""
 UNREAD_S: Final = 30.0
-"""Entries nobody has read for this long are not just waiting for a busy reader."""
+"""A reader this far behind the newest entry is not keeping up: not a pipeline reading it."""
 _STREAM_KEY: Final = re.compile(rf"^({PREFIX_RE.pattern}):events(?::(\d+))?$")
 
 
@@ -47,7 +47,7 @@ def unread_streams(client: Client, prefix: str, now_ms: int) -> list[dict[str, A
             continue
         newest_ms = _id_ms(newest[0][0])
         age_s = max(0.0, (now_ms - newest_ms) / 1000)
-        if age_s > RECENT_S or _read_by_someone(client, key, newest_ms, now_ms):
+        if age_s > RECENT_S or _read_by_someone(client, key, newest_ms):
             continue
         found.append({"stream": key, "prefix": match.group(1), "newest_age_s": round(age_s, 1)})
     return sorted(found, key=lambda s: s["newest_age_s"])
@@ -72,14 +72,17 @@ def _event_keys(client: Client) -> list[str]:
     return [raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw) for raw in found]
 
 
-def _read_by_someone(client: Client, key: str, newest_ms: int, now_ms: int) -> bool:
+def _read_by_someone(client: Client, key: str, newest_ms: int) -> bool:
+    """Whether a consumer group keeps up with the stream: it has been handed entries up to within
+    :data:`UNREAD_S` of the newest (a pipeline that reads it, perhaps another deployment's). A
+    group left behind by a pipeline that moved to another prefix does not count."""
     try:
         groups: Any = client.xinfo_groups(key)
     except redis.ResponseError:
         return False
     for group in groups:
         last = group.get("last-delivered-id") or group.get(b"last-delivered-id") or b"0-0"
-        if _id_ms(last) >= newest_ms or now_ms - newest_ms < UNREAD_S * 1000:
+        if newest_ms - _id_ms(last) <= UNREAD_S * 1000:
             return True
     return False
 
