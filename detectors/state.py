@@ -130,6 +130,7 @@ do  -- segments: numbers from the packed string, the other fields from the list 
 end
 local CUR, NEW, PREV, FOREIGN = 1, 2, 3, 4
 local ADOPT = F_RETIRED + F_EXITED + F_SILENCE
+local DUPS = 0  -- events whose seq was applied already: redelivered, or a producer repeating seq
 -- The shard's watch clock (timers.py): while nobody checks (STALE), or for time before the
 -- last gap ended (SIGHT), a gap in an agent's events proves nothing.
 local CLOCK = redis.call('HMGET', KEYS[7], 'tick', 'sight')
@@ -258,7 +259,8 @@ local function apply(s)
     elseif take_gap(r, s[S_LO], s[S_HI]) then
       late = true
     else
-      return  -- applied before: a redelivered batch
+      DUPS = DUPS + s[S_NEV]
+      return  -- applied before: a redelivered batch (counted: `status --json` duplicates_dropped)
     end
     if cls == CUR and s[S_START] > 0 then  -- this run's own start, arriving late
       if r.start == 0 or s[S_START] < r.start then r.start = s[S_START] end
@@ -327,6 +329,7 @@ if #ZREM > 0 then chunked('ZREM', KEYS[2], ZREM) end
 if #ZIDX > 0 then chunked('ZADD', KEYS[3], ZIDX, 'GT') end
 for a, text in pairs(STACK_SET) do redis.call('HSET', KEYS[4], a, text) end
 for a in pairs(STACK_DEL) do redis.call('HDEL', KEYS[4], a) end
+if DUPS > 0 then redis.call('HINCRBY', KEYS[7], 'duplicates', DUPS) end
 local owned = flush_ops(KEYS[6], OWNER, LEASE)
 return cmsgpack.pack({owned, windows})
 """

@@ -133,9 +133,26 @@ def test_a_configured_url_that_does_not_answer_is_not_told_that_up_embeds_one(tm
     result = subprocess.run([sys.executable, "-m", "agentwatch", "status"], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=60)  # fmt: skip
     assert result.returncode == 1
-    assert f"Redis does not answer at {url}; is it running?" in result.stderr
+    assert (
+        f"Redis does not answer at {url} (from [redis] url in pipeline.toml); is it running?" in result.stderr
+    )
     assert 'Start Redis at that URL, or remove [redis] url (or set url = "embedded")' in result.stderr
     assert "`agentwatch up` embeds one" not in result.stderr
+
+
+def test_a_url_from_the_producers_variable_is_blamed_on_it_not_on_the_file(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    (tmp_path / "pipeline.toml").write_text('[redis]\nprefix = "nc1"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
+    result = subprocess.run([sys.executable, "-m", "agentwatch", "alerts"], capture_output=True, text=True,
+                            env={**env, "AGENTWATCH_REDIS_URL": url}, cwd=tmp_path, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    said = (
+        f"Redis does not answer at {url} (from AGENTWATCH_REDIS_URL, the producer's variable); is it running?"
+    )
+    assert said in result.stderr
+    assert "unset AGENTWATCH_REDIS_URL in this shell" in result.stderr
+    assert "remove [redis] url" not in result.stderr
 
 
 def test_httpx_request_lines_are_kept_out_of_the_logs() -> None:

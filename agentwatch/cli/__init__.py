@@ -76,6 +76,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help layout: typer's rich one shows a type (`<bool>`) beside every plain flag.
+    rich_markup_mode=None,
 )
 
 

@@ -27,9 +27,10 @@ from agentwatch.cli.common import (
     fail,
     load_pipeline,
 )
+from agentwatch.cli.elsewhere import wiring, wiring_notes
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.fleet import fleet_status
-from agentwatch.redisconn import Client, describe, explain
+from agentwatch.redisconn import Client, describe, explain, server_time_ms
 from agentwatch.report import build_report, notes, pct, render_text
 
 _STATE_STYLES = {
@@ -66,11 +67,15 @@ def status(
     client = client_for(pipeline)
     try:
         if as_json:
-            typer.echo(json.dumps(_filtered(fleet_status(client, pipeline), agent), indent=2))
+            document = _filtered(fleet_status(client, pipeline), agent)
+            document.update(wiring(client, pipeline, server_time_ms(client)))
+            typer.echo(json.dumps(document, indent=2))
             return
         console = Console()
         if not watch:
             console.print(_render(_filtered(fleet_status(client, pipeline), agent), console.width))
+            for line in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
+                console.print(Text(line, style="yellow" if line.startswith("note:") else "dim"))
             return
         _watch(console, client, pipeline, agent, every_s)
     finally:
