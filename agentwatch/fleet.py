@@ -38,6 +38,8 @@ _DOWN_DETECTORS: Final = {"exit": "exited", "silence": "down", "stall": "stalled
 _NOT_RUNNING: Final = ("down", "exited", "retired")
 """States in which an agent spends nothing: its tokens/min is not shown."""
 _DEFAULT_WINDOW_MS: Final = 60_000
+_MIN_SPAN_MS: Final = 5_000
+"""Younger than this, an agent's own tokens/min says too little (see _tokens_per_min)."""
 
 
 def fleet_status(
@@ -162,24 +164,40 @@ def _state(
 
 
 def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str) -> float | None:
-    """Tokens per minute now, from the detector's rate window (``ws`` start, ``wt`` tokens).
+    """Tokens per minute over the last window-length (a sliding window), from the detector's
+    rate windows: the current one (``ws`` start, ``wt`` tokens) and the one closed last (``pws``,
+    ``pwt``). Those windows are aligned to the wall clock, so dividing a window's tokens by the
+    time since its boundary would understate an agent that started (or died) inside it.
 
-    A window only moves on when a beat with tokens arrives, so an agent that stopped using
-    tokens keeps its last window forever: once that window is over, the rate is that window's;
-    once the next one is over too, nothing came in a whole window and the rate is 0. An agent
-    that is down, exited or retired spends nothing: None. A window younger than 10 s says too
-    little, so the EWMA of past windows stands in (by design it does not learn a runaway)."""
+    So each window's tokens are taken as spread over the part of it the agent was there for:
+    from its run's start (``start``) to its last event (``seen``); the rate is what of them lies
+    in the last window-length, over that length or, for an agent younger than it, over its
+    age. An agent that stops spending decays to 0 one window-length after its last event.
+    After a restart the windows may hold the previous run's tokens, and when that run ended is
+    not kept: the rate is then over the whole window-length (it can read low for the first
+    minute of the new run, never high). An agent that is down, exited or retired spends
+    nothing: None. A life shorter than ``_MIN_SPAN_MS`` says too little: the EWMA of past
+    windows stands in, if there are any (by design it does not learn a runaway)."""
     if state in _NOT_RUNNING:
         return None
-    started, tokens = float(record.get("ws", 0)), float(record.get("wt", 0))
-    if started:
-        age = now - started
-        if age >= 2 * window_ms:
-            return 0.0
-        if age >= window_ms:
-            return round(tokens / window_ms * 60_000, 1)
-        if age >= min(10_000, window_ms):
-            return round(tokens / age * 60_000, 1)
+    first_run = not float(record.get("prun", 0))
+    start = float(record.get("start", 0)) if first_run else 0.0
+    seen = float(record.get("seen", 0)) or float(now)
+    since = now - window_ms
+    spent = 0.0
+    for begin, tokens in (
+        (float(record.get("ws", 0)), float(record.get("wt", 0))),
+        (abs(float(record.get("pws", 0))), float(record.get("pwt", 0))),
+    ):
+        if not begin or tokens <= 0:
+            continue
+        low = max(begin, start)
+        high = max(low + 1, min(begin + window_ms, seen))
+        share = (min(high, now) - max(low, since)) / (high - low)
+        spent += tokens * min(1.0, max(0.0, share))
+    span = min(window_ms, now - start) if start else window_ms
+    if span >= min(_MIN_SPAN_MS, window_ms):
+        return round(spent / span * 60_000, 1)
     weight = float(record.get("rw", 0))
     if weight > 0:
         return round(float(record.get("rb", 0)) / weight * 60, 1)

@@ -28,7 +28,6 @@ from agentwatch.fleet import fleet_status
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 from agentwatch.rollups import Snapshotter, local_midnight_ms
-from detectors.state import read_agents
 from notifiers.routing import Mutes
 
 SECOND = 1000
@@ -133,28 +132,59 @@ def test_an_agent_the_detectors_forgot_is_not_shown(feed: Feed, r: redis.Redis, 
     assert states(document) == {"alive": "ok"}
 
 
-def test_tokens_per_min_falls_to_zero_when_windows_pass_and_is_not_shown_for_the_dead(
-    feed: Feed, r: redis.Redis, keys: Keys
+def test_tokens_per_min_is_right_from_the_first_seconds_and_decays_to_zero_after_death(
+    feed: Feed, r: redis.Redis
 ) -> None:
     pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
-    t0 = feed.now - 200 * SECOND  # 60 s windows; room for three of them before "now"
+    # 60 s wall-clock windows; the agent starts 17 s into one, so its 20 s of life straddle
+    # no boundary in a way that would help: the rate must not be taken since the boundary.
+    t0 = (feed.now - 300 * SECOND) // 60_000 * 60_000 + 17 * SECOND
     feed.now = t0
     feed.apply([feed.event("spender", "start", at=t0), feed.event("crasher", "start", at=t0)])
-    spend = [feed.event("spender", "beat", at=t0 + 1000 * i, tokens=100) for i in range(1, 6)]
-    spend += [feed.event("crasher", "beat", at=t0 + 1000 * i + 1, tokens=100) for i in range(1, 6)]
-    feed.apply(spend)
+    spend = [feed.event("spender", "beat", at=t0 + SECOND * i, tokens=595) for i in range(1, 21)]
+    spend += [feed.event("crasher", "beat", at=t0 + SECOND * i + 1, tokens=595) for i in range(1, 6)]
+    feed.apply(spend)  # 595 tokens a second: 35,700 a minute, for 20 s
     feed.apply([feed.event("crasher", "exit", reason="signal", code=137, at=t0 + 6000)])
-    record = read_agents(r, keys)["spender"]
-    ws, wt = int(record["ws"]), int(record["wt"])
-    assert wt > 0
+    last = t0 + 20 * SECOND
 
     def rate(at: int) -> Any:
         return rows(fleet_status(r, pipeline, now_ms=at))["spender"]["tokens_per_min"]
 
-    assert rate(ws + 30 * SECOND) == pytest.approx(wt / 30 * 60, rel=1e-3)  # the window so far
-    assert rate(ws + 90 * SECOND) == pytest.approx(wt, rel=1e-3)  # the last whole window
-    assert rate(ws + 121 * SECOND) == 0.0  # a whole window without a token
-    assert rows(fleet_status(r, pipeline, now_ms=ws + 30 * SECOND))["crasher"]["tokens_per_min"] is None
+    assert rate(t0 + 10 * SECOND + 1) == pytest.approx(35_700, rel=0.1)  # first seconds of life
+    assert rate(last) == pytest.approx(35_700, rel=0.1)
+    assert rate(last + 2 * SECOND) == pytest.approx(11_900 / 22 * 60, rel=0.01)  # over its age
+    decaying = [rate(last + s * SECOND) for s in (40, 45, 50, 55)]
+    assert decaying == sorted(decaying, reverse=True) and 0 < decaying[-1] < decaying[0]
+    assert rate(last + 60 * SECOND + 1) == 0.0  # a window-length after its last event
+    assert rate(last + 200 * SECOND) == 0.0
+    assert rows(fleet_status(r, pipeline, now_ms=last))["crasher"]["tokens_per_min"] is None
+
+
+def test_tokens_per_min_of_a_steady_agent_holds_across_window_boundaries(feed: Feed, r: redis.Redis) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = (feed.now - 400 * SECOND) // 60_000 * 60_000 + 41 * SECOND
+    feed.now = t0
+    feed.apply([feed.event("steady", "start", at=t0)])
+    # 100 tokens a second for 180 s: 6,000 a minute, whatever the time is in its window.
+    for at in range(t0 + 6 * SECOND, t0 + 180 * SECOND + 1, 7 * SECOND):
+        beats = range(feed.now + 500, at + 1, 500)
+        feed.apply([feed.event("steady", "beat", at=b, tokens=50) for b in beats])
+        got = rows(fleet_status(r, pipeline, now_ms=at))["steady"]["tokens_per_min"]
+        assert got == pytest.approx(6000, rel=0.1), at - t0
+
+
+def test_tokens_per_min_after_a_restart_never_reads_high(feed: Feed, r: redis.Redis) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = (feed.now - 300 * SECOND) // 60_000 * 60_000 + 5 * SECOND
+    feed.now = t0
+    feed.apply([feed.event("phoenix", "start", at=t0)])
+    feed.apply([feed.event("phoenix", "beat", at=t0 + SECOND * i, tokens=100) for i in range(1, 31)])
+    restart = t0 + 35 * SECOND  # the previous run spent 6,000 a minute until 5 s ago
+    feed.apply([feed.event("phoenix", "start", run="run-2", at=restart)])
+    feed.apply([feed.event("phoenix", "beat", run="run-2", at=restart + SECOND * i, tokens=100)
+                for i in range(1, 11)])  # fmt: skip
+    got = rows(fleet_status(r, pipeline, now_ms=restart + 10 * SECOND))["phoenix"]["tokens_per_min"]
+    assert 0 < got <= 6000 * 1.1
 
 
 def test_cost_today_starts_at_local_midnight_in_the_report_time_zone(
