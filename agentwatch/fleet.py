@@ -252,12 +252,61 @@ def pipeline_health(
         # events trimmed from a stream before any detector read them (detectors/lag.py counts them)
         "trimmed_unread": _int(redis.hget(keys.clock(shard_of(PIPELINE_AGENT, keys.shards)), "trimmed")),
         "failed_deliveries": int(redis.xlen(keys.notify_failed)),
+        "deliveries": delivery_health(redis, pipeline, now),
         "incidents": [
             {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
             for d, i in sorted(own.items())
         ],
         "horizon_ms": horizon,
     }
+
+
+_FAILED_SCAN: Final = 1000
+"""Newest failed deliveries read for the per-notifier figures of the last 24 h."""
+_DAY_MS: Final = 86_400_000
+
+
+def delivery_health(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
+    """Per notifier: deliveries waiting for a retry after a failed attempt (a receiver that is
+    down shows here from its first failure, not only when ``retry_for`` gives up on it), those
+    that failed for good in the last 24 h, and the newest error of either. Only notifiers with
+    something wrong are listed; each entry's ``last_error`` is the receiver's own words."""
+    from notifiers.queue import notifier_names, retrying  # noqa: PLC0415 - plugins load lazily
+
+    keys = pipeline.keys
+    names = set(notifier_names(redis, keys)) | {plugin.name for plugin in pipeline.notifiers}
+    failed: dict[str, dict[str, Any]] = {}
+    for _, fields in redis.xrevrange(keys.notify_failed, "+", now - _DAY_MS, count=_FAILED_SCAN):
+        row = {_str(k): _str(v) for k, v in fields.items()}
+        seen = failed.setdefault(row.get("notifier", "?"), {"count": 0, "row": row})
+        seen["count"] += 1
+    out = []
+    for name in sorted(names | set(failed)):
+        waiting = retrying(redis, keys, name)
+        gone = failed.get(name)
+        if not waiting.count and not gone:
+            continue
+        entry: dict[str, Any] = {"notifier": name, "retrying": waiting.count,
+                                 "failed_24h": gone["count"] if gone else 0}  # fmt: skip
+        newest_failed = int(gone["row"].get("failed_ms") or 0) if gone else 0
+        if waiting.last is not None and (waiting.last_ms or 0) >= newest_failed:
+            job = waiting.last
+            entry.update(last_error=job.last_error, last_status=job.last_status,
+                         last_error_at=iso_ms(waiting.last_ms or now), last_attempts=job.attempts,
+                         last_alert=job.id, last_state="retrying")  # fmt: skip
+        elif gone:
+            row = gone["row"]
+            status = row.get("http_status", "")
+            code = int(status) if status.isdigit() else None
+            entry.update(last_error=row.get("reason", ""), last_status=code,
+                         last_error_at=iso_ms(newest_failed), last_attempts=int(row.get("attempts") or 0),
+                         last_alert=row.get("id", ""), last_state="failed")  # fmt: skip
+        out.append(entry)
+    return out
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _workers(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
