@@ -292,14 +292,16 @@ def delivery_health(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, 
         if waiting.last is not None and (waiting.last_ms or 0) >= newest_failed:
             job = waiting.last
             entry.update(last_error=job.last_error, last_status=job.last_status,
-                         last_error_at=iso_ms(waiting.last_ms or now), last_attempts=job.attempts,
+                         last_error_at=iso_ms(waiting.last_ms or now),
+                         last_error_age_s=_age(now, waiting.last_ms or now), last_attempts=job.attempts,
                          last_alert=job.id, last_state="retrying")  # fmt: skip
         elif gone:
             row = gone["row"]
             status = row.get("http_status", "")
             code = int(status) if status.isdigit() else None
             entry.update(last_error=row.get("reason", ""), last_status=code,
-                         last_error_at=iso_ms(newest_failed), last_attempts=int(row.get("attempts") or 0),
+                         last_error_at=iso_ms(newest_failed), last_error_age_s=_age(now, newest_failed),
+                         last_attempts=int(row.get("attempts") or 0),
                          last_alert=row.get("id", ""), last_state="failed")  # fmt: skip
         out.append(entry)
     return out

@@ -10,18 +10,17 @@ when no detector worker runs.
 
 from __future__ import annotations
 
-import io
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import redis
 from agents_detect.kit import Feed, pipeline_for, worker_for
-from rich.console import Console
 
 from agentwatch import config
 from agentwatch.alerts import iso_ms
-from agentwatch.cli.status import _render
+from agentwatch.cli.status import _board
 from agentwatch.config import Pipeline
 from agentwatch.facts import FactsRecorder
 from agentwatch.fleet import fleet_status
@@ -31,6 +30,7 @@ from agentwatch.rollups import Snapshotter, local_midnight_ms
 from notifiers.routing import Mutes
 
 SECOND = 1000
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def states(document: dict[str, Any]) -> dict[str, str]:
@@ -271,8 +271,8 @@ def test_without_a_detector_worker_status_says_so_and_does_not_call_healthy_agen
     assert health["applied_until"] == iso_ms(t0 + 2500) and health["detecting"] is False
 
 
-@pytest.mark.parametrize("width", [80, 120])
-def test_the_board_fits_the_terminal_without_cutting_agent_names(
+@pytest.mark.parametrize("width", [80, 120, 250])
+def test_the_board_fits_the_terminal_without_cutting_agent_names_or_causes(
     feed: Feed, r: redis.Redis, width: int
 ) -> None:
     pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
@@ -282,26 +282,28 @@ def test_the_board_fits_the_terminal_without_cutting_agent_names(
     for name in names:
         feed.apply([feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)])
         feed.now = t0 + 10
-    error = "RuntimeError: the upstream API kept answering 503 for ten minutes"
+    error = "RuntimeError: the upstream API kept answering 503 for ten minutes\x1b[2J"
     feed.apply([feed.event("exited-worker-03", "exit", reason="exception", code=1, error=error)])
     pulse_for(feed, "stalled-scraper-7", t0 + 3 * SECOND)
     feed.now = t0 + 10
     beat_for(feed, "ok", t0 + 3 * SECOND)
     for at in range(t0 + 250, t0 + 3 * SECOND + 1, 250):
         feed.tick(at)
-    out = io.StringIO()
-    Console(file=out, width=width).print(_render(fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND), width))
-    lines = out.getvalue().splitlines()
-    assert all(len(line.rstrip()) <= width for line in lines), lines
+    lines = [ANSI.sub("", line) for line in _board(fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND), width)]
+    cause = "exit: exited-worker-03: crashed with RuntimeError: the upstream API kept answering 503 for ten"
+    causes = [line for line in lines if cause in line]
+    assert len(causes) == 1 and "minutes\\x1b[2J" in causes[0]  # whole, and the escape as text
+    assert [line for line in lines if len(line) > width and line not in causes] == []
     header = next(line for line in lines if line.startswith("agent "))
+    inline = width > 200
     assert header.split() == ["agent", "state", "beat", "pulse", "every", "tok/min", "today",
-                              *(["incidents"] if width > 80 else [])]  # fmt: skip
+                              *(["incidents"] if inline else [])]  # fmt: skip
     for name in names:
         assert any(line.startswith(f"{name} ") for line in lines), (name, lines)
-    exited = next(line for line in lines if line.startswith("exited-worker-03 "))
-    if width > 80:  # the incidents column is the one that gives way, cut with an ellipsis
-        assert "exit: exited-worker-03: crashed with" in exited and exited.rstrip().endswith("…")
-    else:  # no room for it: each incident goes under the table, whole
-        assert "exit:" not in exited
-        text = " ".join(line.strip() for line in lines)
-        assert "exited-worker-03: exit: exited-worker-03: crashed with RuntimeError: the upstream API" in text
+    exited = lines.index(next(line for line in lines if line.startswith("exited-worker-03 ")))
+    if inline:  # every cause fits in the last column
+        assert cause in lines[exited]
+    else:  # under its agent, indented, whole
+        assert "exit:" not in lines[exited] and lines[exited + 1] == "    " + causes[0].strip()
+    footer = lines[lines.index(next(line for line in lines if line.startswith("workers alive"))) :]
+    assert "failed deliveries: 0" in " ".join(footer)

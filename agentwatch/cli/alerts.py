@@ -265,16 +265,18 @@ def _print_failed(rows: list[dict[str, Any]], as_json: bool, now_ms: int) -> Non
         typer.echo("no failed or retrying deliveries in this window")
         return
     retrying = sum(1 for row in rows if row["state"] == "retrying")
-    typer.echo(f"{len(rows)} deliveries in trouble: {retrying} retrying, {len(rows) - retrying} failed "
-               f"(up to {iso_ms(now_ms)}, times UTC)")  # fmt: skip
+    typer.echo(
+        f"{len(rows)} deliveries in trouble: {retrying} retrying, {len(rows) - retrying} failed (times UTC)"
+    )
     for row in rows:
         when = _when(int(row["failed_ms"])) if row.get("failed_ms") else "?"
         state = "retrying" if row["state"] == "retrying" else typer.style("FAILED  ", fg="red", bold=True)
         tries = int(row.get("attempts") or 0)
-        http = f"  HTTP {row['http_status']}" if row.get("http_status") else ""
-        typer.echo(f"{when}  {state}  {literal(row.get('notifier', ''))}  {literal(row.get('agent', ''))}  "
-                   f"{literal(row.get('detector', ''))} {literal(row.get('alert_status', ''))}  "
-                   f"{tries} attempt{'' if tries == 1 else 's'}{http}")  # fmt: skip
+        alert = " ".join(literal(row.get(name, "")) for name in ("agent", "detector", "alert_status"))
+        attempts = f"{tries} attempt{'' if tries == 1 else 's'}"
+        typer.echo(f"{when}  {state}  {literal(row.get('notifier', ''))}  {alert}  ({attempts})")
         reason = literal(row.get("reason", ""))
+        if row.get("http_status") and f"HTTP {row['http_status']}" not in reason:
+            reason = f"HTTP {row['http_status']}: {reason}"
         body = literal(str(row.get("body", ""))[:200])
         typer.echo(f"    {reason}" + (f"; answer: {body}" if body else ""))
