@@ -261,7 +261,7 @@ def pipeline_health(
     }
 
 
-_FAILED_SCAN: Final = 1000
+_FAILED_SCAN: Final = 100
 """Newest failed deliveries read for the per-notifier figures of the last 24 h."""
 _DAY_MS: Final = 86_400_000
 

@@ -151,3 +151,28 @@ def test_retrying_ends_when_a_retry_goes_through_or_the_last_one_fails(
         "hopeless", 0, 1, "failed",
     )  # fmt: skip
     assert "deliveries: 1 failing at hopeless (1 failed in 24h)" in " ".join(cli("status").split())
+
+
+def test_alerts_take_two_lines_each_at_80_columns_and_keep_long_causes_whole(
+    cli: Any, r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    cause = "crashed with RuntimeError: " + "the upstream API kept answering 503; " * 8
+    with receiver() as hook:
+        entry = {"type": "webhook", "url": hook.url, **FAST_DELIVERY}
+        with notifier_running(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys, "scraper-7", "exit", summary=f"scraper-7: {cause}")
+            fire(r, keys, "indexer", "stall", severity="warning")
+            fire(r, keys, "mailer")
+            wait_for(lambda: len(stream(r, keys.notify_log)) == 3, timeout=20, what="three deliveries")
+    narrow = cli("alerts").splitlines()
+    assert narrow[1].split() == ["when", "status", "agent", "detector", "notified"]
+    assert len(narrow) == 2 + 2 * 3  # title, header, then two lines per alert
+    heads, summaries = narrow[2::2], narrow[3::2]
+    assert [h.split()[3:] for h in heads] == [["scraper-7", "exit", "webhook:", "ok"],
+                                              ["indexer", "stall", "webhook:", "ok"],
+                                              ["mailer", "silence", "webhook:", "ok"]]  # fmt: skip
+    assert summaries[0] == f"    scraper-7: {cause}"  # whole, on one line of its own, however long
+    assert fits("\n".join(narrow), 80) == []
+    wide = cli("alerts", width=120).splitlines()
+    assert wide[1].split() == ["when", "status", "severity", "agent", "detector", "notified"]
+    assert wide[4].split()[3:5] == ["warning", "indexer"]

@@ -208,9 +208,15 @@ def _when(at_ms: int) -> str:
     return iso_ms(at_ms).replace("T", " ")[5:19]  # "12-07 07:01:02": the window is days, not years
 
 
+_SEVERITY_FROM: Final = 100
+"""Narrower than this, the severity column is left out (``--json`` has it) so that what the
+notifiers did fits on the alert's line."""
+
+
 def _print_alerts(alerts: list[Alert], deliveries: dict[str, list[str]], now_ms: int) -> None:
-    """One line per alert (when, status, severity, agent, detector, then what each notifier did
-    if it fits, else on its own line), and its summary under it, whole: a cause is never cut."""
+    """One line per alert (when, status, severity on a wide terminal, agent, detector, then what
+    each notifier did if it fits, else on the next line), and its summary under it, whole: a
+    cause is never cut."""
     if not alerts:
         typer.echo("no alerts in this window")
         return
@@ -219,12 +225,15 @@ def _print_alerts(alerts: list[Alert], deliveries: dict[str, list[str]], now_ms:
     detectors = [literal(alert.detector) for alert in alerts]
     agent_w = min(max(len("agent"), *map(len, agents)), 24)
     detector_w = min(max(len("detector"), *map(len, detectors)), 12)
+    severity = width >= _SEVERITY_FROM
     typer.echo(f"{len(alerts)} alert(s) up to {iso_ms(now_ms)} (times UTC)")
-    columns = f"{'status':<8}  {'severity':<8}  {'agent':<{agent_w}}  {'detector':<{detector_w}}"
-    typer.echo(f"{'when':<14}  {columns}  notified")
+    columns = f"{'severity':<8}  " if severity else ""
+    columns += f"{'agent':<{agent_w}}  {'detector':<{detector_w}}"
+    typer.echo(f"{'when':<14}  {'status':<8}  {columns}  notified")
     colours = {"firing": "red", "resolved": "green"}
     for alert, name, detector in zip(alerts, agents, detectors, strict=True):
-        rest = f"{literal(alert.severity):<8}  {name:<{agent_w}}  {detector:<{detector_w}}"
+        rest = f"{literal(alert.severity):<8}  " if severity else ""
+        rest += f"{name:<{agent_w}}  {detector:<{detector_w}}"
         plain = f"{_when(alert.at_ms)}  {alert.status:<8}  {rest}"
         status = typer.style(
             f"{alert.status:<8}", fg=colours.get(alert.status), bold=alert.status == "firing"
@@ -235,25 +244,26 @@ def _print_alerts(alerts: list[Alert], deliveries: dict[str, list[str]], now_ms:
             typer.echo(f"{head}  {notified}")
         else:
             typer.echo(head.rstrip())
-            for part in _wrap(deliveries.get(alert.id, []), width, indent=4):
+            for part in _wrap(deliveries.get(alert.id, []), width, first="    notified: ", indent=14):
                 typer.echo(part)
         typer.echo(f"    {literal(alert.summary)}")
 
 
-def _wrap(parts: Sequence[str], width: int, *, indent: int) -> list[str]:
+def _wrap(parts: Sequence[str], width: int, *, first: str, indent: int) -> list[str]:
     """``parts`` joined with ", " on lines of at most ``width`` (a part longer than a line gets
-    a line of its own), each line indented."""
+    a line of its own): the first line starts with ``first``, the others are indented."""
     lines: list[str] = []
     line = ""
     for part in parts:
+        lead = len(first) if not lines else indent
         candidate = f"{line}, {part}" if line else part
-        if line and indent + len(candidate) > width:
-            lines.append(" " * indent + line + ",")
+        if line and lead + len(candidate) > width:
+            lines.append(line + ",")
             candidate = part
         line = candidate
     if line:
-        lines.append(" " * indent + line)
-    return lines
+        lines.append(line)
+    return [(first if n == 0 else " " * indent) + text for n, text in enumerate(lines)]
 
 
 def _print_failed(rows: list[dict[str, Any]], as_json: bool, now_ms: int) -> None:
