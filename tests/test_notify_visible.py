@@ -84,6 +84,7 @@ def test_a_dead_and_a_failing_webhook_show_as_retrying_everywhere(
 
             with TestClient(create_app(pipeline, redis_url)) as http:
                 page = http.get("/alerts").text
+                scrape = http.get("/metrics").text
     assert len(broken.requests) == 1  # the views were read before any retry
 
     # alerts: what each notifier is doing, with the last error; the summary literal, whole
@@ -125,6 +126,8 @@ def test_a_dead_and_a_failing_webhook_show_as_retrying_everywhere(
     # the dashboard: the retry in the alert's row and the notifiers being retried
     assert "dead: retrying (1 attempt)" in page and "broken: retrying (1 attempt) (HTTP 500)" in page
     assert "Deliveries being retried" in page and "Connection refused" in page
+    assert 'agentwatch_deliveries_retrying{notifier="dead"} 1.0' in scrape.splitlines()
+    assert 'agentwatch_deliveries_retrying{notifier="broken"} 1.0' in scrape.splitlines()
     assert alert_lines
 
 
