@@ -73,6 +73,7 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     # notifiers
     "notifier_queue": _NOTIFIER_STATE,
     "notifier_jobs": _NOTIFIER_STATE,
+    "notifier_retrying": _NOTIFIER_STATE,
     "notifier_leases": _NOTIFIER_STATE,
     "notifier_order": _NOTIFIER_STATE,
     "notifier_seen": _NOTIFIER_STATE,

@@ -38,6 +38,8 @@ _DOWN_DETECTORS: Final = {"exit": "exited", "silence": "down", "stall": "stalled
 _NOT_RUNNING: Final = ("down", "exited", "retired")
 """States in which an agent spends nothing: its tokens/min is not shown."""
 _DEFAULT_WINDOW_MS: Final = 60_000
+_MIN_SPAN_MS: Final = 5_000
+"""Younger than this, an agent's own tokens/min says too little (see _tokens_per_min)."""
 
 
 def fleet_status(
@@ -162,24 +164,40 @@ def _state(
 
 
 def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str) -> float | None:
-    """Tokens per minute now, from the detector's rate window (``ws`` start, ``wt`` tokens).
+    """Tokens per minute over the last window-length (a sliding window), from the detector's
+    rate windows: the current one (``ws`` start, ``wt`` tokens) and the one closed last (``pws``,
+    ``pwt``). Those windows are aligned to the wall clock, so dividing a window's tokens by the
+    time since its boundary would understate an agent that started (or died) inside it.
 
-    A window only moves on when a beat with tokens arrives, so an agent that stopped using
-    tokens keeps its last window forever: once that window is over, the rate is that window's;
-    once the next one is over too, nothing came in a whole window and the rate is 0. An agent
-    that is down, exited or retired spends nothing: None. A window younger than 10 s says too
-    little, so the EWMA of past windows stands in (by design it does not learn a runaway)."""
+    So each window's tokens are taken as spread over the part of it the agent was there for:
+    from its run's start (``start``) to its last event (``seen``); the rate is what of them lies
+    in the last window-length, over that length or, for an agent younger than it, over its
+    age. An agent that stops spending decays to 0 one window-length after its last event.
+    After a restart the windows may hold the previous run's tokens, and when that run ended is
+    not kept: the rate is then over the whole window-length (it can read low for the first
+    minute of the new run, never high). An agent that is down, exited or retired spends
+    nothing: None. A life shorter than ``_MIN_SPAN_MS`` says too little: the EWMA of past
+    windows stands in, if there are any (by design it does not learn a runaway)."""
     if state in _NOT_RUNNING:
         return None
-    started, tokens = float(record.get("ws", 0)), float(record.get("wt", 0))
-    if started:
-        age = now - started
-        if age >= 2 * window_ms:
-            return 0.0
-        if age >= window_ms:
-            return round(tokens / window_ms * 60_000, 1)
-        if age >= min(10_000, window_ms):
-            return round(tokens / age * 60_000, 1)
+    first_run = not float(record.get("prun", 0))
+    start = float(record.get("start", 0)) if first_run else 0.0
+    seen = float(record.get("seen", 0)) or float(now)
+    since = now - window_ms
+    spent = 0.0
+    for begin, tokens in (
+        (float(record.get("ws", 0)), float(record.get("wt", 0))),
+        (abs(float(record.get("pws", 0))), float(record.get("pwt", 0))),
+    ):
+        if not begin or tokens <= 0:
+            continue
+        low = max(begin, start)
+        high = max(low + 1, min(begin + window_ms, seen))
+        share = (min(high, now) - max(low, since)) / (high - low)
+        spent += tokens * min(1.0, max(0.0, share))
+    span = min(window_ms, now - start) if start else window_ms
+    if span >= min(_MIN_SPAN_MS, window_ms):
+        return round(spent / span * 60_000, 1)
     weight = float(record.get("rw", 0))
     if weight > 0:
         return round(float(record.get("rb", 0)) / weight * 60, 1)
@@ -241,12 +259,63 @@ def pipeline_health(
         # events trimmed from a stream before any detector read them (detectors/lag.py counts them)
         "trimmed_unread": _int(redis.hget(keys.clock(shard_of(PIPELINE_AGENT, keys.shards)), "trimmed")),
         "failed_deliveries": int(redis.xlen(keys.notify_failed)),
+        "deliveries": delivery_health(redis, pipeline, now),
         "incidents": [
             {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
             for d, i in sorted(own.items())
         ],
         "horizon_ms": horizon,
     }
+
+
+_FAILED_SCAN: Final = 100
+"""Newest failed deliveries read for the per-notifier figures of the last 24 h."""
+_DAY_MS: Final = 86_400_000
+
+
+def delivery_health(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
+    """Per notifier: deliveries waiting for a retry after a failed attempt (a receiver that is
+    down shows here from its first failure, not only when ``retry_for`` gives up on it), those
+    that failed for good in the last 24 h, and the newest error of either. Only notifiers with
+    something wrong are listed; each entry's ``last_error`` is the receiver's own words."""
+    from notifiers.queue import notifier_names, retrying  # noqa: PLC0415 - plugins load lazily
+
+    keys = pipeline.keys
+    names = set(notifier_names(redis, keys)) | {plugin.name for plugin in pipeline.notifiers}
+    failed: dict[str, dict[str, Any]] = {}
+    for _, fields in redis.xrevrange(keys.notify_failed, "+", now - _DAY_MS, count=_FAILED_SCAN):
+        row = {_str(k): _str(v) for k, v in fields.items()}
+        seen = failed.setdefault(row.get("notifier", "?"), {"count": 0, "row": row})
+        seen["count"] += 1
+    out = []
+    for name in sorted(names | set(failed)):
+        waiting = retrying(redis, keys, name)
+        gone = failed.get(name)
+        if not waiting.count and not gone:
+            continue
+        entry: dict[str, Any] = {"notifier": name, "retrying": waiting.count,
+                                 "failed_24h": gone["count"] if gone else 0}  # fmt: skip
+        newest_failed = int(gone["row"].get("failed_ms") or 0) if gone else 0
+        if waiting.last is not None and (waiting.last_ms or 0) >= newest_failed:
+            job = waiting.last
+            entry.update(last_error=job.last_error, last_status=job.last_status,
+                         last_error_at=iso_ms(waiting.last_ms or now),
+                         last_error_age_s=_age(now, waiting.last_ms or now), last_attempts=job.attempts,
+                         last_alert=job.id, last_state="retrying")  # fmt: skip
+        elif gone:
+            row = gone["row"]
+            status = row.get("http_status", "")
+            code = int(status) if status.isdigit() else None
+            entry.update(last_error=row.get("reason", ""), last_status=code,
+                         last_error_at=iso_ms(newest_failed), last_error_age_s=_age(now, newest_failed),
+                         last_attempts=int(row.get("attempts") or 0),
+                         last_alert=row.get("id", ""), last_state="failed")  # fmt: skip
+        out.append(entry)
+    return out
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _workers(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:

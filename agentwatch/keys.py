@@ -163,6 +163,11 @@ class Keys:
         """Hash delivery id -> JSON of the pending delivery (the alert, attempts, last error)."""
         return f"{self.notifier_tag(notifier)}:jobs"
 
+    def notifier_retrying(self, notifier: str) -> str:
+        """Sorted set delivery id -> when its last attempt failed (ms): the deliveries waiting to
+        be tried again, so ``status`` counts them without reading every pending delivery."""
+        return f"{self.notifier_tag(notifier)}:retrying"
+
     def notifier_leases(self, notifier: str) -> str:
         """Hash delivery id -> token of the worker delivering it now; ``n:<id>`` counts its claims."""
         return f"{self.notifier_tag(notifier)}:leases"

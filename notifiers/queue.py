@@ -8,6 +8,9 @@ notifier's own delivery threads drain its queue. The state, all under the tag ``
 
 * ``queue`` (zset): delivery id -> when it is next due, in Redis server time (ms);
 * ``jobs`` (hash): delivery id -> JSON (the alert, attempts that ended with an outcome, last error);
+* ``retrying`` (zset): delivery id -> when its last attempt failed: the deliveries whose last
+  attempt failed and that wait for the next, so ``status`` and ``alerts`` show a receiver that
+  is down long before ``retry_for`` turns its deliveries into failures;
 * ``leases`` (hash): delivery id -> token of the thread delivering it, and ``n:<id>`` -> how many
   times it was claimed, which numbers its attempts. Claiming a delivery pushes its due time out
   by the lease, so if that worker is SIGKILLed the delivery simply becomes due again and any
@@ -131,6 +134,7 @@ for _, id in ipairs(due) do
   local prev = redis.call('HGET', KEYS[3], 'after:' .. id)
   if not job then
     redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[6], id)
   elseif prev and redis.call('HEXISTS', KEYS[2], prev) == 1 then
     -- wait for the delivery before it in the same chain; finishing it makes this one due
     local behind = tonumber(redis.call('ZSCORE', KEYS[1], prev) or now)
@@ -153,6 +157,7 @@ if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1], 'n:' .. ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('HDEL', KEYS[3], 'after:' .. ARGV[1])
 local nxt = redis.call('HGET', KEYS[3], 'next:' .. ARGV[1])
 if nxt then
@@ -171,6 +176,7 @@ _RETRY: Final = _script("""
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZADD', KEYS[5], now, ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 local pause = tonumber(ARGV[5])
 if pause > 0 then
@@ -225,6 +231,7 @@ class DeliveryQueue:
         self.queue = keys.notifier_queue(notifier)
         self.jobs = keys.notifier_jobs(notifier)
         self.leases = keys.notifier_leases(notifier)
+        self.retrying = keys.notifier_retrying(notifier)
         self.order = keys.notifier_order(notifier)
         self.seen = keys.notifier_seen(notifier)
         self.limits = keys.notifier_limits(notifier)
@@ -274,7 +281,7 @@ class DeliveryQueue:
     def claim(self, lease_ms: int, *, rate_per_s: float = 0.0, burst: int = 1) -> Claimed | int:
         """The next due delivery, leased to us for ``lease_ms``; else ms to wait (-1: empty)."""
         token = os.urandom(8).hex()
-        keys = [self.queue, self.jobs, self.order, self.leases, self.limits]
+        keys = [self.queue, self.jobs, self.order, self.leases, self.limits, self.retrying]
         reply = self._claim(keys=keys, args=[lease_ms, token, rate_per_s / 1000.0, burst])
         if int(reply[0]) == 1:
             return Claimed(Job.from_json(reply[2]), token, int(reply[3]))
@@ -282,13 +289,13 @@ class DeliveryQueue:
 
     def finish(self, claimed: Claimed) -> bool:
         """Forget a delivery that is done (delivered or failed for good). False: lease lost."""
-        keys = [self.queue, self.jobs, self.order, self.leases]
+        keys = [self.queue, self.jobs, self.order, self.leases, self.retrying]
         job = claimed.job
         return bool(self._finish(keys=keys, args=[job.id, claimed.token, job.alert.get("dedup_key", "")]))
 
     def retry(self, claimed: Claimed, delay_ms: int, *, pause_ms: int = 0) -> bool:
         """Make it due again in ``delay_ms``, saving its updated attempts and last error."""
-        keys = [self.queue, self.jobs, self.leases, self.limits]
+        keys = [self.queue, self.jobs, self.leases, self.limits, self.retrying]
         job = claimed.job
         args: list[Any] = [job.id, claimed.token, max(0, delay_ms), job.to_json(), max(0, pause_ms)]
         return bool(self._retry(keys=keys, args=args))
@@ -307,6 +314,73 @@ class DeliveryQueue:
             return -1
         seconds, micros = self.client.time()
         return int(first[0][1]) - (int(seconds) * 1000 + int(micros) // 1000)
+
+
+# -- what the CLI and the dashboard read ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """One notifier's deliveries waiting for another attempt after a failed one."""
+
+    notifier: str
+    count: int
+    last: Job | None
+    """The delivery whose attempt failed most recently (its ``last_error``, ``last_status``)."""
+    last_ms: int | None
+    """When that attempt failed (Redis time, ms)."""
+
+
+def notifier_names(client: Client, keys: Keys) -> list[str]:
+    """Every notifier that ever recorded an outcome or a retry (from ``<prefix>:notify:stats``):
+    the CLI need not load the plugins to know which notifiers to look at, and a notifier since
+    taken out of the file still shows what it left behind."""
+    redis: Any = client
+    names = {_text(field).rpartition(":")[0] for field in redis.hkeys(keys.notify_stats)}
+    return sorted(name for name in names if name)
+
+
+def retrying(client: Client, keys: Keys, notifier: str) -> Retrying:
+    """How many deliveries of ``notifier`` wait for a retry, and the newest failed attempt."""
+    redis: Any = client
+    index = keys.notifier_retrying(notifier)
+    pipe = redis.pipeline(transaction=False)
+    pipe.zcard(index)
+    pipe.zrevrange(index, 0, 0, withscores=True)
+    count, newest = pipe.execute()
+    if not newest:
+        return Retrying(notifier, int(count), None, None)
+    jobs = pending_jobs(client, keys, notifier, [_text(newest[0][0])])
+    return Retrying(notifier, int(count), next(iter(jobs.values()), None), int(newest[0][1]))
+
+
+def retrying_jobs(
+    client: Client, keys: Keys, notifier: str, *, since_ms: int = 0, limit: int = 1000
+) -> list[tuple[int, Job]]:
+    """Up to ``limit`` deliveries waiting for a retry whose last attempt failed after
+    ``since_ms``, newest last, each with when that attempt failed."""
+    redis: Any = client
+    found = redis.zrevrangebyscore(keys.notifier_retrying(notifier), "+inf", since_ms, start=0, num=limit,
+                                   withscores=True)  # fmt: skip
+    jobs = pending_jobs(client, keys, notifier, [_text(member) for member, _ in found])
+    out = [(int(score), jobs[_text(member)]) for member, score in found if _text(member) in jobs]
+    return out[::-1]
+
+
+def pending_jobs(client: Client, keys: Keys, notifier: str, ids: list[str]) -> dict[str, Job]:
+    """The pending deliveries among ``ids`` (absent: delivered, failed or never queued)."""
+    redis: Any = client
+    out: dict[str, Job] = {}
+    for at in range(0, len(ids), 1000):
+        chunk = ids[at : at + 1000]
+        for delivery_id, raw in zip(chunk, redis.hmget(keys.notifier_jobs(notifier), chunk), strict=True):
+            if raw is None:
+                continue
+            try:
+                out[delivery_id] = Job.from_json(raw)
+            except (ValueError, TypeError):
+                continue  # not ours to judge here: the delivery threads fail it with the reason
+    return out
 
 
 def _text(value: bytes | str) -> str:

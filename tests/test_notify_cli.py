@@ -81,9 +81,10 @@ def test_alerts_table_shows_what_each_notifier_did_and_failed_lists_dead_letters
             alert = fire(r, keys, "table-bot")
             wait_for(lambda: len(stream(r, keys.notify_log)) == 2, what="both outcomes")
     table = cli("alerts")
-    assert "table-bot" in table and "good ok" in table and "bad FAILED 410" in table
+    assert "table-bot" in table and "good: ok" in table and "bad: FAILED (HTTP 410)" in table
     (row,) = lines(cli("alerts", "--failed", "--json"))
     assert row["notifier"] == "bad" and row["http_status"] == 410 and row["body"] == "gone for good"
+    assert row["state"] == "failed"
     assert row["alert"]["id"] == alert.id and row["attempts"] == 1
     assert "gone for good" in cli("alerts", "--failed")
     assert lines(cli("alerts", "--failed", "--json", "--agent", "other-*")) == []
@@ -118,7 +119,7 @@ def test_mute_holds_back_delivery_until_unmuted_or_expired(
     ids = [q.headers["webhook-id"] for q in hook.requests]
     assert ids[0] == other.id and sorted(ids[1:]) == sorted([muted.id] + [a.id for a in later])
     assert [e["outcome"] for e in stream(r, keys.notify_log) if e["id"] == muted.id] == ["muted", "delivered"]
-    assert "webhook muted, webhook ok" in cli("alerts")
+    assert "webhook: muted, webhook: ok" in cli("alerts")
 
 
 def test_cli_usage_errors_exit_2(cli: Any) -> None:

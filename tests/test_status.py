@@ -10,28 +10,27 @@ when no detector worker runs.
 
 from __future__ import annotations
 
-import io
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import redis
 from agents_detect.kit import Feed, pipeline_for, worker_for
-from rich.console import Console
 
 from agentwatch import config
 from agentwatch.alerts import iso_ms
-from agentwatch.cli.status import _render
+from agentwatch.cli.status import _board
 from agentwatch.config import Pipeline
 from agentwatch.facts import FactsRecorder
 from agentwatch.fleet import fleet_status
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 from agentwatch.rollups import Snapshotter, local_midnight_ms
-from detectors.state import read_agents
 from notifiers.routing import Mutes
 
 SECOND = 1000
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def states(document: dict[str, Any]) -> dict[str, str]:
@@ -133,28 +132,59 @@ def test_an_agent_the_detectors_forgot_is_not_shown(feed: Feed, r: redis.Redis, 
     assert states(document) == {"alive": "ok"}
 
 
-def test_tokens_per_min_falls_to_zero_when_windows_pass_and_is_not_shown_for_the_dead(
-    feed: Feed, r: redis.Redis, keys: Keys
+def test_tokens_per_min_is_right_from_the_first_seconds_and_decays_to_zero_after_death(
+    feed: Feed, r: redis.Redis
 ) -> None:
     pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
-    t0 = feed.now - 200 * SECOND  # 60 s windows; room for three of them before "now"
+    # 60 s wall-clock windows; the agent starts 17 s into one, so its 20 s of life straddle
+    # no boundary in a way that would help: the rate must not be taken since the boundary.
+    t0 = (feed.now - 300 * SECOND) // 60_000 * 60_000 + 17 * SECOND
     feed.now = t0
     feed.apply([feed.event("spender", "start", at=t0), feed.event("crasher", "start", at=t0)])
-    spend = [feed.event("spender", "beat", at=t0 + 1000 * i, tokens=100) for i in range(1, 6)]
-    spend += [feed.event("crasher", "beat", at=t0 + 1000 * i + 1, tokens=100) for i in range(1, 6)]
-    feed.apply(spend)
+    spend = [feed.event("spender", "beat", at=t0 + SECOND * i, tokens=595) for i in range(1, 21)]
+    spend += [feed.event("crasher", "beat", at=t0 + SECOND * i + 1, tokens=595) for i in range(1, 6)]
+    feed.apply(spend)  # 595 tokens a second: 35,700 a minute, for 20 s
     feed.apply([feed.event("crasher", "exit", reason="signal", code=137, at=t0 + 6000)])
-    record = read_agents(r, keys)["spender"]
-    ws, wt = int(record["ws"]), int(record["wt"])
-    assert wt > 0
+    last = t0 + 20 * SECOND
 
     def rate(at: int) -> Any:
         return rows(fleet_status(r, pipeline, now_ms=at))["spender"]["tokens_per_min"]
 
-    assert rate(ws + 30 * SECOND) == pytest.approx(wt / 30 * 60, rel=1e-3)  # the window so far
-    assert rate(ws + 90 * SECOND) == pytest.approx(wt, rel=1e-3)  # the last whole window
-    assert rate(ws + 121 * SECOND) == 0.0  # a whole window without a token
-    assert rows(fleet_status(r, pipeline, now_ms=ws + 30 * SECOND))["crasher"]["tokens_per_min"] is None
+    assert rate(t0 + 10 * SECOND + 1) == pytest.approx(35_700, rel=0.1)  # first seconds of life
+    assert rate(last) == pytest.approx(35_700, rel=0.1)
+    assert rate(last + 2 * SECOND) == pytest.approx(11_900 / 22 * 60, rel=0.01)  # over its age
+    decaying = [rate(last + s * SECOND) for s in (40, 45, 50, 55)]
+    assert decaying == sorted(decaying, reverse=True) and 0 < decaying[-1] < decaying[0]
+    assert rate(last + 60 * SECOND + 1) == 0.0  # a window-length after its last event
+    assert rate(last + 200 * SECOND) == 0.0
+    assert rows(fleet_status(r, pipeline, now_ms=last))["crasher"]["tokens_per_min"] is None
+
+
+def test_tokens_per_min_of_a_steady_agent_holds_across_window_boundaries(feed: Feed, r: redis.Redis) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = (feed.now - 400 * SECOND) // 60_000 * 60_000 + 41 * SECOND
+    feed.now = t0
+    feed.apply([feed.event("steady", "start", at=t0)])
+    # 100 tokens a second for 180 s: 6,000 a minute, whatever the time is in its window.
+    for at in range(t0 + 6 * SECOND, t0 + 180 * SECOND + 1, 7 * SECOND):
+        beats = range(feed.now + 500, at + 1, 500)
+        feed.apply([feed.event("steady", "beat", at=b, tokens=50) for b in beats])
+        got = rows(fleet_status(r, pipeline, now_ms=at))["steady"]["tokens_per_min"]
+        assert got == pytest.approx(6000, rel=0.1), at - t0
+
+
+def test_tokens_per_min_after_a_restart_never_reads_high(feed: Feed, r: redis.Redis) -> None:
+    pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
+    t0 = (feed.now - 300 * SECOND) // 60_000 * 60_000 + 5 * SECOND
+    feed.now = t0
+    feed.apply([feed.event("phoenix", "start", at=t0)])
+    feed.apply([feed.event("phoenix", "beat", at=t0 + SECOND * i, tokens=100) for i in range(1, 31)])
+    restart = t0 + 35 * SECOND  # the previous run spent 6,000 a minute until 5 s ago
+    feed.apply([feed.event("phoenix", "start", run="run-2", at=restart)])
+    feed.apply([feed.event("phoenix", "beat", run="run-2", at=restart + SECOND * i, tokens=100)
+                for i in range(1, 11)])  # fmt: skip
+    got = rows(fleet_status(r, pipeline, now_ms=restart + 10 * SECOND))["phoenix"]["tokens_per_min"]
+    assert 0 < got <= 6000 * 1.1
 
 
 def test_cost_today_starts_at_local_midnight_in_the_report_time_zone(
@@ -241,8 +271,8 @@ def test_without_a_detector_worker_status_says_so_and_does_not_call_healthy_agen
     assert health["applied_until"] == iso_ms(t0 + 2500) and health["detecting"] is False
 
 
-@pytest.mark.parametrize("width", [80, 120])
-def test_the_board_fits_the_terminal_without_cutting_agent_names(
+@pytest.mark.parametrize("width", [80, 120, 250])
+def test_the_board_fits_the_terminal_without_cutting_agent_names_or_causes(
     feed: Feed, r: redis.Redis, width: int
 ) -> None:
     pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
@@ -252,26 +282,28 @@ def test_the_board_fits_the_terminal_without_cutting_agent_names(
     for name in names:
         feed.apply([feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)])
         feed.now = t0 + 10
-    error = "RuntimeError: the upstream API kept answering 503 for ten minutes"
+    error = "RuntimeError: the upstream API kept answering 503 for ten minutes\x1b[2J"
     feed.apply([feed.event("exited-worker-03", "exit", reason="exception", code=1, error=error)])
     pulse_for(feed, "stalled-scraper-7", t0 + 3 * SECOND)
     feed.now = t0 + 10
     beat_for(feed, "ok", t0 + 3 * SECOND)
     for at in range(t0 + 250, t0 + 3 * SECOND + 1, 250):
         feed.tick(at)
-    out = io.StringIO()
-    Console(file=out, width=width).print(_render(fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND), width))
-    lines = out.getvalue().splitlines()
-    assert all(len(line.rstrip()) <= width for line in lines), lines
+    lines = [ANSI.sub("", line) for line in _board(fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND), width)]
+    cause = "exit: exited-worker-03: crashed with RuntimeError: the upstream API kept answering 503 for ten"
+    causes = [line for line in lines if cause in line]
+    assert len(causes) == 1 and "minutes\\x1b[2J" in causes[0]  # whole, and the escape as text
+    assert [line for line in lines if len(line) > width and line not in causes] == []
     header = next(line for line in lines if line.startswith("agent "))
+    inline = width > 200
     assert header.split() == ["agent", "state", "beat", "pulse", "every", "tok/min", "today",
-                              *(["incidents"] if width > 80 else [])]  # fmt: skip
+                              *(["incidents"] if inline else [])]  # fmt: skip
     for name in names:
         assert any(line.startswith(f"{name} ") for line in lines), (name, lines)
-    exited = next(line for line in lines if line.startswith("exited-worker-03 "))
-    if width > 80:  # the incidents column is the one that gives way, cut with an ellipsis
-        assert "exit: exited-worker-03: crashed with" in exited and exited.rstrip().endswith("…")
-    else:  # no room for it: each incident goes under the table, whole
-        assert "exit:" not in exited
-        text = " ".join(line.strip() for line in lines)
-        assert "exited-worker-03: exit: exited-worker-03: crashed with RuntimeError: the upstream API" in text
+    exited = lines.index(next(line for line in lines if line.startswith("exited-worker-03 ")))
+    if inline:  # every cause fits in the last column
+        assert cause in lines[exited]
+    else:  # under its agent, indented, whole
+        assert "exit:" not in lines[exited] and lines[exited + 1] == "    " + causes[0].strip()
+    footer = lines[lines.index(next(line for line in lines if line.startswith("workers alive"))) :]
+    assert "failed deliveries: 0" in " ".join(footer)

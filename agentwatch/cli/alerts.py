@@ -1,9 +1,11 @@
-"""``agentwatch alerts``: recent alerts from ``<prefix>:alerts``, or the deliveries that failed.
+"""``agentwatch alerts``: recent alerts from ``<prefix>:alerts``, or the deliveries in trouble.
 
 ``--json`` prints one JSON object per line: each alert exactly as SPEC section 5 shows it (the
-webhook's payload), or with ``--failed`` each failed delivery (notifier, alert id, agent, HTTP
-status, reason, body snippet, attempts, and the alert itself under ``alert``). Without it, a
-table for humans, with what each notifier did about each alert.
+webhook's payload), or with ``--failed`` each delivery that failed for good or waits for a retry
+after a failed attempt (``state``: ``failed`` or ``retrying``; notifier, alert id, agent, HTTP
+status, reason, body snippet, attempts, and the alert itself under ``alert``). Without it, plain
+text for humans: one line per alert, its summary on the next, readable at 80 columns and in a
+pipe. Agent-supplied text is printed literally, control characters as escapes.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-from typing import Annotated, Any
+import shutil
+from collections.abc import Sequence
+from typing import Annotated, Any, Final
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from agentwatch.alerts import Alert, Incidents, decode_alert, iso_ms
 from agentwatch.cli import app
@@ -25,13 +27,16 @@ from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 
 _PAGE = 1000
-_OUTCOME_MARKS = {
+_OUTCOME_MARKS: Final = {
     "delivered": "ok",
     "failed": "FAILED",
     "muted": "muted",
     "stale": "stale",
     "skipped": "skip",
 }
+_ERROR_CHARS: Final = 60
+"""An error shown inside the ``notified`` column is cut here; ``alerts --failed`` has it whole."""
+_GAVE_UP: Final = "gave up after "
 
 
 @app.command("alerts")
@@ -46,10 +51,12 @@ def alerts_cmd(
     firing: Annotated[
         bool, typer.Option("--firing", help="Only incidents still firing (however old).")
     ] = False,
-    failed: Annotated[bool, typer.Option("--failed", help="Failed deliveries instead of alerts.")] = False,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Deliveries that failed, or wait for a retry, instead of alerts.")
+    ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (the most recent).")] = 200,
 ) -> None:
-    """Recent alerts (or, with --failed, deliveries that failed for good)."""
+    """Recent alerts (or, with --failed, deliveries that failed or are being retried)."""
     window_s = duration_flag("--since", since or "24h")
     pipeline = load_pipeline(config, plugins=False)
     client: Any = client_for(pipeline)
@@ -58,8 +65,9 @@ def alerts_cmd(
         now = server_time_ms(client)
         start_ms = now - int(window_s * 1000)
         if failed:
-            rows = [row for row in _failed(client, keys, start_ms) if _agent_ok(row.get("agent", ""), agent)]
-            _print_failed(rows[-limit:], as_json)
+            rows = _troubled(client, keys, start_ms, limit)
+            rows = [row for row in rows if _agent_ok(row.get("agent", ""), agent)]
+            _print_failed(rows[-limit:], as_json, now)
             return
         open_ids: set[str] = set()
         if firing:
@@ -77,6 +85,7 @@ def alerts_cmd(
                 typer.echo(alert.to_json())
             return
         deliveries = _deliveries(client, keys, start_ms)
+        _pending(client, keys, [alert.id for alert in found], deliveries)
         _print_alerts(found, deliveries, now)
     finally:
         client.close()
@@ -112,10 +121,37 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
+def literal(value: object) -> str:
+    """Agent-supplied text as one printable line: control characters (escape sequences, bidi
+    overrides, line breaks) written as escapes, so nothing can move the cursor, recolour the
+    terminal or fake a line of output."""
+    from notifiers.text import visible  # noqa: PLC0415 - only when printing
+
+    return visible(str(value)).replace("\n", "\\n").replace("\t", " ")
+
+
+def _troubled(client: Any, keys: Keys, start_ms: int, limit: int) -> list[dict[str, Any]]:
+    """Failed deliveries and those waiting for a retry after a failed attempt, oldest first."""
+    from notifiers.queue import notifier_names, retrying_jobs  # noqa: PLC0415
+
+    rows = _failed(client, keys, start_ms)
+    for name in notifier_names(client, keys):
+        for at_ms, job in retrying_jobs(client, keys, name, since_ms=start_ms, limit=limit):
+            alert = job.alert
+            rows.append({
+                "state": "retrying", "notifier": name, "id": job.id, "agent": alert.get("agent", ""),
+                "detector": alert.get("detector", ""), "alert_status": alert.get("status", ""),
+                "http_status": job.last_status, "reason": job.last_error, "body": "",
+                "attempts": job.attempts, "first_ms": job.first_ms, "failed_ms": at_ms, "alert": alert,
+            })  # fmt: skip
+    rows.sort(key=lambda row: int(row.get("failed_ms") or 0))
+    return rows
+
+
 def _failed(client: Any, keys: Keys, start_ms: int) -> list[dict[str, Any]]:
     rows = []
     for _, fields in _entries(client, keys.notify_failed, start_ms):
-        row: dict[str, Any] = {_text(k): _text(v) for k, v in fields.items()}
+        row: dict[str, Any] = {"state": "failed", **{_text(k): _text(v) for k, v in fields.items()}}
         for name in ("attempts", "first_ms", "failed_ms"):
             if str(row.get(name, "")).isdigit():
                 row[name] = int(row[name])
@@ -126,60 +162,131 @@ def _failed(client: Any, keys: Keys, start_ms: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _short(error: str) -> str:
+    """An error for the ``notified`` column: without the "gave up after ..." preamble (the
+    state says so), cut at ``_ERROR_CHARS``."""
+    if error.startswith(_GAVE_UP) and ": " in error:
+        error = error.split(": ", 1)[1]
+    error = literal(error)
+    return error if len(error) <= _ERROR_CHARS else error[: _ERROR_CHARS - 1] + "…"
+
+
 def _deliveries(client: Any, keys: Keys, start_ms: int) -> dict[str, list[str]]:
-    """alert id -> ["webhook ok", "pagerduty FAILED 400", ...] from the delivery log."""
+    """alert id -> ["webhook: ok", "pagerduty: FAILED (HTTP 400)", ...] from the delivery log."""
     out: dict[str, list[str]] = {}
     for _, fields in _entries(client, keys.notify_log, start_ms):
         row = {_text(k): _text(v) for k, v in fields.items()}
-        mark = _OUTCOME_MARKS.get(row.get("outcome", ""), row.get("outcome", ""))
-        status = f" {row['http_status']}" if row.get("outcome") == "failed" and row.get("http_status") else ""
-        out.setdefault(row.get("alert", ""), []).append(f"{row.get('notifier', '?')} {mark}{status}")
+        outcome = row.get("outcome", "")
+        mark = _OUTCOME_MARKS.get(outcome, literal(outcome))
+        if outcome == "failed":
+            why = f"HTTP {row['http_status']}" if row.get("http_status") else _short(row.get("detail", ""))
+            mark += f" ({why})" if why else ""
+        out.setdefault(row.get("alert", ""), []).append(f"{literal(row.get('notifier', '?'))}: {mark}")
     return out
 
 
+def _pending(client: Any, keys: Keys, ids: Sequence[str], out: dict[str, list[str]]) -> None:
+    """Add what each notifier has not finished: ``retrying (3, <last error>)`` or ``queued``."""
+    from notifiers.queue import notifier_names, pending_jobs  # noqa: PLC0415
+
+    for name in notifier_names(client, keys):
+        for delivery_id, job in pending_jobs(client, keys, name, list(ids)).items():
+            if job.attempts:
+                why = f"HTTP {job.last_status}" if job.last_status else _short(job.last_error)
+                mark = f"retrying ({job.attempts}, {why})"
+            else:
+                mark = "queued"
+            out.setdefault(delivery_id, []).append(f"{literal(name)}: {mark}")
+
+
+def _width() -> int:
+    """The terminal's width (``COLUMNS`` when set), else 80: a pipe gets what 80 columns show."""
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
+
+
+def _when(at_ms: int) -> str:
+    return iso_ms(at_ms).replace("T", " ")[5:19]  # "12-07 07:01:02": the window is days, not years
+
+
+_SEVERITY_FROM: Final = 100
+"""Narrower than this, the severity column is left out (``--json`` has it) so that what the
+notifiers did fits on the alert's line."""
+
+
 def _print_alerts(alerts: list[Alert], deliveries: dict[str, list[str]], now_ms: int) -> None:
-    console = Console()
+    """One line per alert (when, status, severity on a wide terminal, agent, detector, then what
+    each notifier did if it fits, else on the next line), and its summary under it, whole: a
+    cause is never cut."""
     if not alerts:
-        console.print("no alerts in this window")
+        typer.echo("no alerts in this window")
         return
-    table = Table(title=f"{len(alerts)} alert(s) up to {iso_ms(now_ms)}")
-    for column in ("at (UTC)", "agent", "detector", "status", "severity", "summary", "notified"):
-        table.add_column(column, overflow="fold")
-    styles = {"firing": "bold red", "resolved": "green"}
-    for alert in alerts:
+    width = _width()
+    agents = [literal(alert.agent) for alert in alerts]
+    detectors = [literal(alert.detector) for alert in alerts]
+    agent_w = min(max(len("agent"), *map(len, agents)), 24)
+    detector_w = min(max(len("detector"), *map(len, detectors)), 12)
+    severity = width >= _SEVERITY_FROM
+    typer.echo(f"{len(alerts)} alert(s) up to {iso_ms(now_ms)} (times UTC)")
+    columns = f"{'severity':<8}  " if severity else ""
+    columns += f"{'agent':<{agent_w}}  {'detector':<{detector_w}}"
+    typer.echo(f"{'when':<14}  {'status':<8}  {columns}  notified")
+    colours = {"firing": "red", "resolved": "green"}
+    for alert, name, detector in zip(alerts, agents, detectors, strict=True):
+        rest = f"{literal(alert.severity):<8}  " if severity else ""
+        rest += f"{name:<{agent_w}}  {detector:<{detector_w}}"
+        plain = f"{_when(alert.at_ms)}  {alert.status:<8}  {rest}"
+        status = typer.style(
+            f"{alert.status:<8}", fg=colours.get(alert.status), bold=alert.status == "firing"
+        )
+        head = f"{_when(alert.at_ms)}  {status}  {rest}"
         notified = ", ".join(deliveries.get(alert.id, [])) or "-"
-        table.add_row(alert.at.replace("T", " ")[:19], alert.agent, alert.detector,
-                      f"[{styles[alert.status]}]{alert.status}[/]", alert.severity, alert.summary,
-                      notified)  # fmt: skip
-    console.print(table)
+        if len(plain) + 2 + len(notified) <= width:
+            typer.echo(f"{head}  {notified}")
+        else:
+            typer.echo(head.rstrip())
+            for part in _wrap(deliveries.get(alert.id, []), width, first="    notified: ", indent=14):
+                typer.echo(part)
+        typer.echo(f"    {literal(alert.summary)}")
 
 
-def _print_failed(rows: list[dict[str, Any]], as_json: bool) -> None:
+def _wrap(parts: Sequence[str], width: int, *, first: str, indent: int) -> list[str]:
+    """``parts`` joined with ", " on lines of at most ``width`` (a part longer than a line gets
+    a line of its own): the first line starts with ``first``, the others are indented."""
+    lines: list[str] = []
+    line = ""
+    for part in parts:
+        lead = len(first) if not lines else indent
+        candidate = f"{line}, {part}" if line else part
+        if line and lead + len(candidate) > width:
+            lines.append(line + ",")
+            candidate = part
+        line = candidate
+    if line:
+        lines.append(line)
+    return [(first if n == 0 else " " * indent) + text for n, text in enumerate(lines)]
+
+
+def _print_failed(rows: list[dict[str, Any]], as_json: bool, now_ms: int) -> None:
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row, separators=(",", ":")))
         return
-    console = Console()
     if not rows:
-        console.print("no failed deliveries in this window")
+        typer.echo("no failed or retrying deliveries in this window")
         return
-    table = Table(title=f"{len(rows)} failed deliveries")
-    for column in (
-        "failed at (UTC)",
-        "notifier",
-        "agent",
-        "detector",
-        "alert",
-        "http",
-        "tries",
-        "reason",
-        "answer",
-    ):
-        table.add_column(column, overflow="fold")
+    retrying = sum(1 for row in rows if row["state"] == "retrying")
+    typer.echo(
+        f"{len(rows)} deliveries in trouble: {retrying} retrying, {len(rows) - retrying} failed (times UTC)"
+    )
     for row in rows:
-        when = iso_ms(int(row["failed_ms"])).replace("T", " ")[:19] if row.get("failed_ms") else "?"
-        table.add_row(when, row.get("notifier", ""), row.get("agent", ""), row.get("detector", ""),
-                      row.get("alert_status", ""), str(row.get("http_status") or "-"),
-                      str(row.get("attempts", "")), row.get("reason", ""),
-                      row.get("body", "")[:200])  # fmt: skip
-    console.print(table)
+        when = _when(int(row["failed_ms"])) if row.get("failed_ms") else "?"
+        state = "retrying" if row["state"] == "retrying" else typer.style("FAILED  ", fg="red", bold=True)
+        tries = int(row.get("attempts") or 0)
+        alert = " ".join(literal(row.get(name, "")) for name in ("agent", "detector", "alert_status"))
+        attempts = f"{tries} attempt{'' if tries == 1 else 's'}"
+        typer.echo(f"{when}  {state}  {literal(row.get('notifier', ''))}  {alert}  ({attempts})")
+        reason = literal(row.get("reason", ""))
+        if row.get("http_status") and f"HTTP {row['http_status']}" not in reason:
+            reason = f"HTTP {row['http_status']}: {reason}"
+        body = literal(str(row.get("body", ""))[:200])
+        typer.echo(f"    {reason}" + (f"; answer: {body}" if body else ""))

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
-import redis
 import typer
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from agentwatch.alerts import iso_ms
 from agentwatch.cli import app
+from agentwatch.cli.alerts import literal
 from agentwatch.cli.common import (
     EXIT_USAGE,
     AgentOption,
@@ -29,14 +25,18 @@ from agentwatch.cli.common import (
 )
 from agentwatch.cli.elsewhere import wiring, wiring_notes
 from agentwatch.config import Pipeline, format_duration
-from agentwatch.fleet import fleet_status
 from agentwatch.redisconn import Client, describe, explain, server_time_ms
-from agentwatch.report import build_report, notes, pct, render_text
 
-_STATE_STYLES = {
-    "ok": "green", "late": "yellow", "muted": "blue", "stalled": "bold red", "down": "bold red",
-    "exited": "red", "retired": "dim",
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+_STATE_STYLES: Final[dict[str, dict[str, Any]]] = {
+    "ok": {"fg": "green"}, "late": {"fg": "yellow"}, "muted": {"fg": "blue"},
+    "stalled": {"fg": "red", "bold": True}, "down": {"fg": "red", "bold": True}, "exited": {"fg": "red"},
+    "retired": {"dim": True},
 }  # fmt: skip
+_ALARM: Final[dict[str, Any]] = {"fg": "red", "bold": True}
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (docs/operations.md).")]
 
@@ -65,19 +65,24 @@ def status(
     every_s = duration_flag("--refresh", refresh or "2s")
     pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
+    from agentwatch.fleet import fleet_status  # noqa: PLC0415 - heavy: only once the flags are right
+
     try:
         if as_json:
             document = _filtered(fleet_status(client, pipeline), agent)
             document.update(wiring(client, pipeline, server_time_ms(client)))
             typer.echo(json.dumps(document, indent=2))
             return
-        console = Console()
         if not watch:
-            console.print(_render(_filtered(fleet_status(client, pipeline), agent), console.width))
+            width = max(40, shutil.get_terminal_size((80, 24)).columns)  # a pipe: 80, or $COLUMNS
+            for line in _board(_filtered(fleet_status(client, pipeline), agent), width):
+                typer.echo(line)  # colours only on a terminal (click strips them on a pipe)
             for line in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
-                console.print(Text(line, style="yellow" if line.startswith("note:") else "dim"))
+                typer.echo(typer.style(line, fg="yellow") if line.startswith("note:") else line)
             return
-        _watch(console, client, pipeline, agent, every_s)
+        from rich.console import Console  # noqa: PLC0415
+
+        _watch(Console(), client, pipeline, agent, every_s)
     finally:
         client.close()
 
@@ -88,6 +93,10 @@ def _watch(console: Console, client: Client, pipeline: Pipeline, agent: str | No
 
     Losing Redis is not the end of watching: the last good frame stays, with the error under
     it, and the next refresh that reaches Redis again replaces both (redis-py reconnects)."""
+    import redis  # noqa: PLC0415
+    from rich.live import Live  # noqa: PLC0415
+
+    from agentwatch.fleet import fleet_status  # noqa: PLC0415
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         raise _Stopped
@@ -99,7 +108,7 @@ def _watch(console: Console, client: Client, pipeline: Pipeline, agent: str | No
         with Live(console=console, auto_refresh=False, screen=False) as live:
             try:
                 while True:
-                    frame: RenderableType
+                    frame: Text
                     try:
                         last = _filtered(fleet_status(client, pipeline), agent)
                         lost_since = None
@@ -120,15 +129,16 @@ def _watch(console: Console, client: Client, pipeline: Pipeline, agent: str | No
 
 def _lost(
     last: dict[str, Any] | None, where: str, exc: Exception, *, since: float, every_s: float, width: int
-) -> RenderableType:
-    error = Text(
+) -> Text:
+    error = typer.style(
         f"Redis at {where} is unreachable since {iso_ms(int(since * 1000))[11:19]} UTC: "
         f"{explain(exc)}; retrying every {format_duration(every_s)}",
-        style="bold red",
+        **_ALARM,
     )
-    if last is None:
-        return error
-    return Group(Text("(the last frame that reached Redis)", style="dim"), _render(last, width), error)
+    lines = [error]
+    if last is not None:
+        lines = [typer.style("(the last frame that reached Redis)", dim=True), *_board(last, width), error]
+    return _ansi(lines)
 
 
 def _url_of(client: Client, pipeline: Pipeline) -> str:
@@ -153,6 +163,10 @@ def report(
     """Per agent: uptime %, beats, incidents with durations, tokens, cost; and fleet totals."""
     if as_json and text:
         fail("--json and --text do not go together", EXIT_USAGE)
+    from rich.console import Console  # noqa: PLC0415
+
+    from agentwatch.report import build_report, render_text  # noqa: PLC0415
+
     since_s = duration_flag("--since", since)
     pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
@@ -182,78 +196,131 @@ def _age(seconds: float | None, *, ago: bool = True) -> str:
     return f"{format_duration(seconds)} ago" if ago else format_duration(seconds)
 
 
-_INCIDENTS_MIN = 24
-"""Narrower than this, the incidents column moves under the table (one line each, whole)."""
+def _render(document: dict[str, Any], width: int = 80) -> Text:
+    """The status board as one rich renderable (for ``--watch``, which redraws it in place)."""
+    return _ansi(_board(document, width))
 
 
-def _render(document: dict[str, Any], width: int = 80) -> Group:
-    """The status board for a terminal ``width`` columns wide.
+def _ansi(lines: list[str]) -> Text:
+    from rich.text import Text  # noqa: PLC0415
 
-    Agent names are never cut: the other columns are short, ages drop their "ago" when space is
-    tight, and the incidents column, the only one that gives way, is cut with an ellipsis
-    (`agentwatch alerts` has the whole text) or, with no room for it, listed under the table."""
+    return Text.from_ansi("\n".join(lines))  # a cause longer than the screen folds, whole
+
+
+_HEADERS: Final = ("agent", "state", "beat", "pulse", "every", "tok/min", "today")
+_RIGHT: Final = frozenset({"tok/min", "today"})
+_GAP: Final = "  "
+
+
+def _board(document: dict[str, Any], width: int = 80) -> list[str]:
+    """The status board as lines of text for a terminal ``width`` columns wide (styled with
+    ANSI colours, which ``typer.echo`` drops on a pipe).
+
+    One line per agent. Agent names are never cut: the other columns are short, and ages drop
+    their "ago" when space is tight. An agent's open incidents (the cause: "crashed with
+    ValueError: boom") are never cut either: they fill the last column when every one fits,
+    else each goes whole on an indented line under its agent, the one kind of line that may
+    run past ``width``. The pipeline's health follows, its parts flowed onto lines that fit."""
     agents = document["agents"]
-    cells = [_cells(row, ago=True) for row in agents]
-    headers = ["agent", "state", "beat", "pulse", "every", "tok/min", "today"]
+    lines = [typer.style(f"agentwatch status - {document['at']}", italic=True)]
+    if agents:
+        lines += _table(agents, width)
+    else:
+        lines.append("(no agents yet)")
+    return lines + _health(document["pipeline"], width)
 
-    def fixed(rows: list[list[str]]) -> int:
-        """Columns before the incidents, each with the two spaces that follow it."""
-        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-        return sum(widths) + 2 * len(widths)
 
-    compact = [_cells(row, ago=False) for row in agents]
-    inline = True
-    if fixed(cells) + _INCIDENTS_MIN > width:  # in order: drop "ago", move incidents, both
-        if fixed(compact) + _INCIDENTS_MIN <= width:
-            cells = compact
-        else:
-            inline = False
-            cells = cells if fixed(cells) <= width else compact
-    table = Table(
-        title=f"agentwatch status - {document['at']}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    for header in headers:
-        table.add_column(header, no_wrap=True, justify="right" if header in ("tok/min", "today") else "left")
+def _table(agents: list[dict[str, Any]], width: int) -> list[str]:
+    names = [literal(row["agent"]) for row in agents]
+    causes = [
+        "; ".join(literal(f"{i['detector']}: {i['summary']}") for i in row["incidents"]) for row in agents
+    ]
+
+    def layout(ago: bool) -> tuple[list[list[str]], list[int]]:
+        rows = [[name, *_cells(row, ago=ago)[1:]] for name, row in zip(names, agents, strict=True)]
+        return rows, [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(_HEADERS)]
+
+    rows, widths = layout(True)
+    fixed = sum(widths) + len(_GAP) * len(widths)
+    longest = max([len("incidents"), *(len(c) for c in causes)])
+    if fixed + longest > width:  # in order: drop "ago", then move the causes under their agents
+        rows, widths = layout(False)
+        fixed = sum(widths) + len(_GAP) * len(widths)
+    inline = fixed + longest <= width
+    headers = [h.rjust(w) if h in _RIGHT else h.ljust(w) for h, w in zip(_HEADERS, widths, strict=True)]
     if inline:
-        table.add_column("incidents", width=width - fixed(cells), no_wrap=True, overflow="ellipsis")
-    below: list[RenderableType] = []
-    for row, texts in zip(agents, cells, strict=True):
-        incidents = "; ".join(f"{i['detector']}: {i['summary']}" for i in row["incidents"])
-        state = Text(row["state"], style=_STATE_STYLES.get(row["state"], ""))
-        extra = [Text(incidents or "-", no_wrap=True, overflow="ellipsis")] if inline else []
-        table.add_row(texts[0], state, *texts[2:], *extra)
-        if incidents and not inline:
-            below.append(Text(f"{row['agent']}: {incidents}", style=_STATE_STYLES.get(row["state"], "")))
-    board: list[RenderableType] = [table]
-    if not agents:  # no table to speak of: the title, and why it is empty
-        board = [Text(f"agentwatch status - {document['at']}", style="italic"), Text("(no agents yet)")]
-    health = document["pipeline"]
+        headers.append("incidents")
+    out = [_GAP.join(headers).rstrip()]
+    out.append(_GAP.join("─" * w for w in [*widths, *([longest] if inline else [])]))
+    for row, cells, cause in zip(agents, rows, causes, strict=True):
+        padded = [
+            c.rjust(w) if h in _RIGHT else c.ljust(w) for h, c, w in zip(_HEADERS, cells, widths, strict=True)
+        ]
+        padded[1] = typer.style(padded[1], **_STATE_STYLES.get(row["state"], {}))
+        if inline:
+            padded.append(cause or "-")
+        out.append(_GAP.join(padded).rstrip())
+        if cause and not inline:
+            out.append("    " + typer.style(cause, **_STATE_STYLES.get(row["state"], {})))
+    return out
+
+
+def _health(health: dict[str, Any], width: int) -> list[str]:
+    """The pipeline's health: counters flowed onto lines of at most ``width``, then each problem
+    in words (in red), folded onto as many lines as it needs."""
     alive = ", ".join(f"{n} {kind}" for kind, n in sorted(health["workers_alive"].items())) or "none"
     oldest = health["oldest_pending_s"]
-    lines: list[RenderableType] = [
-        Text(
-            f"workers alive: {alive}   lag: {_dash(health['lag'])}   pending: {_dash(health['pending'])}"
-            + (f" (oldest {oldest:g}s)" if oldest else "")
-            + f"   dead letters: {health['deadletter']}   failed deliveries: {health['failed_deliveries']}"
-        )
+    parts = [
+        f"workers alive: {alive}",
+        f"lag: {_dash(health['lag'])}",
+        f"pending: {_dash(health['pending'])}" + (f" (oldest {oldest:g}s)" if oldest else ""),
+        f"dead letters: {health['deadletter']}",
+        f"failed deliveries: {health['failed_deliveries']}",
     ]
-    lines += [Text(f"pipeline: {i['summary']}", style="bold red") for i in health["incidents"]]
+    lines = _flow(parts, width)
+    alarms = [f"pipeline: {literal(i['summary'])}" for i in health["incidents"]]
+    alarms += [_delivery_line(entry) for entry in health.get("deliveries", [])]
     if health.get("rejected"):
         why = "with a missing or bad signature (forged, or a key that does not match: see the dead letters)"
-        lines.append(Text(f"rejected: {health['rejected']:,} events or alerts {why}", style="bold red"))
-    lines += [
-        Text(f"{w['name']}: handler {name!r} is broken ({w['skipped']:,} entries acked without it)",
-             style="bold red")
-        for w in health["workers"] for name in w.get("broken", [])
+        alarms.append(f"rejected: {health['rejected']:,} events or alerts {why}")
+    alarms += [
+        f"{literal(w['name'])}: handler {literal(name)!r} is broken ({w['skipped']:,} entries acked "
+        "without it)" for w in health["workers"] for name in w.get("broken", [])
     ]  # fmt: skip
     if not health.get("detecting", True):
-        lines.append(Text(f"not detecting: {health['detecting_reason']}", style="bold red"))
-    return Group(*board, *below, *lines)
+        alarms.append(f"not detecting: {health['detecting_reason']}")
+    import textwrap  # noqa: PLC0415
+
+    for alarm in alarms:  # prose: folded at spaces onto indented lines, nothing cut
+        folded = textwrap.wrap(alarm, width, subsequent_indent="  ", break_long_words=False)
+        lines += [typer.style(line, **_ALARM) for line in folded]
+    return lines
+
+
+def _delivery_line(entry: dict[str, Any]) -> str:
+    """``deliveries: 3 failing at webhook (3 retrying); last error 4s ago (attempt 2): ...``"""
+    retrying, failed = int(entry.get("retrying") or 0), int(entry.get("failed_24h") or 0)
+    counts = ", ".join(part for part in (f"{retrying} retrying" if retrying else "",
+                                         f"{failed} failed in 24h" if failed else "") if part)  # fmt: skip
+    line = f"deliveries: {retrying + failed} failing at {literal(entry['notifier'])} ({counts})"
+    if entry.get("last_error"):
+        error = literal(entry["last_error"])
+        if entry.get("last_status") and f"HTTP {entry['last_status']}" not in error:
+            error = f"HTTP {entry['last_status']}: {error}"
+        ago = _age(entry.get("last_error_age_s"))
+        line += f"; last error {ago} (attempt {entry.get('last_attempts', 0)}): {error}"
+    return line
+
+
+def _flow(parts: list[str], width: int) -> list[str]:
+    """``parts`` joined with three spaces, a new line begun wherever the next would not fit."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += "   " + part
+        else:
+            lines.append(part)
+    return lines
 
 
 def _cells(row: dict[str, Any], *, ago: bool) -> list[str]:
@@ -268,7 +335,13 @@ def _cells(row: dict[str, Any], *, ago: bool) -> list[str]:
     ]
 
 
-def _render_report(document: dict[str, Any]) -> Group:
+def _render_report(document: dict[str, Any]) -> Any:
+    from rich.console import Group  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
+    from agentwatch.report import notes, pct  # noqa: PLC0415
+
     table = Table(title=f"agentwatch report {document['from']} -> {document['to']}", title_justify="left")
     for column in ("agent", "uptime", "down", "beats", "tokens", "cost", "incidents"):
         table.add_column(

@@ -15,7 +15,8 @@ Fleet and pipeline:
   agentwatch_pipeline_lag_events, agentwatch_pipeline_pending_events,
   agentwatch_pipeline_oldest_pending_seconds, agentwatch_pipeline_detecting,
   agentwatch_deadletter_entries, agentwatch_failed_deliveries_entries,
-  agentwatch_deliveries_total{notifier, outcome}, agentwatch_workers{kind}
+  agentwatch_deliveries_total{notifier, outcome}, agentwatch_deliveries_retrying{notifier},
+  agentwatch_workers{kind}
 This server: agentwatch_http_pings_total{outcome}, agentwatch_http_denied_total,
   agentwatch_http_redis_errors_total; and agentwatch_redis_up (0 while Redis is away: the other
   series are then left out rather than reported as zeros).
@@ -61,6 +62,7 @@ class FleetCollector(Collector):
         yield from _agents(status["agents"])
         yield from _pipeline(status["pipeline"], status["agents"])
         yield _deliveries(stats)
+        yield _retrying(stats, status["pipeline"].get("deliveries", []))
 
 
 def _agents(agents: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -136,6 +138,24 @@ def _deliveries(stats: dict[Any, Any]) -> Metric:
         notifier, _, outcome = text.rpartition(":")
         if notifier:
             family.add_metric([notifier, outcome], int(value))
+    return family
+
+
+def _retrying(stats: dict[Any, Any], troubled: list[dict[str, Any]]) -> Metric:
+    """0 for every notifier that ever counted an outcome, so ``> 0`` alerting rules see the
+    series before the first failure, not only from it."""
+    family = GaugeMetricFamily(
+        "agentwatch_deliveries_retrying",
+        "Deliveries waiting for another attempt after a failed one.",
+        labels=["notifier"],
+    )
+    counts = {entry["notifier"]: int(entry["retrying"]) for entry in troubled}
+    for field in stats:
+        text = field.decode(errors="replace") if isinstance(field, bytes) else str(field)
+        counts.setdefault(text.rpartition(":")[0], 0)
+    for notifier, count in sorted(counts.items()):
+        if notifier:
+            family.add_metric([notifier], count)
     return family
 
 

@@ -23,7 +23,7 @@ from agentwatch.redisconn import server_time_ms
 from agentwatch.rollups import Totals
 from agentwatch.series import Point, read_series
 from notifiers.journal import decode_fields
-from notifiers.queue import Job
+from notifiers.queue import Retrying, notifier_names, pending_jobs, retrying
 from notifiers.routing import Mute, Mutes
 
 STATE_ORDER: Final = ("down", "exited", "stalled", "halted", "late", "muted", "ok", "retired")
@@ -32,8 +32,6 @@ ALERT_SCAN: Final = 5000
 """At most this many alerts are read back for one agent's history (newest first)."""
 LOG_SCAN: Final = 5000
 """Delivery-log entries read for the alerts page (newest first)."""
-JOBS_SCAN: Final = 500
-"""Pending deliveries read per notifier for the alerts page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +242,8 @@ class AlertsPage:
     failed: list[dict[str, str]]
     mutes: list[Mute]
     now_ms: int
+    retrying: list[Retrying] = field(default_factory=list)
+    """Per notifier with deliveries waiting for a retry: how many, and the newest failed attempt."""
 
 
 def alerts_page(server: Server, *, limit: int = 100) -> AlertsPage:
@@ -267,28 +267,19 @@ def alerts_page(server: Server, *, limit: int = 100) -> AlertsPage:
                     row.get("detail", ""),
                 )
             )
-    for plugin in server.pipeline.notifiers:
-        for job in _pending(redis, keys.notifier_jobs(plugin.name)):
-            if job.id in wanted and not any(d.notifier == plugin.name for d in by_alert.get(job.id, [])):
+    names = sorted({plugin.name for plugin in server.pipeline.notifiers} | set(notifier_names(redis, keys)))
+    for name in names:
+        for job in pending_jobs(redis, keys, name, sorted(wanted)).values():
+            if not any(d.notifier == name for d in by_alert.get(job.id, [])):
                 outcome = "retrying" if job.attempts else "queued"
                 status = "" if job.last_status is None else str(job.last_status)
                 by_alert.setdefault(job.id, []).append(
-                    Delivery(plugin.name, outcome, job.attempts, status, job.last_error)
+                    Delivery(name, outcome, job.attempts, status, job.last_error)
                 )
     failed = [decode_fields(fields) for _, fields in redis.xrevrange(keys.notify_failed, count=20)]
+    waiting = [found for found in (retrying(redis, keys, name) for name in names) if found.count]
     mutes = Mutes(server.client, keys).active(now)
-    return AlertsPage([(a, by_alert.get(a.id, [])) for a in alerts], failed, mutes, now)
-
-
-def _pending(redis: Any, key: str) -> list[Job]:
-    jobs = []
-    _, pairs = redis.hscan(key, 0, count=JOBS_SCAN)
-    for raw in pairs.values():
-        try:
-            jobs.append(Job.from_json(raw))
-        except (ValueError, TypeError):
-            continue
-    return jobs
+    return AlertsPage([(a, by_alert.get(a.id, [])) for a in alerts], failed, mutes, now, waiting)
 
 
 def pretty(value: Any) -> str:
