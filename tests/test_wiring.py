@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -88,8 +89,8 @@ def test_up_prints_what_agents_need_and_whose_server_it_is(
     assert "an existing server, not agentwatch's own: Redis " in banner
     assert f"agentwatch adds its {prefix}:* keys" in banner
     assert (
-        f"agents need: AGENTWATCH_REDIS_URL={redis_url} AGENTWATCH_PREFIX={prefix} AGENTWATCH_SHARDS=2"
-        in banner
+        f"agents need: AGENTWATCH_REDIS_URL={shlex.quote(redis_url)} "
+        f"AGENTWATCH_PREFIX={prefix} AGENTWATCH_SHARDS=2" in banner
     )
 
 
