@@ -299,7 +299,7 @@ class DeliveryQueue:
         self, job: Job, dedup_key: str, delay_ms: int, mode: str, held: str = "", park_ms: int = 0
     ) -> int:
         keys = [self.queue, self.jobs, self.order, self.seen, self.held]
-        args = [job.id, job.to_json(), dedup_key, delay_ms, mode, held, park_ms]
+        args: list[str | int] = [job.id, job.to_json(), dedup_key, delay_ms, mode, held, park_ms]
         return int(self._enqueue(keys=keys, args=args))
 
     def hold(self, alert_json: str, dedup_key: str, status: str) -> bool:
