@@ -34,7 +34,7 @@ from agentwatch.report import build_report, notes, pct, render_text
 
 _STATE_STYLES = {
     "ok": "green", "late": "yellow", "muted": "blue", "stalled": "bold red", "down": "bold red",
-    "exited": "red", "retired": "dim",
+    "exited": "red", "halted": "magenta", "retired": "dim",
 }  # fmt: skip
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (docs/operations.md).")]
@@ -259,8 +259,21 @@ def _cells(row: dict[str, Any], *, ago: bool) -> list[str]:
         _age(row["last_pulse_age_s"], ago=ago),
         format_duration(row["interval_s"]) if row["interval_s"] else "-",
         "-" if row["tokens_per_min"] is None else f"{row['tokens_per_min']:,.0f}",
-        "-" if row["cost_today"] is None else f"${row['cost_today']:,.2f}",
+        cost_cell(row),
     ]
+
+
+def cost_cell(row: dict[str, Any]) -> str:
+    """Cost today: ``$1.23``, with the tightest budget's share (``$1.23 41%``), ``+?`` when some
+    beats could not be priced, ``unknown`` when none could (never ``$0.00`` for those)."""
+    cost, unpriced = row["cost_today"], row.get("unpriced_beats_today") or 0
+    if cost is None:
+        return "unknown" if unpriced else "-"
+    text = f"${cost:,.2f}" + ("+?" if unpriced else "")
+    budgets = row.get("budgets") or []
+    if budgets:
+        text += f" {max(b['used_pct'] for b in budgets):.0f}%"
+    return text
 
 
 def _render_report(document: dict[str, Any]) -> Group:
