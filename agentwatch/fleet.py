@@ -117,7 +117,8 @@ class _Spend:
 
     def of(self, agent: str, cost_today: float | None) -> dict[str, Any]:
         """``cost_today`` (None when unknown: nothing priced, some beats unpriced),
-        ``unpriced_beats_today`` and ``budgets`` (each covering budget's window and share used)."""
+        ``unpriced_beats_today``, ``budgets`` (each covering budget's window and share used) and
+        ``budget`` (the one of them most used, or None: what the dashboard shows)."""
         windows = self.read.get(agent, {})
         day = windows.get(self.today)
         if day is not None:

@@ -30,7 +30,7 @@ from agentwatch.cli.common import (
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.fleet import fleet_status
 from agentwatch.redisconn import Client, describe, explain
-from agentwatch.report import build_report, notes, pct, render_text
+from agentwatch.report import build_report, money, notes, pct, render_text
 
 _STATE_STYLES = {
     "ok": "green", "late": "yellow", "muted": "blue", "stalled": "bold red", "down": "bold red",
@@ -292,14 +292,15 @@ def _render_report(document: dict[str, Any]) -> Group:
         down = format_duration(row["down_s"]) if row["down_s"] else "-"
         table.add_row(
             row["agent"], pct(row["uptime_pct"]), down, f"{row['beats']:,}", f"{row['tokens']:,}",
-            f"${row['cost']:,.2f}", incidents or "-",
+            money(row["cost"], row.get("unpriced_beats", 0)), incidents or "-",
         )  # fmt: skip
     fleet = document["fleet"]
     table.add_section()
     down = format_duration(fleet["down_s"]) if fleet["down_s"] else "-"
     table.add_row(
         f"fleet ({fleet['agents']} agents)", pct(fleet["uptime_pct"]), down, f"{fleet['beats']:,}",
-        f"{fleet['tokens']:,}", f"${fleet['cost']:,.2f}", f"{fleet['incidents']} incidents",
+        f"{fleet['tokens']:,}", money(fleet["cost"], fleet.get("unpriced_beats", 0)),
+        f"{fleet['incidents']} incidents",
     )  # fmt: skip
     return Group(table, *[Text(note, style="yellow") for note in notes(document)])
 
