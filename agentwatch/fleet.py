@@ -142,6 +142,7 @@ class _Spend:
             "cost_today": cost_today,
             "unpriced_beats_today": day.unpriced if day else 0,
             "budgets": budgets,
+            "budget": max(budgets, key=lambda b: b["used_pct"], default=None),
         }
 
 

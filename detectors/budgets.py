@@ -18,7 +18,8 @@ or ``budget:<glob>`` for ``together``; a second budget covering the same agent a
 ``#<its index in [[budgets]]>``). The warning opens it, the exceeded alert raises it (same dedup
 key, stages only ever go up: :meth:`agentwatch.alerts.Incidents.escalate`, one atomic step, so
 several workers racing publish each stage once and in order), and it resolves when its window
-ends. Only the worker whose exceeded alert won halts, so a halt is set once.
+ends. The halt is set once per incident: by the worker that first marks the exceeded incident
+as halted (so a worker dying between the alert and the halt leaves it to the next batch).
 """
 
 from __future__ import annotations
@@ -190,11 +191,14 @@ class BudgetKeeper(Handler[Event]):
             summary = f"{who}: {share:.0%} of the budget of ${per} spent (${spent.cost:,.2f})"
         if spent.unpriced:
             summary += f" (+{spent.unpriced} unpriced beats)"
-        alert = self.incidents.escalate(
+        self.incidents.escalate(
             target, DETECTOR, rank=verdict.rank, severity=severity, summary=summary, at_ms=now,
             details=details, dedup_key=dedup, extra={"until_ms": window.end_ms, "detector": DETECTOR},
         )  # fmt: skip
-        if alert is not None and verdict.rank == EXCEEDED and budget.halt:
+        # The halt, once per incident: whichever worker marks it first (a worker that died
+        # after raising the incident leaves it unmarked, and the next batch's worker halts).
+        # A resume by hand is not undone: the mark stays until the window's incident ends.
+        if verdict.rank == EXCEEDED and budget.halt and self.incidents.mark(target, dedup, "halted"):
             for_s = max(1.0, (window.end_ms - server_time_ms(self.client)) / 1000)
             reason = (f"budget ${per} exceeded: ${spent.cost:,.2f} spent; halted until the {budget.per} "
                       f"ends (in {format_duration(for_s)})")  # fmt: skip
