@@ -123,7 +123,7 @@ class _Spend:
         day = windows.get(self.today)
         if day is not None:
             cost_today = round(day.cost, 6) if day.beats or not day.unpriced else None
-        budgets = []
+        budgets: list[dict[str, Any]] = []
         for index, budget in enumerate(self.budgets):
             if not fnmatch.fnmatchcase(agent, budget.agents):
                 continue
