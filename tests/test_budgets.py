@@ -15,6 +15,7 @@ import pytest
 import redis
 from agents_detect.kit import Agent, pipeline_for, worker_for
 
+from agentwatch.alerts import Incidents
 from agentwatch.config import Budget, Pipeline
 from agentwatch.halts import Halts
 from agentwatch.keys import Keys
@@ -118,3 +119,72 @@ def test_judge_pace_floor() -> None:
     assert judge(budget, 0.4, day, at).rank is None  # under 5 % of the limit: no projection
     assert judge(budget, 8.0, day, at).why == "warn_at"
     assert judge(budget, 10.0, day, at).rank == EXCEEDED
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ("limit = 0", "budgets.0] limit"),
+        ("limit = -5.0", "budgets.0] limit"),
+        ('limit = 5.0\nper = "week"', "budgets.0] per"),
+        ('limit = 5.0\nscope = "all"', "budgets.0] scope"),
+        ("limit = 5.0\nwarn_at = 1.5", "budgets.0] warn_at"),
+        ('limit = "5"', "budgets.0] limit"),
+        ('per = "day"', "budgets.0] limit"),
+    ],
+)
+def test_check_config_names_the_bad_budget_key(tmp_path: Any, entry: str, named: str) -> None:
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from agentwatch.cli import app  # noqa: PLC0415
+
+    path = tmp_path / "pipeline.toml"
+    path.write_text(f"[[budgets]]\n{entry}\n")
+    result = CliRunner().invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+
+
+def test_a_glob_matching_no_agent_is_a_warning(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    from detectors.budgets import BudgetKeeper  # noqa: PLC0415
+
+    r.zadd(keys.agents(0), {"scraper-1": 1})
+    pipeline = with_budgets(pipeline_for(prefix, redis_url), {"agents": "scrapper-*", "limit": 5.0})
+    keeper = BudgetKeeper(r, keys, pipeline.settings, Incidents(r, keys), Halts(r, keys))
+    with caplog.at_level("WARNING", logger="agentwatch.detectors.budget"):
+        keeper.on_start()
+    assert "[budgets.0] agents = 'scrapper-*' matches none of the 1 agents" in caplog.text
+
+
+def test_bad_costs_are_dead_lettered_and_never_reach_a_total(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = with_budgets(pipeline_for(prefix, redis_url), {"limit": 100.0})
+    bot = Agent(r, keys, "sloppy")
+    bot.start(interval=1.0)
+    for bad in (-1.0, float("nan"), float("inf"), 1e12):
+        bot.beat(cost=bad)
+    bot.beat(cost=0.5)
+    with running(worker_for(pipeline, redis_url)):
+        wait_for(lambda: caught_up(r, keys), what="worker caught up")
+    assert r.xlen(keys.deadletter) == 4
+    spent = today(r, keys, "sloppy")
+    assert (spent.cost, spent.beats) == (0.5, 1)
+    assert budget_alerts(r, keys) == []
+
+
+def test_a_runaway_with_tokens_halt_halts_itself(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = pipeline_for(prefix, redis_url, tokens={"warmup": 5, "halt": True})
+    bot = Agent(r, keys, "runaway")
+    bot.start(interval=0.1)
+    for _ in range(10):
+        bot.beat(tokens=200)
+    bot.beat(tokens=40_000)
+    with running(worker_for(pipeline, redis_url)):
+        halts = wait_for(lambda: Halts(r, keys).halting("runaway"), what="the tokens detector's halt")
+    assert [h.by for h in halts] == ["tokens"]
+    assert "40,000" in halts[0].reason or "40000" in halts[0].reason
