@@ -61,6 +61,11 @@ class Verdict:
     projected: float = 0.0
 
 
+def usd(value: float) -> str:
+    """Money in alerts: cents from $1 up, tenths of a cent below (small budgets, demo-sized)."""
+    return f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:.4f}"
+
+
 def judge(budget: Budget, spent: float, window: Window, now_ms: int) -> Verdict:
     """The stage ``spent`` puts ``budget`` at in ``window`` at ``now_ms`` (see the module doc)."""
     if spent >= budget.limit:
@@ -174,21 +179,21 @@ class BudgetKeeper(Handler[Event]):
             "window": wid, "limit": budget.limit, "spent": round(spent.cost, 6), "used": round(share, 4),
             "unpriced_beats": spent.unpriced, "why": verdict.why,
         }  # fmt: skip
-        per = f"{budget.limit:,.2f}/{budget.per}"
+        per = f"{usd(budget.limit)}/{budget.per}"
         if verdict.rank == EXCEEDED:
             severity = "critical"
-            summary = f"{who}: budget ${per} exceeded: ${spent.cost:,.2f} spent ({share:.0%})"
+            summary = f"{who}: budget {per} exceeded: {usd(spent.cost)} spent ({share:.0%})"
             if budget.halt:
                 summary += "; halting"
         elif verdict.why == "pace":
             severity = "warning"
             details["projected"] = round(verdict.projected, 6)
             gone = window.elapsed(now)
-            summary = (f"{who}: on pace to spend ${verdict.projected:,.2f} against the budget of ${per} "
-                       f"(${spent.cost:,.2f} spent, {gone:.0%} of the {budget.per} gone)")  # fmt: skip
+            summary = (f"{who}: on pace to spend {usd(verdict.projected)} against the budget of {per} "
+                       f"({usd(spent.cost)} spent, {gone:.0%} of the {budget.per} gone)")  # fmt: skip
         else:
             severity = "warning"
-            summary = f"{who}: {share:.0%} of the budget of ${per} spent (${spent.cost:,.2f})"
+            summary = f"{who}: {share:.0%} of the budget of {per} spent ({usd(spent.cost)})"
         if spent.unpriced:
             summary += f" (+{spent.unpriced} unpriced beats)"
         self.incidents.escalate(
@@ -200,7 +205,7 @@ class BudgetKeeper(Handler[Event]):
         # A resume by hand is not undone: the mark stays until the window's incident ends.
         if verdict.rank == EXCEEDED and budget.halt and self.incidents.mark(target, dedup, "halted"):
             for_s = max(1.0, (window.end_ms - server_time_ms(self.client)) / 1000)
-            reason = (f"budget ${per} exceeded: ${spent.cost:,.2f} spent; halted until the {budget.per} "
+            reason = (f"budget {per} exceeded: {usd(spent.cost)} spent; halted until the {budget.per} "
                       f"ends (in {format_duration(for_s)})")  # fmt: skip
             self.halts.add(target, reason, by=DETECTOR, for_s=for_s)
 
