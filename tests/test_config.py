@@ -417,7 +417,7 @@ def test_a_misspelled_section_in_an_override_is_an_error(
     (found,) = problems(tmp_path, "")
     assert found == (
         "environment variable AGENTWATCH_WROKER__BATCH: unknown section 'wroker' (did you mean 'worker'?); "
-        "valid sections: redis, embedded, streams, worker, report, security, http, prices, otlp, "
+        "valid sections: redis, embedded, streams, worker, report, security, http, prices, budgets, otlp, "
         "detectors, notifiers "
         "(overrides are AGENTWATCH_<SECTION>__<KEY>)"
     )

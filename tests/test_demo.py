@@ -208,6 +208,16 @@ def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     assert "agentwatch demo: summary" in err
     assert "all three failures detected with their causes named" in err
 
+    # The brake: the runaway's budget halted it inside its own loop, a few beats past the limit.
+    brake = summary["brake"]
+    assert brake["halted"] is True and "budget" in brake["reason"]
+    assert brake["spent_usd"] >= brake["limit_usd"] and brake["past_limit_usd"] < brake["limit_usd"]
+    assert [(a["detector"], a["severity"]) for a in summary["brake_alerts"]][-2:] == [
+        ("budget", "critical"),
+        ("halt", "info"),
+    ]
+    assert re.search(r"brake: runaway halted by its \$0\.05/day budget .* past the limit", err), err
+
     # Nothing left behind: every process it started is gone, and so is its directory.
     assert tree.saw_everything(), tree.cmdlines
     assert tree.still_running() == []

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 _STATE_STYLES: Final[dict[str, dict[str, Any]]] = {
     "ok": {"fg": "green"}, "late": {"fg": "yellow"}, "muted": {"fg": "blue"},
     "stalled": {"fg": "red", "bold": True}, "down": {"fg": "red", "bold": True}, "exited": {"fg": "red"},
+    "halted": {"fg": "magenta"},
     "retired": {"dim": True},
 }  # fmt: skip
 _ALARM: Final[dict[str, Any]] = {"fg": "red", "bold": True}
@@ -331,8 +332,21 @@ def _cells(row: dict[str, Any], *, ago: bool) -> list[str]:
         _age(row["last_pulse_age_s"], ago=ago),
         format_duration(row["interval_s"]) if row["interval_s"] else "-",
         "-" if row["tokens_per_min"] is None else f"{row['tokens_per_min']:,.0f}",
-        "-" if row["cost_today"] is None else f"${row['cost_today']:,.2f}",
+        cost_cell(row),
     ]
+
+
+def cost_cell(row: dict[str, Any]) -> str:
+    """Cost today: ``$1.23``, with the tightest budget's share (``$1.23 41%``), ``+?`` when some
+    beats could not be priced, ``unknown`` when none could (never ``$0.00`` for those)."""
+    cost, unpriced = row["cost_today"], row.get("unpriced_beats_today") or 0
+    if cost is None:
+        return "unknown" if unpriced else "-"
+    text = f"${cost:,.2f}" + ("+?" if unpriced else "")
+    budgets = row.get("budgets") or []
+    if budgets:
+        text += f" {max(b['used_pct'] for b in budgets):.0f}%"
+    return text
 
 
 def _render_report(document: dict[str, Any]) -> Any:
@@ -340,7 +354,7 @@ def _render_report(document: dict[str, Any]) -> Any:
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
 
-    from agentwatch.report import notes, pct  # noqa: PLC0415
+    from agentwatch.report import money, notes, pct  # noqa: PLC0415
 
     table = Table(title=f"agentwatch report {document['from']} -> {document['to']}", title_justify="left")
     for column in ("agent", "uptime", "down", "beats", "tokens", "cost", "incidents"):
@@ -357,14 +371,15 @@ def _render_report(document: dict[str, Any]) -> Any:
         down = format_duration(row["down_s"]) if row["down_s"] else "-"
         table.add_row(
             row["agent"], pct(row["uptime_pct"]), down, f"{row['beats']:,}", f"{row['tokens']:,}",
-            f"${row['cost']:,.2f}", incidents or "-",
+            money(row["cost"], row.get("unpriced_beats", 0)), incidents or "-",
         )  # fmt: skip
     fleet = document["fleet"]
     table.add_section()
     down = format_duration(fleet["down_s"]) if fleet["down_s"] else "-"
     table.add_row(
         f"fleet ({fleet['agents']} agents)", pct(fleet["uptime_pct"]), down, f"{fleet['beats']:,}",
-        f"{fleet['tokens']:,}", f"${fleet['cost']:,.2f}", f"{fleet['incidents']} incidents",
+        f"{fleet['tokens']:,}", money(fleet["cost"], fleet.get("unpriced_beats", 0)),
+        f"{fleet['incidents']} incidents",
     )  # fmt: skip
     return Group(table, *[Text(note, style="yellow") for note in notes(document)])
 
