@@ -60,6 +60,7 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "detector": _DETECTOR_STATE,
     "facts": _DETECTOR_STATE,
     "snapshot": _DETECTOR_STATE,
+    "spend": _DETECTOR_STATE,
     "snapshots": _DETECTOR_STATE,
     "snapshot_progress": _DETECTOR_STATE,
     "snapshot_lock": _DETECTOR_STATE,

@@ -44,6 +44,35 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
+# Fire, or raise the stage of the open incident (a budget's warning, then its exceeded alert):
+# only a higher ``rank`` than the open incident's is published; the incident keeps its start.
+# Returns {1, the earlier stage's alert if still in the outbox} so the caller publishes the two
+# in order (a worker that died between deciding and publishing leaves it there), or 0.
+_ESCALATE: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local incident, earlier = ARGV[2], ''
+if cur then
+  local old = cjson.decode(cur)
+  if (tonumber(old.rank) or 1e9) >= tonumber(ARGV[5]) then return 0 end
+  local new = cjson.decode(ARGV[2])
+  new.since_ms = old.since_ms
+  incident = cjson.encode(new)
+  earlier = redis.call('HGET', KEYS[2], old.alert) or ''
+end
+redis.call('HSET', KEYS[1], ARGV[1], incident)
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return {1, earlier}
+"""
+# Set a flag on the open incident once: 1 for the one caller that set it, else 0.
+_MARK: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local doc = cjson.decode(cur)
+if doc[ARGV[2]] then return 0 end
+doc[ARGV[2]] = 1
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(doc))
+return 1
+"""
 # Compare-and-delete on the exact incident the caller read, so two resolvers cannot both win.
 # Returns the incident's firing alert if it is still in the outbox, so the caller can publish
 # firing before resolved and never invert them.
@@ -125,6 +154,8 @@ class Incidents:
         self.signer = AlertSigner(PipelineSecret(client, keys, secret))
         self._fire = self.client.register_script(_FIRE)
         self._resolve = self.client.register_script(_RESOLVE)
+        self._escalate = self.client.register_script(_ESCALATE)
+        self._mark = self.client.register_script(_MARK)
 
     def _shard(self, agent: str) -> int:
         return shard_of(agent, self.keys.shards)
@@ -165,6 +196,48 @@ class Incidents:
         self._publish(shard, [alert])
         return alert
 
+    def escalate(
+        self,
+        agent: str,
+        detector: str,
+        *,
+        rank: int,
+        severity: str,
+        summary: str,
+        at_ms: int,
+        details: dict[str, Any] | None = None,
+        dedup_key: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Alert | None:
+        """Open an incident at stage ``rank``, or move the open one up to it: publish a
+        ``firing`` alert with the same dedup key; None when the open incident is at ``rank`` or
+        above already (so each stage is published once, in order, however many workers race).
+        ``extra`` is kept with the incident (``all_open`` returns it)."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
+        key = dedup_key or f"{agent}/{detector}"
+        alert = Alert(new_alert_id(at_ms), agent, detector, "firing", severity, summary, key, iso_ms(at_ms),
+                      details or {})  # fmt: skip
+        incident = json.dumps(
+            {**(extra or {}), "alert": alert.id, "since_ms": at_ms, "severity": severity, "summary": summary,
+             "rank": rank, "agent": agent},
+            separators=(",", ":"),
+        )  # fmt: skip
+        shard = self._shard(agent)
+        keys = [self.keys.incidents(shard), self.keys.outbox(shard)]
+        done = self._escalate(keys=keys, args=[key, incident, alert.id, alert.to_json(), rank])
+        if not done:
+            return None
+        earlier = [decode_alert(done[1])] if done[1] else []
+        self._publish(shard, [*earlier, alert])
+        return alert
+
+    def mark(self, agent: str, dedup_key: str, flag: str) -> bool:
+        """Set ``flag`` on the open incident ``dedup_key`` (of ``agent``'s shard); True for the
+        one caller that set it (an effect of the incident done once: a budget's halt)."""
+        keys = [self.keys.incidents(self._shard(agent))]
+        return bool(self._mark(keys=keys, args=[dedup_key, flag]))
+
     def resolve(
         self,
         agent: str,
@@ -173,10 +246,11 @@ class Incidents:
         summary: str,
         at_ms: int,
         details: dict[str, Any] | None = None,
+        dedup_key: str | None = None,
     ) -> Alert | None:
         """Close the open incident and publish its ``resolved`` alert; None if none is open."""
         shard = self._shard(agent)
-        dedup_key = f"{agent}/{detector}"
+        dedup_key = dedup_key or f"{agent}/{detector}"
         current = self.client.hget(self.keys.incidents(shard), dedup_key)
         if current is None:
             return None

@@ -396,6 +396,36 @@ class ModelRates(Section):
         return self
 
 
+MAX_BUDGET_USD: Final = 1e9
+"""Cap of a budget's ``limit``: a larger number is a typo, not a budget."""
+
+
+class Budget(Section):
+    """One ``[[budgets]]`` entry (SPEC section 7; detectors/budgets.py enforces it): the USD the
+    agents matching ``agents`` may spend per calendar ``per`` window in ``[report] timezone``."""
+
+    agents: str = Field("*", description='glob on the agent name, e.g. "scraper-*"')
+    per: Literal["hour", "day", "month"] = Field("day", description="calendar window, in [report] timezone")
+    limit: float = Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False, description="USD per window")
+    scope: Literal["each", "together"] = Field("each", description='"each" agent its own, or "together"')
+    warn_at: float = Field(0.8, gt=0, le=1, description="a warning alert at this fraction of the limit")
+    halt: bool = Field(False, description="at 100 %: halt the agent(s) until the window ends")
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("a limit is a number of USD, e.g. 5.00")
+        return value
+
+    @field_validator("agents")
+    @classmethod
+    def _glob(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._:@/*?\[\]!-]{1,128}", value):
+            raise ValueError(f"{value[:60]!r} is not an agent name or glob (A-Za-z0-9._:@/- and * ? [ ] !)")
+        return value
+
+
 class PipelineSettings(BaseSettings):
     """The whole file. Plugin sections stay raw here; plugins.py validates each with its model."""
 
@@ -411,6 +441,7 @@ class PipelineSettings(BaseSettings):
     security: SecuritySection = SecuritySection()
     http: HttpSection = HttpSection()
     prices: dict[str, ModelRates] = Field(default_factory=dict, description="per-model rates (prices.py)")
+    budgets: list[Budget] = Field(default_factory=list, description="[[budgets]]: spend limits per window")
     otlp: OtlpSection = OtlpSection()
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notifiers: list[dict[str, Any]] = Field(default_factory=list)

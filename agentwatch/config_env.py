@@ -93,7 +93,7 @@ def notifier_overrides(raw: dict[str, Any], env: Mapping[str, str], problems: li
         if int(index) >= len(entries) or not isinstance(entries[int(index)], dict):
             problems.append(
                 f"environment variable {name}: the file declares {len(entries)} [[notifiers]] "
-                f"(numbered from 0), so there is no #{index} to override"
+                f"(numbered from 0), so there is no [[notifiers]][{index}] to override"
             )
             continue
         target = entries[int(index)]

@@ -1,7 +1,7 @@
 """Turning a bad pipeline.toml (or environment override) into lines a user can act on.
 
 Each problem is one line naming the key as it is written in the file (``[worker] block``,
-``[[notifiers]] #2 url``), the variable when the value came from the environment, what is
+``[[notifiers]][1] url``), the variable when the value came from the environment, what is
 wrong in the key's own terms ("at most 1.5s, got 5s", not "less than or equal to 1.5"), and
 for an unknown key the valid keys *at that level* with a did-you-mean. Values of secret keys
 and secret-bearing URLs are never echoed: error output ends up in CI logs and chat.
@@ -25,12 +25,13 @@ from agentwatch.urls import mask_url
 
 
 def key_path(path: tuple[str | int, ...]) -> str:
-    """('detectors', 'silence', 'after') -> '[detectors.silence] after'; lists by index."""
+    """('detectors', 'silence', 'after') -> '[detectors.silence] after'; ``[[notifiers]]`` entries by
+    their index counted from 0, as in ``AGENTWATCH_NOTIFIERS__0__URL`` (one rule everywhere)."""
     parts = [str(p) for p in path]
     if len(parts) <= 1:
         return f"[{parts[0]}]" if parts else "(top level)"
     if parts[0] == "notifiers" and parts[1].isdigit():
-        head = f"[[notifiers]] #{int(parts[1]) + 1}"
+        head = f"[[notifiers]][{int(parts[1])}]"
         return head + (f" {'.'.join(parts[2:])}" if parts[2:] else "")
     return f"[{'.'.join(_quote(p) for p in parts[:-1])}] {parts[-1]}"
 

@@ -21,19 +21,22 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from agentwatch.alerts import PIPELINE_AGENT, Incidents, iso_ms
-from agentwatch.config import Pipeline, format_duration
+from agentwatch.config import Pipeline, format_duration, parse_duration
 from agentwatch.facts import read_facts
+from agentwatch.halts import Halts
 from agentwatch.keys import shard_of
 from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.rollups import Totals, base_totals, local_midnight_ms
+from agentwatch.spend import Ledger, Spent
 
 if TYPE_CHECKING:
     from detectors.horizon import Positions
     from notifiers.routing import Mute
 
-STATES: Final = ("ok", "late", "muted", "stalled", "down", "exited", "retired")
-"""Every value ``state`` can take. Precedence when several apply: retired, exited, down,
-stalled, muted, late, ok (a muted agent that is down still shows ``down``)."""
+STATES: Final = ("ok", "late", "muted", "stalled", "down", "exited", "halted", "retired")
+"""Every value ``state`` can take. Precedence when several apply: retired, halted, exited, down,
+stalled, muted, late, ok (a muted agent that is down still shows ``down``; a halted agent shows
+``halted`` whether it has exited or still calls ``heartbeat()``)."""
 _DOWN_DETECTORS: Final = {"exit": "exited", "silence": "down", "stall": "stalled"}
 _NOT_RUNNING: Final = ("down", "exited", "retired")
 """States in which an agent spends nothing: its tokens/min is not shown."""
@@ -64,6 +67,8 @@ def fleet_status(
     day_start = local_midnight_ms(now, pipeline.settings.report.zone)
     day = base_totals(client, keys, day_start, names)
     window_ms = _window_ms(pipeline)
+    halts = Halts(client, keys, Incidents(client, keys)).in_force(now)
+    spend = _Spend(client, pipeline, now, names)
     agents = []
     for name in names:
         open_here = {
@@ -77,11 +82,18 @@ def fleet_status(
             today = totals  # first seen today: all of it is today's
         else:
             today = None  # no snapshot from before today yet (the pipeline is younger than a day)
-        agents.append(
-            _agent(name, record=records[name], fact=facts.get(name, {}), open_incidents=open_here,
-                   mutes=mutes, now=now, judged_at=health["horizon_ms"], today=today,
-                   window_ms=window_ms)
-        )  # fmt: skip
+        row = _agent(name, record=records[name], fact=facts.get(name, {}), open_incidents=open_here,
+                     mutes=mutes, now=now, judged_at=health["horizon_ms"], today=today,
+                     window_ms=window_ms)  # fmt: skip
+        halt = next((h for h in halts if fnmatch.fnmatchcase(name, h.pattern)), None)
+        if halt is not None and row["state"] != "retired":
+            row["state"] = "halted"
+        row["halt"] = None if halt is None else {
+            "pattern": halt.pattern, "reason": halt.reason, "by": halt.by, "since": iso_ms(halt.at_ms),
+            "until": None if halt.until_ms is None else iso_ms(halt.until_ms),
+        }  # fmt: skip
+        row.update(spend.of(name, row["cost_today"]))
+        agents.append(row)
     today_from = day.from_ms if day.from_ms is not None and not day.partial else day_start
     return {
         "at": iso_ms(now),
@@ -90,6 +102,50 @@ def fleet_status(
         "agents": agents,
         "pipeline": {k: v for k, v in health.items() if k != "horizon_ms"},
     }
+
+
+class _Spend:
+    """Today's exact spend (the ledger, agentwatch/spend.py) and the budgets covering each agent."""
+
+    def __init__(self, client: Client, pipeline: Pipeline, now: int, names: Sequence[str]) -> None:
+        settings = pipeline.settings
+        self.ledger = Ledger(client, pipeline.keys, settings.report.zone)
+        self.now = now
+        self.today = self.ledger.clock("day", now).id
+        self.read = self.ledger.read(names)
+        self.budgets = settings.budgets
+        wanted = {(b.agents, self.ledger.clock(b.per, now).id) for b in self.budgets if b.scope == "together"}
+        self.groups = self.ledger.groups(wanted)
+
+    def of(self, agent: str, cost_today: float | None) -> dict[str, Any]:
+        """``cost_today`` (None when unknown: nothing priced, some beats unpriced),
+        ``unpriced_beats_today``, ``budgets`` (each covering budget's window and share used) and
+        ``budget`` (the one of them most used, or None: what the dashboard shows)."""
+        windows = self.read.get(agent, {})
+        day = windows.get(self.today)
+        if day is not None:
+            cost_today = round(day.cost, 6) if day.beats or not day.unpriced else None
+        budgets: list[dict[str, Any]] = []
+        for index, budget in enumerate(self.budgets):
+            if not fnmatch.fnmatchcase(agent, budget.agents):
+                continue
+            window = self.ledger.clock(budget.per, self.now)
+            if budget.scope == "together":
+                spent = self.groups.get((budget.agents, window.id), Spent())
+            else:
+                spent = windows.get(window.id, Spent())
+            budgets.append({
+                "index": index, "agents": budget.agents, "scope": budget.scope, "per": budget.per,
+                "limit": budget.limit, "spent": round(spent.cost, 6),
+                "used_pct": round(100 * spent.cost / budget.limit, 1),
+                "unpriced_beats": spent.unpriced, "halt": budget.halt, "ends": iso_ms(window.end_ms),
+            })  # fmt: skip
+        return {
+            "cost_today": cost_today,
+            "unpriced_beats_today": day.unpriced if day else 0,
+            "budgets": budgets,
+            "budget": max(budgets, key=lambda b: b["used_pct"], default=None),
+        }
 
 
 def _agent(
@@ -205,11 +261,18 @@ def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str
 
 
 def _window_ms(pipeline: Pipeline) -> int:
-    """The tokens detector's rate window (per-agent overrides aside, which status cannot see)."""
+    """The tokens detector's rate window (per-agent overrides aside, which status cannot see).
+
+    ``status`` loads the settings without the plugins (importing the detectors costs a CLI
+    start-up numpy), so the window then comes from the ``[detectors.tokens]`` section itself."""
     for plugin in pipeline.detectors:
         if plugin.name == "tokens":
             return int(float(getattr(plugin.config, "window_s", 60.0)) * 1000)
-    return _DEFAULT_WINDOW_MS
+    section = pipeline.settings.detectors.get("tokens", {})
+    try:
+        return int(parse_duration(section["window"]) * 1000) if "window" in section else _DEFAULT_WINDOW_MS
+    except ValueError:  # validated where the detectors run (and by check-config), not here
+        return _DEFAULT_WINDOW_MS
 
 
 def pipeline_health(

@@ -169,6 +169,10 @@ class Halts:
         self.expire(now, halts)
         return sorted((h for h in halts.values() if h.live(now)), key=lambda h: h.at_ms)
 
+    def in_force(self, now_ms: int) -> list[Halt]:
+        """The halts in force, read only (for views run with the read-only operator role)."""
+        return sorted((h for h in self._read().values() if h.live(now_ms)), key=lambda h: h.at_ms)
+
     def halting(self, agent: str, now_ms: int | None = None) -> list[Halt]:
         """The halts in force that cover ``agent``."""
         return [halt for halt in self.active(now_ms) if fnmatch.fnmatchcase(agent, halt.pattern)]

@@ -253,6 +253,12 @@ class Keys:
         started_ms) and when it was first seen (first_ms): for status, reports and restarts."""
         return f"{self.tag(shard)}:facts"
 
+    def spend(self, shard: int) -> str:
+        """Hash agent -> its spend ledger (agentwatch/spend.py): USD and unpriced beats per
+        calendar window, with the (run, seq) marks that keep each event counted once; and
+        ``#g|<glob>|<window>`` -> the shard's share of a ``scope = "together"`` budget."""
+        return f"{self.tag(shard)}:spend"
+
     def snapshot(self, shard: int, bucket_ms: int) -> str:
         """Hash agent -> packed totals (beats, tokens, cost) as of the bucket's start; expires."""
         return f"{self.tag(shard)}:snap:{bucket_ms}"

@@ -89,6 +89,7 @@ def build_report(
     begin, partial = _span_start(base, requested, first_seen, now)
     incidents = _incidents(client, pipeline, begin, now)
     history = _history(client, pipeline, begin, now)
+    unpriced = _unpriced(client, pipeline, names, begin, now)
     rows = []
     for name in names:
         first = first_seen[name]
@@ -108,7 +109,9 @@ def build_report(
                 "down_s": round(down_ms / 1000, 3),
                 "beats": round(spent.beats),
                 "tokens": round(spent.tokens),
-                "cost": round(spent.cost, 6),
+                # None: unknown (beats with tokens but no price, none priced): never $0.00
+                "cost": None if unpriced.get(name) and not spent.cost else round(spent.cost, 6),
+                "unpriced_beats": unpriced.get(name, 0),
                 "incidents": [_incident_dict(i, begin, now) for i in mine],
             }
         )
@@ -123,6 +126,30 @@ def build_report(
         "prefix": pipeline.settings.redis.prefix,
         "agents": rows,
         "fleet": _fleet(rows, [i for i in incidents if i.agent == PIPELINE_AGENT], begin, now),
+        # budgets over several agents (scope = "together"): their incidents name the glob
+        "budget_incidents": [
+            _incident_dict(i, begin, now) | {"agents": i.agent}
+            for i in incidents
+            if i.detector == "budget" and i.agent not in rows_named(rows)
+        ],
+    }
+
+
+def rows_named(rows: list[dict[str, Any]]) -> set[str]:
+    return {row["agent"] for row in rows}
+
+
+def _unpriced(client: Client, pipeline: Pipeline, names: list[str], begin: int, now: int) -> dict[str, int]:
+    """Beats whose price was unknown, per agent, over the days the period touches (the spend
+    ledger keeps them per calendar day in ``[report] timezone``, 40 days)."""
+    from agentwatch.spend import Ledger  # noqa: PLC0415
+
+    ledger = Ledger(client, pipeline.keys, pipeline.settings.report.zone)
+    first, last = ledger.clock("day", begin).id, ledger.clock("day", now).id
+    return {
+        name: total
+        for name, windows in ledger.read(names).items()
+        if (total := sum(s.unpriced for wid, s in windows.items() if wid[0] == "d" and first <= wid <= last))
     }
 
 
@@ -177,7 +204,8 @@ def _fleet(rows: list[dict[str, Any]], own: list[_Incident], start: int, now: in
         "down_s": round(sum(r["down_s"] for r in rows), 3),
         "beats": sum(r["beats"] for r in rows),
         "tokens": sum(r["tokens"] for r in rows),
-        "cost": round(sum(r["cost"] for r in rows), 6),
+        "cost": round(sum(r["cost"] or 0.0 for r in rows), 6),
+        "unpriced_beats": sum(r["unpriced_beats"] for r in rows),
         "incidents": sum(len(r["incidents"]) for r in rows),
         "pipeline_incidents": [_incident_dict(i, start, now) for i in own],
     }
@@ -207,7 +235,12 @@ def _incidents(client: Client, pipeline: Pipeline, start: int, now: int) -> list
             alert = decode_alert(fields[b"d"])
         except (InvalidEntry, KeyError):
             continue
-        if alert.status == "firing":
+        if alert.status == "firing" and (raised := open_by_key.get(alert.dedup_key)) is not None:
+            raised.severity, raised.summary = (
+                alert.severity,
+                alert.summary,
+            )  # a budget: warning, then exceeded
+        elif alert.status == "firing":
             open_by_key[alert.dedup_key] = _Incident(
                 alert.agent, alert.detector, alert.severity, alert.summary, _began(alert), alert.at_ms
             )
@@ -226,6 +259,7 @@ def _incidents(client: Client, pipeline: Pipeline, start: int, now: int) -> list
     # lookback, or was trimmed from the capped stream): the incident hashes still hold them.
     for dedup_key, held in Incidents(client, pipeline.keys).all_open().items():
         agent, _, detector = dedup_key.partition("/")
+        agent, detector = str(held.get("agent") or agent), str(held.get("detector") or detector)
         if dedup_key not in open_by_key and held.get("since_ms"):
             since = int(held["since_ms"])
             open_by_key[dedup_key] = _Incident(agent, detector, str(held.get("severity") or "error"),
@@ -279,11 +313,14 @@ def render_text(report: dict[str, Any]) -> str:
     for row in report["agents"]:
         lines.append(
             f"- {row['agent']}: uptime {pct(row['uptime_pct'])}, {row['beats']:,} beats, "
-            f"{row['tokens']:,} tokens, ${row['cost']:,.2f}"
+            f"{row['tokens']:,} tokens, {money(row['cost'], row['unpriced_beats'])}"
         )
         for incident in row["incidents"]:
             state = "still open" if incident["open"] else f"lasted {format_duration(incident['duration_s'])}"
             lines.append(f"    {incident['detector']} ({state}): {incident['summary']}")
+    for incident in report.get("budget_incidents", []):
+        state = "still open" if incident["open"] else f"lasted {format_duration(incident['duration_s'])}"
+        lines.append(f"budget of {incident['agents']} ({state}): {incident['summary']}")
     for incident in fleet["pipeline_incidents"]:
         lines.append(f"pipeline: {incident['summary']} ({format_duration(incident['duration_s'])})")
     return "\n".join(lines)
@@ -298,8 +335,16 @@ def fleet_summary(report: dict[str, Any]) -> str:
     incidents = "1 incident" if fleet["incidents"] == 1 else f"{fleet['incidents']} incidents"
     return (
         f"{agents}, uptime {pct(fleet['uptime_pct'])}, {incidents}, {fleet['beats']:,} beats, "
-        f"{fleet['tokens']:,} tokens, ${fleet['cost']:,.2f}"
+        f"{fleet['tokens']:,} tokens, {money(fleet['cost'], fleet.get('unpriced_beats', 0))}"
     )
+
+
+def money(cost: float | None, unpriced: int = 0) -> str:
+    """``$1.23``; ``$1.23 (+4 unpriced beats)``; ``unknown (4 unpriced beats)``: never $0.00
+    for spending whose price is unknown."""
+    if cost is None:
+        return f"unknown ({unpriced:,} unpriced beats)" if unpriced else "unknown"
+    return f"${cost:,.2f}" + (f" (+{unpriced:,} unpriced beats)" if unpriced else "")
 
 
 def notes(report: dict[str, Any]) -> list[str]:

@@ -38,6 +38,7 @@ class OutboxSweeper(Handler[Any]):
 def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None = None) -> Worker[Event]:
     """A worker on every event stream, feeding every enabled detector."""
     from detectors.base import DetectorContext  # noqa: PLC0415 - detectors import the spine
+    from detectors.budgets import BudgetKeeper  # noqa: PLC0415
 
     settings = pipeline.settings
     keys = pipeline.keys
@@ -60,10 +61,13 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         client=client, keys=keys, incidents=incidents, settings=settings, stats=worker.stats
     )
     report = settings.report
+    halts = Halts(client, keys, incidents)
     worker.handlers += [
+        # first: it prices the beats (fills in their cost) that every other handler reads
+        BudgetKeeper(client, keys, settings, incidents, halts),
         OutboxSweeper(incidents),
         FactsRecorder(client, keys),
-        HaltExpiry(Halts(client, keys, incidents)),
+        HaltExpiry(halts),
         Snapshotter(
             client,
             keys,

@@ -16,7 +16,14 @@ silence fires and then resolves, inflicts its faults, waits until every victim's
 * **false**: any firing about a healthy agent, a victim's alert from before it died or of the
   wrong kind (``stall`` for a SIGKILLed process), and a killed victim's incident resolving.
   Alerts about the pipeline itself (agent ``agentwatch``: lag, trimmed) are counted apart: they
-  are true while Redis is stopped.
+  are true while Redis is stopped;
+* **expected, no persistence**: a victim that died (or froze) before a Redis *without
+  persistence* restarted, and whose alert never came. Not a fault, and not counted as lost:
+  everything the pipeline knows lives in Redis (the agent's events and state, the incidents,
+  the notifier queues), so a Redis that restarts empty has no trace of an agent that stopped
+  before and never speaks again; no worker can alert on it. Persistence is the fix, and the
+  embedded Redis has it by default (append-only file, fsync every second): the
+  ``redis-restart-persist`` row loses nothing.
 
 Scenarios: ``worker-sigkill`` (workers SIGKILLed three times), ``redis-restart-persist`` and
 ``redis-restart-volatile`` (Redis SIGKILLed and restarted with and without its append-only file),
@@ -26,8 +33,15 @@ malformed entries), ``fleet`` (no fault: the healthy fleet alone).
 
     python benchmarks/chaos.py [--agents 500] [--scenario NAME ...] [--quick]
 
-Bounded: about 6 minutes in all (``--quick``: 100 agents and halved fault durations, about 3).
+Bounded: about 8 minutes in all (``--quick``: 100 agents and halved fault durations, about 4).
 Run it by hand; it prints one row per scenario and writes benchmarks/results/chaos.json.
+
+What made it print zeros (issue 11): a frozen victim resumes with a pulse before its next beat,
+which read as "pulses arrive, beats do not" and fired a false ``stall``; the stall allowance now
+counts only time the process proved alive (detectors/stall.py). A notifier worker SIGKILLed
+holding a firing let its resolve be delivered first; a resolve now waits for a firing not
+queued yet (notifiers/queue.py, PARKED_NOTE). tests/test_detect_frozen.py and
+tests/test_notify_order.py hold both with real processes.
 """
 
 from __future__ import annotations
@@ -140,6 +154,7 @@ class Run:
     victims: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     killed: dict[str, float] = field(default_factory=dict)  # victim -> wall time of its SIGKILL
     frozen: dict[str, float] = field(default_factory=dict)  # victim -> wall time of its SIGSTOP
+    wiped: list[float] = field(default_factory=list)  # wall times Redis restarted without its data
     up: subprocess.Popen[bytes] | None = None
 
     @property
@@ -209,6 +224,8 @@ class Run:
     def restart_redis(self) -> None:
         assert self.redis is not None
         self.redis.kill()
+        if not self.persist:
+            self.wiped.append(time.time())
         self.redis.start()
 
     def freeze_redis(self, seconds: float) -> None:
@@ -283,13 +300,21 @@ def judge(run: Run, *, final: bool = False) -> dict[str, Any]:
             kinds["killed victim resolved"] += 1
     fired = {a["agent"] for a in got if a["status"] == "firing" and a["detector"] == "silence"}
     back = {a["agent"] for a in got if a["status"] == "resolved" and a["detector"] == "silence"}
-    lost = sum(1 for victim in [*run.killed, *run.frozen] if victim not in fired)
-    lost += sum(1 for victim in run.frozen if victim not in back)
+    missing = [victim for victim in [*run.killed, *run.frozen] if victim not in fired]
+    missing += [victim for victim in run.frozen if victim not in back]
+    # Gone before Redis lost its memory (no persistence): nothing is left to tell it ever lived.
+    expected = sum(1 for victim in missing if any(_since(run, victim) <= at for at in run.wiped))
     victims = len(run.killed) + len(run.frozen)
-    return {"scenario": run.name, "victims": victims, "deliveries": len(got), "lost": lost,
+    return {"scenario": run.name, "victims": victims, "deliveries": len(got), "lost": len(missing) - expected,
+            "expected, no persistence": expected,
             "duplicated": duplicated, "out-of-order": out_of_order, "false": false,
             "pipeline alerts": pipeline, "dead letters": run.dead_letters() if final else None,
             "false alerts were": ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) or "-"}  # fmt: skip
+
+
+def _since(run: Run, victim: str) -> float:
+    """When ``victim`` was SIGKILLed or SIGSTOPped (wall time)."""
+    return run.killed.get(victim, run.frozen.get(victim, 0.0))
 
 
 def _epoch(iso: str) -> float:
@@ -374,11 +399,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(matrix)}")
     rows = [play(name, *matrix[name], agents) for name in chosen]
-    totals = {key: sum(row[key] for row in rows) for key in ("lost", "duplicated", "out-of-order", "false")}
+    judged = ("lost", "duplicated", "out-of-order", "false")
+    totals = {key: sum(row[key] for row in rows) for key in (*judged, "expected, no persistence")}
     rows.append({"scenario": "total", **totals})
-    figures = [
-        figure(f"chaos: {key} alerts", value, "alerts", goal=0, issue=11) for key, value in totals.items()
-    ]
+    figures = [figure(f"chaos: {key} alerts", totals[key], "alerts", goal=0, issue=11) for key in judged]
+    figures.append(figure("chaos: alerts lost with a Redis without persistence (expected)",
+                          totals["expected, no persistence"], "alerts", issue=11))  # fmt: skip
     report("chaos", rows, {"agents": agents, "quick": args.quick}, figures=figures)
 
 

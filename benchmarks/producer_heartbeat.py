@@ -10,6 +10,9 @@ queue-full path and are counted as drops); ``heartbeat(tokens=, model=, cost=)``
 and ``heartbeat()`` paced by ~20 us of busy work per call, the path a real agent takes. The
 paced call is also timed on a second producer that signs its events (``key=``, issue 11): the
 signing happens on the sender thread, so the figure "signed / unsigned" should stay near 1.
+Last, a beat carrying a huge meta value (a 256 x 256 nested list): dropped whole once the walk
+reaches the per-call budget, so it costs tens of microseconds, not a walk of the whole value
+(tests/test_producer_fields.py checks that the walk stops; this row is its price).
 
     python benchmarks/producer_heartbeat.py [--redis-url URL] [--calls 100000] [--rounds 3]
 """
@@ -74,11 +77,14 @@ def main() -> None:
             "heartbeat(), paced by 20 us of work": (heartbeat, 20_000),
             "heartbeat(), paced, signing producer": (signed.heartbeat, 20_000),
         }
-        samples: dict[str, list[int]] = {name: [] for name in variants}
+        huge = [[n] * 256 for n in range(256)]
+        heavy = "heartbeat(response=<256 x 256 list>), cut at the budget"
+        samples: dict[str, list[int]] = {name: [] for name in [*variants, heavy]}
         for _ in range(args.rounds):  # interleaved, so a noisy moment hits every variant
             for name, (call, work_ns) in variants.items():
                 calls = args.calls if not work_ns else args.calls // 4
                 samples[name] += timed(call, calls, work_ns)
+            samples[heavy] += timed(lambda: heartbeat(response=huge), max(100, args.calls // 100))
         producers.shutdown()
         signed.close()
         with redis.Redis.from_url(url) as client:
@@ -113,6 +119,7 @@ def main() -> None:
     figures = [
         figure("heartbeat() median", beat["median ns"] / 1000, "us", goal=GOAL_MEDIAN_NS / 1000, issue=3),
         figure("heartbeat() p99", beat["p99 ns"] / 1000, "us", goal=GOAL_P99_NS / 1000, issue=3),
+        figure("heartbeat() median, huge meta value", rows[6]["median ns"] / 1000, "us"),
         figure(
             "heartbeat() median, signing / unsigned (paced)",
             round(signed_ratio, 3),

@@ -23,6 +23,7 @@ import numpy as np
 
 from agentwatch.codec import Event
 from agentwatch.config import format_duration
+from agentwatch.halts import Halts
 from agentwatch.redisconn import RECOVERABLE
 from agentwatch.worker import Message
 from detectors import horizon, intents, layout, record, segments, state
@@ -41,6 +42,8 @@ DEFAULT_PROFILE: Final[dict[str, float]] = {
 }  # fmt: skip
 """What the update script uses for a detector that is not enabled."""
 
+QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit"})
+"""Incidents a halt explains: not paged while the agent is halted (agentwatch/halts.py)."""
 BLIND_AFTER_MS: Final = 5000
 """Default for ``[detectors.lag] blind_after`` when the lag detector is disabled."""
 _FORGET_EVERY_S: Final = 60.0
@@ -95,8 +98,9 @@ class Engine:
         self.lease_ms = intents.lease_for(ctx.settings.worker.claim_idle_s)
         self.publisher = intents.Publisher(
             self.client, self.keys, ctx.incidents, self.owner, self.render,
-            lease_ms=self.lease_ms, on_error=self._publish_failed,
+            lease_ms=self.lease_ms, on_error=self._publish_failed, quiet=self._halted,
         )  # fmt: skip
+        self.halts = Halts(self.client, self.keys, ctx.incidents)
         self._ready = False
         self._overrides = False
         self._profiles: list[tuple[float, ...]] = []
@@ -116,6 +120,10 @@ class Engine:
         """False: every segment goes through the update script (tests compare the two)."""
         self.fast: Any = None
         self.fast_errors = 0
+
+    def _halted(self, agent: str, detector: str) -> bool:
+        """A halted agent stops, exits or idles on purpose: no silence, stall or exit page."""
+        return detector in QUIET_WHEN_HALTED and bool(self.halts.halting(agent))
 
     def _publish_failed(self) -> None:
         stats = self.ctx.stats.handler_errors

@@ -112,13 +112,20 @@ def plan_batch(  # noqa: PLR0917 - one batch's inputs
     new["hw"] = s[lo.S_HI]
     new["seen"] = np.where(s[lo.S_LAST] > r["seen"], s[lo.S_LAST], r["seen"])
     new["beat"] = np.where(s[lo.S_BEAT] > r["beat"], s[lo.S_BEAT], r["beat"])
+    # live_from(): back after a gap in which nothing proved the process alive (the class is CUR)
+    live = np.maximum(np.where(r["pg"] > 0, 2.5 * r["pg"], r["sa"] / 2), r["ta"] / 3)  # dead_after()
+    back = np.where((r["seen"] > 0) & (s[lo.S_FIRST] - r["seen"] > live), s[lo.S_FIRST], 0.0)
+    back = np.where(s[lo.S_GB] - s[lo.S_GA] > live, np.maximum(back, s[lo.S_GB]), back)
     pulsed = s[lo.S_PULSE] > r["pulse"]
-    since = np.where(r["pulse"] > 0, s[lo.S_PULSE] - r["pulse"], r["pg"])
-    new["pg"] = np.where(pulsed, np.where(s[lo.S_PGAP] > 0, s[lo.S_PGAP], since), r["pg"])
+    since = np.where(r["pulse"] > 0, s[lo.S_PULSE] - r["pulse"], 0.0)
+    pgap = np.where(s[lo.S_PGAP] > 0, s[lo.S_PGAP], since)
+    learnt = pulsed & (pgap > 0) & ((back == 0) | (pgap <= live))
+    new["pg"] = np.where(learnt, pgap, r["pg"])
     new["pulse"] = np.where(pulsed, s[lo.S_PULSE], r["pulse"])
     xu = s[lo.S_XU]
     new["xu"] = np.where(s[lo.S_XBEAT] == 1, np.where(s[lo.S_BEAT] >= r["beat"], xu, r["xu"]),
                          np.where(xu > r["xu"], xu, r["xu"]))  # fmt: skip
+    new["xu"] = np.maximum(new["xu"], back)
     new["iv"] = np.where(s[lo.S_IV] >= 0, s[lo.S_IV], r["iv"])  # a pulse repeating the interval
     new["sa"] = np.maximum(p[:, P["sil_after"]], 3000 * new["iv"])
     new["ta"] = np.maximum(p[:, P["stall_after"]], 3000 * new["iv"])

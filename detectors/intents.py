@@ -135,6 +135,7 @@ class Publisher:
         render: Render,
         lease_ms: int = LEASE_MS,
         on_error: Callable[[], None] = lambda: None,
+        quiet: Callable[[str, str], bool] = lambda agent, detector: False,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -143,6 +144,8 @@ class Publisher:
         self.render = render
         self.lease_ms = lease_ms
         self.on_error = on_error
+        self.quiet = quiet
+        """(agent, detector) -> True: that incident's firing is not published (a halted agent)."""
         self.published = 0
         self.failed = 0
         """Entries whose publishing failed (each is retried after its lease)."""
@@ -211,6 +214,9 @@ class Publisher:
 
     def _apply(self, key: str, op: dict[str, Any]) -> None:
         agent, _, detector = key.rpartition("/")
+        if op["o"] == "f" and self.quiet(agent, detector):
+            log.info("%s: not paging %s: the agent is halted", agent, detector)
+            return  # its resolve later finds no open incident and publishes nothing either
         severity, summary, details = self.render(agent, detector, op)
         if op["o"] == "f":
             self.incidents.fire(

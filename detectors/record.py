@@ -38,7 +38,7 @@ FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
     ("beat", "d", "last beat"),
     ("pulse", "d", "last pulse"),
     ("pg", "f", "time between the last two pulses, ms: how fresh a pulse must be to prove life"),
-    ("xu", "d", "an extend() holds alerts off until this time"),
+    ("xu", "d", "clocks start no earlier: an extend(), or a return after a gap that proved no life"),
     ("iv", "f", "declared interval, seconds (0: none)"),
     ("sa", "d", "silence allowance, ms: max(after, 3 x interval)"),
     ("ta", "d", "stall allowance, ms"),

@@ -8,6 +8,12 @@ library call it is waiting in, e.g. "blocked in api_client.py:47 fetch_from_api 
 do_handshake". The incident resolves when beats resume: at the first beat, or, with
 ``recover_after`` N, once N beats in a row came on time (each within the allowance of the one
 before); or when the agent restarts or shuts down.
+
+Stall or silence: "the process is alive" needs a pulse no older than 2.5 pulse periods
+(timers.py), and the allowance counts only time in which the process proved alive. A gap of the
+agent's events longer than a third of the allowance (or 2.5 pulse periods) restarts it where the
+events resume (state.py ``live_from``): a process frozen by SIGSTOP (a suspended VM, a
+debugger) is silent, and when it resumes with a pulse before its next beat, that is no stall.
 """
 
 from __future__ import annotations

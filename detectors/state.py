@@ -98,6 +98,32 @@ local function load_records(key, names)
   end
   return R
 end
+local function live_for(r)
+  -- How long a process may send nothing at all and still count as alive: 2.5 pulse periods
+  -- (the time between its last two pulses), or half the silence allowance without pulses.
+  -- Past that, nothing proved it alive: it may be dead, frozen (SIGSTOP, a suspended VM) or
+  -- cut off, and only silence may judge it.
+  return r.pg > 0 and 2.5 * r.pg or r.sa / 2
+end
+local function dead_after(r)
+  -- A gap of the agent's events longer than this proved nothing about it (live_from): live_for,
+  -- or a third of the stall allowance when longer, so that pulses a little late never restart
+  -- the stall clock, while any freeze long enough to pass for a stall does (beats come at least
+  -- three times per allowance, so such a freeze lasts over two thirds of it).
+  return math.max(live_for(r), r.ta / 3)
+end
+local function live_from(seen, s, w, from, till)
+  -- Stall means "alive and not working" for the whole allowance, so its clock over [from, till]
+  -- restarts after a gap of the agent's events longer than ``w`` (dead_after): before this
+  -- segment (since ``seen``, the agent's last event before it), or inside it (GA..GB, its
+  -- longest). A process frozen for longer than the stall allowance comes back with a pulse
+  -- before its next beat: it was not stuck, it was not running at all.
+  if seen > 0 and s[S_FIRST] - seen > w and s[S_FIRST] <= till then
+    from = math.max(from, s[S_FIRST])
+  end
+  if s[S_GB] - s[S_GA] > w and s[S_GA] >= from and s[S_GB] <= till then from = math.max(from, s[S_GB]) end
+  return from
+end
 local function next_due(r, p)
   -- The earliest time a timer check has something to decide for this agent (0: nothing).
   if has(r, F_RETIRED) or has(r, F_EXITED) then return 0 end
@@ -130,6 +156,7 @@ do  -- segments: numbers from the packed string, the other fields from the list 
 end
 local CUR, NEW, PREV, FOREIGN = 1, 2, 3, 4
 local ADOPT = F_RETIRED + F_EXITED + F_SILENCE
+local DUPS = 0  -- events whose seq was applied already: redelivered, or a producer repeating seq
 -- The shard's watch clock (timers.py): while nobody checks (STALE), or for time before the
 -- last gap ended (SIGHT), a gap in an agent's events proves nothing.
 local CLOCK = redis.call('HMGET', KEYS[7], 'tick', 'sight')
@@ -221,10 +248,12 @@ local function retro_gaps(a, r, p, s, cls)
     end
   end
   if cls == CUR and p[P_STALL_ON] == 1 and not has(r, F_STALL) and s[S_FBEAT] > 0 then
-    local from, till = math.max(r.beat, r.start, r.xu, SIGHT), s[S_FBEAT]
+    local w = dead_after(r)
+    local from, till = live_from(r.seen, s, w, math.max(r.beat, r.start, r.xu, SIGHT), s[S_FBEAT]), s[S_FBEAT]
     local alive = r.pulse > r.beat or s[S_PBF] == 1
-    if s[S_BB] - math.max(s[S_BA], SIGHT) > till - from then
-      from, till, alive = math.max(s[S_BA], SIGHT), s[S_BB], true
+    local from2 = live_from(r.seen, s, w, math.max(s[S_BA], SIGHT), s[S_BB])
+    if s[S_BB] - from2 > till - from then
+      from, till, alive = from2, s[S_BB], true
     end
     if alive and till - from > r.ta then
       local stack = has(r, F_HAS_STACK) and redis.call('HGET', KEYS[4], a) or ''
@@ -258,7 +287,8 @@ local function apply(s)
     elseif take_gap(r, s[S_LO], s[S_HI]) then
       late = true
     else
-      return  -- applied before: a redelivered batch
+      DUPS = DUPS + s[S_NEV]
+      return  -- applied before: a redelivered batch (counted: `status --json` duplicates_dropped)
     end
     if cls == CUR and s[S_START] > 0 then  -- this run's own start, arriving late
       if r.start == 0 or s[S_START] < r.start then r.start = s[S_START] end
@@ -269,18 +299,24 @@ local function apply(s)
   end
 
   -- Signs of life: order-independent maxima, so any class may apply them.
+  -- Back after a gap in which nothing proved it alive (live_from): the stall clock starts here.
+  local dead0 = dead_after(r)
+  local back = cls == CUR and live_from(seen0, s, dead0, 0, s[S_LAST]) or 0
   local fresh = s[S_LAST] > seen0
   if fresh then r.seen = s[S_LAST] end
   if cls ~= PREV then
     if s[S_BEAT] > r.beat then r.beat = s[S_BEAT] end
     if s[S_PULSE] > r.pulse then
-      if s[S_PGAP] > 0 then r.pg = s[S_PGAP] elseif r.pulse > 0 then r.pg = s[S_PULSE] - r.pulse end
+      -- (the pulse period is not learnt from a gap that proved nothing: it is not one)
+      local pgap = s[S_PGAP] > 0 and s[S_PGAP] or (r.pulse > 0 and s[S_PULSE] - r.pulse or 0)
+      if pgap > 0 and (back == 0 or pgap <= dead0) then r.pg = pgap end
       r.pulse = s[S_PULSE]
     end
     if s[S_XBEAT] == 1 then
       if s[S_BEAT] >= beat0 then r.xu = s[S_XU] end
     elseif s[S_XU] > r.xu then r.xu = s[S_XU] end
   end
+  if back > r.xu then r.xu = back end
   r.sa = math.max(p[P_SIL_AFTER], 3000 * r.iv)
   r.ta = math.max(p[P_STALL_AFTER], 3000 * r.iv)
   -- (flags tested first: this runs for every segment, closing almost never)
@@ -327,6 +363,7 @@ if #ZREM > 0 then chunked('ZREM', KEYS[2], ZREM) end
 if #ZIDX > 0 then chunked('ZADD', KEYS[3], ZIDX, 'GT') end
 for a, text in pairs(STACK_SET) do redis.call('HSET', KEYS[4], a, text) end
 for a in pairs(STACK_DEL) do redis.call('HDEL', KEYS[4], a) end
+if DUPS > 0 then redis.call('HINCRBY', KEYS[7], 'duplicates', DUPS) end
 local owned = flush_ops(KEYS[6], OWNER, LEASE)
 return cmsgpack.pack({owned, windows})
 """

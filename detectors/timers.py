@@ -67,8 +67,9 @@ for _, a in ipairs(due) do
       -- "Pulses keep coming": the newest must be fresh (2.5 pulse periods), or the process may
       -- just have died after its last beat; silence decides that, or the next pulse brings this
       -- agent back here (the batch update re-arms it).
-      local fresh = r.pg > 0 and 2.5 * r.pg or r.sa / 2
-      local alive = now - r.pulse <= fresh
+      -- (A process that was frozen comes back with a pulse: the batch update restarted its
+      -- stall clock then, in r.xu, so this pulse proves life from then on, not for before.)
+      local alive = now - r.pulse <= live_for(r)
       if stall_on and not has(r, F_STALL) and r.pulse > r.beat and td <= limit and alive then
         local stack = has(r, F_HAS_STACK) and redis.call('HGET', KEYS[3], a) or ''
         open(a, r, F_STALL, 'stall', now, {beat = r.beat, start = r.start, pulse = r.pulse,

@@ -56,6 +56,7 @@ class TokensConfig(DetectorConfig):
     repeat: int = Field(20, ge=2, le=1_000_000, description="same fp this many beats in a row: loop")
     loop: bool = Field(True, description="raise loop incidents at all")
     severity: Severity = "error"
+    halt: bool = Field(False, description="halt the agent when a tokens incident fires (it stops itself)")
 
 
 # Called by the batch update for each applied segment of the agent's current run. fastplan.py
@@ -316,6 +317,12 @@ class Tokens(BuiltinDetector[TokensConfig]):
             "loop_recover": config.recover_after,
         }
 
+    def _halt(self, agent: str, why: str) -> None:
+        """``halt = true``: stop the runaway in its own loop (once: not when a halt covers it)."""
+        halts = self.engine.halts
+        if not halts.halting(agent):
+            halts.add(agent, why.removeprefix(f"{agent}: "), by="tokens")
+
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]
         cfg = self.config.for_agent(agent)
@@ -354,6 +361,8 @@ class Tokens(BuiltinDetector[TokensConfig]):
                            f"{f['factor']:g}x the usual {_n(f['base'])} per {window}")  # fmt: skip
                 details["tokens"] = f["tokens"]
                 details["window_s"] = f["window"] / 1000
+            if cfg.halt:
+                self._halt(agent, summary)
             return cfg.severity, summary, details
         if f.get("shutdown"):
             return cfg.severity, f"{agent}: shut down", {}

@@ -245,8 +245,19 @@ class Notifier(Handler[Alert], Generic[C]):
         return "send"
 
     def enqueue(self, alert: Alert, *, extra: dict[str, object] | None = None) -> bool:
-        """Queue ``alert`` for delivery (False: it was queued before)."""
-        return self.queue.enqueue(self._job(alert, extra), alert.dedup_key)
+        """Queue ``alert`` for delivery (False: it was queued before, or came after its resolve)."""
+        queued = self.queue.enqueue(self._job(alert, extra), alert.dedup_key)
+        if queued is None:
+            why = "its resolve went out before it came (a worker died holding it): it would reopen it"
+            self.journal.skipped(self.name, "skipped", alert, why)
+        return bool(queued)
+
+    @property
+    def park_ms(self) -> int:
+        """How long a resolve waits for its firing when this notifier has not queued that yet: a
+        worker that died holding the firing leaves it to the others after ``claim_idle``, and
+        they look every quarter of that (queue.PARKED_NOTE)."""
+        return int((2 * self.ctx.settings.worker.claim_idle_s + 5) * 1000)
 
     def _job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
         return Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
@@ -254,7 +265,7 @@ class Notifier(Handler[Alert], Generic[C]):
     def _send(self, alert: Alert) -> bool:
         """Queue a routed alert; True if it was queued now."""
         if alert.status == "resolved":
-            queued = self.queue.enqueue_resolve(self._job(alert), alert.dedup_key)
+            queued = self.queue.enqueue_resolve(self._job(alert), alert.dedup_key, park_ms=self.park_ms)
             if queued is None:
                 self.journal.skipped(self.name, "skipped", alert, "its firing was muted and never sent")
             return bool(queued)

@@ -54,6 +54,8 @@ def _script(body: str) -> str:
 # ARGV[5], the mode: "send" (a routed alert), "resolve" (a routed resolve: not sent, returning
 # 2, when its firing is held, never sent), "release" (a held alert whose mute ended: only if it
 # is still the one held, ARGV[6], else 3). Any of them supersedes what was held for the key.
+# ARGV[7]: how long a resolve whose firing was not queued here waits for it (PARKED_NOTE; 4: a
+# firing that came after its resolve went out, not sent).
 _ENQUEUE: Final = _script("""
 local held = redis.call('HGET', KEYS[5], ARGV[3])
 local owed = '#owed ' .. ARGV[3]
@@ -66,6 +68,36 @@ elseif ARGV[5] == 'resolve' and held and cjson.decode(held)['status'] == 'firing
 end
 if held then redis.call('HDEL', KEYS[5], ARGV[3], owed) end
 if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
+local due = now + tonumber(ARGV[4])
+local fired, parked = 'fired:' .. ARGV[3], 'parked:' .. ARGV[3]
+local status = ARGV[5] == 'resolve' and 'resolved' or 'firing'
+if ARGV[5] == 'release' then status = cjson.decode(ARGV[2])['alert']['status'] end
+if status == 'resolved' then
+  if redis.call('ZREM', KEYS[4], fired) == 0 and ARGV[5] == 'resolve' then
+    due = now + tonumber(ARGV[7])  -- parked (PARKED_NOTE)
+    redis.call('HSET', KEYS[3], parked, cjson.decode(ARGV[2])['alert']['at'] .. ' ' .. ARGV[1])
+  end
+else
+  local p = redis.call('HGET', KEYS[3], parked)
+  local at, rid
+  if p then at, rid = string.match(p, '^(%S+) (%S+)$') end
+  if rid and cjson.decode(ARGV[2])['alert']['at'] <= at then
+    redis.call('HDEL', KEYS[3], parked)
+    if redis.call('HEXISTS', KEYS[2], rid) == 0 then return 4 end  -- its resolve went out already
+    -- the parked resolve's own firing: it goes just before it, in its place in the chain
+    redis.call('ZADD', KEYS[4], now, ARGV[1])
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+    local prev = redis.call('HGET', KEYS[3], 'after:' .. rid)
+    if prev and redis.call('HEXISTS', KEYS[2], prev) == 1 then
+      redis.call('HSET', KEYS[3], 'after:' .. ARGV[1], prev, 'next:' .. prev, ARGV[1])
+    end
+    redis.call('HSET', KEYS[3], 'after:' .. rid, ARGV[1], 'next:' .. ARGV[1], rid)
+    redis.call('ZADD', KEYS[1], due, ARGV[1])
+    redis.call('ZADD', KEYS[1], 'LT', now, rid)
+    return 1
+  end
+  redis.call('ZADD', KEYS[4], now, fired)
+end
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 local head = redis.call('HGET', KEYS[3], 'head:' .. ARGV[3])
@@ -74,9 +106,20 @@ if head and redis.call('HEXISTS', KEYS[2], head) == 1 then
   redis.call('HSET', KEYS[3], 'next:' .. head, ARGV[1])
 end
 redis.call('HSET', KEYS[3], 'head:' .. ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('ZADD', KEYS[1], due, ARGV[1])
 return 1
 """)
+
+PARKED_NOTE: Final = """Per-incident order across a notifier worker SIGKILLed holding a firing (issue 11).
+
+The alerts stream hands that firing to another worker only after ``claim_idle``, when its resolve
+may have been queued and delivered already: the receiver would keep the incident open for ever.
+So every firing queued leaves a mark (``fired:<dedup key>`` in ``seen``, trimmed with it) that its
+routed resolve takes away; a routed resolve that finds none is *parked*: due only after the park
+time (``parked:<dedup key>`` in ``order`` holds its ``at`` and id). The firing, when it comes, takes
+its place in the chain just before the resolve and wakes it. A firing that comes after its parked
+resolve went out is not sent (4: the receiver's incident is closed; sending it would reopen it for
+ever). A resolve whose firing was never queued here (stale, filtered) merely goes out late."""
 
 # A mute held back an alert: keep it for when the mute ends. A muted resolve of an incident
 # whose firing is held cancels both (returns 2): the receiver never heard of that incident;
@@ -244,22 +287,28 @@ class DeliveryQueue:
         self._finish = self.client.register_script(_FINISH)
         self._retry = self.client.register_script(_RETRY)
 
-    def enqueue(self, job: Job, dedup_key: str, *, delay_ms: int = 0) -> bool:
-        """Queue ``job`` unless its id was queued before (then False: a redelivered alert)."""
-        return self._queue(job, dedup_key, delay_ms, "send") == 1
+    def enqueue(self, job: Job, dedup_key: str, *, delay_ms: int = 0) -> bool | None:
+        """Queue ``job`` unless its id was queued before (then False: a redelivered alert);
+        None: a firing whose resolve went out before it came (:data:`PARKED_NOTE`)."""
+        done = self._queue(job, dedup_key, delay_ms, "send")
+        return None if done == 4 else done == 1
 
-    def enqueue_resolve(self, job: Job, dedup_key: str) -> bool | None:
-        """Queue a resolve like :meth:`enqueue`; None: not sent, since its firing never was."""
-        done = self._queue(job, dedup_key, 0, "resolve")
+    def enqueue_resolve(self, job: Job, dedup_key: str, *, park_ms: int = 0) -> bool | None:
+        """Queue a resolve like :meth:`enqueue`; None: not sent, since its firing never was.
+        ``park_ms``: how long it waits for a firing not queued here yet (:data:`PARKED_NOTE`)."""
+        done = self._queue(job, dedup_key, 0, "resolve", park_ms=park_ms)
         return None if done == 2 else done == 1
 
     def release(self, job: Job, dedup_key: str, held: str) -> bool:
         """Queue a held alert whose mute ended, unless another worker did or it was superseded."""
         return self._queue(job, dedup_key, 0, "release", held) == 1
 
-    def _queue(self, job: Job, dedup_key: str, delay_ms: int, mode: str, held: str = "") -> int:
+    def _queue(  # noqa: PLR0917 - the script's arguments
+        self, job: Job, dedup_key: str, delay_ms: int, mode: str, held: str = "", park_ms: int = 0
+    ) -> int:
         keys = [self.queue, self.jobs, self.order, self.seen, self.held]
-        return int(self._enqueue(keys=keys, args=[job.id, job.to_json(), dedup_key, delay_ms, mode, held]))
+        args: list[str | int] = [job.id, job.to_json(), dedup_key, delay_ms, mode, held, park_ms]
+        return int(self._enqueue(keys=keys, args=args))
 
     def hold(self, alert_json: str, dedup_key: str, status: str) -> bool:
         """Keep a muted alert for when its mute ends; False: it and the held firing it resolves

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result  # typer bundles its own click (0.20+): not a dependency
 
 from agentwatch.cli import app
+from agentwatch.embedded import EmbeddedRedis
 
 from conftest import free_port
 from notify_kit import receiver
@@ -102,10 +103,8 @@ def _redis_at(url: str) -> dict[str, str]:
     return {"AGENTWATCH_REDIS__URL": url, "AGENTWATCH_REDIS__PREFIX": "never-written"}
 
 
-def test_a_wrong_password_says_so_with_the_password_masked(redis_url: str) -> None:
-    if not redis_url.startswith("redis://"):
-        pytest.skip("needs the TCP Redis")
-    host = redis_url.split("://", 1)[1].split("/", 1)[0]
+def test_a_wrong_password_says_so_with_the_password_masked(spawn_redis: Callable[..., EmbeddedRedis]) -> None:
+    host = f"127.0.0.1:{spawn_redis(port=free_port()).port}"  # a TCP URL, on a server of its own
     result = agentwatch("status", env=_redis_at(f"redis://nobody:s3cret@{host}/0"))
     assert result.returncode == 2
     assert f"Redis at redis://***@{host}/0 refused the credentials: authentication failed" in result.stderr
@@ -113,10 +112,8 @@ def test_a_wrong_password_says_so_with_the_password_masked(redis_url: str) -> No
     assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_database_the_server_does_not_have_is_named(redis_url: str) -> None:
-    if not redis_url.startswith("redis://"):
-        pytest.skip("needs the TCP Redis")
-    host = redis_url.split("://", 1)[1].split("/", 1)[0]
+def test_a_database_the_server_does_not_have_is_named(spawn_redis: Callable[..., EmbeddedRedis]) -> None:
+    host = f"127.0.0.1:{spawn_redis(port=free_port()).port}"  # a TCP URL, on a server of its own
     result = agentwatch("alerts", env=_redis_at(f"redis://{host}/99"))
     assert result.returncode == 2
     assert f"Redis at redis://{host}/99 has no database 99: it has " in result.stderr
@@ -136,9 +133,26 @@ def test_a_configured_url_that_does_not_answer_is_not_told_that_up_embeds_one(tm
     result = subprocess.run([sys.executable, "-m", "agentwatch", "status"], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=60)  # fmt: skip
     assert result.returncode == 1
-    assert f"Redis does not answer at {url}; is it running?" in result.stderr
+    assert (
+        f"Redis does not answer at {url} (from [redis] url in pipeline.toml); is it running?" in result.stderr
+    )
     assert 'Start Redis at that URL, or remove [redis] url (or set url = "embedded")' in result.stderr
     assert "`agentwatch up` embeds one" not in result.stderr
+
+
+def test_a_url_from_the_producers_variable_is_blamed_on_it_not_on_the_file(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    (tmp_path / "pipeline.toml").write_text('[redis]\nprefix = "nc1"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
+    result = subprocess.run([sys.executable, "-m", "agentwatch", "alerts"], capture_output=True, text=True,
+                            env={**env, "AGENTWATCH_REDIS_URL": url}, cwd=tmp_path, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    said = (
+        f"Redis does not answer at {url} (from AGENTWATCH_REDIS_URL, the producer's variable); is it running?"
+    )
+    assert said in result.stderr
+    assert "unset AGENTWATCH_REDIS_URL in this shell" in result.stderr
+    assert "remove [redis] url" not in result.stderr
 
 
 def test_httpx_request_lines_are_kept_out_of_the_logs() -> None:

@@ -127,7 +127,7 @@ def test_an_unset_variable_names_the_key_and_the_variable(tmp_path: Path) -> Non
         tmp_path, '[[notifiers]]\ntype = "sample_plugins:Print"\nprefix = "${NOT_SET_ANYWHERE}"\n'
     )
     assert found == [
-        "[[notifiers]] #1 prefix: environment variable NOT_SET_ANYWHERE is not set "
+        "[[notifiers]][0] prefix: environment variable NOT_SET_ANYWHERE is not set "
         "(export it, or write ${NOT_SET_ANYWHERE:-default})"
     ]
 
@@ -170,12 +170,12 @@ def test_unknown_plugins_are_named_with_the_choices(tmp_path: Path) -> None:
         '[[notifiers]]\ntype = "sample_plugins:NotAPlugin"\n[[notifiers]]\nurl = "x"\n',
     )
     assert found[0].startswith("[detectors.wat]: unknown detector 'wat'; available:")
-    assert found[1].startswith("[[notifiers]] #1 type: unknown notifier 'carrier-pigeon'; available:")
+    assert found[1].startswith("[[notifiers]][0] type: unknown notifier 'carrier-pigeon'; available:")
     assert found[2] == (
-        "[[notifiers]] #2 type: 'sample_plugins:NotAPlugin' is not a notifier: "
+        "[[notifiers]][1] type: 'sample_plugins:NotAPlugin' is not a notifier: "
         "it needs a Config subclass of NotifierConfig"
     )
-    assert found[3].startswith("[[notifiers]] #3: missing key 'type'")
+    assert found[3].startswith("[[notifiers]][2]: missing key 'type'")
 
 
 def test_a_notifier_filtering_on_a_detector_the_pipeline_lacks_is_named(tmp_path: Path) -> None:
@@ -188,9 +188,9 @@ def test_a_notifier_filtering_on_a_detector_the_pipeline_lacks_is_named(tmp_path
     found = problems(tmp_path, text)
     assert len(found) == 2
     assert found[0].startswith(
-        "[[notifiers]] #1 (restart): unknown detector 'silense' (did you mean 'silence'?); known: "
+        "[[notifiers]][0] (restart): unknown detector 'silense' (did you mean 'silence'?); known: "
     )
-    assert found[1].startswith("[[notifiers]] #2 (webhook): unknown detector 'stal' (did you mean 'stall'?)")
+    assert found[1].startswith("[[notifiers]][1] (webhook): unknown detector 'stal' (did you mean 'stall'?)")
     # The plugin's section name and the restart notifier's own alert are known names.
     assert "limits" in found[1] and "restart_loop" in found[1]
 
@@ -299,7 +299,7 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
 
 def test_a_bad_secret_value_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     found = problems(tmp_path, '[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nsecret = 12345678\n')
-    assert len(found) == 1 and found[0].startswith("[[notifiers]] #1 secret:")
+    assert len(found) == 1 and found[0].startswith("[[notifiers]][0] secret:")
     assert "12345678" not in found[0]
 
 
@@ -319,7 +319,7 @@ def test_a_header_that_would_break_every_delivery_is_refused_naming_the_key(
     result = subprocess.run([sys.executable, "-m", "agentwatch", "check-config", str(path)],
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 2
-    assert f"[[notifiers]] #1 headers: {why}" in result.stderr, result.stderr
+    assert f"[[notifiers]][0] headers: {why}" in result.stderr, result.stderr
     assert "s3cr3t" not in result.stderr
 
 
@@ -417,7 +417,7 @@ def test_a_misspelled_section_in_an_override_is_an_error(
     (found,) = problems(tmp_path, "")
     assert found == (
         "environment variable AGENTWATCH_WROKER__BATCH: unknown section 'wroker' (did you mean 'worker'?); "
-        "valid sections: redis, embedded, streams, worker, report, security, http, prices, otlp, "
+        "valid sections: redis, embedded, streams, worker, report, security, http, prices, budgets, otlp, "
         "detectors, notifiers "
         "(overrides are AGENTWATCH_<SECTION>__<KEY>)"
     )
@@ -464,17 +464,17 @@ def test_a_notifier_is_overridden_by_its_position(tmp_path: Path, monkeypatch: p
     found = problems(tmp_path, text)
     assert found[0] == (
         "environment variable AGENTWATCH_NOTIFIERS__5__URL: the file declares 2 [[notifiers]] "
-        "(numbered from 0), so there is no #5 to override"
+        "(numbered from 0), so there is no [[notifiers]][5] to override"
     )
-    assert found[1].startswith("[[notifiers]] #1 timeout: bad duration 'soon'")
+    assert found[1].startswith("[[notifiers]][0] timeout: bad duration 'soon'")
     assert found[1].endswith("(from environment AGENTWATCH_NOTIFIERS__0__TIMEOUT)")
     monkeypatch.delenv("AGENTWATCH_NOTIFIERS__0__TIMEOUT")
     monkeypatch.delenv("AGENTWATCH_NOTIFIERS__5__URL")
     assert problems(tmp_path, "") == [  # none declared: nothing to override, said so
         "environment variable AGENTWATCH_NOTIFIERS__1__HEADERS__X_TEAM: the file declares 0 [[notifiers]] "
-        "(numbered from 0), so there is no #1 to override",
+        "(numbered from 0), so there is no [[notifiers]][1] to override",
         "environment variable AGENTWATCH_NOTIFIERS__1__URL: the file declares 0 [[notifiers]] "
-        "(numbered from 0), so there is no #1 to override",
+        "(numbered from 0), so there is no [[notifiers]][1] to override",
     ]
 
 
@@ -486,7 +486,7 @@ def test_a_nested_unknown_key_lists_the_nested_keys(tmp_path: Path) -> None:
         tmp_path, '[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nmatch = { agent = ["a"] }\n'
     )
     assert found == (
-        "[[notifiers]] #1 match.agent: unknown key (did you mean 'agents'?); "
+        "[[notifiers]][0] match.agent: unknown key (did you mean 'agents'?); "
         "valid keys: agents, detectors, severity, statuses"
     )
 
@@ -494,7 +494,7 @@ def test_a_nested_unknown_key_lists_the_nested_keys(tmp_path: Path) -> None:
 def test_an_unknown_plugin_gets_a_did_you_mean(tmp_path: Path) -> None:
     found = problems(tmp_path, '[detectors.silense]\nafter = "1m"\n[[notifiers]]\ntype = "webhok"\n')
     assert found[0].startswith("[detectors.silense]: unknown detector 'silense' (did you mean 'silence'?);")
-    assert found[1].startswith("[[notifiers]] #1 type: unknown notifier 'webhok' (did you mean 'webhook'?);")
+    assert found[1].startswith("[[notifiers]][0] type: unknown notifier 'webhok' (did you mean 'webhook'?);")
 
 
 def test_a_per_agent_unknown_key_lists_only_what_can_be_set_per_agent(tmp_path: Path) -> None:
@@ -517,7 +517,7 @@ def test_notifiers_written_as_one_table_get_the_double_bracket_hint(tmp_path: Pa
 def test_an_unset_variable_is_reported_once(tmp_path: Path) -> None:
     found = problems(tmp_path, '[[notifiers]]\ntype = "webhook"\nurl = "http://x"\nsecret = "${NOT_SET_X}"\n')
     assert found == [
-        "[[notifiers]] #1 secret: environment variable NOT_SET_X is not set "
+        "[[notifiers]][0] secret: environment variable NOT_SET_X is not set "
         "(export it, or write ${NOT_SET_X:-default})"
     ]
 
@@ -566,18 +566,29 @@ def test_check_config_masks_secret_bearing_urls_and_shows_sizes(tmp_path: Path) 
     path = write(
         tmp_path,
         '[[notifiers]]\ntype = "webhook"\nurl = "https://hooks.slack.com/services/T0/B0/XXSECRET"\n'
-        '[[notifiers]]\ntype = "apprise"\nurls = ["tgram://BOTSECRET/12345", "mailto://u:MAILPW@example.com"]\n'
         '[[notifiers]]\ntype = "pagerduty"\nrouting_key = "PDSECRET0123456789abcdef01234567"\n',
     )
     result = runner.invoke(app, ["check-config", str(path)])
     assert result.exit_code == 0, result.output
     assert "url=https://hooks.slack.com/***" in result.output
-    assert "urls=[tgram://***, mailto://***]" in result.output
     assert "routing_key=***" in result.output
-    for secret in ("XXSECRET", "BOTSECRET", "MAILPW", "PDSECRET", "12345"):
+    for secret in ("XXSECRET", "PDSECRET"):
         assert secret not in result.output
     assert "rss_growth_min=50MB" in result.output and "min_tokens=500" in result.output
     assert "limit=4GB" in result.output
+
+
+@pytest.mark.apprise
+def test_check_config_masks_the_secrets_in_apprise_urls(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[notifiers]]\ntype = "apprise"\nurls = ["tgram://BOTSECRET/12345", "mailto://u:MAILPW@example.com"]\n',
+    )
+    result = runner.invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "urls=[tgram://***, mailto://***]" in result.output
+    for secret in ("BOTSECRET", "MAILPW", "12345"):
+        assert secret not in result.output
 
 
 # -- a bad file through the real commands -------------------------------------------------------

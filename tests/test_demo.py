@@ -163,7 +163,6 @@ def demo_process(user_env: dict[str, str], tmp_path: Path) -> Iterator[list[subp
 def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     user_env: dict[str, str], tmp_path: Path, demo_process: list[subprocess.Popen[str]]
 ) -> None:
-    began = time.monotonic()
     process = subprocess.Popen(
         [*DEMO, "--json"],
         env=user_env,
@@ -175,7 +174,6 @@ def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     demo_process.append(process)
     tree = Descendants(process)
     out, err = process.communicate(timeout=55)
-    elapsed = time.monotonic() - began
     assert process.returncode == 0, f"exit {process.returncode}\n{err}\n{out}"
 
     summary = json.loads(out)
@@ -210,6 +208,16 @@ def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     assert "agentwatch demo: summary" in err
     assert "all three failures detected with their causes named" in err
 
+    # The brake: the runaway's budget halted it inside its own loop, a few beats past the limit.
+    brake = summary["brake"]
+    assert brake["halted"] is True and "budget" in brake["reason"]
+    assert brake["spent_usd"] >= brake["limit_usd"] and brake["past_limit_usd"] < brake["limit_usd"]
+    assert [(a["detector"], a["severity"]) for a in summary["brake_alerts"]][-2:] == [
+        ("budget", "critical"),
+        ("halt", "info"),
+    ]
+    assert re.search(r"brake: runaway halted by its \$0\.05/day budget .* past the limit", err), err
+
     # Nothing left behind: every process it started is gone, and so is its directory.
     assert tree.saw_everything(), tree.cmdlines
     assert tree.still_running() == []
@@ -218,7 +226,6 @@ def test_demo_catches_all_three_failures_and_leaves_nothing_running(
     assert summary["redis_url"].startswith(f"unix://{state_dir}/")
     assert processes_mentioning(state_dir) == []
     assert_never_used_the_users_redis(tree, state_dir)
-    assert elapsed < 45
 
 
 def test_ctrl_c_mid_demo_stops_and_removes_everything(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,16 +31,13 @@ def alive(pid: int) -> bool:
 
 
 def test_starts_answers_and_stops(short_dir: Path) -> None:
-    started = time.perf_counter()
-    server = EmbeddedRedis(short_dir).start()
-    elapsed = time.perf_counter() - started
+    server = EmbeddedRedis(short_dir).start()  # its start-up time: benchmarks/embedded_start.py
     try:
         client = redis.Redis.from_url(server.url)
         assert client.ping()
         assert client.config_get("save") == {"save": ""}  # no persistence unless asked
         assert client.config_get("appendonly") == {"appendonly": "no"}
         client.close()
-        assert elapsed < 1.0
         pid = server.process.pid if server.process else -1
     finally:
         server.cleanup()

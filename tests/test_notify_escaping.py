@@ -7,8 +7,6 @@ an ``exit`` error or a pulse's stack.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import redis
 
@@ -19,7 +17,6 @@ from notify_kit import fire, notifier_running, pipeline_with, receiver
 
 HOSTILE = "boom <!channel> see <https://evil.example|the runbook> & <@U024BE7LH> *now* \x1b]0;pwned\x07"
 STACK = 'File "a.py"\n```\n<!here> closed the fence?\n'
-needs_apprise = pytest.mark.skipif(importlib.util.find_spec("apprise") is None, reason="no apprise extra")
 
 
 def test_slack_messages_escape_agent_text_by_slacks_rules(
@@ -42,7 +39,7 @@ def test_slack_messages_escape_agent_text_by_slacks_rules(
     assert "\x1b" not in text and "\\x1b]0;pwned\\x07" in text
 
 
-@needs_apprise
+@pytest.mark.apprise
 @pytest.mark.parametrize(
     ("fmt", "escaped", "raw"),
     [("html", ["&lt;!channel&gt;", "&lt;https://evil.example|the&nbsp;runbook&gt;", "&amp;"],

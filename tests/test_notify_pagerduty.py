@@ -228,11 +228,11 @@ def test_long_keys_and_summaries_are_cut_to_pagerduty_limits() -> None:
 def test_bad_config_fails_naming_the_key(entry: dict[str, Any], needle: str) -> None:
     loaded, problems = plugins.load_notifiers([{"type": "pagerduty", **entry}])
     assert not loaded and len(problems) >= 1
-    assert needle in " ".join(problems) and "[[notifiers]] #1" in problems[0], problems
+    assert needle in " ".join(problems) and "[[notifiers]][0]" in problems[0], problems
 
 
 def test_the_documented_routing_key_error_is_the_real_one() -> None:
     _, problems = plugins.load_notifiers([{}, {"type": "pagerduty", "routing_key": "short12chars"}])
     docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "notifiers.md").read_text().split())
-    assert problems[-1].startswith("[[notifiers]] #2 routing_key: must be the 32-character")
+    assert problems[-1].startswith("[[notifiers]][1] routing_key: must be the 32-character")
     assert f"`{problems[-1]}`" in docs

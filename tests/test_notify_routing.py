@@ -29,8 +29,6 @@ from notify_kit import (
     stream,
 )
 
-needs_apprise = pytest.mark.skipif(importlib.util.find_spec("apprise") is None, reason="no apprise extra")
-
 
 def test_match_and_send_resolved_pick_what_each_notifier_gets(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
@@ -171,7 +169,7 @@ def test_alerts_older_than_max_age_are_recorded_as_stale_not_sent(
     assert stale["outcome"] == "stale" and "max_age" in stale["detail"]
 
 
-@needs_apprise
+@pytest.mark.apprise
 def test_apprise_delivers_through_an_apprise_url(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
@@ -189,7 +187,7 @@ def test_apprise_delivers_through_an_apprise_url(
     assert stream(r, keys.notify_log)[0]["outcome"] == "delivered"
 
 
-@needs_apprise
+@pytest.mark.apprise
 def test_apprise_retries_only_the_urls_that_failed_and_its_type_follows_severity(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
@@ -212,7 +210,7 @@ def test_apprise_retries_only_the_urls_that_failed_and_its_type_follows_severity
     assert (firing["outcome"], firing["attempts"], resolved["attempts"]) == ("delivered", "2", "1")
 
 
-@needs_apprise
+@pytest.mark.apprise
 def test_apprise_attempts_end_at_the_timeout_whatever_the_service_does(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:

@@ -123,16 +123,17 @@ def test_retries_keep_the_delivery_id_and_count_attempts(
 
 
 @pytest.mark.slow
-def test_receiver_down_for_30_seconds_while_alerts_keep_coming_loses_none(
+def test_receiver_down_while_alerts_keep_coming_loses_none(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
-    """The issue's outage for real: 30 s of refused connections, alerts published throughout,
-    default attempt policy (retry_for governs). Only the backoff cap is shortened (1 s), so the
-    drain after the outage takes about a second instead of up to five minutes."""
-    outage_s = 30.0
+    """The issue's outage for real, on a shorter clock: refused connections for 6 s (the issue's
+    30 s, with the backoff cap shortened in proportion, to 200 ms, so the first alert is still
+    retried dozens of times), alerts published throughout, default attempt policy (retry_for
+    governs), then the drain when the receiver is back."""
+    outage_s = 6.0
     with receiver() as hook:
         hook.stop()  # connections to its port are now refused
-        pipeline = pipeline_with(prefix, redis_url, [webhook(hook.url, concurrency=4, backoff_max="1s")])
+        pipeline = pipeline_with(prefix, redis_url, [webhook(hook.url, concurrency=4, backoff_max="200ms")])
         with notifier_running(pipeline, redis_url):
             down_at = time.monotonic()
             fired: list[Alert] = []
@@ -141,7 +142,7 @@ def test_receiver_down_for_30_seconds_while_alerts_keep_coming_loses_none(
                 fired.append(fire(r, keys, agent))
                 if len(fired) % 3 == 0:  # some incidents end during the outage too
                     fired.append(resolve(r, keys, agent))
-                time.sleep(0.75)  # the publisher's pace, not a wait for an outcome
+                time.sleep(0.15)  # the publisher's pace, not a wait for an outcome
             # Nothing gave up: the first alert was refused all along and is still queued.
             first = json.loads(r.hget(keys.notifier_jobs("webhook"), fired[0].id) or b"{}")
             assert first.get("attempts", 0) >= 15 and not r.xlen(keys.notify_failed)
@@ -150,7 +151,7 @@ def test_receiver_down_for_30_seconds_while_alerts_keep_coming_loses_none(
             wait_for(lambda: {q.headers["webhook-id"] for q in hook.requests} >= {a.id for a in fired}, 10,
                      what="every alert delivered")  # fmt: skip
             wait_for(lambda: r.hlen(keys.notifier_jobs("webhook")) == 0, what="queue drained")
-    assert up_at - down_at >= outage_s and len(fired) >= 50
+    assert up_at - down_at >= outage_s and len(fired) >= 30
     by_id: dict[str, list[bytes]] = {}
     for request in hook.requests:
         by_id.setdefault(request.headers["webhook-id"], []).append(request.body)

@@ -109,7 +109,9 @@ def test_status_alerts_and_report_tell_the_scenario_as_it_happened(
     assert "ValueError" in crasher["incidents"][0]["summary"]
     steady = by_name["steady"]
     assert steady["interval_s"] == 0.1 and steady["last_beat_age_s"] < 2
-    assert steady["tokens_total"] > 0 and steady["cost_today"] == 0  # beats carry tokens, no cost
+    # beats carry tokens but no model and no cost: the cost is unknown, never $0.00
+    assert steady["tokens_total"] > 0 and steady["cost_today"] is None
+    assert steady["unpriced_beats_today"] > 0
     assert steady["host"] and steady["pid"] and steady["run"]
     health = status["pipeline"]
     assert health["workers_alive"] == {"detectors": 1} and health["deadletter"] == 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 
 import pytest
 import redis
 from agents.testkit import agent_env, assert_no_internal_errors, kinds, read_events, run
 
 from agentwatch import codec
+from agentwatch.embedded import EmbeddedRedis, tcp_port_free
 from producers import _guard
 from producers._config import resolve
 
@@ -74,15 +76,20 @@ def test_agent_name_defaults_to_the_script_name(redis_url: str, prefix: str, r: 
     assert {e["agent"] for e in read_events(r, f"{prefix}:events")} == {"scripted"}
 
 
-def test_default_redis_url_is_local_6379(redis_url: str, prefix: str, r: redis.Redis) -> None:
-    if redis_url != "redis://127.0.0.1:6379/0":
-        pytest.skip("the session's Redis is not at the default URL")
-    env = agent_env(redis_url, prefix, AW_BEATS=1)
+def test_default_redis_url_is_local_6379(prefix: str, spawn_redis: Callable[..., EmbeddedRedis]) -> None:
+    # A private server on 6379, never one that answers there already (another program's).
+    if not tcp_port_free(6379):
+        # test_a_malformed_redis_url_names_the_variable_and_the_fallback still checks the default.
+        pytest.skip("port 6379 is taken by another server; this needs its own there")
+    server = spawn_redis(port=6379)
+    env = agent_env(server.url, prefix, AW_BEATS=1)
     del env["AGENTWATCH_REDIS_URL"]
     exit_code, _, _ = run("scripted.py", env, "exit")
 
     assert exit_code == 0
-    assert kinds(read_events(r, f"{prefix}:events")) == ["start", "beat", "exit"]
+    client = redis.Redis.from_url(server.url)
+    assert kinds(read_events(client, f"{prefix}:events")) == ["start", "beat", "exit"]
+    client.close()
 
 
 def test_invalid_environment_values_warn_once_and_fall_back(

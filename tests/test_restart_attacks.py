@@ -107,7 +107,7 @@ def test_a_shell_script_with_placeholders_is_refused_at_check_config(tmp_path: P
     done = subprocess.run([sys.executable, "-m", "agentwatch", "check-config", str(config)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2
-    assert "[[notifiers]] #1: command: 'sh' runs 'ssh {host} go {agent}' as a script" in done.stderr
+    assert "[[notifiers]][0]: command: 'sh' runs 'ssh {host} go {agent}' as a script" in done.stderr
     assert "allow_shell = true" in done.stderr
 
 

@@ -6,6 +6,8 @@ import getpass
 import logging
 import os
 import sys
+import tomllib
+import weakref
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +23,7 @@ from agentwatch.redisconn import Client, answers, connect, describe, resolve_url
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 _URL_ENV = "AGENTWATCH_REDIS__URL"
+_PRODUCER_URL_ENV = "AGENTWATCH_REDIS_URL"
 
 ConfigOption = Annotated[
     Path | None,
@@ -122,7 +125,8 @@ def client_for(pipeline: Pipeline, *, name: str = "agentwatch-cli") -> Client:
     except RedisUnavailable as exc:
         fail(str(exc))
     shown = describe(url)
-    where = _url_source(pipeline, url)
+    source = url_source(pipeline, url)
+    where = _fix_in(source)
     client: Client | None = None
     try:
         client = connect(pipeline.settings, url, name=name)
@@ -156,27 +160,72 @@ def client_for(pipeline: Pipeline, *, name: str = "agentwatch-cli") -> Client:
         if url.startswith("rediss://"):
             fail(f"Redis does not answer at {shown} ({exc}); is it running, and does the server ask for "
                  f"a client certificate (ssl_certfile, ssl_keyfile in the query of {where})?")  # fmt: skip
-        fail(f"Redis does not answer at {shown}; is it running? ({exc}) {_hint(pipeline, where)}")
+        fail(f"Redis does not answer at {shown} (from {source}); is it running? ({exc}) "
+             f"{_hint(pipeline, where)}")  # fmt: skip
+    _ORIGINS[client] = (url, source)
     return client
 
 
-def _url_source(pipeline: Pipeline, url: str) -> str:
-    """Where the URL came from, as the user would look for it."""
+_ORIGINS: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+
+
+def origin_of(client: Client) -> tuple[str, str] | None:
+    """The URL a client from :func:`client_for` uses and which setting gave it (:func:`url_source`)."""
+    return _ORIGINS.get(client)
+
+
+def url_source(pipeline: Pipeline, url: str) -> str:
+    """Which setting gave the Redis URL in use, named as the user would look for it.
+
+    The producer's ``AGENTWATCH_REDIS_URL`` fills in for a missing ``[redis] url`` (config.py),
+    so a shell that still exports it for an agent silently points the CLI elsewhere: every
+    message about the URL says where it came from, so the user fixes the right place.
+    """
     configured = pipeline.settings.redis.url
     if configured and configured != EMBEDDED and configured == url:
-        return _URL_ENV if os.environ.get(_URL_ENV) == url else "[redis] url"
-    return "the Redis URL"
+        if os.environ.get(_URL_ENV):
+            return _URL_ENV
+        if _file_sets_url(pipeline.source):
+            return f"[redis] url in {pipeline.source}"
+        if os.environ.get(_PRODUCER_URL_ENV):
+            return f"{_PRODUCER_URL_ENV}, the producer's variable"
+        return "[redis] url"
+    if url == DEFAULT_REDIS_URL:
+        return "the default: nothing configured, and a server answers there"
+    return "the embedded server a running `agentwatch up` recorded"
+
+
+def _file_sets_url(source: str) -> bool:
+    """Whether the pipeline file itself has ``[redis] url`` (not an override, not a fallback)."""
+    if source.startswith("built-in"):
+        return False
+    try:
+        with open(source, "rb") as handle:
+            raw = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    section = raw.get("redis")
+    return isinstance(section, dict) and "url" in section
+
+
+def _fix_in(source: str) -> str:
+    """The place to fix a bad URL: the setting itself, without the explanation."""
+    if source.startswith(_PRODUCER_URL_ENV):
+        return _PRODUCER_URL_ENV
+    return source if source.startswith(("[redis]", _URL_ENV)) else "[redis] url"
 
 
 def _hint(pipeline: Pipeline, where: str) -> str:
     configured = pipeline.settings.redis.url
     if configured and configured != EMBEDDED:
         # `agentwatch up` does not embed a server when a URL is configured: say what does help.
-        undo = (
-            f"unset {where} (or set it to embedded)"
-            if where == _URL_ENV
-            else ('remove [redis] url (or set url = "embedded")')
-        )
+        if where == _PRODUCER_URL_ENV:
+            undo = f"unset {where} in this shell (the agents' variable: the CLI only falls back on it)"
+        elif where == _URL_ENV:
+            undo = f"unset {where} (or set it to embedded)"
+        else:
+            undo = 'remove [redis] url (or set url = "embedded")'
+
         return f"Start Redis at that URL, or {undo} so that `agentwatch up` runs an embedded one."
     return "`agentwatch up` embeds one."
 

@@ -55,6 +55,11 @@ def summary(pipeline: Pipeline) -> str:
         lines.append(
             f"  {plugin.name:<10} {_settings(config, skip={'enabled', 'class', 'agents'})}{overrides}"
         )
+    budgets = pipeline.settings.budgets
+    lines.append("budgets" + ("" if budgets else "    none (cost is counted, nothing is capped)"))
+    for b in budgets:
+        lines.append(f"  {b.agents:<10} ${b.limit:,.2f}/{b.per} {b.scope} warn_at={b.warn_at:g}"
+                     + (" halt" if b.halt else ""))  # fmt: skip
     lines.append("notifiers" + ("" if pipeline.notifiers else "  none (alerts stay on the alerts stream)"))
     for plugin in pipeline.notifiers:  # notifiers have many keys: show only what the file sets
         lines.append(f"  {plugin.name:<10} {_settings(plugin.config, skip={'name'}, only_set=True)}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
+import shlex
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 
@@ -21,10 +23,11 @@ from agentwatch.cli.common import (
     fail,
     load_pipeline,
     setup_logging,
+    url_source,
     worker_url,
 )
 from agentwatch.cli.serve import dashboard_url
-from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline
+from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline, format_duration
 from agentwatch.embedded import (
     EmbeddedRedis,
     default_data_dir,
@@ -35,7 +38,8 @@ from agentwatch.embedded import (
 )
 from agentwatch.errors import ConfigError, EmbeddedRedisError
 from agentwatch.http.access import check_bind
-from agentwatch.redisconn import answers, connect, describe, embedded_url_file
+from agentwatch.keys import Keys
+from agentwatch.redisconn import RECOVERABLE, answers, connect, describe, embedded_url_file
 from agentwatch.supervisor import ServerWatch, Supervisor, serve_child, worker_child
 from agentwatch.worker import Worker
 from agentwatch.workers import detector_worker, notifier_worker
@@ -70,11 +74,18 @@ def worker(
 
 
 @app.command()
-def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
+def up(
+    config: ConfigOption = None,
+    log_level: LogLevel = "info",
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Do not print a line for each alert and delivery outcome.")
+    ] = False,
+) -> None:
     """Run the whole pipeline (detector and notifier workers) in the foreground.
 
     With no Redis configured and none answering at the default URL, an embedded one is started
-    (and stopped on exit).
+    (and stopped on exit). Prints a line for each alert fired or resolved and for each delivery
+    delivered, retrying or failed (not with --quiet).
     """
     setup_logging(log_level)
     pipeline = load_pipeline(config)
@@ -115,11 +126,13 @@ def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
     serving, dashboard = _dashboard(pipeline)
     if serving:
         children.append(serve_child(url, config_arg, log_level, settings.http.bind))
-    _print_banner(pipeline, url, embedded, dashboard)
+    _print_banner(pipeline, url, embedded, dashboard, url_source(pipeline, url))
     watch = ServerWatch(embedded) if embedded is not None else None
     supervisor = Supervisor(children, stopping=stopping, server=watch)
     code = 1
     try:
+        if not quiet:
+            _follow_activity(pipeline, url, stopping)
         supervisor.start()
         code = supervisor.run()
     finally:
@@ -127,6 +140,21 @@ def up(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
         if embedded is not None:
             _stop_embedded(pipeline, embedded)
     raise typer.Exit(code)
+
+
+def _follow_activity(pipeline: Pipeline, url: str, stopping: threading.Event) -> None:
+    """Print each alert and delivery outcome as it happens (agentwatch/activity.py), from a
+    daemon thread with its own connection, until ``stopping`` is set."""
+    from agentwatch.activity import Activity  # noqa: PLC0415 - only `up` needs it
+
+    settings = pipeline.settings
+    client = connect(settings, url, name="agentwatch-up")
+    keys = Keys(settings.redis.prefix, settings.redis.shards)
+    activity = Activity(client, keys, [p.name for p in pipeline.notifiers])
+    if answers(url):  # else the first poll that reaches Redis starts from there
+        with contextlib.suppress(*RECOVERABLE):
+            activity.start_here()  # before the workers: an alert raised as they start is shown too
+    threading.Thread(target=activity.run, args=(stopping,), name="activity", daemon=True).start()
 
 
 def _start_embedded(pipeline: Pipeline) -> EmbeddedRedis:
@@ -170,22 +198,31 @@ def _dashboard(pipeline: Pipeline) -> tuple[bool, str]:
     return True, dashboard_url(http.host, http.port)
 
 
-def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None, dashboard: str) -> None:
+def _print_banner(
+    pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None, dashboard: str, source: str
+) -> None:
     settings = pipeline.settings
     typer.echo(f"agentwatch {__version__} - pipeline from {pipeline.source}")
+    agent_url = url
     if embedded is not None:
-        typer.echo(f"redis: embedded server at {embedded.url}")
+        typer.echo(f"redis: embedded server at {embedded.url} (agentwatch's own, stopped with `up`)")
         if embedded.persist:
             typer.echo(f"       data kept in {embedded.data_dir} (append-only file, fsync every second)")
         else:
             typer.echo("       not persisted ([embedded] persist = false): a restart forgets everything")
         if embedded.tcp_url:
-            typer.echo(f"       also at {embedded.tcp_url}: agents with default settings connect as is")
-        else:
-            typer.echo(f"       point agents and extra workers at it: AGENTWATCH_REDIS_URL='{embedded.url}'")
+            typer.echo(f"       also at {embedded.tcp_url}")
+            agent_url = embedded.tcp_url
     else:
-        typer.echo(f"redis: {describe(url)}")
+        typer.echo(f"redis: {describe(url)} (from {source})")
+        for line in _foreign_server(pipeline, url, told=source.startswith("the default")):
+            typer.echo(f"       {line}")
     typer.echo(f"prefix: {settings.redis.prefix!r}, shards: {settings.redis.shards}")
+    typer.echo(f"agents need: {' '.join(agent_env(pipeline, agent_url))}")
+    if settings.security.agent_keys:
+        typer.echo(
+            "       and each its own AGENTWATCH_KEY ([security] agent_keys): `agentwatch agent-key NAME`"
+        )
     names = ", ".join(p.name for p in pipeline.detectors) or "none"
     typer.echo(f"detectors: {names} ({settings.worker.detectors} worker(s))")
     if pipeline.notifiers:
@@ -194,4 +231,53 @@ def _print_banner(pipeline: Pipeline, url: str, embedded: EmbeddedRedis | None, 
     else:
         typer.echo("notifiers: none configured (alerts are kept; see `agentwatch alerts`)")
     typer.echo(f"dashboard: {dashboard}")
+    if dashboard.startswith("http") and settings.otlp.enabled and settings.http.ingest_token:
+        typer.echo(f"OTLP ingest: {dashboard.rstrip('/')}/v1/traces, /v1/metrics")
     typer.echo("Ctrl-C to stop.")
+
+
+def agent_env(pipeline: Pipeline, url: str) -> list[str]:
+    """The exact ``AGENTWATCH_*`` settings an agent needs to write where this pipeline reads,
+    shell-quoted (a mismatched prefix or shard count is otherwise a silent, empty dashboard)."""
+    redis_cfg = pipeline.settings.redis
+    env = [f"AGENTWATCH_REDIS_URL={shlex.quote(url)}", f"AGENTWATCH_PREFIX={shlex.quote(redis_cfg.prefix)}"]
+    if redis_cfg.shards > 1:
+        env.append(f"AGENTWATCH_SHARDS={redis_cfg.shards}")
+    return env
+
+
+EVENT_BYTES: Final = 150
+"""About what one event costs in a stream, for the sizing line of the banner: MEMORY USAGE of a
+stream of 2,000 beats with tokens, model and fingerprint is 141 bytes an event (Redis 7)."""
+
+
+def _foreign_server(pipeline: Pipeline, url: str, *, told: bool) -> list[str]:
+    """What ``up`` says about a server it did not start: whose it is, what it holds, what
+    agentwatch will add, and how to get a private one instead. ``told``: the server was picked
+    because it answered at the default address, not because the user named it."""
+    settings = pipeline.settings
+    try:
+        client: Any = connect(settings, url, name="agentwatch-up")
+        try:
+            version = client.info("server").get("redis_version", "?")
+            keys = int(client.dbsize())
+            ours = int(client.exists(Keys(settings.redis.prefix, settings.redis.shards).stats))
+        finally:
+            client.close()
+    except Exception:
+        return []
+    days = settings.streams.events_retention_s / 86400
+    per_day_mb = EVENT_BYTES * 86400 / 1e6
+    held = f"it holds {keys:,} keys" + (
+        f", among them {settings.redis.prefix!r} keys of an earlier run" if ours else ""
+    )
+    lines = [
+        f"an existing server, not agentwatch's own: Redis {version}; {held}",
+        f"agentwatch adds its {settings.redis.prefix}:* keys: event streams keep "
+        f"{format_duration(settings.streams.events_retention_s)} of events ([streams] events_retention), "
+        f"about {per_day_mb * days:,.0f} MB for each event per second the agents send; alerts up to "
+        f"{settings.streams.alerts_max_len:,}",
+    ]
+    if told:
+        lines.append('for a private server instead, set [redis] url = "embedded" in pipeline.toml')
+    return lines

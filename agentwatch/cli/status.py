@@ -23,8 +23,9 @@ from agentwatch.cli.common import (
     fail,
     load_pipeline,
 )
+from agentwatch.cli.elsewhere import wiring, wiring_notes
 from agentwatch.config import Pipeline, format_duration
-from agentwatch.redisconn import Client, describe, explain
+from agentwatch.redisconn import Client, describe, explain, server_time_ms
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 _STATE_STYLES: Final[dict[str, dict[str, Any]]] = {
     "ok": {"fg": "green"}, "late": {"fg": "yellow"}, "muted": {"fg": "blue"},
     "stalled": {"fg": "red", "bold": True}, "down": {"fg": "red", "bold": True}, "exited": {"fg": "red"},
+    "halted": {"fg": "magenta"},
     "retired": {"dim": True},
 }  # fmt: skip
 _ALARM: Final[dict[str, Any]] = {"fg": "red", "bold": True}
@@ -62,18 +64,22 @@ def status(
     if refresh is not None and not watch:
         fail("--refresh goes with --watch", EXIT_USAGE)
     every_s = duration_flag("--refresh", refresh or "2s")
-    pipeline = load_pipeline(config)
+    pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
     from agentwatch.fleet import fleet_status  # noqa: PLC0415 - heavy: only once the flags are right
 
     try:
         if as_json:
-            typer.echo(json.dumps(_filtered(fleet_status(client, pipeline), agent), indent=2))
+            document = _filtered(fleet_status(client, pipeline), agent)
+            document.update(wiring(client, pipeline, server_time_ms(client)))
+            typer.echo(json.dumps(document, indent=2))
             return
         if not watch:
             width = max(40, shutil.get_terminal_size((80, 24)).columns)  # a pipe: 80, or $COLUMNS
             for line in _board(_filtered(fleet_status(client, pipeline), agent), width):
                 typer.echo(line)  # colours only on a terminal (click strips them on a pipe)
+            for line in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
+                typer.echo(typer.style(line, fg="yellow") if line.startswith("note:") else line)
             return
         from rich.console import Console  # noqa: PLC0415
 
@@ -163,7 +169,7 @@ def report(
     from agentwatch.report import build_report, render_text  # noqa: PLC0415
 
     since_s = duration_flag("--since", since)
-    pipeline = load_pipeline(config)
+    pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
     try:
         document = build_report(client, pipeline, since_s=since_s, agents=agent)
@@ -326,8 +332,21 @@ def _cells(row: dict[str, Any], *, ago: bool) -> list[str]:
         _age(row["last_pulse_age_s"], ago=ago),
         format_duration(row["interval_s"]) if row["interval_s"] else "-",
         "-" if row["tokens_per_min"] is None else f"{row['tokens_per_min']:,.0f}",
-        "-" if row["cost_today"] is None else f"${row['cost_today']:,.2f}",
+        cost_cell(row),
     ]
+
+
+def cost_cell(row: dict[str, Any]) -> str:
+    """Cost today: ``$1.23``, with the tightest budget's share (``$1.23 41%``), ``+?`` when some
+    beats could not be priced, ``unknown`` when none could (never ``$0.00`` for those)."""
+    cost, unpriced = row["cost_today"], row.get("unpriced_beats_today") or 0
+    if cost is None:
+        return "unknown" if unpriced else "-"
+    text = f"${cost:,.2f}" + ("+?" if unpriced else "")
+    budgets = row.get("budgets") or []
+    if budgets:
+        text += f" {max(b['used_pct'] for b in budgets):.0f}%"
+    return text
 
 
 def _render_report(document: dict[str, Any]) -> Any:
@@ -335,7 +354,7 @@ def _render_report(document: dict[str, Any]) -> Any:
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
 
-    from agentwatch.report import notes, pct  # noqa: PLC0415
+    from agentwatch.report import money, notes, pct  # noqa: PLC0415
 
     table = Table(title=f"agentwatch report {document['from']} -> {document['to']}", title_justify="left")
     for column in ("agent", "uptime", "down", "beats", "tokens", "cost", "incidents"):
@@ -352,14 +371,15 @@ def _render_report(document: dict[str, Any]) -> Any:
         down = format_duration(row["down_s"]) if row["down_s"] else "-"
         table.add_row(
             row["agent"], pct(row["uptime_pct"]), down, f"{row['beats']:,}", f"{row['tokens']:,}",
-            f"${row['cost']:,.2f}", incidents or "-",
+            money(row["cost"], row.get("unpriced_beats", 0)), incidents or "-",
         )  # fmt: skip
     fleet = document["fleet"]
     table.add_section()
     down = format_duration(fleet["down_s"]) if fleet["down_s"] else "-"
     table.add_row(
         f"fleet ({fleet['agents']} agents)", pct(fleet["uptime_pct"]), down, f"{fleet['beats']:,}",
-        f"{fleet['tokens']:,}", f"${fleet['cost']:,.2f}", f"{fleet['incidents']} incidents",
+        f"{fleet['tokens']:,}", money(fleet["cost"], fleet.get("unpriced_beats", 0)),
+        f"{fleet['incidents']} incidents",
     )  # fmt: skip
     return Group(table, *[Text(note, style="yellow") for note in notes(document)])
 

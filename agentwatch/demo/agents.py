@@ -12,11 +12,14 @@ the producer's own ``AGENTWATCH_*`` variables, and these:
 ``AW_DEMO_LEAK_TO_MB``   ...until this much is held
 ``AW_DEMO_RUNAWAY_RATE`` ``runaway``: tokens per minute once told to fail
 ``AW_DEMO_SERVER``       ``stuck``: host:port of the server that accepts and never answers
+``AW_DEMO_MODEL``        the model every beat names (the pipeline prices its tokens)
 =======================  ==================================================================
 
 Roles: ``healthy`` beats forever; ``leaky`` also holds more memory every beat (really
 allocated and touched, so it is resident) until the demo SIGKILLs it, as the OOM killer would;
-``stuck`` and ``runaway`` behave until SIGUSR1, then block in ``recv()`` or burn tokens.
+``stuck`` and ``runaway`` behave until SIGUSR1, then block in ``recv()`` or burn tokens, until
+its budget halts it: ``heartbeat()`` raises ``producers.Halted``, and it stops as a real agent
+should (says ``halted <reason>``, shuts down).
 
 The demo and its agents talk only through signals (SIGUSR1: fail now, SIGTERM: shut down
 cleanly) and lines on stdout (``ready``, ``rss <bytes>``, ``peak <bytes>``, ``failing``), so
@@ -34,12 +37,13 @@ import sys
 import time
 
 import producers
-from producers import heartbeat
+from producers import Halted, heartbeat
 
 INTERVAL = float(os.environ.get("AGENTWATCH_INTERVAL", "1"))
 PULSE = float(os.environ.get("AGENTWATCH_PULSE_INTERVAL", "0.5"))
 RATE = float(os.environ.get("AW_DEMO_RATE", "200"))
 READY = int(os.environ.get("AW_DEMO_READY", "10"))
+MODEL = os.environ.get("AW_DEMO_MODEL", "claude-opus-4-1")
 
 rng = random.Random(os.getpid())
 failing = False  # set by SIGUSR1
@@ -114,7 +118,12 @@ def run(role: str) -> None:
             host, port = os.environ["AW_DEMO_SERVER"].rsplit(":", 1)
             fetch_reply((host, int(port)))
             return  # only when the server goes away: the demo is ending
-        heartbeat(tokens=tokens_for(runaway_rate if failing and role == "runaway" else RATE))
+        used = tokens_for(runaway_rate if failing and role == "runaway" else RATE)
+        try:
+            heartbeat(tokens_in=used - used // 4, tokens_out=used // 4, model=MODEL)
+        except Halted as halt:  # the brake: finish the item (done), save (nothing here), stop
+            say(f"halted {halt.reason}")
+            return
         beats += 1
         if role == "leaky":
             if beats == 1:

@@ -29,6 +29,8 @@ TOKENS: Final = Failure("tokens", "runaway token loop", RUNAWAY.agent, "tokens")
 FAILURES: Final = (DEATH, STALL, TOKENS)
 EARLY_WARNINGS: Final = {(LEAKY.agent, "memory")}
 """Alerts welcome before the failure: the memory trend that precedes the kill."""
+BRAKE_ALERTS: Final = {(RUNAWAY.agent, "budget"), (RUNAWAY.agent, "halt")}
+"""Alerts of the brake: the runaway's budget warning and exceeded alerts, and its halt."""
 
 _STACK_FRAME: Final = re.compile(r'^\s*File "[^"]+", line \d+, in \S+$')
 
@@ -112,10 +114,15 @@ class Outcome:
     error: str | None = None
     redis_url: str = ""
     state_dir: str = ""
+    brake: dict[str, Any] | None = None
+    """The runaway's budget halt: halted or not, spent, past the limit (scenario._brake_report)."""
+    brake_alerts: list[dict[str, Any]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         caused = [d for d in self.detections.values() if d.caused_at is not None or not self.interrupted]
         found = [p for d in caused if (p := d.problem())]
+        if self.brake is not None and not self.brake["halted"]:
+            found.append(f"{self.brake['agent']}: never halted by its budget")
         found += [f"false alarm: {a['summary']}" for a in self.false_alarms]
         if self.error:
             found.insert(0, self.error)
@@ -135,6 +142,8 @@ class Outcome:
             "failures": [d.to_json() for d in self.detections.values()],
             "early_warnings": self.early_warnings,
             "false_alarms": self.false_alarms,
+            "brake": self.brake,
+            "brake_alerts": self.brake_alerts,
             "missed": [d.failure.key for d in self.detections.values() if not d.ok],
             "problems": self.problems(),
             "interrupted": self.interrupted,

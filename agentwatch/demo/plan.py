@@ -47,6 +47,8 @@ FAST: Final = Timings(
 )  # fmt: skip
 
 NORMAL_RATE: Final = 200  # tokens per minute: a careful agent
+MODEL: Final = "claude-opus-4-1"  # what every demo agent calls: $15 / $75 per 1M tokens in / out
+BUDGET_USD: Final = 0.05  # the runaway's daily budget: a few beats of runaway use
 RUNAWAY_RATE: Final = 40_000  # tokens per minute: the same agent stuck re-asking the model
 
 
@@ -105,4 +107,10 @@ points = 8
 min_points = 4
 limit = "1GB"
 horizon = "2m"
+
+[[budgets]]                          # the brake: the runaway stops itself at its budget
+agents = "{RUNAWAY.agent}"
+per = "day"
+limit = {BUDGET_USD}                         # USD; its tokens are priced from the model it names
+halt = true                          # heartbeat() raises producers.Halted from then on
 """

@@ -92,6 +92,13 @@ class Reporter:
         self.console.print(table)
         for warning in outcome.early_warnings:
             self.console.print(f"early warning: {escape(warning['summary'])} ({warning['note']})")
+        brake = outcome.brake
+        if brake is not None and brake["halted"]:
+            self.console.print(
+                f"brake: {brake['agent']} halted by its ${brake['limit_usd']:.2f}/day budget inside its "
+                f"own loop; spent ${brake['spent_usd']:.4f}, "
+                f"[bold]${brake['past_limit_usd']:.4f} past the limit[/bold]"
+            )
         problems = outcome.problems()
         if not problems:
             self.console.print(

@@ -1,5 +1,6 @@
 """``agentwatch demo``, start to finish: bring up a private pipeline, run a small fleet, break
-three agents in the three ways agentwatch exists for, watch the alerts arrive, clean up.
+three agents in the three ways agentwatch exists for, watch the alerts arrive, see the runaway
+stopped by its budget inside its own loop (and how much it spent past the limit), clean up.
 
 Everything is started here and stopped here, in reverse order, on success, error or Ctrl-C:
 agents, the never-answering server, the detector worker, the Redis server, the temporary
@@ -29,7 +30,16 @@ from agentwatch.alerts import Alert, decode_alert
 from agentwatch.config import Pipeline
 from agentwatch.demo import plan
 from agentwatch.demo.fleet import Fleet, SilentServer, clean_env
-from agentwatch.demo.outcome import DEATH, EARLY_WARNINGS, FAILURES, STALL, TOKENS, Outcome, alert_json
+from agentwatch.demo.outcome import (
+    BRAKE_ALERTS,
+    DEATH,
+    EARLY_WARNINGS,
+    FAILURES,
+    STALL,
+    TOKENS,
+    Outcome,
+    alert_json,
+)
 from agentwatch.demo.plan import Timings
 from agentwatch.demo.report import Reporter
 from agentwatch.embedded import EmbeddedRedis, find_server_binary
@@ -122,8 +132,31 @@ class Demo:
         self._strike(fleet, int(high))
         self._wait(lambda: all(d.alert for d in self.outcome.detections.values()), t.detect_timeout,
                    "", missing_ok=True)  # fmt: skip
+        self._wait(lambda: "halted" in self._said.get(plan.RUNAWAY.agent, {}), t.detect_timeout, "",
+                   missing_ok=True)  # fmt: skip
         self._watch(t.settle)  # the healthy agents must stay quiet a little longer
+        self._brake_report(pipeline)
         self.out.step("stopping agents, worker and Redis")
+
+    def _brake_report(self, pipeline: Pipeline) -> None:
+        """How the budget's halt went: what the runaway spent today, and how much past its limit."""
+        from agentwatch.spend import Ledger  # noqa: PLC0415
+
+        agent = plan.RUNAWAY.agent
+        halted = "halted" in self._said.get(agent, {})
+        ledger = Ledger(self._client, pipeline.keys, pipeline.settings.report.zone)
+        today = ledger.read([agent]).get(agent, {}).get(ledger.clock("day", int(time.time() * 1000)).id)
+        spent = today.cost if today is not None else 0.0
+        past = max(0.0, spent - plan.BUDGET_USD)
+        self.outcome.brake = {
+            "agent": agent, "halted": halted, "limit_usd": plan.BUDGET_USD, "spent_usd": round(spent, 6),
+            "past_limit_usd": round(past, 6), "reason": self._said_text.get(f"{agent}:halted"),
+        }  # fmt: skip
+        if halted:
+            self.out.step(
+                f"{agent} stopped by its budget inside its own loop (heartbeat() raised Halted): spent "
+                f"${spent:.4f} of its ${plan.BUDGET_USD:.2f}/day, ${past:.4f} past the limit"
+            )
 
     def _warmed_up(self) -> bool:
         """Every agent past its warm-up beats, and leaky's peak carried by its pulses."""
@@ -175,6 +208,7 @@ class Demo:
             "AGENTWATCH_INTERVAL": str(t.interval), "AGENTWATCH_PULSE_INTERVAL": str(t.pulse),
             "AW_DEMO_READY": str(t.ready_beats), "AW_DEMO_LEAK_MB": str(t.leak_mb),
             "AW_DEMO_LEAK_TO_MB": str(t.leak_to_mb), "AW_DEMO_RUNAWAY_RATE": str(plan.RUNAWAY_RATE),
+            "AW_DEMO_MODEL": plan.MODEL,
             "PYTHONUNBUFFERED": "1",
         }  # fmt: skip
 
@@ -210,6 +244,8 @@ class Demo:
                     self._said.setdefault(line.agent, {}).setdefault(kind, line.at)
                     self._said_text.setdefault(f"{line.agent}:{kind}", value)
             for agent, code in fleet.exited().items():
+                if agent == plan.RUNAWAY.agent and "halted" in self._said.get(agent, {}):
+                    continue  # stopped by its budget, as it should
                 if agent != DEATH.agent or self.outcome.detections[DEATH.key].caused_at is None:
                     raise DemoError(f"agent {agent} exited on its own (code {code}): {fleet.log_tail(agent)}")
         if self._worker_code:
@@ -231,6 +267,10 @@ class Demo:
                     d.alert, d.time_to_detect_s = alert, now - d.caused_at
                     self.out.detected(alert, d.time_to_detect_s)
                 return
+        if (alert.agent, alert.detector) in BRAKE_ALERTS:
+            self.outcome.brake_alerts.append(alert_json(alert))
+            self.out.early(alert, "the brake")
+            return
         if (alert.agent, alert.detector) in EARLY_WARNINGS:
             killed = self.outcome.detections[DEATH.key].caused_at
             note = "early warning, before the kill" if killed is None else "memory trend, seen after the kill"

@@ -1,0 +1,120 @@
+"""CLI start-up: wall time of ``agentwatch --version``, ``status`` and ``alerts``, process to exit.
+
+Issue 10 (point 12) goal: each under 300 ms. Every command runs as a fresh ``python -m agentwatch``
+process, as a user's shell would start it (the console script does the same imports), against a
+private Redis holding a small fleet (three agents' events applied by a detector worker), so
+``status`` and ``alerts`` do their real work: load the configuration, connect, read, render.
+Baseline, started the same way in the same run: ``python -c pass`` (the interpreter's own
+start-up, which no change to agentwatch can remove); the ratio is command / baseline. Rounds
+alternate the commands, so a burst of load on a shared machine touches all of them alike;
+min / median / max per command.
+
+    python benchmarks/cli_start.py [--rounds 15] [--quick] [--redis-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import redis
+from _common import figure, median, redis_server, report
+
+from agentwatch.keys import Keys
+
+GOAL_MS = 300.0
+COMMANDS: dict[str, list[str]] = {
+    "python -c pass (baseline)": [sys.executable, "-c", "pass"],
+    "agentwatch --version": [sys.executable, "-m", "agentwatch", "--version"],
+    "agentwatch status": [sys.executable, "-m", "agentwatch", "status"],
+    "agentwatch alerts": [sys.executable, "-m", "agentwatch", "alerts"],
+}
+
+
+def seed(url: str, prefix: str) -> None:
+    """Three agents' events from real producers, applied by a real detector worker, so ``status``
+    has a fleet to show and ``alerts`` a stream to read."""
+    from agentwatch import config  # noqa: PLC0415 - this process's imports are not what is timed
+    from agentwatch.redisconn import connect  # noqa: PLC0415
+    from agentwatch.workers import detector_worker  # noqa: PLC0415
+    from producers import Producer  # noqa: PLC0415
+
+    for name in ("scraper-1", "scraper-2", "summarizer"):
+        producer = Producer(name, redis_url=url, prefix=prefix, pulse_interval=600)
+        producer.heartbeat(tokens=120)
+        producer.close()
+    pipeline = config.load(None)
+    settings = pipeline.settings.model_copy(
+        update={"redis": pipeline.settings.redis.model_copy(update={"prefix": prefix})}
+    )
+    pipeline = config.Pipeline(settings=settings, source="bench", detectors=pipeline.detectors)
+    client = connect(settings, url)
+    worker = detector_worker(pipeline, client)
+    written = sum(client.xlen(stream) for stream in Keys(prefix).event_streams())
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while worker.stats.processed < written and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    thread.join(10)
+    client.close()
+
+
+def run_once(argv: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=60)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[1:])} exited {result.returncode}: {result.stderr.strip()}")
+    return elapsed_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="3 rounds: a smoke run while developing")
+    parser.add_argument("--redis-url", help="an existing server (default: a private one)")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else args.rounds
+    with redis_server(args.redis_url) as url:
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        seed(url, prefix)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
+        env.update(AGENTWATCH_REDIS__URL=url, AGENTWATCH_REDIS__PREFIX=prefix, COLUMNS="120")
+        for argv in COMMANDS.values():  # warm the file cache and the bytecode: not what users wait on
+            run_once(argv, env)
+        samples: dict[str, list[float]] = {name: [] for name in COMMANDS}
+        for _ in range(rounds):
+            for name, argv in COMMANDS.items():
+                samples[name].append(run_once(argv, env))
+        client = redis.Redis.from_url(url)
+        try:
+            for key in client.scan_iter(match=f"{prefix}:*"):
+                client.delete(key)
+        finally:
+            client.close()
+    baseline = median(samples["python -c pass (baseline)"])
+    rows = []
+    figures = []
+    for name, values in samples.items():
+        rows.append({"command": name, "ms min": min(values), "ms median": median(values),
+                     "ms max": max(values), "x baseline": median(values) / baseline,
+                     "goal ms": "" if "baseline" in name else GOAL_MS})  # fmt: skip
+        if "baseline" not in name:
+            slug = name.removeprefix("agentwatch ").removeprefix("--").replace(" ", "_")
+            figures.append(figure(f"cli_start_{slug}_ms", median(values), "ms", goal=GOAL_MS, issue=10))
+    report("cli_start", rows, {"rounds": rounds, "baseline_ms": baseline}, figures)
+
+
+if __name__ == "__main__":
+    main()

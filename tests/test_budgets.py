@@ -1,0 +1,190 @@
+"""Cost in the pipeline and ``[[budgets]]``: beats priced once, exact window totals, a warning
+then an exceeded alert, pace, and the budget's halt.
+
+Real Redis and a real detector worker; events written the way a producer writes them (the kit's
+simulated agents), so each test controls exactly what was spent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import redis
+from agents_detect.kit import Agent, pipeline_for, worker_for
+
+from agentwatch.alerts import Incidents
+from agentwatch.config import Budget, Pipeline
+from agentwatch.halts import Halts
+from agentwatch.keys import Keys
+from agentwatch.redisconn import server_time_ms
+from agentwatch.spend import Ledger, window_of
+from detectors.budgets import EXCEEDED, WARNING, judge
+
+from helpers import caught_up, running, wait_for
+
+UTC = ZoneInfo("UTC")
+
+
+def with_budgets(pipeline: Pipeline, *budgets: dict[str, Any], **prices: dict[str, float]) -> Pipeline:
+    updates: dict[str, Any] = {"budgets": [Budget.model_validate(b) for b in budgets]}
+    if prices:
+        from agentwatch.config import ModelRates  # noqa: PLC0415
+
+        updates["prices"] = {name: ModelRates.model_validate(rates) for name, rates in prices.items()}
+    settings = pipeline.settings.model_copy(update=updates)
+    return Pipeline(settings=settings, source="test", detectors=pipeline.detectors)
+
+
+def budget_alerts(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    found = [json.loads(fields[b"d"]) for _, fields in r.xrange(keys.alerts)]
+    return [alert for alert in found if alert["detector"] == "budget"]
+
+
+def today(r: redis.Redis, keys: Keys, agent: str) -> Any:
+    ledger = Ledger(r, keys, UTC)
+    wid = window_of("day", server_time_ms(r), UTC).id
+    return ledger.read([agent]).get(agent, {}).get(wid)
+
+
+def test_a_beat_without_cost_is_priced_and_an_unknown_model_is_counted_not_zero(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    rates = {"my-finetune": {"input": 3.0, "output": 15.0}}
+    pipeline = with_budgets(pipeline_for(prefix, redis_url), **rates)
+    bot = Agent(r, keys, "priced")
+    bot.start(interval=1.0)
+    bot.beat(tokens_in=1_000_000, tokens_out=100_000, model="my-finetune")  # $3 + $1.50
+    bot.beat(tokens_in=10, tokens_out=10, model="no-such-model-anywhere")
+    bot.beat(cost=0.25)  # the agent's own figure wins
+    bot.beat()  # a bare heartbeat spends nothing
+    with running(worker_for(pipeline, redis_url)):
+        wait_for(lambda: caught_up(r, keys), what="worker caught up")
+    spent = today(r, keys, "priced")
+    assert spent.cost == pytest.approx(4.75)
+    assert (spent.unpriced, spent.beats) == (1, 2)
+
+
+def test_warning_then_exceeded_then_halt_once_with_exact_totals(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = with_budgets(
+        pipeline_for(prefix, redis_url), {"agents": "spender-*", "per": "day", "limit": 1.0, "halt": True}
+    )
+    bot = Agent(r, keys, "spender-1")
+    bot.start(interval=0.1)
+    costs = [0.3, 0.3, 0.3, 0.3, 0.3]
+    with running(worker_for(pipeline, redis_url)), running(worker_for(pipeline, redis_url)):
+        for cost in costs:
+            bot.beat(cost=cost)
+            wait_for(lambda: caught_up(r, keys), what="workers caught up")
+        wait_for(lambda: len(budget_alerts(r, keys)) >= 2, what="warning and exceeded")
+    alerts = budget_alerts(r, keys)
+    assert [(a["status"], a["severity"]) for a in alerts] == [("firing", "warning"), ("firing", "critical")]
+    assert {a["dedup_key"] for a in alerts} == {"spender-1/budget"}
+    assert alerts[1]["details"]["spent"] == pytest.approx(1.2)
+    assert today(r, keys, "spender-1").cost == pytest.approx(sum(costs))
+    halts = Halts(r, keys).halting("spender-1")
+    assert [h.by for h in halts] == ["budget"]
+
+
+def test_together_sums_the_glob_across_agents(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = with_budgets(
+        pipeline_for(prefix, redis_url),
+        {"agents": "crew-*", "per": "month", "limit": 1.0, "scope": "together", "warn_at": 0.9},
+    )
+    with running(worker_for(pipeline, redis_url)):
+        for name in ("crew-a", "crew-b", "crew-c"):
+            Agent(r, keys, name).beat(cost=0.4)
+        wait_for(lambda: len(budget_alerts(r, keys)) >= 1, what="exceeded together")
+    alerts = budget_alerts(r, keys)
+    assert alerts[-1]["dedup_key"] == "budget:crew-*"
+    assert alerts[-1]["severity"] == "critical"
+    assert alerts[-1]["details"]["spent"] == pytest.approx(1.2)
+
+
+def test_judge_pace_floor() -> None:
+    budget = Budget(limit=10.0, per="day")
+    day = window_of("day", 1_765_000_000_000, UTC)
+    at = day.start_ms + (day.end_ms - day.start_ms) // 20  # 5 % of the day gone
+    assert judge(budget, 1.0, day, at).rank is None  # too early to project
+    at = day.start_ms + (day.end_ms - day.start_ms) // 5  # 20 % gone, 3.00 spent: on pace for 15
+    verdict = judge(budget, 3.0, day, at)
+    assert (verdict.rank, verdict.why) == (WARNING, "pace")
+    assert verdict.projected == pytest.approx(15.0)
+    assert judge(budget, 0.4, day, at).rank is None  # under 5 % of the limit: no projection
+    assert judge(budget, 8.0, day, at).why == "warn_at"
+    assert judge(budget, 10.0, day, at).rank == EXCEEDED
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ("limit = 0", "budgets.0] limit"),
+        ("limit = -5.0", "budgets.0] limit"),
+        ('limit = 5.0\nper = "week"', "budgets.0] per"),
+        ('limit = 5.0\nscope = "all"', "budgets.0] scope"),
+        ("limit = 5.0\nwarn_at = 1.5", "budgets.0] warn_at"),
+        ('limit = "5"', "budgets.0] limit"),
+        ('per = "day"', "budgets.0] limit"),
+    ],
+)
+def test_check_config_names_the_bad_budget_key(tmp_path: Any, entry: str, named: str) -> None:
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from agentwatch.cli import app  # noqa: PLC0415
+
+    path = tmp_path / "pipeline.toml"
+    path.write_text(f"[[budgets]]\n{entry}\n")
+    result = CliRunner().invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+
+
+def test_a_glob_matching_no_agent_is_a_warning(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    from detectors.budgets import BudgetKeeper  # noqa: PLC0415
+
+    r.zadd(keys.agents(0), {"scraper-1": 1})
+    pipeline = with_budgets(pipeline_for(prefix, redis_url), {"agents": "scrapper-*", "limit": 5.0})
+    keeper = BudgetKeeper(r, keys, pipeline.settings, Incidents(r, keys), Halts(r, keys))
+    with caplog.at_level("WARNING", logger="agentwatch.detectors.budget"):
+        keeper.on_start()
+    assert "[budgets.0] agents = 'scrapper-*' matches none of the 1 agents" in caplog.text
+
+
+def test_bad_costs_are_dead_lettered_and_never_reach_a_total(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = with_budgets(pipeline_for(prefix, redis_url), {"limit": 100.0})
+    bot = Agent(r, keys, "sloppy")
+    bot.start(interval=1.0)
+    for bad in (-1.0, float("nan"), float("inf"), 1e12):
+        bot.beat(cost=bad)
+    bot.beat(cost=0.5)
+    with running(worker_for(pipeline, redis_url)):
+        wait_for(lambda: caught_up(r, keys), what="worker caught up")
+    assert r.xlen(keys.deadletter) == 4
+    spent = today(r, keys, "sloppy")
+    assert (spent.cost, spent.beats) == (0.5, 1)
+    assert budget_alerts(r, keys) == []
+
+
+def test_a_runaway_with_tokens_halt_halts_itself(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    pipeline = pipeline_for(prefix, redis_url, tokens={"warmup": 5, "halt": True})
+    bot = Agent(r, keys, "runaway")
+    bot.start(interval=0.1)
+    for _ in range(10):
+        bot.beat(tokens=200)
+    bot.beat(tokens=40_000)
+    with running(worker_for(pipeline, redis_url)):
+        halts = wait_for(lambda: Halts(r, keys).halting("runaway"), what="the tokens detector's halt")
+    assert [h.by for h in halts] == ["tokens"]
+    assert "40,000" in halts[0].reason or "40000" in halts[0].reason
