@@ -138,11 +138,12 @@ class Deliverer:
         for claimed in stuck:
             job = claimed.job
             # The request may have reached the receiver: the attempt counts, but it ended here
-            # on purpose, so it does not count as one that crashed its worker.
-            handed = Job(job.id, job.alert, job.first_ms, job.attempts + 1, "handed over at a worker's stop",
-                         job.last_status, job.extra)  # fmt: skip
+            # on purpose, so it does not count as one that crashed its worker, nor as a failed
+            # one: a delivery that was failing keeps its last error (the views show it).
+            error = job.last_error or "handed over at a worker's stop"
+            handed = Job(job.id, job.alert, job.first_ms, job.attempts + 1, error, job.last_status, job.extra)
             with contextlib.suppress(*RECOVERABLE):  # else the lease runs out by itself
-                self.queue.retry(Claimed(handed, claimed.token, claimed.claims), 0)
+                self.queue.retry(Claimed(handed, claimed.token, claimed.claims), 0, failed=False)
 
     @property
     def alive(self) -> bool:

@@ -213,13 +213,14 @@ end
 return 1
 """)
 
-# Try again later (ARGV[3] ms from now); ARGV[5] > 0 pauses the whole notifier (Retry-After).
+# Try again later (ARGV[3] ms from now); ARGV[5] > 0 pauses the whole notifier (Retry-After);
+# ARGV[6] = 1: because the attempt failed (indexed in ``retrying``), 0: handed back unfinished.
 # The claim counter ``n:<id>`` stays: it numbers the attempts, including the next one.
 _RETRY: Final = _script("""
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('ZADD', KEYS[5], now, ARGV[1])
+if ARGV[6] == '1' then redis.call('ZADD', KEYS[5], now, ARGV[1]) end
 redis.call('HDEL', KEYS[3], ARGV[1])
 local pause = tonumber(ARGV[5])
 if pause > 0 then
@@ -342,11 +343,19 @@ class DeliveryQueue:
         job = claimed.job
         return bool(self._finish(keys=keys, args=[job.id, claimed.token, job.alert.get("dedup_key", "")]))
 
-    def retry(self, claimed: Claimed, delay_ms: int, *, pause_ms: int = 0) -> bool:
-        """Make it due again in ``delay_ms``, saving its updated attempts and last error."""
+    def retry(self, claimed: Claimed, delay_ms: int, *, pause_ms: int = 0, failed: bool = True) -> bool:
+        """Make it due again in ``delay_ms``, saving its updated attempts and last error.
+        ``failed=False``: handed back unfinished (a stopping worker), not a failed attempt."""
         keys = [self.queue, self.jobs, self.leases, self.limits, self.retrying]
         job = claimed.job
-        args: list[Any] = [job.id, claimed.token, max(0, delay_ms), job.to_json(), max(0, pause_ms)]
+        args: list[Any] = [
+            job.id,
+            claimed.token,
+            max(0, delay_ms),
+            job.to_json(),
+            max(0, pause_ms),
+            int(failed),
+        ]
         return bool(self._retry(keys=keys, args=args))
 
     def trim_seen(self, older_than_ms: int) -> None:
@@ -414,6 +423,15 @@ def retrying_jobs(
     jobs = pending_jobs(client, keys, notifier, [_text(member) for member, _ in found])
     out = [(int(score), jobs[_text(member)]) for member, score in found if _text(member) in jobs]
     return out[::-1]
+
+
+def retrying_ids(client: Client, keys: Keys, notifier: str, ids: list[str]) -> set[str]:
+    """Those of ``ids`` whose last attempt failed and that wait for the next."""
+    redis: Any = client
+    pipe = redis.pipeline(transaction=False)
+    for delivery_id in ids:
+        pipe.zscore(keys.notifier_retrying(notifier), delivery_id)
+    return {delivery_id for delivery_id, score in zip(ids, pipe.execute(), strict=True) if score is not None}
 
 
 def pending_jobs(client: Client, keys: Keys, notifier: str, ids: list[str]) -> dict[str, Job]:

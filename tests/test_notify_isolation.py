@@ -128,3 +128,4 @@ def test_a_worker_with_several_hung_notifiers_still_stops_within_two_seconds(
     for name in ("one", "two"):
         assert r.hget(keys.notifier_leases(name), alert.id) is None
         assert r.zscore(keys.notifier_queue(name), alert.id) <= now_ms(r)  # due again at once
+        assert r.zscore(keys.notifier_retrying(name), alert.id) is None  # interrupted, not failing

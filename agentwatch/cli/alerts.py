@@ -186,12 +186,15 @@ def _deliveries(client: Any, keys: Keys, start_ms: int) -> dict[str, list[str]]:
 
 
 def _pending(client: Any, keys: Keys, ids: Sequence[str], out: dict[str, list[str]]) -> None:
-    """Add what each notifier has not finished: ``retrying (3, <last error>)`` or ``queued``."""
-    from notifiers.queue import notifier_names, pending_jobs  # noqa: PLC0415
+    """Add what each notifier has not finished: ``retrying (3, <last error>)`` after a failed
+    attempt, else ``queued`` (including one a stopping worker handed back unfinished)."""
+    from notifiers.queue import notifier_names, pending_jobs, retrying_ids  # noqa: PLC0415
 
     for name in notifier_names(client, keys):
-        for delivery_id, job in pending_jobs(client, keys, name, list(ids)).items():
-            if job.attempts:
+        jobs = pending_jobs(client, keys, name, list(ids))
+        failing = retrying_ids(client, keys, name, list(jobs))
+        for delivery_id, job in jobs.items():
+            if delivery_id in failing:
                 why = f"HTTP {job.last_status}" if job.last_status else _short(job.last_error)
                 mark = f"retrying ({job.attempts}, {why})"
             else:

@@ -23,7 +23,7 @@ from agentwatch.redisconn import server_time_ms
 from agentwatch.rollups import Totals
 from agentwatch.series import Point, read_series
 from notifiers.journal import decode_fields
-from notifiers.queue import Retrying, notifier_names, pending_jobs, retrying
+from notifiers.queue import Retrying, notifier_names, pending_jobs, retrying, retrying_ids
 from notifiers.routing import Mute, Mutes
 
 STATE_ORDER: Final = ("down", "exited", "stalled", "halted", "late", "muted", "ok", "retired")
@@ -269,9 +269,11 @@ def alerts_page(server: Server, *, limit: int = 100) -> AlertsPage:
             )
     names = sorted({plugin.name for plugin in server.pipeline.notifiers} | set(notifier_names(redis, keys)))
     for name in names:
-        for job in pending_jobs(redis, keys, name, sorted(wanted)).values():
+        jobs = pending_jobs(redis, keys, name, sorted(wanted))
+        failing = retrying_ids(redis, keys, name, list(jobs))
+        for job in jobs.values():
             if not any(d.notifier == name for d in by_alert.get(job.id, [])):
-                outcome = "retrying" if job.attempts else "queued"
+                outcome = "retrying" if job.id in failing else "queued"
                 status = "" if job.last_status is None else str(job.last_status)
                 by_alert.setdefault(job.id, []).append(
                     Delivery(name, outcome, job.attempts, status, job.last_error)
