@@ -18,9 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]  # the block itself sleeps 15 s
 
 
 def readme_block(heading: str) -> str:

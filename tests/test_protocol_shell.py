@@ -27,7 +27,10 @@ from agentwatch.keys import Keys
 from helpers import caught_up, running, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli"),
+]
 
 
 def protocol_block(after: str) -> str:

@@ -194,6 +194,7 @@ def _kill_an_agent(url: str, name: str) -> None:
         agent.wait()
 
 
+@pytest.mark.slow
 def test_up_prints_the_alert_of_a_killed_agent_and_its_delivery(
     short_dir: Path, run_up: list[subprocess.Popen[str]]
 ) -> None:
@@ -204,6 +205,7 @@ def test_up_prints_the_alert_of_a_killed_agent_and_its_delivery(
     assert "alert FIRING silence agent 'victim' [critical]: victim: no heartbeat for " in seen
 
 
+@pytest.mark.slow
 def test_quiet_up_prints_no_alert_lines(short_dir: Path, run_up: list[subprocess.Popen[str]]) -> None:
     output, url = _start_up(_config(short_dir, None), run_up, "--quiet")
     _kill_an_agent(url, "victim")

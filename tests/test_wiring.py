@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
-from agentwatch.cli.run import _foreign_server
+from agentwatch.cli.run import _foreign_server, _print_banner
 from agentwatch.config import load
 
 
@@ -106,3 +107,21 @@ def test_a_server_picked_because_it_answered_says_how_to_get_a_private_one(
     assert lines[0].endswith(f"among them '{prefix}' keys of an earlier run")
     assert "event streams keep 1d of events ([streams] events_retention)" in lines[1]
     assert lines[2] == 'for a private server instead, set [redis] url = "embedded" in pipeline.toml'
+
+
+def test_the_banner_prints_what_the_docs_say_it_prints(
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INGEST", "0123456789abcdef" * 2)
+    config = tmp_path / "pipeline.toml"
+    config.write_text(
+        f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n[http]\ningest_token = "${{INGEST}}"\n'
+    )
+    _print_banner(load(config, plugins=False), redis_url, None, "http://127.0.0.1:8787/", "[redis] url")
+    banner = capsys.readouterr().out
+    assert "dashboard: http://127.0.0.1:8787/\n" in banner  # docs/http.md
+    assert "OTLP ingest: http://127.0.0.1:8787/v1/traces, /v1/metrics\n" in banner  # docs/opentelemetry.md

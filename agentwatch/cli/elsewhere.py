@@ -38,16 +38,23 @@ _STREAM_KEY: Final = re.compile(rf"^({PREFIX_RE.pattern}):events(?::(\d+))?$")
 def unread_streams(client: Client, prefix: str, now_ms: int) -> list[dict[str, Any]]:
     """Event streams of other prefixes with recent entries that no consumer group has read."""
     found = []
-    for key in _event_keys(client):
+    try:
+        candidates = _event_keys(client)
+    except redis.ResponseError:  # an ACL user without SCAN: nothing to say, rather than no status
+        return []
+    for key in candidates:
         match = _STREAM_KEY.match(key)
         if match is None or match.group(1) == prefix:
             continue
-        newest: Any = client.xrevrange(key, count=1)
-        if not newest:
-            continue
-        newest_ms = _id_ms(newest[0][0])
-        age_s = max(0.0, (now_ms - newest_ms) / 1000)
-        if age_s > RECENT_S or _read_by_someone(client, key, newest_ms):
+        try:
+            newest: Any = client.xrevrange(key, count=1)
+            if not newest:
+                continue
+            newest_ms = _id_ms(newest[0][0])
+            age_s = max(0.0, (now_ms - newest_ms) / 1000)
+            if age_s > RECENT_S or _read_by_someone(client, key, newest_ms):
+                continue
+        except redis.ResponseError:  # NOPERM: another deployment's keys, out of this user's reach
             continue
         found.append({"stream": key, "prefix": match.group(1), "newest_age_s": round(age_s, 1)})
     return sorted(found, key=lambda s: s["newest_age_s"])

@@ -148,7 +148,11 @@ def _follow_activity(pipeline: Pipeline, url: str, stopping: threading.Event) ->
     from agentwatch.activity import Activity  # noqa: PLC0415 - only `up` needs it
 
     settings = pipeline.settings
-    client = connect(settings, url, name="agentwatch-up")
+    try:
+        client = connect(settings, url, name="agentwatch-up")  # a cluster client connects now
+    except Exception as exc:  # these lines must never keep the pipeline from starting
+        log.warning("cannot show alerts and deliveries as they happen (%s); the pipeline runs on", exc)
+        return
     keys = Keys(settings.redis.prefix, settings.redis.shards)
     activity = Activity(client, keys, [p.name for p in pipeline.notifiers])
     if answers(url):  # else the first poll that reaches Redis starts from there
@@ -238,11 +242,15 @@ def _print_banner(
 
 def agent_env(pipeline: Pipeline, url: str) -> list[str]:
     """The exact ``AGENTWATCH_*`` settings an agent needs to write where this pipeline reads,
-    shell-quoted (a mismatched prefix or shard count is otherwise a silent, empty dashboard)."""
+    shell-quoted (a mismatched prefix or shard count is otherwise a silent, empty dashboard).
+    A password in the URL is masked: a terminal's scrollback and a log are no place for it."""
     redis_cfg = pipeline.settings.redis
-    env = [f"AGENTWATCH_REDIS_URL={shlex.quote(url)}", f"AGENTWATCH_PREFIX={shlex.quote(redis_cfg.prefix)}"]
+    shown = describe(url)
+    env = [f"AGENTWATCH_REDIS_URL={shlex.quote(shown)}", f"AGENTWATCH_PREFIX={shlex.quote(redis_cfg.prefix)}"]
     if redis_cfg.shards > 1:
         env.append(f"AGENTWATCH_SHARDS={redis_cfg.shards}")
+    if shown != url:
+        env.append("(with the credentials of the URL in place of ***)")
     return env
 
 
