@@ -113,7 +113,7 @@ def plan_batch(  # noqa: PLR0917 - one batch's inputs
     new["seen"] = np.where(s[lo.S_LAST] > r["seen"], s[lo.S_LAST], r["seen"])
     new["beat"] = np.where(s[lo.S_BEAT] > r["beat"], s[lo.S_BEAT], r["beat"])
     # live_from(): back after a gap in which nothing proved the process alive (the class is CUR)
-    live = np.maximum(np.where(r["pg"] > 0, 2.5 * r["pg"], r["sa"] / 2), r["ta"] / 3)  # dead_after()
+    live = np.maximum(np.where(r["pg"] > 0, 2.5 * r["pg"], r["sa"] / 2), r["ta"] / 2)  # dead_after()
     back = np.where((r["seen"] > 0) & (s[lo.S_FIRST] - r["seen"] > live), s[lo.S_FIRST], 0.0)
     back = np.where(s[lo.S_GB] - s[lo.S_GA] > live, np.maximum(back, s[lo.S_GB]), back)
     pulsed = s[lo.S_PULSE] > r["pulse"]

@@ -11,7 +11,7 @@ before); or when the agent restarts or shuts down.
 
 Stall or silence: "the process is alive" needs a pulse no older than 2.5 pulse periods
 (timers.py), and the allowance counts only time in which the process proved alive. A gap of the
-agent's events longer than a third of the allowance (or 2.5 pulse periods) restarts it where the
+agent's events longer than half the allowance (or 2.5 pulse periods if longer) restarts it where the
 events resume (state.py ``live_from``): a process frozen by SIGSTOP (a suspended VM, a
 debugger) is silent, and when it resumes with a pulse before its next beat, that is no stall.
 """

@@ -107,10 +107,11 @@ local function live_for(r)
 end
 local function dead_after(r)
   -- A gap of the agent's events longer than this proved nothing about it (live_from): live_for,
-  -- or a third of the stall allowance when longer, so that pulses a little late never restart
-  -- the stall clock, while any freeze long enough to pass for a stall does (beats come at least
-  -- three times per allowance, so such a freeze lasts over two thirds of it).
-  return math.max(live_for(r), r.ta / 3)
+  -- or half the stall allowance when longer, so that pulses a little late (or sparse, as an OTel
+  -- agent's metrics exports every 60 s against 180 s) never restart the stall clock, while any
+  -- freeze long enough to pass for a stall does (beats come at least three times per allowance,
+  -- so such a freeze lasts over two thirds of it).
+  return math.max(live_for(r), r.ta / 2)
 end
 local function live_from(seen, s, w, from, till)
   -- Stall means "alive and not working" for the whole allowance, so its clock over [from, till]

@@ -119,7 +119,8 @@ routed resolve takes away; a routed resolve that finds none is *parked*: due onl
 time (``parked:<dedup key>`` in ``order`` holds its ``at`` and id). The firing, when it comes, takes
 its place in the chain just before the resolve and wakes it. A firing that comes after its parked
 resolve went out is not sent (4: the receiver's incident is closed; sending it would reopen it for
-ever). A resolve whose firing was never queued here (stale, filtered) merely goes out late."""
+ever). A resolve whose firing was never queued here (stale, filtered) merely goes out late, as
+does the resolve of an incident open for longer than the marks are kept (``max_age`` + 1 h)."""
 
 # A mute held back an alert: keep it for when the mute ends. A muted resolve of an incident
 # whose firing is held cancels both (returns 2): the receiver never heard of that incident;

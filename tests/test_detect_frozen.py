@@ -98,3 +98,27 @@ def test_the_stall_clock_restarts_after_a_gap_that_proved_nothing(
         "stall",
     ]
     worker.client.close()
+
+
+def test_pulses_that_thin_out_still_prove_life(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """Pulses every 50 ms, then (the work loop stuck) only every 600 ms, as an OTel agent's metrics
+    exports are sparser than its spans: gaps under half the stall allowance restart nothing, and
+    the stall fires one allowance after the last beat."""
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "5s"}, stall={"after": "1500ms"})
+    worker = worker_for(pipeline, redis_url)
+    feed = Feed(worker)
+    t0 = feed.now
+    feed.apply([feed.event("bot", "start", at=t0)])
+    for k in range(1, 10):
+        feed.apply([feed.event("bot", "beat" if k % 4 == 0 else "pulse", at=t0 + 50 * k)])
+        feed.tick(t0 + 50 * k)
+    last_beat = t0 + 400
+    for k in range(1, 5):
+        at = t0 + 450 + 600 * k
+        feed.apply([feed.event("bot", "pulse", at=at)])
+        feed.tick(at + 1)
+    (stall,) = fired(r, keys, "stall")
+    assert stall.at_ms - last_beat <= 1500 + 600
+    worker.client.close()

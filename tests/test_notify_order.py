@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -20,6 +21,7 @@ import redis
 
 from agentwatch.keys import Keys
 from agentwatch.workers import NOTIFIERS_GROUP
+from notifiers.queue import DeliveryQueue, Job
 
 from helpers import wait_for
 from notify_kit import (
@@ -85,3 +87,53 @@ def test_a_resolve_never_overtakes_the_firing_a_dead_notifier_held(
             wait_for(lambda: len(stream(r, keys.notify_log)) >= 2, what="both delivery records")
     got = [(body["id"], body["status"]) for body in hook.bodies()]
     assert got == [(firing.id, "firing"), (back.id, "resolved")]
+
+
+# -- the queue's side of it, step by step ----------------------------------------------------------
+
+
+def _alert(status: str, at: str, ident: str) -> Job:
+    alert = {"id": ident, "agent": "bot", "detector": "silence", "status": status, "severity": "critical",
+             "summary": "bot", "dedup_key": "bot/silence", "at": at, "details": {}}  # fmt: skip
+    return Job(ident, alert, 0)
+
+
+def _drain(queue: DeliveryQueue) -> list[str]:
+    """Claim and finish every delivery due now, in the order the delivery threads would."""
+    out = []
+    for _ in range(20):
+        claimed = queue.claim(5000)
+        if isinstance(claimed, int):
+            if claimed == -1 or claimed > 1000:
+                return out
+            time.sleep(claimed / 1000)
+            continue
+        out.append(claimed.job.id)
+        assert queue.finish(claimed)
+    return out
+
+
+def test_a_parked_resolve_goes_out_just_after_its_firing_and_before_the_next_incident(
+    r: redis.Redis, keys: Keys
+) -> None:
+    queue = DeliveryQueue(r, keys, "hook")
+    assert queue.enqueue_resolve(_alert("resolved", "2026-12-07T07:00:05.000Z", "r1"), "bot/silence",
+                                 park_ms=60_000)  # fmt: skip
+    assert _drain(queue) == []  # parked: its firing was never queued here
+    # the next incident fires before the first one's firing turns up: it waits behind the resolve
+    assert queue.enqueue(_alert("firing", "2026-12-07T07:00:09.000Z", "f2"), "bot/silence")
+    assert queue.enqueue(_alert("firing", "2026-12-07T07:00:01.000Z", "f1"), "bot/silence")
+    assert _drain(queue) == ["f1", "r1", "f2"]
+    assert queue.enqueue_resolve(_alert("resolved", "2026-12-07T07:00:20.000Z", "r2"), "bot/silence")
+    assert _drain(queue) == ["r2"]  # its firing was queued: not parked
+
+
+def test_a_firing_that_comes_after_its_resolve_went_out_is_not_sent(r: redis.Redis, keys: Keys) -> None:
+    queue = DeliveryQueue(r, keys, "hook")
+    resolve_job = _alert("resolved", "2026-12-07T07:00:05.000Z", "r1")
+    assert queue.enqueue_resolve(resolve_job, "bot/silence", park_ms=0)
+    assert _drain(queue) == ["r1"]  # waited out its park time
+    assert queue.enqueue(_alert("firing", "2026-12-07T07:00:01.000Z", "f1"), "bot/silence") is None
+    assert _drain(queue) == []
+    assert queue.enqueue(_alert("firing", "2026-12-07T07:00:09.000Z", "f2"), "bot/silence")  # a new incident
+    assert _drain(queue) == ["f2"]
