@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+from agentwatch import labels
 from agentwatch.errors import InvalidEntry
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import Client
@@ -182,7 +183,7 @@ class Incidents:
             summary=summary,
             dedup_key=f"{agent}/{detector}",
             at=iso_ms(at_ms),
-            details=details or {},
+            details=self._labelled(agent, details or {}),
         )
         incident = json.dumps(
             {"alert": alert.id, "since_ms": at_ms, "severity": severity, "summary": summary},
@@ -264,7 +265,9 @@ class Incidents:
             summary=summary,
             dedup_key=dedup_key,
             at=iso_ms(at_ms),
-            details={**(details or {}), "duration_s": round((at_ms - incident["since_ms"]) / 1000, 3)},
+            details=self._labelled(
+                agent, {**(details or {}), "duration_s": round((at_ms - incident["since_ms"]) / 1000, 3)}
+            ),
         )
         keys = [self.keys.incidents(shard), self.keys.outbox(shard)]
         args = [dedup_key, current, incident["alert"], alert.id, alert.to_json()]
@@ -274,6 +277,14 @@ class Incidents:
         earlier = [decode_alert(firing)] if firing else []
         self._publish(shard, [*earlier, alert])
         return alert
+
+    def _labelled(self, agent: str, details: dict[str, Any]) -> dict[str, Any]:
+        """``details`` with the agent's labels (``details.labels``, from its latest start), which
+        notifiers route and group on; unchanged if it has labels already or the agent has none."""
+        if "labels" in details or agent == PIPELINE_AGENT:
+            return details
+        found = labels.read(self.client, self.keys, agent)
+        return {**details, "labels": found} if found else details
 
     def open(self, agent: str, detector: str) -> dict[str, Any] | None:
         """The open incident of ``agent``/``detector`` (``since_ms``, ``severity``...), or None."""

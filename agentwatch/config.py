@@ -50,6 +50,7 @@ from agentwatch.config_env import (
 from agentwatch.config_errors import describe_error, key_path, valid_keys
 from agentwatch.errors import ConfigError
 from agentwatch.keys import PREFIX_RE, Keys
+from agentwatch.labels import KEY_RE as LABEL_KEY_RE
 from agentwatch.signing import MIN_SECRET_CHARS
 from agentwatch.urls import redis_url_problem
 
@@ -235,6 +236,35 @@ class ReportSection(Section):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+
+class GroupingSection(Section):
+    """Alertmanager's grouping for notifiers: incidents of one detector that open within
+    ``group_wait`` for agents sharing the ``group_by`` labels reach each notifier as one
+    notification with the list, and one resolve when all are over (notifiers/grouping.py)."""
+
+    enabled: bool = Field(False, description="group alerts for notifiers (restart notifiers never group)")
+    group_by: list[str] = Field(default_factory=lambda: ["host"], min_length=1, max_length=8,
+                                description="label keys: agents sharing their values group")  # fmt: skip
+    group_wait_s: Seconds = Field(30.0, alias="group_wait", gt=0, le=3600,
+                                  description="wait this long after a group's first incident")  # fmt: skip
+    group_interval_s: Seconds = Field(300.0, alias="group_interval", gt=0, le=86400,
+                                      description="then at most one update per group this often")  # fmt: skip
+    detectors: list[str] = Field(default_factory=list, description="detectors whose alerts group; empty: all")
+    max_groups: int = Field(
+        1000, ge=1, le=100_000, description="open groups per notifier; beyond: sent alone"
+    )
+    max_listed: int = Field(50, ge=1, le=1000, description="agents named in one grouped notification")
+
+    @field_validator("group_by")
+    @classmethod
+    def _label_keys(cls, value: list[str]) -> list[str]:
+        bad = [key for key in value if LABEL_KEY_RE.fullmatch(key) is None]
+        if bad:
+            raise ValueError(f"not label keys: {', '.join(map(repr, bad))} (1-64 chars of A-Za-z0-9_.-)")
+        if len(set(value)) != len(value):
+            raise ValueError("a label is named twice")
+        return value
 
 
 class SecuritySection(Section):
@@ -443,6 +473,7 @@ class PipelineSettings(BaseSettings):
     prices: dict[str, ModelRates] = Field(default_factory=dict, description="per-model rates (prices.py)")
     budgets: list[Budget] = Field(default_factory=list, description="[[budgets]]: spend limits per window")
     otlp: OtlpSection = OtlpSection()
+    grouping: GroupingSection = GroupingSection()
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notifiers: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -14,13 +14,17 @@ earlier.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any, Final
 
+from agentwatch import labels
 from agentwatch.codec import Event
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.worker import Handler, Message
+
+log = logging.getLogger("agentwatch.facts")
 
 # KEYS[1] = facts hash; ARGV = agent, entry ms, entry seq, facts JSON (no first_ms), repeated.
 # Newer means a later entry id (ms, then sequence): two starts in one millisecond keep order.
@@ -44,6 +48,8 @@ end
 return 1
 """
 _FACT_KEYS: Final = ("run", "host", "pid", "pid_start", "version", "interval", "parent")
+LABELS_DROPPED: Final = "detectors:labels_dropped"
+"""Field of the pipeline's stats hash: label pairs refused (bad charset, too long, over the cap)."""
 
 
 class FactsRecorder(Handler[Event]):
@@ -58,16 +64,27 @@ class FactsRecorder(Handler[Event]):
 
     def on_batch(self, messages: Sequence[Message[Event]]) -> None:
         by_shard: dict[int, list[str]] = {}
+        dropped_total = 0
         for entry_id, event in messages:
             if event["kind"] != "start" or event.get("parent"):
                 continue  # a forked worker's start does not speak for the agent
             at, _, entry_seq = entry_id.decode().partition("-")
             facts: dict[str, Any] = {key: event[key] for key in _FACT_KEYS if key in event}
             facts["started_ms"], facts["entry_seq"] = int(at), int(entry_seq)
+            if "labels" in event:
+                kept, dropped = labels.clean(event["labels"])
+                facts["labels"] = kept
+                if dropped:
+                    facts["labels_dropped"] = len(dropped)
+                    dropped_total += len(dropped)
+                    log.warning("agent %r: dropped %d label(s): %s", event["agent"], len(dropped),
+                                "; ".join(dropped))  # fmt: skip
             args = by_shard.setdefault(shard_of(event["agent"], self.keys.shards), [])
             args += [event["agent"], at, entry_seq, json.dumps(facts, separators=(",", ":"))]
         for shard, args in by_shard.items():
             self._script(keys=[self.keys.facts(shard)], args=args)
+        if dropped_total:
+            self.client.hincrby(self.keys.stats, LABELS_DROPPED, dropped_total)
 
 
 def read_facts(client: Client, keys: Keys, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -85,3 +102,8 @@ def read_facts(client: Client, keys: Keys, agents: Sequence[str] | None = None) 
             if raw:
                 out[name.decode() if isinstance(name, bytes) else name] = json.loads(raw)
     return out
+
+
+def labels_of(fact: dict[str, Any]) -> dict[str, str]:
+    """The labels of an agent from its start facts: what its run sent, plus ``host``."""
+    return labels.effective(fact.get("labels"), fact.get("host"))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agentwatch.alerts import PIPELINE_AGENT, Incidents, iso_ms
 from agentwatch.config import Pipeline, format_duration, parse_duration
-from agentwatch.facts import read_facts
+from agentwatch.facts import labels_of, read_facts
 from agentwatch.halts import Halts
 from agentwatch.keys import shard_of
 from agentwatch.redisconn import Client, server_time_ms
@@ -181,6 +181,7 @@ def _agent(
         "cost_total": round(totals.cost, 6),
         "run": fact.get("run"),
         "host": fact.get("host"),
+        "labels": labels_of(fact),
         "pid": fact.get("pid"),
         "version": fact.get("version"),
         "started": iso_ms(int(fact["started_ms"])) if fact.get("started_ms") else None,

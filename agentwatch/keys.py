@@ -144,6 +144,18 @@ class Keys:
         watched it without a gap, and the pipeline-lag incident's state (detectors/lag.py)."""
         return f"{self.tag(shard)}:clock"
 
+    def children(self, shard: int) -> str:
+        """Hash ``<agent>|<run hash>`` -> JSON of a child run (a forked or pool worker process
+        whose start named a ``parent``): its parent run's hash, highest applied seq, last event
+        (ms), interval, whether it exited. Written by the batch update, watched by
+        detectors/children.py."""
+        return f"{self.tag(shard)}:children"
+
+    def child_facts(self, shard: int) -> str:
+        """Hash ``<agent>|<run hash>`` -> JSON of a child run's start: run id, parent run id,
+        pid, host (what its ``child`` alert names)."""
+        return f"{self.tag(shard)}:child-facts"
+
     def detector(self, shard: int, name: str) -> str:
         """Hash agent -> state of the plugin detector ``name`` (for detectors of your own)."""
         return f"{self.tag(shard)}:det:{name}"
@@ -196,6 +208,20 @@ class Keys:
     def notifier_held(self, notifier: str) -> str:
         """Hash dedup key -> JSON of the firing alert a mute held back, delivered when the mute ends."""
         return f"{self.notifier_tag(notifier)}:held"
+
+    def notifier_groups(self, notifier: str) -> str:
+        """Hash group id (``<detector>|<label>=<value>,...``) -> JSON of an alert group of this
+        notifier: its members, which are still open, whether it was sent (notifiers/grouping.py)."""
+        return f"{self.notifier_tag(notifier)}:groups"
+
+    def notifier_group_members(self, notifier: str) -> str:
+        """Hash alert dedup key -> id of the group its open incident is in (resolves find their
+        group by it, whatever labels they carry)."""
+        return f"{self.notifier_tag(notifier)}:group-members"
+
+    def notifier_groups_due(self, notifier: str) -> str:
+        """Sorted set group id -> when the group's next notification is due (ms)."""
+        return f"{self.notifier_tag(notifier)}:groups-due"
 
     def notifier_starts(self, notifier: str) -> str:
         """Hash agent -> JSON list of restart times (ms) within the start-limit window (restart)."""

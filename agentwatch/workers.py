@@ -67,6 +67,7 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         BudgetKeeper(client, keys, settings, incidents, halts),
         OutboxSweeper(incidents),
         FactsRecorder(client, keys),
+        _child_watch(pipeline, client, incidents),
         HaltExpiry(halts),
         Snapshotter(
             client,
@@ -128,3 +129,15 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     notifiers = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
     worker.handlers += [*notifiers, ReportScheduler(pipeline, client, notifiers)]
     return worker
+
+
+def _child_watch(pipeline: Pipeline, client: Client, incidents: Incidents) -> Handler[Event]:
+    """The watch on worker processes of agents (detectors/children.py), with the silence
+    detector's ``after`` and severity (no silence detector: no watch)."""
+    from detectors.children import ChildWatch  # noqa: PLC0415 - detectors import the spine
+    from detectors.silence import SilenceConfig  # noqa: PLC0415
+
+    silence = next((p.config for p in pipeline.detectors if isinstance(p.config, SilenceConfig)), None)
+    if silence is None:
+        return ChildWatch(client, pipeline.keys, incidents, None)
+    return ChildWatch(client, pipeline.keys, incidents, silence.after_s, silence.severity)

@@ -240,7 +240,7 @@ class Engine:
                 keys=[
                     self.keys.states(shard), self.keys.timers(shard), self.keys.agents(shard),
                     self.keys.stacks(shard), self.keys.rss(shard), self.keys.intents(shard),
-                    self.keys.clock(shard),
+                    self.keys.clock(shard), self.keys.children(shard),
                 ],
                 args=[self.owner, self.lease_ms, self._packed_profiles, segments.pack(folded, rows),
                       self.blind_ms()],

@@ -54,6 +54,7 @@ from detectors.layout import (
     S_XBEAT,
     S_XU,
     SEGMENT_OTHERS,
+    run_hash,
 )
 
 
@@ -143,7 +144,8 @@ def fold_events(
             seg[S_START] = ms
             if interval is None:
                 seg[S_IV] = -1  # a start without one declares none: the run has no interval
-            seg[S_CHILD] = 1 if "parent" in ev else 0
+            parent = ev.get("parent")
+            seg[S_CHILD] = run_hash(parent) if isinstance(parent, str) and parent else 0
         else:  # exit
             # No code: the producer could not know it (PROTOCOL.md); false, never a made-up 0.
             seg[S_EXIT] = [ms, ev.get("reason", "exit"), ev.get("code", False), ev.get("error") or "",

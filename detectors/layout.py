@@ -9,6 +9,7 @@ as a msgpack list.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 SEGMENT_NUMBERS: Final = (
@@ -52,3 +53,18 @@ def segment_lua() -> str:
     )
     lines.append(f"local SEG_SIZE = {NUMBERS * 8}")
     return "\n".join(lines)
+
+
+RUN_HASHES: Final[dict[str, int]] = {}
+
+
+def run_hash(run: str) -> int:
+    """48 bits of BLAKE2b: exact as a Lua number, the same on every worker. A segment's RUN,
+    and the CHILD of a child run's start (the hash of the ``parent`` it names; 0: none)."""
+    value = RUN_HASHES.get(run)
+    if value is None:
+        value = int.from_bytes(hashlib.blake2b(run.encode(), digest_size=6).digest(), "big")
+        if len(RUN_HASHES) > 100_000:
+            RUN_HASHES.clear()
+        RUN_HASHES[run] = value
+    return value

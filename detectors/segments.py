@@ -18,7 +18,6 @@ segments that go to the update script (:meth:`Segments.others`).
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from detectors import fold
 from detectors.eventfold import fold_events, fp_text
 from detectors.layout import (
     NUMBERS,
+    RUN_HASHES,
     S_AGENT,
     S_CMIN,
     S_CN,
@@ -54,23 +54,12 @@ from detectors.layout import (
     S_TN,
     S_UN,
     TOKEN_NUMBERS,
+    run_hash,
 )
 
 _KINDS: Final = {"beat": fold.BEAT, "pulse": fold.PULSE, "start": fold.START, "exit": fold.EXIT}
 _AGENT, _RUN, _SEQ, _KIND = itemgetter("agent"), itemgetter("run"), itemgetter("seq"), itemgetter("kind")
 _FROM_EVENTS: Final = [i for i in range(NUMBERS) if i not in TOKEN_NUMBERS]
-_run_hashes: dict[str, int] = {}
-
-
-def run_hash(run: str) -> int:
-    """48 bits of BLAKE2b: exact as a Lua number, the same on every worker."""
-    value = _run_hashes.get(run)
-    if value is None:
-        value = int.from_bytes(hashlib.blake2b(run.encode(), digest_size=6).digest(), "big")
-        if len(_run_hashes) > 100_000:
-            _run_hashes.clear()
-        _run_hashes[run] = value
-    return value
 
 
 def fp_hash(fp: str) -> int:
@@ -274,7 +263,7 @@ def build_segments(
         for row, values in out.complex.items():
             numbers[row, _FROM_EVENTS] = [values[k] for k in _FROM_EVENTS]
     numbers[:, S_PROFILE] = 1 if profile_of is None else list(map(profile_of, out.agents))
-    hashes = list(map(_run_hashes.get, runs))
+    hashes = list(map(RUN_HASHES.get, runs))
     if None in hashes:
         hashes = list(map(run_hash, runs))
     numbers[:, S_RUN] = hashes

@@ -15,8 +15,10 @@ keep them in step with it):
   already landed.
 * **Order between runs by Redis time.** A ``start`` whose entry is newer than the current run's
   start begins a new run (resetting the per-run marks; resolving exit, stall, memory, loop).
-  A ``start`` that declares a ``parent`` (a forked child of the agent) does not take over.
-  Events of other runs count as signs of life only.
+  A ``start`` that declares a ``parent`` (a forked child of the agent) does not take over: it
+  opens a *child run* of the current run (the ``children`` hash), whose beats count for the
+  agent's tokens, cost and token/loop detection (idempotent by the child's own seq mark), and
+  whose silence detectors/children.py watches. Events of other runs count as signs of life only.
 * **Timers are lower bounds.** An agent's place in the timers set is only moved *earlier* here;
   the timer check re-arms an agent it finds not due (detectors/timers.py). That saves a write
   per event for the common case of an agent beating well within its allowance.
@@ -138,7 +140,7 @@ local function next_due(r, p)
 end
 """
 
-# The batch update. KEYS: states, timers, agents, stacks, rss, intents, clock.
+# The batch update. KEYS: states, timers, agents, stacks, rss, intents, clock, children.
 # ARGV: owner, lease ms, profiles (msgpack), segments (msgpack), blind_after ms.
 # Returns msgpack [owned intents keys, memory windows to evaluate].
 LUA_MAIN: Final = """
@@ -155,7 +157,7 @@ do  -- segments: numbers from the packed string, the other fields from the list 
     S[i] = s
   end
 end
-local CUR, NEW, PREV, FOREIGN = 1, 2, 3, 4
+local CUR, NEW, PREV, FOREIGN, CHILD = 1, 2, 3, 4, 5
 local ADOPT = F_RETIRED + F_EXITED + F_SILENCE
 local DUPS = 0  -- events whose seq was applied already: redelivered, or a producer repeating seq
 -- The shard's watch clock (timers.py): while nobody checks (STALE), or for time before the
@@ -227,6 +229,24 @@ local function retire(a, r, at)
 end
 
 local ZADD, ZREM, ZIDX = {}, {}, {}
+local CH, CH_DIRTY = {}, {}
+
+local function child_of(a, r, s)
+  -- The child run of segment s (a worker process of the agent), or false. A child's start names
+  -- its parent (S_CHILD: the parent run's hash); its later events are known by the children hash.
+  local k = a .. '|' .. string.format('%.0f', s[S_RUN])
+  local c = CH[k]
+  if c == nil then
+    local raw = redis.call('HGET', KEYS[8], k)
+    c = raw and cjson.decode(raw) or false
+    CH[k] = c
+  end
+  if not c and s[S_START] > 0 and s[S_CHILD] ~= 0 then
+    c = {p = string.format('%.0f', s[S_CHILD]), hw = -1, last = 0, iv = 0, ex = 0, at = s[S_START]}
+    CH[k] = c
+  end
+  return c, k
+end
 
 local function retro(a, det, fire_at, back, facts)
   -- A gap longer than the allowance, found in the events themselves (a batch processed late:
@@ -269,12 +289,17 @@ local function apply(s)
   local r = R[a]
   local p = P[s[S_PROFILE]]
   local seen0, beat0 = r.seen, r.beat
-  local cls
+  local cls, child, ckey
   if r.run ~= 0 and s[S_RUN] == r.run then cls = CUR
-  elseif s[S_START] > 0 and s[S_CHILD] == 0 and s[S_START] >= r.start then cls = NEW
-  elseif r.run == 0 or (has(r, ADOPT) and s[S_FIRST] > r.seen and s[S_RUN] ~= r.prun) then cls = NEW
-  elseif r.prun ~= 0 and s[S_RUN] == r.prun then cls = PREV
-  else cls = FOREIGN end
+  elseif s[S_START] > 0 and s[S_CHILD] == 0 and s[S_START] >= r.start then cls = NEW  -- (CHILD: parent hash)
+  else
+    -- (also before the parent's own start arrived: a worker may flush first)
+    if r.run ~= 0 or (s[S_START] > 0 and s[S_CHILD] ~= 0) then child, ckey = child_of(a, r, s) end
+    if child then cls = CHILD
+    elseif r.run == 0 or (has(r, ADOPT) and s[S_FIRST] > r.seen and s[S_RUN] ~= r.prun) then cls = NEW
+    elseif r.prun ~= 0 and s[S_RUN] == r.prun then cls = PREV
+    else cls = FOREIGN end
+  end
 
   local late = false
   if (cls == CUR and s[S_LO] > r.hw) or cls == NEW then retro_gaps(a, r, p, s, cls) end
@@ -337,6 +362,17 @@ local function apply(s)
     elseif s[S_BEAT] > beat0 and has(r, F_HAS_STACK) then
       STACK_DEL[a] = true; STACK_SET[a] = nil; clear(r, F_HAS_STACK)
     end
+  elseif cls == CHILD then
+    -- A worker process of the agent: its usage is the agent's (once per event: its own mark).
+    if s[S_LO] > child.hw then
+      child.hw = s[S_HI]
+      if s[S_LAST] > child.last then child.last = s[S_LAST] end
+      if s[S_IV] >= 0 then child.iv = s[S_IV] end
+      if ex then child.ex = 1 end
+      CH_DIRTY[ckey] = child
+      r.bt = r.bt + s[S_NBEAT]
+      tokens_apply(a, r, p, s, false)
+    end
   elseif cls == PREV and ex and ex[2] ~= 'shutdown' then
     exit_fire(a, r, p, ex, true)  -- the previous run's crash, processed after the restart
     r.prun = 0  -- once only, even if this batch is delivered again
@@ -362,6 +398,7 @@ chunked('HSET', KEYS[1], out)
 if #ZADD > 0 then chunked('ZADD', KEYS[2], ZADD) end
 if #ZREM > 0 then chunked('ZREM', KEYS[2], ZREM) end
 if #ZIDX > 0 then chunked('ZADD', KEYS[3], ZIDX, 'GT') end
+for k, c in pairs(CH_DIRTY) do redis.call('HSET', KEYS[8], k, cjson.encode(c)) end
 for a, text in pairs(STACK_SET) do redis.call('HSET', KEYS[4], a, text) end
 for a in pairs(STACK_DEL) do redis.call('HDEL', KEYS[4], a) end
 if DUPS > 0 then redis.call('HINCRBY', KEYS[7], 'duplicates', DUPS) end

@@ -34,6 +34,7 @@ from agentwatch.keys import Keys
 from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.worker import Handler, Message, Stats
 from notifiers.delivery import Delivered, Deliverer, Delivery, Failed, Outcome, Retry
+from notifiers.grouping import Grouper
 from notifiers.journal import Journal
 from notifiers.queue import DeliveryQueue, Job
 from notifiers.reminders import Reminders, reminder_of
@@ -78,9 +79,12 @@ class NotifierConfig(plugins.NotifierConfig):
     rate_limit: PerSecond | None = Field(None, description='e.g. "120/min"; none: unlimited')
     burst: int = Field(10, ge=1, le=100_000, description="requests allowed at once under rate_limit")
     reports: bool = Field(False, description="also deliver the scheduled fleet report ([report])")
+    group: bool = Field(True, description="with [grouping] enabled: group this notifier's alerts")
 
     reports_supported: ClassVar[bool] = False
     """Set by notifier types that can carry a report (webhook JSON or text, apprise text)."""
+    grouping_supported: ClassVar[bool] = True
+    """False for notifier types that act on one agent per alert (restart): they never group."""
 
     def referenced_detectors(self) -> set[str]:
         """The detector names this entry filters on (``match.detectors``; the restart notifier
@@ -136,6 +140,12 @@ class Notifier(Handler[Alert], Generic[C]):
         self.deliverer: Deliverer | None = None
         self._next_trim = 0.0
         self._next_held = 0.0
+        grouping = ctx.settings.grouping
+        self.grouper = (
+            Grouper(ctx.client, ctx.keys, name, grouping)
+            if grouping.enabled and config.group and config.grouping_supported
+            else None
+        )
 
     # -- hooks for subclasses ----------------------------------------------------------------------
     def open(self) -> None:
@@ -202,7 +212,7 @@ class Notifier(Handler[Alert], Generic[C]):
                 self.reminders.cancel(alert.dedup_key)
             verdict = self.route(alert, now_ms, mutes)
             if verdict == "send":
-                queued = self._send(alert) or queued
+                queued = self._send(alert, now_ms) or queued
             elif verdict == "muted":
                 self._mute(alert, now_ms, mutes)
             else:
@@ -218,6 +228,8 @@ class Notifier(Handler[Alert], Generic[C]):
             return
         if self.reminders is not None:
             self._remind()
+        if self.grouper is not None:
+            self._flush_groups(now_ms)
         now = time.monotonic()
         if now >= self._next_held:
             self._next_held = now + _HELD_EVERY_S
@@ -262,8 +274,50 @@ class Notifier(Handler[Alert], Generic[C]):
     def _job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
         return Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
 
-    def _send(self, alert: Alert) -> bool:
-        """Queue a routed alert; True if it was queued now."""
+    def _send(self, alert: Alert, now_ms: int) -> bool:
+        """Queue a routed alert; True if it was queued now. With grouping, a firing alert joins
+        its group instead (the group sends it, or a grouped alert, once its wait is over)."""
+        if self.grouper is not None and self._grouped(alert, now_ms):
+            return False
+        return self._queue_alert(alert)
+
+    def _grouped(self, alert: Alert, now_ms: int) -> bool:
+        """True if ``alert`` was taken by its group (recorded as ``grouped``, not queued here)."""
+        assert self.grouper is not None
+        if alert.status == "firing":
+            joined = self.grouper.add(alert, now_ms)
+            if joined == "full":
+                self.journal.count(self.name, "ungrouped")
+                self.log.warning("%s: %d alert groups are open (max_groups); sent alone",
+                                 alert.dedup_key, self.grouper.config.max_groups)  # fmt: skip
+                return False
+            if joined is None:
+                return False
+            if joined != "dup":
+                self.journal.skipped(self.name, "grouped", alert, "waiting with its group")
+            return True
+        outcome, group_alert = self.grouper.resolve(alert, now_ms)
+        if outcome == "pass":
+            return False
+        self.journal.skipped(self.name, "grouped", alert, f"group {outcome}")
+        if group_alert is not None:
+            sent = self.queue.enqueue_resolve(self._job(group_alert), group_alert.dedup_key)
+            if sent and self.deliverer is not None:
+                self.deliverer.wake()
+        return True
+
+    def _flush_groups(self, now_ms: int) -> None:
+        """Queue what groups whose wait (or interval) is over have to say."""
+        assert self.grouper is not None
+        queued = False
+        for flushed in self.grouper.due(now_ms):
+            queued = (
+                self.enqueue(flushed.alert) if flushed.grouped else self._queue_alert(flushed.alert)
+            ) or queued
+        if queued and self.deliverer is not None:
+            self.deliverer.wake()
+
+    def _queue_alert(self, alert: Alert) -> bool:
         if alert.status == "resolved":
             queued = self.queue.enqueue_resolve(self._job(alert), alert.dedup_key, park_ms=self.park_ms)
             if queued is None:

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -47,6 +47,8 @@ _OUTPUT_TAIL = 2000
 
 
 class RestartConfig(NotifierConfig):
+    grouping_supported: ClassVar[bool] = False  # restarts are per agent: never grouped
+
     command: list[str] | None = Field(
         None, min_length=1, description="argv; {agent} {run} {host} {pid} {detector}"
     )

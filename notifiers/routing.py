@@ -33,12 +33,18 @@ _STATUSES: tuple[StatusName, ...] = ("firing", "resolved")
 
 
 class Match(Section):
-    """``match = { agents = ["prod-*"], detectors = ["silence"], severity = "error" }``."""
+    """``match = { agents = ["prod-*"], detectors = ["silence"], severity = "error",
+    labels = { team = "search" } }``."""
 
     agents: list[str] = Field(default_factory=lambda: ["*"], description="globs on the agent name")
     detectors: list[str] = Field(default_factory=list, description="detector names; empty: all")
     severity: Severity = Field("info", description="minimum severity")
     statuses: list[StatusName] = Field(default_factory=lambda: list(_STATUSES))
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="label -> glob on its value (details.labels); every one must match, and an "
+        "alert without that label does not",
+    )
 
     def matches(self, alert: Alert) -> bool:
         if alert.status not in self.statuses:
@@ -47,7 +53,18 @@ class Match(Section):
             return False
         if _rank(alert.severity) < _rank(self.severity):
             return False
+        if self.labels and not _labels_match(self.labels, alert.details.get("labels")):
+            return False
         return any(fnmatch.fnmatchcase(alert.agent, glob) for glob in self.agents)
+
+
+def _labels_match(wanted: dict[str, str], labels: object) -> bool:
+    if not isinstance(labels, dict):
+        return False
+    return all(
+        isinstance(labels.get(key), str) and fnmatch.fnmatchcase(labels[key], glob)
+        for key, glob in wanted.items()
+    )
 
 
 def _rank(severity: str) -> int:
@@ -63,9 +80,12 @@ def known_detectors(sections: Mapping[str, Mapping[str, Any]]) -> set[str]:
     """Every ``detector`` name an alert of this pipeline can carry: each built-in detector's alert
     names (``tokens`` words ``tokens`` and ``loop``), the ``[detectors.<name>]`` sections (plugin
     detectors alert under their section's name, plus any names their class lists in ``kinds``),
-    the restart notifier's ``restart_loop``, the brake's ``halt`` and the OTLP receiver's
-    ``otlp``. ``sections`` is ``settings.detectors``."""
-    names = {LOOP_DETECTOR, HALT_DETECTOR, OTLP_DETECTOR}
+    the restart notifier's ``restart_loop``, the brake's ``halt``, the OTLP receiver's
+    ``otlp`` and ``child`` (a worker process that died, detectors/children.py). ``sections`` is
+    ``settings.detectors``."""
+    from detectors.children import DETECTOR as CHILD_DETECTOR  # noqa: PLC0415 - detectors import numpy
+
+    names = {LOOP_DETECTOR, HALT_DETECTOR, OTLP_DETECTOR, CHILD_DETECTOR}
     for name in {*plugins.builtins("detectors"), *sections}:
         names.add(name)
         ref = sections.get(name, {}).get("class") or name

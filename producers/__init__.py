@@ -22,6 +22,7 @@ docs/producer.md for handlers installed later that chain to the producer's).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from producers import _exitcode, _lifecycle
@@ -54,6 +55,7 @@ def init(
     pulse_interval: float | None = None,
     shards: int | None = None,
     key: str | None = None,
+    labels: Mapping[str, str] | None = None,
     **options: Any,
 ) -> Producer:
     """Configure the default producer explicitly and start it (``start`` is sent now).
@@ -61,6 +63,8 @@ def init(
     Arguments left out fall back to the environment, then to defaults (see :class:`Producer`,
     which also lists the tuning ``options``). ``key`` (``AGENTWATCH_KEY``) signs every event
     with the agent's key, for a pipeline with ``[security] agent_keys`` (docs/security.md).
+    ``labels`` (``AGENTWATCH_LABELS="team=x,tier=1"``) travel with ``start``: alerts carry them
+    and notifiers route on them; the pipeline adds ``host``.
     Calling ``init()`` again with other settings retires the previous run first (``exit`` with
     reason ``shutdown``). Multiprocessing workers started with ``spawn``/``forkserver`` inherit
     these arguments and know their parent run (also without ``init()``); forked ones inherit the
@@ -74,6 +78,7 @@ def init(
         "pulse_interval": pulse_interval,
         "shards": shards,
         "key": key,
+        "labels": labels,
         **options,
     }
     with _default_lock:

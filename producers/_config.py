@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from agentwatch import labels
 from agentwatch.codec import MAX_AGENT_LEN, MAX_SPAN_S, name_problem
 from agentwatch.keys import PREFIX_RE
 from agentwatch.runfile import DEFAULT_DIR as DEFAULT_RUN_DIR
@@ -54,7 +55,7 @@ OPTIONS: Final = frozenset(
     {
         "agent", "redis_url", "prefix", "interval", "pulse_interval", "shards", "stack_factor",
         "queue_size", "queue_bytes", "maxlen", "flush_interval", "socket_timeout", "on_halt",
-        "halt_interval", "key", "run_dir",
+        "halt_interval", "key", "run_dir", "labels",
     }
 )  # fmt: skip
 """Every keyword a Producer (and ``init()``) accepts."""
@@ -71,6 +72,7 @@ ENV_VARS: Final = {
     "halt_interval": "AGENTWATCH_HALT_INTERVAL",
     "key": "AGENTWATCH_KEY",
     "run_dir": "AGENTWATCH_RUN_DIR",
+    "labels": "AGENTWATCH_LABELS",
 }
 """The options that may also come from the environment, and their variables."""
 
@@ -108,6 +110,8 @@ class Settings:
     """The agent's key: events are signed with it (never printed)."""
     run_dir: str = DEFAULT_RUN_DIR
     """Where the run file goes (agentwatch/runfile.py); "" for none."""
+    labels: tuple[tuple[str, str], ...] = ()
+    """Labels sent with every ``start`` (agentwatch/labels.py), sorted by key."""
 
     @property
     def stack_after(self) -> float:
@@ -166,6 +170,7 @@ def resolve(**explicit: Any) -> Settings:
         halt_interval=_number(*given.pick("halt_interval"), DEFAULT_HALT_INTERVAL, MAX_SPAN_S),
         key=_key(*given.pick("key")),
         run_dir=_run_dir(*given.pick("run_dir")),
+        labels=_labels(*given.pick("labels")),
     )
 
 
@@ -286,6 +291,26 @@ def _run_dir(value: Any, label: str) -> str:
     warn_once(f"config:{label}", "agentwatch: %s=%r is not an absolute directory (or \"\" for none); "
               "using %s", label, value, DEFAULT_RUN_DIR)  # fmt: skip
     return DEFAULT_RUN_DIR
+
+
+def _labels(value: Any, label: str) -> tuple[tuple[str, str], ...]:
+    """A map (``init(labels=...)``) or ``team=x,tier=1`` text (``AGENTWATCH_LABELS``); pairs
+    outside the label rules are dropped, with one warning naming them."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        kept, dropped = labels.parse(value)
+    elif isinstance(value, (list, tuple)):  # pairs, as a spawned child inherits them
+        try:
+            kept, dropped = labels.clean(dict(value))
+        except (TypeError, ValueError):
+            kept, dropped = {}, [f"labels must be a map of strings, got {type(value).__name__}"]
+    else:
+        kept, dropped = labels.clean(value)
+    if dropped:
+        warn_once(f"config:{label}", "agentwatch: %s: dropped %d label(s): %s", label, len(dropped),
+                  "; ".join(dropped))  # fmt: skip
+    return tuple(sorted(kept.items()))
 
 
 def _number(value: Any, label: str, default: float | None, maximum: float) -> Any:

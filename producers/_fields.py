@@ -28,7 +28,8 @@ RESERVED: Final = frozenset(
     {
         "v", "agent", "kind", "ts", "run", "seq", "interval", "pid", "host", "version",
         "tokens", "tokens_in", "tokens_out", "cost", "model", "fp", "rss", "stack",
-        "extend", "dropped", "code", "reason", "error", "traceback", *TOKEN_CLASSES,
+        "extend", "dropped", "code", "reason", "error", "traceback", "labels", "parent",
+        *TOKEN_CLASSES,
     }
 )  # fmt: skip
 """Protocol keys: never accepted as meta, whatever their value, so meta cannot forge them (the

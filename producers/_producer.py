@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -100,6 +101,7 @@ class Producer:
         halt_interval: float | None = None,
         key: str | None = None,
         run_dir: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in OPTIONS}
         self._setup()
@@ -365,7 +367,7 @@ class Producer:
                 # Spawn and forkserver children re-import everything: this is how they learn
                 # they are workers of this run, not a restart of the agent (also without init()).
                 export_for_children(self._explicit, self._run)
-            start = start_fields(settings.interval, pid, self._parent_run)
+            start = start_fields(settings.interval, pid, self._parent_run, settings.labels)
             halts = Keys(settings.prefix, settings.shards).halts_for(settings.agent)
             watch = HaltWatch(settings.agent, halts, settings.halt_interval, self._set_halts)
             sender = Sender(settings, self._stream, self._run, start, self._beat_info, halts=watch)

@@ -48,9 +48,11 @@ def hostname() -> str:
         return "unknown"
 
 
-def start_fields(interval: float | None, pid: int, parent_run: str | None) -> dict[str, Any]:
+def start_fields(
+    interval: float | None, pid: int, parent_run: str | None, labels: tuple[tuple[str, str], ...] = ()
+) -> dict[str, Any]:
     """The ``start`` event of a run (``parent``: the run this process was forked or spawned
-    from, so the pipeline can tell a worker process from a restart)."""
+    from, so the pipeline can tell a worker process from a restart; ``labels``: the agent's)."""
     start: dict[str, Any] = {
         "kind": "start",
         "ts": time.monotonic(),
@@ -65,4 +67,6 @@ def start_fields(interval: float | None, pid: int, parent_run: str | None) -> di
         start["interval"] = interval
     if parent_run:
         start["parent"] = parent_run
+    if labels:
+        start["labels"] = dict(labels)
     return start

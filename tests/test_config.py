@@ -418,7 +418,7 @@ def test_a_misspelled_section_in_an_override_is_an_error(
     assert found == (
         "environment variable AGENTWATCH_WROKER__BATCH: unknown section 'wroker' (did you mean 'worker'?); "
         "valid sections: redis, embedded, streams, worker, report, security, http, prices, budgets, otlp, "
-        "detectors, notifiers "
+        "grouping, detectors, notifiers "
         "(overrides are AGENTWATCH_<SECTION>__<KEY>)"
     )
 
@@ -487,7 +487,7 @@ def test_a_nested_unknown_key_lists_the_nested_keys(tmp_path: Path) -> None:
     )
     assert found == (
         "[[notifiers]][0] match.agent: unknown key (did you mean 'agents'?); "
-        "valid keys: agents, detectors, severity, statuses"
+        "valid keys: agents, detectors, severity, statuses, labels"
     )
 
 

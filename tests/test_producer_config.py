@@ -19,7 +19,7 @@ HEAVY = ("numpy", "typer", "pydantic", "pydantic_settings", "rich", "httpx", "de
          "notifiers", "psutil", "openai", "anthropic")  # fmt: skip
 ALLOWED_AGENTWATCH = {
     "agentwatch", "agentwatch.codec", "agentwatch.keys", "agentwatch.errors", "agentwatch.urls",
-    "agentwatch.signing", "agentwatch.runfile",
+    "agentwatch.signing", "agentwatch.runfile", "agentwatch.labels",
 }  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 import signal
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import typer
 
+from agentwatch import labels
 from agentwatch.alerts import iso_ms
 from agentwatch.cli import app
 from agentwatch.cli.alerts import literal
@@ -39,6 +41,10 @@ _STATE_STYLES: Final[dict[str, dict[str, Any]]] = {
 }  # fmt: skip
 _ALARM: Final[dict[str, Any]] = {"fg": "red", "bold": True}
 
+LabelOption = Annotated[
+    list[str] | None,
+    typer.Option("--label", help='Only agents with this label, e.g. "team=search" (a glob); repeatable.'),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (docs/operations.md).")]
 
 
@@ -52,6 +58,7 @@ def status(
     config: ConfigOption = None,
     as_json: JsonOption = False,
     agent: AgentOption = None,
+    label: LabelOption = None,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
     refresh: Annotated[
         str | None, typer.Option("--refresh", help='With --watch: how often, e.g. "5s" (default 2s).')
@@ -64,31 +71,39 @@ def status(
     if refresh is not None and not watch:
         fail("--refresh goes with --watch", EXIT_USAGE)
     every_s = duration_flag("--refresh", refresh or "2s")
+    selectors = _selectors(label)
     pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
     from agentwatch.fleet import fleet_status  # noqa: PLC0415 - heavy: only once the flags are right
 
     try:
         if as_json:
-            document = _filtered(fleet_status(client, pipeline), agent)
+            document = _filtered(fleet_status(client, pipeline), agent, selectors)
             document.update(wiring(client, pipeline, server_time_ms(client)))
             typer.echo(json.dumps(document, indent=2))
             return
         if not watch:
             width = max(40, shutil.get_terminal_size((80, 24)).columns)  # a pipe: 80, or $COLUMNS
-            for line in _board(_filtered(fleet_status(client, pipeline), agent), width):
+            for line in _board(_filtered(fleet_status(client, pipeline), agent, selectors), width):
                 typer.echo(line)  # colours only on a terminal (click strips them on a pipe)
             for line in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
                 typer.echo(typer.style(line, fg="yellow") if line.startswith("note:") else line)
             return
         from rich.console import Console  # noqa: PLC0415
 
-        _watch(Console(), client, pipeline, agent, every_s)
+        _watch(Console(), client, pipeline, agent, every_s, selectors)
     finally:
         client.close()
 
 
-def _watch(console: Console, client: Client, pipeline: Pipeline, agent: str | None, every_s: float) -> None:
+def _watch(  # noqa: PLR0917 - the command's options
+    console: Console,
+    client: Client,
+    pipeline: Pipeline,
+    agent: str | None,
+    every_s: float,
+    selectors: list[tuple[str, str]],
+) -> None:
     """Refresh in place until Ctrl-C or SIGTERM; both exit 0, and the last frame stays on screen
     (on a pipe or a file, where nothing can be redrawn, only the last frame is printed).
 
@@ -111,7 +126,7 @@ def _watch(console: Console, client: Client, pipeline: Pipeline, agent: str | No
                 while True:
                     frame: Text
                     try:
-                        last = _filtered(fleet_status(client, pipeline), agent)
+                        last = _filtered(fleet_status(client, pipeline), agent, selectors)
                         lost_since = None
                         frame = _render(last, console.width)
                     except (redis.RedisError, OSError) as exc:
@@ -183,12 +198,27 @@ def report(
         Console().print(_render_report(document))
 
 
-def _filtered(document: dict[str, Any], glob: str | None) -> dict[str, Any]:
-    if glob is None:
-        return document
-    import fnmatch  # noqa: PLC0415 - only with --agent
+def _selectors(given: list[str] | None) -> list[tuple[str, str]]:
+    try:
+        return [labels.selector(text) for text in given or []]
+    except ValueError as exc:
+        fail(f"--label: {exc}", EXIT_USAGE)
 
-    return {**document, "agents": [a for a in document["agents"] if fnmatch.fnmatchcase(a["agent"], glob)]}
+
+def _filtered(
+    document: dict[str, Any], glob: str | None, selectors: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    """Only the agents matching ``--agent`` and every ``--label key=glob``."""
+    if glob is None and not selectors:
+        return document
+
+    def keep(row: dict[str, Any]) -> bool:
+        if glob is not None and not fnmatch.fnmatchcase(row["agent"], glob):
+            return False
+        found = row.get("labels") or {}
+        return all(key in found and fnmatch.fnmatchcase(found[key], want) for key, want in selectors or ())
+
+    return {**document, "agents": [row for row in document["agents"] if keep(row)]}
 
 
 def _age(seconds: float | None, *, ago: bool = True) -> str:
