@@ -20,6 +20,7 @@ from agentwatch.config import Budget, Pipeline
 from agentwatch.halts import Halts
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
+from agentwatch.report import build_report, render_text
 from agentwatch.spend import Ledger, window_of
 from detectors.budgets import EXCEEDED, WARNING, judge
 
@@ -188,3 +189,33 @@ def test_a_runaway_with_tokens_halt_halts_itself(
         halts = wait_for(lambda: Halts(r, keys).halting("runaway"), what="the tokens detector's halt")
     assert [h.by for h in halts] == ["tokens"]
     assert "40,000" in halts[0].reason or "40000" in halts[0].reason
+
+
+def test_the_report_gives_cost_per_agent_unknown_never_zero_and_budget_incidents(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """``report`` (issue 13, views): each agent's cost, ``unknown`` for tokens nobody could price
+    (JSON ``null`` and the count of unpriced beats, never $0.00), and a budget over several agents
+    as an incident of its glob, in the JSON and in the text."""
+    pipeline = with_budgets(
+        pipeline_for(prefix, redis_url),
+        {"agents": "crew-*", "per": "month", "limit": 1.0, "scope": "together"},
+    )
+    for name in ("crew-a", "crew-b"):
+        crew = Agent(r, keys, name)
+        crew.start(interval=1.0)
+        crew.beat(cost=0.6)
+    mystery = Agent(r, keys, "mystery")
+    mystery.start(interval=1.0)
+    mystery.beat(tokens_in=10, tokens_out=10, model="no-such-model-anywhere")
+    with running(worker_for(pipeline, redis_url)):
+        wait_for(lambda: caught_up(r, keys) and budget_alerts(r, keys), what="the crew's budget exceeded")
+    report = build_report(r, pipeline, since_s=3600)
+    rows = {row["agent"]: row for row in report["agents"]}
+    assert rows["crew-a"]["cost"] == pytest.approx(0.6) and rows["crew-b"]["cost"] == pytest.approx(0.6)
+    assert (rows["mystery"]["cost"], rows["mystery"]["unpriced_beats"]) == (None, 1)
+    (incident,) = report["budget_incidents"]
+    assert (incident["agents"], incident["detector"], incident["open"]) == ("crew-*", "budget", True)
+    text = render_text(report)
+    assert "- mystery: " in text and "unknown (1 unpriced beats)" in text and "$0.00" not in text
+    assert f"budget of crew-* (still open): {incident['summary']}" in text
