@@ -8,6 +8,7 @@ simulated agents), so each test controls exactly what was spent.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,7 +22,7 @@ from agentwatch.halts import Halts
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 from agentwatch.report import build_report, render_text
-from agentwatch.spend import Ledger, window_of
+from agentwatch.spend import Ledger, Window, window_of
 from detectors.budgets import EXCEEDED, WARNING, judge
 
 from helpers import caught_up, running, wait_for
@@ -106,6 +107,34 @@ def test_together_sums_the_glob_across_agents(
     assert alerts[-1]["dedup_key"] == "budget:crew-*"
     assert alerts[-1]["severity"] == "critical"
     assert alerts[-1]["details"]["spent"] == pytest.approx(1.2)
+
+
+def utc_ms(text: str) -> int:
+    return round(datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
+
+
+def test_windows_are_calendar_hours_days_and_months_in_the_report_time_zone() -> None:
+    """SPEC section 7: budgets count per local calendar window. Berlin is UTC+1 in December, and
+    2026-10-25 has 25 hours there (DST ends at 03:00, the hour 02:00-03:00 comes twice)."""
+    berlin = ZoneInfo("Europe/Berlin")
+    at = utc_ms("2026-12-31T23:30:00")  # 00:30 on New Year's Day in Berlin
+    assert window_of("hour", at, berlin) == Window(
+        "h2027010100", utc_ms("2026-12-31T23:00:00"), at + 1_800_000
+    )
+    assert window_of("day", at, berlin) == Window(
+        "d20270101", utc_ms("2026-12-31T23:00:00"), utc_ms("2027-01-01T23:00:00")
+    )
+    assert window_of("month", at, berlin) == Window(
+        "m202701", utc_ms("2026-12-31T23:00:00"), utc_ms("2027-01-31T23:00:00")
+    )
+    assert window_of("month", at - 3_600_000, berlin).id == "m202612"  # 23:30 on Dec 31 in Berlin
+    long_day = window_of("day", utc_ms("2026-10-25T12:00:00"), berlin)
+    assert long_day.end_ms - long_day.start_ms == 25 * 3_600_000
+    first, again = (window_of("hour", utc_ms(t), berlin) for t in ("2026-10-25T00:30", "2026-10-25T01:30"))
+    assert first.id != again.id and sorted([again.id, first.id]) == [first.id, again.id]
+    assert (first.end_ms, again.end_ms) == (again.start_ms, again.start_ms + 3_600_000)
+    with pytest.raises(ValueError, match="hour, day or month"):
+        window_of("week", at, berlin)
 
 
 def test_judge_pace_floor() -> None:
