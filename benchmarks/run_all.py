@@ -383,8 +383,12 @@ def render(result: dict[str, Any], notes: str) -> str:
             continue
         walls = [run["wall_s"] for run in mine]
         ok = sum(run["status"] == "ok" for run in mine)
-        statuses = [f"round {run['round']}: {run['status']}" + (f" ({run['error']})" if run["error"] else "")
-                    for run in mine if run["status"] != "ok"]  # fmt: skip
+        failures: dict[str, list[str]] = {}
+        for run in mine:
+            if run["status"] != "ok":
+                text = run["status"] + (f": {run['error']}" if run["error"] else "")
+                failures.setdefault(text, []).append(str(run["round"]))
+        statuses = [f"round {', '.join(rounds)}: {text}" for text, rounds in failures.items()]
         loads = (f"{min(r['load_before'] for r in mine):.1f} / {max(r['load_max'] for r in mine):.1f} / "
                  f"{max(r['load_after'] for r in mine):.1f}")  # fmt: skip
         args = shlex.join(mine[0]["args"]) or "(defaults)"
