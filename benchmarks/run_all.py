@@ -319,7 +319,8 @@ def split_notes(text: str) -> tuple[str, list[tuple[str, str]]]:
 def render(result: dict[str, Any], notes: str) -> str:
     preamble, sections = split_notes(notes)
     documented = {name for name, _ in sections}
-    order = result["order"]
+    position = {name: index for index, (name, _) in enumerate(sections)}  # NOTES.md's order groups them
+    order = sorted(result["order"], key=lambda script: (position.get(script, len(position)), script))
     runs = result["runs"]
     rows = aggregate(runs, order)
     load = [sample for _, sample in result.get("load", [])]
