@@ -136,6 +136,7 @@ def run_script(
         except BaseException:  # Ctrl-C: take the benchmark (and its servers, workers) down with us
             _stop_group(process)
             raise
+        _stop_group(process)  # whatever the script left running (a server, a worker) would load the next
     wall = time.monotonic() - started
     run: dict[str, Any] = {
         "script": script.stem, "args": args, "returncode": returncode, "wall_s": round(wall, 2),
@@ -162,17 +163,38 @@ def run_script(
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> int:
-    """SIGTERM the script's process group, SIGKILL it 10 s later if it is still there."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    """SIGTERM the script's process group (its own session: only what it started), SIGKILL what is
+    left of it 10 s later; the script's exit status."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             break
-        try:
-            return process.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not _group_alive(process.pid):
+                return process.wait()
+            time.sleep(0.1)
     return process.wait()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group is still running (zombies waiting for a reaper do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if pgrp == str(group) and state != "Z":
+            return True
+    return False
 
 
 def last_line(log_path: Path) -> str:

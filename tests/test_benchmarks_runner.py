@@ -196,3 +196,23 @@ def test_unknown_names_are_refused(tmp_path: Path) -> None:
     done = run_all("--only", "no_such_bench", "--render-only")
     assert done.returncode == 2
     assert "no benchmark named 'no_such_bench'" in done.stderr
+
+
+def test_what_a_script_leaves_running_is_stopped(tmp_path: Path) -> None:
+    """A benchmark that exits and leaves a child behind (a server, a worker) must not load the next."""
+    scripts = tmp_path / "bench"
+    scripts.mkdir()
+    pid_file = tmp_path / "child.pid"
+    (scripts / "leaky.py").write_text(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen(['sleep', '60'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+    )
+    done = run_all(
+        "--rounds", "1", "--bench-dir", scripts, "--results-dir", tmp_path / "results",
+        "--notes", tmp_path / "none.md", "--output", tmp_path / "BENCH.md",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr  # no JSON: reported, and nothing left over
+    assert "| **FAILED**: no JSON written |" in (tmp_path / "BENCH.md").read_text()
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
