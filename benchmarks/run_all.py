@@ -371,6 +371,9 @@ def render(result: dict[str, Any], notes: str) -> str:
         out.append(f"- Load average (1 min) while it ran: min {min(load):.1f} / median "
                    f"{statistics.median(load):.1f} / max {max(load):.1f}, sampled every "
                    f"{result.get('load_period_s', 2):g} s ({mach['cpus']} CPUs)")  # fmt: skip
+        if statistics.median(load) > (mach["cpus"] or 1):
+            out.append("- **The machine was busy** (median load above its CPU count): absolute times "
+                       "and rates suffer most; ratios to a baseline of the same run hold better")  # fmt: skip
     out += ["", "## Figures", ""]
     out.append("min / median / max over the rounds that succeeded; the goal is judged on the median "
                "(*n/m rounds* when only some rounds met it). Mode: `quick` = the script's `--quick` "
@@ -409,7 +412,8 @@ def render(result: dict[str, Any], notes: str) -> str:
         failures: dict[str, list[str]] = {}
         for run in mine:
             if run["status"] != "ok":
-                text = run["status"] + (f": {run['error']}" if run["error"] else "")
+                error = run["error"] if len(run["error"]) <= 120 else run["error"][:119] + "..."
+                text = run["status"] + (f": {error}" if error else "")
                 failures.setdefault(text, []).append(str(run["round"]))
         statuses = [f"round {', '.join(rounds)}: {text}" for text, rounds in failures.items()]
         loads = (f"{min(r['load_before'] for r in mine):.1f} / {max(r['load_max'] for r in mine):.1f} / "
