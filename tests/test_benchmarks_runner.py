@@ -216,3 +216,14 @@ def test_what_a_script_leaves_running_is_stopped(tmp_path: Path) -> None:
     assert "| **FAILED**: no JSON written |" in (tmp_path / "BENCH.md").read_text()
     stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
+
+
+def test_list_shows_the_plan_without_running(bench: dict[str, Path]) -> None:
+    done = run_all("--list", "--quick", "--rounds", "2", "--skip", "silent", *options(bench))
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert lines == [
+        ["broken", "full", "2", "round(s)", "(defaults)"],
+        ["steady", "quick", "2", "round(s)", "--quick"],
+    ]
+    assert not bench["out"].exists() and not (bench["dir"] / "calls").exists()
