@@ -365,15 +365,15 @@ def render(result: dict[str, Any], notes: str) -> str:
                "in the same run; this page is rebuilt from their JSON with the command below. "
                "The prose after the tables is `benchmarks/NOTES.md`.")  # fmt: skip
     out += ["", f"- Command: `{result['command']}`"]
-    commits = sorted({(run.get("commit", ""), run.get("date", "")) for run in runs})
     dirty = " with uncommitted changes" if result["dirty"] else ""
     out.append(f"- Commit: `{result['commit'] or 'unknown'}`{dirty}, {result['date']}, "
                f"{_duration(result['wall_s'])}, {result['rounds']} round(s)"
                f"{', quick mode' if result['quick'] else ''}")  # fmt: skip
-    if len(commits) > 1:
-        out.append(
-            "- Some runs are older (`--only` kept them): each run's commit and date are in the runs table"
-        )
+    for old in result.get("earlier", []):
+        low, mid, high = old["load"]
+        out.append(f"- Runs of {', '.join(old['scripts'])} kept from an earlier run (`--only` ran the "
+                   f"rest), `{old['command']}` at `{old['commit'] or 'unknown'}`, {old['date']}, "
+                   f"load average min {low:.1f} / median {mid:.1f} / max {high:.1f}")  # fmt: skip
     out.append(f"- Machine: {mach['cpus']} CPUs, {mach['platform']}, "
                f"Python {mach['python']}, {mach['redis']}")  # fmt: skip
     if load:
@@ -490,6 +490,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runs: list[dict[str, Any]] = []
+    earlier: list[dict[str, Any]] = []
     started = time.monotonic()
     with LoadSampler() as sampler:
         for round_no in range(1, args.rounds + 1):
@@ -511,11 +512,26 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         old = json.loads(previous.read_text())
         kept = [r for r in old.get("runs", []) if r["script"] not in order]
         runs = kept + runs
+        old_load = [sample for _, sample in old.get("load", [])] or [float("nan")]
+        kept_scripts = {r["script"] for r in kept}
+        for entry in old.get("earlier", []):  # runs kept by an earlier --only: still kept?
+            entry["scripts"] = [name for name in entry["scripts"] if name in kept_scripts]
+            kept_scripts -= set(entry["scripts"])
+            if entry["scripts"]:
+                earlier.append(entry)
+        if kept_scripts:
+            earlier.append({
+                "command": old.get("command", ""), "commit": old.get("commit", ""),
+                "date": old.get("date", ""),
+                "load": [min(old_load), statistics.median(old_load), max(old_load)],
+                "scripts": sorted(kept_scripts),
+            })  # fmt: skip
         order = [s for s in old.get("order", []) if s not in order] + order
         order = [p.stem for p in discover(args.bench_dir) if p.stem in order]
     return {"command": command, "commit": commit, "dirty": dirty, "date": date, "quick": args.quick,
             "rounds": args.rounds, "wall_s": time.monotonic() - started, "machine": machine(),
-            "order": order, "runs": runs, "load": load, "load_period_s": sampler.period}  # fmt: skip
+            "order": order, "runs": runs, "load": load, "load_period_s": sampler.period,
+            "earlier": earlier}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

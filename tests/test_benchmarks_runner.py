@@ -170,6 +170,7 @@ def test_three_rounds_aggregate_render_and_report_failures(bench: dict[str, Path
     assert [(r["script"], r["round"]) for r in result["runs"] if r["script"] == "steady"] == [("steady", 1)]
     assert len([r for r in result["runs"] if r["script"] == "broken"]) == 3
     md = bench["out"].read_text()
+    assert "- Runs of broken, silent kept from an earlier run (`--only` ran the rest), `python " in md
     assert "| <= 25 | 10 | 10 | 10 | ms | met | full | 1/1 |" in table_row(
         md, "[steady](#steady)", "p99 latency"
     )
