@@ -17,10 +17,10 @@ run from a loaded one.
 
 ``--quick`` passes ``--quick`` to every script that has it (smaller sizes, fewer inner rounds; the
 table says which mode produced each figure, and with which arguments), smaller sizes to a script
-that has not (``QUICK_ARGS``), and caps the rounds of the few scripts that take
-minutes even when quick (``QUICK_MAX_ROUNDS``), so the whole run fits in about 15 minutes on 2
-cores. A script that exits non-zero, times out, writes no JSON or names no figure is reported as
-such in both tables: never silently skipped.
+that has not (``QUICK_ARGS``), and caps the rounds of the few scripts that take minutes even when
+quick (``QUICK_MAX_ROUNDS``): the whole quick run took 21 minutes on 2 cores at load average 17
+(2026-12-07). A script that exits non-zero, times out, writes no JSON or names no figure is
+reported as such in both tables: never silently skipped.
 
 Output: ``benchmarks/results/run_all.json`` (every run: status, wall time, load, figures) and
 BENCHMARKS.md (header, figures table, runs table, then the prose of ``benchmarks/NOTES.md``, one
@@ -448,7 +448,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3, help="runs of every script (default 3)")
-    parser.add_argument("--quick", action="store_true", help="each script's --quick sizes (about 15 min)")
+    parser.add_argument("--quick", action="store_true", help="each script's --quick sizes (~20 min)")
     parser.add_argument("--only", default="", help="comma-separated script names: run just these")
     parser.add_argument("--skip", default="", help="comma-separated script names to leave out")
     parser.add_argument(
