@@ -12,7 +12,9 @@ there; after a connection failure it starts again from the configured node.
 
 Timeouts are short and there are no inline retries: the sender decides when to try again, so a
 Redis that accepts connections and never answers costs one socket timeout per attempt, on the
-sender thread only.
+sender thread only. A connection whose replies timed out is kept open, unread (:attr:`stalled`),
+for the sender to :meth:`watch`: a paused Redis answers on it the moment it resumes, and waiting
+on it is one blocking call, where each reconnect costs the agent's thread several GIL hand-overs.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class Transport:
         self._head_signed = b"*10\r\n" + command  # ... d <event> s <signature>
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
+        self.stalled = False
+        """The current connection sent commands whose replies timed out: it is kept open, unread,
+        only to be watched (:meth:`watch`), and replaced by a new one on the next use."""
 
     def send(
         self,
@@ -118,7 +123,7 @@ class Transport:
         moved = ""
         for index in range(count):
             try:
-                conn.read_response()
+                conn.read_response(disconnect_on_error=False)
             except ResponseError as exc:  # one command refused (OOM, WRONGTYPE...): go on
                 replies.refused[index] = reason_for(exc)
                 target = _moved_to(exc)
@@ -128,12 +133,12 @@ class Transport:
                     warn_once(f"reply:{replies.refused[index]}", "agentwatch: Redis refused an "
                               "event (%s); such events are dropped and counted", exc)  # fmt: skip
             except (RedisError, OSError) as exc:
-                self._broken(conn)
+                self._failed(conn, exc)
                 replies.cut, replies.error = index, exc
                 return replies
         if also:
             try:
-                replies.also = conn.read_response()
+                replies.also = conn.read_response(disconnect_on_error=False)
             except ResponseError as exc:  # refused (an ACL, say): the batch still went through
                 replies.also = exc
             except (RedisError, OSError) as exc:
@@ -152,15 +157,18 @@ class Transport:
         conn = self._connection()
         try:
             conn.send_packed_command([b"".join(commands)], check_health=False)
-            out: list[Any] = []
-            for _ in commands:
-                try:
-                    out.append(conn.read_response())
-                except ResponseError as exc:
-                    out.append(exc)
         except (RedisError, OSError) as exc:
             self._broken(conn)
             return exc
+        out: list[Any] = []
+        for _ in commands:
+            try:
+                out.append(conn.read_response(disconnect_on_error=False))
+            except ResponseError as exc:
+                out.append(exc)
+            except (RedisError, OSError) as exc:
+                self._failed(conn, exc)
+                return exc
         return out
 
     def ping(self) -> BaseException | None:
@@ -168,20 +176,49 @@ class Transport:
         conn = self._connection()
         try:
             conn.send_packed_command([_PING], check_health=False)
-            conn.read_response()
         except (RedisError, OSError) as exc:
             self._broken(conn)
             return exc
+        try:
+            conn.read_response(disconnect_on_error=False)
+        except (RedisError, OSError) as exc:
+            self._failed(conn, exc)
+            return exc
         self.proven = True
         return None
+
+    def watch(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a :attr:`stalled` connection to show a sign of life (a
+        late reply, or the server closing it); True if it did: time to try Redis again.
+
+        One blocking ``poll()`` with the GIL released for the whole wait. Sleeping and then
+        reconnecting instead costs the sender a dozen GIL acquisitions per try (name lookup,
+        connect, send, timeout, close), and every one taken while the agent's thread runs Python
+        stalls that thread, ``heartbeat()`` included, for the hand-over. The late replies are
+        never parsed: the connection is replaced, and what it carried is already counted
+        (``unconfirmed``).
+        """
+        if not self.stalled:
+            return False
+        try:
+            return bool(self._conn.can_read(timeout=max(timeout, 0.0)))
+        except (RedisError, OSError):  # closed or reset by the server: it is doing something
+            return True
 
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):  # the process is ending or the socket is gone
                 self._conn.disconnect()
 
+    def _failed(self, conn: Any, exc: BaseException) -> None:
+        """A read failed: a timeout leaves the connection :attr:`stalled`, anything else broken."""
+        if isinstance(exc, redis.exceptions.TimeoutError) and conn.is_connected:
+            self.proven, self.stalled = False, True
+        else:
+            self._broken(conn)
+
     def _broken(self, conn: Any) -> None:
-        self.proven = False
+        self.proven = self.stalled = False
         with contextlib.suppress(Exception):
             conn.disconnect()
         if self._redirected:  # the cluster may have moved on: ask the configured node again
@@ -196,6 +233,8 @@ class Transport:
         self._redirected = True
 
     def _connection(self) -> Any:
+        if self.stalled:  # it is never read again: a new connection for every new command
+            self._broken(self._conn)
         if self._conn is None:
             options: dict[str, Any] = {
                 "socket_timeout": self._timeout,
