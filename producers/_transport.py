@@ -12,9 +12,10 @@ there; after a connection failure it starts again from the configured node.
 
 Timeouts are short and there are no inline retries: the sender decides when to try again, so a
 Redis that accepts connections and never answers costs one socket timeout per attempt, on the
-sender thread only. A connection whose replies timed out is kept open, unread (:attr:`stalled`),
-for the sender to :meth:`watch`: a paused Redis answers on it the moment it resumes, and waiting
-on it is one blocking call, where each reconnect costs the agent's thread several GIL hand-overs.
+sender thread only. The socket of a connection whose replies timed out (the handshake's
+included) is kept open, unread (:attr:`stalled`), for the sender to :meth:`watch`: a paused Redis
+answers on it the moment it resumes, and waiting on it is one blocking call, where each reconnect
+costs the agent's thread several GIL hand-overs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import contextlib
 # host name loads the IDNA codec): imports hold the GIL for milliseconds, and the agent's
 # thread would stall that long in whatever it was doing, ``heartbeat()`` included.
 import encodings.idna  # noqa: F401
+import functools
 import secrets  # noqa: F401
+import select
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -84,9 +87,9 @@ class Transport:
         self._head_signed = b"*10\r\n" + command  # ... d <event> s <signature>
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
-        self.stalled = False
-        """The current connection sent commands whose replies timed out: it is kept open, unread,
-        only to be watched (:meth:`watch`), and replaced by a new one on the next use."""
+        self._silent: socket.socket | None = None
+        """The socket of the last connection whose replies timed out, taken from redis-py and
+        kept open, unread, only to be watched (:meth:`watch`); closed on the next attempt."""
 
     def send(
         self,
@@ -187,8 +190,13 @@ class Transport:
         self.proven = True
         return None
 
+    @property
+    def stalled(self) -> bool:
+        """The last attempt timed out waiting for Redis, and its socket is kept to :meth:`watch`."""
+        return self._silent is not None
+
     def watch(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for a :attr:`stalled` connection to show a sign of life (a
+        """Wait up to ``timeout`` s for the :attr:`stalled` connection to show a sign of life (a
         late reply, or the server closing it); True if it did: time to try Redis again.
 
         One blocking ``poll()`` with the GIL released for the whole wait. Sleeping and then
@@ -198,27 +206,44 @@ class Transport:
         never parsed: the connection is replaced, and what it carried is already counted
         (``unconfirmed``).
         """
-        if not self.stalled:
+        if self._silent is None:
             return False
         try:
-            return bool(self._conn.can_read(timeout=max(timeout, 0.0)))
-        except (RedisError, OSError):  # closed or reset by the server: it is doing something
+            poller = select.poll()
+            poller.register(self._silent, select.POLLIN)  # POLLHUP and POLLERR come anyway
+            return bool(poller.poll(max(timeout, 0.0) * 1000))
+        except (OSError, ValueError):  # not pollable any more: count it as a change
             return True
 
     def close(self) -> None:
+        self._drop_silent()
         if self._conn is not None:
             with contextlib.suppress(Exception):  # the process is ending or the socket is gone
                 self._conn.disconnect()
 
     def _failed(self, conn: Any, exc: BaseException) -> None:
-        """A read failed: a timeout leaves the connection :attr:`stalled`, anything else broken."""
-        if isinstance(exc, redis.exceptions.TimeoutError) and conn.is_connected:
-            self.proven, self.stalled = False, True
-        else:
-            self._broken(conn)
+        """A read failed: the connection is done for; after a timeout, its socket is kept."""
+        if isinstance(exc, redis.exceptions.TimeoutError):
+            self._keep_silent(conn)
+        self._broken(conn)
+
+    def _keep_silent(self, conn: Any) -> None:
+        """Take the socket of a connection that timed out away from redis-py (which then drops
+        the connection without closing it), to :meth:`watch` it."""
+        sock = getattr(conn, "_sock", None)
+        if isinstance(sock, socket.socket):
+            self._drop_silent()
+            conn._sock = None
+            self._silent = sock
+
+    def _drop_silent(self) -> None:
+        if self._silent is not None:
+            with contextlib.suppress(OSError):
+                self._silent.close()
+            self._silent = None
 
     def _broken(self, conn: Any) -> None:
-        self.proven = self.stalled = False
+        self.proven = False
         with contextlib.suppress(Exception):
             conn.disconnect()
         if self._redirected:  # the cluster may have moved on: ask the configured node again
@@ -232,9 +257,31 @@ class Transport:
         self._conn = self._conn.__class__(**kwargs)
         self._redirected = True
 
+    def _sized_then_handshake(self, conn: Any) -> None:
+        """Connect hook: give the socket room for a whole batch, then redis-py's own handshake
+        (HELLO), whose socket is kept to watch if Redis accepted the connection but never answers.
+
+        Every socket call hands the GIL over and must win it back from the agent's thread, which
+        a flooding agent holds for up to a switch interval (5 ms) at a time: with the default
+        buffers a batch took ~10 writes and reads, and delivery was bounded by those waits
+        (~120k events/s here), not by work. The kernel caps both at ``wmem_max``/``rmem_max``.
+        """
+        with contextlib.suppress(OSError, AttributeError):  # a socket that refuses keeps its defaults
+            conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        # redis-py closes a connection whose handshake read times out; reading without that
+        # (an instance attribute shadows the method for the handshake only) keeps the socket.
+        conn.read_response = functools.partial(conn.read_response, disconnect_on_error=False)
+        try:
+            conn.on_connect()
+        except redis.exceptions.TimeoutError:
+            self._keep_silent(conn)
+            raise
+        finally:
+            del conn.read_response
+
     def _connection(self) -> Any:
-        if self.stalled:  # it is never read again: a new connection for every new command
-            self._broken(self._conn)
+        self._drop_silent()  # a new attempt: the old silent connection has had its chance
         if self._conn is None:
             options: dict[str, Any] = {
                 "socket_timeout": self._timeout,
@@ -242,7 +289,7 @@ class Transport:
                 "retry": Retry(NoBackoff(), 0),  # the sender retries on its own schedule
                 "health_check_interval": 0,
                 "socket_read_size": 256 * 1024,
-                "redis_connect_func": _sized_then_handshake,
+                "redis_connect_func": self._sized_then_handshake,
                 **connection_options(self._url),  # TLS: the server's certificate is verified
             }
             # No CLIENT SETINFO on connect: the producer needs only XADD and PING, so an ACL
@@ -261,20 +308,6 @@ SEND_BUFFER: Final = 2 << 20
 """SO_SNDBUF asked for: a whole batch (10,000 beats, ~0.7 MB) goes out in one write."""
 RECV_BUFFER: Final = 1 << 20
 """SO_RCVBUF asked for: a whole batch's replies (~220 KB) arrive in one read."""
-
-
-def _sized_then_handshake(conn: Any) -> None:
-    """Connect hook: give the socket room for a whole batch, then redis-py's own handshake.
-
-    Every socket call hands the GIL over and must win it back from the agent's thread, which a
-    flooding agent holds for up to a switch interval (5 ms) at a time: with the default buffers a
-    batch took ~10 writes and reads, and delivery was bounded by those waits (~120k events/s
-    here), not by work. The kernel caps both at ``net.core.wmem_max``/``rmem_max``.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # a socket that refuses keeps its defaults
-        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
-    conn.on_connect()
 
 
 def reason_for(exc: BaseException) -> str:
