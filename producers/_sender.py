@@ -147,6 +147,7 @@ class Sender:
         if self._final is None:
             self._final = exit_fields
         self.wake.set()
+        self._transport.interrupt()  # if it waits on a silent Redis: one last try, then goodbye
 
     @property
     def done(self) -> bool:

@@ -215,6 +215,17 @@ class Transport:
         except (OSError, ValueError):  # not pollable any more: count it as a change
             return True
 
+    def interrupt(self) -> None:
+        """End a :meth:`watch` now, from another thread: the exit flush must not wait for it.
+
+        Shuts the silent socket down (one system call, safe in a signal handler); the watch then
+        sees it hang up and the sender tries Redis once more before giving up.
+        """
+        sock = self._silent
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         self._drop_silent()
         if self._conn is not None:

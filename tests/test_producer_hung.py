@@ -103,6 +103,23 @@ def test_a_hung_redis_is_watched_not_reconnected_and_a_hang_up_brings_a_retry_at
         producer.close()
 
 
+def test_close_during_a_watch_tries_redis_once_more_and_does_not_wait_out_the_deadline(
+    silent: SilentServer, prefix: str, rare_retries: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    producer = Producer("leaving-bot", redis_url=silent.url, prefix=prefix, socket_timeout=0.2, run_dir="")
+    producer.heartbeat()
+    wait_for(lambda: stalled(producer), what="the first batch to time out")
+    sender = producer._sender
+    assert sender is not None
+
+    producer.close()  # the sender sits in a 60 s watch: the exit flush must wake it
+
+    assert sender.done  # it finished by itself, not abandoned at the 2 s deadline
+    assert "could not be delivered before exit" in caplog.text
+    assert "flush gave up" not in caplog.text
+    assert len(silent.connections) == 2  # one last try on a new connection
+
+
 def test_a_paused_redis_is_noticed_the_moment_it_resumes(
     spawn_redis: Callable[..., EmbeddedRedis], prefix: str, rare_retries: None
 ) -> None:
