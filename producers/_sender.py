@@ -16,12 +16,13 @@ a GIL-hogging encode of the whole queue.
 
 A hung Redis (connections accepted, nothing answered) is waited out on the connection that timed
 out, kept open and watched in one blocking call (:meth:`Transport.watch`), with a new connection
-tried only every 5 s, growing to 30 s. Why: this thread shares the GIL with the agent's, and
-every time it wakes up while the agent runs Python it must take the GIL from it, stalling the
-agent's thread (in ``heartbeat()`` as anywhere else) for the hand-over. A reconnect cycle is a
-dozen such wake-ups (name lookup, connect, send, timeout, close, back-off sleep), and the old
-back-off (0.1 s doubling to 5 s) made seven of them in the first 10 s of an outage; a watch is
-one per wait, and a paused Redis is noticed the moment it answers instead of at the next try.
+tried only after 5 s, growing to 30 s. Why: this thread shares the GIL with the agent's. When it
+wakes from a wait while the agent runs Python, it forces the agent's thread to hand the GIL over
+(in ``heartbeat()`` as anywhere else), and that thread waits until this one blocks again: its
+short socket calls in between (name lookup, connect, send, close) do not let the agent back in.
+The old back-off (0.1 s doubling to 5 s, a reconnect each time) woke this thread 12 times in
+the first 10 s of an outage, each time for a burst of a dozen socket calls; the watch makes it
+5, and a paused Redis is noticed the moment it answers instead of at the next try.
 """
 
 from __future__ import annotations

@@ -200,10 +200,10 @@ class Transport:
         late reply, or the server closing it); True if it did: time to try Redis again.
 
         One blocking ``poll()`` with the GIL released for the whole wait. Sleeping and then
-        reconnecting instead costs the sender a dozen GIL acquisitions per try (name lookup,
-        connect, send, timeout, close), and every one taken while the agent's thread runs Python
-        stalls that thread, ``heartbeat()`` included, for the hand-over. The late replies are
-        never parsed: the connection is replaced, and what it carried is already counted
+        reconnecting instead wakes the sender twice per try (the sleep's end, the timeout), each
+        time for a burst of socket calls (name lookup, connect, send, close) during which the
+        agent's thread, ``heartbeat()`` included, waits for the GIL. The late replies are never
+        parsed: the connection is replaced, and what it carried is already counted
         (``unconfirmed``).
         """
         if self._silent is None:
