@@ -282,7 +282,11 @@ class Transport:
             conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
         # redis-py closes a connection whose handshake read times out; reading without that
         # (an instance attribute shadows the method for the handshake only) keeps the socket.
-        conn.read_response = functools.partial(conn.read_response, disconnect_on_error=False)
+        try:
+            conn.read_response = functools.partial(conn.read_response, disconnect_on_error=False)
+        except AttributeError:  # a redis-py that forbids it: such a hung server is reconnected
+            conn.on_connect()
+            return
         try:
             conn.on_connect()
         except redis.exceptions.TimeoutError:
