@@ -83,10 +83,12 @@ def stalled(producer: Producer) -> bool:
     return sender._failing == "redis_timeout" and sender._transport.stalled
 
 
+@pytest.mark.parametrize("auth", ["", "user:secret@"], ids=["no-auth", "auth"])
 def test_a_hung_redis_is_watched_not_reconnected_and_a_hang_up_brings_a_retry_at_once(
-    silent: SilentServer, prefix: str, rare_retries: None
+    silent: SilentServer, prefix: str, rare_retries: None, auth: str
 ) -> None:
-    producer = Producer("hung-bot", redis_url=silent.url, prefix=prefix, socket_timeout=0.2, run_dir="")
+    url = silent.url.replace("redis://", f"redis://{auth}")  # AUTH is in the handshake that hangs
+    producer = Producer("hung-bot", redis_url=url, prefix=prefix, socket_timeout=0.2, run_dir="")
     try:
         producer.heartbeat()
         wait_for(lambda: stalled(producer), what="the first batch to time out")
