@@ -178,13 +178,14 @@ def one_run(kind: str, seconds: float, trace: bool) -> dict[str, Any]:
 
 def classify(data: dict[str, Any], call: str) -> dict[str, Any]:
     """Worst call overall, worst that waited (voluntary switch), worst only preempted."""
-    waited = [ns for kind, _, ns, vol, _ in data["slow"] if kind == call and vol > 0]
+    waited = [(ns, at) for kind, at, ns, vol, _ in data["slow"] if kind == call and vol > 0]
     preempted = [ns for kind, _, ns, vol, invol in data["slow"] if kind == call and vol == 0 and invol > 0]
     over = [ns for kind, _, ns, _, _ in data["slow"] if kind == call and ns > 1_000_000]
     return {
-        "worst_waited_ns": max(waited, default=0),
+        "worst_waited_ns": max(waited, default=(0, 0))[0],
+        "worst_waited_at_s": max(waited, default=(0, 0))[1] / 1e9,
         "worst_preempted_ns": max(preempted, default=0),
-        "waited_over_100us": sum(ns > 100_000 for ns in waited),
+        "waited_over_100us": sum(ns > 100_000 for ns, _ in waited),
         "over_1ms": len(over),
     }
 
@@ -228,6 +229,7 @@ def main() -> None:
             "hb p99.99 us": data["hb"]["p99.99"] / 1e3,
             "hb worst us": data["hb"]["max"] / 1e3,
             "hb worst waited us": hb["worst_waited_ns"] / 1e3,
+            "... at s": round(hb["worst_waited_at_s"], 2),
             "hb waited > 100us": hb["waited_over_100us"],
             "hb > 1ms": hb["over_1ms"],
             "no-op p99.99 us": data["noop"]["p99.99"] / 1e3,
