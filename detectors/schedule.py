@@ -17,11 +17,12 @@ runs, its watch and the time):
   A run that starts up to :data:`EARLY_MS` before a slot counts for that slot (the cron host's
   clock and Redis's differ a little).
 * ``runtime`` (dedup key ``<agent>/runtime``, only with ``max_runtime``): a run that started
-  but has not finished ``max_runtime`` after its start. A run finishes with its ``exit`` (any:
-  a clean end, ``shutdown()``, a crash, ``/fail``), or, for a run that sends no pulses (an HTTP
-  ping job: ``/start``, then ``/ping/<key>/<agent>`` or ``/0`` on success), with its first beat
-  after the start. It resolves when the run finishes or a new run replaces it (a run killed
-  mid-way never finishes: this is what catches a SIGKILLed cron job).
+  but has not finished ``max_runtime`` after its start. A *process* run (its start names a
+  ``pid``: the producer) finishes with its ``exit`` (any: a clean end, ``shutdown()``, a crash);
+  a run without a process to watch (an HTTP ping job: ``/start``, then ``/ping/<key>/<agent>``
+  or ``/0`` on success) finishes with its first beat after the start, or its ``/fail``. It
+  resolves when the run finishes or a new run replaces it (a process killed mid-way never
+  finishes: this is what catches a SIGKILLed cron job).
 
 An agent is expected from its first event on: one never seen is not late for anything.
 
@@ -60,6 +61,7 @@ from agentwatch.keys import shard_of
 from agentwatch.worker import Message
 from detectors import intents, record
 from detectors.base import DetectorConfig
+from detectors.layout import run_hash
 
 if TYPE_CHECKING:
     from detectors.engine import Engine
@@ -166,10 +168,11 @@ class Runs:
     """The current run is over (see the module docstring)."""
 
     @classmethod
-    def of_record(cls, rec: dict[str, Any]) -> Runs:
+    def of_record(cls, rec: dict[str, Any], process: bool) -> Runs:
+        """``process``: the run's start named a pid (it reports its own end with an exit)."""
         over = bool(rec["flags"] & (record.RETIRED | record.EXITED))
         start, beat = int(rec["start"]), int(rec["beat"])
-        pinged = rec["pulse"] == 0 and beat > 0 and beat >= start  # an HTTP ping job's success
+        pinged = not process and beat > 0 and beat >= start  # an HTTP ping job's success
         return cls(int(rec["seen"]), start, int(rec["run"]), over or pinged)
 
 
@@ -228,8 +231,9 @@ def decide(
 
     missed = watch.missed
     if missed is not None and runs.seen > missed["seen"]:
-        count = _slots_between(plan, missed["slot"], runs.seen)
-        facts = {"how": "ran", "slot": missed["slot"], "back": runs.seen, "missed": count, "tz": zone}
+        back = runs.start if runs.start > missed["seen"] else runs.seen  # its new run's start, if known
+        count = _slots_between(plan, missed["slot"], back)
+        facts = {"how": "ran", "slot": missed["slot"], "back": back, "missed": count, "tz": zone}
         out.ops.append((MISSED, "r", facts))
         missed = None
     if missed is None:
@@ -430,10 +434,15 @@ class Schedules:
                 return
             raws = self.client.hmget(keys.schedules(shard), agents)
             recs = self.client.hmget(keys.states(shard), agents)
+            facts = self.client.hmget(keys.facts(shard), agents)
             args: list[Any] = [self.engine.owner, self.engine.lease_ms, claim]
-            for agent, raw, rec_raw in zip(agents, raws, recs, strict=True):
+            for agent, raw, rec_raw, fact in zip(agents, raws, recs, facts, strict=True):
                 rec = record.decode(rec_raw)
-                runs = Runs.of_record(rec) if rec is not None and rec["seen"] > 0 else None
+                runs = (
+                    Runs.of_record(rec, _is_process(rec, fact))
+                    if rec is not None and rec["seen"] > 0
+                    else None
+                )
                 try:
                     watch = Watch.load(raw)
                 except (ValueError, KeyError, TypeError):
@@ -454,3 +463,15 @@ class Schedules:
     @staticmethod
     def _text(value: bytes | str) -> str:
         return value.decode() if isinstance(value, bytes) else value
+
+
+def _is_process(rec: dict[str, Any], raw_fact: bytes | None) -> bool:
+    """Whether the agent's current run is a process (its start facts, agentwatch/facts.py, name
+    a ``pid``), which reports its own end; else (HTTP pings) its success beat ends it."""
+    try:
+        fact = json.loads(raw_fact) if raw_fact else {}
+    except ValueError:
+        return True
+    if not isinstance(fact, dict) or not isinstance(fact.get("run"), str):
+        return True
+    return run_hash(fact["run"]) != int(rec["run"]) or fact.get("pid") is not None
