@@ -15,19 +15,23 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from agents.testkit import agent_env
 from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
+from typer.testing import CliRunner
 
+from agentwatch.cli import app
 from agentwatch.cron import Cron
 from agentwatch.facts import FactsRecorder
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 from detectors import record
 from detectors.schedule import MISSED, OVERRAN, Plan, Runs, Watch, decide, render
+from notifiers.routing import known_detectors
 
 from helpers import caught_up, running, wait_for
 
@@ -137,6 +141,49 @@ def test_the_summary_names_the_slot_the_schedule_and_the_last_run() -> None:
         "nightly: missed a scheduled run: expected at 03:00 (0 3 * * * Europe/Berlin, grace 10m), "
         "last run 2026-12-05 03:00:01"
     )
+
+
+# -- bad input: check-config names the key and the parse error -------------------------------
+
+
+def test_check_config_refuses_bad_schedules_naming_the_key_and_why(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.toml"
+    path.write_text(
+        '[detectors.silence.agents."backup-*"]\nschedule = "61 * * * *"\ngrace = "0s"\nmax_runtime = "0s"\n'
+        '[detectors.silence.agents."nightly"]\nschedule = "0 3 * * *"\ntimezone = "Mars/Olympus"\n'
+        '[detectors.silence.agents."x"]\nschedule = "* * *"\n'
+    )
+    result = CliRunner().invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2
+    where = '[detectors.silence.agents."backup-*"]'
+    for line in (
+        f"{where} schedule: invalid cron expression '61 * * * *': Bad minute",
+        f"{where} grace: must be more than 0ms, got 0ms",
+        f"{where} max_runtime: Input should be greater than 0 (got '0s')",
+        "[detectors.silence.agents.nightly] timezone: unknown timezone 'Mars/Olympus'",
+        "[detectors.silence.agents.x] schedule: invalid cron expression '* * *': Wrong number of fields",
+    ):
+        assert line in result.output, result.output
+
+
+def test_schedule_and_after_on_one_glob_schedule_wins_and_the_worker_says_so(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    agents = {"backup-*": {"schedule": "*/15 * * * *", "after": "10m"}, "chat-*": {"grace": "1m"}}
+    with caplog.at_level("WARNING", logger="agentwatch.detectors"):
+        worker = worker_for(pipeline_for(prefix, redis_url, silence={"agents": agents}), redis_url)
+    assert (
+        '[detectors.silence.agents."backup-*"]: schedule wins; after is not used for these agents'
+        in caplog.text
+    )
+    assert '[detectors.silence.agents."chat-*"]: grace without schedule has no effect' in caplog.text
+    feed = Feed(worker)
+    feed.tick()
+    assert feed.engine.profile_values("backup-1")["sil_on"] == 0  # no interval rule for it
+    assert feed.engine.profile_values("backup-1")["exit_clean"] == 0  # a clean exit ends a run
+    assert feed.engine.profile_values("chat-1")["sil_on"] == 1
+    assert {"schedule", "runtime"} <= known_detectors({})  # notifiers may route and mute them
+    worker.client.close()
 
 
 # -- the real engine on a real Redis, at explicit Redis times ---------------------------------
@@ -361,7 +408,7 @@ def test_cron_agents_end_to_end_on_time_late_and_overrunning(
     slots S0..S3 and real producer processes run at them: ``cron-ok`` at every slot pages nothing
     (its clean exits neither); ``cron-late`` runs at S0 and S3 only: one ``schedule`` page for
     S1 (S2 adds none), resolved by the S3 run; ``cron-slow`` (a yearly job, max_runtime 2 s)
-    works 4 s at S0: one ``runtime`` page, resolved when it ends. About 15 s: four real slots
+    works 4 s at S0: one ``runtime`` page, resolved when it ends. About 20 s: four real slots
     of a real schedule, plus the processes' start-up (seconds each on a loaded 2-core box)."""
     agents = {
         "cron-slow": {"schedule": "0 0 1 1 *", "max_runtime": "2s"},
