@@ -26,10 +26,14 @@ runs, its watch and the time):
 
 An agent is expected from its first event on: one never seen is not late for anything.
 
-How it runs: the batch update (state.py) keeps each agent's record as for any agent; every
-batch puts the scheduled agents it saw into the shard's ``schedule-due`` set at score 0, and
-each tick every worker claims the agents due by ``min(now, horizon)`` (the horizon: every
-older event has been applied, timers.py), decides in Python (cron arithmetic is cronsim's), and
+How it runs: the batch update (state.py) keeps each agent's record as for any agent. Each
+scheduled agent waits in the shard's ``schedule-due`` set, scored with the earliest time a check
+could have something to decide (a lower bound, as silence's timers: an agent seen since is
+re-armed later when its time comes). A batch moves an agent to score 0 (look at it next tick)
+only when that can change a decision early: a new agent, a new run (its ``max_runtime`` clock),
+or an agent with an open incident (its resolve). Each tick every worker claims the agents due by
+``min(now, horizon)`` (the horizon: every older event has been applied, timers.py), decides in
+Python (cron arithmetic is cronsim's), and
 commits each decision with one script that checks the agent's watch did not change meanwhile
 (two workers never both open or resolve), appends the alerts to the shard's intents (published
 once, in order: intents.py) and re-arms the agent at its next deadline. A worker that dies
@@ -44,6 +48,7 @@ week) is still expected.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -151,7 +156,14 @@ class Plan:
 
     def owed(self, anchor_ms: float) -> int:
         """The first slot after ``anchor_ms``, in ms."""
-        return round(self.cron.next_after(anchor_ms / 1000) * 1000)
+        return _next_slot(self.cron, int(anchor_ms // 1000))
+
+
+@functools.lru_cache(maxsize=4096)
+def _next_slot(cron: Cron, second: int) -> int:
+    """Cached: cron's slots are whole seconds, and a fleet's agents of one glob ask about the same
+    few seconds (cronsim parses the expression on every call)."""
+    return round(cron.next_after(second) * 1000)
 
 
 @dataclass(frozen=True)
@@ -335,21 +347,36 @@ table.insert(due, 1, sight)
 return due
 """
 
-# KEYS: schedules, schedule-due, intents. ARGV: owner, lease, claim (the score the claim set),
-# then per agent 5 values: agent, watch read ('' none), watch to write ('' drop), next due
-# (0: at its next event), ops (JSON list of [detector, o, at, facts]).
-# An agent whose watch changed since it was read (another worker decided it) is left as it is
-# and looked at again next tick. Returns the owned intents keys.
+# After a batch. KEYS: schedule-due, schedules-open. ARGV: per agent of the batch that is
+# scheduled: agent, 1 if the batch has a start of it. A new run or an open incident: look next
+# tick; a new agent: arm it; any other keeps its (lower-bound) time.
+_SEEN: Final = """
+for i = 1, #ARGV, 2 do
+  local a = ARGV[i]
+  if ARGV[i + 1] == '1' or redis.call('SISMEMBER', KEYS[2], a) == 1 then
+    redis.call('ZADD', KEYS[1], 'LT', 0, a)
+  else
+    redis.call('ZADD', KEYS[1], 'NX', 0, a)
+  end
+end
+"""
+
+# KEYS: schedules, schedule-due, intents, schedules-open. ARGV: owner, lease, claim (the score
+# the claim set), then per agent 6 values: agent, watch read ('' none), watch to write (''
+# drop), next due (0: at its next event), 1 if it has an open incident, ops (JSON list of
+# [detector, o, at, facts]). An agent whose watch changed since it was read (another worker
+# decided it) is left as it is and looked at again next tick. Returns the owned intents keys.
 _COMMIT: Final = """
 local OWNER, LEASE, CLAIM = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4, #ARGV, 5 do
-  local a, old, new, due, ops = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
+for i = 4, #ARGV, 6 do
+  local a, old, new, due, ops = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 5]
   local ours = tonumber(redis.call('ZSCORE', KEYS[2], a)) == CLAIM
   if (redis.call('HGET', KEYS[1], a) or '') ~= old then
     if ours then redis.call('ZADD', KEYS[2], 0, a) end
   else
     if new == '' then redis.call('HDEL', KEYS[1], a)
     elseif new ~= old then redis.call('HSET', KEYS[1], a, new) end
+    if ARGV[i + 4] == '1' then redis.call('SADD', KEYS[4], a) else redis.call('SREM', KEYS[4], a) end
     if ops ~= '' then
       for _, op in ipairs(cjson.decode(ops)) do emit(a, op[1], op[2], op[3], op[4]) end
     end
@@ -385,6 +412,7 @@ class Schedules:
         client = engine.client
         self.client: Any = client
         self._claim = client.register_script(_CLAIM)
+        self._seen = client.register_script(_SEEN)
         self._commit = client.register_script(intents.LUA_EMIT + _COMMIT)
         self.decided = 0
         """Decisions committed (alerts included): for tests and status."""
@@ -413,14 +441,17 @@ class Schedules:
                     self.client.zadd(due, dict.fromkeys(listed[i : i + 1000], 0), nx=True)
 
     def seen(self, messages: Sequence[Message[Event]]) -> None:
-        """After a batch: its scheduled agents are looked at next tick (score 0)."""
-        by_shard: dict[int, set[str]] = {}
+        """After a batch: arm its new scheduled agents, and have those with a new run or an open
+        incident looked at next tick (see the module docstring)."""
+        by_shard: dict[int, dict[str, int]] = {}
         for _, event in messages:
             agent = event["agent"]
             if self.plan_for(agent) is not None:
-                by_shard.setdefault(shard_of(agent, self.keys.shards), set()).add(agent)
+                agents = by_shard.setdefault(shard_of(agent, self.keys.shards), {})
+                agents[agent] = 1 if event["kind"] == "start" or agents.get(agent) else 0
         for shard, agents in by_shard.items():
-            self.client.zadd(self.keys.schedule_due(shard), dict.fromkeys(agents, 0), lt=True)
+            args = [value for pair in agents.items() for value in pair]
+            self._seen(keys=[self.keys.schedule_due(shard), self.keys.schedules_open(shard)], args=args)
 
     def check(self, shard: int, now_ms: int, limit_ms: int) -> None:
         """Decide every scheduled agent of ``shard`` due by ``limit_ms``."""
@@ -451,9 +482,12 @@ class Schedules:
                 got = decide(self.plan_for(agent), runs, watch, limit_ms, sight)
                 ops = [[det, o, now_ms, facts] for det, o, facts in got.ops]
                 new = got.watch.dump() if got.watch is not None else ""
-                args += [agent, self._text(raw or b""), new, got.due, json.dumps(ops) if ops else ""]
-            owned = self._commit(keys=[keys.schedules(shard), keys.schedule_due(shard), keys.intents(shard)],
-                                 args=args)  # fmt: skip
+                open_ = int(
+                    got.watch is not None and (got.watch.missed is not None or got.watch.over is not None)
+                )
+                args += [agent, self._text(raw or b""), new, got.due, open_, json.dumps(ops) if ops else ""]
+            owned = self._commit(keys=[keys.schedules(shard), keys.schedule_due(shard), keys.intents(shard),
+                                       keys.schedules_open(shard)], args=args)  # fmt: skip
             self.decided += len(agents)
             if owned:
                 self.engine.publisher.publish(shard, owned)
