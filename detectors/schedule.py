@@ -51,8 +51,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 from zoneinfo import ZoneInfo
@@ -84,6 +85,12 @@ PROFILE: Final[dict[str, float]] = {"sil_on": 0, "exit_clean": 0}
 clean exit is how a run ends."""
 CLAIM_BATCH: Final = 500
 _ROUNDS: Final = 20
+_CACHE_MAX: Final = 100_000
+_OPEN_KEPT_MAX: Final = 10_000
+REARM_MS: Final = 60_000
+"""A missed-slot incident is looked at again this often even without news of its agent, and a
+worker forgets which agents it armed this often (a lost due set fills again)."""
+_UNKNOWN: Final = object()
 _COUNT_MAX: Final = 10_000
 """Missed slots counted at most (a minutely job down for a month)."""
 
@@ -199,7 +206,9 @@ class Watch:
     """The run the open ``runtime`` incident is about."""
 
     def dump(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        r = self.runs
+        runs = {"finished": r.finished, "run": r.run, "seen": r.seen, "start": r.start}
+        return json.dumps({"missed": self.missed, "over": self.over, "runs": runs}, separators=(",", ":"))
 
     @classmethod
     def load(cls, raw: bytes | str | None) -> Watch | None:
@@ -272,6 +281,8 @@ def decide(
         else:
             dues.append(deadline)
 
+    if missed is not None:  # news of its agent wakes it; this is the safety net
+        dues.append(limit_ms + REARM_MS)
     out.watch = Watch(runs, missed, over)
     out.due = min(dues) if dues else 0
     return out
@@ -347,20 +358,6 @@ table.insert(due, 1, sight)
 return due
 """
 
-# After a batch. KEYS: schedule-due, schedules-open. ARGV: per agent of the batch that is
-# scheduled: agent, 1 if the batch has a start of it. A new run or an open incident: look next
-# tick; a new agent: arm it; any other keeps its (lower-bound) time.
-_SEEN: Final = """
-for i = 1, #ARGV, 2 do
-  local a = ARGV[i]
-  if ARGV[i + 1] == '1' or redis.call('SISMEMBER', KEYS[2], a) == 1 then
-    redis.call('ZADD', KEYS[1], 'LT', 0, a)
-  else
-    redis.call('ZADD', KEYS[1], 'NX', 0, a)
-  end
-end
-"""
-
 # KEYS: schedules, schedule-due, intents, schedules-open. ARGV: owner, lease, claim (the score
 # the claim set), then per agent 6 values: agent, watch read ('' none), watch to write (''
 # drop), next due (0: at its next event), 1 if it has an open incident, ops (JSON list of
@@ -409,21 +406,32 @@ class Schedules:
         self.keys = engine.keys
         self.timezone = engine.ctx.settings.report.timezone
         self._plans: dict[int, Plan | None] = {}
+        self._by_agent: dict[str, Plan | None] = {}
+        self._armed: set[str] = set()
+        """Agents this worker put in the due set lately (forgotten every :data:`REARM_MS`, so a
+        due set that was lost, a Redis restarted without persistence, fills again)."""
+        self._rearm_at = 0.0
+        self._open: dict[int, set[str] | None] = {}
+        """Per shard, the open set as of the last check (None: too big to keep here)."""
         client = engine.client
         self.client: Any = client
         self._claim = client.register_script(_CLAIM)
-        self._seen = client.register_script(_SEEN)
         self._commit = client.register_script(intents.LUA_EMIT + _COMMIT)
         self.decided = 0
         """Decisions committed (alerts included): for tests and status."""
 
     def plan_for(self, agent: str) -> Plan | None:
         """The schedule of ``agent`` (None: not scheduled); one :class:`Plan` per config glob."""
-        config = self.config.for_agent(agent)
-        key = id(config)
-        if key not in self._plans:
-            self._plans[key] = Plan.of(config, self.timezone)
-        return self._plans[key]
+        found = self._by_agent.get(agent, _UNKNOWN)
+        if found is _UNKNOWN:
+            config = self.config.for_agent(agent)
+            key = id(config)
+            if key not in self._plans:
+                self._plans[key] = Plan.of(config, self.timezone)
+            if len(self._by_agent) >= _CACHE_MAX:
+                self._by_agent.clear()
+            found = self._by_agent[agent] = self._plans[key]
+        return found  # type: ignore[return-value]
 
     def resync(self) -> None:
         """At start: every agent with a watch, and every known agent a glob now schedules, is
@@ -443,19 +451,40 @@ class Schedules:
     def seen(self, messages: Sequence[Message[Event]]) -> None:
         """After a batch: arm its new scheduled agents, and have those with a new run or an open
         incident looked at next tick (see the module docstring)."""
-        by_shard: dict[int, dict[str, int]] = {}
+        if time.monotonic() >= self._rearm_at or len(self._armed) > _CACHE_MAX:
+            self._armed.clear()
+            self._rearm_at = time.monotonic() + REARM_MS / 1000
+        started: dict[str, bool] = {}
         for _, event in messages:
-            agent = event["agent"]
-            if self.plan_for(agent) is not None:
-                agents = by_shard.setdefault(shard_of(agent, self.keys.shards), {})
-                agents[agent] = 1 if event["kind"] == "start" or agents.get(agent) else 0
-        for shard, agents in by_shard.items():
-            args = [value for pair in agents.items() for value in pair]
-            self._seen(keys=[self.keys.schedule_due(shard), self.keys.schedules_open(shard)], args=args)
+            if event["kind"] == "start":
+                started[event["agent"]] = True
+            else:
+                started.setdefault(event["agent"], False)
+        now: dict[int, list[str]] = {}
+        new: dict[int, list[str]] = {}
+        for agent, start in started.items():
+            if self.plan_for(agent) is None:
+                continue
+            shard = shard_of(agent, self.keys.shards)
+            opened = self._open.get(shard)
+            if start or opened is None or agent in opened:
+                now.setdefault(shard, []).append(agent)
+            elif agent not in self._armed:
+                new.setdefault(shard, []).append(agent)
+                self._armed.add(agent)
+        if not (now or new):
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for shard, agents in now.items():
+            pipe.zadd(self.keys.schedule_due(shard), dict.fromkeys(agents, 0), lt=True)
+        for shard, agents in new.items():
+            pipe.zadd(self.keys.schedule_due(shard), dict.fromkeys(agents, 0), nx=True)
+        pipe.execute()
 
     def check(self, shard: int, now_ms: int, limit_ms: int) -> None:
         """Decide every scheduled agent of ``shard`` due by ``limit_ms``."""
         keys = self.keys
+        self._open[shard] = self._open_set(shard)
         claim = now_ms + self.engine.lease_ms
         for _ in range(_ROUNDS):  # bounded: a huge backlog continues next tick
             reply = self._claim(keys=[keys.schedule_due(shard), keys.clock(shard)],
@@ -482,10 +511,20 @@ class Schedules:
                 got = decide(self.plan_for(agent), runs, watch, limit_ms, sight)
                 ops = [[det, o, now_ms, facts] for det, o, facts in got.ops]
                 new = got.watch.dump() if got.watch is not None else ""
-                open_ = int(
-                    got.watch is not None and (got.watch.missed is not None or got.watch.over is not None)
+                opened = got.watch is not None and (
+                    got.watch.missed is not None or got.watch.over is not None
                 )
-                args += [agent, self._text(raw or b""), new, got.due, open_, json.dumps(ops) if ops else ""]
+                known = self._open.get(shard)
+                if known is not None:  # this worker's own decisions count at once
+                    (known.add if opened else known.discard)(agent)
+                args += [
+                    agent,
+                    self._text(raw or b""),
+                    new,
+                    got.due,
+                    int(opened),
+                    json.dumps(ops) if ops else "",
+                ]
             owned = self._commit(keys=[keys.schedules(shard), keys.schedule_due(shard), keys.intents(shard),
                                        keys.schedules_open(shard)], args=args)  # fmt: skip
             self.decided += len(agents)
@@ -493,6 +532,14 @@ class Schedules:
                 self.engine.publisher.publish(shard, owned)
             if len(agents) < CLAIM_BATCH:
                 return
+
+    def _open_set(self, shard: int) -> set[str] | None:
+        """The shard's open set, when small enough to keep (the common case: empty)."""
+        key = self.keys.schedules_open(shard)
+        count = int(self.client.scard(key))
+        if count > _OPEN_KEPT_MAX:
+            return None
+        return {self._text(a) for a in self.client.smembers(key)} if count else set()
 
     @staticmethod
     def _text(value: bytes | str) -> str:
