@@ -355,6 +355,19 @@ def test_two_workers_deciding_the_same_slot_page_once(
         feed.engine.client.close()
 
 
+def test_a_halted_cron_agent_is_not_paged_for_the_runs_it_does_not_make(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    feed = engine_feed(redis_url, prefix)
+    feed.engine.halts.add("backup-*", "budget spent", by="test")
+    cron_run(feed, "backup-1", "run-0", "03:00")
+    feed.apply([feed.event("backup-2", "start", at=T("03:00:01"), pid=4246)])  # and hangs
+    tick_every_minute(feed, "03:01", "03:40")
+    assert fired(r, keys, "schedule") == [] and fired(r, keys, "runtime") == []
+    assert [a.detector for a in alerts(r, keys)] == ["halt"]  # the halt's own alert only
+    feed.engine.client.close()
+
+
 # -- end to end: real producer processes, launched at the slots, and a running worker --------
 
 JOB = """
