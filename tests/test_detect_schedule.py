@@ -22,12 +22,15 @@ import pytest
 import redis
 from agents.testkit import agent_env
 from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
+from redis.cluster import RedisCluster
 from typer.testing import CliRunner
 
+from agentwatch import codec
+from agentwatch.alerts import decode_alert
 from agentwatch.cli import app
 from agentwatch.cron import Cron
 from agentwatch.facts import FactsRecorder
-from agentwatch.keys import Keys
+from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import server_time_ms
 from detectors import record
 from detectors.schedule import MISSED, OVERRAN, Plan, Runs, Watch, decide, render
@@ -468,3 +471,47 @@ def test_cron_agents_end_to_end_on_time_late_and_overrunning(
     assert resolved(r, keys, "schedule")[0].summary.endswith(f"2 slots missed since {expected_at}")
     assert fired(r, keys, "runtime")[0].summary.startswith("cron-slow: run started at ")
     assert resolved(r, keys, "runtime")[0].summary == "cron-slow: the run finished"
+
+
+@pytest.mark.cluster
+def test_schedule_checks_on_a_three_master_cluster(cluster_ports: list[int]) -> None:
+    """Every schedule script's keys share one shard's hash tag: on a cluster with 3 event shards
+    on different nodes, an overlong run pages and resolves on each."""
+    url = f"redis://127.0.0.1:{cluster_ports[0]}/0"
+    prefix = f"sc{int(time.time() * 1000) % 10**8}"
+    agents_cfg = {"cron-*": {"schedule": "0 0 1 1 *", "max_runtime": "1s"}}
+    pipeline = pipeline_for(prefix, url, worker={"tick": "50ms"}, silence={"agents": agents_cfg})
+    redis_section = pipeline.settings.redis.model_copy(update={"cluster": True, "shards": 3})
+    pipeline = type(pipeline)(settings=pipeline.settings.model_copy(update={"redis": redis_section}),
+                              source="test", detectors=pipeline.detectors)  # fmt: skip
+    keys = Keys(prefix, shards=3)
+    worker = worker_for(pipeline, url)
+    client: Any = worker.client
+    agents = ["cron-alpha", "cron-bravo", "cron-charlie", "cron-delta", "cron-echo", "cron-fox"]
+    assert len({shard_of(a, 3) for a in agents}) == 3
+
+    def send(agent: str, kind: str, seq: int, **fields: Any) -> None:
+        event = {"v": 1, "agent": agent, "kind": kind, "ts": 0.0, "run": "r1", "seq": seq, **fields}
+        client.xadd(keys.events_for(agent), {"d": codec.encode(event)})
+
+    def found() -> set[tuple[str, str, str]]:
+        return {
+            (a.agent, a.detector, a.status)
+            for a in (decode_alert(f[b"d"]) for _, f in client.xrange(keys.alerts))
+        }
+
+    try:
+        with running(worker):
+            for agent in agents:
+                send(agent, "start", 0, pid=4242)
+            firing = {(a, "runtime", "firing") for a in agents}
+            wait_for(lambda: found() >= firing, timeout=15, what="a runtime page on every shard")
+            for agent in agents:
+                send(agent, "exit", 1, reason="exit", code=0)
+            done = firing | {(a, "runtime", "resolved") for a in agents}
+            wait_for(lambda: found() >= done, timeout=15, what="every run finished")
+        assert found() == done
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*", target_nodes=RedisCluster.ALL_NODES):
+            client.delete(key)
+        client.close()
