@@ -270,7 +270,7 @@ def decide(
     over = watch.over
     if over is not None and (plan.max_runtime_ms is None or runs.run != over or runs.finished):
         how = "replaced" if runs.run != over else "finished" if runs.finished else "unset"
-        out.ops.append((OVERRAN, "r", {"how": how, "seen": runs.seen, "tz": zone}))
+        out.ops.append((OVERRAN, "r", {"how": how, "seen": runs.seen, "start": runs.start, "tz": zone}))
         over = None
     if over is None and plan.max_runtime_ms is not None and runs.start > 0 and not runs.finished:
         deadline = max(runs.start, sight_ms) + plan.max_runtime_ms
@@ -341,9 +341,13 @@ def render(agent: str, kind: str, op: dict[str, Any]) -> tuple[str, dict[str, An
         details = {"started": _iso(f["start"]), "max_runtime_s": f["max"] / 1000, "running_s": round(took, 3),
                    "last_seen": _iso(f["seen"])}  # fmt: skip
         return summary, details
-    how = {"finished": "the run finished", "replaced": "a new run started", "unset": "max_runtime removed",
-           "unscheduled": "no longer scheduled"}.get(str(f.get("how")), "over")  # fmt: skip
-    return f"{agent}: {how}", {}
+    how = str(f.get("how"))
+    if how == "finished" and f.get("start"):
+        took = max(0.0, (f["seen"] - f["start"]) / 1000)
+        return f"{agent}: the run finished after {format_duration(took)}", {"took_s": round(took, 3)}
+    words = {"finished": "the run finished", "replaced": "a new run started", "unset": "max_runtime removed",
+             "unscheduled": "no longer scheduled"}  # fmt: skip
+    return f"{agent}: {words.get(how, 'over')}", {}
 
 
 # -- the watch in Redis ----------------------------------------------------------------------

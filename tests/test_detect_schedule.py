@@ -11,6 +11,7 @@ seconds-resolution schedule (cronsim's optional sixth field), against a running 
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -303,7 +304,7 @@ def test_a_run_over_max_runtime_pages_and_resolves_when_it_finishes(
     feed.apply([feed.event("backup-1", "exit", at=T("03:27:00"), reason="exit", code=0)])
     feed.tick(T("03:27:01"))
     assert transitions(r, keys) == [("backup-1", "runtime", "firing"), ("backup-1", "runtime", "resolved")]
-    assert resolved(r, keys, "runtime")[0].summary == "backup-1: the run finished"
+    assert resolved(r, keys, "runtime")[0].summary == "backup-1: the run finished after 12m"
     feed.engine.client.close()
 
 
@@ -470,7 +471,7 @@ def test_cron_agents_end_to_end_on_time_late_and_overrunning(
     )
     assert resolved(r, keys, "schedule")[0].summary.endswith(f"2 slots missed since {expected_at}")
     assert fired(r, keys, "runtime")[0].summary.startswith("cron-slow: run started at ")
-    assert resolved(r, keys, "runtime")[0].summary == "cron-slow: the run finished"
+    assert re.fullmatch(r"cron-slow: the run finished after \d+s", resolved(r, keys, "runtime")[0].summary)
 
 
 @pytest.mark.cluster
