@@ -148,6 +148,16 @@ def test_the_summary_names_the_slot_the_schedule_and_the_last_run() -> None:
     )
 
 
+def test_the_schedule_is_in_the_report_timezone_unless_it_names_its_own() -> None:
+    from detectors.silence import SilenceConfig  # noqa: PLC0415
+
+    plain = SilenceConfig.model_validate({"schedule": "0 3 * * *"})
+    own = SilenceConfig.model_validate({"schedule": "0 3 * * *", "timezone": "Asia/Tokyo"})
+    assert Plan.of(plain, "Europe/Berlin").cron.tz.key == "Europe/Berlin"  # type: ignore[union-attr]
+    assert Plan.of(own, "Europe/Berlin").cron.tz.key == "Asia/Tokyo"  # type: ignore[union-attr]
+    assert Plan.of(SilenceConfig(), "UTC") is None
+
+
 # -- bad input: check-config names the key and the parse error -------------------------------
 
 
