@@ -150,6 +150,16 @@ class Engine:
         lag = self.get("Lag")
         return int(lag.config.blind_after_s * 1000) if lag is not None else BLIND_AFTER_MS
 
+    def sight_ms(self) -> int:
+        """How long without a timer check means nobody was watching (timers.py: *sight*):
+        :meth:`blind_ms`, or the shortest silence ``after`` in force if that is shorter. A gap
+        shorter than blind_after but longer than an allowance (a Redis restart of 3 s against
+        1 s silences) would otherwise judge agents on time nobody watched, and page every one
+        of them falsely."""
+        on, after = state.PROFILE.index("sil_on"), state.PROFILE.index("sil_after")
+        allowances = [int(p[after]) for p in self._profiles if p[on] and p[after] > 0]
+        return min([self.blind_ms(), *allowances])
+
     def get(self, kind: str) -> BuiltinDetector[Any] | None:
         """The registered built-in of class name ``kind`` (e.g. "Silence"), if enabled."""
         return self.detectors.get(kind)

@@ -13,7 +13,8 @@ deadline lies beyond the horizon might have a beat sitting unread in the stream,
 judged yet. This is how the checks hold back while workers lag or catch up, without ever
 missing an agent that really stopped: its deadline passes the horizon as the backlog drains.
 
-*Sight*: a shard's clock records the last check. A gap longer than ``blind_after`` means nobody
+*Sight*: a shard's clock records the last check. A gap longer than ``blind_after`` (or than the
+shortest silence allowance, if shorter: engine.sight_ms) means nobody
 was watching (workers down, or Redis itself was down so agents could not even send); the checks
 then restart from the end of the gap: an agent is judged silent only once it has been silent for
 its whole allowance *since then* (``max(last seen, sight) + allowance``).
@@ -132,7 +133,7 @@ class Timers:
 
     def _settings(self) -> tuple[bool, bool, int]:
         silence, stall = (self.engine.get(k) for k in ("Silence", "Stall"))
-        return silence is not None, stall is not None, self.engine.blind_ms()
+        return silence is not None, stall is not None, self.engine.sight_ms()
 
     def check(self, shard: int, now_ms: int, limit_ms: int) -> int:
         """Claim and decide every agent due by ``limit_ms``; the gap (ms) found, or 0."""

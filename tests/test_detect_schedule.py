@@ -219,6 +219,17 @@ class CronFeed(Feed):
         self.facts.on_batch(messages)
         super().apply(messages)
 
+    def tick(self, now_ms: int | None = None) -> None:
+        """Ticks at most 30 s apart up to ``now_ms``, as a running worker's: a longer gap between
+        checks than the shortest silence allowance is an outage nobody watched (engine.sight_ms)."""
+        target = now_ms if now_ms is not None else self.now
+        last = getattr(self, "_last_tick", None)
+        if last is not None:
+            for at in range(last + 30_000, target, 30_000):
+                super().tick(at)
+        super().tick(target)
+        self._last_tick = target
+
 
 def engine_feed(redis_url: str, prefix: str, **silence: Any) -> CronFeed:
     pipeline = pipeline_for(
