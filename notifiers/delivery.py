@@ -101,25 +101,40 @@ class Deliverer:
         self.config = notifier.config
         self._stop = threading.Event()
         self._abandoned = False
-        self._wakes: list[threading.Event] = []
+        self._idle = threading.Condition()
+        self._tickets = 0
+        """Wake-ups owed: threads that wait take one and claim at once (see :meth:`wake`)."""
         self._threads: list[threading.Thread] = []
         self._inflight: dict[str, Claimed] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
         for index in range(self.config.concurrency):
-            wake = threading.Event()
             thread = threading.Thread(
-                target=self._run, args=(wake,), name=f"notify-{self.notifier.name}-{index}", daemon=True
+                target=self._run, name=f"notify-{self.notifier.name}-{index}", daemon=True
             )
-            self._wakes.append(wake)
             self._threads.append(thread)
             thread.start()
 
-    def wake(self) -> None:
-        """New deliveries were queued: look now rather than at the next poll."""
-        for wake in self._wakes:
-            wake.set()
+    def wake(self, count: int | None = None) -> None:
+        """``count`` new deliveries were queued (None: any number): as many idle threads look now
+        rather than at the next poll. Waking only as many as there are deliveries spares the
+        others a claim that finds nothing, a script call each on a GIL the worker's main thread
+        needs. A wake-up no thread was waiting for is kept (up to one per thread), so one that
+        comes just before a thread starts to wait is not lost."""
+        with self._idle:
+            threads = len(self._threads)
+            count = threads if count is None else min(count, threads)
+            self._tickets = min(threads, self._tickets + count)
+            self._idle.notify(count)
+
+    def _sleep(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for a wake-up (or the stop)."""
+        with self._idle:
+            if self._tickets == 0 and not self._stop.is_set():
+                self._idle.wait(wait_s)
+            if self._tickets > 0:
+                self._tickets -= 1
 
     def stop(self, timeout_s: float) -> None:
         """Stop claiming; wait up to ``timeout_s`` for deliveries in flight, then release the
@@ -150,7 +165,7 @@ class Deliverer:
         return any(thread.is_alive() for thread in self._threads)
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _run(self, wake: threading.Event) -> None:
+    def _run(self) -> None:
         redis_delay = 0.1
         poll_s = self.notifier.ctx.poll_s
         while not self._stop.is_set():
@@ -173,9 +188,7 @@ class Deliverer:
                 continue
             # Nothing due: sleep until the earliest delivery is due, a new one is queued here,
             # or the poll comes round (deliveries queued by other workers, expired leases).
-            wait_s = poll_s if got < 0 else min(poll_s, got / 1000)
-            wake.wait(wait_s)
-            wake.clear()
+            self._sleep(poll_s if got < 0 else min(poll_s, got / 1000))
 
     def _handle(self, claimed: Claimed) -> None:
         job = claimed.job

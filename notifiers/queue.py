@@ -261,6 +261,21 @@ class Job:
 
 
 @dataclass(frozen=True)
+class EnqueueCall:
+    """The keys and arguments of one call of the enqueue script (:meth:`DeliveryQueue.enqueue_call`)."""
+
+    keys: list[str]
+    args: list[str | int]
+
+
+def queued(reply: int) -> bool | None:
+    """What the enqueue script's reply to a "send" or "resolve" means: True, queued now; False,
+    queued before (a redelivered alert); None, not to be sent: a firing whose resolve went out
+    before it came (4, :data:`PARKED_NOTE`), or a resolve whose firing a mute held and never sent (2)."""
+    return None if reply in (2, 4) else reply == 1
+
+
+@dataclass(frozen=True)
 class Claimed:
     job: Job
     token: str
@@ -291,25 +306,37 @@ class DeliveryQueue:
     def enqueue(self, job: Job, dedup_key: str, *, delay_ms: int = 0) -> bool | None:
         """Queue ``job`` unless its id was queued before (then False: a redelivered alert);
         None: a firing whose resolve went out before it came (:data:`PARKED_NOTE`)."""
-        done = self._queue(job, dedup_key, delay_ms, "send")
-        return None if done == 4 else done == 1
+        return queued(self.run(self.enqueue_call(job.id, job.to_json(), dedup_key, delay_ms=delay_ms)))
 
     def enqueue_resolve(self, job: Job, dedup_key: str, *, park_ms: int = 0) -> bool | None:
         """Queue a resolve like :meth:`enqueue`; None: not sent, since its firing never was.
         ``park_ms``: how long it waits for a firing not queued here yet (:data:`PARKED_NOTE`)."""
-        done = self._queue(job, dedup_key, 0, "resolve", park_ms=park_ms)
-        return None if done == 2 else done == 1
+        call = self.enqueue_call(job.id, job.to_json(), dedup_key, "resolve", park_ms=park_ms)
+        return queued(self.run(call))
 
     def release(self, job: Job, dedup_key: str, held: str) -> bool:
         """Queue a held alert whose mute ended, unless another worker did or it was superseded."""
-        return self._queue(job, dedup_key, 0, "release", held) == 1
+        return self.run(self.enqueue_call(job.id, job.to_json(), dedup_key, "release", held=held)) == 1
 
-    def _queue(  # noqa: PLR0917 - the script's arguments
-        self, job: Job, dedup_key: str, delay_ms: int, mode: str, held: str = "", park_ms: int = 0
-    ) -> int:
+    def enqueue_call(
+        self, job_id: str, job_json: str, dedup_key: str, mode: str = "send", *, delay_ms: int = 0,
+        held: str = "", park_ms: int = 0,
+    ) -> EnqueueCall:  # fmt: skip
+        """The enqueue script's call for one job, to :meth:`run` now or :meth:`stage` in a
+        pipeline (``mode``: "send" a firing, "resolve" a resolve, "release" a held alert)."""
         keys = [self.queue, self.jobs, self.order, self.seen, self.held]
-        args: list[str | int] = [job.id, job.to_json(), dedup_key, delay_ms, mode, held, park_ms]
-        return int(self._enqueue(keys=keys, args=args))
+        return EnqueueCall(keys, [job_id, job_json, dedup_key, delay_ms, mode, held, park_ms])
+
+    def run(self, call: EnqueueCall) -> int:
+        """Run one enqueue call (loading the script if Redis does not have it): its reply."""
+        return int(self._enqueue(keys=call.keys, args=call.args))
+
+    def stage(self, pipe: Any, call: EnqueueCall) -> None:
+        """Add one enqueue call to ``pipe`` as a bare EVALSHA: a batch of alerts for every
+        notifier then costs one round trip (notifiers/fanout.py). redis-py's own script calls
+        in a pipeline would ask SCRIPT EXISTS before every execute, a second round trip; a reply
+        that is a NoScriptError is re-run with :meth:`run` instead."""
+        pipe.evalsha(self._enqueue.sha, len(call.keys), *call.keys, *call.args)
 
     def hold(self, alert_json: str, dedup_key: str, status: str) -> bool:
         """Keep a muted alert for when its mute ends; False: it and the held firing it resolves
@@ -325,9 +352,13 @@ class DeliveryQueue:
     def drop_held(self, dedup_key: str, held: str | None = None) -> None:
         """Forget what is held for ``dedup_key`` (only if it is still ``held``, when given)."""
         if held is None:
-            self.client.hdel(self.held, dedup_key, OWED_MARK + dedup_key)
+            self.stage_drop_held(self.client, dedup_key)
         else:
             self._drop_held(keys=[self.held], args=[dedup_key, held])
+
+    def stage_drop_held(self, pipe: Any, dedup_key: str) -> None:
+        """:meth:`drop_held` without ``held``, added to ``pipe`` (or run, given the client)."""
+        pipe.hdel(self.held, dedup_key, OWED_MARK + dedup_key)
 
     def claim(self, lease_ms: int, *, rate_per_s: float = 0.0, burst: int = 1) -> Claimed | int:
         """The next due delivery, leased to us for ``lease_ms``; else ms to wait (-1: empty)."""
