@@ -359,8 +359,10 @@ def scenario(
             profiler = Profiler(worker.pid, workdir / "profile.raw")
         if busy is not None:
             busy.mark()
+        cpu_before = cpu_s(worker.pid)
         sent = publish(client, keys, args.alerts, args.rate)
         values = [v for r in good for v in latencies_ms(sent, r.arrived)]
+        facts["notifier_cpu_ms_per_alert"] = (cpu_s(worker.pid) - cpu_before) * 1000 / args.alerts
         if busy is not None:
             facts["worker_cpu"], facts["feeder_cpu"] = busy.usage()
         if profiler is not None:
@@ -404,7 +406,11 @@ def baseline(url: str, client: redis.Redis, args: argparse.Namespace) -> list[fl
 
 def spread(values: list[float]) -> str:
     """``min / median / max`` of per-round values."""
-    return f"{min(values):.1f} / {median(values):.1f} / {max(values):.1f}"
+    return f"{min(values):.2f} / {median(values):.2f} / {max(values):.2f}"
+
+
+def _spread_or_dash(values: list[float] | None) -> str:
+    return spread(values) if values else "-"
 
 
 def main() -> None:
@@ -437,27 +443,30 @@ def main() -> None:
         url = server.url
     client = redis.Redis.from_url(url)
     results: dict[str, list[list[float]]] = collections.defaultdict(list)
-    facts: dict[str, list[float]] = collections.defaultdict(list)
+    facts: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+
+    def run(key: str, got: tuple[list[float], dict[str, float]]) -> None:
+        results[key].append(got[0])
+        for name, value in got[1].items():
+            facts[key][name].append(value)
+
+    loads = []
     try:
         for n in range(args.rounds):
             print(f"round {n + 1}/{args.rounds}")
             if not args.only_busy:
                 results["baseline"].append(baseline(url, client, args))
-                results["healthy"].append(scenario(url, client, workdir, args, healthy=1, hung=0)[0])
-                results["beside hung"].append(scenario(url, client, workdir, args, healthy=1, hung=1)[0])
+                run("healthy", scenario(url, client, workdir, args, healthy=1, hung=0))
+                run("beside hung", scenario(url, client, workdir, args, healthy=1, hung=1))
             busy = Busy(url, client, workdir, args)
             try:
                 busy.mark()
                 results["baseline, busy"].append(baseline(url, client, args))
                 label = f"round {n + 1}, {BUSY}" if args.profile and n == 0 else None
-                values, got = scenario(
-                    url, client, workdir, args, healthy=3, hung=1, busy=busy, profile=label
-                )
-                results[BUSY].append(values)
-                for key, value in got.items():
-                    facts[key].append(value)
+                run(BUSY, scenario(url, client, workdir, args, healthy=3, hung=1, busy=busy, profile=label))
             finally:
                 busy.stop()
+            loads.append(os.getloadavg()[0])
     finally:
         client.close()
         if server:
@@ -479,6 +488,7 @@ def main() -> None:
         rows.append({"scenario": name, "samples": sum(len(v) for v in rounds) // len(rounds),
                      "p50 ms": spread(stat["p50"]), "p99 ms": spread(stat["p99"]),
                      "p99.9 ms": spread(stat["p99.9"]), "max ms": spread(stat["max"]),
+                     "notifier CPU ms/alert": _spread_or_dash(facts[key].get("notifier_cpu_ms_per_alert")),
                      "target": target})  # fmt: skip
     figures = []
     if "healthy" in per_round:
@@ -498,14 +508,14 @@ def main() -> None:
     extra = {
         "rate_per_s": args.rate, "alerts": args.alerts, "rounds": args.rounds,
         "flood_rate_per_s": args.flood_rate, "flood_agents": args.flood_agents,
-        "busy_worker_cpu": facts.get("worker_cpu", []), "feeder_cpu": facts.get("feeder_cpu", []),
-        "per_round": per_round,
+        "per_round": per_round, "facts": {key: dict(value) for key, value in facts.items()},
+        "loadavg_per_round": loads,
     }  # fmt: skip
     report("notifiers_latency", rows, extra, figures=figures)
-    cpu = facts.get("worker_cpu", [])
-    if cpu:
-        print(f"busy detector worker: {spread([100 * c for c in cpu])} % of a core (min / median / max); "
-              f"feeder {spread([100 * c for c in facts['feeder_cpu']])} %")  # fmt: skip
+    busy_facts = facts[BUSY]
+    print(f"busy detector worker: {spread([100 * c for c in busy_facts['worker_cpu']])} % of a core "
+          f"(min / median / max); feeder {spread([100 * c for c in busy_facts['feeder_cpu']])} %; "
+          f"load average (1 min) after each round: {', '.join(f'{x:.1f}' for x in loads)}")  # fmt: skip
     for fig in figures:
         if fig["goal"] is not None:
             print(f"{fig['figure']}: {fig['value']:.1f} ms, goal <= {fig['goal']:.0f} ms "

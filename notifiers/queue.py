@@ -34,12 +34,17 @@ delivery twice while its lease holds, and a rate limit holds across all workers 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import redis
+
 from agentwatch.keys import Keys
 from agentwatch.redisconn import Client
+
+log = logging.getLogger("agentwatch.notifiers")
 
 
 def _script(body: str) -> str:
@@ -360,11 +365,29 @@ class DeliveryQueue:
         """:meth:`drop_held` without ``held``, added to ``pipe`` (or run, given the client)."""
         pipe.hdel(self.held, dedup_key, OWED_MARK + dedup_key)
 
-    def claim(self, lease_ms: int, *, rate_per_s: float = 0.0, burst: int = 1) -> Claimed | int:
-        """The next due delivery, leased to us for ``lease_ms``; else ms to wait (-1: empty)."""
+    def claim(
+        self, lease_ms: int, *, rate_per_s: float = 0.0, burst: int = 1, pipe: Any = None
+    ) -> Claimed | int:
+        """The next due delivery, leased to us for ``lease_ms``; else ms to wait (-1: empty).
+
+        ``pipe``: a pipeline holding writes to send first, in the same round trip (the delivery
+        log of the previous delivery: notifiers/delivery.py). Their failures are logged, not
+        raised: the claim goes on; a failed claim raises as it does alone."""
         token = os.urandom(8).hex()
         keys = [self.queue, self.jobs, self.order, self.leases, self.limits, self.retrying]
-        reply = self._claim(keys=keys, args=[lease_ms, token, rate_per_s / 1000.0, burst])
+        args: list[str | int | float] = [lease_ms, token, rate_per_s / 1000.0, burst]
+        if pipe is None:
+            reply = self._claim(keys=keys, args=args)
+        else:
+            pipe.evalsha(self._claim.sha, len(keys), *keys, *args)
+            *before, reply = pipe.execute(raise_on_error=False)
+            for error in before:
+                if isinstance(error, Exception):
+                    log.warning("notifier %s: could not log a delivery: %s", self.notifier, error)
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                reply = self._claim(keys=keys, args=args)  # Redis lost its scripts: load it
+            elif isinstance(reply, Exception):
+                raise reply
         if int(reply[0]) == 1:
             return Claimed(Job.from_json(reply[2]), token, int(reply[3]))
         return int(reply[1])
