@@ -55,6 +55,10 @@ class QueueFanout(Handler[Alert]):
         self.notifiers = [n for n in notifiers if n.queues and type(n).on_batch is Notifier.on_batch]
         self.mutes = Mutes(client, notifiers[0].ctx.keys) if notifiers else None
 
+    def on_start(self) -> None:
+        if self.notifiers:
+            self.notifiers[0].queue.load_scripts()  # one script for all notifiers
+
     def on_batch(self, messages: Sequence[Message[Alert]]) -> None:
         if not self.notifiers or self.mutes is None:
             return

@@ -336,6 +336,11 @@ class DeliveryQueue:
         """Run one enqueue call (loading the script if Redis does not have it): its reply."""
         return int(self._enqueue(keys=call.keys, args=call.args))
 
+    def load_scripts(self) -> None:
+        """Load the enqueue script ahead of :meth:`stage` (else the first batch's EVALSHAs all
+        fail with NOSCRIPT and are re-run one by one)."""
+        self.client.script_load(_ENQUEUE)
+
     def stage(self, pipe: Any, call: EnqueueCall) -> None:
         """Add one enqueue call to ``pipe`` as a bare EVALSHA: a batch of alerts for every
         notifier then costs one round trip (notifiers/fanout.py). redis-py's own script calls
