@@ -214,18 +214,28 @@ class Busy:
             str(args.flood_agents),
         ]
         self.feeder = subprocess.Popen(argv)
-        self._mark: tuple[float, float, float] | None = None
+        self.stream = Keys(self.prefix).event_streams()[0]
+        self._mark: tuple[float, float, float, int] | None = None
+
+    def _added(self) -> int:
+        return (
+            int(self.client.xinfo_stream(self.stream)["entries-added"])
+            if self.client.exists(self.stream)
+            else 0
+        )
 
     def mark(self) -> None:
-        self._mark = (time.monotonic(), cpu_s(self.worker.pid), cpu_s(self.feeder.pid))
+        self._mark = (time.monotonic(), cpu_s(self.worker.pid), cpu_s(self.feeder.pid), self._added())
 
-    def usage(self) -> tuple[float, float]:
-        """CPU share (1.0 = one core) of the worker and of the feeder since :meth:`mark`."""
+    def usage(self) -> dict[str, float]:
+        """Since :meth:`mark`: the CPU share (1.0 = one core) of the worker and of the feeder,
+        and the events/s the feeder got into the stream."""
         assert self._mark is not None
-        wall = time.monotonic() - self._mark[0]
-        return (cpu_s(self.worker.pid) - self._mark[1]) / wall, (
-            cpu_s(self.feeder.pid) - self._mark[2]
-        ) / wall
+        start, worker, feeder, added = self._mark
+        wall = time.monotonic() - start
+        return {"worker_cpu": (cpu_s(self.worker.pid) - worker) / wall,
+                "feeder_cpu": (cpu_s(self.feeder.pid) - feeder) / wall,
+                "flood_per_s": (self._added() - added) / wall}  # fmt: skip
 
     def stop(self) -> None:
         for proc in (self.feeder, self.worker):
@@ -364,7 +374,7 @@ def scenario(
         values = [v for r in good for v in latencies_ms(sent, r.arrived)]
         facts["notifier_cpu_ms_per_alert"] = (cpu_s(worker.pid) - cpu_before) * 1000 / args.alerts
         if busy is not None:
-            facts["worker_cpu"], facts["feeder_cpu"] = busy.usage()
+            facts.update(busy.usage())
         if profiler is not None:
             profiler.stop()
             text = summarize_profile(profiler.out, profile)
@@ -514,7 +524,8 @@ def main() -> None:
     report("notifiers_latency", rows, extra, figures=figures)
     busy_facts = facts[BUSY]
     print(f"busy detector worker: {spread([100 * c for c in busy_facts['worker_cpu']])} % of a core "
-          f"(min / median / max); feeder {spread([100 * c for c in busy_facts['feeder_cpu']])} %; "
+          f"(min / median / max); feeder {spread([100 * c for c in busy_facts['feeder_cpu']])} %, "
+          f"{spread(busy_facts['flood_per_s'])} events/s; "
           f"load average (1 min) after each round: {', '.join(f'{x:.1f}' for x in loads)}")  # fmt: skip
     for fig in figures:
         if fig["goal"] is not None:
