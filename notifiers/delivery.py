@@ -85,6 +85,17 @@ class Failed:
 Outcome = Delivered | Retry | Failed
 
 
+@dataclass(frozen=True)
+class _Done:
+    """A delivery the receiver took, to log and finish with the thread's next claim."""
+
+    claimed: Claimed
+    outcome: Delivered
+    attempts: int
+    until: float
+    """monotonic: past it the lease has run out and another worker may deliver it again."""
+
+
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, so many deliveries that
     failed together do not all come back together, yet none retries almost at once."""
@@ -166,28 +177,41 @@ class Deliverer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        """Claim, deliver, repeat: one round trip per delivery. A delivery the receiver took is
+        logged and finished together with the next claim (:meth:`DeliveryQueue.finish_and_claim`),
+        which follows at once."""
         redis_delay = 0.1
         poll_s = self.notifier.ctx.poll_s
-        logged: Any = None  # the last delivery's log entry, sent with the next claim
+        done: _Done | None = None  # delivered: log and finish it with the next claim
         while not self._stop.is_set():
             try:
-                pipe, logged = logged, None
-                got = self.queue.claim(
-                    self.notifier.lease_ms, rate_per_s=self.config.rate_limit or 0.0, burst=self.config.burst,
-                    pipe=pipe,
+                finished, got = self.queue.finish_and_claim(
+                    done.claimed if done else None, self.notifier.lease_ms,
+                    rate_per_s=self.config.rate_limit or 0.0, burst=self.config.burst,
+                    pipe=self._log_delivered(done) if done else None,
                 )  # fmt: skip
+                if done is not None and not finished:
+                    log.warning("notifier %s: %s was delivered after its lease ran out: another worker "
+                                "may deliver it again", self.notifier.name, done.claimed.job.id)  # fmt: skip
+                done = None
                 redis_delay = 0.1
             except RECOVERABLE as exc:
                 log.warning("notifier %s: Redis unavailable (%s); retrying", self.notifier.name, exc)
+                if done is not None and time.monotonic() > done.until:
+                    self._unrecorded(done.claimed, exc)
+                    done = None
                 self._stop.wait(redis_delay * random.uniform(0.5, 1.0))
                 redis_delay = min(redis_delay * 2, _REDIS_BACKOFF_MAX_S)
                 continue
-            except Exception:
+            except Exception as exc:
                 log.exception("notifier %s: claiming failed; retrying in 1s", self.notifier.name)
+                if done is not None:
+                    self._unrecorded(done.claimed, exc)
+                    done = None
                 self._stop.wait(1.0)
                 continue
             if isinstance(got, Claimed):
-                logged = self._handle(got)
+                done = self._handle(got)
                 continue
             # Nothing due: sleep until the earliest delivery is due, a new one is queued here,
             # or the poll comes round (deliveries queued by other workers, expired leases).
@@ -195,13 +219,29 @@ class Deliverer:
         with self._lock:
             if self._abandoned:
                 return  # the worker is closing its client
-        if logged is not None:
+        if done is not None:
             with contextlib.suppress(*RECOVERABLE):
-                logged.execute()
+                self._log_delivered(done).execute()
+                self.queue.finish(done.claimed)
 
-    def _handle(self, claimed: Claimed) -> Any:
-        """Attempt one delivery and record its outcome; a pipeline holding its log entry when it
-        was delivered (see :meth:`_record`), else None."""
+    def _log_delivered(self, done: _Done) -> Any:
+        """A pipeline holding the log entry of a delivery the receiver took. It goes just before
+        the delivery is finished, in the same round trip: logged even if its lease ran out
+        meanwhile (another worker may then deliver it again, and log that too)."""
+        pipe = self.queue.client.pipeline(transaction=False)
+        journal, job, outcome = self.notifier.journal, done.claimed.job, done.outcome
+        journal.delivered(self.notifier.name, job, done.attempts, outcome.status, outcome.detail, pipe=pipe)
+        return pipe
+
+    def _unrecorded(self, claimed: Claimed, exc: Exception) -> None:
+        log.warning(
+            "notifier %s: could not record the outcome of %s (%s); it will be retried when its "
+            "lease runs out", self.notifier.name, claimed.job.id, exc,
+        )  # fmt: skip
+
+    def _handle(self, claimed: Claimed) -> _Done | None:
+        """Attempt one delivery and record its outcome; when it was delivered, what finishes it
+        (see :meth:`_record`), else None."""
         job = claimed.job
         with self._lock:
             self._inflight[job.id] = claimed
@@ -232,7 +272,7 @@ class Deliverer:
             log.exception("notifier %s raised delivering %s", self.notifier.name, job.id)
             return Retry(f"notifier raised {type(exc).__name__}: {exc}")
 
-    def _settle(self, claimed: Claimed, outcome: Outcome) -> Any:
+    def _settle(self, claimed: Claimed, outcome: Outcome) -> _Done | None:
         """Write the outcome; keep trying while Redis is away (until our lease is about to go).
         Returns :meth:`_record`'s pipeline, if any."""
         with self._lock:
@@ -245,19 +285,14 @@ class Deliverer:
                 return self._record(claimed, outcome)
             except RECOVERABLE as exc:
                 if time.monotonic() > deadline or self._stop.is_set():
-                    log.warning(
-                        "notifier %s: could not record the outcome of %s (%s); it will be retried "
-                        "when its lease runs out", self.notifier.name, claimed.job.id, exc,
-                    )  # fmt: skip
+                    self._unrecorded(claimed, exc)
                     return None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _record(self, claimed: Claimed, outcome: Outcome) -> Any:
-        """Write the outcome. A delivery's log entry is not written here but returned in a
-        pipeline that the thread's next claim sends: one round trip less per delivery, on a GIL
-        the worker's main thread shares (the entry still goes only once the delivery is finished,
-        and at once, since the thread claims again right away; a stopping thread sends it alone)."""
+    def _record(self, claimed: Claimed, outcome: Outcome) -> _Done | None:
+        """Write the outcome. A delivery the receiver took is not finished here: it is returned,
+        and the thread logs and finishes it with its next claim, which follows at once (:meth:`_run`)."""
         job, cfg, journal = claimed.job, self.config, self.notifier.journal
         attempts = claimed.claims  # every attempt started, including any that died with a worker
         if isinstance(outcome, Retry):
@@ -267,14 +302,7 @@ class Deliverer:
                 why = f"gave up after {attempts} attempts over {age_s:.0f}s: {outcome.reason}"
                 outcome = Failed(why, outcome.status, outcome.body)
         if isinstance(outcome, Delivered):
-            if not self.queue.finish(claimed):
-                return None
-            pipe = self.queue.client.pipeline(transaction=False)
-            journal.delivered(self.notifier.name, job, attempts, outcome.status, outcome.detail, pipe=pipe)
-            if self._stop.is_set():
-                pipe.execute()  # no next claim
-                return None
-            return pipe
+            return _Done(claimed, outcome, attempts, time.monotonic() + self.notifier.lease_ms / 1000)
         if isinstance(outcome, Failed):
             # Dead-letter first, then forget: a crash in between repeats the dead letter, never
             # loses it.
