@@ -60,6 +60,16 @@ class QueueFanout(Handler[Alert]):
             self.notifiers[0].queue.load_scripts()  # one script for all notifiers
 
     def on_batch(self, messages: Sequence[Message[Alert]]) -> None:
+        """Never raises but for Redis being away: a fault here must not dead-letter alerts that
+        the notifiers' own ``on_batch`` can still queue (they do, as nothing is marked done)."""
+        try:
+            self._fan_out(messages)
+        except RECOVERABLE:
+            raise
+        except Exception:
+            log.exception("queueing a batch for every notifier failed; each notifier queues it itself")
+
+    def _fan_out(self, messages: Sequence[Message[Alert]]) -> None:
         if not self.notifiers or self.mutes is None:
             return
         pipe = self.client.pipeline(transaction=False)

@@ -246,3 +246,23 @@ def test_deliveries_queued_by_the_fanout_go_out_at_once_and_are_logged(
 
 def _records(r: redis.Redis, keys: Keys, alert_id: str) -> list[dict[str, str]]:
     return [e for e in stream(r, keys.notify_log) if e["id"] == alert_id]
+
+
+def test_a_fault_in_the_fanout_dead_letters_nothing_the_notifiers_queue_the_batch(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    alert = fire(r, keys, "bot-1")
+    batch = _batch(r, keys)
+    with _pair(prefix, redis_url) as (fast, _):
+        fanout = fast.handlers[0]
+        assert isinstance(fanout, QueueFanout)
+
+        def broken(*_: Any) -> None:
+            raise RuntimeError("a bug in the fan-out")
+
+        fanout._fan_out = broken  # type: ignore[method-assign]
+        fast.process(batch)
+        assert not fast.stats.errors
+        assert r.xlen(keys.deadletter) == 0
+        for entry in ENTRIES:
+            assert r.hexists(keys.notifier_jobs(f"f-{entry['name']}"), alert.id), entry["name"]
