@@ -172,11 +172,11 @@ def spawn_worker(
     return subprocess.Popen(argv, env=env)
 
 
-def wait_ready(client: redis.Redis, keys: Keys, timeout_s: float = 20.0) -> None:
-    """The worker is up once it published its first health record (after its handlers started)."""
+def wait_ready(client: redis.Redis, keys: Keys, timeout_s: float = 20.0, count: int = 1) -> None:
+    """A worker is up once it published its first health record (after its handlers started)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if client.zcard(keys.workers):
+        if client.zcard(keys.workers) >= count:
             return
         time.sleep(0.05)
     raise SystemExit("the worker did not start")
@@ -359,20 +359,23 @@ def scenario(
     hooks = [(f"healthy{i}", r.url) for i, r in enumerate(good)] + [
         (f"stuck{i}", r.url) for i, r in enumerate(stuck)
     ]
-    worker = spawn_worker("notifiers", url, prefix, hooks, workdir)
+    workers = [spawn_worker("notifiers", url, prefix, hooks, workdir) for _ in range(args.workers)]
+    worker = workers[0]
     profiler = None
     facts: dict[str, float] = {}
     try:
-        wait_ready(client, keys)
+        wait_ready(client, keys, count=args.workers)
         warm_up(client, keys, good)
         if profile:
             profiler = Profiler(worker.pid, workdir / "profile.raw")
         if busy is not None:
             busy.mark()
-        cpu_before = cpu_s(worker.pid)
+        cpu_before = sum(cpu_s(w.pid) for w in workers)
         sent = publish(client, keys, args.alerts, args.rate)
         values = [v for r in good for v in latencies_ms(sent, r.arrived)]
-        facts["notifier_cpu_ms_per_alert"] = (cpu_s(worker.pid) - cpu_before) * 1000 / args.alerts
+        facts["notifier_cpu_ms_per_alert"] = (
+            (sum(cpu_s(w.pid) for w in workers) - cpu_before) * 1000 / args.alerts
+        )
         if busy is not None:
             facts.update(busy.usage())
         if profiler is not None:
@@ -388,8 +391,10 @@ def scenario(
     finally:
         if profiler is not None:
             profiler.stop()
-        worker.terminate()
-        worker.wait(10)
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(10)
         for r in good + stuck:
             r.close()
         for key in client.scan_iter(f"{prefix}:*"):
@@ -428,6 +433,9 @@ def main() -> None:
     parser.add_argument("--alerts", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0, help="alerts per second")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="notifier worker processes (they share the queues)"
+    )
     parser.add_argument("--flood-rate", type=float, default=30000.0, help="events/s to the busy worker")
     parser.add_argument("--flood-agents", type=int, default=1000)
     parser.add_argument(
