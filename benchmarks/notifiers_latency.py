@@ -28,7 +28,8 @@ rounds; the rows show min / median / max.
 during the 4-notifier scenario of the first round and writes a per-thread summary (top frames,
 where the main thread spends its wall time) to ``benchmarks/results/notifiers_profile.txt``.
 
-    python benchmarks/notifiers_latency.py [--alerts 1000] [--rate 200] [--rounds 3] [--profile]
+    python benchmarks/notifiers_latency.py [--alerts 1000] [--rate 200] [--rounds 3] [--workers 1]
+        [--flood-rate 30000] [--only-busy] [--profile] [--quick]
 """
 
 from __future__ import annotations
@@ -448,7 +449,10 @@ def main() -> None:
     parser.add_argument(
         "--feed", nargs=4, metavar=("URL", "PREFIX", "RATE", "AGENTS"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--quick", action="store_true", help="one round of 500 alerts (run_all.py --quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.alerts = 1, 500
     if args.feed:
         url, prefix, rate, agents = args.feed
         feed(url, prefix, float(rate), int(agents))
