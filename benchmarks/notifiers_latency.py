@@ -526,6 +526,10 @@ def main() -> None:
         figure(f"alert->webhook p99.9, {BUSY}", busy_p999, "ms", issue=17),
         figure("raw XREAD + POST p99, busy worker (baseline)", median(per_round["baseline, busy"]["p99"]),
                "ms", issue=17),
+        # per round, against the baseline of the same round: the load at that moment hits both
+        figure(f"p99 / raw baseline p99, {BUSY}",
+               median([a / b for a, b in zip(per_round[BUSY]["p99"], per_round["baseline, busy"]["p99"],
+                                              strict=True)]), "ratio", issue=17),
     ]  # fmt: skip
     extra = {
         "rate_per_s": args.rate, "alerts": args.alerts, "rounds": args.rounds,
