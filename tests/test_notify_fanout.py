@@ -31,7 +31,7 @@ from notifiers.fanout import QueueFanout
 from notifiers.routing import Mutes
 
 from helpers import running, settings_for, wait_for
-from notify_kit import FAST_DELIVERY, fire, now_ms, pipeline_with, receiver, resolve, stream
+from notify_kit import FAST_DELIVERY, fire, notifier_running, now_ms, pipeline_with, receiver, resolve, stream
 
 URL = "http://127.0.0.1:9/hook"  # never called: these workers' delivery threads are not started
 
@@ -266,3 +266,18 @@ def test_a_fault_in_the_fanout_dead_letters_nothing_the_notifiers_queue_the_batc
         assert r.xlen(keys.deadletter) == 0
         for entry in ENTRIES:
             assert r.hexists(keys.notifier_jobs(f"f-{entry['name']}"), alert.id), entry["name"]
+
+
+def test_a_worker_stopped_right_after_a_delivery_leaves_it_logged_and_finished(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """A delivery is logged and finished with the thread's next claim: a stop in between must
+    still do both, or another worker would deliver it again."""
+    with receiver() as hook:
+        entries = [{"type": "webhook", "url": hook.url, **FAST_DELIVERY}]
+        with notifier_running(pipeline_with(prefix, redis_url, entries), redis_url):
+            alert = fire(r, keys)
+            hook.wait_requests(1)
+    assert [e["outcome"] for e in _records(r, keys, alert.id)] == ["delivered"]
+    assert r.hlen(keys.notifier_jobs("webhook")) == 0
+    assert r.zcard(keys.notifier_queue("webhook")) == 0
