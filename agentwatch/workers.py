@@ -118,9 +118,12 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
 
     Each notifier's handler only routes and queues alerts (fast, idempotent); its own delivery
     threads, started in ``on_start``, deliver them with retries, so one slow receiver never
-    holds up the stream or another notifier (notifiers/queue.py, notifiers/delivery.py).
+    holds up the stream or another notifier (notifiers/queue.py, notifiers/delivery.py). Ahead
+    of them, one handler queues each batch for every notifier in one round trip
+    (notifiers/fanout.py); the notifiers' own ``on_batch`` handle what it leaves to them.
     """
     from notifiers.base import NotifierContext  # noqa: PLC0415 - notifiers import the spine
+    from notifiers.fanout import QueueFanout  # noqa: PLC0415
     from notifiers.reports import ReportScheduler  # noqa: PLC0415
 
     settings = pipeline.settings
@@ -151,7 +154,11 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         poll_s=settings.worker.block_s,
     )
     notifiers = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
-    worker.handlers += [*notifiers, ReportScheduler(pipeline, client, notifiers)]
+    worker.handlers += [
+        QueueFanout(client, notifiers),
+        *notifiers,
+        ReportScheduler(pipeline, client, notifiers),
+    ]
     return worker
 
 

@@ -119,6 +119,8 @@ class NotifierContext:
 
 
 Verdict = Literal["send", "muted", "stale"]
+Step = tuple[Literal["send", "drop"], Alert]
+"""One step of a batch queued by notifiers/fanout.py (see :meth:`Notifier.plan`)."""
 
 
 class Notifier(Handler[Alert], Generic[C]):
@@ -140,6 +142,8 @@ class Notifier(Handler[Alert], Generic[C]):
         self.deliverer: Deliverer | None = None
         self._next_trim = 0.0
         self._next_held = 0.0
+        self.prequeued: Sequence[Message[Alert]] | None = None
+        """The batch notifiers/fanout.py already queued for this notifier (on_batch skips it)."""
         grouping = ctx.settings.grouping
         self.grouper = (
             Grouper(ctx.client, ctx.keys, name, grouping)
@@ -182,6 +186,11 @@ class Notifier(Handler[Alert], Generic[C]):
     def _queues(self) -> bool:
         return type(self).deliver is not Notifier.deliver
 
+    @property
+    def queues(self) -> bool:
+        """Delivers from its queue (overrides ``deliver``), rather than in ``on_batch``."""
+        return self._queues()
+
     # -- worker hooks -------------------------------------------------------------------------------
     def on_start(self) -> None:
         if not self._queues():
@@ -203,6 +212,9 @@ class Notifier(Handler[Alert], Generic[C]):
         """Route each alert and queue it for delivery; the delivery threads take it from there.
         Idempotent: an alert the stream delivers twice is queued once."""
         if not self._queues():
+            return
+        if self.prequeued is messages:  # queued with every notifier's in one round trip
+            self.prequeued = None
             return
         now_ms = server_time_ms(self.ctx.client)
         mutes = self.mutes.active(now_ms)
@@ -241,6 +253,38 @@ class Notifier(Handler[Alert], Generic[C]):
             self.queue.trim_seen(now_ms - keep_ms)
 
     # -- routing and queueing -----------------------------------------------------------------------
+    def plan(self, messages: Sequence[Message[Alert]], now_ms: int, mutes: list[Mute]) -> list[Step] | None:
+        """What :meth:`on_batch` would do with ``messages``, as steps for notifiers/fanout.py to
+        run in one pipeline with every other notifier's, when the batch needs nothing but
+        queueing: ``("send", alert)`` queues it (see :meth:`queued`), ``("drop", alert)`` forgets
+        what a mute held for an incident that ended. None: the batch takes :meth:`on_batch`'s own
+        path (an alert to hold, an alert recorded as stale, grouping, reminders)."""
+        if self.grouper is not None or self.reminders is not None:
+            return None
+        steps: list[Step] = []
+        for _, alert in messages:
+            verdict = self.route(alert, now_ms, mutes)
+            if verdict == "send":
+                steps.append(("send", alert))
+            elif verdict is not None:
+                return None
+            elif alert.status == "resolved":  # the incident is over: nothing held may go out
+                steps.append(("drop", alert))
+        return steps
+
+    def queued(self, alert: Alert, outcome: bool | None) -> bool:
+        """Record what queueing a routed ``alert`` did (``outcome``: queue.queued's); True if it
+        was queued now."""
+        if outcome is None:
+            why = (
+                "its firing was muted and never sent" if alert.status == "resolved" else
+                "its resolve went out before it came (a worker died holding it): it would reopen it"
+            )  # fmt: skip
+            self.journal.skipped(self.name, "skipped", alert, why)
+        elif outcome and alert.status == "firing" and self.reminders is not None:
+            self.reminders.schedule(alert)
+        return bool(outcome)
+
     def route(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> Verdict | None:
         """``"send"``; ``"muted"``/``"stale"`` (recorded, not sent); None: not for this notifier."""
         cfg = self.config
@@ -258,7 +302,7 @@ class Notifier(Handler[Alert], Generic[C]):
 
     def enqueue(self, alert: Alert, *, extra: dict[str, object] | None = None) -> bool:
         """Queue ``alert`` for delivery (False: it was queued before, or came after its resolve)."""
-        queued = self.queue.enqueue(self._job(alert, extra), alert.dedup_key)
+        queued = self.queue.enqueue(self.job(alert, extra), alert.dedup_key)
         if queued is None:
             why = "its resolve went out before it came (a worker died holding it): it would reopen it"
             self.journal.skipped(self.name, "skipped", alert, why)
@@ -271,7 +315,8 @@ class Notifier(Handler[Alert], Generic[C]):
         they look every quarter of that (queue.PARKED_NOTE)."""
         return int((2 * self.ctx.settings.worker.claim_idle_s + 5) * 1000)
 
-    def _job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
+    def job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
+        """The delivery job of ``alert`` (queued under the alert id)."""
         return Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
 
     def _send(self, alert: Alert, now_ms: int) -> bool:
@@ -301,7 +346,7 @@ class Notifier(Handler[Alert], Generic[C]):
             return False
         self.journal.skipped(self.name, "grouped", alert, f"group {outcome}")
         if group_alert is not None:
-            sent = self.queue.enqueue_resolve(self._job(group_alert), group_alert.dedup_key)
+            sent = self.queue.enqueue_resolve(self.job(group_alert), group_alert.dedup_key)
             if sent and self.deliverer is not None:
                 self.deliverer.wake()
         return True
@@ -319,14 +364,9 @@ class Notifier(Handler[Alert], Generic[C]):
 
     def _queue_alert(self, alert: Alert) -> bool:
         if alert.status == "resolved":
-            queued = self.queue.enqueue_resolve(self._job(alert), alert.dedup_key, park_ms=self.park_ms)
-            if queued is None:
-                self.journal.skipped(self.name, "skipped", alert, "its firing was muted and never sent")
-            return bool(queued)
-        queued = self.enqueue(alert)
-        if queued and self.reminders is not None:
-            self.reminders.schedule(alert)
-        return queued
+            return self.queued(alert, self.queue.enqueue_resolve(self.job(alert), alert.dedup_key,
+                                                                 park_ms=self.park_ms))  # fmt: skip
+        return self.queued(alert, self.queue.enqueue(self.job(alert), alert.dedup_key))
 
     def _mute(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> None:
         """Record a muted alert and hold it for when the mute ends (see :meth:`_release_held`).
@@ -372,7 +412,7 @@ class Notifier(Handler[Alert], Generic[C]):
                 if not incident or incident.get("alert") != alert.id:
                     self.queue.drop_held(dedup_key, raw)  # resolved (or replaced) while muted
                     continue
-            if self.queue.release(self._job(alert), dedup_key, raw):
+            if self.queue.release(self.job(alert), dedup_key, raw):
                 self.log.info("%s %s: its mute ended; delivering it", alert.dedup_key, alert.status)
                 queued = True
         if queued and self.deliverer is not None:
