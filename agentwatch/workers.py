@@ -96,7 +96,8 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     threads, started in ``on_start``, deliver them with retries, so one slow receiver never
     holds up the stream or another notifier (notifiers/queue.py, notifiers/delivery.py).
     """
-    from notifiers.base import NotifierContext  # noqa: PLC0415 - notifiers import the spine
+    from notifiers import holds  # noqa: PLC0415 - notifiers import the spine
+    from notifiers.base import NotifierContext  # noqa: PLC0415
     from notifiers.reports import ReportScheduler  # noqa: PLC0415
 
     settings = pipeline.settings
@@ -125,6 +126,7 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         stats=worker.stats,
         incidents=incidents,
         poll_s=settings.worker.block_s,
+        holds=holds.for_pipeline(client, keys, settings, pipeline.detectors),
     )
     notifiers = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
     worker.handlers += [*notifiers, ReportScheduler(pipeline, client, notifiers)]

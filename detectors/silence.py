@@ -22,6 +22,7 @@ from typing import Any, Final, Literal
 from pydantic import Field
 
 from agentwatch.config import Seconds, format_duration
+from agentwatch.dependencies import DependsOnConfig
 from detectors.base import DetectorConfig
 from detectors.engine import BuiltinDetector
 from detectors.memory import Bytes, format_bytes
@@ -29,7 +30,7 @@ from detectors.memory import Bytes, format_bytes
 Severity = Literal["info", "warning", "error", "critical"]
 
 
-class SilenceConfig(DetectorConfig):
+class SilenceConfig(DependsOnConfig):
     after_s: Seconds = Field(60.0, alias="after", gt=0, description="no event this long: gone")
     severity: Severity = "critical"
     rss_growth: float = Field(1.5, ge=1.0, description='"killed for memory" if RSS grew this much')

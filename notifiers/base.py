@@ -35,6 +35,7 @@ from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.worker import Handler, Message, Stats
 from notifiers.delivery import Delivered, Deliverer, Delivery, Failed, Outcome, Retry
 from notifiers.grouping import Grouper
+from notifiers.holds import Hold, Holds, HoldView
 from notifiers.journal import Journal
 from notifiers.queue import DeliveryQueue, Job
 from notifiers.reminders import Reminders, reminder_of
@@ -114,11 +115,16 @@ class NotifierContext:
     incidents: Incidents | None = None
     poll_s: float = 1.0
     stop_by: list[float] = field(default_factory=list)
+    holds: Holds | None = None
+    """Maintenance windows and dependencies (notifiers/holds.py): alerts that wait for a fresh
+    allowance instead of paging. None: nothing is held but by mutes."""
     """Set by the first notifier to stop: one deadline for all, so a worker with several hung
     notifiers still exits within the runtime's ~2 s, not 1.5 s per notifier."""
 
 
-Verdict = Literal["send", "muted", "stale"]
+Verdict = Literal["send", "muted", "stale", "maintenance", "dependency"]
+HELD_VERDICTS: tuple[Verdict, ...] = ("muted", "maintenance", "dependency")
+"""Verdicts that hold an alert back for later rather than drop it (see ``_release_held``)."""
 
 
 class Notifier(Handler[Alert], Generic[C]):
@@ -206,15 +212,17 @@ class Notifier(Handler[Alert], Generic[C]):
             return
         now_ms = server_time_ms(self.ctx.client)
         mutes = self.mutes.active(now_ms)
+        holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         queued = False
         for _, alert in messages:
             if self.reminders is not None and alert.status == "resolved":
                 self.reminders.cancel(alert.dedup_key)
-            verdict = self.route(alert, now_ms, mutes)
+            verdict = self.route(alert, now_ms, mutes, holds)
             if verdict == "send":
                 queued = self._send(alert, now_ms) or queued
-            elif verdict == "muted":
-                self._mute(alert, now_ms, mutes)
+            elif verdict in HELD_VERDICTS:
+                hold = holds.why(alert) if holds is not None and verdict != "muted" else None
+                self._mute(alert, now_ms, mutes, hold)
             else:
                 if verdict is not None:
                     self._skip(alert, verdict, now_ms, mutes)
@@ -241,8 +249,11 @@ class Notifier(Handler[Alert], Generic[C]):
             self.queue.trim_seen(now_ms - keep_ms)
 
     # -- routing and queueing -----------------------------------------------------------------------
-    def route(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> Verdict | None:
-        """``"send"``; ``"muted"``/``"stale"`` (recorded, not sent); None: not for this notifier."""
+    def route(
+        self, alert: Alert, now_ms: int, mutes: list[Mute], holds: HoldView | None = None
+    ) -> Verdict | None:
+        """``"send"``; ``"stale"`` (recorded, not sent); ``"muted"``, ``"maintenance"``,
+        ``"dependency"`` (recorded, held for later: notifiers/holds.py); None: not for this notifier."""
         cfg = self.config
         if not cfg.match.matches(alert):
             return None
@@ -254,7 +265,8 @@ class Notifier(Handler[Alert], Generic[C]):
             return "stale"
         if muted_by(alert, mutes, now_ms) is not None:
             return "muted"
-        return "send"
+        hold = holds.why(alert) if holds is not None else None
+        return hold.kind if hold is not None else "send"
 
     def enqueue(self, alert: Alert, *, extra: dict[str, object] | None = None) -> bool:
         """Queue ``alert`` for delivery (False: it was queued before, or came after its resolve)."""
@@ -321,29 +333,35 @@ class Notifier(Handler[Alert], Generic[C]):
         if alert.status == "resolved":
             queued = self.queue.enqueue_resolve(self._job(alert), alert.dedup_key, park_ms=self.park_ms)
             if queued is None:
-                self.journal.skipped(self.name, "skipped", alert, "its firing was muted and never sent")
+                self.journal.skipped(self.name, "skipped", alert, "its firing was held (muted, maintenance "
+                                     "or a dependency) and never sent")  # fmt: skip
             return bool(queued)
         queued = self.enqueue(alert)
         if queued and self.reminders is not None:
             self.reminders.schedule(alert)
         return queued
 
-    def _mute(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> None:
-        """Record a muted alert and hold it for when the mute ends (see :meth:`_release_held`).
-        Reminders keep their schedule while muted; each is checked against the mutes when due."""
-        if not self._skip(alert, "muted", now_ms, mutes):
+    def _mute(self, alert: Alert, now_ms: int, mutes: list[Mute], hold: Hold | None = None) -> None:
+        """Record a muted alert (or one a maintenance window or a dependency holds: ``hold``) and
+        hold it for when that ends (see :meth:`_release_held`). Reminders keep their schedule
+        while muted; each is checked against the mutes when due."""
+        verdict, detail = (hold.kind, hold.detail) if hold is not None else ("muted", None)
+        if not self._skip(alert, verdict, now_ms, mutes, detail):
             return  # a redelivered entry: held (and perhaps released) the first time
         self.queue.hold(alert.to_json(), alert.dedup_key, alert.status)
         if alert.status == "firing" and self.reminders is not None:
             self.reminders.schedule(alert)
 
-    def _skip(self, alert: Alert, verdict: str, now_ms: int, mutes: list[Mute]) -> bool:
+    def _skip(
+        self, alert: Alert, verdict: str, now_ms: int, mutes: list[Mute], detail: str | None = None
+    ) -> bool:
         """Record an alert that is not sent, once even when the stream redelivers it (False
         then). The marker is not the alert id: a held alert may still be queued under its id."""
         if not self.ctx.client.zadd(self.queue.seen, {f"{alert.id}:{verdict}": now_ms}, nx=True):
             return False
-        mute = muted_by(alert, mutes, now_ms)
-        detail = f"muted by {mute.agent} ({mute.detector or 'all detectors'})" if mute else ""
+        if detail is None:
+            mute = muted_by(alert, mutes, now_ms)
+            detail = f"muted by {mute.agent} ({mute.detector or 'all detectors'})" if mute else ""
         if verdict == "stale":
             detail = f"{(now_ms - alert.at_ms) / 1000:.0f}s old (max_age {self.config.max_age_s:.0f}s)"
         self.journal.skipped(self.name, verdict, alert, detail)
@@ -357,6 +375,7 @@ class Notifier(Handler[Alert], Generic[C]):
         if not held:
             return
         mutes = self.mutes.active(now_ms)
+        holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         incidents = self.ctx.incidents
         queued = False
         for dedup_key, raw in held.items():
@@ -367,13 +386,15 @@ class Notifier(Handler[Alert], Generic[C]):
                 continue
             if muted_by(alert, mutes, now_ms) is not None:
                 continue
+            if holds is not None and holds.why(alert, releasing=True) is not None:
+                continue  # a maintenance window (or its fresh allowance) or a down parent
             if alert.status == "firing" and incidents is not None:
                 incident = incidents.open(alert.agent, alert.detector)
                 if not incident or incident.get("alert") != alert.id:
                     self.queue.drop_held(dedup_key, raw)  # resolved (or replaced) while muted
                     continue
             if self.queue.release(self._job(alert), dedup_key, raw):
-                self.log.info("%s %s: its mute ended; delivering it", alert.dedup_key, alert.status)
+                self.log.info("%s %s: no longer muted or held; delivering it", alert.dedup_key, alert.status)
                 queued = True
         if queued and self.deliverer is not None:
             self.deliverer.wake()
