@@ -17,8 +17,9 @@ with its original alert; one that fails after the span pages at once.
 with ``depends_on`` is held while an agent matching that glob is down (an open ``silence``,
 ``exit`` or ``stall`` incident), or the pipeline is (an open ``lag``/``trimmed`` incident of the
 agent ``agentwatch``: its Redis or its workers), and recorded under that parent in
-``<prefix>:dependents`` (``status`` lists it). A parent that went quiet no later than the child
-but has not fired yet is waited for, at most one allowance of the child's. When the parent
+``<prefix>:dependents`` (``status`` lists it). A parent that is overdue but has not fired yet
+(a host that took both down: the child's silence may fire first) is waited for, at most one
+allowance of the child's. When the parent
 recovers, the child gets a fresh allowance from then; still silent after it, it pages on its
 own. A hold that would close a cycle at run time (globs the start-up check could not see
 through) is not taken: the child pages.
@@ -188,7 +189,7 @@ class HoldView:
             return None
         waiting = self._going_down(alert, glob)
         if waiting is not None:
-            return Hold("dependency", f"waiting for {waiting!r} ({glob}), silent since before this agent")
+            return Hold("dependency", f"waiting for {waiting!r} ({glob}): overdue, it may be down too")
         return None
 
     def incidents(self) -> dict[str, dict[str, Any]]:
@@ -221,24 +222,23 @@ class HoldView:
         return True
 
     def _going_down(self, alert: Alert, glob: str) -> str | None:
-        """A parent that went quiet no later than the child and may fire any moment: wait for
-        its verdict, at most one allowance of the child's past its own alert."""
+        """A parent that is overdue (no event for twice its declared interval, or half its
+        allowance: the ``late`` of ``agentwatch status``) and may fire any moment: wait for its
+        verdict, at most one allowance of the child's past the child's own alert."""
         from detectors.state import read_agents  # noqa: PLC0415 - the detectors import numpy
 
         holds = self.holds
         if self.now_ms >= alert.at_ms + holds.allowance_ms(alert):
             return None
-        last_seen = alert.details.get("last_seen_ms")
-        if not isinstance(last_seen, int):
-            return None
         names = [n for n in holds.agent_names() if n != alert.agent and fnmatch.fnmatchcase(n, glob)]
-        records = read_agents(holds.client, holds.keys, names[:_MAX_CANDIDATES])
-        quiet = [
-            name
-            for name, record in records.items()
-            if not record.get("retired") and 0 < int(record.get("seen", 0)) <= last_seen
-        ]
-        return min(quiet) if quiet else None
+        overdue = []
+        for name, record in read_agents(holds.client, holds.keys, names[:_MAX_CANDIDATES]).items():
+            seen, interval = int(record.get("seen", 0)), float(record.get("iv") or 0.0)
+            after = getattr(holds.silence.for_agent(name), "after_s", None) if holds.silence else None
+            late_ms = 2000 * interval if interval else 500 * float(after or DEFAULT_ALLOWANCE_S)
+            if not record.get("retired") and seen and self.now_ms - seen > late_ms:
+                overdue.append(name)
+        return min(overdue) if overdue else None
 
 
 def for_pipeline(client: Client, keys: Keys, settings: PipelineSettings, detectors: list[Any]) -> Holds:
