@@ -194,3 +194,13 @@ def test_check_config_refuses_an_unknown_timezone_for_the_windows(tmp_path: Path
 def test_maintenance_start_refuses_bad_input_before_touching_redis(args: list[str], says: str) -> None:
     result = CliRunner().invoke(app, ["maintenance", "start", *args])
     assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_metrics_mark_the_agents_a_window_covers() -> None:
+    from agentwatch.http.metrics import _agents  # noqa: PLC0415 - starlette, only for this test
+
+    row = {"agent": "web-1", "state": "ok", "last_beat_age_s": 1.0, "beats_total": 1, "tokens_total": 0,
+           "cost_total": 0.0, "incidents": [], "maintenance": {"id": "3f2a9c1e", "until": "..."}}  # fmt: skip
+    other = {**row, "agent": "db", "maintenance": None}
+    (family,) = [m for m in _agents([row, other]) if m.name == "agentwatch_agent_in_maintenance"]
+    assert {s.labels["agent"]: s.value for s in family.samples} == {"web-1": 1, "db": 0}
