@@ -123,6 +123,9 @@ class Held:
     parent: str
     since_ms: int
     free_at_ms: int = 0
+    alert: str = ""
+    """The id of the child's firing alert this is about: a record left from an earlier incident
+    (its resolve never routed) says nothing about a new one."""
 
 
 class Dependents:

@@ -407,6 +407,7 @@ class Notifier(Handler[Alert], Generic[C]):
         # A mute that just ended: its held firing goes first, so no reminder overtakes it.
         self._release_held(now_ms)
         mutes = self.mutes.active(now_ms)
+        holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         queued = False
         for alert, n in due:
             incident = self.ctx.incidents.open(alert.agent, alert.detector) if self.ctx.incidents else None
@@ -416,6 +417,10 @@ class Notifier(Handler[Alert], Generic[C]):
             reminder = reminder_of(alert, n, now_ms)
             if muted_by(reminder, mutes, now_ms) is not None:
                 self._skip(reminder, "muted", now_ms, mutes)
+                continue
+            hold = holds.why(reminder) if holds is not None else None
+            if hold is not None:  # a maintenance window pages nobody, reminders included
+                self._skip(reminder, hold.kind, now_ms, mutes, hold.detail)
                 continue
             queued = self.enqueue(reminder, extra={"reminder": n}) or queued
         if queued and self.deliverer is not None:

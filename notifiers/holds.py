@@ -164,6 +164,8 @@ class HoldView:
         holds = self.holds
         if not holds._any_depends or alert.detector != "silence" or holds.silence is None:
             return None
+        if alert.details.get("reminder"):
+            return None  # a reminder of a page already sent: the parent came too late to hold it
         glob = holds.silence.for_agent(alert.agent).depends_on
         if not glob:
             return None
@@ -172,17 +174,21 @@ class HoldView:
             holds.dependents.drop(key)  # back: its held firing (if any) is dropped by the queue
             return None
         record = holds.dependents.get(key)
+        if record is not None and record.alert != alert.id:
+            record = None  # about an earlier incident of the child's
         parent = self._down_parent(alert.agent, glob)
         if parent is not None and not self._closes_cycle(parent, alert.agent):
             if record is None or record.parent != parent or record.free_at_ms:
                 since = record.since_ms if record is not None else self.now_ms
-                holds.dependents.put(key, Held(alert.agent, parent, since))
+                holds.dependents.put(key, Held(alert.agent, parent, since, alert=alert.id))
             return Hold("dependency", f"depends on {parent!r} ({glob}), which is down")
         if record is not None:
             free_at = record.free_at_ms
             if not free_at:
                 free_at = self.now_ms + holds.allowance_ms(alert)
-                holds.dependents.put(key, Held(alert.agent, record.parent, record.since_ms, free_at))
+                holds.dependents.put(
+                    key, Held(alert.agent, record.parent, record.since_ms, free_at, alert.id)
+                )
             if self.now_ms < free_at:
                 until = iso_ms(free_at)
                 return Hold("dependency", f"{record.parent!r} recovered; a fresh allowance until {until}")

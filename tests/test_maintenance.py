@@ -204,3 +204,25 @@ def test_metrics_mark_the_agents_a_window_covers() -> None:
     other = {**row, "agent": "db", "maintenance": None}
     (family,) = [m for m in _agents([row, other]) if m.name == "agentwatch_agent_in_maintenance"]
     assert {s.labels["agent"]: s.value for s in family.samples} == {"web-1": 1, "db": 0}
+
+
+def test_reminders_due_in_a_window_are_recorded_not_sent_and_resume_after_it(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    with receiver() as hook:
+        entry = {"type": "webhook", "url": hook.url, "backoff": "50ms", "repeat": "300ms"}
+        with notifiers_only(pipeline_with(prefix, redis_url, [entry]), redis_url):
+            fire(r, keys, "stuck", details={"allowance_s": 0.2})
+            hook.wait_requests(2)  # the page and a first reminder
+            window = AdhocWindows(r, keys).start(60, agents=["stuck"])
+
+            def reminders_held() -> int:
+                return sum(o == ("maintenance", "stuck", "firing") for o in outcomes(r, keys))
+
+            wait_for(lambda: reminders_held() >= 2, what="2 reminders held")
+            sent = len(hook.requests)  # one queued just before the window may still have gone out
+            wait_for(lambda: reminders_held() >= 4, what="2 more reminders held")
+            assert len(hook.requests) == sent
+            AdhocWindows(r, keys).stop(window.id)
+            after = hook.wait_requests(sent + 1)[-1].json()
+            assert after["details"]["reminder"] > 2 and after["agent"] == "stuck"
