@@ -6,6 +6,7 @@ import fnmatch
 import json
 import shutil
 import signal
+import textwrap
 import time
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, Final
@@ -13,9 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import typer
 
 from agentwatch import labels
+from agentwatch.activity import literal
 from agentwatch.alerts import iso_ms
 from agentwatch.cli import app
-from agentwatch.cli.alerts import literal
 from agentwatch.cli.common import (
     EXIT_USAGE,
     AgentOption,
@@ -25,7 +26,6 @@ from agentwatch.cli.common import (
     fail,
     load_pipeline,
 )
-from agentwatch.cli.elsewhere import wiring, wiring_notes
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.redisconn import Client, describe, explain, server_time_ms
 
@@ -74,6 +74,7 @@ def status(
     selectors = _selectors(label)
     pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
+    from agentwatch.cli.elsewhere import wiring, wiring_notes  # noqa: PLC0415 - only once the flags are right
     from agentwatch.fleet import fleet_status  # noqa: PLC0415 - heavy: only once the flags are right
 
     try:
@@ -86,8 +87,10 @@ def status(
             width = max(40, shutil.get_terminal_size((80, 24)).columns)  # a pipe: 80, or $COLUMNS
             for line in _board(_filtered(fleet_status(client, pipeline), agent, selectors), width):
                 typer.echo(line)  # colours only on a terminal (click strips them on a pipe)
-            for line in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
-                typer.echo(typer.style(line, fg="yellow") if line.startswith("note:") else line)
+            for note in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
+                # Flowed to the terminal like the board; continuation lines indented.
+                for line in textwrap.wrap(note, width, subsequent_indent="    ", break_on_hyphens=False):
+                    typer.echo(typer.style(line, fg="yellow") if note.startswith("note:") else line)
             return
         from rich.console import Console  # noqa: PLC0415
 
@@ -331,7 +334,6 @@ def _health(health: dict[str, Any], width: int) -> list[str]:
     ]  # fmt: skip
     if not health.get("detecting", True):
         alarms.append(f"not detecting: {health['detecting_reason']}")
-    import textwrap  # noqa: PLC0415
 
     for alarm in alarms:  # prose: folded at spaces onto indented lines, nothing cut
         folded = textwrap.wrap(alarm, width, subsequent_indent="  ", break_long_words=False)
