@@ -368,9 +368,10 @@ class Notifier(Handler[Alert], Generic[C]):
         return True
 
     def _release_held(self, now_ms: int) -> None:
-        """Deliver what mutes held back once they end (expired or lifted), as Alertmanager does
-        when a silence ends: a firing alert whose incident is still open, or the resolve of an
-        incident the receiver was told about. An incident that ended while muted says nothing."""
+        """Deliver what mutes (and holds: maintenance, dependencies) held back once they end, as
+        Alertmanager does when a silence ends: a firing alert whose incident is still open (into
+        its group, with ``[grouping]``), or the resolve of an incident the receiver was told
+        about. An incident that ended while muted says nothing."""
         held = self.queue.held_alerts()
         if not held:
             return
@@ -393,6 +394,13 @@ class Notifier(Handler[Alert], Generic[C]):
                 if not incident or incident.get("alert") != alert.id:
                     self.queue.drop_held(dedup_key, raw)  # resolved (or replaced) while muted
                     continue
+            if alert.status == "firing" and self.grouper is not None and self.grouper.group_of(alert):
+                # Many agents still down at a window's end are one grouped page, not a storm.
+                if self.queue.drop_held(dedup_key, raw):
+                    if self.reminders is not None:
+                        self.reminders.cancel(alert.dedup_key)  # rescheduled if it goes alone
+                    queued = self._send(alert, now_ms) or queued
+                continue
             if self.queue.release(self._job(alert), dedup_key, raw):
                 self.log.info("%s %s: no longer muted or held; delivering it", alert.dedup_key, alert.status)
                 queued = True

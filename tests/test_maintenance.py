@@ -16,7 +16,7 @@ import redis
 from typer.testing import CliRunner
 
 from agentwatch.cli import app
-from agentwatch.config import MaintenanceEntry
+from agentwatch.config import GroupingSection, MaintenanceEntry, Pipeline
 from agentwatch.keys import Keys
 from agentwatch.maintenance import AdhocWindows, scheduled
 
@@ -226,3 +226,27 @@ def test_reminders_due_in_a_window_are_recorded_not_sent_and_resume_after_it(
             AdhocWindows(r, keys).stop(window.id)
             after = hook.wait_requests(sent + 1)[-1].json()
             assert after["details"]["reminder"] > 2 and after["agent"] == "stuck"
+
+
+def test_agents_still_down_at_a_windows_end_are_one_grouped_page(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """With [grouping], what a window held goes to its group when it ends: three agents of one
+    host still down are one notification, not three."""
+    with receiver() as hook:
+        pipeline = pipeline_with(prefix, redis_url, [{"type": "webhook", "url": hook.url, "backoff": "50ms"}])
+        grouping = GroupingSection.model_validate({"enabled": True, "group_wait": "500ms"})
+        pipeline = Pipeline(settings=pipeline.settings.model_copy(update={"grouping": grouping}),
+                            source="test", notifiers=pipeline.notifiers)  # fmt: skip
+        window = AdhocWindows(r, keys).start(60, labels={"host": "w3"})
+        with notifiers_only(pipeline, redis_url):
+            for i in range(3):
+                fire(r, keys, f"w3-{i}", details={"labels": {"host": "w3"}, "allowance_s": 0.1})
+            wait_for(lambda: sum(o[0] == "maintenance" for o in outcomes(r, keys)) == 3, what="3 held")
+            AdhocWindows(r, keys).stop(window.id)
+            (page,) = hook.wait_requests(1)
+            time.sleep(1.0)  # a group_wait and more: a second page would be here by now
+            assert len(hook.requests) == 1
+    body = page.json()
+    assert body["dedup_key"] == "group:host=w3/silence" and sorted(body["details"]["group"]["agents"]) == [
+        "w3-0", "w3-1", "w3-2"]  # fmt: skip
