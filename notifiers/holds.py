@@ -122,6 +122,9 @@ class HoldView:
     _windows: list[Window] | None = None
     _incidents: dict[str, dict[str, Any]] | None = None
     _decided: dict[tuple[str, bool], Hold | None] = field(default_factory=dict)
+    _records: dict[str, Held] | None = None
+    _down: dict[str, list[str]] = field(default_factory=dict)
+    _overdue: dict[str, list[str]] = field(default_factory=dict)
 
     def why(self, alert: Alert, *, releasing: bool = False) -> Hold | None:
         """Why ``alert`` must wait, or None to send it. ``releasing``: it is already held and
@@ -171,24 +174,24 @@ class HoldView:
             return None
         key = alert.dedup_key
         if alert.status == "resolved":
-            holds.dependents.drop(key)  # back: its held firing (if any) is dropped by the queue
+            if key in self.records():
+                holds.dependents.drop(key)  # back: its held firing (if any) is dropped by the queue
+                self.records().pop(key, None)
             return None
-        record = holds.dependents.get(key)
+        record = self.records().get(key)
         if record is not None and record.alert != alert.id:
             record = None  # about an earlier incident of the child's
         parent = self._down_parent(alert.agent, glob)
         if parent is not None and not self._closes_cycle(parent, alert.agent):
             if record is None or record.parent != parent or record.free_at_ms:
                 since = record.since_ms if record is not None else self.now_ms
-                holds.dependents.put(key, Held(alert.agent, parent, since, alert=alert.id))
+                self._put(key, Held(alert.agent, parent, since, alert=alert.id))
             return Hold("dependency", f"depends on {parent!r} ({glob}), which is down")
         if record is not None:
             free_at = record.free_at_ms
             if not free_at:
                 free_at = self.now_ms + holds.allowance_ms(alert)
-                holds.dependents.put(
-                    key, Held(alert.agent, record.parent, record.since_ms, free_at, alert.id)
-                )
+                self._put(key, Held(alert.agent, record.parent, record.since_ms, free_at, alert.id))
             if self.now_ms < free_at:
                 until = iso_ms(free_at)
                 return Hold("dependency", f"{record.parent!r} recovered; a fresh allowance until {until}")
@@ -198,28 +201,41 @@ class HoldView:
             return Hold("dependency", f"waiting for {waiting!r} ({glob}): overdue, it may be down too")
         return None
 
+    def records(self) -> dict[str, Held]:
+        """The held silences (``<prefix>:dependents``, a handful), read once per view."""
+        if self._records is None:
+            self._records = self.holds.dependents.all()
+        return self._records
+
+    def _put(self, key: str, held: Held) -> None:
+        self.holds.dependents.put(key, held)
+        self.records()[key] = held
+
     def incidents(self) -> dict[str, dict[str, Any]]:
         if self._incidents is None:
             self._incidents = Incidents(self.holds.client, self.holds.keys).all_open()
         return self._incidents
 
     def _down_parent(self, child: str, glob: str) -> str | None:
-        """An agent matching ``glob`` (not ``child``) that is down now, or the pipeline."""
-        found = []
-        for key in self.incidents():
-            agent, _, detector = key.rpartition("/")
-            pipeline = agent == PIPELINE_AGENT and detector in PIPELINE_DOWN
-            if pipeline or (
-                detector in DOWN_DETECTORS and agent != child and fnmatch.fnmatchcase(agent, glob)
-            ):
-                found.append(agent)
-        return min(found) if found else None
+        """An agent matching ``glob`` (not ``child``) that is down now, or the pipeline. The down
+        agents of a glob are found once per view: a host loss fires thousands of silences at
+        once, and each must not scan every open incident again."""
+        down = self._down.get(glob)
+        if down is None:
+            found = set()
+            for key in self.incidents():
+                agent, _, detector = key.rpartition("/")
+                pipeline = agent == PIPELINE_AGENT and detector in PIPELINE_DOWN
+                if pipeline or (detector in DOWN_DETECTORS and fnmatch.fnmatchcase(agent, glob)):
+                    found.add(agent)
+            down = self._down[glob] = sorted(found)
+        return _first_but(down, child)
 
     def _closes_cycle(self, parent: str, child: str) -> bool:
         """Whether ``parent``'s own silence is held, through a chain, for ``child``."""
         seen = parent
         for _ in range(MAX_CHAIN):
-            record = self.holds.dependents.get(f"{seen}/silence")
+            record = self.records().get(f"{seen}/silence")
             if record is None or record.free_at_ms:
                 return False
             if record.parent == child:
@@ -231,20 +247,28 @@ class HoldView:
         """A parent that is overdue (no event for twice its declared interval, or half its
         allowance: the ``late`` of ``agentwatch status``) and may fire any moment: wait for its
         verdict, at most one allowance of the child's past the child's own alert."""
+        overdue = self._overdue.get(glob)
+        if overdue is None:
+            overdue = self._overdue[glob] = sorted(self._find_overdue(glob))
+        candidate = _first_but(overdue, alert.agent)
+        if candidate is None or self.now_ms >= alert.at_ms + self.holds.allowance_ms(alert):
+            return None
+        return candidate
+
+    def _find_overdue(self, glob: str) -> set[str]:
+        """The agents matching ``glob`` that are overdue (once per view and glob)."""
         from detectors.state import read_agents  # noqa: PLC0415 - the detectors import numpy
 
         holds = self.holds
-        if self.now_ms >= alert.at_ms + holds.allowance_ms(alert):
-            return None
-        names = [n for n in holds.agent_names() if n != alert.agent and fnmatch.fnmatchcase(n, glob)]
-        overdue = []
+        names = [n for n in holds.agent_names() if fnmatch.fnmatchcase(n, glob)]
+        overdue = set()
         for name, record in read_agents(holds.client, holds.keys, names[:_MAX_CANDIDATES]).items():
             seen, interval = int(record.get("seen", 0)), float(record.get("iv") or 0.0)
             after = getattr(holds.silence.for_agent(name), "after_s", None) if holds.silence else None
             late_ms = 2000 * interval if interval else 500 * float(after or DEFAULT_ALLOWANCE_S)
             if not record.get("retired") and seen and self.now_ms - seen > late_ms:
-                overdue.append(name)
-        return min(overdue) if overdue else None
+                overdue.add(name)
+        return overdue
 
 
 def for_pipeline(client: Client, keys: Keys, settings: PipelineSettings, detectors: list[Any]) -> Holds:
@@ -257,6 +281,14 @@ def for_pipeline(client: Client, keys: Keys, settings: PipelineSettings, detecto
         loaded, _ = plugins.load_detectors({"silence": settings.detectors.get("silence", {})})
         silence = next((p.config for p in loaded if isinstance(p.config, DependsOnConfig)), None)
     return Holds(client, keys, settings, silence)
+
+
+def _first_but(names: list[str], agent: str) -> str | None:
+    """The first of sorted ``names`` that is not ``agent`` (an agent never waits for itself)."""
+    for name in names[:2]:
+        if name != agent:
+            return name
+    return None
 
 
 def _text(value: bytes | str) -> str:
