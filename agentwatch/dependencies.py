@@ -166,6 +166,10 @@ def _decode(raw: bytes | str | None) -> Held | None:
     if raw is None:
         return None
     try:
-        return Held(**json.loads(raw))
+        held = Held(**json.loads(raw))
     except (ValueError, TypeError):
         return None  # hand-edited: treated as absent, replaced on the next decision
+    texts, numbers = (held.child, held.parent, held.alert), (held.since_ms, held.free_at_ms)
+    if not all(isinstance(t, str) for t in texts) or not all(type(n) is int for n in numbers):
+        return None
+    return held

@@ -217,4 +217,10 @@ def _decode(raw: bytes | str) -> Window | None:
         window = Window(**data)
     except (ValueError, TypeError, AttributeError):
         return None
+    shapes = [(window.start_ms, int), (window.end_ms, int), (window.id, str), (window.reason, str),
+              (window.by, str), (window.labels, dict)]  # fmt: skip
+    if not all(isinstance(value, kind) and not isinstance(value, bool) for value, kind in shapes):
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in window.labels.items()):
+        return None
     return window

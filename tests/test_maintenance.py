@@ -250,3 +250,15 @@ def test_agents_still_down_at_a_windows_end_are_one_grouped_page(
     body = page.json()
     assert body["dedup_key"] == "group:host=w3/silence" and sorted(body["details"]["group"]["agents"]) == [
         "w3-0", "w3-1", "w3-2"]  # fmt: skip
+
+
+def test_hand_edited_entries_are_ignored_not_fatal(r: redis.Redis, keys: Keys) -> None:
+    """Whoever can write Redis cannot stop every delivery with a malformed window or record."""
+    from agentwatch.dependencies import Dependents  # noqa: PLC0415
+
+    good = AdhocWindows(r, keys).start(60, agents=["x"])
+    r.hset(keys.maintenance, mapping={"a": "not json", "b": '{"id": "b", "agents": ["*"], "labels": {}, '
+           '"start_ms": "0", "end_ms": 9e99, "source": "adhoc"}', "c": "[1, 2]"})  # fmt: skip
+    assert [w.id for w in AdhocWindows(r, keys).all(now_ms(r))] == [good.id]
+    r.hset(keys.dependents, mapping={"x/silence": '{"child": "x", "parent": "p", "since_ms": "soon"}'})
+    assert Dependents(r, keys).all() == {}
