@@ -60,7 +60,9 @@ for _, a in ipairs(due) do
   if r.seen > 0 and not has(r, F_RETIRED) and not has(r, F_EXITED) then
     local sd = math.max(r.seen, r.xu, sight) + r.sa
     local td = math.max(r.beat, r.start, r.xu, sight) + r.ta
-    if sil_on and not has(r, F_SILENCE) and sd <= limit then
+    -- (silence per agent: off for an agent a schedule judges, detectors/schedule.py)
+    local sil = sil_on and not has(r, F_NO_SILENCE)
+    if sil and not has(r, F_SILENCE) and sd <= limit then
       open(a, r, F_SILENCE, 'silence', now, {seen = r.seen, allowance = r.sa, iv = r.iv,
         r0 = r.r0 * 1024, rl = r.rl * 1024, rpk = r.rpk * 1024, t0 = r.t0})
     else
@@ -75,7 +77,7 @@ for _, a in ipairs(due) do
         open(a, r, F_STALL, 'stall', now, {beat = r.beat, start = r.start, pulse = r.pulse,
           allowance = r.ta, iv = r.iv, stack = stack})
       end
-      if sil_on and not has(r, F_SILENCE) then nxt = sd end
+      if sil and not has(r, F_SILENCE) then nxt = sd end
       if stall_on and not has(r, F_STALL) and r.pulse > r.beat and alive and (nxt == 0 or td < nxt) then
         nxt = td
       end

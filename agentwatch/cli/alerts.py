@@ -57,7 +57,9 @@ def alerts_cmd(
     failed: Annotated[
         bool, typer.Option("--failed", help="Deliveries that failed, or wait for a retry, instead of alerts.")
     ] = False,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (the most recent).")] = 200,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, metavar="<int>", help="At most this many (the most recent).")
+    ] = 200,
 ) -> None:
     """Recent alerts (or, with --failed, deliveries that failed or are being retried)."""
     window_s = duration_flag("--since", since or "24h")

@@ -43,7 +43,11 @@ _ALARM: Final[dict[str, Any]] = {"fg": "red", "bold": True}
 
 LabelOption = Annotated[
     list[str] | None,
-    typer.Option("--label", help='Only agents with this label, e.g. "team=search" (a glob); repeatable.'),
+    typer.Option(
+        "--label",
+        metavar="<key=glob>",
+        help='Only agents with this label, e.g. "team=search" (a glob); repeatable.',
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (docs/operations.md).")]
 
