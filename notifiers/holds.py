@@ -7,21 +7,22 @@ firing and resolving incidents on their own clocks.
 **Maintenance** (``[[maintenance]]``, ``agentwatch maintenance start``; agentwatch/maintenance.py).
 An alert of an agent a window covers is held when it fires (or, for an alert read late, was
 raised) between the window's start and its end plus the agent's *allowance* (its silence
-allowance: ``max(after, 3 x interval)``, the ``allowance_s`` a silence alert carries). It is
+allowance: ``max(after, 3 x interval)``, the ``allowance_s`` a silence alert carries; a cron
+agent's ``grace``). It is
 released at the end of that span only if its incident is still open. That is the "fresh
 allowance" of Healthchecks and Alertmanager without touching the timers: an agent stopped in the
 window and back within one allowance of its end never pages; one still down then pages once,
 with its original alert; one that fails after the span pages at once.
 
-**Dependencies** (``depends_on``; agentwatch/dependencies.py). A firing *silence* of an agent
-with ``depends_on`` is held while an agent matching that glob is down (an open ``silence``,
-``exit`` or ``stall`` incident), or the pipeline is (an open ``lag``/``trimmed`` incident of the
-agent ``agentwatch``: its Redis or its workers), and recorded under that parent in
-``<prefix>:dependents`` (``status`` lists it). A parent that is overdue but has not fired yet
-(a host that took both down: the child's silence may fire first) is waited for, at most one
-allowance of the child's. When the parent
-recovers, the child gets a fresh allowance from then; still silent after it, it pages on its
-own. A hold that would close a cycle at run time (globs the start-up check could not see
+**Dependencies** (``depends_on``; agentwatch/dependencies.py). A firing *silence* (or a cron
+agent's missed run, ``schedule``) of an agent with ``depends_on`` is held while an agent matching
+that glob is down (an open ``silence``, ``exit``, ``stall`` or ``schedule`` incident), or the
+pipeline is (an open ``lag``/``trimmed`` incident of the agent ``agentwatch``: its Redis or its
+workers), and recorded under that parent in ``<prefix>:dependents`` (``status`` lists it). A
+parent that is overdue but has not fired yet (a host that took both down: the child's silence
+may fire first) is waited for, at most one allowance of the child's. When the parent recovers,
+the child gets a fresh allowance from then; still silent after it, it pages on its own. A hold
+that would close a cycle at run time (globs the start-up check could not see
 through) is not taken: the child pages.
 
 Held alerts ride on the mute machinery (notifiers/base.py ``_mute``/``_release_held``, the
@@ -45,11 +46,14 @@ from agentwatch.keys import Keys
 from agentwatch.maintenance import Window, windows
 from agentwatch.redisconn import Client
 
-DOWN_DETECTORS: Final = ("silence", "exit", "stall")
+DOWN_DETECTORS: Final = ("silence", "exit", "stall", "schedule")
 """An agent with an open incident of one of these is down, for the agents that depend on it."""
 PIPELINE_DOWN: Final = ("lag", "trimmed")
 """Incidents of the pipeline itself (agent ``agentwatch``) that make every dependent's silence
 a consequence: the detectors or their Redis were away."""
+SILENT: Final = ("silence", "schedule")
+"""The alerts a dependency holds: an agent's silence, or a cron agent's missed run (the same
+thing for an agent expected once per slot, detectors/schedule.py)."""
 DEFAULT_ALLOWANCE_S: Final = 60.0
 """The silence detector's default ``after``: the allowance when no silence config is known."""
 _NAMES_EVERY_S: Final = 10.0
@@ -90,12 +94,18 @@ class Holds:
         return HoldView(self, now_ms)
 
     def allowance_ms(self, alert: Alert) -> int:
-        """The agent's silence allowance: what its silence alert says, else ``max(after, 3 x
-        its declared interval)`` from the config and its start facts."""
-        said = alert.details.get("allowance_s")
-        if isinstance(said, int | float) and not isinstance(said, bool) and said > 0:
-            return int(said * 1000)
-        after = getattr(self.silence.for_agent(alert.agent), "after_s", None) if self.silence else None
+        """The agent's silence allowance: what its alert says (a silence's ``allowance_s``, a
+        missed slot's ``grace_s``), else a scheduled agent's ``grace``, else ``max(after, 3 x its
+        declared interval)`` from the config and its start facts."""
+        for key in ("allowance_s", "grace_s"):
+            said = alert.details.get(key)
+            if isinstance(said, int | float) and not isinstance(said, bool) and said > 0:
+                return int(said * 1000)
+        config = self.silence.for_agent(alert.agent) if self.silence else None
+        grace = getattr(config, "grace_s", None) if getattr(config, "schedule", None) else None
+        if isinstance(grace, int | float) and grace > 0:
+            return int(grace * 1000)  # a cron agent: its next run is due within a grace
+        after = getattr(config, "after_s", None)
         after_s = float(after) if isinstance(after, int | float) else DEFAULT_ALLOWANCE_S
         fact = read_facts(self.client, self.keys, [alert.agent]).get(alert.agent, {})
         interval = fact.get("interval")
@@ -165,7 +175,7 @@ class HoldView:
     # -- dependencies -----------------------------------------------------------------------------
     def _dependency(self, alert: Alert) -> Hold | None:
         holds = self.holds
-        if not holds._any_depends or alert.detector != "silence" or holds.silence is None:
+        if not holds._any_depends or alert.detector not in SILENT or holds.silence is None:
             return None
         if alert.details.get("reminder"):
             return None  # a reminder of a page already sent: the parent came too late to hold it
@@ -235,7 +245,8 @@ class HoldView:
         """Whether ``parent``'s own silence is held, through a chain, for ``child``."""
         seen = parent
         for _ in range(MAX_CHAIN):
-            record = self.records().get(f"{seen}/silence")
+            records = self.records()
+            record = records.get(f"{seen}/silence") or records.get(f"{seen}/schedule")
             if record is None or record.free_at_ms:
                 return False
             if record.parent == child:

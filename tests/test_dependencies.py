@@ -15,11 +15,13 @@ import redis
 from typer.testing import CliRunner
 
 from agentwatch.cli import app
+from agentwatch.config import Pipeline
 from agentwatch.keys import Keys
 
 from fleet_kit import Agents, alerts, outcomes, pipeline_running, write_config
 from helpers import wait_for
-from notify_kit import receiver
+from notify_kit import fire, pipeline_with, receiver, resolve
+from notify_kit import notifier_running as notifiers_only
 
 DEPENDS = '[detectors.silence.agents."web-*"]\ndepends_on = "db"\n'
 ALLOWANCE_S = 1.0
@@ -126,3 +128,24 @@ def test_a_dependency_the_globs_keep_apart_is_accepted(tmp_path: Path) -> None:
                     '[detectors.silence.agents."redis-main"]\ndepends_on = ""\n')  # fmt: skip
     result = CliRunner().invoke(app, ["check-config", str(path)])
     assert result.exit_code == 0, result.output
+
+
+def test_a_cron_agents_missed_run_is_held_under_its_parent_and_pages_after_its_grace(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """A missed slot (detector ``schedule``) is a cron agent's silence: held while the parent is
+    down, paged one ``grace`` after the parent recovered if the slot is still missed."""
+    with receiver() as hook:
+        base = pipeline_with(prefix, redis_url, [{"type": "webhook", "url": hook.url, "backoff": "50ms"}])
+        silence = {"agents": {"cron-*": {"depends_on": "db", "schedule": "* * * * *", "grace": "300ms"}}}
+        settings = base.settings.model_copy(update={"detectors": {"silence": silence}})
+        with notifiers_only(Pipeline(settings=settings, source="test", notifiers=base.notifiers), redis_url):
+            fire(r, keys, "db")
+            hook.wait_requests(1)
+            fire(r, keys, "cron-1", detector="schedule", details={"grace_s": 0.3})
+            wait_for(lambda: ("dependency", "cron-1", "firing") in outcomes(r, keys), what="held")
+            resolve(r, keys, "db")
+            back = hook.wait_requests(2)[1].at
+            third = hook.wait_requests(3)[2]
+            assert third.json()["agent"] == "cron-1" and third.json()["detector"] == "schedule"
+            assert third.at - back >= 0.3 * 0.9
