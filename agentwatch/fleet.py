@@ -30,6 +30,7 @@ from agentwatch.rollups import Totals, base_totals, local_midnight_ms
 from agentwatch.spend import Ledger, Spent
 
 if TYPE_CHECKING:
+    from agentwatch.maintenance import Window
     from detectors.horizon import Positions
     from notifiers.routing import Mute
 
@@ -69,6 +70,7 @@ def fleet_status(
     window_ms = _window_ms(pipeline)
     halts = Halts(client, keys, Incidents(client, keys)).in_force(now)
     spend = _Spend(client, pipeline, now, names)
+    windows, held_for = _holds(client, pipeline, now, incidents)
     agents = []
     for name in names:
         open_here = {
@@ -93,6 +95,10 @@ def fleet_status(
             "until": None if halt.until_ms is None else iso_ms(halt.until_ms),
         }  # fmt: skip
         row.update(spend.of(name, row["cost_today"]))
+        window = next((w for w in windows if w.covers(name, row["labels"])), None)
+        row["maintenance"] = None if window is None else {"id": window.id, "until": iso_ms(window.end_ms)}
+        row["held_for"] = held_for.get(name)
+        row["dependents"] = sorted(child for child, parent in held_for.items() if parent == name)
         agents.append(row)
     today_from = day.from_ms if day.from_ms is not None and not day.partial else day_start
     return {
@@ -101,7 +107,22 @@ def fleet_status(
         "today_from": iso_ms(today_from),
         "agents": agents,
         "pipeline": {k: v for k, v in health.items() if k != "horizon_ms"},
+        "maintenance": [window.to_dict() for window in windows],
     }
+
+
+def _holds(
+    client: Client, pipeline: Pipeline, now: int, incidents: dict[str, dict[str, Any]]
+) -> tuple[list[Window], dict[str, str]]:
+    """The maintenance windows in force, and child -> parent for each silence a dependency holds
+    (notifiers/holds.py decides; this only shows what it recorded)."""
+    from agentwatch.dependencies import Dependents  # noqa: PLC0415 - plugins: only when status runs
+    from agentwatch.maintenance import windows  # noqa: PLC0415 - cronsim, likewise
+
+    settings = pipeline.settings
+    found = windows(client, pipeline.keys, settings.maintenance, settings.report.timezone, now)
+    held = Dependents(client, pipeline.keys).by_parent(incidents)
+    return [w for w in found if w.in_force(now)], {c: p for p, children in held.items() for c in children}
 
 
 class _Spend:

@@ -288,6 +288,18 @@ class Keys:
         """Hash ``<agent glob>|<detector or *>`` -> JSON of a mute (until when, why, by whom)."""
         return f"{self.prefix}:mutes"
 
+    @property
+    def maintenance(self) -> str:
+        """Hash window id -> JSON of an ad-hoc maintenance window (``agentwatch maintenance
+        start``): whom it covers, from and until when, why and by whom (agentwatch/maintenance.py)."""
+        return f"{self.prefix}:maintenance"
+
+    @property
+    def dependents(self) -> str:
+        """Hash ``<agent>/silence`` -> JSON of a silence held because an agent it depends on is
+        down: the parent, since when, and when its fresh allowance ends (agentwatch/dependencies.py)."""
+        return f"{self.prefix}:dependents"
+
     # -- fleet facts and rollups (agentwatch/facts.py, agentwatch/rollups.py) ----------------------
     def facts(self, shard: int) -> str:
         """Hash agent -> JSON of its latest run's start facts (run, host, pid, version, interval,

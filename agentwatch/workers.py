@@ -122,7 +122,8 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     of them, one handler queues each batch for every notifier in one round trip
     (notifiers/fanout.py); the notifiers' own ``on_batch`` handle what it leaves to them.
     """
-    from notifiers.base import NotifierContext  # noqa: PLC0415 - notifiers import the spine
+    from notifiers import holds  # noqa: PLC0415 - notifiers import the spine
+    from notifiers.base import NotifierContext  # noqa: PLC0415
     from notifiers.fanout import QueueFanout  # noqa: PLC0415
     from notifiers.reports import ReportScheduler  # noqa: PLC0415
 
@@ -152,6 +153,7 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         stats=worker.stats,
         incidents=incidents,
         poll_s=settings.worker.block_s,
+        holds=holds.for_pipeline(client, keys, settings, pipeline.detectors),
     )
     notifiers = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
     worker.handlers += [

@@ -25,6 +25,7 @@ from typing import Any, Final, Literal
 from pydantic import Field
 
 from agentwatch.config import Seconds, format_duration
+from agentwatch.dependencies import DependsOnConfig
 from detectors import schedule
 from detectors.base import DetectorConfig, DetectorContext
 from detectors.engine import BuiltinDetector
@@ -34,9 +35,9 @@ from detectors.schedule import ScheduleConfig
 Severity = Literal["info", "warning", "error", "critical"]
 
 
-class SilenceConfig(ScheduleConfig):
-    """Silence's keys, and a scheduled agent's (``schedule``, ``grace``, ``max_runtime``,
-    ``timezone``: detectors/schedule.py)."""
+class SilenceConfig(ScheduleConfig, DependsOnConfig):
+    """Silence's keys, a scheduled agent's (``schedule``, ``grace``, ``max_runtime``,
+    ``timezone``: detectors/schedule.py) and ``depends_on`` (agentwatch/dependencies.py)."""
 
     after_s: Seconds = Field(60.0, alias="after", gt=0, description="no event this long: gone")
     severity: Severity = "critical"

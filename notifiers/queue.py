@@ -359,12 +359,12 @@ class DeliveryQueue:
         held = {_text(key): _text(value) for key, value in raw.items()}
         return {key: value for key, value in held.items() if not key.startswith(OWED_MARK)}
 
-    def drop_held(self, dedup_key: str, held: str | None = None) -> None:
-        """Forget what is held for ``dedup_key`` (only if it is still ``held``, when given)."""
+    def drop_held(self, dedup_key: str, held: str | None = None) -> bool:
+        """Forget what is held for ``dedup_key`` (only if it is still ``held``, when given).
+        True for the one caller that removed it (a release that hands it to its group)."""
         if held is None:
-            self.stage_drop_held(self.client, dedup_key)
-        else:
-            self._drop_held(keys=[self.held], args=[dedup_key, held])
+            return bool(self.client.hdel(self.held, dedup_key, OWED_MARK + dedup_key))
+        return bool(self._drop_held(keys=[self.held], args=[dedup_key, held]))
 
     def stage_drop_held(self, pipe: Any, dedup_key: str) -> None:
         """:meth:`drop_held` without ``held``, added to ``pipe`` (or run, given the client)."""

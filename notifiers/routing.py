@@ -18,7 +18,7 @@ from typing import Any, Final, Literal
 
 from pydantic import Field
 
-from agentwatch import plugins
+from agentwatch import labels, plugins
 from agentwatch.alerts import SEVERITIES, Alert
 from agentwatch.config import Section
 from agentwatch.errors import PluginError
@@ -53,18 +53,9 @@ class Match(Section):
             return False
         if _rank(alert.severity) < _rank(self.severity):
             return False
-        if self.labels and not _labels_match(self.labels, alert.details.get("labels")):
+        if self.labels and not labels.matches(self.labels, alert.details.get("labels")):
             return False
         return any(fnmatch.fnmatchcase(alert.agent, glob) for glob in self.agents)
-
-
-def _labels_match(wanted: dict[str, str], labels: object) -> bool:
-    if not isinstance(labels, dict):
-        return False
-    return all(
-        isinstance(labels.get(key), str) and fnmatch.fnmatchcase(labels[key], glob)
-        for key, glob in wanted.items()
-    )
 
 
 def _rank(severity: str) -> int:

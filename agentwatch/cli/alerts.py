@@ -32,6 +32,8 @@ _OUTCOME_MARKS: Final = {
     "delivered": "ok",
     "failed": "FAILED",
     "muted": "muted",
+    "maintenance": "maintenance",
+    "dependency": "held (dependency)",
     "stale": "stale",
     "skipped": "skip",
 }

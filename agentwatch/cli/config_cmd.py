@@ -71,6 +71,15 @@ def summary(pipeline: Pipeline) -> str:
     for b in budgets:
         lines.append(f"  {b.agents:<10} ${b.limit:,.2f}/{b.per} {b.scope} warn_at={b.warn_at:g}"
                      + (" halt" if b.halt else ""))  # fmt: skip
+    windows = pipeline.settings.maintenance
+    lines.append(
+        "maintenance"
+        + ("" if windows else "  no recurring windows (`agentwatch maintenance start` for ad-hoc ones)")
+    )
+    for w in windows:
+        whom = " ".join([*w.agents, *(f"{k}={v}" for k, v in w.labels.items())])
+        lines.append(f"  {whom:<10} {w.schedule!r} for {format_duration(w.duration_s)} "
+                     f"({pipeline.settings.report.timezone})")  # fmt: skip
     lines.append("notifiers" + ("" if pipeline.notifiers else "  none (alerts stay on the alerts stream)"))
     for plugin in pipeline.notifiers:  # notifiers have many keys: show only what the file sets
         lines.append(f"  {plugin.name:<10} {_settings(plugin.config, skip={'name'}, only_set=True)}")

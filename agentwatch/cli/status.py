@@ -270,9 +270,7 @@ def _board(document: dict[str, Any], width: int = 80) -> list[str]:
 
 def _table(agents: list[dict[str, Any]], width: int) -> list[str]:
     names = [literal(row["agent"]) for row in agents]
-    causes = [
-        "; ".join(literal(f"{i['detector']}: {i['summary']}") for i in row["incidents"]) for row in agents
-    ]
+    causes = ["; ".join(literal(text) for text in _causes(row)) for row in agents]
 
     def layout(ago: bool) -> tuple[list[list[str]], list[int]]:
         rows = [[name, *_cells(row, ago=ago)[1:]] for name, row in zip(names, agents, strict=True)]
@@ -300,6 +298,19 @@ def _table(agents: list[dict[str, Any]], width: int) -> list[str]:
         out.append(_GAP.join(padded).rstrip())
         if cause and not inline:
             out.append("    " + typer.style(cause, **_STATE_STYLES.get(row["state"], {})))
+    return out
+
+
+def _causes(row: dict[str, Any]) -> list[str]:
+    """An agent's open incidents, then what holds its pages (notifiers/holds.py): a maintenance
+    window, the parent its silence waits for, the children whose silence waits for it."""
+    out = [f"{i['detector']}: {i['summary']}" for i in row["incidents"]]
+    if row.get("maintenance"):
+        out.append(f"in maintenance until {row['maintenance']['until'][11:19]} UTC")
+    if row.get("held_for"):
+        out.append(f"page held: depends on {row['held_for']}, which is down")
+    if row.get("dependents"):
+        out.append(f"holding the silence of {', '.join(row['dependents'])}")
     return out
 
 
