@@ -261,15 +261,17 @@ class Notifier(Handler[Alert], Generic[C]):
             self.queue.trim_seen(now_ms - keep_ms)
 
     # -- routing and queueing -----------------------------------------------------------------------
-    def plan(self, messages: Sequence[Message[Alert]], now_ms: int, mutes: list[Mute]) -> list[Step] | None:
+    def plan(
+        self, messages: Sequence[Message[Alert]], now_ms: int, mutes: list[Mute], holds: HoldView | None
+    ) -> list[Step] | None:
         """What :meth:`on_batch` would do with ``messages``, as steps for notifiers/fanout.py to
         run in one pipeline with every other notifier's, when the batch needs nothing but
         queueing: ``("send", alert)`` queues it (see :meth:`queued`), ``("drop", alert)`` forgets
         what a mute held for an incident that ended. None: the batch takes :meth:`on_batch`'s own
-        path (an alert to hold, an alert recorded as stale, grouping, reminders)."""
+        path (an alert to hold, an alert recorded as stale, grouping, reminders). ``holds``:
+        the maintenance windows and dependencies as of ``now_ms`` (one view for every notifier)."""
         if self.grouper is not None or self.reminders is not None:
             return None
-        holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         steps: list[Step] = []
         for _, alert in messages:
             verdict = self.route(alert, now_ms, mutes, holds)

@@ -6,8 +6,9 @@ each in ~40 us; the rest was waiting for the reply and then for the GIL, which t
 delivery threads hold while they build requests and parse answers. With four notifiers at 200
 alerts/s the main thread fell behind and alerts waited seconds in the stream before they were
 even queued. Round trips on a thread that shares its GIL are what costs, so the main thread
-makes as few as possible: per XREADGROUP batch, one pipeline reads the clock and the mutes, and
-one pipeline carries every notifier's enqueue scripts.
+makes as few as possible: per XREADGROUP batch, one pipeline reads the clock, the mutes and
+whether ad-hoc maintenance windows exist, and one pipeline carries every notifier's enqueue
+scripts.
 
 How: the worker runs :class:`QueueFanout` just before the notifiers. It routes every alert of
 the batch for every notifier in memory (:meth:`Notifier.plan <notifiers.base.Notifier.plan>`),
@@ -75,14 +76,17 @@ class QueueFanout(Handler[Alert]):
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
         pipe.hvals(self.mutes.keys.mutes)
-        (seconds, micros), raw_mutes = pipe.execute()
+        pipe.exists(self.mutes.keys.maintenance)  # ad-hoc windows (notifiers/holds.py)
+        (seconds, micros), raw_mutes, adhoc = pipe.execute()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         mutes = self.mutes.active_from(raw_mutes, now_ms)
+        holds = self.notifiers[0].ctx.holds
+        view = holds.view(now_ms, adhoc=bool(adhoc)) if holds is not None else None  # one for all
         plans: list[tuple[Notifier[Any], list[tuple[Step, EnqueueCall | None]]]] = []
         jobs: dict[str, str] = {}  # alert id -> its job's JSON: the same for every notifier
         for notifier in self.notifiers:
             try:
-                steps = notifier.plan(messages, now_ms, mutes)
+                steps = notifier.plan(messages, now_ms, mutes, view)
                 if steps is None:
                     continue
                 plans.append((notifier, [(step, _call(notifier, step, jobs)) for step in steps]))

@@ -90,8 +90,10 @@ class Holds:
             bool(silence.depends_on) or any(o.get("depends_on") for o in silence.agents.values())
         )
 
-    def view(self, now_ms: int) -> HoldView:
-        return HoldView(self, now_ms)
+    def view(self, now_ms: int, *, adhoc: bool | None = None) -> HoldView:
+        """``adhoc``: whether ad-hoc windows exist, when the caller read it already (else the
+        view asks Redis when it first needs to know)."""
+        return HoldView(self, now_ms, adhoc)
 
     def allowance_ms(self, alert: Alert) -> int:
         """The agent's silence allowance: what its alert says (a silence's ``allowance_s``, a
@@ -129,6 +131,8 @@ class HoldView:
 
     holds: Holds
     now_ms: int
+    adhoc: bool | None = None
+    """Whether ad-hoc windows exist (None: not read yet)."""
     _windows: list[Window] | None = None
     _incidents: dict[str, dict[str, Any]] | None = None
     _decided: dict[tuple[str, bool], Hold | None] = field(default_factory=dict)
@@ -151,7 +155,8 @@ class HoldView:
             settings = holds.settings
             self._windows = (
                 windows(holds.client, holds.keys, settings.maintenance, settings.report.timezone, self.now_ms)
-                if settings.maintenance or holds.client.exists(holds.keys.maintenance)
+                if settings.maintenance
+                or (self.adhoc if self.adhoc is not None else holds.client.exists(holds.keys.maintenance))
                 else []
             )
         if not self._windows:

@@ -179,7 +179,7 @@ def test_a_batch_for_four_notifiers_costs_the_main_thread_three_round_trips(
         fast.process(batch)
         monkeypatch.undo()
         # "quiet" does not send resolves: it drops what a mute might hold for them instead
-        assert trips == ["pipeline of 2", "pipeline of 40", "pipeline of 1"]
+        assert trips == ["pipeline of 3", "pipeline of 40", "pipeline of 1"]
         assert r.hlen(keys.notifier_jobs("f-all")) == 11
         assert r.hlen(keys.notifier_jobs("f-quiet")) == 6
 
