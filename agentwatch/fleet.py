@@ -38,7 +38,11 @@ STATES: Final = ("ok", "late", "muted", "stalled", "down", "exited", "halted", "
 """Every value ``state`` can take. Precedence when several apply: retired, halted, exited, down,
 stalled, muted, late, ok (a muted agent that is down still shows ``down``; a halted agent shows
 ``halted`` whether it has exited or still calls ``heartbeat()``)."""
-_DOWN_DETECTORS: Final = {"exit": "exited", "silence": "down", "stall": "stalled"}
+_DOWN_DETECTORS: Final = {
+    "exit": "exited", "silence": "down", "stall": "stalled",
+    "schedule": "down",  # a cron agent that missed its slot (detectors/schedule.py)
+    "runtime": "stalled",  # a cron agent's run past its max_runtime
+}  # fmt: skip
 _NOT_RUNNING: Final = ("down", "exited", "retired")
 """States in which an agent spends nothing: its tokens/min is not shown."""
 _DEFAULT_WINDOW_MS: Final = 60_000
@@ -224,11 +228,13 @@ def _state(
     """The agent's state as of ``at`` (the horizon: see the module docstring)."""
     if record.get("retired"):
         return "retired"
-    for detector in ("exit", "silence", "stall"):
+    for detector in ("exit", "silence", "schedule", "stall", "runtime"):
         if detector in open_incidents:
             return _DOWN_DETECTORS[detector]
     if muted:
         return "muted"
+    if record.get("scheduled"):
+        return "ok"  # a cron agent between its runs: its schedule judges it, not its interval
     # Late: the work loop has not beaten for twice its declared interval (or, with no declared
     # interval, half the stall allowance), but no detector has fired yet. Counted like the
     # detectors count: from the last beat, or from the run's start for an agent that pulses

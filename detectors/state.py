@@ -426,5 +426,6 @@ def read_agents(client: Any, keys: Keys, agents: Sequence[str] | None = None) ->
                 continue
             fields["open"] = [kind for kind, bit in record.OPEN_BITS.items() if fields["flags"] & bit]
             fields["retired"] = bool(fields["flags"] & record.RETIRED)
+            fields["scheduled"] = bool(fields["flags"] & record.NO_SILENCE)
             out[name.decode() if isinstance(name, bytes) else name] = fields
     return out

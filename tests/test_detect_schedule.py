@@ -539,3 +539,15 @@ def test_schedule_checks_on_a_three_master_cluster(cluster_ports: list[int]) -> 
         for key in client.scan_iter(match=f"{prefix}:*", target_nodes=RedisCluster.ALL_NODES):
             client.delete(key)
         client.close()
+
+
+def test_status_shows_a_cron_agent_between_runs_as_ok_and_a_missed_slot_as_down() -> None:
+    """``status``/the dashboard: a scheduled agent is judged by its schedule, not its interval."""
+    from agentwatch.fleet import _state  # noqa: PLC0415
+
+    hour_ago = {"beat": 1_000, "start": 1_000, "seen": 31_000, "scheduled": True}
+    at = 3_600_000
+    assert _state(hour_ago, {}, muted=False, interval=5.0, at=at) == "ok"
+    assert _state({**hour_ago, "scheduled": False}, {}, muted=False, interval=5.0, at=at) == "late"
+    assert _state(hour_ago, {"schedule": {}}, muted=False, interval=5.0, at=at) == "down"
+    assert _state(hour_ago, {"runtime": {}}, muted=False, interval=5.0, at=at) == "stalled"
