@@ -53,6 +53,9 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "outbox": {"detector": RW, "notifier": RW, "operator": R, "http": RW},
     "states": _DETECTOR_STATE,
     "timers": _DETECTOR_STATE,
+    "schedules": _DETECTOR_STATE,  # cron agents' watches (detectors/schedule.py)
+    "schedule_due": _DETECTOR_STATE,
+    "schedules_open": _DETECTOR_STATE,
     "stacks": _DETECTOR_STATE,
     "rss": _DETECTOR_STATE,
     "intents": _DETECTOR_STATE,

@@ -46,6 +46,10 @@ QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit", schedule.MISSE
 """Incidents a halt explains: not paged while the agent is halted (agentwatch/halts.py)."""
 BLIND_AFTER_MS: Final = 5000
 """Default for ``[detectors.lag] blind_after`` when the lag detector is disabled."""
+SIGHT_FLOOR_MS: Final = 1500
+"""A gap between timer checks shorter than this never counts as an outage (Engine.sight_ms),
+however short the silence allowances: a worker that a loaded machine holds up for a moment at
+each check must still judge its agents, not restart their clocks every time."""
 _FORGET_EVERY_S: Final = 60.0
 _CLAIM_ROUNDS: Final = 50
 
@@ -152,13 +156,15 @@ class Engine:
 
     def sight_ms(self) -> int:
         """How long without a timer check means nobody was watching (timers.py: *sight*):
-        :meth:`blind_ms`, or the shortest silence ``after`` in force if that is shorter. A gap
-        shorter than blind_after but longer than an allowance (a Redis restart of 3 s against
-        1 s silences) would otherwise judge agents on time nobody watched, and page every one
-        of them falsely."""
+        :meth:`blind_ms`, or the shortest silence ``after`` in force if that is shorter (but not
+        below :data:`SIGHT_FLOOR_MS`). A gap shorter than blind_after but longer than an
+        allowance (a Redis restart of 3 s against 1 s silences) would otherwise judge agents on
+        time nobody watched, and page every one of them falsely."""
         on, after = state.PROFILE.index("sil_on"), state.PROFILE.index("sil_after")
         allowances = [int(p[after]) for p in self._profiles if p[on] and p[after] > 0]
-        return min([self.blind_ms(), *allowances])
+        if not allowances:
+            return self.blind_ms()
+        return min(self.blind_ms(), max(min(allowances), SIGHT_FLOOR_MS))
 
     def get(self, kind: str) -> BuiltinDetector[Any] | None:
         """The registered built-in of class name ``kind`` (e.g. "Silence"), if enabled."""
