@@ -250,3 +250,34 @@ def test_the_report_gives_cost_per_agent_unknown_never_zero_and_budget_incidents
     text = render_text(report)
     assert "- mystery: " in text and "unknown (1 unpriced beats)" in text and "$0.00" not in text
     assert f"budget of crew-* (still open): {incident['summary']}" in text
+
+
+def test_pace_warns_end_to_end_before_the_spend_reaches_warn_at(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """A real worker, one beat whose cost is below warn_at but, for the part of the window gone
+    by, on pace to pass the limit: one warning naming the projection, no exceeded alert."""
+    from datetime import UTC  # noqa: PLC0415
+
+    now = server_time_ms(r)
+    # A calendar window 12-88 % gone right now (pace needs 10 %, and room below warn_at).
+    per, gone = next(
+        (per, window_of(per, now, UTC).elapsed(now))
+        for per in ("day", "month", "hour")
+        if 0.12 < window_of(per, now, UTC).elapsed(now) < 0.88
+    )
+    cost = round(min(gone * 1.1, 0.95) * 10.0, 4)  # spent / gone > limit; below 0.99 x limit
+    pipeline = with_budgets(
+        pipeline_for(prefix, redis_url), {"agents": "pacer", "per": per, "limit": 10.0, "warn_at": 0.99}
+    )
+    with running(worker_for(pipeline, redis_url)):
+        Agent(r, keys, "pacer").beat(cost=cost)
+        (alert,) = wait_for(lambda: budget_alerts(r, keys), what="the pace warning")
+        wait_for(lambda: caught_up(r, keys), what="the beat applied")
+    assert (alert["severity"], alert["details"]["why"]) == ("warning", "pace")
+    assert alert["details"]["projected"] > 10.0
+    assert (
+        f"pacer: on pace to spend ${alert['details']['projected']:,.2f} against the budget of $10.00/{per}"
+        in (alert["summary"])
+    )
+    assert len(budget_alerts(r, keys)) == 1
