@@ -99,6 +99,41 @@ def test_a_runaway_in_a_pool_worker_fires_tokens(
     assert alert.agent == "pool-agent" and "40,000" in alert.summary
 
 
+def test_pools_terminated_by_with_never_hang_the_agent(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """``with Pool(3) as pool: pool.map(...)``, 40 times: the ``with`` ends in ``terminate()``,
+    which SIGTERMs the workers. A worker that got it before its after-fork hooks ran (CPython
+    drops signals that arrive then), or while woken inside ``sem_wait`` on the task queue's
+    lock, never ran the exit handler it inherited, and ``terminate()`` waited for it for ever:
+    the agent hung, about once in 30 pools on a loaded machine. 40 pools take ~5 s (forks),
+    which is what makes the hang show without the fix most times."""
+    with running(detectors(prefix, redis_url)):  # type: ignore[arg-type]
+        agent = spawn("pool_fleet.py", agent_env(redis_url, prefix), "fork", "pools", str(tmp_path))
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            _kill_tree(agent)
+            raise AssertionError("the agent hung (in Pool.terminate(), waiting for a worker)") from None
+        code, _, err = finish(agent, 10)
+        assert code == 0, err
+        assert_no_internal_errors(err)
+        wait_for(lambda: caught_up(r, keys), timeout=10, what="every event applied")
+        assert state.read_agents(r, keys, ["pool-agent"])["pool-agent"]["retired"]
+    assert alerts(r, keys) == []
+
+
+def _kill_tree(agent: subprocess.Popen[str]) -> None:
+    """End a hung agent and the pool workers that keep its pipes open (else communicate()
+    waits for them)."""
+    found = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True, check=False)
+    for pid in found.stdout.split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    agent.kill()
+    agent.communicate()
+
+
 def test_a_worker_seen_before_its_parent_with_its_start_in_an_earlier_batch_stays_a_child(
     redis_url: str, prefix: str, r: redis.Redis, keys: Keys
 ) -> None:
