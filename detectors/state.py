@@ -294,8 +294,11 @@ local function apply(s)
   if r.run ~= 0 and s[S_RUN] == r.run then cls = CUR
   elseif s[S_START] > 0 and s[S_CHILD] == 0 and s[S_START] >= r.start then cls = NEW  -- (CHILD: parent hash)
   else
-    -- (also before the parent's own start arrived: a worker may flush first)
-    if r.run ~= 0 or (s[S_START] > 0 and s[S_CHILD] ~= 0) then child, ckey = child_of(a, r, s) end
+    -- Also before the parent's own start arrived (r.run == 0): a worker may flush first, and
+    -- its start may have come in an earlier batch than its other events (a reader between two
+    -- XADDs), so those are known by the children hash alone. Taken as a new run instead, a
+    -- worker's clean exit would page as the agent's exit, and its record would look silent.
+    child, ckey = child_of(a, r, s)
     if child then cls = CHILD
     elseif r.run == 0 or (has(r, ADOPT) and s[S_FIRST] > r.seen and s[S_RUN] ~= r.prun) then cls = NEW
     elseif r.prun ~= 0 and s[S_RUN] == r.prun then cls = PREV

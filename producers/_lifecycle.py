@@ -20,6 +20,7 @@ Redis costs the exiting process at most that long. The exit code is worked out b
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from agentwatch.codec import MAX_COUNT
-from producers import _exitcode
+from producers import _exitcode, _lostsignals
 from producers._guard import internal_error, logger
 from producers._stack import exception_text
 from producers._sync import wait_done
@@ -80,6 +81,10 @@ class Outcome:
 _producers: dict[int, Producer] = {}
 _installed = False
 _signals_installed = False
+_handling = False
+"""A fatal signal's handler has started in this process (the lost-signal net stops re-sending)."""
+_fork_masks: dict[int, set[int | signal.Signals]] = {}
+"""Forking thread -> its signal mask before :func:`_before_fork` blocked our signals in it."""
 _mp_hooked_pid = 0
 _hooked_exc: BaseException | None = None
 _previous_excepthook: Callable[..., Any] = sys.excepthook
@@ -118,6 +123,12 @@ def _hook_multiprocessing_exit() -> None:
         return
     _mp_hooked_pid = pid
     util.Finalize(None, _at_multiprocessing_exit, exitpriority=100)
+    _lostsignals.install(_waiting)  # Pool.terminate() must end this worker: see there
+
+
+def _waiting(signum: int) -> bool:
+    """Has fatal signal ``signum`` a handler of ours that has not started yet?"""
+    return signum in _previous_handlers and not _handling and signal.getsignal(signum) is _on_fatal_signal
 
 
 def _at_multiprocessing_exit() -> None:
@@ -222,6 +233,8 @@ def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
         # A handler installed after ours called us as "the previous handler". Without us it
         # would have found SIG_DFL, which it cannot call: it decides how the process ends.
         return
+    global _handling
+    _handling = True
     try:
         name = signal.Signals(signum).name
         finish_all(Outcome("signal", 128 + signum, name))
@@ -232,14 +245,67 @@ def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
         os.kill(os.getpid(), signum)
 
 
+def _release_signals() -> None:
+    """In a forked child: give the signals we took back their default action, until a run
+    begins in this process (:func:`register` takes them again, on the main thread).
+
+    Until then the child has nothing to report, and a Python-level handler only makes its death
+    unreliable: CPython runs it later, on the main thread, when a blocking call returns EINTR.
+    A ``multiprocessing`` pool worker waiting for a task sits in ``sem_wait`` on the queue's
+    lock; when ``Pool.terminate()`` wakes it (a sibling released the lock, the parent took it)
+    and its SIGTERM lands before it runs again, glibc goes back to waiting without EINTR, the
+    handler never runs, and the parent's ``terminate()`` waits for that worker forever. With
+    the default action the kernel ends it, as ``multiprocessing`` expects.
+    """
+    global _signals_installed
+    _signals_installed = False
+    for signum in list(_previous_handlers):
+        try:
+            if signal.getsignal(signum) is _on_fatal_signal:
+                signal.signal(signum, signal.SIG_DFL)
+        except (ValueError, OSError):  # not the main thread (cannot be, after fork): keep it
+            _signals_installed = True
+            return
+        del _previous_handlers[signum]
+
+
+def _before_fork() -> None:
+    """Block our signals in the forking thread, so that the child starts with them blocked.
+
+    A signal that reaches a child before its after-fork hooks ran would find our handler, and
+    CPython discards what arrived until then (``_PySignal_AfterFork``): ``Pool.terminate()``
+    right after the pool forked a worker killed nothing, and waited for that worker for ever.
+    Blocked, such a signal waits in the child until :func:`_release_signals` gave it its
+    default action, and then ends the child. In the parent, only the forking thread blocks it
+    for the moment of the fork; another thread takes it meanwhile.
+    """
+    ours = [signum for signum in _previous_handlers if signal.getsignal(signum) is _on_fatal_signal]
+    if ours:
+        with contextlib.suppress(ValueError, OSError):
+            _fork_masks[threading.get_ident()] = signal.pthread_sigmask(signal.SIG_BLOCK, ours)
+
+
+def _restore_fork_mask() -> None:
+    """After the fork, in the parent and (after :func:`_release_signals`) in the child."""
+    mask = _fork_masks.pop(threading.get_ident(), None)
+    if mask is not None:
+        with contextlib.suppress(ValueError, OSError):
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _after_fork_in_child() -> None:
     """A forked child is a new run: forget the parent's outcome, reset every producer."""
-    global _hooked_exc
+    global _hooked_exc, _handling
     _exitcode.forget()
     _hooked_exc = None
+    _handling = False
+    _lostsignals.after_fork_in_child()
+    _release_signals()
+    _restore_fork_mask()  # after the release: a SIGTERM waiting here now ends the child
     for producer in list(_producers.values()):
         producer._after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_restore_fork_mask,
+                        after_in_child=_after_fork_in_child)  # fmt: skip

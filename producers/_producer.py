@@ -127,6 +127,7 @@ class Producer:
         self._pid = 0  # the process whose sender runs; anything else means "start (again)"
         self._closed = False
         self._exit_sent = False
+        self._exit_fields: dict[str, Any] = {}
         self._run = ""
         self._parent_run: str | None = None
         self._sender: Sender | None = None
@@ -407,11 +408,14 @@ class Producer:
             return None
         if self._exit_sent:
             # Already on its way (say, SIGTERM arrived during the atexit flush): the caller
-            # still waits for that flush before the process goes.
+            # still waits for that flush before the process goes. Queue it again (the first
+            # one queued wins): the signal may have interrupted the first call before it did,
+            # and then nothing would be flushed while the handler waits (Pool.terminate()'s
+            # SIGTERM in a worker running its exit finalizer).
+            sender.finish(self._exit_fields)
             return sender
         if self._pid != _PID:
             return None
-        self._exit_sent = True
         death = self._current_death()
         if outcome.reason == "exit" and death is not None:
             # The process ends normally, but this agent's work thread died of an exception:
@@ -419,6 +423,8 @@ class Producer:
             outcome = Outcome("exception", outcome.code, death[2].error, death[2].traceback)
         fields = outcome.fields()
         fields["ts"] = _monotonic()
+        self._exit_fields = fields  # before the flag: a nested call queues these
+        self._exit_sent = True
         self._pid = -1  # later beats of this run are ignored: the exit must stay last
         sender.finish(fields)
         return sender

@@ -6,6 +6,7 @@ and a pool that retires its workers (close/terminate) raises nothing."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -14,12 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 from agents.testkit import agent_env, assert_no_internal_errors, finish, read_events, spawn
-from agents_detect.kit import alerts, fired, pipeline_for, resolved, worker_for
+from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
 from detectors import state
+from detectors.children import ChildWatch
+from detectors.layout import run_hash
 
-from helpers import running, wait_for
+from helpers import caught_up, running, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +97,94 @@ def test_a_runaway_in_a_pool_worker_fires_tokens(
         assert code == 0, err
         alert = wait_for(lambda: fired(r, keys, "tokens"), timeout=15, what="tokens alert")[0]
     assert alert.agent == "pool-agent" and "40,000" in alert.summary
+
+
+def test_pools_terminated_by_with_never_hang_the_agent(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """``with Pool(3) as pool: pool.map(...)``, 40 times: the ``with`` ends in ``terminate()``,
+    which SIGTERMs the workers. A worker that got it before its after-fork hooks ran (CPython
+    drops signals that arrive then), or while woken inside ``sem_wait`` on the task queue's
+    lock, never ran the exit handler it inherited, and ``terminate()`` waited for it for ever:
+    the agent hung, about once in 30 pools on a loaded machine. 40 pools take ~5 s (forks),
+    which is what makes the hang show without the fix most times."""
+    with running(detectors(prefix, redis_url)):  # type: ignore[arg-type]
+        agent = spawn("pool_fleet.py", agent_env(redis_url, prefix), "fork", "pools", str(tmp_path))
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            _kill_tree(agent)
+            raise AssertionError("the agent hung (in Pool.terminate(), waiting for a worker)") from None
+        code, _, err = finish(agent, 10)
+        assert code == 0, err
+        assert_no_internal_errors(err)
+        wait_for(lambda: caught_up(r, keys), timeout=10, what="every event applied")
+        assert state.read_agents(r, keys, ["pool-agent"])["pool-agent"]["retired"]
+    assert alerts(r, keys) == []
+
+
+def _kill_tree(agent: subprocess.Popen[str]) -> None:
+    """End a hung agent and the pool workers that keep its pipes open (else communicate()
+    waits for them)."""
+    found = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True, check=False)
+    for pid in found.stdout.split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    agent.kill()
+    agent.communicate()
+
+
+def test_a_worker_seen_before_its_parent_with_its_start_in_an_earlier_batch_stays_a_child(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """A pool worker's events reach the detectors before its parent's start (the parent's sender
+    flushed later), and a reader took the worker's start alone, between two XADDs: the next
+    batch holds the worker's beats and clean exit, which only the children hash knows as a
+    child. They were taken for a new run of the agent, so the worker's ``exit`` paged as
+    "exited without shutdown()" (resolved a moment later by the parent's start) and its child
+    record, never updated, looked like a worker dead without a goodbye."""
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "1s"}), redis_url)
+    feed = Feed(worker)
+    watch = next(h for h in worker.handlers if isinstance(h, ChildWatch))
+    feed.apply([feed.event("pool-agent", "start", run="worker-1", parent="parent-1", interval=0.2)])
+    late = [feed.event("pool-agent", "beat", run="worker-1", tokens=100) for _ in range(4)]
+    feed.apply([*late, feed.event("pool-agent", "exit", run="worker-1", reason="exit", code=0)])
+    feed.apply([feed.event("pool-agent", "start", run="parent-1", interval=0.2),
+                feed.event("pool-agent", "beat", run="parent-1", tokens=10)])  # fmt: skip
+    assert transitions(r, keys) == []  # the worker's clean exit ended the worker, not the agent
+    rec = state.read_agents(r, keys, ["pool-agent"])["pool-agent"]
+    assert rec["run"] == run_hash("parent-1") and rec["tt"] == 4 * 100 + 10
+    child = json.loads(r.hget(keys.children(0), f"pool-agent|{run_hash('worker-1')}") or "{}")
+    assert child["ex"] == 1 and child["hw"] == 5  # its exit applied to it, as a child's
+    for _ in range(3):  # the parent beats on past the silence allowance: the worker ended on purpose
+        feed.apply([feed.event("pool-agent", "beat", run="parent-1", at=feed.now + 1000, tokens=10)])
+        watch.on_tick(feed.now)
+    assert transitions(r, keys) == []
+    worker.client.close()
+
+
+def test_a_closed_pools_worker_events_split_across_batches_raise_nothing_live(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """The same order through a running detector worker and its stream: the worker's start is
+    read on its own (caught up before the rest is sent), then its beats and exit, then the
+    parent's run, which closes its pool and shuts down."""
+    with running(detectors(prefix, redis_url)):  # type: ignore[arg-type]
+        pool_worker = Agent(r, keys, "pool-agent", run="worker-1")
+        pool_worker.start(parent="parent-1", interval=0.2)
+        wait_for(lambda: caught_up(r, keys), timeout=10, what="the worker's start applied alone")
+        for _ in range(4):
+            pool_worker.beat(tokens=100)
+        pool_worker.exit("exit", 0)
+        wait_for(lambda: caught_up(r, keys), timeout=10, what="the worker's beats and exit applied")
+        parent = Agent(r, keys, "pool-agent", run="parent-1")
+        parent.start(interval=0.2)
+        parent.beat(tokens=10)
+        parent.exit("shutdown")
+        wait_for(lambda: caught_up(r, keys), timeout=10, what="the parent's run applied")
+        rec = state.read_agents(r, keys, ["pool-agent"])["pool-agent"]
+        assert rec["run"] == run_hash("parent-1") and rec["tt"] == 410 and rec["retired"]
+    assert alerts(r, keys) == []
 
 
 def pool_agent(redis_url: str, prefix: str, method: str, mode: str, where: Path) -> subprocess.Popen[str]:
