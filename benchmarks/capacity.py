@@ -1,0 +1,354 @@
+"""Capacity on a local Redis Cluster: a million agents beating every 30 s, 1, 2 and 4 detector workers.
+
+A 3-master cluster on this machine (agentwatch/localcluster.py, the test suite's builder) holds
+``--shards`` event streams. ``--agents`` simulated agents (default 1,000,000) speak the wire
+protocol themselves: raw pipelined ``XADD``s (PROTOCOL.md), sent by ``--loaders`` processes that
+route each stream to its node, as a cluster client would. Each agent sends a ``start`` (with
+``interval = 30``) in the first cycle, then one beat per ``--interval`` seconds, their phases spread
+evenly over the interval, so the cluster sees agents / interval events per second.
+
+For each worker count in ``--workers`` (default ``1,2,4``), on an emptied cluster:
+
+1. ``W`` detector workers start (``agentwatch worker detectors``, every built-in detector at its
+   defaults, ``[redis] cluster = true``), the loaders start the fleet; a cycle of starts, then
+   beats.
+2. Over one whole beat cycle of steady state: the achieved beat rate (XADDs the loaders sent per
+   second, and how far behind schedule the worst one fell), detector CPU seconds per million
+   events (psutil user + system of the worker processes, over the events their group read in that
+   window), Redis CPU per million events (``INFO cpu`` of every master) and whether the workers
+   kept up (the group's lag at the end of the window).
+3. Redis memory per agent: ``used_memory`` summed over the masters minus the same sum for the
+   empty cluster, divided by the agents; the event streams' own share (``MEMORY USAGE``, a
+   backlog bounded by the producers' ``MAXLEN ~ 1000000`` per stream, not per agent) is shown
+   apart, and subtracted to give the per-agent state.
+4. ``--silent`` agents (default 1,000, every N/1000-th, so their phases and shards spread) stop
+   beating. Each one's silence deadline is its last beat's entry time + 90 s (max(``after`` = 60 s,
+   3 x interval)): the delay is the firing alert's entry time on ``<prefix>:alerts`` minus that
+   deadline, both Redis time. p50 / p99 / max over the silent agents; goal (issue 17): p99 <= 500 ms
+   at 1,000,000 agents.
+
+    nice -n 5 python benchmarks/capacity.py [--agents 1000000] [--workers 1,2,4] [--shards 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import figure, median, percentile, report
+
+from agentwatch.codec import entry_ms
+from agentwatch.keys import Keys
+from agentwatch.localcluster import LocalCluster
+
+PREFIX = "cap"
+MAXLEN = 1_000_000  # the Python producer's default (PROTOCOL.md, "Trimming")
+WAKE_S = 0.02  # a loader sends what fell due every 20 ms
+CONFIG = """
+[redis]
+url = "{url}"
+prefix = "{prefix}"
+cluster = true
+shards = {shards}
+"""
+
+
+def slot_owners(port: int) -> dict[int, int]:
+    """Slot -> port of the master that owns it (CLUSTER SLOTS of any node)."""
+    client = redis.Redis(host="127.0.0.1", port=port)
+    owners: dict[int, int] = {}
+    for first, last, master, *_ in client.execute_command("CLUSTER SLOTS"):
+        for slot in range(int(first), int(last) + 1):
+            owners[slot] = int(master[1])
+    client.close()
+    return owners
+
+
+def loader(
+    index: int,
+    loaders: int,
+    args: argparse.Namespace,
+    owners: dict[int, int],
+    t0: float,
+    stop_silent_at: Any,
+    quit_flag: Any,
+    sent: Any,
+    behind_ms: Any,
+    out: Any,
+) -> None:
+    """Send agents ``index``, ``index + loaders``, ... : a start in cycle 0, then a beat a cycle.
+
+    Agent ``i`` is due at ``t0 + (i / agents + k) * interval`` in cycle ``k``. The silent agents
+    (``i % step == 0``) send nothing due after ``stop_silent_at``; the entry id of each one's last
+    beat goes to ``out`` when told to quit.
+    """
+    keys = Keys(PREFIX, args.shards)
+    mine = list(range(index, args.agents, loaders))
+    stream_of = [keys.events_for(f"cap-{i:07d}").encode() for i in mine]
+    ports = sorted(set(owners.values()))
+    node_of = [ports.index(owners[key_slot(s)]) for s in stream_of]
+    conns = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
+    step = max(1, args.agents // args.silent)
+    last_ids: dict[int, bytes] = {}
+    interval = args.interval
+    pack = msgpack.Packer().pack
+    pos, cycle, n = 0, 0, len(mine)
+    while not quit_flag.value:
+        now = time.time()
+        stop_at = stop_silent_at.value
+        pipes = [c.pipeline(transaction=False) for c in conns]
+        silent_slots: list[list[tuple[int, int]]] = [[] for _ in conns]
+        queued = [0] * len(conns)
+        worst = 0.0
+        while True:
+            i = mine[pos]
+            due = t0 + (i / args.agents + cycle) * interval
+            if due > now:
+                break
+            worst = max(worst, now - due)
+            silent = i % step == 0
+            if not (silent and stop_at and due > stop_at):
+                name = f"cap-{i:07d}"
+                event: dict[str, Any] = {"v": 1, "agent": name, "ts": due, "run": f"{i:016x}", "seq": cycle}
+                if cycle == 0:
+                    host = f"host-{i % 500:03d}"
+                    event.update(
+                        kind="start", interval=float(interval), pid=1000 + i, host=host, version="0.1.0"
+                    )
+                else:
+                    event.update(kind="beat", tokens=300)
+                node = node_of[pos]
+                pipes[node].execute_command(
+                    "XADD", stream_of[pos], "MAXLEN", "~", MAXLEN, "*", "d", pack(event)
+                )
+                if silent:
+                    silent_slots[node].append((queued[node], i))
+                queued[node] += 1
+            pos += 1
+            if pos == n:
+                pos, cycle = 0, cycle + 1
+        total = 0
+        for node, pipe in enumerate(pipes):
+            if queued[node]:
+                replies = pipe.execute()
+                for k, i in silent_slots[node]:
+                    last_ids[i] = replies[k]
+                total += queued[node]
+        with sent.get_lock():
+            sent.value += total
+        if worst * 1000 > behind_ms.value:
+            behind_ms.value = worst * 1000
+        time.sleep(max(0.0, WAKE_S - (time.time() - now)))
+    out.put({i: entry_ms(e) for i, e in last_ids.items()})
+
+
+def info_sum(ports: list[int], section: str, fields: tuple[str, ...]) -> float:
+    total = 0.0
+    for port in ports:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        info = client.info(section)
+        total += sum(float(info[f]) for f in fields)
+        client.close()
+    return total
+
+
+def group_state(client: RedisCluster, keys: Keys) -> tuple[int, int]:
+    """(entries the detector group read, events not yet read or acknowledged) over all shards."""
+    read = waiting = 0
+    for stream in keys.event_streams():
+        try:
+            groups = client.xinfo_groups(stream)
+        except redis.ResponseError:
+            continue
+        for group in groups:
+            read += int(group.get("entries-read") or 0)
+            waiting += int(group.get("lag") or 0) + int(group["pending"])
+    return read, waiting
+
+
+def cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state: Path) -> dict[str, Any]:
+    """One worker count on the emptied cluster; returns the row of measurements."""
+    ports = cluster.ports
+    for port in ports:
+        redis.Redis(host="127.0.0.1", port=port).flushall()
+    client = RedisCluster.from_url(cluster.url)
+    keys = Keys(PREFIX, args.shards)
+    empty_bytes = info_sum(ports, "memory", ("used_memory",))
+    config = state / "pipeline.toml"
+    config.write_text(CONFIG.format(url=cluster.url, prefix=PREFIX, shards=args.shards))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
+    argv = [sys.executable, "-m", "agentwatch", "worker", "detectors", "--config", str(config)]
+    procs = [subprocess.Popen([*argv, "--log-level", "warning"], env=env) for _ in range(workers)]
+    ps_workers = [psutil.Process(p.pid) for p in procs]
+    owners = slot_owners(ports[0])
+    ctx = mp.get_context("fork")
+    stop_silent_at, quit_flag = ctx.Value("d", 0.0), ctx.Value("b", 0)
+    sent, behind_ms = ctx.Value("q", 0), ctx.Value("d", 0.0)
+    out: Any = ctx.Queue()
+    t0 = time.time() + 1.0
+    loaders = [
+        ctx.Process(
+            target=loader,
+            args=(j, args.loaders, args, owners, t0, stop_silent_at, quit_flag, sent, behind_ms, out),
+        )
+        for j in range(args.loaders)
+    ]
+    for proc in loaders:
+        proc.start()
+    ps_loaders = [psutil.Process(p.pid) for p in loaders if p.pid is not None]
+    row: dict[str, Any] = {"workers": workers}
+    try:
+        # Steady state: starts done (cycle 0) plus a few seconds; then one whole beat cycle.
+        time.sleep(max(0.0, t0 + args.interval + 5 - time.time()))
+        w0 = (time.time(), cpu_s(ps_workers), cpu_s(ps_loaders), sent.value, *group_state(client, keys),
+              info_sum(ports, "cpu", ("used_cpu_user", "used_cpu_sys")))  # fmt: skip
+        behind_ms.value = 0.0
+        time.sleep(args.interval)
+        w1 = (time.time(), cpu_s(ps_workers), cpu_s(ps_loaders), sent.value, *group_state(client, keys),
+              info_sum(ports, "cpu", ("used_cpu_user", "used_cpu_sys")))  # fmt: skip
+        span = w1[0] - w0[0]
+        events = max(1, w1[4] - w0[4])
+        row["beats/s sent"] = round((w1[3] - w0[3]) / span)
+        row["beats/s due"] = round(args.agents / args.interval)
+        row["loader worst behind, ms"] = round(behind_ms.value)
+        row["events/s applied"] = round(events / span)
+        row["waiting at end of window"] = w1[5]
+        row["detector CPU s per 1M events"] = round((w1[1] - w0[1]) / events * 1e6, 1)
+        row["detector CPU, cores"] = round((w1[1] - w0[1]) / span, 2)
+        row["Redis CPU s per 1M events"] = round((w1[6] - w0[6]) / events * 1e6, 1)
+        row["loader CPU s per 1M events"] = round((w1[2] - w0[2]) / max(1, w1[3] - w0[3]) * 1e6, 1)
+        # Memory, at steady state (every agent registered, the streams at their backlog).
+        used = info_sum(ports, "memory", ("used_memory",)) - empty_bytes
+        streams = sum(
+            int(client.memory_usage(s, samples=0) or 0) for s in [*keys.event_streams(), keys.alerts]
+        )
+        row["Redis memory per agent, B (all)"] = round(used / args.agents)
+        row["event streams, MB"] = round(streams / 1e6)
+        row["Redis memory per agent, B (state)"] = round((used - streams) / args.agents)
+        # Silence: the silent agents stop now; their alerts come 90 s after their last beat.
+        stop_silent_at.value = time.time()
+        stopped = time.time()
+        delays = collect_delays(client, keys, args, stopped, quit_flag, out)
+        row["silent agents alerted"] = f"{len(delays)} / {args.silent}"
+        values = list(delays.values())
+        if values:
+            row["silence p50, ms"] = round(median(values))
+            row["silence p99, ms"] = round(percentile(values, 99))
+            row["silence max, ms"] = round(max(values))
+        row["false alerts (healthy agents)"] = sum(
+            1 for _, f in client.xrange(keys.alerts)
+            if (a := json.loads(f[b"d"]))["detector"] == "silence" and a["status"] == "firing"
+            and int(a["agent"][4:]) % max(1, args.agents // args.silent) != 0
+        )  # fmt: skip
+        row["waiting at end"] = group_state(client, keys)[1]
+    finally:
+        quit_flag.value = 1
+        for proc in loaders:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        client.close()
+    return row
+
+
+def collect_delays(
+    client: RedisCluster, keys: Keys, args: argparse.Namespace, stopped: float, quit_flag: Any, out: Any
+) -> dict[str, float]:
+    """Wait for the silent agents' firing alerts; delay = alert entry ms - (last beat ms + 90 s)."""
+    allowance_ms = max(60_000, 3 * args.interval * 1000)
+    step = max(1, args.agents // args.silent)
+    silent = {f"cap-{i:07d}" for i in range(0, args.agents, step)}
+    fired: dict[str, int] = {}
+    cursor = "-"
+    deadline = stopped + args.interval + allowance_ms / 1000 + 60
+    # Wait for the last silent beats to be sent (one cycle) before asking the loaders for them.
+    while time.time() < deadline and len(fired) < len(silent):
+        for entry_id, fields in client.xrange(keys.alerts, min=cursor):
+            cursor = f"({entry_id.decode()}"
+            alert = json.loads(fields[b"d"])
+            if alert["detector"] == "silence" and alert["status"] == "firing" and alert["agent"] in silent:
+                if alert["agent"] in fired:
+                    raise SystemExit(f"two firing alerts for {alert['agent']}")
+                fired[alert["agent"]] = entry_ms(entry_id)
+        time.sleep(0.5)
+    quit_flag.value = 1
+    last: dict[int, int] = {}
+    for _ in range(args.loaders):
+        last.update(out.get(timeout=60))
+    return {
+        agent: at - (last[int(agent[4:])] + allowance_ms)
+        for agent, at in fired.items()
+        if int(agent[4:]) in last
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", type=int, default=1_000_000)
+    parser.add_argument("--interval", type=float, default=30.0, help="seconds between an agent's beats")
+    parser.add_argument("--workers", default="1,2,4", help="detector worker counts to run, comma-separated")
+    parser.add_argument("--shards", type=int, default=6)
+    parser.add_argument("--loaders", type=int, default=2, help="processes sending the fleet's XADDs")
+    parser.add_argument("--silent", type=int, default=1000)
+    args = parser.parse_args()
+    counts = [int(w) for w in args.workers.split(",")]
+    state = Path(tempfile.mkdtemp(prefix="aw-cap-"))
+    rows = []
+    with LocalCluster(state / "cluster") as cluster:
+        spread: dict[int, int] = {}
+        owners = slot_owners(cluster.ports[0])
+        for s in Keys(PREFIX, args.shards).event_streams():
+            spread[owners[key_slot(s.encode())]] = spread.get(owners[key_slot(s.encode())], 0) + 1
+        print(f"cluster {cluster.ports}: event streams per master {sorted(spread.values())}", flush=True)
+        for w in counts:
+            row = one_run(cluster, w, args, state)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    scale = f"{args.agents / 1e6:g}M" if args.agents >= 1_000_000 else f"{args.agents:,}"
+    figures = [
+        figure(
+            f"silence p99 after deadline, {scale} agents, {r['workers']} workers",
+            float(r.get("silence p99, ms", float("inf"))),
+            "ms",
+            goal=500,
+            issue=17,
+        )
+        for r in rows
+    ]
+    extra = {"agents": args.agents, "interval_s": args.interval, "shards": args.shards,
+             "loaders": args.loaders, "silent": args.silent, "masters": 3, "runs": rows}  # fmt: skip
+    # One line per measurement, one column per worker count: the table stays readable.
+    names = list(dict.fromkeys(key for row in rows for key in row if key != "workers"))
+    table = [{"measure": n, **{f"{r['workers']} worker(s)": r.get(n, "") for r in rows}} for n in names]
+    report("capacity", table, extra, figures=figures)
+
+
+if __name__ == "__main__":
+    main()
