@@ -33,6 +33,7 @@ For each worker count in ``--workers`` (default ``1,2,4``), on an emptied cluste
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import multiprocessing as mp
 import os
@@ -79,6 +80,28 @@ def slot_owners(port: int) -> dict[int, int]:
     return owners
 
 
+def due_at(i: int, k: int, args: argparse.Namespace, t0: float) -> float:
+    """When agent ``i`` sends its ``k``-th event (0: the start), wall-clock seconds.
+
+    Starts are spread over ``ramp`` seconds in agent order. The probes (the agents that will go
+    silent) beat every ``interval`` from their start; the bulk beats every ``bulk_interval`` from
+    the end of the ramp, phases spread over the interval, so the rate is flat from then on. With
+    the defaults (all three 30 s) both are ``t0 + (i / agents + k) * 30``.
+    """
+    phase = i / args.agents
+    start = t0 + phase * args.ramp
+    if k == 0:
+        return start
+    if i % probe_step(args) == 0:
+        return start + k * args.interval
+    return t0 + args.ramp + (phase + k - 1) * args.bulk_interval
+
+
+def probe_step(args: argparse.Namespace) -> int:
+    """Agents ``0, step, 2 step, ...`` are the probes: their phases and shards spread evenly."""
+    return max(1, args.agents // args.silent)
+
+
 def loader(
     index: int,
     loaders: int,
@@ -91,66 +114,58 @@ def loader(
     behind_ms: Any,
     out: Any,
 ) -> None:
-    """Send agents ``index``, ``index + loaders``, ... : a start in cycle 0, then a beat a cycle.
+    """Send the events of agents ``index``, ``index + loaders``, ... as they fall due (:func:`due_at`).
 
-    Agent ``i`` is due at ``t0 + (i / agents + k) * interval`` in cycle ``k``. The silent agents
-    (``i % step == 0``) send nothing due after ``stop_silent_at``; the entry id of each one's last
-    beat goes to ``out`` when told to quit.
+    Raw pipelined XADDs, one pipeline per master, each stream sent to the master owning its slot.
+    The probes send nothing due after ``stop_silent_at``; the entry id of each probe's last event
+    goes to ``out`` when told to quit.
     """
     keys = Keys(PREFIX, args.shards)
-    mine = list(range(index, args.agents, loaders))
-    stream_of = [keys.events_for(f"cap-{i:07d}").encode() for i in mine]
     ports = sorted(set(owners.values()))
-    node_of = [ports.index(owners[key_slot(s)]) for s in stream_of]
     conns = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
-    step = max(1, args.agents // args.silent)
+    route: dict[int, tuple[bytes, int]] = {}
+    schedule: list[tuple[float, int, int]] = []
+    for i in range(index, args.agents, loaders):
+        stream = keys.events_for(f"cap-{i:07d}").encode()
+        route[i] = (stream, ports.index(owners[key_slot(stream)]))
+        schedule.append((due_at(i, 0, args, t0), i, 0))
+    heapq.heapify(schedule)
+    step = probe_step(args)
     last_ids: dict[int, bytes] = {}
-    interval = args.interval
     pack = msgpack.Packer().pack
-    pos, cycle, n = 0, 0, len(mine)
     while not quit_flag.value:
         now = time.time()
         stop_at = stop_silent_at.value
         pipes = [c.pipeline(transaction=False) for c in conns]
-        silent_slots: list[list[tuple[int, int]]] = [[] for _ in conns]
+        probe_replies: list[list[tuple[int, int]]] = [[] for _ in conns]
         queued = [0] * len(conns)
         worst = 0.0
-        while True:
-            i = mine[pos]
-            due = t0 + (i / args.agents + cycle) * interval
-            if due > now:
-                break
+        while schedule[0][0] <= now:
+            due, i, k = schedule[0]
+            heapq.heapreplace(schedule, (due_at(i, k + 1, args, t0), i, k + 1))
             worst = max(worst, now - due)
-            silent = i % step == 0
-            if not (silent and stop_at and due > stop_at):
-                name = f"cap-{i:07d}"
-                event: dict[str, Any] = {"v": 1, "agent": name, "ts": due, "run": f"{i:016x}", "seq": cycle}
-                if cycle == 0:
-                    host = f"host-{i % 500:03d}"
-                    event.update(
-                        kind="start", interval=float(interval), pid=1000 + i, host=host, version="0.1.0"
-                    )
-                else:
-                    event.update(kind="beat", tokens=300)
-                node = node_of[pos]
-                pipes[node].execute_command(
-                    "XADD", stream_of[pos], "MAXLEN", "~", MAXLEN, "*", "d", pack(event)
-                )
-                if silent:
-                    silent_slots[node].append((queued[node], i))
-                queued[node] += 1
-            pos += 1
-            if pos == n:
-                pos, cycle = 0, cycle + 1
-        total = 0
+            probe = i % step == 0
+            if probe and stop_at and due > stop_at:
+                continue
+            event: dict[str, Any] = {"v": 1, "agent": f"cap-{i:07d}", "ts": due, "run": f"{i:016x}", "seq": k}
+            if k == 0:
+                every = args.interval if probe else args.bulk_interval
+                host = f"host-{i % 500:03d}"
+                event.update(kind="start", interval=float(every), pid=1000 + i, host=host, version="0.1.0")
+            else:
+                event.update(kind="beat", tokens=300)
+            stream, node = route[i]
+            pipes[node].execute_command("XADD", stream, "MAXLEN", "~", MAXLEN, "*", "d", pack(event))
+            if probe:
+                probe_replies[node].append((queued[node], i))
+            queued[node] += 1
         for node, pipe in enumerate(pipes):
             if queued[node]:
                 replies = pipe.execute()
-                for k, i in silent_slots[node]:
-                    last_ids[i] = replies[k]
-                total += queued[node]
+                for n, i in probe_replies[node]:
+                    last_ids[i] = replies[n]
         with sent.get_lock():
-            sent.value += total
+            sent.value += sum(queued)
         if worst * 1000 > behind_ms.value:
             behind_ms.value = worst * 1000
         time.sleep(max(0.0, WAKE_S - (time.time() - now)))
@@ -181,6 +196,34 @@ def group_state(client: RedisCluster, keys: Keys) -> tuple[int, int]:
     return read, waiting
 
 
+def snapshot(
+    ps_workers: list[psutil.Process],
+    ps_loaders: list[psutil.Process],
+    sent: Any,
+    client: RedisCluster,
+    keys: Keys,
+    ports: list[int],
+) -> tuple[float, float, float, int, int, int, float]:
+    """(time, worker CPU s, loader CPU s, events sent, events the group read, waiting, Redis CPU s)."""
+    read, waiting = group_state(client, keys)
+    redis_cpu = info_sum(ports, "cpu", ("used_cpu_user", "used_cpu_sys"))
+    return (time.time(), cpu_s(ps_workers), cpu_s(ps_loaders), int(sent.value), read, waiting, redis_cpu)
+
+
+def stream_names(keys: Keys) -> set[str]:
+    return {*keys.event_streams(), keys.alerts, keys.deadletter}
+
+
+def key_sizes(client: RedisCluster) -> dict[str, int]:
+    """MEMORY USAGE (every element counted) of every key on every master: a few dozen keys, since
+    the detectors keep one hash or sorted set per shard, not one key per agent."""
+    sizes: dict[str, int] = {}
+    for key in client.scan_iter(match=f"{PREFIX}:*", count=1000, target_nodes=RedisCluster.PRIMARIES):
+        name = key.decode()
+        sizes[name] = int(client.memory_usage(name, samples=0) or 0)
+    return sizes
+
+
 def cpu_s(procs: list[psutil.Process]) -> float:
     total = 0.0
     for proc in procs:
@@ -201,7 +244,15 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
     config.write_text(CONFIG.format(url=cluster.url, prefix=PREFIX, shards=args.shards))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
     argv = [sys.executable, "-m", "agentwatch", "worker", "detectors", "--config", str(config)]
-    procs = [subprocess.Popen([*argv, "--log-level", "warning"], env=env) for _ in range(workers)]
+    argv += ["--log-level", "warning"]
+    procs = []
+    for n in range(workers):
+        prof = (
+            ["-m", "cProfile", "-o", str(Path(args.profile) / f"worker-{workers}-{n}.prof")]
+            if args.profile
+            else []
+        )
+        procs.append(subprocess.Popen([argv[0], *prof, *argv[1:]], env=env))
     ps_workers = [psutil.Process(p.pid) for p in procs]
     owners = slot_owners(ports[0])
     ctx = mp.get_context("fork")
@@ -221,33 +272,41 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
     ps_loaders = [psutil.Process(p.pid) for p in loaders if p.pid is not None]
     row: dict[str, Any] = {"workers": workers}
     try:
-        # Steady state: starts done (cycle 0) plus a few seconds; then one whole beat cycle.
-        time.sleep(max(0.0, t0 + args.interval + 5 - time.time()))
-        w0 = (time.time(), cpu_s(ps_workers), cpu_s(ps_loaders), sent.value, *group_state(client, keys),
-              info_sum(ports, "cpu", ("used_cpu_user", "used_cpu_sys")))  # fmt: skip
+        # Steady state: every start sent, every agent beating; then one window.
+        time.sleep(max(0.0, t0 + max(args.ramp, args.interval) + 5 - time.time()))
+        w0 = snapshot(ps_workers, ps_loaders, sent, client, keys, ports)
         behind_ms.value = 0.0
-        time.sleep(args.interval)
-        w1 = (time.time(), cpu_s(ps_workers), cpu_s(ps_loaders), sent.value, *group_state(client, keys),
-              info_sum(ports, "cpu", ("used_cpu_user", "used_cpu_sys")))  # fmt: skip
+        time.sleep(args.window)
+        w1 = snapshot(ps_workers, ps_loaders, sent, client, keys, ports)
         span = w1[0] - w0[0]
         events = max(1, w1[4] - w0[4])
-        row["beats/s sent"] = round((w1[3] - w0[3]) / span)
-        row["beats/s due"] = round(args.agents / args.interval)
+        probes = len(range(0, args.agents, probe_step(args)))
+        row["events/s due"] = round(probes / args.interval + (args.agents - probes) / args.bulk_interval)
+        row["events/s sent"] = round((w1[3] - w0[3]) / span)
         row["loader worst behind, ms"] = round(behind_ms.value)
         row["events/s applied"] = round(events / span)
         row["waiting at end of window"] = w1[5]
         row["detector CPU s per 1M events"] = round((w1[1] - w0[1]) / events * 1e6, 1)
         row["detector CPU, cores"] = round((w1[1] - w0[1]) / span, 2)
         row["Redis CPU s per 1M events"] = round((w1[6] - w0[6]) / events * 1e6, 1)
+        row["Redis CPU, cores"] = round((w1[6] - w0[6]) / span, 2)
         row["loader CPU s per 1M events"] = round((w1[2] - w0[2]) / max(1, w1[3] - w0[3]) * 1e6, 1)
+        # Caught up? Wait (bounded) until what waits is under a second of events.
+        waited = time.time()
+        while group_state(client, keys)[1] > max(1000, row["events/s due"]) and time.time() < waited + 300:
+            time.sleep(1)
+        behind = group_state(client, keys)[1]
+        row["caught up after window, s"] = (
+            round(time.time() - waited) if behind <= max(1000, row["events/s due"]) else "no"
+        )
         # Memory, at steady state (every agent registered, the streams at their backlog).
         used = info_sum(ports, "memory", ("used_memory",)) - empty_bytes
-        streams = sum(
-            int(client.memory_usage(s, samples=0) or 0) for s in [*keys.event_streams(), keys.alerts]
-        )
-        row["Redis memory per agent, B (all)"] = round(used / args.agents)
-        row["event streams, MB"] = round(streams / 1e6)
-        row["Redis memory per agent, B (state)"] = round((used - streams) / args.agents)
+        sizes = key_sizes(client)
+        streams = sum(size for key, size in sizes.items() if key in stream_names(keys))
+        row["Redis used_memory delta per agent, B"] = round(used / args.agents)
+        row["event streams (backlog), MB"] = round(streams / 1e6)
+        row["state per agent (keys, MEMORY USAGE), B"] = round((sum(sizes.values()) - streams) / args.agents)
+        row["used_memory per agent without streams, B"] = round((used - streams) / args.agents)
         # Silence: the silent agents stop now; their alerts come 90 s after their last beat.
         stop_silent_at.value = time.time()
         stopped = time.time()
@@ -261,7 +320,7 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
         row["false alerts (healthy agents)"] = sum(
             1 for _, f in client.xrange(keys.alerts)
             if (a := json.loads(f[b"d"]))["detector"] == "silence" and a["status"] == "firing"
-            and int(a["agent"][4:]) % max(1, args.agents // args.silent) != 0
+            and int(a["agent"][4:]) % probe_step(args) != 0
         )  # fmt: skip
         row["waiting at end"] = group_state(client, keys)[1]
     finally:
@@ -283,8 +342,7 @@ def collect_delays(
 ) -> dict[str, float]:
     """Wait for the silent agents' firing alerts; delay = alert entry ms - (last beat ms + 90 s)."""
     allowance_ms = max(60_000, 3 * args.interval * 1000)
-    step = max(1, args.agents // args.silent)
-    silent = {f"cap-{i:07d}" for i in range(0, args.agents, step)}
+    silent = {f"cap-{i:07d}" for i in range(0, args.agents, probe_step(args))}
     fired: dict[str, int] = {}
     cursor = "-"
     deadline = stopped + args.interval + allowance_ms / 1000 + 60
@@ -313,11 +371,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=1_000_000)
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between an agent's beats")
+    parser.add_argument(
+        "--bulk-interval", type=float, help="... of the agents that never go silent (default: --interval)"
+    )
+    parser.add_argument(
+        "--ramp", type=float, help="seconds over which the agents start (default: --bulk-interval)"
+    )
+    parser.add_argument("--window", type=float, default=30.0, help="seconds of steady state measured")
     parser.add_argument("--workers", default="1,2,4", help="detector worker counts to run, comma-separated")
     parser.add_argument("--shards", type=int, default=6)
     parser.add_argument("--loaders", type=int, default=2, help="processes sending the fleet's XADDs")
     parser.add_argument("--silent", type=int, default=1000)
+    parser.add_argument("--profile", help="run the workers under cProfile, writing <dir>/worker-W-n.prof")
     args = parser.parse_args()
+    args.bulk_interval = args.bulk_interval or args.interval
+    args.ramp = args.ramp or args.bulk_interval
+    if args.ramp > 3 * args.bulk_interval:
+        parser.error("--ramp must be at most 3 x --bulk-interval (or the first started go silent)")
     counts = [int(w) for w in args.workers.split(",")]
     state = Path(tempfile.mkdtemp(prefix="aw-cap-"))
     rows = []
@@ -342,7 +412,8 @@ def main() -> None:
         )
         for r in rows
     ]
-    extra = {"agents": args.agents, "interval_s": args.interval, "shards": args.shards,
+    extra = {"agents": args.agents, "interval_s": args.interval, "bulk_interval_s": args.bulk_interval,
+             "ramp_s": args.ramp, "window_s": args.window, "shards": args.shards,
              "loaders": args.loaders, "silent": args.silent, "masters": 3, "runs": rows}  # fmt: skip
     # One line per measurement, one column per worker count: the table stays readable.
     names = list(dict.fromkeys(key for row in rows for key in row if key != "workers"))
