@@ -53,6 +53,7 @@ from redis.crc import key_slot
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import figure, median, percentile, report
 
+from agentwatch.alerts import decode_alert
 from agentwatch.codec import entry_ms
 from agentwatch.keys import Keys
 from agentwatch.localcluster import LocalCluster
@@ -275,6 +276,7 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
         # Steady state: every start sent, every agent beating; then one window.
         time.sleep(max(0.0, t0 + max(args.ramp, args.interval) + 5 - time.time()))
         w0 = snapshot(ps_workers, ps_loaders, sent, client, keys, ports)
+        row["load average (1 min) at start"] = round(os.getloadavg()[0], 1)
         behind_ms.value = 0.0
         time.sleep(args.window)
         w1 = snapshot(ps_workers, ps_loaders, sent, client, keys, ports)
@@ -310,7 +312,7 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
         # Silence: the silent agents stop now; their alerts come 90 s after their last beat.
         stop_silent_at.value = time.time()
         stopped = time.time()
-        delays = collect_delays(client, keys, args, stopped, quit_flag, out)
+        delays = collect_delays(client, keys, args, stopped, quit_flag, out, row)
         row["silent agents alerted"] = f"{len(delays)} / {args.silent}"
         values = list(delays.values())
         if values:
@@ -323,6 +325,7 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
             and int(a["agent"][4:]) % probe_step(args) != 0
         )  # fmt: skip
         row["waiting at end"] = group_state(client, keys)[1]
+        row["load average (1 min) at end"] = round(os.getloadavg()[0], 1)
     finally:
         quit_flag.value = 1
         for proc in loaders:
@@ -338,33 +341,50 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
 
 
 def collect_delays(
-    client: RedisCluster, keys: Keys, args: argparse.Namespace, stopped: float, quit_flag: Any, out: Any
+    client: RedisCluster,
+    keys: Keys,
+    args: argparse.Namespace,
+    stopped: float,
+    quit_flag: Any,
+    out: Any,
+    row: dict[str, Any],
 ) -> dict[str, float]:
     """Wait for the silent agents' firing alerts; delay = alert entry ms - (last beat ms + 90 s)."""
     allowance_ms = max(60_000, 3 * args.interval * 1000)
     silent = {f"cap-{i:07d}" for i in range(0, args.agents, probe_step(args))}
     fired: dict[str, int] = {}
+    decided: dict[str, int] = {}
     cursor = "-"
+    most_waiting = 0
     deadline = stopped + args.interval + allowance_ms / 1000 + 60
     # Wait for the last silent beats to be sent (one cycle) before asking the loaders for them.
     while time.time() < deadline and len(fired) < len(silent):
         for entry_id, fields in client.xrange(keys.alerts, min=cursor):
             cursor = f"({entry_id.decode()}"
-            alert = json.loads(fields[b"d"])
-            if alert["detector"] == "silence" and alert["status"] == "firing" and alert["agent"] in silent:
-                if alert["agent"] in fired:
-                    raise SystemExit(f"two firing alerts for {alert['agent']}")
-                fired[alert["agent"]] = entry_ms(entry_id)
+            alert = decode_alert(fields[b"d"])
+            if alert.detector == "silence" and alert.status == "firing" and alert.agent in silent:
+                if alert.agent in fired:
+                    raise SystemExit(f"two firing alerts for {alert.agent}")
+                fired[alert.agent] = entry_ms(entry_id)
+                decided[alert.agent] = alert.at_ms
+        most_waiting = max(most_waiting, group_state(client, keys)[1])
         time.sleep(0.5)
+    row["most waiting while the probes went silent"] = most_waiting
     quit_flag.value = 1
     last: dict[int, int] = {}
     for _ in range(args.loaders):
         last.update(out.get(timeout=60))
-    return {
-        agent: at - (last[int(agent[4:])] + allowance_ms)
-        for agent, at in fired.items()
-        if int(agent[4:]) in last
-    }
+    known = [agent for agent in fired if int(agent[4:]) in last]
+    # Where the delay goes: the timer check deciding (the alert's "at", Redis time of the check),
+    # then publishing it on the alerts stream.
+    late = [decided[a] - (last[int(a[4:])] + allowance_ms) for a in known]
+    publish = [fired[a] - decided[a] for a in known]
+    if known:
+        row["decided after deadline p50 / p99, ms"] = f"{median(late):.0f} / {percentile(late, 99):.0f}"
+        row["published after decided p50 / p99, ms"] = (
+            f"{median(publish):.0f} / {percentile(publish, 99):.0f}"
+        )
+    return {a: fired[a] - (last[int(a[4:])] + allowance_ms) for a in known}
 
 
 def main() -> None:
