@@ -61,6 +61,20 @@ from agentwatch.localcluster import LocalCluster
 PREFIX = "cap"
 MAXLEN = 1_000_000  # the Python producer's default (PROTOCOL.md, "Trimming")
 WAKE_S = 0.02  # a loader sends what fell due every 20 ms
+# --profile: the worker under cProfile timed by CPU time (process_time), so a worker descheduled
+# on a busy machine does not charge the wait to whatever line it was on.
+PROFILED = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = ["agentwatch", *sys.argv[2:]]
+profile = cProfile.Profile(time.process_time)
+profile.enable()
+try:
+    runpy.run_module("agentwatch", run_name="__main__")
+finally:
+    profile.disable()
+    profile.dump_stats(out)
+"""
 CONFIG = """
 [redis]
 url = "{url}"
@@ -225,6 +239,21 @@ def key_sizes(client: RedisCluster) -> dict[str, int]:
     return sizes
 
 
+def by_kind(client: RedisCluster, sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Per-shard keys grouped by kind (``cap:{3}:states`` -> ``states``): (bytes, elements)."""
+    out: dict[str, tuple[int, int]] = {}
+    for key, size in sizes.items():
+        if not key.startswith(f"{PREFIX}:{{"):
+            continue
+        kind = key.split("}:", 1)[1]
+        kind_type = client.type(key).decode()
+        count = {"hash": client.hlen, "zset": client.zcard}.get(kind_type)
+        entries = int(count(key)) if count is not None else 0  # type: ignore[operator]
+        total, n = out.get(kind, (0, 0))
+        out[kind] = (total + size, n + entries)
+    return out
+
+
 def cpu_s(procs: list[psutil.Process]) -> float:
     total = 0.0
     for proc in procs:
@@ -248,12 +277,9 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
     argv += ["--log-level", "warning"]
     procs = []
     for n in range(workers):
-        prof = (
-            ["-m", "cProfile", "-o", str(Path(args.profile) / f"worker-{workers}-{n}.prof")]
-            if args.profile
-            else []
-        )
-        procs.append(subprocess.Popen([argv[0], *prof, *argv[1:]], env=env))
+        out_file = str(Path(args.profile) / f"worker-{workers}-{n}.prof") if args.profile else ""
+        run = [argv[0], "-c", PROFILED, out_file, *argv[3:]] if args.profile else argv
+        procs.append(subprocess.Popen(run, env=env))
     ps_workers = [psutil.Process(p.pid) for p in procs]
     owners = slot_owners(ports[0])
     ctx = mp.get_context("fork")
@@ -301,14 +327,6 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
         row["caught up after window, s"] = (
             round(time.time() - waited) if behind <= max(1000, row["events/s due"]) else "no"
         )
-        # Memory, at steady state (every agent registered, the streams at their backlog).
-        used = info_sum(ports, "memory", ("used_memory",)) - empty_bytes
-        sizes = key_sizes(client)
-        streams = sum(size for key, size in sizes.items() if key in stream_names(keys))
-        row["Redis used_memory delta per agent, B"] = round(used / args.agents)
-        row["event streams (backlog), MB"] = round(streams / 1e6)
-        row["state per agent (keys, MEMORY USAGE), B"] = round((sum(sizes.values()) - streams) / args.agents)
-        row["used_memory per agent without streams, B"] = round((used - streams) / args.agents)
         # Silence: the silent agents stop now; their alerts come 90 s after their last beat.
         stop_silent_at.value = time.time()
         stopped = time.time()
@@ -324,6 +342,18 @@ def one_run(cluster: LocalCluster, workers: int, args: argparse.Namespace, state
             if (a := json.loads(f[b"d"]))["detector"] == "silence" and a["status"] == "firing"
             and int(a["agent"][4:]) % probe_step(args) != 0
         )  # fmt: skip
+        # Memory, at the end: every agent registered for minutes (the dashboard series and the
+        # report rollups are swept from the totals at their bucket boundaries), streams at
+        # their backlog.
+        used = info_sum(ports, "memory", ("used_memory",)) - empty_bytes
+        sizes = key_sizes(client)
+        streams = sum(size for key, size in sizes.items() if key in stream_names(keys))
+        row["Redis used_memory delta per agent, B"] = round(used / args.agents)
+        row["event streams (backlog), MB"] = round(streams / 1e6)
+        row["state per agent (keys, MEMORY USAGE), B"] = round((sum(sizes.values()) - streams) / args.agents)
+        row["used_memory per agent without streams, B"] = round((used - streams) / args.agents)
+        for kind, (size, entries) in sorted(by_kind(client, sizes).items()):
+            row[f"  {kind}: B per entry (entries)"] = f"{size / max(1, entries):.0f} ({entries:,})"
         row["waiting at end"] = group_state(client, keys)[1]
         row["load average (1 min) at end"] = round(os.getloadavg()[0], 1)
     finally:
@@ -402,8 +432,13 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=6)
     parser.add_argument("--loaders", type=int, default=2, help="processes sending the fleet's XADDs")
     parser.add_argument("--silent", type=int, default=1000)
+    parser.add_argument(
+        "--quick", action="store_true", help="100,000 agents, 1 and 2 workers (run_all.py --quick)"
+    )
     parser.add_argument("--profile", help="run the workers under cProfile, writing <dir>/worker-W-n.prof")
     args = parser.parse_args()
+    if args.quick:
+        args.agents, args.workers = min(args.agents, 100_000), "1,2"
     args.bulk_interval = args.bulk_interval or args.interval
     args.ramp = args.ramp or args.bulk_interval
     if args.ramp > 3 * args.bulk_interval:
@@ -422,6 +457,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     scale = f"{args.agents / 1e6:g}M" if args.agents >= 1_000_000 else f"{args.agents:,}"
+    if args.bulk_interval != args.interval:  # not every agent at --interval: say at what rate
+        scale += f" (at {rows[0].get('events/s due', 0):,} events/s)"
     figures = [
         figure(
             f"silence p99 after deadline, {scale} agents, {r['workers']} workers",
