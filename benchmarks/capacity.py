@@ -2,32 +2,38 @@
 
 A 3-master cluster on this machine (agentwatch/localcluster.py, the test suite's builder) holds
 ``--shards`` event streams. ``--agents`` simulated agents (default 1,000,000) speak the wire
-protocol themselves: raw pipelined ``XADD``s (PROTOCOL.md), sent by ``--loaders`` processes that
-route each stream to its node, as a cluster client would. Each agent sends a ``start`` (with
-``interval = 30``) in the first cycle, then one beat per ``--interval`` seconds, their phases spread
-evenly over the interval, so the cluster sees agents / interval events per second.
+protocol themselves: raw pipelined ``XADD ... MAXLEN ~ 1000000`` (PROTOCOL.md), sent by
+``--loaders`` processes that route each stream to the master owning its slot, as a cluster client
+would. Each agent sends a ``start`` (declaring its interval; the starts spread over ``--ramp``
+seconds), then a beat every ``--interval`` seconds, phases spread evenly, so the cluster sees
+agents / interval events per second. ``--bulk-interval`` gives every agent but the probes a
+longer interval: the whole fleet registered at a rate a small machine carries.
 
 For each worker count in ``--workers`` (default ``1,2,4``), on an emptied cluster:
 
 1. ``W`` detector workers start (``agentwatch worker detectors``, every built-in detector at its
-   defaults, ``[redis] cluster = true``), the loaders start the fleet; a cycle of starts, then
-   beats.
-2. Over one whole beat cycle of steady state: the achieved beat rate (XADDs the loaders sent per
-   second, and how far behind schedule the worst one fell), detector CPU seconds per million
-   events (psutil user + system of the worker processes, over the events their group read in that
-   window), Redis CPU per million events (``INFO cpu`` of every master) and whether the workers
-   kept up (the group's lag at the end of the window).
-3. Redis memory per agent: ``used_memory`` summed over the masters minus the same sum for the
-   empty cluster, divided by the agents; the event streams' own share (``MEMORY USAGE``, a
-   backlog bounded by the producers' ``MAXLEN ~ 1000000`` per stream, not per agent) is shown
-   apart, and subtracted to give the per-agent state.
-4. ``--silent`` agents (default 1,000, every N/1000-th, so their phases and shards spread) stop
-   beating. Each one's silence deadline is its last beat's entry time + 90 s (max(``after`` = 60 s,
-   3 x interval)): the delay is the firing alert's entry time on ``<prefix>:alerts`` minus that
-   deadline, both Redis time. p50 / p99 / max over the silent agents; goal (issue 17): p99 <= 500 ms
-   at 1,000,000 agents.
+   defaults, ``[redis] cluster = true``) and the loaders start the fleet.
+2. Over ``--window`` seconds of steady state: the event rate sent (and how far behind schedule
+   the worst loader fell) and applied, detector CPU seconds per million events (psutil user +
+   system of the worker processes, over the events their group read in the window), Redis CPU
+   per million events (``INFO cpu`` of every master), loader CPU, and the backlog (the group's
+   lag + pending) at the end of the window; then how long the workers took to catch up.
+3. ``--silent`` probes (default 1,000, every N/1000-th agent, so phases and shards spread) stop.
+   Each one's deadline is its last event's entry time + max(``after`` = 60 s, 3 x interval):
+   the delay is the firing silence alert's entry time on ``<prefix>:alerts`` minus that deadline,
+   both Redis time, p50 / p99 / max, split into *decided* (the alert's ``at``: when the timer
+   check saw it) and *published*. Goal (issue 17): p99 <= 500 ms at 1,000,000 agents.
+4. Memory at the end of the run: ``used_memory`` over the masters minus the empty cluster's, per
+   agent; ``MEMORY USAGE`` of every key, streams apart (a backlog bounded by ``MAXLEN`` per
+   stream, not per agent), and per key kind, bytes per element.
+
+``--profile DIR`` runs the workers under cProfile timed by CPU time. The machine, date, load
+averages and arguments go to ``benchmarks/results/capacity.json``; BENCHMARKS.md ("capacity")
+and docs/operations.md ("Capacity planning") say what was run and what it means.
 
     nice -n 5 python benchmarks/capacity.py [--agents 1000000] [--workers 1,2,4] [--shards 6]
+    python benchmarks/capacity.py --agents 1000000 --bulk-interval 600 --ramp 150
+    python benchmarks/capacity.py --quick          # 100,000 agents, 1 and 2 workers
 """
 
 from __future__ import annotations
