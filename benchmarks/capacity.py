@@ -43,6 +43,7 @@ import heapq
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -452,22 +453,26 @@ def main() -> None:
     counts = [int(w) for w in args.workers.split(",")]
     state = Path(tempfile.mkdtemp(prefix="aw-cap-"))
     rows = []
-    with LocalCluster(state / "cluster") as cluster:
-        spread: dict[int, int] = {}
-        owners = slot_owners(cluster.ports[0])
-        for s in Keys(PREFIX, args.shards).event_streams():
-            spread[owners[key_slot(s.encode())]] = spread.get(owners[key_slot(s.encode())], 0) + 1
-        print(f"cluster {cluster.ports}: event streams per master {sorted(spread.values())}", flush=True)
-        for w in counts:
-            row = one_run(cluster, w, args, state)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    try:
+        with LocalCluster(state / "cluster") as cluster:
+            owners = slot_owners(cluster.ports[0])
+            homes = [owners[key_slot(s.encode())] for s in Keys(PREFIX, args.shards).event_streams()]
+            spread = sorted(homes.count(port) for port in cluster.ports)
+            print(f"cluster {cluster.ports}: event streams per master {spread}", flush=True)
+            for w in counts:
+                row = one_run(cluster, w, args, state)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
     scale = f"{args.agents / 1e6:g}M" if args.agents >= 1_000_000 else f"{args.agents:,}"
     if args.bulk_interval != args.interval:  # not every agent at --interval: say at what rate
-        scale += f" (at {rows[0].get('events/s due', 0):,} events/s)"
+        scale += f" agents (at {rows[0].get('events/s due', 0):,} events/s)"
+    else:
+        scale += " agents"
     figures = [
         figure(
-            f"silence p99 after deadline, {scale} agents, {r['workers']} workers",
+            f"silence p99 after deadline, {scale}, {r['workers']} workers",
             float(r.get("silence p99, ms", float("inf"))),
             "ms",
             goal=500,
