@@ -53,6 +53,9 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "outbox": {"detector": RW, "notifier": RW, "operator": R, "http": RW},
     "states": _DETECTOR_STATE,
     "timers": _DETECTOR_STATE,
+    "schedules": _DETECTOR_STATE,  # cron agents' watches (detectors/schedule.py)
+    "schedule_due": _DETECTOR_STATE,
+    "schedules_open": _DETECTOR_STATE,
     "stacks": _DETECTOR_STATE,
     "rss": _DETECTOR_STATE,
     "intents": _DETECTOR_STATE,
@@ -94,6 +97,9 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "notify_stats": _NOTIFIER_STATE,
     "reports_sent": _NOTIFIER_STATE,
     "mutes": {"detector": R, "notifier": R, "operator": R, "http": RW},
+    # maintenance windows: set by the CLI (admin); notifiers read them and delete ones a day over
+    "maintenance": {"notifier": RW, "operator": R, "http": R},
+    "dependents": _NOTIFIER_STATE,  # silences held for a parent that is down (notifiers/holds.py)
     # the brake: every producer polls its stream's copy; detectors expire halts, the CLI (admin)
     # and the HTTP server set them
     "halts": {"producer": R, "detector": RW, "notifier": R, "operator": R, "http": RW},

@@ -188,6 +188,34 @@ def entry_ms(entry_id: bytes | str) -> int:
     return int(entry_id[: entry_id.index("-")])
 
 
+def drop_repeats(messages: list[tuple[bytes, Event]]) -> tuple[list[tuple[bytes, Event]], dict[str, int]]:
+    """The batch without copies of an event read earlier in it (same agent, run and seq), and
+    how many were dropped per agent.
+
+    A producer that retries an XADD whose reply it never got, or a shell loop that repeats one
+    event, writes copies with the same ``run`` and ``seq``: the redelivery rule (PROTOCOL.md)
+    says they count once. Across batches the detectors' per-run high-water mark drops them;
+    copies read in the *same* batch would be folded together before that mark is consulted, so
+    they are dropped here, before any handler (detectors, the spend ledger, plugins) sees them.
+    Exact copies only: a lower ``seq`` after a higher one is not a copy (another worker's
+    reclaim may bring it) and is left to the high-water rule."""
+    seen = {(ev["agent"], ev["run"], ev["seq"]) for _, ev in messages}
+    if len(seen) == len(messages):  # the common case: nothing repeated, nothing to do
+        return messages, {}
+    kept: list[tuple[bytes, Event]] = []
+    dropped: dict[str, int] = {}
+    first: set[tuple[str, str, int]] = set()
+    for message in messages:
+        ev = message[1]
+        key = (ev["agent"], ev["run"], ev["seq"])
+        if key in first:
+            dropped[key[0]] = dropped.get(key[0], 0) + 1
+            continue
+        first.add(key)
+        kept.append(message)
+    return kept, dropped
+
+
 def _check_count(key: str, value: Any) -> None:
     if value.__class__ is not int or value < 0:
         raise InvalidEntry(f"'{key}' must be an integer >= 0, got {_short(value)}")

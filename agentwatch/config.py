@@ -267,6 +267,73 @@ class GroupingSection(Section):
         return value
 
 
+GLOB_CHARS: Final = "A-Za-z0-9._:@/- and * ? [ ] !"
+MAX_MAINTENANCE_S: Final = 7 * 86400.0
+"""The longest maintenance window (recurring or ad hoc): a longer one is a way of never paging."""
+
+
+class MaintenanceEntry(Section):
+    """One ``[[maintenance]]`` entry: a recurring window (a cron ``schedule`` in ``[report]
+    timezone``, lasting ``duration``) during which nothing pages for the agents it covers, and
+    after which they get a fresh allowance (agentwatch/maintenance.py, notifiers/holds.py)."""
+
+    agents: list[str] = Field(default_factory=list, description='globs on the agent name, e.g. ["web-*"]')
+    labels: dict[str, str] = Field(
+        default_factory=dict, description='label -> glob on its value, e.g. { team = "search" }'
+    )
+    schedule: str = Field(description='cron expression of each start, e.g. "0 2 * * *"')
+    duration_s: Seconds = Field(alias="duration", gt=0, le=MAX_MAINTENANCE_S, description="each window lasts")
+    reason: str = Field("", max_length=200, description="shown in status and `maintenance list`")
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("agents")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        from agentwatch.labels import GLOB_RE  # noqa: PLC0415 - keep the import graph flat
+
+        for glob in value:
+            if GLOB_RE.fullmatch(glob) is None:
+                raise ValueError(f"{glob[:60]!r} is not an agent name or glob ({GLOB_CHARS})")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_globs(cls, value: dict[str, str]) -> dict[str, str]:
+        from agentwatch.labels import GLOB_RE  # noqa: PLC0415
+
+        for key, glob in value.items():
+            if LABEL_KEY_RE.fullmatch(key) is None:
+                raise ValueError(f"{key[:60]!r} is not a label key (1-64 chars of A-Za-z0-9_.-)")
+            if GLOB_RE.fullmatch(glob) is None:
+                raise ValueError(f"the value of {key!r} is not a label value or glob ({GLOB_CHARS})")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from agentwatch.cron import Cron  # noqa: PLC0415 - cronsim only when windows are configured
+
+        Cron.parse(value)  # the syntax; the windows' timezone is checked with [report] (load())
+        return value
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():
+            raise ValueError("must be printable text (no control characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _someone(self) -> MaintenanceEntry:
+        if not self.agents and not self.labels:
+            raise ValueError('say whom it covers: agents = ["web-*"] and/or labels = { team = "search" }')
+        return self
+
+
 class SecuritySection(Section):
     """Signed events and alerts (agentwatch/security.py, docs/security.md)."""
 
@@ -474,6 +541,7 @@ class PipelineSettings(BaseSettings):
     budgets: list[Budget] = Field(default_factory=list, description="[[budgets]]: spend limits per window")
     otlp: OtlpSection = OtlpSection()
     grouping: GroupingSection = GroupingSection()
+    maintenance: list[MaintenanceEntry] = Field(default_factory=list, description="[[maintenance]] windows")
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notifiers: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -545,6 +613,7 @@ def load(path: str | Path | None = None, *, plugins: bool = True) -> Pipeline:
     notifiers: list[Any] = []
     if plugins:  # check plugin sections even when the rest failed: report everything in one go
         detectors, notifiers = _load_plugins(settings, raw, env, problems)
+    problems += _schedule_problems(settings, detectors)
     problems = [p for p in problems if not any(p.startswith(f"{w}: ") for w in unset) or "is not set" in p]
     if problems or settings is None:
         raise ConfigError(source, problems)
@@ -576,6 +645,19 @@ def _load_plugins(
     if notifiers and isinstance(sections, dict):
         problems += _unknown_detector_refs(sections, notifiers)
     return detectors, notifiers
+
+
+def _schedule_problems(settings: PipelineSettings | None, detectors: list[Any]) -> list[str]:
+    """What only the whole file can tell: ``[[maintenance]]`` windows that never end (or whose
+    schedule fails in ``[report] timezone``), and ``depends_on`` cycles (agentwatch/dependencies.py)."""
+    from agentwatch.dependencies import DependsOnConfig, cycle_problems  # noqa: PLC0415 - they import this module
+    from agentwatch.maintenance import config_problems  # noqa: PLC0415
+
+    problems = config_problems(settings.maintenance, settings.report.timezone) if settings else []
+    for plugin in detectors:
+        if isinstance(plugin.config, DependsOnConfig):
+            problems += cycle_problems(plugin.name, plugin.config)
+    return problems
 
 
 def _unknown_detector_refs(sections: Mapping[str, Any], notifiers: list[Any]) -> list[str]:

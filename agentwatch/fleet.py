@@ -30,6 +30,7 @@ from agentwatch.rollups import Totals, base_totals, local_midnight_ms
 from agentwatch.spend import Ledger, Spent
 
 if TYPE_CHECKING:
+    from agentwatch.maintenance import Window
     from detectors.horizon import Positions
     from notifiers.routing import Mute
 
@@ -37,7 +38,11 @@ STATES: Final = ("ok", "late", "muted", "stalled", "down", "exited", "halted", "
 """Every value ``state`` can take. Precedence when several apply: retired, halted, exited, down,
 stalled, muted, late, ok (a muted agent that is down still shows ``down``; a halted agent shows
 ``halted`` whether it has exited or still calls ``heartbeat()``)."""
-_DOWN_DETECTORS: Final = {"exit": "exited", "silence": "down", "stall": "stalled"}
+_DOWN_DETECTORS: Final = {
+    "exit": "exited", "silence": "down", "stall": "stalled",
+    "schedule": "down",  # a cron agent that missed its slot (detectors/schedule.py)
+    "runtime": "stalled",  # a cron agent's run past its max_runtime
+}  # fmt: skip
 _NOT_RUNNING: Final = ("down", "exited", "retired")
 """States in which an agent spends nothing: its tokens/min is not shown."""
 _DEFAULT_WINDOW_MS: Final = 60_000
@@ -69,6 +74,7 @@ def fleet_status(
     window_ms = _window_ms(pipeline)
     halts = Halts(client, keys, Incidents(client, keys)).in_force(now)
     spend = _Spend(client, pipeline, now, names)
+    windows, held_for = _holds(client, pipeline, now, incidents)
     agents = []
     for name in names:
         open_here = {
@@ -93,6 +99,10 @@ def fleet_status(
             "until": None if halt.until_ms is None else iso_ms(halt.until_ms),
         }  # fmt: skip
         row.update(spend.of(name, row["cost_today"]))
+        window = next((w for w in windows if w.covers(name, row["labels"])), None)
+        row["maintenance"] = None if window is None else {"id": window.id, "until": iso_ms(window.end_ms)}
+        row["held_for"] = held_for.get(name)
+        row["dependents"] = sorted(child for child, parent in held_for.items() if parent == name)
         agents.append(row)
     today_from = day.from_ms if day.from_ms is not None and not day.partial else day_start
     return {
@@ -101,7 +111,22 @@ def fleet_status(
         "today_from": iso_ms(today_from),
         "agents": agents,
         "pipeline": {k: v for k, v in health.items() if k != "horizon_ms"},
+        "maintenance": [window.to_dict() for window in windows],
     }
+
+
+def _holds(
+    client: Client, pipeline: Pipeline, now: int, incidents: dict[str, dict[str, Any]]
+) -> tuple[list[Window], dict[str, str]]:
+    """The maintenance windows in force, and child -> parent for each silence a dependency holds
+    (notifiers/holds.py decides; this only shows what it recorded)."""
+    from agentwatch.dependencies import Dependents  # noqa: PLC0415 - plugins: only when status runs
+    from agentwatch.maintenance import windows  # noqa: PLC0415 - cronsim, likewise
+
+    settings = pipeline.settings
+    found = windows(client, pipeline.keys, settings.maintenance, settings.report.timezone, now)
+    held = Dependents(client, pipeline.keys).by_parent(incidents)
+    return [w for w in found if w.in_force(now)], {c: p for p, children in held.items() for c in children}
 
 
 class _Spend:
@@ -203,11 +228,13 @@ def _state(
     """The agent's state as of ``at`` (the horizon: see the module docstring)."""
     if record.get("retired"):
         return "retired"
-    for detector in ("exit", "silence", "stall"):
+    for detector in ("exit", "silence", "schedule", "stall", "runtime"):
         if detector in open_incidents:
             return _DOWN_DETECTORS[detector]
     if muted:
         return "muted"
+    if record.get("scheduled"):
+        return "ok"  # a cron agent between its runs: its schedule judges it, not its interval
     # Late: the work loop has not beaten for twice its declared interval (or, with no declared
     # interval, half the stall allowance), but no detector has fired yet. Counted like the
     # detectors count: from the last beat, or from the run's start for an agent that pulses

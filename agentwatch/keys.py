@@ -156,6 +156,21 @@ class Keys:
         pid, host (what its ``child`` alert names)."""
         return f"{self.tag(shard)}:child-facts"
 
+    def schedules(self, shard: int) -> str:
+        """Hash agent -> JSON of a scheduled (cron) agent's watch: its last run as last known,
+        and its open ``schedule`` / ``runtime`` incidents (detectors/schedule.py)."""
+        return f"{self.tag(shard)}:schedules"
+
+    def schedule_due(self, shard: int) -> str:
+        """Sorted set agent -> the next time (ms) the schedule check must look at a scheduled
+        agent (0: at the next tick, after new events). A claimed agent's score is its claim's end."""
+        return f"{self.tag(shard)}:schedule-due"
+
+    def schedules_open(self, shard: int) -> str:
+        """Set of the scheduled agents with an open ``schedule`` or ``runtime`` incident: a batch
+        with their events has them looked at once (to resolve), the others wait for their due time."""
+        return f"{self.tag(shard)}:schedules-open"
+
     def detector(self, shard: int, name: str) -> str:
         """Hash agent -> state of the plugin detector ``name`` (for detectors of your own)."""
         return f"{self.tag(shard)}:det:{name}"
@@ -272,6 +287,18 @@ class Keys:
     def mutes(self) -> str:
         """Hash ``<agent glob>|<detector or *>`` -> JSON of a mute (until when, why, by whom)."""
         return f"{self.prefix}:mutes"
+
+    @property
+    def maintenance(self) -> str:
+        """Hash window id -> JSON of an ad-hoc maintenance window (``agentwatch maintenance
+        start``): whom it covers, from and until when, why and by whom (agentwatch/maintenance.py)."""
+        return f"{self.prefix}:maintenance"
+
+    @property
+    def dependents(self) -> str:
+        """Hash ``<agent>/silence`` -> JSON of a silence held because an agent it depends on is
+        down: the parent, since when, and when its fresh allowance ends (agentwatch/dependencies.py)."""
+        return f"{self.prefix}:dependents"
 
     # -- fleet facts and rollups (agentwatch/facts.py, agentwatch/rollups.py) ----------------------
     def facts(self, shard: int) -> str:

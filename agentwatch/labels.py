@@ -14,6 +14,7 @@ the count cap. This module is imported by the producer: standard library only.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from collections.abc import Mapping
@@ -107,6 +108,23 @@ def effective(labels: object, host: object) -> dict[str, str]:
         if VALUE_RE.fullmatch(value):
             out[HOST_LABEL] = value
     return {str(k): str(v) for k, v in sorted(out.items())}
+
+
+def matches(wanted: Mapping[str, str], labels: object) -> bool:
+    """True when every ``key -> glob`` of ``wanted`` matches a label of ``labels`` (an alert's
+    ``details.labels``, an agent's effective labels); a missing label does not match. The one
+    label matcher: notifiers' ``match.labels``, maintenance windows and ``status --label``."""
+    if not isinstance(labels, Mapping):
+        return False
+    return all(
+        isinstance(labels.get(key), str) and fnmatch.fnmatchcase(labels[key], glob)
+        for key, glob in wanted.items()
+    )
+
+
+GLOB_RE: Final = re.compile(r"[A-Za-z0-9._:@/*?\[\]!-]{1,128}")
+"""A glob on an agent name or a label value as config and the CLI accept it: the name charset
+plus ``* ? [ ] !``."""
 
 
 def selector(text: str) -> tuple[str, str]:

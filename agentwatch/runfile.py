@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,8 +65,12 @@ def path_for(run_dir: str, run: str) -> Path | None:
     return Path(run_dir) / f"{run}.pid" if _RUN_RE.fullmatch(run) else None
 
 
-def write(run_dir: str, record: dict[str, Any]) -> Path | None:
-    """Leave this run's file (best effort: a monitor never breaks its agent over a file)."""
+def write(run_dir: str, record: dict[str, Any], *, sweep: bool = True) -> Path | None:
+    """Leave this run's file (best effort: a monitor never breaks its agent over a file).
+
+    ``sweep``: also sweep the directory now (once per process); the producer passes False and
+    takes :func:`sweeper`'s steps itself, a few at a time.
+    """
     path = path_for(run_dir, str(record.get("run", "")))
     if path is None or record.get("pid_start") is None:
         return None
@@ -74,9 +79,9 @@ def write(run_dir: str, record: dict[str, Any]) -> Path | None:
         if not directory.is_dir():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             directory.chmod(0o1777)  # mkdir's mode is cut by the umask
-        if run_dir not in _swept:
-            _swept.add(run_dir)
-            _sweep(directory)
+        if sweep:
+            for _ in sweeper(run_dir):
+                pass
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w") as out:
             json.dump(record, out)
@@ -91,23 +96,40 @@ def remove(path: Path | None) -> None:
             path.unlink()
 
 
-def _sweep(directory: Path) -> None:
-    """Remove this user's run files whose process is gone (agents killed by SIGKILL leave them)."""
+def sweeper(run_dir: str) -> Iterator[None]:
+    """This process's one sweep of ``run_dir``, one entry per step (nothing if it was claimed).
+
+    Removes this user's run files whose process is gone (agents killed by SIGKILL leave them).
+    Stepwise because the producer's sender thread does it while the agent's thread runs: a
+    sweep of a hundred files is ~100 file reads, during which that thread holds the GIL and the
+    agent's waits (up to a 5 ms switch interval at a time), ``heartbeat()`` included. One entry
+    per step of the sender costs the agent nothing it could notice.
+    """
+    if run_dir in _swept:
+        return
+    _swept.add(run_dir)
     uid = os.getuid()
-    with os.scandir(directory) as entries:
-        for count, entry in enumerate(entries):
-            if count >= _SWEEP_MAX:
-                return
-            if not entry.name.endswith(".pid") or not entry.is_file(follow_symlinks=False):
-                continue
-            try:
-                if entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
-                record = json.loads(Path(entry.path).read_text())
-                if process_start(int(record["pid"])) != record.get("pid_start"):
-                    os.unlink(entry.path)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
+    try:
+        with os.scandir(run_dir) as entries:
+            paths = [entry.path for _, entry in zip(range(_SWEEP_MAX), entries, strict=False)
+                     if entry.name.endswith(".pid")]  # fmt: skip
+    except OSError:
+        return
+    for path in paths:
+        _sweep_one(path, uid)
+        yield
+
+
+def _sweep_one(path: str, uid: int) -> None:
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != uid:
+            return
+        record = json.loads(Path(path).read_text())
+        if process_start(int(record["pid"])) != record.get("pid_start"):
+            os.unlink(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
 
 
 def send_signal(run_dir: str, *, agent: str, run: str, pid: int, pid_start: int | None, signum: int) -> None:

@@ -90,7 +90,10 @@ def window_of(per: str, at_ms: int, zone: ZoneInfo) -> Window:
     if per == "hour":
         start = local.replace(minute=0, second=0, microsecond=0)
         start_ms = round(start.timestamp() * 1000)
-        return Window(f"h{start:%Y%m%d%H}", start_ms, start_ms + 3_600_000)
+        # The hour a DST change repeats (fold 1) is another window: its own id, still sorting
+        # after the first one (the ledger keeps the newest ids), so two hours never share a total.
+        again = "b" if start.fold else ""
+        return Window(f"h{start:%Y%m%d%H}{again}", start_ms, start_ms + 3_600_000)
     if per == "day":
         start = local.replace(hour=0, minute=0, second=0, microsecond=0)
         nxt = datetime.fromordinal(start.toordinal() + 1).replace(tzinfo=zone)

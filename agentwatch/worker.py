@@ -65,6 +65,10 @@ Verify = Callable[[str, bytes, Any, bytes, T], None]
 """``(stream, entry id, fields, d bytes, decoded) -> None``: a check of each decoded entry before
 any handler sees it (security.py's signatures); it raises :class:`InvalidEntry` to refuse one."""
 
+Screen = Callable[[list[Message[T]]], list[Message[T]]]
+"""The decoded batch -> what every handler gets: entries it leaves out are not errors (no dead
+letter) and are acknowledged with the rest (the detectors: repeats of an event, workers.py)."""
+
 _TRIM_EVERY_S = 60.0
 _ERROR_LOG_EVERY_S = 60.0
 _STOP_PROBE_AFTER_S = 0.5
@@ -96,6 +100,7 @@ class Worker(Generic[T]):
         retention_s: float,
         consumer: str | None = None,
         verify: Verify[T] | None = None,
+        screen: Screen[T] | None = None,
     ) -> None:
         # redis-py's stubs type stream replies loosely (and differently per RESP version); the
         # runtime handles both shapes itself, so it talks to Redis through an untyped alias.
@@ -108,6 +113,7 @@ class Worker(Generic[T]):
         self.group = group
         self.decode = decode
         self.verify = verify
+        self.screen = screen
         self.handlers = list(handlers)
         self.retention_s = retention_s
         self.consumer = consumer or consumer_name(kind)
@@ -327,6 +333,8 @@ class Worker(Generic[T]):
                 dead.append((stream, entry_id, fields, str(exc)))
                 if exc.__class__ is Unauthenticated:
                     self.stats.rejected += 1
+        if good and self.screen is not None:
+            good = self.screen(good)  # what it drops is acknowledged with the rest
         if good:
             poisoned: dict[bytes, str] = {}
             for handler in self.handlers:

@@ -13,11 +13,12 @@ from agentwatch.codec import Event
 from agentwatch.config import Pipeline
 from agentwatch.facts import FactsRecorder
 from agentwatch.halts import HaltExpiry, Halts
+from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.rollups import Snapshotter
 from agentwatch.security import AlertVerifier, EventVerifier, PipelineSecret
 from agentwatch.series import SeriesRecorder
-from agentwatch.worker import Handler, Worker
+from agentwatch.worker import Handler, Message, Worker
 
 DETECTORS_GROUP = "detectors"
 NOTIFIERS_GROUP = "notifiers"
@@ -33,6 +34,28 @@ class OutboxSweeper(Handler[Any]):
 
     def on_tick(self, now_ms: int) -> None:
         self.incidents.sweep(now_ms)
+
+
+class RepeatScreen:
+    """Drops copies of an event within a batch (codec.drop_repeats) before any detector, the
+    spend ledger or a plugin sees them, and counts them where the detectors count the copies
+    of later batches (``duplicates`` in the agent's shard clock hash: ``status`` shows the sum)."""
+
+    def __init__(self, client: Client, keys: Keys) -> None:
+        self.client, self.keys = client, keys
+
+    def __call__(self, messages: list[Message[Event]]) -> list[Message[Event]]:
+        kept, dropped = codec.drop_repeats(messages)
+        if dropped:
+            by_shard: dict[int, int] = {}
+            for agent, count in dropped.items():
+                shard = shard_of(agent, self.keys.shards)
+                by_shard[shard] = by_shard.get(shard, 0) + count
+            pipe = self.client.pipeline(transaction=False)
+            for shard, count in by_shard.items():
+                pipe.hincrby(self.keys.clock(shard), "duplicates", count)
+            pipe.execute()
+        return kept
 
 
 def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None = None) -> Worker[Event]:
@@ -53,6 +76,7 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         retention_s=settings.streams.events_retention_s,
         consumer=consumer,
         verify=EventVerifier(settings.security) if settings.security.agent_keys else None,
+        screen=RepeatScreen(client, keys),
     )
     incidents = Incidents(
         client, keys, alerts_max_len=settings.streams.alerts_max_len, secret=settings.security.secret
@@ -94,9 +118,13 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
 
     Each notifier's handler only routes and queues alerts (fast, idempotent); its own delivery
     threads, started in ``on_start``, deliver them with retries, so one slow receiver never
-    holds up the stream or another notifier (notifiers/queue.py, notifiers/delivery.py).
+    holds up the stream or another notifier (notifiers/queue.py, notifiers/delivery.py). Ahead
+    of them, one handler queues each batch for every notifier in one round trip
+    (notifiers/fanout.py); the notifiers' own ``on_batch`` handle what it leaves to them.
     """
-    from notifiers.base import NotifierContext  # noqa: PLC0415 - notifiers import the spine
+    from notifiers import holds  # noqa: PLC0415 - notifiers import the spine
+    from notifiers.base import NotifierContext  # noqa: PLC0415
+    from notifiers.fanout import QueueFanout  # noqa: PLC0415
     from notifiers.reports import ReportScheduler  # noqa: PLC0415
 
     settings = pipeline.settings
@@ -125,9 +153,14 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         stats=worker.stats,
         incidents=incidents,
         poll_s=settings.worker.block_s,
+        holds=holds.for_pipeline(client, keys, settings, pipeline.detectors),
     )
     notifiers = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.notifiers]
-    worker.handlers += [*notifiers, ReportScheduler(pipeline, client, notifiers)]
+    worker.handlers += [
+        QueueFanout(client, notifiers),
+        *notifiers,
+        ReportScheduler(pipeline, client, notifiers),
+    ]
     return worker
 
 

@@ -6,7 +6,12 @@ states its figure as a ratio, so results compare across machines. Scripts are ru
 
 Besides its table, a script names its headline *figures* (:func:`figure`): one value each per
 run, with the goal it is held to. ``benchmarks/run_all.py`` runs every script several times and
-reports min / median / max of each figure, so a figure must be a single number per run.
+reports min / median / max of each figure, so a figure must be a single number per run. Every
+script takes ``--quick`` (smaller sizes, fewer inner rounds) so that run_all's quick mode fits in
+about a quarter of an hour on 2 cores; the figures say which mode produced them.
+
+``BENCH_RESULTS_DIR`` (set by run_all for each round) redirects the JSON, so a round's output can
+never be mistaken for an earlier run's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from agentwatch.embedded import EmbeddedRedis
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 @contextmanager
@@ -93,7 +98,7 @@ def report(
     print("-+-".join("-" * w for w in widths))
     for row_cells in cells:
         print(" | ".join(c.ljust(w) for c, w in zip(row_cells, widths, strict=True)))
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "argv": sys.argv, "machine": machine(), "rows": rows,
                "figures": list(figures), "loadavg": os.getloadavg()}  # fmt: skip

@@ -118,8 +118,8 @@ def main() -> None:
             worker.wait(30)
     past = [row["past_limit_usd"] for row in rows]
     figures = [
-        figure("overspend_max_usd", max(past), "USD", goal=GOAL_USD, issue=13),
-        figure("overspend_median_usd", median(past), "USD", goal=GOAL_USD, issue=13),
+        figure("spend past the limit, worst round", max(past), "USD", goal=GOAL_USD, issue=13),
+        figure("spend past the limit, median round", median(past), "USD", goal=GOAL_USD, issue=13),
     ]
     spread = " / ".join(f"{v:.3f}" for v in (min(past), median(past), percentile(past, 90), max(past)))
     rows.append({"agent": "min / median / p90 / max (USD past the limit)", "past_limit_usd": spread})

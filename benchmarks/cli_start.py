@@ -111,8 +111,8 @@ def main() -> None:
                      "ms max": max(values), "x baseline": median(values) / baseline,
                      "goal ms": "" if "baseline" in name else GOAL_MS})  # fmt: skip
         if "baseline" not in name:
-            slug = name.removeprefix("agentwatch ").removeprefix("--").replace(" ", "_")
-            figures.append(figure(f"cli_start_{slug}_ms", median(values), "ms", goal=GOAL_MS, issue=10))
+            figures.append(figure(f"`{name}`, start to exit, median", median(values), "ms", goal=GOAL_MS,
+                                  issue=10))  # fmt: skip
     report("cli_start", rows, {"rounds": rounds, "baseline_ms": baseline}, figures)
 
 

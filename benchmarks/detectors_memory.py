@@ -15,7 +15,9 @@ workers trim it) is deleted and memory is measured two ways:
 
 Target (issue 4): <= 1 KB per agent.
 
-    python benchmarks/detectors_memory.py [--agents 100000]
+    python benchmarks/detectors_memory.py [--agents 100000] [--quick]
+
+``--quick``: 10,000 agents (run_all's quick mode; fixed costs weigh a little more per agent).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report
+from _common import figure, report
 
 from agentwatch import codec, config, plugins
 from agentwatch.embedded import EmbeddedRedis
@@ -82,8 +84,10 @@ def fill(client: redis.Redis, stream: str, agents: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--agents", type=int, default=100_000)
+    parser.add_argument("--agents", type=int, default=None, help="default 100,000 (--quick: 10,000)")
+    parser.add_argument("--quick", action="store_true", help="10,000 agents")
     args = parser.parse_args()
+    args.agents = args.agents or (10_000 if args.quick else 100_000)
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
     client = redis.Redis.from_url(server.url)
     prefix = "benchmem"
@@ -132,7 +136,12 @@ def main() -> None:
     )
     extra = {"agents": args.agents, "events": events, "applied_s": round(applied_s, 1),
              "rss_windows": windows, "alerts": alerts, "target_bytes": 1024}  # fmt: skip
-    report("detectors_memory", rows, extra)
+    figures = [
+        figure("Redis memory per agent, detector keys (MEMORY USAGE)", per_agent, "B", goal=1024, issue=4),
+        figure("Redis memory per agent, used_memory delta (with start facts)", (after - before) / args.agents,
+               "B", issue=4),
+    ]  # fmt: skip
+    report("detectors_memory", rows, extra, figures)
     print(f"{per_agent:.0f} bytes per agent (target <= 1024); {events:,} events applied in {applied_s:.1f}s")
 
 

@@ -14,7 +14,9 @@ token baseline and every pulse an RSS bucket. With 1,000 agents each batch of 1,
 ~1,000 distinct agents: one state read-modify-write per event, the worst case. With 100 agents
 each agent has ~10 events per batch, folded into one update. Both are run by default.
 
-    python benchmarks/detectors_throughput.py [--events 200000] [--agents 1000 100] [--rounds 3]
+    python benchmarks/detectors_throughput.py [--events 200000] [--agents 1000 100] [--rounds 3] [--quick]
+
+``--quick``: 50,000 events x 1 round per fleet size (run_all's quick mode).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import msgpack
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, report
+from _common import figure, median, report
 
 from agentwatch import codec, config
 from agentwatch.embedded import EmbeddedRedis
@@ -106,11 +108,14 @@ def contender(url: str, prefix: str, events: int) -> tuple[float, dict[str, int]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--events", type=int, default=None, help="default 200,000 (--quick: 50,000)")
     parser.add_argument("--agents", type=int, nargs="+", default=[1000, 100], help="fleet sizes to run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="50,000 events x 1 round per fleet size")
     parser.add_argument("--redis-url", default=None, help="default: a private server (embedded launcher)")
     args = parser.parse_args()
+    args.events = args.events or (50_000 if args.quick else 200_000)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     server = None
     url = args.redis_url
     if url is None:
@@ -146,7 +151,12 @@ def main() -> None:
         client.close()
         if server:
             server.cleanup()
-    report("detectors_throughput", rows, {"ratios": ratios, "target": 0.5, "events": args.events})
+    figures = [
+        figure(f"detector worker / raw loop, {agents:,} agents", ratio, "ratio", goal=0.5, better="higher",
+               issue=4)
+        for agents, ratio in ratios.items()
+    ]  # fmt: skip
+    report("detectors_throughput", rows, {"ratios": ratios, "target": 0.5, "events": args.events}, figures)
     for agents, ratio in ratios.items():
         print(f"{agents} agents: ratio detectors/raw = {ratio:.2f} (target >= 0.5)")
 

@@ -9,7 +9,10 @@ read first: the first row (``fleet_status`` alone, what ``agentwatch status --js
 is that extra time. Pages show ``[http] page_size`` agents (100) each; the others are a page
 link away. Target (issue 14): polled full page p99 <= 300 ms.
 
-    python benchmarks/http_fleet_page.py [--agents 10000] [--requests 30] [--redis-url URL]
+    python benchmarks/http_fleet_page.py [--agents 10000] [--requests 30] [--quick] [--redis-url URL]
+
+``--quick``: the same 10,000 agents, 10 requests per kind (run_all's quick mode; its p99 is then
+the worst of 10).
 """
 
 from __future__ import annotations
@@ -81,9 +84,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--agents", type=int, default=10_000)
-    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=None, help="default 30 (--quick: 10)")
+    parser.add_argument("--quick", action="store_true", help="10 requests per kind")
     parser.add_argument("--redis-url")
     args = parser.parse_args()
+    args.requests = args.requests or (10 if args.quick else 30)
     rows = []
     with redis_server(args.redis_url) as url:
         settings = config.PipelineSettings().model_copy(

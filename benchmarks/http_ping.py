@@ -7,7 +7,9 @@ appended by a real Redis script if the agent's run record is unchanged (agentwat
 Load: ``wrk`` (Debian's package) on the other core, 1,000 agent names, keep-alive connections.
 Target (issue 14): contender req/s / baseline req/s >= 0.5.
 
-    python benchmarks/http_ping.py [--rounds 3] [--seconds 5] [--connections 16] [--redis-url URL]
+    python benchmarks/http_ping.py [--rounds 3] [--seconds 5] [--connections 16] [--quick] [--redis-url URL]
+
+``--quick``: 2 rounds of 2 s (run_all's quick mode).
 """
 
 from __future__ import annotations
@@ -103,11 +105,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 2)")
+    parser.add_argument("--seconds", type=float, default=None, help="default 5 (--quick: 2)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--redis-url")
     args = parser.parse_args()
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
     if shutil.which("wrk") is None:
         raise SystemExit("needs wrk (apt-get install wrk)")
     cores = sorted(os.sched_getaffinity(0))

@@ -13,7 +13,9 @@
    raised in its loop (CLOCK_MONOTONIC: one clock for both processes). Then it is resumed, and
    the next halt comes after a random pause, so halts land at every phase of the sender's cycle.
 
-    python benchmarks/producer_brake.py [--redis-url URL] [--calls 40000] [--rounds 5] [--halts 100]
+    python benchmarks/producer_brake.py [--redis-url URL] [--calls 40000] [--rounds 5] [--halts 100] [--quick]
+
+``--quick``: 20,000 calls x 3 rounds, 30 halts (run_all's quick mode).
 """
 
 from __future__ import annotations
@@ -137,10 +139,14 @@ def latency(url: str, halts: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--redis-url", help="default: a private server (agentwatch.embedded)")
-    parser.add_argument("--calls", type=int, default=40_000, help="timed calls per variant and round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--halts", type=int, default=100)
+    parser.add_argument("--calls", type=int, default=None, help="timed calls per variant and round (40,000)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick: 3)")
+    parser.add_argument("--halts", type=int, default=None, help="default 100 (--quick: 30)")
+    parser.add_argument("--quick", action="store_true", help="20,000 calls x 3 rounds, 30 halts")
     args = parser.parse_args()
+    args.calls = args.calls or (20_000 if args.quick else 40_000)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.halts = args.halts or (30 if args.quick else 100)
     with redis_server(args.redis_url) as url:
         rows, median_ratio, p99_ratio = cost(url, args.calls, args.rounds)
         waits = latency(url, args.halts)

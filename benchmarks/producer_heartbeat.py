@@ -14,7 +14,9 @@ Last, a beat carrying a huge meta value (a 256 x 256 nested list): dropped whole
 reaches the per-call budget, so it costs tens of microseconds, not a walk of the whole value
 (tests/test_producer_fields.py checks that the walk stops; this row is its price).
 
-    python benchmarks/producer_heartbeat.py [--redis-url URL] [--calls 100000] [--rounds 3]
+    python benchmarks/producer_heartbeat.py [--redis-url URL] [--calls 100000] [--rounds 3] [--quick]
+
+``--quick``: 30,000 calls per variant x 2 rounds (run_all's quick mode).
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ def timed(call: Callable[[], object], calls: int, work_ns: int = 0) -> list[int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--redis-url", help="default: a private server (agentwatch.embedded)")
-    parser.add_argument("--calls", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=None, help="default 100,000 (--quick: 30,000)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 2)")
+    parser.add_argument("--quick", action="store_true", help="30,000 calls per variant x 2 rounds")
     args = parser.parse_args()
+    args.calls = args.calls or (30_000 if args.quick else 100_000)
+    args.rounds = args.rounds or (2 if args.quick else 3)
     heartbeat = producers.heartbeat
     with redis_server(args.redis_url) as url:
         prefix = f"bench{time.time_ns()}"

@@ -5,7 +5,9 @@ redis-py's default reply parsing. Contender: :class:`agentwatch.worker.Worker` w
 event codec (decode + validate every event) and a handler that does nothing.
 Target (issue 2): contender / baseline >= 0.8.
 
-    python benchmarks/worker_throughput.py [--events 200000] [--rounds 3] [--redis-url URL]
+    python benchmarks/worker_throughput.py [--events 200000] [--rounds 3] [--quick] [--redis-url URL]
+
+``--quick``: 50,000 events x 2 rounds (run_all's quick mode).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import msgpack
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, redis_server, report
+from _common import figure, median, redis_server, report
 
 from agentwatch import codec, config
 from agentwatch.redisconn import connect
@@ -84,10 +86,13 @@ def runtime(url: str, prefix: str, events: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--events", type=int, default=None, help="default 200,000 (--quick: 50,000)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 2)")
+    parser.add_argument("--quick", action="store_true", help="50,000 events x 2 rounds")
     parser.add_argument("--redis-url", default=None, help="default: a private server (embedded launcher)")
     args = parser.parse_args()
+    args.events = args.events or (50_000 if args.quick else 200_000)
+    args.rounds = args.rounds or (2 if args.quick else 3)
     raw_rates, rt_rates = [], []
     with redis_server(args.redis_url) as url, redis.Redis.from_url(url) as client:
         try:
@@ -112,7 +117,12 @@ def main() -> None:
             "rounds": [round(x) for x in rt_rates],
         },
     ]
-    report("worker_throughput", rows, {"ratio": rt / raw, "target": 0.8, "events": args.events})
+    figures = [
+        figure("worker runtime / raw consumer, events/s", rt / raw, "ratio", goal=0.8, better="higher",
+               issue=2),
+        figure("worker runtime + codec, events/s", rt, "events/s", issue=2),
+    ]  # fmt: skip
+    report("worker_throughput", rows, {"ratio": rt / raw, "target": 0.8, "events": args.events}, figures)
     print(f"ratio runtime/raw = {rt / raw:.2f} (target >= 0.8)")
 
 

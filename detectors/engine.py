@@ -26,7 +26,7 @@ from agentwatch.config import format_duration
 from agentwatch.halts import Halts
 from agentwatch.redisconn import RECOVERABLE
 from agentwatch.worker import Message
-from detectors import horizon, intents, layout, record, segments, state
+from detectors import horizon, intents, layout, record, schedule, segments, state
 from detectors.base import Detector, DetectorConfig, DetectorContext
 
 log = logging.getLogger("agentwatch.detectors")
@@ -42,10 +42,14 @@ DEFAULT_PROFILE: Final[dict[str, float]] = {
 }  # fmt: skip
 """What the update script uses for a detector that is not enabled."""
 
-QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit"})
+QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit", schedule.MISSED, schedule.OVERRAN})
 """Incidents a halt explains: not paged while the agent is halted (agentwatch/halts.py)."""
 BLIND_AFTER_MS: Final = 5000
 """Default for ``[detectors.lag] blind_after`` when the lag detector is disabled."""
+SIGHT_FLOOR_MS: Final = 1500
+"""A gap between timer checks shorter than this never counts as an outage (Engine.sight_ms),
+however short the silence allowances: a worker that a loaded machine holds up for a moment at
+each check must still judge its agents, not restart their clocks every time."""
 _FORGET_EVERY_S: Final = 60.0
 _CLAIM_ROUNDS: Final = 50
 
@@ -120,6 +124,8 @@ class Engine:
         """False: every segment goes through the update script (tests compare the two)."""
         self.fast: Any = None
         self.fast_errors = 0
+        self.schedules: schedule.Schedules | None = None
+        """The schedule checks (detectors/schedule.py), when the silence detector has a schedule."""
 
     def _halted(self, agent: str, detector: str) -> bool:
         """A halted agent stops, exits or idles on purpose: no silence, stall or exit page."""
@@ -148,6 +154,18 @@ class Engine:
         lag = self.get("Lag")
         return int(lag.config.blind_after_s * 1000) if lag is not None else BLIND_AFTER_MS
 
+    def sight_ms(self) -> int:
+        """How long without a timer check means nobody was watching (timers.py: *sight*):
+        :meth:`blind_ms`, or the shortest silence ``after`` in force if that is shorter (but not
+        below :data:`SIGHT_FLOOR_MS`). A gap shorter than blind_after but longer than an
+        allowance (a Redis restart of 3 s against 1 s silences) would otherwise judge agents on
+        time nobody watched, and page every one of them falsely."""
+        on, after = state.PROFILE.index("sil_on"), state.PROFILE.index("sil_after")
+        allowances = [int(p[after]) for p in self._profiles if p[on] and p[after] > 0]
+        if not allowances:
+            return self.blind_ms()
+        return min(self.blind_ms(), max(min(allowances), SIGHT_FLOOR_MS))
+
     def get(self, kind: str) -> BuiltinDetector[Any] | None:
         """The registered built-in of class name ``kind`` (e.g. "Silence"), if enabled."""
         return self.detectors.get(kind)
@@ -170,6 +188,9 @@ class Engine:
         self.timers = timers.Timers(self)
         if self.use_fast_path:
             self.fast = fastpath.FastPath(self.client, self.keys)
+        self.schedules = schedule.Schedules.of(self)
+        if self.schedules is not None:
+            self.schedules.resync()
         self._ready = True
 
     def _profile_for(self, agent: str | None) -> tuple[float, ...]:
@@ -177,6 +198,10 @@ class Engine:
         for detector in self.detectors.values():
             config = detector.config if agent is None else detector.config.for_agent(agent)
             values.update(detector.profile(config))
+        silence = self.detectors.get("Silence")
+        if silence is not None:  # a scheduled agent: its schedule judges it, not the interval rule
+            config = silence.config if agent is None else silence.config.for_agent(agent)
+            values.update(schedule.profile(config))
         return tuple(float(values[name]) for name in state.PROFILE)
 
     def _add_profile(self, profile: tuple[float, ...]) -> int:
@@ -226,6 +251,8 @@ class Engine:
         finally:
             if self.fast is not None:
                 self.fast.discard()
+        if self.schedules is not None:
+            self.schedules.seen(messages)
         self._last_batch = messages
 
     def _apply(self, folded: segments.Segments, shards: dict[int, Any]) -> None:
@@ -282,6 +309,9 @@ class Engine:
         gaps = [self.timers.check(shard, now_ms, min(now_ms, self.horizons[shard]))
                 for shard in range(self.keys.shards)]  # fmt: skip
         self.last_gap_ms = max(gaps)
+        if self.schedules is not None:
+            for shard in range(self.keys.shards):
+                self.schedules.check(shard, now_ms, min(now_ms, self.horizons[shard]))
         lag = self.get("Lag")
         if lag is not None:
             behind = now_ms - min(self.horizons)

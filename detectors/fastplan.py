@@ -96,7 +96,8 @@ def plan_batch(  # noqa: PLR0917 - one batch's inputs
 
     # The script's class must be CUR, applied in order, with no flag it would act on.
     ok = (r["run"] != 0) & (r["run"] == s[lo.S_RUN]) & (s[lo.S_LO] > r["hw"])
-    ok &= (flags & ~np.uint32(record.HAS_RSS)) == 0
+    ok &= (flags & ~np.uint32(record.HAS_RSS | record.NO_SILENCE)) == 0
+    ok &= ((flags & np.uint32(record.NO_SILENCE)) != 0) == ~on["sil_on"]  # else the script sets it
     # retro_gaps: SIGHT only shortens the gaps it measures, so with SIGHT = 0 these bound them.
     gap = np.maximum(s[lo.S_FIRST] - np.maximum(r["seen"], r["xu"]), s[lo.S_GB] - s[lo.S_GA])
     ok &= ~on["sil_on"] | (gap <= r["sa"])

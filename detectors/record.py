@@ -98,6 +98,7 @@ MEMORY: Final = 1 << 7
 HAS_STACK: Final = 1 << 8  # the stacks hash holds this agent's newest stack
 HAS_RSS: Final = 1 << 9  # the rss hash holds a window for this agent
 TOKENS_COST: Final = 1 << 10  # the open tokens incident is about cost per beat
+NO_SILENCE: Final = 1 << 11  # silence is off for this agent: a schedule judges it (detectors/schedule.py)
 
 OPEN_BITS: Final = {
     "silence": SILENCE,

@@ -11,6 +11,9 @@ without a goodbye (SIGKILL, OOM, host loss)". The incident resolves when the age
 at its first event, or, with ``recover_after`` N, once N events in a row came on time (each
 within the allowance of the one before), so an agent that only limps back does not flap.
 
+Agents whose glob sets a ``schedule`` (cron agents) are judged by it instead: detectors/schedule.py
+(incidents ``schedule`` and ``runtime``, worded here with silence's severity).
+
 Agents silent for ``forget`` are forgotten: their state is deleted and anything still open about
 them resolves, so a fleet whose agent names churn does not grow Redis forever.
 """
@@ -22,14 +25,20 @@ from typing import Any, Final, Literal
 from pydantic import Field
 
 from agentwatch.config import Seconds, format_duration
-from detectors.base import DetectorConfig
+from agentwatch.dependencies import DependsOnConfig
+from detectors import schedule
+from detectors.base import DetectorConfig, DetectorContext
 from detectors.engine import BuiltinDetector
 from detectors.memory import Bytes, format_bytes
+from detectors.schedule import ScheduleConfig
 
 Severity = Literal["info", "warning", "error", "critical"]
 
 
-class SilenceConfig(DetectorConfig):
+class SilenceConfig(ScheduleConfig, DependsOnConfig):
+    """Silence's keys, a scheduled agent's (``schedule``, ``grace``, ``max_runtime``,
+    ``timezone``: detectors/schedule.py) and ``depends_on`` (agentwatch/dependencies.py)."""
+
     after_s: Seconds = Field(60.0, alias="after", gt=0, description="no event this long: gone")
     severity: Severity = "critical"
     rss_growth: float = Field(1.5, ge=1.0, description='"killed for memory" if RSS grew this much')
@@ -62,7 +71,12 @@ class Silence(BuiltinDetector[SilenceConfig]):
     """An agent that sends nothing at all for its allowance: the process is gone."""
 
     Config = SilenceConfig
-    kinds = ("silence",)
+    kinds = ("silence", schedule.MISSED, schedule.OVERRAN)
+
+    def __init__(self, name: str, config: SilenceConfig, ctx: DetectorContext) -> None:
+        super().__init__(name, config, ctx)
+        for warning in schedule.overrides_ignored(config):
+            self.log.warning("%s", warning)
 
     def profile(self, config: DetectorConfig) -> dict[str, Any]:
         assert isinstance(config, SilenceConfig)
@@ -79,6 +93,8 @@ class Silence(BuiltinDetector[SilenceConfig]):
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]
         severity = self.config.for_agent(agent).severity
+        if kind in (schedule.MISSED, schedule.OVERRAN):
+            return severity, *schedule.render(agent, kind, op)
         if op["o"] == "f":
             quiet_s = max(0.0, (op["at"] - f["seen"]) / 1000)
             details: dict[str, Any] = {

@@ -63,6 +63,7 @@ def flags_lua() -> str:
         "HAS_STACK",
         "HAS_RSS",
         "TOKENS_COST",
+        "NO_SILENCE",
     ]
     return "\n".join(f"local F_{name} = {getattr(record, name)}" for name in names)
 
@@ -344,6 +345,8 @@ local function apply(s)
   end
   if back > r.xu then r.xu = back end
   r.sa = math.max(p[P_SIL_AFTER], 3000 * r.iv)
+  -- (for the timer checks, which know no profiles: a scheduled agent is never silent)
+  if p[P_SIL_ON] == 1 then clear(r, F_NO_SILENCE) else set(r, F_NO_SILENCE) end
   r.ta = math.max(p[P_STALL_AFTER], 3000 * r.iv)
   -- (flags tested first: this runs for every segment, closing almost never)
   if fresh and has(r, F_SILENCE) then silence_back(a, r, p, s, seen0) end
@@ -423,5 +426,6 @@ def read_agents(client: Any, keys: Keys, agents: Sequence[str] | None = None) ->
                 continue
             fields["open"] = [kind for kind, bit in record.OPEN_BITS.items() if fields["flags"] & bit]
             fields["retired"] = bool(fields["flags"] & record.RETIRED)
+            fields["scheduled"] = bool(fields["flags"] & record.NO_SILENCE)
             out[name.decode() if isinstance(name, bytes) else name] = fields
     return out

@@ -13,7 +13,8 @@ deadline lies beyond the horizon might have a beat sitting unread in the stream,
 judged yet. This is how the checks hold back while workers lag or catch up, without ever
 missing an agent that really stopped: its deadline passes the horizon as the backlog drains.
 
-*Sight*: a shard's clock records the last check. A gap longer than ``blind_after`` means nobody
+*Sight*: a shard's clock records the last check. A gap longer than ``blind_after`` (or than the
+shortest silence allowance, if shorter: engine.sight_ms) means nobody
 was watching (workers down, or Redis itself was down so agents could not even send); the checks
 then restart from the end of the gap: an agent is judged silent only once it has been silent for
 its whole allowance *since then* (``max(last seen, sight) + allowance``).
@@ -60,7 +61,9 @@ for _, a in ipairs(due) do
   if r.seen > 0 and not has(r, F_RETIRED) and not has(r, F_EXITED) then
     local sd = math.max(r.seen, r.xu, sight) + r.sa
     local td = math.max(r.beat, r.start, r.xu, sight) + r.ta
-    if sil_on and not has(r, F_SILENCE) and sd <= limit then
+    -- (silence per agent: off for an agent a schedule judges, detectors/schedule.py)
+    local sil = sil_on and not has(r, F_NO_SILENCE)
+    if sil and not has(r, F_SILENCE) and sd <= limit then
       open(a, r, F_SILENCE, 'silence', now, {seen = r.seen, allowance = r.sa, iv = r.iv,
         r0 = r.r0 * 1024, rl = r.rl * 1024, rpk = r.rpk * 1024, t0 = r.t0})
     else
@@ -75,7 +78,7 @@ for _, a in ipairs(due) do
         open(a, r, F_STALL, 'stall', now, {beat = r.beat, start = r.start, pulse = r.pulse,
           allowance = r.ta, iv = r.iv, stack = stack})
       end
-      if sil_on and not has(r, F_SILENCE) then nxt = sd end
+      if sil and not has(r, F_SILENCE) then nxt = sd end
       if stall_on and not has(r, F_STALL) and r.pulse > r.beat and alive and (nxt == 0 or td < nxt) then
         nxt = td
       end
@@ -130,7 +133,7 @@ class Timers:
 
     def _settings(self) -> tuple[bool, bool, int]:
         silence, stall = (self.engine.get(k) for k in ("Silence", "Stall"))
-        return silence is not None, stall is not None, self.engine.blind_ms()
+        return silence is not None, stall is not None, self.engine.sight_ms()
 
     def check(self, shard: int, now_ms: int, limit_ms: int) -> int:
         """Claim and decide every agent due by ``limit_ms``; the gap (ms) found, or 0."""

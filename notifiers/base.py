@@ -35,6 +35,7 @@ from agentwatch.redisconn import Client, server_time_ms
 from agentwatch.worker import Handler, Message, Stats
 from notifiers.delivery import Delivered, Deliverer, Delivery, Failed, Outcome, Retry
 from notifiers.grouping import Grouper
+from notifiers.holds import Hold, Holds, HoldView
 from notifiers.journal import Journal
 from notifiers.queue import DeliveryQueue, Job
 from notifiers.reminders import Reminders, reminder_of
@@ -114,11 +115,18 @@ class NotifierContext:
     incidents: Incidents | None = None
     poll_s: float = 1.0
     stop_by: list[float] = field(default_factory=list)
+    holds: Holds | None = None
+    """Maintenance windows and dependencies (notifiers/holds.py): alerts that wait for a fresh
+    allowance instead of paging. None: nothing is held but by mutes."""
     """Set by the first notifier to stop: one deadline for all, so a worker with several hung
     notifiers still exits within the runtime's ~2 s, not 1.5 s per notifier."""
 
 
-Verdict = Literal["send", "muted", "stale"]
+Verdict = Literal["send", "muted", "stale", "maintenance", "dependency"]
+HELD_VERDICTS: tuple[Verdict, ...] = ("muted", "maintenance", "dependency")
+"""Verdicts that hold an alert back for later rather than drop it (see ``_release_held``)."""
+Step = tuple[Literal["send", "drop"], Alert]
+"""One step of a batch queued by notifiers/fanout.py (see :meth:`Notifier.plan`)."""
 
 
 class Notifier(Handler[Alert], Generic[C]):
@@ -140,6 +148,8 @@ class Notifier(Handler[Alert], Generic[C]):
         self.deliverer: Deliverer | None = None
         self._next_trim = 0.0
         self._next_held = 0.0
+        self.prequeued: Sequence[Message[Alert]] | None = None
+        """The batch notifiers/fanout.py already queued for this notifier (on_batch skips it)."""
         grouping = ctx.settings.grouping
         self.grouper = (
             Grouper(ctx.client, ctx.keys, name, grouping)
@@ -182,6 +192,11 @@ class Notifier(Handler[Alert], Generic[C]):
     def _queues(self) -> bool:
         return type(self).deliver is not Notifier.deliver
 
+    @property
+    def queues(self) -> bool:
+        """Delivers from its queue (overrides ``deliver``), rather than in ``on_batch``."""
+        return self._queues()
+
     # -- worker hooks -------------------------------------------------------------------------------
     def on_start(self) -> None:
         if not self._queues():
@@ -204,17 +219,22 @@ class Notifier(Handler[Alert], Generic[C]):
         Idempotent: an alert the stream delivers twice is queued once."""
         if not self._queues():
             return
+        if self.prequeued is messages:  # queued with every notifier's in one round trip
+            self.prequeued = None
+            return
         now_ms = server_time_ms(self.ctx.client)
         mutes = self.mutes.active(now_ms)
+        holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         queued = False
         for _, alert in messages:
             if self.reminders is not None and alert.status == "resolved":
                 self.reminders.cancel(alert.dedup_key)
-            verdict = self.route(alert, now_ms, mutes)
+            verdict = self.route(alert, now_ms, mutes, holds)
             if verdict == "send":
                 queued = self._send(alert, now_ms) or queued
-            elif verdict == "muted":
-                self._mute(alert, now_ms, mutes)
+            elif verdict in HELD_VERDICTS:
+                hold = holds.why(alert) if holds is not None and verdict != "muted" else None
+                self._mute(alert, now_ms, mutes, hold)
             else:
                 if verdict is not None:
                     self._skip(alert, verdict, now_ms, mutes)
@@ -241,8 +261,47 @@ class Notifier(Handler[Alert], Generic[C]):
             self.queue.trim_seen(now_ms - keep_ms)
 
     # -- routing and queueing -----------------------------------------------------------------------
-    def route(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> Verdict | None:
-        """``"send"``; ``"muted"``/``"stale"`` (recorded, not sent); None: not for this notifier."""
+    def plan(
+        self, messages: Sequence[Message[Alert]], now_ms: int, mutes: list[Mute], holds: HoldView | None
+    ) -> list[Step] | None:
+        """What :meth:`on_batch` would do with ``messages``, as steps for notifiers/fanout.py to
+        run in one pipeline with every other notifier's, when the batch needs nothing but
+        queueing: ``("send", alert)`` queues it (see :meth:`queued`), ``("drop", alert)`` forgets
+        what a mute held for an incident that ended. None: the batch takes :meth:`on_batch`'s own
+        path (an alert to hold, an alert recorded as stale, grouping, reminders). ``holds``:
+        the maintenance windows and dependencies as of ``now_ms`` (one view for every notifier)."""
+        if self.grouper is not None or self.reminders is not None:
+            return None
+        steps: list[Step] = []
+        for _, alert in messages:
+            verdict = self.route(alert, now_ms, mutes, holds)
+            if verdict == "send":
+                steps.append(("send", alert))
+            elif verdict is not None:
+                return None
+            elif alert.status == "resolved":  # the incident is over: nothing held may go out
+                steps.append(("drop", alert))
+        return steps
+
+    def queued(self, alert: Alert, outcome: bool | None) -> bool:
+        """Record what queueing a routed ``alert`` did (``outcome``: queue.queued's); True if it
+        was queued now."""
+        if outcome is None:
+            why = (
+                "its firing was held (muted, maintenance or a dependency) and never sent"
+                if alert.status == "resolved" else
+                "its resolve went out before it came (a worker died holding it): it would reopen it"
+            )  # fmt: skip
+            self.journal.skipped(self.name, "skipped", alert, why)
+        elif outcome and alert.status == "firing" and self.reminders is not None:
+            self.reminders.schedule(alert)
+        return bool(outcome)
+
+    def route(
+        self, alert: Alert, now_ms: int, mutes: list[Mute], holds: HoldView | None = None
+    ) -> Verdict | None:
+        """``"send"``; ``"stale"`` (recorded, not sent); ``"muted"``, ``"maintenance"``,
+        ``"dependency"`` (recorded, held for later: notifiers/holds.py); None: not for this notifier."""
         cfg = self.config
         if not cfg.match.matches(alert):
             return None
@@ -254,11 +313,12 @@ class Notifier(Handler[Alert], Generic[C]):
             return "stale"
         if muted_by(alert, mutes, now_ms) is not None:
             return "muted"
-        return "send"
+        hold = holds.why(alert) if holds is not None else None
+        return hold.kind if hold is not None else "send"
 
     def enqueue(self, alert: Alert, *, extra: dict[str, object] | None = None) -> bool:
         """Queue ``alert`` for delivery (False: it was queued before, or came after its resolve)."""
-        queued = self.queue.enqueue(self._job(alert, extra), alert.dedup_key)
+        queued = self.queue.enqueue(self.job(alert, extra), alert.dedup_key)
         if queued is None:
             why = "its resolve went out before it came (a worker died holding it): it would reopen it"
             self.journal.skipped(self.name, "skipped", alert, why)
@@ -271,7 +331,8 @@ class Notifier(Handler[Alert], Generic[C]):
         they look every quarter of that (queue.PARKED_NOTE)."""
         return int((2 * self.ctx.settings.worker.claim_idle_s + 5) * 1000)
 
-    def _job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
+    def job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
+        """The delivery job of ``alert`` (queued under the alert id)."""
         return Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
 
     def _send(self, alert: Alert, now_ms: int) -> bool:
@@ -301,7 +362,7 @@ class Notifier(Handler[Alert], Generic[C]):
             return False
         self.journal.skipped(self.name, "grouped", alert, f"group {outcome}")
         if group_alert is not None:
-            sent = self.queue.enqueue_resolve(self._job(group_alert), group_alert.dedup_key)
+            sent = self.queue.enqueue_resolve(self.job(group_alert), group_alert.dedup_key)
             if sent and self.deliverer is not None:
                 self.deliverer.wake()
         return True
@@ -319,44 +380,46 @@ class Notifier(Handler[Alert], Generic[C]):
 
     def _queue_alert(self, alert: Alert) -> bool:
         if alert.status == "resolved":
-            queued = self.queue.enqueue_resolve(self._job(alert), alert.dedup_key, park_ms=self.park_ms)
-            if queued is None:
-                self.journal.skipped(self.name, "skipped", alert, "its firing was muted and never sent")
-            return bool(queued)
-        queued = self.enqueue(alert)
-        if queued and self.reminders is not None:
-            self.reminders.schedule(alert)
-        return queued
+            return self.queued(alert, self.queue.enqueue_resolve(self.job(alert), alert.dedup_key,
+                                                                 park_ms=self.park_ms))  # fmt: skip
+        return self.queued(alert, self.queue.enqueue(self.job(alert), alert.dedup_key))
 
-    def _mute(self, alert: Alert, now_ms: int, mutes: list[Mute]) -> None:
-        """Record a muted alert and hold it for when the mute ends (see :meth:`_release_held`).
-        Reminders keep their schedule while muted; each is checked against the mutes when due."""
-        if not self._skip(alert, "muted", now_ms, mutes):
+    def _mute(self, alert: Alert, now_ms: int, mutes: list[Mute], hold: Hold | None = None) -> None:
+        """Record a muted alert (or one a maintenance window or a dependency holds: ``hold``) and
+        hold it for when that ends (see :meth:`_release_held`). Reminders keep their schedule
+        while muted; each is checked against the mutes when due."""
+        verdict, detail = (hold.kind, hold.detail) if hold is not None else ("muted", None)
+        if not self._skip(alert, verdict, now_ms, mutes, detail):
             return  # a redelivered entry: held (and perhaps released) the first time
         self.queue.hold(alert.to_json(), alert.dedup_key, alert.status)
         if alert.status == "firing" and self.reminders is not None:
             self.reminders.schedule(alert)
 
-    def _skip(self, alert: Alert, verdict: str, now_ms: int, mutes: list[Mute]) -> bool:
+    def _skip(
+        self, alert: Alert, verdict: str, now_ms: int, mutes: list[Mute], detail: str | None = None
+    ) -> bool:
         """Record an alert that is not sent, once even when the stream redelivers it (False
         then). The marker is not the alert id: a held alert may still be queued under its id."""
         if not self.ctx.client.zadd(self.queue.seen, {f"{alert.id}:{verdict}": now_ms}, nx=True):
             return False
-        mute = muted_by(alert, mutes, now_ms)
-        detail = f"muted by {mute.agent} ({mute.detector or 'all detectors'})" if mute else ""
+        if detail is None:
+            mute = muted_by(alert, mutes, now_ms)
+            detail = f"muted by {mute.agent} ({mute.detector or 'all detectors'})" if mute else ""
         if verdict == "stale":
             detail = f"{(now_ms - alert.at_ms) / 1000:.0f}s old (max_age {self.config.max_age_s:.0f}s)"
         self.journal.skipped(self.name, verdict, alert, detail)
         return True
 
     def _release_held(self, now_ms: int) -> None:
-        """Deliver what mutes held back once they end (expired or lifted), as Alertmanager does
-        when a silence ends: a firing alert whose incident is still open, or the resolve of an
-        incident the receiver was told about. An incident that ended while muted says nothing."""
+        """Deliver what mutes (and holds: maintenance, dependencies) held back once they end, as
+        Alertmanager does when a silence ends: a firing alert whose incident is still open (into
+        its group, with ``[grouping]``), or the resolve of an incident the receiver was told
+        about. An incident that ended while muted says nothing."""
         held = self.queue.held_alerts()
         if not held:
             return
         mutes = self.mutes.active(now_ms)
+        holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         incidents = self.ctx.incidents
         queued = False
         for dedup_key, raw in held.items():
@@ -367,13 +430,22 @@ class Notifier(Handler[Alert], Generic[C]):
                 continue
             if muted_by(alert, mutes, now_ms) is not None:
                 continue
+            if holds is not None and holds.why(alert, releasing=True) is not None:
+                continue  # a maintenance window (or its fresh allowance) or a down parent
             if alert.status == "firing" and incidents is not None:
                 incident = incidents.open(alert.agent, alert.detector)
                 if not incident or incident.get("alert") != alert.id:
                     self.queue.drop_held(dedup_key, raw)  # resolved (or replaced) while muted
                     continue
-            if self.queue.release(self._job(alert), dedup_key, raw):
-                self.log.info("%s %s: its mute ended; delivering it", alert.dedup_key, alert.status)
+            if alert.status == "firing" and self.grouper is not None and self.grouper.group_of(alert):
+                # Many agents still down at a window's end are one grouped page, not a storm.
+                if self.queue.drop_held(dedup_key, raw):
+                    if self.reminders is not None:
+                        self.reminders.cancel(alert.dedup_key)  # rescheduled if it goes alone
+                    queued = self._send(alert, now_ms) or queued
+                continue
+            if self.queue.release(self.job(alert), dedup_key, raw):
+                self.log.info("%s %s: no longer muted or held; delivering it", alert.dedup_key, alert.status)
                 queued = True
         if queued and self.deliverer is not None:
             self.deliverer.wake()
@@ -386,6 +458,7 @@ class Notifier(Handler[Alert], Generic[C]):
         # A mute that just ended: its held firing goes first, so no reminder overtakes it.
         self._release_held(now_ms)
         mutes = self.mutes.active(now_ms)
+        holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         queued = False
         for alert, n in due:
             incident = self.ctx.incidents.open(alert.agent, alert.detector) if self.ctx.incidents else None
@@ -395,6 +468,10 @@ class Notifier(Handler[Alert], Generic[C]):
             reminder = reminder_of(alert, n, now_ms)
             if muted_by(reminder, mutes, now_ms) is not None:
                 self._skip(reminder, "muted", now_ms, mutes)
+                continue
+            hold = holds.why(reminder) if holds is not None else None
+            if hold is not None:  # a maintenance window pages nobody, reminders included
+                self._skip(reminder, hold.kind, now_ms, mutes, hold.detail)
                 continue
             queued = self.enqueue(reminder, extra={"reminder": n}) or queued
         if queued and self.deliverer is not None:

@@ -85,6 +85,17 @@ class Failed:
 Outcome = Delivered | Retry | Failed
 
 
+@dataclass(frozen=True)
+class _Done:
+    """A delivery the receiver took, to log and finish with the thread's next claim."""
+
+    claimed: Claimed
+    outcome: Delivered
+    attempts: int
+    until: float
+    """monotonic: past it the lease has run out and another worker may deliver it again."""
+
+
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, so many deliveries that
     failed together do not all come back together, yet none retries almost at once."""
@@ -101,25 +112,40 @@ class Deliverer:
         self.config = notifier.config
         self._stop = threading.Event()
         self._abandoned = False
-        self._wakes: list[threading.Event] = []
+        self._idle = threading.Condition()
+        self._tickets = 0
+        """Wake-ups owed: threads that wait take one and claim at once (see :meth:`wake`)."""
         self._threads: list[threading.Thread] = []
         self._inflight: dict[str, Claimed] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
         for index in range(self.config.concurrency):
-            wake = threading.Event()
             thread = threading.Thread(
-                target=self._run, args=(wake,), name=f"notify-{self.notifier.name}-{index}", daemon=True
+                target=self._run, name=f"notify-{self.notifier.name}-{index}", daemon=True
             )
-            self._wakes.append(wake)
             self._threads.append(thread)
             thread.start()
 
-    def wake(self) -> None:
-        """New deliveries were queued: look now rather than at the next poll."""
-        for wake in self._wakes:
-            wake.set()
+    def wake(self, count: int | None = None) -> None:
+        """``count`` new deliveries were queued (None: any number): as many idle threads look now
+        rather than at the next poll. Waking only as many as there are deliveries spares the
+        others a claim that finds nothing, a script call each on a GIL the worker's main thread
+        needs. A wake-up no thread was waiting for is kept (up to one per thread), so one that
+        comes just before a thread starts to wait is not lost."""
+        with self._idle:
+            threads = len(self._threads)
+            count = threads if count is None else min(count, threads)
+            self._tickets = min(threads, self._tickets + count)
+            self._idle.notify(count)
+
+    def _sleep(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for a wake-up (or the stop)."""
+        with self._idle:
+            if self._tickets == 0 and not self._stop.is_set():
+                self._idle.wait(wait_s)
+            if self._tickets > 0:
+                self._tickets -= 1
 
     def stop(self, timeout_s: float) -> None:
         """Stop claiming; wait up to ``timeout_s`` for deliveries in flight, then release the
@@ -150,40 +176,78 @@ class Deliverer:
         return any(thread.is_alive() for thread in self._threads)
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _run(self, wake: threading.Event) -> None:
+    def _run(self) -> None:
+        """Claim, deliver, repeat: one round trip per delivery. A delivery the receiver took is
+        logged and finished together with the next claim (:meth:`DeliveryQueue.finish_and_claim`),
+        which follows at once."""
         redis_delay = 0.1
         poll_s = self.notifier.ctx.poll_s
+        done: _Done | None = None  # delivered: log and finish it with the next claim
         while not self._stop.is_set():
             try:
-                got = self.queue.claim(
-                    self.notifier.lease_ms, rate_per_s=self.config.rate_limit or 0.0, burst=self.config.burst
-                )
+                finished, got = self.queue.finish_and_claim(
+                    done.claimed if done else None, self.notifier.lease_ms,
+                    rate_per_s=self.config.rate_limit or 0.0, burst=self.config.burst,
+                    pipe=self._log_delivered(done) if done else None,
+                )  # fmt: skip
+                if done is not None and not finished:
+                    log.warning("notifier %s: %s was delivered after its lease ran out: another worker "
+                                "may deliver it again", self.notifier.name, done.claimed.job.id)  # fmt: skip
+                done = None
                 redis_delay = 0.1
             except RECOVERABLE as exc:
                 log.warning("notifier %s: Redis unavailable (%s); retrying", self.notifier.name, exc)
+                if done is not None and time.monotonic() > done.until:
+                    self._unrecorded(done.claimed, exc)
+                    done = None
                 self._stop.wait(redis_delay * random.uniform(0.5, 1.0))
                 redis_delay = min(redis_delay * 2, _REDIS_BACKOFF_MAX_S)
                 continue
-            except Exception:
+            except Exception as exc:
                 log.exception("notifier %s: claiming failed; retrying in 1s", self.notifier.name)
+                if done is not None:
+                    self._unrecorded(done.claimed, exc)
+                    done = None
                 self._stop.wait(1.0)
                 continue
             if isinstance(got, Claimed):
-                self._handle(got)
+                done = self._handle(got)
                 continue
             # Nothing due: sleep until the earliest delivery is due, a new one is queued here,
             # or the poll comes round (deliveries queued by other workers, expired leases).
-            wait_s = poll_s if got < 0 else min(poll_s, got / 1000)
-            wake.wait(wait_s)
-            wake.clear()
+            self._sleep(poll_s if got < 0 else min(poll_s, got / 1000))
+        with self._lock:
+            if self._abandoned:
+                return  # the worker is closing its client
+        if done is not None:
+            with contextlib.suppress(*RECOVERABLE):
+                self._log_delivered(done).execute()
+                self.queue.finish(done.claimed)
 
-    def _handle(self, claimed: Claimed) -> None:
+    def _log_delivered(self, done: _Done) -> Any:
+        """A pipeline holding the log entry of a delivery the receiver took. It goes just before
+        the delivery is finished, in the same round trip: logged even if its lease ran out
+        meanwhile (another worker may then deliver it again, and log that too)."""
+        pipe = self.queue.client.pipeline(transaction=False)
+        journal, job, outcome = self.notifier.journal, done.claimed.job, done.outcome
+        journal.delivered(self.notifier.name, job, done.attempts, outcome.status, outcome.detail, pipe=pipe)
+        return pipe
+
+    def _unrecorded(self, claimed: Claimed, exc: Exception) -> None:
+        log.warning(
+            "notifier %s: could not record the outcome of %s (%s); it will be retried when its "
+            "lease runs out", self.notifier.name, claimed.job.id, exc,
+        )  # fmt: skip
+
+    def _handle(self, claimed: Claimed) -> _Done | None:
+        """Attempt one delivery and record its outcome; when it was delivered, what finishes it
+        (see :meth:`_record`), else None."""
         job = claimed.job
         with self._lock:
             self._inflight[job.id] = claimed
         try:
             outcome = self._attempt(claimed)
-            self._settle(claimed, outcome)
+            return self._settle(claimed, outcome)
         finally:
             with self._lock:
                 self._inflight.pop(job.id, None)
@@ -208,28 +272,27 @@ class Deliverer:
             log.exception("notifier %s raised delivering %s", self.notifier.name, job.id)
             return Retry(f"notifier raised {type(exc).__name__}: {exc}")
 
-    def _settle(self, claimed: Claimed, outcome: Outcome) -> None:
-        """Write the outcome; keep trying while Redis is away (until our lease is about to go)."""
+    def _settle(self, claimed: Claimed, outcome: Outcome) -> _Done | None:
+        """Write the outcome; keep trying while Redis is away (until our lease is about to go).
+        Returns :meth:`_record`'s pipeline, if any."""
         with self._lock:
             if self._abandoned:
-                return  # released by stop(): whoever claims it next decides
+                return None  # released by stop(): whoever claims it next decides
         deadline = time.monotonic() + self.notifier.lease_ms / 1000
         delay = 0.05
         while True:
             try:
-                self._record(claimed, outcome)
-                return
+                return self._record(claimed, outcome)
             except RECOVERABLE as exc:
                 if time.monotonic() > deadline or self._stop.is_set():
-                    log.warning(
-                        "notifier %s: could not record the outcome of %s (%s); it will be retried "
-                        "when its lease runs out", self.notifier.name, claimed.job.id, exc,
-                    )  # fmt: skip
-                    return
+                    self._unrecorded(claimed, exc)
+                    return None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _record(self, claimed: Claimed, outcome: Outcome) -> None:
+    def _record(self, claimed: Claimed, outcome: Outcome) -> _Done | None:
+        """Write the outcome. A delivery the receiver took is not finished here: it is returned,
+        and the thread logs and finishes it with its next claim, which follows at once (:meth:`_run`)."""
         job, cfg, journal = claimed.job, self.config, self.notifier.journal
         attempts = claimed.claims  # every attempt started, including any that died with a worker
         if isinstance(outcome, Retry):
@@ -239,9 +302,8 @@ class Deliverer:
                 why = f"gave up after {attempts} attempts over {age_s:.0f}s: {outcome.reason}"
                 outcome = Failed(why, outcome.status, outcome.body)
         if isinstance(outcome, Delivered):
-            if self.queue.finish(claimed):
-                journal.delivered(self.notifier.name, job, attempts, outcome.status, outcome.detail)
-        elif isinstance(outcome, Failed):
+            return _Done(claimed, outcome, attempts, time.monotonic() + self.notifier.lease_ms / 1000)
+        if isinstance(outcome, Failed):
             # Dead-letter first, then forget: a crash in between repeats the dead letter, never
             # loses it.
             journal.failed(self.notifier.name, self.notifier.kind, job, attempts, outcome)
@@ -263,3 +325,4 @@ class Deliverer:
             journal.count(self.notifier.name, "retried")
             log.info("notifier %s: %s attempt %d: %s; retrying in %.1fs", self.notifier.name, job.id,
                      attempts, outcome.reason, after_s)  # fmt: skip
+        return None

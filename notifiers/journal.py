@@ -34,9 +34,20 @@ class Journal:
         self.max_len = max_len
         self.failed_max_len = failed_max_len
 
-    def delivered(self, notifier: str, job: Job, attempts: int, status: int | None, detail: str = "") -> None:
+    def delivered(
+        self,
+        notifier: str,
+        job: Job,
+        attempts: int,
+        status: int | None,
+        detail: str = "",
+        *,
+        pipe: Any = None,
+    ) -> None:
+        """Log a delivery (added to ``pipe`` when given: the delivery threads send it with their
+        next claim, one round trip for both)."""
         self._log(notifier, "delivered", job.id, job.alert, attempts=attempts, http_status=status,
-                  detail=detail, ms=_now_ms() - job.first_ms)  # fmt: skip
+                  detail=detail, ms=_now_ms() - job.first_ms, pipe=pipe)  # fmt: skip
 
     def failed(self, notifier: str, kind: str, job: Job, attempts: int, outcome: Failed) -> None:
         alert = job.alert

@@ -18,7 +18,7 @@ from typing import Any, Final, Literal
 
 from pydantic import Field
 
-from agentwatch import plugins
+from agentwatch import labels, plugins
 from agentwatch.alerts import SEVERITIES, Alert
 from agentwatch.config import Section
 from agentwatch.errors import PluginError
@@ -53,18 +53,9 @@ class Match(Section):
             return False
         if _rank(alert.severity) < _rank(self.severity):
             return False
-        if self.labels and not _labels_match(self.labels, alert.details.get("labels")):
+        if self.labels and not labels.matches(self.labels, alert.details.get("labels")):
             return False
         return any(fnmatch.fnmatchcase(alert.agent, glob) for glob in self.agents)
-
-
-def _labels_match(wanted: dict[str, str], labels: object) -> bool:
-    if not isinstance(labels, dict):
-        return False
-    return all(
-        isinstance(labels.get(key), str) and fnmatch.fnmatchcase(labels[key], glob)
-        for key, glob in wanted.items()
-    )
 
 
 def _rank(severity: str) -> int:
@@ -166,20 +157,30 @@ class Mutes:
     def active(self, now_ms: int | None = None) -> list[Mute]:
         """Mutes in force; expired ones are deleted on the way (they expire by themselves)."""
         now = server_time_ms(self.client) if now_ms is None else now_ms
-        mutes = self._all()
+        return self.active_from(self.client.hvals(self.keys.mutes), now)
+
+    def active_from(self, values: list[Any], now_ms: int) -> list[Mute]:
+        """:meth:`active` from the hash's values read by the caller (with other reads, in one
+        pipeline: notifiers/fanout.py)."""
+        now = now_ms
+        mutes = _parse(values)
         expired = [mute.field for mute in mutes if mute.until_ms <= now]
         if expired:
             self.client.hdel(self.keys.mutes, *expired)
         return [mute for mute in mutes if mute.until_ms > now]
 
     def _all(self) -> list[Mute]:
-        out = []
-        for raw in self.client.hvals(self.keys.mutes):
-            try:
-                out.append(Mute(**json.loads(raw)))
-            except (ValueError, TypeError):
-                continue  # a hand-edited entry: ignore rather than stop every delivery
-        return out
+        return _parse(self.client.hvals(self.keys.mutes))
+
+
+def _parse(values: list[Any]) -> list[Mute]:
+    out = []
+    for raw in values:
+        try:
+            out.append(Mute(**json.loads(raw)))
+        except (ValueError, TypeError):
+            continue  # a hand-edited entry: ignore rather than stop every delivery
+    return out
 
 
 def muted_by(alert: Alert, mutes: list[Mute], now_ms: int) -> Mute | None:

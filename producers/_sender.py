@@ -13,6 +13,16 @@ When Redis cannot be reached at all, events wait in the (bounded) queue and this
 PINGs, with backoff, until it answers. A new or unproven connection first gets a small batch:
 a hung server then costs this thread one socket timeout per try, and the agent nothing, not even
 a GIL-hogging encode of the whole queue.
+
+A hung Redis (connections accepted, nothing answered) is waited out on the connection that timed
+out, kept open and watched in one blocking call (:meth:`Transport.watch`), with a new connection
+tried only after 5 s, growing to 30 s. Why: this thread shares the GIL with the agent's. When it
+wakes from a wait while the agent runs Python, it forces the agent's thread to hand the GIL over
+(in ``heartbeat()`` as anywhere else), and that thread waits until this one blocks again: its
+short socket calls in between (name lookup, connect, send, close) do not let the agent back in.
+The old back-off (0.1 s doubling to 5 s, a reconnect each time) woke this thread 12 times in
+the first 10 s of an outage, each time for a burst of a dozen socket calls; the watch makes it
+5, and a paused Redis is noticed the moment it answers instead of at the next try.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,6 +64,11 @@ BACKOFF_MAX: Final = 1.0
 BACKOFF_MAX_HUNG: Final = 5.0
 """Retry cap when Redis times out rather than refuses: a hung server rarely recovers in a
 second, and every try costs a connection on it and a few GIL hand-overs in the agent."""
+STALLED_RETRY: Final = 5.0
+STALLED_RETRY_MAX: Final = 30.0
+"""While a connection that timed out is watched (a paused Redis answers on it as it resumes), a
+new connection is tried after 5 s, doubling to 30 s: only a server that lost the old connection
+without closing it (a middlebox, a failover behind the same name) needs one."""
 OUTAGE_LOG_EVERY: Final = 60.0
 UNCONFIRMED: Final = "unconfirmed"
 """Drop reason of events sent to Redis whose replies never came: maybe written, maybe not."""
@@ -104,6 +119,8 @@ class Sender:
         self._run_record = {key: start.get(key) for key in ("pid", "pid_start", "host")}
         self._run_record.update(agent=settings.agent, run=run)
         self._run_file: Path | None = None
+        self._sweep: Iterator[None] | None = None
+        """Stale run files still to look at (agentwatch/runfile.py), one per step of the loop."""
         self._start_payload: bytes | None = None
         self._seq = 0
         self._drops: dict[str, int] = {}
@@ -111,6 +128,7 @@ class Sender:
         self._backlog = False
         self._failing: str | None = None  # reason of the current outage, None while healthy
         self._failures = 0
+        self._stalls = 0  # failures in a row that left a stalled connection to watch
         self._retry_at = 0.0
         self._last_outage_log = -OUTAGE_LOG_EVERY
         self._next_pulse = time.monotonic() + settings.pulse_interval
@@ -130,6 +148,7 @@ class Sender:
         if self._final is None:
             self._final = exit_fields
         self.wake.set()
+        self._transport.interrupt()  # if it waits on a silent Redis: one last try, then goodbye
 
     @property
     def done(self) -> bool:
@@ -139,10 +158,16 @@ class Sender:
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
         if self.settings.run_dir:  # here, not in the agent's thread: it is file I/O
-            self._run_file = runfile.write(self.settings.run_dir, self._run_record)
+            self._run_file = runfile.write(self.settings.run_dir, self._run_record, sweep=False)
+            self._sweep = runfile.sweeper(self.settings.run_dir)
         while not self.finished:
             try:
                 self._step()
+                # One stale run file per step, never the whole directory at once: this thread
+                # holds the GIL while it reads files, and the agent's thread (in heartbeat() or
+                # anywhere) waits for it, up to a 5 ms switch interval at a time.
+                if self._sweep is not None and next(self._sweep, StopIteration) is StopIteration:
+                    self._sweep = None
             except Exception:
                 internal_error("sender")
                 time.sleep(0.1)  # a persistent bug must not become a hot loop
@@ -160,6 +185,12 @@ class Sender:
         now = time.monotonic()
         if self._failing is not None:
             delay = self._retry_at - now  # a full queue must not turn an outage into a spin
+            if delay > 0 and self._transport.stalled:
+                # One blocking wait on the silent connection instead of a sleep: no wake-up,
+                # hence no GIL taken from the agent, until Redis stirs or the retry is due.
+                if self._transport.watch(delay):
+                    self._retry_at = 0.0  # it answered (or hung up): try again now
+                return
         elif self._backlog or len(self.queue) >= self.wake_at or self.extends:
             return
         else:
@@ -368,14 +399,19 @@ class Sender:
             self._failed(error)
             return False
         self._failing = None
-        self._failures = 0
+        self._failures = self._stalls = 0
         logger.info("agentwatch: Redis at %s answers again", display_url(self.settings.redis_url))
         return True
 
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
-        cap = BACKOFF_MAX_HUNG if reason_for(exc) == "redis_timeout" else BACKOFF_MAX
-        self._retry_at = time.monotonic() + min(cap, BACKOFF_MIN * 2 ** (self._failures - 1))
+        if self._transport.stalled:  # watched until then (see _wait): retries can be rare
+            self._stalls += 1
+            delay = min(STALLED_RETRY_MAX, STALLED_RETRY * 2 ** (self._stalls - 1))
+        else:
+            cap = BACKOFF_MAX_HUNG if reason_for(exc) == "redis_timeout" else BACKOFF_MAX
+            delay = min(cap, BACKOFF_MIN * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
         if self._failing is not None:
             return
         self._failing = reason_for(exc)

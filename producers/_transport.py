@@ -12,7 +12,10 @@ there; after a connection failure it starts again from the configured node.
 
 Timeouts are short and there are no inline retries: the sender decides when to try again, so a
 Redis that accepts connections and never answers costs one socket timeout per attempt, on the
-sender thread only.
+sender thread only. The socket of a connection whose replies timed out (the handshake's
+included) is kept open, unread (:attr:`stalled`), for the sender to :meth:`watch`: a paused Redis
+answers on it the moment it resumes, and waiting on it is one blocking call, where each reconnect
+costs the agent's thread several GIL hand-overs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import contextlib
 # host name loads the IDNA codec): imports hold the GIL for milliseconds, and the agent's
 # thread would stall that long in whatever it was doing, ``heartbeat()`` included.
 import encodings.idna  # noqa: F401
+import functools
 import secrets  # noqa: F401
+import select
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -82,6 +87,9 @@ class Transport:
         self._head_signed = b"*10\r\n" + command  # ... d <event> s <signature>
         self.proven = False
         """The current connection has carried a batch (or a PING): big batches are safe."""
+        self._silent: socket.socket | None = None
+        """The socket of the last connection whose replies timed out, taken from redis-py and
+        kept open, unread, only to be watched (:meth:`watch`); closed on the next attempt."""
 
     def send(
         self,
@@ -118,7 +126,7 @@ class Transport:
         moved = ""
         for index in range(count):
             try:
-                conn.read_response()
+                conn.read_response(disconnect_on_error=False)
             except ResponseError as exc:  # one command refused (OOM, WRONGTYPE...): go on
                 replies.refused[index] = reason_for(exc)
                 target = _moved_to(exc)
@@ -128,12 +136,12 @@ class Transport:
                     warn_once(f"reply:{replies.refused[index]}", "agentwatch: Redis refused an "
                               "event (%s); such events are dropped and counted", exc)  # fmt: skip
             except (RedisError, OSError) as exc:
-                self._broken(conn)
+                self._failed(conn, exc)
                 replies.cut, replies.error = index, exc
                 return replies
         if also:
             try:
-                replies.also = conn.read_response()
+                replies.also = conn.read_response(disconnect_on_error=False)
             except ResponseError as exc:  # refused (an ACL, say): the batch still went through
                 replies.also = exc
             except (RedisError, OSError) as exc:
@@ -152,15 +160,18 @@ class Transport:
         conn = self._connection()
         try:
             conn.send_packed_command([b"".join(commands)], check_health=False)
-            out: list[Any] = []
-            for _ in commands:
-                try:
-                    out.append(conn.read_response())
-                except ResponseError as exc:
-                    out.append(exc)
         except (RedisError, OSError) as exc:
             self._broken(conn)
             return exc
+        out: list[Any] = []
+        for _ in commands:
+            try:
+                out.append(conn.read_response(disconnect_on_error=False))
+            except ResponseError as exc:
+                out.append(exc)
+            except (RedisError, OSError) as exc:
+                self._failed(conn, exc)
+                return exc
         return out
 
     def ping(self) -> BaseException | None:
@@ -168,17 +179,79 @@ class Transport:
         conn = self._connection()
         try:
             conn.send_packed_command([_PING], check_health=False)
-            conn.read_response()
         except (RedisError, OSError) as exc:
             self._broken(conn)
+            return exc
+        try:
+            conn.read_response(disconnect_on_error=False)
+        except (RedisError, OSError) as exc:
+            self._failed(conn, exc)
             return exc
         self.proven = True
         return None
 
+    @property
+    def stalled(self) -> bool:
+        """The last attempt timed out waiting for Redis, and its socket is kept to :meth:`watch`."""
+        return self._silent is not None
+
+    def watch(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the :attr:`stalled` connection to show a sign of life (a
+        late reply, or the server closing it); True if it did: time to try Redis again.
+
+        One blocking ``poll()`` with the GIL released for the whole wait. Sleeping and then
+        reconnecting instead wakes the sender twice per try (the sleep's end, the timeout), each
+        time for a burst of socket calls (name lookup, connect, send, close) during which the
+        agent's thread, ``heartbeat()`` included, waits for the GIL. The late replies are never
+        parsed: the connection is replaced, and what it carried is already counted
+        (``unconfirmed``).
+        """
+        if self._silent is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self._silent, select.POLLIN)  # POLLHUP and POLLERR come anyway
+            return bool(poller.poll(max(timeout, 0.0) * 1000))
+        except (OSError, ValueError):  # not pollable any more: count it as a change
+            return True
+
+    def interrupt(self) -> None:
+        """End a :meth:`watch` now, from another thread: the exit flush must not wait for it.
+
+        Shuts the silent socket down (one system call, safe in a signal handler); the watch then
+        sees it hang up and the sender tries Redis once more before giving up.
+        """
+        sock = self._silent
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
+        self._drop_silent()
         if self._conn is not None:
             with contextlib.suppress(Exception):  # the process is ending or the socket is gone
                 self._conn.disconnect()
+
+    def _failed(self, conn: Any, exc: BaseException) -> None:
+        """A read failed: the connection is done for; after a timeout, its socket is kept."""
+        if isinstance(exc, redis.exceptions.TimeoutError):
+            self._keep_silent(conn)
+        self._broken(conn)
+
+    def _keep_silent(self, conn: Any) -> None:
+        """Take the socket of a connection that timed out away from redis-py (which then drops
+        the connection without closing it), to :meth:`watch` it."""
+        sock = getattr(conn, "_sock", None)
+        if isinstance(sock, socket.socket):
+            self._drop_silent()
+            conn._sock = None
+            self._silent = sock
+
+    def _drop_silent(self) -> None:
+        if self._silent is not None:
+            with contextlib.suppress(OSError):
+                self._silent.close()
+            self._silent = None
 
     def _broken(self, conn: Any) -> None:
         self.proven = False
@@ -195,7 +268,35 @@ class Transport:
         self._conn = self._conn.__class__(**kwargs)
         self._redirected = True
 
+    def _sized_then_handshake(self, conn: Any) -> None:
+        """Connect hook: give the socket room for a whole batch, then redis-py's own handshake
+        (HELLO), whose socket is kept to watch if Redis accepted the connection but never answers.
+
+        Every socket call hands the GIL over and must win it back from the agent's thread, which
+        a flooding agent holds for up to a switch interval (5 ms) at a time: with the default
+        buffers a batch took ~10 writes and reads, and delivery was bounded by those waits
+        (~120k events/s here), not by work. The kernel caps both at ``wmem_max``/``rmem_max``.
+        """
+        with contextlib.suppress(OSError, AttributeError):  # a socket that refuses keeps its defaults
+            conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        # redis-py closes a connection whose handshake read times out; reading without that
+        # (an instance attribute shadows the method for the handshake only) keeps the socket.
+        try:
+            conn.read_response = functools.partial(conn.read_response, disconnect_on_error=False)
+        except AttributeError:  # a redis-py that forbids it: such a hung server is reconnected
+            conn.on_connect()
+            return
+        try:
+            conn.on_connect()
+        except redis.exceptions.TimeoutError:
+            self._keep_silent(conn)
+            raise
+        finally:
+            del conn.read_response
+
     def _connection(self) -> Any:
+        self._drop_silent()  # a new attempt: the old silent connection has had its chance
         if self._conn is None:
             options: dict[str, Any] = {
                 "socket_timeout": self._timeout,
@@ -203,7 +304,7 @@ class Transport:
                 "retry": Retry(NoBackoff(), 0),  # the sender retries on its own schedule
                 "health_check_interval": 0,
                 "socket_read_size": 256 * 1024,
-                "redis_connect_func": _sized_then_handshake,
+                "redis_connect_func": self._sized_then_handshake,
                 **connection_options(self._url),  # TLS: the server's certificate is verified
             }
             # No CLIENT SETINFO on connect: the producer needs only XADD and PING, so an ACL
@@ -222,20 +323,6 @@ SEND_BUFFER: Final = 2 << 20
 """SO_SNDBUF asked for: a whole batch (10,000 beats, ~0.7 MB) goes out in one write."""
 RECV_BUFFER: Final = 1 << 20
 """SO_RCVBUF asked for: a whole batch's replies (~220 KB) arrive in one read."""
-
-
-def _sized_then_handshake(conn: Any) -> None:
-    """Connect hook: give the socket room for a whole batch, then redis-py's own handshake.
-
-    Every socket call hands the GIL over and must win it back from the agent's thread, which a
-    flooding agent holds for up to a switch interval (5 ms) at a time: with the default buffers a
-    batch took ~10 writes and reads, and delivery was bounded by those waits (~120k events/s
-    here), not by work. The kernel caps both at ``net.core.wmem_max``/``rmem_max``.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # a socket that refuses keeps its defaults
-        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
-    conn.on_connect()
 
 
 def reason_for(exc: BaseException) -> str:

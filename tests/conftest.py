@@ -8,6 +8,9 @@ must neither change a result nor be changed by the tests. Every test gets its ow
 tests never see each other's keys, and the prefix's keys are deleted afterwards.
 
 Tests that kill or restart Redis never touch the shared server: they use ``spawn_redis``.
+
+The suite runs in parallel processes (pytest-xdist): each process is a session of its own, with
+its own private server, so nothing here is shared between them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ simulated agents), so each test controls exactly what was spent.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,7 +21,8 @@ from agentwatch.config import Budget, Pipeline
 from agentwatch.halts import Halts
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
-from agentwatch.spend import Ledger, window_of
+from agentwatch.report import build_report, render_text
+from agentwatch.spend import Ledger, Window, window_of
 from detectors.budgets import EXCEEDED, WARNING, judge
 
 from helpers import caught_up, running, wait_for
@@ -100,11 +102,41 @@ def test_together_sums_the_glob_across_agents(
     with running(worker_for(pipeline, redis_url)):
         for name in ("crew-a", "crew-b", "crew-c"):
             Agent(r, keys, name).beat(cost=0.4)
-        wait_for(lambda: len(budget_alerts(r, keys)) >= 1, what="exceeded together")
-    alerts = budget_alerts(r, keys)
-    assert alerts[-1]["dedup_key"] == "budget:crew-*"
-    assert alerts[-1]["severity"] == "critical"
-    assert alerts[-1]["details"]["spent"] == pytest.approx(1.2)
+        # A batch may bring two of the three beats first: a warning (pace, or warn_at) may come
+        # before the exceeded one, so wait for the critical one itself.
+        exceeded = lambda: [a for a in budget_alerts(r, keys) if a["severity"] == "critical"]  # noqa: E731
+        wait_for(exceeded, what="exceeded together")
+    (alert,) = exceeded()
+    assert alert["dedup_key"] == "budget:crew-*"
+    assert alert["details"]["spent"] == pytest.approx(1.2)
+
+
+def utc_ms(text: str) -> int:
+    return round(datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
+
+
+def test_windows_are_calendar_hours_days_and_months_in_the_report_time_zone() -> None:
+    """SPEC section 7: budgets count per local calendar window. Berlin is UTC+1 in December, and
+    2026-10-25 has 25 hours there (DST ends at 03:00, the hour 02:00-03:00 comes twice)."""
+    berlin = ZoneInfo("Europe/Berlin")
+    at = utc_ms("2026-12-31T23:30:00")  # 00:30 on New Year's Day in Berlin
+    assert window_of("hour", at, berlin) == Window(
+        "h2027010100", utc_ms("2026-12-31T23:00:00"), at + 1_800_000
+    )
+    assert window_of("day", at, berlin) == Window(
+        "d20270101", utc_ms("2026-12-31T23:00:00"), utc_ms("2027-01-01T23:00:00")
+    )
+    assert window_of("month", at, berlin) == Window(
+        "m202701", utc_ms("2026-12-31T23:00:00"), utc_ms("2027-01-31T23:00:00")
+    )
+    assert window_of("month", at - 3_600_000, berlin).id == "m202612"  # 23:30 on Dec 31 in Berlin
+    long_day = window_of("day", utc_ms("2026-10-25T12:00:00"), berlin)
+    assert long_day.end_ms - long_day.start_ms == 25 * 3_600_000
+    first, again = (window_of("hour", utc_ms(t), berlin) for t in ("2026-10-25T00:30", "2026-10-25T01:30"))
+    assert first.id != again.id and sorted([again.id, first.id]) == [first.id, again.id]
+    assert (first.end_ms, again.end_ms) == (again.start_ms, again.start_ms + 3_600_000)
+    with pytest.raises(ValueError, match="hour, day or month"):
+        window_of("week", at, berlin)
 
 
 def test_judge_pace_floor() -> None:
@@ -188,3 +220,64 @@ def test_a_runaway_with_tokens_halt_halts_itself(
         halts = wait_for(lambda: Halts(r, keys).halting("runaway"), what="the tokens detector's halt")
     assert [h.by for h in halts] == ["tokens"]
     assert "40,000" in halts[0].reason or "40000" in halts[0].reason
+
+
+def test_the_report_gives_cost_per_agent_unknown_never_zero_and_budget_incidents(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """``report`` (issue 13, views): each agent's cost, ``unknown`` for tokens nobody could price
+    (JSON ``null`` and the count of unpriced beats, never $0.00), and a budget over several agents
+    as an incident of its glob, in the JSON and in the text."""
+    pipeline = with_budgets(
+        pipeline_for(prefix, redis_url),
+        {"agents": "crew-*", "per": "month", "limit": 1.0, "scope": "together"},
+    )
+    for name in ("crew-a", "crew-b"):
+        crew = Agent(r, keys, name)
+        crew.start(interval=1.0)
+        crew.beat(cost=0.6)
+    mystery = Agent(r, keys, "mystery")
+    mystery.start(interval=1.0)
+    mystery.beat(tokens_in=10, tokens_out=10, model="no-such-model-anywhere")
+    with running(worker_for(pipeline, redis_url)):
+        wait_for(lambda: caught_up(r, keys) and budget_alerts(r, keys), what="the crew's budget exceeded")
+    report = build_report(r, pipeline, since_s=3600)
+    rows = {row["agent"]: row for row in report["agents"]}
+    assert rows["crew-a"]["cost"] == pytest.approx(0.6) and rows["crew-b"]["cost"] == pytest.approx(0.6)
+    assert (rows["mystery"]["cost"], rows["mystery"]["unpriced_beats"]) == (None, 1)
+    (incident,) = report["budget_incidents"]
+    assert (incident["agents"], incident["detector"], incident["open"]) == ("crew-*", "budget", True)
+    text = render_text(report)
+    assert "- mystery: " in text and "unknown (1 unpriced beats)" in text and "$0.00" not in text
+    assert f"budget of crew-* (still open): {incident['summary']}" in text
+
+
+def test_pace_warns_end_to_end_before_the_spend_reaches_warn_at(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """A real worker, one beat whose cost is below warn_at but, for the part of the window gone
+    by, on pace to pass the limit: one warning naming the projection, no exceeded alert."""
+    from datetime import UTC  # noqa: PLC0415
+
+    now = server_time_ms(r)
+    # A calendar window 12-88 % gone right now (pace needs 10 %, and room below warn_at).
+    per, gone = next(
+        (per, window_of(per, now, UTC).elapsed(now))
+        for per in ("day", "month", "hour")
+        if 0.12 < window_of(per, now, UTC).elapsed(now) < 0.88
+    )
+    cost = round(min(gone * 1.1, 0.95) * 10.0, 4)  # spent / gone > limit; below 0.99 x limit
+    pipeline = with_budgets(
+        pipeline_for(prefix, redis_url), {"agents": "pacer", "per": per, "limit": 10.0, "warn_at": 0.99}
+    )
+    with running(worker_for(pipeline, redis_url)):
+        Agent(r, keys, "pacer").beat(cost=cost)
+        (alert,) = wait_for(lambda: budget_alerts(r, keys), what="the pace warning")
+        wait_for(lambda: caught_up(r, keys), what="the beat applied")
+    assert (alert["severity"], alert["details"]["why"]) == ("warning", "pace")
+    assert alert["details"]["projected"] > 10.0
+    assert (
+        f"pacer: on pace to spend ${alert['details']['projected']:,.2f} against the budget of $10.00/{per}"
+        in (alert["summary"])
+    )
+    assert len(budget_alerts(r, keys)) == 1

@@ -80,6 +80,10 @@ def test_the_table_of_commands_matches_what_the_modules_register() -> None:
         for info in cli.app.registered_commands
         if info.callback is not None
     }
+    for group in cli.app.registered_groups:  # `maintenance start/stop/list`: a group of its own
+        assert group.name is not None and group.typer_instance is not None
+        (module,) = {c.callback.__module__ for c in group.typer_instance.registered_commands if c.callback}
+        registered[group.name] = module
     assert registered == {name: f"agentwatch.cli.{module}" for name, module in cli.COMMANDS.items()}
 
 

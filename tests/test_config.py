@@ -418,7 +418,7 @@ def test_a_misspelled_section_in_an_override_is_an_error(
     assert found == (
         "environment variable AGENTWATCH_WROKER__BATCH: unknown section 'wroker' (did you mean 'worker'?); "
         "valid sections: redis, embedded, streams, worker, report, security, http, prices, budgets, otlp, "
-        "grouping, detectors, notifiers "
+        "grouping, maintenance, detectors, notifiers "
         "(overrides are AGENTWATCH_<SECTION>__<KEY>)"
     )
 

@@ -146,3 +146,32 @@ def test_events_trimmed_before_the_detectors_read_them_are_counted_and_alerted(
     assert int(r.hget(clock, "trimmed") or 0) == 400
     assert fleet_status(r, pipeline)["pipeline"]["trimmed_unread"] == 400  # what `status` shows
     assert [t for t in transitions(r, keys) if t[1] != "trimmed"] == []
+
+
+def test_a_redis_restart_shorter_than_blind_after_pages_no_silence_below_it(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """Silence allowance 1 s, blind_after at its 5 s default: Redis away for 3 s (no events, no
+    checks), then the agent's buffered beat. Nobody watched those 3 s, so they prove nothing:
+    the checks restart from the end of the gap (the shortest allowance bounds blind_after) and
+    the returning beat is in time. Before: silence fired and resolved for every agent."""
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "1s"})
+    worker = worker_for(pipeline, redis_url)
+    feed = Feed(worker)
+    t0 = feed.now
+    feed.apply([feed.event("bot", "start", at=t0, interval=0.2)])
+    at = t0
+    for k in range(1, 11):
+        at = t0 + 200 * k
+        feed.apply([feed.event("bot", "beat", at=at)])
+        feed.tick(at + 1)
+    back = at + 3000
+    feed.tick(back)
+    feed.apply([feed.event("bot", "beat", at=back + 50)])
+    for step in range(1, 5):
+        feed.tick(back + 50 + step * 100)
+    assert not fired(r, keys, "silence"), transitions(r, keys)
+    for step in range(1, 30):  # and an agent that really stopped is still caught after the gap
+        feed.tick(back + 50 + 500 + step * 100)
+    assert fired(r, keys, "silence"), transitions(r, keys)
+    worker.client.close()

@@ -247,7 +247,7 @@ def test_two_workers_one_sigkilled_alert_exactly_like_one(
     thread.join(10)
     for keys in (solo, duo):
         done = lambda keys=keys: len(transitions(r, keys)) >= len(EXPECTED) and settled(r, keys)  # noqa: E731
-        wait_for(done, timeout=15, what=f"the expected alerts on {keys.prefix}, nothing left to publish")
+        wait_for(done, timeout=30, what=f"the expected alerts on {keys.prefix}, nothing left to publish")
     assert sorted(transitions(r, solo)) == sorted(transitions(r, duo)) == EXPECTED
     assert duplicates(r, solo) == duplicates(r, duo) == []
     assert processes[2].wait(timeout=5) == -signal.SIGKILL

@@ -8,7 +8,7 @@
   show a mistake says so with a ``# invalid:`` comment, and must fail.
 * Every ``agentwatch ...`` command line of a ```sh/bash block is parsed by the real CLI (command,
   options and arguments must exist and be well-formed), without running it.
-* ``--help`` shows no ``<bool>`` beside a plain flag.
+* ``--help`` shows no ``<bool>`` beside a plain flag, nor a Python type (``<list[str]>``).
 """
 
 from __future__ import annotations
@@ -145,3 +145,5 @@ def test_help_shows_no_type_beside_plain_flags() -> None:
                 texts.append(command.get_help(sub))
     joined = "\n".join(texts)
     assert "<bool>" not in joined and "--json" in joined and "--quiet" in joined
+    # nor a Python type where the value's form helps: `--label <key=glob>`, not `<list[str]>`
+    assert "<list[" not in joined and " range>" not in joined and "--label <key=glob>" in joined

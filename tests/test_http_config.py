@@ -3,9 +3,13 @@ token is refused before anything starts, ping URLs parse as documented."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from agentwatch.cli import app
 from agentwatch.config import HttpSection, split_bind
 from agentwatch.errors import ConfigError
 from agentwatch.http.access import check_bind, is_loopback
@@ -50,6 +54,23 @@ def test_a_public_address_needs_a_token(bind: str) -> None:
     with pytest.raises(ConfigError, match="not a loopback address, and \\[http\\] token is not set"):
         check_bind(HttpSection(), bind)
     check_bind(HttpSection(token=SECRET), bind)  # with a token: fine
+
+
+def test_check_config_refuses_what_up_would_refuse_naming_the_key(tmp_path: Path) -> None:
+    """The bind rule at check-config too: exit 2 naming ``[http] bind``, so a file that passes
+    starts ``up``; with a token, or with the server off in ``up``, the same address is fine."""
+    runner = CliRunner()
+    path = tmp_path / "pipeline.toml"
+    path.write_text('[http]\nbind = "0.0.0.0:8787"\n')
+    refused = runner.invoke(app, ["check-config", str(path)])
+    assert refused.exit_code == 2, refused.output
+    assert (
+        "[http] bind: '0.0.0.0:8787' is not a loopback address, and [http] token is not set" in refused.output
+    )
+    for extra in (f'token = "{SECRET}"', "enabled = false"):
+        path.write_text(f'[http]\nbind = "0.0.0.0:8787"\n{extra}\n')
+        accepted = runner.invoke(app, ["check-config", str(path)])
+        assert accepted.exit_code == 0, accepted.output
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost"])

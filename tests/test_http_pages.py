@@ -17,6 +17,7 @@ from agents_detect.kit import Agent
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentwatch.halts import Halts
+from agentwatch.maintenance import AdhocWindows
 from notifiers.routing import Mutes
 
 from conftest import free_port
@@ -159,6 +160,27 @@ def test_mute_and_unmute_from_the_page(dep: Deployment) -> None:
         gone = http.post("/actions/unmute", data={"agent": "noisy", "next": "//evil.example"})
         assert gone.status_code == 303 and gone.headers["location"] == "/"  # never off-site
         assert not mutes.active()
+
+
+def test_a_maintenance_window_shows_on_the_agent_page_and_in_metrics(dep: Deployment) -> None:
+    for name in ("deploying-bot", "bystander"):
+        beat(dep, name)
+        seen(dep, name)
+    window = AdhocWindows(dep.r, dep.keys).start(600, agents=["deploying-*"], reason="deploy")
+    try:
+        with dep.client() as http:
+            page = http.get("/agents/deploying-bot").text
+            assert 'id="maintenance"' in page and window.id in page
+
+            def in_maintenance() -> bool:
+                text = http.get("/metrics").text
+                return 'agentwatch_agent_in_maintenance{agent="deploying-bot"} 1.0' in text
+
+            wait_for(in_maintenance, timeout=10, what="the agent in maintenance in /metrics")
+            bystander = http.get("/agents/bystander")
+            assert bystander.status_code == 200 and 'id="maintenance"' not in bystander.text
+    finally:
+        AdhocWindows(dep.r, dep.keys).stop(window.id)
 
 
 def test_halt_and_resume_from_the_page(dep: Deployment) -> None:

@@ -63,7 +63,7 @@ def test_a_notifier_worker_sigkilled_mid_delivery_leaves_the_alert_to_another(
         victim = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             alert = fire(r, keys)
-            wait_for(lambda: hook.requests or victim.poll() is not None, 15, what="the victim's request")
+            wait_for(lambda: hook.requests or victim.poll() is not None, 30, what="the victim's request")
             assert victim.poll() is None, victim.communicate()[1].decode()
             (first,) = hook.requests
             assert r.hget(keys.notifier_leases("webhook"), alert.id)  # leased to the victim

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import redis
 
 from agentwatch.keys import Keys
@@ -48,14 +47,18 @@ def _victim(path: Path, redis_url: str, prefix: str, hook: Receiver) -> subproce
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _frozen_while_reading(r: redis.Redis, victim: subprocess.Popen[bytes]) -> bool:
+def _frozen_while_reading(r: redis.Redis, victim: subprocess.Popen[bytes], others: set[str]) -> bool:
     """SIGSTOP the victim; keep it stopped only if its connection is blocked in XREADGROUP (then
-    Redis hands it the next entry all the same, as it does to a worker about to die)."""
+    Redis hands it the next entry all the same, as it does to a worker about to die). The victim's
+    connections are the clients that were not there before it started (``others``): a Unix socket
+    names no port to tell them apart by."""
     victim.send_signal(signal.SIGSTOP)
-    ports = {c.laddr.port for c in psutil.Process(victim.pid).net_connections("tcp") if c.laddr}
     for client in r.client_list():
-        port = int(client["addr"].rsplit(":", 1)[1])
-        if port in ports and client.get("cmd") == "xreadgroup" and "b" in client.get("flags", ""):
+        if (
+            client["id"] not in others
+            and client.get("cmd") == "xreadgroup"
+            and "b" in client.get("flags", "")
+        ):
             return True
     victim.send_signal(signal.SIGCONT)
     return False
@@ -65,9 +68,10 @@ def test_a_resolve_never_overtakes_the_firing_a_dead_notifier_held(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str, tmp_path: Path
 ) -> None:
     with receiver() as hook:
+        others = {client["id"] for client in r.client_list()}
         victim = _victim(tmp_path / "pipeline.toml", redis_url, prefix, hook)
         try:
-            caught = lambda: _frozen_while_reading(r, victim)  # noqa: E731
+            caught = lambda: _frozen_while_reading(r, victim, others)  # noqa: E731
             wait_for(caught, 20, interval=0.02, what="the victim frozen while waiting for alerts")
             firing = fire(r, keys)
             held = lambda: r.xpending(keys.alerts, NOTIFIERS_GROUP)["pending"] == 1  # noqa: E731

@@ -232,7 +232,7 @@ def test_bad_config_fails_naming_the_key(entry: dict[str, Any], needle: str) -> 
 
 
 def test_the_documented_routing_key_error_is_the_real_one() -> None:
-    _, problems = plugins.load_notifiers([{}, {"type": "pagerduty", "routing_key": "short12chars"}])
+    _, problems = plugins.load_notifiers([{"type": "pagerduty", "routing_key": "short12chars"}])
     docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "notifiers.md").read_text().split())
-    assert problems[-1].startswith("[[notifiers]][1] routing_key: must be the 32-character")
+    assert problems[-1].startswith("[[notifiers]][0] routing_key: must be the 32-character")
     assert f"`{problems[-1]}`" in docs

@@ -187,9 +187,10 @@ def test_restarts_back_off_and_a_command_that_hangs_is_killed_at_its_timeout(
     # when the previous command was killed: restart n waits 700 ms x 2**(n-2) after restart n-1.
     began = [start["ms"] for start in json.loads(r.hget(keys.notifier_starts("restart"), "stuck") or b"[]")]
     assert len(began) == 3 and began[1] - began[0] >= 700 and began[2] - began[1] >= 1400
-    # And the commands really started that far apart (allowing each Python start-up 50 ms).
+    # And the commands really started apart (each Python start-up may vary by 250 ms on a loaded
+    # box; without the backoff they would start one 500 ms timeout after another).
     started = [float(line) for line in marker.read_text().split()]
-    assert len(started) == 3 and started[1] - started[0] >= 0.65 and started[2] - started[1] >= 1.35
+    assert len(started) == 3 and started[1] - started[0] >= 0.45 and started[2] - started[1] >= 1.15
 
 
 def test_signal_mode_acts_on_this_host_only(r: redis.Redis, keys: Keys, prefix: str, redis_url: str) -> None:

@@ -233,7 +233,8 @@ def test_apprise_missing_fails_at_start_up_with_how_to_install(monkeypatch: pyte
         importlib.util, "find_spec", lambda name, *a: None if name == "apprise" else real(name, *a)
     )
     loaded, problems = plugins.load_notifiers([{"type": "apprise", "urls": ["tgram://x/y"]}])
-    assert not loaded and "pip install 'agentwatch[apprise]'" in problems[0] and "#1" in problems[0]
+    assert not loaded and problems[0].startswith("[[notifiers]][0]: ")
+    assert "pip install 'agentwatch[apprise]'" in problems[0]
 
 
 @pytest.mark.parametrize(

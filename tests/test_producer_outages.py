@@ -27,6 +27,7 @@ from agents.testkit import (
 )
 
 from agentwatch.embedded import EmbeddedRedis
+from producers._lifecycle import EXIT_DEADLINE
 from producers._sender import UNCONFIRMED
 
 from conftest import free_port
@@ -194,7 +195,9 @@ def test_hung_redis_agent_keeps_its_pace_memory_and_exit_time(prefix: str) -> No
     assert stats["rate_with"] >= 0.8 * stats["rate_without"]
     assert stats["max_queue"] <= stats["queue_size"]
     assert stats["rss_growth"] < 30 * 2**20
-    assert exited - end < 2.5  # the exit flush gives up after 2 s
+    # The exit flush gives up after EXIT_DEADLINE (2 s); the rest is interpreter teardown, which a
+    # loaded 2-core box can stretch. A flush that waited on the hung server would not end at all.
+    assert exited - end < EXIT_DEADLINE + 3.0
 
 
 def refused_then_fixed(

@@ -41,8 +41,12 @@ def test_alerts_retries_and_deliveries_are_one_line_each(redis_url: str, prefix:
     keys = Keys(prefix)
     with receiver() as hook:
         hook.reply(Reply(status=500, body=b"boom"))  # the first attempt fails, the second lands
+        # A retry a second later: the pending retry is there to be seen by a poll, even on a
+        # loaded machine (at 50 ms it can be gone between two polls, and ``up`` says so only
+        # while it is pending).
+        slow_retry = {**FAST_DELIVERY, "backoff": "1s", "backoff_max": "1s"}
         pipeline = pipeline_with(prefix, redis_url, [{"type": "webhook", "name": "hook", "url": hook.url,
-                                                      **FAST_DELIVERY}])  # fmt: skip
+                                                      **slow_retry}])  # fmt: skip
         out = io.StringIO()
         activity = Activity(r, keys, ["hook"], out=out)
         activity.start_here()

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "mute": "mute",
     "unmute": "mute",
     "mutes": "mute",
+    "maintenance": "maintenance",
     "prices": "prices",
     "serve": "serve",
     "worker": "run",

@@ -43,7 +43,12 @@ def agent_key_command(
 
 RoleOption = Annotated[
     list[str] | None,
-    typer.Option("--role", help=f"Only this role (repeatable): {', '.join(ROLES)}.", show_default=False),
+    typer.Option(
+        "--role",
+        metavar="<role>",
+        help=f"Only this role (repeatable): {', '.join(ROLES)}.",
+        show_default=False,
+    ),
 ]
 
 

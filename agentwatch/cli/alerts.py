@@ -19,6 +19,7 @@ from typing import Annotated, Any, Final
 
 import typer
 
+from agentwatch.activity import literal
 from agentwatch.alerts import Alert, Incidents, decode_alert, iso_ms
 from agentwatch.cli import app
 from agentwatch.cli.common import AgentOption, ConfigOption, client_for, duration_flag, load_pipeline
@@ -31,6 +32,8 @@ _OUTCOME_MARKS: Final = {
     "delivered": "ok",
     "failed": "FAILED",
     "muted": "muted",
+    "maintenance": "maintenance",
+    "dependency": "held (dependency)",
     "stale": "stale",
     "skipped": "skip",
 }
@@ -54,7 +57,9 @@ def alerts_cmd(
     failed: Annotated[
         bool, typer.Option("--failed", help="Deliveries that failed, or wait for a retry, instead of alerts.")
     ] = False,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (the most recent).")] = 200,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, metavar="<int>", help="At most this many (the most recent).")
+    ] = 200,
 ) -> None:
     """Recent alerts (or, with --failed, deliveries that failed or are being retried)."""
     window_s = duration_flag("--since", since or "24h")
@@ -119,15 +124,6 @@ def _alerts(client: Any, keys: Keys, start_ms: int) -> list[Alert]:
 
 def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def literal(value: object) -> str:
-    """Agent-supplied text as one printable line: control characters (escape sequences, bidi
-    overrides, line breaks) written as escapes, so nothing can move the cursor, recolour the
-    terminal or fake a line of output."""
-    from notifiers.text import visible  # noqa: PLC0415 - only when printing
-
-    return visible(str(value)).replace("\n", "\\n").replace("\t", " ")
 
 
 def _troubled(client: Any, keys: Keys, start_ms: int, limit: int) -> list[dict[str, Any]]:

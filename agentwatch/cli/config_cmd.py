@@ -9,9 +9,10 @@ import typer
 from pydantic.fields import FieldInfo
 
 from agentwatch.cli import app
-from agentwatch.cli.common import load_pipeline
+from agentwatch.cli.common import EXIT_USAGE, load_pipeline
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.config_errors import is_secret, looks_like_url, serializer
+from agentwatch.errors import ConfigError
 from agentwatch.plugins import DetectorConfig, PluginConfig
 from agentwatch.redisconn import describe
 from agentwatch.urls import mask_url
@@ -26,6 +27,16 @@ def check_config(
 ) -> None:
     """Validate a pipeline file: exit 0 with a summary, or 2 naming every bad key."""
     pipeline = load_pipeline(path)
+    if pipeline.settings.http.enabled:
+        # What `up` refuses at start (its dashboard open to the network without a token) fails
+        # here first, with the same words: check-config passing means `up` starts.
+        from agentwatch.http.access import check_bind  # noqa: PLC0415 - starlette only here
+
+        try:
+            check_bind(pipeline.settings.http, source=pipeline.source)
+        except ConfigError as exc:
+            typer.echo(exc.render(), err=True)
+            raise typer.Exit(EXIT_USAGE) from None
     typer.echo(summary(pipeline))
 
 
@@ -60,6 +71,15 @@ def summary(pipeline: Pipeline) -> str:
     for b in budgets:
         lines.append(f"  {b.agents:<10} ${b.limit:,.2f}/{b.per} {b.scope} warn_at={b.warn_at:g}"
                      + (" halt" if b.halt else ""))  # fmt: skip
+    windows = pipeline.settings.maintenance
+    lines.append(
+        "maintenance"
+        + ("" if windows else "  no recurring windows (`agentwatch maintenance start` for ad-hoc ones)")
+    )
+    for w in windows:
+        whom = " ".join([*w.agents, *(f"{k}={v}" for k, v in w.labels.items())])
+        lines.append(f"  {whom:<10} {w.schedule!r} for {format_duration(w.duration_s)} "
+                     f"({pipeline.settings.report.timezone})")  # fmt: skip
     lines.append("notifiers" + ("" if pipeline.notifiers else "  none (alerts stay on the alerts stream)"))
     for plugin in pipeline.notifiers:  # notifiers have many keys: show only what the file sets
         lines.append(f"  {plugin.name:<10} {_settings(plugin.config, skip={'name'}, only_set=True)}")

@@ -120,7 +120,10 @@ def wiring_notes(document: dict[str, Any]) -> list[str]:
     lines = []
     where = document.get("redis") or {}
     if where.get("url"):
-        lines.append(f"redis: {where['url']} (from {where['source']}), prefix {where['prefix']!r}")
+        # The source may be a long file path: on a line of its own, indented, so the board fits.
+        lines.append(f"redis: {where['url']}, prefix {where['prefix']!r}")
+        if where.get("source"):
+            lines.append(f"    from {where['source']}")
     ours = where.get("prefix", "aw")
     for stream in document.get("unread_streams", []):
         lines.append(

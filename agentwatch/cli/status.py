@@ -6,6 +6,7 @@ import fnmatch
 import json
 import shutil
 import signal
+import textwrap
 import time
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, Final
@@ -13,9 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import typer
 
 from agentwatch import labels
+from agentwatch.activity import literal
 from agentwatch.alerts import iso_ms
 from agentwatch.cli import app
-from agentwatch.cli.alerts import literal
 from agentwatch.cli.common import (
     EXIT_USAGE,
     AgentOption,
@@ -25,7 +26,6 @@ from agentwatch.cli.common import (
     fail,
     load_pipeline,
 )
-from agentwatch.cli.elsewhere import wiring, wiring_notes
 from agentwatch.config import Pipeline, format_duration
 from agentwatch.redisconn import Client, describe, explain, server_time_ms
 
@@ -43,7 +43,11 @@ _ALARM: Final[dict[str, Any]] = {"fg": "red", "bold": True}
 
 LabelOption = Annotated[
     list[str] | None,
-    typer.Option("--label", help='Only agents with this label, e.g. "team=search" (a glob); repeatable.'),
+    typer.Option(
+        "--label",
+        metavar="<key=glob>",
+        help='Only agents with this label, e.g. "team=search" (a glob); repeatable.',
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (docs/operations.md).")]
 
@@ -74,6 +78,7 @@ def status(
     selectors = _selectors(label)
     pipeline = load_pipeline(config, plugins=False)  # settings only: starts fast (issue 10)
     client = client_for(pipeline)
+    from agentwatch.cli.elsewhere import wiring, wiring_notes  # noqa: PLC0415 - only once the flags are right
     from agentwatch.fleet import fleet_status  # noqa: PLC0415 - heavy: only once the flags are right
 
     try:
@@ -86,8 +91,10 @@ def status(
             width = max(40, shutil.get_terminal_size((80, 24)).columns)  # a pipe: 80, or $COLUMNS
             for line in _board(_filtered(fleet_status(client, pipeline), agent, selectors), width):
                 typer.echo(line)  # colours only on a terminal (click strips them on a pipe)
-            for line in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
-                typer.echo(typer.style(line, fg="yellow") if line.startswith("note:") else line)
+            for note in wiring_notes(wiring(client, pipeline, server_time_ms(client))):
+                # Flowed to the terminal like the board; continuation lines indented.
+                for line in textwrap.wrap(note, width, subsequent_indent="    ", break_on_hyphens=False):
+                    typer.echo(typer.style(line, fg="yellow") if note.startswith("note:") else line)
             return
         from rich.console import Console  # noqa: PLC0415
 
@@ -263,9 +270,7 @@ def _board(document: dict[str, Any], width: int = 80) -> list[str]:
 
 def _table(agents: list[dict[str, Any]], width: int) -> list[str]:
     names = [literal(row["agent"]) for row in agents]
-    causes = [
-        "; ".join(literal(f"{i['detector']}: {i['summary']}") for i in row["incidents"]) for row in agents
-    ]
+    causes = ["; ".join(literal(text) for text in _causes(row)) for row in agents]
 
     def layout(ago: bool) -> tuple[list[list[str]], list[int]]:
         rows = [[name, *_cells(row, ago=ago)[1:]] for name, row in zip(names, agents, strict=True)]
@@ -296,6 +301,19 @@ def _table(agents: list[dict[str, Any]], width: int) -> list[str]:
     return out
 
 
+def _causes(row: dict[str, Any]) -> list[str]:
+    """An agent's open incidents, then what holds its pages (notifiers/holds.py): a maintenance
+    window, the parent its silence waits for, the children whose silence waits for it."""
+    out = [f"{i['detector']}: {i['summary']}" for i in row["incidents"]]
+    if row.get("maintenance"):
+        out.append(f"in maintenance until {row['maintenance']['until'][11:19]} UTC")
+    if row.get("held_for"):
+        out.append(f"page held: depends on {row['held_for']}, which is down")
+    if row.get("dependents"):
+        out.append(f"holding the silence of {', '.join(row['dependents'])}")
+    return out
+
+
 def _health(health: dict[str, Any], width: int) -> list[str]:
     """The pipeline's health: counters flowed onto lines of at most ``width``, then each problem
     in words (in red), folded onto as many lines as it needs."""
@@ -320,7 +338,6 @@ def _health(health: dict[str, Any], width: int) -> list[str]:
     ]  # fmt: skip
     if not health.get("detecting", True):
         alarms.append(f"not detecting: {health['detecting_reason']}")
-    import textwrap  # noqa: PLC0415
 
     for alarm in alarms:  # prose: folded at spaces onto indented lines, nothing cut
         folded = textwrap.wrap(alarm, width, subsequent_indent="  ", break_long_words=False)

@@ -9,14 +9,14 @@ Per agent (label ``agent``):
   agentwatch_agent_state{state}             1 for the agent's state, 0 for the others (a state set)
   agentwatch_agent_last_beat_age_seconds    since its last beat
   agentwatch_agent_beats_total, agentwatch_agent_tokens_total, agentwatch_agent_cost_usd_total
-  agentwatch_agent_open_incidents
+  agentwatch_agent_open_incidents, agentwatch_agent_in_maintenance (1 while a window covers it)
 Fleet and pipeline:
   agentwatch_open_incidents{detector}, agentwatch_agents{state}
   agentwatch_pipeline_lag_events, agentwatch_pipeline_pending_events,
   agentwatch_pipeline_oldest_pending_seconds, agentwatch_pipeline_detecting,
   agentwatch_deadletter_entries, agentwatch_failed_deliveries_entries,
   agentwatch_deliveries_total{notifier, outcome}, agentwatch_deliveries_retrying{notifier},
-  agentwatch_workers{kind}
+  agentwatch_workers{kind}, agentwatch_maintenance_windows (windows in force)
 This server: agentwatch_http_pings_total{outcome}, agentwatch_http_denied_total,
   agentwatch_http_redis_errors_total; and agentwatch_redis_up (0 while Redis is away: the other
   series are then left out rather than reported as zeros).
@@ -61,6 +61,9 @@ class FleetCollector(Collector):
         yield up
         yield from _agents(status["agents"])
         yield from _pipeline(status["pipeline"], status["agents"])
+        windows = GaugeMetricFamily("agentwatch_maintenance_windows", "Maintenance windows in force.")
+        windows.add_metric([], len(status.get("maintenance", [])))
+        yield windows
         yield _deliveries(stats)
         yield _retrying(stats, status["pipeline"].get("deliveries", []))
 
@@ -78,6 +81,9 @@ def _agents(agents: list[dict[str, Any]]) -> Iterator[Metric]:
     incidents = GaugeMetricFamily(
         "agentwatch_agent_open_incidents", "Incidents open for the agent.", labels=["agent"]
     )
+    maintenance = GaugeMetricFamily(
+        "agentwatch_agent_in_maintenance", "1 while a maintenance window covers the agent.", labels=["agent"]
+    )
     for agent in agents:
         name = [agent["agent"]]
         state.add_metric(name, {s: agent["state"] == s for s in STATES})
@@ -87,7 +93,8 @@ def _agents(agents: list[dict[str, Any]]) -> Iterator[Metric]:
         tokens.add_metric(name, agent["tokens_total"])
         cost.add_metric(name, agent["cost_total"])
         incidents.add_metric(name, len(agent["incidents"]))
-    yield from (state, age, beats, tokens, cost, incidents)
+        maintenance.add_metric(name, int(agent.get("maintenance") is not None))
+    yield from (state, age, beats, tokens, cost, incidents, maintenance)
 
 
 def _pipeline(pipeline: dict[str, Any], agents: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -1,0 +1,230 @@
+"""benchmarks/run_all.py: aggregation and rendering, driven by tiny fake benchmark scripts.
+
+The real benchmarks take minutes; these fakes take milliseconds but go through the same contract:
+``steady.py`` reports with the real ``_common.figure``/``report`` (so ``BENCH_RESULTS_DIR`` is
+honoured), its values changing from run to run; ``broken.py`` exits non-zero; ``silent.py``
+writes a JSON without figures; ``sleeper.py`` outlives its timeout. run_all runs as a command,
+as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+
+STEADY = """
+import argparse, sys
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+from _common import figure, report
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--quick", action="store_true")
+args = parser.parse_args()
+counter = Path(__file__).with_name("calls")
+call = int(counter.read_text()) if counter.exists() else 0
+counter.write_text(str(call + 1))
+latency = [30.0, 10.0, 20.0][call % 3]
+ratio = [0.4, 0.6, 0.5][call % 3]
+figures = [
+    figure("p99 latency", latency, "ms", goal=25, issue=17),
+    figure("contender / baseline", ratio, "ratio", goal=0.8, better="higher", issue=17),
+    figure("events | per s", 1234567.0, "events/s"),
+]
+report("steady", [{{"quick": args.quick, "call": call}}], figures=figures)
+"""
+
+BROKEN = """
+import sys
+print("starting ...")
+print("boom: the server | did not start", file=sys.stderr)
+sys.exit(3)
+"""
+
+SILENT = """
+import json, os
+from pathlib import Path
+out = Path(os.environ["BENCH_RESULTS_DIR"])
+out.mkdir(parents=True, exist_ok=True)
+(out / "silent.json").write_text(json.dumps({"benchmark": "silent", "rows": [], "figures": []}))
+"""
+
+NOTES = """\
+## Preamble
+
+How to read it.
+
+## steady
+
+Steady prose.
+
+## broken
+
+Broken prose.
+"""
+
+
+def run_all(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run_all.py"), *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> dict[str, Path]:
+    scripts = tmp_path / "bench"
+    scripts.mkdir()
+    (scripts / "steady.py").write_text(textwrap.dedent(STEADY.format(bench=str(BENCHMARKS))))
+    (scripts / "broken.py").write_text(BROKEN)
+    (scripts / "silent.py").write_text(SILENT)
+    (scripts / "_helper.py").write_text("raise SystemExit('a helper is not a benchmark')\n")
+    notes = tmp_path / "NOTES.md"
+    notes.write_text(NOTES)
+    return {"dir": scripts, "results": tmp_path / "results", "notes": notes, "out": tmp_path / "BENCH.md"}
+
+
+def options(bench: dict[str, Path]) -> list[str | Path]:
+    return ["--bench-dir", bench["dir"], "--results-dir", bench["results"], "--notes", bench["notes"],
+            "--output", bench["out"]]  # fmt: skip
+
+
+def table_row(markdown: str, *cells: str) -> str:
+    """The one table line that starts with these cells."""
+    start = "| " + " | ".join(cells) + " |"
+    found = [line for line in markdown.splitlines() if line.startswith(start)]
+    assert len(found) == 1, (start, markdown)
+    return found[0]
+
+
+def test_three_rounds_aggregate_render_and_report_failures(bench: dict[str, Path]) -> None:
+    done = run_all("--rounds", "3", "--quick", *options(bench))
+    assert done.returncode == 1, done.stdout + done.stderr  # a script failed: the command says so
+    assert "failed: broken" in done.stdout and "failed: silent" in done.stdout
+    assert "missed: steady: contender / baseline" in done.stdout
+
+    result: dict[str, Any] = json.loads((bench["results"] / "run_all.json").read_text())
+    assert result["order"] == ["broken", "silent", "steady"]  # _helper.py is not a benchmark
+    assert [(r["script"], r["round"]) for r in result["runs"]] == [
+        (s, n)
+        for n in (1, 2, 3)
+        for s in ("broken", "silent", "steady")  # round-major
+    ]
+    status = {(r["script"], r["round"]): r["status"] for r in result["runs"]}
+    assert {status[("broken", n)] for n in (1, 2, 3)} == {"failed (exit 3)"}
+    assert {status[("silent", n)] for n in (1, 2, 3)} == {"no figures"}
+    assert {status[("steady", n)] for n in (1, 2, 3)} == {"ok"}
+    steady = [r for r in result["runs"] if r["script"] == "steady"]
+    assert [r["args"] for r in steady] == [["--quick"]] * 3  # it has --quick; broken has not
+    assert [r["args"] for r in result["runs"] if r["script"] == "broken"] == [[]] * 3
+    assert all(r["load_before"] >= 0 and r["wall_s"] > 0 for r in result["runs"])
+    assert result["load"], "the load average was sampled while the scripts ran"
+
+    md = bench["out"].read_text()
+    assert md.startswith("# Benchmarks\n\nGenerated by `python benchmarks/run_all.py`; do not edit.\n")
+    assert "- Command: `python benchmarks/run_all.py --rounds 3 --quick" in md
+    assert "- Load average (1 min) while it ran: min " in md
+    # min / median / max over the three runs (30, 10, 20), the goal judged on the median
+    latency = table_row(md, "[steady](#steady)", "p99 latency")
+    assert "| 17 | <= 25 | 10 | 20 | 30 | ms | met (*2/3 rounds*) | quick | 3/3 |" in latency
+    ratio = table_row(md, "[steady](#steady)", "contender / baseline")
+    assert "| >= 0.8 | 0.4 | 0.5 | 0.6 | ratio | **MISSED** | quick | 3/3 |" in ratio
+    events = table_row(md, "[steady](#steady)", "events \\| per s")  # a pipe in a name stays in its cell
+    assert "| 1,234,567 | 1,234,567 | 1,234,567 | events/s |  | quick |" in events
+    # failed scripts are in the figures table, not skipped
+    broken = table_row(md, "[broken](#broken)", "**FAILED**: failed (exit 3)")
+    assert broken.endswith("| **no figure** | full | 0/3 |")
+    table_row(md, "silent", "**FAILED**: no figures")
+    runs_row = table_row(md, "[broken](#broken)", "`(defaults)`")
+    assert "| 0/3 |" in runs_row
+    assert "| round 1, 2, 3: failed (exit 3): boom: the server \\| did not start |" in runs_row
+    # the prose follows the tables, section by section
+    assert md.index("## Runs") < md.index("How to read it.") < md.index("## steady\n\nSteady prose.")
+    assert "_helper" not in md
+    assert "NOTES.md has no '## silent' section" in done.stderr
+
+    # --render-only: the same page from run_all.json, with the prose as it is now
+    bench["out"].unlink()
+    bench["notes"].write_text(NOTES.replace("Steady prose.", "Steady prose, edited."))
+    again = run_all("--render-only", *options(bench))
+    assert again.returncode == 1, again.stderr
+    assert bench["out"].read_text() == md.replace("Steady prose.", "Steady prose, edited.")
+
+    # --only: reruns one script, keeps the others' runs from the last run_all.json
+    (bench["dir"] / "calls").write_text("1")
+    only = run_all("--only", "steady", "--rounds", "1", *options(bench))
+    assert only.returncode == 1, only.stdout + only.stderr  # broken's kept runs still failed
+    result = json.loads((bench["results"] / "run_all.json").read_text())
+    assert [(r["script"], r["round"]) for r in result["runs"] if r["script"] == "steady"] == [("steady", 1)]
+    assert len([r for r in result["runs"] if r["script"] == "broken"]) == 3
+    md = bench["out"].read_text()
+    assert "- Runs of broken, silent kept from an earlier run (`--only` ran the rest), `python " in md
+    assert "| <= 25 | 10 | 10 | 10 | ms | met | full | 1/1 |" in table_row(
+        md, "[steady](#steady)", "p99 latency"
+    )
+
+
+def test_a_run_past_its_timeout_is_stopped_and_reported(tmp_path: Path) -> None:
+    scripts = tmp_path / "bench"
+    scripts.mkdir()
+    marker = tmp_path / "finished"
+    (scripts / "sleeper.py").write_text(f"import time\ntime.sleep(60)\nopen({str(marker)!r}, 'w')\n")
+    done = run_all(
+        "--rounds", "1", "--timeout", "1", "--bench-dir", scripts, "--results-dir", tmp_path / "results",
+        "--notes", tmp_path / "none.md", "--output", tmp_path / "BENCH.md",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    run = json.loads((tmp_path / "results" / "run_all.json").read_text())["runs"][0]
+    assert run["status"] == "timeout after 1 s"
+    assert run["wall_s"] < 30  # stopped, not waited for
+    assert not marker.exists()
+    assert "| **FAILED**: timeout after 1 s |" in (tmp_path / "BENCH.md").read_text()
+
+
+def test_unknown_names_are_refused(tmp_path: Path) -> None:
+    done = run_all("--only", "no_such_bench", "--render-only")
+    assert done.returncode == 2
+    assert "no benchmark named 'no_such_bench'" in done.stderr
+
+
+def test_what_a_script_leaves_running_is_stopped(tmp_path: Path) -> None:
+    """A benchmark that exits and leaves a child behind (a server, a worker) must not load the next."""
+    scripts = tmp_path / "bench"
+    scripts.mkdir()
+    pid_file = tmp_path / "child.pid"
+    (scripts / "leaky.py").write_text(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen(['sleep', '60'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+    )
+    done = run_all(
+        "--rounds", "1", "--bench-dir", scripts, "--results-dir", tmp_path / "results",
+        "--notes", tmp_path / "none.md", "--output", tmp_path / "BENCH.md",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr  # no JSON: reported, and nothing left over
+    assert "| **FAILED**: no JSON written |" in (tmp_path / "BENCH.md").read_text()
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or a zombie
+
+
+def test_list_shows_the_plan_without_running(bench: dict[str, Path]) -> None:
+    done = run_all("--list", "--quick", "--rounds", "2", "--skip", "silent", *options(bench))
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert lines == [
+        ["broken", "full", "2", "round(s)", "(defaults)"],
+        ["steady", "quick", "2", "round(s)", "--quick"],
+    ]
+    assert not bench["out"].exists() and not (bench["dir"] / "calls").exists()
