@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,9 +28,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from agentwatch.embedded import EmbeddedRedis, find_server_binary
+from agentwatch.embedded import EmbeddedRedis
 from agentwatch.errors import EmbeddedRedisError
 from agentwatch.keys import Keys
+from agentwatch.localcluster import LocalCluster, await_true
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -154,38 +152,8 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _node_port(taken: list[int]) -> int:
-    """A free port whose cluster-bus port (port + 10000) is free and valid too."""
-    while True:
-        port = random.randrange(20_000, 45_000)
-        if port in taken:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10_000))
-        except OSError:
-            continue
-        return port
-
-
-def _node_answers(port: int, ready: bool = False) -> bool:
-    """The node answers PING (``ready``: and its cluster is up). 127.0.0.1, not localhost (::1)."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
-    try:
-        return bool(client.cluster("info")["cluster_state"] == "ok" if ready else client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
 def _await(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    await_true(predicate, timeout, what)
 
 
 @pytest.fixture(scope="session")
@@ -194,37 +162,12 @@ def cluster_ports() -> Iterator[list[int]]:
 
     Skipped only when no server binary or no matching ``redis-cli``/``valkey-cli`` exists.
     """
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="aw-cl-")))
     try:
-        server = find_server_binary()
-    except EmbeddedRedisError:
-        pytest.skip("no Redis server binary to build a cluster with")
-    cli_name = "valkey-cli" if server.name.startswith("valkey") else "redis-cli"
-    cli = shutil.which(cli_name) or (
-        str(server.parent / cli_name) if (server.parent / cli_name).exists() else None
-    )
-    if cli is None:
-        pytest.skip(f"no {cli_name} to create a cluster with")
-    root = Path(tempfile.mkdtemp(prefix="aw-cl-"))
-    ports: list[int] = []
-    for _ in range(3):
-        ports.append(_node_port(ports))
-    nodes = []
+        cluster.start()
+    except EmbeddedRedisError as exc:
+        pytest.skip(f"cannot build a cluster: {exc}")
     try:
-        for port in ports:
-            (root / str(port)).mkdir()
-            argv = [str(server), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
-            argv += ["--dir", str(root / str(port)), "--save", "", "--appendonly", "no"]
-            nodes.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in ports:
-            _await(lambda port=port: _node_answers(port), 10, f"cluster node {port}")
-        create = [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports]]
-        create += ["--cluster-replicas", "0", "--cluster-yes"]
-        subprocess.run(create, check=True, capture_output=True, timeout=30)
-        _await(lambda: all(_node_answers(p, ready=True) for p in ports), 20, "cluster_state:ok")
-        yield ports
+        yield cluster.ports
     finally:
-        for node in nodes:
-            node.terminate()
-        for node in nodes:
-            node.wait(5)
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.stop()
