@@ -104,7 +104,7 @@ def register(producer: Producer) -> None:
         _previous_excepthook, sys.excepthook = sys.excepthook, _excepthook
         _previous_thread_hook, threading.excepthook = threading.excepthook, _thread_excepthook
         _previous_exit, sys.exit = sys.exit, _sys_exit
-    install_signals()
+    install_signals(begun=True)
     _exitcode.watch()
     _hook_multiprocessing_exit()
 
@@ -124,6 +124,15 @@ def _hook_multiprocessing_exit() -> None:
     _mp_hooked_pid = pid
     util.Finalize(None, _at_multiprocessing_exit, exitpriority=100)
     _lostsignals.install(_waiting)  # Pool.terminate() must end this worker: see there
+
+
+def _in_multiprocessing_child() -> bool:
+    """A ``multiprocessing`` child: started, or (spawn, forkserver) importing the main module."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is None:
+        return False
+    current = process.current_process()
+    return process.parent_process() is not None or bool(getattr(current, "_inheriting", False))
 
 
 def _waiting(signum: int) -> bool:
@@ -204,14 +213,18 @@ def _sys_exit(status: object = None) -> NoReturn:
     _previous_exit(status)
 
 
-def install_signals() -> None:
+def install_signals(*, begun: bool = False) -> None:
     """Report default-handled fatal signals (see :data:`_SIGNALS`); once, on the main thread.
 
     Only handlers still at ``SIG_DFL`` are taken over; ignored signals and a program's own
-    handlers stay as they are.
+    handlers stay as they are. In a ``multiprocessing`` worker only once its run ``begun``
+    (not at import or ``init()``): before, it has nothing to report, and ``Pool.terminate()``
+    must be able to end it (see :func:`_release_signals`).
     """
     global _signals_installed
     if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if not begun and _in_multiprocessing_child():
         return
     _signals_installed = True
     for name in _SIGNALS:
