@@ -65,6 +65,28 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def drop_prefix(client: Any, prefix: str) -> None:
+    """Delete every key of ``prefix`` (a round's keys, so the next round starts empty)."""
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+
+
+def drain_rate(worker: Any, entries: int, *, hooks: bool = False) -> float:
+    """Entries per second a runtime worker takes to process ``entries`` already in its streams
+    (``hooks``: run its handlers' on_start/on_stop around the timed span, as a process would)."""
+    if hooks:
+        for handler in worker.handlers:
+            handler.on_start()
+    start = time.perf_counter()
+    while worker.stats.processed < entries:
+        worker.run_once()
+    elapsed = time.perf_counter() - start
+    if hooks:
+        for handler in worker.handlers:
+            handler.on_stop()
+    return entries / elapsed
+
+
 def figure(
     name: str,
     value: float,

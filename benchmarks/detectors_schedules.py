@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import figure, median, percentile, redis_server, report
+from _common import drain_rate, drop_prefix, figure, median, percentile, redis_server, report
 
 from agentwatch import codec, config, plugins
 from agentwatch.alerts import decode_alert
@@ -86,14 +86,11 @@ def throughput(url: str, prefix: str, events: int, agents: int, restart_every: i
     pipeline = pipeline_for(prefix, silence, tick="50ms")
     worker_client = connect(pipeline.settings, url)
     worker = detector_worker(pipeline, worker_client)
-    start = time.perf_counter()
-    while worker.stats.processed < events:
-        worker.run_once()
-    elapsed = time.perf_counter() - start
+    rate = drain_rate(worker, events)
     worker_client.close()
-    _drop(client, prefix)
+    drop_prefix(client, prefix)
     client.close()
-    return events / elapsed
+    return rate
 
 
 # -- missed-slot delay --------------------------------------------------------------------------
@@ -131,16 +128,11 @@ def missed_delays(url: str, prefix: str, late: int) -> list[float]:
         (entry_ms(entry_id) - deadline_ms) / 1000 for entry_id, alert in found if alert.detector == "schedule"
     ]
     worker_client.close()
-    _drop(client, prefix)
+    drop_prefix(client, prefix)
     client.close()
     if len(delays) < late:
         delays += [float("inf")] * (late - len(delays))  # not paged within 30 s: counted as never
     return delays
-
-
-def _drop(client: redis.Redis, prefix: str) -> None:
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import figure, median, redis_server, report
+from _common import drain_rate, drop_prefix, figure, median, redis_server, report
 
 from agentwatch import codec, config, plugins
 from agentwatch.alerts import Incidents
@@ -122,14 +122,11 @@ def detectors_rate(
     pipeline = Pipeline(settings=settings_for(prefix), source="bench", detectors=loaded)
     worker_client = connect(pipeline.settings, url)
     worker = detector_worker(pipeline, worker_client)
-    start = time.perf_counter()
-    while worker.stats.processed < events:
-        worker.run_once()
-    elapsed = time.perf_counter() - start
+    rate = drain_rate(worker, events)
     worker_client.close()
-    _drop(client, prefix)
+    drop_prefix(client, prefix)
     client.close()
-    return events / elapsed
+    return rate
 
 
 # -- notifiers: grouping on vs off ----------------------------------------------------------------
@@ -153,18 +150,11 @@ def notifiers_rate(url: str, prefix: str, alerts: int, hook: str, grouped: bool)
     pipeline = Pipeline(settings=settings_for(prefix, grouping=grouping), source="bench", notifiers=loaded)
     worker_client = connect(pipeline.settings, url)
     worker = notifier_worker(pipeline, worker_client)
-    for handler in worker.handlers:
-        handler.on_start()
-    start = time.perf_counter()
-    while worker.stats.processed < alerts:
-        worker.run_once()
-    elapsed = time.perf_counter() - start
-    for handler in worker.handlers:
-        handler.on_stop()
+    rate = drain_rate(worker, alerts, hooks=True)
     worker_client.close()
-    _drop(client, prefix)
+    drop_prefix(client, prefix)
     client.close()
-    return alerts / elapsed
+    return rate
 
 
 # -- latency of a group -----------------------------------------------------------------------------
@@ -196,14 +186,9 @@ def group_latency(url: str, prefix: str, receiver: Receiver, wait_s: float) -> f
     worker.stop()
     thread.join(10)
     worker_client.close()
-    _drop(client, prefix)
+    drop_prefix(client, prefix)
     client.close()
     return arrived - first
-
-
-def _drop(client: redis.Redis, prefix: str) -> None:
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import figure, median, redis_server, report
-from fleet_grouping import Receiver, _drop, fill_alerts, settings_for
+from _common import drain_rate, drop_prefix, figure, median, redis_server, report
+from fleet_grouping import Receiver, fill_alerts, settings_for
 
 from agentwatch import plugins
 from agentwatch.alerts import Incidents
@@ -67,18 +67,11 @@ def notifiers_rate(url: str, prefix: str, alerts: int, hook: str, configured: bo
     pipeline = Pipeline(settings=holds_settings(prefix, configured), source="bench", notifiers=loaded)
     worker_client = connect(pipeline.settings, url)
     worker = notifier_worker(pipeline, worker_client)
-    for handler in worker.handlers:
-        handler.on_start()
-    start = time.perf_counter()
-    while worker.stats.processed < alerts:
-        worker.run_once()
-    elapsed = time.perf_counter() - start
-    for handler in worker.handlers:
-        handler.on_stop()
+    rate = drain_rate(worker, alerts, hooks=True)
     worker_client.close()
-    _drop(client, prefix)
+    drop_prefix(client, prefix)
     client.close()
-    return alerts / elapsed
+    return rate
 
 
 def release_after_window(url: str, prefix: str, receiver: Receiver, held: int) -> float:
@@ -112,7 +105,7 @@ def release_after_window(url: str, prefix: str, receiver: Receiver, held: int) -
     worker.stop()
     thread.join(10)
     worker_client.close()
-    _drop(client, prefix)
+    drop_prefix(client, prefix)
     client.close()
     return last - stopped - ALLOWANCE_S
 
