@@ -73,7 +73,11 @@ for _, a in ipairs(due) do
       -- (A process that was frozen comes back with a pulse: the batch update restarted its
       -- stall clock then, in r.xu, so this pulse proves life from then on, not for before.)
       local alive = now - r.pulse <= live_for(r)
-      if stall_on and not has(r, F_STALL) and r.pulse > r.beat and td <= limit and alive then
+      -- Stuck, not dead: a pulse at or after the deadline proves the process lived through the
+      -- whole allowance. A pulse from before it does not (a process killed just after a pulse
+      -- looks alive until its next pulse is due): wait for the next one, checked every tick.
+      if stall_on and not has(r, F_STALL) and r.pulse > r.beat and td <= limit and alive
+          and r.pulse >= td then
         local stack = has(r, F_HAS_STACK) and redis.call('HGET', KEYS[3], a) or ''
         open(a, r, F_STALL, 'stall', now, {beat = r.beat, start = r.start, pulse = r.pulse,
           allowance = r.ta, iv = r.iv, stack = stack})

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import redis
-from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions, worker_for
+from agents_detect.kit import Agent, Feed, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.codec import entry_ms
 from agentwatch.keys import Keys
@@ -160,4 +160,57 @@ def test_recover_after_needs_beats_on_time_in_a_row(
     (back,) = resolved(r, keys, "stall")
     assert back.summary == "bot: beats resumed after 1s; 3 beats on time since"
     assert transitions(r, keys) == [("bot", "stall", "firing"), ("bot", "stall", "resolved")]
+    worker.client.close()
+
+
+def test_a_death_just_after_a_pulse_is_silence_never_stall(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """Stall allowance (1 s) under 2.5 pulse periods (a pulse every 1 s): the agent beats, pulses
+    5 ms later and is SIGKILLed. Its last pulse looks fresh at the stall deadline, but nothing
+    after the deadline proves it alive: silence, not "process alive, work loop stuck" (issue 11)."""
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "3s"}, stall={"after": "1s"})
+    worker = worker_for(pipeline, redis_url)
+    feed = Feed(worker)
+    t0 = feed.now
+    feed.apply([feed.event("bot", "start", at=t0, interval=0.2)])
+    at = t0
+    for k in range(1, 16):  # a beat every 200 ms, a pulse every 1 s
+        at = t0 + 200 * k
+        feed.apply([feed.event("bot", "beat", at=at)])
+        if k % 5 == 0:
+            feed.apply([feed.event("bot", "pulse", at=at + 5)])
+        feed.tick(at + 6)
+    for step in range(1, 60):  # dead: nothing more
+        feed.tick(at + 6 + step * 100)
+    assert not fired(r, keys, "stall"), transitions(r, keys)
+    assert fired(r, keys, "silence"), transitions(r, keys)
+    worker.client.close()
+
+
+def test_a_stuck_loop_whose_pulses_go_on_is_a_stall_at_the_first_pulse_after_its_deadline(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """The same timeline, but the process lives on stuck (pulses every 1 s, no more beats): the
+    first pulse after the deadline proves it, and the stall opens then, before any silence."""
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "3s"}, stall={"after": "1s"})
+    worker = worker_for(pipeline, redis_url)
+    feed = Feed(worker)
+    t0 = feed.now
+    feed.apply([feed.event("bot", "start", at=t0, interval=0.2)])
+    at = t0
+    for k in range(1, 16):
+        at = t0 + 200 * k
+        feed.apply([feed.event("bot", "beat", at=at)])
+        if k % 5 == 0:
+            feed.apply([feed.event("bot", "pulse", at=at + 5)])
+        feed.tick(at + 6)
+    last_beat = at
+    for step in range(1, 10):  # the deadline is last beat + 1 s: its last pulse came before it
+        feed.tick(last_beat + 6 + step * 100)
+    assert not fired(r, keys, "stall"), transitions(r, keys)
+    feed.apply([feed.event("bot", "pulse", at=last_beat + 1005)])  # alive after the deadline
+    feed.tick(last_beat + 1010)
+    assert [a.detector for a in fired(r, keys, "stall")] == ["stall"], transitions(r, keys)
+    assert not fired(r, keys, "silence")
     worker.client.close()
