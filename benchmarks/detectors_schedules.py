@@ -32,6 +32,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import drain_rate, drop_prefix, figure, median, percentile, redis_server, report
+from fleet_grouping import fill_events
 
 from agentwatch import codec, config, plugins
 from agentwatch.alerts import decode_alert
@@ -40,7 +41,7 @@ from agentwatch.config import Pipeline
 from agentwatch.cron import Cron
 from agentwatch.keys import Keys
 from agentwatch.redisconn import connect, server_time_ms
-from agentwatch.workers import DETECTORS_GROUP, detector_worker
+from agentwatch.workers import detector_worker
 
 SECONDS_SCHEDULE = "*/4 * * * * *"
 
@@ -58,30 +59,10 @@ def pipeline_for(prefix: str, silence: dict[str, Any], tick: str) -> Pipeline:
 
 
 # -- throughput ---------------------------------------------------------------------------------
-def fill_events(client: redis.Redis, keys: Keys, events: int, agents: int, restart_every: int) -> None:
-    stream = keys.events()
-    base_ms = int(time.time() * 1000) - events - 60_000
-    pipe = client.pipeline(transaction=False)
-    for n in range(events):
-        agent_no, round_no = n % agents, n // agents
-        run = round_no // restart_every
-        event: dict[str, Any] = {"v": 1, "agent": f"agent-{agent_no:05d}", "ts": 0.0,
-                                 "run": f"r{agent_no}-{run}", "seq": round_no % restart_every}  # fmt: skip
-        if round_no % restart_every == 0:
-            event.update(kind="start", interval=1.0, pid=1000 + agent_no)
-        else:
-            event.update(kind="beat", tokens=300 + n % 700, model="gpt-4o")
-        pipe.xadd(stream, {"d": codec.encode(event)}, id=f"{base_ms + n}-0")
-        if n % 5000 == 4999:
-            pipe.execute()
-    pipe.execute()
-    client.xgroup_create(stream, DETECTORS_GROUP, id="0")
-
-
 def throughput(url: str, prefix: str, events: int, agents: int, restart_every: int, scheduled: bool) -> float:
     client = redis.Redis.from_url(url)
     keys = Keys(prefix)
-    fill_events(client, keys, events, agents, restart_every)
+    fill_events(client, keys, events, agents, restart_every, labelled=False)
     silence: dict[str, Any] = {"agents": {"agent-*": {"schedule": "0 0 1 1 *"}}} if scheduled else {}
     pipeline = pipeline_for(prefix, silence, tick="50ms")
     worker_client = connect(pipeline.settings, url)
