@@ -82,9 +82,18 @@ def write(run_dir: str, record: dict[str, Any], *, sweep: bool = True) -> Path |
         if sweep:
             for _ in sweeper(run_dir):
                 pass
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as out:
-            json.dump(record, out)
+        # Written whole under a private name, then linked into place: a reader (the notifier,
+        # a sweep) never sees a half-written file, and the link, like O_EXCL, never replaces
+        # what is already there (a symlink planted under the run's name included).
+        temp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(record, out)
+            os.link(temp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
         return path
     except OSError:
         return None
