@@ -257,19 +257,20 @@ def test_pace_warns_end_to_end_before_the_spend_reaches_warn_at(
 ) -> None:
     """A real worker, one beat whose cost is below warn_at but, for the part of the window gone
     by, on pace to pass the limit: one warning naming the projection, no exceeded alert."""
-    from datetime import UTC  # noqa: PLC0415
-
     now = server_time_ms(r)
-    # A calendar window 12-88 % gone right now (pace needs 10 %, and room below warn_at).
-    per, gone = next(
-        (per, window_of(per, now, UTC).elapsed(now))
-        for per in ("day", "month", "hour")
-        if 0.12 < window_of(per, now, UTC).elapsed(now) < 0.88
-    )
-    cost = round(min(gone * 1.1, 0.95) * 10.0, 4)  # spent / gone > limit; below 0.99 x limit
+    # A report timezone where it is about noon now (Etc/GMT-N is UTC+N): the day is about half
+    # gone, whatever the hour the test runs at (pace needs 10 %, and room below warn_at).
+    offset = 12 - int(now // 3_600_000 % 24)
+    zone = f"Etc/GMT{-offset:+d}"
+    per, gone = "day", window_of("day", now, ZoneInfo(zone)).elapsed(now)
+    assert 0.4 < gone < 0.6
+    cost = round(gone * 1.1 * 10.0, 4)  # spent / gone > limit; below 0.99 x limit
     pipeline = with_budgets(
         pipeline_for(prefix, redis_url), {"agents": "pacer", "per": per, "limit": 10.0, "warn_at": 0.99}
     )
+    report = pipeline.settings.report.model_copy(update={"timezone": zone})
+    settings = pipeline.settings.model_copy(update={"report": report})
+    pipeline = Pipeline(settings=settings, source="test", detectors=pipeline.detectors)
     with running(worker_for(pipeline, redis_url)):
         Agent(r, keys, "pacer").beat(cost=cost)
         (alert,) = wait_for(lambda: budget_alerts(r, keys), what="the pace warning")

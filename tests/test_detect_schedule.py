@@ -214,6 +214,7 @@ class CronFeed(Feed):
     def __init__(self, worker: Any, t0_ms: int) -> None:
         super().__init__(worker, t0_ms)
         self.facts = FactsRecorder(self.engine.client, self.engine.keys)
+        self._last_tick: int | None = None
 
     def apply(self, messages: list[tuple[bytes, dict[str, Any]]]) -> None:
         self.facts.on_batch(messages)
@@ -223,9 +224,8 @@ class CronFeed(Feed):
         """Ticks at most 30 s apart up to ``now_ms``, as a running worker's: a longer gap between
         checks than the shortest silence allowance is an outage nobody watched (engine.sight_ms)."""
         target = now_ms if now_ms is not None else self.now
-        last = getattr(self, "_last_tick", None)
-        if last is not None:
-            for at in range(last + 30_000, target, 30_000):
+        if self._last_tick is not None:
+            for at in range(self._last_tick + 30_000, target, 30_000):
                 super().tick(at)
         super().tick(target)
         self._last_tick = target
