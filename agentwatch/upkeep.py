@@ -52,10 +52,13 @@ class Upkeep:
         """Counters as last added to ``<prefix>:stats`` (so each publish adds only the delta)."""
         self._refreshes = 0
 
-    def reclaim(self) -> None:
-        """Take over entries that a dead (or hung) consumer left pending, and process them."""
-        idle_ms = int(self.w.opts.claim_idle_s * 1000)
-        for stream in self.w.streams:
+    def reclaim(self, streams: list[str] | None = None, idle_ms: int | None = None) -> None:
+        """Take over entries that a dead (or hung) consumer left pending, and process them.
+        ``streams`` and ``idle_ms``: a shard taken over claims all of its stream's pending
+        entries at once (detectors/engine.py), whoever holds them."""
+        if idle_ms is None:
+            idle_ms = int(self.w.opts.claim_idle_s * 1000)
+        for stream in self.w.streams if streams is None else streams:
             cursor: bytes | str = "0-0"
             for _ in range(100):  # bounded: at most 100 batches per reclaim round
                 reply = self.w.client.xautoclaim(

@@ -284,6 +284,10 @@ class Worker(Generic[T]):
     # -- reading and processing ------------------------------------------------------------------
     def _read(self, start: str, block_ms: int | None) -> list[tuple[str, bytes, Any]]:
         """One XREADGROUP over all streams -> [(stream, entry id, field list)]."""
+        if not self.streams:  # a detector worker holding no shard: a standby (detectors/engine.py)
+            if block_ms:
+                self._stop.wait(block_ms / 1000)
+            return []
         streams = {stream: start for stream in self.streams}
         if not self._single_node and len(streams) > 1:  # cluster: one slot per command
             # The wait is shared out over the streams, never below 1 ms: BLOCK 0 would wait for

@@ -62,6 +62,7 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     """A worker on every event stream, feeding every enabled detector."""
     from detectors.base import DetectorContext  # noqa: PLC0415 - detectors import the spine
     from detectors.budgets import BudgetKeeper  # noqa: PLC0415
+    from detectors.engine import Engine, is_stateful  # noqa: PLC0415
 
     settings = pipeline.settings
     keys = pipeline.keys
@@ -86,12 +87,13 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     )
     report = settings.report
     halts = Halts(client, keys, incidents)
+    detectors = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.detectors]
     worker.handlers += [
         # first: it prices the beats (fills in their cost) that every other handler reads
         BudgetKeeper(client, keys, settings, incidents, halts),
+        Engine(worker, ctx, [d for d in detectors if is_stateful(d)]),
         OutboxSweeper(incidents),
         FactsRecorder(client, keys),
-        _child_watch(pipeline, client, incidents),
         HaltExpiry(halts),
         Snapshotter(
             client,
@@ -109,7 +111,7 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
             owner=worker.consumer,
         ),
     ]
-    worker.handlers += [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.detectors]
+    worker.handlers += [d for d in detectors if not is_stateful(d)]
     return worker
 
 
@@ -162,15 +164,3 @@ def notifier_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         ReportScheduler(pipeline, client, notifiers),
     ]
     return worker
-
-
-def _child_watch(pipeline: Pipeline, client: Client, incidents: Incidents) -> Handler[Event]:
-    """The watch on worker processes of agents (detectors/children.py), with the silence
-    detector's ``after`` and severity (no silence detector: no watch)."""
-    from detectors.children import ChildWatch  # noqa: PLC0415 - detectors import the spine
-    from detectors.silence import SilenceConfig  # noqa: PLC0415
-
-    silence = next((p.config for p in pipeline.detectors if isinstance(p.config, SilenceConfig)), None)
-    if silence is None:
-        return ChildWatch(client, pipeline.keys, incidents, None)
-    return ChildWatch(client, pipeline.keys, incidents, silence.after_s, silence.severity)

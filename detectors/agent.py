@@ -13,10 +13,13 @@ by another layout version is treated as absent: the agent starts afresh.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 import msgpack
+
+from agentwatch.keys import Keys, shard_of
 
 VERSION: Final = 1
 """Layout version of a checkpointed agent (first element of its list)."""
@@ -148,4 +151,41 @@ def describe(agent: Agent) -> dict[str, Any]:
     out["open"] = sorted(agent.open)
     out["children"] = {run: {n: getattr(c, n) for n in _CHILD_FIELDS} for run, c in agent.children.items()}
     out["states"] = {det: {f.name: getattr(s, f.name) for f in fields(s)} for det, s in agent.states.items()}
+    return out
+
+
+def builtin_states() -> dict[str, type[Any]]:
+    """The ``State`` classes of the built-in detectors by their usual names (for views, which
+    read checkpoints without running a worker)."""
+    import importlib  # noqa: PLC0415
+
+    from detectors import BUILTINS  # noqa: PLC0415
+
+    out: dict[str, type[Any]] = {}
+    for alias, target in {**BUILTINS, "schedule": "detectors.schedule:Schedule",
+                          "children": "detectors.children:Children"}.items():  # fmt: skip
+        module, _, name = target.partition(":")
+        state = getattr(getattr(importlib.import_module(module), name), "State", None)
+        if state is not None:
+            out[alias] = state
+    return out
+
+
+def read_agents(client: Any, keys: Keys, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The checkpointed agents (``agents``, or all when None) as :func:`describe` dicts, for
+    ``status``, reports, the dashboard and tests. What the owner has not checkpointed yet (at
+    most a batch or half a second) is not in it."""
+    classes = builtin_states()
+    out: dict[str, dict[str, Any]] = {}
+    for shard in range(max(keys.shards, 1)):
+        if agents is None:
+            pairs = client.hscan_iter(keys.states(shard), count=1000)
+        else:
+            names = [a for a in agents if shard_of(a, keys.shards) == shard]
+            pairs = zip(names, client.hmget(keys.states(shard), names) if names else [], strict=True)
+        for name, raw in pairs:
+            text = name.decode() if isinstance(name, bytes) else name
+            agent = unpack(text, raw, classes) if raw is not None else None
+            if agent is not None:
+                out[text] = describe(agent)
     return out

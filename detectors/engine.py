@@ -1,153 +1,311 @@
-"""The built-in detectors' shared machinery, one per worker: one state update per batch, one
-set of timer checks per tick, whichever built-ins are enabled.
+"""The shard owner: applies each event once, in order, to agents kept in memory, and runs timers.
 
-Each built-in (silence, stall, exit, tokens, memory, lag) is a :class:`BuiltinDetector`: it owns
-its config, the Lua that decides its incidents, and the words of its alerts. They register with
-the worker's :class:`Engine`, which runs the work they share *once*: the runtime hands every
-handler the same batch, and the first built-in to see it applies it for all (the state of an
-agent is one record, updated by one script per shard; see state.py). A plugin detector of your
-own does not need any of this: see base.py and docs/writing-a-detector.md.
+Stateful stream processing the way Kafka Streams does it, on Redis (docs/architecture.md):
+
+* **One owner per shard.** A detector worker leases event shards (detectors/leases.py; more
+  shards than workers, rebalanced as workers come and go) and reads only the streams it holds.
+  Everything about an agent is decided by one process, so decisions are plain Python over plain
+  objects: :class:`detectors.agent.Agent` and each detector's own ``State``.
+* **Checkpoints.** After every batch and tick the owner writes the agents that changed, the last
+  applied entry id and its decisions in one fenced transaction (detectors/checkpoint.py); the
+  runtime acknowledges the batch only after that. A worker that dies is replaced by one that
+  loads the checkpoint; entries it had not acknowledged are claimed and applied again, and those
+  at or below the checkpoint's id are skipped. A frozen owner that wakes after losing its lease
+  can neither checkpoint nor publish (the fence).
+* **Decisions -> alerts.** Detectors decide through :class:`Decisions` (``open``/``close``).
+  Each decision is saved with the checkpoint, then published through ``Incidents`` with the
+  lease as fence, and dropped from the saved list: a crash in between publishes it at takeover
+  (``Incidents`` ignores a second firing of an open incident).
+* **Timers** are an in-memory heap per shard of each agent's earliest due time (the minimum of
+  its detectors' ``due_ms``). A tick judges nothing past the shard's *horizon* (every older event
+  has been applied, horizon.py) and, after a gap in the checks longer than :meth:`sight_ms`
+  (workers or Redis down), restarts every clock from the end of the gap (``sight``).
+
+Run classification, repeats and the fields every detector shares live in :meth:`Shard.apply`;
+each detector's decisions live in its own module.
 """
 
 from __future__ import annotations
 
+import heapq
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar, Final, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Final
 
-import msgpack
-import numpy as np
-
+from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.codec import Event
 from agentwatch.config import format_duration
 from agentwatch.halts import Halts
+from agentwatch.keys import shard_of
 from agentwatch.redisconn import RECOVERABLE
-from agentwatch.worker import Message
-from detectors import horizon, intents, layout, record, schedule, segments, state
-from detectors.base import Detector, DetectorConfig, DetectorContext
+from agentwatch.worker import Handler, Message, Worker
+from detectors import horizon
+from detectors.agent import Agent, ChildRun
+from detectors.base import Detector, DetectorContext, Op
+from detectors.checkpoint import Checkpoints
+from detectors.leases import ShardLeases
 
 log = logging.getLogger("agentwatch.detectors")
 
-C = TypeVar("C", bound=DetectorConfig)
-
-DEFAULT_PROFILE: Final[dict[str, float]] = {
-    "sil_on": 0, "sil_after": 60_000, "sil_recover": 1, "stall_on": 0, "stall_after": 120_000,
-    "stall_recover": 1, "exit_on": 0,
-    "exit_clean": 1, "tok_on": 0, "factor": 10.0, "min_tokens": 500, "min_cost": 0.1, "warmup": 20,
-    "alpha": 0.1, "fire_after": 1, "recover_after": 5, "recover_factor": 2.0, "window": 60_000,
-    "loop_on": 0, "repeat": 20, "loop_recover": 5, "mem_on": 0, "bucket": 300_000, "points": 12,
-}  # fmt: skip
-"""What the update script uses for a detector that is not enabled."""
-
-QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit", schedule.MISSED, schedule.OVERRAN})
+QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit", "schedule", "runtime"})
 """Incidents a halt explains: not paged while the agent is halted (agentwatch/halts.py)."""
 BLIND_AFTER_MS: Final = 5000
 """Default for ``[detectors.lag] blind_after`` when the lag detector is disabled."""
 SIGHT_FLOOR_MS: Final = 1500
-"""A gap between timer checks shorter than this never counts as an outage (Engine.sight_ms),
+"""A gap between timer checks shorter than this never counts as an outage (:meth:`sight_ms`),
 however short the silence allowances: a worker that a loaded machine holds up for a moment at
 each check must still judge its agents, not restart their clocks every time."""
-_FORGET_EVERY_S: Final = 60.0
-_CLAIM_ROUNDS: Final = 50
+FORGET_EVERY_S: Final = 60.0
+CHECKPOINT_EVERY_S: Final = 0.5
+"""A shard with changes but no batch (timer decisions only) is checkpointed this often."""
+
+CUR, NEW, PREV, FOREIGN, CHILD = "current", "new", "previous", "foreign", "child"
+"""How an event relates to its agent's runs (:meth:`Shard.classify`)."""
 
 
-class BuiltinDetector(Detector[C], Generic[C]):
-    """A built-in: registers with the worker's engine; its hooks drive the shared work."""
+@dataclass
+class Shard:
+    """One leased shard: its agents, their timers, what is not yet checkpointed or published."""
 
-    kinds: ClassVar[tuple[str, ...]] = ()
-    """The ``detector`` names of the alerts this detector words (see :meth:`render`)."""
+    index: int
+    token: int
+    agents: dict[str, Agent]
+    last_id: bytes = b"0-0"
+    """The last entry applied (entries at or below it are replays: skipped)."""
+    tick_ms: int = 0
+    """The last timer check (a checkpointed watch clock: a new owner knows how long nobody watched)."""
+    sight_ms: int = 0
+    """Nobody watched before this (see the module docstring)."""
+    timers: list[tuple[int, str]] = field(default_factory=list)
+    armed: dict[str, int] = field(default_factory=dict)
+    """Agent -> the due time its heap entry holds (other heap entries of it are stale)."""
+    dirty: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+    decided: list[bytes] = field(default_factory=list)
+    """Decisions made since the last checkpoint (JSON of [agent, kind, op])."""
+    unpublished: list[bytes] = field(default_factory=list)
+    """Checkpointed decisions not yet published, oldest first."""
+    duplicates: int = 0
+    saved_at: float = 0.0
 
-    def __init__(self, name: str, config: C, ctx: DetectorContext) -> None:
-        super().__init__(name, config, ctx)
-        self.engine = Engine.of(ctx)
-        self.engine.register(self)
+    def agent(self, name: str) -> Agent:
+        found = self.agents.get(name)
+        if found is None:
+            found = self.agents[name] = Agent(name)
+            self.removed.discard(name)
+        return found
 
-    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
-        self.engine.batch(messages)
+    def classify(self, agent: Agent, event: Event, at_ms: int) -> tuple[str, ChildRun | None]:
+        """How ``event`` relates to ``agent``'s runs:
 
-    def on_tick(self, now_ms: int) -> None:
-        self.engine.tick(now_ms)
+        * CUR: the current run's; NEW: it begins a new run (a ``start`` newer than the current
+          run's, or any event of an unknown run while the agent is retired, exited or silent:
+          a restart whose ``start`` was lost);
+        * CHILD: a worker process of the agent (its ``start`` named a ``parent``; its later
+          events are known by ``agent.children``): its usage is the agent's;
+        * PREV: the run before the current one (its late ``exit`` still alerts); FOREIGN:
+          anything else, a sign of life only.
+        """
+        run = event["run"]
+        if agent.run and run == agent.run:
+            return CUR, None
+        kind = event["kind"]
+        parent = event.get("parent") if kind == "start" else None
+        if kind == "start" and not parent and at_ms >= agent.started_ms:
+            return NEW, None
+        child = agent.children.get(run)
+        if child is None and isinstance(parent, str) and parent:
+            child = agent.children[run] = ChildRun(parent, started_ms=at_ms)
+            pid, host = event.get("pid"), event.get("host")
+            child.pid = pid if isinstance(pid, int) else 0
+            child.host = host if isinstance(host, str) else ""
+        if child is not None:
+            return CHILD, child
+        adopt = agent.retired or agent.exited or "silence" in agent.open
+        if not agent.run or (adopt and at_ms > agent.seen_ms and run != agent.prev_run):
+            return NEW, None
+        if agent.prev_run and run == agent.prev_run:
+            return PREV, None
+        return FOREIGN, None
 
-    def profile(self, config: DetectorConfig) -> dict[str, Any]:
-        """This detector's entries of an agent's profile (state.PROFILE) under ``config``."""
-        return {}
+    def apply(self, engine: Engine, entry_id: bytes, event: Event) -> None:
+        """Apply one event to its agent: the shared fields, then the detectors, in this order."""
+        at = int(entry_id[: entry_id.index(b"-")])
+        agent = self.agent(event["agent"])
+        self.dirty.add(agent.name)
+        cls, child = self.classify(agent, event, at)
+        kind = event["kind"]
+        seq = event["seq"]
+        silence, stall, exit_ = engine.silence, engine.stall, engine.exit
+        if cls == CHILD:
+            assert child is not None
+            if seq <= child.last_seq:
+                self.duplicates += 1
+                return
+            child.last_seq = seq
+            child.seen_ms = max(child.seen_ms, at)
+            if event.get("interval") is not None:
+                child.interval_s = float(event["interval"])
+            if kind == "exit":
+                child.exited = True
+            agent.seen_ms = max(agent.seen_ms, at)
+            if kind == "beat":
+                agent.beats += 1
+                _count_usage(agent, event)
+            for detector in engine.listeners[kind]:
+                detector.on_event(agent, event, at, child)
+            engine._arm(self, agent)
+            return
+        if cls == NEW or (cls == CUR and seq > agent.last_seq):
+            # A gap longer than an allowance found in the events themselves (a backlog applied
+            # late): what a watcher in real time would have told, silence and stall decide now.
+            if silence is not None and self.tick_ms:
+                silence.backlog(agent, event, at, cls == CUR, self.sight_ms)  # type: ignore[attr-defined]
+            if stall is not None and self.tick_ms and cls == CUR:
+                stall.backlog(agent, event, at, self.sight_ms)  # type: ignore[attr-defined]
+        if cls == NEW:
+            self.new_run(engine, agent, event, at)
+        if cls in (CUR, NEW):
+            if seq <= agent.last_seq:
+                self.duplicates += 1
+                return  # applied before: a producer repeating itself (`status` counts them)
+            agent.last_seq = seq
+            if cls == CUR and kind == "start" and (not agent.started_ms or at < agent.started_ms):
+                agent.started_ms = at  # this run's own start, arriving after its first events
+            interval = event.get("interval")
+            if cls == CUR and interval is not None:
+                agent.interval_s = float(interval)  # declared by the start, repeated by pulses
+        seen0, beat0 = agent.seen_ms, agent.beat_ms
+        self.signs_of_life(engine, agent, event, at, cls)
+        if silence is not None and at > seen0 and "silence" in agent.open:
+            silence.back(agent, event, at, seen0)  # type: ignore[attr-defined]
+        if stall is not None and cls == CUR and kind == "beat" and at > beat0 and "stall" in agent.open:
+            stall.back(agent, at, beat0)  # type: ignore[attr-defined]
+        if cls in (CUR, NEW):
+            if kind == "beat":
+                agent.beats += 1
+                _count_usage(agent, event)
+            elif kind == "pulse":
+                _track_pulse(agent, event, at)
+            if kind == "exit" and event.get("reason") == "shutdown":
+                self.retire(engine, agent, at)
+            else:
+                for detector in engine.listeners[kind]:
+                    detector.on_event(agent, event, at, None)
+        elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and exit_ is not None:
+            exit_.previous_run(agent, event, at)  # type: ignore[attr-defined]
+            agent.prev_run = ""  # once only
+        engine._arm(self, agent)
 
-    def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-        """(severity, summary, details) of one decided op; ``op["f"]`` holds the facts."""
-        verb = "started" if op["o"] == "f" else "ended"
-        return "warning", f"{agent}: {kind} incident {verb}", dict(op.get("f") or {})
+    def signs_of_life(self, engine: Engine, agent: Agent, event: Event, at: int, cls: str) -> None:
+        """When the agent was seen, beat and pulsed; where its clocks start (``extend()``, or a
+        return after a gap that proved nothing about it)."""
+        stall = engine.stall
+        kind = event["kind"]
+        dead = stall.dead_after_ms(agent) if stall is not None else 0  # type: ignore[attr-defined]
+        back = at if cls == CUR and dead and agent.seen_ms and at - agent.seen_ms > dead else 0
+        if at > agent.seen_ms:
+            agent.seen_ms = at
+        if cls == PREV:
+            return
+        extend = event.get("extend")
+        if kind == "beat":
+            if at >= agent.beat_ms:
+                # a beat ends any extension announced before it (PROTOCOL.md: extend)
+                agent.clocks_from_ms = at + int(extend * 1000) if extend else 0
+                agent.beat_ms = at
+                if agent.stack:
+                    agent.stack, agent.stack_ms = "", 0
+        elif extend:
+            agent.clocks_from_ms = max(agent.clocks_from_ms, at + int(extend * 1000))
+        if kind == "pulse" and at > agent.pulse_ms:
+            # (the pulse period is not learnt from a gap that proved nothing: it is not one)
+            gap = at - agent.pulse_ms if agent.pulse_ms else 0
+            if gap > 0 and (not back or gap <= dead):
+                agent.pulse_period_ms = gap
+            agent.pulse_ms = at
+            stack = event.get("stack")
+            if stack and at > agent.beat_ms:
+                agent.stack, agent.stack_ms = stack, at
+        if back > agent.clocks_from_ms:
+            agent.clocks_from_ms = back
+
+    def new_run(self, engine: Engine, agent: Agent, event: Event, at: int) -> None:
+        """``event`` begins a new run: the detectors close what was about the old run (their
+        facts may quote it), then the run's shared fields start afresh."""
+        for detector in engine.detectors:
+            detector.on_new_run(agent, at)
+        if agent.run:
+            agent.prev_run = agent.run
+        agent.run = event["run"]
+        agent.last_seq = -1
+        agent.started_ms = at
+        agent.beat_ms = agent.pulse_ms = agent.clocks_from_ms = 0
+        interval = event.get("interval")
+        if interval is not None:
+            agent.interval_s = float(interval)
+        elif event["kind"] == "start":
+            agent.interval_s = 0.0
+        agent.retired = agent.exited = False
+        agent.rss_first = agent.rss_first_ms = agent.rss_last = agent.rss_peak = 0
+        agent.stack, agent.stack_ms = "", 0
+        # (a worker process may flush before its parent's start is applied: keep its children)
+        agent.children = {run: c for run, c in agent.children.items() if c.parent == agent.run}
+
+    def retire(self, engine: Engine, agent: Agent, at: int) -> None:
+        """``shutdown()``: the agent stopped on purpose; nothing more is expected of it."""
+        agent.retired = True
+        for detector in engine.detectors:
+            detector.on_retire(agent, at)
 
 
-class Engine:
-    """Per-worker runner of the built-ins' shared work (see the module docstring)."""
 
-    @classmethod
-    def of(cls, ctx: DetectorContext) -> Engine:
-        engine = ctx.shared.get("builtins")
-        if engine is None:
-            engine = ctx.shared["builtins"] = cls(ctx)
-        assert isinstance(engine, Engine)
-        return engine
+class Engine(Handler[Event]):
+    """The built-in detector engine of one worker (see the module docstring)."""
 
-    def __init__(self, ctx: DetectorContext) -> None:
+    name = "engine"
+
+    def __init__(self, worker: Worker[Event], ctx: DetectorContext, detectors: Sequence[Detector[Any]]) -> None:
+        self.worker = worker
         self.ctx = ctx
         self.client: Any = ctx.client
         self.keys = ctx.keys
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-        self.detectors: dict[str, BuiltinDetector[Any]] = {}
-        self.renderers: dict[str, BuiltinDetector[Any]] = {}
-        self.lease_ms = intents.lease_for(ctx.settings.worker.claim_idle_s)
-        self.publisher = intents.Publisher(
-            self.client, self.keys, ctx.incidents, self.owner, self.render,
-            lease_ms=self.lease_ms, on_error=self._publish_failed, quiet=self._halted,
-        )  # fmt: skip
+        self.detectors: list[Detector[Any]] = []
+        for detector in detectors:
+            self.detectors += [detector, *getattr(detector, "companions", ())]
+        self.by_class = {type(d).__name__: d for d in self.detectors}
+        self.silence, self.stall, self.exit = (self.get(k) for k in ("Silence", "Stall", "Exit"))
+        self.renderers = {kind: d for d in self.detectors for kind in (d.kinds or (d.name,))}
+        self.listeners: dict[str, list[Detector[Any]]] = {}
+        for kind in ("beat", "pulse", "start", "exit"):
+            self.listeners[kind] = [d for d in self.detectors if kind in d.listens]
+        self.timed = [d for d in self.detectors if type(d).due_ms is not Detector.due_ms]
+        self.state_classes = {d.name: d.State for d in self.detectors if d.State is not None}
+        decisions = _Decisions(self)
+        for detector in self.detectors:
+            detector.decisions = decisions
+        self.lease_ms = ctx.settings.worker.lease_ms if hasattr(ctx.settings.worker, "lease_ms") else 3000
+        self.leases = ShardLeases(self.client, self.keys, self.owner, self.lease_ms)
+        self.checkpoints = Checkpoints(self.client, self.keys)
         self.halts = Halts(self.client, self.keys, ctx.incidents)
-        self._ready = False
-        self._overrides = False
-        self._profiles: list[tuple[float, ...]] = []
-        self._profile_ids: dict[tuple[float, ...], int] = {}
-        self._agent_profiles: dict[str, int] = {}
-        self._packed_profiles = b""
-        self._profile_array = np.zeros((0, len(state.PROFILE)))
-        self._alphas: list[float] = []
-        self._windows: list[float] = []
-        self._last_batch: Sequence[Message[Event]] | None = None
-        self._last_tick = -1
-        self._next_forget = 0.0
-        self.horizons: list[int] = []
-        self._lost = [0] * len(self.keys.event_streams())  # per stream: trimmed unread, last known
+        self.shards: dict[int, Shard] = {}
         self.last_gap_ms = 0
-        self.use_fast_path = True
-        """False: every segment goes through the update script (tests compare the two)."""
-        self.fast: Any = None
-        self.fast_errors = 0
-        self.schedules: schedule.Schedules | None = None
-        """The schedule checks (detectors/schedule.py), when the silence detector has a schedule."""
+        self.horizons: list[int] = []
+        self._lost = [0] * len(self.keys.event_streams())
+        self._next_forget = 0.0
+        self._decided_shard: Shard | None = None
+        ctx.shared["engine"] = self
 
-    def _halted(self, agent: str, detector: str) -> bool:
-        """A halted agent stops, exits or idles on purpose: no silence, stall or exit page."""
-        return detector in QUIET_WHEN_HALTED and bool(self.halts.halting(agent))
-
-    def _publish_failed(self) -> None:
-        stats = self.ctx.stats.handler_errors
-        stats["intents"] = stats.get("intents", 0) + 1
-
-    # -- registration ------------------------------------------------------------------------
-    def register(self, detector: BuiltinDetector[Any]) -> None:
-        kind = type(detector).__name__
-        if kind in self.detectors:
-            first = self.detectors[kind].name
-            log.warning(
-                "built-in %s is configured twice (%r, %r); using %r", kind, first, detector.name, first
-            )
-            return
-        self.detectors[kind] = detector
-        for name in detector.kinds:
-            self.renderers[name] = detector
-        self._ready = False
+    # -- settings shared by the detectors ----------------------------------------------------
+    def get(self, kind: str) -> Detector[Any] | None:
+        """The enabled built-in of class name ``kind`` (e.g. "Silence"), if any."""
+        return self.by_class.get(kind)
 
     def blind_ms(self) -> int:
         """``[detectors.lag] blind_after`` in ms (its default when the lag detector is off)."""
@@ -155,184 +313,239 @@ class Engine:
         return int(lag.config.blind_after_s * 1000) if lag is not None else BLIND_AFTER_MS
 
     def sight_ms(self) -> int:
-        """How long without a timer check means nobody was watching (timers.py: *sight*):
-        :meth:`blind_ms`, or the shortest silence ``after`` in force if that is shorter (but not
-        below :data:`SIGHT_FLOOR_MS`). A gap shorter than blind_after but longer than an
-        allowance (a Redis restart of 3 s against 1 s silences) would otherwise judge agents on
-        time nobody watched, and page every one of them falsely."""
-        on, after = state.PROFILE.index("sil_on"), state.PROFILE.index("sil_after")
-        allowances = [int(p[after]) for p in self._profiles if p[on] and p[after] > 0]
-        if not allowances:
+        """How long without a timer check means nobody was watching: :meth:`blind_ms`, or the
+        shortest silence ``after`` if that is shorter (but not below :data:`SIGHT_FLOOR_MS`). A gap
+        shorter than blind_after but longer than an allowance (a Redis restart of 3 s against 1 s
+        silences) would otherwise judge agents on time nobody watched, and page them falsely."""
+        silence = self.get("Silence")
+        if silence is None:
             return self.blind_ms()
-        return min(self.blind_ms(), max(min(allowances), SIGHT_FLOOR_MS))
+        shortest = silence.shortest_after_ms()  # type: ignore[attr-defined]
+        return min(self.blind_ms(), max(shortest, SIGHT_FLOOR_MS))
 
-    def get(self, kind: str) -> BuiltinDetector[Any] | None:
-        """The registered built-in of class name ``kind`` (e.g. "Silence"), if enabled."""
-        return self.detectors.get(kind)
+    # -- the runtime's hooks -------------------------------------------------------------------
+    def on_start(self) -> None:
+        self.worker.streams = []  # nothing until a lease is held (the first tick takes some)
 
-    def _prepare(self) -> None:
-        if self._ready:
-            return
-        from detectors import fastpath, timers  # noqa: PLC0415 - they import this module
-
-        self._overrides = any(d.config.agents for d in self.detectors.values())
-        self._profiles, self._profile_ids, self._agent_profiles, self._alphas, self._windows = (
-            [],
-            {},
-            {},
-            [],
-            [],
-        )
-        self._add_profile(self._profile_for(None))
-        self._update = register(self.client, _compose_update())
-        self.timers = timers.Timers(self)
-        if self.use_fast_path:
-            self.fast = fastpath.FastPath(self.client, self.keys)
-        self.schedules = schedule.Schedules.of(self)
-        if self.schedules is not None:
-            self.schedules.resync()
-        self._ready = True
-
-    def _profile_for(self, agent: str | None) -> tuple[float, ...]:
-        values = dict(DEFAULT_PROFILE)
-        for detector in self.detectors.values():
-            config = detector.config if agent is None else detector.config.for_agent(agent)
-            values.update(detector.profile(config))
-        silence = self.detectors.get("Silence")
-        if silence is not None:  # a scheduled agent: its schedule judges it, not the interval rule
-            config = silence.config if agent is None else silence.config.for_agent(agent)
-            values.update(schedule.profile(config))
-        return tuple(float(values[name]) for name in state.PROFILE)
-
-    def _add_profile(self, profile: tuple[float, ...]) -> int:
-        found = self._profile_ids.get(profile)
-        if found is None:
-            self._profiles.append(profile)
-            found = self._profile_ids[profile] = len(self._profiles)
-            self._alphas.append(profile[state.PROFILE.index("alpha")])
-            self._windows.append(max(1.0, profile[state.PROFILE.index("window")]))
-            self._packed_profiles = msgpack.packb([list(p) for p in self._profiles])
-            self._profile_array = np.array(self._profiles, dtype=np.float64)
-        return found
-
-    def profile_of(self, agent: str) -> int:
-        """Index (1-based) of the profile that applies to ``agent``."""
-        if not self._overrides:
-            return 1
-        found = self._agent_profiles.get(agent)
-        if found is None:
-            if len(self._agent_profiles) > 100_000:
-                self._agent_profiles.clear()
-            found = self._agent_profiles[agent] = self._add_profile(self._profile_for(agent))
-        return found
-
-    def profile_values(self, agent: str) -> dict[str, float]:
-        return dict(zip(state.PROFILE, self._profiles[self.profile_of(agent) - 1], strict=True))
-
-    # -- the batch ---------------------------------------------------------------------------
-    def batch(self, messages: Sequence[Message[Event]]) -> None:
-        """Apply a batch once per worker, whichever built-in's hook sees it first."""
-        if messages is self._last_batch:
-            return
-        self._prepare()
-        profile_of = self.profile_of if self._overrides else None
-        shards: dict[int, Any] = {}
-
-        def read_ahead(agents: list[str]) -> None:  # the fast path reads records while we fold
-            shards.update(segments.by_shard(agents, self.keys.shards))
-            if self.fast is not None:
-                self._fast(self.fast.prefetch, agents, shards)
-
-        try:
-            folded = segments.build_segments(
-                messages, profile_of, self._alphas, self._windows, on_agents=read_ahead
-            )
-            self._apply(folded, shards)
-        finally:
-            if self.fast is not None:
-                self.fast.discard()
-        if self.schedules is not None:
-            self.schedules.seen(messages)
-        self._last_batch = messages
-
-    def _apply(self, folded: segments.Segments, shards: dict[int, Any]) -> None:
-        memory = self.get("Memory")
-        for shard, shard_rows in shards.items():
-            rows = shard_rows
-            if self.fast is not None:  # the common segments first; the script takes the rest
-                rows = self._fast(self.fast.apply, shard, folded, rows, self._profile_array, failed=rows)
-            if not len(rows):
-                continue
-            reply = self._update(
-                keys=[
-                    self.keys.states(shard), self.keys.timers(shard), self.keys.agents(shard),
-                    self.keys.stacks(shard), self.keys.rss(shard), self.keys.intents(shard),
-                    self.keys.clock(shard), self.keys.children(shard),
-                ],
-                args=[self.owner, self.lease_ms, self._packed_profiles, segments.pack(folded, rows),
-                      self.blind_ms()],
-            )  # fmt: skip
-            owned, windows = msgpack.unpackb(reply, raw=False)
-            if owned:
-                self.publisher.publish(shard, owned)
-            if windows and memory is not None:
-                memory.evaluate(shard, windows)  # type: ignore[attr-defined]
-
-    def _fast(self, step: Any, *args: Any, failed: Any = None) -> Any:
-        """A step of the fast path; if it fails, ``failed`` (for apply: every row, so the update
-        script applies them; the fast path wrote nothing then, or what it wrote the script
-        skips as already applied)."""
-        try:
-            return step(*args)
-        except RECOVERABLE:
-            raise
-        except Exception:
-            self.fast_errors += 1
-            if self.fast_errors == 1 or self.fast_errors % 1000 == 0:
-                log.exception(
-                    "fast path failed %d times; the update script applies its batches", self.fast_errors
+    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+        touched: set[Shard] = set()
+        shards = self.keys.shards
+        for entry_id, event in messages:
+            agent = event["agent"]
+            shard = self.shards.get(shard_of(agent, shards) if shards > 1 else 0)
+            if shard is None:  # an event in a stream not of its agent's shard (PROTOCOL.md)
+                self.ctx.stats.handler_errors["engine-misplaced"] = (
+                    self.ctx.stats.handler_errors.get("engine-misplaced", 0) + 1
                 )
-            self.fast.discard()
-            return failed
+                continue
+            if _after(entry_id, shard.last_id):
+                self._decided_shard = shard
+                shard.apply(self, entry_id, event)
+                shard.last_id = entry_id
+                touched.add(shard)
+        for shard in touched:
+            self.checkpoint(shard)
 
-    # -- the tick ----------------------------------------------------------------------------
-    def tick(self, now_ms: int) -> None:
-        """Timer checks, pipeline health and the intents sweep: once per tick per worker."""
-        if now_ms == self._last_tick:
+    def on_tick(self, now_ms: int) -> None:
+        gained, lost = self.leases.refresh(now_ms)
+        for index in lost:
+            log.warning("lost the lease of shard %d; another worker owns it now", index)
+            self.shards.pop(index, None)
+        for index in sorted(gained):
+            self._take(index)
+        self.worker.streams = [self.keys.events(index) for index in sorted(self.shards)]
+        if not self.shards:
             return
-        self._last_tick = now_ms
-        self._prepare()
         positions = horizon.read_positions(self.client, self.keys.event_streams(), now_ms, self._lost)
         self.horizons = positions.horizons
-        known = zip(positions.lost, self._lost, strict=True)
-        self._lost = [new if new is not None else old for new, old in known]
-        gaps = [self.timers.check(shard, now_ms, min(now_ms, self.horizons[shard]))
-                for shard in range(self.keys.shards)]  # fmt: skip
+        self._lost = [new if new is not None else old for new, old in zip(positions.lost, self._lost, strict=True)]
+        gaps = [self._check(shard, now_ms) for shard in self.shards.values()]
         self.last_gap_ms = max(gaps)
-        if self.schedules is not None:
-            for shard in range(self.keys.shards):
-                self.schedules.check(shard, now_ms, min(now_ms, self.horizons[shard]))
         lag = self.get("Lag")
-        if lag is not None:
-            behind = now_ms - min(self.horizons)
-            lag.check(now_ms, behind, self.last_gap_ms, positions)  # type: ignore[attr-defined]
-        self.publisher.sweep(now_ms)
+        pipeline = shard_of(PIPELINE_AGENT, self.keys.shards)
+        if lag is not None and pipeline in self.shards:
+            shard = self.shards[pipeline]
+            self._decided_shard = shard
+            agent = shard.agent(PIPELINE_AGENT)
+            lag.check(agent, now_ms, now_ms - min(self.horizons), self.last_gap_ms, positions)  # type: ignore[attr-defined]
+            shard.dirty.add(PIPELINE_AGENT)
         if time.monotonic() >= self._next_forget:
-            self._next_forget = time.monotonic() + _FORGET_EVERY_S
-            self.timers.forget(now_ms)
+            self._next_forget = time.monotonic() + FORGET_EVERY_S
+            self._forget(now_ms)
+        for shard in list(self.shards.values()):
+            if shard.decided or shard.unpublished or (
+                shard.dirty and time.monotonic() - shard.saved_at >= CHECKPOINT_EVERY_S
+            ):
+                self.checkpoint(shard)
+            else:
+                self._save_clock(shard)
 
-    # -- alerts ------------------------------------------------------------------------------
-    def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-        """(severity, summary, details) of one decided op. Never raises: a decision must reach
+    def on_stop(self) -> None:
+        for shard in list(self.shards.values()):
+            self.checkpoint(shard)
+        self.leases.release_all()
+
+    # -- taking a shard over -------------------------------------------------------------------
+    def _take(self, index: int) -> None:
+        """Load shard ``index``'s checkpoint, arm its timers, publish what its last owner decided
+        but did not publish, and claim the entries it read but did not acknowledge."""
+        started = time.monotonic()
+        loaded = self.checkpoints.load(index, self.state_classes)
+        shard = Shard(index, self.leases.held[index], loaded.agents, last_id=_bytes(loaded.last_id))
+        shard.tick_ms = int(loaded.meta.get("tick_ms", 0))
+        shard.sight_ms = int(loaded.meta.get("sight_ms", 0))
+        shard.duplicates = 0
+        shard.unpublished = list(loaded.decided)
+        for agent in shard.agents.values():
+            self._arm(shard, agent)
+        self.shards[index] = shard
+        self._publish(shard)
+        log.info(
+            "took over shard %d: %d agents, checkpoint at %s, in %.0f ms",
+            index, len(shard.agents), shard.last_id.decode(), (time.monotonic() - started) * 1000,
+        )  # fmt: skip
+        self.worker.streams = [self.keys.events(i) for i in sorted(self.shards)]
+        self.worker.upkeep.reclaim([self.keys.events(index)], idle_ms=0)
+
+    # -- timers ----------------------------------------------------------------------------------
+    def _arm(self, shard: Shard, agent: Agent) -> None:
+        """(Re-)arm ``agent`` at the earliest due time of its detectors, if earlier than armed."""
+        due = 0
+        for detector in self.timed:
+            when = detector.due_ms(agent)
+            if when and (not due or when < due):
+                due = when
+        armed = shard.armed.get(agent.name, 0)
+        if due and (not armed or due < armed):
+            shard.armed[agent.name] = due
+            heapq.heappush(shard.timers, (due, agent.name))
+
+    def _check(self, shard: Shard, now_ms: int) -> int:
+        """One timer check of ``shard``: the gap found in the checks (ms; 0: none)."""
+        gap = 0
+        if not shard.tick_ms:
+            shard.sight_ms = now_ms
+        elif now_ms - shard.tick_ms > self.sight_ms():
+            gap = now_ms - shard.tick_ms
+            shard.sight_ms = now_ms
+        shard.tick_ms = max(shard.tick_ms, now_ms)
+        horizon_ms = self.horizons[shard.index] if shard.index < len(self.horizons) else now_ms
+        limit = min(now_ms, horizon_ms)
+        self._decided_shard = shard
+        timers, armed = shard.timers, shard.armed
+        while timers and timers[0][0] <= limit:
+            due, name = heapq.heappop(timers)
+            if armed.get(name) != due:
+                continue  # a stale entry: the agent was re-armed earlier, or forgotten
+            del armed[name]
+            agent = shard.agents.get(name)
+            if agent is None:
+                continue
+            for detector in self.timed:
+                when = detector.due_ms(agent)
+                if when and when <= limit:
+                    detector.on_due(agent, now_ms, limit, shard.sight_ms)
+            shard.dirty.add(name)
+            self._arm(shard, agent)
+        return gap
+
+    def _forget(self, now_ms: int) -> None:
+        """Agents silent for ``[detectors.silence] forget``: close what is open, drop their state."""
+        silence = self.get("Silence")
+        forget_ms = int((silence.config.forget_s if silence is not None else 7 * 86400.0) * 1000)
+        for shard in self.shards.values():
+            self._decided_shard = shard
+            old = [a for a in shard.agents.values() if a.seen_ms and now_ms - a.seen_ms > forget_ms]
+            for agent in old:
+                if agent.name == PIPELINE_AGENT:
+                    continue
+                decisions = self.detectors[0].decisions if self.detectors else None
+                for kind in sorted(agent.open):
+                    if decisions is not None:
+                        decisions.close(agent, kind, now_ms, {"forgotten": 1, "seen": agent.seen_ms})
+                del shard.agents[agent.name]
+                shard.armed.pop(agent.name, None)
+                shard.dirty.discard(agent.name)
+                shard.removed.add(agent.name)
+            if old:
+                self.client.hdel(self.keys.facts(shard.index), *[a.name for a in old])
+
+    # -- checkpoints and publishing ------------------------------------------------------------
+    def checkpoint(self, shard: Shard) -> None:
+        """Save what changed in ``shard`` (fenced), then publish its decisions."""
+        dirty = [shard.agents[name] for name in shard.dirty if name in shard.agents]
+        meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner}
+        ok = self.checkpoints.save(
+            shard.index, shard.token, dirty, sorted(shard.removed), shard.last_id, meta, shard.decided
+        )
+        if not ok:
+            log.warning("shard %d: the lease was lost before the checkpoint; dropping it", shard.index)
+            self.shards.pop(shard.index, None)
+            self.worker.streams = [self.keys.events(i) for i in sorted(self.shards)]
+            return
+        if shard.duplicates:
+            self.client.hincrby(self.keys.clock(shard.index), "duplicates", shard.duplicates)
+            shard.duplicates = 0
+        shard.unpublished += shard.decided
+        shard.decided = []
+        shard.dirty.clear()
+        shard.removed.clear()
+        shard.saved_at = time.monotonic()
+        self._publish(shard)
+
+    def _save_clock(self, shard: Shard) -> None:
+        """Only the watch clock changed: keep it in the checkpoint, cheaply (one fenced write)."""
+        if time.monotonic() - shard.saved_at >= CHECKPOINT_EVERY_S:
+            self.checkpoint(shard)
+
+    def _publish(self, shard: Shard) -> None:
+        """Publish the shard's checkpointed decisions, oldest first; each is dropped from the
+        saved list once published. A failure leaves the rest for the next checkpoint."""
+        fence = self.leases.fence(shard.index)
+        while shard.unpublished:
+            raw = shard.unpublished[0]
+            agent, kind, op = json.loads(raw)
+            try:
+                self._publish_one(agent, kind, op, fence)
+            except RECOVERABLE:
+                raise
+            except Exception:
+                self.ctx.stats.handler_errors["publish"] = self.ctx.stats.handler_errors.get("publish", 0) + 1
+                log.exception("could not publish the %s decision about %s (%r); dropping it", kind, agent, op)
+            shard.unpublished.pop(0)
+            self.checkpoints.pop_decided(shard.index, shard.token, 1)
+
+    def _publish_one(self, agent: str, kind: str, op: Op, fence: Any) -> None:
+        incidents = self.ctx.incidents
+        if op["o"] == "f" and kind in QUIET_WHEN_HALTED and self.halts.halting(agent):
+            log.info("%s: not paging %s: the agent is halted", agent, kind)
+            return  # its resolve later finds no open incident and publishes nothing either
+        severity, summary, details = self.render(agent, kind, op)
+        if op["o"] == "f":
+            incidents.fire(agent, kind, severity=severity, summary=summary, at_ms=int(op["at"]),
+                           details=details, fence=fence)  # fmt: skip
+        else:
+            incidents.resolve(agent, kind, summary=summary, at_ms=int(op["at"]), details=details, fence=fence)
+
+    def decided(self, agent: Agent, kind: str, op: Op) -> None:
+        """Record a decision of the shard being applied or checked (see :class:`_Decisions`)."""
+        shard = self._decided_shard
+        assert shard is not None, "a decision outside a batch or a tick"
+        shard.decided.append(json.dumps([agent.name, kind, op], separators=(",", ":")).encode())
+        shard.dirty.add(agent.name)
+
+    # -- wording -------------------------------------------------------------------------------
+    def render(self, agent: str, kind: str, op: Op) -> tuple[str, str, dict[str, Any]]:
+        """(severity, summary, details) of one decision. Never raises: a decision must reach
         the alerts stream even if its wording fails (a bug, facts of an older version), so a
-        failing renderer is logged and counted, and the op is published in plain words."""
+        failing renderer is logged and counted, and the decision is published in plain words."""
         detector = self.renderers.get(kind)
         try:
             facts = op.get("f") or {}
             if op["o"] == "r" and facts.get("forgotten"):
                 return self._forgotten(detector, agent, kind, op)
             if detector is None:  # decided while enabled, published after being disabled
-                return BuiltinDetector.render(detector, agent, kind, op)  # type: ignore[arg-type]
+                return Detector.render(detector, agent, kind, op)  # type: ignore[arg-type]
             return detector.render(agent, kind, op)
         except Exception:
             name = detector.name if detector is not None else kind
@@ -347,18 +560,47 @@ class Engine:
             )
 
     @staticmethod
-    def _forgotten(
-        detector: BuiltinDetector[Any] | None, agent: str, kind: str, op: dict[str, Any]
-    ) -> tuple[str, str, dict[str, Any]]:
-        """The resolve of an incident still open when its agent was forgotten (timers.forget):
-        worded here once for every kind, from the facts every kind's forget op carries."""
+    def _forgotten(detector: Detector[Any] | None, agent: str, kind: str, op: Op) -> tuple[str, str, dict[str, Any]]:
+        """The resolve of an incident still open when its agent was forgotten: worded here once
+        for every kind, from the facts every forget decision carries."""
         seen = float(op["f"].get("seen") or 0)
         silent_s = max(0.0, (op["at"] - seen) / 1000) if seen else 0.0
         summary = f"{agent}: forgotten after {format_duration(silent_s)} of silence; {kind} incident closed"
         return _severity(detector, agent), summary, {"forgotten": True, "silent_s": round(silent_s, 3)}
 
 
-def _severity(detector: BuiltinDetector[Any] | None, agent: str) -> str:
+class _Decisions:
+    """The engine's :class:`detectors.base.Decisions`: open/close against ``agent.open``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def open(self, agent: Agent, kind: str, at_ms: int, facts: dict[str, Any]) -> bool:
+        if kind in agent.open:
+            return False
+        agent.open.add(kind)
+        self.engine.decided(agent, kind, {"o": "f", "at": at_ms, "f": facts})
+        return True
+
+    def close(self, agent: Agent, kind: str, at_ms: int, facts: dict[str, Any]) -> bool:
+        if kind not in agent.open:
+            return False
+        agent.open.discard(kind)
+        self.engine.decided(agent, kind, {"o": "r", "at": at_ms, "f": facts})
+        return True
+
+    def past(self, agent: Agent, kind: str, fired: Op, resolved: Op) -> None:
+        self.engine.decided(agent, kind, fired)
+        self.engine.decided(agent, kind, resolved)
+
+
+def is_stateful(detector: Detector[Any]) -> bool:
+    """Whether the engine runs ``detector`` (it keeps per-agent state or has timers); the
+    others are batch detectors the worker runtime feeds directly."""
+    return detector.State is not None or bool(detector.listens) or type(detector).due_ms is not Detector.due_ms
+
+
+def _severity(detector: Detector[Any] | None, agent: str) -> str:
     """The severity ``detector`` is configured with for ``agent`` ("error" when unknown)."""
     if detector is None:
         return "error"
@@ -366,27 +608,40 @@ def _severity(detector: BuiltinDetector[Any] | None, agent: str) -> str:
     return severity if isinstance(severity, str) else "error"
 
 
-def _compose_update() -> str:
-    from detectors import exit, memory, silence, stall, tokens  # noqa: PLC0415 - they import this module
+def _count_usage(agent: Agent, event: Event) -> None:
+    """A beat's tokens and cost into the agent's totals (children's too)."""
+    tokens = event.get("tokens")
+    if tokens is None and ("tokens_in" in event or "tokens_out" in event):
+        tokens = event.get("tokens_in", 0) + event.get("tokens_out", 0)
+    if tokens is not None:
+        agent.tokens += tokens
+    cost = event.get("cost")
+    if cost is not None:
+        agent.cost += cost
 
-    parts = (silence.LUA, stall.LUA, exit.LUA, memory.LUA, tokens.LUA)
-    return "\n".join([lua_prelude(), *parts, state.LUA_MAIN])
+
+def _track_pulse(agent: Agent, event: Event, at: int) -> None:
+    """The run's first, last and highest RSS (the silence alert names a memory death from them)."""
+    rss = event.get("rss")
+    if rss is None:
+        return
+    if not agent.rss_first:
+        agent.rss_first, agent.rss_first_ms = rss, at
+    agent.rss_last = rss
+    agent.rss_peak = max(agent.rss_peak, rss)
 
 
-def register(client: Any, *parts: str) -> Any:
-    """Register a deciding script made of ``parts`` (record fields compiled to indexes)."""
-    return client.register_script(record.compile("\n".join(parts)))
+def _bytes(entry_id: bytes | str) -> bytes:
+    return entry_id if isinstance(entry_id, bytes) else entry_id.encode()
 
 
-def lua_prelude() -> str:
-    """What every deciding script starts with: record codec, emit/flush, constants, helpers."""
-    return "\n".join(
-        [
-            record.lua(),
-            intents.LUA_EMIT,
-            state.profile_lua(),
-            layout.segment_lua(),
-            state.flags_lua(),
-            state.LUA_COMMON,
-        ]
-    )
+def _after(entry_id: bytes, last: bytes) -> bool:
+    """Whether stream entry ``entry_id`` comes after ``last`` ("<ms>-<seq>" ids)."""
+    if len(entry_id) == len(last) and entry_id[13:14] == b"-" == last[13:14]:
+        return entry_id > last  # 13-digit ms (Redis time until 2286), same length: as text
+    ms, _, seq = entry_id.partition(b"-")
+    last_ms, _, last_seq = last.partition(b"-")
+    return (int(ms), int(seq or 0)) > (int(last_ms), int(last_seq or 0))
+
+
+__all__ = ["CHILD", "CUR", "FOREIGN", "NEW", "PREV", "ChildRun", "Engine", "Shard"]

@@ -13,12 +13,13 @@ calling ``shutdown()``) alerts too, as a ``warning``. Either way the agent is no
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from detectors.base import DetectorConfig
-from detectors.engine import BuiltinDetector
+from agentwatch.codec import Event
+from detectors.agent import Agent, ChildRun
+from detectors.base import Detector, DetectorConfig
 
 Severity = Literal["info", "warning", "error", "critical"]
 
@@ -26,29 +27,6 @@ Severity = Literal["info", "warning", "error", "critical"]
 class ExitConfig(DetectorConfig):
     severity: Severity = Field("critical", description="for exceptions, signals and non-zero codes")
     clean_exit: bool = Field(True, description="alert (as a warning) on exit code 0 without shutdown()")
-
-
-# Called by the batch update with an exit event of the agent's current run (stale = false) or
-# of its previous run, applied only after the agent had already started again (stale = true).
-LUA: Final = """
-local function exit_fire(a, r, p, ex, stale)
-  if p[P_EXIT_ON] ~= 1 then return end
-  local reason, code = ex[2], ex[3]
-  if code == false then code = nil end  -- unknown: left out of the facts
-  local facts = {reason = reason, code = code, error = ex[4], traceback = ex[5]}
-  if reason == 'exit' and code == 0 and p[P_EXIT_CLEAN] ~= 1 then
-    if not stale then set(r, F_EXITED) end
-    return
-  end
-  if stale then
-    emit(a, 'exit', 'f', ex[1], facts)
-    emit(a, 'exit', 'r', ex[1], {at = ex[1], restarted = 1, late = 1})
-    return
-  end
-  open(a, r, F_EXIT, 'exit', ex[1], facts)
-  set(r, F_EXITED)
-end
-"""
 
 
 def _signal_name(code: int) -> str:
@@ -61,15 +39,47 @@ def _signal_name(code: int) -> str:
         return f"signal {number}"
 
 
-class Exit(BuiltinDetector[ExitConfig]):
+class Exit(Detector[ExitConfig]):
     """A run that ended without ``shutdown()``: exception, signal or exit code."""
 
     Config = ExitConfig
     kinds = ("exit",)
+    listens = frozenset({"exit"})
 
-    def profile(self, config: DetectorConfig) -> dict[str, Any]:
-        assert isinstance(config, ExitConfig)
-        return {"exit_on": 1, "exit_clean": 1 if config.clean_exit else 0}
+    def _pages(self, agent: Agent, event: Event) -> tuple[bool, dict[str, Any]]:
+        """Whether this exit pages, and its facts. A clean end (code 0) pages only with
+        ``clean_exit``, and never for a scheduled agent (a cron job's normal end)."""
+        reason, code = event.get("reason", "exit"), event.get("code")
+        facts: dict[str, Any] = {"reason": reason, "error": event.get("error") or "",
+                                 "traceback": event.get("traceback") or ""}  # fmt: skip
+        if code is not None:  # unknown: left out of the facts, never a made-up 0
+            facts["code"] = code
+        if reason == "exit" and code == 0:
+            silence = self.ctx.shared["engine"].get("Silence")
+            scheduled = silence is not None and not silence.watches(agent)
+            return self.config.for_agent(agent.name).clean_exit and not scheduled, facts
+        return True, facts
+
+    def on_event(self, agent: Agent, event: Event, at_ms: int, child: ChildRun | None) -> None:
+        """An exit (not a ``shutdown``) of the current run: alert at once; the agent is no
+        longer expected either way (no silence follows for the same death)."""
+        if child is not None:
+            return  # a worker process that ended: children.py's business
+        pages, facts = self._pages(agent, event)
+        agent.exited = True
+        if pages:
+            self.decisions.open(agent, "exit", at_ms, facts)
+
+    def previous_run(self, agent: Agent, event: Event, at_ms: int) -> None:
+        """The previous run's exit, applied after the agent had already started again: the
+        crash still pages, and is over at once."""
+        pages, facts = self._pages(agent, event)
+        if pages:
+            resolved = {"o": "r", "at": at_ms, "f": {"at": at_ms, "restarted": 1, "late": 1}}
+            self.decisions.past(agent, "exit", {"o": "f", "at": at_ms, "f": facts}, resolved)
+
+    def on_new_run(self, agent: Agent, at_ms: int) -> None:
+        self.decisions.close(agent, "exit", at_ms, {"at": at_ms, "restarted": 1})
 
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]

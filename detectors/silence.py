@@ -20,17 +20,20 @@ them resolves, so a fleet whose agent names churn does not grow Redis forever.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import Field
 
+from agentwatch.codec import Event
 from agentwatch.config import Seconds, format_duration
 from agentwatch.dependencies import DependsOnConfig
 from detectors import schedule
-from detectors.base import DetectorConfig, DetectorContext
-from detectors.engine import BuiltinDetector
+from detectors.agent import Agent
+from detectors.base import Detector, DetectorContext
+from detectors.children import Children
 from detectors.memory import Bytes, format_bytes
-from detectors.schedule import ScheduleConfig
+from detectors.schedule import Schedule, ScheduleConfig
 
 Severity = Literal["info", "warning", "error", "critical"]
 
@@ -47,40 +50,106 @@ class SilenceConfig(ScheduleConfig, DependsOnConfig):
     recover_after: int = Field(1, ge=1, le=10_000, description="events on time in a row to resolve")
 
 
-# Called by the batch update for a segment that brings an agent with an open silence incident
-# back (its events are newer than the last seen, ``seen0``). Counts events on time in a row;
-# a segment with a gap longer than the allowance inside restarts the count at that gap
-# (counting only the event after it: the events after it are not told apart, so the count
-# errs on the late side, never early). The first event back ends the silence (``r.sw``).
-LUA: Final = """
-local function silence_back(a, r, p, s, seen0)
-  if r.sr == 0 then r.sw = s[S_FIRST] - seen0 end
-  if s[S_GB] - s[S_GA] > r.sa then r.sr = 1
-  elseif r.sr > 0 and s[S_FIRST] - seen0 > r.sa then r.sr = s[S_NEV]
-  else r.sr = math.min(r.sr + s[S_NEV], 65535) end
-  if r.sr >= p[P_SIL_RECOVER] then
-    close(a, r, F_SILENCE, 'silence', s[S_LAST], {back = s[S_LAST], since = seen0, away = r.sw,
-      on_time = r.sr, start = s[S_START] > 0 and 1 or 0})
-    r.sr, r.sw = 0, 0
-  end
-end
-"""
+@dataclass(slots=True)
+class SilenceState:
+    """While a silence incident is open: how the agent is coming back."""
+
+    on_time: int = 0
+    """Events on time in a row since it was seen again (``recover_after`` resolves)."""
+    away_ms: int = 0
+    """How long the silence lasted (until its first event back)."""
 
 
-class Silence(BuiltinDetector[SilenceConfig]):
-    """An agent that sends nothing at all for its allowance: the process is gone."""
+class Silence(Detector[SilenceConfig]):
+    """An agent that sends nothing at all for its allowance: the process is gone.
+
+    Its companions watch what silence's settings also govern: scheduled agents
+    (detectors/schedule.py) and an agent's worker processes (detectors/children.py)."""
 
     Config = SilenceConfig
-    kinds = ("silence", schedule.MISSED, schedule.OVERRAN)
+    State = SilenceState
+    kinds = ("silence",)
 
     def __init__(self, name: str, config: SilenceConfig, ctx: DetectorContext) -> None:
         super().__init__(name, config, ctx)
         for warning in schedule.overrides_ignored(config):
             self.log.warning("%s", warning)
+        self.companions = [Schedule("schedule", config, ctx), Children("children", config, ctx)]
 
-    def profile(self, config: DetectorConfig) -> dict[str, Any]:
-        assert isinstance(config, SilenceConfig)
-        return {"sil_on": 1, "sil_after": config.after_s * 1000, "sil_recover": config.recover_after}
+    # -- settings --------------------------------------------------------------------------------
+    def watches(self, agent: Agent) -> bool:
+        """Silence judges this agent (a scheduled agent is judged by its schedule instead)."""
+        return self.config.for_agent(agent.name).schedule is None
+
+    def allowance_ms(self, agent: Agent) -> int:
+        """max(``after``, 3 x the declared interval), in ms."""
+        return int(max(self.config.for_agent(agent.name).after_s * 1000, 3000 * agent.interval_s))
+
+    def shortest_after_ms(self) -> int:
+        """The shortest ``after`` of any unscheduled glob (engine.sight_ms)."""
+        configs = [self.config, *(cfg for _, cfg in self.config._overrides)]
+        afters = [int(c.after_s * 1000) for c in configs if c.schedule is None]
+        return min(afters) if afters else int(self.config.after_s * 1000)
+
+    # -- decisions -------------------------------------------------------------------------------
+    def due_ms(self, agent: Agent) -> int:
+        if agent.retired or agent.exited or not agent.seen_ms or "silence" in agent.open:
+            return 0
+        if not self.watches(agent):
+            return 0
+        return max(agent.seen_ms, agent.clocks_from_ms) + self.allowance_ms(agent)
+
+    def on_due(self, agent: Agent, now_ms: int, limit_ms: int, sight_ms: int) -> None:
+        """Nothing at all since the allowance began (no earlier than ``sight``): gone."""
+        if agent.retired or agent.exited or "silence" in agent.open or not self.watches(agent):
+            return
+        allowance = self.allowance_ms(agent)
+        if max(agent.seen_ms, agent.clocks_from_ms, sight_ms) + allowance <= limit_ms:
+            self.decisions.open(agent, "silence", now_ms, self._facts(agent, agent.seen_ms, allowance))
+
+    def back(self, agent: Agent, event: Event, at_ms: int, seen0: int) -> None:
+        """An event of an agent whose silence incident is open (the engine calls it): count
+        events on time in a row; ``recover_after`` of them resolve it. An event late by more
+        than the allowance starts the count again."""
+        state = self.state(agent)
+        if not state.on_time:
+            state.away_ms = at_ms - seen0
+        if state.on_time and at_ms - seen0 > self.allowance_ms(agent):
+            state.on_time = 1
+        else:
+            state.on_time = min(state.on_time + 1, 65535)
+        if state.on_time >= self.config.for_agent(agent.name).recover_after:
+            facts = {"back": at_ms, "since": seen0, "away": state.away_ms, "on_time": state.on_time,
+                     "start": 1 if event["kind"] == "start" else 0}  # fmt: skip
+            self.decisions.close(agent, "silence", at_ms, facts)
+            state.on_time = state.away_ms = 0
+
+    def backlog(self, agent: Agent, event: Event, at_ms: int, current: bool, sight_ms: int) -> None:
+        """A gap longer than the allowance found in the events themselves (a backlog applied
+        late: the owner died, or the checks waited for the horizon). One watching in real time
+        would have fired and resolved: so do exactly that, with those times."""
+        if agent.retired or agent.exited or not agent.seen_ms or "silence" in agent.open:
+            return
+        if not self.watches(agent):
+            return
+        since = max(agent.seen_ms, agent.clocks_from_ms, sight_ms)
+        allowance = self.allowance_ms(agent)
+        if at_ms - since > allowance:
+            fired = {"o": "f", "at": since + allowance, "f": self._facts(agent, since, allowance)}
+            fired["f"]["since"] = since
+            resolved = {"o": "r", "at": at_ms, "f": {"back": at_ms, "since": since, "late": 1}}
+            self.decisions.past(agent, "silence", fired, resolved)
+
+    def on_retire(self, agent: Agent, at_ms: int) -> None:
+        self.decisions.close(agent, "silence", at_ms, {"at": at_ms, "shutdown": 1})
+        agent.states.pop(self.name, None)
+
+    @staticmethod
+    def _facts(agent: Agent, seen: int, allowance: int) -> dict[str, Any]:
+        return {"seen": seen, "allowance": allowance, "iv": agent.interval_s, "r0": agent.rss_first,
+                "rl": agent.rss_last, "rpk": agent.rss_peak, "t0": agent.rss_first_ms}  # fmt: skip
+
+    # -- wording ---------------------------------------------------------------------------------
 
     def cause(self, agent: str, facts: dict[str, Any]) -> str:
         cfg = self.config.for_agent(agent)
@@ -93,8 +162,6 @@ class Silence(BuiltinDetector[SilenceConfig]):
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]
         severity = self.config.for_agent(agent).severity
-        if kind in (schedule.MISSED, schedule.OVERRAN):
-            return severity, *schedule.render(agent, kind, op)
         if op["o"] == "f":
             quiet_s = max(0.0, (op["at"] - f["seen"]) / 1000)
             details: dict[str, Any] = {
@@ -103,7 +170,7 @@ class Silence(BuiltinDetector[SilenceConfig]):
                 "last_seen_ms": f["seen"],
             }
             if f.get("iv"):
-                details["interval_s"] = round(f["iv"], 6)  # a float32 in the record
+                details["interval_s"] = round(f["iv"], 6)
             if f.get("rl"):
                 details["rss"] = f["rl"]
                 details["rss_start"] = f["r0"]

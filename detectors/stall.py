@@ -22,13 +22,18 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from pydantic import Field
 
+from agentwatch.codec import Event
 from agentwatch.config import Seconds, format_duration
-from detectors.base import DetectorConfig
-from detectors.engine import BuiltinDetector
+from detectors.agent import Agent
+from detectors.base import Detector, DetectorConfig
+
+SILENCE_AFTER_MS: Final = 60_000
+"""Silence's default ``after``: what "alive" is measured against when silence is disabled."""
 
 Severity = Literal["info", "warning", "error", "critical"]
 
@@ -67,24 +72,6 @@ class StallConfig(DetectorConfig):
     after_s: Seconds = Field(120.0, alias="after", gt=0, description="no beat this long while pulses arrive")
     severity: Severity = "critical"
     recover_after: int = Field(1, ge=1, le=10_000, description="beats on time in a row to resolve")
-
-
-# Called by the batch update for a segment of the current run with beats newer than the last
-# one (``beat0``) while a stall incident is open: silence_back (silence.py) for beats. A gap
-# between beats longer than the allowance inside the segment is bounded by the segment's longest
-# gaps (between beats with a pulse between them, or between any two events).
-LUA: Final = """
-local function stall_back(a, r, p, s, beat0)
-  if r.kr == 0 then r.kw = s[S_FBEAT] - beat0 end
-  if math.max(s[S_BB] - s[S_BA], s[S_GB] - s[S_GA]) > r.ta then r.kr = 1
-  elseif r.kr > 0 and s[S_FBEAT] - beat0 > r.ta then r.kr = s[S_NBEAT]
-  else r.kr = math.min(r.kr + s[S_NBEAT], 65535) end
-  if r.kr >= p[P_STALL_RECOVER] then
-    close(a, r, F_STALL, 'stall', s[S_BEAT], {back = s[S_BEAT], since = beat0, away = r.kw, on_time = r.kr})
-    r.kr, r.kw = 0, 0
-  end
-end
-"""
 
 
 def _base(path: str) -> str:
@@ -143,15 +130,112 @@ def blocked_in(stack: str) -> str | None:
     return where
 
 
-class Stall(BuiltinDetector[StallConfig]):
+@dataclass(slots=True)
+class StallState:
+    """While a stall incident is open: how the work loop is coming back."""
+
+    on_time: int = 0
+    """Beats on time in a row since beats resumed (``recover_after`` resolves)."""
+    away_ms: int = 0
+    """How long the loop was stuck (until its first beat back)."""
+
+
+class Stall(Detector[StallConfig]):
     """Pulses without beats: the process lives, its work loop does not move."""
 
     Config = StallConfig
+    State = StallState
     kinds = ("stall",)
 
-    def profile(self, config: DetectorConfig) -> dict[str, Any]:
-        assert isinstance(config, StallConfig)
-        return {"stall_on": 1, "stall_after": config.after_s * 1000, "stall_recover": config.recover_after}
+    # -- settings --------------------------------------------------------------------------------
+    def allowance_ms(self, agent: Agent) -> int:
+        """max(``after``, 3 x the declared interval), in ms."""
+        return int(max(self.config.for_agent(agent.name).after_s * 1000, 3000 * agent.interval_s))
+
+    def live_for_ms(self, agent: Agent) -> float:
+        """How long a process may send nothing at all and still count as alive: 2.5 pulse
+        periods, or half the silence allowance before two pulses came. Past that, nothing
+        proved it alive: it may be dead, frozen (SIGSTOP, a suspended VM) or cut off, and only
+        silence may judge it."""
+        if agent.pulse_period_ms > 0:
+            return 2.5 * agent.pulse_period_ms
+        silence = self.ctx.shared["engine"].get("Silence") if self.ctx is not None else None
+        allowance = silence.allowance_ms(agent) if silence is not None else max(SILENCE_AFTER_MS, 3000 * agent.interval_s)
+        return allowance / 2
+
+    def dead_after_ms(self, agent: Agent) -> float:
+        """A gap in the agent's events longer than this proved nothing about it: the stall clock
+        restarts where the events resume (the engine keeps it in ``agent.clocks_from_ms``).
+        :meth:`live_for_ms`, or half the allowance when longer, so pulses a little late (or
+        sparse, as an OTel agent's metric exports) never restart it, while any freeze long
+        enough to pass for a stall does (beats come at least three times per allowance)."""
+        return max(self.live_for_ms(agent), self.allowance_ms(agent) / 2)
+
+    # -- decisions -------------------------------------------------------------------------------
+    def due_ms(self, agent: Agent) -> int:
+        """The deadline, once a pulse came at or after it (before that, a pulse from before
+        the deadline does not show the process outlived its allowance: the next pulse re-arms)."""
+        if agent.retired or agent.exited or agent.pulse_ms <= agent.beat_ms or agent.open & {"stall", "silence"}:
+            return 0
+        deadline = max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms) + self.allowance_ms(agent)
+        return deadline if agent.pulse_ms >= deadline else 0
+
+    def on_due(self, agent: Agent, now_ms: int, limit_ms: int, sight_ms: int) -> None:
+        """Stuck, not dead: the newest pulse is fresh (2.5 pulse periods) and at or after the
+        deadline, so the process lived through the whole allowance without a beat."""
+        if agent.retired or agent.exited or agent.pulse_ms <= agent.beat_ms or agent.open & {"stall", "silence"}:
+            return
+        allowance = self.allowance_ms(agent)
+        deadline = max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms, sight_ms) + allowance
+        alive = now_ms - agent.pulse_ms <= self.live_for_ms(agent)
+        if deadline <= limit_ms and alive and agent.pulse_ms >= deadline:
+            facts = {"beat": agent.beat_ms, "start": agent.started_ms, "pulse": agent.pulse_ms,
+                     "allowance": allowance, "iv": agent.interval_s, "stack": agent.stack}  # fmt: skip
+            self.decisions.open(agent, "stall", now_ms, facts)
+
+    def back(self, agent: Agent, at_ms: int, beat0: int) -> None:
+        """A beat while a stall incident is open (the engine calls it): count beats on time in
+        a row; ``recover_after`` of them resolve it. A beat late by more than the allowance
+        starts the count again."""
+        state = self.state(agent)
+        if not state.on_time:
+            state.away_ms = at_ms - beat0
+        if state.on_time and at_ms - beat0 > self.allowance_ms(agent):
+            state.on_time = 1
+        else:
+            state.on_time = min(state.on_time + 1, 65535)
+        if state.on_time >= self.config.for_agent(agent.name).recover_after:
+            facts = {"back": at_ms, "since": beat0, "away": state.away_ms, "on_time": state.on_time}
+            self.decisions.close(agent, "stall", at_ms, facts)
+            state.on_time = state.away_ms = 0
+
+    def backlog(self, agent: Agent, event: Event, at_ms: int, sight_ms: int) -> None:
+        """A beat after a gap longer than the allowance while pulses came, found in a backlog
+        (see Silence.backlog): fire and resolve it with those times."""
+        if event["kind"] != "beat" or agent.retired or agent.exited or not agent.seen_ms:
+            return
+        if "stall" in agent.open or agent.pulse_ms <= agent.beat_ms:
+            return
+        if at_ms - agent.seen_ms > self.dead_after_ms(agent):
+            return  # nothing proved it alive in between: a freeze, not a stall
+        since = max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms, sight_ms)
+        allowance = self.allowance_ms(agent)
+        if at_ms - since > allowance:
+            facts = {"beat": since, "start": agent.started_ms, "since": since, "allowance": allowance,
+                     "iv": agent.interval_s, "stack": agent.stack}  # fmt: skip
+            fired = {"o": "f", "at": since + allowance, "f": facts}
+            resolved = {"o": "r", "at": at_ms, "f": {"back": at_ms, "since": since, "late": 1}}
+            self.decisions.past(agent, "stall", fired, resolved)
+
+    def on_new_run(self, agent: Agent, at_ms: int) -> None:
+        self.decisions.close(agent, "stall", at_ms, {"at": at_ms, "restarted": 1})
+        agent.states.pop(self.name, None)
+
+    def on_retire(self, agent: Agent, at_ms: int) -> None:
+        self.decisions.close(agent, "stall", at_ms, {"at": at_ms, "shutdown": 1})
+        agent.states.pop(self.name, None)
+
+    # -- wording ---------------------------------------------------------------------------------
 
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]
