@@ -237,3 +237,13 @@ def test_a_noisy_leak_fires_once_and_stays_open_while_it_goes_on() -> None:
     at_ms = bench.ops()[0][1]
     assert 60 < (at_ms - T0) / 3_600_000 < 70
     assert "4.0 GB limit in ~" in bench.render(0)[1]
+
+
+def test_past_the_limit_and_still_growing() -> None:
+    bench = Bench()
+    bench.pulses(lambda t: 1.2e9 + (t - T0) * 10**5, seconds=0.6)
+    (_, _, op), *_ = bench.recorded.ops
+    assert op["f"]["level"] > 10**9 and op["f"]["eta_s"] == 0.0
+    _, summary, details = bench.render(0)
+    assert summary == "bot: RSS 1.2 GB -> 1.3 GB over 580ms; over the 1.0 GB limit and still growing"
+    assert details["eta_s"] == 0.0
