@@ -58,8 +58,9 @@ OVERRAN: Final = "runtime"
 EARLY_MS: Final = 1000
 """A run that starts this long before a slot (or less) counts for that slot."""
 PROFILE: Final[dict[str, float]] = {"sil_on": 0, "exit_clean": 0}
-"""What a schedule changes in its agents' profile (state.PROFILE): no interval rule, and a
-clean exit is how a run ends."""
+"""What a schedule changes in its agents' profile (the old engine's state.PROFILE, read by
+detectors/engine.py until the new engine replaces it): no interval rule, and a clean exit is how
+a run ends. The new silence and exit detectors ask ``config.for_agent(agent).schedule``."""
 _COUNT_MAX: Final = 10_000
 """Missed slots counted at most (a minutely job down for a month)."""
 
@@ -347,6 +348,12 @@ class Schedule(Detector[ScheduleConfig]):
         self._plans: dict[int, tuple[ScheduleConfig, Plan | None]] = {}
         """Per config (one per glob, as ``for_agent`` gives them): the config, kept alive so
         its id is not reused, and its plan (cron parsing is not free)."""
+
+    @staticmethod
+    def needed(config: ScheduleConfig) -> bool:
+        """Whether ``config`` schedules any agent (the section or one of its globs): without, the
+        silence detector need not make this companion at all (no hook would do anything)."""
+        return config.schedule is not None or any("schedule" in keys for keys in config.agents.values())
 
     def plan_for(self, agent: str) -> Plan | None:
         """The schedule of ``agent`` (None: not scheduled); one :class:`Plan` per config glob."""

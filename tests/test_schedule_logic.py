@@ -112,6 +112,12 @@ def test_an_agent_no_glob_schedules_gets_no_state_and_is_never_due() -> None:
     assert owner.ops == []
 
 
+def test_the_companion_is_needed_only_when_a_glob_or_the_section_schedules() -> None:
+    assert Schedule.needed(silence_config(agents=CRON_AGENTS))
+    assert Schedule.needed(silence_config(schedule="0 3 * * *"))
+    assert not Schedule.needed(silence_config(agents={"chat-*": {"after": "5m"}}))
+
+
 def test_on_time_runs_raise_nothing() -> None:
     owner = Owner()
     for i, slot in enumerate(("03:00", "03:15", "03:30", "03:45")):
