@@ -375,7 +375,7 @@ class Schedule(Detector[ScheduleConfig]):
         watch.seen_ms = max(watch.seen_ms, agent.seen_ms, at_ms)
         run = event.get("run")
         if child is None and isinstance(run, str) and run == agent.run:  # the current run's
-            if run != watch.run:  # (the engine started a new run without telling: its first event)
+            if run != watch.run:  # its first event here (a new watch, or on_new_run came first)
                 self._begin(watch, run, at_ms)
                 wake = True
             kind = event.get("kind")
