@@ -1,10 +1,10 @@
 """Memory: the leak that precedes the OOM kill, caught while there is still time.
 
-Pulses carry the process's RSS. Per agent the batch update keeps the lowest RSS of each time
-bucket (``window`` / ``points`` long; the minimum, so GC spikes and short bursts do not look
-like growth) and the last ``points`` buckets. Each time a bucket closes, that window is judged
-with a Theil-Sen trend (the median of all pairwise slopes: robust to outliers), vectorised with
-numpy over every agent judged in the batch. An evaluation is *hot* when
+Pulses carry the process's RSS. Per agent (:class:`MemoryState`, current run only) the detector
+keeps the lowest RSS of each time bucket (``window`` / ``points`` long; the minimum, so GC
+spikes and short bursts do not look like growth) and the last ``points`` closed buckets. Each
+time a pulse closes a bucket, that agent's window is judged at once with a Theil-Sen trend (the
+median of all pairwise slopes: robust to outliers). An evaluation is *hot* when
 
 * at least ``min_points`` buckets exist,
 * at least ``rising`` of the pairwise slopes are positive (sustained growth, not a sawtooth), and
@@ -21,16 +21,16 @@ neither opens nor resolves anything, and breaks both counts.
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal
 
-import msgpack
 import numpy as np
 from pydantic import BeforeValidator, Field, PlainSerializer
 
 from agentwatch.config import Seconds, format_duration
-from detectors.base import DetectorConfig
-from detectors.engine import BuiltinDetector, lua_prelude, register
+from detectors.base import Agent, ChildRun, Detector, DetectorConfig, Event
 
 Severity = Literal["info", "warning", "error", "critical"]
 
@@ -86,101 +86,46 @@ class MemoryConfig(DetectorConfig):
     severity: Severity = "warning"
 
 
-# Batch update part (detectors/state.py). memory_track runs for every applied segment and keeps
-# the run's first/last/peak RSS (the silence alert quotes them even with this detector off);
-# memory_flush appends closed buckets to the rss hash and returns the windows to judge.
-# fastplan.py (_memory) mirrors memory_track when no bucket closes: keep the two in step.
-LUA: Final = """
-local MEM_CLOSED, MEM_ORDER, MEM_K = {}, {}, {}
-local function memory_track(a, r, p, s, late)
-  if s[S_RMS] == 0 or late then return end
-  local bucket, extra = p[P_BUCKET], s[S_RSSX]
-  for i = -1, extra and #extra or 0, 2 do
-    local ms, kb
-    if i < 0 then ms, kb = s[S_RMS], s[S_RKB] else ms, kb = extra[i], extra[i + 1] end
-    if r.r0 == 0 then r.r0 = kb; r.t0 = ms end
-    r.rl = kb
-    if kb > r.rpk then r.rpk = kb end
-    if p[P_MEM_ON] == 1 then
-      local b = math.floor(ms / bucket)
-      if r.bk == 0 then r.bk, r.bm = b, kb
-      elseif b == r.bk then
-        if kb < r.bm then r.bm = kb end
-      elseif b > r.bk then
-        local list = MEM_CLOSED[a]
-        if not list then list = {}; MEM_CLOSED[a] = list; MEM_ORDER[#MEM_ORDER + 1] = a end
-        list[#list + 1] = {(r.bk + 1) * bucket, r.bm}
-        MEM_K[a] = p[P_POINTS]
-        r.bk, r.bm = b, kb
-      end
-    end
-  end
-end
-local function memory_flush(key, R)
-  local out = {}
-  for _, a in ipairs(MEM_ORDER) do
-    local r = R[a]
-    local pts = {}
-    local raw = has(r, F_HAS_RSS) and redis.call('HGET', key, a)
-    if raw then
-      local pos = 1
-      while pos + 11 <= #raw do
-        local t, kb
-        t, kb, pos = struct.unpack('<dI4', raw, pos)
-        pts[#pts + 1] = {t, kb}
-      end
-    end
-    for _, pt in ipairs(MEM_CLOSED[a]) do pts[#pts + 1] = pt end
-    while #pts > MEM_K[a] do table.remove(pts, 1) end
-    local buf = {}
-    for i, pt in ipairs(pts) do buf[i] = struct.pack('<dI4', pt[1], math.floor(pt[2])) end
-    redis.call('HSET', key, a, table.concat(buf))
-    set(r, F_HAS_RSS)
-    out[#out + 1] = {a, r.run, pts, r.r0, r.t0, r.rl}
-  end
-  return out
-end
-"""
-
 COOL_HORIZONS: Final = 2.0
 """An evaluation projecting the limit further away than this many horizons is cool."""
 COOL_RISING: Final = 0.5
 """... and so is one with fewer rising pairwise slopes than this share."""
 HOT, BETWEEN, COOL = 2, 1, 0
+"""The verdicts of one evaluation (see the module docstring)."""
+COUNT_CAP: Final = 255
+"""Hot and cool counts stop here: only ``>= fire_after`` / ``>= recover_after`` matters."""
 
-# Apply verdicts. KEYS: states, intents. ARGV: owner, lease, verdicts (msgpack list of
-# [agent, run, verdict (HOT, BETWEEN or COOL), at, fire_after, recover_after, facts]). A verdict
-# about a run that has since been replaced is dropped.
-_TRANSITION: Final = """
-local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
-local V = cmsgpack.unpack(ARGV[3])
-for _, v in ipairs(V) do
-  local a = v[1]
-  local raw = redis.call('HGET', KEYS[1], a)
-  if raw then
-    local r = rec_load(raw)
-    if r.run == v[2] then
-      if v[3] == 2 then
-        r.mh = math.min(r.mh + 1, 255); r.mc = 0
-        if r.mh >= v[5] then open(a, r, F_MEMORY, 'memory', v[4], v[7]) end
-      elseif v[3] == 0 then
-        r.mc = math.min(r.mc + 1, 255); r.mh = 0
-        if r.mc >= v[6] then close(a, r, F_MEMORY, 'memory', v[4], v[7]) end
-      else
-        r.mh, r.mc = 0, 0
-      end
-      redis.call('HSET', KEYS[1], a, rec_dump(r))
-    end
-  end
-end
-return flush_ops(KEYS[2], OWNER, LEASE)
-"""
+
+@dataclass(slots=True)
+class MemoryState:
+    """One agent's RSS buckets and verdict counts (current run only: a restart resets it).
+
+    RSS values are bytes, times Redis ms. Bucket ``k`` covers ``[k * length, (k + 1) * length)``
+    with ``length = window / points`` (a float: a window need not divide evenly)."""
+
+    bucket: int = -1
+    """Index of the open bucket (``floor(ms / length)``); -1: no RSS seen in this run yet."""
+    bucket_low: int = 0
+    """The lowest RSS of the open bucket, bytes (the minimum: a GC spike is not growth)."""
+    closed: list[list[float]] = field(default_factory=list)
+    """The closed buckets of the window, oldest first, at most ``points``: [end ms, lowest RSS
+    bytes]. The end is ``(index + 1) * length``, a float like the length."""
+    hot: int = 0
+    """Hot evaluations in a row (capped at :data:`COUNT_CAP`)."""
+    cool: int = 0
+    """Cool evaluations in a row (capped at :data:`COUNT_CAP`)."""
+
+
+def bucket_ms(cfg: MemoryConfig) -> float:
+    """The length of one bucket: the window split in ``points`` (at least 1 ms)."""
+    return max(1.0, cfg.window_s * 1000 / cfg.points)
 
 
 def theil_sen(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of (t, y) padded with NaN -> (slope, intercept, share of rising pairs) per row.
 
-    Every row needs at least two points (callers filter).
+    Every row needs at least two points (callers filter). The detector judges one agent's
+    window at a time (one row); rows stay possible for benchmarks and tests.
     """
     i, j = np.triu_indices(t.shape[1], 1)
     dt = t[:, j] - t[:, i]
@@ -193,77 +138,87 @@ def theil_sen(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return slope, intercept, rising
 
 
-class Memory(BuiltinDetector[MemoryConfig]):
+def judge(closed: list[list[float]], cfg: MemoryConfig, agent: Agent) -> tuple[int, dict[str, Any]]:
+    """(verdict, facts) of the window ``closed`` (not empty) of ``agent``.
+
+    Hot and cool are two tests, not one and its negation (see the module docstring); too few
+    buckets is cool (nothing is on course yet). The facts quote the run's first and last RSS
+    (kept by the engine in ``agent``) and the trend's level at the last bucket's end."""
+    at = closed[-1][0]
+    enough = len(closed) >= max(2, cfg.min_points)
+    if enough:
+        points = np.asarray(closed, dtype=np.float64)
+        fit = theil_sen(points[None, :, 0], points[None, :, 1])  # bytes per ms
+        slope, intercept, rising = (float(column[0]) for column in fit)
+        level = intercept + slope * at
+    else:
+        slope, level, rising = 0.0, float(agent.rss_last), 0.0
+    horizon_ms = cfg.horizon_s * 1000
+    eta_ms = (cfg.limit - level) / slope if slope > 0 else float("inf")
+    hot = enough and slope > 0 and rising >= cfg.rising and eta_ms <= horizon_ms
+    cool = not enough or slope <= 0 or rising < COOL_RISING or eta_ms > COOL_HORIZONS * horizon_ms
+    facts = {
+        "r0": agent.rss_first, "t0": agent.rss_first_ms, "rl": agent.rss_last, "level": level,
+        "limit": cfg.limit, "slope_per_h": slope * 3_600_000,
+        "eta_s": max(0.0, eta_ms / 1000) if hot else -1, "at": float(at),
+    }  # fmt: skip
+    return (HOT if hot else COOL if cool else BETWEEN), facts
+
+
+class Memory(Detector[MemoryConfig]):
     """Sustained RSS growth that will reach ``limit`` within ``horizon``."""
 
     Config = MemoryConfig
+    State = MemoryState
     kinds = ("memory",)
+    listens = frozenset({"pulse"})
 
-    def profile(self, config: DetectorConfig) -> dict[str, Any]:
-        assert isinstance(config, MemoryConfig)
-        return {
-            "mem_on": 1,
-            "bucket": max(1.0, config.window_s * 1000 / config.points),
-            "points": config.points,
-        }
+    def on_event(self, agent: Agent, event: Event, at_ms: int, child: ChildRun | None) -> None:
+        """A pulse of the current run with an RSS: into its bucket; a bucket that this pulse
+        closes is judged at once. (A worker process's RSS is its own, not the agent's.)"""
+        rss = event.get("rss")
+        if child is not None or rss is None:
+            return
+        cfg = self.config.for_agent(agent.name)
+        state: MemoryState = self.state(agent)
+        length = bucket_ms(cfg)
+        bucket = math.floor(at_ms / length)
+        if state.bucket < 0:
+            state.bucket, state.bucket_low = bucket, rss
+        elif bucket == state.bucket:
+            state.bucket_low = min(state.bucket_low, rss)
+        elif bucket > state.bucket:
+            state.closed.append([(state.bucket + 1) * length, state.bucket_low])
+            del state.closed[: max(0, len(state.closed) - cfg.points)]
+            state.bucket, state.bucket_low = bucket, rss
+            self._evaluate(agent, state, cfg)
 
-    def evaluate(self, shard: int, windows: list[list[Any]]) -> None:
-        """Judge the windows whose bucket just closed; record the verdicts atomically."""
-        configs = [self.config.for_agent(w[0]) for w in windows]
-        keep = [k for k, w in enumerate(windows) if len(w[2]) >= max(2, configs[k].min_points)]
-        verdicts: list[list[Any]] = []
-        if keep:
-            width = max(len(windows[k][2]) for k in keep)
-            t = np.full((len(keep), width), np.nan)
-            y = np.full((len(keep), width), np.nan)
-            for row, k in enumerate(keep):
-                points = np.asarray(windows[k][2], dtype=np.float64)
-                t[row, : len(points)] = points[:, 0]
-                y[row, : len(points)] = points[:, 1] * 1024.0
-            slope, intercept, rising = theil_sen(t, y)  # bytes per ms
-            last_t = np.nanmax(t, axis=1)
-            level = intercept + slope * last_t
-            for row, k in enumerate(keep):
-                verdicts.append(
-                    self._verdict(windows[k], configs[k], slope[row], level[row], rising[row], last_t[row])
-                )
-        for k, window in enumerate(windows):
-            if k not in keep:  # too few buckets yet: a cool evaluation
-                verdicts.append(
-                    self._verdict(window, configs[k], 0.0, window[5] * 1024.0, 0.0, window[2][-1][0])
-                )
-        script = self._script()
-        owned = script(
-            keys=[self.ctx.keys.states(shard), self.ctx.keys.intents(shard)],
-            args=[self.engine.owner, self.engine.lease_ms, msgpack.packb(verdicts)],
-        )
-        if owned:
-            self.engine.publisher.publish(shard, owned)
+    def _evaluate(self, agent: Agent, state: MemoryState, cfg: MemoryConfig) -> None:
+        """Judge the window; ``fire_after`` hot verdicts in a row open the incident,
+        ``recover_after`` cool ones close it, one in between breaks both counts."""
+        verdict, facts = judge(state.closed, cfg, agent)
+        at_ms = int(facts["at"])
+        if verdict == HOT:
+            state.hot, state.cool = min(state.hot + 1, COUNT_CAP), 0
+            if state.hot >= cfg.fire_after:
+                self.decisions.open(agent, "memory", at_ms, facts)
+        elif verdict == COOL:
+            state.hot, state.cool = 0, min(state.cool + 1, COUNT_CAP)
+            if state.cool >= cfg.recover_after:
+                self.decisions.close(agent, "memory", at_ms, facts)
+        else:
+            state.hot, state.cool = 0, 0
 
-    def _verdict(  # noqa: PLR0917 - one row of the vectorised fit
-        self, window: list[Any], cfg: MemoryConfig, slope: float, level: float, rising: float, at: float
-    ) -> list[Any]:
-        agent, run, points, r0, t0, rl = window
-        horizon_ms = cfg.horizon_s * 1000
-        eta_ms = (cfg.limit - level) / slope if slope > 0 else float("inf")
-        enough = len(points) >= cfg.min_points
-        hot = enough and slope > 0 and rising >= cfg.rising and eta_ms <= horizon_ms
-        cool = not enough or slope <= 0 or rising < COOL_RISING or eta_ms > COOL_HORIZONS * horizon_ms
-        facts = {
-            "r0": r0 * 1024, "t0": t0, "rl": rl * 1024, "level": float(level), "limit": cfg.limit,
-            "slope_per_h": float(slope) * 3_600_000, "eta_s": max(0.0, eta_ms / 1000) if hot else -1,
-            "at": float(at),
-        }  # fmt: skip
-        verdict = HOT if hot else COOL if cool else BETWEEN
-        return [agent, run, verdict, int(at), cfg.fire_after, cfg.recover_after, facts]
+    def on_new_run(self, agent: Agent, at_ms: int) -> None:
+        """A restart frees the memory: the incident ends, quoting the old run's last RSS (so
+        the engine calls this before it resets the run's RSS fields), and the trend starts over."""
+        facts = {"at": at_ms, "restarted": 1, "rl": agent.rss_last, "r0": agent.rss_first}
+        self.decisions.close(agent, "memory", at_ms, facts)
+        agent.states.pop(self.name, None)
 
-    def _script(self) -> Any:
-        script = self.ctx.shared.get("memory-transition")
-        if script is None:
-            script = self.ctx.shared["memory-transition"] = register(
-                self.ctx.client, lua_prelude(), _TRANSITION
-            )
-        return script
+    def on_retire(self, agent: Agent, at_ms: int) -> None:
+        """A shutdown: nothing will reach the limit."""
+        self.decisions.close(agent, "memory", at_ms, {"at": at_ms, "shutdown": 1})
 
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]

@@ -26,53 +26,30 @@ runs, its watch and the time):
 
 An agent is expected from its first event on: one never seen is not late for anything.
 
-How it runs: the batch update (state.py) keeps each agent's record as for any agent. Each
-scheduled agent waits in the shard's ``schedule-due`` set, scored with the earliest time a check
-could have something to decide (a lower bound, as silence's timers: an agent seen since is
-re-armed later when its time comes). A batch moves an agent to score 0 (look at it next tick)
-only when that can change a decision early: a new agent, a new run (its ``max_runtime`` clock),
-or an agent with an open incident (its resolve). Each tick every worker claims the agents due by
-``min(now, horizon)`` (the horizon: every older event has been applied, timers.py), decides in
-Python (cron arithmetic is cronsim's), and
-commits each decision with one script that checks the agent's watch did not change meanwhile
-(two workers never both open or resolve), appends the alerts to the shard's intents (published
-once, in order: intents.py) and re-arms the agent at its next deadline. A worker that dies
-holding a claim leaves it to expire (the lease), and any worker decides the agent then. After a
-gap in which nobody watched (``[detectors.lag] blind_after``), the owed slot is counted from the
-end of the gap, as silence's clocks are.
-
-Each agent's watch (``<prefix>:{k}:schedules``) keeps a copy of its last run, so a scheduled
-agent whose record was forgotten (``[detectors.silence] forget``: a weekly job is quiet for a
-week) is still expected.
+How it runs: :class:`Schedule` is a stateful detector (detectors/base.py), made by the silence
+detector as its companion (the keys are silence's, per glob). The shard's owner holds each
+scheduled agent's watch in memory (:class:`ScheduleState`, checkpointed with the agent) and
+feeds it the agent's events in stream order, once. Events only update the watch; every decision
+is taken by :meth:`Schedule.on_due`, which calls :func:`decide` at the time the watch asked for
+(:meth:`Schedule.due_ms`): the owed slot's end of grace, the run's ``max_runtime`` deadline, or
+at once when an event may resolve an open incident or start a clock (a new agent, a new run).
+After a gap in which nobody watched (``sight_ms``), the owed slot and the runtime are counted
+from the end of the gap, as silence's clocks are. Agents no glob schedules get no state at all.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from pydantic import Field, field_validator
 
-from agentwatch.codec import Event
 from agentwatch.config import Seconds, format_duration
 from agentwatch.cron import Cron, CronError
-from agentwatch.keys import shard_of
-from agentwatch.worker import Message
-from detectors import intents, record
-from detectors.base import DetectorConfig
-from detectors.layout import run_hash
-
-if TYPE_CHECKING:
-    from detectors.engine import Engine
-
-log = logging.getLogger("agentwatch.detectors.schedule")
+from detectors.base import Agent, ChildRun, Detector, DetectorConfig, DetectorContext, Event, Op
 
 MISSED: Final = "schedule"
 """The ``detector`` name of a missed slot."""
@@ -81,16 +58,9 @@ OVERRAN: Final = "runtime"
 EARLY_MS: Final = 1000
 """A run that starts this long before a slot (or less) counts for that slot."""
 PROFILE: Final[dict[str, float]] = {"sil_on": 0, "exit_clean": 0}
-"""What a schedule changes in its agents' profile (state.PROFILE): no interval rule, and a
-clean exit is how a run ends."""
-CLAIM_BATCH: Final = 500
-_ROUNDS: Final = 20
-_CACHE_MAX: Final = 100_000
-_OPEN_KEPT_MAX: Final = 10_000
-REARM_MS: Final = 60_000
-"""A missed-slot incident is looked at again this often even without news of its agent, and a
-worker forgets which agents it armed this often (a lost due set fills again)."""
-_UNKNOWN: Final = object()
+"""What a schedule changes in its agents' profile (the old engine's state.PROFILE, read by
+detectors/engine.py until the new engine replaces it): no interval rule, and a clean exit is how
+a run ends. The new silence and exit detectors ask ``config.for_agent(agent).schedule``."""
 _COUNT_MAX: Final = 10_000
 """Missed slots counted at most (a minutely job down for a month)."""
 
@@ -175,53 +145,34 @@ def _next_slot(cron: Cron, second: int) -> int:
 
 @dataclass(frozen=True)
 class Runs:
-    """What is known of an agent's runs: from its record, else from its watch's copy."""
+    """What is known of an agent's runs (the watch's copy, kept by :class:`Schedule`)."""
 
     seen: int
     """Its last event of any kind (ms, Redis time)."""
     start: int
-    """When its current run started (0: not known)."""
-    run: int
-    """Its current run (the record's hash of the run id)."""
+    """When its current run started: its ``start``, else its first event (0: not known)."""
+    run: str
+    """Its current run id."""
     finished: bool
     """The current run is over (see the module docstring)."""
-
-    @classmethod
-    def of_record(cls, rec: dict[str, Any], process: bool) -> Runs:
-        """``process``: the run's start named a pid (it reports its own end with an exit)."""
-        over = bool(rec["flags"] & (record.RETIRED | record.EXITED))
-        start, beat = int(rec["start"]), int(rec["beat"])
-        pinged = not process and beat > 0 and beat >= start  # an HTTP ping job's success
-        return cls(int(rec["seen"]), start, int(rec["run"]), over or pinged)
 
 
 @dataclass(frozen=True)
 class Watch:
-    """An agent's watch, kept in Redis: its runs as last known, and its open incidents."""
+    """An agent's watch: its runs as last known, and its open incidents."""
 
     runs: Runs
     missed: dict[str, int] | None = None
     """The open ``schedule`` incident: ``slot`` it names, ``seen`` when it opened."""
-    over: int | None = None
+    over: str | None = None
     """The run the open ``runtime`` incident is about."""
-
-    def dump(self) -> str:
-        r = self.runs
-        runs = {"finished": r.finished, "run": r.run, "seen": r.seen, "start": r.start}
-        return json.dumps({"missed": self.missed, "over": self.over, "runs": runs}, separators=(",", ":"))
-
-    @classmethod
-    def load(cls, raw: bytes | str | None) -> Watch | None:
-        if not raw:
-            return None
-        data = json.loads(raw)
-        return cls(Runs(**data["runs"]), data.get("missed"), data.get("over"))
 
 
 @dataclass
 class Decision:
     """What :func:`decide` concluded: the watch to keep (None: drop it), alerts to publish as
-    ``(detector, "f" | "r", facts)``, and when to look again (0: at the agent's next event)."""
+    ``(detector, "f" | "r", facts)``, and when to look again (0: at the agent's next event:
+    only a missed slot is open, and only news of the agent can change that)."""
 
     watch: Watch | None
     ops: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
@@ -232,8 +183,8 @@ def decide(
     plan: Plan | None, runs: Runs | None, watch: Watch | None, limit_ms: int, sight_ms: int = 0
 ) -> Decision:
     """Every decision about a scheduled agent, at ``limit_ms`` (the time up to which every event
-    is known: ``min(now, horizon)``). ``runs``: from the agent's record (None: no record, e.g.
-    forgotten); ``watch``: as kept so far; ``sight_ms``: the end of the last gap in which nobody
+    is known). ``runs``: as known now (None: nothing known, e.g. forgotten: the watch's copy
+    counts); ``watch``: as kept so far; ``sight_ms``: the end of the last gap in which nobody
     watched (the owed slot and the runtime count from there at the earliest)."""
     if plan is None:  # no longer scheduled (the config changed): nothing to expect any more
         out = Decision(None)
@@ -281,8 +232,6 @@ def decide(
         else:
             dues.append(deadline)
 
-    if missed is not None:  # news of its agent wakes it; this is the safety net
-        dues.append(limit_ms + REARM_MS)
     out.watch = Watch(runs, missed, over)
     out.due = min(dues) if dues else 0
     return out
@@ -350,213 +299,151 @@ def render(agent: str, kind: str, op: dict[str, Any]) -> tuple[str, dict[str, An
     return f"{agent}: {words.get(how, 'over')}", {}
 
 
-# -- the watch in Redis ----------------------------------------------------------------------
-
-# KEYS: schedule-due, clock. ARGV: limit, k, claim until (ms).
-# Returns [sight, agent...]: the agents due by limit, each now scored at the claim's end.
-_CLAIM: Final = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, a in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[3], a) end
-local sight = tonumber(redis.call('HGET', KEYS[2], 'sight')) or 0
-table.insert(due, 1, sight)
-return due
-"""
-
-# KEYS: schedules, schedule-due, intents, schedules-open. ARGV: owner, lease, claim (the score
-# the claim set), then per agent 6 values: agent, watch read ('' none), watch to write (''
-# drop), next due (0: at its next event), 1 if it has an open incident, ops (JSON list of
-# [detector, o, at, facts]). An agent whose watch changed since it was read (another worker
-# decided it) is left as it is and looked at again next tick. Returns the owned intents keys.
-_COMMIT: Final = """
-local OWNER, LEASE, CLAIM = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4, #ARGV, 6 do
-  local a, old, new, due, ops = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 5]
-  local ours = tonumber(redis.call('ZSCORE', KEYS[2], a)) == CLAIM
-  if (redis.call('HGET', KEYS[1], a) or '') ~= old then
-    if ours then redis.call('ZADD', KEYS[2], 0, a) end
-  else
-    if new == '' then redis.call('HDEL', KEYS[1], a)
-    elseif new ~= old then redis.call('HSET', KEYS[1], a, new) end
-    if ARGV[i + 4] == '1' then redis.call('SADD', KEYS[4], a) else redis.call('SREM', KEYS[4], a) end
-    if ops ~= '' then
-      for _, op in ipairs(cjson.decode(ops)) do emit(a, op[1], op[2], op[3], op[4]) end
-    end
-    if ours then
-      if due > 0 then redis.call('ZADD', KEYS[2], due, a) else redis.call('ZREM', KEYS[2], a) end
-    end
-  end
-end
-return flush_ops(KEYS[3], OWNER, LEASE)
-"""
+# -- the detector: the watch in memory, fed by the shard's owner -----------------------------
 
 
-class Schedules:
-    """The schedule checks of one worker (see the module docstring); made by the engine when
-    the silence detector has a schedule anywhere."""
+@dataclass(slots=True)
+class ScheduleState:
+    """A scheduled agent's watch (:attr:`Agent.states` ``["schedule"]``, checkpointed with the
+    agent): what :func:`decide` needs of its runs, and the incidents it holds open. Only
+    msgpack-able values: the engine checkpoints it as a list of these fields, in order."""
 
-    @classmethod
-    def of(cls, engine: Engine) -> Schedules | None:
-        silence = engine.get("Silence")
-        if silence is None:
-            return None
-        config = silence.config
-        if config.schedule is None and not any("schedule" in keys for keys in config.agents.values()):
-            return None
-        return cls(engine, config)
+    seen_ms: int = 0
+    """The agent's last event, any run, children included (a sign of life is a sign of life)."""
+    run: str = ""
+    """The current run as this watch knows it (its first event here started it)."""
+    start_ms: int = 0
+    """When the current run started: its first event (its ``start``, normally)."""
+    process: bool = True
+    """The current run is a process (its start named a ``pid``): it reports its own end with an
+    ``exit``. False: an HTTP ping job, whose first beat after its start is its success. A run
+    whose start was never seen counts as a process (the safe side: only an exit ends it)."""
+    finished: bool = False
+    """The current run is over: its exit, its ``shutdown()``, or a ping job's success beat."""
+    missed_slot_ms: int | None = None
+    """The slot the open ``schedule`` incident names (None: not open)."""
+    missed_seen_ms: int = 0
+    """The agent's last event when that incident opened: any later one resolves it."""
+    overran_run: str | None = None
+    """The run the open ``runtime`` incident is about (None: not open)."""
+    due_ms: int = 0
+    """When :meth:`Schedule.on_due` may have something to decide (0: at the next event only)."""
 
-    def __init__(self, engine: Engine, config: ScheduleConfig) -> None:
-        self.engine = engine
-        self.config = config
-        self.keys = engine.keys
-        self.timezone = engine.ctx.settings.report.timezone
-        self._plans: dict[int, Plan | None] = {}
-        self._by_agent: dict[str, Plan | None] = {}
-        self._armed: set[str] = set()
-        """Agents this worker put in the due set lately (forgotten every :data:`REARM_MS`, so a
-        due set that was lost, a Redis restarted without persistence, fills again)."""
-        self._rearm_at = 0.0
-        self._open: dict[int, set[str] | None] = {}
-        """Per shard, the open set as of the last check (None: too big to keep here)."""
-        client = engine.client
-        self.client: Any = client
-        self._claim = client.register_script(_CLAIM)
-        self._commit = client.register_script(intents.LUA_EMIT + _COMMIT)
-        self.decided = 0
-        """Decisions committed (alerts included): for tests and status."""
+
+class Schedule(Detector[ScheduleConfig]):
+    """The ``schedule`` and ``runtime`` incidents of scheduled agents (see the module docstring).
+
+    Made by the silence detector as its companion, ``Schedule("schedule", silence_config, ctx)``:
+    the config is silence's section (a :class:`ScheduleConfig`), read per agent with
+    ``for_agent``. Schedules without their own ``timezone`` are in ``[report] timezone``."""
+
+    Config = ScheduleConfig
+    State = ScheduleState
+    kinds = (MISSED, OVERRAN)
+    listens = frozenset({"start", "beat", "pulse", "exit"})
+
+    def __init__(self, name: str, config: ScheduleConfig, ctx: DetectorContext) -> None:
+        super().__init__(name, config, ctx)
+        self.timezone = ctx.settings.report.timezone
+        self._plans: dict[int, tuple[ScheduleConfig, Plan | None]] = {}
+        """Per config (one per glob, as ``for_agent`` gives them): the config, kept alive so
+        its id is not reused, and its plan (cron parsing is not free)."""
+
+    @staticmethod
+    def needed(config: ScheduleConfig) -> bool:
+        """Whether ``config`` schedules any agent (the section or one of its globs): without, the
+        silence detector need not make this companion at all (no hook would do anything)."""
+        return config.schedule is not None or any("schedule" in keys for keys in config.agents.values())
 
     def plan_for(self, agent: str) -> Plan | None:
         """The schedule of ``agent`` (None: not scheduled); one :class:`Plan` per config glob."""
-        found = self._by_agent.get(agent, _UNKNOWN)
-        if found is _UNKNOWN:
-            config = self.config.for_agent(agent)
-            key = id(config)
-            if key not in self._plans:
-                self._plans[key] = Plan.of(config, self.timezone)
-            if len(self._by_agent) >= _CACHE_MAX:
-                self._by_agent.clear()
-            found = self._by_agent[agent] = self._plans[key]
-        return found  # type: ignore[return-value]
+        config = self.config.for_agent(agent)
+        found = self._plans.get(id(config))
+        if found is None or found[0] is not config:
+            found = self._plans[id(config)] = (config, Plan.of(config, self.timezone))
+        return found[1]
 
-    def resync(self) -> None:
-        """At start: every agent with a watch, and every known agent a glob now schedules, is
-        looked at once (a config change since the last run, a lost due set)."""
-        for shard in range(max(self.keys.shards, 1)):
-            agents = {self._text(a) for a in self.client.hkeys(self.keys.schedules(shard))}
-            for name, _ in self.client.zscan_iter(self.keys.agents(shard), count=1000):
-                agent = self._text(name)
-                if self.plan_for(agent) is not None:
-                    agents.add(agent)
-            if agents:
-                due = self.keys.schedule_due(shard)
-                listed = sorted(agents)
-                for i in range(0, len(listed), 1000):
-                    self.client.zadd(due, dict.fromkeys(listed[i : i + 1000], 0), nx=True)
+    # -- the watch follows the agent's events (no decisions here: see on_due) -----------------
 
-    def seen(self, messages: Sequence[Message[Event]]) -> None:
-        """After a batch: arm its new scheduled agents, and have those with a new run or an open
-        incident looked at next tick (see the module docstring)."""
-        if time.monotonic() >= self._rearm_at or len(self._armed) > _CACHE_MAX:
-            self._armed.clear()
-            self._rearm_at = time.monotonic() + REARM_MS / 1000
-        started: dict[str, bool] = {}
-        for _, event in messages:
-            if event["kind"] == "start":
-                started[event["agent"]] = True
-            else:
-                started.setdefault(event["agent"], False)
-        now: dict[int, list[str]] = {}
-        new: dict[int, list[str]] = {}
-        for agent, start in started.items():
-            if self.plan_for(agent) is None:
-                continue
-            shard = shard_of(agent, self.keys.shards)
-            opened = self._open.get(shard)
-            if start or opened is None or agent in opened:
-                now.setdefault(shard, []).append(agent)
-            elif agent not in self._armed:
-                new.setdefault(shard, []).append(agent)
-                self._armed.add(agent)
-        if not (now or new):
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for shard, agents in now.items():
-            pipe.zadd(self.keys.schedule_due(shard), dict.fromkeys(agents, 0), lt=True)
-        for shard, agents in new.items():
-            pipe.zadd(self.keys.schedule_due(shard), dict.fromkeys(agents, 0), nx=True)
-        pipe.execute()
+    def on_event(self, agent: Agent, event: Event, at_ms: int, child: ChildRun | None) -> None:
+        watch: ScheduleState | None = agent.states.get(self.name)
+        if watch is None:
+            if self.plan_for(agent.name) is None:
+                return  # not scheduled: no state at all
+            watch = self.state(agent)
+        wake = watch.seen_ms == 0  # a new agent: its owed slot and its run's clock start now
+        watch.seen_ms = max(watch.seen_ms, agent.seen_ms, at_ms)
+        run = event.get("run")
+        if child is None and isinstance(run, str) and run == agent.run:  # the current run's
+            if run != watch.run:  # its first event here (a new watch, or on_new_run came first)
+                self._begin(watch, run, at_ms)
+                wake = True
+            kind = event.get("kind")
+            if kind == "start":
+                watch.process = event.get("pid") is not None
+            elif kind == "exit" or (kind == "beat" and not watch.process):
+                watch.finished = True
+        # Look at once only when that can change a decision early: a new clock, or the resolve
+        # of an open incident. Otherwise the due time kept is at most early (news only ever
+        # pushes the owed slot later), and its check re-arms the watch.
+        if wake or watch.missed_slot_ms is not None or watch.overran_run is not None:
+            watch.due_ms = at_ms
 
-    def check(self, shard: int, now_ms: int, limit_ms: int) -> None:
-        """Decide every scheduled agent of ``shard`` due by ``limit_ms``."""
-        keys = self.keys
-        self._open[shard] = self._open_set(shard)
-        claim = now_ms + self.engine.lease_ms
-        for _ in range(_ROUNDS):  # bounded: a huge backlog continues next tick
-            reply = self._claim(keys=[keys.schedule_due(shard), keys.clock(shard)],
-                                args=[limit_ms, CLAIM_BATCH, claim])  # fmt: skip
-            sight, agents = int(reply[0]), [self._text(a) for a in reply[1:]]
-            if not agents:
-                return
-            raws = self.client.hmget(keys.schedules(shard), agents)
-            recs = self.client.hmget(keys.states(shard), agents)
-            facts = self.client.hmget(keys.facts(shard), agents)
-            args: list[Any] = [self.engine.owner, self.engine.lease_ms, claim]
-            for agent, raw, rec_raw, fact in zip(agents, raws, recs, facts, strict=True):
-                rec = record.decode(rec_raw)
-                runs = (
-                    Runs.of_record(rec, _is_process(rec, fact))
-                    if rec is not None and rec["seen"] > 0
-                    else None
-                )
-                try:
-                    watch = Watch.load(raw)
-                except (ValueError, KeyError, TypeError):
-                    log.warning("%r: unreadable schedule watch; starting afresh", agent)
-                    watch = None
-                got = decide(self.plan_for(agent), runs, watch, limit_ms, sight)
-                ops = [[det, o, now_ms, facts] for det, o, facts in got.ops]
-                new = got.watch.dump() if got.watch is not None else ""
-                opened = got.watch is not None and (
-                    got.watch.missed is not None or got.watch.over is not None
-                )
-                known = self._open.get(shard)
-                if known is not None:  # this worker's own decisions count at once
-                    (known.add if opened else known.discard)(agent)
-                args += [
-                    agent,
-                    self._text(raw or b""),
-                    new,
-                    got.due,
-                    int(opened),
-                    json.dumps(ops) if ops else "",
-                ]
-            owned = self._commit(keys=[keys.schedules(shard), keys.schedule_due(shard), keys.intents(shard),
-                                       keys.schedules_open(shard)], args=args)  # fmt: skip
-            self.decided += len(agents)
-            if owned:
-                self.engine.publisher.publish(shard, owned)
-            if len(agents) < CLAIM_BATCH:
-                return
+    def on_new_run(self, agent: Agent, at_ms: int) -> None:
+        watch: ScheduleState | None = agent.states.get(self.name)
+        if watch is not None:
+            self._begin(watch, agent.run, at_ms)
+            watch.due_ms = at_ms
 
-    def _open_set(self, shard: int) -> set[str] | None:
-        """The shard's open set, when small enough to keep (the common case: empty)."""
-        key = self.keys.schedules_open(shard)
-        count = int(self.client.scard(key))
-        if count > _OPEN_KEPT_MAX:
-            return None
-        return {self._text(a) for a in self.client.smembers(key)} if count else set()
+    def on_retire(self, agent: Agent, at_ms: int) -> None:
+        watch: ScheduleState | None = agent.states.get(self.name)
+        if watch is not None:
+            watch.finished = True
+            if watch.overran_run is not None:
+                watch.due_ms = at_ms
 
     @staticmethod
-    def _text(value: bytes | str) -> str:
-        return value.decode() if isinstance(value, bytes) else value
+    def _begin(watch: ScheduleState, run: str, at_ms: int) -> None:
+        """A new run, from ``at_ms``: not finished, a process until its start says otherwise."""
+        watch.run, watch.start_ms, watch.process, watch.finished = run, at_ms, True, False
 
+    # -- decisions ------------------------------------------------------------------------------
 
-def _is_process(rec: dict[str, Any], raw_fact: bytes | None) -> bool:
-    """Whether the agent's current run is a process (its start facts, agentwatch/facts.py, name
-    a ``pid``), which reports its own end; else (HTTP pings) its success beat ends it."""
-    try:
-        fact = json.loads(raw_fact) if raw_fact else {}
-    except ValueError:
-        return True
-    if not isinstance(fact, dict) or not isinstance(fact.get("run"), str):
-        return True
-    return run_hash(fact["run"]) != int(rec["run"]) or fact.get("pid") is not None
+    def due_ms(self, agent: Agent) -> int:
+        watch: ScheduleState | None = agent.states.get(self.name)
+        if watch is None:
+            return 0
+        if self.plan_for(agent.name) is None:
+            return 1  # no longer scheduled (the config changed): resolve and drop it at once
+        return watch.due_ms
+
+    def on_due(self, agent: Agent, now_ms: int, limit_ms: int, sight_ms: int) -> None:
+        watch: ScheduleState | None = agent.states.get(self.name)
+        if watch is None:
+            return
+        runs = Runs(watch.seen_ms, watch.start_ms, watch.run, watch.finished)
+        missed = None
+        if watch.missed_slot_ms is not None:
+            missed = {"slot": watch.missed_slot_ms, "seen": watch.missed_seen_ms}
+        before = Watch(runs, missed, watch.overran_run)
+        got = decide(self.plan_for(agent.name), runs, before, limit_ms, sight_ms)
+        for kind, how, facts in got.ops:
+            if how == "f":
+                self.decisions.open(agent, kind, now_ms, facts)
+            else:
+                self.decisions.close(agent, kind, now_ms, facts)
+        if got.watch is None:
+            del agent.states[self.name]
+            return
+        kept = got.watch
+        watch.missed_slot_ms = None if kept.missed is None else kept.missed["slot"]
+        watch.missed_seen_ms = 0 if kept.missed is None else kept.missed["seen"]
+        watch.overran_run = kept.over
+        watch.due_ms = got.due
+
+    def render(self, agent: str, kind: str, op: Op) -> tuple[str, str, dict[str, Any]]:
+        """(severity, summary, details): the module's :func:`render`, with the severity of the
+        config (silence's ``severity`` for the agent; ``critical`` if the config has none)."""
+        severity = str(getattr(self.config.for_agent(agent), "severity", "critical"))
+        summary, details = render(agent, kind, op)  # (the module function, not this method)
+        return severity, summary, details

@@ -33,7 +33,6 @@ from agentwatch.cron import Cron
 from agentwatch.facts import FactsRecorder
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import server_time_ms
-from detectors import record
 from detectors.schedule import MISSED, OVERRAN, Plan, Runs, Watch, decide, render
 from notifiers.routing import known_detectors
 
@@ -50,7 +49,7 @@ def T(clock: str, day: str = DAY) -> int:
 QUARTER = Plan(Cron.parse("*/15 * * * *"), grace_ms=300_000, max_runtime_ms=600_000)
 
 
-def ran(start: str, last: str, *, finished: bool = True, run: int = 1, day: str = DAY) -> Runs:
+def ran(start: str, last: str, *, finished: bool = True, run: str = "r1", day: str = DAY) -> Runs:
     return Runs(seen=T(last, day), start=T(start, day), run=run, finished=finished)
 
 
@@ -72,8 +71,8 @@ def test_a_slot_missed_past_its_grace_fires_once_naming_the_slot_and_resolves_wh
     # Three more slots go by: still the one incident, nothing more to decide until it runs again.
     later = decide(QUARTER, runs, first.watch, T("03:58"))
     assert later.ops == [] and later.watch == first.watch
-    assert later.due == T("03:59")  # its events wake it; a look every minute is the safety net
-    back = decide(QUARTER, ran("04:01:00", "04:01:00", finished=False, run=2), later.watch, T("04:01:01"))
+    assert later.due == 0  # only its events can change anything now (they wake it: Schedule.on_event)
+    back = decide(QUARTER, ran("04:01:00", "04:01:00", finished=False, run="r2"), later.watch, T("04:01:01"))
     assert [(det, o) for det, o, _ in back.ops] == [(MISSED, "r")]
     assert back.ops[0][2]["missed"] == 3  # 03:15, 03:30 and 03:45 went by past their grace
     assert back.due == T("04:11")  # the sooner of max_runtime (04:11) and the next slot (04:15 + 5m)
@@ -99,15 +98,16 @@ def test_a_run_over_max_runtime_is_its_own_incident() -> None:
     assert decide(QUARTER, running_, None, T("03:24:59")).due == T("03:25:00")
     over = decide(QUARTER, running_, None, T("03:25:00"))
     assert [(det, o) for det, o, _ in over.ops] == [(OVERRAN, "f")]
-    assert over.watch is not None and over.watch.over == 1
+    assert over.watch is not None and over.watch.over == "r1"
     done = decide(QUARTER, ran("03:15:00", "03:27:00"), over.watch, T("03:27:01"))
     assert [(det, o, f["how"]) for det, o, f in done.ops] == [(OVERRAN, "r", "finished")]
-    replaced = decide(QUARTER, ran("03:30:00", "03:30:00", finished=False, run=2), over.watch, T("03:30:01"))
+    next_run = ran("03:30:00", "03:30:00", finished=False, run="r2")
+    replaced = decide(QUARTER, next_run, over.watch, T("03:30:01"))
     assert [(det, o, f["how"]) for det, o, f in replaced.ops] == [(OVERRAN, "r", "replaced")]
 
 
 def test_no_longer_scheduled_resolves_what_is_open_and_drops_the_watch() -> None:
-    watch = Watch(ran("03:00:00", "03:00:00"), missed={"slot": T("03:15"), "seen": T("03:00")}, over=1)
+    watch = Watch(ran("03:00:00", "03:00:00"), missed={"slot": T("03:15"), "seen": T("03:00")}, over="r1")
     got = decide(None, None, watch, T("04:00"))
     assert got.watch is None and got.due == 0
     assert [(det, o) for det, o, _ in got.ops] == [(MISSED, "r"), (OVERRAN, "r")]
@@ -118,16 +118,6 @@ def test_an_agent_never_seen_is_not_expected_and_a_forgotten_one_still_is() -> N
     kept = Watch(ran("03:00:02", "03:00:40"))
     forgotten = decide(QUARTER, None, kept, T("03:20"))  # its record deleted by forget
     assert [(det, o) for det, o, _ in forgotten.ops] == [(MISSED, "f")]
-
-
-def test_how_a_run_ends_a_process_with_its_exit_a_ping_job_with_its_success_beat() -> None:
-    base = dict.fromkeys(record.NAMES, 0)
-    producer = {**base, "seen": 5, "start": 1, "beat": 3, "pulse": 4, "run": 9}
-    assert not Runs.of_record(producer, process=True).finished  # a process beating: still running
-    assert Runs.of_record({**producer, "flags": record.EXITED}, process=True).finished
-    assert Runs.of_record({**producer, "flags": record.RETIRED}, process=True).finished
-    assert Runs.of_record(producer, process=False).finished  # /start, then /ping: done
-    assert not Runs.of_record({**producer, "beat": 0}, process=False).finished  # /start only
 
 
 def test_the_summary_names_the_slot_the_schedule_and_the_last_run() -> None:
