@@ -114,7 +114,7 @@ class Keys:
 
     def states(self, shard: int) -> str:
         """Hash agent -> the built-in detectors' state of that agent, one packed binary record
-        (layout in detectors/record.py; :func:`detectors.state.read_agents` decodes it).
+        (layout in detectors/record.py; :func:`detectors.agent.read_agents` decodes it).
 
         One hash per shard rather than one key per agent: the batch update reads and writes
         every agent of a batch with one HMGET and one HSET, several times faster than per-key

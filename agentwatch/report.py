@@ -71,7 +71,7 @@ def build_report(
     agents: str | None = None,
 ) -> dict[str, Any]:
     """The report over the last ``since_s`` seconds (``agents``: only names matching this glob)."""
-    from detectors.state import read_agents  # noqa: PLC0415 - the spine imports plugins lazily
+    from detectors.agent import read_agents  # noqa: PLC0415 - the spine imports plugins lazily
 
     keys = pipeline.keys
     now = server_time_ms(client) if now_ms is None else now_ms
@@ -82,7 +82,7 @@ def build_report(
     names = sorted(n for n in records if agents is None or fnmatch.fnmatchcase(n, agents))
     facts = read_facts(client, keys, names)
     first_seen = {
-        name: int(facts.get(name, {}).get("first_ms") or records[name].get("start") or requested)
+        name: int(facts.get(name, {}).get("first_ms") or records[name].get("started_ms") or requested)
         for name in names
     }
     base = base_totals(client, keys, requested, names)

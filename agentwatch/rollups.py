@@ -71,7 +71,8 @@ class Totals:
 
     @classmethod
     def of_record(cls, record: dict[str, Any]) -> Totals:
-        return cls(float(record.get("bt", 0)), float(record.get("tt", 0)), float(record.get("ct", 0)))
+        """From a checkpointed agent (detectors.agent.describe)."""
+        return cls(float(record.get("beats", 0)), float(record.get("tokens", 0)), float(record.get("cost", 0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +90,15 @@ def scan_totals(
 
     The one place where sweeps over the whole fleet (rollup snapshots, chart series) read the
     detectors' records, so a new record layout changes this function and nothing else."""
-    from detectors import record  # noqa: PLC0415 - the spine imports detectors lazily
+    from detectors.agent import describe, unpack  # noqa: PLC0415 - the spine imports detectors lazily
 
     redis: Any = client
     cursor, pairs = redis.hscan(keys.states(shard), cursor, count=count or _SLICE)
     out: dict[bytes, Sample] = {}
     for agent, raw in pairs.items():
-        fields = record.decode(raw)
-        if fields is not None:
-            out[agent] = Sample(Totals.of_record(fields), int(fields.get("rl", 0)))
+        found = unpack(agent.decode(), raw, {})
+        if found is not None:
+            out[agent] = Sample(Totals.of_record(describe(found)), found.rss_last // 1024)
     return int(cursor), out
 
 

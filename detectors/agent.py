@@ -154,28 +154,14 @@ def describe(agent: Agent) -> dict[str, Any]:
     return out
 
 
-def builtin_states() -> dict[str, type[Any]]:
-    """The ``State`` classes of the built-in detectors by their usual names (for views, which
-    read checkpoints without running a worker)."""
-    import importlib  # noqa: PLC0415
-
-    from detectors import BUILTINS  # noqa: PLC0415
-
-    out: dict[str, type[Any]] = {}
-    for alias, target in {**BUILTINS, "schedule": "detectors.schedule:Schedule",
-                          "children": "detectors.children:Children"}.items():  # fmt: skip
-        module, _, name = target.partition(":")
-        state = getattr(getattr(importlib.import_module(module), name), "State", None)
-        if state is not None:
-            out[alias] = state
-    return out
-
-
-def read_agents(client: Any, keys: Keys, agents: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+def read_agents(
+    client: Any, keys: Keys, agents: Sequence[str] | None = None, states: dict[str, type[Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """The checkpointed agents (``agents``, or all when None) as :func:`describe` dicts, for
-    ``status``, reports, the dashboard and tests. What the owner has not checkpointed yet (at
-    most a batch or half a second) is not in it."""
-    classes = builtin_states()
+    ``status``, reports, the dashboard and tests; with the detector states named in ``states``
+    (detector name -> its State class; views import only what they show). What the owner has
+    not checkpointed yet (at most a batch or half a second) is not in it."""
+    classes = states or {}
     out: dict[str, dict[str, Any]] = {}
     for shard in range(max(keys.shards, 1)):
         if agents is None:

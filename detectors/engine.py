@@ -457,8 +457,8 @@ class Engine(Handler[Event]):
             self._decided_shard = shard
             old = [a for a in shard.agents.values() if a.seen_ms and now_ms - a.seen_ms > forget_ms]
             for agent in old:
-                if agent.name == PIPELINE_AGENT:
-                    continue
+                if agent.name == PIPELINE_AGENT or (silence is not None and not silence.watches(agent)):
+                    continue  # (a scheduled agent is expected however long its schedule's gaps)
                 decisions = self.detectors[0].decisions if self.detectors else None
                 for kind in sorted(agent.open):
                     if decisions is not None:
@@ -467,8 +467,9 @@ class Engine(Handler[Event]):
                 shard.armed.pop(agent.name, None)
                 shard.dirty.discard(agent.name)
                 shard.removed.add(agent.name)
-            if old:
-                self.client.hdel(self.keys.facts(shard.index), *[a.name for a in old])
+            gone = [a.name for a in old if a.name not in shard.agents]
+            if gone:
+                self.client.hdel(self.keys.facts(shard.index), *gone)
 
     # -- checkpoints and publishing ------------------------------------------------------------
     def checkpoint(self, shard: Shard) -> None:

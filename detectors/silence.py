@@ -74,7 +74,9 @@ class Silence(Detector[SilenceConfig]):
         super().__init__(name, config, ctx)
         for warning in schedule.overrides_ignored(config):
             self.log.warning("%s", warning)
-        self.companions = [Schedule("schedule", config, ctx), Children("children", config, ctx)]
+        self.companions: list[Detector[Any]] = [Children("children", config, ctx)]
+        if Schedule.needed(config):
+            self.companions.append(Schedule("schedule", config, ctx))
 
     # -- settings --------------------------------------------------------------------------------
     def watches(self, agent: Agent) -> bool:

@@ -273,13 +273,13 @@ class HoldView:
 
     def _find_overdue(self, glob: str) -> set[str]:
         """The agents matching ``glob`` that are overdue (once per view and glob)."""
-        from detectors.state import read_agents  # noqa: PLC0415 - the detectors import numpy
+        from detectors.agent import read_agents  # noqa: PLC0415 - notifiers import detectors lazily
 
         holds = self.holds
         names = [n for n in holds.agent_names() if fnmatch.fnmatchcase(n, glob)]
         overdue = set()
         for name, record in read_agents(holds.client, holds.keys, names[:_MAX_CANDIDATES]).items():
-            seen, interval = int(record.get("seen", 0)), float(record.get("iv") or 0.0)
+            seen, interval = int(record.get("seen_ms", 0)), float(record.get("interval_s") or 0.0)
             after = getattr(holds.silence.for_agent(name), "after_s", None) if holds.silence else None
             late_ms = 2000 * interval if interval else 500 * float(after or DEFAULT_ALLOWANCE_S)
             if not record.get("retired") and seen and self.now_ms - seen > late_ms:
