@@ -9,6 +9,7 @@ from typing import Any, cast
 import pytest
 
 from agentwatch.plugins import load_detectors
+from detectors import agent as agent_state
 from detectors.base import Agent, ChildRun, DetectorContext, Event, RecordedDecisions
 from detectors.children import DETECTOR, KEEP_EXITED_MS, KEEP_ORPHANS_MS, Children, ChildState
 from detectors.silence import SilenceConfig
@@ -294,3 +295,17 @@ def test_an_agent_without_children_costs_nothing() -> None:
     children.on_new_run(agent, T0)
     children.on_retire(agent, T0)
     assert agent.states == {} and ops(children) == []
+
+
+def test_what_was_told_is_checkpointed_with_the_agent() -> None:
+    """The next owner of the shard neither tells a dead worker again nor loses the open incident."""
+    children, agent = watch(), pool()
+    agent.children["worker-1"].seen_ms = T0 + 100_000
+    dead(children, agent)
+    back = agent_state.unpack("bot", agent_state.pack(agent), {"children": ChildState})
+    assert back is not None and back.open == {DETECTOR} and back.children == agent.children
+    assert back.states["children"] == ChildState(told=["worker-0"], dead_parent="parent-1", sight_ms=0)
+    successor = watch()
+    run_until(successor, back, T0 + 4000)
+    successor.on_retire(back, T0 + 4100)
+    assert [(op["o"], op["at"]) for _, _, op in ops(successor)] == [("r", T0 + 4100)]
