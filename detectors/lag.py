@@ -3,19 +3,23 @@ agent.
 
 Each tick the engine measures how far the detector workers are behind: Redis time minus the
 *horizon* (the oldest event not yet applied: undelivered, or delivered but not acknowledged).
-While they are behind, silence and stall checks only judge deadlines before the horizon (see
-timers.py), so agents that kept beating through a worker outage are not declared dead while
+While they are behind, silence and stall checks only judge deadlines before the horizon (the
+``limit`` of ``on_due``), so agents that kept beating through a worker outage are not declared dead while
 their beats wait in the stream. Instead, one ``lag`` incident for the agent ``agentwatch``:
 
 * fires when the lag exceeds ``after``, or when a tick finds nobody ran the checks for longer
   than ``after`` (every worker, or Redis itself, was down: checks then restart from the end of
-  the gap, see ``blind_after`` and timers.py);
+  the gap: ``blind_after``, the ``sight`` of ``on_due``);
 * resolves once the lag has stayed under ``after`` / 2 for ``recover``.
 
 And one ``trimmed`` incident (same agent) when events were trimmed from a stream before the
 detectors read them (a flooding agent, a small ``MAXLEN``, workers down for longer than the
 retention: horizon.py tells), counted in ``trimmed`` of the pipeline agent's clock hash; it
 resolves once the detectors caught up and lost nothing more for ``recover``.
+
+The engine calls :meth:`Lag.check` once per tick, on the worker owning the shard of the pipeline
+agent (:data:`agentwatch.alerts.PIPELINE_AGENT`), whose :class:`LagState` keeps what a tick must
+know of the ticks before.
 """
 
 from __future__ import annotations
