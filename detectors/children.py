@@ -2,195 +2,216 @@
 silent deaths.
 
 The model (PROTOCOL.md, docs/producer.md): every process reports as its own *run* of the same
-agent; a child's ``start`` names its ``parent`` run. The batch update (state.py) keeps a record
-per child run of the agent's current run in the shard's ``children`` hash and counts the child's
-beats for the agent's tokens, cost and token/loop detection. This module decides the one thing
-about children the batch cannot: a child that stopped sending anything (SIGKILL, the OOM killer)
-while its parent lives on. Such a pool looks healthy to the parent's beats, yet the work the dead
-worker held never comes back (``multiprocessing.Pool`` waits for it forever).
+agent; a child's ``start`` names its ``parent`` run. The engine core keeps a
+:class:`~detectors.agent.ChildRun` per child run in ``agent.children`` (its last event, interval,
+whether it exited, pid and host) and counts the child's beats for the agent's tokens and cost.
+This module decides the one thing about children nothing else can: a child that stopped sending
+anything (SIGKILL, the OOM killer) while its parent lives on. Such a pool looks healthy to the
+parent's beats, yet the work the dead worker held never comes back (``multiprocessing.Pool``
+waits for it forever).
 
 * A child that sent an ``exit`` (any reason: a pool retiring its workers with ``close()`` or
   ``terminate()``, a worker that finished) ended on purpose: nothing is raised.
 * A child silent for the agent's silence allowance (``[detectors.silence] after``, or 3 x the
-  child's interval if longer) while its parent run is still the agent's run and was seen since
-  opens one ``child`` incident per agent: "bot: worker process 4711 (run 9f2c..., child of run
-  1a2b...) gone without a goodbye". Later dead children of the same run while it is open are
-  named in the log only.
-* The incident resolves when the agent starts a new run, retires or exits: the dead worker's
-  run is over.
+  child's interval if longer) while its parent run is still the agent's run and the agent was
+  seen since opens one ``child`` incident per agent: "bot: worker process 4711 (run 9f2c...,
+  child of run 1a2b...) gone without a goodbye". Later dead children while it is open are named
+  in the log only. Each dead child is told once.
+* The incident resolves when the agent starts a new run, retires or its run exits: the dead
+  worker's run is over.
 
-Child facts (run id, parent run id, pid, host) are recorded here from child ``start`` events.
-Both hashes are pruned: children that exited a minute ago, children of runs that are over.
+The silence detector creates this one as its companion (a child's death is a silence of its
+own), with its own config: no silence detector, no watch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
 
-from agentwatch.alerts import Incidents
-from agentwatch.codec import Event
 from agentwatch.config import format_duration
-from agentwatch.keys import Keys, shard_of
-from agentwatch.redisconn import Client
-from agentwatch.worker import Handler, Message
-from detectors import record, state
-from detectors.layout import run_hash
+from detectors.base import Agent, ChildRun, Detector, Event, Op
+
+if TYPE_CHECKING:  # silence.py imports this module to create its companion
+    from detectors.silence import SilenceConfig
 
 log = logging.getLogger("agentwatch.detectors.children")
 
 DETECTOR: Final = "child"
 """The ``detector`` name of the alerts about a worker process that died silently."""
-CHECK_EVERY_MS: Final = 1000
 KEEP_EXITED_MS: Final = 60_000
-"""How long the record of a child that exited stays (a late batch of its events finds it)."""
-MAX_CHILDREN: Final = 100_000
-"""Child records looked at per shard and check: a bound on a fleet that forks without end."""
+"""How long the record of a child that is no longer watched (it exited, or its parent run is
+over) stays after its last event: the engine needs it to know the child's late events as a
+child's, not as a new run of the agent."""
+KEEP_ORPHANS_MS: Final = 10 * KEEP_EXITED_MS
+"""How long the record of a child of an agent that has no run yet stays (its parent's own
+``start`` may still come: a parent's sender can flush after its workers')."""
+RETIRED_OR_EXITED: Final = "retired or exited"
+REPLACED: Final = "replaced by a new run"
 
 
-class ChildWatch(Handler[Event]):
-    """Detector-worker handler: records child facts, raises and ends ``child`` incidents."""
+@dataclass(slots=True)
+class ChildState:
+    """What the watch remembers beside ``agent.children`` (the engine's records)."""
 
-    name = "children"
+    told: list[str] = field(default_factory=list)
+    """Child runs whose death was told (alerted or logged): each is told once."""
+    dead_parent: str = ""
+    """The parent run of the open ``child`` incident: the incident lasts as long as that run."""
+    ended_run: str = ""
+    """The last run of the agent that sent an ``exit``: its children are no longer watched,
+    even if no exit alert marked the agent as exited (the exit detector disabled)."""
+    sight_ms: int = 0
+    """The latest ``sight`` the engine gave: no allowance counts time before it."""
 
-    def __init__(self, client: Client, keys: Keys, incidents: Incidents, after_s: float | None,
-                 severity: str = "error") -> None:  # fmt: skip
-        """``after_s``: the silence detector's ``after`` (None: silence is disabled, and so is
-        this check: a child's death is a silence of its own)."""
-        self.client: Any = client
-        self.keys = keys
-        self.incidents = incidents
-        self.after_ms = None if after_s is None else int(after_s * 1000)
-        self.severity = severity
-        self._next = 0
 
-    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
-        by_shard: dict[int, dict[str, str]] = {}
-        for entry_id, event in messages:
-            parent = event.get("parent")
-            if event["kind"] != "start" or not isinstance(parent, str):
-                continue
-            agent = event["agent"]
-            fact = {"run": event["run"], "parent": parent, "pid": event.get("pid"), "host": event.get("host"),
-                    "started_ms": int(entry_id[: entry_id.index(b"-")])}  # fmt: skip
-            field = f"{agent}|{run_hash(event['run'])}"
-            by_shard.setdefault(shard_of(agent, self.keys.shards), {})[field] = json.dumps(fact)
-        for shard, mapping in by_shard.items():
-            self.client.hset(self.keys.child_facts(shard), mapping=mapping)
+class Children(Detector["SilenceConfig"]):
+    """Worker processes gone without a goodbye while their parent runs on: one incident per agent."""
 
-    def on_tick(self, now_ms: int) -> None:
-        if self.after_ms is None or now_ms < self._next:
+    config: SilenceConfig
+    State = ChildState
+    kinds = (DETECTOR,)
+    listens = frozenset({"exit"})
+
+    # -- the engine's hooks ------------------------------------------------------------------
+    def on_event(self, agent: Agent, event: Event, at_ms: int, child: ChildRun | None) -> None:
+        """An ``exit`` of one of the agent's own runs (not a child's): that run is over, and so is
+        the incident about a worker it lost."""
+        if child is not None:
             return
-        self._next = now_ms + CHECK_EVERY_MS
-        for shard in range(max(self.keys.shards, 1)):
-            self._check(shard, now_ms)
+        run = str(event.get("run") or agent.run)
+        state: ChildState = self.state(agent)
+        state.ended_run = run
+        if run == state.dead_parent:
+            self._close(agent, state, at_ms, RETIRED_OR_EXITED)
 
-    def _check(self, shard: int, now_ms: int) -> None:
-        assert self.after_ms is not None
-        children = self.client.hgetall(self.keys.children(shard))
-        if not children:
-            self._resolve_over(shard, now_ms)
+    def on_new_run(self, agent: Agent, at_ms: int) -> None:
+        """The children the engine kept were the old run's: what was told about them is over."""
+        state: ChildState | None = agent.states.get(self.name)
+        if state is None:
             return
-        found: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for raw_key, raw in list(children.items())[:MAX_CHILDREN]:
-            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-            try:
-                child = json.loads(raw)
-            except ValueError:
-                child = None
-            if not isinstance(child, dict):
-                self._forget(shard, [key])
+        self._close(agent, state, at_ms, REPLACED)
+        state.told.clear()
+        state.ended_run = ""
+
+    def on_retire(self, agent: Agent, at_ms: int) -> None:
+        state: ChildState | None = agent.states.get(self.name)
+        if state is not None:
+            self._close(agent, state, at_ms, RETIRED_OR_EXITED)
+
+    def due_ms(self, agent: Agent) -> int:
+        """The earliest deadline of a watched child, or the time to forget an unwatched one."""
+        state: ChildState | None = agent.states.get(self.name)
+        if state is not None and self._over(agent, state):
+            return max(agent.seen_ms, 1)  # the incident's run is over: end it now
+        if not agent.children:
+            return 0
+        after_ms = self._after_ms(agent)
+        sight_ms = state.sight_ms if state is not None else 0
+        due = 0
+        for run, child in agent.children.items():
+            keep = self._keep_ms(agent, state, child)
+            if keep:
+                when = child.seen_ms + keep + 1
+            elif state is not None and run in state.told:
                 continue
-            found.setdefault(key.rpartition("|")[0], []).append((key, child))
-        records = state.read_agents(self.client, self.keys, list(found))
-        stale: list[str] = []
-        for agent, entries in found.items():
-            rec = records.get(agent)
-            for key, child in entries:
-                last = int(child.get("last") or 0)
-                if rec is None or not rec["run"]:  # the parent's own start may still come
-                    if now_ms - last > 10 * KEEP_EXITED_MS:
-                        stale.append(key)
-                    continue
-                over = not _running(rec, child.get("p"))
-                if child.get("ex"):
-                    if now_ms - last > KEEP_EXITED_MS or over:
-                        stale.append(key)
-                    continue
-                if over:
-                    stale.append(key)
-                    continue
-                allowance = max(self.after_ms, int(3000 * float(child.get("iv") or 0)))
-                assert rec is not None
-                if now_ms - last > allowance and int(rec["seen"]) > last + allowance // 2:
-                    self._dead(shard, key, child, now_ms, allowance)
-                    stale.append(key)
-        if stale:
-            self._forget(shard, stale)
-        self._resolve_over(shard, now_ms, records)
+            else:
+                since, allowance = _clock(child, after_ms, sight_ms)
+                if agent.seen_ms <= since + allowance // 2:
+                    continue  # not judged before the agent is seen again (its next event asks again)
+                when = since + allowance + 1
+            due = when if due == 0 else min(due, when)
+        return due
 
-    def _dead(self, shard: int, key: str, child: dict[str, Any], now_ms: int, allowance: int) -> None:
-        agent = key.rpartition("|")[0]
-        raw = self.client.hget(self.keys.child_facts(shard), key)
-        fact = json.loads(raw) if raw else {}
-        pid, run, parent = fact.get("pid"), fact.get("run", "?"), fact.get("parent", "?")
-        silent_s = (now_ms - int(child.get("last") or 0)) / 1000
-        summary = (f"{agent}: worker process {pid if pid is not None else '?'} (run {run}, child of run "
-                   f"{parent}) gone without a goodbye: no event for {format_duration(silent_s)} while its "
-                   "parent kept running (SIGKILL, OOM killer?)")  # fmt: skip
-        details = {"pid": pid, "run": run, "parent": parent, "host": fact.get("host"),
-                   "silent_s": round(silent_s, 3), "allowance_s": allowance / 1000}  # fmt: skip
-        self.client.hset(self.keys.child_facts(shard), f"dead:{agent}", str(child.get("p") or ""))
-        at_ms = int(child.get("last") or now_ms) + allowance
-        fired = self.incidents.fire(agent, DETECTOR, severity=self.severity, summary=summary, at_ms=at_ms,
-                                    details=details)  # fmt: skip
-        if fired is None:
-            log.warning("%s (a child incident of this agent is open already)", summary)
+    def on_due(self, agent: Agent, now_ms: int, limit_ms: int, sight_ms: int) -> None:
+        """Tell each watched child silent past its allowance (judged at ``limit_ms``: its next
+        event may still be unread after that), and forget the records no longer needed."""
+        state: ChildState = self.state(agent)
+        state.sight_ms = max(state.sight_ms, sight_ms)
+        if self._over(agent, state):
+            how = RETIRED_OR_EXITED if agent.run == state.dead_parent else REPLACED
+            self._close(agent, state, now_ms, how)
+        after_ms = self._after_ms(agent)
+        for run, child in list(agent.children.items()):
+            keep = self._keep_ms(agent, state, child)
+            if keep:
+                if now_ms - child.seen_ms > keep:
+                    del agent.children[run]
+                    if run in state.told:
+                        state.told.remove(run)
+                continue
+            if run in state.told:
+                continue
+            since, allowance = _clock(child, after_ms, state.sight_ms)
+            if limit_ms - since > allowance and agent.seen_ms > since + allowance // 2:
+                self._dead(agent, state, run, since=since, allowance=allowance, limit_ms=limit_ms)
 
-    def _forget(self, shard: int, keys: list[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hdel(self.keys.children(shard), *keys)
-        pipe.hdel(self.keys.child_facts(shard), *keys)
-        pipe.execute()
+    def render(self, agent: str, kind: str, op: Op) -> tuple[str, str, dict[str, Any]]:
+        facts = op["f"]
+        severity = self.config.for_agent(agent).severity
+        if op["o"] == "r":
+            return severity, f"{agent}: the run whose worker died is over ({facts['how']})", {}
+        return severity, _summary(agent, facts), dict(facts)
 
-    def _resolve_over(
-        self, shard: int, now_ms: int, records: dict[str, dict[str, Any]] | None = None
+    # -- the decisions ---------------------------------------------------------------------
+    def _dead(
+        self, agent: Agent, state: ChildState, run: str, *, since: int, allowance: int, limit_ms: int
     ) -> None:
-        """End the ``child`` incidents whose parent run is over (a new run, retired, exited)."""
-        suffix = f"/{DETECTOR}"
-        open_here = [
-            (key.decode() if isinstance(key, bytes) else key)
-            for key in self.client.hkeys(self.keys.incidents(shard))
-        ]
-        agents = [key[: -len(suffix)] for key in open_here if key.endswith(suffix)]
-        if not agents:
-            return
-        missing = [agent for agent in agents if records is None or agent not in records]
-        if missing:
-            records = {**(records or {}), **state.read_agents(self.client, self.keys, missing)}
-        assert records is not None
-        facts = self.keys.child_facts(shard)
-        parents = self.client.hmget(facts, [f"dead:{agent}" for agent in agents])
-        for agent, raw in zip(agents, parents, strict=True):
-            rec = records.get(agent)
-            parent = raw.decode() if isinstance(raw, bytes) else (raw or "")
-            if _running(rec, parent):
-                continue
-            how = "retired or exited" if rec is not None and _run(rec) == parent else "replaced by a new run"
-            summary = f"{agent}: the run whose worker died is over ({how})"
-            self.incidents.resolve(agent, DETECTOR, summary=summary, at_ms=now_ms)
-            self.client.hdel(facts, f"dead:{agent}")
+        """The child ``run`` is gone without a goodbye: the agent's incident (from the end of its
+        allowance) if none is open, else a log line. Its silence is told as known at ``limit_ms``."""
+        state.told.append(run)
+        child = agent.children[run]
+        facts = {
+            "pid": child.pid or None,
+            "run": run,
+            "parent": child.parent,
+            "host": child.host or None,
+            "silent_s": round((limit_ms - child.seen_ms) / 1000, 3),
+            "allowance_s": allowance / 1000,
+        }
+        if self.decisions.open(agent, DETECTOR, since + allowance, facts):
+            state.dead_parent = child.parent
+        else:
+            log.warning("%s (a child incident of this agent is open already)", _summary(agent.name, facts))
+
+    def _close(self, agent: Agent, state: ChildState, at_ms: int, how: str) -> None:
+        if self.decisions.close(agent, DETECTOR, at_ms, {"how": how}):
+            state.dead_parent = ""
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _after_ms(self, agent: Agent) -> int:
+        return int(self.config.for_agent(agent.name).after_s * 1000)
+
+    def _over(self, agent: Agent, state: ChildState) -> bool:
+        """Is the ``child`` incident open and the run whose worker died over?"""
+        return agent.is_open(DETECTOR) and not self._running(agent, state, state.dead_parent)
+
+    def _running(self, agent: Agent, state: ChildState | None, parent: str) -> bool:
+        """Is ``parent`` still the agent's run, neither retired nor exited?"""
+        if not parent or agent.run != parent or agent.retired or agent.exited:
+            return False
+        return state is None or state.ended_run != parent
+
+    def _keep_ms(self, agent: Agent, state: ChildState | None, child: ChildRun) -> int:
+        """How long an unwatched child's record stays after its last event; 0: it is watched."""
+        if not agent.run:
+            return KEEP_ORPHANS_MS
+        if child.exited or not self._running(agent, state, child.parent):
+            return KEEP_EXITED_MS
+        return 0
 
 
-def _running(rec: dict[str, Any] | None, parent: object) -> bool:
-    """Is ``parent`` (a run hash as text) still the agent's run, neither retired nor exited?"""
-    if rec is None or rec["flags"] & (record.RETIRED | record.EXITED):
-        return False
-    return _run(rec) == parent
+def _clock(child: ChildRun, after_ms: int, sight_ms: int) -> tuple[int, int]:
+    """(when the child's allowance starts, the allowance): from its last event, or from ``sight``
+    if nobody watched then; silence's ``after``, or 3 x the child's declared interval if longer."""
+    return max(child.seen_ms, sight_ms), max(after_ms, int(3000 * child.interval_s))
 
 
-def _run(rec: dict[str, Any]) -> str:
-    """A record's run hash as the children hash writes it (an exact integer, as text)."""
-    return f"{int(rec['run'])}"
+def _summary(agent: str, facts: dict[str, Any]) -> str:
+    pid = facts["pid"]
+    return (
+        f"{agent}: worker process {pid if pid is not None else '?'} (run {facts['run']}, child of run "
+        f"{facts['parent']}) gone without a goodbye: no event for {format_duration(facts['silent_s'])} "
+        "while its parent kept running (SIGKILL, OOM killer?)"
+    )

@@ -3,23 +3,28 @@ agent.
 
 Each tick the engine measures how far the detector workers are behind: Redis time minus the
 *horizon* (the oldest event not yet applied: undelivered, or delivered but not acknowledged).
-While they are behind, silence and stall checks only judge deadlines before the horizon (see
-timers.py), so agents that kept beating through a worker outage are not declared dead while
+While they are behind, silence and stall checks only judge deadlines before the horizon (the
+``limit`` of ``on_due``), so agents that kept beating through a worker outage are not declared dead while
 their beats wait in the stream. Instead, one ``lag`` incident for the agent ``agentwatch``:
 
 * fires when the lag exceeds ``after``, or when a tick finds nobody ran the checks for longer
   than ``after`` (every worker, or Redis itself, was down: checks then restart from the end of
-  the gap, see ``blind_after`` and timers.py);
+  the gap: ``blind_after``, the ``sight`` of ``on_due``);
 * resolves once the lag has stayed under ``after`` / 2 for ``recover``.
 
 And one ``trimmed`` incident (same agent) when events were trimmed from a stream before the
 detectors read them (a flooding agent, a small ``MAXLEN``, workers down for longer than the
 retention: horizon.py tells), counted in ``trimmed`` of the pipeline agent's clock hash; it
 resolves once the detectors caught up and lost nothing more for ``recover``.
+
+The engine calls :meth:`Lag.check` once per tick, on the worker owning the shard of the pipeline
+agent (:data:`agentwatch.alerts.PIPELINE_AGENT`), whose :class:`LagState` keeps what a tick must
+know of the ticks before.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from pydantic import Field
@@ -27,12 +32,14 @@ from pydantic import Field
 from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.config import Seconds, format_duration
 from agentwatch.keys import shard_of
-from detectors import intents
-from detectors.base import DetectorConfig
-from detectors.engine import BuiltinDetector
+from detectors.base import Agent, Detector, DetectorConfig
 from detectors.horizon import Positions
 
 Severity = Literal["info", "warning", "error", "critical"]
+
+
+_MARK: Final = "trim_mark:"
+"""Clock hash field of a stream's high-water mark of losses (the stream's index follows)."""
 
 
 class LagConfig(DetectorConfig):
@@ -46,80 +53,109 @@ class LagConfig(DetectorConfig):
     severity: Severity = "error"
 
 
-# KEYS: clock of the pipeline agent's shard, its intents. ARGV: owner, lease, now, behind ms,
-# gap ms, waiting, after ms, recover ms, agent, then per event stream its losses in all (-1:
-# not known now; horizon.py). Returns the owned intents keys.
-_CHECK: Final = """
-local OWNER, LEASE = ARGV[1], tonumber(ARGV[2])
-local now, behind, gap, waiting = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local after, recover, agent = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
-local st = redis.call('HMGET', KEYS[1], 'lag_open', 'lag_ok', 'lag_peak')
-local is_open, ok, peak = st[1] == '1', tonumber(st[2]) or 0, tonumber(st[3]) or 0
-if not is_open then
-  if behind > after or gap > after then
-    emit(agent, 'lag', 'f', now, {behind = behind, gap = gap, waiting = waiting})
-    redis.call('HSET', KEYS[1], 'lag_open', 1, 'lag_ok', 0, 'lag_peak', math.max(behind, gap))
-  end
-else
-  if behind > peak then redis.call('HSET', KEYS[1], 'lag_peak', behind); peak = behind end
-  if behind <= after / 2 then
-    if ok == 0 then ok = now; redis.call('HSET', KEYS[1], 'lag_ok', ok) end
-    if now - ok >= recover then
-      emit(agent, 'lag', 'r', now, {behind = behind, peak = peak})
-      redis.call('HSET', KEYS[1], 'lag_open', 0, 'lag_ok', 0, 'lag_peak', 0)
-    end
-  elseif ok ~= 0 then
-    redis.call('HSET', KEYS[1], 'lag_ok', 0)
-  end
-end
--- Trimmed unread: each stream's losses only grow, so what exceeds its high-water mark is new.
-local new = 0
-for i = 10, #ARGV do
-  local lost, mark = tonumber(ARGV[i]), 'trim_mark:' .. (i - 10)
-  if lost >= 0 then
-    local seen = tonumber(redis.call('HGET', KEYS[1], mark)) or 0
-    if lost > seen then new = new + lost - seen; redis.call('HSET', KEYS[1], mark, lost) end
-  end
-end
-local t = redis.call('HMGET', KEYS[1], 'trim_open', 'trim_ok', 'trim_n')
-local t_open, t_ok, t_n = t[1] == '1', tonumber(t[2]) or 0, tonumber(t[3]) or 0
-if new > 0 then
-  redis.call('HINCRBY', KEYS[1], 'trimmed', new)
-  if not t_open then emit(agent, 'trimmed', 'f', now, {count = new}) end
-  redis.call('HSET', KEYS[1], 'trim_open', 1, 'trim_ok', 0, 'trim_n', t_n + new)
-elseif t_open and behind <= after / 2 then
-  if t_ok == 0 then t_ok = now; redis.call('HSET', KEYS[1], 'trim_ok', t_ok) end
-  if now - t_ok >= recover then
-    emit(agent, 'trimmed', 'r', now, {count = t_n})
-    redis.call('HSET', KEYS[1], 'trim_open', 0, 'trim_ok', 0, 'trim_n', 0)
-  end
-elseif t_open and t_ok ~= 0 then
-  redis.call('HSET', KEYS[1], 'trim_ok', 0)
-end
-return flush_ops(KEYS[2], OWNER, LEASE)
-"""
+@dataclass(slots=True)
+class LagState:
+    """The pipeline's health between ticks, kept on the pipeline agent (:data:`PIPELINE_AGENT`)."""
+
+    calm_ms: int = 0
+    """Since when the lag has stayed under ``after`` / 2 while the ``lag`` incident is open (0: it
+    is not under): it resolves after ``recover`` of that."""
+    peak_ms: int = 0
+    """The worst lag of the open ``lag`` incident (its resolution tells it)."""
+    trim_marks: list[int] = field(default_factory=list)
+    """Per event stream, the losses already counted (a stream's losses only grow: horizon.py)."""
+    trim_calm_ms: int = 0
+    """Since when the open ``trimmed`` incident has seen no new loss with the lag under ``after``
+    / 2 (0: not so)."""
+    trim_count: int = 0
+    """Events lost while the open ``trimmed`` incident lasts."""
+    trimmed: int = 0
+    """Events lost in all (``status`` shows it)."""
+    seeded: bool = False
+    """``trim_marks`` and ``trimmed`` were read back from the clock hash (see :meth:`Lag.check`)."""
 
 
-class Lag(BuiltinDetector[LagConfig]):
+class Lag(Detector[LagConfig]):
     """Detector workers behind (or down): one pipeline alert instead of an alert storm."""
 
     Config = LagConfig
+    State = LagState
     kinds = ("lag", "trimmed")
 
-    def check(self, now_ms: int, behind_ms: int, gap_ms: int, positions: Positions) -> None:
-        script = self.ctx.shared.get("lag-check")
-        if script is None:
-            script = self.ctx.shared["lag-check"] = self.ctx.client.register_script(intents.LUA_EMIT + _CHECK)
-        shard = shard_of(PIPELINE_AGENT, self.ctx.keys.shards)
-        cfg = self.config
-        owned = script(
-            keys=[self.ctx.keys.clock(shard), self.ctx.keys.intents(shard)],
-            args=[self.engine.owner, self.engine.lease_ms, now_ms, behind_ms, gap_ms, positions.waiting,
-                  int(cfg.after_s * 1000), int(cfg.recover_s * 1000), PIPELINE_AGENT,
-                  *(-1 if lost is None else lost for lost in positions.lost)],
-        )  # fmt: skip
-        if owned:
-            self.engine.publisher.publish(shard, owned)
+    def check(self, agent: Agent, now_ms: int, behind_ms: int, gap_ms: int, positions: Positions) -> None:
+        """One tick's look at the pipeline, on the worker owning ``agent`` (the pipeline agent)'s
+        shard. ``behind_ms``: Redis time minus the oldest horizon; ``gap_ms``: the longest time
+        nobody ran the checks, ending now (0: none)."""
+        state: LagState = self.state(agent)
+        if not state.seeded:
+            self._seed(state)
+        after_ms = int(self.config.after_s * 1000)
+        recover_ms = int(self.config.recover_s * 1000)
+        calm = behind_ms <= after_ms / 2
+        if not agent.is_open("lag"):
+            if behind_ms > after_ms or gap_ms > after_ms:
+                facts = {"behind": behind_ms, "gap": gap_ms, "waiting": positions.waiting}
+                self.decisions.open(agent, "lag", now_ms, facts)
+                state.calm_ms, state.peak_ms = 0, max(behind_ms, gap_ms)
+        else:
+            state.peak_ms = max(state.peak_ms, behind_ms)
+            if not calm:
+                state.calm_ms = 0
+            else:
+                state.calm_ms = state.calm_ms or now_ms
+                if now_ms - state.calm_ms >= recover_ms:
+                    self.decisions.close(agent, "lag", now_ms, {"behind": behind_ms, "peak": state.peak_ms})
+                    state.calm_ms, state.peak_ms = 0, 0
+        new = self._newly_trimmed(state, positions.lost)
+        if new > 0:
+            state.trimmed += new
+            self._save_trimmed(state)
+            self.decisions.open(agent, "trimmed", now_ms, {"count": new})
+            state.trim_calm_ms, state.trim_count = 0, state.trim_count + new
+        elif agent.is_open("trimmed"):
+            if not calm:
+                state.trim_calm_ms = 0
+            else:
+                state.trim_calm_ms = state.trim_calm_ms or now_ms
+                if now_ms - state.trim_calm_ms >= recover_ms:
+                    self.decisions.close(agent, "trimmed", now_ms, {"count": state.trim_count})
+                    state.trim_calm_ms, state.trim_count = 0, 0
+
+    @staticmethod
+    def _newly_trimmed(state: LagState, lost: list[int | None]) -> int:
+        """Losses not counted yet, over all streams, raising each stream's high-water mark; a
+        stream whose losses are not known now (None) counts nothing and keeps its mark."""
+        marks = state.trim_marks
+        if len(marks) < len(lost):
+            marks.extend([0] * (len(lost) - len(marks)))
+        new = 0
+        for stream, count in enumerate(lost):
+            if count is not None and count > marks[stream]:
+                new += count - marks[stream]
+                marks[stream] = count
+        return new
+
+    # -- the counts kept in Redis too -----------------------------------------------------------
+    # ``status`` reads the count from the pipeline agent's clock hash (agentwatch/fleet.py), and
+    # the marks are kept there beside it: a state that starts afresh (the first run of this
+    # engine, a checkpoint of another layout) takes them back instead of counting every loss the
+    # streams ever had as new, and paging for it. Written whole, never added to: a check replayed
+    # from an older checkpoint (its owner died before saving the state) writes the same totals.
+    def _clock_key(self) -> str:
+        return self.ctx.keys.clock(shard_of(PIPELINE_AGENT, self.ctx.keys.shards))
+
+    def _seed(self, state: LagState) -> None:
+        saved = {_text(key): value for key, value in self.ctx.client.hgetall(self._clock_key()).items()}
+        state.trimmed = int(saved.get("trimmed") or 0)
+        marks = {int(key[len(_MARK) :]): int(count) for key, count in saved.items() if key.startswith(_MARK)}
+        state.trim_marks = [marks.get(stream, 0) for stream in range(max(marks, default=-1) + 1)]
+        state.seeded = True
+
+    def _save_trimmed(self, state: LagState) -> None:
+        fields: list[str | int] = ["trimmed", state.trimmed]
+        for stream, count in enumerate(state.trim_marks):
+            fields += [f"{_MARK}{stream}", count]
+        self.ctx.client.hset(self._clock_key(), items=fields)
 
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]
@@ -153,3 +189,7 @@ class Lag(BuiltinDetector[LagConfig]):
                        f"behind ({f['waiting']:,} events waiting); silence and stall alerts held back "
                        "until they catch up")  # fmt: skip
         return self.config.severity, summary, details
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
