@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import redis
+
 from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.codec import Event
 from agentwatch.config import format_duration
@@ -405,7 +407,13 @@ class Engine(Handler[Event]):
             index, len(shard.agents), shard.last_id.decode(), (time.monotonic() - started) * 1000,
         )  # fmt: skip
         self.worker.streams = [self.keys.events(i) for i in sorted(self.shards)]
-        self.worker.upkeep.reclaim([self.keys.events(index)], idle_ms=0)
+        stream = self.keys.events(index)
+        try:
+            self.client.xgroup_create(stream, self.worker.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self.worker.upkeep.reclaim([stream], idle_ms=0)
 
     # -- timers ----------------------------------------------------------------------------------
     def _arm(self, shard: Shard, agent: Agent) -> None:
