@@ -187,17 +187,19 @@ class Tokens(Detector[TokensConfig]):
 
     def on_new_run(self, agent: Agent, at_ms: int) -> None:
         """A restart ends a loop (the new process starts its work afresh); a tokens incident goes
-        on: the new run may burn as the old one did."""
-        state: TokenState = self.state(agent)
+        on: the new run may burn as the old one did. (An agent that never beat has no state:
+        none is made for it here.)"""
         self.decisions.close(agent, "loop", at_ms, {"at": at_ms, "restarted": 1})
-        state.fp_hash = state.fp_count = state.loop_hash = state.loop_quiet = 0
-        state.loop_text = ""
+        state: TokenState | None = agent.states.get(self.name)
+        if state is not None:
+            state.fp_hash = state.fp_count = state.loop_hash = state.loop_quiet = 0
+            state.loop_text = ""
 
     def on_retire(self, agent: Agent, at_ms: int) -> None:
         """``shutdown()``: it stopped on purpose, nothing is burning or looping any more."""
-        state: TokenState = self.state(agent)
         facts = {"at": at_ms, "shutdown": 1}
         if self.decisions.close(agent, "tokens", at_ms, dict(facts)):
+            state: TokenState = self.state(agent)
             state.ended_ms = at_ms
             state.about_cost = False
         self.decisions.close(agent, "loop", at_ms, dict(facts))

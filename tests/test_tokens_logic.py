@@ -297,3 +297,28 @@ def test_halt_stops_the_runaway_once(r: redis.Redis, keys: Keys) -> None:
     bot.render()  # (published twice: still one halt)
     (halt,) = Halts(r, keys).halting("bot")
     assert halt.by == "tokens" and halt.reason.startswith("token use 5,000 in one beat")
+
+
+def test_an_agent_that_never_beat_gets_no_state() -> None:
+    bot = Bot()
+    bot.detector.on_new_run(bot.agent, T0)
+    bot.detector.on_retire(bot.agent, T0 + 1)
+    assert bot.agent.states == {} and bot.ops == []
+
+
+def test_a_tokens_incident_closed_by_a_shutdown_does_not_leave_its_cost_behind() -> None:
+    """(The old engine kept the "about cost" mark after a shutdown closed a cost incident: a later
+    tokens incident then recovered as "cost back near its baseline".)"""
+    bot = Bot(warmup=5, recover_after=1, min_cost=0.5)
+    bot.beats(10, tokens=100, cost=0.01)
+    bot.beat(tokens=100, cost=2.5)
+    bot.detector.on_retire(bot.agent, bot.now)
+    bot.beat(tokens=5000, cost=0.01)
+    bot.beat(tokens=100, cost=0.01)
+    assert [(kind, op["o"], op["f"].get("why"), op["f"].get("cost")) for _, kind, op in bot.ops] == [
+        ("tokens", "f", "cost", 2.5),
+        ("tokens", "r", None, None),
+        ("tokens", "f", "beat", None),
+        ("tokens", "r", None, 0),
+    ]
+    assert bot.render()[1] == "bot: token use back near its baseline of 100/beat"
