@@ -18,30 +18,33 @@ tokens of the last window-length (sliding over the current and the previous wind
 look calm at the start of every window. The baseline never learns while an incident is open or
 from an anomalous beat, so a runaway cannot become normal.
 
-Beats are judged one by one, in stream order, whatever the batches: a batch holding many of an
-agent's beats (a backlog, a busy agent) decides what one beat per batch would have. Beats that
-arrive late (another worker applied later ones first) count in their own rate window if it is
-still the current one or the one closed last.
-
 **loop** — the same ``fp`` (work-item fingerprint) on ``repeat`` beats in a row: an agent retrying
 one item forever. Its own incident (detector name ``loop``, dedup key ``<agent>/loop``), configured
 here; it resolves after ``recover_after`` beats without that fingerprint, or on a restart.
 
-Both decisions run inside the batch update (detectors/state.py), in the Lua function below,
-atomically per agent; Python only folds each batch's beats per agent with numpy.
+The shard owner (detectors/engine.py) hands this detector every beat of the agent, its child
+processes' beats included (a worker's usage is the agent's), once each and in stream order; so
+every beat is judged on its own, after the one before it, and how the stream was cut into
+batches cannot change a verdict. The agent's totals (``agent.tokens``, quoted as ``total``) are
+the engine's: it adds a beat's usage before calling :meth:`Tokens.on_event`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+import zlib
+from dataclasses import dataclass
+from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import Field
 
 from agentwatch.config import Seconds, format_duration
-from detectors.base import DetectorConfig
-from detectors.engine import BuiltinDetector
+from agentwatch.halts import Halts
+from detectors.base import Agent, ChildRun, Detector, DetectorConfig, Event, Op
 
 Severity = Literal["info", "warning", "error", "critical"]
+
+FP_TEXT_CHARS: Final = 80
+"""How much of a fingerprint a loop alert quotes."""
 
 
 class TokensConfig(DetectorConfig):
@@ -58,233 +61,102 @@ class TokensConfig(DetectorConfig):
     severity: Severity = "error"
     halt: bool = Field(False, description="halt the agent when a tokens incident fires (it stops itself)")
 
+    @property
+    def alpha(self) -> float:
+        """The EWMA's weight of the newest observation (span ``warmup``)."""
+        return 2.0 / (self.warmup + 1)
 
-# Called by the batch update for each applied segment of the agent's current run. fastplan.py
-# (_tokens, _loop) mirrors what it does when nothing fires: keep the two in step.
-#
-# The reference is one beat at a time, in stream order (tok_beat): what a worker applying one
-# event per batch decides, so that how the stream is cut into batches cannot change a verdict.
-# A segment of several usage beats is folded at once (tok_fold: the baselines learn all of them
-# in two multiplications) only where tok_safe proves that judging them one by one would decide
-# nothing: no incident open, and no beat or window that could be anomalous against any baseline
-# the beats before it could have left (the EWMA is a weighted mean: it never drops below the
-# smaller of the old baseline and the beats learned). Otherwise the script walks BEATX, the
-# segment's usage beats one by one.
-LUA: Final = """
-local TOK_MARGIN = 1 - 1e-9  -- rounding in a fold of many beats cannot cross a threshold
-local function ewma(num, weight, alpha, n, folded)
-  local decay = n == 1 and 1 - alpha or math.pow(1 - alpha, n)
-  return decay * num + folded, decay * weight + 1 - decay
-end
-local function tok_close(rb, rw, rn, alpha, w, folds, at, tokens)
-  -- the window starting `at` closes with `tokens` in it: folded into the rate baseline when
-  -- `folds` (and it had tokens); returns the baseline and the window closed last (pws, pwt)
-  local fold = folds and tokens > 0
-  if fold then
-    rb, rw = ewma(rb, rw, alpha, 1, alpha * tokens * 1000 / w)
-    rn = math.min(rn + 1, 65535)
-  end
-  return rb, rw, rn, fold and at or -at, tokens
-end
-local function tok_step(v, alpha, w, start, sum, folds)
-  -- One step of the rate windows on v = {ws, wt, rb, rw, rn, pws, pwt}: the current window (ws,
-  -- wt), a baseline of tokens per second over closed windows (rb / rw, rn of them) and the
-  -- window closed last (pws, negative when it was not folded; pwt). Empty windows in between are
-  -- not folded in, so a burst after an idle spell is compared with the rate while busy, not with
-  -- one diluted by idling. ``folds``: closing a window may fold it (no anomaly, nothing open).
-  local ws, wt, rb, rw, rn, pws, pwt = v[1], v[2], v[3], v[4], v[5], v[6], v[7]
-  if start > ws then
-    if ws > 0 then rb, rw, rn, pws, pwt = tok_close(rb, rw, rn, alpha, w, folds, ws, wt) end
-    ws, wt = start, 0
-  end
-  if start == ws then
-    wt = wt + sum
-  elseif start > math.abs(pws) then
-    -- Late beats (another worker applied their successors first) of a window this record
-    -- never opened: it closes now, in its place (after the windows closed before it).
-    rb, rw, rn, pws, pwt = tok_close(rb, rw, rn, alpha, w, folds, start, sum)
-  elseif start == math.abs(pws) then
-    -- late beats of the window closed last: they count there, and in the rate it was folded
-    -- into (exactly: that fold is linear in its tokens)
-    pwt = pwt + sum
-    if pws > 0 then rb = rb + alpha * sum * 1000 / w end
-  end  -- older: its window's rate is long folded
-  v[1], v[2], v[3], v[4], v[5], v[6], v[7] = ws, wt, rb, rw, rn, pws, pwt
-end
-local function tok_window(r, p, start, sum, hot)
-  local v = {r.ws, r.wt, r.rb, r.rw, r.rn, r.pws, r.pwt}
-  tok_step(v, p[P_ALPHA], p[P_WINDOW], start, sum, not hot and not has(r, F_TOKENS))
-  r.ws, r.wt, r.rb, r.rw, r.rn, r.pws, r.pwt = v[1], v[2], v[3], v[4], v[5], v[6], v[7]
-end
-local function tok_expected(r, p)
-  -- tokens per window at the baseline rate, once two windows have closed (else nil)
-  if r.rn >= 2 and r.rw > 0 then return r.rb / r.rw * p[P_WINDOW] / 1000 end
-  return nil
-end
-local function tok_recent(r, w, at)
-  -- the tokens of the last window-length before `at`: the current window's and the share of
-  -- the window closed last that overlaps it (a sliding window, so a burst that goes on into a
-  -- fresh window does not look calm at the window's start)
-  local cur = math.min(1, math.max(0, (r.ws + 2 * w - at) / w))
-  local prev = math.min(1, math.max(0, (math.abs(r.pws) + 2 * w - at) / w))
-  return r.wt * cur + r.pwt * prev
-end
-local function tok_learn(r, p, t, c)
-  local alpha = p[P_ALPHA]
-  if t then r.tb, r.tw = ewma(r.tb, r.tw, alpha, 1, alpha * t) end
-  if c then r.cb, r.cw = ewma(r.cb, r.cw, alpha, 1, alpha * c) end
-  r.tn = math.min(r.tn + 1, 4e9)
-end
-local function tok_beat(a, r, p, at, start, t, c, late)
-  -- One beat: t tokens and c cost (nil: not given), at Redis time `at`, in rate window `start`;
-  -- `late`: applied after beats that came after it (another worker had them first).
-  if t then r.tt = r.tt + t end
-  if c then r.ct = r.ct + c end
-  local base_t = r.tw > 0 and r.tb / r.tw or 0
-  local base_c = r.cw > 0 and r.cb / r.cw or 0
-  local factor = p[P_FACTOR]
-  local warm = r.tn >= p[P_WARMUP]
-  local hot, facts = false, nil
-  if warm and t and t >= p[P_MIN_TOKENS] and t > factor * base_t then
-    hot = true
-    facts = {why = 'beat', tokens = t, base = base_t, factor = factor}
-  elseif warm and c and c >= p[P_MIN_COST] and c > factor * base_c then
-    hot = true
-    facts = {why = 'cost', cost = c, base = base_c, factor = factor}
-  end
-  if t and start > 0 then
-    tok_window(r, p, start, t, hot)
-    local expected = warm and not hot and tok_expected(r, p)
-    if expected and r.wt >= p[P_MIN_TOKENS] and r.wt > factor * expected then
-      hot = true
-      facts = {why = 'rate', tokens = r.wt, base = expected, factor = factor, window = p[P_WINDOW]}
-    end
-  end
-  if late and (has(r, F_TOKENS) or at <= r.tx) then
-    -- An incident open now, or one that ended after this beat, already told of this stretch:
-    -- a late beat neither fires it again nor counts towards (or against) its recovery.
-    if not hot and not has(r, F_TOKENS) then tok_learn(r, p, t, c) end
-    return
-  end
-  if hot then
-    r.hot = math.min(r.hot + 1, 65535)
-    r.calm = 0
-    if r.hot >= p[P_FIRE_AFTER] then
-      facts.total = r.tt
-      if open(a, r, F_TOKENS, 'tokens', at, facts) and facts.why == 'cost' then set(r, F_TOKENS_COST) end
-    end
-  else
-    r.hot = 0
-    if has(r, F_TOKENS) then
-      -- calm: this beat back under recover_factor x the baselines, and so is the rate of the
-      -- last window-length (a rate runaway is made of normal-sized beats)
-      local rf = p[P_RECOVER_FACTOR]
-      local calm = (not t or t <= rf * base_t) and (not c or c <= rf * base_c)
-      local expected = calm and tok_expected(r, p)
-      if expected and tok_recent(r, p[P_WINDOW], at) > rf * expected then calm = false end
-      if calm then r.calm = math.min(r.calm + 1, 65535) else r.calm = 0 end
-      if r.calm >= p[P_RECOVER_AFTER] then
-        r.calm = 0
-        local cost = has(r, F_TOKENS_COST)
-        clear(r, F_TOKENS_COST)
-        close(a, r, F_TOKENS, 'tokens', at, {base = cost and base_c or base_t, cost = cost and 1 or 0,
-          tokens = t or 0, total = r.tt})
-        r.tx = at
-      end
-    end
-  end
-  if not hot and not has(r, F_TOKENS) then tok_learn(r, p, t, c) end
-end
-local function tok_windows(s)
-  -- the segment's rate windows as {start, tokens, start, tokens, ...}
-  local out = {s[S_WS], s[S_WT]}
-  local extra = s[S_WINX]
-  if extra then for i = 1, #extra do out[#out + 1] = extra[i] end end
-  return out
-end
-local function tok_safe(r, p, s)
-  -- Would judging the segment's beats one by one decide nothing? (see above)
-  if has(r, F_TOKENS) then return false end
-  if r.tn + s[S_UN] - 1 < p[P_WARMUP] then return true end  -- no beat is judged before the last
-  local factor = p[P_FACTOR]
-  if s[S_TN] > 0 and s[S_TMAX] >= p[P_MIN_TOKENS] then
-    local low = math.min(s[S_TMIN], r.tw > 0 and r.tb / r.tw or 0)
-    if s[S_TMAX] > factor * low * TOK_MARGIN then return false end
-  end
-  if s[S_CN] > 0 and s[S_CMAX] >= p[P_MIN_COST] then
-    local low = math.min(s[S_CMIN], r.cw > 0 and r.cb / r.cw or 0)
-    if s[S_CMAX] > factor * low * TOK_MARGIN then return false end
-  end
-  if s[S_WS] > 0 then  -- the windows as tok_fold will step them, on a copy
-    local v = {r.ws, r.wt, r.rb, r.rw, r.rn, r.pws, r.pwt}
-    local alpha, w, list = p[P_ALPHA], p[P_WINDOW], tok_windows(s)
-    for i = 1, #list, 2 do
-      tok_step(v, alpha, w, list[i], list[i + 1], true)
-      local wt, rb, rw = v[2], v[3], v[4]
-      if v[5] >= 2 and rw > 0 and wt >= p[P_MIN_TOKENS] then
-        if wt > factor * (rb / rw * w / 1000) * TOK_MARGIN then return false end
-      end
-    end
-  end
-  return true
-end
-local function tok_fold(r, p, s)
-  -- Several beats at once, where tok_safe holds: the same records as one by one, up to rounding.
-  local tn, cn = s[S_TN], s[S_CN]
-  if tn > 0 then r.tt = r.tt + s[S_TSUM] end
-  if cn > 0 then r.ct = r.ct + s[S_CSUM] end
-  if s[S_WS] > 0 then
-    local list = tok_windows(s)
-    for i = 1, #list, 2 do tok_window(r, p, list[i], list[i + 1], false) end
-  end
-  r.hot = 0
-  if tn > 0 then r.tb, r.tw = ewma(r.tb, r.tw, p[P_ALPHA], tn, s[S_TW]) end
-  if cn > 0 then r.cb, r.cw = ewma(r.cb, r.cw, p[P_ALPHA], cn, s[S_CW]) end
-  r.tn = math.min(r.tn + s[S_UN], 4e9)
-end
-local function loop_apply(a, r, p, s)
-  -- Runs of equal fingerprints, in order; each run is judged whole (the decisions are those of
-  -- its beats one by one: a run either reaches `repeat`, or ends the quiet count, or not).
-  local fpx = s[S_FPX]
-  for i = -2, fpx and #fpx or 0, 3 do
-    local h, c, text
-    if i < 0 then h, c, text = s[S_FPH], s[S_FPC], s[S_FPTEXT]
-    else h, c, text = fpx[i], fpx[i + 1], fpx[i + 2] end
-    if h ~= 0 and h == r.fp then r.fc = math.min(r.fc + c, 4e9) else r.fp = h; r.fc = c end
-    if has(r, F_LOOP) then
-      if h == r.lf then r.lq = 0 else r.lq = math.min(r.lq + c, 65535) end
-      if r.lq >= p[P_LOOP_RECOVER] then
-        close(a, r, F_LOOP, 'loop', s[S_BEAT], {count = r.fc, quiet = r.lq})
-        r.lf, r.lq = 0, 0
-      end
-    end
-    if not has(r, F_LOOP) and h ~= 0 and r.fc >= p[P_REPEAT] then
-      r.lf = h; r.lq = 0
-      open(a, r, F_LOOP, 'loop', s[S_BEAT], {fp = text, count = r.fc})
-    end
-  end
-end
-local function tokens_apply(a, r, p, s, late)
-  local tn, cn = s[S_TN], s[S_CN]
-  if p[P_TOK_ON] ~= 1 then
-    if tn > 0 then r.tt = r.tt + s[S_TSUM] end
-    if cn > 0 then r.ct = r.ct + s[S_CSUM] end
-  elseif s[S_UN] > 0 and not s[S_BEATX] then  -- one beat (segments.py sends BEATX for more)
-    tok_beat(a, r, p, s[S_BEAT], s[S_WS], tn > 0 and s[S_TSUM] or nil, cn > 0 and s[S_CSUM] or nil, late)
-  elseif s[S_UN] > 0 then
-    if tok_safe(r, p, s) then
-      tok_fold(r, p, s)
-    else
-      local list, w = s[S_BEATX], p[P_WINDOW]
-      for i = 1, #list, 3 do
-        local at, t, c = list[i], list[i + 1], list[i + 2]
-        tok_beat(a, r, p, at, math.floor(at / w) * w, t >= 0 and t or nil, c >= 0 and c or nil, late)
-      end
-    end
-  end
-  if s[S_FPC] > 0 and not late and p[P_LOOP_ON] == 1 then loop_apply(a, r, p, s) end
-end
-"""
+    @property
+    def window_ms(self) -> int:
+        """The rate window in whole ms (at least 1): windows start at multiples of it."""
+        return max(1, round(self.window_s * 1000))
+
+
+@dataclass(slots=True)
+class TokenState:
+    """One agent's token baselines, rate windows and fingerprint run (see the module docstring).
+
+    A baseline is an EWMA kept as numerator and weight: their quotient is bias-corrected (the
+    weight starts at 0 and tends to 1), so the first beats already give a usable mean."""
+
+    tokens_num: float = 0.0
+    """Tokens per beat: EWMA numerator."""
+    tokens_weight: float = 0.0
+    cost_num: float = 0.0
+    """Cost per beat (USD): EWMA numerator."""
+    cost_weight: float = 0.0
+    learned: int = 0
+    """Beats with usage the baselines learned: judging starts at ``warmup`` of them."""
+    hot: int = 0
+    """Anomalous observations in a row (``fire_after``)."""
+    calm: int = 0
+    """Calm beats in a row while the incident is open (``recover_after``)."""
+    ended_ms: int = 0
+    """When the last tokens incident ended (recovery or shutdown)."""
+    about_cost: bool = False
+    """The open tokens incident fired on a beat's cost (its recovery quotes the cost baseline)."""
+    window_start: int = 0
+    """The current rate window (ms, a multiple of the window length); 0: none yet."""
+    window_tokens: float = 0.0
+    rate_num: float = 0.0
+    """Tokens per second over closed windows: EWMA numerator."""
+    rate_weight: float = 0.0
+    rate_windows: int = 0
+    """Windows the rate baseline learned: it predicts nothing before two."""
+    closed_start: int = 0
+    """The window closed last (the sliding window of a recovery overlaps it); 0: none."""
+    closed_folded: bool = False
+    """Whether the rate baseline learned that window (it does not while anything is anomalous)."""
+    closed_tokens: float = 0.0
+    fp_hash: int = 0
+    """crc32 of the last beat's fingerprint (never 0 for one); 0: that beat had none."""
+    fp_count: int = 0
+    """Beats in a row with that fingerprint."""
+    loop_hash: int = 0
+    """The fingerprint the open loop incident is about; 0: none."""
+    loop_text: str = ""
+    """What the alert quoted of it (for views)."""
+    loop_quiet: int = 0
+    """Beats in a row without it while the loop is open (``recover_after``)."""
+
+    def base_tokens(self) -> float:
+        """Tokens per beat, the baseline (0 before any)."""
+        return self.tokens_num / self.tokens_weight if self.tokens_weight > 0 else 0.0
+
+    def base_cost(self) -> float:
+        """Cost per beat, the baseline (0 before any)."""
+        return self.cost_num / self.cost_weight if self.cost_weight > 0 else 0.0
+
+
+class Usage(NamedTuple):
+    """What one beat used, at its entry's Redis time; None: not told."""
+
+    at_ms: int
+    tokens: float | None
+    cost: float | None
+
+
+def fp_hash(fp: str | None) -> int:
+    """A fingerprint's crc32, never 0 (0 means "this beat had no fingerprint")."""
+    return (zlib.crc32(fp.encode()) or 1) if fp else 0
+
+
+def fp_text(fp: str | None) -> str:
+    """What a loop alert quotes of a fingerprint."""
+    return fp[:FP_TEXT_CHARS] if fp else ""
+
+
+def beat_tokens(event: Event) -> int | None:
+    """A beat's tokens: ``tokens``, or the two parts a producer may send instead; None: not told."""
+    tokens = event.get("tokens")
+    if tokens is None and ("tokens_in" in event or "tokens_out" in event):
+        tokens = event.get("tokens_in", 0) + event.get("tokens_out", 0)
+    return tokens
+
+
+def _ewma(num: float, weight: float, alpha: float, value: float) -> tuple[float, float]:
+    """One observation into an EWMA kept as (numerator, weight)."""
+    return (1 - alpha) * num + alpha * value, (1 - alpha) * weight + alpha
 
 
 def _n(value: float) -> str:
@@ -293,37 +165,200 @@ def _n(value: float) -> str:
     return f"{value:,.1f}".removesuffix(".0")
 
 
-class Tokens(BuiltinDetector[TokensConfig]):
+class Tokens(Detector[TokensConfig]):
     """Anomalous token (or cost) use per beat or per short window; and work loops (``loop``)."""
 
     Config = TokensConfig
+    State = TokenState
     kinds = ("tokens", "loop")
+    listens = frozenset({"beat"})
 
-    def profile(self, config: DetectorConfig) -> dict[str, Any]:
-        assert isinstance(config, TokensConfig)
-        return {
-            "tok_on": 1,
-            "factor": config.factor,
-            "min_tokens": config.min_tokens,
-            "min_cost": config.min_cost,
-            "warmup": config.warmup,
-            "alpha": 2.0 / (config.warmup + 1),
-            "fire_after": config.fire_after,
-            "recover_after": config.recover_after,
-            "recover_factor": config.recover_factor,
-            "window": max(1.0, float(round(config.window_s * 1000))),  # whole ms: fold.rate_windows
-            "loop_on": 1 if config.loop else 0,
-            "repeat": config.repeat,
-            "loop_recover": config.recover_after,
+    _halts: Halts | None = None
+
+    # -- the hooks ------------------------------------------------------------------------------
+    def on_event(self, agent: Agent, event: Event, at_ms: int, child: ChildRun | None) -> None:
+        """A beat of the agent or of one of its child processes (their usage is the agent's)."""
+        cfg = self.config.for_agent(agent.name)
+        beat = Usage(at_ms, beat_tokens(event), event.get("cost"))
+        if beat.tokens is not None or beat.cost is not None:
+            self._judge(agent, cfg, beat)
+        if cfg.loop:
+            self._track_loop(agent, cfg, at_ms, event.get("fp"))
+
+    def on_new_run(self, agent: Agent, at_ms: int) -> None:
+        """A restart ends a loop (the new process starts its work afresh); a tokens incident goes
+        on: the new run may burn as the old one did. (An agent that never beat has no state:
+        none is made for it here.)"""
+        self.decisions.close(agent, "loop", at_ms, {"at": at_ms, "restarted": 1})
+        state: TokenState | None = agent.states.get(self.name)
+        if state is not None:
+            state.fp_hash = state.fp_count = state.loop_hash = state.loop_quiet = 0
+            state.loop_text = ""
+
+    def on_retire(self, agent: Agent, at_ms: int) -> None:
+        """``shutdown()``: it stopped on purpose, nothing is burning or looping any more."""
+        facts = {"at": at_ms, "shutdown": 1}
+        if self.decisions.close(agent, "tokens", at_ms, dict(facts)):
+            state: TokenState = self.state(agent)
+            state.ended_ms = at_ms
+            state.about_cost = False
+        self.decisions.close(agent, "loop", at_ms, dict(facts))
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def _judge(self, agent: Agent, cfg: TokensConfig, beat: Usage) -> None:
+        """One beat with usage: is it (or its window) anomalous, does the incident fire, does it
+        recover; then the baselines learn it if nothing is anomalous or open."""
+        state: TokenState = self.state(agent)
+        tokens, cost = beat.tokens, beat.cost
+        base_tokens, base_cost = state.base_tokens(), state.base_cost()
+        factor = cfg.factor
+        warm = state.learned >= cfg.warmup
+        facts: dict[str, Any] | None = None
+        if warm and tokens is not None and tokens >= cfg.min_tokens and tokens > factor * base_tokens:
+            facts = {"why": "beat", "tokens": tokens, "base": base_tokens, "factor": factor}
+        elif warm and cost is not None and cost >= cfg.min_cost and cost > factor * base_cost:
+            facts = {"why": "cost", "cost": cost, "base": base_cost, "factor": factor}
+        window = cfg.window_ms
+        start = beat.at_ms // window * window
+        if tokens is not None and start > 0:  # (a window starting at 0 reads as "none yet")
+            # A window closing now is learned only if nothing is anomalous: a runaway's rate
+            # must not become the usual one.
+            learn = facts is None and not agent.is_open("tokens")
+            self._count_window(state, cfg, start, tokens, learn=learn)
+            expected = self._expected(state, cfg) if warm and facts is None else None
+            used = state.window_tokens
+            if expected is not None and used >= cfg.min_tokens and used > factor * expected:
+                facts = {"why": "rate", "tokens": used, "base": expected, "factor": factor, "window": window}
+
+        if facts is not None:
+            state.hot += 1
+            state.calm = 0
+            if state.hot >= cfg.fire_after:
+                facts["total"] = agent.tokens
+                if self.decisions.open(agent, "tokens", beat.at_ms, facts):
+                    state.about_cost = facts["why"] == "cost"
+        else:
+            state.hot = 0
+            if agent.is_open("tokens"):
+                self._recover(agent, cfg, beat)
+        if facts is None and not agent.is_open("tokens"):
+            self._learn(state, cfg, beat)
+
+    def _recover(self, agent: Agent, cfg: TokensConfig, beat: Usage) -> None:
+        """A beat that is not anomalous while the incident is open: calm if it is back under
+        ``recover_factor`` x the baselines, and so is the rate of the last window-length (a rate
+        runaway is made of normal-sized beats); ``recover_after`` calm ones in a row resolve.
+        (The baselines are those before this beat: nothing learns while the incident is open.)"""
+        state: TokenState = self.state(agent)
+        tokens, cost = beat.tokens, beat.cost
+        base_tokens, base_cost = state.base_tokens(), state.base_cost()
+        ratio = cfg.recover_factor
+        calm = (tokens is None or tokens <= ratio * base_tokens) and (
+            cost is None or cost <= ratio * base_cost
+        )
+        if calm:
+            expected = self._expected(state, cfg)
+            if expected is not None and self._recent(state, cfg.window_ms, beat.at_ms) > ratio * expected:
+                calm = False
+        state.calm = state.calm + 1 if calm else 0
+        if state.calm < cfg.recover_after:
+            return
+        state.calm = 0
+        about_cost, state.about_cost = state.about_cost, False
+        facts = {
+            "base": base_cost if about_cost else base_tokens,
+            "cost": 1 if about_cost else 0,
+            "tokens": tokens if tokens is not None else 0,
+            "total": agent.tokens,
         }
+        if self.decisions.close(agent, "tokens", beat.at_ms, facts):
+            state.ended_ms = beat.at_ms
 
+    @staticmethod
+    def _learn(state: TokenState, cfg: TokensConfig, beat: Usage) -> None:
+        alpha = cfg.alpha
+        if beat.tokens is not None:
+            state.tokens_num, state.tokens_weight = _ewma(
+                state.tokens_num, state.tokens_weight, alpha, beat.tokens
+            )
+        if beat.cost is not None:
+            state.cost_num, state.cost_weight = _ewma(state.cost_num, state.cost_weight, alpha, beat.cost)
+        state.learned += 1
+
+    @staticmethod
+    def _count_window(
+        state: TokenState, cfg: TokensConfig, start: int, tokens: float, *, learn: bool
+    ) -> None:
+        """Count a beat's tokens in rate window ``start``, closing the current window first if
+        ``start`` is a later one. Empty windows in between are not learned: a burst after an
+        idle spell is compared with the rate while busy, not with one diluted by idling. (Beats
+        come in stream order, so ``start`` is never an earlier window than the current one.)"""
+        if start > state.window_start:
+            if state.window_start > 0:
+                closed = state.window_tokens
+                folded = learn and closed > 0
+                if folded:
+                    per_s = closed * 1000 / cfg.window_ms
+                    state.rate_num, state.rate_weight = _ewma(
+                        state.rate_num, state.rate_weight, cfg.alpha, per_s
+                    )
+                    state.rate_windows += 1
+                state.closed_start, state.closed_folded, state.closed_tokens = (
+                    state.window_start,
+                    folded,
+                    closed,
+                )
+            state.window_start, state.window_tokens = start, 0
+        state.window_tokens += tokens
+
+    @staticmethod
+    def _expected(state: TokenState, cfg: TokensConfig) -> float | None:
+        """Tokens per window at the baseline rate, once two windows have been learned (else None)."""
+        if state.rate_windows >= 2 and state.rate_weight > 0:
+            return state.rate_num / state.rate_weight * cfg.window_ms / 1000
+        return None
+
+    @staticmethod
+    def _recent(state: TokenState, window: int, at_ms: int) -> float:
+        """The tokens of the last window-length before ``at_ms``: the current window's and the
+        share of the window closed last that overlaps it (a sliding window, so a burst that goes
+        on into a fresh window does not look calm at the window's start)."""
+        current = min(1.0, max(0.0, (state.window_start + 2 * window - at_ms) / window))
+        previous = min(1.0, max(0.0, (state.closed_start + 2 * window - at_ms) / window))
+        return state.window_tokens * current + state.closed_tokens * previous
+
+    # -- loop -----------------------------------------------------------------------------------
+    def _track_loop(self, agent: Agent, cfg: TokensConfig, at_ms: int, fp: str | None) -> None:
+        """One beat's fingerprint (a beat without one breaks any run): the open loop resolves
+        after ``recover_after`` beats in a row without its fingerprint; ``repeat`` in a row of
+        one fingerprint open it."""
+        state: TokenState = self.state(agent)
+        found = fp_hash(fp)
+        if found != 0 and found == state.fp_hash:
+            state.fp_count += 1
+        else:
+            state.fp_hash, state.fp_count = found, 1
+        if agent.is_open("loop"):
+            state.loop_quiet = 0 if found == state.loop_hash else state.loop_quiet + 1
+            if state.loop_quiet >= cfg.recover_after:
+                self.decisions.close(
+                    agent, "loop", at_ms, {"count": state.fp_count, "quiet": state.loop_quiet}
+                )
+                state.loop_hash = state.loop_quiet = 0
+                state.loop_text = ""
+        if not agent.is_open("loop") and found != 0 and state.fp_count >= cfg.repeat:
+            state.loop_hash, state.loop_quiet, state.loop_text = found, 0, fp_text(fp)
+            self.decisions.open(agent, "loop", at_ms, {"fp": state.loop_text, "count": state.fp_count})
+
+    # -- alerts ---------------------------------------------------------------------------------
     def _halt(self, agent: str, why: str) -> None:
         """``halt = true``: stop the runaway in its own loop (once: not when a halt covers it)."""
-        halts = self.engine.halts
-        if not halts.halting(agent):
-            halts.add(agent, why.removeprefix(f"{agent}: "), by="tokens")
+        if self._halts is None:
+            self._halts = Halts(self.ctx.client, self.ctx.keys, self.ctx.incidents)
+        if not self._halts.halting(agent):
+            self._halts.add(agent, why.removeprefix(f"{agent}: "), by="tokens")
 
-    def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    def render(self, agent: str, kind: str, op: Op) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]
         cfg = self.config.for_agent(agent)
         if kind == "loop":
