@@ -46,6 +46,7 @@ _DOWN_DETECTORS: Final = {
 _NOT_RUNNING: Final = ("down", "exited", "retired")
 """States in which an agent spends nothing: its tokens/min is not shown."""
 _DEFAULT_WINDOW_MS: Final = 60_000
+_DEFAULT_STALL_AFTER_MS: Final = 120_000
 _MIN_SPAN_MS: Final = 5_000
 """Younger than this, an agent's own tokens/min says too little (see _tokens_per_min)."""
 
@@ -55,12 +56,13 @@ def fleet_status(
 ) -> dict[str, Any]:
     """The whole ``status --json`` document (see the module docstring). With ``only``, just those
     agents (of them, the ones that exist) are read and listed: the dashboard's agent page, badges."""
-    from detectors.state import read_agents  # noqa: PLC0415 - the spine imports plugins lazily
+    from detectors.agent import read_agents  # noqa: PLC0415 - the spine imports plugins lazily
+    from detectors.tokens import TokenState  # noqa: PLC0415
     from notifiers.routing import Mutes  # noqa: PLC0415
 
     keys = pipeline.keys
     now = server_time_ms(client) if now_ms is None else now_ms
-    records = read_agents(client, keys, only)
+    records = read_agents(client, keys, only, states={"tokens": TokenState})
     records.pop(PIPELINE_AGENT, None)
     # Only agents with a detector record: one the detectors forgot has no state to show, and
     # its leftover facts (if any) must not make it look "ok" forever.
@@ -71,7 +73,8 @@ def fleet_status(
     health = pipeline_health(client, pipeline, now, incidents)
     day_start = local_midnight_ms(now, pipeline.settings.report.zone)
     day = base_totals(client, keys, day_start, names)
-    window_ms = _window_ms(pipeline)
+    window_ms = _setting_ms(pipeline, "tokens", "window", _DEFAULT_WINDOW_MS)
+    stall_after_ms = _setting_ms(pipeline, "stall", "after", _DEFAULT_STALL_AFTER_MS)
     halts = Halts(client, keys, Incidents(client, keys)).in_force(now)
     spend = _Spend(client, pipeline, now, names)
     windows, held_for = _holds(client, pipeline, now, incidents)
@@ -90,7 +93,7 @@ def fleet_status(
             today = None  # no snapshot from before today yet (the pipeline is younger than a day)
         row = _agent(name, record=records[name], fact=facts.get(name, {}), open_incidents=open_here,
                      mutes=mutes, now=now, judged_at=health["horizon_ms"], today=today,
-                     window_ms=window_ms)  # fmt: skip
+                     window_ms=window_ms, stall_after_ms=stall_after_ms)  # fmt: skip
         halt = next((h for h in halts if fnmatch.fnmatchcase(name, h.pattern)), None)
         if halt is not None and row["state"] != "retired":
             row["state"] = "halted"
@@ -184,12 +187,14 @@ def _agent(
     judged_at: int,
     today: Totals | None,
     window_ms: int,
+    stall_after_ms: int,
 ) -> dict[str, Any]:
-    interval = round(float(fact.get("interval") or record.get("iv") or 0.0), 6)  # record: float32
-    beat, pulse, seen = (int(record.get(k, 0)) for k in ("beat", "pulse", "seen"))
+    interval = round(float(fact.get("interval") or record.get("interval_s") or 0.0), 6)
+    beat, pulse, seen = (int(record.get(k, 0)) for k in ("beat_ms", "pulse_ms", "seen_ms"))
     muted = any(fnmatch.fnmatchcase(name, m.agent) and not m.detector for m in mutes)
     totals = Totals.of_record(record)
-    state = _state(record, open_incidents, muted=muted, interval=interval, at=min(now, judged_at))
+    state = _state(record, open_incidents, muted=muted, interval=interval, at=min(now, judged_at),
+                   stall_after_ms=stall_after_ms)  # fmt: skip
     return {
         "agent": name,
         "state": state,
@@ -223,7 +228,13 @@ def _agent(
 
 
 def _state(
-    record: dict[str, Any], open_incidents: dict[str, Any], *, muted: bool, interval: float, at: int
+    record: dict[str, Any],
+    open_incidents: dict[str, Any],
+    *,
+    muted: bool,
+    interval: float,
+    at: int,
+    stall_after_ms: int,
 ) -> str:
     """The agent's state as of ``at`` (the horizon: see the module docstring)."""
     if record.get("retired"):
@@ -233,15 +244,15 @@ def _state(
             return _DOWN_DETECTORS[detector]
     if muted:
         return "muted"
-    if record.get("scheduled"):
+    if "schedule" in record.get("states", {}):
         return "ok"  # a cron agent between its runs: its schedule judges it, not its interval
     # Late: the work loop has not beaten for twice its declared interval (or, with no declared
     # interval, half the stall allowance), but no detector has fired yet. Counted like the
     # detectors count: from the last beat, or from the run's start for an agent that pulses
     # but has not beaten yet, and not before an extend() runs out (``xu``).
-    late_after_ms = 2000 * interval if interval else float(record.get("ta", 0)) / 2
-    beat, start, extended = (int(record.get(k, 0)) for k in ("beat", "start", "xu"))
-    last = max(beat, start) or int(record.get("seen", 0))
+    late_after_ms = 2000 * interval if interval else stall_after_ms / 2
+    beat, start, extended = (int(record.get(k, 0)) for k in ("beat_ms", "started_ms", "clocks_from_ms"))
+    last = max(beat, start) or int(record.get("seen_ms", 0))
     if late_after_ms and last and at - max(last, extended) > late_after_ms:
         return "late"
     return "ok"
@@ -264,14 +275,15 @@ def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str
     windows stands in, if there are any (by design it does not learn a runaway)."""
     if state in _NOT_RUNNING:
         return None
-    first_run = not float(record.get("prun", 0))
-    start = float(record.get("start", 0)) if first_run else 0.0
-    seen = float(record.get("seen", 0)) or float(now)
+    first_run = not record.get("prev_run")
+    start = float(record.get("started_ms", 0)) if first_run else 0.0
+    seen = float(record.get("seen_ms", 0)) or float(now)
+    tokens = record.get("states", {}).get("tokens") or {}
     since = now - window_ms
     spent = 0.0
     for begin, tokens in (
-        (float(record.get("ws", 0)), float(record.get("wt", 0))),
-        (abs(float(record.get("pws", 0))), float(record.get("pwt", 0))),
+        (float(tokens.get("window_start", 0)), float(tokens.get("window_tokens", 0))),
+        (float(tokens.get("closed_start", 0)), float(tokens.get("closed_tokens", 0))),
     ):
         if not begin or tokens <= 0:
             continue
@@ -282,25 +294,26 @@ def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str
     span = min(window_ms, now - start) if start else window_ms
     if span >= min(_MIN_SPAN_MS, window_ms):
         return round(spent / span * 60_000, 1)
-    weight = float(record.get("rw", 0))
+    weight = float(tokens.get("rate_weight", 0))
     if weight > 0:
-        return round(float(record.get("rb", 0)) / weight * 60, 1)
+        return round(float(tokens.get("rate_num", 0)) / weight * 60, 1)
     return None
 
 
-def _window_ms(pipeline: Pipeline) -> int:
-    """The tokens detector's rate window (per-agent overrides aside, which status cannot see).
+def _setting_ms(pipeline: Pipeline, detector: str, key: str, default_ms: int) -> int:
+    """A duration of a detector's section in ms (per-agent overrides aside, which status cannot
+    see): the tokens rate window, the stall allowance.
 
     ``status`` loads the settings without the plugins (importing the detectors costs a CLI
-    start-up numpy), so the window then comes from the ``[detectors.tokens]`` section itself."""
+    start-up numpy), so the value then comes from the ``[detectors.<name>]`` section itself."""
     for plugin in pipeline.detectors:
-        if plugin.name == "tokens":
-            return int(float(getattr(plugin.config, "window_s", 60.0)) * 1000)
-    section = pipeline.settings.detectors.get("tokens", {})
+        if plugin.name == detector:
+            return int(float(getattr(plugin.config, f"{key}_s", default_ms / 1000)) * 1000)
+    section = pipeline.settings.detectors.get(detector, {})
     try:
-        return int(parse_duration(section["window"]) * 1000) if "window" in section else _DEFAULT_WINDOW_MS
+        return int(parse_duration(section[key]) * 1000) if key in section else default_ms
     except ValueError:  # validated where the detectors run (and by check-config), not here
-        return _DEFAULT_WINDOW_MS
+        return default_ms
 
 
 def pipeline_health(

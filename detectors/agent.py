@@ -126,9 +126,12 @@ def pack(agent: Agent) -> bytes:
     return out
 
 
-def unpack(name: str, raw: bytes, state_classes: dict[str, type[Any]]) -> Agent | None:
+def unpack(
+    name: str, raw: bytes, state_classes: dict[str, type[Any]], *, keep_unknown: bool = False
+) -> Agent | None:
     """The agent ``name`` from :func:`pack`'s bytes, or None if unreadable or of another layout.
-    ``state_classes``: detector name -> its ``State`` class (states of unknown names are dropped)."""
+    ``state_classes``: detector name -> its ``State`` class. States of other names are dropped
+    (a detector since disabled), or with ``keep_unknown`` kept as their raw lists (views)."""
     try:
         version, core, children, states = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         if version != VERSION or len(core) != len(FIELDS):
@@ -137,7 +140,9 @@ def unpack(name: str, raw: bytes, state_classes: dict[str, type[Any]]) -> Agent 
         agent.open = set(agent.open)
         agent.children = {run: ChildRun(*values) for run, values in children.items()}
         agent.states = {
-            det: load_state(state_classes[det], values) for det, values in states.items() if det in state_classes
+            det: load_state(state_classes[det], values) if det in state_classes else values
+            for det, values in states.items()
+            if det in state_classes or keep_unknown
         }
     except (ValueError, TypeError, msgpack.UnpackException):
         return None
@@ -150,7 +155,10 @@ def describe(agent: Agent) -> dict[str, Any]:
     out: dict[str, Any] = {name: getattr(agent, name) for name in FIELDS}
     out["open"] = sorted(agent.open)
     out["children"] = {run: {n: getattr(c, n) for n in _CHILD_FIELDS} for run, c in agent.children.items()}
-    out["states"] = {det: {f.name: getattr(s, f.name) for f in fields(s)} for det, s in agent.states.items()}
+    out["states"] = {
+        det: {f.name: getattr(s, f.name) for f in fields(s)} if not isinstance(s, list) else s
+        for det, s in agent.states.items()
+    }
     return out
 
 
@@ -158,8 +166,9 @@ def read_agents(
     client: Any, keys: Keys, agents: Sequence[str] | None = None, states: dict[str, type[Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
     """The checkpointed agents (``agents``, or all when None) as :func:`describe` dicts, for
-    ``status``, reports, the dashboard and tests; with the detector states named in ``states``
-    (detector name -> its State class; views import only what they show). What the owner has
+    ``status``, reports, the dashboard and tests; the detector states named in ``states``
+    (detector name -> its State class; views import only what they show) as dicts, the others
+    as raw lists (that one exists says something: a ``schedule`` state, a scheduled agent). What the owner has
     not checkpointed yet (at most a batch or half a second) is not in it."""
     classes = states or {}
     out: dict[str, dict[str, Any]] = {}
@@ -171,7 +180,7 @@ def read_agents(
             pairs = zip(names, client.hmget(keys.states(shard), names) if names else [], strict=True)
         for name, raw in pairs:
             text = name.decode() if isinstance(name, bytes) else name
-            agent = unpack(text, raw, classes) if raw is not None else None
+            agent = unpack(text, raw, classes, keep_unknown=True) if raw is not None else None
             if agent is not None:
                 out[text] = describe(agent)
     return out
