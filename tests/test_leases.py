@@ -1,0 +1,201 @@
+"""Shard leases against a real Redis: one owner per shard, fair shares, takeover, fencing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from agentwatch.alerts import Incidents, decode_alert
+from agentwatch.keys import Keys, shard_of
+from agentwatch.redisconn import server_time_ms
+from detectors.agent import Agent
+from detectors.checkpoint import Checkpoints
+from detectors.leases import ShardLeases, parse_lease
+
+SHARDS = 8
+ALL = set(range(SHARDS))
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix=prefix, shards=SHARDS)
+
+
+def refresh(r: redis.Redis, leases: ShardLeases) -> tuple[set[int], set[int]]:
+    return leases.refresh(server_time_ms(r))
+
+
+def agent_on(shard: int) -> str:
+    """An agent name whose events go to ``shard``."""
+    return next(name for name in (f"bot-{n}" for n in range(1000)) if shard_of(name, SHARDS) == shard)
+
+
+def test_a_lone_worker_takes_every_shard(r: redis.Redis, keys: Keys) -> None:
+    a = ShardLeases(r, keys, "a", 5000)
+    assert refresh(r, a) == (ALL, set())
+    assert refresh(r, a) == (set(), set())  # renewed, nothing changes
+    owners = a.owners()
+    assert set(owners) == ALL
+    assert {o["owner"] for o in owners.values()} == {"a"}
+    assert all(0 < o["ms_left"] <= 5000 for o in owners.values())
+    assert {shard: o["token"] for shard, o in owners.items()} == a.held
+    assert a.holds(3) and a.fence(3) == (keys.lease(3), str(a.held[3]))
+
+
+def test_two_workers_share_fairly_and_rebalance_when_one_leaves(r: redis.Redis, keys: Keys) -> None:
+    a = ShardLeases(r, keys, "a", 5000)
+    b = ShardLeases(r, keys, "b", 5000)
+    refresh(r, a)
+    assert refresh(r, b) == (set(), set())  # everything is taken: wait for a to give some up
+    gained, lost = refresh(r, a)
+    assert gained == set() and len(lost) == SHARDS // 2 and len(a.held) == SHARDS // 2
+    assert refresh(r, b) == (lost, set())  # b takes exactly what a gave up
+    assert set(a.held) | set(b.held) == ALL and not set(a.held) & set(b.held)
+    assert {shard: o["owner"] for shard, o in a.owners().items()} == {
+        **dict.fromkeys(a.held, "a"), **dict.fromkeys(b.held, "b"),
+    }  # fmt: skip
+    # steady state: nobody moves
+    assert refresh(r, a) == (set(), set()) and refresh(r, b) == (set(), set())
+
+    a.release_all()
+    assert a.held == {} and r.zscore(keys.engines, "a") is None
+    gained, lost = refresh(r, b)  # at once, not after the lease runs out
+    assert set(b.held) == ALL and lost == set() and len(gained) == SHARDS // 2
+
+
+def test_three_workers_hold_three_three_two(r: redis.Redis, keys: Keys) -> None:
+    workers = [ShardLeases(r, keys, name, 5000) for name in ("a", "b", "c")]
+    for _ in range(4):
+        for worker in workers:
+            refresh(r, worker)
+    assert sorted(len(w.held) for w in workers) == [2, 3, 3]
+    assert set().union(*(set(w.held) for w in workers)) == ALL
+
+
+def test_a_dead_workers_shards_are_taken_when_its_leases_expire(r: redis.Redis, keys: Keys) -> None:
+    a = ShardLeases(r, keys, "a", 300)
+    b = ShardLeases(r, keys, "b", 5000)
+    refresh(r, a)
+    refresh(r, b)
+    refresh(r, a)
+    refresh(r, b)
+    assert len(a.held) == len(b.held) == SHARDS // 2
+    # a dies: it refreshes no more
+    assert refresh(r, b) == (set(), set())  # still alive as far as anyone knows
+    deadline = time.monotonic() + 5
+    while len(b.held) < SHARDS and time.monotonic() < deadline:
+        time.sleep(0.05)
+        refresh(r, b)
+    assert set(b.held) == ALL
+    assert r.zscore(keys.engines, "a") is None  # pruned
+
+
+def test_every_acquisition_gets_a_higher_token(r: redis.Redis, keys: Keys) -> None:
+    a = ShardLeases(r, keys, "a", 5000)
+    refresh(r, a)
+    first = dict(a.held)
+    a.release_all()
+    refresh(r, a)
+    assert all(a.held[shard] > first[shard] for shard in ALL)
+
+
+def test_a_frozen_holder_loses_its_shards_and_every_fenced_write_is_refused(
+    r: redis.Redis, keys: Keys
+) -> None:
+    frozen = ShardLeases(r, keys, "frozen", 300)
+    refresh(r, frozen)
+    shard = 5
+    name = agent_on(shard)
+    stale_token = frozen.held[shard]
+    stale_fence = frozen.fence(shard)
+    assert stale_fence is not None
+    time.sleep(0.4)  # as if SIGSTOPped past its lease: no renewal
+
+    other = ShardLeases(r, keys, "other", 5000)
+    assert refresh(r, other)[0] == ALL
+    assert other.held[shard] > stale_token
+
+    checkpoints = Checkpoints(r, keys)
+    incidents = Incidents(r, keys)
+    now = server_time_ms(r)
+    # the frozen holder wakes and carries on where it was: none of its writes land
+    saved = checkpoints.save(shard, stale_token, [Agent(name)], [], last_id="5-0", meta={}, decided=[b"op"])
+    assert saved is False
+    fired = incidents.fire(name, "silence", severity="critical", summary="x", at_ms=now, fence=stale_fence)
+    assert fired is None
+    assert incidents.escalate(
+        name, "budget", rank=1, severity="warning", summary="x", at_ms=now, fence=stale_fence
+    ) is None  # fmt: skip
+    assert r.hlen(keys.incidents(shard)) == 0 and r.hlen(keys.outbox(shard)) == 0
+    assert r.xlen(keys.alerts) == 0
+    assert not r.exists(keys.states(shard), keys.checkpoint(shard), keys.decided(shard))
+    # and its next refresh tells it so
+    gained, lost = refresh(r, frozen)
+    assert lost == ALL and gained == set() and frozen.held == {}
+    assert {o["owner"] for o in other.owners().values()} == {"other"}
+
+    # the new owner's fenced writes do land
+    fence = other.fence(shard)
+    fired = incidents.fire(name, "silence", severity="critical", summary="gone", at_ms=now, fence=fence)
+    assert fired is not None
+    # a resolve from the stale holder is refused too, and leaves the incident open
+    assert incidents.resolve(name, "silence", summary="back", at_ms=now + 1, fence=stale_fence) is None
+    assert incidents.open(name, "silence") is not None
+    resolved = incidents.resolve(name, "silence", summary="back", at_ms=now + 2, fence=fence)
+    assert resolved is not None
+    assert statuses(r, keys) == ["firing", "resolved"]
+
+
+def statuses(r: Any, keys: Keys) -> list[str]:
+    return [decode_alert(fields[b"d"]).status for _, fields in r.xrange(keys.alerts)]
+
+
+def test_a_fence_may_name_the_whole_lease_value_and_must_be_of_the_agents_shard(
+    r: redis.Redis, keys: Keys
+) -> None:
+    a = ShardLeases(r, keys, "a", 5000)
+    refresh(r, a)
+    incidents = Incidents(r, keys)
+    name = agent_on(2)
+    value: Any = r.get(keys.lease(2))
+    assert parse_lease(value) == (a.held[2], "a")
+    assert value is not None
+    whole = (keys.lease(2), value.decode())
+    fired = incidents.fire(name, "stall", severity="error", summary="s", at_ms=1, fence=whole)
+    assert fired is not None
+    with pytest.raises(ValueError, match="same shard"):
+        incidents.fire(name, "exit", severity="error", summary="s", at_ms=1, fence=(keys.lease(3), "1"))
+
+
+def test_release_only_gives_up_what_is_still_ours(r: redis.Redis, keys: Keys) -> None:
+    a = ShardLeases(r, keys, "a", 300)
+    refresh(r, a)
+    time.sleep(0.4)
+    b = ShardLeases(r, keys, "b", 5000)
+    refresh(r, b)
+    a.release_all()  # its leases expired and are b's now: they must stay b's
+    assert {o["owner"] for o in b.owners().values()} == {"b"} and len(b.owners()) == SHARDS
+
+
+def test_before_release_is_called_while_the_shard_is_still_ours(r: redis.Redis, keys: Keys) -> None:
+    a = ShardLeases(r, keys, "a", 5000)
+    b = ShardLeases(r, keys, "b", 5000)
+    refresh(r, a)
+    refresh(r, b)
+    checkpoints = Checkpoints(r, keys)
+    saved: list[int] = []
+
+    def last_checkpoint(shard: int, token: int) -> None:
+        assert checkpoints.save(shard, token, [], [], last_id="9-0", meta={}, decided=[])
+        saved.append(shard)
+
+    _, lost = a.refresh(server_time_ms(r), before_release=last_checkpoint)
+    assert sorted(saved) == sorted(lost) and len(lost) == SHARDS // 2
+
+
+def test_an_owner_name_with_a_colon_is_refused(r: redis.Redis, keys: Keys) -> None:
+    with pytest.raises(ValueError, match="':'"):
+        ShardLeases(r, keys, "host:1", 1000)
