@@ -24,9 +24,11 @@ chooses their format.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final
@@ -82,6 +84,20 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while a shard loads: every object made then lives on
+    (the agents and their states), yet each collection the allocations trigger would walk all of
+    them again. Measured (benchmarks/engine_takeover.py): 100,000 agents load 2-3x faster."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
@@ -105,17 +121,18 @@ class Checkpoints:
         loaded = Loaded()
         cursor = 0
         states_key = self.keys.states(shard)
-        while True:
-            cursor, page = self.client.hscan(states_key, cursor, count=SCAN_COUNT)
-            for raw_name, raw in page.items():
-                name = _text(raw_name)
-                agent = unpack(name, raw, state_classes)
-                if agent is None:
-                    loaded.skipped += 1
-                else:
-                    loaded.agents[name] = agent
-            if not cursor:
-                break
+        with _no_gc():
+            while True:
+                cursor, page = self.client.hscan(states_key, cursor, count=SCAN_COUNT)
+                for raw_name, raw in page.items():
+                    name = _text(raw_name)
+                    agent = unpack(name, raw, state_classes)
+                    if agent is None:
+                        loaded.skipped += 1
+                    else:
+                        loaded.agents[name] = agent
+                if not cursor:
+                    break
         if loaded.skipped:
             log.warning(
                 "shard %d: %d unreadable agent records skipped (they start afresh)", shard, loaded.skipped
