@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,3 +205,65 @@ def test_before_release_is_called_while_the_shard_is_still_ours(r: redis.Redis, 
 def test_an_owner_name_with_a_colon_is_refused(r: redis.Redis, keys: Keys) -> None:
     with pytest.raises(ValueError, match="':'"):
         ShardLeases(r, keys, "host:1", 1000)
+
+
+FROZEN_HOLDER = """
+import json, sys, time
+import redis
+from agentwatch.keys import Keys
+from agentwatch.redisconn import server_time_ms
+from detectors.agent import Agent
+from detectors.checkpoint import Checkpoints
+from detectors.leases import ShardLeases
+
+client = redis.Redis.from_url(sys.argv[1])
+keys = Keys(prefix=sys.argv[2], shards=int(sys.argv[3]))
+leases = ShardLeases(client, keys, "frozen", 300)
+checkpoints = Checkpoints(client, keys)
+tokens = {}  # the last token it had of every shard it ever held: it keeps trying with them
+while True:
+    # as an engine would: checkpoint what it believes it holds, then renew
+    saved = {shard: checkpoints.save(shard, token, [Agent("from-frozen")], [], last_id="1-0",
+                                     meta={"by": "frozen"}, decided=[])
+             for shard, token in sorted(tokens.items())}
+    gained, lost = leases.refresh(server_time_ms(client))
+    tokens.update((shard, leases.held[shard]) for shard in gained)
+    line = {"saved": list(saved.values()), "lost": sorted(lost), "held": sorted(leases.held)}
+    print(json.dumps(line), flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_a_sigstopped_holder_wakes_to_refused_saves_and_lost_leases(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_HOLDER, redis_url, keys.prefix, str(SHARDS)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        assert child.stdout is not None
+        while json.loads(child.stdout.readline())["held"] != sorted(ALL):
+            pass
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)  # past its 300 ms lease
+        other = ShardLeases(r, keys, "other", 5000)
+        assert refresh(r, other)[0] == ALL
+        checkpoints = Checkpoints(r, keys)
+        for shard, token in other.held.items():
+            assert checkpoints.save(shard, token, [], [], last_id="2-0", meta={"by": "other"}, decided=[])
+        child.send_signal(signal.SIGCONT)
+        while not (line := json.loads(child.stdout.readline()))["lost"]:
+            assert line["saved"] in ([True] * SHARDS, [])  # printed before the stop
+        assert line["lost"] == sorted(ALL) and line["held"] == []
+        line = json.loads(child.stdout.readline())  # its saves after waking up
+        assert line == {"saved": [False] * SHARDS, "lost": [], "held": []}
+        assert all(checkpoints.load(shard, {}).meta == {"by": "other"} for shard in ALL)
+        assert {o["owner"] for o in other.owners().values()} == {"other"}
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
