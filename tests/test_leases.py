@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from agentwatch.alerts import Incidents, decode_alert
 from agentwatch.keys import Keys, shard_of
@@ -267,3 +268,44 @@ def test_a_sigstopped_holder_wakes_to_refused_saves_and_lost_leases(
         child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+@pytest.mark.cluster
+def test_leases_checkpoints_and_fences_on_a_three_master_cluster(cluster_ports: list[int]) -> None:
+    client: Any = RedisCluster.from_url(f"redis://127.0.0.1:{cluster_ports[0]}/0")
+    keys = Keys(f"lc{os.urandom(4).hex()}", shards=SHARDS)
+    try:
+        a = ShardLeases(client, keys, "a", 300)
+        a.refresh(server_time_ms(client))
+        assert set(a.held) == ALL and set(a.owners()) == ALL
+        checkpoints = Checkpoints(client, keys)
+        incidents = Incidents(client, keys)
+        for shard, token in a.held.items():
+            assert checkpoints.save(
+                shard, token, [Agent(agent_on(shard))], [], last_id="1-0", meta={}, decided=[b"d"]
+            )
+            assert checkpoints.pop_decided(shard, token, 1)
+            name = agent_on(shard)
+            assert incidents.fire(
+                name, "silence", severity="critical", summary="s", at_ms=1, fence=a.fence(shard)
+            )
+        stale = dict(a.held)
+        time.sleep(0.4)
+        b = ShardLeases(client, keys, "b", 5000)
+        assert b.refresh(server_time_ms(client))[0] == ALL
+        for shard, token in stale.items():
+            assert not checkpoints.save(shard, token, [Agent("x")], [], last_id="2-0", meta={}, decided=[])
+            fence = (keys.lease(shard), str(token))
+            assert incidents.resolve(agent_on(shard), "silence", summary="s", at_ms=2, fence=fence) is None
+        for shard in ALL:
+            loaded = checkpoints.load(shard, {})
+            assert (
+                set(loaded.agents) == {agent_on(shard)} and loaded.decided == [] and loaded.last_id == "1-0"
+            )
+        assert a.refresh(server_time_ms(client))[1] == ALL
+        b.release_all()
+        a.release_all()
+    finally:
+        for key in client.scan_iter(match=f"{keys.prefix}:*"):
+            client.delete(key)
+        client.close()
