@@ -72,6 +72,13 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "series": _DETECTOR_STATE,
     "series_sweep": _DETECTOR_STATE,
     "series_lock": _DETECTOR_STATE,
+    # the engine's shard leases and checkpoints (detectors/leases.py, detectors/checkpoint.py);
+    # status shows who owns which shard
+    "lease": _DETECTOR_STATE,
+    "epoch": _DETECTOR_STATE,
+    "checkpoint": _DETECTOR_STATE,
+    "decided": _DETECTOR_STATE,
+    "engines": _DETECTOR_STATE,
     # events the HTTP server writes for an agent (ping API, OTLP): its run, seq and flood bucket;
     # the OTLP receiver's per-process state and count of OTel agents
     "ingest": {"http": RW, "operator": R},

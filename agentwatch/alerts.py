@@ -39,17 +39,36 @@ PIPELINE_AGENT: Final = "agentwatch"
 """The agent name of alerts about the monitor itself (e.g. detector workers lagging)."""
 SWEEP_AFTER_MS: Final = 5000
 
-_FIRE: Final = """
+# Prepended to the deciding scripts: with a fence (a third key, the shard's engine lease, and
+# its expected token or whole value as the last argument), a caller whose lease was taken over
+# changes nothing and gets -1. Without one (#KEYS == 2) the check is skipped.
+_FENCE: Final = """
+if KEYS[3] then
+  local lease = redis.call('GET', KEYS[3])
+  if not lease or (lease ~= ARGV[#ARGV] and string.match(lease, '^[^:]*') ~= ARGV[#ARGV]) then
+    return -1
+  end
+end
+"""
+REFUSED: Final = -1
+"""What a fenced script returns when the lease is not the caller's any more."""
+
+_FIRE: Final = (
+    _FENCE
+    + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
+)
 # Fire, or raise the stage of the open incident (a budget's warning, then its exceeded alert):
 # only a higher ``rank`` than the open incident's is published; the incident keeps its start.
 # Returns {1, the earlier stage's alert if still in the outbox} so the caller publishes the two
 # in order (a worker that died between deciding and publishing leaves it there), or 0.
-_ESCALATE: Final = """
+_ESCALATE: Final = (
+    _FENCE
+    + """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local incident, earlier = ARGV[2], ''
 if cur then
@@ -64,6 +83,7 @@ redis.call('HSET', KEYS[1], ARGV[1], incident)
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return {1, earlier}
 """
+)
 # Set a flag on the open incident once: 1 for the one caller that set it, else 0.
 _MARK: Final = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -77,12 +97,25 @@ return 1
 # Compare-and-delete on the exact incident the caller read, so two resolvers cannot both win.
 # Returns the incident's firing alert if it is still in the outbox, so the caller can publish
 # firing before resolved and never invert them.
-_RESOLVE: Final = """
+_RESOLVE: Final = (
+    _FENCE
+    + """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
 return redis.call('HGET', KEYS[2], ARGV[3]) or ''
 """
+)
+
+
+def _fenced(keys: list[str], args: list[Any], fence: tuple[str, str] | None) -> tuple[list[str], list[Any]]:
+    """A deciding script's keys and args, with the fence (see ``_FENCE``) appended if given."""
+    if fence is None:
+        return keys, args
+    tag = keys[0].rpartition(":")[0]
+    if not fence[0].startswith(f"{tag}:"):
+        raise ValueError(f"a fence must be a key of the same shard ({tag}), not {fence[0]!r}")
+    return [*keys, fence[0]], [*args, fence[1]]
 
 
 def iso_ms(at_ms: int) -> str:
@@ -170,8 +203,13 @@ class Incidents:
         summary: str,
         at_ms: int,
         details: dict[str, Any] | None = None,
+        fence: tuple[str, str] | None = None,
     ) -> Alert | None:
-        """Open an incident and publish its ``firing`` alert; None if one is already open."""
+        """Open an incident and publish its ``firing`` alert; None if one is already open.
+
+        ``fence``: (the shard's lease key, the caller's token or whole lease value): publish only
+        while the lease still holds it, else change nothing and return None (a worker that lost
+        its shard to another must not speak for it). Same hash tag as the shard, so same slot."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
         alert = Alert(
@@ -191,9 +229,10 @@ class Incidents:
         )
         shard = self._shard(agent)
         keys = [self.keys.incidents(shard), self.keys.outbox(shard)]
-        opened = self._fire(keys=keys, args=[alert.dedup_key, incident, alert.id, alert.to_json()])
-        if not opened:
-            return None
+        keys, args = _fenced(keys, [alert.dedup_key, incident, alert.id, alert.to_json()], fence)
+        opened = self._fire(keys=keys, args=args)
+        if opened != 1:
+            return None  # already open, or (REFUSED) the fence no longer holds
         self._publish(shard, [alert])
         return alert
 
@@ -209,11 +248,12 @@ class Incidents:
         details: dict[str, Any] | None = None,
         dedup_key: str | None = None,
         extra: dict[str, Any] | None = None,
+        fence: tuple[str, str] | None = None,
     ) -> Alert | None:
         """Open an incident at stage ``rank``, or move the open one up to it: publish a
         ``firing`` alert with the same dedup key; None when the open incident is at ``rank`` or
         above already (so each stage is published once, in order, however many workers race).
-        ``extra`` is kept with the incident (``all_open`` returns it)."""
+        ``extra`` is kept with the incident (``all_open`` returns it). ``fence``: as for :meth:`fire`."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
         key = dedup_key or f"{agent}/{detector}"
@@ -226,8 +266,9 @@ class Incidents:
         )  # fmt: skip
         shard = self._shard(agent)
         keys = [self.keys.incidents(shard), self.keys.outbox(shard)]
-        done = self._escalate(keys=keys, args=[key, incident, alert.id, alert.to_json(), rank])
-        if not done:
+        keys, args = _fenced(keys, [key, incident, alert.id, alert.to_json(), rank], fence)
+        done = self._escalate(keys=keys, args=args)
+        if not done or done == REFUSED:
             return None
         earlier = [decode_alert(done[1])] if done[1] else []
         self._publish(shard, [*earlier, alert])
@@ -248,8 +289,10 @@ class Incidents:
         at_ms: int,
         details: dict[str, Any] | None = None,
         dedup_key: str | None = None,
+        fence: tuple[str, str] | None = None,
     ) -> Alert | None:
-        """Close the open incident and publish its ``resolved`` alert; None if none is open."""
+        """Close the open incident and publish its ``resolved`` alert; None if none is open.
+        ``fence``: as for :meth:`fire` (None, the incident left open, if it no longer holds)."""
         shard = self._shard(agent)
         dedup_key = dedup_key or f"{agent}/{detector}"
         current = self.client.hget(self.keys.incidents(shard), dedup_key)
@@ -271,9 +314,10 @@ class Incidents:
         )
         keys = [self.keys.incidents(shard), self.keys.outbox(shard)]
         args = [dedup_key, current, incident["alert"], alert.id, alert.to_json()]
+        keys, args = _fenced(keys, args, fence)
         firing = self._resolve(keys=keys, args=args)
-        if firing is None:
-            return None  # another worker resolved it first
+        if firing is None or firing == REFUSED:
+            return None  # another worker resolved it first, or the fence no longer holds
         earlier = [decode_alert(firing)] if firing else []
         self._publish(shard, [*earlier, alert])
         return alert

@@ -171,6 +171,33 @@ class Keys:
         with their events has them looked at once (to resolve), the others wait for their due time."""
         return f"{self.tag(shard)}:schedules-open"
 
+    def lease(self, shard: int) -> str:
+        """String ``<token>:<owner>`` with a PX expiry: the engine worker that owns this shard now
+        (detectors/leases.py). Only the owner applies the shard's events and publishes its
+        decisions; every write it makes is fenced by the token."""
+        return f"{self.tag(shard)}:lease"
+
+    def epoch(self, shard: int) -> str:
+        """Counter INCRed on every acquisition of the shard's lease: the fencing token, so a
+        later owner always holds a higher one than any earlier owner."""
+        return f"{self.tag(shard)}:epoch"
+
+    def checkpoint(self, shard: int) -> str:
+        """Hash ``last_id``, ``meta`` (JSON), ``saved_at`` (ms), ``token``: how far the shard's
+        owner had applied its stream when it last saved the agents' states (detectors/checkpoint.py)."""
+        return f"{self.tag(shard)}:checkpoint"
+
+    def decided(self, shard: int) -> str:
+        """List of decisions saved with a checkpoint and not yet published (opaque bytes, oldest
+        first): a new owner publishes what its predecessor decided but did not get out."""
+        return f"{self.tag(shard)}:decided"
+
+    @property
+    def engines(self) -> str:
+        """Sorted set of live engine workers (lease owners) scored by when their registration
+        expires (Redis ms): each computes its fair share of shards from how many are alive."""
+        return f"{self.prefix}:engines"
+
     def detector(self, shard: int, name: str) -> str:
         """Hash agent -> state of the plugin detector ``name`` (for detectors of your own)."""
         return f"{self.tag(shard)}:det:{name}"
