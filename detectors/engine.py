@@ -63,6 +63,9 @@ SIGHT_FLOOR_MS: Final = 1500
 however short the silence allowances: a worker that a loaded machine holds up for a moment at
 each check must still judge its agents, not restart their clocks every time."""
 FORGET_EVERY_S: Final = 60.0
+LEASE_MS: Final = 3000
+"""How long a shard stays with a worker that stopped renewing (SIGKILL, a freeze, a lost
+network): the longest a failover delays detection, plus one tick (docs/architecture.md)."""
 CHECKPOINT_EVERY_S: Final = 0.5
 """A shard with changes but no batch (timer decisions only) is checkpointed this often."""
 
@@ -277,7 +280,7 @@ class Engine(Handler[Event]):
         self.ctx = ctx
         self.client: Any = ctx.client
         self.keys = ctx.keys
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}".replace(":", "-")
         self.detectors: list[Detector[Any]] = []
         for detector in detectors:
             self.detectors += [detector, *getattr(detector, "companions", ())]
@@ -292,7 +295,7 @@ class Engine(Handler[Event]):
         decisions = _Decisions(self)
         for detector in self.detectors:
             detector.decisions = decisions
-        self.lease_ms = ctx.settings.worker.lease_ms if hasattr(ctx.settings.worker, "lease_ms") else 3000
+        self.lease_ms = LEASE_MS
         self.leases = ShardLeases(self.client, self.keys, self.owner, self.lease_ms)
         self.checkpoints = Checkpoints(self.client, self.keys)
         self.halts = Halts(self.client, self.keys, ctx.incidents)
@@ -349,7 +352,7 @@ class Engine(Handler[Event]):
             self.checkpoint(shard)
 
     def on_tick(self, now_ms: int) -> None:
-        gained, lost = self.leases.refresh(now_ms)
+        gained, lost = self.leases.refresh(now_ms, before_release=self._hand_over)
         for index in lost:
             log.warning("lost the lease of shard %d; another worker owns it now", index)
             self.shards.pop(index, None)
@@ -387,7 +390,15 @@ class Engine(Handler[Event]):
             self.checkpoint(shard)
         self.leases.release_all()
 
-    # -- taking a shard over -------------------------------------------------------------------
+    # -- taking a shard over, handing one over --------------------------------------------------
+    def _hand_over(self, index: int, token: int) -> None:
+        """A shard we give up to balance the workers: checkpoint it while it is still ours."""
+        shard = self.shards.pop(index, None)
+        if shard is not None:
+            self.shards[index] = shard
+            self.checkpoint(shard)
+            self.shards.pop(index, None)
+
     def _take(self, index: int) -> None:
         """Load shard ``index``'s checkpoint, arm its timers, publish what its last owner decided
         but did not publish, and claim the entries it read but did not acknowledge."""
@@ -485,8 +496,9 @@ class Engine(Handler[Event]):
         dirty = [shard.agents[name] for name in shard.dirty if name in shard.agents]
         meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner}
         ok = self.checkpoints.save(
-            shard.index, shard.token, dirty, sorted(shard.removed), shard.last_id, meta, shard.decided
-        )
+            shard.index, shard.token, dirty, sorted(shard.removed), last_id=shard.last_id, meta=meta,
+            decided=shard.decided,
+        )  # fmt: skip
         if not ok:
             log.warning("shard %d: the lease was lost before the checkpoint; dropping it", shard.index)
             self.shards.pop(shard.index, None)

@@ -108,10 +108,9 @@ class Feed:
     ``feed.batch(("bot", "beat", {"tokens": 5}), ...)`` with explicit Redis times."""
 
     def __init__(self, worker: Worker[Any], t0_ms: int = 1_795_000_000_000) -> None:
-        from detectors.engine import BuiltinDetector  # noqa: PLC0415
+        from detectors.engine import Engine  # noqa: PLC0415
 
-        builtin = next(h for h in worker.handlers if isinstance(h, BuiltinDetector))
-        self.engine = builtin.engine
+        self.engine = next(h for h in worker.handlers if isinstance(h, Engine))
         self.now = t0_ms
         self.seqs: dict[tuple[str, str], itertools.count[int]] = {}
         self.runs: dict[str, str] = {}
@@ -136,7 +135,9 @@ class Feed:
         return (f"{self.now}-0".encode(), event)
 
     def apply(self, messages: list[tuple[bytes, dict[str, Any]]]) -> None:
-        self.engine.batch(list(messages))
+        if not self.engine.shards:  # the first batch: take the shards first, as a worker's first tick does
+            self.engine.on_tick(self.now)
+        self.engine.on_batch(list(messages))
 
     def tick(self, now_ms: int | None = None) -> None:
-        self.engine.tick(now_ms if now_ms is not None else self.now)
+        self.engine.on_tick(now_ms if now_ms is not None else self.now)
