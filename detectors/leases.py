@@ -115,9 +115,11 @@ class ShardLeases:
         ``now_ms``: Redis server time (the live-engine scores are compared with it, never with a
         host clock). Returns (gained, lost): shards newly ours (load their checkpoint before
         applying anything), and shards no longer ours (drop their agents from memory; any
-        fenced write to them is refused already). ``before_release(shard, token)`` is called
-        for each extra shard we are about to give up while it is still ours (a last checkpoint).
-        """
+        fenced write to them is refused already). A shard can be in both: our lease ran out
+        (we were frozen) and we took it again under a new token; another owner may have
+        applied events meanwhile, so handle ``lost`` first (drop), then ``gained`` (load).
+        ``before_release(shard, token)`` is called for each extra shard we are about to give up,
+        while it is still ours (a last checkpoint)."""
         lost: set[int] = set()
         for shard, token in sorted(self.held.items()):
             if not self._renew(
@@ -141,7 +143,7 @@ class ShardLeases:
             if token:
                 self.held[shard] = token
                 gained.add(shard)
-        return gained, lost - gained
+        return gained, lost
 
     def release_all(self) -> None:
         """Graceful stop: give every shard up and leave the live set, so the other workers take
