@@ -278,12 +278,12 @@ def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str
     first_run = not record.get("prev_run")
     start = float(record.get("started_ms", 0)) if first_run else 0.0
     seen = float(record.get("seen_ms", 0)) or float(now)
-    tokens = record.get("states", {}).get("tokens") or {}
+    rate = record.get("states", {}).get("tokens") or {}
     since = now - window_ms
     spent = 0.0
     for begin, tokens in (
-        (float(tokens.get("window_start", 0)), float(tokens.get("window_tokens", 0))),
-        (float(tokens.get("closed_start", 0)), float(tokens.get("closed_tokens", 0))),
+        (float(rate.get("window_start", 0)), float(rate.get("window_tokens", 0))),
+        (float(rate.get("closed_start", 0)), float(rate.get("closed_tokens", 0))),
     ):
         if not begin or tokens <= 0:
             continue
@@ -294,9 +294,9 @@ def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str
     span = min(window_ms, now - start) if start else window_ms
     if span >= min(_MIN_SPAN_MS, window_ms):
         return round(spent / span * 60_000, 1)
-    weight = float(tokens.get("rate_weight", 0))
+    weight = float(rate.get("rate_weight", 0))
     if weight > 0:
-        return round(float(tokens.get("rate_num", 0)) / weight * 60, 1)
+        return round(float(rate.get("rate_num", 0)) / weight * 60, 1)
     return None
 
 

@@ -73,7 +73,7 @@ CUR, NEW, PREV, FOREIGN, CHILD = "current", "new", "previous", "foreign", "child
 """How an event relates to its agent's runs (:meth:`Shard.classify`)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Shard:
     """One leased shard: its agents, their timers, what is not yet checkpointed or published."""
 
