@@ -10,6 +10,7 @@ import redis
 from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
+from detectors.agent import read_agents
 
 from helpers import running, wait_for
 
@@ -66,7 +67,7 @@ def test_no_silence_follows_an_exit_alert(live: tuple[Agent, Keys], r: redis.Red
     bot.start()
     bot.exit("exception", 1, error="RuntimeError: out of retries")
     wait_for(lambda: fired(r, keys, "exit"), timeout=5, what="exit alert")
-    wait_for(lambda: r.zscore(keys.timers(0), "bot") is None, timeout=2, what="timer removed")
+    wait_for(lambda: read_agents(r, keys).get("bot", {}).get("exited"), timeout=2, what="no longer expected")
     bot.start(run="run-2")
     bot.beat()
     wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence of the new run")
@@ -91,11 +92,12 @@ def test_an_exit_applied_after_the_restart_fires_and_resolves(
     worker = worker_for(pipeline_for(prefix, redis_url), redis_url)
     feed = Feed(worker)
     feed.apply([feed.event("bot", "start"), feed.event("bot", "beat")])
-    crash = [feed.event("bot", "exit", reason="exception", code=1, error="OSError: disk full")]
     restart = [feed.event("bot", "start", run="run-2"), feed.event("bot", "beat", run="run-2")]
-    feed.apply(restart)  # a second worker got the restart first; the crash was in a reclaimed batch
+    # the dying process wrote its exit after its successor had started (a slow teardown)
+    crash = [feed.event("bot", "exit", run="run-1", reason="exception", code=1, error="OSError: disk full")]
+    feed.apply(restart)
     feed.apply(crash)
-    feed.apply(list(crash))  # and it is delivered once more
+    feed.apply(list(crash))  # and it is delivered once more (a replay after a takeover)
     assert transitions(r, keys) == [("bot", "exit", "firing"), ("bot", "exit", "resolved")]
     assert fired(r, keys, "exit")[0].summary == "bot: crashed with OSError: disk full"
     assert "processed after the restart" in resolved(r, keys, "exit")[0].summary

@@ -13,6 +13,7 @@ from agents_detect.kit import Agent, fired, pipeline_for, resolved, transitions,
 from agentwatch.codec import entry_ms
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
+from detectors.agent import read_agents
 
 from helpers import running, wait_for
 
@@ -98,7 +99,7 @@ def test_a_retired_agent_is_never_silent_until_it_starts_again(
         quiet_until = server_time_ms(r) + 1200
         wait_for(lambda: server_time_ms(r) > quiet_until, timeout=5)
         assert transitions(r, keys) == []
-        assert r.zscore(keys.timers(0), "bot") is None
+        assert read_agents(r, keys)["bot"]["retired"]
         bot.start(run="run-2")
         wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence after the restart")
     assert transitions(r, keys) == [("bot", "silence", "firing")]
@@ -117,7 +118,8 @@ def test_per_agent_overrides_by_glob(redis_url: str, prefix: str, r: redis.Redis
         wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")
         time.sleep(0.5)
     assert transitions(r, keys) == [("chat-1", "silence", "firing")]
-    assert r.zscore(keys.timers(0), "batch-7") is not None
+    watched = read_agents(r, keys)["batch-7"]  # still expected, with its own hour
+    assert watched["seen_ms"] and not watched["retired"] and watched["open"] == []
 
 
 def test_many_workers_one_alert_per_silent_agent(
@@ -148,8 +150,6 @@ def test_a_lost_record_relearns_the_interval_from_the_next_pulse(
     Its record is lost (Redis restarted without persistence, or a layout change): judged by
     ``after`` alone, silence would fire and resolve on every beat. Pulses repeat the interval,
     so the next one restores the allowance."""
-    from detectors.state import read_agents  # noqa: PLC0415
-
     worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "300ms"}), redis_url)
     bot = Agent(r, keys, "bot")
     with running(worker):
@@ -162,8 +162,8 @@ def test_a_lost_record_relearns_the_interval_from_the_next_pulse(
                 bot.pulse(rss=100 * MB, interval=0.3)
             last = bot.beat(tokens=100)
             time.sleep(0.6)
-        wait_for(lambda: read_agents(r, keys).get("bot", {}).get("beat") == entry_ms(last), timeout=5)
-        interval = read_agents(r, keys)["bot"]["iv"]
+        wait_for(lambda: read_agents(r, keys).get("bot", {}).get("beat_ms") == entry_ms(last), timeout=5)
+        interval = read_agents(r, keys)["bot"]["interval_s"]
     assert transitions(r, keys) == []
     assert interval == pytest.approx(0.3)
 

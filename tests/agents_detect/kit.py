@@ -114,6 +114,7 @@ class Feed:
         self.now = t0_ms
         self.seqs: dict[tuple[str, str], itertools.count[int]] = {}
         self.runs: dict[str, str] = {}
+        self._last = (0, -1)
 
     def event(
         self,
@@ -132,7 +133,10 @@ class Feed:
         event = {"v": 1, "agent": agent, "kind": kind, "ts": 0.0, "run": run,
                  "seq": next(counter) if seq is None else seq, **fields}  # fmt: skip
         codec.validate(event)
-        return (f"{self.now}-0".encode(), event)
+        # Entry ids as Redis makes them: unique and increasing (<ms>-<n>, n counting within a ms)
+        n = self._last[1] + 1 if self.now == self._last[0] else 0
+        self._last = (self.now, n)
+        return (f"{self.now}-{n}".encode(), event)
 
     def apply(self, messages: list[tuple[bytes, dict[str, Any]]]) -> None:
         if not self.engine.shards:  # the first batch: take the shards first, as a worker's first tick does
