@@ -6,7 +6,6 @@ and a pool that retires its workers (close/terminate) raises nothing."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,9 +17,7 @@ from agents.testkit import agent_env, assert_no_internal_errors, finish, read_ev
 from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
-from detectors import state
-from detectors.children import ChildWatch
-from detectors.layout import run_hash
+from detectors.agent import read_agents
 
 from helpers import caught_up, running, wait_for
 
@@ -47,7 +44,7 @@ def test_pool_workers_tokens_count_and_a_closed_pool_raises_nothing(
         sent = sum(e.get("tokens", 0) for e in events if e["kind"] == "beat")
         children = {e["run"] for e in events if e["kind"] == "start" and e.get("parent")}
         assert children  # the pool's workers reported as child runs
-        wait_for(lambda: state.read_agents(r, keys, ["pool-agent"]).get("pool-agent", {}).get("tt") == sent,
+        wait_for(lambda: read_agents(r, keys, ["pool-agent"]).get("pool-agent", {}).get("tokens") == sent,
                  timeout=15, what=f"{sent} tokens counted for the agent")  # fmt: skip
         assert sent > 8 * 4 * 100
         with contextlib.suppress(AssertionError):  # give the watch a few checks: still nothing
@@ -119,7 +116,7 @@ def test_pools_terminated_by_with_never_hang_the_agent(
         assert code == 0, err
         assert_no_internal_errors(err)
         wait_for(lambda: caught_up(r, keys), timeout=10, what="every event applied")
-        assert state.read_agents(r, keys, ["pool-agent"])["pool-agent"]["retired"]
+        assert read_agents(r, keys, ["pool-agent"])["pool-agent"]["retired"]
     assert alerts(r, keys) == []
 
 
@@ -145,20 +142,19 @@ def test_a_worker_seen_before_its_parent_with_its_start_in_an_earlier_batch_stay
     record, never updated, looked like a worker dead without a goodbye."""
     worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "1s"}), redis_url)
     feed = Feed(worker)
-    watch = next(h for h in worker.handlers if isinstance(h, ChildWatch))
     feed.apply([feed.event("pool-agent", "start", run="worker-1", parent="parent-1", interval=0.2)])
     late = [feed.event("pool-agent", "beat", run="worker-1", tokens=100) for _ in range(4)]
     feed.apply([*late, feed.event("pool-agent", "exit", run="worker-1", reason="exit", code=0)])
     feed.apply([feed.event("pool-agent", "start", run="parent-1", interval=0.2),
                 feed.event("pool-agent", "beat", run="parent-1", tokens=10)])  # fmt: skip
     assert transitions(r, keys) == []  # the worker's clean exit ended the worker, not the agent
-    rec = state.read_agents(r, keys, ["pool-agent"])["pool-agent"]
-    assert rec["run"] == run_hash("parent-1") and rec["tt"] == 4 * 100 + 10
-    child = json.loads(r.hget(keys.children(0), f"pool-agent|{run_hash('worker-1')}") or "{}")
-    assert child["ex"] == 1 and child["hw"] == 5  # its exit applied to it, as a child's
+    rec = read_agents(r, keys, ["pool-agent"])["pool-agent"]
+    assert rec["run"] == "parent-1" and rec["tokens"] == 4 * 100 + 10
+    child = rec["children"]["worker-1"]
+    assert child["exited"] and child["last_seq"] == 5  # its exit applied to it, as a child's
     for _ in range(3):  # the parent beats on past the silence allowance: the worker ended on purpose
         feed.apply([feed.event("pool-agent", "beat", run="parent-1", at=feed.now + 1000, tokens=10)])
-        watch.on_tick(feed.now)
+        feed.tick(feed.now)
     assert transitions(r, keys) == []
     worker.client.close()
 
@@ -182,8 +178,8 @@ def test_a_closed_pools_worker_events_split_across_batches_raise_nothing_live(
         parent.beat(tokens=10)
         parent.exit("shutdown")
         wait_for(lambda: caught_up(r, keys), timeout=10, what="the parent's run applied")
-        rec = state.read_agents(r, keys, ["pool-agent"])["pool-agent"]
-        assert rec["run"] == run_hash("parent-1") and rec["tt"] == 410 and rec["retired"]
+        rec = read_agents(r, keys, ["pool-agent"])["pool-agent"]
+        assert rec["run"] == "parent-1" and rec["tokens"] == 410 and rec["retired"]
     assert alerts(r, keys) == []
 
 
