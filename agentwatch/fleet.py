@@ -357,12 +357,40 @@ def pipeline_health(
         "trimmed_unread": _int(redis.hget(keys.clock(shard_of(PIPELINE_AGENT, keys.shards)), "trimmed")),
         "failed_deliveries": int(redis.xlen(keys.notify_failed)),
         "deliveries": delivery_health(redis, pipeline, now),
+        "shards": shard_owners(redis, pipeline, now),
         "incidents": [
             {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
             for d, i in sorted(own.items())
         ],
         "horizon_ms": horizon,
     }
+
+
+def shard_owners(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any]]:
+    """Per event shard: the detector worker that owns it (its lease; None: nobody, the shard
+    is not being watched), how long the lease still runs, and the age of its last checkpoint
+    (detectors/engine.py: what a successor would start from)."""
+    from detectors.leases import parse_lease  # noqa: PLC0415 - the spine imports plugins lazily
+
+    keys = pipeline.keys
+    pipe = redis.pipeline(transaction=False)
+    for shard in range(keys.shards):
+        pipe.get(keys.lease(shard))
+        pipe.pttl(keys.lease(shard))
+        pipe.hmget(keys.checkpoint(shard), "saved_at", "last_id")
+    replies = pipe.execute()
+    out = []
+    for shard in range(keys.shards):
+        lease, ttl, (saved_at, last_id) = replies[3 * shard : 3 * shard + 3]
+        held = parse_lease(lease)
+        out.append({
+            "shard": shard,
+            "owner": held[1] if held else None,
+            "lease_left_s": round(max(int(ttl), 0) / 1000, 3) if held else 0.0,
+            "checkpoint_age_s": _age(now, int(saved_at)) if saved_at else None,
+            "applied_through": _str(last_id) if last_id else None,
+        })  # fmt: skip
+    return out
 
 
 _FAILED_SCAN: Final = 100

@@ -305,6 +305,9 @@ class Engine(Handler[Event]):
         self._lost = [0] * len(self.keys.event_streams())
         self._next_forget = 0.0
         self._decided_shard: Shard | None = None
+        self.refused = ""
+        """Why this worker takes no shard (the shard count changed under the state), or ""."""
+        self._next_refusal_log = 0.0
         ctx.shared["engine"] = self
 
     # -- settings shared by the detectors ----------------------------------------------------
@@ -352,12 +355,25 @@ class Engine(Handler[Event]):
             self.checkpoint(shard)
 
     def on_tick(self, now_ms: int) -> None:
+        if self.refused:
+            if time.monotonic() >= self._next_refusal_log:
+                self._next_refusal_log = time.monotonic() + 60
+                log.error("%s", self.refused)
+            return
         gained, lost = self.leases.refresh(now_ms, before_release=self._hand_over)
         for index in lost:
             log.warning("lost the lease of shard %d; another worker owns it now", index)
             self.shards.pop(index, None)
         for index in sorted(gained):
-            self._take(index)
+            try:
+                self._take(index)
+            except LayoutChanged as exc:
+                self.refused = str(exc)
+                log.error("%s", exc)
+                self.shards.clear()
+                self.leases.release_all()
+                self.worker.streams = []
+                return
         self.worker.streams = [self.keys.events(index) for index in sorted(self.shards)]
         if not self.shards:
             return
@@ -404,6 +420,14 @@ class Engine(Handler[Event]):
         but did not publish, and claim the entries it read but did not acknowledge."""
         started = time.monotonic()
         loaded = self.checkpoints.load(index, self.state_classes)
+        recorded = int(loaded.meta.get("shards") or self.keys.shards)
+        if recorded != self.keys.shards:
+            raise LayoutChanged(
+                f"the detector state was written with [redis] shards = {recorded}, and this worker is "
+                f"configured with {self.keys.shards}: agents would be judged from the wrong shard's "
+                "state, so this worker takes no shard. Change the shard count as docs/operations.md "
+                "says (drain, stop every worker, clear the detector state, restart), or set it back."
+            )
         shard = Shard(index, self.leases.held[index], loaded.agents, last_id=_bytes(loaded.last_id))
         shard.tick_ms = int(loaded.meta.get("tick_ms", 0))
         shard.sight_ms = int(loaded.meta.get("sight_ms", 0))
@@ -494,7 +518,8 @@ class Engine(Handler[Event]):
     def checkpoint(self, shard: Shard) -> None:
         """Save what changed in ``shard`` (fenced), then publish its decisions."""
         dirty = [shard.agents[name] for name in shard.dirty if name in shard.agents]
-        meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner}
+        meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner,
+                "shards": self.keys.shards}  # fmt: skip
         ok = self.checkpoints.save(
             shard.index, shard.token, dirty, sorted(shard.removed), last_id=shard.last_id, meta=meta,
             decided=shard.decided,
@@ -588,6 +613,10 @@ class Engine(Handler[Event]):
         silent_s = max(0.0, (op["at"] - seen) / 1000) if seen else 0.0
         summary = f"{agent}: forgotten after {format_duration(silent_s)} of silence; {kind} incident closed"
         return _severity(detector, agent), summary, {"forgotten": True, "silent_s": round(silent_s, 3)}
+
+
+class LayoutChanged(Exception):
+    """A shard's checkpoint was written under another ``[redis] shards``."""
 
 
 class _Decisions:

@@ -326,8 +326,12 @@ def _health(health: dict[str, Any], width: int) -> list[str]:
         f"dead letters: {health['deadletter']}",
         f"failed deliveries: {health['failed_deliveries']}",
     ]
+    parts += _shard_parts(health.get("shards", []))
     lines = _flow(parts, width)
     alarms = [f"pipeline: {literal(i['summary'])}" for i in health["incidents"]]
+    orphans = [s["shard"] for s in health.get("shards", []) if s["owner"] is None]
+    if orphans and health.get("detecting", True):
+        alarms.append(f"shards without an owner (not watched until a detector worker takes them): {_ranges(orphans)}")
     alarms += [_delivery_line(entry) for entry in health.get("deliveries", [])]
     if health.get("rejected"):
         why = "with a missing or bad signature (forged, or a key that does not match: see the dead letters)"
@@ -343,6 +347,31 @@ def _health(health: dict[str, Any], width: int) -> list[str]:
         folded = textwrap.wrap(alarm, width, subsequent_indent="  ", break_long_words=False)
         lines += [typer.style(line, **_ALARM) for line in folded]
     return lines
+
+
+def _shard_parts(shards: list[dict[str, Any]]) -> list[str]:
+    """``shards 0-3: host-41-a1b2c3 (checkpoint 0.3s ago)``: who owns which event shards."""
+    owners: dict[str, list[dict[str, Any]]] = {}
+    for shard in shards:
+        if shard["owner"] is not None:
+            owners.setdefault(shard["owner"], []).append(shard)
+    parts = []
+    for owner, held in sorted(owners.items()):
+        ages = [s["checkpoint_age_s"] for s in held if s["checkpoint_age_s"] is not None]
+        age = f" (checkpoint {_age(max(ages))})" if ages else ""
+        parts.append(f"shards {_ranges([s['shard'] for s in held])}: {literal(owner)}{age}")
+    return parts
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out: list[str] = []
+    for n in sorted(numbers):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
 
 
 def _delivery_line(entry: dict[str, Any]) -> str:
