@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import msgpack
 
+from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.keys import Keys, shard_of
 
 VERSION: Final = 1
@@ -180,6 +181,8 @@ def read_agents(
             pairs = zip(names, client.hmget(keys.states(shard), names) if names else [], strict=True)
         for name, raw in pairs:
             text = name.decode() if isinstance(name, bytes) else name
+            if text == PIPELINE_AGENT:
+                continue  # the monitor's own state (detectors/lag.py), not an agent's
             agent = unpack(text, raw, classes, keep_unknown=True) if raw is not None else None
             if agent is not None:
                 out[text] = describe(agent)

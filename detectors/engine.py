@@ -97,6 +97,8 @@ class Shard:
     """Checkpointed decisions not yet published, oldest first."""
     duplicates: int = 0
     saved_at: float = 0.0
+    taken: bool = True
+    """Not yet checked since this worker took it over (see Engine._check)."""
 
     def agent(self, name: str) -> Agent:
         found = self.agents.get(name)
@@ -466,9 +468,14 @@ class Engine(Handler[Event]):
     def _check(self, shard: Shard, now_ms: int) -> int:
         """One timer check of ``shard``: the gap found in the checks (ms; 0: none)."""
         gap = 0
+        # A shard just taken over was last checked by its previous owner, up to a lease ago: a
+        # failover is not an outage (Redis was up, agents kept sending, the backlog tells), so
+        # it restarts no clock unless it lasted longer than the lease on top of the usual bound.
+        allowed = self.sight_ms() + (self.lease_ms if shard.taken else 0)
+        shard.taken = False
         if not shard.tick_ms:
             shard.sight_ms = now_ms
-        elif now_ms - shard.tick_ms > self.sight_ms():
+        elif now_ms - shard.tick_ms > allowed:
             gap = now_ms - shard.tick_ms
             shard.sight_ms = now_ms
         shard.tick_ms = max(shard.tick_ms, now_ms)
