@@ -37,7 +37,6 @@ from agentwatch import codec, config
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.redisconn import connect
 from agentwatch.workers import detector_worker
-from detectors.engine import BuiltinDetector
 
 
 def fill(client: redis.Redis, stream: str, events: int, agents: int, group: str) -> None:
@@ -100,10 +99,8 @@ def contender(url: str, prefix: str, events: int) -> tuple[float, dict[str, int]
     elapsed = time.perf_counter() - start
     alerts = client.xlen(pipeline.keys.alerts)
     errors = dict(worker.stats.handler_errors)
-    engine = next(h for h in worker.handlers if isinstance(h, BuiltinDetector)).engine
-    fast = engine.fast.applied if engine.fast is not None else 0
     client.close()
-    return events / elapsed, {"alerts": alerts, "handler_errors": sum(errors.values()), "fast": fast}
+    return events / elapsed, {"alerts": alerts, "handler_errors": sum(errors.values())}
 
 
 def main() -> None:
@@ -126,7 +123,7 @@ def main() -> None:
     ratios: dict[int, float] = {}
     try:
         for agents in args.agents:
-            raw_rates, det_rates, alerts, fast_share = [], [], [], []
+            raw_rates, det_rates, alerts = [], [], []
             for round_no in range(args.rounds):  # interleaved, so both loops share the VM's noise
                 fill(client, "benchraw:events", args.events, agents, "raw")
                 raw_rates.append(raw_loop(url, "benchraw:events", args.events, "benchraw:index"))
@@ -135,7 +132,6 @@ def main() -> None:
                 rate, note = contender(url, prefix, args.events)
                 det_rates.append(rate)
                 alerts.append(note["alerts"])
-                fast_share.append(round(note["fast"] / args.events, 3))
                 for key in client.scan_iter("bench*"):
                     client.delete(key)
             raw, det = median(raw_rates), median(det_rates)
@@ -144,7 +140,7 @@ def main() -> None:
                          "events/s (median)": raw, "rounds": [round(x) for x in raw_rates]})  # fmt: skip
             rows.append({"agents": agents, "loop": "detector worker, all built-ins", "events/s (median)": det,
                          "rounds": [round(x) for x in det_rates], "ratio": round(det / raw, 2),
-                         "alerts": alerts, "fast path share": fast_share})  # fmt: skip
+                         "alerts": alerts})  # fmt: skip
     finally:
         for key in client.scan_iter("bench*"):
             client.delete(key)
