@@ -249,7 +249,7 @@ def _state(
     # Late: the work loop has not beaten for twice its declared interval (or, with no declared
     # interval, half the stall allowance), but no detector has fired yet. Counted like the
     # detectors count: from the last beat, or from the run's start for an agent that pulses
-    # but has not beaten yet, and not before an extend() runs out (``xu``).
+    # but has not beaten yet, and not before an extend() runs out (``clocks_from_ms``).
     late_after_ms = 2000 * interval if interval else stall_after_ms / 2
     beat, start, extended = (int(record.get(k, 0)) for k in ("beat_ms", "started_ms", "clocks_from_ms"))
     last = max(beat, start) or int(record.get("seen_ms", 0))
@@ -260,14 +260,15 @@ def _state(
 
 def _tokens_per_min(record: dict[str, Any], now: int, window_ms: int, state: str) -> float | None:
     """Tokens per minute over the last window-length (a sliding window), from the detector's
-    rate windows: the current one (``ws`` start, ``wt`` tokens) and the one closed last (``pws``,
-    ``pwt``). Those windows are aligned to the wall clock, so dividing a window's tokens by the
-    time since its boundary would understate an agent that started (or died) inside it.
+    rate windows (its ``tokens`` state): the current one (``window_start``, ``window_tokens``)
+    and the one closed last (``closed_start``, ``closed_tokens``). Those windows are aligned to
+    the wall clock, so dividing a window's tokens by the time since its boundary would
+    understate an agent that started (or died) inside it.
 
     So each window's tokens are taken as spread over the part of it the agent was there for:
-    from its run's start (``start``) to its last event (``seen``); the rate is what of them lies
-    in the last window-length, over that length or, for an agent younger than it, over its
-    age. An agent that stops spending decays to 0 one window-length after its last event.
+    from its run's start (``started_ms``) to its last event (``seen_ms``); the rate is what of
+    them lies in the last window-length, over that length or, for an agent younger than it, over
+    its age. An agent that stops spending decays to 0 one window-length after its last event.
     After a restart the windows may hold the previous run's tokens, and when that run ended is
     not kept: the rate is then over the whole window-length (it can read low for the first
     minute of the new run, never high). An agent that is down, exited or retired spends

@@ -72,11 +72,14 @@ def known_detectors(sections: Mapping[str, Mapping[str, Any]]) -> set[str]:
     names (``tokens`` words ``tokens`` and ``loop``), the ``[detectors.<name>]`` sections (plugin
     detectors alert under their section's name, plus any names their class lists in ``kinds``),
     the restart notifier's ``restart_loop``, the brake's ``halt``, the OTLP receiver's
-    ``otlp`` and ``child`` (a worker process that died, detectors/children.py). ``sections`` is
+    ``otlp``, and the names of the silence detector's companions (made per instance, so not in
+    its class's ``kinds``): ``child`` (a worker process that died, detectors/children.py),
+    ``schedule`` and ``runtime`` (cron agents, detectors/schedule.py). ``sections`` is
     ``settings.detectors``."""
     from detectors.children import DETECTOR as CHILD_DETECTOR  # noqa: PLC0415 - detectors import numpy
+    from detectors.schedule import MISSED, OVERRAN  # noqa: PLC0415
 
-    names = {LOOP_DETECTOR, HALT_DETECTOR, OTLP_DETECTOR, CHILD_DETECTOR}
+    names = {LOOP_DETECTOR, HALT_DETECTOR, OTLP_DETECTOR, CHILD_DETECTOR, MISSED, OVERRAN}
     for name in {*plugins.builtins("detectors"), *sections}:
         names.add(name)
         ref = sections.get(name, {}).get("class") or name

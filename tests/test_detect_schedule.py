@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 from agents.testkit import agent_env
+from agents_detect.kit import Agent as KitAgent
 from agents_detect.kit import Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 from redis.cluster import RedisCluster
 from typer.testing import CliRunner
@@ -33,6 +34,7 @@ from agentwatch.cron import Cron
 from agentwatch.facts import FactsRecorder
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import server_time_ms
+from detectors.agent import Agent
 from detectors.schedule import MISSED, OVERRAN, Plan, Runs, Watch, decide, render
 from notifiers.routing import known_detectors
 
@@ -183,10 +185,15 @@ def test_schedule_and_after_on_one_glob_schedule_wins_and_the_worker_says_so(
     )
     assert '[detectors.silence.agents."chat-*"]: grace without schedule has no effect' in caplog.text
     feed = Feed(worker)
-    feed.tick()
-    assert feed.engine.profile_values("backup-1")["sil_on"] == 0  # no interval rule for it
-    assert feed.engine.profile_values("backup-1")["exit_clean"] == 0  # a clean exit ends a run
-    assert feed.engine.profile_values("chat-1")["sil_on"] == 1
+    silence: Any = feed.engine.get("Silence")
+    assert not silence.watches(Agent("backup-1"))  # no interval rule for it
+    assert silence.watches(Agent("chat-1"))
+    clean: dict[str, Any] = {"reason": "exit", "code": 0}
+    feed.apply([feed.event("backup-1", "start", pid=1), feed.event("backup-1", "exit", **clean),
+                feed.event("chat-1", "start", pid=2), feed.event("chat-1", "exit", **clean)])  # fmt: skip
+    held = {name: agent for shard in feed.engine.shards.values() for name, agent in shard.agents.items()}
+    assert held["backup-1"].open == set()  # a clean exit ends a run
+    assert held["chat-1"].open == {"exit"}  # (clean_exit: for an unscheduled agent, a warning)
     assert {"schedule", "runtime"} <= known_detectors({})  # notifiers may route and mute them
     worker.client.close()
 
@@ -356,18 +363,31 @@ def test_a_crashed_cron_run_still_pages_exit_and_a_ping_job_finishes_with_its_su
     feed.engine.client.close()
 
 
-def test_two_workers_deciding_the_same_slot_page_once(
-    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
-) -> None:
-    one, two = engine_feed(redis_url, prefix), engine_feed(redis_url, prefix)
-    cron_run(one, "backup-1", "run-0", "03:00")
-    for at in range(T("03:19"), T("03:22"), 10_000):
-        one.tick(at)
-        two.tick(at)
-        two.engine.schedules.check(0, at, at)  # type: ignore[union-attr] - and again, racing
-    assert transitions(r, keys) == [("backup-1", "schedule", "firing")]
-    for feed in (one, two):
-        feed.engine.client.close()
+def test_two_workers_deciding_the_same_slot_page_once(redis_url: str, prefix: str, r: redis.Redis) -> None:
+    """Two detector workers running: the shard has one owner, which pages the missed slot; when
+    it stops, the other takes the shard over from its checkpoint and does not page it again."""
+    keys = Keys(prefix)
+    agents = {"cron-*": {"schedule": "*/2 * * * * *", "grace": "1s"}}  # a slot every 2 s
+    pipeline = pipeline_for(prefix, redis_url, silence={"after": "1s", "agents": agents})
+    workers = [worker_for(pipeline, redis_url, consumer=f"w{i}") for i in (1, 2)]
+    engines = [Feed(worker).engine for worker in workers]
+    with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
+        stacks = [first, second]
+        for worker, stack in zip(workers, stacks, strict=True):
+            stack.enter_context(running(worker))
+        wait_for(lambda: sum(bool(e.shards) for e in engines) == 1, 10, what="one owner of the shard")
+        owner = next(i for i, e in enumerate(engines) if e.shards)
+        job = KitAgent(r, keys, "cron-1")
+        job.start(pid=4242)
+        job.beat()
+        job.exit("exit", 0)  # ran once, then never again
+        wait_for(lambda: fired(r, keys, "schedule"), 15, what="the missed slot paged")
+        stacks[owner].close()  # the owner stops: the other worker takes the shard over
+        wait_for(lambda: bool(engines[1 - owner].shards), 10, what="the other worker to take over")
+        until = server_time_ms(r) + 5000  # more slots go by under the new owner
+        wait_for(lambda: server_time_ms(r) > until, 10)
+        wait_for(lambda: caught_up(r, keys), 10, what="every event applied")
+    assert transitions(r, keys) == [("cron-1", "schedule", "firing")]
 
 
 def test_a_halted_cron_agent_is_not_paged_for_the_runs_it_does_not_make(
@@ -405,8 +425,10 @@ class CronJob:
     def __init__(self, redis_url: str, prefix: str, agent: str, work_s: float = 0.1) -> None:
         env = agent_env(redis_url, prefix, agent, AGENTWATCH_INTERVAL="0.5")
         self.agent = agent
-        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-        self.process = subprocess.Popen([sys.executable, "-c", JOB, str(work_s)], env=env, text=True, **pipes)
+        pipe = subprocess.PIPE
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", JOB, str(work_s)], env=env, text=True, stdin=pipe, stdout=pipe, stderr=pipe
+        )
 
     def ready(self) -> bool:
         assert self.process.stdout is not None
@@ -532,12 +554,20 @@ def test_schedule_checks_on_a_three_master_cluster(cluster_ports: list[int]) -> 
 
 
 def test_status_shows_a_cron_agent_between_runs_as_ok_and_a_missed_slot_as_down() -> None:
-    """``status``/the dashboard: a scheduled agent is judged by its schedule, not its interval."""
+    """``status``/the dashboard: a scheduled agent is judged by its schedule, not its interval
+    (a scheduled agent is one with a ``schedule`` state in its checkpoint)."""
     from agentwatch.fleet import _state  # noqa: PLC0415
 
-    hour_ago = {"beat": 1_000, "start": 1_000, "seen": 31_000, "scheduled": True}
-    at = 3_600_000
-    assert _state(hour_ago, {}, muted=False, interval=5.0, at=at) == "ok"
-    assert _state({**hour_ago, "scheduled": False}, {}, muted=False, interval=5.0, at=at) == "late"
-    assert _state(hour_ago, {"schedule": {}}, muted=False, interval=5.0, at=at) == "down"
-    assert _state(hour_ago, {"runtime": {}}, muted=False, interval=5.0, at=at) == "stalled"
+    watch = [31_000, "r1", 1_000, True, True, None, 0, None, 0]  # a ScheduleState, as read_agents gives it
+    hour_ago: dict[str, Any] = {"beat_ms": 1_000, "started_ms": 1_000, "seen_ms": 31_000,
+                                "states": {"schedule": watch}}  # fmt: skip
+    unscheduled = {**hour_ago, "states": {}}
+    at, stall = 3_600_000, 120_000
+    assert _state(hour_ago, {}, muted=False, interval=5.0, at=at, stall_after_ms=stall) == "ok"
+    assert _state(unscheduled, {}, muted=False, interval=5.0, at=at, stall_after_ms=stall) == "late"
+    assert (
+        _state(hour_ago, {"schedule": {}}, muted=False, interval=5.0, at=at, stall_after_ms=stall) == "down"
+    )
+    assert (
+        _state(hour_ago, {"runtime": {}}, muted=False, interval=5.0, at=at, stall_after_ms=stall) == "stalled"
+    )

@@ -11,6 +11,7 @@ when no detector worker runs.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from agentwatch.rollups import Snapshotter, local_midnight_ms
 from notifiers.routing import Mutes
 
 SECOND = 1000
+Message = tuple[bytes, dict[str, Any]]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -51,38 +53,66 @@ def feed(redis_url: str, prefix: str, r: redis.Redis) -> Feed:
     return feed
 
 
-def beat_for(feed: Feed, agent: str, until_ms: int, every_ms: int = 100, **fields: Any) -> None:
-    """Beats (with a pulse after each) from now until ``until_ms``."""
+def beats(feed: Feed, agent: str, until_ms: int, every_ms: int = 100, **fields: Any) -> list[Message]:
+    """Beats (with a pulse after each) from now until ``until_ms``, for :func:`play`."""
     batch = []
     while feed.now + every_ms <= until_ms:
         batch.append(feed.event(agent, "beat", at=feed.now + every_ms, **fields))
         batch.append(feed.event(agent, "pulse", at=feed.now + 1))
-    feed.apply(batch)
+    return batch
 
 
-def pulse_for(feed: Feed, agent: str, until_ms: int, every_ms: int = 100, **fields: Any) -> None:
+def pulses(feed: Feed, agent: str, until_ms: int, every_ms: int = 100, **fields: Any) -> list[Message]:
     batch = []
     while feed.now + every_ms <= until_ms:
         batch.append(feed.event(agent, "pulse", at=feed.now + every_ms, **fields))
-    feed.apply(batch)
+    return batch
+
+
+def play(feed: Feed, *batches: list[Message], ticks: Sequence[int] = ()) -> None:
+    """The events of several agents' ``batches`` as their shard's stream holds them: merged in
+    time order (events of one millisecond get ids ``<ms>-0``, ``<ms>-1``...), applied with a
+    timer check at each of ``ticks`` in between. The shard's owner applies its stream once, in
+    order: an entry at or below the last one applied is a replay and is skipped, so each
+    agent's events cannot be applied one agent after another."""
+    events = sorted((m for batch in batches for m in batch), key=lambda m: int(m[0].split(b"-")[0]))
+    ordered: list[Message] = []
+    last_ms, n = -1, 0
+    for entry_id, event in events:
+        ms = int(entry_id.split(b"-")[0])
+        n = n + 1 if ms == last_ms else 0
+        last_ms = ms
+        ordered.append((f"{ms}-{n}".encode(), event))
+    if not feed.engine.shards:  # take the shard at the first event's time (not at feed.now)
+        feed.tick(min([*ticks, *(int(m[0].split(b"-")[0]) for m in ordered[:1])], default=feed.now))
+    for at in sorted(ticks):
+        due = [m for m in ordered if int(m[0].split(b"-")[0]) <= at]
+        if due:
+            feed.apply(due)
+            ordered = ordered[len(due) :]
+        feed.tick(at)
+    if ordered:
+        feed.apply(ordered)
 
 
 def test_late_is_judged_from_beats_and_starts_and_waits_for_an_extend(feed: Feed, r: redis.Redis) -> None:
     pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
     t0 = feed.now
-    for name in ("steady", "lagging", "pulser", "extended"):
-        feed.apply([feed.event(name, "start", at=t0, interval=1.0)])
-        feed.now = t0
-    beat_for(feed, "steady", t0 + 10 * SECOND, every_ms=500)
+    starts = [
+        feed.event(name, "start", at=t0, interval=1.0) for name in ("steady", "lagging", "pulser", "extended")
+    ]
     feed.now = t0
-    feed.apply([feed.event("lagging", "beat", at=t0 + 100)])
-    pulse_for(feed, "lagging", t0 + 10 * SECOND)  # the process lives; its loop stopped beating
+    steady = beats(feed, "steady", t0 + 10 * SECOND, every_ms=500)
     feed.now = t0
-    pulse_for(feed, "pulser", t0 + 10 * SECOND)  # has never beaten since it started
+    lagging = [feed.event("lagging", "beat", at=t0 + 100)]
+    lagging += pulses(feed, "lagging", t0 + 10 * SECOND)  # the process lives; its loop stopped beating
     feed.now = t0
-    feed.apply([feed.event("extended", "beat", at=t0 + 300),
-                feed.event("extended", "pulse", at=t0 + 400, extend=30.0)])  # fmt: skip
-    pulse_for(feed, "extended", t0 + 10 * SECOND)
+    pulser = pulses(feed, "pulser", t0 + 10 * SECOND)  # has never beaten since it started
+    feed.now = t0
+    extended = [feed.event("extended", "beat", at=t0 + 300),
+                feed.event("extended", "pulse", at=t0 + 400, extend=30.0)]  # fmt: skip
+    extended += pulses(feed, "extended", t0 + 10 * SECOND)
+    play(feed, starts, steady, lagging, pulser, extended)
 
     now = t0 + 10 * SECOND
     assert states(fleet_status(r, pipeline, now_ms=now)) == {
@@ -96,17 +126,17 @@ def test_late_is_judged_from_beats_and_starts_and_waits_for_an_extend(feed: Feed
 def test_stalled_down_exited_retired_and_muted(feed: Feed, r: redis.Redis, keys: Keys) -> None:
     pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
     t0 = feed.now
-    feed.tick(t0)  # the checks start watching (they judge silence only from when they watch)
+    starts = []
     for name in ("stuck", "gone", "crashed", "quitter", "muted-bot", "muted-gone"):
-        feed.apply([feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)])
-        feed.now = t0 + 10
-    pulse_for(feed, "stuck", t0 + 3 * SECOND)  # pulses, no beats: stall after 1s
-    feed.apply([feed.event("crashed", "exit", reason="exception", code=1, error="ValueError: boom")])
-    feed.apply([feed.event("quitter", "exit", reason="shutdown", code=0)])
+        starts += [feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)]
+    stuck = pulses(feed, "stuck", t0 + 3 * SECOND)  # pulses, no beats: stall after 1s
+    ends = [feed.event("crashed", "exit", at=t0 + 20, reason="exception", code=1, error="ValueError: boom"),
+            feed.event("quitter", "exit", at=t0 + 20, reason="shutdown", code=0)]  # fmt: skip
     feed.now = t0 + 10
-    beat_for(feed, "muted-bot", t0 + 3 * SECOND)
-    for at in range(t0 + 250, t0 + 3 * SECOND + 1, 250):
-        feed.tick(at)  # silence for "gone" and "muted-gone" (2s), stall for "stuck" (1s)
+    muted_bot = beats(feed, "muted-bot", t0 + 3 * SECOND)
+    # the checks watch from t0 (they judge silence only from when they watch): silence for
+    # "gone" and "muted-gone" (2s), stall for "stuck" (1s)
+    play(feed, starts, stuck, ends, muted_bot, ticks=range(t0, t0 + 3 * SECOND + 1, 250))
     Mutes(r, keys).add("muted-*", 3600, reason="maintenance")
 
     document = fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND)
@@ -116,6 +146,7 @@ def test_stalled_down_exited_retired_and_muted(feed: Feed, r: redis.Redis, keys:
     }  # fmt: skip
     by_name = rows(document)
     assert [i["detector"] for i in by_name["stuck"]["incidents"]] == ["stall"]
+    assert [i["detector"] for i in by_name["crashed"]["incidents"]] == ["exit"]
     assert "ValueError: boom" in by_name["crashed"]["incidents"][0]["summary"]
     assert by_name["muted-bot"]["muted"] is True and by_name["muted-gone"]["muted"] is True
     assert by_name["stuck"]["last_beat_age_s"] == pytest.approx(2.99)
@@ -140,11 +171,11 @@ def test_tokens_per_min_is_right_from_the_first_seconds_and_decays_to_zero_after
     # no boundary in a way that would help: the rate must not be taken since the boundary.
     t0 = (feed.now - 300 * SECOND) // 60_000 * 60_000 + 17 * SECOND
     feed.now = t0
-    feed.apply([feed.event("spender", "start", at=t0), feed.event("crasher", "start", at=t0)])
+    starts = [feed.event("spender", "start", at=t0), feed.event("crasher", "start", at=t0)]
     spend = [feed.event("spender", "beat", at=t0 + SECOND * i, tokens=595) for i in range(1, 21)]
     spend += [feed.event("crasher", "beat", at=t0 + SECOND * i + 1, tokens=595) for i in range(1, 6)]
-    feed.apply(spend)  # 595 tokens a second: 35,700 a minute, for 20 s
-    feed.apply([feed.event("crasher", "exit", reason="signal", code=137, at=t0 + 6000)])
+    crash = [feed.event("crasher", "exit", reason="signal", code=137, at=t0 + 6000)]
+    play(feed, starts, spend, crash)  # 595 tokens a second: 35,700 a minute, for 20 s
     last = t0 + 20 * SECOND
 
     def rate(at: int) -> Any:
@@ -248,10 +279,20 @@ def test_without_a_detector_worker_status_says_so_and_does_not_call_healthy_agen
     assert (health["detecting"], health["lag"], health["pending"]) == (False, 0, 0)
     assert health["detecting_reason"].startswith("no detector worker is running")
 
-    # Events wait on the stream that no group has read: every one of them is lag, and the
-    # agent is judged as of the oldest of them (its next beat may be right there).
+    # Events wait on the stream that the detector group has not read (the engine that wrote
+    # the record created it when it took the shard, then stopped): every one of them is lag,
+    # and the agent is judged as of the oldest of them (its next beat may be right there).
     r.xadd(keys.events(), {"d": b"x"}, id=f"{t0 + 2500}-0")
     r.xadd(keys.events(), {"d": b"x"}, id=f"{t0 + 3000}-0")
+    document = fleet_status(r, pipeline, now_ms=now)
+    health = document["pipeline"]
+    assert states(document) == {"bot": "ok"}
+    assert (health["lag"], health["applied_until"]) == (2, iso_ms(t0 + 2500))
+    assert "2 events wait unread" in health["detecting_reason"]
+    assert "none has ever read" not in health["detecting_reason"]
+
+    # No detector group at all (a prefix no detector worker ever ran on): status says so.
+    r.xgroup_destroy(keys.events(), "detectors")
     document = fleet_status(r, pipeline, now_ms=now)
     health = document["pipeline"]
     assert states(document) == {"bot": "ok"}
@@ -277,18 +318,17 @@ def test_the_board_fits_the_terminal_without_cutting_agent_names_or_causes(
 ) -> None:
     pipeline: Pipeline = feed.pipeline  # type: ignore[attr-defined]
     t0 = feed.now
-    feed.tick(t0)
     names = ["exited-worker-03", "stalled-scraper-7", "ok"]
+    starts = []
     for name in names:
-        feed.apply([feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)])
-        feed.now = t0 + 10
+        starts += [feed.event(name, "start", at=t0, interval=0.1), feed.event(name, "beat", at=t0 + 10)]
     error = "RuntimeError: the upstream API kept answering 503 for ten minutes\x1b[2J"
-    feed.apply([feed.event("exited-worker-03", "exit", reason="exception", code=1, error=error)])
-    pulse_for(feed, "stalled-scraper-7", t0 + 3 * SECOND)
+    exit_ = [feed.event("exited-worker-03", "exit", at=t0 + 20, reason="exception", code=1, error=error)]
     feed.now = t0 + 10
-    beat_for(feed, "ok", t0 + 3 * SECOND)
-    for at in range(t0 + 250, t0 + 3 * SECOND + 1, 250):
-        feed.tick(at)
+    stalled = pulses(feed, "stalled-scraper-7", t0 + 3 * SECOND)
+    feed.now = t0 + 10
+    ok = beats(feed, "ok", t0 + 3 * SECOND)
+    play(feed, starts, exit_, stalled, ok, ticks=range(t0, t0 + 3 * SECOND + 1, 250))
     lines = [ANSI.sub("", line) for line in _board(fleet_status(r, pipeline, now_ms=t0 + 3 * SECOND), width)]
     cause = "exit: exited-worker-03: crashed with RuntimeError: the upstream API kept answering 503 for ten"
     causes = [line for line in lines if cause in line]
