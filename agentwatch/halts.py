@@ -227,12 +227,10 @@ class HaltExpiry(Handler[Any]):
 
 
 def known_agents(client: Client, keys: Keys) -> list[str]:
-    """Every agent the pipeline has seen (the fleet index the detectors keep), sorted."""
+    """Every agent the detectors keep state for (their checkpoints, detectors/checkpoint.py), sorted."""
     redis: Any = client
     names: set[str] = set()
     for shard in range(max(keys.shards, 1)):
-        names.update(
-            n.decode() if isinstance(n, bytes) else n for n in redis.zrange(keys.agents(shard), 0, -1)
-        )
+        names.update(n.decode() if isinstance(n, bytes) else n for n in redis.hkeys(keys.states(shard)))
     names.discard(PIPELINE_AGENT)
     return sorted(names)
