@@ -27,7 +27,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Sequence, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -52,11 +52,13 @@ WATCH_RETRIES: Final = 3
 """A save whose WATCH fired (the lease key was touched, e.g. renewed by another thread of the
 same worker) is tried again this many times while the lease is still ours."""
 
-# KEYS: lease, decided. ARGV: token, count. 1 if trimmed, 0 if the lease is not ours.
+# KEYS: lease, decided. ARGV: token, count, then ops to keep at the head (in order).
+# 1 if trimmed, 0 if the lease is not ours.
 _POP_DECIDED: Final = """
 local lease = redis.call('GET', KEYS[1])
 if not lease or string.match(lease, '^[^:]*') ~= ARGV[1] then return 0 end
 redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
+for i = #ARGV, 3, -1 do redis.call('LPUSH', KEYS[2], ARGV[i]) end
 return 1
 """
 
@@ -190,10 +192,11 @@ class Checkpoints:
                     continue
         return False
 
-    def pop_decided(self, shard: int, token: int, count: int) -> bool:
-        """Drop the ``count`` oldest decided ops of ``shard`` once they are published; False
-        (nothing dropped) if the lease of ``shard`` no longer holds ``token``."""
+    def pop_decided(self, shard: int, token: int, count: int, keep: Sequence[bytes] = ()) -> bool:
+        """Drop the ``count`` oldest decided ops of ``shard`` once they are published, putting
+        ``keep`` (ops of those that could not be published, in order) back at the head; False
+        (nothing changed) if the lease of ``shard`` no longer holds ``token``."""
         if count <= 0:
             return True
         keys = [self.keys.lease(shard), self.keys.decided(shard)]
-        return bool(self._pop_decided(keys=keys, args=[str(token), count]))
+        return bool(self._pop_decided(keys=keys, args=[str(token), count, *keep]))

@@ -394,7 +394,7 @@ class Engine(Handler[Event]):
             shard.dirty.add(PIPELINE_AGENT)
         if time.monotonic() >= self._next_forget:
             self._next_forget = time.monotonic() + FORGET_EVERY_S
-            self._forget(now_ms)
+            self.forget(now_ms)
         for shard in list(self.shards.values()):
             if shard.decided or shard.unpublished or (
                 shard.dirty and time.monotonic() - shard.saved_at >= CHECKPOINT_EVERY_S
@@ -453,13 +453,18 @@ class Engine(Handler[Event]):
         self.worker.upkeep.reclaim([stream], idle_ms=0)
 
     # -- timers ----------------------------------------------------------------------------------
-    def _arm(self, shard: Shard, agent: Agent) -> None:
-        """(Re-)arm ``agent`` at the earliest due time of its detectors, if earlier than armed."""
+    def _arm(self, shard: Shard, agent: Agent, not_before: int = 0) -> None:
+        """(Re-)arm ``agent`` at the earliest due time of its detectors, if earlier than armed.
+        ``not_before``: a check that just looked at the agent re-arms it no earlier than its
+        next check (a detector whose time has come but that decided nothing yet, waiting for
+        the horizon or for the end of a gap in the watch, is asked again then)."""
         due = 0
         for detector in self.timed:
             when = detector.due_ms(agent)
             if when and (not due or when < due):
                 due = when
+        if due:
+            due = max(due, not_before)
         armed = shard.armed.get(agent.name, 0)
         if due and (not armed or due < armed):
             shard.armed[agent.name] = due
@@ -496,14 +501,17 @@ class Engine(Handler[Event]):
                 if when and when <= limit:
                     detector.on_due(agent, now_ms, limit, shard.sight_ms)
             shard.dirty.add(name)
-            self._arm(shard, agent)
+            self._arm(shard, agent, not_before=limit + 1)
         return gap
 
-    def _forget(self, now_ms: int) -> None:
-        """Agents silent for ``[detectors.silence] forget``: close what is open, drop their state."""
+    def forget(self, now_ms: int) -> None:
+        """Agents silent for ``[detectors.silence] forget``: close what is open, drop their state
+        (and their start facts: a forgotten agent is listed nowhere), so a fleet whose agent
+        names churn does not grow Redis for ever. Scheduled agents are kept: a weekly job is
+        expected however long its quiet spells."""
         silence = self.get("Silence")
         forget_ms = int((silence.config.forget_s if silence is not None else 7 * 86400.0) * 1000)
-        for shard in self.shards.values():
+        for shard in list(self.shards.values()):
             self._decided_shard = shard
             old = [a for a in shard.agents.values() if a.seen_ms and now_ms - a.seen_ms > forget_ms]
             for agent in old:
@@ -520,6 +528,7 @@ class Engine(Handler[Event]):
             gone = [a.name for a in old if a.name not in shard.agents]
             if gone:
                 self.client.hdel(self.keys.facts(shard.index), *gone)
+                self.checkpoint(shard)
 
     # -- checkpoints and publishing ------------------------------------------------------------
     def checkpoint(self, shard: Shard) -> None:
@@ -552,21 +561,37 @@ class Engine(Handler[Event]):
             self.checkpoint(shard)
 
     def _publish(self, shard: Shard) -> None:
-        """Publish the shard's checkpointed decisions, oldest first; each is dropped from the
-        saved list once published. A failure leaves the rest for the next checkpoint."""
+        """Publish the shard's checkpointed decisions, oldest first, and drop them from the
+        saved list. One that fails (a bug: Redis errors go up to the runtime, which retries) is
+        logged, counted and kept with every later decision about the same incident, so that a
+        resolve never overtakes its fire; they are tried again at the next checkpoint, and the
+        others go out meanwhile."""
+        if not shard.unpublished:
+            return
         fence = self.leases.fence(shard.index)
-        while shard.unpublished:
-            raw = shard.unpublished[0]
-            agent, kind, op = json.loads(raw)
-            try:
-                self._publish_one(agent, kind, op, fence)
-            except RECOVERABLE:
-                raise
-            except Exception:
-                self.ctx.stats.handler_errors["publish"] = self.ctx.stats.handler_errors.get("publish", 0) + 1
-                log.exception("could not publish the %s decision about %s (%r); dropping it", kind, agent, op)
-            shard.unpublished.pop(0)
-            self.checkpoints.pop_decided(shard.index, shard.token, 1)
+        kept: list[bytes] = []
+        blocked: set[tuple[str, str]] = set()
+        done = 0
+        try:
+            for raw in shard.unpublished:
+                agent, kind, op = json.loads(raw)
+                if (agent, kind) not in blocked:
+                    try:
+                        self._publish_one(agent, kind, op, fence)
+                    except RECOVERABLE:
+                        raise
+                    except Exception:
+                        errors = self.ctx.stats.handler_errors
+                        errors["publish"] = errors.get("publish", 0) + 1
+                        log.exception("could not publish the %s decision about %s (%r); trying again "
+                                      "at the next checkpoint", kind, agent, op)  # fmt: skip
+                        blocked.add((agent, kind))
+                if (agent, kind) in blocked:
+                    kept.append(raw)
+                done += 1
+        finally:
+            shard.unpublished = kept + shard.unpublished[done:]
+            self.checkpoints.pop_decided(shard.index, shard.token, done, kept)
 
     def _publish_one(self, agent: str, kind: str, op: Op, fence: Any) -> None:
         incidents = self.ctx.incidents

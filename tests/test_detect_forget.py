@@ -4,6 +4,7 @@ and a decision that cannot be worded or published never holds back the others.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,11 +12,11 @@ import pytest
 import redis
 from agents_detect.kit import Feed, fired, pipeline_for, resolved, transitions, worker_for
 
+from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.facts import FactsRecorder, read_facts
 from agentwatch.keys import Keys
-from agentwatch.redisconn import server_time_ms
 from agentwatch.worker import Worker
-from detectors.state import read_agents
+from detectors.agent import read_agents
 
 MB = 1 << 20
 SETTINGS: dict[str, Any] = {
@@ -82,15 +83,16 @@ def test_forgetting_resolves_every_open_incident_once_and_leaves_nothing(
     open_one_of_each(feed, facts)
     assert set(read_facts(r, keys)) == set(KINDS)
     before = len(transitions(r, keys))
-    feed.engine.timers.forget(feed.now + 2 * 3_600_000)  # two hours later: all forgotten
+    feed.engine.forget(feed.now + 2 * 3_600_000)  # two hours later: all forgotten
     after = transitions(r, keys)[before:]
     assert sorted(after) == sorted((agent, kind, "resolved") for agent, kind in KINDS.items())
     for agent, kind in KINDS.items():
         (alert,) = resolved(r, keys, kind, agent)
         assert alert.summary.startswith(f"{agent}: forgotten after ") and alert.details["forgotten"] is True
-    assert r.hlen(keys.intents(0)) == 0 and r.hlen(keys.incidents(0)) == 0
+    assert r.llen(keys.decided(0)) == 0 and r.hlen(keys.incidents(0)) == 0
     assert read_agents(r, keys) == {} and read_facts(r, keys) == {}
-    assert r.zcard(keys.timers(0)) == 0 and r.hlen(keys.stacks(0)) == 0 and r.hlen(keys.rss(0)) == 0
+    assert set(r.hkeys(keys.states(0))) <= {PIPELINE_AGENT.encode()}  # the monitor's own lag state
+    assert set(feed.engine.shards[0].agents) <= {PIPELINE_AGENT} and feed.engine.shards[0].armed == {}
     assert worker.stats.handler_errors == {}
 
 
@@ -98,7 +100,6 @@ def test_a_decision_that_cannot_be_worded_is_published_plainly_and_holds_back_no
     worker: Worker[Any], r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     feed = Feed(worker)
-    feed.engine._prepare()
     exit_detector = feed.engine.get("Exit")
     assert exit_detector is not None
     real = exit_detector.render
@@ -116,15 +117,14 @@ def test_a_decision_that_cannot_be_worded_is_published_plainly_and_holds_back_no
     assert alerts["a"].summary == "a: exit incident started" and alerts["a"].severity == "critical"
     assert alerts["b"].summary == "b: crashed with E"
     assert worker.stats.handler_errors == {"exit": 1}
-    assert r.hlen(keys.intents(0)) == 0
+    assert r.llen(keys.decided(0)) == 0
 
 
 def test_a_publishing_failure_is_counted_and_the_others_still_go_out(
     worker: Worker[Any], r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     feed = Feed(worker)
-    feed.engine._prepare()
-    incidents = feed.engine.publisher.incidents
+    incidents = feed.engine.ctx.incidents
     real = incidents.fire
 
     def failing(agent: str, *args: Any, **kwargs: Any) -> Any:
@@ -136,9 +136,9 @@ def test_a_publishing_failure_is_counted_and_the_others_still_go_out(
     feed.apply([feed.event(a, "start") for a in "abc"])
     feed.apply([feed.event(a, "exit", reason="signal", code=137) for a in "abc"])
     assert sorted(a.agent for a in fired(r, keys, "exit")) == ["a", "c"]
-    assert worker.stats.handler_errors == {"intents": 1} and feed.engine.publisher.failed == 1
-    assert r.hexists(keys.intents(0), "b/exit")  # kept: the sweep tries again after the lease
+    assert worker.stats.handler_errors == {"publish": 1}
+    assert [json.loads(raw)[:2] for raw in r.lrange(keys.decided(0), 0, -1)] == [["b", "exit"]]  # kept
     monkeypatch.setattr(incidents, "fire", real)
-    feed.engine.publisher.sweep(server_time_ms(r) + feed.engine.lease_ms + 1)  # leases are Redis time
+    feed.apply([feed.event("a", "start", run="run-2")])  # the next checkpoint tries it again
     assert sorted(a.agent for a in fired(r, keys, "exit")) == ["a", "b", "c"]
-    assert r.hlen(keys.intents(0)) == 0
+    assert r.llen(keys.decided(0)) == 0
