@@ -165,7 +165,10 @@ class Shard:
                 agent.beats += 1
                 _count_usage(agent, event)
             for detector in engine.listeners[kind]:
-                detector.on_event(agent, event, at, child)
+                try:
+                    detector.on_event(agent, event, at, child)
+                except Exception as exc:
+                    engine.failed(detector, "on_event", exc)
             engine._arm(self, agent)
             return
         if cls == NEW or (cls == CUR and seq > agent.last_seq):
@@ -203,7 +206,10 @@ class Shard:
                 self.retire(engine, agent, at)
             else:
                 for detector in engine.listeners[kind]:
-                    detector.on_event(agent, event, at, None)
+                    try:
+                        detector.on_event(agent, event, at, None)
+                    except Exception as exc:
+                        engine.failed(detector, "on_event", exc)
         elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and exit_ is not None:
             exit_.previous_run(agent, event, at)  # type: ignore[attr-defined]
             agent.prev_run = ""  # once only
@@ -246,7 +252,10 @@ class Shard:
         """``event`` begins a new run: the detectors close what was about the old run (their
         facts may quote it), then the run's shared fields start afresh."""
         for detector in engine.detectors:
-            detector.on_new_run(agent, at)
+            try:
+                detector.on_new_run(agent, at)
+            except Exception as exc:
+                engine.failed(detector, "on_new_run", exc)
         if agent.run:
             agent.prev_run = agent.run
         agent.run = event["run"]
@@ -268,7 +277,10 @@ class Shard:
         """``shutdown()``: the agent stopped on purpose; nothing more is expected of it."""
         agent.retired = True
         for detector in engine.detectors:
-            detector.on_retire(agent, at)
+            try:
+                detector.on_retire(agent, at)
+            except Exception as exc:
+                engine.failed(detector, "on_retire", exc)
 
 
 
@@ -310,7 +322,22 @@ class Engine(Handler[Event]):
         self.refused = ""
         """Why this worker takes no shard (the shard count changed under the state), or ""."""
         self._next_refusal_log = 0.0
+        self._next_failure_log: dict[str, float] = {}
         ctx.shared["engine"] = self
+
+    def failed(self, detector: Detector[Any], hook: str, exc: Exception) -> None:
+        """A detector's stateful hook raised: counted under its name and logged (at most once a
+        minute per detector); the other detectors still get the event, and the engine goes on.
+        Redis unavailable is no bug of the detector's: that goes on up to the worker."""
+        if isinstance(exc, RECOVERABLE):
+            raise exc
+        errors = self.ctx.stats.handler_errors
+        errors[detector.name] = errors.get(detector.name, 0) + 1
+        now = time.monotonic()
+        if now >= self._next_failure_log.get(detector.name, 0.0):
+            self._next_failure_log[detector.name] = now + 60
+            log.error("detector %r raised in %s (isolated; the engine carries on)", detector.name, hook,
+                      exc_info=exc)  # fmt: skip
 
     # -- settings shared by the detectors ----------------------------------------------------
     def get(self, kind: str) -> Detector[Any] | None:
@@ -460,7 +487,11 @@ class Engine(Handler[Event]):
         the horizon or for the end of a gap in the watch, is asked again then)."""
         due = 0
         for detector in self.timed:
-            when = detector.due_ms(agent)
+            try:
+                when = detector.due_ms(agent)
+            except Exception as exc:
+                self.failed(detector, "due_ms", exc)
+                continue
             if when and (not due or when < due):
                 due = when
         if due:
@@ -497,9 +528,12 @@ class Engine(Handler[Event]):
             if agent is None:
                 continue
             for detector in self.timed:
-                when = detector.due_ms(agent)
-                if when and when <= limit:
-                    detector.on_due(agent, now_ms, limit, shard.sight_ms)
+                try:
+                    when = detector.due_ms(agent)
+                    if when and when <= limit:
+                        detector.on_due(agent, now_ms, limit, shard.sight_ms)
+                except Exception as exc:
+                    self.failed(detector, "on_due", exc)
             shard.dirty.add(name)
             self._arm(shard, agent, not_before=limit + 1)
         return gap

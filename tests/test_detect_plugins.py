@@ -1,10 +1,12 @@
 """Plugins: the example error-rate detector found through its entry point and run by a worker;
-a detector that crashes on every hook is logged, counted and isolated while the built-ins carry on."""
+a detector that crashes on every hook is logged, counted and isolated while the built-ins carry
+on, batch hooks and stateful hooks alike."""
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from agents_detect.kit import Agent, fired, pipeline_for, transitions, worker_fo
 
 from agentwatch import config, plugins
 from agentwatch.keys import Keys
-from detectors.base import Detector, DetectorConfig, Event, Message
+from detectors.base import Agent as AgentState
+from detectors.base import ChildRun, Detector, DetectorConfig, Event, Message
 
 from helpers import running, wait_for
 
@@ -28,6 +31,24 @@ class Crashing(Detector[DetectorConfig]):
 
     def on_tick(self, now_ms: int) -> None:
         raise ZeroDivisionError("plugin bug in on_tick")
+
+
+@dataclass
+class Nothing:
+    count: int = 0
+
+
+class CrashingStateful(Detector[DetectorConfig]):
+    """A stateful plugin with a bug: raises from every event and every timer."""
+
+    State = Nothing
+    listens = frozenset({"start", "beat", "exit"})
+
+    def on_event(self, agent: AgentState, event: Event, at_ms: int, child: ChildRun | None) -> None:
+        raise RuntimeError("plugin bug in on_event")
+
+    def due_ms(self, agent: AgentState) -> int:
+        raise ZeroDivisionError("plugin bug in due_ms")
 
 
 @pytest.fixture
@@ -81,4 +102,37 @@ def test_a_crashing_detector_is_isolated(redis_url: str, prefix: str, r: redis.R
         wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="the silence alert")
         wait_for(lambda: worker.stats.handler_errors.get("crashy", 0) >= 4, timeout=5, what="errors counted")
     assert sorted(transitions(r, keys)) == [("bot", "exit", "firing"), ("other", "silence", "firing")]
+    assert set(worker.stats.handler_errors) == {"crashy"}
+
+
+def test_a_crashing_stateful_detector_blinds_no_other_detector(
+    installed_example: str, redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """Its errors count under its own name; the detectors after it still see every event."""
+    pipeline = pipeline_for(
+        prefix,
+        redis_url,
+        crashy={"class": "test_detect_plugins:CrashingStateful"},
+        errorrate={"window": 10},
+        silence={"after": "300ms"},
+    )
+    assert [p.name for p in pipeline.detectors].index("crashy") < [p.name for p in pipeline.detectors].index(
+        "errorrate"
+    )
+    worker = worker_for(pipeline, redis_url)
+    with running(worker):
+        bot, other = Agent(r, keys, "bot"), Agent(r, keys, "other")
+        bot.start()
+        other.start()
+        for i in range(10):
+            bot.beat(ok=i % 2 == 0)
+        bot.exit("exception", 1, error="KeyError: 'x'")
+        wait_for(lambda: fired(r, keys, "errorrate"), timeout=5, what="the error-rate alert")
+        wait_for(lambda: fired(r, keys, "exit"), timeout=5, what="the exit alert")
+        wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="the silence alert")
+    assert sorted(transitions(r, keys)) == [
+        ("bot", "errorrate", "firing"),
+        ("bot", "exit", "firing"),
+        ("other", "silence", "firing"),
+    ]
     assert set(worker.stats.handler_errors) == {"crashy"}

@@ -1,4 +1,6 @@
-"""The error-rate detector against a real Redis, through a real detector worker.
+"""The error-rate detector against a real Redis, through a real detector worker: the engine
+keeps its state, applies the beats once and in order, and publishes its decisions as alerts.
+(test_errorrate_logic.py tests the same logic without Redis.)
 
 Needs a Redis: ``AGENTWATCH_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``); skipped
 when none answers.
@@ -12,13 +14,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, distribution
+from typing import Any
 
 import pytest
 import redis
-from agentwatch_errorrate import ErrorRate
+from agentwatch_errorrate import ErrorRate, ErrorRateConfig
 
 from agentwatch import codec, plugins
-from agentwatch.alerts import decode_alert
+from agentwatch.alerts import Alert, decode_alert
 from agentwatch.config import Pipeline, PipelineSettings, RedisSection, WorkerSection
 from agentwatch.redisconn import connect
 from agentwatch.workers import detector_worker
@@ -57,11 +60,13 @@ def test_found_through_its_entry_point_when_installed() -> None:
     loaded, problems = plugins.load_detectors({"errorrate": {"window": 10}})
     assert not problems
     (plugin,) = [p for p in loaded if p.name == "errorrate"]
-    assert plugin.cls is ErrorRate and plugin.config.window == 10
+    assert (
+        plugin.cls is ErrorRate and isinstance(plugin.config, ErrorRateConfig) and plugin.config.window == 10
+    )
 
 
 def make_pipeline(prefix: str) -> Pipeline:
-    sections = {"errorrate": {"class": "agentwatch_errorrate:ErrorRate"},
+    sections: dict[str, dict[str, Any]] = {"errorrate": {"class": "agentwatch_errorrate:ErrorRate"},
                 **{name: {"enabled": False} for name in plugins.builtins("detectors")}}  # fmt: skip
     detectors, problems = plugins.load_detectors(sections)
     assert not problems
@@ -79,14 +84,19 @@ def test_half_of_the_last_20_beats_failing_fires_and_recovery_resolves(r: redis.
     worker = detector_worker(pipeline, connect(pipeline.settings, URL))
     seq = iter(range(10_000))
 
-    def beat(ok: bool) -> None:
-        event = {"v": 1, "agent": "bot", "kind": "beat", "ts": 0.0, "run": "r1", "seq": next(seq), "ok": ok}
+    def send(kind: str, run: str = "r1", **meta: object) -> None:
+        event = {"v": 1, "agent": "bot", "kind": kind, "ts": 0.0, "run": run, "seq": next(seq), **meta}
         r.xadd(f"{prefix}:events", {"d": codec.encode(event)})
 
+    def beat(ok: bool) -> None:
+        send("beat", ok=ok)
+
+    def received() -> list[Alert]:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = r.xrange(f"{prefix}:alerts")  # type: ignore[assignment]
+        return [decode_alert(fields[b"d"]) for _, fields in entries]
+
     def alerts() -> list[tuple[str, str]]:
-        return [
-            (a.status, a.summary) for a in (decode_alert(f[b"d"]) for _, f in r.xrange(f"{prefix}:alerts"))
-        ]
+        return [(a.status, a.summary) for a in received()]
 
     def wait(predicate: object, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -110,6 +120,17 @@ def test_half_of_the_last_20_beats_failing_fires_and_recovery_resolves(r: redis.
             beat(ok=True)  # the old failures leave the window; the five new ones remain: 25%
         wait(lambda: len(alerts()) == 2)
         assert alerts()[1] == ("resolved", "bot: failures down to 5 of its last 20 beats")
+        for _ in range(10):
+            beat(ok=False)  # 10 of the last 20 again (the five failures before them have left)
+        wait(lambda: len(alerts()) == 3)
+        seq = iter(range(10_000))
+        send("start", run="r2")  # a restart: the failures were the old run's
+        wait(lambda: len(alerts()) == 4)
+        assert alerts()[2:] == [
+            ("firing", "bot: 10 of its last 20 beats failed (ok=False)"),
+            ("resolved", "bot: restarted; its failed beats were the previous run's"),
+        ]
+        assert received()[0].details == {"failures": 10, "beats": 20, "share": 0.5}
     finally:
         worker.stop()
         thread.join(5)

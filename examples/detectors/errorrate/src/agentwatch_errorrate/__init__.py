@@ -1,31 +1,30 @@
 """Error rate: fire when at least ``fire_at`` of an agent's last ``window`` beats carry ``ok=False``.
 
-A complete agentwatch detector in one file, written the way the docs recommend
+A complete agentwatch detector in one file, written with the hooks the built-ins use
 (docs/writing-a-detector.md):
 
-* **State in Redis, updated atomically.** Each agent's last ``window`` outcomes are a bit mask
-  in one hash per shard (``Keys.detector(shard, "errorrate")``); one Lua script per batch
-  shifts the new outcomes in. Any number of workers can share the load.
-* **Idempotent.** Beats carry a per-run ``seq``; the script remembers the highest one applied, so
-  a batch delivered twice (a worker died before acknowledging it) changes nothing.
-* **Level-triggered alerts.** After each update the detector looks at the *current* failure
-  share and asks for the incident to be open or closed. ``Incidents.fire`` does nothing for an
-  incident already open, ``resolve`` nothing for one already closed, so a decision lost to a
-  crash, or two workers deciding in the wrong order, is put right by the next beat.
+* **Per-agent state, kept by the engine.** :class:`ErrorRateState` holds the agent's last
+  ``window`` outcomes as the bits of an int. The shard owner keeps it in memory, applies each
+  beat once and in stream order, checkpoints it to Redis and loads it back after a failover:
+  no Redis calls, no Lua, nothing to make idempotent here.
+* **Decisions, not alerts.** ``on_event`` opens and closes the incident through
+  ``self.decisions`` with the facts that decided it (hysteresis: open at ``fire_at``, close at
+  ``resolve_at``); the engine publishes each transition once, worded by :meth:`ErrorRate.render`.
+* **Runs.** A restart (a new run) or a ``shutdown()`` ends what was about the old run: the
+  incident closes and the window starts afresh. Beats of the agent's worker processes (child
+  runs: a ``multiprocessing`` pool doing its work) count like its own: they are its work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import Field
 
-from agentwatch.codec import entry_ms
-from agentwatch.keys import shard_of
-from detectors.base import Detector, DetectorConfig, Event, Message
+from detectors.base import Agent, ChildRun, Detector, DetectorConfig, Event, Op
 
-__all__ = ["ErrorRate", "ErrorRateConfig"]
+__all__ = ["ErrorRate", "ErrorRateConfig", "ErrorRateState"]
 
 
 class ErrorRateConfig(DetectorConfig):
@@ -35,93 +34,56 @@ class ErrorRateConfig(DetectorConfig):
     severity: str = Field("warning", pattern="^(info|warning|error|critical)$")
 
 
-# KEYS[1]: the shard's errorrate hash. ARGV[1]: window; then per agent: name, run, then the
-# beats as seq/outcome pairs, terminated by "". Returns [agent, failures, beats seen, ...].
-# State per agent: "run seq mask count" (mask: 1 bits are failures, newest lowest).
-_UPDATE: Final = """
-local window = tonumber(ARGV[1])
-local full = 2 ^ window
-local out = {}
-local i = 2
-while i <= #ARGV do
-  local agent, run = ARGV[i], ARGV[i + 1]
-  i = i + 2
-  local raw = redis.call('HGET', KEYS[1], agent)
-  local old_run, hw, mask, seen = '', -1, 0, 0
-  if raw then
-    local a, b, c, d = string.match(raw, '^(%S+) (%S+) (%S+) (%S+)$')
-    old_run, hw, mask, seen = a, tonumber(b), tonumber(c), tonumber(d)
-  end
-  if old_run ~= run then hw = -1 end  -- a new run: its seqs start again; the window carries on
-  while ARGV[i] ~= '' do
-    local seq, failed = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-    if seq > hw then  -- not applied before
-      mask = (mask * 2 + failed) % full
-      seen = math.min(seen + 1, window)
-      hw = seq
-    end
-    i = i + 2
-  end
-  i = i + 1
-  redis.call('HSET', KEYS[1], agent, run .. ' ' .. hw .. ' ' .. mask .. ' ' .. seen)
-  local failures, m = 0, mask
-  while m > 0 do failures = failures + m % 2; m = math.floor(m / 2) end
-  out[#out + 1] = agent
-  out[#out + 1] = failures
-  out[#out + 1] = seen
-end
-return out
-"""
+@dataclass(slots=True)
+class ErrorRateState:
+    """One agent's last outcomes (checkpointed by the engine: plain ints only)."""
+
+    mask: int = 0
+    """The last ``window`` outcomes, newest in the lowest bit: 1 = failed."""
+    seen: int = 0
+    """How many outcomes the mask holds (up to ``window``)."""
 
 
 class ErrorRate(Detector[ErrorRateConfig]):
     """Too many failed beats among the last ones (beat meta ``ok=False``)."""
 
     Config = ErrorRateConfig
+    State = ErrorRateState
+    listens = frozenset({"beat"})
 
-    def on_start(self) -> None:
-        self._update = self.ctx.client.register_script(_UPDATE)
-
-    def on_batch(self, messages: Sequence[Message[Event]]) -> None:
-        # Per shard, per agent: (run, [(seq, failed)]) of the beats that say how they went.
-        shards: dict[int, dict[str, tuple[str, list[tuple[int, int]]]]] = {}
-        last_ms: dict[str, int] = {}
-        for entry_id, event in messages:
-            ok = event.get("ok")
-            if event["kind"] != "beat" or not isinstance(ok, bool):
-                continue
-            agent = event["agent"]
-            agents = shards.setdefault(shard_of(agent, self.ctx.keys.shards), {})
-            run, outcomes = agents.setdefault(agent, (event["run"], []))
-            if event["run"] != run:  # the agent restarted within this batch: keep the newest run
-                agents[agent] = (event["run"], outcomes := [])
-            outcomes.append((event["seq"], 0 if ok else 1))
-            last_ms[agent] = entry_ms(entry_id)
-        for shard, agents in shards.items():
-            args: list[Any] = [self.config.window]
-            for agent, (run, outcomes) in agents.items():
-                args += [agent, run, *[v for pair in outcomes for v in pair], ""]
-            reply = self._update(keys=[self.ctx.keys.detector(shard, "errorrate")], args=args)
-            for k in range(0, len(reply), 3):
-                agent = reply[k].decode()
-                self._judge(agent, int(reply[k + 1]), int(reply[k + 2]), last_ms[agent])
-
-    def _judge(self, agent: str, failures: int, seen: int, at_ms: int) -> None:
-        config = self.config.for_agent(agent)
+    def on_event(self, agent: Agent, event: Event, at_ms: int, child: ChildRun | None) -> None:
+        ok = event.get("ok")
+        if not isinstance(ok, bool):
+            return  # a beat that says nothing about how it went
+        config = self.config.for_agent(agent.name)
+        state: ErrorRateState = self.state(agent)
+        state.mask = ((state.mask << 1) | (not ok)) & ((1 << config.window) - 1)
+        state.seen = min(state.seen + 1, config.window)
+        failures = state.mask.bit_count()
         share = failures / config.window
+        facts = {"failures": failures, "beats": state.seen, "share": round(share, 3)}
         if failures and share >= config.fire_at:
-            self.ctx.incidents.fire(
-                agent,
-                self.name,
-                severity=config.severity,
-                summary=f"{agent}: {failures} of its last {seen} beats failed (ok=False)",
-                at_ms=at_ms,
-                details={"failures": failures, "beats": seen, "share": round(share, 3)},
-            )
+            self.decisions.open(agent, self.name, at_ms, facts)
         elif share <= config.resolve_at:
-            self.ctx.incidents.resolve(
-                agent,
-                self.name,
-                summary=f"{agent}: failures down to {failures} of its last {seen} beats",
-                at_ms=at_ms,
-            )
+            self.decisions.close(agent, self.name, at_ms, facts)
+
+    def on_new_run(self, agent: Agent, at_ms: int) -> None:
+        """A restart: the failures were the old run's."""
+        self.decisions.close(agent, self.name, at_ms, {"restarted": 1})
+        agent.states.pop(self.name, None)
+
+    def on_retire(self, agent: Agent, at_ms: int) -> None:
+        self.decisions.close(agent, self.name, at_ms, {"shutdown": 1})
+        agent.states.pop(self.name, None)
+
+    def render(self, agent: str, kind: str, op: Op) -> tuple[str, str, dict[str, Any]]:
+        f = op["f"]
+        severity = self.config.for_agent(agent).severity
+        if op["o"] == "f":
+            summary = f"{agent}: {f['failures']} of its last {f['beats']} beats failed (ok=False)"
+            return severity, summary, dict(f)
+        if f.get("restarted"):
+            return severity, f"{agent}: restarted; its failed beats were the previous run's", {}
+        if f.get("shutdown"):
+            return severity, f"{agent}: shut down", {}
+        return severity, f"{agent}: failures down to {f['failures']} of its last {f['beats']} beats", {}
