@@ -72,7 +72,9 @@ class Totals:
     @classmethod
     def of_record(cls, record: dict[str, Any]) -> Totals:
         """From a checkpointed agent (detectors.agent.describe)."""
-        return cls(float(record.get("beats", 0)), float(record.get("tokens", 0)), float(record.get("cost", 0)))
+        return cls(
+            float(record.get("beats", 0)), float(record.get("tokens", 0)), float(record.get("cost", 0))
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections.abc import Sequence, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice

@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import redis
 
@@ -50,9 +50,15 @@ from detectors import horizon
 from detectors.agent import Agent, ChildRun
 from detectors.base import Detector, DetectorContext, Op
 from detectors.checkpoint import Checkpoints
+from detectors.exit import Exit
+from detectors.lag import Lag
 from detectors.leases import ShardLeases
+from detectors.silence import Silence
+from detectors.stall import Stall
 
 log = logging.getLogger("agentwatch.detectors")
+
+D = TypeVar("D", bound=Detector[Any])
 
 QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit", "schedule", "runtime"})
 """Incidents a halt explains: not paged while the agent is halted (agentwatch/halts.py)."""
@@ -175,9 +181,9 @@ class Shard:
             # A gap longer than an allowance found in the events themselves (a backlog applied
             # late): what a watcher in real time would have told, silence and stall decide now.
             if silence is not None and self.tick_ms:
-                silence.backlog(agent, event, at, cls == CUR, self.sight_ms)  # type: ignore[attr-defined]
+                silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
             if stall is not None and self.tick_ms and cls == CUR:
-                stall.backlog(agent, event, at, self.sight_ms)  # type: ignore[attr-defined]
+                stall.backlog(agent, event, at, self.sight_ms)
         if cls == NEW:
             self.new_run(engine, agent, event, at)
         if cls in (CUR, NEW):
@@ -193,9 +199,9 @@ class Shard:
         seen0, beat0 = agent.seen_ms, agent.beat_ms
         self.signs_of_life(engine, agent, event, at, cls)
         if silence is not None and at > seen0 and "silence" in agent.open:
-            silence.back(agent, event, at, seen0)  # type: ignore[attr-defined]
+            silence.back(agent, event, at, seen0)
         if stall is not None and cls == CUR and kind == "beat" and at > beat0 and "stall" in agent.open:
-            stall.back(agent, at, beat0)  # type: ignore[attr-defined]
+            stall.back(agent, at, beat0)
         if cls in (CUR, NEW):
             if kind == "beat":
                 agent.beats += 1
@@ -211,7 +217,7 @@ class Shard:
                     except Exception as exc:
                         engine.failed(detector, "on_event", exc)
         elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and exit_ is not None:
-            exit_.previous_run(agent, event, at)  # type: ignore[attr-defined]
+            exit_.previous_run(agent, event, at)
             agent.prev_run = ""  # once only
         engine._arm(self, agent)
 
@@ -220,10 +226,9 @@ class Shard:
         return after a gap that proved nothing about it)."""
         stall = engine.stall
         kind = event["kind"]
-        dead = stall.dead_after_ms(agent) if stall is not None else 0  # type: ignore[attr-defined]
+        dead = stall.dead_after_ms(agent) if stall is not None else 0
         back = at if cls == CUR and dead and agent.seen_ms and at - agent.seen_ms > dead else 0
-        if at > agent.seen_ms:
-            agent.seen_ms = at
+        agent.seen_ms = max(agent.seen_ms, at)
         if cls == PREV:
             return
         extend = event.get("extend")
@@ -245,8 +250,7 @@ class Shard:
             stack = event.get("stack")
             if stack and at > agent.beat_ms:
                 agent.stack, agent.stack_ms = stack, at
-        if back > agent.clocks_from_ms:
-            agent.clocks_from_ms = back
+        agent.clocks_from_ms = max(agent.clocks_from_ms, back)
 
     def new_run(self, engine: Engine, agent: Agent, event: Event, at: int) -> None:
         """``event`` begins a new run: the detectors close what was about the old run (their
@@ -283,13 +287,14 @@ class Shard:
                 engine.failed(detector, "on_retire", exc)
 
 
-
 class Engine(Handler[Event]):
     """The built-in detector engine of one worker (see the module docstring)."""
 
     name = "engine"
 
-    def __init__(self, worker: Worker[Event], ctx: DetectorContext, detectors: Sequence[Detector[Any]]) -> None:
+    def __init__(
+        self, worker: Worker[Event], ctx: DetectorContext, detectors: Sequence[Detector[Any]]
+    ) -> None:
         self.worker = worker
         self.ctx = ctx
         self.client: Any = ctx.client
@@ -299,7 +304,10 @@ class Engine(Handler[Event]):
         for detector in detectors:
             self.detectors += [detector, *getattr(detector, "companions", ())]
         self.by_class = {type(d).__name__: d for d in self.detectors}
-        self.silence, self.stall, self.exit = (self.get(k) for k in ("Silence", "Stall", "Exit"))
+        self.silence = self._one(Silence)
+        self.stall = self._one(Stall)
+        self.exit = self._one(Exit)
+        self.lag = self._one(Lag)
         self.renderers = {kind: d for d in self.detectors for kind in (d.kinds or (d.name,))}
         self.listeners: dict[str, list[Detector[Any]]] = {}
         for kind in ("beat", "pulse", "start", "exit"):
@@ -344,9 +352,13 @@ class Engine(Handler[Event]):
         """The enabled built-in of class name ``kind`` (e.g. "Silence"), if any."""
         return self.by_class.get(kind)
 
+    def _one(self, cls: type[D]) -> D | None:
+        found = self.by_class.get(cls.__name__)
+        return found if isinstance(found, cls) else None
+
     def blind_ms(self) -> int:
         """``[detectors.lag] blind_after`` in ms (its default when the lag detector is off)."""
-        lag = self.get("Lag")
+        lag = self.lag
         return int(lag.config.blind_after_s * 1000) if lag is not None else BLIND_AFTER_MS
 
     def sight_ms(self) -> int:
@@ -354,10 +366,10 @@ class Engine(Handler[Event]):
         shortest silence ``after`` if that is shorter (but not below :data:`SIGHT_FLOOR_MS`). A gap
         shorter than blind_after but longer than an allowance (a Redis restart of 3 s against 1 s
         silences) would otherwise judge agents on time nobody watched, and page them falsely."""
-        silence = self.get("Silence")
+        silence = self.silence
         if silence is None:
             return self.blind_ms()
-        shortest = silence.shortest_after_ms()  # type: ignore[attr-defined]
+        shortest = silence.shortest_after_ms()
         return min(self.blind_ms(), max(shortest, SIGHT_FLOOR_MS))
 
     # -- the runtime's hooks -------------------------------------------------------------------
@@ -408,23 +420,27 @@ class Engine(Handler[Event]):
             return
         positions = horizon.read_positions(self.client, self.keys.event_streams(), now_ms, self._lost)
         self.horizons = positions.horizons
-        self._lost = [new if new is not None else old for new, old in zip(positions.lost, self._lost, strict=True)]
+        self._lost = [
+            new if new is not None else old for new, old in zip(positions.lost, self._lost, strict=True)
+        ]
         gaps = [self._check(shard, now_ms) for shard in self.shards.values()]
         self.last_gap_ms = max(gaps)
-        lag = self.get("Lag")
+        lag = self.lag
         pipeline = shard_of(PIPELINE_AGENT, self.keys.shards)
         if lag is not None and pipeline in self.shards:
             shard = self.shards[pipeline]
             self._decided_shard = shard
             agent = shard.agent(PIPELINE_AGENT)
-            lag.check(agent, now_ms, now_ms - min(self.horizons), self.last_gap_ms, positions)  # type: ignore[attr-defined]
+            lag.check(agent, now_ms, now_ms - min(self.horizons), self.last_gap_ms, positions)
             shard.dirty.add(PIPELINE_AGENT)
         if time.monotonic() >= self._next_forget:
             self._next_forget = time.monotonic() + FORGET_EVERY_S
             self.forget(now_ms)
         for shard in list(self.shards.values()):
-            if shard.decided or shard.unpublished or (
-                shard.dirty and time.monotonic() - shard.saved_at >= CHECKPOINT_EVERY_S
+            if (
+                shard.decided
+                or shard.unpublished
+                or (shard.dirty and time.monotonic() - shard.saved_at >= CHECKPOINT_EVERY_S)
             ):
                 self.checkpoint(shard)
             else:
@@ -543,7 +559,7 @@ class Engine(Handler[Event]):
         (and their start facts: a forgotten agent is listed nowhere), so a fleet whose agent
         names churn does not grow Redis for ever. Scheduled agents are kept: a weekly job is
         expected however long its quiet spells."""
-        silence = self.get("Silence")
+        silence = self.silence
         forget_ms = int((silence.config.forget_s if silence is not None else 7 * 86400.0) * 1000)
         for shard in list(self.shards.values()):
             self._decided_shard = shard
@@ -672,7 +688,9 @@ class Engine(Handler[Event]):
             )
 
     @staticmethod
-    def _forgotten(detector: Detector[Any] | None, agent: str, kind: str, op: Op) -> tuple[str, str, dict[str, Any]]:
+    def _forgotten(
+        detector: Detector[Any] | None, agent: str, kind: str, op: Op
+    ) -> tuple[str, str, dict[str, Any]]:
         """The resolve of an incident still open when its agent was forgotten: worded here once
         for every kind, from the facts every forget decision carries."""
         seen = float(op["f"].get("seen") or 0)
@@ -713,7 +731,9 @@ class _Decisions:
 def is_stateful(detector: Detector[Any]) -> bool:
     """Whether the engine runs ``detector`` (it keeps per-agent state or has timers); the
     others are batch detectors the worker runtime feeds directly."""
-    return detector.State is not None or bool(detector.listens) or type(detector).due_ms is not Detector.due_ms
+    return (
+        detector.State is not None or bool(detector.listens) or type(detector).due_ms is not Detector.due_ms
+    )
 
 
 def _severity(detector: Detector[Any] | None, agent: str) -> str:

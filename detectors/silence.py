@@ -21,7 +21,7 @@ them resolves, so a fleet whose agent names churn does not grow Redis forever.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field
 
@@ -81,29 +81,38 @@ class Silence(Detector[SilenceConfig]):
     # -- settings --------------------------------------------------------------------------------
     def watches(self, agent: Agent) -> bool:
         """Silence judges this agent (a scheduled agent is judged by its schedule instead)."""
-        return self.config.for_agent(agent.name).schedule is None
+        return self.settings(agent).schedule is None
+
+    def settings(self, agent: Agent) -> SilenceConfig:
+        """This detector's settings as they apply to ``agent`` (per-glob overrides)."""
+        config: SilenceConfig = self.config.for_agent(agent.name)
+        return config
 
     def allowance_ms(self, agent: Agent) -> int:
         """max(``after``, 3 x the declared interval), in ms."""
-        return int(max(self.config.for_agent(agent.name).after_s * 1000, 3000 * agent.interval_s))
+        return int(max(self.settings(agent).after_s * 1000, 3000 * agent.interval_s))
 
     def shortest_after_ms(self) -> int:
         """The shortest ``after`` of any unscheduled glob (engine.sight_ms)."""
-        configs = [self.config, *(cfg for _, cfg in self.config._overrides)]
+        overrides = [cast(SilenceConfig, cfg) for _, cfg in self.config._overrides]
+        configs = [self.config, *overrides]
         afters = [int(c.after_s * 1000) for c in configs if c.schedule is None]
         return min(afters) if afters else int(self.config.after_s * 1000)
 
     # -- decisions -------------------------------------------------------------------------------
+    def _expected(self, agent: Agent) -> bool:
+        """Seen, neither retired nor exited, not silent already, and judged by silence."""
+        ended = agent.retired or agent.exited or not agent.seen_ms or "silence" in agent.open
+        return not ended and self.watches(agent)
+
     def due_ms(self, agent: Agent) -> int:
-        if agent.retired or agent.exited or not agent.seen_ms or "silence" in agent.open:
-            return 0
-        if not self.watches(agent):
+        if not self._expected(agent):
             return 0
         return max(agent.seen_ms, agent.clocks_from_ms) + self.allowance_ms(agent)
 
     def on_due(self, agent: Agent, now_ms: int, limit_ms: int, sight_ms: int) -> None:
         """Nothing at all since the allowance began (no earlier than ``sight``): gone."""
-        if agent.retired or agent.exited or "silence" in agent.open or not self.watches(agent):
+        if not self._expected(agent):
             return
         allowance = self.allowance_ms(agent)
         if max(agent.seen_ms, agent.clocks_from_ms, sight_ms) + allowance <= limit_ms:
@@ -120,7 +129,7 @@ class Silence(Detector[SilenceConfig]):
             state.on_time = 1
         else:
             state.on_time = min(state.on_time + 1, 65535)
-        if state.on_time >= self.config.for_agent(agent.name).recover_after:
+        if state.on_time >= self.settings(agent).recover_after:
             facts = {"back": at_ms, "since": seen0, "away": state.away_ms, "on_time": state.on_time,
                      "start": 1 if event["kind"] == "start" else 0}  # fmt: skip
             self.decisions.close(agent, "silence", at_ms, facts)
@@ -130,15 +139,13 @@ class Silence(Detector[SilenceConfig]):
         """A gap longer than the allowance found in the events themselves (a backlog applied
         late: the owner died, or the checks waited for the horizon). One watching in real time
         would have fired and resolved: so do exactly that, with those times."""
-        if agent.retired or agent.exited or not agent.seen_ms or "silence" in agent.open:
-            return
-        if not self.watches(agent):
+        if not self._expected(agent):
             return
         since = max(agent.seen_ms, agent.clocks_from_ms, sight_ms)
         allowance = self.allowance_ms(agent)
         if at_ms - since > allowance:
-            fired = {"o": "f", "at": since + allowance, "f": self._facts(agent, since, allowance)}
-            fired["f"]["since"] = since
+            facts = {**self._facts(agent, since, allowance), "since": since}
+            fired = {"o": "f", "at": since + allowance, "f": facts}
             resolved = {"o": "r", "at": at_ms, "f": {"back": at_ms, "since": since, "late": 1}}
             self.decisions.past(agent, "silence", fired, resolved)
 

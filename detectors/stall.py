@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from pydantic import Field
@@ -160,7 +160,11 @@ class Stall(Detector[StallConfig]):
         if agent.pulse_period_ms > 0:
             return 2.5 * agent.pulse_period_ms
         silence = self.ctx.shared["engine"].get("Silence") if self.ctx is not None else None
-        allowance = silence.allowance_ms(agent) if silence is not None else max(SILENCE_AFTER_MS, 3000 * agent.interval_s)
+        allowance = (
+            silence.allowance_ms(agent)
+            if silence is not None
+            else max(SILENCE_AFTER_MS, 3000 * agent.interval_s)
+        )
         return allowance / 2
 
     def dead_after_ms(self, agent: Agent) -> float:
@@ -172,10 +176,16 @@ class Stall(Detector[StallConfig]):
         return max(self.live_for_ms(agent), self.allowance_ms(agent) / 2)
 
     # -- decisions -------------------------------------------------------------------------------
+    @staticmethod
+    def _may_stall(agent: Agent) -> bool:
+        """Expected to beat, pulsing since its last beat, and neither stalled nor silent already."""
+        ended = agent.retired or agent.exited or bool(agent.open & {"stall", "silence"})
+        return not ended and agent.pulse_ms > agent.beat_ms
+
     def due_ms(self, agent: Agent) -> int:
         """The deadline, once a pulse came at or after it (before that, a pulse from before
         the deadline does not show the process outlived its allowance: the next pulse re-arms)."""
-        if agent.retired or agent.exited or agent.pulse_ms <= agent.beat_ms or agent.open & {"stall", "silence"}:
+        if not self._may_stall(agent):
             return 0
         deadline = max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms) + self.allowance_ms(agent)
         return deadline if agent.pulse_ms >= deadline else 0
@@ -183,7 +193,7 @@ class Stall(Detector[StallConfig]):
     def on_due(self, agent: Agent, now_ms: int, limit_ms: int, sight_ms: int) -> None:
         """Stuck, not dead: the newest pulse is fresh (2.5 pulse periods) and at or after the
         deadline, so the process lived through the whole allowance without a beat."""
-        if agent.retired or agent.exited or agent.pulse_ms <= agent.beat_ms or agent.open & {"stall", "silence"}:
+        if not self._may_stall(agent):
             return
         allowance = self.allowance_ms(agent)
         deadline = max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms, sight_ms) + allowance

@@ -331,7 +331,9 @@ def _health(health: dict[str, Any], width: int) -> list[str]:
     alarms = [f"pipeline: {literal(i['summary'])}" for i in health["incidents"]]
     orphans = [s["shard"] for s in health.get("shards", []) if s["owner"] is None]
     if orphans and health.get("detecting", True):
-        alarms.append(f"shards without an owner (not watched until a detector worker takes them): {_ranges(orphans)}")
+        alarms.append(
+            f"shards without an owner (not watched until a detector worker takes them): {_ranges(orphans)}"
+        )
     alarms += [_delivery_line(entry) for entry in health.get("deliveries", [])]
     if health.get("rejected"):
         why = "with a missing or bad signature (forged, or a key that does not match: see the dead letters)"
