@@ -48,22 +48,12 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     "secret": {"detector": RW, "notifier": RW, "http": R},  # never the operator
     # per-shard detector state; incidents and outbox also by whatever else raises alerts: notifiers
     # (restart_loop) and the HTTP server (halts from the dashboard, the OTLP agent cap)
-    "agents": _DETECTOR_STATE,
     "incidents": {"detector": RW, "notifier": RW, "operator": R, "http": RW},
     "outbox": {"detector": RW, "notifier": RW, "operator": R, "http": RW},
     "states": _DETECTOR_STATE,
-    "timers": _DETECTOR_STATE,
-    "schedules": _DETECTOR_STATE,  # cron agents' watches (detectors/schedule.py)
-    "schedule_due": _DETECTOR_STATE,
-    "schedules_open": _DETECTOR_STATE,
-    "stacks": _DETECTOR_STATE,
-    "rss": _DETECTOR_STATE,
-    "intents": _DETECTOR_STATE,
     "clock": _DETECTOR_STATE,
     "detector": _DETECTOR_STATE,
     "facts": _DETECTOR_STATE,
-    "children": _DETECTOR_STATE,
-    "child_facts": _DETECTOR_STATE,
     "snapshot": _DETECTOR_STATE,
     "spend": _DETECTOR_STATE,
     "snapshots": _DETECTOR_STATE,

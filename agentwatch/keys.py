@@ -100,10 +100,6 @@ class Keys:
     def tag_for(self, agent: str) -> str:
         return self.tag(shard_of(agent, self.shards))
 
-    def agents(self, shard: int) -> str:
-        """Sorted set of the agents of a shard, scored by last time seen (ms): the fleet index."""
-        return f"{self.tag(shard)}:agents"
-
     def incidents(self, shard: int) -> str:
         """Hash ``<agent>/<detector>`` -> JSON of the open incident, for every firing incident."""
         return f"{self.tag(shard)}:incidents"
@@ -113,63 +109,15 @@ class Keys:
         return f"{self.tag(shard)}:outbox"
 
     def states(self, shard: int) -> str:
-        """Hash agent -> the built-in detectors' state of that agent, one packed binary record
-        (layout in detectors/record.py; :func:`detectors.agent.read_agents` decodes it).
-
-        One hash per shard rather than one key per agent: the batch update reads and writes
-        every agent of a batch with one HMGET and one HSET, several times faster than per-key
-        calls and about half the memory."""
+        """Hash agent -> that agent's checkpointed state: the shared fields and every detector's
+        State, one msgpack list (detectors/agent.py ``pack``; ``read_agents`` decodes it).
+        Written by the shard's owner with each checkpoint; read by views and by a new owner."""
         return f"{self.tag(shard)}:states"
 
-    def timers(self, shard: int) -> str:
-        """Sorted set agent -> the next time (ms) the silence/stall checks must look at it.
-        Scores are lower bounds: a check that finds the agent not yet due re-arms it."""
-        return f"{self.tag(shard)}:timers"
-
-    def stacks(self, shard: int) -> str:
-        """Hash agent -> the newest work-thread stack of an agent whose beat is late (stall)."""
-        return f"{self.tag(shard)}:stacks"
-
-    def rss(self, shard: int) -> str:
-        """Hash agent -> recent per-bucket minimum RSS, packed (the memory detector's window)."""
-        return f"{self.tag(shard)}:rss"
-
-    def intents(self, shard: int) -> str:
-        """Hash ``<agent>/<detector>`` -> JSON of alert decisions not yet fully published, with
-        the lease of the worker publishing them (detectors/intents.py)."""
-        return f"{self.tag(shard)}:intents"
-
     def clock(self, shard: int) -> str:
-        """Hash: when detectors last ran their timer checks on this shard, since when they have
-        watched it without a gap, and the pipeline-lag incident's state (detectors/lag.py)."""
+        """Hash of counters about the shard: ``duplicates`` (repeated events dropped), and for
+        the pipeline agent's shard ``trimmed`` (events trimmed unread, detectors/lag.py)."""
         return f"{self.tag(shard)}:clock"
-
-    def children(self, shard: int) -> str:
-        """Hash ``<agent>|<run hash>`` -> JSON of a child run (a forked or pool worker process
-        whose start named a ``parent``): its parent run's hash, highest applied seq, last event
-        (ms), interval, whether it exited. Written by the batch update, watched by
-        detectors/children.py."""
-        return f"{self.tag(shard)}:children"
-
-    def child_facts(self, shard: int) -> str:
-        """Hash ``<agent>|<run hash>`` -> JSON of a child run's start: run id, parent run id,
-        pid, host (what its ``child`` alert names)."""
-        return f"{self.tag(shard)}:child-facts"
-
-    def schedules(self, shard: int) -> str:
-        """Hash agent -> JSON of a scheduled (cron) agent's watch: its last run as last known,
-        and its open ``schedule`` / ``runtime`` incidents (detectors/schedule.py)."""
-        return f"{self.tag(shard)}:schedules"
-
-    def schedule_due(self, shard: int) -> str:
-        """Sorted set agent -> the next time (ms) the schedule check must look at a scheduled
-        agent (0: at the next tick, after new events). A claimed agent's score is its claim's end."""
-        return f"{self.tag(shard)}:schedule-due"
-
-    def schedules_open(self, shard: int) -> str:
-        """Set of the scheduled agents with an open ``schedule`` or ``runtime`` incident: a batch
-        with their events has them looked at once (to resolve), the others wait for their due time."""
-        return f"{self.tag(shard)}:schedules-open"
 
     def lease(self, shard: int) -> str:
         """String ``<token>:<owner>`` with a PX expiry: the engine worker that owns this shard now

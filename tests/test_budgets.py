@@ -23,6 +23,8 @@ from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 from agentwatch.report import build_report, render_text
 from agentwatch.spend import Ledger, Window, window_of
+from detectors.agent import Agent as AgentState
+from detectors.agent import pack
 from detectors.budgets import EXCEEDED, WARNING, judge
 
 from helpers import caught_up, running, wait_for
@@ -182,7 +184,7 @@ def test_a_glob_matching_no_agent_is_a_warning(
 ) -> None:
     from detectors.budgets import BudgetKeeper  # noqa: PLC0415
 
-    r.zadd(keys.agents(0), {"scraper-1": 1})
+    r.hset(keys.states(0), "scraper-1", pack(AgentState("scraper-1")))  # a checkpointed agent
     pipeline = with_budgets(pipeline_for(prefix, redis_url), {"agents": "scrapper-*", "limit": 5.0})
     keeper = BudgetKeeper(r, keys, pipeline.settings, Incidents(r, keys), Halts(r, keys))
     with caplog.at_level("WARNING", logger="agentwatch.detectors.budget"):

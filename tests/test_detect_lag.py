@@ -13,6 +13,7 @@ import redis
 from agents_detect.kit import Agent, Feed, alerts, fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch.keys import Keys
+from detectors.agent import read_agents
 
 from helpers import running, wait_for
 
@@ -59,7 +60,7 @@ def test_workers_down_while_agents_beat_means_one_lag_alert_not_a_storm(
     what matters (2 min is 2 x 60 s; 2.5 s is 2.5 x 1 s): the outage outlasts every allowance."""
     pipeline = pipeline_for(prefix, redis_url, silence={"after": "1s"}, stall={"after": "1s"}, lag=LAG)
     with running(worker_for(pipeline, redis_url)):
-        wait_for(lambda: r.zcard(keys.agents(0)) == 20, timeout=5, what="the fleet registered")
+        wait_for(lambda: len(read_agents(r, keys)) == 20, timeout=5, what="the fleet registered")
     # Every detector worker is gone for 2.5 s: 2.5 allowances. One agent dies meanwhile.
     time.sleep(0.5)
     fleet.stopped.add("fleet-7")

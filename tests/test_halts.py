@@ -21,6 +21,7 @@ from agentwatch.cli import app
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.halts import HaltExpiry, Halts
 from agentwatch.keys import Keys
+from detectors.agent import Agent, pack
 from producers import Halted, Producer
 
 from helpers import wait_for
@@ -71,8 +72,8 @@ def halt_alerts(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
 
 
 def seen(r: redis.Redis, keys: Keys, *agents: str) -> None:
-    """As the detectors record agents they have seen (the fleet index)."""
-    r.zadd(keys.agents(0), dict.fromkeys(agents, int(time.time() * 1000)))
+    """As the detectors record agents they have seen (their checkpointed state)."""
+    r.hset(keys.states(0), mapping={agent: pack(Agent(agent)) for agent in agents})
 
 
 def test_a_halt_reaches_a_beating_loop_and_a_resume_lifts_it(

@@ -24,7 +24,7 @@ from agents_detect.kit import fired, pipeline_for, resolved, worker_for
 
 from agentwatch.codec import decode, entry_ms
 from agentwatch.keys import Keys
-from detectors.state import read_agents
+from detectors.agent import read_agents
 
 from helpers import caught_up, running, wait_for
 

@@ -11,7 +11,7 @@ redelivery. Neither is an error anywhere, so ``status`` looks for them:
   keeps up with: events arriving that no pipeline reads. A stream some other pipeline reads
   (another deployment sharing the server) is not mentioned;
 * the detectors' count of events dropped because their ``seq`` was not above their run's highest
-  (``duplicates`` in each shard's clock hash, detectors/state.py).
+  (``duplicates`` in each shard's clock hash, detectors/engine.py).
 """
 
 from __future__ import annotations
