@@ -9,7 +9,7 @@ process applies them all. Then the event stream (not detector state: producers c
 workers trim it) is deleted and memory is measured two ways:
 
 * ``MEMORY USAGE <key> SAMPLES 0`` summed over every detector key (states, timers, fleet index,
-  RSS windows, stacks, intents, clock, incidents, outbox);
+  checkpoint, undelivered decisions, lease, clock, incidents, outbox);
 * ``INFO memory`` ``used_memory`` minus the same figure before the first event (this includes
   the start facts the same worker records for status and reports, ``{0}:facts``, shown apart).
 
@@ -37,6 +37,7 @@ from agentwatch import codec, config, plugins
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.redisconn import connect
 from agentwatch.workers import detector_worker
+from detectors.agent import read_agents
 
 PULSES = 13
 SECTIONS = {
@@ -109,13 +110,13 @@ def main() -> None:
         applied_s = time.perf_counter() - started
         alerts = client.xlen(keys.alerts)  # the pipeline-lag alert only: these events are a backlog
         client.delete(keys.events(), keys.alerts)  # not detector state (see the docstring)
-        detector_keys = [keys.states(0), keys.timers(0), keys.agents(0), keys.rss(0), keys.stacks(0),
-                         keys.intents(0), keys.clock(0), keys.incidents(0), keys.outbox(0)]  # fmt: skip
+        detector_keys = [keys.states(0), keys.checkpoint(0), keys.decided(0), keys.lease(0), keys.epoch(0),
+                         keys.clock(0), keys.incidents(0), keys.outbox(0)]  # fmt: skip
         usage = {key: int(client.memory_usage(key, samples=0) or 0) for key in detector_keys}
         # Not detector state, but written by the same worker (agentwatch/facts.py): shown apart.
         facts = int(client.memory_usage(keys.facts(0), samples=0) or 0)
         after = int(client.info("memory")["used_memory"])
-        windows = client.hlen(keys.rss(0))
+        windows = sum(1 for a in read_agents(client, keys).values() if "memory" in a["states"])
         worker.client.close()
     finally:
         client.close()

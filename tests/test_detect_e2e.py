@@ -24,6 +24,7 @@ from agents_detect.kit import alerts, fired, pipeline_for, resolved, transitions
 
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
+from detectors.agent import read_agents
 
 from helpers import running, wait_for
 
@@ -151,4 +152,4 @@ def test_a_clean_shutdown_raises_nothing(
         wait_for(lambda: server_time_ms(r) > quiet_until, timeout=10)
         time.sleep(0.2)
     assert alerts(r, keys) == []
-    assert r.zscore(keys.timers(0), "polite") is None
+    assert read_agents(r, keys)["polite"]["retired"]  # expected no more
