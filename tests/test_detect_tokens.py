@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -175,9 +176,9 @@ def test_replayed_beats_leave_the_rate_as_it_was(make_feed: Any, r: redis.Redis,
     assert rates[1] == pytest.approx(rates[0], rel=1e-6)
 
 
-def applied(r: redis.Redis, keys: Keys) -> int:
-    """The seq of the last event applied (of the checkpointed agent "bot")."""
-    return int(read_agents(r, keys, ["bot"]).get("bot", {}).get("last_seq", -1))
+def applied(r: redis.Redis, keys: Keys, seq: int) -> bool:
+    """Whether the checkpointed agent "bot" has applied its event ``seq``."""
+    return int(read_agents(r, keys, ["bot"]).get("bot", {}).get("last_seq", -1)) >= seq
 
 
 def test_two_workers_see_the_rate_one_worker_sees(redis_url: str, prefix: str, r: redis.Redis) -> None:
@@ -199,7 +200,7 @@ def test_two_workers_see_the_rate_one_worker_sees(redis_url: str, prefix: str, r
             pipeline = pipeline_for(keys.prefix, redis_url, worker={"batch": 7})
             workers = [worker_for(pipeline, redis_url, consumer=f"w{i}") for i in range(count)]
             with running(workers[0]), running(workers[1]) if count == 2 else nullcontext():
-                wait_for(lambda keys=keys: applied(r, keys) == 600, timeout=20)
+                wait_for(partial(applied, r, keys, 600), timeout=20)
         rates = [rate_per_min(agent_view(r, keys)) for keys in (solo, duo)]
     finally:
         for key in r.scan_iter(f"{duo.prefix}:*"):
