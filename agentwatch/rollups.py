@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
+from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.codec import Event
 from agentwatch.keys import Keys, shard_of
 from agentwatch.redisconn import Client
@@ -41,6 +42,7 @@ from agentwatch.worker import Handler
 _PACK: Final = struct.Struct("<ddd")  # beats, tokens, cost
 _SLICE: Final = 2000
 _LOCK_MS: Final = 10_000
+_PIPELINE: Final = PIPELINE_AGENT.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +93,17 @@ def scan_totals(
     """One slice of a shard's agents, HSCAN-style: (next cursor, 0 when done; agent -> sample).
 
     The one place where sweeps over the whole fleet (rollup snapshots, chart series) read the
-    detectors' records, so a new record layout changes this function and nothing else."""
+    detectors' records, so a new record layout changes this function and nothing else. The
+    pipeline agent (the lag detector's state, checkpointed beside the agents) is not one of the
+    fleet: it never beats, and the views leave it out too."""
     from detectors.agent import describe, unpack  # noqa: PLC0415 - the spine imports detectors lazily
 
     redis: Any = client
     cursor, pairs = redis.hscan(keys.states(shard), cursor, count=count or _SLICE)
     out: dict[bytes, Sample] = {}
     for agent, raw in pairs.items():
+        if agent == _PIPELINE:
+            continue
         found = unpack(agent.decode(), raw, {})
         if found is not None:
             out[agent] = Sample(Totals.of_record(describe(found)), found.rss_last // 1024)

@@ -18,7 +18,7 @@ from agentwatch import codec
 from agentwatch.cli.elsewhere import duplicates_dropped
 from agentwatch.keys import Keys
 from agentwatch.rollups import Totals
-from detectors.state import read_agents
+from detectors.agent import read_agents
 
 from helpers import caught_up, running, wait_for
 
