@@ -530,6 +530,10 @@ class Engine(Handler[Event]):
         elif now_ms - shard.tick_ms > allowed:
             gap = now_ms - shard.tick_ms
             shard.sight_ms = now_ms
+            for agent in shard.agents.values():  # every clock restarts here (Agent.clocks_from_ms)
+                if agent.clocks_from_ms < now_ms:
+                    agent.clocks_from_ms = now_ms
+                    shard.dirty.add(agent.name)
         shard.tick_ms = max(shard.tick_ms, now_ms)
         horizon_ms = self.horizons[shard.index] if shard.index < len(self.horizons) else now_ms
         limit = min(now_ms, horizon_ms)
