@@ -259,7 +259,15 @@ def test_two_workers_one_sigkilled_alert_exactly_like_one(
     thread.join(10)
     for keys in (solo, duo):
         done = lambda keys=keys: len(transitions(r, keys)) >= len(EXPECTED) and settled(r, keys)  # noqa: E731
-        wait_for(done, timeout=30, what=f"the expected alerts on {keys.prefix}, nothing left to publish")
+        try:
+            wait_for(done, timeout=30)
+        except AssertionError:
+            name = "one worker" if keys is solo else "two workers"
+            raise AssertionError(
+                f"{name}: alerts {sorted(transitions(r, keys))} (expected {EXPECTED}); settled: "
+                f"{settled(r, keys)}, pending {r.xpending(keys.events(), 'detectors')['pending']}, "
+                f"decided {r.llen(keys.decided(0))}, lease {r.get(keys.lease(0))!r}"
+            ) from None
     assert sorted(transitions(r, solo)) == sorted(transitions(r, duo)) == EXPECTED
     assert duplicates(r, solo) == duplicates(r, duo) == []
     assert victim.wait(timeout=5) == -signal.SIGKILL
