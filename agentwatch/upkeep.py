@@ -198,7 +198,8 @@ class Upkeep:
             log.info("forgot %d dead worker(s) whose health key expired", len(gone))
 
     def trim(self, now_ms: int) -> None:
-        """Trim by age, but never past what any consumer group has yet to read or acknowledge."""
+        """Trim by age, but never past what any consumer group has yet to read or acknowledge,
+        nor what a handler still needs (``Worker.trim_floor``)."""
         cutoff = now_ms - int(self.w.retention_s * 1000)
         for stream in self.w.streams:
             limit = cutoff
@@ -208,5 +209,8 @@ class Upkeep:
                     summary = self.w.client.xpending(stream, info["name"])
                     if summary.get("min"):
                         limit = min(limit, entry_ms(summary["min"]))
+            floor = self.w.trim_floor(stream) if self.w.trim_floor is not None else None
+            if floor is not None:
+                limit = min(limit, floor)
             if limit > 0:
                 self.w.client.xtrim(stream, minid=f"{limit}-0", approximate=True)

@@ -135,6 +135,9 @@ class Worker(Generic[T]):
         self._single_node = isinstance(client, redis.Redis)
         client.set_response_callback("XREADGROUP", _raw_reply)
         self.upkeep = Upkeep(self)
+        self.trim_floor: Callable[[str], int | None] | None = None
+        """Stream -> the oldest entry time (ms) a handler still needs beyond what the consumer
+        group needs (the detector engine's replay start), or None: trimming respects it."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self, *, install_signals: bool = True) -> None:

@@ -42,6 +42,8 @@ import redis
 from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.codec import Event
 from agentwatch.config import format_duration
+from agentwatch.deadletter import entry_field
+from agentwatch.errors import InvalidEntry
 from agentwatch.halts import Halts
 from agentwatch.keys import shard_of
 from agentwatch.redisconn import RECOVERABLE
@@ -73,7 +75,10 @@ LEASE_MS: Final = 3000
 """How long a shard stays with a worker that stopped renewing (SIGKILL, a freeze, a lost
 network): the longest a failover delays detection, plus one tick (docs/architecture.md)."""
 CHECKPOINT_EVERY_S: Final = 0.5
-"""A shard with changes but no batch (timer decisions only) is checkpointed this often."""
+"""How often a shard's changes are saved when nothing was decided (a decision is saved, then
+published, at once). Entries are acknowledged as they are applied: a successor replays the
+stream from the checkpoint's entry id (``Engine._replay``), so nothing between is lost."""
+REPLAY_COUNT: Final = 1000
 
 CUR, NEW, PREV, FOREIGN, CHILD = "current", "new", "previous", "foreign", "child"
 """How an event relates to its agent's runs (:meth:`Shard.classify`)."""
@@ -180,9 +185,12 @@ class Shard:
         if cls == NEW or (cls == CUR and seq > agent.last_seq):
             # A gap longer than an allowance found in the events themselves (a backlog applied
             # late): what a watcher in real time would have told, silence and stall decide now.
-            if silence is not None and self.tick_ms:
+            # (asked only past the shortest allowance in force: most events are well within it)
+            quiet = at - max(agent.seen_ms, agent.clocks_from_ms)
+            if silence is not None and self.tick_ms and agent.seen_ms and quiet > engine.shortest_silence_ms:
                 silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
-            if stall is not None and self.tick_ms and cls == CUR:
+            stuck = at - max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms)
+            if stall is not None and self.tick_ms and cls == CUR and stuck > engine.shortest_stall_ms:
                 stall.backlog(agent, event, at, self.sight_ms)
         if cls == NEW:
             self.new_run(engine, agent, event, at)
@@ -226,8 +234,10 @@ class Shard:
         return after a gap that proved nothing about it)."""
         stall = engine.stall
         kind = event["kind"]
-        dead = stall.dead_after_ms(agent) if stall is not None else 0
-        back = at if cls == CUR and dead and agent.seen_ms and at - agent.seen_ms > dead else 0
+        # (a gap shorter than half the shortest stall allowance proves something: skip the rest)
+        gap = at - agent.seen_ms if agent.seen_ms else 0
+        dead = stall.dead_after_ms(agent) if stall is not None and gap > engine.shortest_stall_ms / 2 else 0
+        back = at if cls == CUR and dead and gap > dead else 0
         agent.seen_ms = max(agent.seen_ms, at)
         if cls == PREV:
             return
@@ -308,6 +318,8 @@ class Engine(Handler[Event]):
         self.stall = self._one(Stall)
         self.exit = self._one(Exit)
         self.lag = self._one(Lag)
+        self.shortest_silence_ms = self.silence.shortest_after_ms() if self.silence else 0
+        self.shortest_stall_ms = self.stall.shortest_after_ms() if self.stall else 0
         self.renderers = {kind: d for d in self.detectors for kind in (d.kinds or (d.name,))}
         self.listeners: dict[str, list[Detector[Any]]] = {}
         for kind in ("beat", "pulse", "start", "exit"):
@@ -375,6 +387,7 @@ class Engine(Handler[Event]):
     # -- the runtime's hooks -------------------------------------------------------------------
     def on_start(self) -> None:
         self.worker.streams = []  # nothing until a lease is held (the first tick takes some)
+        self.worker.trim_floor = self.trim_floor
 
     def on_batch(self, messages: Sequence[Message[Event]]) -> None:
         touched: set[Shard] = set()
@@ -392,8 +405,10 @@ class Engine(Handler[Event]):
                 shard.apply(self, entry_id, event)
                 shard.last_id = entry_id
                 touched.add(shard)
-        for shard in touched:
-            self.checkpoint(shard)
+        now = time.monotonic()
+        for shard in touched:  # decisions go out at once; the rest is saved every half second
+            if shard.decided or now - shard.saved_at >= CHECKPOINT_EVERY_S:
+                self.checkpoint(shard)
 
     def on_tick(self, now_ms: int) -> None:
         if self.refused:
@@ -447,9 +462,13 @@ class Engine(Handler[Event]):
                 self._save_clock(shard)
 
     def on_stop(self) -> None:
+        self.flush()
+        self.leases.release_all()
+
+    def flush(self) -> None:
+        """Checkpoint every shard held now (a stop; tests that read the state right away)."""
         for shard in list(self.shards.values()):
             self.checkpoint(shard)
-        self.leases.release_all()
 
     # -- taking a shard over, handing one over --------------------------------------------------
     def _hand_over(self, index: int, token: int) -> None:
@@ -482,9 +501,10 @@ class Engine(Handler[Event]):
             self._arm(shard, agent)
         self.shards[index] = shard
         self._publish(shard)
+        replayed = self._replay(shard)
         log.info(
-            "took over shard %d: %d agents, checkpoint at %s, in %.0f ms",
-            index, len(shard.agents), shard.last_id.decode(), (time.monotonic() - started) * 1000,
+            "took over shard %d: %d agents, checkpoint at %s, %d entries replayed, in %.0f ms",
+            index, len(shard.agents), shard.last_id.decode(), replayed, (time.monotonic() - started) * 1000,
         )  # fmt: skip
         self.worker.streams = [self.keys.events(i) for i in sorted(self.shards)]
         stream = self.keys.events(index)
@@ -494,6 +514,47 @@ class Engine(Handler[Event]):
             if "BUSYGROUP" not in str(exc):
                 raise
         self.worker.upkeep.reclaim([stream], idle_ms=0)
+
+    def _replay(self, shard: Shard) -> int:
+        """Apply what the previous owner had read after its last checkpoint: the stream from
+        the checkpoint's entry id up to the group's last delivered one (acknowledged or not).
+        Entries that do not decode or verify were dead-lettered when first read: skipped."""
+        stream = self.keys.events(shard.index)
+        try:
+            groups = self.client.xinfo_groups(stream)
+        except redis.ResponseError:  # no stream yet
+            return 0
+        group = next((g for g in groups if _text(g["name"]) == self.worker.group), None)
+        if group is None:
+            return 0
+        end = _bytes(group["last-delivered-id"])
+        replayed = 0
+        while _after(end, shard.last_id):
+            entries = self.client.xrange(stream, min=b"(" + shard.last_id, max=end, count=REPLAY_COUNT)
+            if not entries:
+                break
+            batch: list[Message[Event]] = []
+            for entry_id, fields in entries:
+                try:
+                    data = entry_field(fields)
+                    event = self.worker.decode(data)
+                    if self.worker.verify is not None:
+                        self.worker.verify(stream, entry_id, fields, data, event)
+                except InvalidEntry:
+                    continue
+                batch.append((_bytes(entry_id), event))
+            self.on_batch(batch)
+            shard.last_id = _bytes(entries[-1][0])  # (past skipped entries too)
+            replayed += len(entries)
+        self.checkpoint(shard)
+        return replayed
+
+    def trim_floor(self, stream: str) -> int | None:
+        """The oldest entry time a stream must keep: its shard's replay start (Worker.trim)."""
+        for shard in self.shards.values():
+            if self.keys.events(shard.index) == stream:
+                return int(shard.last_id.split(b"-", 1)[0]) if shard.saved_at else 0
+        return None
 
     # -- timers ----------------------------------------------------------------------------------
     def _arm(self, shard: Shard, agent: Agent, not_before: int = 0) -> None:
@@ -530,10 +591,10 @@ class Engine(Handler[Event]):
         elif now_ms - shard.tick_ms > allowed:
             gap = now_ms - shard.tick_ms
             shard.sight_ms = now_ms
-            for agent in shard.agents.values():  # every clock restarts here (Agent.clocks_from_ms)
-                if agent.clocks_from_ms < now_ms:
-                    agent.clocks_from_ms = now_ms
-                    shard.dirty.add(agent.name)
+            for each in shard.agents.values():  # every clock restarts here (Agent.clocks_from_ms)
+                if each.clocks_from_ms < now_ms:
+                    each.clocks_from_ms = now_ms
+                    shard.dirty.add(each.name)
         shard.tick_ms = max(shard.tick_ms, now_ms)
         horizon_ms = self.horizons[shard.index] if shard.index < len(self.horizons) else now_ms
         limit = min(now_ms, horizon_ms)
@@ -769,6 +830,10 @@ def _track_pulse(agent: Agent, event: Event, at: int) -> None:
         agent.rss_first, agent.rss_first_ms = rss, at
     agent.rss_last = rss
     agent.rss_peak = max(agent.rss_peak, rss)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _bytes(entry_id: bytes | str) -> bytes:

@@ -23,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from pydantic import Field
 
@@ -148,6 +148,11 @@ class Stall(Detector[StallConfig]):
     kinds = ("stall",)
 
     # -- settings --------------------------------------------------------------------------------
+    def shortest_after_ms(self) -> int:
+        """The shortest ``after`` of any glob (the engine skips checks no allowance can need)."""
+        overrides = [cast(StallConfig, cfg) for _, cfg in self.config._overrides]
+        return int(min(c.after_s for c in [self.config, *overrides]) * 1000)
+
     def allowance_ms(self, agent: Agent) -> int:
         """max(``after``, 3 x the declared interval), in ms."""
         return int(max(self.config.for_agent(agent.name).after_s * 1000, 3000 * agent.interval_s))

@@ -65,9 +65,15 @@ def running(worker: Worker[Any]) -> Iterator[threading.Thread]:
 
 def caught_up(r: Any, keys: Keys) -> bool:
     """The detector group exists and has read and acknowledged every event (an absent group
-    would make "all groups caught up" vacuously true before the worker has even started)."""
+    would make "all groups caught up" vacuously true before the worker has even started), and
+    where a detector engine owns the shard, it has checkpointed since (its views show it all:
+    the engine saves at least every half second)."""
     groups = r.xinfo_groups(keys.events()) if r.exists(keys.events()) else []
-    return bool(groups) and all(g["lag"] == 0 and g["pending"] == 0 for g in groups)
+    if not groups or not all(g["lag"] == 0 and g["pending"] == 0 for g in groups):
+        return False
+    saved_at = r.hget(keys.checkpoint(0), "saved_at")
+    last = max(int(str(g["last-delivered-id"], "ascii").split("-")[0]) for g in groups)
+    return saved_at is None or int(saved_at) > last
 
 
 def events_worker(client: Any, prefix: str, handlers: list[Any], **worker: Any) -> Worker[Any]:

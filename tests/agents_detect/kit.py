@@ -142,6 +142,8 @@ class Feed:
         if not self.engine.shards:  # the first batch: take the shards first, as a worker's first tick does
             self.engine.on_tick(self.now)
         self.engine.on_batch(list(messages))
+        self.engine.flush()  # what a worker saves within half a second: read it at once here
 
     def tick(self, now_ms: int | None = None) -> None:
         self.engine.on_tick(now_ms if now_ms is not None else self.now)
+        self.engine.flush()
