@@ -32,6 +32,12 @@ HALT_EPOCH_FIELD: Final = "#epoch"
 """Field of the halts hash whose value every change replaces (producers poll it). ``#`` appears
 in no agent name nor in any pattern ``agentwatch halt`` accepts, so it collides with neither."""
 
+DETECTORS_GROUP: Final = "detectors"
+NOTIFIERS_GROUP: Final = "notifiers"
+"""Consumer groups of the detector workers (on event streams) and of the notifier workers (on the
+alerts stream). Here, at the bottom, because detectors read their group's position too
+(detectors/horizon.py); agentwatch.workers re-exports them."""
+
 OTLP_COUNT_FIELD: Final = "#agents"
 """Field of a stream's OTLP hash (:meth:`Keys.otlp`) counting the stream's agents known through
 OTLP; beside 12-byte process hashes, never one of them."""

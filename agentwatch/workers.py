@@ -13,15 +13,12 @@ from agentwatch.codec import Event
 from agentwatch.config import Pipeline
 from agentwatch.facts import FactsRecorder
 from agentwatch.halts import HaltExpiry, Halts
-from agentwatch.keys import Keys, shard_of
+from agentwatch.keys import DETECTORS_GROUP, NOTIFIERS_GROUP, Keys, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.rollups import Snapshotter
 from agentwatch.security import AlertVerifier, EventVerifier, PipelineSecret
 from agentwatch.series import SeriesRecorder
 from agentwatch.worker import Handler, Message, Worker
-
-DETECTORS_GROUP = "detectors"
-NOTIFIERS_GROUP = "notifiers"
 
 
 class OutboxSweeper(Handler[Any]):

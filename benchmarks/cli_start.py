@@ -41,7 +41,7 @@ COMMANDS: dict[str, list[str]] = {
 def seed(url: str, prefix: str) -> None:
     """Three agents' events from real producers, applied by a real detector worker, so ``status``
     has a fleet to show and ``alerts`` a stream to read."""
-    from agentwatch import config  # noqa: PLC0415 - this process's imports are not what is timed
+    from agentwatch import config, loading  # noqa: PLC0415 - this process's imports are not what is timed
     from agentwatch.redisconn import connect  # noqa: PLC0415
     from agentwatch.workers import detector_worker  # noqa: PLC0415
     from producers import Producer  # noqa: PLC0415
@@ -50,7 +50,7 @@ def seed(url: str, prefix: str) -> None:
         producer = Producer(name, redis_url=url, prefix=prefix, pulse_interval=600)
         producer.heartbeat(tokens=120)
         producer.close()
-    pipeline = config.load(None)
+    pipeline = loading.load(None)
     settings = pipeline.settings.model_copy(
         update={"redis": pipeline.settings.redis.model_copy(update={"prefix": prefix})}
     )

@@ -33,7 +33,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import figure, median, report
 
-from agentwatch import codec, config
+from agentwatch import codec, config, loading
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.redisconn import connect
 from agentwatch.workers import detector_worker
@@ -86,7 +86,7 @@ def raw_loop(url: str, stream: str, events: int, index: str) -> float:
 
 
 def contender(url: str, prefix: str, events: int) -> tuple[float, dict[str, int]]:
-    pipeline = config.load(None)
+    pipeline = loading.load(None)
     settings = pipeline.settings.model_copy(
         update={"redis": pipeline.settings.redis.model_copy(update={"prefix": prefix})}
     )

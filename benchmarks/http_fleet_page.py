@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import figure, median, percentile, redis_server, report
 
-from agentwatch import codec, config
+from agentwatch import codec, config, loading
 from agentwatch.fleet import fleet_status
 from agentwatch.http.app import create_app
 from agentwatch.redisconn import connect
@@ -94,7 +94,7 @@ def main() -> None:
         settings = config.PipelineSettings().model_copy(
             update={"redis": config.RedisSection(url=url, prefix=f"benchfleet{os.getpid()}")}
         )
-        builtins = config.load(None).detectors  # as `agentwatch up` runs them
+        builtins = loading.load(None).detectors  # as `agentwatch up` runs them
         pipeline = config.Pipeline(settings=settings, source="benchmark", detectors=builtins)
         populate(pipeline, url, args.agents)
         client = connect(settings, url)

@@ -43,8 +43,9 @@ async def app(scope, receive, send):
 SERVE = """
 import sys
 from agentwatch import config
+from agentwatch import loading
 from agentwatch.http.app import create_app
-pipeline = config.load(sys.argv[1])
+pipeline = loading.load(sys.argv[1])
 app = create_app(pipeline, pipeline.settings.redis.url)
 """
 WRK_SCRIPT = """

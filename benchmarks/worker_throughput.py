@@ -23,7 +23,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import figure, median, redis_server, report
 
-from agentwatch import codec, config
+from agentwatch import codec, loading
 from agentwatch.redisconn import connect
 from agentwatch.worker import Handler, Worker
 
@@ -64,7 +64,7 @@ class Noop(Handler[codec.Event]):
 
 
 def runtime(url: str, prefix: str, events: int) -> float:
-    pipeline = config.load(None, plugins=False)
+    pipeline = loading.load(None, plugins=False)
     settings = pipeline.settings.model_copy(
         update={"redis": pipeline.settings.redis.model_copy(update={"prefix": prefix})}
     )

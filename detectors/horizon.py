@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentwatch.codec import entry_ms
-from agentwatch.workers import DETECTORS_GROUP
+from agentwatch.keys import DETECTORS_GROUP
 
 
 @dataclass

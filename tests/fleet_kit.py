@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from agentwatch import config
+from agentwatch import loading
 from agentwatch.alerts import Alert, decode_alert
 from agentwatch.config import Pipeline
 from agentwatch.keys import Keys
@@ -59,7 +59,7 @@ def write_config(path: Path, prefix: str, redis_url: str, hook_url: str, extra: 
 @contextlib.contextmanager
 def pipeline_running(path: Path, redis_url: str) -> Iterator[Pipeline]:
     """The detector and the notifier worker of the pipeline in ``path``, each with its client."""
-    pipeline = config.load(path)
+    pipeline = loading.load(path)
     detectors = connect(pipeline.settings, redis_url)
     notifiers = connect(pipeline.settings, redis_url)
     try:

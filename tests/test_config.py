@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentwatch import config, config_errors, plugins, signing
+from agentwatch import config, config_errors, loading, plugins, signing
 from agentwatch.cli import app
 from agentwatch.errors import ConfigError
 from detectors import BUILTINS as BUILTIN_DETECTORS
@@ -29,7 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def problems(tmp_path: Path, text: str) -> list[str]:
     with pytest.raises(ConfigError) as caught:
-        config.load(write(tmp_path, text))
+        loading.load(write(tmp_path, text))
     assert caught.value.source == str(tmp_path / "pipeline.toml")
     return caught.value.problems
 
@@ -61,7 +61,7 @@ def test_a_bare_number_is_not_a_duration() -> None:
 
 def test_no_file_means_built_in_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    pipeline = config.load(None, plugins=False)
+    pipeline = loading.load(None, plugins=False)
     assert pipeline.source == config.BUILTIN_SOURCE
     assert pipeline.settings.redis.url is None
     assert pipeline.settings.redis.prefix == "aw"
@@ -69,7 +69,7 @@ def test_no_file_means_built_in_defaults(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_the_repository_pipeline_toml_is_valid_and_all_defaults() -> None:
-    pipeline = config.load(ROOT / "pipeline.toml")
+    pipeline = loading.load(ROOT / "pipeline.toml")
     defaults = config.PipelineSettings()
     assert pipeline.settings.model_dump(exclude={"detectors"}) == defaults.model_dump(exclude={"detectors"})
     assert pipeline.notifiers == []
@@ -84,7 +84,7 @@ def test_file_values_and_durations(tmp_path: Path) -> None:
     path = write(
         tmp_path, '[redis]\nprefix = "prod"\nshards = 4\n[worker]\nclaim_idle = "2m"\ntick = "100ms"\n'
     )
-    settings = config.load(path, plugins=False).settings
+    settings = loading.load(path, plugins=False).settings
     assert (settings.redis.prefix, settings.redis.shards) == ("prod", 4)
     assert settings.worker.claim_idle_s == 120.0 and settings.worker.tick_s == 0.1
 
@@ -96,7 +96,7 @@ def test_environment_overrides_beat_the_file(tmp_path: Path, monkeypatch: pytest
     )
     monkeypatch.setenv("AGENTWATCH_REDIS__PREFIX", "env")
     monkeypatch.setenv("AGENTWATCH_DETECTORS__LIMITS__LIMIT", "7")
-    pipeline = config.load(path)
+    pipeline = loading.load(path)
     assert pipeline.settings.redis.prefix == "env"
     limits = next(p for p in pipeline.detectors if p.name == "limits")
     assert limits.config.limit == 7
@@ -107,9 +107,9 @@ def test_producer_variables_fill_in_when_nothing_else_sets_them(
 ) -> None:
     monkeypatch.setenv("AGENTWATCH_REDIS_URL", "redis://10.0.0.5:6379/0")
     monkeypatch.setenv("AGENTWATCH_PREFIX", "fleet")
-    settings = config.load(write(tmp_path, ""), plugins=False).settings
+    settings = loading.load(write(tmp_path, ""), plugins=False).settings
     assert (settings.redis.url, settings.redis.prefix) == ("redis://10.0.0.5:6379/0", "fleet")
-    settings = config.load(write(tmp_path, '[redis]\nprefix = "mine"\n'), plugins=False).settings
+    settings = loading.load(write(tmp_path, '[redis]\nprefix = "mine"\n'), plugins=False).settings
     assert settings.redis.prefix == "mine"
 
 
@@ -117,8 +117,8 @@ def test_variables_expand_inside_strings(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("REDIS_HOST", "cache.internal")
     text = '[redis]\nurl = "redis://${REDIS_HOST}:${REDIS_PORT:-6380}/0"\nprefix = "a$$b"\n'
     with pytest.raises(ConfigError):  # "a$b" is not a valid prefix: proves $$ became one $
-        config.load(write(tmp_path, text), plugins=False)
-    settings = config.load(write(tmp_path, text.replace("a$$b", "ab")), plugins=False).settings
+        loading.load(write(tmp_path, text), plugins=False)
+    settings = loading.load(write(tmp_path, text.replace("a$$b", "ab")), plugins=False).settings
     assert settings.redis.url == "redis://cache.internal:6380/0"
 
 
@@ -160,7 +160,7 @@ def test_not_toml_at_all(tmp_path: Path) -> None:
 
 def test_a_missing_file_given_explicitly_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
-        config.load(tmp_path / "nope.toml")
+        loading.load(tmp_path / "nope.toml")
 
 
 def test_unknown_plugins_are_named_with_the_choices(tmp_path: Path) -> None:
@@ -214,7 +214,7 @@ def test_per_agent_overrides_first_matching_glob_wins(tmp_path: Path) -> None:
         '[detectors.limits.agents."scraper-eu-*"]\nlimit = 99\n'
         '[detectors.limits.agents."scraper-*"]\nlimit = 50\nafter = "10m"\n',
     )
-    (limits,) = [p for p in config.load(path).detectors if p.name == "limits"]
+    (limits,) = [p for p in loading.load(path).detectors if p.name == "limits"]
     cfg = limits.config
     assert (cfg.for_agent("trader").limit, cfg.for_agent("trader").after_s) == (10, 60)
     assert (cfg.for_agent("scraper-us-1").limit, cfg.for_agent("scraper-us-1").after_s) == (50, 600)
@@ -233,7 +233,7 @@ def test_per_agent_overrides_are_validated_too(tmp_path: Path) -> None:
 
 def test_a_disabled_detector_is_not_loaded(tmp_path: Path) -> None:
     path = write(tmp_path, '[detectors.limits]\nclass = "sample_plugins:Threshold"\nenabled = false\n')
-    assert "limits" not in [p.name for p in config.load(path).detectors]
+    assert "limits" not in [p.name for p in loading.load(path).detectors]
 
 
 def test_two_notifiers_of_one_type_get_distinct_names(tmp_path: Path) -> None:
@@ -241,7 +241,10 @@ def test_two_notifiers_of_one_type_get_distinct_names(tmp_path: Path) -> None:
         tmp_path,
         '[[notifiers]]\ntype = "sample_plugins:Print"\n[[notifiers]]\ntype = "sample_plugins:Print"\n',
     )
-    assert [p.name for p in config.load(path).notifiers] == ["sample_plugins:Print", "sample_plugins:Print-2"]
+    assert [p.name for p in loading.load(path).notifiers] == [
+        "sample_plugins:Print",
+        "sample_plugins:Print-2",
+    ]
 
 
 def test_check_config_exits_2_and_names_file_and_key(tmp_path: Path) -> None:
@@ -342,7 +345,7 @@ def test_agent_keys_work_with_the_ping_api_and_otlp_ingest(tmp_path: Path) -> No
     """Both front doors sign what they write (tests/test_security_front_doors.py): no refusal."""
     text = (f'[security]\nsecret = "{"s" * 40}"\nagent_keys = true\n'
             f'[http]\nping_key = "{"p" * 20}"\ningest_token = "{"i" * 20}"\n')  # fmt: skip
-    settings = config.load(write(tmp_path, text)).settings
+    settings = loading.load(write(tmp_path, text)).settings
     assert settings.security.agent_keys and settings.http.ping_key and settings.http.ingest_token
 
 
@@ -370,7 +373,7 @@ def test_the_agent_key_command_prints_the_derived_key_alone(tmp_path: Path) -> N
      "embedded"],
 )  # fmt: skip
 def test_redis_urls_that_are_accepted(tmp_path: Path, url: str) -> None:
-    assert config.load(write(tmp_path, f'[redis]\nurl = "{url}"\n'), plugins=False).settings.redis.url == url
+    assert loading.load(write(tmp_path, f'[redis]\nurl = "{url}"\n'), plugins=False).settings.redis.url == url
 
 
 @pytest.mark.parametrize(
@@ -431,7 +434,7 @@ def test_producer_and_user_variables_are_never_taken_for_overrides(
     for name in names:
         monkeypatch.setenv(name, "x")
     monkeypatch.setenv("AGENTWATCH_PREFIX", "fleet")
-    assert config.load(write(tmp_path, ""), plugins=False).settings.redis.prefix == "fleet"
+    assert loading.load(write(tmp_path, ""), plugins=False).settings.redis.prefix == "fleet"
 
 
 def test_an_override_of_a_detector_key_is_named_as_from_the_environment(
@@ -456,7 +459,7 @@ def test_a_notifier_is_overridden_by_its_position(tmp_path: Path, monkeypatch: p
     text = '[[notifiers]]\ntype = "webhook"\nurl = "http://a"\n[[notifiers]]\ntype = "webhook"\nurl = "http://b"\n'
     monkeypatch.setenv("AGENTWATCH_NOTIFIERS__1__URL", "https://hooks.example.com/prod")
     monkeypatch.setenv("AGENTWATCH_NOTIFIERS__1__HEADERS__X_TEAM", "ops")
-    first, second = config.load(write(tmp_path, text)).notifiers
+    first, second = loading.load(write(tmp_path, text)).notifiers
     assert first.config.url == "http://a"
     assert (second.config.url, second.config.headers) == ("https://hooks.example.com/prod", {"x_team": "ops"})
     monkeypatch.setenv("AGENTWATCH_NOTIFIERS__0__TIMEOUT", "soon")

@@ -13,7 +13,7 @@ import pytest
 import redis
 from agents_detect.kit import Agent, fired, pipeline_for, transitions, worker_for
 
-from agentwatch import config, plugins
+from agentwatch import loading, plugins
 from agentwatch.keys import Keys
 from detectors.base import Agent as AgentState
 from detectors.base import ChildRun, Detector, DetectorConfig, Event, Message
@@ -75,7 +75,7 @@ def test_the_example_detector_is_found_by_its_entry_point_and_fires(
     assert installed_example in plugins.available("detectors")
     path = tmp_path / "pipeline.toml"
     path.write_text(f'[redis]\nprefix = "{prefix}"\n[detectors.errorrate]\nwindow = 10\n')
-    loaded = config.load(path)
+    loaded = loading.load(path)
     (plugin,) = [p for p in loaded.detectors if p.name == "errorrate"]
     assert plugin.cls.__module__ == "agentwatch_errorrate" and plugin.config.window == 10
     pipeline = pipeline_for(prefix, redis_url, errorrate={"window": 10})

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import typer
 
-from agentwatch import config
+from agentwatch import loading
 from agentwatch.cli import app
 from agentwatch.errors import ConfigError
 
@@ -87,10 +87,10 @@ def test_every_toml_example_is_valid(
     path.write_text(text)
     if "# invalid:" in text:
         with pytest.raises(ConfigError):
-            config.load(path)
+            loading.load(path)
         return
     try:
-        config.load(path)
+        loading.load(path)
     except ConfigError as exc:
         pytest.fail(f"{where}: the example is not a valid pipeline:\n{exc.render()}")
 
@@ -99,7 +99,7 @@ def test_every_toml_example_is_valid(
 def test_the_shipped_pipeline_files_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [n for n in os.environ if n.startswith("AGENTWATCH_")]:
         monkeypatch.delenv(name)
-    config.load(path)
+    loading.load(path)
 
 
 def command_words(line: str) -> list[str] | None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from agentwatch import config, plugins
+from agentwatch import loading, plugins
 from agentwatch.alerts import decode_alert
 from agentwatch.config import parse_rate
 from agentwatch.keys import Keys
@@ -280,7 +280,7 @@ def test_the_commented_examples_in_pipeline_toml_are_valid(
     monkeypatch.setenv("PD_ROUTING_KEY", "R0123456789abcdef0123456789abcde")
     path = tmp_path / "pipeline.toml"
     path.write_text(examples)
-    pipeline = config.load(path)
+    pipeline = loading.load(path)
     types = [plugin.config.type for plugin in pipeline.notifiers]
     assert types[:4] == ["webhook", "webhook", "pagerduty", "restart"]
     assert [plugin.name for plugin in pipeline.notifiers][:2] == ["webhook", "slack"]

@@ -20,7 +20,7 @@ from genai_prices import Usage, calc_price
 from test_usage import anthropic_message, chat_usage, responses_usage
 from typer.testing import CliRunner
 
-from agentwatch import config
+from agentwatch import loading
 from agentwatch.cli import app
 from agentwatch.codec import TOKEN_CLASSES
 from agentwatch.config import ModelRates
@@ -165,7 +165,7 @@ def test_overrides_match_by_exact_name_first_then_glob() -> None:
 def test_prices_in_pipeline_toml_are_validated_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "pipeline.toml"
     path.write_text('[prices."my-ft"]\ninput = 3.0\noutput = 15\n')
-    assert config.load(path, plugins=False).settings.prices["my-ft"] == ModelRates(input=3.0, output=15.0)
+    assert loading.load(path, plugins=False).settings.prices["my-ft"] == ModelRates(input=3.0, output=15.0)
     bad = '[prices."my-ft"]\ninput = -3.0\nreasoning = 2\n[prices."other"]\noutput = "15"\n[prices.empty]\n'
     path.write_text(bad)
     result = CliRunner().invoke(app, ["check-config", str(path)])

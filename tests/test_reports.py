@@ -12,7 +12,7 @@ import pytest
 import redis
 from agents_detect.kit import Agent, Feed, pipeline_for, worker_for
 
-from agentwatch import config, rollups
+from agentwatch import config, loading, rollups
 from agentwatch.alerts import Incidents, iso_ms
 from agentwatch.config import Pipeline
 from agentwatch.errors import ConfigError
@@ -52,7 +52,7 @@ def test_bad_report_settings_name_the_key(tmp_path: Any) -> None:
     path = tmp_path / "pipeline.toml"
     path.write_text('[report]\nevery = "1d"\nat = "9:00"\ntimezone = "Mars/Olympus"\n')
     with pytest.raises(ConfigError) as caught:
-        config.load(path)
+        loading.load(path)
     text = "\n".join(caught.value.problems)
     assert "[report] at: String should match pattern" in text
     assert "[report] timezone: unknown time zone 'Mars/Olympus'" in text
@@ -62,7 +62,7 @@ def test_a_notifier_that_cannot_carry_reports_refuses_them(tmp_path: Any) -> Non
     path = tmp_path / "pipeline.toml"
     path.write_text('[[notifiers]]\ntype = "pagerduty"\nrouting_key = "' + "a" * 32 + '"\nreports = true\n')
     with pytest.raises(ConfigError, match="a pagerduty notifier cannot deliver reports"):
-        config.load(path)
+        loading.load(path)
 
 
 def test_union_of_down_intervals_counts_overlaps_once() -> None:

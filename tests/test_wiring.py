@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from agentwatch.cli.run import _foreign_server, _print_banner
-from agentwatch.config import load
+from agentwatch.loading import load
 
 
 def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

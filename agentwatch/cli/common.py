@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 import typer
 
-from agentwatch import config as config_mod
+from agentwatch import loading
 from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, Pipeline, parse_duration
 from agentwatch.errors import ConfigError, RedisUnavailable
 from agentwatch.redisconn import Client, answers, connect, describe, resolve_url, running_embedded_url
@@ -82,7 +82,7 @@ def duration_flag(flag: str, text: str) -> float:
 def load_pipeline(path: Path | None, *, plugins: bool = True) -> Pipeline:
     """The validated pipeline, or exit 2 with every bad key named."""
     try:
-        return config_mod.load(path, plugins=plugins)
+        return loading.load(path, plugins=plugins)
     except ConfigError as exc:
         typer.echo(exc.render(), err=True)
         raise typer.Exit(EXIT_USAGE) from None

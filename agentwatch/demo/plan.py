@@ -1,7 +1,7 @@
 """What the demo runs: its timings, its agents and the pipeline.toml it writes for them.
 
 The pipeline is configured the way a user would configure theirs, as a file that goes through
-``config.load`` and ``--config``, only with thresholds short enough to watch: silence and stall
+``loading.load`` and ``--config``, only with thresholds short enough to watch: silence and stall
 after a few seconds instead of minutes, a warm-up of a few beats instead of twenty. Everything
 else (the workers, the detectors, the alerts) is the real thing.
 """

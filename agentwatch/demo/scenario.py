@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from agentwatch import config
+from agentwatch import loading
 from agentwatch.alerts import Alert, decode_alert
 from agentwatch.config import Pipeline
 from agentwatch.demo import plan
@@ -301,6 +301,6 @@ def _without_agentwatch_env() -> Iterator[None]:
 def _load(path: Path) -> Pipeline:
     with _without_agentwatch_env():
         try:
-            return config.load(path)
+            return loading.load(path)
         except ConfigError as exc:  # a bug in plan.py, not the user's doing
             raise DemoError(exc.render()) from None
