@@ -21,6 +21,7 @@ from agentwatch.config import Pipeline
 from agentwatch.keys import Keys
 from agentwatch.redisconn import connect
 from agentwatch.workers import detector_worker, notifier_worker
+from detectors.agent import read_agents
 
 from helpers import running, wait_for
 
@@ -105,8 +106,12 @@ class Agents:
         wait_for(lambda: all(self._known(name) for name in names), timeout=30, what="their starts applied")
 
     def _known(self, name: str) -> bool:
+        """Its start applied: in the start facts, and in the detectors' checkpoint of the agent."""
         raw = self.redis.hget(self.keys.facts(0), name)
-        return raw is not None and json.loads(raw).get("pid") == self.pids[name]
+        if raw is None or json.loads(raw).get("pid") != self.pids[name]:
+            return False
+        agent = read_agents(self.redis, self.keys, [name]).get(name)
+        return agent is not None and agent["run"] == json.loads(raw).get("run")
 
     def kill(self, *names: str) -> None:
         """SIGKILL, as the OOM killer or a deploy's hard stop would."""
