@@ -181,6 +181,13 @@ def name_problem(name: str, max_len: int = MAX_AGENT_LEN) -> str | None:
     return None
 
 
+def entry_key(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") as a pair that sorts as Redis orders entries."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def entry_ms(entry_id: bytes | str) -> int:
     """Redis server time (ms) at which an auto-id entry was added: detectors' only clock."""
     if isinstance(entry_id, bytes):

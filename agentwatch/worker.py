@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 import redis
 
 from agentwatch.breaker import Breaker
-from agentwatch.codec import entry_ms
+from agentwatch.codec import entry_key, entry_ms
 from agentwatch.config import PipelineSettings
 from agentwatch.deadletter import entry_field, letter
 from agentwatch.errors import InvalidEntry, Unauthenticated
@@ -135,6 +135,8 @@ class Worker(Generic[T]):
         self._single_node = isinstance(client, redis.Redis)
         client.set_response_callback("XREADGROUP", _raw_reply)
         self.upkeep = Upkeep(self)
+        self.read_through: dict[str, bytes] = {}
+        """Per stream, the newest entry processed (applied, dead-lettered or skipped)."""
         self.trim_floor: Callable[[str], int | None] | None = None
         """Stream -> the oldest entry time (ms) a handler still needs beyond what the consumer
         group needs (the detector engine's replay start), or None: trimming respects it."""
@@ -350,6 +352,11 @@ class Worker(Generic[T]):
                 by_id = {entry_id: (stream, fields) for stream, entry_id, fields in entries}
                 dead += [(by_id[eid][0], eid, by_id[eid][1], why) for eid, why in poisoned.items()]
         self.acknowledge(entries, dead)
+        newest = {stream: entry_id for stream, entry_id, _ in entries}  # (in order per stream)
+        for stream, entry_id in newest.items():
+            known = self.read_through.get(stream)
+            if known is None or entry_key(entry_id) > entry_key(known):
+                self.read_through[stream] = entry_id
         self.stats.batches += 1
         self.stats.last_entry_ms = entry_ms(entries[-1][1])
         return len(entries)

@@ -648,6 +648,9 @@ class Engine(Handler[Event]):
     # -- checkpoints and publishing ------------------------------------------------------------
     def checkpoint(self, shard: Shard) -> None:
         """Save what changed in ``shard`` (fenced), then publish its decisions."""
+        read = self.worker.read_through.get(self.keys.events(shard.index))
+        if read is not None and _after(read, shard.last_id):
+            shard.last_id = read  # entries past the last applied one were dead-lettered: covered too
         dirty = [shard.agents[name] for name in shard.dirty if name in shard.agents]
         meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner,
                 "shards": self.keys.shards}  # fmt: skip

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from agentwatch import config
+from agentwatch.codec import entry_key
 from agentwatch.config import PipelineSettings
 from agentwatch.keys import Keys
 from agentwatch.worker import Worker
@@ -73,9 +74,9 @@ def caught_up(r: Any, keys: Keys) -> bool:
         return False
     if not r.exists(keys.lease(0)) and not r.exists(keys.checkpoint(0)):
         return True  # no detector engine here (a runtime test's bare worker)
-    saved_at = r.hget(keys.checkpoint(0), "saved_at")
-    last = max(int(str(g["last-delivered-id"], "ascii").split("-")[0]) for g in groups)
-    return saved_at is not None and int(saved_at) > last
+    applied = r.hget(keys.checkpoint(0), "last_id")
+    last = max(entry_key(g["last-delivered-id"]) for g in groups)
+    return applied is not None and entry_key(applied) >= last
 
 
 def events_worker(client: Any, prefix: str, handlers: list[Any], **worker: Any) -> Worker[Any]:
