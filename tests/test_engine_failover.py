@@ -280,6 +280,7 @@ def test_a_frozen_owner_is_replaced_and_can_write_nothing_when_it_wakes(
     assert str(old_token).encode() not in tokens, tokens  # a never wrote X's checkpoint after its lease
     through: Any = r.hget(keys.checkpoint(x), "last_id")
     assert [int(p) for p in through.split(b"-")] >= [int(p) for p in freeze["delivered"].split(b"-")]
+    assert int(r.hget(keys.checkpoint(x), "token") or 0) == token(r, keys, x)  # (its owner's now)
     woke = workers.stderr(a)
     assert f"lost the lease of shard {x}" in woke, woke
     assert "Traceback" not in woke, woke
