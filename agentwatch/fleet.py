@@ -12,6 +12,9 @@ acknowledged). With detection running that is "now" less a few milliseconds; wit
 worker running it stands still, and so do the records. Judging "late" against the wall clock
 then would turn every healthy agent late just because nobody reads its beats, so lateness is
 measured up to the horizon, and ``pipeline.detecting`` says that detection is not running.
+The records are the detectors' checkpoints (saved every half second), so the horizon is also
+capped at the oldest checkpoint's time: an agent is never called late for beats applied but not
+saved yet.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def fleet_status(
         else:
             today = None  # no snapshot from before today yet (the pipeline is younger than a day)
         row = _agent(name, record=records[name], fact=facts.get(name, {}), open_incidents=open_here,
-                     mutes=mutes, now=now, judged_at=health["horizon_ms"], today=today,
+                     mutes=mutes, now=now, judged_at=health["judged_ms"], today=today,
                      window_ms=window_ms, stall_after_ms=stall_after_ms)  # fmt: skip
         halt = next((h for h in halts if fnmatch.fnmatchcase(name, h.pattern)), None)
         if halt is not None and row["state"] != "retired":
@@ -113,7 +116,7 @@ def fleet_status(
         "prefix": pipeline.settings.redis.prefix,
         "today_from": iso_ms(today_from),
         "agents": agents,
-        "pipeline": {k: v for k, v in health.items() if k != "horizon_ms"},
+        "pipeline": {k: v for k, v in health.items() if k not in ("horizon_ms", "judged_ms")},
         "maintenance": [window.to_dict() for window in windows],
     }
 
@@ -340,6 +343,7 @@ def pipeline_health(
         if key.split("/", 1)[0] == PIPELINE_AGENT
     }
     detecting = alive.get("detectors", 0) > 0
+    shards = shard_owners(redis, pipeline, now)
     return {
         "workers_alive": alive,
         "workers": workers,
@@ -358,12 +362,15 @@ def pipeline_health(
         "trimmed_unread": _int(redis.hget(keys.clock(shard_of(PIPELINE_AGENT, keys.shards)), "trimmed")),
         "failed_deliveries": int(redis.xlen(keys.notify_failed)),
         "deliveries": delivery_health(redis, pipeline, now),
-        "shards": shard_owners(redis, pipeline, now),
+        "shards": [{k: v for k, v in s.items() if k != "saved_ms"} for s in shards],
         "incidents": [
             {"detector": d, "since": iso_ms(int(i["since_ms"])), "summary": i.get("summary")}
             for d, i in sorted(own.items())
         ],
         "horizon_ms": horizon,
+        # what the views can judge agents as of: the horizon, and no later than the detectors'
+        # oldest checkpoint (saved every half second: the state is as of then)
+        "judged_ms": min([horizon, *(s["saved_ms"] for s in shards if s["saved_ms"])]),
     }
 
 
@@ -389,6 +396,7 @@ def shard_owners(redis: Any, pipeline: Pipeline, now: int) -> list[dict[str, Any
             "owner": held[1] if held else None,
             "lease_left_s": round(max(int(ttl), 0) / 1000, 3) if held else 0.0,
             "checkpoint_age_s": _age(now, int(saved_at)) if saved_at else None,
+            "saved_ms": int(saved_at) if saved_at else 0,
             "applied_through": _str(last_id) if last_id else None,
         })  # fmt: skip
     return out

@@ -641,13 +641,13 @@ class Engine(Handler[Event]):
                 shard.dirty.discard(agent.name)
                 shard.removed.add(agent.name)
             gone = [a.name for a in old if a.name not in shard.agents]
-            if gone:
+            if gone and self.checkpoint(shard):  # (fenced: a stale owner deletes nothing)
                 self.client.hdel(self.keys.facts(shard.index), *gone)
-                self.checkpoint(shard)
 
     # -- checkpoints and publishing ------------------------------------------------------------
-    def checkpoint(self, shard: Shard) -> None:
-        """Save what changed in ``shard`` (fenced), then publish its decisions."""
+    def checkpoint(self, shard: Shard) -> bool:
+        """Save what changed in ``shard`` (fenced), then publish its decisions. False: the
+        lease was lost (the shard is dropped; its new owner carries on from its checkpoint)."""
         read = self.worker.read_through.get(self.keys.events(shard.index))
         if read is not None and _after(read, shard.last_id):
             shard.last_id = read  # entries past the last applied one were dead-lettered: covered too
@@ -662,7 +662,7 @@ class Engine(Handler[Event]):
             log.warning("shard %d: the lease was lost before the checkpoint; dropping it", shard.index)
             self.shards.pop(shard.index, None)
             self.worker.streams = [self.keys.events(i) for i in sorted(self.shards)]
-            return
+            return False
         if shard.duplicates:
             self.client.hincrby(self.keys.clock(shard.index), "duplicates", shard.duplicates)
             shard.duplicates = 0
@@ -672,6 +672,7 @@ class Engine(Handler[Event]):
         shard.removed.clear()
         shard.saved_at = time.monotonic()
         self._publish(shard)
+        return True
 
     def _save_clock(self, shard: Shard) -> None:
         """Only the watch clock changed: keep it in the checkpoint, cheaply (one fenced write)."""
