@@ -13,7 +13,6 @@ by another layout version is treated as absent: the agent starts afresh.
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -105,17 +104,26 @@ FIELDS: Final = tuple(f.name for f in fields(Agent) if f.name not in ("name", "c
 _CHILD_FIELDS: Final = tuple(f.name for f in fields(ChildRun))
 
 
-@functools.cache
+_NAMES: dict[type[Any], tuple[str, ...]] = {}
+_GETTERS: dict[type[Any], Any] = {}
+
+
 def _names(cls: type[Any]) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+    found = _NAMES.get(cls)
+    if found is None:
+        found = _NAMES[cls] = tuple(f.name for f in fields(cls))
+    return found
 
 
-@functools.cache
 def _getter(cls: type[Any]) -> Any:
     """All fields of dataclass ``cls`` in one C-level call (checkpoints pack every changed agent)."""
-    names = _names(cls)
-    get = operator.attrgetter(*names)
-    return (lambda obj: [get(obj)]) if len(names) == 1 else (lambda obj: list(get(obj)))
+    found = _GETTERS.get(cls)
+    if found is None:
+        names = _names(cls)
+        get = operator.attrgetter(*names)
+        found = (lambda obj: [get(obj)]) if len(names) == 1 else (lambda obj: list(get(obj)))
+        _GETTERS[cls] = found
+    return found
 
 
 def dump_state(state: Any) -> list[Any]:

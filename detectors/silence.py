@@ -20,7 +20,6 @@ them resolves, so a fleet whose agent names churn does not grow Redis forever.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from pydantic import Field
@@ -33,6 +32,7 @@ from detectors.agent import Agent
 from detectors.base import Detector, DetectorContext
 from detectors.children import Children
 from detectors.memory import Bytes, format_bytes
+from detectors.recovery import Recovery
 from detectors.schedule import Schedule, ScheduleConfig
 
 Severity = Literal["info", "warning", "error", "critical"]
@@ -50,16 +50,6 @@ class SilenceConfig(ScheduleConfig, DependsOnConfig):
     recover_after: int = Field(1, ge=1, le=10_000, description="events on time in a row to resolve")
 
 
-@dataclass(slots=True)
-class SilenceState:
-    """While a silence incident is open: how the agent is coming back."""
-
-    on_time: int = 0
-    """Events on time in a row since it was seen again (``recover_after`` resolves)."""
-    away_ms: int = 0
-    """How long the silence lasted (until its first event back)."""
-
-
 class Silence(Detector[SilenceConfig]):
     """An agent that sends nothing at all for its allowance: the process is gone.
 
@@ -67,7 +57,7 @@ class Silence(Detector[SilenceConfig]):
     (detectors/schedule.py) and an agent's worker processes (detectors/children.py)."""
 
     Config = SilenceConfig
-    State = SilenceState
+    State = Recovery
     kinds = ("silence",)
 
     def __init__(self, name: str, config: SilenceConfig, ctx: DetectorContext) -> None:
@@ -122,18 +112,12 @@ class Silence(Detector[SilenceConfig]):
         """An event of an agent whose silence incident is open (the engine calls it): count
         events on time in a row; ``recover_after`` of them resolve it. An event late by more
         than the allowance starts the count again."""
-        state = self.state(agent)
-        if not state.on_time:
-            state.away_ms = at_ms - seen0
-        if state.on_time and at_ms - seen0 > self.allowance_ms(agent):
-            state.on_time = 1
-        else:
-            state.on_time = min(state.on_time + 1, 65535)
-        if state.on_time >= self.settings(agent).recover_after:
+        state: Recovery = self.state(agent)
+        if state.step(at_ms, seen0, self.allowance_ms(agent)) >= self.settings(agent).recover_after:
             facts = {"back": at_ms, "since": seen0, "away": state.away_ms, "on_time": state.on_time,
                      "start": 1 if event["kind"] == "start" else 0}  # fmt: skip
             self.decisions.close(agent, "silence", at_ms, facts)
-            state.on_time = state.away_ms = 0
+            state.reset()
 
     def backlog(self, agent: Agent, event: Event, at_ms: int, current: bool, sight_ms: int) -> None:
         """A gap longer than the allowance found in the events themselves (a backlog applied

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
@@ -31,6 +30,7 @@ from agentwatch.codec import Event
 from agentwatch.config import Seconds, format_duration
 from detectors.agent import Agent
 from detectors.base import Detector, DetectorConfig
+from detectors.recovery import Recovery
 
 SILENCE_AFTER_MS: Final = 60_000
 """Silence's default ``after``: what "alive" is measured against when silence is disabled."""
@@ -130,21 +130,11 @@ def blocked_in(stack: str) -> str | None:
     return where
 
 
-@dataclass(slots=True)
-class StallState:
-    """While a stall incident is open: how the work loop is coming back."""
-
-    on_time: int = 0
-    """Beats on time in a row since beats resumed (``recover_after`` resolves)."""
-    away_ms: int = 0
-    """How long the loop was stuck (until its first beat back)."""
-
-
 class Stall(Detector[StallConfig]):
     """Pulses without beats: the process lives, its work loop does not move."""
 
     Config = StallConfig
-    State = StallState
+    State = Recovery
     kinds = ("stall",)
 
     # -- settings --------------------------------------------------------------------------------
@@ -212,17 +202,14 @@ class Stall(Detector[StallConfig]):
         """A beat while a stall incident is open (the engine calls it): count beats on time in
         a row; ``recover_after`` of them resolve it. A beat late by more than the allowance
         starts the count again."""
-        state = self.state(agent)
-        if not state.on_time:
-            state.away_ms = at_ms - beat0
-        if state.on_time and at_ms - beat0 > self.allowance_ms(agent):
-            state.on_time = 1
-        else:
-            state.on_time = min(state.on_time + 1, 65535)
-        if state.on_time >= self.config.for_agent(agent.name).recover_after:
+        state: Recovery = self.state(agent)
+        if (
+            state.step(at_ms, beat0, self.allowance_ms(agent))
+            >= self.config.for_agent(agent.name).recover_after
+        ):
             facts = {"back": at_ms, "since": beat0, "away": state.away_ms, "on_time": state.on_time}
             self.decisions.close(agent, "stall", at_ms, facts)
-            state.on_time = state.away_ms = 0
+            state.reset()
 
     def backlog(self, agent: Agent, event: Event, at_ms: int, sight_ms: int) -> None:
         """A beat after a gap longer than the allowance while pulses came, found in a backlog
