@@ -227,7 +227,11 @@ class Shard:
         elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and exit_ is not None:
             exit_.previous_run(agent, event, at)
             agent.prev_run = ""  # once only
-        engine._arm(self, agent)
+        if kind != "beat" or engine.timed_on_beats or agent.name not in self.armed:
+            engine._arm(self, agent)
+        # (else: a beat only moves an armed agent's due times later, and the armed one is a
+        # lower bound: the check re-arms it then. A timed detector whose due time a beat can
+        # bring earlier listens to beats, and every beat re-arms then: timed_on_beats.)
 
     def signs_of_life(self, engine: Engine, agent: Agent, event: Event, at: int, cls: str) -> None:
         """When the agent was seen, beat and pulsed; where its clocks start (``extend()``, or a
@@ -325,6 +329,7 @@ class Engine(Handler[Event]):
         for kind in ("beat", "pulse", "start", "exit"):
             self.listeners[kind] = [d for d in self.detectors if kind in d.listens]
         self.timed = [d for d in self.detectors if type(d).due_ms is not Detector.due_ms]
+        self.timed_on_beats = any(d in self.listeners["beat"] for d in self.timed)
         self.state_classes = {d.name: d.State for d in self.detectors if d.State is not None}
         decisions = _Decisions(self)
         for detector in self.detectors:
