@@ -17,7 +17,6 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from agentwatch import plugins as registry
 from agentwatch.config import (
     BUILTIN_SOURCE,
     Pipeline,
@@ -27,10 +26,7 @@ from agentwatch.config import (
 )
 from agentwatch.config_env import DetectorSections, notifier_overrides, unknown_sections
 from agentwatch.config_errors import describe_error, key_path, valid_keys
-from agentwatch.dependencies import DependsOnConfig, cycle_problems
 from agentwatch.errors import ConfigError
-from agentwatch.maintenance import config_problems
-from notifiers.routing import known_detectors, unknown_detectors
 
 
 def load(path: str | Path | None = None, *, plugins: bool = True) -> Pipeline:
@@ -75,6 +71,7 @@ def load(path: str | Path | None = None, *, plugins: bool = True) -> Pipeline:
 def _load_plugins(
     settings: PipelineSettings | None, raw: dict[str, Any], env: Mapping[str, str], problems: list[str]
 ) -> tuple[list[Any], list[Any]]:
+    from agentwatch import plugins as registry  # noqa: PLC0415 - CLI start: only with plugins=True
 
     if settings is not None:
         sections: Any = settings.detectors
@@ -101,6 +98,8 @@ def _load_plugins(
 def _schedule_problems(settings: PipelineSettings | None, detectors: list[Any]) -> list[str]:
     """What only the whole file can tell: ``[[maintenance]]`` windows that never end (or whose
     schedule fails in ``[report] timezone``), and ``depends_on`` cycles (agentwatch/dependencies.py)."""
+    from agentwatch.dependencies import DependsOnConfig, cycle_problems  # noqa: PLC0415 - CLI start
+    from agentwatch.maintenance import config_problems  # noqa: PLC0415
 
     problems = config_problems(settings.maintenance, settings.report.timezone) if settings else []
     for plugin in detectors:
@@ -112,6 +111,7 @@ def _schedule_problems(settings: PipelineSettings | None, detectors: list[Any]) 
 def _unknown_detector_refs(sections: Mapping[str, Any], notifiers: list[Any]) -> list[str]:
     """A notifier filtering on a detector this pipeline has not (``on = ["silense"]``) would match
     nothing, silently: name it at start-up, like any other bad key."""
+    from notifiers.routing import known_detectors, unknown_detectors  # noqa: PLC0415 - CLI start
 
     known = known_detectors(sections)
     problems = []
