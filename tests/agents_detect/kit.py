@@ -115,6 +115,7 @@ class Feed:
         self.seqs: dict[tuple[str, str], itertools.count[int]] = {}
         self.runs: dict[str, str] = {}
         self._last = (0, -1)
+        self._renewed = 0.0
 
     def event(
         self,
@@ -141,6 +142,9 @@ class Feed:
     def apply(self, messages: list[tuple[bytes, dict[str, Any]]]) -> None:
         if not self.engine.shards:  # the first batch: take the shards first, as a worker's first tick does
             self.engine.on_tick(self.now)
+        elif time.monotonic() - self._renewed > 0.5:  # keep them, as a worker's ticks do (3 s leases)
+            self.engine.leases.refresh(self.now)
+        self._renewed = time.monotonic()
         self.engine.on_batch(list(messages))
         self.engine.flush()  # what a worker saves within half a second: read it at once here
 
