@@ -111,7 +111,11 @@ def main() -> None:
         pipe.execute()
         drain(client, keys.events())
         registered_s = time.perf_counter() - started
-        armed = client.hlen(keys.states(0)) - 1  # checkpointed agents (less the pipeline's own)
+        # Checkpointed agents (less the pipeline's own): the engine saves what changed every
+        # half second, so the last batch's agents may reach the hash a moment after the drain.
+        wait_until = time.monotonic() + 5
+        while (armed := client.hlen(keys.states(0)) - 1) < len(healthy) and time.monotonic() < wait_until:
+            time.sleep(0.1)
 
         def background() -> None:
             rng = random.Random(1)
