@@ -10,7 +10,8 @@ own version of the script, nothing of this commit), then collects their figures:
 * here, as figures named ``old engine (<commit>): <figure>`` without goals (the goal is judged on
   this commit's figure of the same name), so run_all prints them beside the new ones;
 * in ``results/old_engine/<script>.json``, labelled ``old engine (<commit>), measured <date>``,
-  for the new scripts' ``--baseline-json`` (their table then shows both engines).
+  for the new scripts' ``--baseline-json`` (their table then shows both engines), with each old
+  script's output beside it (``<script>-<n>.log``). The extracted tree is removed at the end.
 
 The old throughput script names its figure "detector worker / raw loop, N agents" (one worker,
 one stream): it is renamed to the new script's "detector workers / raw loops, N agents, 1 worker".
@@ -31,6 +32,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -57,8 +59,8 @@ def extract(commit: str, into: Path) -> Path:
     return into
 
 
-def run_old(tree: Path, script: str, args: list[str], out: Path) -> dict[str, Any]:
-    """Run ``tree``'s ``benchmarks/<script>.py`` with ``tree``'s code; its JSON."""
+def run_old(tree: Path, script: str, args: list[str], out: Path, log: Path) -> dict[str, Any]:
+    """Run ``tree``'s ``benchmarks/<script>.py`` with ``tree``'s code; its JSON (output in ``log``)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
     env.update(PYTHONPATH=str(tree), BENCH_RESULTS_DIR=str(out))
@@ -67,7 +69,7 @@ def run_old(tree: Path, script: str, args: list[str], out: Path) -> dict[str, An
     done = subprocess.run(
         argv, check=False, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
-    (out / f"{script}.log").write_text(done.stdout + done.stderr)
+    log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
         raise SystemExit(f"the old {script}.py failed (exit {done.returncode}):\n" + "\n".join(tail))
@@ -81,6 +83,25 @@ def renamed(item: dict[str, Any]) -> dict[str, Any]:
     if found:
         return {**item, "figure": f"detector workers / raw loops, {found['agents']} agents, 1 worker"}
     return item
+
+
+def run_all_old(
+    tree: Path, runs: list[tuple[str, list[str]]], scratch: Path, stored: Path, commit: str
+) -> dict[str, dict[str, Any]]:
+    """Each old script's runs, their rows and (renamed) figures gathered per script."""
+    collected: dict[str, dict[str, Any]] = {}
+    for number, (script, script_args) in enumerate(runs):
+        result = run_old(
+            tree, script, script_args, scratch / f"run{number}", stored / f"{script}-{number}.log"
+        )
+        mine = collected.setdefault(script, {"benchmark": script, "commit": commit, "runs": [], "rows": [],
+                                             "figures": []})  # fmt: skip
+        mine["runs"].append({"argv": result.get("argv"), "machine": result.get("machine"),
+                             "loadavg": result.get("loadavg")})  # fmt: skip
+        mine["rows"] += result.get("rows", [])
+        mine["figures"] += [renamed(item) for item in result.get("figures", [])]
+        mine["machine"] = result.get("machine")
+    return collected
 
 
 def main() -> None:
@@ -101,26 +122,20 @@ def main() -> None:
     if not args.no_100k:
         events = "200000" if args.quick else "600000"
         runs.insert(1, ("detectors_throughput", [*quick, "--agents", "100000", "--events", events]))
-    scratch = Path(tempfile.mkdtemp(prefix="aw-old-engine-"))
-    tree = args.tree.resolve() if args.tree else extract(args.commit, scratch / "tree")
-    label = f"old engine ({commit}), measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    figure_label = f"old engine ({commit})"
-    collected: dict[str, dict[str, Any]] = {}
-    for number, (script, script_args) in enumerate(runs):
-        result = run_old(tree, script, script_args, scratch / f"run{number}")
-        mine = collected.setdefault(script, {"benchmark": script, "label": label, "commit": commit,
-                                             "figure_label": figure_label, "runs": [], "rows": [],
-                                             "figures": []})  # fmt: skip
-        mine["runs"].append({"argv": result.get("argv"), "machine": result.get("machine"),
-                             "loadavg": result.get("loadavg")})  # fmt: skip
-        mine["rows"] += result.get("rows", [])
-        mine["figures"] += [renamed(item) for item in result.get("figures", [])]
-        mine["machine"] = result.get("machine")
     stored = RESULTS / "old_engine"
     stored.mkdir(parents=True, exist_ok=True)
+    label = f"old engine ({commit}), measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    scratch = Path(tempfile.mkdtemp(prefix="aw-old-engine-"))
+    try:
+        tree = args.tree.resolve() if args.tree else extract(args.commit, scratch / "tree")
+        collected = run_all_old(tree, runs, scratch, stored, commit)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    figure_label = f"old engine ({commit})"
     rows: list[dict[str, Any]] = []
     figures: list[dict[str, Any]] = []
     for script, mine in collected.items():
+        mine.update(label=label, figure_label=figure_label)
         (stored / f"{script}.json").write_text(json.dumps(mine, indent=2) + "\n")
         for item in mine["figures"]:
             rows.append({"script": script, "figure": item["figure"], "value": item["value"],
@@ -128,7 +143,8 @@ def main() -> None:
                          "old issue": item.get("issue")})  # fmt: skip
             figures.append({**item, "figure": f"{figure_label}: {item['figure']}", "goal": None, "met": None,
                             "issue": None})  # fmt: skip
-    report("old_engine", rows, {"label": label, "commit": commit, "tree": str(tree),
+    source = str(args.tree) if args.tree else f"git archive {commit}"
+    report("old_engine", rows, {"label": label, "commit": commit, "tree": source,
                                 "stored": str(stored)}, figures)  # fmt: skip
     print(
         f"{label}: {len(figures)} figures; the new scripts' --baseline-json {stored}/<script>.json "
