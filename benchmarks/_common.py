@@ -136,3 +136,18 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def baseline(path: Path | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Rows and figures of another commit's run of the same script (``--baseline-json``, as
+    ``benchmarks/old_engine.py`` stores them), to print beside this run's: every row gains an
+    ``engine`` column with the run's label, every figure's name starts with it, and figures lose
+    their goals (the goal is judged on this commit's figure, named the same after the label)."""
+    if path is None:
+        return [], [], {}
+    old = json.loads(path.read_text())
+    label = old.get("label") or f"{path.name}, measured {old.get('machine', {}).get('when', '?')}"
+    rows = [{"engine": label, **row} for row in old.get("rows", [])]
+    figures = [{**item, "figure": f"{old.get('figure_label', label)}: {item['figure']}", "goal": None,
+                "met": None, "issue": None} for item in old.get("figures", [])]  # fmt: skip
+    return rows, figures, {"path": str(path), "label": label, "machine": old.get("machine")}

@@ -13,11 +13,13 @@ workers trim it) is deleted and memory is measured two ways:
 * ``INFO memory`` ``used_memory`` minus the same figure before the first event (this includes
   the start facts the same worker records for status and reports, ``{0}:facts``, shown apart).
 
-Target (issue 4): <= 1 KB per agent.
+Target (issues 4 and 12): <= 1 KB per agent.
 
-    python benchmarks/detectors_memory.py [--agents 100000] [--quick]
+    python benchmarks/detectors_memory.py [--agents 100000] [--quick] [--baseline-json PATH]
 
 ``--quick``: 10,000 agents (run_all's quick mode; fixed costs weigh a little more per agent).
+``--baseline-json``: another commit's JSON of this script (``benchmarks/old_engine.py`` stores the
+pre-rewrite engine's), shown beside this run's.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import figure, report
+from _common import baseline, figure, report
 
 from agentwatch import codec, config, plugins
 from agentwatch.embedded import EmbeddedRedis
@@ -87,6 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=None, help="default 100,000 (--quick: 10,000)")
     parser.add_argument("--quick", action="store_true", help="10,000 agents")
+    parser.add_argument(
+        "--baseline-json", type=Path, default=None, help="an earlier commit's JSON to show beside"
+    )
     args = parser.parse_args()
     args.agents = args.agents or (10_000 if args.quick else 100_000)
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
@@ -122,7 +128,7 @@ def main() -> None:
         client.close()
         server.cleanup()
     per_agent = sum(usage.values()) / args.agents
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"key": key.split(":", 1)[1], "bytes per agent": round(size / args.agents, 1)}
         for key, size in usage.items()
     ]
@@ -138,11 +144,17 @@ def main() -> None:
     extra = {"agents": args.agents, "events": events, "applied_s": round(applied_s, 1),
              "rss_windows": windows, "alerts": alerts, "target_bytes": 1024}  # fmt: skip
     figures = [
-        figure("Redis memory per agent, detector keys (MEMORY USAGE)", per_agent, "B", goal=1024, issue=4),
+        figure("Redis memory per agent, detector keys (MEMORY USAGE)", per_agent, "B", goal=1024, issue=12),
         figure("Redis memory per agent, used_memory delta (with start facts)", (after - before) / args.agents,
-               "B", issue=4),
+               "B", issue=12),
     ]  # fmt: skip
-    report("detectors_memory", rows, extra, figures)
+    old_rows, old_figures, extra["baseline"] = baseline(args.baseline_json)
+    report(
+        "detectors_memory",
+        [{"engine": "this commit", **row} for row in rows] + old_rows,
+        extra,
+        figures + old_figures,
+    )
     print(f"{per_agent:.0f} bytes per agent (target <= 1024); {events:,} events applied in {applied_s:.1f}s")
 
 

@@ -9,12 +9,15 @@ keeping the worker busy, the silent agents start, beat once and go quiet, one ev
 deadlines are spread over two seconds, out of step with the ticks).
 
 Delay = the alert's entry time on ``<prefix>:alerts`` minus (last beat's entry time + 3 s): both
-Redis times. Target (issue 4): p99 <= 1 s.
+Redis times. Target (issue 12, one worker, at 10,000 and 100,000 agents): p99 <= 500 ms (issue 4
+asked for <= 1 s).
 
     python benchmarks/detectors_silence_delay.py [--agents 100000] [--silent 1000] [--quick]
+        [--baseline-json PATH]
 
 ``--quick``: 10,000 agents, 300 of them silent (run_all's quick mode); the figures name the
-fleet size they were measured at.
+fleet size they were measured at. ``--baseline-json``: another commit's JSON of this script
+(``benchmarks/old_engine.py`` stores the pre-rewrite engine's), shown beside this run's.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import figure, median, percentile, report
+from _common import baseline, figure, median, percentile, report
 
 from agentwatch import codec
 from agentwatch.codec import entry_ms
@@ -50,6 +54,9 @@ after = "3s"
 [detectors.silence.agents."healthy-*"]
 after = "1h"
 """
+
+
+GOAL_P99_MS = 500
 
 
 def event(agent: str, kind: str, seq: int, **fields: object) -> bytes:
@@ -73,6 +80,9 @@ def main() -> None:
     parser.add_argument("--silent", type=int, default=None, help="default 1,000 (--quick: 300)")
     parser.add_argument("--background", type=int, default=2000, help="beats/s from healthy agents")
     parser.add_argument("--quick", action="store_true", help="10,000 agents, 300 of them silent")
+    parser.add_argument(
+        "--baseline-json", type=Path, default=None, help="an earlier commit's JSON to show beside"
+    )
     args = parser.parse_args()
     args.agents = args.agents or (10_000 if args.quick else 100_000)
     args.silent = args.silent or (300 if args.quick else 1000)
@@ -101,7 +111,11 @@ def main() -> None:
         pipe.execute()
         drain(client, keys.events())
         registered_s = time.perf_counter() - started
-        armed = client.hlen(keys.states(0)) - 1  # checkpointed agents (less the pipeline's own)
+        # Checkpointed agents (less the pipeline's own): the engine saves what changed every
+        # half second, so the last batch's agents may reach the hash a moment after the drain.
+        wait_until = time.monotonic() + 5
+        while (armed := client.hlen(keys.states(0)) - 1) < len(healthy) and time.monotonic() < wait_until:
+            time.sleep(0.1)
 
         def background() -> None:
             rng = random.Random(1)
@@ -150,7 +164,7 @@ def main() -> None:
     values = list(delays.values())
     if not values:
         raise SystemExit(f"no silence alert for any of the {len(silent)} silent agents within 60 s")
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"figure": "agents registered (checkpointed)", "value": armed + len(silent)},
         {"figure": "registration (start + beat each), s", "value": round(registered_s, 1)},
         {"figure": "silent agents alerted", "value": f"{len(values)} / {len(silent)}"},
@@ -159,18 +173,24 @@ def main() -> None:
         {"figure": "delay max, ms", "value": max(values)},
         {"figure": "false alerts for healthy agents", "value": len(wrong)},
     ]
-    extra = {"target_p99_ms": 1000, "agents": args.agents, "silent": args.silent,
+    extra = {"target_p99_ms": GOAL_P99_MS, "agents": args.agents, "silent": args.silent,
              "background_beats_per_s": args.background}  # fmt: skip
     fleet = f"{args.agents:,} agents"
     figures = [
-        figure(f"silence delay p99 after the deadline, {fleet}", percentile(values, 99), "ms", goal=1000,
-               issue=4),
-        figure(f"silence delay p50 after the deadline, {fleet}", median(values), "ms", issue=4),
+        figure(f"silence delay p99 after the deadline, {fleet}", percentile(values, 99), "ms",
+               goal=GOAL_P99_MS, issue=12),
+        figure(f"silence delay p50 after the deadline, {fleet}", median(values), "ms", issue=12),
         figure("silent agents not alerted within 60 s", len(silent) - len(values), "agents", goal=0, issue=4),
         figure("false silence alerts for healthy agents", len(wrong), "alerts", goal=0, issue=4),
     ]  # fmt: skip
-    report("detectors_silence_delay", rows, extra, figures)
-    print(f"p99 = {percentile(values, 99):.0f} ms (target <= 1000 ms)")
+    old_rows, old_figures, extra["baseline"] = baseline(args.baseline_json)
+    report(
+        "detectors_silence_delay",
+        [{"engine": "this commit", **row} for row in rows] + old_rows,
+        extra,
+        figures + old_figures,
+    )
+    print(f"p99 = {percentile(values, 99):.0f} ms (target <= {GOAL_P99_MS} ms)")
 
 
 if __name__ == "__main__":
