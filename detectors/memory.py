@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal
 
-import numpy as np
 from pydantic import BeforeValidator, Field, PlainSerializer
 
 from agentwatch.config import Seconds, format_duration
@@ -121,20 +122,17 @@ def bucket_ms(cfg: MemoryConfig) -> float:
     return max(1.0, cfg.window_s * 1000 / cfg.points)
 
 
-def theil_sen(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of (t, y) padded with NaN -> (slope, intercept, share of rising pairs) per row.
-
-    Every row needs at least two points (callers filter). The detector judges one agent's
-    window at a time (one row); rows stay possible for benchmarks and tests.
-    """
-    i, j = np.triu_indices(t.shape[1], 1)
-    dt = t[:, j] - t[:, i]
-    dy = y[:, j] - y[:, i]
-    valid = ~np.isnan(dt) & (dt != 0)
-    slopes = np.where(valid, dy / np.where(valid, dt, 1.0), np.nan)
-    slope = np.nanmedian(slopes, axis=1)
-    rising = np.sum(valid & (slopes > 0), axis=1) / np.maximum(np.sum(valid, axis=1), 1)
-    intercept = np.nanmedian(y - slope[:, None] * t, axis=1)
+def theil_sen(times: Sequence[float], values: Sequence[float]) -> tuple[float, float, float]:
+    """(slope, intercept, share of rising pairs) of the points (times[k], values[k]): the
+    median of all pairwise slopes, robust to outliers. Needs two points of different times.
+    Plain Python: a window holds at most 32 points (496 pairs), and numpy's median of so small
+    an array costs more than the sort."""
+    n = len(times)
+    slopes = [(values[j] - values[i]) / (times[j] - times[i])
+              for i in range(n) for j in range(i + 1, n) if times[j] != times[i]]  # fmt: skip
+    slope = statistics.median(slopes)
+    intercept = statistics.median(v - slope * t for t, v in zip(times, values, strict=True))
+    rising = sum(1 for s in slopes if s > 0) / len(slopes)
     return slope, intercept, rising
 
 
@@ -147,9 +145,8 @@ def judge(closed: list[list[float]], cfg: MemoryConfig, agent: Agent) -> tuple[i
     at = closed[-1][0]
     enough = len(closed) >= max(2, cfg.min_points)
     if enough:
-        points = np.asarray(closed, dtype=np.float64)
-        fit = theil_sen(points[None, :, 0], points[None, :, 1])  # bytes per ms
-        slope, intercept, rising = (float(column[0]) for column in fit)
+        times, values = [float(p[0]) for p in closed], [float(p[1]) for p in closed]
+        slope, intercept, rising = theil_sen(times, values)  # bytes per ms
         level = intercept + slope * at
     else:
         slope, level, rising = 0.0, float(agent.rss_last), 0.0
