@@ -192,7 +192,7 @@ def run_children(client: redis.Redis, specs: list[dict[str, Any]]) -> dict[str, 
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for spec in specs
     ]
     try:
