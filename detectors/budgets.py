@@ -171,6 +171,18 @@ class BudgetKeeper(Handler[Event]):
         verdict = judge(budget, spent.cost, window, now)
         if verdict.rank is None:
             return
+        if verdict.rank == EXCEEDED and budget.warn_at < 1:
+            # Every stage is told, in order, however the batches fall: a backlog applied at
+            # once (a worker's successor catching up) crosses the warning and the limit together.
+            # (A no-op when the warning, or more, is open already: escalate publishes rises only.)
+            self._tell(index, agent, spent, wid, window, now, Verdict(WARNING, "warn_at"))
+        self._tell(index, agent, spent, wid, window, now, verdict)
+
+    def _tell(  # noqa: PLR0917 - one decision's parts
+        self, index: int, agent: str, spent: Spent, wid: str, window: Window, now: int, verdict: Verdict
+    ) -> None:
+        budget = self.budgets.budgets[index]
+        assert verdict.rank is not None
         target, dedup = self.budgets.target(index, agent)
         who = target if budget.scope == "each" else f"agents {budget.agents} together"
         share = spent.cost / budget.limit
