@@ -88,7 +88,6 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     worker.handlers += [
         # first: it prices the beats (fills in their cost) that every other handler reads
         BudgetKeeper(client, keys, settings, incidents, halts),
-        Engine(worker, ctx, [d for d in detectors if is_stateful(d)]),
         OutboxSweeper(incidents),
         FactsRecorder(client, keys),
         HaltExpiry(halts),
@@ -108,6 +107,8 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
             owner=worker.consumer,
         ),
     ]
+    # the engine after the start facts: the restart notifier reads an exit alert's host there
+    worker.handlers.append(Engine(worker, ctx, [d for d in detectors if is_stateful(d)]))
     worker.handlers += [d for d in detectors if not is_stateful(d)]
     return worker
 
