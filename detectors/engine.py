@@ -6,12 +6,12 @@ Stateful stream processing the way Kafka Streams does it, on Redis (docs/archite
   shards than workers, rebalanced as workers come and go) and reads only the streams it holds.
   Everything about an agent is decided by one process, so decisions are plain Python over plain
   objects: :class:`detectors.agent.Agent` and each detector's own ``State``.
-* **Checkpoints.** After every batch and tick the owner writes the agents that changed, the last
-  applied entry id and its decisions in one fenced transaction (detectors/checkpoint.py); the
-  runtime acknowledges the batch only after that. A worker that dies is replaced by one that
-  loads the checkpoint; entries it had not acknowledged are claimed and applied again, and those
-  at or below the checkpoint's id are skipped. A frozen owner that wakes after losing its lease
-  can neither checkpoint nor publish (the fence).
+* **Checkpoints.** Every half second, and at once when something was decided, the owner writes
+  the agents that changed, the last applied entry id and its new decisions in one fenced
+  transaction (detectors/checkpoint.py). A worker that dies is replaced by one that loads the
+  checkpoint and replays the stream from its entry id up to what the group delivered (acked or
+  not), then claims what its predecessor left pending; entries at or below the id are skipped.
+  A frozen owner that wakes after losing its lease can neither checkpoint nor publish (the fence).
 * **Decisions -> alerts.** Detectors decide through :class:`Decisions` (``open``/``close``).
   Each decision is saved with the checkpoint, then published through ``Incidents`` with the
   lease as fence, and dropped from the saved list: a crash in between publishes it at takeover
