@@ -108,8 +108,6 @@ class Shard:
     """Checkpointed decisions not yet published, oldest first."""
     duplicates: int = 0
     saved_at: float = 0.0
-    taken: bool = True
-    """Not yet checked since this worker took it over (see Engine._check)."""
 
     def agent(self, name: str) -> Agent:
         found = self.agents.get(name)
@@ -186,12 +184,16 @@ class Shard:
             # A gap longer than an allowance found in the events themselves (a backlog applied
             # late): what a watcher in real time would have told, silence and stall decide now.
             # (asked only past the shortest allowance in force: most events are well within it)
+            # Not while the watch itself stopped before this event (Redis frozen or down, every
+            # worker gone): such a gap proves nothing; the next check restarts the clocks.
             quiet = at - max(agent.seen_ms, agent.clocks_from_ms)
-            if silence is not None and self.tick_ms and agent.seen_ms and quiet > engine.shortest_silence_ms:
-                silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
             stuck = at - max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms)
-            if stall is not None and self.tick_ms and cls == CUR and stuck > engine.shortest_stall_ms:
-                stall.backlog(agent, event, at, self.sight_ms)
+            late = quiet > engine.shortest_silence_ms or stuck > engine.shortest_stall_ms
+            if late and self.tick_ms and at - max(self.tick_ms, engine.last_watch_ms) <= engine.sight_ms():
+                if silence is not None and agent.seen_ms and quiet > engine.shortest_silence_ms:
+                    silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
+                if stall is not None and cls == CUR and stuck > engine.shortest_stall_ms:
+                    stall.backlog(agent, event, at, self.sight_ms)
         if cls == NEW:
             self.new_run(engine, agent, event, at)
         if cls in (CUR, NEW):
@@ -344,6 +346,7 @@ class Engine(Handler[Event]):
         self._lost = [0] * len(self.keys.event_streams())
         self._next_forget = 0.0
         self._decided_shard: Shard | None = None
+        self.last_watch_ms = 0
         self.refused = ""
         """Why this worker takes no shard (the shard count changed under the state), or ""."""
         self._next_refusal_log = 0.0
@@ -421,6 +424,7 @@ class Engine(Handler[Event]):
                 self._next_refusal_log = time.monotonic() + 60
                 log.error("%s", self.refused)
             return
+        self.last_watch_ms = self._last_watch()
         gained, lost = self.leases.refresh(now_ms, before_release=self._hand_over)
         for index in lost:
             log.warning("lost the lease of shard %d; another worker owns it now", index)
@@ -469,6 +473,13 @@ class Engine(Handler[Event]):
     def on_stop(self) -> None:
         self.flush()
         self.leases.release_all()
+
+    def _last_watch(self) -> int:
+        """The last tick of any engine worker, this one included (Redis ms), before this one's:
+        each registers itself until a lease from its tick (leases.py), so the newest
+        registration less a lease says when somebody last watched."""
+        newest = self.client.zrevrange(self.keys.engines, 0, 0, withscores=True)
+        return int(newest[0][1]) - self.lease_ms if newest else 0
 
     def flush(self) -> None:
         """Checkpoint every shard held now (a stop; tests that read the state right away)."""
@@ -586,15 +597,14 @@ class Engine(Handler[Event]):
     def _check(self, shard: Shard, now_ms: int) -> int:
         """One timer check of ``shard``: the gap found in the checks (ms; 0: none)."""
         gap = 0
-        # A shard just taken over was last checked by its previous owner, up to a lease ago: a
-        # failover is not an outage (Redis was up, agents kept sending, the backlog tells), so
-        # it restarts no clock unless it lasted longer than the lease on top of the usual bound.
-        allowed = self.sight_ms() + (self.lease_ms if shard.taken else 0)
-        shard.taken = False
+        # Watched until: this shard's last check, or any engine worker's last tick (a standby
+        # ticks through an owner's failover, so a failover is not a gap; a frozen or restarting
+        # Redis, or every worker down, stops every tick: that is one).
+        watched = max(shard.tick_ms, self.last_watch_ms)
         if not shard.tick_ms:
             shard.sight_ms = now_ms
-        elif now_ms - shard.tick_ms > allowed:
-            gap = now_ms - shard.tick_ms
+        elif now_ms - watched > self.sight_ms():
+            gap = now_ms - watched
             shard.sight_ms = now_ms
             for each in shard.agents.values():  # every clock restarts here (Agent.clocks_from_ms)
                 if each.clocks_from_ms < now_ms:
