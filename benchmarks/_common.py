@@ -138,6 +138,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def report_beside(
+    name: str,
+    rows: list[dict[str, Any]],
+    extra: dict[str, Any],
+    figures: Sequence[dict[str, Any]],
+    baseline_path: Path | None,
+) -> Path:
+    """:func:`report`, with another commit's run of the same script (:func:`baseline`) beside
+    this one's: rows gain an ``engine`` column ("this commit", or the other run's label)."""
+    old_rows, old_figures, extra["baseline"] = baseline(baseline_path)
+    mine = [{"engine": "this commit", **row} for row in rows] if old_rows else rows
+    return report(name, mine + old_rows, extra, [*figures, *old_figures])
+
+
 def baseline(path: Path | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Rows and figures of another commit's run of the same script (``--baseline-json``, as
     ``benchmarks/old_engine.py`` stores them), to print beside this run's: every row gains an

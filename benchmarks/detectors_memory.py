@@ -34,7 +34,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import baseline, figure, report
+from _common import figure, report_beside
 
 from agentwatch import codec, config, plugins
 from agentwatch.embedded import EmbeddedRedis
@@ -148,13 +148,7 @@ def main() -> None:
         figure("Redis memory per agent, used_memory delta (with start facts)", (after - before) / args.agents,
                "B", issue=12),
     ]  # fmt: skip
-    old_rows, old_figures, extra["baseline"] = baseline(args.baseline_json)
-    report(
-        "detectors_memory",
-        [{"engine": "this commit", **row} for row in rows] + old_rows,
-        extra,
-        figures + old_figures,
-    )
+    report_beside("detectors_memory", rows, extra, figures, args.baseline_json)
     print(f"{per_agent:.0f} bytes per agent (target <= 1024); {events:,} events applied in {applied_s:.1f}s")
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import baseline, figure, median, percentile, report
+from _common import figure, median, percentile, report_beside
 
 from agentwatch import codec
 from agentwatch.codec import entry_ms
@@ -183,13 +183,7 @@ def main() -> None:
         figure("silent agents not alerted within 60 s", len(silent) - len(values), "agents", goal=0, issue=4),
         figure("false silence alerts for healthy agents", len(wrong), "alerts", goal=0, issue=4),
     ]  # fmt: skip
-    old_rows, old_figures, extra["baseline"] = baseline(args.baseline_json)
-    report(
-        "detectors_silence_delay",
-        [{"engine": "this commit", **row} for row in rows] + old_rows,
-        extra,
-        figures + old_figures,
-    )
+    report_beside("detectors_silence_delay", rows, extra, figures, args.baseline_json)
     print(f"p99 = {percentile(values, 99):.0f} ms (target <= {GOAL_P99_MS} ms)")
 
 

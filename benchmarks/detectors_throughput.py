@@ -55,7 +55,7 @@ import msgpack
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import baseline, drop_prefix, figure, median, redis_server, report
+from _common import drop_prefix, figure, median, redis_server, report_beside
 
 from agentwatch import codec, config, loading
 from agentwatch.keys import Keys, shard_of
@@ -311,8 +311,7 @@ def main() -> None:
                                       issue=12))  # fmt: skip
         client.close()
     extra: dict[str, Any] = {"results": summary, "target": GOAL, "events": args.events}
-    old_rows, old_figures, extra["baseline"] = baseline(args.baseline_json)
-    report("detectors_throughput", rows + old_rows, extra, figures + old_figures)
+    report_beside("detectors_throughput", rows, extra, figures, args.baseline_json)
     for where, found in summary.items():
         print(f"{where}: ratio workers/raw = {found['ratio']:.2f} (target >= {GOAL}), "
               f"{found['cpu_per_m']:.1f} CPU s per M events")  # fmt: skip
