@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 from agentwatch.alerts import decode_alert
 from agentwatch.cli import app
 from agentwatch.cli.status import _ranges, _shard_parts
+from agentwatch.codec import entry_key
 from agentwatch.keys import Keys, shard_of
 from detectors.agent import read_agents
 from detectors.engine import LEASE_MS
@@ -190,11 +191,17 @@ class Beater:
         self.thread.join(5)
 
 
-def drained(r: redis.Redis, keys: Keys, shard: int) -> bool:
-    """Shard ``shard``'s checkpoint covers every entry of its stream."""
-    last: Any = r.xrevrange(keys.events(shard), count=1)
-    through = r.hget(keys.checkpoint(shard), "last_id")
-    return bool(last) and through is not None and through == last[0][0]
+def drained(r: redis.Redis, keys: Keys, shard: int) -> Callable[[], bool]:
+    """A predicate: shard ``shard``'s checkpoint covers every entry its stream holds now (beats
+    added later need not be saved yet: the owner saves every half second while they go on)."""
+    newest: Any = r.xrevrange(keys.events(shard), count=1)
+    target = entry_key(newest[0][0]) if newest else (0, 0)
+
+    def covered() -> bool:
+        through = r.hget(keys.checkpoint(shard), "last_id")
+        return through is not None and entry_key(through) >= target
+
+    return covered
 
 
 # -- 1. a frozen lease-holder ----------------------------------------------------------------------
@@ -276,7 +283,8 @@ def test_a_frozen_owner_is_replaced_and_can_write_nothing_when_it_wakes(
                 assert int(r.get(keys.epoch(shard)) or 0) == held and (shard != x or held > new_token)
     finally:
         beater.stop()
-    wait_for(lambda: drained(r, keys, 0) and drained(r, keys, 1), timeout=10, what="both shards checkpointed")
+    first, second = drained(r, keys, 0), drained(r, keys, 1)
+    wait_for(lambda: first() and second(), timeout=10, what="both shards checkpointed")
     assert str(old_token).encode() not in tokens, tokens  # a never wrote X's checkpoint after its lease
     through: Any = r.hget(keys.checkpoint(x), "last_id")
     assert [int(p) for p in through.split(b"-")] >= [int(p) for p in freeze["delivered"].split(b"-")]
@@ -310,7 +318,7 @@ def test_a_silence_during_a_failover_is_late_by_at_most_the_lease_and_a_second(
              what="two workers, one owning the shard")  # fmt: skip
     beater = Beater(r, keys, ["watched", "steady"])
     try:
-        wait_for(lambda: drained(r, keys, 0), timeout=10, what="the beats applied")
+        wait_for(drained(r, keys, 0), timeout=10, what="the beats applied")
         victim = by_pid[owned(r, keys)[0]]
         victim.send_signal(signal.SIGKILL)
         last = beater.silence("watched", last_beat=True)  # its last beat comes right after the kill
@@ -339,7 +347,7 @@ def test_a_worker_refuses_state_written_under_another_shard_count(
     bot = Agent(r, one, "bot")
     bot.start(interval=1.0)
     bot.beat()
-    wait_for(lambda: drained(r, one, 0), timeout=20, what="a checkpoint under shards = 1")
+    wait_for(drained(r, one, 0), timeout=20, what="a checkpoint under shards = 1")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=10) == 0
     two = Keys(prefix, shards=2)
@@ -378,7 +386,8 @@ def test_two_workers_split_four_shards_and_a_clean_stop_hands_them_over_at_once(
     for bot in bots:
         bot.start(interval=1.0)
         bot.beat()
-    wait_for(lambda: all(drained(r, keys, shard) for shard in range(4)), timeout=10, what="the beats saved")
+    saved = [drained(r, keys, shard) for shard in range(4)]
+    wait_for(lambda: all(each() for each in saved), timeout=10, what="the beats saved")
     a.send_signal(signal.SIGTERM)
     assert a.wait(timeout=10) == 0
     stopped = time.monotonic()
@@ -394,7 +403,8 @@ def test_two_workers_split_four_shards_and_a_clean_stop_hands_them_over_at_once(
         )
     for bot in bots:
         bot.beat()
-    wait_for(lambda: all(drained(r, keys, shard) for shard in range(4)), timeout=10, what="the beats saved")
+    saved = [drained(r, keys, shard) for shard in range(4)]
+    wait_for(lambda: all(each() for each in saved), timeout=10, what="the beats saved")
     assert {name: rec["beats"] for name, rec in read_agents(r, keys).items()} == dict.fromkeys(
         [bot.name for bot in bots], 2
     )  # (a's agents carried over by its last checkpoint: nothing lost, nothing applied twice)
