@@ -27,6 +27,7 @@ import argparse
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,28 @@ def fill_alerts(client: redis.Redis, keys: Keys, alerts: int) -> None:
 
 
 def notifiers_rate(url: str, prefix: str, alerts: int, hook: str, grouped: bool) -> float:
+    grouping = GroupingSection.model_validate({"enabled": grouped, "group_wait": "1h"})
+    return webhook_drain_rate(url, settings_for(prefix, grouping=grouping), alerts, hook)
+
+
+def webhook_drain_rate(
+    url: str,
+    settings: config.PipelineSettings,
+    alerts: int,
+    hook: str,
+    before: Callable[[redis.Redis, Keys], object] | None = None,
+) -> float:
+    """Alerts/s one notifier worker with a webhook delivers of ``alerts`` fired ones, under
+    ``settings`` (``before``: more set-up once the alerts are in). The prefix is dropped after."""
+    prefix = settings.redis.prefix
     client = redis.Redis.from_url(url)
     keys = Keys(prefix)
     fill_alerts(client, keys, alerts)
+    if before is not None:
+        before(client, keys)
     loaded, problems = plugins.load_notifiers([{"type": "webhook", "url": hook}])
     assert not problems, problems
-    grouping = GroupingSection.model_validate({"enabled": grouped, "group_wait": "1h"})
-    pipeline = Pipeline(settings=settings_for(prefix, grouping=grouping), source="bench", notifiers=loaded)
+    pipeline = Pipeline(settings=settings, source="bench", notifiers=loaded)
     worker_client = connect(pipeline.settings, url)
     worker = notifier_worker(pipeline, worker_client)
     rate = drain_rate(worker, alerts, hooks=True)

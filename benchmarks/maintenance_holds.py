@@ -29,8 +29,8 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import drain_rate, drop_prefix, figure, median, redis_server, report
-from fleet_grouping import Receiver, fill_alerts, settings_for
+from _common import drop_prefix, figure, median, redis_server, report
+from fleet_grouping import Receiver, settings_for, webhook_drain_rate
 
 from agentwatch import plugins
 from agentwatch.alerts import Incidents
@@ -57,21 +57,11 @@ def holds_settings(prefix: str, configured: bool) -> Any:
 
 
 def notifiers_rate(url: str, prefix: str, alerts: int, hook: str, configured: bool) -> float:
-    client = redis.Redis.from_url(url)
-    keys = Keys(prefix)
-    fill_alerts(client, keys, alerts)
-    if configured:
-        AdhocWindows(client, keys).start(3600, agents=["deploy-*"], reason="bench")
-    loaded, problems = plugins.load_notifiers([{"type": "webhook", "url": hook}])
-    assert not problems, problems
-    pipeline = Pipeline(settings=holds_settings(prefix, configured), source="bench", notifiers=loaded)
-    worker_client = connect(pipeline.settings, url)
-    worker = notifier_worker(pipeline, worker_client)
-    rate = drain_rate(worker, alerts, hooks=True)
-    worker_client.close()
-    drop_prefix(client, prefix)
-    client.close()
-    return rate
+    def adhoc(client: redis.Redis, keys: Keys) -> None:
+        if configured:
+            AdhocWindows(client, keys).start(3600, agents=["deploy-*"], reason="bench")
+
+    return webhook_drain_rate(url, holds_settings(prefix, configured), alerts, hook, before=adhoc)
 
 
 def release_after_window(url: str, prefix: str, receiver: Receiver, held: int) -> float:

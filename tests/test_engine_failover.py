@@ -390,11 +390,10 @@ def test_two_workers_split_four_shards_and_a_clean_stop_hands_them_over_at_once(
     wait_for(lambda: all(each() for each in saved), timeout=10, what="the beats saved")
     a.send_signal(signal.SIGTERM)
     assert a.wait(timeout=10) == 0
-    stopped = time.monotonic()
+    # Handed over, not left to expire: by the time a has exited its leases are gone (released
+    # or already taken by b), whatever the load; b then takes them at its next ticks.
+    assert all(owned(r, keys).get(shard) in (None, b.pid) for shard in range(4)), owned(r, keys)
     wait_for(lambda: owned(r, keys) == dict.fromkeys(range(4), b.pid), timeout=5, what="b owning all four")
-    took = time.monotonic() - stopped
-    # a couple of ticks (50 ms) and a takeover each; far below the lease: not a lease timeout
-    assert took < LOADED_MARGIN_MS / 1000, took
     for shard in range(4):  # b kept its own shards' leases; it took a's under higher tokens
         assert (
             token(r, keys, shard) == tokens[shard]
