@@ -173,7 +173,8 @@ class Children(Detector["SilenceConfig"]):
         if self.decisions.open(agent, DETECTOR, since + allowance, facts):
             state.dead_parent = child.parent
         else:
-            log.warning("%s (a child incident of this agent is open already)", _summary(agent.name, facts))
+            # (%r: the run ids come from the agent, and a log line may be a terminal's)
+            log.warning("%r (a child incident of this agent is open already)", _summary(agent.name, facts))
 
     def _close(self, agent: Agent, state: ChildState, at_ms: int, how: str) -> None:
         if self.decisions.close(agent, DETECTOR, at_ms, {"how": how}):

@@ -81,11 +81,23 @@ def test_later_dead_workers_while_it_is_open_are_logged_only(caplog: pytest.LogC
         run_until(children, agent, T0 + 3000)
     assert [op["f"]["run"] for _, _, op in ops(children)] == ["worker-0"]
     assert [r.getMessage() for r in caplog.records] == [
-        "bot: worker process 4701 (run worker-1, child of run parent-1) gone without a goodbye: "
-        "no event for 1s while its parent kept running (SIGKILL, OOM killer?) "
+        "'bot: worker process 4701 (run worker-1, child of run parent-1) gone without a goodbye: "
+        "no event for 1s while its parent kept running (SIGKILL, OOM killer?)' "
         "(a child incident of this agent is open already)"
     ]
     assert list(cast(ChildState, agent.states["children"]).told) == ["worker-0", "worker-1"]
+
+
+def test_run_ids_from_the_agent_reach_the_log_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    """A run id is any text the agent chose: in the log (a terminal) its control characters
+    are escapes, never a screen-clearing or title-setting sequence."""
+    children, agent = watch(), pool(workers=2)
+    agent.children["worker-1"].seen_ms = T0 + 500
+    agent.children["\x1b]0;pwned\x07"] = agent.children.pop("worker-1")
+    with caplog.at_level(logging.WARNING, logger="agentwatch.detectors.children"):
+        run_until(children, agent, T0 + 3000)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "\x1b" not in message and "\\x1b]0;pwned\\x07" in message
 
 
 def test_a_worker_that_exited_raises_nothing_and_its_record_goes_after_a_minute() -> None:
