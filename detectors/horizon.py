@@ -3,7 +3,7 @@
 * The **horizon** of a stream: every event older than this (Redis ms) has been applied; nothing
   older is undelivered or delivered but unacknowledged. The timer checks never judge an agent
   past its shard's horizon, because its missing beat may be sitting in the stream, unread
-  (timers.py); the lag detector alerts when it falls far behind (lag.py).
+  (detectors/engine.py, ``Engine._check``); the lag detector alerts when it falls far behind (lag.py).
 * **Trimmed unread**: producers cap the stream (``XADD MAXLEN ~``) and workers trim it by age, so
   a flooding agent, or workers that fall far enough behind, can trim entries nobody has read.
   Redis counts what the group read (``entries-read``) and what was ever added to the stream

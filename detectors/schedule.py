@@ -3,7 +3,7 @@
 A glob under ``[detectors.silence.agents."<glob>"]`` with ``schedule = "*/15 * * * *"`` makes
 its agents *scheduled* (Healthchecks' model). A scheduled agent is judged by its schedule, not
 by the interval rule: it is never ``silence``, and a clean exit (code 0 without ``shutdown()``)
-is the normal end of a run, not an ``exit`` page (:func:`profile`). Crashes, signals and
+is the normal end of a run, not an ``exit`` page (silence.py ``watches``, exit.py). Crashes, signals and
 non-zero codes still page ``exit``; stall, tokens, loop and memory judge its runs as any other.
 
 Two incidents, decided here and nowhere else (:func:`decide`, a pure function of the agent's
@@ -57,10 +57,6 @@ OVERRAN: Final = "runtime"
 """The ``detector`` name of a run over ``max_runtime``."""
 EARLY_MS: Final = 1000
 """A run that starts this long before a slot (or less) counts for that slot."""
-PROFILE: Final[dict[str, float]] = {"sil_on": 0, "exit_clean": 0}
-"""What a schedule changes in its agents' profile (the old engine's state.PROFILE, read by
-detectors/engine.py until the new engine replaces it): no interval rule, and a clean exit is how
-a run ends. The new silence and exit detectors ask ``config.for_agent(agent).schedule``."""
 _COUNT_MAX: Final = 10_000
 """Missed slots counted at most (a minutely job down for a month)."""
 
@@ -94,11 +90,6 @@ class ScheduleConfig(DetectorConfig):
             except CronError as exc:
                 raise ValueError(str(exc)) from None
         return value
-
-
-def profile(config: ScheduleConfig) -> dict[str, float]:
-    """The profile entries a schedule overrides for an agent with ``config`` (none: unscheduled)."""
-    return dict(PROFILE) if config.schedule is not None else {}
 
 
 def overrides_ignored(config: ScheduleConfig) -> list[str]:

@@ -1,8 +1,8 @@
 """Silence: no event of any kind from an agent for max(``after``, 3 x its declared interval).
 
-The process is gone: SIGKILL, the OOM killer, a lost host. Detected by the timer checks
-(detectors/timers.py) against Redis time, from every worker, in O(log n + k) per check however
-large the fleet. An ``extend(seconds)`` from the agent pushes the deadline that much further.
+The process is gone: SIGKILL, the OOM killer, a lost host. Detected by the shard owner's timer
+checks (detectors/engine.py: a heap of due times, O(log n) per agent due) against Redis time,
+however large the fleet. An ``extend(seconds)`` from the agent pushes the deadline that much further.
 
 The alert names the likely cause. When the run's pulses showed RSS growing (to at least
 ``rss_growth`` x its first value, and by ``rss_growth_min`` or more) and it was still near its

@@ -10,11 +10,11 @@ do_handshake". The incident resolves when beats resume: at the first beat, or, w
 before); or when the agent restarts or shuts down.
 
 Stall or silence: "the process is alive" needs a pulse no older than 2.5 pulse periods and one
-at or after the deadline (timers.py: a pulse from before it does not show the process outlived
+at or after the deadline (``due_ms``: a pulse from before it does not show the process outlived
 its allowance), and the allowance counts only time in which the process proved alive. A gap of the
 agent's events longer than half the allowance (or 2.5 pulse periods if longer) restarts it where the
-events resume (state.py ``live_from``): a process frozen by SIGSTOP (a suspended VM, a
-debugger) is silent, and when it resumes with a pulse before its next beat, that is no stall.
+events resume (``dead_after_ms``; the engine moves ``clocks_from_ms``): a process frozen by
+SIGSTOP (a suspended VM, a debugger) is silent, and when it resumes with a pulse before its next beat, that is no stall.
 """
 
 from __future__ import annotations
