@@ -14,7 +14,8 @@ at or after the deadline (``due_ms``: a pulse from before it does not show the p
 its allowance), and the allowance counts only time in which the process proved alive. A gap of the
 agent's events longer than half the allowance (or 2.5 pulse periods if longer) restarts it where the
 events resume (``dead_after_ms``; the engine moves ``clocks_from_ms``): a process frozen by
-SIGSTOP (a suspended VM, a debugger) is silent, and when it resumes with a pulse before its next beat, that is no stall.
+SIGSTOP (a suspended VM, a debugger) is silent, and when it resumes with a pulse before its
+next beat, that is no stall.
 """
 
 from __future__ import annotations
