@@ -125,7 +125,7 @@ class NotifierContext:
 Verdict = Literal["send", "muted", "stale", "maintenance", "dependency"]
 HELD_VERDICTS: tuple[Verdict, ...] = ("muted", "maintenance", "dependency")
 """Verdicts that hold an alert back for later rather than drop it (see ``_release_held``)."""
-Step = tuple[Literal["send", "drop"], Alert]
+Step = tuple[Literal["send", "drop", "group"], Alert]
 """One step of a batch queued by notifiers/fanout.py (see :meth:`Notifier.plan`)."""
 
 
@@ -267,16 +267,20 @@ class Notifier(Handler[Alert], Generic[C]):
         """What :meth:`on_batch` would do with ``messages``, as steps for notifiers/fanout.py to
         run in one pipeline with every other notifier's, when the batch needs nothing but
         queueing: ``("send", alert)`` queues it (see :meth:`queued`), ``("drop", alert)`` forgets
-        what a mute held for an incident that ended. None: the batch takes :meth:`on_batch`'s own
-        path (an alert to hold, an alert recorded as stale, grouping, reminders). ``holds``:
+        what a mute held for an incident that ended, ``("group", alert)`` runs its group's script
+        (with ``[grouping]``: a firing alert that groups, or any resolve) and then does what
+        :meth:`grouped` makes of the reply. None: the batch takes :meth:`on_batch`'s own path
+        (an alert to hold, an alert recorded as stale, reminders). ``holds``:
         the maintenance windows and dependencies as of ``now_ms`` (one view for every notifier)."""
-        if self.grouper is not None or self.reminders is not None:
+        if self.reminders is not None:
             return None
         steps: list[Step] = []
+        grouper = self.grouper
         for _, alert in messages:
             verdict = self.route(alert, now_ms, mutes, holds)
             if verdict == "send":
-                steps.append(("send", alert))
+                grouping = grouper is not None and (alert.status == "resolved" or grouper.group_of(alert))
+                steps.append(("group" if grouping else "send", alert))
             elif verdict is not None:
                 return None
             elif alert.status == "resolved":  # the incident is over: nothing held may go out
@@ -345,27 +349,41 @@ class Notifier(Handler[Alert], Generic[C]):
     def _grouped(self, alert: Alert, now_ms: int) -> bool:
         """True if ``alert`` was taken by its group (recorded as ``grouped``, not queued here)."""
         assert self.grouper is not None
-        if alert.status == "firing":
-            joined = self.grouper.add(alert, now_ms)
-            if joined == "full":
-                self.journal.count(self.name, "ungrouped")
-                self.log.warning("%s: %d alert groups are open (max_groups); sent alone",
-                                 alert.dedup_key, self.grouper.config.max_groups)  # fmt: skip
-                return False
-            if joined is None:
-                return False
-            if joined != "dup":
-                self.journal.skipped(self.name, "grouped", alert, "waiting with its group")
-            return True
-        outcome, group_alert = self.grouper.resolve(alert, now_ms)
-        if outcome == "pass":
+        op = self.grouper.op(alert)
+        if op is None:
             return False
-        self.journal.skipped(self.name, "grouped", alert, f"group {outcome}")
-        if group_alert is not None:
-            sent = self.queue.enqueue_resolve(self.job(group_alert), group_alert.dedup_key)
+        out = self.grouped(alert, self.grouper.run(self.grouper.call([op], now_ms))[0], now_ms)
+        if out is alert:
+            return False
+        if out is not None:
+            sent = self.queue.enqueue_resolve(self.job(out), out.dedup_key)
             if sent and self.deliverer is not None:
                 self.deliverer.wake()
         return True
+
+    def grouped(self, alert: Alert, reply: object, now_ms: int, *, pipe: object = None) -> Alert | None:
+        """What the group script's ``reply`` for ``alert`` means (:meth:`Grouper.op
+        <notifiers.grouping.Grouper.op>`), recorded in the delivery log (in ``pipe`` when
+        given): ``alert`` itself to queue it as routed (it does not group, too many groups are
+        open, or its resolve is not a group member's), the group's resolve to queue (its last
+        open member resolved), or None (its group took it). The one reading of those replies,
+        for :meth:`on_batch` and notifiers/fanout.py alike."""
+        assert self.grouper is not None
+        if alert.status == "firing":
+            joined = self.grouper.joined(reply)
+            if joined == "full":
+                self.journal.count(self.name, "ungrouped", pipe=pipe)
+                self.log.warning("%s: %d alert groups are open (max_groups); sent alone",
+                                 alert.dedup_key, self.grouper.config.max_groups)  # fmt: skip
+                return alert
+            if joined != "dup":
+                self.journal.skipped(self.name, "grouped", alert, "waiting with its group", pipe=pipe)
+            return None
+        outcome, group_alert = self.grouper.resolved(reply, now_ms)
+        if outcome == "pass":
+            return alert
+        self.journal.skipped(self.name, "grouped", alert, f"group {outcome}", pipe=pipe)
+        return group_alert
 
     def _flush_groups(self, now_ms: int) -> None:
         """Queue what groups whose wait (or interval) is over have to say."""
