@@ -343,6 +343,15 @@ class Incidents:
                 found[key.decode() if isinstance(key, bytes) else key] = json.loads(raw)
         return found
 
+    def open_keys(self) -> list[str]:
+        """The dedup keys (``<agent>/<detector>``) of every open incident: what deciding who is
+        down needs, without decoding every incident (notifiers/holds.py, once per batch)."""
+        return [
+            key.decode() if isinstance(key, bytes) else key
+            for shard in range(self.keys.shards)
+            for key in self.client.hkeys(self.keys.incidents(shard))
+        ]
+
     def sweep(self, now_ms: int, older_than_ms: int = SWEEP_AFTER_MS) -> int:
         """Publish alerts a dead worker left in an outbox. Run from every worker's tick."""
         published = 0

@@ -134,7 +134,7 @@ class HoldView:
     adhoc: bool | None = None
     """Whether ad-hoc windows exist (None: not read yet)."""
     _windows: list[Window] | None = None
-    _incidents: dict[str, dict[str, Any]] | None = None
+    _incidents: list[str] | None = None
     _decided: dict[tuple[str, bool], Hold | None] = field(default_factory=dict)
     _records: dict[str, Held] | None = None
     _down: dict[str, list[str]] = field(default_factory=dict)
@@ -226,9 +226,11 @@ class HoldView:
         self.holds.dependents.put(key, held)
         self.records()[key] = held
 
-    def incidents(self) -> dict[str, dict[str, Any]]:
+    def incidents(self) -> list[str]:
+        """The dedup keys of the open incidents, read once per view (keys only: a fleet with
+        thousands open must not decode them all for every batch)."""
         if self._incidents is None:
-            self._incidents = Incidents(self.holds.client, self.holds.keys).all_open()
+            self._incidents = Incidents(self.holds.client, self.holds.keys).open_keys()
         return self._incidents
 
     def _down_parent(self, child: str, glob: str) -> str | None:
