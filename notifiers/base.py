@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Generic, Literal, TypeVar
 
 from pydantic import Field, model_validator
@@ -226,10 +226,12 @@ class Notifier(Handler[Alert], Generic[C]):
         mutes = self.mutes.active(now_ms)
         holds = self.ctx.holds.view(now_ms) if self.ctx.holds is not None else None
         queued = False
-        for _, alert in messages:
+        # Every alert is routed before any is queued: a parent's alert then lists the dependents
+        # held for it in the same batch (the host that took both).
+        routed = [(alert, self.route(alert, now_ms, mutes, holds)) for _, alert in messages]
+        for alert, verdict in routed:
             if self.reminders is not None and alert.status == "resolved":
                 self.reminders.cancel(alert.dedup_key)
-            verdict = self.route(alert, now_ms, mutes, holds)
             if verdict == "send":
                 queued = self._send(alert, now_ms) or queued
             elif verdict in HELD_VERDICTS:
@@ -336,7 +338,11 @@ class Notifier(Handler[Alert], Generic[C]):
         return int((2 * self.ctx.settings.worker.claim_idle_s + 5) * 1000)
 
     def job(self, alert: Alert, extra: dict[str, object] | None = None) -> Job:
-        """The delivery job of ``alert`` (queued under the alert id)."""
+        """The delivery job of ``alert`` (queued under the alert id). A parent's alert lists the
+        dependents held for it (``details.held``: notifiers/holds.py)."""
+        held = self.ctx.holds.held_details(alert) if self.ctx.holds is not None else None
+        if held:
+            alert = replace(alert, details={**alert.details, **held})
         return Job(alert.id, _alert_dict(alert), int(time.time() * 1000), extra=dict(extra or {}))
 
     def _send(self, alert: Alert, now_ms: int) -> bool:

@@ -25,6 +25,10 @@ the child gets a fresh allowance from then; still silent after it, it pages on i
 that would close a cycle at run time (globs the start-up check could not see
 through) is not taken: the child pages.
 
+A parent's own alerts list what is held for it (``details.held``: :meth:`Holds.held_details`),
+and a held dependent's reminders are held with its firing (a reminder stands for its
+``first_alert``).
+
 Held alerts ride on the mute machinery (notifiers/base.py ``_mute``/``_release_held``, the
 ``held`` hash of notifiers/queue.py): recorded as ``maintenance`` or ``dependency`` in the
 delivery log, released when nothing holds them any more if their incident is still open, and
@@ -58,6 +62,8 @@ DEFAULT_ALLOWANCE_S: Final = 60.0
 """The silence detector's default ``after``: the allowance when no silence config is known."""
 _NAMES_EVERY_S: Final = 10.0
 """How often the agent names a dependency glob is matched against are re-read."""
+MAX_HELD_LISTED: Final = 100
+"""Held dependents a parent's alert lists in ``details.held`` (the rest are counted)."""
 _MAX_CANDIDATES: Final = 100
 """Parents at most read for one child while waiting for them to fire (a glob naming thousands
 of agents is not a dependency)."""
@@ -86,9 +92,12 @@ class Holds:
         self.dependents = Dependents(client, keys)
         self._names: list[str] = []
         self._names_at = 0.0
-        self._any_depends = silence is not None and (
-            bool(silence.depends_on) or any(o.get("depends_on") for o in silence.agents.values())
-        )
+        overrides = silence.agents.values() if silence else []
+        globs = {silence.depends_on if silence else "", *(o.get("depends_on") for o in overrides)}
+        self._parent_globs = sorted(g for g in globs if isinstance(g, str) and g)
+        """The ``depends_on`` globs: the agents whose alerts may list held dependents."""
+        self._any_depends = bool(self._parent_globs)
+        self._parents: dict[str, bool] = {}
 
     def view(self, now_ms: int, *, adhoc: bool | None = None) -> HoldView:
         """``adhoc``: whether ad-hoc windows exist, when the caller read it already (else the
@@ -113,6 +122,43 @@ class Holds:
         interval = fact.get("interval")
         interval_s = float(interval) if isinstance(interval, int | float) else 0.0
         return int(max(after_s, 3 * interval_s) * 1000)
+
+    def held_details(self, alert: Alert) -> dict[str, Any]:
+        """What a parent's alert adds to its details: ``held``, the dependents whose silence is
+        held for it (``agent``, ``detector``, ``since``), so the page about the parent says what
+        else is down because of it; ``held_more`` counts those past :data:`MAX_HELD_LISTED`.
+        A firing (or a reminder) lists those held now; a resolve, those held during the
+        incident (each gets its fresh allowance from now). Empty for any other alert: read
+        from Redis only for an agent some ``depends_on`` names (or the pipeline's own)."""
+        if not self._any_depends or "group" in alert.details or not self._may_be_parent(alert):
+            return {}
+        firing = alert.status == "firing"
+        held = sorted(
+            (record.since_ms, key.rpartition("/")[2], record.child)
+            for key, record in self.dependents.all().items()
+            if record.parent == alert.agent and not (firing and record.free_at_ms)
+        )
+        if not held:
+            return {}
+        listed = [{"agent": child, "detector": detector, "since": iso_ms(since)}
+                  for since, detector, child in held[:MAX_HELD_LISTED]]  # fmt: skip
+        more = len(held) - len(listed)
+        return {"held": listed, **({"held_more": more} if more > 0 else {})}
+
+    def _may_be_parent(self, alert: Alert) -> bool:
+        """Whether ``alert`` says its agent is down and a ``depends_on`` glob names it."""
+        if alert.agent == PIPELINE_AGENT:
+            return alert.detector in PIPELINE_DOWN
+        if alert.detector not in DOWN_DETECTORS:
+            return False
+        found = self._parents.get(alert.agent)
+        if found is None:
+            if len(self._parents) >= 10_000:
+                self._parents.clear()
+            found = self._parents[alert.agent] = any(
+                fnmatch.fnmatchcase(alert.agent, glob) for glob in self._parent_globs
+            )
+        return found
 
     def agent_names(self) -> list[str]:
         """Every agent with detector state (cached for a few seconds)."""
@@ -182,8 +228,6 @@ class HoldView:
         holds = self.holds
         if not holds._any_depends or alert.detector not in SILENT or holds.silence is None:
             return None
-        if alert.details.get("reminder"):
-            return None  # a reminder of a page already sent: the parent came too late to hold it
         glob = holds.silence.for_agent(alert.agent).depends_on
         if not glob:
             return None
@@ -193,20 +237,25 @@ class HoldView:
                 holds.dependents.drop(key)  # back: its held firing (if any) is dropped by the queue
                 self.records().pop(key, None)
             return None
+        # A reminder stands for its firing (``first_alert``): held while that is.
+        reminder = bool(alert.details.get("reminder"))
+        alert_id = str(alert.details.get("first_alert") or "") if reminder else alert.id
         record = self.records().get(key)
-        if record is not None and record.alert != alert.id:
+        if record is not None and record.alert != alert_id:
             record = None  # about an earlier incident of the child's
+        if reminder and record is None:
+            return None  # a reminder of a page already sent: the parent came too late to hold it
         parent = self._down_parent(alert.agent, glob)
         if parent is not None and not self._closes_cycle(parent, alert.agent):
             if record is None or record.parent != parent or record.free_at_ms:
                 since = record.since_ms if record is not None else self.now_ms
-                self._put(key, Held(alert.agent, parent, since, alert=alert.id))
+                self._put(key, Held(alert.agent, parent, since, alert=alert_id))
             return Hold("dependency", f"depends on {parent!r} ({glob}), which is down")
         if record is not None:
             free_at = record.free_at_ms
             if not free_at:
                 free_at = self.now_ms + holds.allowance_ms(alert)
-                self._put(key, Held(alert.agent, record.parent, record.since_ms, free_at, alert.id))
+                self._put(key, Held(alert.agent, record.parent, record.since_ms, free_at, alert_id))
             if self.now_ms < free_at:
                 until = iso_ms(free_at)
                 return Hold("dependency", f"{record.parent!r} recovered; a fresh allowance until {until}")

@@ -21,6 +21,8 @@ from typing import Final
 from agentwatch.alerts import Alert
 
 STACK_CHARS: Final = 1500
+HELD_NAMED: Final = 10
+"""Held dependents a parent's message names (``details.held`` lists up to 100)."""
 _ICONS: Final = {"firing": ":red_circle:", "resolved": ":large_green_circle:"}
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 """C0/C1 controls but newline and tab, and the Unicode line separators and bidi overrides that
@@ -47,6 +49,10 @@ def slack_text(alert: Alert) -> str:
     severity, summary, at = (slack_escape(text) for text in (alert.severity, alert.summary, alert.at))
     text = f"{icon} *{alert.status.upper()}* [{severity}] {summary}\n"
     text += f"agent {_inline_code(alert.agent)} · detector {_inline_code(alert.detector)} · {at}"
+    held = _held(alert)
+    if held:
+        names = ", ".join(f"{_inline_code(agent)} ({slack_escape(detector)})" for agent, detector in held[0])
+        text += f"\n{_held_words(alert, held[1])}: {names}{_more(held[2])}"
     stack = _stack(alert)
     if stack:
         # A run of three backticks would close the fence: break every run with a zero-width space.
@@ -58,10 +64,38 @@ def plain_text(alert: Alert) -> str:
     """The same message without any markup, for apprise to convert per target."""
     text = f"{alert.status.upper()} [{alert.severity}] {alert.summary}\n"
     text += f"agent {alert.agent} · detector {alert.detector} · {alert.at}"
+    held = _held(alert)
+    if held:
+        names = ", ".join(f"{agent} ({detector})" for agent, detector in held[0])
+        text += f"\n{_held_words(alert, held[1])}: {names}{_more(held[2])}"
     stack = _stack(alert)
     if stack:
         text += "\n\n" + stack
     return visible(text)
+
+
+def _held(alert: Alert) -> tuple[list[tuple[str, str]], int, int] | None:
+    """(the first :data:`HELD_NAMED` dependents held for this parent as (agent, detector), how
+    many in all, how many not named) from ``details.held`` (notifiers/holds.py), or None."""
+    held = alert.details.get("held")
+    if not isinstance(held, list) or not held:
+        return None
+    items = [item for item in held if isinstance(item, dict)]
+    pairs = [(str(item.get("agent", "")), str(item.get("detector", ""))) for item in items]
+    more = alert.details.get("held_more")
+    total = len(pairs) + (more if isinstance(more, int) and not isinstance(more, bool) and more > 0 else 0)
+    return pairs[:HELD_NAMED], total, total - len(pairs[:HELD_NAMED])
+
+
+def _held_words(alert: Alert, count: int) -> str:
+    noun = "dependent" if count == 1 else "dependents"
+    if alert.status == "resolved":
+        return f"held while it was down: {count} {noun}, each now with a fresh allowance"
+    return f"holding the silence of {count} {noun}"
+
+
+def _more(count: int) -> str:
+    return f" and {count} more" if count > 0 else ""
 
 
 def _stack(alert: Alert) -> str:

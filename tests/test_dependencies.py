@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from typer.testing import CliRunner
 
+from agentwatch.alerts import Alert
 from agentwatch.cli import app
 from agentwatch.config import Pipeline
 from agentwatch.keys import Keys
+from notifiers.text import plain_text, slack_text
 
 from fleet_kit import Agents, alerts, outcomes, pipeline_running, write_config
 from helpers import wait_for
-from notify_kit import fire, pipeline_with, receiver, resolve
+from notify_kit import FAST_DELIVERY, Receiver, fire, pipeline_with, receiver, resolve, stream
 from notify_kit import notifier_running as notifiers_only
 
 DEPENDS = '[detectors.silence.agents."web-*"]\ndepends_on = "db"\n'
@@ -149,3 +152,115 @@ def test_a_cron_agents_missed_run_is_held_under_its_parent_and_pages_after_its_g
             third = hook.wait_requests(3)[2]
             assert third.json()["agent"] == "cron-1" and third.json()["detector"] == "schedule"
             assert third.at - back >= 0.3 * 0.9
+
+
+def _held_pipeline(prefix: str, redis_url: str, url: str, **silence: object) -> Pipeline:
+    """A notifier worker's pipeline: a JSON webhook and a Slack-format one at ``url``'s
+    ``/slack``, reminders every second, ``web-*`` depending on ``db``."""
+    notifiers = [{"type": "webhook", "url": url, "repeat": "1s", **FAST_DELIVERY},
+                 {"type": "webhook", "name": "slack", "format": "slack", "url": f"{url}/slack",
+                  "repeat": "1s", **FAST_DELIVERY}]  # fmt: skip
+    base = pipeline_with(prefix, redis_url, notifiers)
+    config = {"agents": {"web-*": {"depends_on": "db", **silence}}}
+    settings = base.settings.model_copy(update={"detectors": {"silence": config}})
+    return Pipeline(settings=settings, source="test", notifiers=base.notifiers)
+
+
+def _json_pages(hook: Receiver) -> list[dict[str, Any]]:
+    return [q.json() for q in hook.requests if not q.path.endswith("/slack")]
+
+
+def _slack_pages(hook: Receiver) -> list[str]:
+    return [str(q.json()["text"]) for q in hook.requests if q.path.endswith("/slack")]
+
+
+def test_a_parents_alerts_list_the_dependents_held_for_it(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """db pages; web-1 and web-2 go silent while it is down and are held. db's reminder names
+    them (``details.held``, and a line in the Slack text), and so does its resolve. About 3 s."""
+    with receiver() as hook, notifiers_only(_held_pipeline(prefix, redis_url, hook.url), redis_url):
+        fire(r, keys, "db")
+        wait_for(lambda: len(_json_pages(hook)) >= 1, what="db's page")
+        assert "held" not in _json_pages(hook)[0]["details"]  # nothing held for it yet
+        for child in ("web-1", "web-2"):
+            fire(r, keys, child)
+        children = [("dependency", "web-1", "firing"), ("dependency", "web-2", "firing")]
+        wait_for(
+            lambda: sum(o in children for o in outcomes(r, keys)) >= 4, what="both held at both notifiers"
+        )
+
+        def reminder_with_held() -> dict[str, Any] | None:
+            return next((p for p in _json_pages(hook) if p["agent"] == "db" and p["details"].get("reminder")
+                         and p["details"].get("held")), None)  # fmt: skip
+
+        wait_for(lambda: reminder_with_held() is not None, timeout=10, what="a reminder of db listing web-*")
+        held = reminder_with_held()["details"]["held"]  # type: ignore[index]
+        assert sorted((h["agent"], h["detector"]) for h in held) == [
+            ("web-1", "silence"),
+            ("web-2", "silence"),
+        ]
+        assert all(h["since"].endswith("Z") for h in held)
+        wait_for(lambda: any("holding the silence of 2 dependents: `web-1` (silence), `web-2` (silence)" in t
+                             for t in _slack_pages(hook)), what="the Slack line")  # fmt: skip
+        assert not any(p["agent"].startswith("web-") for p in _json_pages(hook))  # held, not paged
+
+        resolve(r, keys, "db")
+        wait_for(lambda: any(p["agent"] == "db" and p["status"] == "resolved" for p in _json_pages(hook)),
+                 what="db's resolve")  # fmt: skip
+        back = next(p for p in _json_pages(hook) if p["agent"] == "db" and p["status"] == "resolved")
+        assert sorted(h["agent"] for h in back["details"]["held"]) == ["web-1", "web-2"]
+        line = "held while it was down: 2 dependents"
+        wait_for(lambda: any(t.startswith(":large_green_circle:") and line in t for t in _slack_pages(hook)),
+                 what="the Slack resolve's line")  # fmt: skip
+
+
+def test_a_held_dependents_reminders_are_held_too_then_its_firing_goes_once(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """web-1's silence is held under db; its reminders (every second) are recorded as
+    ``dependency``, not sent. db recovers; one allowance later web-1's own firing goes out,
+    first and once (its reminders only follow it). About 4 s."""
+    with receiver() as hook, notifiers_only(_held_pipeline(prefix, redis_url, hook.url), redis_url):
+        fire(r, keys, "db")
+        wait_for(lambda: len(_json_pages(hook)) >= 1, what="db's page")
+        child = fire(r, keys, "web-1", details={"allowance_s": 0.3})
+
+        def held_reminders() -> list[str]:
+            rows = stream(r, keys.notify_log)
+            return [
+                f["id"]
+                for f in rows
+                if f["agent"] == "web-1" and f["outcome"] == "dependency" and "-r" in f["id"]
+            ]
+
+        wait_for(lambda: len(held_reminders()) >= 2, timeout=10, what="web-1's reminders held")
+        assert all(i.startswith(f"{child.id}-r") for i in held_reminders())
+        assert not any(p["agent"] == "web-1" for p in _json_pages(hook))
+
+        resolve(r, keys, "db")
+        wait_for(lambda: any(p["agent"] == "web-1" for p in _json_pages(hook)), what="web-1's page")
+        time.sleep(1.5)  # a reminder comes at most a second after the firing; a second firing would too
+        web = [p for p in _json_pages(hook) if p["agent"] == "web-1"]
+        assert web[0]["id"] == child.id and "reminder" not in web[0]["details"]  # the firing, first
+        assert [p["id"] for p in web].count(child.id) == 1
+        assert all(p["details"].get("reminder") for p in web[1:])
+
+
+def test_held_dependents_are_escaped_in_each_text_format() -> None:
+    """``details.held`` names come from the dependents record: hostile text stays literal (no
+    Slack mention or link, no terminal escape), and past ten names the rest are counted."""
+    held = [{"agent": "<!channel>", "detector": "silence"}, {"agent": "x`y\x1b[2J", "detector": "<b>"}]
+    held += [{"agent": f"web-{n}", "detector": "silence"} for n in range(10)]
+    alert = Alert(id="a1", agent="db", detector="silence", status="firing", severity="critical",
+                  summary="db: silent", dedup_key="db/silence", at="2026-01-01T00:00:00.000Z",
+                  details={"held": held, "held_more": 3})  # fmt: skip
+    slack = slack_text(alert)
+    assert (
+        "holding the silence of 15 dependents: `&lt;!channel&gt;` (silence), `x'y\\x1b[2J` (&lt;b&gt;)"
+        in slack
+    )
+    assert slack.rstrip().endswith("`web-7` (silence) and 5 more")
+    plain = plain_text(alert)
+    assert "holding the silence of 15 dependents: <!channel> (silence), x`y\\x1b[2J (<b>)" in plain
+    assert "\x1b" not in plain and "\x1b" not in slack
