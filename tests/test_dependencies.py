@@ -215,6 +215,22 @@ def test_a_parents_alerts_list_the_dependents_held_for_it(
                  what="the Slack resolve's line")  # fmt: skip
 
 
+def test_a_parents_first_page_lists_a_dependent_held_in_the_same_batch(
+    r: redis.Redis, keys: Keys, prefix: str, redis_url: str
+) -> None:
+    """The host took both: web-1's silence comes right after db's, in the batch the notifier
+    reads first. db's first page already names web-1; web-1 is held, not paged."""
+    fire(r, keys, "db")
+    fire(r, keys, "web-1")  # both on the stream before the worker reads it (its group starts at 0)
+    with receiver() as hook, notifiers_only(_held_pipeline(prefix, redis_url, hook.url), redis_url):
+        wait_for(lambda: len(_json_pages(hook)) >= 1, what="db's page")
+        first = _json_pages(hook)[0]
+        assert (first["agent"], first["status"], first["details"].get("reminder")) == ("db", "firing", None)
+        assert [(h["agent"], h["detector"]) for h in first["details"]["held"]] == [("web-1", "silence")]
+        assert ("dependency", "web-1", "firing") in outcomes(r, keys)
+        assert not any(p["agent"] == "web-1" for p in _json_pages(hook))
+
+
 def test_a_held_dependents_reminders_are_held_too_then_its_firing_goes_once(
     r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
