@@ -180,7 +180,6 @@ class HoldView:
     adhoc: bool | None = None
     """Whether ad-hoc windows exist (None: not read yet)."""
     _windows: list[Window] | None = None
-    _incidents: list[str] | None = None
     _decided: dict[tuple[str, bool], Hold | None] = field(default_factory=dict)
     _records: dict[str, Held] | None = None
     _down: dict[str, list[str]] = field(default_factory=dict)
@@ -275,27 +274,31 @@ class HoldView:
         self.holds.dependents.put(key, held)
         self.records()[key] = held
 
-    def incidents(self) -> list[str]:
-        """The dedup keys of the open incidents, read once per view (keys only: a fleet with
-        thousands open must not decode them all for every batch)."""
-        if self._incidents is None:
-            self._incidents = Incidents(self.holds.client, self.holds.keys).open_keys()
-        return self._incidents
-
     def _down_parent(self, child: str, glob: str) -> str | None:
         """An agent matching ``glob`` (not ``child``) that is down now, or the pipeline. The down
         agents of a glob are found once per view: a host loss fires thousands of silences at
         once, and each must not scan every open incident again."""
         down = self._down.get(glob)
         if down is None:
-            found = set()
-            for key in self.incidents():
-                agent, _, detector = key.rpartition("/")
-                pipeline = agent == PIPELINE_AGENT and detector in PIPELINE_DOWN
-                if pipeline or (detector in DOWN_DETECTORS and fnmatch.fnmatchcase(agent, glob)):
-                    found.add(agent)
-            down = self._down[glob] = sorted(found)
+            down = self._down[glob] = self._find_down(glob)
         return _first_but(down, child)
+
+    def _find_down(self, glob: str) -> list[str]:
+        """The agents matching ``glob`` with an open incident that means down, and the pipeline
+        when it is down. Redis picks the incidents of the glob's agents (``HSCAN MATCH``: its
+        globs read ``*`` and ``?`` as fnmatch does; a glob with ``[`` reads every key), so a
+        batch does not fetch every open incident of a fleet that is partly down."""
+        incidents = Incidents(self.holds.client, self.holds.keys)
+        found = set()
+        for key in incidents.open_keys(f"{PIPELINE_AGENT}/*"):
+            agent, _, detector = key.rpartition("/")
+            if agent == PIPELINE_AGENT and detector in PIPELINE_DOWN:
+                found.add(agent)
+        for key in incidents.open_keys(None if "[" in glob else f"{glob}/*"):
+            agent, _, detector = key.rpartition("/")
+            if detector in DOWN_DETECTORS and fnmatch.fnmatchcase(agent, glob):
+                found.add(agent)
+        return sorted(found)
 
     def _closes_cycle(self, parent: str, child: str) -> bool:
         """Whether ``parent``'s own silence is held, through a chain, for ``child``."""

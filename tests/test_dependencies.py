@@ -19,11 +19,12 @@ from agentwatch.alerts import Alert
 from agentwatch.cli import app
 from agentwatch.config import Pipeline
 from agentwatch.keys import Keys
+from notifiers.holds import for_pipeline
 from notifiers.text import plain_text, slack_text
 
 from fleet_kit import Agents, alerts, outcomes, pipeline_running, write_config
-from helpers import wait_for
-from notify_kit import FAST_DELIVERY, Receiver, fire, pipeline_with, receiver, resolve, stream
+from helpers import settings_for, wait_for
+from notify_kit import FAST_DELIVERY, Receiver, fire, now_ms, pipeline_with, receiver, resolve, stream
 from notify_kit import notifier_running as notifiers_only
 
 DEPENDS = '[detectors.silence.agents."web-*"]\ndepends_on = "db"\n'
@@ -280,3 +281,29 @@ def test_held_dependents_are_escaped_in_each_text_format() -> None:
     plain = plain_text(alert)
     assert "holding the silence of 15 dependents: <!channel> (silence), x`y\\x1b[2J (<b>)" in plain
     assert "\x1b" not in plain and "\x1b" not in slack
+
+
+@pytest.mark.parametrize(
+    ("glob", "parent"),
+    [("db-*", "db-2"), ("db-[2]", "db-2"), ("db-?", "db-2"), ("d*2", "db-2"), ("cache", None)],
+)
+def test_a_down_parent_is_found_by_its_glob_among_many_open_incidents(
+    r: redis.Redis, keys: Keys, prefix: str, glob: str, parent: str | None
+) -> None:
+    """Redis narrows the open incidents to the glob's agents (HSCAN MATCH), fnmatch decides: a
+    bracket glob reads every key; an agent with only a ``tokens`` incident is not down; many other
+    open incidents change nothing."""
+    for n in range(300):
+        fire(r, keys, f"web-{n}")
+    fire(r, keys, "db-1", detector="tokens")  # up, just expensive
+    fire(r, keys, "db-2", detector="exit")
+    fire(r, keys, "dbx", detector="silence")
+    silence = {"agents": {"web-*": {"depends_on": glob}}}
+    settings = settings_for(prefix).model_copy(update={"detectors": {"silence": silence}})
+    holds = for_pipeline(r, keys, settings, [])
+    child = fire(r, keys, "web-child")
+    hold = holds.view(now_ms(r)).why(child)
+    if parent is None:
+        assert hold is None
+    else:
+        assert hold is not None and hold.kind == "dependency" and f"{parent!r} ({glob})" in hold.detail
