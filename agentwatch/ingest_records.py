@@ -180,15 +180,29 @@ def numbering(run: str, seq: int, interval_s: float | None, ended: bool) -> byte
     return packed
 
 
-def predicted(before: Record | None, new_numbering: bytes, *, exp_s: int) -> Record:
-    """The record a write will leave if it succeeds, for a write prepared before its reply (the
-    next write of the same agent is numbered after it). Its header is a guess (the script sets
-    it from Redis time): only its numbering is ever compared."""
+def predicted(
+    before: Record | None, new_numbering: bytes, *, exp_s: int, run: str, seq: int, interval_s: float | None,
+    ended: bool,
+) -> Record:  # fmt: skip
+    """The record a write will leave if it succeeds (``new_numbering`` is :func:`numbering` of
+    the other arguments), for a write prepared before its reply (the next write of the same
+    agent is numbered after it). Its header is a guess (the script sets it from Redis time):
+    only its numbering is ever compared."""
     counted = before.counted if before is not None else False
     raw = HEADER.pack(exp_s, 0.0, COUNTED if counted else 0) + new_numbering
-    found = Record.parse(raw)
-    assert found is not None
-    return found
+    return Record(raw, exp_s, counted, run, seq, interval_s, ended)
+
+
+def stored(expected: Record, raw: bytes) -> Record:
+    """The record the write script stored (``raw``) for a write numbered as ``expected``: the
+    same numbering (the script stores the one it was given), its header from Redis."""
+    if raw[HEADER.size :] != expected.numbering:
+        found = Record.parse(raw)  # cannot happen with this script; read it whole if it does
+        assert found is not None
+        return found
+    exp_s, _tat, flags = HEADER.unpack_from(raw)
+    return Record(raw, int(exp_s), bool(flags & COUNTED), expected.run, expected.seq, expected.interval_s,
+                  expected.ended)  # fmt: skip
 
 
 class _Missing:
