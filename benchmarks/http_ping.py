@@ -6,9 +6,9 @@ answering ``POST /ping/<key>/<agent>`` with a JSON body, each call numbered by t
 appended by a real Redis script if the agent's run record is unchanged (agentwatch/ingest.py).
 Load: ``wrk`` (Debian's package) on the other core, 1,000 agent names, keep-alive connections.
 Redis is pinned to the load's core too, so the server's core runs the server alone, as it does
-for the baseline (unpinned, the scheduler wakes Redis on the core of the process that wrote to
-it: Redis' script time was charged to the ping API's core, and each wake-up preempted the
-server; on a loaded machine that alone took the ratio from ~0.75 to ~0.2).
+for the baseline (unpinned, the scheduler may wake Redis on the core of the process that wrote to
+it: Redis' script time then competes with the ping API on its core, and each wake-up can preempt
+the server; with two busy loops on the machine that took the ratio from ~0.78 to ~0.19).
 Target (issue 14): contender req/s / baseline req/s >= 0.5.
 
 Besides req/s, each run reads the server process's CPU time (``/proc``): CPU microseconds per
