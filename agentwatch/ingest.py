@@ -59,6 +59,7 @@ from agentwatch.ingest_records import (
     pack_entries,
     predicted,
     run_calls,
+    stored,
 )
 from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.redisconn import Client
@@ -361,7 +362,9 @@ class EventWriter:
         ended = any(kind == "exit" for kind, _ in own)
         packed = numbering(run, seq, interval, ended)
         ttl_s = max(item.ttl_s if item.ttl_s is not None else self.run_ttl_s, 4 * (interval or 0.0))
-        expected = predicted(before, packed, exp_s=int(now + ttl_s) + 1)
+        expected = predicted(before, packed, exp_s=int(now + ttl_s) + 1, run=run, seq=seq,
+                             interval_s=None if interval is None else float(interval),
+                             ended=ended)  # fmt: skip
         events = len(entries) // 2
         args = [item.agent, before.numbering if before else b"", packed, 1 if item.counted else 0,
                 int(ttl_s * 1000), pack_entries(entries)]  # fmt: skip
@@ -399,7 +402,7 @@ class EventWriter:
                 agent = p.item.agent
                 if status == 1:
                     if self.records.get(agent) is p.expected:  # nothing prepared after it
-                        self.records.put(agent, Record.parse(payload))
+                        self.records.put(agent, stored(p.expected, payload))
                     outcomes.append(p.written)
                 elif status == 2:
                     self.records.put(agent, Record.parse(payload) if payload else None)

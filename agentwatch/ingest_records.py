@@ -46,6 +46,11 @@ HEADER: Final = struct.Struct(">IdB")
 COUNTED: Final = 1
 """``flags`` bit: the agent counts toward ``[otlp] max_agents`` (once, in ``#agents``)."""
 
+WRITE_HEAD: Final = 4
+"""The write script's arguments before its guards and agents (see below)."""
+WRITE_ITEM: Final = 6
+"""The write script's arguments per agent."""
+
 # KEYS[1] = the stream's ingest hash, KEYS[2] = the stream, KEYS[3] = the stream's OTLP hash.
 # ARGV: 1 stream MAXLEN, 2 ms per flood token, 3 flood burst, 4 number of guards G, then
 #   G x (field of KEYS[3], expected value ('' = absent), new value ('' = delete)),
@@ -59,14 +64,14 @@ COUNTED: Final = 1
 WRITE: Final = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local at, failed = 5, {{}}
+local at, failed = {WRITE_HEAD + 1}, {{}}
 for i = 1, tonumber(ARGV[4]) do
   local cur = redis.call('HGET', KEYS[3], ARGV[at]) or ''
   if cur ~= ARGV[at + 1] then failed[#failed + 1] = ARGV[at]; failed[#failed + 1] = cur end
   at = at + 3
 end
 if #failed > 0 then return {{0, failed}} end
-for i = 5, at - 1, 3 do
+for i = {WRITE_HEAD + 1}, at - 1, 3 do
   if ARGV[i + 2] == '' then redis.call('HDEL', KEYS[3], ARGV[i])
   else redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2]) end
 end
@@ -101,7 +106,7 @@ while at <= #ARGV do
     redis.call('HSET', KEYS[1], agent, record)
     out[#out + 1] = 1; out[#out + 1] = record
   end
-  at = at + 6
+  at = at + {WRITE_ITEM}
 end
 return out
 """
@@ -175,15 +180,29 @@ def numbering(run: str, seq: int, interval_s: float | None, ended: bool) -> byte
     return packed
 
 
-def predicted(before: Record | None, new_numbering: bytes, *, exp_s: int) -> Record:
-    """The record a write will leave if it succeeds, for a write prepared before its reply (the
-    next write of the same agent is numbered after it). Its header is a guess (the script sets
-    it from Redis time): only its numbering is ever compared."""
+def predicted(
+    before: Record | None, new_numbering: bytes, *, exp_s: int, run: str, seq: int, interval_s: float | None,
+    ended: bool,
+) -> Record:  # fmt: skip
+    """The record a write will leave if it succeeds (``new_numbering`` is :func:`numbering` of
+    the other arguments), for a write prepared before its reply (the next write of the same
+    agent is numbered after it). Its header is a guess (the script sets it from Redis time):
+    only its numbering is ever compared."""
     counted = before.counted if before is not None else False
     raw = HEADER.pack(exp_s, 0.0, COUNTED if counted else 0) + new_numbering
-    found = Record.parse(raw)
-    assert found is not None
-    return found
+    return Record(raw, exp_s, counted, run, seq, interval_s, ended)
+
+
+def stored(expected: Record, raw: bytes) -> Record:
+    """The record the write script stored (``raw``) for a write numbered as ``expected``: the
+    same numbering (the script stores the one it was given), its header from Redis."""
+    if raw[HEADER.size :] != expected.numbering:
+        found = Record.parse(raw)  # cannot happen with this script; read it whole if it does
+        assert found is not None
+        return found
+    exp_s, _tat, flags = HEADER.unpack_from(raw)
+    return Record(raw, int(exp_s), bool(flags & COUNTED), expected.run, expected.seq, expected.interval_s,
+                  expected.ended)  # fmt: skip
 
 
 class _Missing:
@@ -271,9 +290,10 @@ def _pipeline(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
 
 class Batches:
     """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
-    that arrive wait for it and go together in the next one. One request alone still goes at
-    once; a busy server makes fewer, larger round trips (and fewer thread hops) instead of
-    queueing one round trip per request. Each write gets its own reply or its own error."""
+    that arrive wait for it and go together in the next one, joined into as few script calls
+    as they allow (:func:`merged`). One request alone still goes at once; a busy server makes
+    fewer, larger round trips (and fewer thread hops) instead of queueing one round trip per
+    request. Each write gets its own reply or its own error."""
 
     def __init__(self, client: Any, script: Any, max_batch: int = 256) -> None:
         self.client = client
@@ -292,10 +312,59 @@ class Batches:
     async def _drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            joined = merged([c for c, _ in batch])
             try:
-                replies = await asyncio.to_thread(run_calls, self.client, self.script, [c for c, _ in batch])
+                done = await asyncio.to_thread(run_calls, self.client, self.script, joined.calls)
+                replies = joined.split(done)
             except Exception as exc:  # each waiting request gets the error (Redis away, say)
                 replies = [exc] * len(batch)
             for (_, future), reply in zip(batch, replies, strict=True):
                 if not future.done():  # else the request was cancelled (its client went away)
                     future.set_result(reply)
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What :func:`merged` made of a list of calls: the calls to run, and for each original
+    call, which of them carries its agents and at which agent they start there."""
+
+    calls: list[Call]
+    origin: list[tuple[int, int, int]]
+    """Per original call: (index in :attr:`calls`, first agent there, its number of agents)."""
+
+    def split(self, replies: Sequence[Any]) -> list[Any]:
+        """The reply each original call would have had on its own (an error: the same error)."""
+        out: list[Any] = []
+        for index, first, agents in self.origin:
+            reply = replies[index]
+            if isinstance(reply, BaseException) or int(reply[0]) == 0:
+                out.append(reply)  # a guard's failure is only ever a call's own (never joined)
+            else:
+                out.append([reply[0], *reply[1 + 2 * first : 1 + 2 * (first + agents)]])
+        return out
+
+
+def merged(calls: Sequence[Call]) -> Joined:
+    """``calls`` of the write script with those that have no guards and the same keys and head
+    (one stream, the same limits: concurrent pings) joined into one call. The script writes its
+    agents one after the other, in order, so a joined call does what the calls did one by one,
+    and one script call of 16 agents costs the client far less than 16 calls of one (each call
+    is packed, sent, parsed and answered on its own)."""
+    out: list[Call] = []
+    origin: list[tuple[int, int, int]] = []
+    joinable: dict[tuple[Any, ...], int] = {}
+    for call in calls:
+        head = call.args[:WRITE_HEAD]
+        agents = (len(call.args) - WRITE_HEAD) // WRITE_ITEM
+        key = (*call.keys, *head)
+        at = joinable.get(key) if int(head[3]) == 0 else None  # guards: all or nothing, alone
+        if at is None:
+            if int(head[3]) == 0:
+                joinable[key] = len(out)
+            out.append(Call(call.keys, list(call.args)))
+            origin.append((len(out) - 1, 0, agents))
+        else:
+            first = (len(out[at].args) - WRITE_HEAD) // WRITE_ITEM
+            out[at].args.extend(call.args[WRITE_HEAD:])
+            origin.append((at, first, agents))
+    return Joined(out, origin)

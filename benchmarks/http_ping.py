@@ -5,7 +5,17 @@ Baseline: an ASGI app that answers every request 200 with no work, served by the
 answering ``POST /ping/<key>/<agent>`` with a JSON body, each call numbered by the server and
 appended by a real Redis script if the agent's run record is unchanged (agentwatch/ingest.py).
 Load: ``wrk`` (Debian's package) on the other core, 1,000 agent names, keep-alive connections.
+Redis is pinned to the load's core too, so the server's core runs the server alone, as it does
+for the baseline (unpinned, the scheduler may wake Redis on the core of the process that wrote to
+it: Redis' script time then competes with the ping API on its core, and each wake-up can preempt
+the server; with two busy loops on the machine that took the ratio from ~0.78 to ~0.19).
 Target (issue 14): contender req/s / baseline req/s >= 0.5.
+
+Besides req/s, each run reads the server process's CPU time (``/proc``): CPU microseconds per
+request, for both apps. With 16 connections neither app keeps its core busy (the bare app uses
+well under half of it), so req/s also measures wake-up latency between wrk, the server and Redis;
+the CPU per request is what one saturated core would give: its ratio is the ceiling of the
+req/s ratio at full load.
 
     python benchmarks/http_ping.py [--rounds 3] [--seconds 5] [--connections 16] [--quick] [--redis-url URL]
 
@@ -26,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import figure, median, redis_server, report
@@ -85,8 +96,28 @@ def serve(module_dir: Path, module: str, port: int, core: int, argv: list[str]) 
     raise SystemExit(f"{module} did not start on port {port}")
 
 
-def load(port: int, script: Path, seconds: float, connections: int, core: int) -> tuple[float, float]:
-    """(requests/s, p99 latency ms) from one wrk run pinned to ``core``."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin_redis(url: str, core: int) -> bool:
+    """Pin the Redis server at ``url`` to ``core`` when it runs on this machine (its pid is ours
+    to set); False when it cannot be (a remote server: then say so in the output)."""
+    client = redis.Redis.from_url(url)
+    try:
+        pid = int(client.info("server")["process_id"])
+        os.sched_setaffinity(pid, {core})
+        return True
+    except (OSError, redis.RedisError):
+        return False
+    finally:
+        client.close()
+
+
+def load(port: int, script: Path, seconds: float, connections: int, core: int) -> tuple[float, float, int]:
+    """(requests/s, p99 latency ms, requests) from one wrk run pinned to ``core``."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
             f"http://127.0.0.1:{port}"]  # fmt: skip
     out = subprocess.run(
@@ -99,7 +130,9 @@ def load(port: int, script: Path, seconds: float, connections: int, core: int) -
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise SystemExit(f"{errors.group(1)} requests failed:\n{out}")
-    return rate, float(p99.group(1)) * scale
+    done = re.search(r"(\d+) requests in", out)
+    assert done, out
+    return rate, float(p99.group(1)) * scale, int(done.group(1))
 
 
 def main() -> None:
@@ -128,6 +161,7 @@ def main() -> None:
             f'[redis]\nurl = "{url}"\nprefix = "bench{os.getpid()}"\n'
             f'[http]\nping_key = "{KEY}"\nping_rate = "1000000/s"\nping_burst = 100000\n'
         )
+        pinned = pin_redis(url, load_core)
         ports = {"bare ASGI app": free_port(), "agentwatch ping API": free_port()}
         servers = {
             "bare ASGI app": serve(work, "bare", ports["bare ASGI app"], server_core, []),
@@ -139,26 +173,32 @@ def main() -> None:
             for port in ports.values():  # warm-up: scripts loaded, connections open
                 load(port, work / "ping.lua", 1, args.connections, load_core)
             results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+            cpu_us: dict[str, list[float]] = {name: [] for name in servers}
             for _ in range(args.rounds):
                 for name, port in ports.items():
-                    results[name].append(
-                        load(port, work / "ping.lua", args.seconds, args.connections, load_core)
+                    before = cpu_seconds(servers[name].pid)
+                    rate, p99, requests = load(
+                        port, work / "ping.lua", args.seconds, args.connections, load_core
                     )
+                    cpu_us[name].append((cpu_seconds(servers[name].pid) - before) * 1e6 / requests)
+                    results[name].append((rate, p99))
         finally:
             for process in servers.values():
                 process.terminate()
                 process.wait(10)
-    ratios = []
+    ratios, cpu_ratios = [], []
     for index in range(args.rounds):
         ratios.append(results["agentwatch ping API"][index][0] / results["bare ASGI app"][index][0])
+        cpu_ratios.append(cpu_us["bare ASGI app"][index] / cpu_us["agentwatch ping API"][index])
     for name, runs in results.items():
         rates = [rate for rate, _ in runs]
         p99s = [p99 for _, p99 in runs]
         rows.append({"server (one core)": name, "req/s min": min(rates), "req/s median": median(rates),
                      "req/s max": max(rates), "p99 ms median": median(p99s),
-                     "p99 ms max": max(p99s)})  # fmt: skip
+                     "p99 ms max": max(p99s), "CPU us/request median": median(cpu_us[name])})  # fmt: skip
     rows.append({"server (one core)": "ratio ping / bare", "req/s min": min(ratios),
-                 "req/s median": median(ratios), "req/s max": max(ratios)})  # fmt: skip
+                 "req/s median": median(ratios), "req/s max": max(ratios),
+                 "CPU us/request median": median(cpu_ratios)})  # fmt: skip
     figures = [
         figure(
             "ping API req/s vs bare ASGI app", median(ratios), "ratio", goal=0.5, better="higher", issue=14
@@ -166,8 +206,15 @@ def main() -> None:
         figure(
             "ping API p99 latency", median([p for _, p in results["agentwatch ping API"]]), "ms", issue=14
         ),
+        figure("ping API CPU per request", median(cpu_us["agentwatch ping API"]), "us", issue=14),
+        figure("ping API req/s per CPU s vs bare ASGI app", median(cpu_ratios), "ratio", issue=14),
     ]
-    report("http_ping", rows, {"connections": args.connections, "seconds": args.seconds}, figures)
+    options = {
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "redis pinned to the load core": pinned,
+    }
+    report("http_ping", rows, options, figures)
 
 
 if __name__ == "__main__":

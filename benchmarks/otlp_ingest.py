@@ -29,8 +29,11 @@ microseconds each, several decodes in all).
 
 **Memory.** ``--agents`` agents reach Redis one way or the other with the same usage (a start and
 10 LLM calls each): as a producer sends it (events XADDed directly), and as OTLP exports through
-the receiver. A detector worker applies everything; the event and alert streams are deleted (they
-are capped and trimmed, not per-agent state) and ``used_memory`` is compared with the empty
+the receiver. A detector worker applies everything and checkpoints its state as it does when it
+stops (without that, whether a population's detector state was in Redis yet depended on the
+worker's half-second checkpoint clock); the event and alert streams are deleted (they are capped
+and trimmed, not per-agent state), the connections that fed and processed them are closed and
+gone (their buffers are not the agents'), and ``used_memory`` is compared with the empty
 server's, one private server per population. What the server keeps for OTel agents is listed:
 each agent's run record (the stream's ingest hash) and each process's state (the stream's OTLP
 hash), which a producer agent keeps in its own process instead.
@@ -267,18 +270,23 @@ def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
             keys = pipeline.keys
             client.xgroup_create(keys.events(), "detectors", id="0", mkstream=True)
             before = int(client.info("memory")["used_memory"])
+            feeder = redis.Redis.from_url(server.url)  # its buffers are not the agents' memory
             if population == "producer":
-                _as_producers(client, keys.events(), agents)
+                _as_producers(feeder, keys.events(), agents)
             else:
-                _as_otlp(client, pipeline, agents)
+                _as_otlp(feeder, pipeline, agents)
                 for name, key in (("ingest", keys.ingest()), ("otlp", keys.otlp())):
                     breakdown[name] = int(client.memory_usage(key, samples=0) or 0) / agents
+            feeder.close()
             worker = detector_worker(pipeline, connect(settings, server.url))
             events = client.xlen(keys.events())
             while worker.stats.processed < events:
                 worker.run_once()
+            for handler in worker.handlers:  # the detector state checkpointed, as at a stop
+                handler.on_stop()
             worker.client.close()
             client.delete(keys.events(), keys.alerts)
+            _alone(client)
             per_agent[population] = (int(client.info("memory")["used_memory"]) - before) / agents
         finally:
             client.close()
@@ -289,6 +297,17 @@ def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     ]
     rows += [{"agent": f"  of which {name}", "bytes per agent": size} for name, size in breakdown.items()]
     return rows, per_agent
+
+
+def _alone(client: redis.Redis, timeout_s: float = 10.0) -> None:
+    """Wait until the server has let go of every other connection (a closed client's buffers
+    are freed when the server reads its close, which a command on another connection can
+    overtake)."""
+    deadline = time.monotonic() + timeout_s
+    while len(client.client_list()) > 1:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"connections still open: {client.client_list()}")
+        time.sleep(0.01)
 
 
 def _as_producers(client: redis.Redis, stream: str, agents: int) -> None:

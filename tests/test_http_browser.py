@@ -127,8 +127,11 @@ def test_the_agent_page_draws_its_charts_and_fits_a_phone(
         assert page.locator("svg.chart").count() == 4
         wait_for(lambda: page.locator('svg.chart[data-metric="tokens"] rect.bar').count() > 0, timeout=10,
                  what="a tokens bar")  # fmt: skip
-        box = page.locator('svg.chart[data-metric="tokens"]').bounding_box()
-        assert box is not None and box["width"] > 200 and box["height"] > 20
+        chart = page.locator('svg.chart[data-metric="tokens"]')
+        # the page redraws its charts on every poll: a box read during a redraw is None, so wait
+        # for one drawn (a loaded machine made that instant likely enough to fail the run)
+        wait_for(lambda: (b := chart.bounding_box()) is not None and b["width"] > 200 and b["height"] > 20,
+                 timeout=10, what="the tokens chart drawn at least 200 px wide")  # fmt: skip
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         assert console.errors == []
         page.close()

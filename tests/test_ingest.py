@@ -17,7 +17,7 @@ from agentwatch import codec, signing
 from agentwatch.errors import InvalidEntry
 from agentwatch.fleet import fleet_status
 from agentwatch.ingest import EventWriter, Flooded, FloodLimit
-from agentwatch.ingest_records import Record
+from agentwatch.ingest_records import Call, Record, merged
 from agentwatch.keys import Keys
 
 from helpers import running, wait_for
@@ -195,6 +195,51 @@ def test_concurrent_writes_from_an_event_loop_share_round_trips(r: redis.Redis, 
     written = asyncio.run(burst())
     assert sorted(x.seq for x in written) == list(range(1, 101))  # seq 0: the run's start
     assert [e["seq"] for e in events(r, keys, "async-agent")] == list(range(101))
+
+
+def test_concurrent_writes_for_many_agents_are_joined_into_one_script_call(
+    r: redis.Redis, keys: Keys
+) -> None:
+    w = writer(r, keys)
+    agents = [f"joined-{n}" for n in range(10)]
+
+    async def burst() -> list[Any]:
+        calls = [w.awrite(agent, "beat", {"tokens": n}) for n in range(5) for agent in agents]
+        return await asyncio.gather(*calls)
+
+    def evalsha_calls() -> int:
+        return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    asyncio.run(w.awrite("joined-warm", "beat"))  # the script is loaded: EVALSHA from here on
+    before = evalsha_calls()
+    written = asyncio.run(burst())
+    assert evalsha_calls() - before < len(written) / 2  # joined: far fewer calls than writes
+    for agent in agents:  # each agent's events in its order, with its own usage, seq by seq
+        mine = events(r, keys, agent)
+        assert [e["seq"] for e in mine] == list(range(6))
+        assert [e.get("tokens") for e in mine[1:]] == list(range(5))
+    assert sorted(x.seq for x in written if x.run == written[0].run) == list(range(1, 6))
+
+
+def test_a_joined_call_answers_each_write_as_its_own_call_would() -> None:
+    # Pure logic: which calls are joined, and how the joined reply is split back.
+    def call(shard: str, *agents: str, guards: int = 0) -> Call:
+        head: list[Any] = [1000, 1.0, 10, guards, *(["g", "", "v"] * guards)]
+        return Call([shard, "s", "o"], head + [x for a in agents for x in (a, "", "n", 0, 1000, b"e")])
+
+    calls = [call("k1", "a"), call("k2", "b"), call("k1", "c", "d"), call("k1", "e", guards=1)]
+    calls.append(call("k1", "f"))
+    joined = merged(calls)
+    assert [len(c.args) for c in joined.calls] == [4 + 6 * 4, 4 + 6, 4 + 3 + 6]
+    assert [c.args[4::6] for c in joined.calls[:2]] == [["a", "c", "d", "f"], ["b"]]
+    replies = [[1, 1, b"ra", 3, 5, 2, b"rd", 1, b"rf"], RuntimeError("away"), [0, [b"g", b"x"]]]
+    assert joined.split(replies) == [
+        [1, 1, b"ra"],
+        replies[1],
+        [1, 3, 5, 2, b"rd"],
+        [0, [b"g", b"x"]],
+        [1, 1, b"rf"],
+    ]
 
 
 def test_a_server_that_lost_the_script_gets_it_again(spawn_redis: Any) -> None:

@@ -126,10 +126,10 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
         server.client.close()
 
     routes: list[Any] = [
+        *ping.routes,  # first: the route called most, tried before the others
         Route("/healthz", healthz),
         Route("/api/status", api_status),
         Route("/favicon.ico", favicon),
-        *ping.routes,
         *(otlp.routes if pipeline.settings.otlp.enabled else []),
         *metrics.routes,
         *badges.routes,

@@ -33,8 +33,9 @@ class Counters:
             ["outcome"],
             registry=self.registry,
         )
-        for outcome in PING_OUTCOMES:  # every series exists from the start: rate() needs a zero
-            self._pings.labels(outcome)
+        # every series exists from the start (rate() needs a zero); the children are kept, as
+        # labels() costs a lock and a lookup on every ping
+        self._ping_outcomes = {outcome: self._pings.labels(outcome) for outcome in PING_OUTCOMES}
         self._denied = Counter(
             "agentwatch_http_denied",
             "Requests refused for a missing or wrong [http] token (401), and failed logins.",
@@ -70,7 +71,7 @@ class Counters:
                 self._otlp_items.labels(signal, item).inc(count)
 
     def ping(self, outcome: str) -> None:
-        self._pings.labels(outcome).inc()
+        self._ping_outcomes[outcome].inc()
 
     def denied(self) -> None:
         self._denied.inc()
