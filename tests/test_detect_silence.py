@@ -53,7 +53,9 @@ def test_the_allowance_is_three_declared_intervals_when_that_is_longer(
         slow.start(interval=0.5)
         last = slow.beat()
         alert = wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")[0]
-    assert 1500 <= alert.at_ms - entry_ms(last) < 1500 + 600
+    # Never before the allowance, and soon after it (generous: a loaded box stretches the
+    # ticks); the allowance itself is in the details, exactly.
+    assert 1500 <= alert.at_ms - entry_ms(last) < 1500 + 2_000
     assert alert.details["allowance_s"] == 1.5 and alert.details["interval_s"] == 0.5
 
 

@@ -92,7 +92,7 @@ def test_pulses_without_beats_fire_with_the_stack_and_resolve_when_beats_resume(
         alert = wait_for(lambda: fired(r, keys, "stall"), timeout=5, what="stall alert")[0]
         # Never before the allowance; after it, within a few ticks (generous: a loaded box may
         # hold the worker off the CPU for a second; how soon is benchmarks/' business).
-        assert 600 <= alert.at_ms - entry_ms(last) < 600 + 1500
+        assert 600 <= alert.at_ms - entry_ms(last) < 600 + 2_000
         assert alert.summary.startswith("bot: process alive, work loop stuck for ")
         assert alert.summary.endswith("; blocked in api_client.py:47 fetch_from_api -> ssl.py do_handshake")
         assert alert.details["stack"] == STACK and alert.severity == "critical"
