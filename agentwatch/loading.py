@@ -98,13 +98,20 @@ def _load_plugins(
 def _schedule_problems(settings: PipelineSettings | None, detectors: list[Any]) -> list[str]:
     """What only the whole file can tell: ``[[maintenance]]`` windows that never end (or whose
     schedule fails in ``[report] timezone``), and ``depends_on`` cycles (agentwatch/dependencies.py)."""
-    from agentwatch.dependencies import DependsOnConfig, cycle_problems  # noqa: PLC0415 - CLI start
-    from agentwatch.maintenance import config_problems  # noqa: PLC0415
+    problems: list[str] = []
+    # Each check imports its module only when there is something to check: `status` and
+    # `alerts` load the settings without plugins, and most files have no [[maintenance]], so
+    # neither pays for the plugin base classes or the cron parser at start (issue 10).
+    if settings is not None and settings.maintenance:
+        from agentwatch.maintenance import config_problems  # noqa: PLC0415 - CLI start
 
-    problems = config_problems(settings.maintenance, settings.report.timezone) if settings else []
-    for plugin in detectors:
-        if isinstance(plugin.config, DependsOnConfig):
-            problems += cycle_problems(plugin.name, plugin.config)
+        problems += config_problems(settings.maintenance, settings.report.timezone)
+    if detectors:
+        from agentwatch.dependencies import DependsOnConfig, cycle_problems  # noqa: PLC0415 - CLI start
+
+        for plugin in detectors:
+            if isinstance(plugin.config, DependsOnConfig):
+                problems += cycle_problems(plugin.name, plugin.config)
     return problems
 
 

@@ -79,6 +79,19 @@ def caught_up(r: Any, keys: Keys) -> bool:
     return applied is not None and entry_key(applied) >= last
 
 
+def drained(r: Any, keys: Keys, shard: int) -> Callable[[], bool]:
+    """A predicate: shard ``shard``'s checkpoint covers every entry its stream holds now (beats
+    added later need not be saved yet: the owner saves every half second while they go on)."""
+    newest: Any = r.xrevrange(keys.events(shard), count=1)
+    target = entry_key(newest[0][0]) if newest else (0, 0)
+
+    def covered() -> bool:
+        through = r.hget(keys.checkpoint(shard), "last_id")
+        return through is not None and entry_key(through) >= target
+
+    return covered
+
+
 def events_worker(client: Any, prefix: str, handlers: list[Any], **worker: Any) -> Worker[Any]:
     """A bare runtime worker on the prefix's event stream (real codec, the given handlers only,
     a fast tick): for tests of the runtime itself, without any detector."""

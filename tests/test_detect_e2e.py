@@ -84,7 +84,11 @@ def statuses(r: redis.Redis, keys: Keys, agent: str) -> list[tuple[str, str]]:
 def test_killed_after_a_memory_climb(
     redis_url: str, prefix: str, r: redis.Redis, keys: Keys, agents: Agents
 ) -> None:
-    with running(worker_for(pipeline_for(prefix, redis_url, **FAST), redis_url)):
+    # Each beat of the leak touches 25 MB more while the pulse thread goes on: on a loaded box
+    # one such beat can take most of a second, and 1 s of stall allowance (a true "work loop
+    # stuck") is then a coin toss. This test is about memory and silence: stall gets 3 s.
+    detectors = {**FAST, "stall": {"after": "3s"}}
+    with running(worker_for(pipeline_for(prefix, redis_url, **detectors), redis_url)):
         proc = agents.start("leaky", "leak", AW_LEAK_MB=25, AW_LEAK_TO_MB=350)
         assert proc.wait(timeout=30) == -9  # it SIGKILLed itself, as the OOM killer would
         silence = wait_for(lambda: fired(r, keys, "silence", "leaky"), timeout=10, what="silence")[0]

@@ -67,7 +67,7 @@ def test_no_silence_follows_an_exit_alert(live: tuple[Agent, Keys], r: redis.Red
     bot.start()
     bot.exit("exception", 1, error="RuntimeError: out of retries")
     wait_for(lambda: fired(r, keys, "exit"), timeout=5, what="exit alert")
-    wait_for(lambda: read_agents(r, keys).get("bot", {}).get("exited"), timeout=2, what="no longer expected")
+    wait_for(lambda: read_agents(r, keys).get("bot", {}).get("exited"), timeout=10, what="no longer expected")
     bot.start(run="run-2")
     bot.beat()
     wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence of the new run")

@@ -120,6 +120,12 @@ repeat = 10
 """
 
 
+SPIKE_BEATS = 6
+"""Beats of 5000 tokens (a 0.3 s spike at the script's 50 ms pace)."""
+LOOP_BEATS = 20
+"""Beats repeating one item (1 s of them at the script's pace; ``repeat = 10`` fires)."""
+
+
 class Script:
     """Scripted agents, mirrored into several pipelines' streams at once (same times, same events)."""
 
@@ -139,17 +145,22 @@ class Script:
         pipe.execute()
 
     def run(self) -> None:
-        """About 4.5 s: every failure happens once, everyone ends healthy and beating."""
+        """About 4.5 s: every failure happens once, everyone ends healthy and beating.
+
+        Silence, exit and stall are about time, so their phases are time windows; the token
+        spike and the repeated item are about counts (beats over a baseline, repeats of one
+        fp), so they are counted beats: a loaded box that stretches the 50 ms steps leaves
+        fewer steps in a window, never fewer spikes or repeats."""
         healthy = [f"ok-{i}" for i in range(20)]
         everyone = ["dies", "crashes", "spikes", "loops", "stalls", *healthy]
         for agent in everyone:
             self.send(agent, "start", interval=0.1)
         runs = {agent: "r1" for agent in everyone}
         t0 = time.monotonic()
-        step = 0
+        step = spiked = looped = after_loop = 0
         while not self.halt.is_set():
             t = time.monotonic() - t0
-            if t > 4.5:
+            if t > 4.5 and looped == LOOP_BEATS and after_loop >= 5:
                 break
             for agent in everyone:
                 run = runs[agent]
@@ -165,8 +176,15 @@ class Script:
                 if agent == "stalls" and 1.0 < t < 2.6:
                     self.send(agent, "pulse", run=run, stack='  File "/app/x.py", line 3, in work\n')
                     continue
-                tokens = 5000 if agent == "spikes" and 1.5 < t < 1.8 else 200 + step % 7 * 10
-                fp = "same-item" if agent == "loops" and 1.0 < t < 2.0 else f"{agent}-{step}"
+                tokens = 200 + step % 7 * 10
+                if agent == "spikes" and t > 1.5 and spiked < SPIKE_BEATS:
+                    tokens, spiked = 5000, spiked + 1
+                fp = f"{agent}-{step}"
+                if agent == "loops" and t > 1.0:
+                    if looped < LOOP_BEATS:
+                        fp, looped = "same-item", looped + 1
+                    else:
+                        after_loop += 1
                 self.send(agent, "beat", run=run, tokens=tokens, fp=fp)
             step += 1
             self.halt.wait(0.05)

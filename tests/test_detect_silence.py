@@ -53,7 +53,9 @@ def test_the_allowance_is_three_declared_intervals_when_that_is_longer(
         slow.start(interval=0.5)
         last = slow.beat()
         alert = wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")[0]
-    assert 1500 <= alert.at_ms - entry_ms(last) < 1500 + 600
+    # Never before the allowance, and soon after it (generous: a loaded box stretches the
+    # ticks); the allowance itself is in the details, exactly.
+    assert 1500 <= alert.at_ms - entry_ms(last) < 1500 + 2_000
     assert alert.details["allowance_s"] == 1.5 and alert.details["interval_s"] == 0.5
 
 
@@ -146,26 +148,27 @@ def test_many_workers_one_alert_per_silent_agent(
 def test_a_lost_record_relearns_the_interval_from_the_next_pulse(
     redis_url: str, prefix: str, r: redis.Redis, keys: Keys
 ) -> None:
-    """Interval 0.3 s, after 0.3 s: the allowance is 0.9 s, and the agent beats every 0.6 s.
+    """Interval 0.5 s, after 0.5 s: the allowance is 1.5 s, and the agent beats every 0.75 s.
     Its record is lost (Redis restarted without persistence, or a layout change): judged by
     ``after`` alone, silence would fire and resolve on every beat. Pulses repeat the interval,
-    so the next one restores the allowance."""
-    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "300ms"}), redis_url)
+    so the next one restores the allowance. (0.75 s of margin under the allowance: this
+    thread's pace holds on a loaded box; 0.3 s of it did not always.)"""
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "500ms"}), redis_url)
     bot = Agent(r, keys, "bot")
     with running(worker):
-        bot.start(interval=0.3)
+        bot.start(interval=0.5)
         for step in range(5):
             if step == 1:
                 wait_for(lambda: r.hexists(keys.states(0), "bot"), timeout=5, what="the record")
                 r.hdel(keys.states(0), "bot")  # the record is gone
             if step % 2 == 1:
-                bot.pulse(rss=100 * MB, interval=0.3)
+                bot.pulse(rss=100 * MB, interval=0.5)
             last = bot.beat(tokens=100)
-            time.sleep(0.6)
+            time.sleep(0.75)
         wait_for(lambda: read_agents(r, keys).get("bot", {}).get("beat_ms") == entry_ms(last), timeout=5)
         interval = read_agents(r, keys)["bot"]["interval_s"]
     assert transitions(r, keys) == []
-    assert interval == pytest.approx(0.3)
+    assert interval == pytest.approx(0.5)
 
 
 def test_recover_after_needs_events_on_time_in_a_row(

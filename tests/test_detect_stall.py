@@ -89,8 +89,10 @@ def test_pulses_without_beats_fire_with_the_stack_and_resolve_when_beats_resume(
         while not fired(r, keys, "stall") and time.monotonic() < deadline:
             bot.pulse(rss=100 << 20, stack=STACK)  # the process lives, its loop does not move
             time.sleep(0.05)
-        alert = wait_for(lambda: fired(r, keys, "stall"), timeout=1, what="stall alert")[0]
-        assert 600 <= alert.at_ms - entry_ms(last) < 600 + 500
+        alert = wait_for(lambda: fired(r, keys, "stall"), timeout=5, what="stall alert")[0]
+        # Never before the allowance; after it, within a few ticks (generous: a loaded box may
+        # hold the worker off the CPU for a second; how soon is benchmarks/' business).
+        assert 600 <= alert.at_ms - entry_ms(last) < 600 + 2_000
         assert alert.summary.startswith("bot: process alive, work loop stuck for ")
         assert alert.summary.endswith("; blocked in api_client.py:47 fetch_from_api -> ssl.py do_handshake")
         assert alert.details["stack"] == STACK and alert.severity == "critical"
@@ -98,7 +100,7 @@ def test_pulses_without_beats_fire_with_the_stack_and_resolve_when_beats_resume(
         bot.beat()
         back = wait_for(lambda: resolved(r, keys, "stall"), timeout=5, what="stall resolved")[0]
         assert back.summary.startswith("bot: beats resumed after ")
-        wait_for(lambda: read_agents(r, keys)["bot"]["stack"] == "", timeout=2, what="stack dropped")
+        wait_for(lambda: read_agents(r, keys)["bot"]["stack"] == "", timeout=10, what="stack dropped")
     assert transitions(r, keys) == [("bot", "stall", "firing"), ("bot", "stall", "resolved")]
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,12 @@ from typer.testing import CliRunner
 from agentwatch.alerts import decode_alert
 from agentwatch.cli import app
 from agentwatch.cli.status import _ranges, _shard_parts
-from agentwatch.codec import entry_key
 from agentwatch.keys import Keys, shard_of
 from detectors.agent import read_agents
 from detectors.engine import LEASE_MS
 from detectors.leases import parse_lease
 
-from helpers import wait_for
+from helpers import drained, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -189,19 +188,6 @@ class Beater:
     def stop(self) -> None:
         self.halt.set()
         self.thread.join(5)
-
-
-def drained(r: redis.Redis, keys: Keys, shard: int) -> Callable[[], bool]:
-    """A predicate: shard ``shard``'s checkpoint covers every entry its stream holds now (beats
-    added later need not be saved yet: the owner saves every half second while they go on)."""
-    newest: Any = r.xrevrange(keys.events(shard), count=1)
-    target = entry_key(newest[0][0]) if newest else (0, 0)
-
-    def covered() -> bool:
-        through = r.hget(keys.checkpoint(shard), "last_id")
-        return through is not None and entry_key(through) >= target
-
-    return covered
 
 
 # -- 1. a frozen lease-holder ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """A real agent process for the detector end-to-end tests: ``python agent.py MODE``.
 
 Configured only through ``AGENTWATCH_*`` variables, beating every ``AGENTWATCH_INTERVAL``
-seconds with a few hundred tokens per beat (+-30%). ``AW_WARMUP`` normal beats (default 10)
-come first; then MODE:
+seconds (or every ``AW_PACE`` seconds when set: faster than the declared interval, as an agent
+may) with a few hundred tokens per beat (+-30%). ``AW_WARMUP`` normal beats (default 10) come
+first; then MODE:
 
 steady    keep beating normally until killed
 leak      keep beating while RSS climbs by ``AW_LEAK_MB`` per beat up to ``AW_LEAK_TO_MB``,
@@ -28,7 +29,7 @@ import urllib.request
 import producers
 from producers import heartbeat
 
-INTERVAL = float(os.environ.get("AGENTWATCH_INTERVAL", "0.1"))
+INTERVAL = float(os.environ.get("AW_PACE") or os.environ.get("AGENTWATCH_INTERVAL", "0.1"))
 PULSE = float(os.environ.get("AGENTWATCH_PULSE_INTERVAL", "0.1"))
 WARMUP = int(os.environ.get("AW_WARMUP", "10"))
 rng = random.Random(os.getpid())
