@@ -24,21 +24,25 @@ Targets: p99 <= 100 ms in the two one-notifier scenarios (issue 5); p99 <= 50 ms
 notifiers, one hung, busy worker (issue 17), p99.9 reported. A figure is the median of the
 rounds; the rows show min / median / max.
 
-``--profile`` also samples the notifier worker with py-spy (``py-spy`` on PATH, or ``$PY_SPY``)
-during the 4-notifier scenario of the first round and writes a per-thread summary (top frames,
-where the main thread spends its wall time) to ``benchmarks/results/notifiers_profile.txt``.
+After the rounds, the 4-notifier scenario runs once more (``--profile-alerts``, not counted in any
+figure) with the notifier worker under cProfile, every thread timed by its own CPU time
+(``time.thread_time``: waiting for a socket or the GIL costs nothing), and the summary goes to
+the JSON (``profile``), to the output and to ``benchmarks/results/notifiers_profile.txt``: CPU
+per thread group and per delivery, the functions with the most CPU of their own, and the
+project's functions by inclusive CPU. ``--no-profile`` skips that pass. cProfile slows what it
+times (2-3x here), so read shares, not absolute times.
 
     python benchmarks/notifiers_latency.py [--alerts 1000] [--rate 200] [--rounds 3] [--workers 1]
-        [--flood-rate 30000] [--only-busy] [--profile] [--quick]
+        [--flood-rate 30000] [--only-busy] [--no-profile] [--profile-alerts 300] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
-import re
-import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,9 +154,10 @@ def raw_loop(url: str, keys: Keys, hook: str, stop: threading.Event, last: bytes
 
 
 def spawn_worker(
-    kind: str, url: str, prefix: str, hooks: list[tuple[str, str]], workdir: Path
+    kind: str, url: str, prefix: str, hooks: list[tuple[str, str]], workdir: Path, profile: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """``agentwatch worker <kind>`` in its own process, default settings but for the URLs."""
+    """``agentwatch worker <kind>`` in its own process, default settings but for the URLs;
+    with ``profile``, under cProfile (:func:`profiled_worker`), its stats written beside it."""
     config = workdir / f"{prefix}.toml"
     text = f'[redis]\nurl = "{url}"\nprefix = "{prefix}"\n'
     for name, hook in hooks:
@@ -170,6 +175,8 @@ def spawn_worker(
         "--log-level",
         "error",
     ]
+    if profile is not None:
+        argv[1:3] = [__file__, "--profiled-worker", str(profile)]
     return subprocess.Popen(argv, env=env)
 
 
@@ -289,68 +296,98 @@ def feed(url: str, prefix: str, rate: float, agents: int) -> None:
             time.sleep(pause)
 
 
-class Profiler:
-    """py-spy sampling a process (wall time, idle included, one stack per thread)."""
+def profiled_worker(out: str, argv: list[str]) -> None:
+    """``agentwatch <argv>`` in this process, each thread under its own cProfile timed by its own
+    CPU time: the delivery threads from their start, the main thread from SIGUSR1 (sent after
+    the warm-up: its start-up, imports and plugin loading, is not what we look at). At exit each
+    thread's stats go to ``<out>.<thread name>``."""
+    import atexit  # noqa: PLC0415 - only in the profiled worker
+    import cProfile  # noqa: PLC0415
 
-    def __init__(self, pid: int, out: Path) -> None:
-        binary = os.environ.get("PY_SPY") or shutil.which("py-spy")
-        if binary is None:
-            raise SystemExit("--profile needs py-spy on PATH (pip install py-spy) or $PY_SPY")
-        self.out = out
-        argv = [binary, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--threads",
-                "--idle", "--nonblocking", "--output", str(out)]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profiles: dict[str, cProfile.Profile] = {}
 
-    def stop(self) -> None:
-        self.proc.send_signal(2)  # SIGINT: py-spy writes what it sampled and exits
-        self.proc.wait(30)
+    def start(*_: Any) -> None:  # the first event of a thread (or SIGUSR1): profile it from here
+        name = threading.current_thread().name
+        if name not in profiles:
+            # This thread's CPU clock, whichever thread reads it: at exit, the main thread closes
+            # the calls still open in the others (a delivery thread waiting on a socket).
+            clock = functools.partial(time.clock_gettime, time.pthread_getcpuclockid(threading.get_ident()))
+            profiles[name] = profile = cProfile.Profile(clock)
+            profile.enable()
+
+    def dump() -> None:
+        for name, profile in profiles.items():
+            profile.disable()
+            profile.dump_stats(f"{out}.{name}")
+
+    atexit.register(dump)
+    threading.setprofile(start)
+    signal.signal(signal.SIGUSR1, start)
+    sys.argv = ["agentwatch", *argv]
+    from agentwatch.cli import main as cli  # noqa: PLC0415
+
+    cli()
 
 
-_FRAME_LINE = re.compile(r" \(([^:()]+):\d+\)$")
+def _where(func: tuple[str, int, str]) -> str:
+    path, line, name = func
+    return name if path == "~" else f"{name} ({Path(path).name}:{line})"
 
 
-def _frame(raw: str) -> str:
-    """``func (path/file.py:123)`` -> ``func (file.py)``: one row per function, not per line."""
-    match = _FRAME_LINE.search(raw)
-    if match is None:
-        return raw
-    return f"{raw[: match.start()]} ({Path(match.group(1)).name})"
+def _group(thread: str) -> str:
+    if thread == "MainThread":
+        return "main thread (read, route, queue)"
+    if thread.startswith("notify-healthy"):
+        return "delivery threads, healthy notifiers"
+    if thread.startswith("notify-stuck"):
+        return "delivery threads, hung notifier"
+    return "other threads"
 
 
-def summarize_profile(raw: Path, label: str) -> str:
-    """Per thread group: samples, top-10 functions by inclusive and by self (leaf) wall time."""
-    groups: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    leaves: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    totals: collections.Counter[str] = collections.Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        frames = stack.split(";")
-        thread = frames[0].partition(": ")[2] or frames[0]
-        group = re.sub(r"-\d+$", "-*", thread)  # notify-hook1-0, notify-hook1-1 -> notify-hook1-*
-        count = int(count_text)
-        totals[group] += count
-        for name in dict.fromkeys(_frame(f) for f in frames[1:]):
-            groups[group][name] += count
-        if len(frames) > 1:
-            leaves[group][_frame(frames[-1])] += count
-    lines = [f"py-spy wall-time profile of the notifier worker ({label}); 200 samples/s, idle included", ""]
-    for group in sorted(totals, key=lambda g: (g != "MainThread", g)):
-        total = totals[group]
-        lines.append(f"## {group}: {total} samples")
-        lines.append("inclusive (frames under >= 98 % of the samples, the thread's roots, left out):")
-        inner = [(name, c) for name, c in groups[group].most_common() if c < 0.98 * total]
-        lines += [f"  {100 * c / total:5.1f} %  {name}" for name, c in inner[:10]]
-        lines.append("self (leaf frame):")
-        lines += [f"  {100 * c / total:5.1f} %  {name}" for name, c in leaves[group].most_common(10)]
+def summarize_profile(prefix: Path, alerts: int, deliveries: int) -> tuple[str, dict[str, Any]]:
+    """Per thread group: CPU seconds, CPU per alert (main thread: ``alerts`` after the warm-up)
+    or per delivery (delivery threads: ``deliveries``, warm-up included), top-10 functions by
+    their own CPU and the project's top-10 by inclusive CPU. Text for people, a dict for the JSON."""
+    import pstats  # noqa: PLC0415
+
+    files: dict[str, list[str]] = collections.defaultdict(list)
+    for path in sorted(prefix.parent.glob(prefix.name + ".*")):
+        files[_group(path.name[len(prefix.name) + 1 :])].append(str(path))
+    summary: dict[str, Any] = {"alerts": alerts, "deliveries": deliveries, "groups": {}}
+    lines = [f"cProfile of the notifier worker, CPU time per thread ({alerts} alerts, {deliveries} "
+             "deliveries to healthy receivers; cProfile's own overhead included: compare shares, not "
+             "absolute times)", ""]  # fmt: skip
+    for group in sorted(files):
+        stats = pstats.Stats(*files[group])
+        raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
+        total = max(float(stats.total_tt), 1e-9)  # type: ignore[attr-defined]
+        own = sorted(raw.items(), key=lambda kv: -kv[1][2])[:10]
+        ours = [kv for kv in raw.items() if "/agentwatch/" in kv[0][0] or "/notifiers/" in kv[0][0]]
+        inclusive = [kv for kv in sorted(ours, key=lambda kv: -kv[1][3]) if kv[1][3] < 0.98 * total][:10]
+        unit, count = ("alert", alerts) if group.startswith("main") else ("delivery", deliveries)
+        if "healthy" not in group and not group.startswith("main"):
+            unit, count = "", 0
+        per = 1e6 * total / count if count else 0.0
+        entry = {
+            "cpu_s": round(total, 3), "threads": len(files[group]),
+            **({f"cpu_us_per_{unit}": round(per, 1)} if unit else {}),
+            "self": [[_where(f), round(100 * v[2] / total, 1)] for f, v in own],
+            "inclusive": [[_where(f), round(100 * v[3] / total, 1)] for f, v in inclusive],
+        }  # fmt: skip
+        summary["groups"][group] = entry
+        lines.append(f"## {group}: {total:.2f} s CPU over {len(files[group])} thread(s)"
+                     + (f", {per:.0f} us per {unit}" if unit else ""))  # fmt: skip
+        lines.append("own CPU (top 10):")
+        lines += [f"  {share:5.1f} %  {name}" for name, share in entry["self"]]
+        lines.append("inclusive CPU, agentwatch's functions (top 10, the thread's roots left out):")
+        lines += [f"  {share:5.1f} %  {name}" for name, share in entry["inclusive"]]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines), summary
 
 
 def scenario(
     url: str, client: redis.Redis, workdir: Path, args: argparse.Namespace, *, healthy: int, hung: int,
-    busy: Busy | None = None, profile: str | None = None,
+    busy: Busy | None = None, profile: Path | None = None,
 ) -> tuple[list[float], dict[str, float]]:  # fmt: skip
     """Latencies (ms) of every healthy receiver pooled, and facts about the run."""
     prefix = f"benchn{uuid.uuid4().hex[:6]}"
@@ -360,15 +397,14 @@ def scenario(
     hooks = [(f"healthy{i}", r.url) for i, r in enumerate(good)] + [
         (f"stuck{i}", r.url) for i, r in enumerate(stuck)
     ]
-    workers = [spawn_worker("notifiers", url, prefix, hooks, workdir) for _ in range(args.workers)]
-    worker = workers[0]
-    profiler = None
+    workers = [spawn_worker("notifiers", url, prefix, hooks, workdir, profile if n == 0 else None)
+               for n in range(args.workers)]  # fmt: skip
     facts: dict[str, float] = {}
     try:
         wait_ready(client, keys, count=args.workers)
         warm_up(client, keys, good)
-        if profile:
-            profiler = Profiler(worker.pid, workdir / "profile.raw")
+        if profile is not None:
+            workers[0].send_signal(signal.SIGUSR1)  # the main thread's profile starts here
         if busy is not None:
             busy.mark()
         cpu_before = sum(cpu_s(w.pid) for w in workers)
@@ -379,19 +415,10 @@ def scenario(
         )
         if busy is not None:
             facts.update(busy.usage())
-        if profiler is not None:
-            profiler.stop()
-            text = summarize_profile(profiler.out, profile)
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "notifiers_profile.txt").write_text(text + "\n")
-            print(text)
-            profiler = None
         if stuck:
             facts["hung_requests"] = sum(len(r.arrived) for r in stuck)
         return values, facts
     finally:
-        if profiler is not None:
-            profiler.stop()
         for w in workers:
             w.terminate()
         for w in workers:
@@ -400,6 +427,22 @@ def scenario(
             r.close()
         for key in client.scan_iter(f"{prefix}:*"):
             client.delete(key)
+
+
+def profiled_pass(
+    url: str, client: redis.Redis, workdir: Path, args: argparse.Namespace
+) -> tuple[str, dict[str, Any]]:
+    """The 4-notifier scenario once more, busy worker included, with the notifier worker under
+    cProfile (:func:`profiled_worker`); not counted in any figure."""
+    print("profiled pass (not measured)")
+    prefix = workdir / "profile"
+    busy = Busy(url, client, workdir, args)
+    try:
+        alerts = argparse.Namespace(**{**vars(args), "alerts": args.profile_alerts, "workers": 1})
+        scenario(url, client, workdir, alerts, healthy=3, hung=1, busy=busy, profile=prefix)
+    finally:
+        busy.stop()
+    return summarize_profile(prefix, args.profile_alerts, 3 * (args.profile_alerts + WARM_UP))
 
 
 def baseline(url: str, client: redis.Redis, args: argparse.Namespace) -> list[float]:
@@ -443,13 +486,17 @@ def main() -> None:
         "--only-busy", action="store_true", help="only the issue 17 scenario and its baseline"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy the notifier worker (round 1, 4 notifiers)"
+        "--no-profile", action="store_true", help="skip the profiled pass (cProfile, after the rounds)"
     )
+    parser.add_argument("--profile-alerts", type=int, default=300, help="alerts in the profiled pass")
     parser.add_argument("--redis-url", default=None, help="default: a private server (embedded launcher)")
     parser.add_argument(
         "--feed", nargs=4, metavar=("URL", "PREFIX", "RATE", "AGENTS"), help=argparse.SUPPRESS
     )
     parser.add_argument("--quick", action="store_true", help="one round of 500 alerts (run_all.py --quick)")
+    if sys.argv[1:2] == ["--profiled-worker"]:
+        profiled_worker(sys.argv[2], sys.argv[3:])
+        return
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.alerts = 1, 500
@@ -473,6 +520,7 @@ def main() -> None:
             facts[key][name].append(value)
 
     loads = []
+    profile_text, profile = "", None
     try:
         for n in range(args.rounds):
             print(f"round {n + 1}/{args.rounds}")
@@ -484,11 +532,12 @@ def main() -> None:
             try:
                 busy.mark()
                 results["baseline, busy"].append(baseline(url, client, args))
-                label = f"round {n + 1}, {BUSY}" if args.profile and n == 0 else None
-                run(BUSY, scenario(url, client, workdir, args, healthy=3, hung=1, busy=busy, profile=label))
+                run(BUSY, scenario(url, client, workdir, args, healthy=3, hung=1, busy=busy))
             finally:
                 busy.stop()
             loads.append(os.getloadavg()[0])
+        if not args.no_profile:
+            profile_text, profile = profiled_pass(url, client, workdir, args)
     finally:
         client.close()
         if server:
@@ -535,9 +584,12 @@ def main() -> None:
         "rate_per_s": args.rate, "alerts": args.alerts, "rounds": args.rounds,
         "flood_rate_per_s": args.flood_rate, "flood_agents": args.flood_agents,
         "per_round": per_round, "facts": {key: dict(value) for key, value in facts.items()},
-        "loadavg_per_round": loads,
+        "loadavg_per_round": loads, "profile": profile,
     }  # fmt: skip
     report("notifiers_latency", rows, extra, figures=figures)
+    if profile_text:
+        (RESULTS / "notifiers_profile.txt").write_text(profile_text + "\n")
+        print(f"\n{profile_text}")
     busy_facts = facts[BUSY]
     print(f"busy detector worker: {spread([100 * c for c in busy_facts['worker_cpu']])} % of a core "
           f"(min / median / max); feeder {spread([100 * c for c in busy_facts['feeder_cpu']])} %, "

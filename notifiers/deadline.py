@@ -1,5 +1,9 @@
 """One deadline for a whole HTTP attempt: connect, TLS, sending, the status line, headers and body.
 
+Both HTTP transports of the notifiers honour it: the lean client (notifiers/httpclient.py) calls
+:func:`cap` before each socket operation itself; httpx, kept for receivers behind a proxy, gets
+it through a wrapped network backend (:func:`install`).
+
 httpx has per-operation timeouts only: ``read`` bounds each wait for bytes, so a receiver that
 sends its status line and headers one byte every 400 ms never trips a 1 s read timeout, and the
 attempt outlives its lease (another worker then claims the same delivery, and both threads are
@@ -20,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, overload
 
 import httpcore
 import httpx
@@ -41,7 +45,11 @@ def attempt(timeout_s: float) -> Iterator[None]:
         _local.deadline = None
 
 
-def _cap(timeout: float | None, error: type[Exception]) -> float | None:
+@overload
+def cap(timeout: float, error: type[Exception]) -> float: ...
+@overload
+def cap(timeout: None, error: type[Exception]) -> float | None: ...
+def cap(timeout: float | None, error: type[Exception]) -> float | None:
     """``timeout`` cut to the time left before this thread's deadline; ``error`` once past it."""
     deadline: float | None = getattr(_local, "deadline", None)
     if deadline is None:
@@ -57,7 +65,7 @@ def _overall(error: type[Exception]) -> Exception:
 
 
 @contextmanager
-def _named(error: type[Exception]) -> Iterator[None]:
+def named(error: type[Exception]) -> Iterator[None]:
     """Say so when a timeout was the overall deadline's rather than the operation's own."""
     try:
         yield
@@ -73,12 +81,12 @@ class _Stream(httpcore.NetworkStream):
         self.inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        with _named(httpcore.ReadTimeout):
-            return self.inner.read(max_bytes, _cap(timeout, httpcore.ReadTimeout))
+        with named(httpcore.ReadTimeout):
+            return self.inner.read(max_bytes, cap(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        with _named(httpcore.WriteTimeout):
-            self.inner.write(buffer, _cap(timeout, httpcore.WriteTimeout))
+        with named(httpcore.WriteTimeout):
+            self.inner.write(buffer, cap(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
         self.inner.close()
@@ -86,8 +94,8 @@ class _Stream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
-        with _named(httpcore.ConnectTimeout):
-            tls = self.inner.start_tls(ssl_context, server_hostname, _cap(timeout, httpcore.ConnectTimeout))
+        with named(httpcore.ConnectTimeout):
+            tls = self.inner.start_tls(ssl_context, server_hostname, cap(timeout, httpcore.ConnectTimeout))
         return _Stream(tls)
 
     def get_extra_info(self, info: str) -> Any:
@@ -106,15 +114,15 @@ class _Backend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        with _named(httpcore.ConnectTimeout):
-            capped = _cap(timeout, httpcore.ConnectTimeout)
+        with named(httpcore.ConnectTimeout):
+            capped = cap(timeout, httpcore.ConnectTimeout)
             return _Stream(self.inner.connect_tcp(host, port, capped, local_address, socket_options))
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.NetworkStream:
-        with _named(httpcore.ConnectTimeout):
-            capped = _cap(timeout, httpcore.ConnectTimeout)
+        with named(httpcore.ConnectTimeout):
+            capped = cap(timeout, httpcore.ConnectTimeout)
             return _Stream(self.inner.connect_unix_socket(path, capped, socket_options))
 
     def sleep(self, seconds: float) -> None:

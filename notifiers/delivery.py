@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentwatch.alerts import Alert
 from agentwatch.redisconn import RECOVERABLE
-from notifiers.queue import Claimed, DeliveryQueue, Job
+from notifiers.queue import Claimed, DeliveryQueue, Job, roundtrip
 
 if TYPE_CHECKING:
     from notifiers.base import Notifier
@@ -188,7 +188,7 @@ class Deliverer:
                 finished, got = self.queue.finish_and_claim(
                     done.claimed if done else None, self.notifier.lease_ms,
                     rate_per_s=self.config.rate_limit or 0.0, burst=self.config.burst,
-                    pipe=self._log_delivered(done) if done else None,
+                    before=self._log_delivered(done) if done else (),
                 )  # fmt: skip
                 if done is not None and not finished:
                     log.warning("notifier %s: %s was delivered after its lease ran out: another worker "
@@ -221,17 +221,17 @@ class Deliverer:
                 return  # the worker is closing its client
         if done is not None:
             with contextlib.suppress(*RECOVERABLE):
-                self._log_delivered(done).execute()
+                roundtrip(self.queue.client, self._log_delivered(done))
                 self.queue.finish(done.claimed)
 
-    def _log_delivered(self, done: _Done) -> Any:
-        """A pipeline holding the log entry of a delivery the receiver took. It goes just before
-        the delivery is finished, in the same round trip: logged even if its lease ran out
-        meanwhile (another worker may then deliver it again, and log that too)."""
-        pipe = self.queue.client.pipeline(transaction=False)
-        journal, job, outcome = self.notifier.journal, done.claimed.job, done.outcome
-        journal.delivered(self.notifier.name, job, done.attempts, outcome.status, outcome.detail, pipe=pipe)
-        return pipe
+    def _log_delivered(self, done: _Done) -> list[tuple[Any, ...]]:
+        """The commands logging a delivery the receiver took. They go just before the delivery
+        is finished, in the same round trip: logged even if its lease ran out meanwhile
+        (another worker may then deliver it again, and log that too)."""
+        journal, outcome = self.notifier.journal, done.outcome
+        return journal.delivered_commands(
+            self.notifier.name, done.claimed.job, done.attempts, outcome.status, outcome.detail
+        )
 
     def _unrecorded(self, claimed: Claimed, exc: Exception) -> None:
         log.warning(

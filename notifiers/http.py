@@ -1,4 +1,8 @@
-"""What the HTTP notifiers share: one pooled httpx client each, timeouts, and answer handling.
+"""What the HTTP notifiers share: a pooled HTTP client each, timeouts, and answer handling.
+
+The client is the lean one of notifiers/httpclient.py (a quarter of httpx's CPU per request, on
+delivery threads that share the worker's GIL), or httpx when the environment sets a proxy for
+the receiver's URL.
 
 Timeouts: ``connect_timeout`` to open a connection, ``read_timeout`` for each wait on the
 receiver, and ``timeout`` for the whole attempt. A receiver that accepts and never answers is
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import ClassVar, TypeVar
 
@@ -24,13 +29,11 @@ from pydantic import Field, field_validator, model_validator
 
 from agentwatch import __version__
 from agentwatch.config import Seconds
-from notifiers import deadline
+from notifiers import deadline, httpclient
 from notifiers.base import Notifier, NotifierConfig
 from notifiers.delivery import Delivered, Delivery, Failed, Outcome, Retry
 from notifiers.journal import BODY_SNIPPET
 
-_READ_CHUNK_CAP = 8192
-"""Bytes of an answer we read at most; we only keep a snippet for the failed-delivery record."""
 _CONNECT_TIMEOUT_S = 3.0
 RETRYABLE_4XX = frozenset({408, 425, 429})
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -107,14 +110,18 @@ class HttpNotifier(Notifier[H]):
     """Base of notifiers that POST one request per alert; subclasses build the request."""
 
     Config: ClassVar[type[NotifierConfig]] = HttpConfig
-    http: httpx.Client
+    client: httpclient.Client | None = None
+    """The lean client (notifiers/httpclient.py), for a receiver reached directly."""
+    http: httpx.Client | None = None
+    """httpx, for a receiver behind a proxy from the environment (:func:`httpclient.proxied`)."""
 
     def render(self, delivery: Delivery) -> tuple[bytes, dict[str, str]]:
         """The body and headers to POST for this delivery."""
         raise NotImplementedError
 
-    def classify(self, status: int, headers: httpx.Headers, body: str) -> Outcome:
-        """Map the receiver's answer to an outcome (see the module docstring)."""
+    def classify(self, status: int, headers: Mapping[str, str], body: str) -> Outcome:
+        """Map the receiver's answer to an outcome (see the module docstring); ``headers`` have
+        lower-case names."""
         if 200 <= status < 300:
             return Delivered(status)
         snippet = body[:BODY_SNIPPET]
@@ -137,53 +144,73 @@ class HttpNotifier(Notifier[H]):
         cfg = self.config
         read = cfg.read_timeout_s or cfg.timeout_s
         connect = cfg.connect_timeout_s or min(_CONNECT_TIMEOUT_S, cfg.timeout_s)
+        agent = {"User-Agent": f"agentwatch/{__version__}"}
+        if not httpclient.proxied(cfg.url):
+            self.client = httpclient.Client(
+                cfg.url,
+                connect_s=connect,
+                read_s=read,
+                verify_tls=cfg.verify_tls,
+                size=cfg.concurrency,
+                headers=agent,
+            )
+            return
         self.http = httpx.Client(
             timeout=httpx.Timeout(cfg.timeout_s, connect=connect, read=read, pool=cfg.timeout_s),
             limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
             follow_redirects=False,
             verify=cfg.verify_tls,
-            headers={"User-Agent": f"agentwatch/{__version__}"},
+            headers=agent,
         )
         deadline.install(self.http)
         self._url = httpx.URL(cfg.url)  # parsed once: parsing it per request costs ~40 us of GIL
 
     def close(self) -> None:
-        http = getattr(self, "http", None)
-        if http is not None:
-            http.close()
+        for transport in (self.client, self.http):
+            if transport is not None:
+                transport.close()
 
     def deliver(self, delivery: Delivery) -> Outcome:
         body, headers = self.render(delivery)
         try:
-            status, answer_headers, answer = self.post(body, {**headers, **self.config.headers})
-        except httpx.TimeoutException as exc:
-            return Retry(f"timed out ({type(exc).__name__}: {exc})"[:300])
-        except httpx.HTTPError as exc:  # refused, reset, DNS, TLS, a malformed answer...
-            return Retry(f"{type(exc).__name__}: {exc}"[:300])
-        return self.classify(status, answer_headers, answer)
+            answer = self.post(body, {**headers, **self.config.headers})
+        except httpclient.HttpTimeout as exc:
+            return Retry(f"timed out ({exc})"[:300])
+        except httpclient.HttpError as exc:  # refused, reset, DNS, TLS, a malformed answer...
+            return Retry(str(exc)[:300])
+        return self.classify(answer.status, answer.headers, answer.body)
 
-    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, httpx.Headers, str]:
-        """POST within the overall deadline: (status, headers, the start of the body as text)."""
-        cfg = self.config
-        with (
-            deadline.attempt(cfg.timeout_s),
-            self.http.stream("POST", self._url, content=body, headers=headers) as response,
-        ):
+    def post(self, body: bytes, headers: dict[str, str]) -> httpclient.Answer:
+        """POST within the overall deadline (``timeout``), by whichever transport :meth:`open`
+        chose. Raises :class:`~notifiers.httpclient.HttpTimeout` or ``HttpError``."""
+        with deadline.attempt(self.config.timeout_s):
+            if self.client is not None:
+                return self.client.post(body, headers)
+            try:
+                return self._post_httpx(body, headers)
+            except httpx.TimeoutException as exc:
+                raise httpclient.HttpTimeout(str(exc), type(exc).__name__) from None
+            except httpx.HTTPError as exc:
+                raise httpclient.HttpError(str(exc), type(exc).__name__) from None
+
+    def _post_httpx(self, body: bytes, headers: dict[str, str]) -> httpclient.Answer:
+        assert self.http is not None
+        with self.http.stream("POST", self._url, content=body, headers=headers) as response:
             chunks: list[bytes] = []
             size = 0
             try:
                 for chunk in response.iter_raw():
                     chunks.append(chunk)
                     size += len(chunk)
-                    if size >= _READ_CHUNK_CAP:
+                    if size >= httpclient.READ_CAP:
                         break
             except httpx.TimeoutException:
                 # A 2xx whose body dribbles past the deadline was still accepted: the body is
                 # only a snippet for the failed-delivery record. Anything else is a timeout.
                 if not 200 <= response.status_code < 300:
                     raise
-            text = b"".join(chunks)[:_READ_CHUNK_CAP].decode(errors="replace")
-            return response.status_code, response.headers, text
+            text = b"".join(chunks)[: httpclient.READ_CAP].decode(errors="replace")
+            return httpclient.Answer(response.status_code, dict(response.headers.items()), text)
 
 
 def retry_after_s(value: str | None) -> float | None:

@@ -34,20 +34,18 @@ class Journal:
         self.max_len = max_len
         self.failed_max_len = failed_max_len
 
-    def delivered(
-        self,
-        notifier: str,
-        job: Job,
-        attempts: int,
-        status: int | None,
-        detail: str = "",
-        *,
-        pipe: Any = None,
-    ) -> None:
-        """Log a delivery (added to ``pipe`` when given: the delivery threads send it with their
-        next claim, one round trip for both)."""
-        self._log(notifier, "delivered", job.id, job.alert, attempts=attempts, http_status=status,
-                  detail=detail, ms=_now_ms() - job.first_ms, pipe=pipe)  # fmt: skip
+    def delivered_commands(
+        self, notifier: str, job: Job, attempts: int, status: int | None, detail: str = ""
+    ) -> list[tuple[Any, ...]]:
+        """The commands that log a delivery, for the delivery threads to send with their next
+        claim, one round trip for both (:meth:`DeliveryQueue.finish_and_claim`)."""
+        fields = self._fields(notifier, "delivered", job.id, job.alert, attempts=attempts, http_status=status,
+                              detail=detail, ms=_now_ms() - job.first_ms)  # fmt: skip
+        flat = [part for pair in fields.items() for part in pair]
+        return [
+            ("XADD", self.keys.notify_log, "MAXLEN", "~", self.max_len, "*", *flat),
+            ("HINCRBY", self.keys.notify_stats, f"{notifier}:delivered", 1),
+        ]
 
     def failed(self, notifier: str, kind: str, job: Job, attempts: int, outcome: Failed) -> None:
         alert = job.alert
@@ -84,25 +82,33 @@ class Journal:
     def _log(self, notifier: str, outcome: str, alert_id: str, alert: dict[str, Any], *,
              pipe: Any = None, attempts: int = 0, http_status: int | None = None, detail: str = "",
              ms: int = 0) -> None:  # fmt: skip
-        fields = {
-            "notifier": notifier,
-            "outcome": outcome,
-            "id": alert_id,
-            "alert": alert.get("id", alert_id),
-            "agent": alert.get("agent", ""),
-            "detector": alert.get("detector", ""),
-            "status": alert.get("status", ""),
-            "attempts": attempts,
-            "http_status": "" if http_status is None else http_status,
-            "detail": detail[:BODY_SNIPPET],
-            "ms": ms,
-        }
+        fields = self._fields(notifier, outcome, alert_id, alert, attempts=attempts, http_status=http_status,
+                              detail=detail, ms=ms)  # fmt: skip
         own = pipe is None
         target = self.client.pipeline(transaction=False) if own else pipe
         target.xadd(self.keys.notify_log, fields, maxlen=self.max_len, approximate=True)
         self.count(notifier, outcome, pipe=target)
         if own:
             target.execute()
+
+    @staticmethod
+    def _fields(notifier: str, outcome: str, alert_id: str, alert: dict[str, Any], *, attempts: int,
+                http_status: int | None, detail: str, ms: int) -> dict[str, str | int]:  # fmt: skip
+        """One ``notify:log`` entry. Values are str or int only (the delivery threads pack them
+        without redis-py's encoder)."""
+        return {
+            "notifier": notifier,
+            "outcome": outcome,
+            "id": alert_id,
+            "alert": str(alert.get("id", alert_id)),
+            "agent": str(alert.get("agent", "")),
+            "detector": str(alert.get("detector", "")),
+            "status": str(alert.get("status", "")),
+            "attempts": attempts,
+            "http_status": "" if http_status is None else http_status,
+            "detail": detail[:BODY_SNIPPET],
+            "ms": ms,
+        }
 
 
 def _alert_fields(alert: Alert) -> dict[str, Any]:
