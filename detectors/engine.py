@@ -40,17 +40,19 @@ from typing import Any, Final, TypeVar
 import redis
 
 from agentwatch.alerts import PIPELINE_AGENT
-from agentwatch.codec import Event
+from agentwatch.codec import Event, entry_ms
 from agentwatch.config import format_duration
 from agentwatch.deadletter import entry_field
 from agentwatch.errors import InvalidEntry
 from agentwatch.halts import Halts
 from agentwatch.keys import shard_of
 from agentwatch.redisconn import RECOVERABLE
+from agentwatch.spend import GROUPS_FIELD, Applied, Spending, Tally, pack_shares, pack_tally
 from agentwatch.worker import Handler, Message, Worker
 from detectors import horizon
 from detectors.agent import Agent, ChildRun
 from detectors.base import Detector, DetectorContext, Op
+from detectors.budgets import BudgetKeeper
 from detectors.checkpoint import Checkpoints
 from detectors.exit import Exit
 from detectors.lag import Lag
@@ -108,6 +110,13 @@ class Shard:
     """Checkpointed decisions not yet published, oldest first."""
     duplicates: int = 0
     saved_at: float = 0.0
+    spent: set[str] = field(default_factory=set)
+    """Agents whose spend changed since the last checkpoint."""
+    shares: Tally = field(default_factory=Tally)
+    """The shard's shares of the ``together`` budgets (agentwatch/spend.py)."""
+    shares_changed: bool = False
+    unclaimed: dict[str, Tally] = field(default_factory=dict)
+    """Spend of agents without a record (forgotten): theirs again if they come back."""
 
     def agent(self, name: str) -> Agent:
         found = self.agents.get(name)
@@ -173,6 +182,8 @@ class Shard:
             if kind == "beat":
                 agent.beats += 1
                 _count_usage(agent, event)
+                if engine.spending is not None:
+                    self.spend(engine.spending, engine.applied, agent, event, at)
             for detector in engine.listeners[kind]:
                 try:
                     detector.on_event(agent, event, at, child)
@@ -212,6 +223,9 @@ class Shard:
             silence.back(agent, event, at, seen0)
         if stall is not None and cls == CUR and kind == "beat" and at > beat0 and "stall" in agent.open:
             stall.back(agent, at, beat0)
+        if kind == "beat" and engine.spending is not None:
+            # (every applied beat spent, a late one of an earlier run or another process's too)
+            self.spend(engine.spending, engine.applied, agent, event, at)
         if cls in (CUR, NEW):
             if kind == "beat":
                 agent.beats += 1
@@ -234,6 +248,17 @@ class Shard:
         # (else: a beat only moves an armed agent's due times later, and the armed one is a
         # lower bound: the check re-arms it then. A timed detector whose due time a beat can
         # bring earlier listens to beats, and every beat re-arms then: timed_on_beats.)
+
+    def spend(self, spending: Spending, applied: Applied, agent: Agent, event: Event, at: int) -> None:
+        """A beat's spend into the agent's windows (saved with the next checkpoint, so a window
+        counts each beat once however often the stream is replayed)."""
+        tally = agent.spent
+        if tally is None:
+            tally = self.unclaimed.pop(agent.name, None) or Tally()
+        if spending.add(tally, self.shares, agent.name, event, at, applied):
+            agent.spent = tally
+            self.spent.add(agent.name)
+            self.shares_changed = self.shares_changed or bool(applied.groups)
 
     def signs_of_life(self, engine: Engine, agent: Agent, event: Event, at: int, cls: str) -> None:
         """When the agent was seen, beat and pulsed; where its clocks start (``extend()``, or a
@@ -309,9 +334,19 @@ class Engine(Handler[Event]):
     name = "engine"
 
     def __init__(
-        self, worker: Worker[Event], ctx: DetectorContext, detectors: Sequence[Detector[Any]]
+        self,
+        worker: Worker[Event],
+        ctx: DetectorContext,
+        detectors: Sequence[Detector[Any]],
+        budgets: BudgetKeeper | None = None,
     ) -> None:
         self.worker = worker
+        self.budgets = budgets
+        """Spend and budgets: the engine adds each beat it applies to its agent's spend, and the
+        keeper judges the budgets on what a batch added (detectors/budgets.py)."""
+        self.spending = budgets.spending if budgets is not None else None
+        self.applied = Applied()
+        """What the batch being applied added to the spend windows."""
         self.ctx = ctx
         self.client: Any = ctx.client
         self.keys = ctx.keys
@@ -400,6 +435,7 @@ class Engine(Handler[Event]):
     def on_batch(self, messages: Sequence[Message[Event]]) -> None:
         touched: set[Shard] = set()
         shards = self.keys.shards
+        self.applied = applied = Applied()
         for entry_id, event in messages:
             agent = event["agent"]
             shard = self.shards.get(shard_of(agent, shards) if shards > 1 else 0)
@@ -413,10 +449,34 @@ class Engine(Handler[Event]):
                 shard.apply(self, entry_id, event)
                 shard.last_id = entry_id
                 touched.add(shard)
+        if applied.agents or applied.groups:
+            self._judge_budgets(applied, messages)
         now = time.monotonic()
         for shard in touched:  # decisions go out at once; the rest is saved every half second
             if shard.decided or now - shard.saved_at >= CHECKPOINT_EVERY_S:
                 self.checkpoint(shard)
+
+    def _judge_budgets(self, applied: Applied, messages: Sequence[Message[Event]]) -> None:
+        """The budgets on the windows the batch added to, at their totals after it. A failure is
+        the budget keeper's, isolated like a detector's (the next beat judges again)."""
+        assert self.budgets is not None
+        for agent, wid in applied.agents:
+            found = self._agent(agent)
+            if found is not None and found.spent is not None:
+                applied.agents[(agent, wid)] = found.spent.spent(wid)
+        now = max(entry_ms(entry_id) for entry_id, _ in messages)
+        try:
+            self.budgets.decide(applied, now, {index: shard.shares for index, shard in self.shards.items()})
+        except RECOVERABLE:
+            raise
+        except Exception:
+            errors = self.ctx.stats.handler_errors
+            errors[self.budgets.name] = errors.get(self.budgets.name, 0) + 1
+            log.exception("the budgets could not judge a batch (isolated; the engine carries on)")
+
+    def _agent(self, name: str) -> Agent | None:
+        shard = self.shards.get(shard_of(name, self.keys.shards) if self.keys.shards > 1 else 0)
+        return shard.agents.get(name) if shard is not None else None
 
     def on_tick(self, now_ms: int) -> None:
         if self.refused:
@@ -513,6 +573,7 @@ class Engine(Handler[Event]):
         shard.sight_ms = int(loaded.meta.get("sight_ms", 0))
         shard.duplicates = 0
         shard.unpublished = list(loaded.decided)
+        shard.shares, shard.unclaimed = loaded.shares, loaded.unclaimed
         for agent in shard.agents.values():
             self._arm(shard, agent)
         self.shards[index] = shard
@@ -652,6 +713,9 @@ class Engine(Handler[Event]):
                     if decisions is not None:
                         decisions.close(agent, kind, now_ms, {"forgotten": 1, "seen": agent.seen_ms})
                 del shard.agents[agent.name]
+                if agent.spent is not None and agent.spent.windows:
+                    shard.unclaimed[agent.name] = agent.spent  # (the views keep it: reports)
+                shard.spent.discard(agent.name)
                 shard.armed.pop(agent.name, None)
                 shard.dirty.discard(agent.name)
                 shard.removed.add(agent.name)
@@ -669,9 +733,13 @@ class Engine(Handler[Event]):
         dirty = [shard.agents[name] for name in shard.dirty if name in shard.agents]
         meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner,
                 "shards": self.keys.shards}  # fmt: skip
+        spend = {name: pack_tally(agent.spent) for name in shard.spent
+                 if (agent := shard.agents.get(name)) is not None and agent.spent is not None}  # fmt: skip
+        if shard.shares_changed:
+            spend[GROUPS_FIELD] = pack_shares(shard.shares)
         ok = self.checkpoints.save(
             shard.index, shard.token, dirty, sorted(shard.removed), last_id=shard.last_id, meta=meta,
-            decided=shard.decided,
+            decided=shard.decided, spend=spend,
         )  # fmt: skip
         if not ok:
             log.warning("shard %d: the lease was lost before the checkpoint; dropping it", shard.index)
@@ -685,6 +753,8 @@ class Engine(Handler[Event]):
         shard.decided = []
         shard.dirty.clear()
         shard.removed.clear()
+        shard.spent.clear()
+        shard.shares_changed = False
         shard.saved_at = time.monotonic()
         self._publish(shard)
         return True
