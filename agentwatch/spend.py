@@ -137,10 +137,11 @@ class Spent:
 
 @dataclass
 class Applied:
-    """What one batch changed: the new totals of every (agent, window) it added to, and the
-    (glob, window) keys of the ``together`` budgets it added to (:meth:`Ledger.groups`)."""
+    """What one batch changed: every (agent, window) it added to, with the tally holding it (its
+    total is read once, after the batch), and the (glob, window) keys of the ``together``
+    budgets it added to (:meth:`Ledger.groups`)."""
 
-    agents: dict[tuple[str, str], Spent] = field(default_factory=dict)
+    agents: dict[tuple[str, str], Tally] = field(default_factory=dict)
     groups: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -203,8 +204,10 @@ class Spending:
     in its single pass over the batch, so a beat is counted exactly when the engine applies it
     (repeats and replays are the engine's: detectors/engine.py)."""
 
-    def __init__(self, zone: ZoneInfo, pers: Iterable[str], groups_of: Any = None) -> None:
+    def __init__(self, zone: ZoneInfo, pers: Iterable[str], groups_of: Any = None, *, noting: bool) -> None:
         self.clock = WindowClock(zone)
+        self.noting = noting
+        """Whether budgets judge the windows a batch touched (else nothing is noted in Applied)."""
         self.kinds = sorted({"day", *pers})
         """The windows kept: the budgets' ``per`` and the day (status and report read it)."""
         self.groups_of = groups_of
@@ -214,8 +217,7 @@ class Spending:
         self, tally: Tally, shares: Tally, agent: str, event: Event, at_ms: int, applied: Applied
     ) -> bool:
         """Add one beat (priced by :func:`price_events`) at entry time ``at_ms``; note the
-        windows it touched in ``applied`` (their totals are filled in at the end of the batch).
-        False: it carried no usage."""
+        windows it touched in ``applied`` when :attr:`noting`. False: it carried no usage."""
         cost, unpriced = event.get("cost"), UNPRICED in event
         if cost is None and not unpriced:
             return False
@@ -224,17 +226,14 @@ class Spending:
         for per in self.kinds:
             wid = clock(per, at_ms).id
             tally.add(wid, *add)
-            touched[(agent, wid)] = _NOTED
+            if self.noting:
+                touched[(agent, wid)] = tally
         if self.groups_of is not None:
             for glob, per in self.groups_of(agent):
                 wid = clock(per, at_ms).id
                 shares.add(f"{glob}|{wid}", *add)
                 applied.groups.add((glob, wid))
         return True
-
-
-_NOTED: Final = Spent()
-"""Placeholder total of a window touched in a batch (the final one is read once, at its end)."""
 
 
 class Ledger:

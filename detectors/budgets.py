@@ -131,7 +131,9 @@ class BudgetKeeper(Handler[Event]):
         self.ledger = Ledger(client, keys, settings.report.zone)
         self.budgets = Budgets(settings.budgets)
         groups_of = self.budgets.groups_of if any(b.scope == "together" for b in settings.budgets) else None
-        self.spending = Spending(settings.report.zone, self.budgets.pers, groups_of)
+        self.spending = Spending(
+            settings.report.zone, self.budgets.pers, groups_of, noting=bool(self.budgets.budgets)
+        )
         self.incidents = incidents
         self.halts = halts
         self.unpriced = 0
@@ -152,17 +154,17 @@ class BudgetKeeper(Handler[Event]):
         self.unpriced += price_events(messages, self.book)
 
     def decide(self, applied: Applied, now: int, held: Mapping[int, Tally]) -> None:
-        """Judge every budget window the engine's batch added to (``applied``: the new totals),
-        at ``now`` (the batch's newest entry time); ``held``: the ``together`` shares of the
-        shards the engine owns (the others are read as last checkpointed)."""
+        """Judge every budget window the engine's batch added to (``applied``), at ``now`` (the
+        batch's newest entry time); ``held``: the ``together`` shares of the shards the engine
+        owns (the others are read as last checkpointed)."""
         budgets = self.budgets
         if not budgets.budgets:
             return
-        for (agent, wid), spent in applied.agents.items():
+        for (agent, wid), tally in applied.agents.items():
             for index in budgets.covering(agent):
                 budget = budgets.budgets[index]
                 if budget.scope == "each" and wid[0] == PERS[budget.per]:
-                    self._decide(index, agent, spent, wid, now)
+                    self._decide(index, agent, tally.spent(wid), wid, now)
         if applied.groups:
             totals = self.ledger.groups(applied.groups, held)
             for index, budget in enumerate(budgets.budgets):

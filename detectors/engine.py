@@ -460,10 +460,6 @@ class Engine(Handler[Event]):
         """The budgets on the windows the batch added to, at their totals after it. A failure is
         the budget keeper's, isolated like a detector's (the next beat judges again)."""
         assert self.budgets is not None
-        for agent, wid in applied.agents:
-            found = self._agent(agent)
-            if found is not None and found.spent is not None:
-                applied.agents[(agent, wid)] = found.spent.spent(wid)
         now = max(entry_ms(entry_id) for entry_id, _ in messages)
         try:
             self.budgets.decide(applied, now, {index: shard.shares for index, shard in self.shards.items()})
@@ -473,10 +469,6 @@ class Engine(Handler[Event]):
             errors = self.ctx.stats.handler_errors
             errors[self.budgets.name] = errors.get(self.budgets.name, 0) + 1
             log.exception("the budgets could not judge a batch (isolated; the engine carries on)")
-
-    def _agent(self, name: str) -> Agent | None:
-        shard = self.shards.get(shard_of(name, self.keys.shards) if self.keys.shards > 1 else 0)
-        return shard.agents.get(name) if shard is not None else None
 
     def on_tick(self, now_ms: int) -> None:
         if self.refused:
