@@ -217,7 +217,7 @@ class Shard:
             interval = event.get("interval")
             if cls == CUR and interval is not None:
                 agent.interval_s = float(interval)  # declared by the start, repeated by pulses
-        seen0, beat0 = agent.seen_ms, agent.beat_ms
+        seen0, beat0, clocks0 = agent.seen_ms, agent.beat_ms, agent.clocks_from_ms
         self.signs_of_life(engine, agent, event, at, cls)
         if silence is not None and at > seen0 and "silence" in agent.open:
             silence.back(agent, event, at, seen0)
@@ -243,11 +243,15 @@ class Shard:
         elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and exit_ is not None:
             exit_.previous_run(agent, event, at)
             agent.prev_run = ""  # once only
-        if kind != "beat" or engine.timed_on_beats or agent.name not in self.armed:
+        if kind != "beat" or cls == NEW or agent.name not in self.armed or agent.clocks_from_ms < clocks0:
             engine._arm(self, agent)
+        elif engine.timed_on_beats:
+            engine._arm(self, agent, engine.timed_on_beats)
         # (else: a beat only moves an armed agent's due times later, and the armed one is a
-        # lower bound: the check re-arms it then. A timed detector whose due time a beat can
-        # bring earlier listens to beats, and every beat re-arms then: timed_on_beats.)
+        # lower bound: the check re-arms it then. Not so a beat that begins a run or ends an
+        # ``extend()``: the clocks start earlier again. A timed detector whose due time a beat
+        # can bring earlier listens to beats: every beat asks those, and only those:
+        # timed_on_beats.)
 
     def spend(self, spending: Spending, applied: Applied, agent: Agent, event: Event, at: int) -> None:
         """A beat's spend into the agent's windows (saved with the next checkpoint, so a window
@@ -366,7 +370,7 @@ class Engine(Handler[Event]):
         for kind in ("beat", "pulse", "start", "exit"):
             self.listeners[kind] = [d for d in self.detectors if kind in d.listens]
         self.timed = [d for d in self.detectors if type(d).due_ms is not Detector.due_ms]
-        self.timed_on_beats = any(d in self.listeners["beat"] for d in self.timed)
+        self.timed_on_beats = [d for d in self.timed if d in self.listeners["beat"]]
         self.state_classes = {d.name: d.State for d in self.detectors if d.State is not None}
         decisions = _Decisions(self)
         for detector in self.detectors:
@@ -626,13 +630,16 @@ class Engine(Handler[Event]):
         return None
 
     # -- timers ----------------------------------------------------------------------------------
-    def _arm(self, shard: Shard, agent: Agent, not_before: int = 0) -> None:
-        """(Re-)arm ``agent`` at the earliest due time of its detectors, if earlier than armed.
+    def _arm(
+        self, shard: Shard, agent: Agent, detectors: Sequence[Detector[Any]] = (), not_before: int = 0
+    ) -> None:
+        """(Re-)arm ``agent`` at the earliest due time of its detectors (``detectors``: only
+        these, the others' due times known not to have come earlier), if earlier than armed.
         ``not_before``: a check that just looked at the agent re-arms it no earlier than its
         next check (a detector whose time has come but that decided nothing yet, waiting for
         the horizon or for the end of a gap in the watch, is asked again then)."""
         due = 0
-        for detector in self.timed:
+        for detector in detectors or self.timed:
             try:
                 when = detector.due_ms(agent)
             except Exception as exc:
