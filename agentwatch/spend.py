@@ -48,6 +48,7 @@ PERS: Final = {"hour": "h", "day": "d", "month": "m"}
 """Budget ``per`` -> the letter its window ids start with."""
 KEEP: Final = {"h": 3, "d": 40, "m": 3}
 """Windows kept per agent and kind: 40 days for reports, the current and last ones otherwise."""
+MIN_KEEP: Final = min(KEEP.values())
 GROUPS_FIELD: Final = "#g"
 """Ledger hash field of the shard's shares of ``scope = "together"`` budgets (``#`` is not a
 character of agent names)."""
@@ -157,7 +158,8 @@ class Tally:
         current = self.windows.get(key)
         if current is None:
             current = self.windows[key] = [0.0, 0, 0]
-            self._trim(key)
+            if len(self.windows) > MIN_KEEP:  # (fewer windows than any kind keeps: none to drop)
+                self._trim(key)
         current[0] += cost
         current[1] += unpriced
         current[2] += beats

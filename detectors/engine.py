@@ -200,7 +200,7 @@ class Shard:
             quiet = at - max(agent.seen_ms, agent.clocks_from_ms)
             stuck = at - max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms)
             late = quiet > engine.shortest_silence_ms or stuck > engine.shortest_stall_ms
-            if late and self.tick_ms and at - max(self.tick_ms, engine.last_watch_ms) <= engine.sight_ms():
+            if late and self.tick_ms and at - max(self.tick_ms, engine.last_watch_ms) <= engine.sight_now:
                 if silence is not None and agent.seen_ms and quiet > engine.shortest_silence_ms:
                     silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
                 if stall is not None and cls == CUR and stuck > engine.shortest_stall_ms:
@@ -351,6 +351,8 @@ class Engine(Handler[Event]):
         self.spending = budgets.spending if budgets is not None else None
         self.applied = Applied()
         """What the batch being applied added to the spend windows."""
+        self.sight_now = 0
+        """:meth:`sight_ms` for the batch being applied (asked once per batch, not per event)."""
         self.ctx = ctx
         self.client: Any = ctx.client
         self.keys = ctx.keys
@@ -440,6 +442,7 @@ class Engine(Handler[Event]):
         touched: set[Shard] = set()
         shards = self.keys.shards
         self.applied = applied = Applied()
+        self.sight_now = self.sight_ms()
         for entry_id, event in messages:
             agent = event["agent"]
             shard = self.shards.get(shard_of(agent, shards) if shards > 1 else 0)
