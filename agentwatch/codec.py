@@ -147,6 +147,11 @@ def validate(event: Event) -> None:
         seen += 1
         if model.__class__ is not str or len(model) > MAX_TEXT_CHARS:
             _check_text("model", model)
+    fp = event.get("fp")
+    if fp is not None:
+        seen += 1
+        if fp.__class__ is not str or len(fp) > MAX_TEXT_CHARS:
+            _check_text("fp", fp)
     if size > seen:
         _check_rest(event)
 
@@ -289,7 +294,7 @@ _CHECKS: Final = {
 }
 _REQUIRED: Final = frozenset({"v", "agent", "kind", "ts", "run", "seq"})
 _REQUIRED_COUNT: Final = len(_REQUIRED)
-_INLINE: Final = frozenset({"tokens", "cost", "model"})
+_INLINE: Final = frozenset({"tokens", "cost", "model", "fp"})
 """Checked inline in :func:`validate`; :func:`_check_rest` skips them."""
 
 

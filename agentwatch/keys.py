@@ -289,8 +289,9 @@ class Keys:
 
     def spend(self, shard: int) -> str:
         """Hash agent -> its spend ledger (agentwatch/spend.py): USD and unpriced beats per
-        calendar window, with the (run, seq) marks that keep each event counted once; and
-        ``#g|<glob>|<window>`` -> the shard's share of a ``scope = "together"`` budget."""
+        calendar window, saved by the shard's owner with each checkpoint (that keeps each
+        event counted once); and ``#g`` -> the shard's shares of the ``scope = "together"``
+        budgets (``<glob>|<window>`` -> the same three numbers)."""
         return f"{self.tag(shard)}:spend"
 
     def snapshot(self, shard: int, bucket_ms: int) -> str:

@@ -8,18 +8,19 @@ Two steps, both run by every detector worker on every batch (agentwatch/workers.
    detectors' running totals (status, report, dashboard, metrics) and the budgets all read the
    same number. A beat whose price is unknown keeps no ``cost`` (never ``0.0``) and is marked
    :data:`UNPRICED`, so it is counted as an *unpriced beat* instead.
-2. :class:`Ledger` -- per agent, USD and unpriced beats per calendar window (hour, day, month in
-   ``[report] timezone``), the windows the budgets need (detectors/budgets.py decides on them).
+2. :class:`Spending` -- per agent, USD and unpriced beats per calendar window (hour, day, month
+   in ``[report] timezone``), the windows the budgets need (detectors/budgets.py decides on
+   them), kept in a :class:`Tally` on the agent's record in the detector engine's memory.
 
-Exactly once. Delivery is at least once: a worker SIGKILLed mid-batch leaves its entries
-pending and another worker applies them again later, possibly after newer ones. So every
-agent's ledger keeps, per run (the 4 latest), the highest ``seq`` applied and the gaps below it
-(seqs not applied yet because another worker had them, up to 32, the oldest dropped). One Lua
-script per shard and batch checks each agent-run segment against those marks and adds its
-spend in the same atomic step: a segment above the mark or inside a gap is applied (and the gap
-shrinks), anything else was applied already and is skipped. A batch with no priced or unpriced
-beat of an agent is not sent at all, so its seqs stay a gap that never fills: harmless, and the
-reason old gaps are dropped.
+Exactly once. The detector engine (detectors/engine.py) adds each beat it applies, in its one
+pass over the batch, so a beat counts when the engine applies it and at no other time: the
+shard's single owner applies its stream in order, drops repeats by the run's ``seq``, and
+checkpoints the changed tallies into the shard's ledger hash (:meth:`Keys.spend`) in the same
+fenced transaction as the agents' records and the last applied entry id
+(detectors/checkpoint.py). A worker SIGKILLed mid-batch is replaced by one that loads that
+checkpoint and replays the stream from its entry id: what the dead worker had added after it is
+added again, once. :class:`Ledger` is the views' reader of that hash (``status``, reports, the
+dashboard): what the owner has not checkpointed yet (half a second at most) is not in it.
 
 Bad costs never get here: the codec dead-letters a negative, NaN, infinite or over-cap ``cost``
 (counted in ``status``), and a computed price above the cap is unknown (prices.py).
@@ -47,6 +48,7 @@ PERS: Final = {"hour": "h", "day": "d", "month": "m"}
 """Budget ``per`` -> the letter its window ids start with."""
 KEEP: Final = {"h": 3, "d": 40, "m": 3}
 """Windows kept per agent and kind: 40 days for reports, the current and last ones otherwise."""
+MIN_KEEP: Final = min(KEEP.values())
 GROUPS_FIELD: Final = "#g"
 """Ledger hash field of the shard's shares of ``scope = "together"`` budgets (``#`` is not a
 character of agent names)."""
@@ -136,196 +138,113 @@ class Spent:
 
 @dataclass
 class Applied:
-    """What one batch changed: the new totals of every (agent, window) and (glob, window) it
-    added to (a ``together`` budget's totals are this shard's share: see :meth:`Ledger.groups`)."""
+    """What one batch changed: every (agent, window) it added to, with the tally holding it (its
+    total is read once, after the batch), and the (glob, window) keys of the ``together``
+    budgets it added to (:meth:`Ledger.groups`)."""
 
-    agents: dict[tuple[str, str], Spent] = field(default_factory=dict)
+    agents: dict[tuple[str, str], Tally] = field(default_factory=dict)
     groups: set[tuple[str, str]] = field(default_factory=set)
 
 
-# KEYS[1]: the shard's ledger hash. ARGV[1]: msgpack list of segments
-#   {agent, run, lo, hi, {wid, cost, unpriced, beats, ...}, {glob|wid, cost, unpriced, beats, ...}};
-# ARGV[2]: Redis time (ms). Returns msgpack {{agent, wid, cost, unpriced, beats}..., {glob|wid}...}.
-_APPLY: Final = """
-local segs = cmsgpack.unpack(ARGV[1])
-local now = tonumber(ARGV[2])
-local MAX_RUNS, MAX_GAPS = 4, 32
-local KEEP = {h = 3, d = 40, m = 3}
-local ledgers, groups = {}, nil
-local function ledger(a)
-  local l = ledgers[a]
-  if l == nil then
-    local raw = redis.call('HGET', KEYS[1], a)
-    l = raw and cmsgpack.unpack(raw) or {}
-    l.r = l.r or {}; l.w = l.w or {}
-    ledgers[a] = l
-  end
-  return l
-end
-local function mark(l, run, lo, hi)
-  -- true when seqs lo..hi of run were never applied (see spend.py); records them as applied
-  local m = l.r[run]
-  if m == nil then
-    local n, old, oldt = 0, nil, nil
-    for k, v in pairs(l.r) do
-      n = n + 1
-      if oldt == nil or v[2] < oldt then old, oldt = k, v[2] end
-    end
-    if n >= MAX_RUNS then l.r[old] = nil end
-    m = {-1, now}
-    l.r[run] = m
-  end
-  m[2] = now
-  if lo > m[1] then
-    if lo > m[1] + 1 then
-      m[#m + 1] = m[1] + 1; m[#m + 1] = lo
-      if #m > 2 + 2 * MAX_GAPS then table.remove(m, 3); table.remove(m, 3) end
-    end
-    m[1] = hi
-    return true
-  end
-  for i = 3, #m - 1, 2 do
-    local a, b = m[i], m[i + 1]
-    if lo >= a and hi < b then
-      table.remove(m, i); table.remove(m, i)
-      if b > hi + 1 then table.insert(m, i, b); table.insert(m, i, hi + 1) end
-      if lo > a then table.insert(m, i, lo); table.insert(m, i, a) end
-      return true
-    end
-  end
-  return false
-end
-local function add(t, key, c, u, n)
-  local v = t[key]
-  if v == nil then v = {0, 0, 0}; t[key] = v end
-  v[1] = v[1] + c; v[2] = v[2] + u; v[3] = v[3] + n
-  return v
-end
-local function trim(t, class)
-  local by = {}
-  for k in pairs(t) do
-    local c, kind = class(k)
-    local list = by[c]
-    if list == nil then list = {kind = kind}; by[c] = list end
-    list[#list + 1] = k
-  end
-  for _, list in pairs(by) do
-    local keep = KEEP[list.kind] or 3
-    if #list > keep then
-      table.sort(list)
-      for i = 1, #list - keep do t[list[i]] = nil end
-    end
-  end
-end
-local out_w, out_g, touched = {}, {}, {}
-for _, s in ipairs(segs) do
-  local a = s[1]
-  local l = ledger(a)
-  if mark(l, s[2], s[3], s[4]) then
-    touched[a] = true
-    local w = s[5]
-    for i = 1, #w, 4 do
-      local v = add(l.w, w[i], w[i + 1], w[i + 2], w[i + 3])
-      out_w[#out_w + 1] = {a, w[i], v[1], v[2], v[3]}
-    end
-    local g = s[6]
-    if #g > 0 and groups == nil then
-      local raw = redis.call('HGET', KEYS[1], '#g')
-      groups = raw and cmsgpack.unpack(raw) or {}
-    end
-    for i = 1, #g, 4 do
-      add(groups, g[i], g[i + 1], g[i + 2], g[i + 3])
-      out_g[#out_g + 1] = g[i]
-    end
-  end
-end
-local day = function(k) return string.sub(k, 1, 1), string.sub(k, 1, 1) end
-for a in pairs(touched) do
-  local l = ledgers[a]
-  trim(l.w, day)
-  redis.call('HSET', KEYS[1], a, cmsgpack.pack(l))
-end
-if groups ~= nil then
-  trim(groups, function(k)
-    local bar = string.find(k, '|', 1, true) or 0
-    local kind = string.sub(k, bar + 1, bar + 1)
-    return string.sub(k, 1, bar) .. kind, kind
-  end)
-  redis.call('HSET', KEYS[1], '#g', cmsgpack.pack(groups))
-end
-return cmsgpack.pack({out_w, out_g})
-"""
+@dataclass(slots=True)
+class Tally:
+    """Spend per window of one agent (window id -> [USD, unpriced beats, priced beats]), or one
+    shard's shares of the ``together`` budgets (``"<glob>|<window id>"`` -> the same). Only the
+    newest :data:`KEEP` windows of each kind (and glob) are kept."""
+
+    windows: dict[str, list[Any]] = field(default_factory=dict)
+
+    def add(self, key: str, cost: float, unpriced: int, beats: int) -> None:
+        current = self.windows.get(key)
+        if current is None:
+            current = self.windows[key] = [0.0, 0, 0]
+            if len(self.windows) > MIN_KEEP:  # (fewer windows than any kind keeps: none to drop)
+                self._trim(key)
+        current[0] += cost
+        current[1] += unpriced
+        current[2] += beats
+
+    def spent(self, key: str) -> Spent:
+        return Spent.of(self.windows.get(key))
+
+    def _trim(self, new: str) -> None:
+        """Drop the oldest windows of ``new``'s kind (and glob) past :data:`KEEP` (ids sort by time)."""
+        head, bar, tail = new.rpartition("|")
+        kind = head + bar + tail[:1]
+        same = sorted(k for k in self.windows if k.startswith(kind) and "|" not in k[len(kind) :])
+        for old in same[: max(0, len(same) - KEEP.get(tail[:1], 3))]:
+            del self.windows[old]
 
 
-@dataclass
-class _Segment:
-    run: str
-    lo: int
-    hi: int
-    windows: dict[str, list[float]] = field(default_factory=dict)
-    groups: dict[str, list[float]] = field(default_factory=dict)
-    usage: bool = False
+def pack_tally(tally: Tally) -> bytes:
+    """An agent's tally as the ledger hash keeps it (the views read ``w``)."""
+    out: bytes = msgpack.packb({"w": tally.windows}, use_bin_type=True)
+    return out
+
+
+def unpack_tally(raw: bytes | None) -> Tally:
+    """The inverse of :func:`pack_tally` (also of the ledger written by earlier versions, which
+    kept per-run ``seq`` marks beside ``w``); damaged: nothing spent."""
+    windows = _unpack(raw).get("w") if raw else None
+    return Tally({str(k): list(v) for k, v in windows.items()} if isinstance(windows, dict) else {})
+
+
+def pack_shares(shares: Tally) -> bytes:
+    """A shard's ``together`` shares as the ledger hash's :data:`GROUPS_FIELD` keeps them."""
+    out: bytes = msgpack.packb(shares.windows, use_bin_type=True)
+    return out
+
+
+def unpack_shares(raw: bytes | None) -> Tally:
+    found = _unpack(raw) if raw else {}
+    return Tally({str(k): list(v) for k, v in found.items() if isinstance(v, (list, tuple))})
+
+
+class Spending:
+    """Adds each applied beat's spend to its agent's :class:`Tally` (and to the shard's shares of
+    the ``together`` budgets covering it): the detector engine calls :meth:`add` once per beat,
+    in its single pass over the batch, so a beat is counted exactly when the engine applies it
+    (repeats and replays are the engine's: detectors/engine.py)."""
+
+    def __init__(self, zone: ZoneInfo, pers: Iterable[str], groups_of: Any = None, *, noting: bool) -> None:
+        self.clock = WindowClock(zone)
+        self.noting = noting
+        """Whether budgets judge the windows a batch touched (else nothing is noted in Applied)."""
+        self.kinds = sorted({"day", *pers})
+        """The windows kept: the budgets' ``per`` and the day (status and report read it)."""
+        self.groups_of = groups_of
+        """``agent -> [(glob, per)]`` of the ``together`` budgets covering it, or None."""
+
+    def add(  # noqa: PLR0917 - one beat's parts
+        self, tally: Tally, shares: Tally, agent: str, event: Event, at_ms: int, applied: Applied
+    ) -> bool:
+        """Add one beat (priced by :func:`price_events`) at entry time ``at_ms``; note the
+        windows it touched in ``applied`` when :attr:`noting`. False: it carried no usage."""
+        cost, unpriced = event.get("cost"), UNPRICED in event
+        if cost is None and not unpriced:
+            return False
+        add = (0.0, 1, 0) if unpriced else (float(cost), 0, 1)  # type: ignore[arg-type]
+        clock, touched = self.clock, applied.agents
+        for per in self.kinds:
+            wid = clock(per, at_ms).id
+            tally.add(wid, *add)
+            if self.noting:
+                touched[(agent, wid)] = tally
+        if self.groups_of is not None:
+            for glob, per in self.groups_of(agent):
+                wid = clock(per, at_ms).id
+                shares.add(f"{glob}|{wid}", *add)
+                applied.groups.add((glob, wid))
+        return True
 
 
 class Ledger:
-    """The spend ledger of one deployment (see the module docstring)."""
+    """The spend ledger of one deployment, as the views read it (see the module docstring)."""
 
     def __init__(self, client: Client, keys: Keys, zone: ZoneInfo) -> None:
         self.client: Any = client
         self.keys = keys
         self.clock = WindowClock(zone)
-        self._apply = self.client.register_script(_APPLY)
-
-    def apply(
-        self,
-        messages: Sequence[tuple[bytes, Event]],
-        pers: Iterable[str] = ("day",),
-        groups_of: Any = None,
-        now_ms: int = 0,
-    ) -> Applied:
-        """Add the batch's spend (after :func:`price_events`) to the windows ``pers`` (the day is
-        always kept: status and report read it), and to the ``together`` groups
-        ``groups_of(agent)`` returns as ``(glob, per)`` pairs."""
-        kinds = sorted({"day", *pers})
-        segments: dict[tuple[str, str], _Segment] = {}
-        for entry_id, event in messages:
-            agent, run, seq = event.get("agent"), event.get("run"), event.get("seq")
-            if not isinstance(agent, str) or not isinstance(run, str) or not isinstance(seq, int):
-                continue
-            seg = segments.get((agent, run))
-            if seg is None:
-                seg = segments[(agent, run)] = _Segment(run, seq, seq)
-            seg.lo, seg.hi = min(seg.lo, seq), max(seg.hi, seq)
-            if event.get("kind") != "beat":
-                continue
-            cost, unpriced = event.get("cost"), UNPRICED in event
-            if cost is None and not unpriced:
-                continue
-            seg.usage = True
-            at = entry_ms(entry_id)
-            add = (0.0, 1, 0) if unpriced else (float(cost), 0, 1)  # type: ignore[arg-type]
-            for per in kinds:
-                _add(seg.windows, self.clock(per, at).id, add)
-            for glob, per in groups_of(agent) if groups_of is not None else ():
-                _add(seg.groups, f"{glob}|{self.clock(per, at).id}", add)
-        by_shard: dict[int, list[Any]] = {}
-        for (agent, _), seg in segments.items():
-            if seg.usage:
-                by_shard.setdefault(shard_of(agent, self.keys.shards), []).append(
-                    [agent, seg.run, seg.lo, seg.hi, _flat(seg.windows), _flat(seg.groups)]
-                )
-        applied = Applied()
-        for shard, segs in by_shard.items():
-            reply = self._apply(
-                keys=[self.keys.spend(shard)], args=[msgpack.packb(segs, use_bin_type=False), now_ms]
-            )
-            windows, groups = msgpack.unpackb(reply, raw=False)
-            for agent, wid, cost, unpriced, beats in windows:
-                applied.agents[(agent, wid)] = Spent(float(cost), int(unpriced), int(beats))
-            for key in groups:
-                glob, _, wid = key.rpartition("|")
-                applied.groups.add((glob, wid))
-        return applied
 
     def read(self, agents: Sequence[str]) -> dict[str, dict[str, Spent]]:
         """Every window kept for each of ``agents`` (absent: nothing spent or priced yet)."""
@@ -337,38 +256,30 @@ class Ledger:
         out: dict[str, dict[str, Spent]] = {}
         for agent, raw in zip(agents, pipe.execute(), strict=True):
             if raw:
-                windows = _unpack(raw).get("w") or {}
-                out[agent] = {str(wid): Spent.of(v) for wid, v in dict(windows).items()}
+                windows = unpack_tally(raw).windows
+                out[agent] = {wid: Spent.of(v) for wid, v in windows.items()}
         return out
 
-    def groups(self, wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Spent]:
-        """Totals of ``together`` budgets, ``(glob, window id)`` -> spend summed over shards."""
+    def groups(
+        self, wanted: Iterable[tuple[str, str]], held: Mapping[int, Tally] | None = None
+    ) -> dict[tuple[str, str], Spent]:
+        """Totals of ``together`` budgets, ``(glob, window id)`` -> spend summed over shards;
+        ``held``: the shares of the shards the caller owns, newer than their last checkpoint."""
         wanted = list(wanted)
         out = {key: Spent() for key in wanted}
         if not wanted:
             return out
         for shard in range(max(self.keys.shards, 1)):
-            raw = self.client.hget(self.keys.spend(shard), GROUPS_FIELD)
-            shares = dict(_unpack(raw)) if raw else {}
+            share = held.get(shard) if held else None
+            if share is None:
+                share = unpack_shares(self.client.hget(self.keys.spend(shard), GROUPS_FIELD))
             for glob, wid in wanted:
-                share = Spent.of(shares.get(f"{glob}|{wid}"))
+                part = share.spent(f"{glob}|{wid}")
                 total = out[(glob, wid)]
-                total.cost += share.cost
-                total.unpriced += share.unpriced
-                total.beats += share.beats
+                total.cost += part.cost
+                total.unpriced += part.unpriced
+                total.beats += part.beats
         return out
-
-
-def _add(table: dict[str, list[float]], key: str, add: tuple[float, int, int]) -> None:
-    current = table.setdefault(key, [0.0, 0, 0])
-    current[0] += add[0]
-    current[1] += add[1]
-    current[2] += add[2]
-
-
-def _flat(table: Mapping[str, list[float]]) -> list[Any]:
-    return [part for key, (cost, unpriced, beats) in table.items()
-            for part in (key, cost, int(unpriced), int(beats))]  # fmt: skip
 
 
 def _unpack(raw: bytes) -> dict[str, Any]:

@@ -85,9 +85,10 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
     report = settings.report
     halts = Halts(client, keys, incidents)
     detectors = [plugin.cls(plugin.name, plugin.config, ctx) for plugin in pipeline.detectors]
+    budgets = BudgetKeeper(client, keys, settings, incidents, halts)
     worker.handlers += [
         # first: it prices the beats (fills in their cost) that every other handler reads
-        BudgetKeeper(client, keys, settings, incidents, halts),
+        budgets,
         OutboxSweeper(incidents),
         FactsRecorder(client, keys),
         HaltExpiry(halts),
@@ -108,7 +109,8 @@ def detector_worker(pipeline: Pipeline, client: Client, *, consumer: str | None 
         ),
     ]
     # the engine after the start facts: the restart notifier reads an exit alert's host there
-    worker.handlers.append(Engine(worker, ctx, [d for d in detectors if is_stateful(d)]))
+    # (it adds each beat it applies to the spend and hands the batch's totals to the budgets)
+    worker.handlers.append(Engine(worker, ctx, [d for d in detectors if is_stateful(d)], budgets))
     worker.handlers += [d for d in detectors if not is_stateful(d)]
     return worker
 

@@ -22,6 +22,7 @@ import msgpack
 
 from agentwatch.alerts import PIPELINE_AGENT
 from agentwatch.keys import Keys, shard_of
+from agentwatch.spend import Tally
 
 VERSION: Final = 1
 """Layout version of a checkpointed agent (first element of its list)."""
@@ -95,12 +96,15 @@ class Agent:
     """Worker processes of the current run, by run id."""
     states: dict[str, Any] = field(default_factory=dict)
     """Each detector's own state, by detector name."""
+    spent: Tally | None = None
+    """Spend per calendar window (agentwatch/spend.py), None until its first priced or unpriced
+    beat: checkpointed apart from the record, into the shard's spend ledger that views read."""
 
     def is_open(self, kind: str) -> bool:
         return kind in self.open
 
 
-FIELDS: Final = tuple(f.name for f in fields(Agent) if f.name not in ("name", "children", "states"))
+FIELDS: Final = tuple(f.name for f in fields(Agent) if f.name not in ("name", "children", "states", "spent"))
 _CHILD_FIELDS: Final = tuple(f.name for f in fields(ChildRun))
 
 

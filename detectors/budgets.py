@@ -1,7 +1,8 @@
 """Budgets (``[[budgets]]``, SPEC section 7): warn, then exceed, then halt; and pace.
 
-Every decision about a budget is made here, in plain Python, from the exact window totals the
-spend ledger returns (agentwatch/spend.py) for the batch just applied:
+Every decision about a budget is made here, in plain Python, from the exact window totals of the
+batch just applied: the detector engine adds each beat it applies to its agent's spend windows
+(agentwatch/spend.py) and hands what the batch changed to :meth:`BudgetKeeper.decide`:
 
 * **exceeded** -- the window's spend reached ``limit``: a ``critical`` alert; with
   ``halt = true`` the agent (``scope = "each"``) or the glob (``"together"``) is halted until the
@@ -26,19 +27,19 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from agentwatch.alerts import Incidents
-from agentwatch.codec import Event, entry_ms
+from agentwatch.codec import Event
 from agentwatch.config import Budget, PipelineSettings, format_duration
 from agentwatch.halts import Halts
 from agentwatch.handler import Handler, Message
 from agentwatch.keys import Keys
 from agentwatch.prices import PriceBook
 from agentwatch.redisconn import Client, server_time_ms
-from agentwatch.spend import PERS, Ledger, Spent, Window, price_events
+from agentwatch.spend import PERS, Applied, Ledger, Spending, Spent, Tally, Window, price_events
 
 log = logging.getLogger("agentwatch.detectors.budget")
 
@@ -115,8 +116,10 @@ class Budgets:
 
 
 class BudgetKeeper(Handler[Event]):
-    """Detector-worker handler, first in line: prices every beat (spend.price_events), applies
-    the batch to the spend ledger, and decides the budgets (module docstring)."""
+    """Detector-worker handler, first in line: prices every beat (spend.price_events) before any
+    other handler reads it. The detector engine adds each beat it applies to the agent's spend
+    (:attr:`spending`, in its one pass over the batch) and hands what the batch changed to
+    :meth:`decide` (module docstring); :meth:`on_tick` resolves the windows that are over."""
 
     name = "budgets"
 
@@ -127,6 +130,10 @@ class BudgetKeeper(Handler[Event]):
         self.book = PriceBook(settings.prices)
         self.ledger = Ledger(client, keys, settings.report.zone)
         self.budgets = Budgets(settings.budgets)
+        groups_of = self.budgets.groups_of if any(b.scope == "together" for b in settings.budgets) else None
+        self.spending = Spending(
+            settings.report.zone, self.budgets.pers, groups_of, noting=bool(self.budgets.budgets)
+        )
         self.incidents = incidents
         self.halts = halts
         self.unpriced = 0
@@ -145,19 +152,21 @@ class BudgetKeeper(Handler[Event]):
 
     def on_batch(self, messages: Sequence[Message[Event]]) -> None:
         self.unpriced += price_events(messages, self.book)
+
+    def decide(self, applied: Applied, now: int, held: Mapping[int, Tally]) -> None:
+        """Judge every budget window the engine's batch added to (``applied``), at ``now`` (the
+        batch's newest entry time); ``held``: the ``together`` shares of the shards the engine
+        owns (the others are read as last checkpointed)."""
         budgets = self.budgets
-        groups_of = budgets.groups_of if any(b.scope == "together" for b in budgets.budgets) else None
-        applied = self.ledger.apply(messages, budgets.pers, groups_of, now_ms=server_time_ms(self.client))
-        if not budgets.budgets or not (applied.agents or applied.groups):
+        if not budgets.budgets:
             return
-        now = max(entry_ms(entry_id) for entry_id, _ in messages)
-        for (agent, wid), spent in applied.agents.items():
+        for (agent, wid), tally in applied.agents.items():
             for index in budgets.covering(agent):
                 budget = budgets.budgets[index]
                 if budget.scope == "each" and wid[0] == PERS[budget.per]:
-                    self._decide(index, agent, spent, wid, now)
+                    self._decide(index, agent, tally.spent(wid), wid, now)
         if applied.groups:
-            totals = self.ledger.groups(applied.groups)
+            totals = self.ledger.groups(applied.groups, held)
             for index, budget in enumerate(budgets.budgets):
                 key = (budget.agents, self.ledger.clock(budget.per, now).id)
                 if budget.scope == "together" and key in totals:

@@ -8,7 +8,10 @@ transaction (:meth:`Checkpoints.save`):
   :func:`detectors.agent.pack`), forgotten agents deleted from it;
 * the checkpoint hash (:meth:`Keys.checkpoint`): the id of the last stream entry applied, the
   engine's meta (its watch clock...) as JSON, when it was saved and under which token;
-* the decisions taken since the last save, appended to the shard's ``decided`` list.
+* the decisions taken since the last save, appended to the shard's ``decided`` list;
+* the spend of the agents whose spend changed, and the shard's shares of ``together`` budgets,
+  into the shard's spend ledger (agentwatch/spend.py: the hash ``status``, reports and the
+  dashboard read), so a window's total counts every beat up to ``last_id`` exactly once.
 
 Because the three go together, a checkpoint is always consistent: the states are exactly those
 after applying the stream up to ``last_id``, and every decision those events produced is either
@@ -37,6 +40,7 @@ import redis
 
 from agentwatch.keys import Keys
 from agentwatch.redisconn import Client, server_time_ms
+from agentwatch.spend import GROUPS_FIELD, Tally, unpack_shares, unpack_tally
 from detectors.agent import Agent, pack, unpack
 from detectors.leases import parse_lease
 
@@ -80,6 +84,10 @@ class Loaded:
     """The fencing token it was saved under."""
     skipped: int = 0
     """Records that could not be read (damaged, or of another layout): those agents start afresh."""
+    shares: Tally = field(default_factory=Tally)
+    """The shard's shares of the ``together`` budgets."""
+    unclaimed: dict[str, Tally] = field(default_factory=dict)
+    """Spend of agents the shard has no record of (forgotten ones): theirs again if they return."""
 
 
 def _text(value: bytes | str) -> str:
@@ -139,6 +147,7 @@ class Checkpoints:
             log.warning(
                 "shard %d: %d unreadable agent records skipped (they start afresh)", shard, loaded.skipped
             )
+        self._load_spend(shard, loaded)
         point = self.client.hgetall(self.keys.checkpoint(shard))
         fields = {_text(key): value for key, value in point.items()}
         if "last_id" in fields:
@@ -148,6 +157,24 @@ class Checkpoints:
             loaded.token = int(fields.get("token") or 0)
         loaded.decided = list(self.client.lrange(self.keys.decided(shard), 0, -1))
         return loaded
+
+    def _load_spend(self, shard: int, loaded: Loaded) -> None:
+        """Each agent's spend from the shard's ledger onto its record (see :class:`Loaded`)."""
+        cursor = 0
+        agents = loaded.agents
+        with _no_gc():
+            while True:
+                cursor, page = self.client.hscan(self.keys.spend(shard), cursor, count=SCAN_COUNT)
+                for raw_name, raw in page.items():
+                    name = _text(raw_name)
+                    if name == GROUPS_FIELD:
+                        loaded.shares = unpack_shares(raw)
+                    elif name in agents:
+                        agents[name].spent = unpack_tally(raw)
+                    else:
+                        loaded.unclaimed[name] = unpack_tally(raw)
+                if not cursor:
+                    break
 
     def save(
         self,
@@ -159,11 +186,13 @@ class Checkpoints:
         last_id: bytes | str,
         meta: dict[str, Any],
         decided: list[bytes],
+        spend: dict[str, bytes] | None = None,
     ) -> bool:
         """Save the shard's changes in one transaction fenced by the lease (module docstring).
 
         ``dirty``: agents changed since the last save; ``removed``: agents forgotten since;
-        ``meta``: JSON-able; ``decided``: ops to append to the ``decided`` list. False (and
+        ``meta``: JSON-able; ``decided``: ops to append to the ``decided`` list; ``spend``:
+        spend ledger fields to write (agent or :data:`GROUPS_FIELD` -> packed). False (and
         nothing written) if the lease of ``shard`` no longer holds ``token``."""
         records = [(agent.name, pack(agent)) for agent in dirty]
         gone = list(removed)
@@ -186,6 +215,8 @@ class Checkpoints:
                     pipe.hset(self.keys.checkpoint(shard), mapping=point)
                     if decided:
                         pipe.rpush(self.keys.decided(shard), *decided)
+                    for chunk in _chunks(spend.items() if spend else (), WRITE_CHUNK):
+                        pipe.hset(self.keys.spend(shard), mapping=dict(chunk))
                     pipe.execute()
                     return True
                 except redis.WatchError:

@@ -40,17 +40,19 @@ from typing import Any, Final, TypeVar
 import redis
 
 from agentwatch.alerts import PIPELINE_AGENT
-from agentwatch.codec import Event
+from agentwatch.codec import Event, entry_ms
 from agentwatch.config import format_duration
 from agentwatch.deadletter import entry_field
 from agentwatch.errors import InvalidEntry
 from agentwatch.halts import Halts
 from agentwatch.keys import shard_of
 from agentwatch.redisconn import RECOVERABLE
+from agentwatch.spend import GROUPS_FIELD, Applied, Spending, Tally, pack_shares, pack_tally
 from agentwatch.worker import Handler, Message, Worker
 from detectors import horizon
 from detectors.agent import Agent, ChildRun
 from detectors.base import Detector, DetectorContext, Op
+from detectors.budgets import BudgetKeeper
 from detectors.checkpoint import Checkpoints
 from detectors.exit import Exit
 from detectors.lag import Lag
@@ -108,6 +110,13 @@ class Shard:
     """Checkpointed decisions not yet published, oldest first."""
     duplicates: int = 0
     saved_at: float = 0.0
+    spent: set[str] = field(default_factory=set)
+    """Agents whose spend changed since the last checkpoint."""
+    shares: Tally = field(default_factory=Tally)
+    """The shard's shares of the ``together`` budgets (agentwatch/spend.py)."""
+    shares_changed: bool = False
+    unclaimed: dict[str, Tally] = field(default_factory=dict)
+    """Spend of agents without a record (forgotten): theirs again if they come back."""
 
     def agent(self, name: str) -> Agent:
         found = self.agents.get(name)
@@ -173,6 +182,8 @@ class Shard:
             if kind == "beat":
                 agent.beats += 1
                 _count_usage(agent, event)
+                if engine.spending is not None:
+                    self.spend(engine.spending, engine.applied, agent, event, at)
             for detector in engine.listeners[kind]:
                 try:
                     detector.on_event(agent, event, at, child)
@@ -189,7 +200,7 @@ class Shard:
             quiet = at - max(agent.seen_ms, agent.clocks_from_ms)
             stuck = at - max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms)
             late = quiet > engine.shortest_silence_ms or stuck > engine.shortest_stall_ms
-            if late and self.tick_ms and at - max(self.tick_ms, engine.last_watch_ms) <= engine.sight_ms():
+            if late and self.tick_ms and at - max(self.tick_ms, engine.last_watch_ms) <= engine.sight_now:
                 if silence is not None and agent.seen_ms and quiet > engine.shortest_silence_ms:
                     silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
                 if stall is not None and cls == CUR and stuck > engine.shortest_stall_ms:
@@ -206,12 +217,15 @@ class Shard:
             interval = event.get("interval")
             if cls == CUR and interval is not None:
                 agent.interval_s = float(interval)  # declared by the start, repeated by pulses
-        seen0, beat0 = agent.seen_ms, agent.beat_ms
+        seen0, beat0, clocks0 = agent.seen_ms, agent.beat_ms, agent.clocks_from_ms
         self.signs_of_life(engine, agent, event, at, cls)
         if silence is not None and at > seen0 and "silence" in agent.open:
             silence.back(agent, event, at, seen0)
         if stall is not None and cls == CUR and kind == "beat" and at > beat0 and "stall" in agent.open:
             stall.back(agent, at, beat0)
+        if kind == "beat" and engine.spending is not None:
+            # (every applied beat spent, a late one of an earlier run or another process's too)
+            self.spend(engine.spending, engine.applied, agent, event, at)
         if cls in (CUR, NEW):
             if kind == "beat":
                 agent.beats += 1
@@ -229,11 +243,26 @@ class Shard:
         elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and exit_ is not None:
             exit_.previous_run(agent, event, at)
             agent.prev_run = ""  # once only
-        if kind != "beat" or engine.timed_on_beats or agent.name not in self.armed:
+        if kind != "beat" or cls == NEW or agent.name not in self.armed or agent.clocks_from_ms < clocks0:
             engine._arm(self, agent)
+        elif engine.timed_on_beats:
+            engine._arm(self, agent, engine.timed_on_beats)
         # (else: a beat only moves an armed agent's due times later, and the armed one is a
-        # lower bound: the check re-arms it then. A timed detector whose due time a beat can
-        # bring earlier listens to beats, and every beat re-arms then: timed_on_beats.)
+        # lower bound: the check re-arms it then. Not so a beat that begins a run or ends an
+        # ``extend()``: the clocks start earlier again. A timed detector whose due time a beat
+        # can bring earlier listens to beats: every beat asks those, and only those:
+        # timed_on_beats.)
+
+    def spend(self, spending: Spending, applied: Applied, agent: Agent, event: Event, at: int) -> None:
+        """A beat's spend into the agent's windows (saved with the next checkpoint, so a window
+        counts each beat once however often the stream is replayed)."""
+        tally = agent.spent
+        if tally is None:
+            tally = self.unclaimed.pop(agent.name, None) or Tally()
+        if spending.add(tally, self.shares, agent.name, event, at, applied):
+            agent.spent = tally
+            self.spent.add(agent.name)
+            self.shares_changed = self.shares_changed or bool(applied.groups)
 
     def signs_of_life(self, engine: Engine, agent: Agent, event: Event, at: int, cls: str) -> None:
         """When the agent was seen, beat and pulsed; where its clocks start (``extend()``, or a
@@ -309,9 +338,21 @@ class Engine(Handler[Event]):
     name = "engine"
 
     def __init__(
-        self, worker: Worker[Event], ctx: DetectorContext, detectors: Sequence[Detector[Any]]
+        self,
+        worker: Worker[Event],
+        ctx: DetectorContext,
+        detectors: Sequence[Detector[Any]],
+        budgets: BudgetKeeper | None = None,
     ) -> None:
         self.worker = worker
+        self.budgets = budgets
+        """Spend and budgets: the engine adds each beat it applies to its agent's spend, and the
+        keeper judges the budgets on what a batch added (detectors/budgets.py)."""
+        self.spending = budgets.spending if budgets is not None else None
+        self.applied = Applied()
+        """What the batch being applied added to the spend windows."""
+        self.sight_now = 0
+        """:meth:`sight_ms` for the batch being applied (asked once per batch, not per event)."""
         self.ctx = ctx
         self.client: Any = ctx.client
         self.keys = ctx.keys
@@ -331,7 +372,7 @@ class Engine(Handler[Event]):
         for kind in ("beat", "pulse", "start", "exit"):
             self.listeners[kind] = [d for d in self.detectors if kind in d.listens]
         self.timed = [d for d in self.detectors if type(d).due_ms is not Detector.due_ms]
-        self.timed_on_beats = any(d in self.listeners["beat"] for d in self.timed)
+        self.timed_on_beats = [d for d in self.timed if d in self.listeners["beat"]]
         self.state_classes = {d.name: d.State for d in self.detectors if d.State is not None}
         decisions = _Decisions(self)
         for detector in self.detectors:
@@ -400,6 +441,8 @@ class Engine(Handler[Event]):
     def on_batch(self, messages: Sequence[Message[Event]]) -> None:
         touched: set[Shard] = set()
         shards = self.keys.shards
+        self.applied = applied = Applied()
+        self.sight_now = self.sight_ms()
         for entry_id, event in messages:
             agent = event["agent"]
             shard = self.shards.get(shard_of(agent, shards) if shards > 1 else 0)
@@ -413,10 +456,26 @@ class Engine(Handler[Event]):
                 shard.apply(self, entry_id, event)
                 shard.last_id = entry_id
                 touched.add(shard)
+        if applied.agents or applied.groups:
+            self._judge_budgets(applied, messages)
         now = time.monotonic()
         for shard in touched:  # decisions go out at once; the rest is saved every half second
             if shard.decided or now - shard.saved_at >= CHECKPOINT_EVERY_S:
                 self.checkpoint(shard)
+
+    def _judge_budgets(self, applied: Applied, messages: Sequence[Message[Event]]) -> None:
+        """The budgets on the windows the batch added to, at their totals after it. A failure is
+        the budget keeper's, isolated like a detector's (the next beat judges again)."""
+        assert self.budgets is not None
+        now = max(entry_ms(entry_id) for entry_id, _ in messages)
+        try:
+            self.budgets.decide(applied, now, {index: shard.shares for index, shard in self.shards.items()})
+        except RECOVERABLE:
+            raise
+        except Exception:
+            errors = self.ctx.stats.handler_errors
+            errors[self.budgets.name] = errors.get(self.budgets.name, 0) + 1
+            log.exception("the budgets could not judge a batch (isolated; the engine carries on)")
 
     def on_tick(self, now_ms: int) -> None:
         if self.refused:
@@ -513,6 +572,7 @@ class Engine(Handler[Event]):
         shard.sight_ms = int(loaded.meta.get("sight_ms", 0))
         shard.duplicates = 0
         shard.unpublished = list(loaded.decided)
+        shard.shares, shard.unclaimed = loaded.shares, loaded.unclaimed
         for agent in shard.agents.values():
             self._arm(shard, agent)
         self.shards[index] = shard
@@ -573,13 +633,16 @@ class Engine(Handler[Event]):
         return None
 
     # -- timers ----------------------------------------------------------------------------------
-    def _arm(self, shard: Shard, agent: Agent, not_before: int = 0) -> None:
-        """(Re-)arm ``agent`` at the earliest due time of its detectors, if earlier than armed.
+    def _arm(
+        self, shard: Shard, agent: Agent, detectors: Sequence[Detector[Any]] = (), not_before: int = 0
+    ) -> None:
+        """(Re-)arm ``agent`` at the earliest due time of its detectors (``detectors``: only
+        these, the others' due times known not to have come earlier), if earlier than armed.
         ``not_before``: a check that just looked at the agent re-arms it no earlier than its
         next check (a detector whose time has come but that decided nothing yet, waiting for
         the horizon or for the end of a gap in the watch, is asked again then)."""
         due = 0
-        for detector in self.timed:
+        for detector in detectors or self.timed:
             try:
                 when = detector.due_ms(agent)
             except Exception as exc:
@@ -652,6 +715,9 @@ class Engine(Handler[Event]):
                     if decisions is not None:
                         decisions.close(agent, kind, now_ms, {"forgotten": 1, "seen": agent.seen_ms})
                 del shard.agents[agent.name]
+                if agent.spent is not None and agent.spent.windows:
+                    shard.unclaimed[agent.name] = agent.spent  # (the views keep it: reports)
+                shard.spent.discard(agent.name)
                 shard.armed.pop(agent.name, None)
                 shard.dirty.discard(agent.name)
                 shard.removed.add(agent.name)
@@ -669,9 +735,13 @@ class Engine(Handler[Event]):
         dirty = [shard.agents[name] for name in shard.dirty if name in shard.agents]
         meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner,
                 "shards": self.keys.shards}  # fmt: skip
+        spend = {name: pack_tally(agent.spent) for name in shard.spent
+                 if (agent := shard.agents.get(name)) is not None and agent.spent is not None}  # fmt: skip
+        if shard.shares_changed:
+            spend[GROUPS_FIELD] = pack_shares(shard.shares)
         ok = self.checkpoints.save(
             shard.index, shard.token, dirty, sorted(shard.removed), last_id=shard.last_id, meta=meta,
-            decided=shard.decided,
+            decided=shard.decided, spend=spend,
         )  # fmt: skip
         if not ok:
             log.warning("shard %d: the lease was lost before the checkpoint; dropping it", shard.index)
@@ -685,6 +755,8 @@ class Engine(Handler[Event]):
         shard.decided = []
         shard.dirty.clear()
         shard.removed.clear()
+        shard.spent.clear()
+        shard.shares_changed = False
         shard.saved_at = time.monotonic()
         self._publish(shard)
         return True

@@ -59,6 +59,8 @@ EARLY_MS: Final = 1000
 """A run that starts this long before a slot (or less) counts for that slot."""
 _COUNT_MAX: Final = 10_000
 """Missed slots counted at most (a minutely job down for a month)."""
+PLAN_CACHE_MAX: Final = 100_000
+"""Agents whose plan is remembered (the cache starts afresh past it: a churning fleet)."""
 
 
 class ScheduleConfig(DetectorConfig):
@@ -339,6 +341,8 @@ class Schedule(Detector[ScheduleConfig]):
         self._plans: dict[int, tuple[ScheduleConfig, Plan | None]] = {}
         """Per config (one per glob, as ``for_agent`` gives them): the config, kept alive so
         its id is not reused, and its plan (cron parsing is not free)."""
+        self._by_agent: dict[str, Plan | None] = {}
+        """Per agent, its plan (asked at every beat of a scheduled agent: one look-up)."""
 
     @staticmethod
     def needed(config: ScheduleConfig) -> bool:
@@ -348,10 +352,17 @@ class Schedule(Detector[ScheduleConfig]):
 
     def plan_for(self, agent: str) -> Plan | None:
         """The schedule of ``agent`` (None: not scheduled); one :class:`Plan` per config glob."""
+        try:
+            return self._by_agent[agent]
+        except KeyError:
+            pass
         config = self.config.for_agent(agent)
         found = self._plans.get(id(config))
         if found is None or found[0] is not config:
             found = self._plans[id(config)] = (config, Plan.of(config, self.timezone))
+        if len(self._by_agent) >= PLAN_CACHE_MAX:
+            self._by_agent.clear()
+        self._by_agent[agent] = found[1]
         return found[1]
 
     # -- the watch follows the agent's events (no decisions here: see on_due) -----------------

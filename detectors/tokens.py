@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import Field
@@ -61,12 +62,13 @@ class TokensConfig(DetectorConfig):
     severity: Severity = "error"
     halt: bool = Field(False, description="halt the agent when a tokens incident fires (it stops itself)")
 
-    @property
+    @cached_property
     def alpha(self) -> float:
-        """The EWMA's weight of the newest observation (span ``warmup``)."""
+        """The EWMA's weight of the newest observation (span ``warmup``). (Cached: read for
+        every beat; settings never change once loaded.)"""
         return 2.0 / (self.warmup + 1)
 
-    @property
+    @cached_property
     def window_ms(self) -> int:
         """The rate window in whole ms (at least 1): windows start at multiples of it."""
         return max(1, round(self.window_s * 1000))
@@ -180,10 +182,13 @@ class Tokens(Detector[TokensConfig]):
         """A beat of the agent or of one of its child processes (their usage is the agent's)."""
         cfg = self.config.for_agent(agent.name)
         beat = Usage(at_ms, beat_tokens(event), event.get("cost"))
-        if beat.tokens is not None or beat.cost is not None:
-            self._judge(agent, cfg, beat)
-        if cfg.loop:
-            self._track_loop(agent, cfg, at_ms, event.get("fp"))
+        used = beat.tokens is not None or beat.cost is not None
+        if used or cfg.loop:
+            state: TokenState = self.state(agent)
+            if used:
+                self._judge(agent, state, cfg, beat)
+            if cfg.loop:
+                self._track_loop(agent, state, cfg, at_ms, event.get("fp"))
 
     def on_new_run(self, agent: Agent, at_ms: int) -> None:
         """A restart ends a loop (the new process starts its work afresh); a tokens incident goes
@@ -205,10 +210,9 @@ class Tokens(Detector[TokensConfig]):
         self.decisions.close(agent, "loop", at_ms, dict(facts))
 
     # -- tokens ---------------------------------------------------------------------------------
-    def _judge(self, agent: Agent, cfg: TokensConfig, beat: Usage) -> None:
+    def _judge(self, agent: Agent, state: TokenState, cfg: TokensConfig, beat: Usage) -> None:
         """One beat with usage: is it (or its window) anomalous, does the incident fire, does it
         recover; then the baselines learn it if nothing is anomalous or open."""
-        state: TokenState = self.state(agent)
         tokens, cost = beat.tokens, beat.cost
         base_tokens, base_cost = state.base_tokens(), state.base_cost()
         factor = cfg.factor
@@ -223,7 +227,7 @@ class Tokens(Detector[TokensConfig]):
         if tokens is not None and start > 0:  # (a window starting at 0 reads as "none yet")
             # A window closing now is learned only if nothing is anomalous: a runaway's rate
             # must not become the usual one.
-            learn = facts is None and not agent.is_open("tokens")
+            learn = facts is None and "tokens" not in agent.open
             self._count_window(state, cfg, start, tokens, learn=learn)
             expected = self._expected(state, cfg) if warm and facts is None else None
             used = state.window_tokens
@@ -239,17 +243,16 @@ class Tokens(Detector[TokensConfig]):
                     state.about_cost = facts["why"] == "cost"
         else:
             state.hot = 0
-            if agent.is_open("tokens"):
-                self._recover(agent, cfg, beat)
-        if facts is None and not agent.is_open("tokens"):
+            if "tokens" in agent.open:
+                self._recover(agent, state, cfg, beat)
+        if facts is None and "tokens" not in agent.open:
             self._learn(state, cfg, beat)
 
-    def _recover(self, agent: Agent, cfg: TokensConfig, beat: Usage) -> None:
+    def _recover(self, agent: Agent, state: TokenState, cfg: TokensConfig, beat: Usage) -> None:
         """A beat that is not anomalous while the incident is open: calm if it is back under
         ``recover_factor`` x the baselines, and so is the rate of the last window-length (a rate
         runaway is made of normal-sized beats); ``recover_after`` calm ones in a row resolve.
         (The baselines are those before this beat: nothing learns while the incident is open.)"""
-        state: TokenState = self.state(agent)
         tokens, cost = beat.tokens, beat.cost
         base_tokens, base_cost = state.base_tokens(), state.base_cost()
         ratio = cfg.recover_factor
@@ -328,17 +331,18 @@ class Tokens(Detector[TokensConfig]):
         return state.window_tokens * current + state.closed_tokens * previous
 
     # -- loop -----------------------------------------------------------------------------------
-    def _track_loop(self, agent: Agent, cfg: TokensConfig, at_ms: int, fp: str | None) -> None:
+    def _track_loop(
+        self, agent: Agent, state: TokenState, cfg: TokensConfig, at_ms: int, fp: str | None
+    ) -> None:
         """One beat's fingerprint (a beat without one breaks any run): the open loop resolves
         after ``recover_after`` beats in a row without its fingerprint; ``repeat`` in a row of
         one fingerprint open it."""
-        state: TokenState = self.state(agent)
         found = fp_hash(fp)
         if found != 0 and found == state.fp_hash:
             state.fp_count += 1
         else:
             state.fp_hash, state.fp_count = found, 1
-        if agent.is_open("loop"):
+        if "loop" in agent.open:
             state.loop_quiet = 0 if found == state.loop_hash else state.loop_quiet + 1
             if state.loop_quiet >= cfg.recover_after:
                 self.decisions.close(
@@ -346,7 +350,7 @@ class Tokens(Detector[TokensConfig]):
                 )
                 state.loop_hash = state.loop_quiet = 0
                 state.loop_text = ""
-        if not agent.is_open("loop") and found != 0 and state.fp_count >= cfg.repeat:
+        if found != 0 and "loop" not in agent.open and state.fp_count >= cfg.repeat:
             state.loop_hash, state.loop_quiet, state.loop_text = found, 0, fp_text(fp)
             self.decisions.open(agent, "loop", at_ms, {"fp": state.loop_text, "count": state.fp_count})
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgpack
 import pytest
 import redis
 from agents_detect.kit import Agent, pipeline_for, worker_for
@@ -22,7 +23,7 @@ from agentwatch.halts import Halts
 from agentwatch.keys import Keys
 from agentwatch.redisconn import server_time_ms
 from agentwatch.report import build_report, render_text
-from agentwatch.spend import Ledger, Window, window_of
+from agentwatch.spend import Ledger, Spent, Tally, Window, pack_tally, unpack_tally, window_of
 from detectors.agent import Agent as AgentState
 from detectors.agent import pack
 from detectors.budgets import EXCEEDED, WARNING, judge
@@ -153,6 +154,29 @@ def test_judge_pace_floor() -> None:
     assert judge(budget, 0.4, day, at).rank is None  # under 5 % of the limit: no projection
     assert judge(budget, 8.0, day, at).why == "warn_at"
     assert judge(budget, 10.0, day, at).rank == EXCEEDED
+
+
+def test_a_tally_keeps_the_newest_windows_of_each_kind_and_reads_the_earlier_ledger() -> None:
+    """40 days, 3 hours, 3 months per agent (and per glob for ``together`` shares); a ledger
+    record written before the engine kept the spend (with its per-run seq marks) still reads."""
+    tally = Tally()
+    for day in range(1, 46):
+        tally.add(f"d202612{day:02d}" if day <= 31 else f"d202701{day - 31:02d}", 0.5, 0, 1)
+    for hour in range(5):
+        tally.add(f"h20261207{hour:02d}", 0.1, 1, 0)
+    days = sorted(k for k in tally.windows if k[0] == "d")
+    assert len(days) == 40 and days[0] == "d20261206" and days[-1] == "d20270114"
+    assert sorted(k for k in tally.windows if k[0] == "h") == ["h2026120702", "h2026120703", "h2026120704"]
+    assert tally.spent("h2026120704") == Spent(0.1, 1, 0)
+    assert unpack_tally(pack_tally(tally)) == tally
+    shares = Tally()
+    for month in range(1, 6):
+        shares.add(f"crew-*|m2026{month:02d}", 1.0, 0, 1)
+        shares.add(f"ops-*|m2026{month:02d}", 2.0, 0, 1)
+    assert sorted(shares.windows) == [f"{g}|m2026{m:02d}" for g in ("crew-*", "ops-*") for m in (3, 4, 5)]
+    earlier = msgpack.packb({"r": {"run-1": [7, 1_765_000_000_000]}, "w": {"d20261207": [1.25, 2, 3]}})
+    assert unpack_tally(earlier).spent("d20261207") == Spent(1.25, 2, 3)
+    assert unpack_tally(b"\xc1 damaged") == Tally()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ agent, and per-agent overrides apply."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -18,6 +19,12 @@ from detectors.agent import read_agents
 from helpers import running, wait_for
 
 MB = 1024 * 1024
+
+
+def watched_until(r: redis.Redis, keys: Keys) -> int:
+    """The engine's last timer check as checkpointed (Redis ms; 0: none yet)."""
+    meta = r.hget(keys.checkpoint(0), "meta")
+    return int(json.loads(meta).get("tick_ms", 0)) if meta else 0
 
 
 def test_fires_once_after_the_allowance_and_resolves_when_seen_again(
@@ -70,6 +77,23 @@ def test_extend_holds_the_alert_off_until_the_step_should_be_over(
         extended = bot.pulse(extend=1.0)  # "a long step starts now: wait 1 s longer"
         alert = wait_for(lambda: fired(r, keys, "silence"), timeout=5, what="silence alert")[0]
     assert alert.at_ms - entry_ms(extended) >= 1500
+
+
+def test_a_beat_ends_an_extension_and_the_silence_counts_from_it_again(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """PROTOCOL.md: a beat ends any extension announced before it. An agent that dies right after
+    that beat is silent one allowance after it, not when the extension would have run out."""
+    worker = worker_for(pipeline_for(prefix, redis_url, silence={"after": "500ms"}), redis_url)
+    bot = Agent(r, keys, "bot")
+    with running(worker):
+        bot.start()
+        extended = entry_ms(bot.pulse(extend=60.0))  # a long step...
+        # (once the start's allowance was checked, the agent's next check is the extension's end)
+        wait_for(lambda: watched_until(r, keys) > extended + 600, timeout=10, what="a check past the start's")
+        last = bot.beat()  # ...that ended early; then the process dies
+        alert = wait_for(lambda: fired(r, keys, "silence"), timeout=10, what="silence alert")[0]
+    assert 500 <= alert.at_ms - entry_ms(last) < 500 + 5_000
 
 
 def test_a_memory_climb_before_the_silence_is_named(
