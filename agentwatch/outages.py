@@ -11,7 +11,7 @@ thread's time went (Linux ``/proc/thread-self/schedstat``):
   box). Not an outage: the agents' events are in the stream, and the horizon (detectors/horizon.py)
   keeps the checks from judging what is not read yet;
 * asleep: waiting for Redis (or for the BLOCK of its own read, which it asked for). Asleep longer
-  than its BLOCK by more than :data:`STALL_MS` means Redis did not answer in time: frozen
+  than its BLOCK by more than :attr:`Outages.stall_ms` means Redis did not answer in time: frozen
   (SIGSTOP, a suspended VM, a blocking fsync), or restarting while redis-py reconnected with
   backoff inside the call. That stretch is an *outage*;
 * a recoverable Redis error that reached the worker (refused, LOADING, timed out, read-only, out
@@ -29,9 +29,11 @@ from typing import Final
 
 SCHEDSTAT: Final = "/proc/thread-self/schedstat"
 STALL_MS: Final = 250
-"""Asleep this much longer than the BLOCK asked for: Redis did not answer in time. Well above a
-round trip on a loaded host (a loop makes a few dozen), well below what an allowance must leave
-for a late beat (docs/detectors.md: silence allowances are at least 0.5 s)."""
+"""Asleep this much longer than the BLOCK asked for: Redis did not answer in time. Well above the
+round trips of one loop on a loaded host; a handler whose allowances leave less room for a late
+beat lowers it (the detector engine: a quarter of its shortest allowance), not below
+:data:`STALL_MIN_MS`."""
+STALL_MIN_MS: Final = 50
 FALLBACK_STALL_MS: Final = 1500
 """Without schedstat a thread starved of CPU looks asleep: only a longer stall counts then."""
 
@@ -56,6 +58,8 @@ class Outages:
     def __init__(self) -> None:
         self.precise = thread_times() is not None
         """Whether a starved thread can be told from one kept waiting (schedstat readable)."""
+        self.stall_ms = STALL_MS
+        """The stall that counts (see :data:`STALL_MS`)."""
         self.count = 0
         """Outages observed since the worker started."""
         self.last_ms = 0
@@ -80,7 +84,7 @@ class Outages:
             after = thread_times()
             if after is not None:
                 asleep = wall - (after[0] - before[0]) - (after[1] - before[1])
-        floor_ms = STALL_MS if before is not None else FALLBACK_STALL_MS
+        floor_ms = self.stall_ms if before is not None else FALLBACK_STALL_MS
         stalled = (asleep - expected_wait_s) * 1000 > floor_ms
         if stalled:
             self._record(wall)

@@ -48,7 +48,7 @@ from agentwatch.deadletter import entry_field
 from agentwatch.errors import InvalidEntry
 from agentwatch.halts import Halts
 from agentwatch.keys import shard_of
-from agentwatch.outages import STALL_MS
+from agentwatch.outages import STALL_MIN_MS
 from agentwatch.redisconn import RECOVERABLE
 from agentwatch.worker import Handler, Message, Worker
 from detectors import horizon
@@ -363,6 +363,12 @@ class Engine(Handler[Event]):
         """The shards this engine checked at its previous tick (they were watched since)."""
         self._ticked_at = 0.0
         """When (monotonic) this engine's previous tick ran."""
+        # A stall shorter than the worker counts can hold a beat back unseen: it must fit in what
+        # the shortest allowance leaves over a beat interval (2/3 of it, less a flush), so the
+        # worker counts stalls from a quarter of it (docs/detectors.md, "Redis outages").
+        shortest = min(ms for ms in (self.shortest_silence_ms, self.shortest_stall_ms, 10**9) if ms)
+        outages = worker.outages
+        outages.stall_ms = max(STALL_MIN_MS, min(outages.stall_ms, shortest // 4))
         self.refused = ""
         """Why this worker takes no shard (the shard count changed under the state), or ""."""
         self._next_refusal_log = 0.0
@@ -630,7 +636,7 @@ class Engine(Handler[Event]):
         # since (its own clock moved as far as Redis'): a Redis outage since then was observed
         # (restart_ms), so a late check is only a late check: judged, not excused (a busy or
         # starved worker must still page). Otherwise the gap's length is all there is to go by.
-        lived_ms = (time.monotonic() - self._ticked_at) * 1000 + STALL_MS
+        lived_ms = (time.monotonic() - self._ticked_at) * 1000 + self.worker.outages.stall_ms
         observed = (
             self.worker.outages.precise
             and self._watching.get(shard.index) is shard

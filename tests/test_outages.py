@@ -25,7 +25,7 @@ from test_engine_failover import CONFIG, Beater, Workers, lease
 from agentwatch import codec
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.keys import Keys
-from agentwatch.outages import STALL_MS
+from agentwatch.outages import STALL_MS, Outages
 from detectors.agent import read_agents
 from detectors.engine import RECONNECT_GRACE_MS
 from producers import _config, _sender
@@ -68,8 +68,8 @@ def test_the_reconnect_grace_covers_what_a_producer_needs_after_an_outage() -> N
 def last_event_ms(client: redis.Redis, keys: Keys, agent: str) -> int:
     """The entry time of ``agent``'s newest event in the (single) event stream."""
     entries: Any = client.xrange(keys.events(0))
-    times = [int(eid.split(b"-")[0]) for eid, fields in entries if codec.decode(fields[b"d"])["agent"] == agent]
-    return max(times)
+    mine = [eid for eid, fields in entries if codec.decode(fields[b"d"])["agent"] == agent]
+    return max(int(eid.split(b"-")[0]) for eid in mine)
 
 
 def alert_ms(client: redis.Redis, keys: Keys, agent: str) -> int:
@@ -213,3 +213,23 @@ def test_a_worker_starved_of_cpu_still_pages_a_dead_agent(
             beater.stop()
         workers.stop_all()
         client.close()
+
+
+@pytest.mark.skipif(not Outages().precise, reason="needs Linux schedstat")
+def test_a_stretch_asleep_past_its_block_is_an_outage_and_one_on_the_cpu_is_not() -> None:
+    """What the worker loop measures, on this thread for real: asleep past the BLOCK it asked
+    for is Redis keeping it waiting; the same time spent computing (or waiting for a CPU) is the
+    worker's own slowness; asleep within the BLOCK is the read doing what it was asked."""
+    outages = Outages()
+    outages.mark()
+    time.sleep(0.2 + outages.stall_ms / 1000)
+    assert outages.check(expected_wait_s=0.0)
+    assert outages.count == 1 and outages.last_ms >= 200 + outages.stall_ms
+    end = time.monotonic() + 0.2 + outages.stall_ms / 1000
+    while time.monotonic() < end:  # busy: on the CPU or queued for one
+        pass
+    assert not outages.check(expected_wait_s=0.0)
+    time.sleep(0.3)
+    assert not outages.check(expected_wait_s=0.5)
+    outages.failed()  # an error reached the loop: an outage however short
+    assert outages.count == 2
