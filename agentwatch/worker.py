@@ -174,12 +174,14 @@ class Worker(Generic[T]):
             self._redis_ok = False
             if not self._stop.is_set():
                 self._until_connected(self._setup, first_error=exc)
-                self._outage()
+                if self._redis_ok:
+                    self._outage()
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
                 log.warning("consumer group vanished (Redis restarted without data?); recreating")
                 self._until_connected(self._setup)
-                self._outage()
+                if self._redis_ok:
+                    self._outage()
             else:
                 self._unexpected(exc)
         except Exception as exc:
