@@ -140,6 +140,7 @@ class Worker(Generic[T]):
         self._error_logged: dict[tuple[str, str], float] = {}
         self.outages = Outages()
         """Redis outages this loop observed (the detector engine restarts its clocks after each)."""
+        self.outages.watch(client)
         self._outage_logged = -math.inf
         self._single_node = isinstance(client, redis.Redis)
         client.set_response_callback("XREADGROUP", _raw_reply)

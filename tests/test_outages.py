@@ -234,3 +234,34 @@ def test_a_stretch_asleep_past_its_block_is_an_outage_and_one_on_the_cpu_is_not(
     assert not outages.check(expected_wait_s=0.5)
     outages.failed()  # an error reached the loop: an outage however short
     assert outages.count == 2
+
+
+@pytest.mark.skipif(not Outages().precise, reason="needs Linux schedstat")
+def test_only_one_call_kept_waiting_is_an_outage_not_many_short_round_trips(redis_url: str) -> None:
+    """On a loaded host a loop's many round trips add up to more than the stall; each delays a
+    producer's write by as little, so that is no outage. One call that Redis kept waiting that
+    long is one (here a BLPOP that waits by design stands in for a frozen Redis). A read's own
+    BLOCK is not waiting on Redis."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        outages = Outages()
+        outages.watch(client)
+        outages.mark()
+        end = time.monotonic() + 0.2 + outages.stall_ms / 1000
+        while time.monotonic() < end:  # short calls, and asleep between them
+            client.ping()
+            time.sleep(0.01)
+        assert not outages.check(expected_wait_s=0.0)
+        client.blpop([f"aw-test-empty-{os.getpid()}"], timeout=0.2 + outages.stall_ms / 1000)
+        assert outages.check(expected_wait_s=0.0)
+        client.xadd(f"aw-test-s-{os.getpid()}", {"d": b"x"})
+        pipe = client.pipeline(transaction=False)
+        pipe.ping()
+        pipe.execute()
+        stream = f"aw-test-s-{os.getpid()}"
+        client.xgroup_create(stream, "g", id="$")
+        client.xreadgroup("g", "c", {stream: ">"}, block=300 + outages.stall_ms)
+        assert not outages.check(expected_wait_s=0.3 + outages.stall_ms / 1000)
+        client.delete(stream)
+    finally:
+        client.close()
