@@ -20,6 +20,11 @@ and acknowledged only after the handlers returned, i.e. after their effects are 
 * Redis going away, or refusing writes (full, read-only), is not an error in the data: the
   worker waits with backoff, keeps its unacknowledged entries, and re-reads them once Redis
   takes writes again; a dead letter is acknowledged only once it was written;
+* Redis away for a moment (an error that reached the loop, or a call that kept the loop asleep
+  well past its BLOCK: frozen, or restarting while redis-py reconnected inside the call) is an
+  *outage* (outages.py), told apart from the loop's own slowness (CPU, a starved box) by where
+  its thread's time went; once Redis answers, the loop ticks before it hands anything read
+  after the outage to the handlers, so the detectors restart their clocks first;
 * a stop (SIGTERM, SIGINT) finishes the batch, acknowledges it and exits; if Redis hangs, the
   connection is cut shortly after the stop request, so the process still exits within 2 s
   and what it had not acknowledged stays pending for another worker.
@@ -44,6 +49,7 @@ from agentwatch.deadletter import entry_field, letter
 from agentwatch.errors import InvalidEntry, Unauthenticated
 from agentwatch.handler import Handler, Message, Stats
 from agentwatch.keys import Keys
+from agentwatch.outages import Outages
 from agentwatch.redisconn import (
     RECOVERABLE,
     Client,
@@ -132,6 +138,10 @@ class Worker(Generic[T]):
         self._next_claim = 0.0
         self._next_trim = 0.0
         self._error_logged: dict[tuple[str, str], float] = {}
+        self.outages = Outages()
+        """Redis outages this loop observed (the detector engine restarts its clocks after each)."""
+        self.outages.watch(client)
+        self._outage_logged = -math.inf
         self._single_node = isinstance(client, redis.Redis)
         client.set_response_callback("XREADGROUP", _raw_reply)
         self.upkeep = Upkeep(self)
@@ -150,6 +160,7 @@ class Worker(Generic[T]):
         self._running = True
         try:
             self._until_connected(self._setup)
+            self.outages.mark()  # (waiting for Redis before the first set-up watched nothing)
             while not self._stop.is_set():
                 self._run_guarded()
             self._finish()
@@ -164,10 +175,14 @@ class Worker(Generic[T]):
             self._redis_ok = False
             if not self._stop.is_set():
                 self._until_connected(self._setup, first_error=exc)
+                if self._redis_ok:
+                    self._outage()
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
                 log.warning("consumer group vanished (Redis restarted without data?); recreating")
                 self._until_connected(self._setup)
+                if self._redis_ok:
+                    self._outage()
             else:
                 self._unexpected(exc)
         except Exception as exc:
@@ -184,6 +199,22 @@ class Worker(Generic[T]):
         self.stats.errors += 1
         self._recover_own = True
         self._stop.wait(1.0)
+        self.outages.mark()  # (the pause is ours, not Redis')
+
+    def _outage(self, stalled: bool = False) -> None:
+        """Redis is back after an outage (an error, or a call that stalled): record it, and
+        tick before anything read after it is processed (the handlers learn of it first)."""
+        if not stalled:
+            self.outages.failed()
+        self._next_tick = 0.0
+        now = time.monotonic()
+        if now - self._outage_logged >= _ERROR_LOG_EVERY_S:
+            self._outage_logged = now
+            log.warning(
+                "%s worker %s: Redis did not answer for up to %.1fs (outage %d seen by this worker; "
+                "the detectors restart their clocks after it; logged at most once a minute)",
+                self.kind, self.consumer, self.outages.last_ms / 1000, self.outages.count,
+            )  # fmt: skip
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch, acknowledge it and return.
@@ -231,7 +262,14 @@ class Worker(Generic[T]):
                 self._recover_own = False
             handled += self.process(entries)
         block_ms = max(1, int(min(self.opts.block_s, self._next_tick - time.monotonic()) * 1000))
-        handled += self.process(self._read(">", block_ms=block_ms))
+        entries = self._read(">", block_ms=block_ms)
+        if self.outages.check(block_ms / 1000):
+            # Redis kept this loop waiting (frozen, or reconnected inside a call): what it just
+            # gave may be what agents could only send once it answered again. The handlers hear
+            # of the outage (a tick) before they see those entries.
+            self._outage(stalled=True)
+            self._tick(time.monotonic())
+        handled += self.process(entries)
         return handled
 
     def _setup(self) -> None:

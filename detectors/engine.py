@@ -18,8 +18,10 @@ Stateful stream processing the way Kafka Streams does it, on Redis (docs/archite
   (``Incidents`` ignores a second firing of an open incident).
 * **Timers** are an in-memory heap per shard of each agent's earliest due time (the minimum of
   its detectors' ``due_ms``). A tick judges nothing past the shard's *horizon* (every older event
-  has been applied, horizon.py) and, after a gap in the checks longer than :meth:`sight_ms`
-  (workers or Redis down), restarts every clock from the end of the gap (``sight``).
+  has been applied, horizon.py). After a Redis outage the worker observed (worker.py,
+  outages.py) it restarts every clock from the end of the outage plus :data:`RECONNECT_GRACE_MS`;
+  after a gap in the checks that no running worker watched, longer than :meth:`sight_ms` (every
+  worker down), from the end of the gap (``sight``).
 
 Run classification, repeats and the fields every detector shares live in :meth:`Shard.apply`;
 each detector's decisions live in its own module.
@@ -46,6 +48,7 @@ from agentwatch.deadletter import entry_field
 from agentwatch.errors import InvalidEntry
 from agentwatch.halts import Halts
 from agentwatch.keys import shard_of
+from agentwatch.outages import STALL_MIN_MS
 from agentwatch.redisconn import RECOVERABLE
 from agentwatch.spend import GROUPS_FIELD, Applied, Spending, Tally, pack_shares, pack_tally
 from agentwatch.worker import Handler, Message, Worker
@@ -69,9 +72,15 @@ QUIET_WHEN_HALTED: Final = frozenset({"silence", "stall", "exit", "schedule", "r
 BLIND_AFTER_MS: Final = 5000
 """Default for ``[detectors.lag] blind_after`` when the lag detector is disabled."""
 SIGHT_FLOOR_MS: Final = 1500
-"""A gap between timer checks shorter than this never counts as an outage (:meth:`sight_ms`),
-however short the silence allowances: a worker that a loaded machine holds up for a moment at
-each check must still judge its agents, not restart their clocks every time."""
+"""A gap in the checks that no running worker watched (:meth:`sight_ms`) shorter than this never
+counts as unwatched, however short the silence allowances. (A worker that watched through the
+gap tells an outage by what it observed instead: agentwatch/outages.py.)"""
+RECONNECT_GRACE_MS: Final = 1500
+"""After an outage, how long the producers may take to deliver what they buffered: the clocks
+restart this much after its end. A producer that found Redis refusing retries every 1 s at most
+(producers/_sender.py ``BACKOFF_MAX``), one kept waiting answers the moment Redis does, and it
+flushes every 0.1 s (``flush_interval``); the rest is margin for a loaded host. docs/detectors.md
+states the bound; tests/test_outages.py checks it against the producer's constants."""
 FORGET_EVERY_S: Final = 60.0
 LEASE_MS: Final = 3000
 """How long a shard stays with a worker that stopped renewing (SIGKILL, a freeze, a lost
@@ -388,6 +397,19 @@ class Engine(Handler[Event]):
         self._next_forget = 0.0
         self._decided_shard: Shard | None = None
         self.last_watch_ms = 0
+        self.restart_ms = 0
+        """After the last outage this worker observed, every clock restarts here (Redis ms)."""
+        self._outages_seen = 0
+        self._watching: dict[int, Shard] = {}
+        """The shards this engine checked at its previous tick (they were watched since)."""
+        self._ticked_at = 0.0
+        """When (monotonic) this engine's previous tick ran."""
+        # A stall shorter than the worker counts can hold a beat back unseen: it must fit in what
+        # the shortest allowance leaves over a beat interval (2/3 of it, less a flush), so the
+        # worker counts stalls from a quarter of it (docs/detectors.md, "Redis outages").
+        shortest = min(ms for ms in (self.shortest_silence_ms, self.shortest_stall_ms, 10**9) if ms)
+        outages = worker.outages
+        outages.stall_ms = max(STALL_MIN_MS, min(outages.stall_ms, shortest // 4))
         self.refused = ""
         """Why this worker takes no shard (the shard count changed under the state), or ""."""
         self._next_refusal_log = 0.0
@@ -423,10 +445,12 @@ class Engine(Handler[Event]):
         return int(lag.config.blind_after_s * 1000) if lag is not None else BLIND_AFTER_MS
 
     def sight_ms(self) -> int:
-        """How long without a timer check means nobody was watching: :meth:`blind_ms`, or the
-        shortest silence ``after`` if that is shorter (but not below :data:`SIGHT_FLOOR_MS`). A gap
-        shorter than blind_after but longer than an allowance (a Redis restart of 3 s against 1 s
-        silences) would otherwise judge agents on time nobody watched, and page them falsely."""
+        """How long without a timer check means nobody was watching, when no running worker
+        watched the gap (every worker down, or a worker that cannot tell a stall from a starved
+        CPU, outages.py): :meth:`blind_ms`, or the shortest silence ``after`` if that is shorter
+        (but not below :data:`SIGHT_FLOOR_MS`). A gap shorter than blind_after but longer than an
+        allowance (Redis restarted while the workers were down) would otherwise judge agents on
+        time nobody watched, and page them falsely."""
         silence = self.silence
         if silence is None:
             return self.blind_ms()
@@ -484,6 +508,12 @@ class Engine(Handler[Event]):
                 log.error("%s", self.refused)
             return
         self.last_watch_ms = self._last_watch()
+        outages = self.worker.outages
+        if outages.count > self._outages_seen:
+            # Redis was away until about now: agents could not send; their producers need up
+            # to RECONNECT_GRACE_MS to deliver what they buffered.
+            self._outages_seen = outages.count
+            self.restart_ms = now_ms + RECONNECT_GRACE_MS
         gained, lost = self.leases.refresh(now_ms, before_release=self._hand_over)
         for index in lost:
             log.warning("lost the lease of shard %d; another worker owns it now", index)
@@ -507,6 +537,7 @@ class Engine(Handler[Event]):
             new if new is not None else old for new, old in zip(positions.lost, self._lost, strict=True)
         ]
         gaps = [self._check(shard, now_ms) for shard in self.shards.values()]
+        self._watching, self._ticked_at = dict(self.shards), time.monotonic()
         self.last_gap_ms = max(gaps)
         lag = self.lag
         pipeline = shard_of(PIPELINE_AGENT, self.keys.shards)
@@ -664,14 +695,30 @@ class Engine(Handler[Event]):
         # ticks through an owner's failover, so a failover is not a gap; a frozen or restarting
         # Redis, or every worker down, stops every tick: that is one).
         watched = max(shard.tick_ms, self.last_watch_ms)
+        # Checked by this worker at its previous tick, and the worker lived through the time
+        # since (its own clock moved as far as Redis'): a Redis outage since then was observed
+        # (restart_ms), so a late check is only a late check: judged, not excused (a busy or
+        # starved worker must still page). Otherwise the gap's length is all there is to go by.
+        lived_ms = (time.monotonic() - self._ticked_at) * 1000 + self.worker.outages.stall_ms
+        observed = (
+            self.worker.outages.precise
+            and self._watching.get(shard.index) is shard
+            and lived_ms >= now_ms - shard.tick_ms
+        )
+        restart = 0
         if not shard.tick_ms:
             shard.sight_ms = now_ms
         elif now_ms - watched > self.sight_ms():
             gap = now_ms - watched
-            shard.sight_ms = now_ms
-            for each in shard.agents.values():  # every clock restarts here (Agent.clocks_from_ms)
-                if each.clocks_from_ms < now_ms:
-                    each.clocks_from_ms = now_ms
+            if not observed:  # (from its end: the agents' producers had the gap to reconnect)
+                restart = now_ms
+        if self.restart_ms > shard.sight_ms:  # an outage this worker observed
+            restart = max(restart, self.restart_ms)
+        if restart:
+            shard.sight_ms = restart
+            for each in shard.agents.values():  # every clock restarts there (Agent.clocks_from_ms)
+                if each.clocks_from_ms < restart:
+                    each.clocks_from_ms = restart
                     shard.dirty.add(each.name)
         shard.tick_ms = max(shard.tick_ms, now_ms)
         horizon_ms = self.horizons[shard.index] if shard.index < len(self.horizons) else now_ms

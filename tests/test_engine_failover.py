@@ -62,14 +62,15 @@ class Workers:
     """Detector worker processes (``agentwatch worker detectors``) on one prefix; their stderr
     goes to files (read back for what they logged)."""
 
-    def __init__(self, tmp_path: Path, url: str, prefix: str) -> None:
-        self.tmp_path, self.url, self.prefix = tmp_path, url, prefix
+    def __init__(self, tmp_path: Path, url: str, prefix: str, template: str = CONFIG) -> None:
+        """``template``: the pipeline.toml, with ``{url}``, ``{prefix}`` and ``{shards}``."""
+        self.tmp_path, self.url, self.prefix, self.template = tmp_path, url, prefix, template
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
 
     def start(self, shards: int) -> subprocess.Popen[bytes]:
         config = self.tmp_path / f"pipeline-{shards}.toml"
-        config.write_text(CONFIG.format(url=self.url, prefix=self.prefix, shards=shards))
+        config.write_text(self.template.format(url=self.url, prefix=self.prefix, shards=shards))
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWATCH_")}
         log = self.tmp_path / f"worker-{len(self.procs)}.log"
         with log.open("wb") as err:
