@@ -28,6 +28,7 @@ from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -44,6 +45,7 @@ from agentwatch.config_env import (
 )
 from agentwatch.keys import PREFIX_RE, Keys
 from agentwatch.labels import KEY_RE as LABEL_KEY_RE
+from agentwatch.outages import MIN_ALLOWANCE_S
 from agentwatch.signing import MIN_SECRET_CHARS
 from agentwatch.urls import redis_url_problem
 
@@ -120,6 +122,20 @@ def _compact_duration(seconds: float) -> str | None:
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(duration_text)]
 """A duration key: a string with a unit in the file (and when dumped), float seconds in code."""
+
+
+def _allowance(seconds: float) -> float:
+    if seconds < MIN_ALLOWANCE_S:
+        raise ValueError(
+            f"must be at least {format_duration(MIN_ALLOWANCE_S)}: a "
+            "shorter allowance cannot be kept apart from a short Redis outage, and healthy agents "
+            'would be paged after one (docs/detectors.md, "Redis outages")'
+        )
+    return seconds
+
+
+Allowance = Annotated[Seconds, AfterValidator(_allowance)]
+"""A silence or stall ``after``: a duration of at least :data:`MIN_ALLOWANCE_S` (why: there)."""
 
 _PERIODS: Final = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
                    "h": 3600.0, "hour": 3600.0}  # fmt: skip

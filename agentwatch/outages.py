@@ -36,6 +36,12 @@ round trips of one loop on a loaded host; a handler whose allowances leave less 
 beat lowers it (the detector engine: a quarter of its shortest allowance), not below
 :data:`STALL_MIN_MS`."""
 STALL_MIN_MS: Final = 50
+MIN_ALLOWANCE_S: Final = 0.25
+"""The shortest silence or stall ``after`` a pipeline accepts (issue 11: no false silence after a
+Redis outage, whatever the thresholds). Below it, a stall too short to count as an outage
+(:data:`STALL_MIN_MS`) plus one beat interval and a producer's flush fills the allowance, so a
+healthy agent could be paged after a short outage: such a file is refused with this reason
+(docs/detectors.md, "Redis outages")."""
 FALLBACK_STALL_MS: Final = 1500
 """Without schedstat a thread starved of CPU looks asleep: only a longer stall counts then."""
 

@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 from pydantic import Field
 
 from agentwatch.codec import Event
-from agentwatch.config import Seconds, format_duration
+from agentwatch.config import Allowance, Seconds, format_duration
 from agentwatch.dependencies import DependsOnConfig
 from detectors import schedule
 from detectors.agent import Agent
@@ -42,7 +42,7 @@ class SilenceConfig(ScheduleConfig, DependsOnConfig):
     """Silence's keys, a scheduled agent's (``schedule``, ``grace``, ``max_runtime``,
     ``timezone``: detectors/schedule.py) and ``depends_on`` (agentwatch/dependencies.py)."""
 
-    after_s: Seconds = Field(60.0, alias="after", gt=0, description="no event this long: gone")
+    after_s: Allowance = Field(60.0, alias="after", description="no event this long: gone")
     severity: Severity = "critical"
     rss_growth: float = Field(1.5, ge=1.0, description='"killed for memory" if RSS grew this much')
     rss_growth_min: Bytes = Field(50 * 10**6, ge=0, description="... and by at least this")

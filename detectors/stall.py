@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, cast
 from pydantic import Field
 
 from agentwatch.codec import Event
-from agentwatch.config import Seconds, format_duration
+from agentwatch.config import Allowance, format_duration
 from detectors.agent import Agent
 from detectors.base import Detector, DetectorConfig
 from detectors.recovery import Recovery
@@ -70,7 +70,7 @@ the agent's."""
 
 
 class StallConfig(DetectorConfig):
-    after_s: Seconds = Field(120.0, alias="after", gt=0, description="no beat this long while pulses arrive")
+    after_s: Allowance = Field(120.0, alias="after", description="no beat this long while pulses arrive")
     severity: Severity = "critical"
     recover_after: int = Field(1, ge=1, le=10_000, description="beats on time in a row to resolve")
 

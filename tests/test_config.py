@@ -528,11 +528,37 @@ def test_an_unset_variable_is_reported_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [('[worker]\nblock = "5s"\n', "[worker] block: must be at most 1.5s, got 5s"),
-     ('[worker]\nhealth_ttl = "500ms"\n', "[worker] health_ttl: must be at least 2s, got 500ms"),
-     ('[detectors.silence]\nafter = "0s"\n', "[detectors.silence] after: must be more than 0ms, got 0ms")],
+     ('[worker]\nhealth_ttl = "500ms"\n', "[worker] health_ttl: must be at least 2s, got 500ms")],
 )  # fmt: skip
 def test_duration_bounds_are_said_in_durations(tmp_path: Path, text: str, expected: str) -> None:
     assert problems(tmp_path, text) == [expected]
+
+
+OUTAGE_REASON = (
+    "must be at least 250ms: a shorter allowance cannot be kept apart from a short Redis outage, and "
+    'healthy agents would be paged after one (docs/detectors.md, "Redis outages")'
+)
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [("detectors.silence", "0s"), ("detectors.silence", "200ms"), ("detectors.stall", "0.1s"),
+     ('detectors.silence.agents."batch-*"', "100ms")],
+)  # fmt: skip
+def test_allowances_too_short_to_survive_an_outage_are_refused_with_the_reason(
+    tmp_path: Path, section: str, value: str
+) -> None:
+    text = f'[{section}]\nafter = "{value}"\n'
+    assert problems(tmp_path, text) == [f"[{section}] after: {OUTAGE_REASON} (got '{value}')"]
+
+
+def test_the_shortest_allowance_an_outage_cannot_defeat_is_accepted(tmp_path: Path) -> None:
+    text = '[detectors.silence]\nafter = "250ms"\n[detectors.stall]\nafter = "250ms"\n'
+    pipeline = loading.load(write(tmp_path, text))
+    assert {d.name: d.config.after_s for d in pipeline.detectors if d.name in ("silence", "stall")} == {
+        "silence": 0.25,
+        "stall": 0.25,
+    }
 
 
 @pytest.mark.parametrize(
