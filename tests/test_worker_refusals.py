@@ -33,6 +33,11 @@ def oom_errors(admin: redis.Redis) -> int:
     return int(admin.info("errorstats").get("errorstat_OOM", {}).get("count", 0))
 
 
+def blocked_in_read(admin: redis.Redis) -> bool:
+    """Whether a client of this server is blocked in XREADGROUP right now."""
+    return any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in admin.client_list())
+
+
 @pytest.fixture
 def server(spawn_redis: Callable[..., EmbeddedRedis]) -> EmbeddedRedis:
     return spawn_redis()
@@ -93,12 +98,15 @@ def test_a_dead_letter_refused_by_a_full_redis_is_not_acknowledged(
 ) -> None:
     keys = Keys(prefix)
     client = connect(settings_for(prefix, server.url), server.url)
-    worker = events_worker(client, prefix, [])
+    # Slow ticks, long reads: the worker spends its time blocked in XREADGROUP. (A tick refused
+    # first would wait for a writable Redis before reading anything: not this test's case.)
+    worker = events_worker(client, prefix, [], tick="1.5s", block="1.5s")
     try:
         with running(worker) as thread:
             wait_for(lambda: admin.exists(keys.events()) and admin.xinfo_groups(keys.events()), what="group")
-            # Queued before Redis is full, executed at once: the worker reads the bad entry
-            # from a Redis that takes reads and acks but no XADD.
+            # Queued before Redis is full, executed at once while the worker waits in its read:
+            # it reads the bad entry from a Redis that takes reads and acks but no XADD.
+            wait_for(lambda: blocked_in_read(admin), what="the worker waiting in XREADGROUP")
             pipe = admin.pipeline(transaction=True)
             pipe.xadd(keys.events(), {"d": b"\xc1"})
             pipe.config_set("maxmemory", 1)
