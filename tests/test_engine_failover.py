@@ -41,7 +41,7 @@ from helpers import drained, wait_for
 pytestmark = pytest.mark.slow
 
 SILENCE_AFTER_MS = 1000
-CONFIG = """
+CONFIG_AFTER = """
 [redis]
 url = "{url}"
 prefix = "{prefix}"
@@ -51,8 +51,10 @@ tick = "50ms"
 block = "50ms"
 claim_idle = "500ms"
 [detectors.silence]
-after = "1s"
+after = "%s"
 """
+"""A fast worker's pipeline file; ``%`` the silence allowance, then ``format`` url/prefix/shards."""
+CONFIG = CONFIG_AFTER % "1s"
 LOADED_MARGIN_MS = 1000
 """Added to every failover bound: a 2-core box under load (xdist, CI, other jobs) may hold a
 worker process off the CPU for most of a second at the wrong moment (its tick, its takeover)."""

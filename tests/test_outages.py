@@ -20,7 +20,7 @@ import pytest
 import redis
 from agents.testkit import Echo, agent_env, spawn
 from agents_detect.kit import fired, transitions
-from test_engine_failover import CONFIG, Beater, Workers, lease
+from test_engine_failover import CONFIG, CONFIG_AFTER, Beater, Workers, lease
 
 from agentwatch import codec
 from agentwatch.embedded import EmbeddedRedis
@@ -34,18 +34,6 @@ from helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
-TEMPLATE = """
-[redis]
-url = "{url}"
-prefix = "{prefix}"
-shards = {shards}
-[worker]
-tick = "50ms"
-block = "50ms"
-claim_idle = "500ms"
-[detectors.silence]
-after = "%s"
-"""
 BEAT_S = 0.2
 HEALTHY = 3
 RECONNECT_CAP_MS = 5000
@@ -121,7 +109,7 @@ def test_a_short_redis_outage_pages_no_healthy_agent_and_still_pages_a_dead_one(
     server = spawn_redis(persist=True)
     keys = Keys(prefix)
     client = redis.Redis.from_url(server.url)
-    workers = Workers(tmp_path, server.url, prefix, TEMPLATE % after)
+    workers = Workers(tmp_path, server.url, prefix, CONFIG_AFTER % after)
     try:
         worker = workers.start(1)
         wait_for(lambda: lease(client, keys, 0) is not None, timeout=20, what="the shard owned")
