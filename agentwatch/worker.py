@@ -254,6 +254,10 @@ class Worker(Generic[T]):
         """One iteration: timers when due, then one read-process-ack. Returns entries handled."""
         now = time.monotonic()
         if now >= self._next_tick:
+            if self.outages.check(0.0):
+                # Redis kept the last batch's processing waiting (frozen while a handler wrote):
+                # the handlers hear of that outage in this tick, before they judge any clock.
+                self._outage(stalled=True)
             self._tick(now)
         handled = 0
         while self._recover_own:  # entries we read before Redis went away, never acknowledged

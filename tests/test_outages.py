@@ -11,8 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,16 @@ from agents_detect.kit import fired, transitions
 from test_engine_failover import CONFIG, CONFIG_AFTER, Beater, Workers, lease
 
 from agentwatch import codec
+from agentwatch.codec import Event
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.keys import Keys
 from agentwatch.outages import STALL_MS, Outages
+from agentwatch.worker import Handler, Message, Worker
 from detectors.agent import read_agents
 from detectors.engine import RECONNECT_GRACE_MS
 from producers import _config, _sender
 
-from helpers import wait_for
+from helpers import events_worker, running, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +42,7 @@ HEALTHY = 3
 RECONNECT_CAP_MS = 5000
 """The worker's own wait to reconnect is at most as long as the outage (its retries back off
 exponentially) and at most 5 s (docs/detectors.md): the clocks restart from when it has Redis back."""
+BEAT: Event = {"v": 1, "agent": "bot", "kind": "beat", "ts": 1.0, "run": "r1", "seq": 1}
 LOADED_MARGIN_MS = 1500
 """Added to the documented bound: a 2-core box under load may hold the worker, the producers or
 Redis itself off the CPU for most of a second at the wrong moment."""
@@ -253,3 +257,47 @@ def test_only_one_call_kept_waiting_is_an_outage_not_many_short_round_trips(redi
         client.delete(stream)
     finally:
         client.close()
+
+
+@pytest.mark.skipif(not Outages().precise, reason="needs Linux schedstat")
+def test_redis_frozen_while_a_batch_is_processed_is_known_at_the_next_tick(
+    spawn_redis: Callable[..., EmbeddedRedis], prefix: str
+) -> None:
+    """Redis freezes while a handler writes for a batch (a checkpoint, an alert). The next tick
+    judges every clock, so it must already know of that outage: had the worker noticed it only
+    after its next read, the tick would page every agent whose beats were held by the freeze."""
+    server = spawn_redis()
+    assert server.process is not None
+    pid = server.process.pid
+    client = redis.Redis.from_url(server.url)
+    seen: dict[str, int] = {}
+    worker: Worker[Event]
+
+    class FrozenWhileWriting(Handler[Event]):
+        name = "frozen-while-writing"
+
+        def on_batch(self, messages: Sequence[Message[Event]]) -> None:
+            if "outages before" in seen:
+                return
+            seen["outages before"] = worker.outages.count
+            os.kill(pid, signal.SIGSTOP)
+            thaw = threading.Timer(0.8, os.kill, (pid, signal.SIGCONT))
+            thaw.start()
+            worker.client.ping()  # a handler's write, kept waiting by the frozen Redis
+            thaw.join()
+            seen["batch done"] = 1
+
+        def on_tick(self, now_ms: int) -> None:
+            if "batch done" in seen and "outages at the next tick" not in seen:
+                seen["outages at the next tick"] = worker.outages.count
+
+    worker = events_worker(client, prefix, [FrozenWhileWriting()])
+    try:
+        with running(worker):
+            wait_for(lambda: client.exists(Keys(prefix).events()), what="the worker's stream")
+            client.xadd(Keys(prefix).events(), {"d": codec.encode(BEAT)})
+            wait_for(lambda: "outages at the next tick" in seen, timeout=20, what="a tick after the batch")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        client.close()
+    assert seen["outages at the next tick"] == seen["outages before"] + 1
