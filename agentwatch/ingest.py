@@ -43,7 +43,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from agentwatch import __version__, codec
 from agentwatch.errors import AgentwatchError
@@ -65,6 +65,9 @@ from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.signing import Signer, agent_key
 from producers._config import DEFAULT_MAXLEN
+
+if TYPE_CHECKING:
+    from agentwatch.ingest_link import Link
 
 Kind = Literal["start", "beat", "pulse", "exit"]
 
@@ -179,6 +182,7 @@ class EventWriter:
         version: str = SOURCE_VERSION,
         secret: str | None = None,
         cache_size: int = CACHE_SIZE,
+        link: Link | None = None,
     ) -> None:
         self.client: Any = client
         self.keys = keys
@@ -194,7 +198,9 @@ class EventWriter:
         self._encode = codec.encoder()
         self._write = self.client.register_script(WRITE)
         self._sweep = self.client.register_script(SWEEP)
-        self._batches = Batches(self.client, self._write)
+        self._batches = Batches(self.client, self._write, link=link)
+        """:meth:`awrite`'s round trips: on ``link`` from the event loop when given (the HTTP
+        server's, agentwatch/ingest_link.py), else through ``client`` in a worker thread."""
 
     # -- one agent, one call: the ping API ---------------------------------------------------
     def write(
@@ -225,7 +231,7 @@ class EventWriter:
         start_facts: Mapping[str, Any] | None = None,
     ) -> Written:
         """:meth:`write` from an event loop (an HTTP server): the writes of concurrent requests
-        share one pipeline and one thread hop per round trip (:class:`~agentwatch.ingest_records.Batches`)."""
+        share one round trip (:class:`~agentwatch.ingest_records.Batches`)."""
         item = Item(agent, [(kind, fields or {})], interval_s=interval_s, start_facts=start_facts)
         shard = shard_of(agent, self.keys.shards)
         for _ in range(ATTEMPTS):

@@ -111,6 +111,22 @@ def _redis_down(request: Request, exc: Exception) -> Response:
     return unavailable(exc)
 
 
+class App(Starlette):
+    """Starlette, except that pings are answered before its middleware and router: the ping API
+    is the route called most, by far, and those layers cost it more CPU than its own work
+    (benchmarks/NOTES.md ``## http_ping``). It checks its own key, so the guard has nothing to
+    add; its route stays registered, and any request :func:`ping.match` leaves to the router
+    (another method) is routed as before."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            found = ping.match(scope)
+            if found is not None:
+                await ping.answer(self.state.server, scope, receive, send, found)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) -> Starlette:
     """The whole server for ``pipeline``, on the Redis at ``url`` (connected lazily: it starts,
     and says so on every page, while Redis is away)."""
@@ -122,6 +138,8 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
         sweeping = asyncio.get_running_loop().create_task(server.sweeping())
         yield
         sweeping.cancel()
+        if server.link is not None:
+            await server.link.close()
         server.otlp.close()
         server.client.close()
 
@@ -137,7 +155,7 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
         Mount("/static", StaticFiles(packages=[("agentwatch.http", "static")]), name="static"),
     ]
     handlers: dict[Any, Any] = dict.fromkeys(RECOVERABLE, _redis_down)
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app = App(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(Guard, server=server)
     return app
