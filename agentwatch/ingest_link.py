@@ -5,66 +5,125 @@ thread and back cost ~17 us of CPU and redis-py's pipeline ~20 us of Python pack
 together more than the bare HTTP server spends on a whole request. Here the writes that
 :class:`~agentwatch.ingest_records.Batches` gathered (usually one script call, joined by
 :func:`~agentwatch.ingest_records.merged`) are packed by hiredis in one C call, sent in one
-write and their replies parsed by redis-py's hiredis parser, on a connection the event loop
-reads itself: no thread, no pipeline object, and a slow Redis still never blocks the loop.
+write, and their replies parsed by hiredis as the bytes arrive, in an asyncio protocol: no
+thread, no pipeline, no stream reader, and a slow Redis still never blocks the loop.
 
-redis-py's asyncio connection does the handshake (AUTH, SELECT, TLS, the client name) with the
-same options as every other client of the server (:func:`agentwatch.redisconn.async_pool`), so
-this module knows nothing of it. A Redis Cluster keeps the threaded path (its pipelines route
-and redirect commands; this link does not).
+redis-py's asyncio connection does the handshake (TLS, AUTH, SELECT, the client name) with the
+same options as every other client of the server (:func:`agentwatch.redisconn.async_pool`);
+then its transport is handed to :class:`_Replies`, so this module knows nothing of the
+handshake. Reply errors are redis-py's own classes (its parser's table, with agentwatch's
+additions: agentwatch/redisconn.py), so a Redis that refuses writes is answered as before. A
+Redis Cluster keeps the threaded path (its pipelines route and redirect commands; this does not).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class _Replies(asyncio.Protocol):
+    """Replies as they arrive, handed in order to the batches waiting for them."""
+
+    def __init__(self, conn: AbstractConnection, transport: asyncio.Transport) -> None:
+        self.conn = conn
+        """Kept: redis-py closes its connection's transport when the object is collected."""
+        self.transport = transport
+        self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        self.waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
+        self.lost: Exception | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while waiting:
+            count, replies, future = waiting[0]
+            while len(replies) < count:
+                reply = self.reader.gets()
+                if reply is False:
+                    return
+                replies.append(reply)
+            waiting.popleft()
+            if not future.done():
+                future.set_result(replies)
+
+    def eof_received(self) -> bool:
+        return False  # close: a server that stops sending takes no more commands
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = RedisConnectionError(f"the connection to Redis was closed ({exc or 'by the server'})")
+        self.fail(self.lost)
+
+    def fail(self, error: Exception) -> None:
+        for _, _, future in self.waiting:
+            if not future.done():
+                future.set_exception(error)
+        self.waiting.clear()
 
 
 class Link:
-    """One connection, opened on first use and again after any error. One caller at a time
-    (the writer's batches run one after the other), so replies come back in order."""
+    """One connection, opened on first use and again after any error; replies come back in the
+    order the commands went."""
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
-        self._conn: AbstractConnection | None = None
+        self._replies: _Replies | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` (tuples of str, bytes, int or float) in one write and read their
-        replies in order; a command's own error (NOSCRIPT, say) is its reply. A connection
-        error or timeout is raised (the link reconnects on its next use)."""
-        conn = await self._connection()
+        """Send ``commands`` (tuples of str, bytes, int or float) in one write and wait for their
+        replies, in order; a command's own error (NOSCRIPT, say) is its reply, an exception
+        instance. A lost connection or a reply later than the socket timeout is raised (redis-py's
+        ConnectionError, TimeoutError), and the link reconnects on its next use."""
+        replies = await self._connection()
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        replies.waiting.append((len(commands), [], future))
+        replies.transport.write(b"".join([hiredis.pack_command(command) for command in commands]))
+        timeout = self.pool.connection_kwargs.get("socket_timeout")
+        timer = None if timeout is None else loop.call_later(timeout, self._late, replies, future)
         try:
-            await conn.send_packed_command(b"".join([hiredis.pack_command(c) for c in commands]), False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:  # the connection's state is unknown (half a reply read): a new one
-            self._conn = None
-            await conn.disconnect(nowait=True)
-            raise
-        return replies
+            return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    async def _connection(self) -> AbstractConnection:
+    def _late(self, replies: _Replies, future: asyncio.Future[list[Any]]) -> None:
+        if not future.done():  # the replies left are now out of step: a new connection
+            self._drop(replies)
+            replies.fail(RedisTimeoutError("Redis did not answer in time"))
+
+    def _drop(self, replies: _Replies) -> None:
+        if self._replies is replies:
+            self._replies = None
+        replies.transport.close()
+
+    async def _connection(self) -> _Replies:
         loop = asyncio.get_running_loop()
-        if self._conn is not None and self._loop is loop:
-            return self._conn
-        # none yet, or one made by an event loop that has ended (a test client makes one per
+        replies = self._replies
+        if replies is not None and replies.lost is None and self._loop is loop:
+            return replies
+        # none yet, lost, or made by an event loop that has ended (a test client makes one per
         # request): that loop's transport cannot be used from this one
         conn: AbstractConnection = self.pool.make_connection()  # type: ignore[no-untyped-call]
         await conn.connect()  # type: ignore[no-untyped-call]
-        self._conn, self._loop = conn, loop
-        return conn
+        transport = conn._writer.transport  # type: ignore[union-attr]  # the handshake is done: ours now
+        replies = _Replies(conn, transport)  # type: ignore[arg-type]
+        transport.set_protocol(replies)
+        self._replies, self._loop = replies, loop
+        return replies
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and self._loop is asyncio.get_running_loop():
-            await conn.disconnect()
+        replies, self._replies = self._replies, None
+        if replies is not None and self._loop is asyncio.get_running_loop():
+            replies.transport.close()

@@ -31,7 +31,7 @@ import asyncio
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
@@ -143,9 +143,10 @@ return {{sweep(KEYS[1], ARGV[1], true), sweep(KEYS[2], ARGV[2], false), deleted}
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
-    """One agent's run record as Redis holds it (see the module docstring)."""
+    """One agent's run record as Redis holds it (see the module docstring). Never changed once
+    made, and compared by identity (not frozen: that costs a microsecond per write)."""
 
     raw: bytes
     exp_s: int
@@ -255,10 +256,17 @@ class Call:
     args: list[Any]
 
 
-def pack_entries(pairs: list[bytes]) -> bytes:
-    """One agent's ``d, s, d, s...`` as the write script takes them (msgpack raw strings)."""
-    packed: bytes = msgpack.packb(pairs, use_bin_type=False)
+def pack_entries(pairs: list[bytes], pack: Callable[[Any], bytes] | None = None) -> bytes:
+    """One agent's ``d, s, d, s...`` as the write script takes them (msgpack raw strings).
+    ``pack``: a :func:`raw_packer` the caller reuses (a packer per call costs more than the packing)."""
+    packed: bytes = (pack or raw_packer())(pairs)
     return packed
+
+
+def raw_packer() -> Callable[[Any], bytes]:
+    """A reusable packer for :func:`pack_entries` (not thread-safe: the writer's lock guards it)."""
+    pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=False).pack
+    return pack
 
 
 def run_calls(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
@@ -325,12 +333,15 @@ class Batches:
         self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, call: Call) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def submit(self, call: Call) -> asyncio.Future[Any]:
+        """The reply to ``call`` (or its error), to await: a plain function returning a future,
+        not a coroutine, which would cost every ping another frame."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((call, future))
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
-        return await future
+            self._task = loop.create_task(self._drain())
+        return future
 
     async def _drain(self) -> None:
         while self._pending:

@@ -100,10 +100,13 @@ def parse_fields(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise BadPing('the body must be a JSON object, e.g. {"tokens": 1200, "model": "gpt-4o"}') from None
     if not isinstance(data, dict):
         raise BadPing(f"the body must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(allowed))
+    unknown = [key for key in data if key not in allowed]
     if unknown:
+        unknown.sort()
         raise BadPing(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
-    return {key: value for key, value in data.items() if value is not None}
+    if None in data.values():
+        return {key: value for key, value in data.items() if value is not None}
+    return data
 
 
 def event_of(command: str, fields: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
