@@ -201,6 +201,7 @@ class EventWriter:
         self._pack_raw = raw_packer()
         self._write = self.client.register_script(WRITE)
         self._sweep = self.client.register_script(SWEEP)
+        self.link = link
         self._batches = Batches(self.client, self._write, link=link)
         """:meth:`awrite`'s round trips: on ``link`` from the event loop when given (the HTTP
         server's, agentwatch/ingest_link.py), else through ``client`` in a worker thread."""

@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import hiredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
+from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -60,7 +61,8 @@ class _Replies(asyncio.Protocol):
         return False  # close: a server that stops sending takes no more commands
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = RedisConnectionError(f"the connection to Redis was closed ({exc or 'by the server'})")
+        if self.lost is None:
+            self.lost = RedisConnectionError(f"the connection to Redis was closed ({exc or 'by the server'})")
         self.fail(self.lost)
 
     def fail(self, error: Exception) -> None:
@@ -83,13 +85,28 @@ class Link:
         """Send ``commands`` (tuples of str, bytes, int or float) in one write and wait for their
         replies, in order; a command's own error (NOSCRIPT, say) is its reply, an exception
         instance. A lost connection or a reply later than the socket timeout is raised (redis-py's
-        ConnectionError, TimeoutError), and the link reconnects on its next use."""
-        replies = await self._connection()
+        ConnectionError, TimeoutError), and the link reconnects on its next use.
+
+        A connection that had been idle and turns out closed before any reply came (Redis
+        restarted, or dropped it: ``timeout``, ``CLIENT KILL``) is replaced and the commands sent
+        once more, as redis-py's own retry does: the server closed it before reading them."""
+        payload = b"".join([hiredis.pack_command(command) for command in commands])
+        replies, fresh = await self._connection()
+        got: list[Any] = []
+        try:
+            return await self._round_trip(replies, payload, len(commands), got)
+        except RedisConnectionError:
+            if fresh or got:
+                raise
+        replies, _ = await self._connection()
+        return await self._round_trip(replies, payload, len(commands), [])
+
+    async def _round_trip(self, replies: _Replies, payload: bytes, count: int, got: list[Any]) -> list[Any]:
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[list[Any]] = loop.create_future()
-        replies.waiting.append((len(commands), [], future))
-        replies.transport.write(b"".join([hiredis.pack_command(command) for command in commands]))
+        replies.waiting.append((count, got, future))
+        replies.transport.write(payload)
         timeout = self.pool.connection_kwargs.get("socket_timeout")
         timer = None if timeout is None else loop.call_later(timeout, self._late, replies, future)
         try:
@@ -100,30 +117,35 @@ class Link:
 
     def _late(self, replies: _Replies, future: asyncio.Future[list[Any]]) -> None:
         if not future.done():  # the replies left are now out of step: a new connection
-            self._drop(replies)
-            replies.fail(RedisTimeoutError("Redis did not answer in time"))
+            replies.lost = RedisTimeoutError("Redis did not answer in time")
+            replies.fail(replies.lost)
+            replies.transport.close()
 
-    def _drop(self, replies: _Replies) -> None:
-        if self._replies is replies:
-            self._replies = None
-        replies.transport.close()
-
-    async def _connection(self) -> _Replies:
+    async def _connection(self) -> tuple[_Replies, bool]:
+        """The connection, and whether it was opened just now."""
         loop = asyncio.get_running_loop()
         replies = self._replies
-        if replies is not None and replies.lost is None and self._loop is loop:
-            return replies
-        # none yet, lost, or made by an event loop that has ended (a test client makes one per
-        # request): that loop's transport cannot be used from this one
+        if replies is not None:
+            if replies.lost is None and self._loop is loop:
+                return replies, False
+            await self._discard(replies)
         conn: AbstractConnection = self.pool.make_connection()  # type: ignore[no-untyped-call]
         await conn.connect()  # type: ignore[no-untyped-call]
         transport = conn._writer.transport  # type: ignore[union-attr]  # the handshake is done: ours now
         replies = _Replies(conn, transport)  # type: ignore[arg-type]
         transport.set_protocol(replies)
         self._replies, self._loop = replies, loop
-        return replies
+        return replies, True
+
+    async def _discard(self, replies: _Replies) -> None:
+        """Close a connection that was lost, timed out, or belongs to an event loop that has
+        ended (a test client makes one per request: nothing can be done with that one)."""
+        self._replies = None
+        if self._loop is asyncio.get_running_loop():
+            with suppress(RedisError, OSError):
+                await replies.conn.disconnect(nowait=True)
 
     async def close(self) -> None:
-        replies, self._replies = self._replies, None
-        if replies is not None and self._loop is asyncio.get_running_loop():
-            replies.transport.close()
+        """Close the connection (the server's shutdown); a later use opens a new one."""
+        if self._replies is not None:
+            await self._discard(self._replies)
