@@ -202,6 +202,7 @@ class EventWriter:
         self._write = self.client.register_script(WRITE)
         self._sweep = self.client.register_script(SWEEP)
         self.link = link
+        self._script_keys: dict[int, list[str]] = {}
         self._batches = Batches(self.client, self._write, link=link)
         """:meth:`awrite`'s round trips: on ``link`` from the event loop when given (the HTTP
         server's, agentwatch/ingest_link.py), else through ``client`` in a worker thread."""
@@ -400,7 +401,11 @@ class EventWriter:
             args += (name, expected or b"", new or b"")
         for p in prepared:
             args += p.args
-        return Call([self.keys.ingest(shard), self.keys.events(shard), self.keys.otlp(shard)], args)
+        keys = self._script_keys.get(shard)
+        if keys is None:  # the same three names for every call of a shard: made once
+            keys = [self.keys.ingest(shard), self.keys.events(shard), self.keys.otlp(shard)]
+            self._script_keys[shard] = keys
+        return Call(keys, args)
 
     def _settle(self, prepared: Sequence[_Prepared], reply: Any) -> list[Written | Flooded | object]:
         """Each item's outcome from the script's reply, the records remembered accordingly."""

@@ -50,19 +50,23 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """:func:`read_body` for a plain ASGI handler (the ping API's). Raises :class:`BodyTooLarge`,
     or ``ClientDisconnect`` when the client went away."""
+    message = await receive()
+    body = message.get("body", b"")
+    if message["type"] == "http.request" and not message.get("more_body", False) and len(body) <= limit:
+        return bytes(body)  # the whole body in one message (a ping's, always): nothing to refuse
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise BodyTooLarge(f"the body is {int(value):,} bytes; at most {limit:,} are accepted")
-    body = bytearray()
+    received = bytearray()
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
-        body += message.get("body", b"")
-        if len(body) > limit:
+        received += message.get("body", b"")
+        if len(received) > limit:
             raise BodyTooLarge(f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
         if not message.get("more_body", False):
-            return bytes(body)
+            return bytes(received)
+        message = await receive()
 
 
 def unavailable(exc: BaseException) -> Response:
