@@ -332,15 +332,18 @@ class Batches:
         self.link = link
         self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, call: Call) -> asyncio.Future[Any]:
         """The reply to ``call`` (or its error), to await: a plain function returning a future,
-        not a coroutine, which would cost every ping another frame."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((call, future))
-        if self._task is None or self._task.done():
+        not a coroutine, which would cost every ping another frame. The running loop is looked
+        up once per round trip, not per write (CPython 3.11 pays a ``getpid`` system call for it)."""
+        loop = self._loop
+        if loop is None or self._task is None or self._task.done():
+            self._loop = loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._drain())
+        future: asyncio.Future[Any] = loop.create_future()  # the drain's loop: the caller's
+        self._pending.append((call, future))
         return future
 
     async def _drain(self) -> None:
