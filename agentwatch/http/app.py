@@ -6,9 +6,11 @@ template engine of their own and few dependencies; uvicorn serves it from the CL
 without any deployment step, and anyone can put the app behind their own ASGI server.
 
 Route modules each export ``routes``; the OTLP receiver's (otlp.py) sits beside ping.py.
-Handlers that touch Redis run in a thread pool (redis-py is synchronous, like the workers), so
-a slow Redis never blocks the event loop, and every Redis error that means "away for now"
-becomes a 503 (pages say so in plain words; the ping API adds ``Retry-After``).
+Handlers that read Redis run in a thread pool (redis-py is synchronous, like the workers); the
+ping API writes from the event loop on a connection of its own (agentwatch/ingest_link.py). So a
+slow Redis never blocks the event loop, and every Redis error that means "away for now"
+becomes a 503 (pages say so in plain words; the ping API adds ``Retry-After``). Pings are
+answered before Starlette's middleware and router (:class:`App`).
 """
 
 from __future__ import annotations

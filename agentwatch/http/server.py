@@ -4,7 +4,8 @@ the event writer, this server's counters, and a short-lived cache of the fleet's
 Route modules (ping.py, pages.py, metrics.py, badges.py, otlp.py) take a
 :class:`Server` from ``request.app.state.server`` and nothing else, so a new module of routes
 is added in app.py with one line. Writers call ``await server.writer.awrite(...)`` (batched
-round trips); readers run their synchronous Redis reads in the thread pool.
+round trips on the event loop's own connection, :attr:`Server.link`); readers run their
+synchronous Redis reads in the thread pool.
 """
 
 from __future__ import annotations
