@@ -74,7 +74,8 @@ class _Replies(asyncio.Protocol):
 
 class Link:
     """One connection, opened on first use and again after any error; replies come back in the
-    order the commands went."""
+    order the commands went. One caller at a time (the writer's batches run one after the
+    other): two callers opening a connection at once would each open one."""
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
@@ -89,7 +90,9 @@ class Link:
 
         A connection that had been idle and turns out closed before any reply came (Redis
         restarted, or dropped it: ``timeout``, ``CLIENT KILL``) is replaced and the commands sent
-        once more, as redis-py's own retry does: the server closed it before reading them."""
+        once more, as redis-py's own retry did on the threaded path: a connection closed while
+        idle has, as far as the client can tell, not read them (should Redis have run them all the
+        same, the write script's compare-and-set numbers the second try after the first)."""
         payload = b"".join([hiredis.pack_command(command) for command in commands])
         replies, fresh = await self._connection()
         got: list[Any] = []
