@@ -91,8 +91,9 @@ class Link:
         A connection that had been idle and turns out closed before any reply came (Redis
         restarted, or dropped it: ``timeout``, ``CLIENT KILL``) is replaced and the commands sent
         once more, as redis-py's own retry did on the threaded path: a connection closed while
-        idle has, as far as the client can tell, not read them (should Redis have run them all the
-        same, the write script's compare-and-set numbers the second try after the first)."""
+        idle has, as far as the client can tell, not read them. Should Redis have run them all the
+        same, the events are written twice, the second time numbered after the first (the write
+        script's compare-and-set keeps seqs in order), as with redis-py's retry."""
         payload = b"".join([hiredis.pack_command(command) for command in commands])
         replies, fresh = await self._connection()
         got: list[Any] = []
