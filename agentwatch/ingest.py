@@ -43,7 +43,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from agentwatch import __version__, codec
 from agentwatch.errors import AgentwatchError
@@ -58,6 +58,7 @@ from agentwatch.ingest_records import (
     numbering,
     pack_entries,
     predicted,
+    raw_packer,
     run_calls,
     stored,
 )
@@ -65,6 +66,9 @@ from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.signing import Signer, agent_key
 from producers._config import DEFAULT_MAXLEN
+
+if TYPE_CHECKING:
+    from agentwatch.ingest_link import Link
 
 Kind = Literal["start", "beat", "pulse", "exit"]
 
@@ -92,9 +96,10 @@ class Contended(AgentwatchError):
     written, and the caller should retry later (503)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Written:
-    """What one call put on the agent's stream."""
+    """What one call put on the agent's stream. Never changed once made (not frozen: that costs
+    a microsecond per write, a hundredth of a ping)."""
 
     run: str
     seq: int
@@ -179,6 +184,7 @@ class EventWriter:
         version: str = SOURCE_VERSION,
         secret: str | None = None,
         cache_size: int = CACHE_SIZE,
+        link: Link | None = None,
     ) -> None:
         self.client: Any = client
         self.keys = keys
@@ -192,9 +198,14 @@ class EventWriter:
         """Each agent's record as this server last saw it (its lock also guards the encoder)."""
         self._signers: Cache[str, Signer] = Cache(cache_size)
         self._encode = codec.encoder()
+        self._pack_raw = raw_packer()
         self._write = self.client.register_script(WRITE)
         self._sweep = self.client.register_script(SWEEP)
-        self._batches = Batches(self.client, self._write)
+        self.link = link
+        self._script_keys: dict[int, list[str]] = {}
+        self._batches = Batches(self.client, self._write, link=link)
+        """:meth:`awrite`'s round trips: on ``link`` from the event loop when given (the HTTP
+        server's, agentwatch/ingest_link.py), else through ``client`` in a worker thread."""
 
     # -- one agent, one call: the ping API ---------------------------------------------------
     def write(
@@ -225,7 +236,7 @@ class EventWriter:
         start_facts: Mapping[str, Any] | None = None,
     ) -> Written:
         """:meth:`write` from an event loop (an HTTP server): the writes of concurrent requests
-        share one pipeline and one thread hop per round trip (:class:`~agentwatch.ingest_records.Batches`)."""
+        share one round trip (:class:`~agentwatch.ingest_records.Batches`)."""
         item = Item(agent, [(kind, fields or {})], interval_s=interval_s, start_facts=start_facts)
         shard = shard_of(agent, self.keys.shards)
         for _ in range(ATTEMPTS):
@@ -316,7 +327,8 @@ class EventWriter:
         with self.records.lock:
             planned: dict[str, Record | None] = {}
             for item in items:
-                codec.check_agent(item.agent)
+                if item.trusted:  # others' names are checked with their events (codec.validate)
+                    codec.check_agent(item.agent)
                 known = planned[item.agent] if item.agent in planned else self.records.get(item.agent)
                 # an agent unknown here is numbered as new: the script says so if it is not
                 before = None if isinstance(known, _Missing) else known
@@ -328,12 +340,11 @@ class EventWriter:
         return out
 
     def _number(self, item: Item, before: Record | None, now: float) -> _Prepared:
-        own = [(kind, dict(fields)) for kind, fields in item.events]
+        own: Sequence[tuple[Kind, Mapping[str, Any]]] = item.events
         opens = len(own) == 1 and own[0][0] == "start"
         fresh = before is None or before.ended or before.exp_s < now
         new_run = opens or fresh or (item.run is not None and item.run != before.run)  # type: ignore[union-attr]
         interval = item.interval_s if item.interval_s is not None else (before.interval_s if before else None)
-        head: dict[str, Any] = {"v": codec.VERSION, "agent": item.agent, "ts": now}
         declared = {} if interval is None else {"interval": interval}
         leading: list[tuple[Kind, dict[str, Any]]] = []
         if new_run:
@@ -349,30 +360,32 @@ class EventWriter:
             run, seq = before.run, before.seq
             if item.interval_s is not None and item.interval_s != before.interval_s:
                 leading.append(("pulse", dict(declared)))
-        stream = self.keys.events(shard_of(item.agent, self.keys.shards))
-        signer = self._signer(item.agent, stream, now)
+        signer = None
+        if self.secret is not None:
+            signer = self._signer(item.agent, self.keys.events(shard_of(item.agent, self.keys.shards)), now)
         entries: list[Any] = []
-        for kind, fields in (*leading, *own):
-            event = {**head, "kind": kind, **fields, "run": run, "seq": seq}
+        ended = False
+        for kind, fields in (*leading, *own) if leading else own:
+            event = {"v": codec.VERSION, "agent": item.agent, "ts": now, "kind": kind, **fields, "run": run,
+                     "seq": seq}  # fmt: skip
             if not item.trusted:
                 codec.validate(event)
             data = self._encode(event)
             entries += (data, signer.sign(data) if signer is not None else b"")
             seq += 1
-        ended = any(kind == "exit" for kind, _ in own)
+            ended = ended or kind == "exit"
         packed = numbering(run, seq, interval, ended)
         ttl_s = max(item.ttl_s if item.ttl_s is not None else self.run_ttl_s, 4 * (interval or 0.0))
-        expected = predicted(before, packed, exp_s=int(now + ttl_s) + 1, run=run, seq=seq,
-                             interval_s=None if interval is None else float(interval),
-                             ended=ended)  # fmt: skip
+        as_float = None if interval is None else float(interval)
+        exp_s = int(now + ttl_s) + 1
+        expected = predicted(before, packed, exp_s=exp_s, run=run, seq=seq, interval_s=as_float, ended=ended)
         events = len(entries) // 2
         args = [item.agent, before.numbering if before else b"", packed, 1 if item.counted else 0,
-                int(ttl_s * 1000), pack_entries(entries)]  # fmt: skip
+                int(ttl_s * 1000), pack_entries(entries, self._pack_raw)]  # fmt: skip
         return _Prepared(item, before, expected, args, Written(run, seq - 1, new_run, events))
 
-    def _signer(self, agent: str, stream: str, now: float) -> Signer | None:
-        if self.secret is None:
-            return None
+    def _signer(self, agent: str, stream: str, now: float) -> Signer:
+        assert self.secret is not None
         with_stream = f"{stream}\x00{agent}"
         signer = self._signers.get(with_stream)
         if isinstance(signer, _Missing):
@@ -388,7 +401,11 @@ class EventWriter:
             args += (name, expected or b"", new or b"")
         for p in prepared:
             args += p.args
-        return Call([self.keys.ingest(shard), self.keys.events(shard), self.keys.otlp(shard)], args)
+        keys = self._script_keys.get(shard)
+        if keys is None:  # the same three names for every call of a shard: made once
+            keys = [self.keys.ingest(shard), self.keys.events(shard), self.keys.otlp(shard)]
+            self._script_keys[shard] = keys
+        return Call(keys, args)
 
     def _settle(self, prepared: Sequence[_Prepared], reply: Any) -> list[Written | Flooded | object]:
         """Each item's outcome from the script's reply, the records remembered accordingly."""

@@ -31,15 +31,18 @@ import asyncio
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import msgpack
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from agentwatch.keys import OTLP_COUNT_FIELD
+
+if TYPE_CHECKING:  # the link (and redis.asyncio) only where an event loop writes: the HTTP server
+    from agentwatch.ingest_link import Link
 
 HEADER: Final = struct.Struct(">IdB")
 """``exp`` (uint32 s), ``tat`` (double ms), ``flags`` (uint8): what the scripts read and write."""
@@ -140,9 +143,10 @@ return {{sweep(KEYS[1], ARGV[1], true), sweep(KEYS[2], ARGV[2], false), deleted}
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
-    """One agent's run record as Redis holds it (see the module docstring)."""
+    """One agent's run record as Redis holds it (see the module docstring). Never changed once
+    made, and compared by identity (not frozen: that costs a microsecond per write)."""
 
     raw: bytes
     exp_s: int
@@ -252,10 +256,17 @@ class Call:
     args: list[Any]
 
 
-def pack_entries(pairs: list[bytes]) -> bytes:
-    """One agent's ``d, s, d, s...`` as the write script takes them (msgpack raw strings)."""
-    packed: bytes = msgpack.packb(pairs, use_bin_type=False)
+def pack_entries(pairs: list[bytes], pack: Callable[[Any], bytes] | None = None) -> bytes:
+    """One agent's ``d, s, d, s...`` as the write script takes them (msgpack raw strings).
+    ``pack``: a :func:`raw_packer` the caller reuses (a packer per call costs more than the packing)."""
+    packed: bytes = (pack or raw_packer())(pairs)
     return packed
+
+
+def raw_packer() -> Callable[[Any], bytes]:
+    """A reusable packer for :func:`pack_entries` (not thread-safe: the writer's lock guards it)."""
+    pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=False).pack
+    return pack
 
 
 def run_calls(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
@@ -280,6 +291,23 @@ def run_calls(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
+async def arun_calls(link: Link, script: Any, calls: Sequence[Call]) -> list[Any]:
+    """:func:`run_calls` on the event loop's own connection (agentwatch/ingest_link.py)."""
+    replies = await link.execute([_evalsha(script, call) for call in calls])
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        (sha,) = await link.execute([("SCRIPT", "LOAD", script.script)])
+        script.sha = sha.decode() if isinstance(sha, bytes) else sha
+        again = await link.execute([_evalsha(script, calls[i]) for i in missing])
+        for i, reply in zip(missing, again, strict=True):
+            replies[i] = reply
+    return replies
+
+
+def _evalsha(script: Any, call: Call) -> tuple[Any, ...]:
+    return ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+
+
 def _pipeline(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
     pipe = client.pipeline(transaction=False)
     for call in calls:
@@ -292,29 +320,41 @@ class Batches:
     """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
     that arrive wait for it and go together in the next one, joined into as few script calls
     as they allow (:func:`merged`). One request alone still goes at once; a busy server makes
-    fewer, larger round trips (and fewer thread hops) instead of queueing one round trip per
-    request. Each write gets its own reply or its own error."""
+    fewer, larger round trips instead of queueing one round trip per request. Each write gets
+    its own reply or its own error. With a ``link`` the round trips go from the event loop
+    itself (agentwatch/ingest_link.py); without (a Redis Cluster), through ``client`` in a
+    worker thread."""
 
-    def __init__(self, client: Any, script: Any, max_batch: int = 256) -> None:
+    def __init__(self, client: Any, script: Any, max_batch: int = 256, link: Link | None = None) -> None:
         self.client = client
         self.script = script
         self.max_batch = max_batch
+        self.link = link
         self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def submit(self, call: Call) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def submit(self, call: Call) -> asyncio.Future[Any]:
+        """The reply to ``call`` (or its error), to await: a plain function returning a future,
+        not a coroutine, which would cost every ping another frame. The running loop is looked
+        up once per round trip, not per write (CPython 3.11 pays a ``getpid`` system call for it)."""
+        loop = self._loop
+        if loop is None or self._task is None or self._task.done():
+            self._loop = loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._drain())
+        future: asyncio.Future[Any] = loop.create_future()  # the drain's loop: the caller's
         self._pending.append((call, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             joined = merged([c for c, _ in batch])
             try:
-                done = await asyncio.to_thread(run_calls, self.client, self.script, joined.calls)
+                if self.link is not None:
+                    done = await arun_calls(self.link, self.script, joined.calls)
+                else:
+                    done = await asyncio.to_thread(run_calls, self.client, self.script, joined.calls)
                 replies = joined.split(done)
             except Exception as exc:  # each waiting request gets the error (Redis away, say)
                 replies = [exc] * len(batch)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.cluster import RedisCluster
@@ -25,6 +25,9 @@ from agentwatch.config import DEFAULT_REDIS_URL, EMBEDDED, PipelineSettings
 from agentwatch.embedded import default_state_dir
 from agentwatch.errors import RedisUnavailable
 from agentwatch.urls import connection_options, display_url
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 Client = redis.Redis | RedisCluster
 log = logging.getLogger("agentwatch.worker")
@@ -146,6 +149,16 @@ def connect(settings: PipelineSettings, url: str, *, name: str = "agentwatch") -
     if settings.redis.cluster:
         return RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, health_check_interval=30, **options)
+
+
+def async_pool(
+    settings: PipelineSettings, url: str, *, name: str = "agentwatch"
+) -> redis.asyncio.ConnectionPool:
+    """The connections an event loop opens to ``url`` (agentwatch/ingest_link.py), with the same
+    options as :func:`connect`'s (not for a cluster). Imported here: only the HTTP server needs it."""
+    import redis.asyncio  # noqa: PLC0415
+
+    return redis.asyncio.ConnectionPool.from_url(url, **_options(settings, url, name))
 
 
 def answers(url: str, timeout_s: float = 0.5) -> bool:

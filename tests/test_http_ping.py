@@ -209,3 +209,26 @@ def test_the_server_sweeps_the_records_of_agents_gone_quiet(
 
         wait_for(swept, timeout=20, what="the quiet agent's record swept by the server")
         assert r.hexists(keys.ingest(), "still-here")
+
+
+def test_other_methods_still_reach_the_router(redis_url: str, prefix: str) -> None:
+    """Pings are answered before Starlette's router (agentwatch/http/app.py), but only the
+    route's own methods: another method still gets the router's 405, and writes nothing."""
+    from starlette.testclient import TestClient  # noqa: PLC0415
+
+    from agentwatch.config import HttpSection, Pipeline  # noqa: PLC0415
+    from agentwatch.http.app import create_app  # noqa: PLC0415
+
+    from helpers import settings_for  # noqa: PLC0415
+
+    settings = settings_for(prefix, redis_url)
+    pipeline = Pipeline(
+        settings=settings.model_copy(update={"http": HttpSection(ping_key=PING_KEY)}), source="t"
+    )
+    with TestClient(create_app(pipeline, redis_url)) as client:
+        assert client.put(f"/ping/{PING_KEY}/job").status_code == 405
+        assert client.delete(f"/ping/{PING_KEY}/job").status_code == 405
+        answer = client.post(f"/ping/{PING_KEY}/job", json={"tokens": 3})
+        assert answer.status_code == 200 and answer.text == "OK\n"
+        assert answer.headers["X-Agentwatch-Seq"] == "1"  # after the run's start: the PUT wrote nothing
+        assert answer.headers["content-type"] == "text/plain; charset=utf-8"

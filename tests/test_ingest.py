@@ -5,23 +5,28 @@ what it writes exactly like a producer's events."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 import redis
+import redis.asyncio
 from agents_detect.kit import fired, pipeline_for, resolved, transitions, worker_for
 
 from agentwatch import codec, signing
 from agentwatch.errors import InvalidEntry
 from agentwatch.fleet import fleet_status
 from agentwatch.ingest import EventWriter, Flooded, FloodLimit
+from agentwatch.ingest_link import Link
 from agentwatch.ingest_records import Call, Record, merged
 from agentwatch.keys import Keys
 
 from helpers import running, wait_for
 
+T = TypeVar("T")
 ROOMY = FloodLimit(rate_per_s=1000.0, burst=1000)
 
 
@@ -186,21 +191,51 @@ def test_the_detectors_treat_written_events_like_a_producers(
                                     ("job", "silence", "firing")]  # fmt: skip
 
 
-def test_concurrent_writes_from_an_event_loop_share_round_trips(r: redis.Redis, keys: Keys) -> None:
-    w = writer(r, keys)
+LOOP_PATHS = ["thread", "link"]
+"""How :meth:`EventWriter.awrite` reaches Redis: redis-py in a worker thread (a cluster), or the
+event loop's own connection (agentwatch/ingest_link.py: the HTTP server's)."""
+
+
+def link_to(url: str, path: str) -> dict[str, Any]:
+    """``writer()``'s keyword for ``path``."""
+    return (
+        {"link": Link(redis.asyncio.ConnectionPool.from_url(url, socket_timeout=5))} if path == "link" else {}
+    )
+
+
+def run(w: EventWriter, work: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(work)``, the writer's link closed before its event loop ends (as the HTTP
+    server closes it at shutdown)."""
+
+    async def closing() -> T:
+        try:
+            return await work
+        finally:
+            if w.link is not None:
+                await w.link.close()
+
+    return asyncio.run(closing())
+
+
+@pytest.mark.parametrize("path", LOOP_PATHS)
+def test_concurrent_writes_from_an_event_loop_share_round_trips(
+    r: redis.Redis, keys: Keys, redis_url: str, path: str
+) -> None:
+    w = writer(r, keys, **link_to(redis_url, path))
 
     async def burst() -> list[Any]:
         return await asyncio.gather(*(w.awrite("async-agent", "beat", {"tokens": 1}) for _ in range(100)))
 
-    written = asyncio.run(burst())
+    written = run(w, burst())
     assert sorted(x.seq for x in written) == list(range(1, 101))  # seq 0: the run's start
     assert [e["seq"] for e in events(r, keys, "async-agent")] == list(range(101))
 
 
+@pytest.mark.parametrize("path", LOOP_PATHS)
 def test_concurrent_writes_for_many_agents_are_joined_into_one_script_call(
-    r: redis.Redis, keys: Keys
+    r: redis.Redis, keys: Keys, redis_url: str, path: str
 ) -> None:
-    w = writer(r, keys)
+    w = writer(r, keys, **link_to(redis_url, path))
     agents = [f"joined-{n}" for n in range(10)]
 
     async def burst() -> list[Any]:
@@ -210,9 +245,9 @@ def test_concurrent_writes_for_many_agents_are_joined_into_one_script_call(
     def evalsha_calls() -> int:
         return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
 
-    asyncio.run(w.awrite("joined-warm", "beat"))  # the script is loaded: EVALSHA from here on
+    run(w, w.awrite("joined-warm", "beat"))  # the script is loaded: EVALSHA from here on
     before = evalsha_calls()
-    written = asyncio.run(burst())
+    written = run(w, burst())
     assert evalsha_calls() - before < len(written) / 2  # joined: far fewer calls than writes
     for agent in agents:  # each agent's events in its order, with its own usage, seq by seq
         mine = events(r, keys, agent)
@@ -242,25 +277,76 @@ def test_a_joined_call_answers_each_write_as_its_own_call_would() -> None:
     ]
 
 
-def test_a_server_that_lost_the_script_gets_it_again(spawn_redis: Any) -> None:
+@pytest.mark.parametrize("path", LOOP_PATHS)
+def test_a_server_that_lost_the_script_gets_it_again(spawn_redis: Any, path: str) -> None:
     server = spawn_redis()
     client = redis.Redis.from_url(server.url)
-    w = writer(client, Keys("t"))
-    asyncio.run(w.awrite("a", "beat"))
+    w = writer(client, Keys("t"), **link_to(server.url, path))
+    run(w, w.awrite("a", "beat"))
     client.script_flush()  # what a restarted server without persistence has lost
-    assert asyncio.run(w.awrite("a", "beat")).seq == 2
+    assert run(w, w.awrite("a", "beat")).seq == 2
     client.close()
 
 
-def test_bad_input_and_floods_reach_only_their_own_request(r: redis.Redis, keys: Keys) -> None:
-    w = writer(r, keys, FloodLimit(rate_per_s=0.01, burst=2))
+@pytest.mark.parametrize("path", LOOP_PATHS)
+def test_bad_input_and_floods_reach_only_their_own_request(
+    r: redis.Redis, keys: Keys, redis_url: str, path: str
+) -> None:
+    w = writer(r, keys, FloodLimit(rate_per_s=0.01, burst=2), **link_to(redis_url, path))
 
     async def mixed() -> list[Any]:
         calls = [w.awrite("limited", "beat") for _ in range(3)] + [w.awrite("other", "beat")]
         return await asyncio.gather(*calls, return_exceptions=True)
 
-    outcomes = asyncio.run(mixed())
+    outcomes = run(w, mixed())
     assert [type(o).__name__ for o in outcomes] == ["Written", "Written", "Flooded", "Written"]
+
+
+def test_the_event_loops_link_reconnects_after_a_lost_connection_and_a_silent_server(
+    spawn_redis: Any,
+) -> None:
+    """Its connection killed between writes: the next write opens a new one. A server that stops
+    answering (SIGSTOP): the writes waiting get redis-py's TimeoutError (a 503 for a ping) within
+    the socket timeout, the loop is never blocked, and once the server answers again the next
+    write goes through on a new connection, numbered after the last one written."""
+    server = spawn_redis()
+    client = redis.Redis.from_url(server.url)
+    link = Link(redis.asyncio.ConnectionPool.from_url(server.url, socket_timeout=1, client_name="aw-link"))
+    w = writer(client, Keys("t"), link=link)
+
+    async def scenario() -> list[Any]:
+        seen: list[Any] = [(await w.awrite("a", "beat")).seq]
+        assert client.client_kill_filter(_type="normal", skipme=True) >= 1  # our link among them
+        seen.append((await w.awrite("a", "beat")).seq)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            ticks = asyncio.create_task(_count_ticks())
+            outcome = await asyncio.gather(w.awrite("a", "beat"), return_exceptions=True)
+            seen += [type(outcome[0]), time.monotonic() - started, await ticks]
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        seen.append((await w.awrite("a", "beat")).seq)
+        return seen
+
+    first, second, error, waited, ticks, after = run(w, scenario())
+    assert (first, second) == (1, 2)
+    assert error is redis.TimeoutError and waited < 5
+    assert ticks > 5  # the loop went on running while the write waited
+    # the timed-out write reached Redis's socket before it stopped: whether Redis ran it is for
+    # Redis to say, so the record was read again, and the next seq follows whatever it holds
+    assert after in (3, 4)
+    seqs = [e["seq"] for e in events(r=client, keys=Keys("t"), agent="a")]
+    assert seqs == list(range(after + 1))
+    client.close()
+
+
+async def _count_ticks() -> int:
+    ticks = 0
+    for _ in range(20):
+        await asyncio.sleep(0.05)
+        ticks += 1
+    return ticks
 
 
 SECRET = "a-pipeline-secret-for-the-tests-" + "0123456789"

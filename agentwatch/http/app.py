@@ -6,9 +6,11 @@ template engine of their own and few dependencies; uvicorn serves it from the CL
 without any deployment step, and anyone can put the app behind their own ASGI server.
 
 Route modules each export ``routes``; the OTLP receiver's (otlp.py) sits beside ping.py.
-Handlers that touch Redis run in a thread pool (redis-py is synchronous, like the workers), so
-a slow Redis never blocks the event loop, and every Redis error that means "away for now"
-becomes a 503 (pages say so in plain words; the ping API adds ``Retry-After``).
+Handlers that read Redis run in a thread pool (redis-py is synchronous, like the workers); the
+ping API writes from the event loop on a connection of its own (agentwatch/ingest_link.py). So a
+slow Redis never blocks the event loop, and every Redis error that means "away for now"
+becomes a 503 (pages say so in plain words; the ping API adds ``Retry-After``). Pings are
+answered before Starlette's middleware and router (:class:`App`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,22 @@ def _redis_down(request: Request, exc: Exception) -> Response:
     return unavailable(exc)
 
 
+class App(Starlette):
+    """Starlette, except that pings are answered before its middleware and router: the ping API
+    is the route called most, by far, and those layers cost it more CPU than its own work
+    (benchmarks/NOTES.md ``## http_ping``). It checks its own key, so the guard has nothing to
+    add; its route stays registered, and any request :func:`ping.match` leaves to the router
+    (another method) is routed as before."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            found = ping.match(scope)
+            if found is not None:
+                await ping.answer(self.state.server, scope, receive, send, found)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) -> Starlette:
     """The whole server for ``pipeline``, on the Redis at ``url`` (connected lazily: it starts,
     and says so on every page, while Redis is away)."""
@@ -122,6 +140,8 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
         sweeping = asyncio.get_running_loop().create_task(server.sweeping())
         yield
         sweeping.cancel()
+        if server.link is not None:
+            await server.link.close()
         server.otlp.close()
         server.client.close()
 
@@ -137,7 +157,7 @@ def create_app(pipeline: Pipeline, url: str, *, cache_s: float | None = None) ->
         Mount("/static", StaticFiles(packages=[("agentwatch.http", "static")]), name="static"),
     ]
     handlers: dict[Any, Any] = dict.fromkeys(RECOVERABLE, _redis_down)
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app = App(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(Guard, server=server)
     return app

@@ -28,16 +28,19 @@ import fnmatch
 import json
 import math
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette._utils import get_route_path
+from starlette.requests import ClientDisconnect
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from agentwatch.codec import TOKEN_CLASSES
 from agentwatch.config import parse_duration
 from agentwatch.errors import InvalidEntry
 from agentwatch.http.access import same
-from agentwatch.http.server import UNAVAILABLE, BodyTooLarge, Server, read_body, unavailable
+from agentwatch.http.server import UNAVAILABLE, BodyTooLarge, Server, receive_body, unavailable
 from agentwatch.ingest import Flooded, Kind
 from agentwatch.signing import agent_key
 
@@ -97,10 +100,13 @@ def parse_fields(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise BadPing('the body must be a JSON object, e.g. {"tokens": 1200, "model": "gpt-4o"}') from None
     if not isinstance(data, dict):
         raise BadPing(f"the body must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(allowed))
+    unknown = [key for key in data if key not in allowed]
     if unknown:
+        unknown.sort()
         raise BadPing(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
-    return {key: value for key, value in data.items() if value is not None}
+    if None in data.values():
+        return {key: value for key, value in data.items() if value is not None}
+    return data
 
 
 def event_of(command: str, fields: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
@@ -134,54 +140,88 @@ def authorised(server: Server, key: str, agent: str) -> bool | None:
     return None
 
 
-async def ping(request: Request) -> Response:
-    server: Server = request.app.state.server
+async def answer(server: Server, scope: Scope, receive: Receive, send: Send, path: tuple[str, str]) -> None:
+    """Answer one ping (``path``: the key and the rest, :func:`match`): the only place that
+    decides what a ping does. Plain ASGI, not a Starlette endpoint: the ping API is the route
+    called most, and Starlette's request, response and routing objects cost more CPU than the
+    ping's own work (benchmarks/NOTES.md ``## http_ping``)."""
     count = server.metrics.ping
-    rest = request.path_params["rest"]
+    key, rest = path
+    raw_query = scope["query_string"]
+    query = dict(parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True)) if raw_query else {}
     try:
-        agent, command = parse_command(rest, request.query_params.get("kind"))
+        agent, command = parse_command(rest, query.get("kind"))
         problem: BadPing | None = None
     except BadPing as exc:
         agent, command, problem = rest, "beat", exc
-    allowed_here = authorised(server, request.path_params["key"], agent)
+    allowed_here = authorised(server, key, agent)
     if allowed_here is None:
         count("bad_key")
-        return PlainTextResponse("not found\n", status_code=404)
+        return await PlainTextResponse("not found\n", status_code=404)(scope, receive, send)
     if not allowed_here:
         count("not_accepted")
         glob = server.settings.http.ping_accept
         why = f"this ping key may not write for {agent!r} ([http] ping_accept = {glob!r})\n"
-        return PlainTextResponse(why, status_code=403)
+        return await PlainTextResponse(why, status_code=403)(scope, receive, send)
+    refusal: Response
     try:
         if problem is not None:
             raise problem
-        body = await read_body(request, server.settings.http.max_body_bytes)
+        body = await receive_body(scope, receive, server.settings.http.max_body_bytes)
         allowed = BEAT_KEYS if command in ("beat", "start", "0") else EXIT_KEYS
         kind, fields = event_of(command, parse_fields(body, allowed))
-        interval = parse_interval(request.query_params.get("interval"))
-        facts = {"host": request.client.host} if request.client else {}
+        interval = parse_interval(query.get("interval"))
+        client = scope.get("client")
+        facts = {"host": client[0]} if client else {}
         written = await server.writer.awrite(agent, kind, fields, interval_s=interval, start_facts=facts)
+    except ClientDisconnect:
+        return None  # nobody to answer; nothing was written
     except BodyTooLarge as exc:
         count("too_large")
-        return PlainTextResponse(f"{exc}\n", status_code=413)
+        refusal = PlainTextResponse(f"{exc}\n", status_code=413)
     except (BadPing, InvalidEntry) as exc:
         count("bad_request")
-        return PlainTextResponse(f"bad request: {exc}\n", status_code=400)
+        refusal = PlainTextResponse(f"bad request: {exc}\n", status_code=400)
     except Flooded as exc:
         count("flooded")
         retry = max(1, math.ceil(exc.retry_after_s))
-        return PlainTextResponse(
+        refusal = PlainTextResponse(
             f"too many pings for {agent}; retry in {retry}s\n",
             status_code=429,
             headers={"Retry-After": str(retry)},
         )
     except UNAVAILABLE as exc:
         count("unavailable")
-        return unavailable(exc)
-    count("ok")
-    return PlainTextResponse(
-        "OK\n", headers={"X-Agentwatch-Run": written.run, "X-Agentwatch-Seq": str(written.seq)}
-    )
+        refusal = unavailable(exc)
+    else:
+        count("ok")
+        run, seq = written.run.encode(), b"%d" % written.seq
+        headers = [(b"x-agentwatch-run", run), (b"x-agentwatch-seq", seq), *_OK]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        return await send({"type": "http.response.body", "body": b"OK\n"})
+    return await refusal(scope, receive, send)
 
 
-routes = [Route("/ping/{key}/{rest:path}", ping, methods=["GET", "POST"])]
+_OK: Final = ((b"content-length", b"3"), (b"content-type", b"text/plain; charset=utf-8"))
+"""The headers of every 200 but the run's and the seq's (PlainTextResponse's, built once)."""
+
+
+async def _routed(scope: Scope, receive: Receive, send: Send) -> None:
+    """The route's endpoint: a ping that reached Starlette's router (see :func:`match`)."""
+    params = scope["path_params"]
+    await answer(scope["app"].state.server, scope, receive, send, (params["key"], params["rest"]))
+
+
+route = Route("/ping/{key}/{rest:path}", _routed, methods=["GET", "POST"])
+routes = [route]
+
+
+def match(scope: Scope) -> tuple[str, str] | None:
+    """The ping key and the rest of the path of a ping request, for the application to call
+    :func:`answer` before Starlette's middleware and router (agentwatch/http/app.py); None for
+    any other request. The route's own pattern and methods, so both ways in take the same
+    requests; other methods reach the router, which answers 405."""
+    if scope["method"] not in route.methods:  # type: ignore[operator]
+        return None
+    found = route.path_regex.match(get_route_path(scope))
+    return None if found is None else (found["key"], found["rest"])

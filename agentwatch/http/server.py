@@ -4,7 +4,8 @@ the event writer, this server's counters, and a short-lived cache of the fleet's
 Route modules (ping.py, pages.py, metrics.py, badges.py, otlp.py) take a
 :class:`Server` from ``request.app.state.server`` and nothing else, so a new module of routes
 is added in app.py with one line. Writers call ``await server.writer.awrite(...)`` (batched
-round trips); readers run their synchronous Redis reads in the thread pool.
+round trips on the event loop's own connection, :attr:`Server.link`); readers run their
+synchronous Redis reads in the thread pool.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
+from starlette.types import Receive, Scope
 
 from agentwatch.config import Pipeline
 from agentwatch.fleet import fleet_status
 from agentwatch.http.access import Access
 from agentwatch.http.counters import Counters
 from agentwatch.ingest import Contended, EventWriter, FloodLimit
+from agentwatch.ingest_link import Link
 from agentwatch.otlp.receiver import Receiver
-from agentwatch.redisconn import RECOVERABLE, Client, connect, explain
+from agentwatch.redisconn import RECOVERABLE, Client, async_pool, connect, explain
 
 log = logging.getLogger("agentwatch.http")
 T = TypeVar("T")
@@ -42,15 +45,29 @@ class BodyTooLarge(Exception):
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes without reading the rest into memory."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the body is {int(declared):,} bytes; at most {limit:,} are accepted")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+    return await receive_body(request.scope, request.receive, limit)
+
+
+async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """:func:`read_body` for a plain ASGI handler (the ping API's). Raises :class:`BodyTooLarge`,
+    or ``ClientDisconnect`` when the client went away."""
+    message = await receive()
+    body = message.get("body", b"")
+    if message["type"] == "http.request" and not message.get("more_body", False) and len(body) <= limit:
+        return bytes(body)  # the whole body in one message (a ping's, always): nothing to refuse
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise BodyTooLarge(f"the body is {int(value):,} bytes; at most {limit:,} are accepted")
+    received = bytearray()
+    while True:
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        received += message.get("body", b"")
+        if len(received) > limit:
             raise BodyTooLarge(f"the body is over {limit:,} bytes; at most {limit:,} are accepted")
-    return bytes(body)
+        if not message.get("more_body", False):
+            return bytes(received)
+        message = await receive()
 
 
 def unavailable(exc: BaseException) -> Response:
@@ -152,12 +169,17 @@ class Server:
         self.client: Client = connect(self.settings, url, name="agentwatch-http")
         self.access = Access(http)
         security = self.settings.security
+        # the ping API's writes go from the event loop on a connection of its own (not for a
+        # cluster: its client routes each script call to its node, in a worker thread)
+        pool = None if self.settings.redis.cluster else async_pool(self.settings, url, name="agentwatch-http")
+        self.link = None if pool is None else Link(pool)
         self.writer = EventWriter(
             self.client,
             self.keys,
             limit=FloodLimit(http.ping_rate, http.ping_burst),
             run_ttl_s=http.run_ttl_s,
             secret=security.secret if security.agent_keys else None,  # signed like a producer's
+            link=self.link,
         )
         self.metrics = Counters()
         self.otlp = Receiver(
