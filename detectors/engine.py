@@ -187,7 +187,7 @@ class Shard:
             cls, child = self.classify(agent, event, at)
         kind = event["kind"]
         seq = event["seq"]
-        silence, stall, exit_ = engine.silence, engine.stall, engine.exit
+        silence, stall = engine.silence, engine.stall
         if cls == CHILD:
             assert child is not None
             if seq <= child.last_seq:
@@ -212,20 +212,11 @@ class Shard:
                     engine.failed(detector, "on_event", exc)
             engine._arm(self, agent)
             return
-        if cls == NEW or (cls == CUR and seq > agent.last_seq):
-            # A gap longer than an allowance found in the events themselves (a backlog applied
-            # late): what a watcher in real time would have told, silence and stall decide now.
-            # (asked only past the shortest allowance in force: most events are well within it)
-            # Not while the watch itself stopped before this event (Redis frozen or down, every
-            # worker gone): such a gap proves nothing; the next check restarts the clocks.
-            quiet = at - max(agent.seen_ms, agent.clocks_from_ms)
-            stuck = at - max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms)
-            late = quiet > engine.shortest_silence_ms or stuck > engine.shortest_stall_ms
-            if late and self.tick_ms and at - max(self.tick_ms, engine.last_watch_ms) <= engine.sight_now:
-                if silence is not None and agent.seen_ms and quiet > engine.shortest_silence_ms:
-                    silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
-                if stall is not None and cls == CUR and stuck > engine.shortest_stall_ms:
-                    stall.backlog(agent, event, at, self.sight_ms)
+        if (cls == NEW or (cls == CUR and seq > agent.last_seq)) and (
+            # (what _backlog asks, loosened to skip its work for an agent that is on time)
+            at - agent.seen_ms > engine.shortest_silence_ms or at - agent.beat_ms > engine.shortest_stall_ms
+        ):
+            self._backlog(engine, agent, event, at, cls)
         if cls == NEW:
             self.new_run(engine, agent, event, at)
         if cls in (CUR, NEW):
@@ -240,10 +231,11 @@ class Shard:
                 agent.interval_s = float(interval)  # declared by the start, repeated by pulses
         seen0, beat0, clocks0 = agent.seen_ms, agent.beat_ms, agent.clocks_from_ms
         self.signs_of_life(engine, agent, event, at, cls)
-        if silence is not None and at > seen0 and "silence" in agent.open:
-            silence.back(agent, event, at, seen0)
-        if stall is not None and cls == CUR and kind == "beat" and at > beat0 and "stall" in agent.open:
-            stall.back(agent, at, beat0)
+        if agent.open:  # (most agents have no incident open)
+            if silence is not None and at > seen0 and "silence" in agent.open:
+                silence.back(agent, event, at, seen0)
+            if stall is not None and cls == CUR and kind == "beat" and at > beat0 and "stall" in agent.open:
+                stall.back(agent, at, beat0)
         if kind == "beat" and engine.spending is not None:
             # (every applied beat spent, a late one of an earlier run or another process's too)
             self.spend(engine.spending, engine.applied, agent, event, at)
@@ -261,8 +253,8 @@ class Shard:
                         detector.on_event(agent, event, at, None)
                     except Exception as exc:
                         engine.failed(detector, "on_event", exc)
-        elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and exit_ is not None:
-            exit_.previous_run(agent, event, at)
+        elif cls == PREV and kind == "exit" and event.get("reason") != "shutdown" and engine.exit is not None:
+            engine.exit.previous_run(agent, event, at)
             agent.prev_run = ""  # once only
         if kind != "beat" or cls == NEW or agent.name not in self.armed or agent.clocks_from_ms < clocks0:
             engine._arm(self, agent)
@@ -273,6 +265,22 @@ class Shard:
         # ``extend()``: the clocks start earlier again. A timed detector whose due time a beat
         # can bring earlier listens to beats: every beat asks those, and only those:
         # timed_on_beats.)
+
+    def _backlog(self, engine: Engine, agent: Agent, event: Event, at: int, cls: str) -> None:
+        """A gap longer than an allowance found in the events themselves (a backlog applied
+        late): what a watcher in real time would have told, silence and stall decide now.
+        (asked only past the shortest allowance in force: most events are well within it)
+        Not while the watch itself stopped before this event (Redis frozen or down, every
+        worker gone): such a gap proves nothing; the next check restarts the clocks."""
+        silence, stall = engine.silence, engine.stall
+        quiet = at - max(agent.seen_ms, agent.clocks_from_ms)
+        stuck = at - max(agent.beat_ms, agent.started_ms, agent.clocks_from_ms)
+        late = quiet > engine.shortest_silence_ms or stuck > engine.shortest_stall_ms
+        if late and self.tick_ms and at - max(self.tick_ms, engine.last_watch_ms) <= engine.sight_now:
+            if silence is not None and agent.seen_ms and quiet > engine.shortest_silence_ms:
+                silence.backlog(agent, event, at, cls == CUR, self.sight_ms)
+            if stall is not None and cls == CUR and stuck > engine.shortest_stall_ms:
+                stall.backlog(agent, event, at, self.sight_ms)
 
     def spend(self, spending: Spending, applied: Applied, agent: Agent, event: Event, at: int) -> None:
         """A beat's spend into the agent's windows (saved with the next checkpoint, so a window
