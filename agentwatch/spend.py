@@ -28,7 +28,7 @@ Bad costs never get here: the codec dead-letters a negative, NaN, infinite or ov
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -176,8 +176,11 @@ class Tally:
             del self.windows[old]
 
 
-def pack_tally(tally: Tally) -> bytes:
-    """An agent's tally as the ledger hash keeps it (the views read ``w``)."""
+def pack_tally(tally: Tally, packb: Callable[[Any], bytes] | None = None) -> bytes:
+    """An agent's tally as the ledger hash keeps it (the views read ``w``). ``packb``: a reused
+    ``msgpack.Packer(use_bin_type=True).pack`` of the caller's (default: one per call)."""
+    if packb is not None:
+        return packb({"w": tally.windows})
     out: bytes = msgpack.packb({"w": tally.windows}, use_bin_type=True)
     return out
 

@@ -803,7 +803,8 @@ class Engine(Handler[Event]):
         dirty = [shard.agents[name] for name in shard.dirty if name in shard.agents]
         meta = {"tick_ms": shard.tick_ms, "sight_ms": shard.sight_ms, "owner": self.owner,
                 "shards": self.keys.shards}  # fmt: skip
-        spend = {name: pack_tally(agent.spent) for name in shard.spent
+        packb = self.checkpoints.packb
+        spend = {name: pack_tally(agent.spent, packb) for name in shard.spent
                  if (agent := shard.agents.get(name)) is not None and agent.spent is not None}  # fmt: skip
         if shard.shares_changed:
             spend[GROUPS_FIELD] = pack_shares(shard.shares)
