@@ -329,7 +329,7 @@ class Shard:
     def new_run(self, engine: Engine, agent: Agent, event: Event, at: int) -> None:
         """``event`` begins a new run: the detectors close what was about the old run (their
         facts may quote it), then the run's shared fields start afresh."""
-        for detector in engine.detectors:
+        for detector in engine.new_run_hooks:
             try:
                 detector.on_new_run(agent, at)
             except Exception as exc:
@@ -354,7 +354,7 @@ class Shard:
     def retire(self, engine: Engine, agent: Agent, at: int) -> None:
         """``shutdown()``: the agent stopped on purpose; nothing more is expected of it."""
         agent.retired = True
-        for detector in engine.detectors:
+        for detector in engine.retire_hooks:
             try:
                 detector.on_retire(agent, at)
             except Exception as exc:
@@ -401,6 +401,9 @@ class Engine(Handler[Event]):
         for kind in ("beat", "pulse", "start", "exit"):
             self.listeners[kind] = [d for d in self.detectors if kind in d.listens]
         self.timed = [d for d in self.detectors if type(d).due_ms is not Detector.due_ms]
+        # (a hook a detector does not override is the base's no-op: not called at all)
+        self.new_run_hooks = [d for d in self.detectors if type(d).on_new_run is not Detector.on_new_run]
+        self.retire_hooks = [d for d in self.detectors if type(d).on_retire is not Detector.on_retire]
         self.timed_on_beats = [d for d in self.timed if d in self.listeners["beat"]]
         self.state_classes = {d.name: d.State for d in self.detectors if d.State is not None}
         decisions = _Decisions(self)

@@ -194,7 +194,8 @@ class Tokens(Detector[TokensConfig]):
         """A restart ends a loop (the new process starts its work afresh); a tokens incident goes
         on: the new run may burn as the old one did. (An agent that never beat has no state:
         none is made for it here.)"""
-        self.decisions.close(agent, "loop", at_ms, {"at": at_ms, "restarted": 1})
+        if "loop" in agent.open:  # (most new runs have nothing to close: no facts to make)
+            self.decisions.close(agent, "loop", at_ms, {"at": at_ms, "restarted": 1})
         state: TokenState | None = agent.states.get(self.name)
         if state is not None:
             state.fp_hash = state.fp_count = state.loop_hash = state.loop_quiet = 0
