@@ -28,7 +28,7 @@ Bad costs never get here: the codec dead-letters a negative, NaN, infinite or ov
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -176,8 +176,11 @@ class Tally:
             del self.windows[old]
 
 
-def pack_tally(tally: Tally) -> bytes:
-    """An agent's tally as the ledger hash keeps it (the views read ``w``)."""
+def pack_tally(tally: Tally, packb: Callable[[Any], bytes] | None = None) -> bytes:
+    """An agent's tally as the ledger hash keeps it (the views read ``w``). ``packb``: a reused
+    ``msgpack.Packer(use_bin_type=True).pack`` of the caller's (default: one per call)."""
+    if packb is not None:
+        return packb({"w": tally.windows})
     out: bytes = msgpack.packb({"w": tally.windows}, use_bin_type=True)
     return out
 
@@ -214,28 +217,42 @@ class Spending:
         """The windows kept: the budgets' ``per`` and the day (status and report read it)."""
         self.groups_of = groups_of
         """``agent -> [(glob, per)]`` of the ``together`` budgets covering it, or None."""
+        self._ids: list[str] = []
+        self._ids_from = self._ids_until = 0
 
     def add(  # noqa: PLR0917 - one beat's parts
         self, tally: Tally, shares: Tally, agent: str, event: Event, at_ms: int, applied: Applied
     ) -> bool:
         """Add one beat (priced by :func:`price_events`) at entry time ``at_ms``; note the
         windows it touched in ``applied`` when :attr:`noting`. False: it carried no usage."""
-        cost, unpriced = event.get("cost"), UNPRICED in event
-        if cost is None and not unpriced:
+        if UNPRICED in event:
+            cost, unpriced, priced = 0.0, 1, 0
+        elif (found := event.get("cost")) is not None:
+            cost, unpriced, priced = float(found), 0, 1
+        else:
             return False
-        add = (0.0, 1, 0) if unpriced else (float(cost), 0, 1)  # type: ignore[arg-type]
-        clock, touched = self.clock, applied.agents
-        for per in self.kinds:
-            wid = clock(per, at_ms).id
-            tally.add(wid, *add)
-            if self.noting:
+        if not self._ids_from <= at_ms < self._ids_until:
+            self._window_ids(at_ms)
+        for wid in self._ids:
+            tally.add(wid, cost, unpriced, priced)
+        if self.noting:
+            touched = applied.agents
+            for wid in self._ids:
                 touched[(agent, wid)] = tally
         if self.groups_of is not None:
             for glob, per in self.groups_of(agent):
-                wid = clock(per, at_ms).id
-                shares.add(f"{glob}|{wid}", *add)
+                wid = self.clock(per, at_ms).id
+                shares.add(f"{glob}|{wid}", cost, unpriced, priced)
                 applied.groups.add((glob, wid))
         return True
+
+    def _window_ids(self, at_ms: int) -> None:
+        """The ids of the windows of :attr:`kinds` holding ``at_ms``, kept with the span over
+        which they stay the same (most beats of a batch fall in it)."""
+        windows = [self.clock(per, at_ms) for per in self.kinds]
+        self._ids = [window.id for window in windows]
+        self._ids_from = max(window.start_ms for window in windows)
+        self._ids_until = min(window.end_ms for window in windows)
 
 
 class Ledger:

@@ -14,7 +14,7 @@ by another layout version is treated as absent: the agent starts afresh.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
@@ -120,20 +120,19 @@ def _names(cls: type[Any]) -> tuple[str, ...]:
 
 
 def _getter(cls: type[Any]) -> Any:
-    """All fields of dataclass ``cls`` in one C-level call (checkpoints pack every changed agent)."""
+    """All fields of dataclass ``cls`` as a tuple, in one C-level call (checkpoints pack every
+    changed agent; msgpack packs a tuple as the list :func:`load_state` reads back)."""
     found = _GETTERS.get(cls)
     if found is None:
         names = _names(cls)
         get = operator.attrgetter(*names)
-        found = (lambda obj: [get(obj)]) if len(names) == 1 else (lambda obj: list(get(obj)))
-        _GETTERS[cls] = found
+        found = _GETTERS[cls] = (lambda obj: (get(obj),)) if len(names) == 1 else get
     return found
 
 
 def dump_state(state: Any) -> list[Any]:
     """A detector's state dataclass as the list of its fields' values, in declaration order."""
-    values: list[Any] = _getter(type(state))(state)
-    return values
+    return list(_getter(type(state))(state))
 
 
 def load_state(cls: type[Any], values: list[Any]) -> Any:
@@ -149,13 +148,17 @@ _CORE = operator.attrgetter(*FIELDS)
 _OPEN = FIELDS.index("open")
 
 
-def pack(agent: Agent) -> bytes:
-    """One agent as checkpointed (see the module docstring)."""
+def pack(agent: Agent, packb: Callable[[Any], bytes] | None = None) -> bytes:
+    """One agent as checkpointed (see the module docstring). ``packb``: a reused
+    ``msgpack.Packer(use_bin_type=True).pack`` of the caller's (default: one per call)."""
     core = list(_CORE(agent))
     core[_OPEN] = sorted(agent.open)
-    children = {run: dump_state(c) for run, c in agent.children.items()} if agent.children else {}
-    states = {name: dump_state(state) for name, state in agent.states.items()}
-    out: bytes = msgpack.packb([VERSION, core, children, states], use_bin_type=True)
+    children = {run: _getter(ChildRun)(c) for run, c in agent.children.items()} if agent.children else {}
+    states = {name: _getter(type(state))(state) for name, state in agent.states.items()}
+    record = [VERSION, core, children, states]
+    if packb is not None:
+        return packb(record)
+    out: bytes = msgpack.packb(record, use_bin_type=True)
     return out
 
 

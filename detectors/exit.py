@@ -79,7 +79,8 @@ class Exit(Detector[ExitConfig]):
             self.decisions.past(agent, "exit", {"o": "f", "at": at_ms, "f": facts}, resolved)
 
     def on_new_run(self, agent: Agent, at_ms: int) -> None:
-        self.decisions.close(agent, "exit", at_ms, {"at": at_ms, "restarted": 1})
+        if "exit" in agent.open:  # (most new runs have nothing to close: no facts to make)
+            self.decisions.close(agent, "exit", at_ms, {"at": at_ms, "restarted": 1})
 
     def render(self, agent: str, kind: str, op: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         f = op["f"]

@@ -209,8 +209,9 @@ class Memory(Detector[MemoryConfig]):
     def on_new_run(self, agent: Agent, at_ms: int) -> None:
         """A restart frees the memory: the incident ends, quoting the old run's last RSS (so
         the engine calls this before it resets the run's RSS fields), and the trend starts over."""
-        facts = {"at": at_ms, "restarted": 1, "rl": agent.rss_last, "r0": agent.rss_first}
-        self.decisions.close(agent, "memory", at_ms, facts)
+        if "memory" in agent.open:  # (most new runs have nothing to close: no facts to make)
+            facts = {"at": at_ms, "restarted": 1, "rl": agent.rss_last, "r0": agent.rss_first}
+            self.decisions.close(agent, "memory", at_ms, facts)
         agent.states.pop(self.name, None)
 
     def on_retire(self, agent: Agent, at_ms: int) -> None:

@@ -231,7 +231,8 @@ class Stall(Detector[StallConfig]):
             self.decisions.past(agent, "stall", fired, resolved)
 
     def on_new_run(self, agent: Agent, at_ms: int) -> None:
-        self.decisions.close(agent, "stall", at_ms, {"at": at_ms, "restarted": 1})
+        if "stall" in agent.open:  # (most new runs have nothing to close: no facts to make)
+            self.decisions.close(agent, "stall", at_ms, {"at": at_ms, "restarted": 1})
         agent.states.pop(self.name, None)
 
     def on_retire(self, agent: Agent, at_ms: int) -> None:

@@ -181,12 +181,12 @@ class Tokens(Detector[TokensConfig]):
     def on_event(self, agent: Agent, event: Event, at_ms: int, child: ChildRun | None) -> None:
         """A beat of the agent or of one of its child processes (their usage is the agent's)."""
         cfg = self.config.for_agent(agent.name)
-        beat = Usage(at_ms, beat_tokens(event), event.get("cost"))
-        used = beat.tokens is not None or beat.cost is not None
+        tokens, cost = beat_tokens(event), event.get("cost")
+        used = tokens is not None or cost is not None
         if used or cfg.loop:
-            state: TokenState = self.state(agent)
+            state: TokenState = agent.states.get(self.name) or self.state(agent)
             if used:
-                self._judge(agent, state, cfg, beat)
+                self._judge(agent, state, cfg, Usage(at_ms, tokens, cost))
             if cfg.loop:
                 self._track_loop(agent, state, cfg, at_ms, event.get("fp"))
 
@@ -194,7 +194,8 @@ class Tokens(Detector[TokensConfig]):
         """A restart ends a loop (the new process starts its work afresh); a tokens incident goes
         on: the new run may burn as the old one did. (An agent that never beat has no state:
         none is made for it here.)"""
-        self.decisions.close(agent, "loop", at_ms, {"at": at_ms, "restarted": 1})
+        if "loop" in agent.open:  # (most new runs have nothing to close: no facts to make)
+            self.decisions.close(agent, "loop", at_ms, {"at": at_ms, "restarted": 1})
         state: TokenState | None = agent.states.get(self.name)
         if state is not None:
             state.fp_hash = state.fp_count = state.loop_hash = state.loop_quiet = 0
@@ -213,22 +214,24 @@ class Tokens(Detector[TokensConfig]):
     def _judge(self, agent: Agent, state: TokenState, cfg: TokensConfig, beat: Usage) -> None:
         """One beat with usage: is it (or its window) anomalous, does the incident fire, does it
         recover; then the baselines learn it if nothing is anomalous or open."""
-        tokens, cost = beat.tokens, beat.cost
-        base_tokens, base_cost = state.base_tokens(), state.base_cost()
+        at_ms, tokens, cost = beat
         factor = cfg.factor
         warm = state.learned >= cfg.warmup
         facts: dict[str, Any] | None = None
-        if warm and tokens is not None and tokens >= cfg.min_tokens and tokens > factor * base_tokens:
-            facts = {"why": "beat", "tokens": tokens, "base": base_tokens, "factor": factor}
-        elif warm and cost is not None and cost >= cfg.min_cost and cost > factor * base_cost:
-            facts = {"why": "cost", "cost": cost, "base": base_cost, "factor": factor}
+        if warm:  # (the baselines judge nothing before: not even computed)
+            if tokens is not None and tokens >= cfg.min_tokens and tokens > factor * state.base_tokens():
+                facts = {"why": "beat", "tokens": tokens, "base": state.base_tokens(), "factor": factor}
+            elif cost is not None and cost >= cfg.min_cost and cost > factor * state.base_cost():
+                facts = {"why": "cost", "cost": cost, "base": state.base_cost(), "factor": factor}
+        is_open = "tokens" in agent.open
         window = cfg.window_ms
-        start = beat.at_ms // window * window
+        start = at_ms // window * window
         if tokens is not None and start > 0:  # (a window starting at 0 reads as "none yet")
-            # A window closing now is learned only if nothing is anomalous: a runaway's rate
-            # must not become the usual one.
-            learn = facts is None and "tokens" not in agent.open
-            self._count_window(state, cfg, start, tokens, learn=learn)
+            if start > state.window_start:
+                # A window closing now is learned only if nothing is anomalous: a runaway's
+                # rate must not become the usual one.
+                self._next_window(state, cfg, start, learn=facts is None and not is_open)
+            state.window_tokens += tokens
             expected = self._expected(state, cfg) if warm and facts is None else None
             used = state.window_tokens
             if expected is not None and used >= cfg.min_tokens and used > factor * expected:
@@ -239,14 +242,15 @@ class Tokens(Detector[TokensConfig]):
             state.calm = 0
             if state.hot >= cfg.fire_after:
                 facts["total"] = agent.tokens
-                if self.decisions.open(agent, "tokens", beat.at_ms, facts):
+                if self.decisions.open(agent, "tokens", at_ms, facts):
                     state.about_cost = facts["why"] == "cost"
-        else:
-            state.hot = 0
+            return
+        state.hot = 0
+        if is_open:
+            self._recover(agent, state, cfg, beat)
             if "tokens" in agent.open:
-                self._recover(agent, state, cfg, beat)
-        if facts is None and "tokens" not in agent.open:
-            self._learn(state, cfg, beat)
+                return
+        self._learn(state, cfg, beat)
 
     def _recover(self, agent: Agent, state: TokenState, cfg: TokensConfig, beat: Usage) -> None:
         """A beat that is not anomalous while the incident is open: calm if it is back under
@@ -280,39 +284,29 @@ class Tokens(Detector[TokensConfig]):
     @staticmethod
     def _learn(state: TokenState, cfg: TokensConfig, beat: Usage) -> None:
         alpha = cfg.alpha
-        if beat.tokens is not None:
-            state.tokens_num, state.tokens_weight = _ewma(
-                state.tokens_num, state.tokens_weight, alpha, beat.tokens
-            )
-        if beat.cost is not None:
-            state.cost_num, state.cost_weight = _ewma(state.cost_num, state.cost_weight, alpha, beat.cost)
+        _, tokens, cost = beat
+        if tokens is not None:
+            num, weight = state.tokens_num, state.tokens_weight
+            state.tokens_num, state.tokens_weight = _ewma(num, weight, alpha, tokens)
+        if cost is not None:
+            state.cost_num, state.cost_weight = _ewma(state.cost_num, state.cost_weight, alpha, cost)
         state.learned += 1
 
     @staticmethod
-    def _count_window(
-        state: TokenState, cfg: TokensConfig, start: int, tokens: float, *, learn: bool
-    ) -> None:
-        """Count a beat's tokens in rate window ``start``, closing the current window first if
-        ``start`` is a later one. Empty windows in between are not learned: a burst after an
-        idle spell is compared with the rate while busy, not with one diluted by idling. (Beats
-        come in stream order, so ``start`` is never an earlier window than the current one.)"""
-        if start > state.window_start:
-            if state.window_start > 0:
-                closed = state.window_tokens
-                folded = learn and closed > 0
-                if folded:
-                    per_s = closed * 1000 / cfg.window_ms
-                    state.rate_num, state.rate_weight = _ewma(
-                        state.rate_num, state.rate_weight, cfg.alpha, per_s
-                    )
-                    state.rate_windows += 1
-                state.closed_start, state.closed_folded, state.closed_tokens = (
-                    state.window_start,
-                    folded,
-                    closed,
-                )
-            state.window_start, state.window_tokens = start, 0
-        state.window_tokens += tokens
+    def _next_window(state: TokenState, cfg: TokensConfig, start: int, *, learn: bool) -> None:
+        """Close the current rate window (``learn``: into the rate baseline) and open window
+        ``start``, a later one. Empty windows in between are not learned: a burst after an idle
+        spell is compared with the rate while busy, not with one diluted by idling. (Beats come
+        in stream order, so a beat's window is never an earlier one than the current one.)"""
+        if state.window_start > 0:
+            closed = state.window_tokens
+            folded = learn and closed > 0
+            if folded:
+                per_s = closed * 1000 / cfg.window_ms
+                state.rate_num, state.rate_weight = _ewma(state.rate_num, state.rate_weight, cfg.alpha, per_s)
+                state.rate_windows += 1
+            state.closed_start, state.closed_folded, state.closed_tokens = state.window_start, folded, closed
+        state.window_start, state.window_tokens = start, 0
 
     @staticmethod
     def _expected(state: TokenState, cfg: TokensConfig) -> float | None:
