@@ -191,7 +191,9 @@ def test_hung_redis_agent_keeps_its_pace_memory_and_exit_time(prefix: str) -> No
     assert code == 0
     assert_no_internal_errors(err)
     assert stats["median_ns"] < 1_000_000  # not a socket timeout (figures: benchmarks/)
-    assert stats["max_ns"] < 100_000_000  # a blocking client would take >= 1 s here
+    # A blocking client would take >= 1 s here; a loaded 2-core box has preempted this loop for
+    # 148 ms (a full suite beside three benchmarks), which is the scheduler, not the producer.
+    assert stats["max_ns"] < 500_000_000
     assert stats["rate_with"] >= 0.8 * stats["rate_without"]
     assert stats["max_queue"] <= stats["queue_size"]
     assert stats["rss_growth"] < 30 * 2**20
