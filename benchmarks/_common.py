@@ -65,6 +65,19 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(on: Sequence[float], off: Sequence[float]) -> float:
+    """The median of the rounds' own ratios ``on[i] / off[i]``. Each round measures both sides
+    back to back (:func:`sides`), so a burst of load on a shared machine touches the pair it falls
+    in, not one side's median: steadier than the ratio of the two sides' medians."""
+    return median([a / b for a, b in zip(on, off, strict=True)])
+
+
+def sides(round_no: int) -> tuple[bool, bool]:
+    """The order of a round's two sides (on, off), alternating, so neither side always runs
+    first (on a warmer cache, or a server with one round's keys less)."""
+    return (True, False) if round_no % 2 == 0 else (False, True)
+
+
 def drop_prefix(client: Any, prefix: str) -> None:
     """Delete every key of ``prefix`` (a round's keys, so the next round starts empty)."""
     for key in client.scan_iter(f"{prefix}:*"):

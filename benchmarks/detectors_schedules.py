@@ -13,10 +13,11 @@ Two measurements, same private server, same run:
   default), the time from each agent's deadline (slot + grace) to its ``schedule`` alert on the
   alerts stream (both Redis time). Figure: p99 (goal <= 1 s, as silence's).
 
-Rounds are interleaved (on, off, on, off...) so both share the machine's noise; medians are
-compared.
+Each round measures both throughputs back to back, in alternating order (on-off, off-on, ...);
+the figure is the median of the rounds' own ratios (``_common.paired_ratio``; the spread is in
+the table).
 
-    python benchmarks/detectors_schedules.py [--events 50000] [--late 1000] [--rounds 3] [--quick]
+    python benchmarks/detectors_schedules.py [--events 50000] [--late 1000] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import drain_rate, drop_prefix, figure, median, percentile, redis_server, report
+from _common import (
+    drain_rate,
+    drop_prefix,
+    figure,
+    median,
+    paired_ratio,
+    percentile,
+    redis_server,
+    report,
+    sides,
+)
 from fleet_grouping import fill_events
 
 from agentwatch import codec, config, plugins
@@ -124,29 +135,31 @@ def main() -> None:
         "--restart-every", type=int, default=10, help="one start per this many events of an agent"
     )
     parser.add_argument("--late", type=int, default=1000, help="agents that miss a slot together")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke test")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small sizes, 5 short rounds")
     parser.add_argument("--redis-url", default=None, help="default: a private server (embedded launcher)")
     args = parser.parse_args()
     if args.quick:
-        args.events, args.agents, args.late, args.rounds = 5000, 200, 100, 1
+        args.events, args.agents, args.late, args.rounds = 5000, 200, 100, 5
     rates: dict[bool, list[float]] = {True: [], False: []}
     delays: list[float] = []
     per_round: list[float] = []
     with redis_server(args.redis_url) as url:
         for round_no in range(args.rounds):
-            for on in (True, False):
+            for on in sides(round_no):
                 rates[on].append(throughput(url, f"benchsc-t{round_no}{int(on)}", args.events, args.agents,
                                             args.restart_every, on))  # fmt: skip
             found = missed_delays(url, f"benchsc-d{round_no}", args.late)
             delays += found
             per_round.append(percentile(found, 99))
-    ratio = median(rates[True]) / median(rates[False])
+    ratio = paired_ratio(rates[True], rates[False])
+    pairs = [round(a / b, 3) for a, b in zip(rates[True], rates[False], strict=True)]
     rows: list[dict[str, Any]] = [
         {"measure": f"detector events/s, every agent scheduled={'yes' if on else 'no'}",
          "median": median(rates[on]), "rounds": [round(x) for x in rates[on]]}
         for on in (True, False)
     ]  # fmt: skip
+    rows.append({"measure": "scheduled / none", "median": ratio, "rounds": pairs})
     rows.append({"measure": f"deadline -> schedule alert s, {args.late} agents missing one slot",
                  "median": median(delays), "p99": percentile(delays, 99), "max": max(delays),
                  "rounds (p99)": [round(x, 3) for x in per_round]})  # fmt: skip
