@@ -65,6 +65,19 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(on: Sequence[float], off: Sequence[float]) -> float:
+    """The median of the rounds' own ratios ``on[i] / off[i]``. Each round measures both sides
+    back to back (:func:`sides`), so a burst of load on a shared machine touches the pair it falls
+    in, not one side's median: steadier than the ratio of the two sides' medians."""
+    return median([a / b for a, b in zip(on, off, strict=True)])
+
+
+def sides(round_no: int) -> tuple[bool, bool]:
+    """The order of a round's two sides (on, off), alternating, so neither side always runs
+    first (on a warmer cache, or a server with one round's keys less)."""
+    return (True, False) if round_no % 2 == 0 else (False, True)
+
+
 def drop_prefix(client: Any, prefix: str) -> None:
     """Delete every key of ``prefix`` (a round's keys, so the next round starts empty)."""
     for key in client.scan_iter(f"{prefix}:*"):
@@ -74,17 +87,26 @@ def drop_prefix(client: Any, prefix: str) -> None:
 def drain_rate(worker: Any, entries: int, *, hooks: bool = False) -> float:
     """Entries per second a runtime worker takes to process ``entries`` already in its streams
     (``hooks``: run its handlers' on_start/on_stop around the timed span, as a process would)."""
+    return drain_timed(worker, entries, hooks=hooks)[0]
+
+
+def drain_timed(worker: Any, entries: int, *, hooks: bool = False) -> tuple[float, float]:
+    """:func:`drain_rate`, and the CPU time the draining thread spent per entry (µs): the
+    worker's own work, which other processes' load on a shared machine barely changes (the wall
+    clock also holds its waits for Redis and for a core)."""
     if hooks:
         for handler in worker.handlers:
             handler.on_start()
     start = time.perf_counter()
+    cpu = time.thread_time()
     while worker.stats.processed < entries:
         worker.run_once()
+    cpu = time.thread_time() - cpu
     elapsed = time.perf_counter() - start
     if hooks:
         for handler in worker.handlers:
             handler.on_stop()
-    return entries / elapsed
+    return entries / elapsed, cpu / entries * 1e6
 
 
 def figure(

@@ -13,10 +13,11 @@ Two measurements, same private server, same run:
   default), the time from each agent's deadline (slot + grace) to its ``schedule`` alert on the
   alerts stream (both Redis time). Figure: p99 (goal <= 1 s, as silence's).
 
-Rounds are interleaved (on, off, on, off...) so both share the machine's noise; medians are
-compared.
+Each round measures both throughputs back to back, in alternating order (on-off, off-on, ...);
+the figure is the median of the rounds' own ratios (``_common.paired_ratio``; the spread is in
+the table).
 
-    python benchmarks/detectors_schedules.py [--events 50000] [--late 1000] [--rounds 3] [--quick]
+    python benchmarks/detectors_schedules.py [--events 50000] [--late 1000] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import drain_rate, drop_prefix, figure, median, percentile, redis_server, report
+from _common import (
+    drain_timed,
+    drop_prefix,
+    figure,
+    median,
+    paired_ratio,
+    percentile,
+    redis_server,
+    report,
+    sides,
+)
 from fleet_grouping import fill_events
 
 from agentwatch import codec, config, plugins
@@ -59,7 +70,10 @@ def pipeline_for(prefix: str, silence: dict[str, Any], tick: str) -> Pipeline:
 
 
 # -- throughput ---------------------------------------------------------------------------------
-def throughput(url: str, prefix: str, events: int, agents: int, restart_every: int, scheduled: bool) -> float:
+def throughput(
+    url: str, prefix: str, events: int, agents: int, restart_every: int, scheduled: bool
+) -> tuple[float, float]:
+    """Events/s, and the draining thread's CPU µs per event (``_common.drain_timed``)."""
     client = redis.Redis.from_url(url)
     keys = Keys(prefix)
     fill_events(client, keys, events, agents, restart_every, labelled=False)
@@ -67,11 +81,11 @@ def throughput(url: str, prefix: str, events: int, agents: int, restart_every: i
     pipeline = pipeline_for(prefix, silence, tick="50ms")
     worker_client = connect(pipeline.settings, url)
     worker = detector_worker(pipeline, worker_client)
-    rate = drain_rate(worker, events)
+    timed = drain_timed(worker, events)
     worker_client.close()
     drop_prefix(client, prefix)
     client.close()
-    return rate
+    return timed
 
 
 # -- missed-slot delay --------------------------------------------------------------------------
@@ -124,41 +138,51 @@ def main() -> None:
         "--restart-every", type=int, default=10, help="one start per this many events of an agent"
     )
     parser.add_argument("--late", type=int, default=1000, help="agents that miss a slot together")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke test")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small sizes, 5 short rounds")
     parser.add_argument("--redis-url", default=None, help="default: a private server (embedded launcher)")
     args = parser.parse_args()
     if args.quick:
-        args.events, args.agents, args.late, args.rounds = 5000, 200, 100, 1
+        args.events, args.agents, args.late, args.rounds = 5000, 200, 100, 5
     rates: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
     delays: list[float] = []
     per_round: list[float] = []
     with redis_server(args.redis_url) as url:
         for round_no in range(args.rounds):
-            for on in (True, False):
-                rates[on].append(throughput(url, f"benchsc-t{round_no}{int(on)}", args.events, args.agents,
-                                            args.restart_every, on))  # fmt: skip
+            for on in sides(round_no):
+                rate, cpu_us = throughput(url, f"benchsc-t{round_no}{int(on)}", args.events, args.agents,
+                                          args.restart_every, on)  # fmt: skip
+                rates[on].append(rate)
+                cpu[on].append(cpu_us)
             found = missed_delays(url, f"benchsc-d{round_no}", args.late)
             delays += found
             per_round.append(percentile(found, 99))
-    ratio = median(rates[True]) / median(rates[False])
+    ratio = paired_ratio(rates[True], rates[False])
+    cpu_ratio = paired_ratio(cpu[False], cpu[True])  # none / scheduled: as a rate ratio reads
+    pairs = [round(a / b, 3) for a, b in zip(rates[True], rates[False], strict=True)]
     rows: list[dict[str, Any]] = [
         {"measure": f"detector events/s, every agent scheduled={'yes' if on else 'no'}",
-         "median": median(rates[on]), "rounds": [round(x) for x in rates[on]]}
+         "median": median(rates[on]), "rounds": [round(x) for x in rates[on]],
+         "CPU us/event (median)": median(cpu[on])}
         for on in (True, False)
     ]  # fmt: skip
+    rows.append({"measure": "scheduled / none", "median": ratio, "rounds": pairs})
     rows.append({"measure": f"deadline -> schedule alert s, {args.late} agents missing one slot",
                  "median": median(delays), "p99": percentile(delays, 99), "max": max(delays),
                  "rounds (p99)": [round(x, 3) for x in per_round]})  # fmt: skip
     figures = [
         figure("detectors, every agent scheduled / none", round(ratio, 3), "ratio", goal=0.9, better="higher",
                issue=16),
+        figure("detectors, none / every agent scheduled, CPU per event", round(cpu_ratio, 3), "ratio",
+               issue=16),
         figure("missed slot: deadline -> alert p99", round(percentile(delays, 99), 3), "s", goal=1.0,
                better="lower", issue=16),
     ]  # fmt: skip
     report("detectors_schedules", rows, {"args": vars(args)}, figures)
     for item in figures:
-        print(f"{item['figure']}: {item['value']} {item['unit']} (goal {item['better']} than {item['goal']})")
+        goal = f" (goal {item['better']} than {item['goal']})" if item["goal"] is not None else ""
+        print(f"{item['figure']}: {item['value']} {item['unit']}{goal}")
 
 
 if __name__ == "__main__":

@@ -379,15 +379,17 @@ class Schedule(Detector[ScheduleConfig]):
         if child is None and isinstance(run, str) and run == agent.run:  # the current run's
             if run != watch.run:  # its first event here (a new watch, or on_new_run came first)
                 self._begin(watch, run, at_ms)
-                wake = True
+                wake = wake or self._times_runs(agent.name)
             kind = event.get("kind")
             if kind == "start":
                 watch.process = event.get("pid") is not None
             elif kind == "exit" or (kind == "beat" and not watch.process):
                 watch.finished = True
-        # Look at once only when that can change a decision early: a new clock, or the resolve
-        # of an open incident. Otherwise the due time kept is at most early (news only ever
-        # pushes the owed slot later), and its check re-arms the watch.
+        # Look at once only when that can change a decision early: a new clock (a new agent's,
+        # or a new run's ``max_runtime``), or the resolve of an open incident. Otherwise the due
+        # time kept is at most early (news, a new run too, only ever pushes the owed slot later),
+        # and its check re-arms the watch: a fleet of cron agents without ``max_runtime`` is not
+        # decided again at every run it starts (benchmarks/detectors_schedules.py).
         if wake or watch.missed_slot_ms is not None or watch.overran_run is not None:
             watch.due_ms = at_ms
 
@@ -395,7 +397,14 @@ class Schedule(Detector[ScheduleConfig]):
         watch: ScheduleState | None = agent.states.get(self.name)
         if watch is not None:
             self._begin(watch, agent.run, at_ms)
-            watch.due_ms = at_ms
+            open_incident = watch.missed_slot_ms is not None or watch.overran_run is not None
+            if open_incident or self._times_runs(agent.name):
+                watch.due_ms = at_ms  # as on_event: only when that can change a decision early
+
+    def _times_runs(self, agent: str) -> bool:
+        """Whether ``agent``'s schedule has a ``max_runtime``: each new run starts a clock."""
+        plan = self.plan_for(agent)
+        return plan is not None and plan.max_runtime_ms is not None
 
     def on_retire(self, agent: Agent, at_ms: int) -> None:
         watch: ScheduleState | None = agent.states.get(self.name)

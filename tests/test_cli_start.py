@@ -6,6 +6,7 @@ times themselves are measured by benchmarks/cli_start.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -95,3 +96,43 @@ def test_help_lists_every_command_and_a_typo_gets_a_suggestion() -> None:
         assert f" {name} " in listed.output
     typo = runner.invoke(cli.app, ["stauts"])
     assert typo.exit_code == 2 and "Did you mean 'status'?" in typo.output
+
+
+_COLLECTOR_PROBE = """
+import gc, json, sys
+from agentwatch import cli
+
+seen = {}
+
+@cli.app.command("probe-collector")
+def _probe() -> None:
+    seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+
+sys.argv = ["agentwatch", "probe-collector"]
+try:
+    cli.main()
+except SystemExit:
+    pass
+print(json.dumps(seen))
+"""
+
+
+def test_main_pauses_the_collector_for_the_start_and_runs_the_command_with_it_on() -> None:
+    """A long-running command (``up``, ``worker``, ``serve``) must collect as usual: main()
+    pauses the collector only while the command starts, and freezes what start-up allocated."""
+    result = subprocess.run(
+        [sys.executable, "-c", _COLLECTOR_PROBE], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["enabled"] is True
+    assert seen["frozen"] > 10_000  # typer, click and the subcommand's imports, frozen once
+
+
+def test_the_app_called_in_process_leaves_the_collector_alone() -> None:
+    """Tests and embedders call ``app`` directly: no pause, no freeze in their process (the root
+    callback, which resumes the collector after main(), runs before ``status --help`` exits)."""
+    frozen = gc.get_freeze_count()
+    result = CliRunner().invoke(cli.app, ["status", "--help"])
+    assert result.exit_code == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen

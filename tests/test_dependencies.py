@@ -307,3 +307,23 @@ def test_a_down_parent_is_found_by_its_glob_among_many_open_incidents(
         assert hold is None
     else:
         assert hold is not None and hold.kind == "dependency" and f"{parent!r} ({glob})" in hold.detail
+
+
+@pytest.mark.parametrize(("detector", "held"), [("lag", True), ("trimmed", True), ("tokens", False)])
+def test_the_pipelines_own_outage_holds_every_dependent_among_many_open_incidents(
+    r: redis.Redis, keys: Keys, prefix: str, detector: str, held: bool
+) -> None:
+    """An open ``lag`` or ``trimmed`` incident of the pipeline (agent ``agentwatch``: its Redis
+    or its workers were away) holds a dependent's silence even with no parent down; another
+    incident of the pipeline does not. Its incidents are read by name, among many open ones."""
+    for n in range(300):
+        fire(r, keys, f"web-{n}")
+    fire(r, keys, "agentwatch", detector=detector)
+    silence = {"agents": {"web-*": {"depends_on": "db-*"}}}
+    settings = settings_for(prefix).model_copy(update={"detectors": {"silence": silence}})
+    holds = for_pipeline(r, keys, settings, [])
+    hold = holds.view(now_ms(r)).why(fire(r, keys, "web-child"))
+    if held:
+        assert hold is not None and hold.kind == "dependency" and "'agentwatch'" in hold.detail
+    else:
+        assert hold is None
