@@ -39,7 +39,9 @@ is one round trip.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +79,20 @@ SOURCE_VERSION: Final = f"agentwatch-http/{__version__}"
 ATTEMPTS: Final = 50
 """Writes numbered from a record another server had just changed, before giving up (each
 failed attempt means another writer succeeded)."""
+BACKOFF_CAP_S: Final = 0.02
+"""The longest random pause before a contended write tries again (see :func:`backoff_s`)."""
+
+
+def backoff_s(attempt: int) -> float:
+    """A random pause before attempt ``attempt + 1`` of a write another writer beat: up to 0.25
+    ms after the first loss, doubling to :data:`BACKOFF_CAP_S`. Without it, writers hammering
+    one agent (servers behind a load balancer, an exporter's retries) can starve one of them:
+    under CPU load a writer lost all 50 attempts in a row, each time to a writer that was
+    already numbering while it read the reply. Jitter spreads the retries, as in any
+    compare-and-set loop."""
+    return random.uniform(0.0, min(BACKOFF_CAP_S, 0.00025 * 2 ** (attempt - 1)))
+
+
 CACHE_SIZE: Final = 100_000
 """Agents whose record a server remembers (about 200 bytes each); others are read first."""
 SWEEP_COUNT: Final = 1000
@@ -239,12 +255,13 @@ class EventWriter:
         share one round trip (:class:`~agentwatch.ingest_records.Batches`)."""
         item = Item(agent, [(kind, fields or {})], interval_s=interval_s, start_facts=start_facts)
         shard = shard_of(agent, self.keys.shards)
-        for _ in range(ATTEMPTS):
+        for attempt in range(1, ATTEMPTS + 1):
             prepared = self._prepare([item])
             reply = await self._batches.submit(self._call(shard, prepared, []))
             outcome = self._settle(prepared, reply)[0]
             if outcome is not _STALE:
                 return _raised(outcome)  # type: ignore[arg-type]
+            await asyncio.sleep(backoff_s(attempt))
         raise Contended(f"{agent}: its record changed under every attempt; retry later")
 
     # -- several agents and guards per call: the OTLP receiver -------------------------------
@@ -273,6 +290,7 @@ class EventWriter:
             if stale:  # numbered again from the records the script returned
                 if attempt >= ATTEMPTS:
                     raise Contended(f"{stale[0].agent}: its record changed under every attempt; retry later")
+                time.sleep(backoff_s(attempt))
                 again = iter(self.commit([Group(group.shard, stale)], attempt=attempt + 1)[0].outcomes)
                 outcomes = [next(again) if outcome is _STALE else outcome for outcome in outcomes]
             result.outcomes = outcomes  # type: ignore[assignment]
