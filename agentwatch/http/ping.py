@@ -24,7 +24,7 @@ agent named ``backup/start`` or ``shards/3`` is pinged as ``/ping/<key>/shards/3
 
 from __future__ import annotations
 
-import fnmatch
+import hmac
 import json
 import math
 from typing import Any, Final
@@ -132,9 +132,9 @@ def authorised(server: Server, key: str, agent: str) -> bool | None:
     ping_accept`` matches (False: a valid key, an agent outside the glob); with ``[security]
     agent_keys``, an agent's own key (``agentwatch agent-key``) may for that agent alone. None: no
     such key (the caller is told nothing more than "not found")."""
-    http, security = server.settings.http, server.settings.security
-    if http.ping_key is not None and same(key, http.ping_key):
-        return fnmatch.fnmatchcase(agent, http.ping_accept)
+    if server.ping_key is not None and hmac.compare_digest(key.encode(), server.ping_key):
+        return server.ping_accepts(agent) is not None
+    security = server.settings.security
     if security.agent_keys and security.secret is not None and same(key, agent_key(security.secret, agent)):
         return True
     return None
