@@ -49,6 +49,8 @@ BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "cost",
 PROTOCOL.md); an exit also takes ``error``."""
 EXIT_KEYS: Final = (*BEAT_KEYS, "error")
 _MAX_EXIT_CODE: Final = 255
+_decode: Final = json.JSONDecoder().decode
+"""``json.loads`` without its type checks and encoding detection (a ping's body is UTF-8 JSON)."""
 
 
 class BadPing(Exception):
@@ -95,7 +97,10 @@ def parse_fields(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        data = json.loads(body)
+        if body[:1] == b"{" and body[1:2] != b"\x00":  # what json.loads would decode as UTF-8
+            data = _decode(body.decode("utf-8", "surrogatepass"))
+        else:  # UTF-16 or -32, a BOM, or not an object at all: json.loads decides
+            data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadPing('the body must be a JSON object, e.g. {"tokens": 1200, "model": "gpt-4o"}') from None
     if not isinstance(data, dict):
