@@ -43,9 +43,11 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
+
+import msgpack
 
 from agentwatch import __version__, codec
 from agentwatch.errors import AgentwatchError
@@ -215,6 +217,7 @@ class EventWriter:
         self._signers: Cache[str, Signer] = Cache(cache_size)
         self._encode = codec.encoder()
         self._pack_raw = raw_packer()
+        self._pack_numbering: Callable[[Any], bytes] = msgpack.Packer().pack
         self._write = self.client.register_script(WRITE)
         self._sweep = self.client.register_script(SWEEP)
         self.link = link
@@ -392,7 +395,7 @@ class EventWriter:
             entries += (data, signer.sign(data) if signer is not None else b"")
             seq += 1
             ended = ended or kind == "exit"
-        packed = numbering(run, seq, interval, ended)
+        packed = numbering(run, seq, interval, ended, self._pack_numbering)
         ttl_s = max(item.ttl_s if item.ttl_s is not None else self.run_ttl_s, 4 * (interval or 0.0))
         as_float = None if interval is None else float(interval)
         exp_s = int(now + ttl_s) + 1

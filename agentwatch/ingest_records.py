@@ -175,13 +175,16 @@ class Record:
             return None
 
 
-def numbering(run: str, seq: int, interval_s: float | None, ended: bool) -> bytes:
-    """The numbering part of a record (msgpack: an integral interval packs in one byte)."""
+def numbering(
+    run: str, seq: int, interval_s: float | None, ended: bool, pack: Callable[[Any], bytes] | None = None
+) -> bytes:
+    """The numbering part of a record (msgpack: an integral interval packs in one byte).
+    ``pack``: a reused ``msgpack.Packer().pack`` (``packb`` makes a packer per call, which costs
+    as much as the packing; the writer's lock guards its own)."""
+    pack = pack or msgpack.packb
     if interval_s is not None and interval_s.is_integer():
-        packed: bytes = msgpack.packb([run, seq, int(interval_s), ended])
-    else:
-        packed = msgpack.packb([run, seq, interval_s, ended])
-    return packed
+        return pack([run, seq, int(interval_s), ended])
+    return pack([run, seq, interval_s, ended])
 
 
 def predicted(

@@ -7,10 +7,11 @@ targets, and ``sum(rate(agentwatch_http_pings_total[5m]))`` adds them up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, Metric
 
 PING_OUTCOMES: Final = ("ok", "bad_key", "not_accepted", "bad_request", "too_large", "flooded", "unavailable")
 OTLP_OUTCOMES: Final = ("ok", "partial", "off", "unauthorized", "bad_request", "too_large", "unsupported",
@@ -27,15 +28,11 @@ class Counters:
     def __init__(self) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # ``*_created`` doubles every series
         self.registry = CollectorRegistry(auto_describe=True)
-        self._pings = Counter(
-            "agentwatch_http_pings",
-            "Ping API calls answered by this server, by outcome (bad_key: 404 for a wrong key).",
-            ["outcome"],
-            registry=self.registry,
-        )
-        # every series exists from the start (rate() needs a zero); the children are kept, as
-        # labels() costs a lock and a lookup on every ping
-        self._ping_outcomes = {outcome: self._pings.labels(outcome) for outcome in PING_OUTCOMES}
+        # a plain int per outcome, summed at scrape time: prometheus-client's Counter.inc takes a
+        # lock on every ping (the route called most; the event loop is its only writer). Every
+        # series exists from the start (rate() needs a zero).
+        self.pings: dict[str, int] = dict.fromkeys(PING_OUTCOMES, 0)
+        self.registry.register(_PingCollector(self.pings))
         self._denied = Counter(
             "agentwatch_http_denied",
             "Requests refused for a missing or wrong [http] token (401), and failed logins.",
@@ -71,10 +68,31 @@ class Counters:
                 self._otlp_items.labels(signal, item).inc(count)
 
     def ping(self, outcome: str) -> None:
-        self._ping_outcomes[outcome].inc()
+        self.pings[outcome] += 1
 
     def denied(self) -> None:
         self._denied.inc()
 
     def redis_error(self) -> None:
         self._redis_errors.inc()
+
+
+class _PingCollector:
+    """``agentwatch_http_pings_total{outcome}`` from :attr:`Counters.pings`. The ints are only
+    changed on the event loop; a scrape (a worker thread) reads each one atomically, and a
+    counter read a moment early is still a counter."""
+
+    def __init__(self, pings: dict[str, int]) -> None:
+        self.pings = pings
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily("agentwatch_http_pings", _PINGS_HELP, labels=["outcome"])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("agentwatch_http_pings", _PINGS_HELP, labels=["outcome"])
+        for outcome, count in list(self.pings.items()):
+            family.add_metric([outcome], count)
+        yield family
+
+
+_PINGS_HELP: Final = "Ping API calls answered by this server, by outcome (bad_key: 404 for a wrong key)."

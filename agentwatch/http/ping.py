@@ -24,7 +24,7 @@ agent named ``backup/start`` or ``shards/3`` is pinged as ``/ping/<key>/shards/3
 
 from __future__ import annotations
 
-import fnmatch
+import hmac
 import json
 import math
 from typing import Any, Final
@@ -49,6 +49,8 @@ BEAT_KEYS: Final = ("tokens", "tokens_in", "tokens_out", *TOKEN_CLASSES, "cost",
 PROTOCOL.md); an exit also takes ``error``."""
 EXIT_KEYS: Final = (*BEAT_KEYS, "error")
 _MAX_EXIT_CODE: Final = 255
+_decode: Final = json.JSONDecoder().decode
+"""``json.loads`` without its type checks and encoding detection (a ping's body is UTF-8 JSON)."""
 
 
 class BadPing(Exception):
@@ -95,7 +97,10 @@ def parse_fields(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        data = json.loads(body)
+        if body[:1] == b"{" and body[1:2] != b"\x00":  # what json.loads would decode as UTF-8
+            data = _decode(body.decode("utf-8", "surrogatepass"))
+        else:  # UTF-16 or -32, a BOM, or not an object at all: json.loads decides
+            data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadPing('the body must be a JSON object, e.g. {"tokens": 1200, "model": "gpt-4o"}') from None
     if not isinstance(data, dict):
@@ -132,9 +137,9 @@ def authorised(server: Server, key: str, agent: str) -> bool | None:
     ping_accept`` matches (False: a valid key, an agent outside the glob); with ``[security]
     agent_keys``, an agent's own key (``agentwatch agent-key``) may for that agent alone. None: no
     such key (the caller is told nothing more than "not found")."""
-    http, security = server.settings.http, server.settings.security
-    if http.ping_key is not None and same(key, http.ping_key):
-        return fnmatch.fnmatchcase(agent, http.ping_accept)
+    if server.ping_key is not None and hmac.compare_digest(key.encode(), server.ping_key):
+        return server.ping_accepts(agent) is not None
+    security = server.settings.security
     if security.agent_keys and security.secret is not None and same(key, agent_key(security.secret, agent)):
         return True
     return None

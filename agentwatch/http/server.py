@@ -11,7 +11,9 @@ synchronous Redis reads in the thread pool.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +170,11 @@ class Server:
         self.keys = pipeline.keys
         self.client: Client = connect(self.settings, url, name="agentwatch-http")
         self.access = Access(http)
+        self.ping_key = None if http.ping_key is None else http.ping_key.encode()
+        """``[http] ping_key`` as bytes, encoded once (ping.py ``authorised`` compares every ping's)."""
+        self.ping_accepts = re.compile(fnmatch.translate(http.ping_accept)).match
+        """``[http] ping_accept`` compiled once: what ``fnmatch.fnmatchcase`` does, without its
+        cache lookup on every ping."""
         security = self.settings.security
         # the ping API's writes go from the event loop on a connection of its own (not for a
         # cluster: its client routes each script call to its node, in a worker thread)
