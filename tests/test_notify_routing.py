@@ -225,7 +225,10 @@ def test_apprise_attempts_end_at_the_timeout_whatever_the_service_does(
             fire(r, keys, "app-bot")
             first, second = hook.wait_requests(2)
             wait_for(lambda: stream(r, keys.notify_log), what="the delivered record")
-    assert 1.0 <= second.at - first.at < 2.0  # the attempt's lease is 2 s: well inside it
+    # Ended at our 1 s timeout, not at apprise's own 4 s read timeout; the upper bound leaves a
+    # loaded box (a full suite beside benchmarks) 2.5 s to start the retry, and still fails a
+    # timeout that is not enforced.
+    assert 1.0 <= second.at - first.at < 3.5
     (record,) = stream(r, keys.notify_log)
     assert (record["outcome"], record["attempts"]) == ("delivered", "2")
 
