@@ -47,7 +47,7 @@ from agentwatch.config import PipelineSettings, format_duration
 from agentwatch.dependencies import MAX_CHAIN, Dependents, DependsOnConfig, Held
 from agentwatch.facts import read_facts
 from agentwatch.keys import Keys
-from agentwatch.maintenance import Window, windows
+from agentwatch.maintenance import Window, any_glob, windows
 from agentwatch.redisconn import Client
 
 DOWN_DETECTORS: Final = ("silence", "exit", "stall", "schedule")
@@ -97,7 +97,7 @@ class Holds:
         self._parent_globs = sorted(g for g in globs if isinstance(g, str) and g)
         """The ``depends_on`` globs: the agents whose alerts may list held dependents."""
         self._any_depends = bool(self._parent_globs)
-        self._parents: dict[str, bool] = {}
+        self._is_parent = any_glob(tuple(self._parent_globs)) if self._any_depends else None
 
     def view(self, now_ms: int, *, adhoc: bool | None = None) -> HoldView:
         """``adhoc``: whether ad-hoc windows exist, when the caller read it already (else the
@@ -151,14 +151,7 @@ class Holds:
             return alert.detector in PIPELINE_DOWN
         if alert.detector not in DOWN_DETECTORS:
             return False
-        found = self._parents.get(alert.agent)
-        if found is None:
-            if len(self._parents) >= 10_000:
-                self._parents.clear()
-            found = self._parents[alert.agent] = any(
-                fnmatch.fnmatchcase(alert.agent, glob) for glob in self._parent_globs
-            )
-        return found
+        return self._is_parent is not None and self._is_parent(alert.agent) is not None
 
     def agent_names(self) -> list[str]:
         """Every agent with detector state (cached for a few seconds)."""
