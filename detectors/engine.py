@@ -211,6 +211,7 @@ class Shard:
                 except Exception as exc:
                     engine.failed(detector, "on_event", exc)
             engine._arm(self, agent)
+            engine.woke.clear()
             return
         if (cls == NEW or (cls == CUR and seq > agent.last_seq)) and (
             # (what _backlog asks, loosened to skip its work for an agent that is on time)
@@ -258,13 +259,15 @@ class Shard:
             agent.prev_run = ""  # once only
         if kind != "beat" or cls == NEW or agent.name not in self.armed or agent.clocks_from_ms < clocks0:
             engine._arm(self, agent)
-        elif engine.timed_on_beats:
-            engine._arm(self, agent, engine.timed_on_beats)
+        elif engine.timed_on_beats or engine.woke:
+            engine._arm(self, agent, [*engine.timed_on_beats, *engine.woke])
         # (else: a beat only moves an armed agent's due times later, and the armed one is a
         # lower bound: the check re-arms it then. Not so a beat that begins a run or ends an
         # ``extend()``: the clocks start earlier again. A timed detector whose due time a beat
         # can bring earlier listens to beats: every beat asks those, and only those:
-        # timed_on_beats.)
+        # timed_on_beats; or, with ``wakes_on_beats``, only the beats it says so of: woke.)
+        if engine.woke:  # (asked above, by either branch)
+            engine.woke.clear()
 
     def _backlog(self, engine: Engine, agent: Agent, event: Event, at: int, cls: str) -> None:
         """A gap longer than an allowance found in the events themselves (a backlog applied
@@ -404,7 +407,14 @@ class Engine(Handler[Event]):
         # (a hook a detector does not override is the base's no-op: not called at all)
         self.new_run_hooks = [d for d in self.detectors if type(d).on_new_run is not Detector.on_new_run]
         self.retire_hooks = [d for d in self.detectors if type(d).on_retire is not Detector.on_retire]
-        self.timed_on_beats = [d for d in self.timed if d in self.listeners["beat"]]
+        self.timed_on_beats = [
+            d for d in self.timed if d in self.listeners["beat"] and not getattr(d, "wakes_on_beats", False)
+        ]
+        self.woke: list[Detector[Any]] = []
+        """Detectors that said (:meth:`wake`) that the event being applied brought their due time
+        earlier: a beat re-arms its (armed) agent for them. A timed detector listening to beats
+        whose due time moves only where it knows it (``wakes_on_beats``, detectors/schedule.py)
+        is asked only then, not at every beat of a fleet it watches."""
         self.state_classes = {d.name: d.State for d in self.detectors if d.State is not None}
         decisions = _Decisions(self)
         for detector in self.detectors:
@@ -454,6 +464,12 @@ class Engine(Handler[Event]):
                       exc_info=exc)  # fmt: skip
 
     # -- settings shared by the detectors ----------------------------------------------------
+    def wake(self, detector: Detector[Any]) -> None:
+        """``detector`` (one with ``wakes_on_beats``) brought its due time for the agent of the
+        event being applied earlier, from its ``on_event``: the engine asks its ``due_ms`` after
+        this event even if it is a beat (it asks after every other event anyway)."""
+        self.woke.append(detector)
+
     def get(self, kind: str) -> Detector[Any] | None:
         """The enabled built-in of class name ``kind`` (e.g. "Silence"), if any."""
         return self.by_class.get(kind)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 from zoneinfo import ZoneInfo
 
 from pydantic import Field, field_validator
@@ -334,6 +334,9 @@ class Schedule(Detector[ScheduleConfig]):
     State = ScheduleState
     kinds = (MISSED, OVERRAN)
     listens = frozenset({"start", "beat", "pulse", "exit"})
+    wakes_on_beats: ClassVar[bool] = True
+    """Its due time changes at a beat only where :meth:`on_event` says so to the engine
+    (``Engine.wake``): the engine does not ask :meth:`due_ms` at every other beat."""
 
     def __init__(self, name: str, config: ScheduleConfig, ctx: DetectorContext) -> None:
         super().__init__(name, config, ctx)
@@ -392,6 +395,9 @@ class Schedule(Detector[ScheduleConfig]):
         # decided again at every run it starts (benchmarks/detectors_schedules.py).
         if wake or watch.missed_slot_ms is not None or watch.overran_run is not None:
             watch.due_ms = at_ms
+            engine = self.ctx.shared.get("engine") if self.ctx is not None else None
+            if engine is not None:
+                engine.wake(self)
 
     def on_new_run(self, agent: Agent, at_ms: int) -> None:
         watch: ScheduleState | None = agent.states.get(self.name)

@@ -47,7 +47,7 @@ from agentwatch.config import PipelineSettings, format_duration
 from agentwatch.dependencies import MAX_CHAIN, Dependents, DependsOnConfig, Held
 from agentwatch.facts import read_facts
 from agentwatch.keys import Keys
-from agentwatch.maintenance import Window, windows
+from agentwatch.maintenance import Window, any_glob, windows
 from agentwatch.redisconn import Client
 
 DOWN_DETECTORS: Final = ("silence", "exit", "stall", "schedule")
@@ -97,7 +97,7 @@ class Holds:
         self._parent_globs = sorted(g for g in globs if isinstance(g, str) and g)
         """The ``depends_on`` globs: the agents whose alerts may list held dependents."""
         self._any_depends = bool(self._parent_globs)
-        self._parents: dict[str, bool] = {}
+        self._is_parent = any_glob(tuple(self._parent_globs)) if self._any_depends else None
 
     def view(self, now_ms: int, *, adhoc: bool | None = None) -> HoldView:
         """``adhoc``: whether ad-hoc windows exist, when the caller read it already (else the
@@ -151,14 +151,7 @@ class Holds:
             return alert.detector in PIPELINE_DOWN
         if alert.detector not in DOWN_DETECTORS:
             return False
-        found = self._parents.get(alert.agent)
-        if found is None:
-            if len(self._parents) >= 10_000:
-                self._parents.clear()
-            found = self._parents[alert.agent] = any(
-                fnmatch.fnmatchcase(alert.agent, glob) for glob in self._parent_globs
-            )
-        return found
+        return self._is_parent is not None and self._is_parent(alert.agent) is not None
 
     def agent_names(self) -> list[str]:
         """Every agent with detector state (cached for a few seconds)."""
@@ -185,6 +178,8 @@ class HoldView:
     _down: dict[str, list[str]] = field(default_factory=dict)
     _overdue: dict[str, list[str]] = field(default_factory=dict)
     _pipeline: bool | None = None
+    _nothing: bool | None = None
+    """Whether no dependency can hold anything now (:meth:`_idle`; None: not known yet)."""
 
     def why(self, alert: Alert, *, releasing: bool = False) -> Hold | None:
         """Why ``alert`` must wait, or None to send it. ``releasing``: it is already held and
@@ -228,6 +223,8 @@ class HoldView:
         holds = self.holds
         if not holds._any_depends or alert.detector not in SILENT or holds.silence is None:
             return None
+        if self._idle():
+            return None
         glob = holds.silence.for_agent(alert.agent).depends_on
         if not glob:
             return None
@@ -265,6 +262,27 @@ class HoldView:
             return Hold("dependency", f"waiting for {waiting!r} ({glob}): overdue, it may be down too")
         return None
 
+    def _idle(self) -> bool:
+        """Whether no dependency can hold anything in this view: nothing held, and no agent of
+        any ``depends_on`` glob (nor the pipeline) down or overdue. Then every alert of a storm
+        is sent without its own look-up of its agent's glob (once per view, not per alert)."""
+        if self._nothing is None:
+            busy = any(self._down_of(glob) or self._overdue_of(glob) for glob in self.holds._parent_globs)
+            self._nothing = not self.records() and not busy
+        return self._nothing
+
+    def _down_of(self, glob: str) -> list[str]:
+        down = self._down.get(glob)
+        if down is None:
+            down = self._down[glob] = self._find_down(glob)
+        return down
+
+    def _overdue_of(self, glob: str) -> list[str]:
+        overdue = self._overdue.get(glob)
+        if overdue is None:
+            overdue = self._overdue[glob] = sorted(self._find_overdue(glob))
+        return overdue
+
     def records(self) -> dict[str, Held]:
         """The held silences (``<prefix>:dependents``, a handful), read once per view."""
         if self._records is None:
@@ -279,10 +297,7 @@ class HoldView:
         """An agent matching ``glob`` (not ``child``) that is down now, or the pipeline. The down
         agents of a glob are found once per view: a host loss fires thousands of silences at
         once, and each must not scan every open incident again."""
-        down = self._down.get(glob)
-        if down is None:
-            down = self._down[glob] = self._find_down(glob)
-        return _first_but(down, child)
+        return _first_but(self._down_of(glob), child)
 
     def _find_down(self, glob: str) -> list[str]:
         """The agents matching ``glob`` with an open incident that means down, and the pipeline
@@ -322,10 +337,7 @@ class HoldView:
         """A parent that is overdue (no event for twice its declared interval, or half its
         allowance: the ``late`` of ``agentwatch status``) and may fire any moment: wait for its
         verdict, at most one allowance of the child's past the child's own alert."""
-        overdue = self._overdue.get(glob)
-        if overdue is None:
-            overdue = self._overdue[glob] = sorted(self._find_overdue(glob))
-        candidate = _first_but(overdue, alert.agent)
+        candidate = _first_but(self._overdue_of(glob), alert.agent)
         if candidate is None or self.now_ms >= alert.at_ms + self.holds.allowance_ms(alert):
             return None
         return candidate

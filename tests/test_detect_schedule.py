@@ -363,6 +363,25 @@ def test_a_crashed_cron_run_still_pages_exit_and_a_ping_job_finishes_with_its_su
     feed.engine.client.close()
 
 
+def test_a_ping_job_over_max_runtime_resolves_at_its_success_ping_not_at_its_next_slot(
+    redis_url: str, prefix: str, r: redis.Redis, keys: Keys
+) -> None:
+    """The engine asks the schedule's due time at a beat only when the beat woke it
+    (``wakes_on_beats``): the success ping of a job whose ``runtime`` incident is open wakes it,
+    so the resolve comes at the next check, not when the agent's next slot falls due."""
+    feed = engine_feed(redis_url, prefix)
+    feed.apply([feed.event("backup-ping", "start", at=T("03:15:00"), version="agentwatch-http/1")])
+    tick_every_minute(feed, "03:16", "03:25")
+    assert transitions(r, keys) == [("backup-ping", "runtime", "firing")]
+    feed.apply([feed.event("backup-ping", "beat", at=T("03:27:00"))])  # its success ping, late
+    feed.tick(T("03:27:01"))
+    assert transitions(r, keys) == [
+        ("backup-ping", "runtime", "firing"),
+        ("backup-ping", "runtime", "resolved"),
+    ]
+    feed.engine.client.close()
+
+
 def test_two_workers_deciding_the_same_slot_page_once(redis_url: str, prefix: str, r: redis.Redis) -> None:
     """Two detector workers running: the shard has one owner, which pages the missed slot; when
     it stops, the other takes the shard over from its checkpoint and does not page it again."""
