@@ -275,7 +275,9 @@ def test_leases_checkpoints_and_fences_on_a_three_master_cluster(cluster_ports: 
     client: Any = RedisCluster.from_url(f"redis://127.0.0.1:{cluster_ports[0]}/0")
     keys = Keys(f"lc{os.urandom(4).hex()}", shards=SHARDS)
     try:
-        a = ShardLeases(client, keys, "a", 300)
+        # 1.5 s: the saves below, one cluster round trip each, took over 300 ms on a box loaded
+        # by two suites at once (the lease ran out before the last save, which was refused).
+        a = ShardLeases(client, keys, "a", 1500)
         a.refresh(server_time_ms(client))
         assert set(a.held) == ALL and set(a.owners()) == ALL
         checkpoints = Checkpoints(client, keys)
@@ -290,7 +292,7 @@ def test_leases_checkpoints_and_fences_on_a_three_master_cluster(cluster_ports: 
                 name, "silence", severity="critical", summary="s", at_ms=1, fence=a.fence(shard)
             )
         stale = dict(a.held)
-        time.sleep(0.4)
+        time.sleep(1.6)  # a's leases run out: nothing to await but the clock
         b = ShardLeases(client, keys, "b", 5000)
         assert b.refresh(server_time_ms(client))[0] == ALL
         for shard, token in stale.items():

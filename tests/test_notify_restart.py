@@ -156,7 +156,10 @@ def test_the_restart_loop_ends_only_when_the_agent_recovers_not_on_an_older_inci
         # Without a record of which incident hit the limit (its worker died before writing it),
         # the loop ends once no incident of a detector in `on` is open any more.
         into_a_loop("b")
-        r.hdel(keys.notifier_starts("restart"), "b|loop")
+        # The record is written just after the loop alert is fired: wait for it, then lose it.
+        starts = keys.notifier_starts("restart")
+        wait_for(lambda: r.hexists(starts, "b|loop"), what="the loop's trigger recorded")
+        r.hdel(starts, "b|loop")
         assert handled(resolve(r, keys, "b", "silence"))["action"] == "skipped"
         assert handled(resolve(r, keys, "b", "stall"))["action"] == "skipped"
         assert handled(resolve(r, keys, "b", "exit"))["action"] == "recovered"
