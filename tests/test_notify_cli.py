@@ -96,7 +96,8 @@ def test_mute_holds_back_delivery_until_unmuted_or_expired(
     cli: Any, r: redis.Redis, keys: Keys, prefix: str, redis_url: str
 ) -> None:
     assert "muted alerts of 'noisy-*' for 1h" in cli("mute", "noisy-*", "--for", "1h", "--reason", "deploy")
-    cli("mute", "calm", "--for", "300ms", "--detector", "silence")
+    # 3 s: long enough to outlive the next command's start on a loaded box (300 ms did not).
+    cli("mute", "calm", "--for", "3s", "--detector", "silence")
     (listed, short) = sorted(lines(cli("mutes", "--json")), key=lambda m: m["agent"], reverse=True)
     assert listed["agent"] == "noisy-*" and listed["detector"] is None and listed["reason"] == "deploy"
     assert short["detector"] == "silence"
@@ -110,7 +111,7 @@ def test_mute_holds_back_delivery_until_unmuted_or_expired(
             assert outcomes == {muted.id: "muted", other.id: "delivered"}
             assert "noisy-*" in next(e["detail"] for e in stream(r, keys.notify_log) if e["id"] == muted.id)
             # The short mute expires by itself; the long one goes when unmuted.
-            wait_for(lambda: len(Mutes(r, keys).active()) == 1, what="the 300ms mute to expire")
+            wait_for(lambda: len(Mutes(r, keys).active()) == 1, what="the 3s mute to expire")
             assert [q.headers["webhook-id"] for q in hook.requests] == [other.id]
             assert "unmuted 'noisy-*'" in cli("unmute", "noisy-*")
             assert cli("mutes") == "no mutes in force\n"
