@@ -11,9 +11,7 @@ synchronous Redis reads in the thread pool.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from agentwatch.http.access import Access
 from agentwatch.http.counters import Counters
 from agentwatch.ingest import Contended, EventWriter, FloodLimit
 from agentwatch.ingest_link import Link
+from agentwatch.maintenance import any_glob
 from agentwatch.otlp.receiver import Receiver
 from agentwatch.redisconn import RECOVERABLE, Client, async_pool, connect, explain
 
@@ -172,9 +171,9 @@ class Server:
         self.access = Access(http)
         self.ping_key = None if http.ping_key is None else http.ping_key.encode()
         """``[http] ping_key`` as bytes, encoded once (ping.py ``authorised`` compares every ping's)."""
-        self.ping_accepts = re.compile(fnmatch.translate(http.ping_accept)).match
-        """``[http] ping_accept`` compiled once: what ``fnmatch.fnmatchcase`` does, without its
-        cache lookup on every ping."""
+        self.ping_accepts = any_glob((http.ping_accept,))
+        """``[http] ping_accept`` compiled once (``fnmatchcase``'s rule, without its cache lookup
+        on every ping)."""
         security = self.settings.security
         # the ping API's writes go from the event loop on a connection of its own (not for a
         # cluster: its client routes each script call to its node, in a worker thread)
