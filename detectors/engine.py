@@ -181,10 +181,7 @@ class Shard:
         name = event["agent"]
         agent = self.agents.get(name) or self.agent(name)
         self.dirty.add(name)
-        if agent.run and event["run"] == agent.run:  # (classify's first case, without the call: most events)
-            cls, child = CUR, None
-        else:
-            cls, child = self.classify(agent, event, at)
+        cls, child = self.classify(agent, event, at)
         kind = event["kind"]
         seq = event["seq"]
         silence, stall = engine.silence, engine.stall
