@@ -38,7 +38,9 @@ FAST_DELIVERY = {"backoff": "50ms", "backoff_max": "200ms", "timeout": "1s", "co
 class Reply:
     status: int = 200
     body: bytes = b"ok"
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] | Callable[[], dict[str, str]] = field(default_factory=dict)
+    """The answer's headers, or a function that makes them when the answer is sent (a
+    ``Retry-After`` date relative to the moment of the answer, not to the test's start)."""
     hang: bool = False
     garbage: bool = False
 
@@ -120,7 +122,8 @@ class Receiver:
                     self.close_connection = True
                     return
                 self.send_response(answer.status)
-                for name, value in answer.headers.items():
+                headers = answer.headers() if callable(answer.headers) else answer.headers
+                for name, value in headers.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(answer.body)))
                 self.end_headers()
