@@ -40,6 +40,7 @@ is one round trip.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import time
@@ -78,20 +79,26 @@ Kind = Literal["start", "beat", "pulse", "exit"]
 
 SOURCE_VERSION: Final = f"agentwatch-http/{__version__}"
 """The ``version`` fact of runs started here (``status`` shows it), unless the caller names one."""
-ATTEMPTS: Final = 50
-"""Writes numbered from a record another server had just changed, before giving up (each
-failed attempt means another writer succeeded)."""
+CONTENDED_FOR_S: Final = 5.0
+"""How long a write may keep losing to other writers of its agent before it gives up (each lost
+attempt means another writer succeeded). A time, not a count of attempts: on a loaded machine a
+writer can lose many attempts in a row, each to a writer that was already numbering while it
+waited for the CPU; a ping or an OTLP exporter still gets its answer well within its own timeout."""
 BACKOFF_CAP_S: Final = 0.02
-"""The longest random pause before a contended write tries again (see :func:`backoff_s`)."""
+"""The longest random pause before a contended write tries again (see :func:`retry_pause_s`)."""
 
 
-def backoff_s(attempt: int) -> float:
-    """A random pause before attempt ``attempt + 1`` of a write another writer beat: up to 0.25
-    ms after the first loss, doubling to :data:`BACKOFF_CAP_S`. Without it, writers hammering
-    one agent (servers behind a load balancer, an exporter's retries) can starve one of them:
-    under CPU load a writer lost all 50 attempts in a row, each time to a writer that was
-    already numbering while it read the reply. Jitter spreads the retries, as in any
-    compare-and-set loop."""
+def retry_pause_s(attempt: int, since: float, agent: str) -> float:
+    """A random pause before attempt ``attempt + 1`` of a write of ``agent`` another writer beat,
+    first tried at ``since`` (``time.monotonic()``): up to 0.25 ms after the first loss, doubling
+    to :data:`BACKOFF_CAP_S`. Raises :class:`Contended` once the write has been losing for
+    :data:`CONTENDED_FOR_S`. Without the jitter, writers hammering one agent (servers behind a
+    load balancer, an exporter's retries) starve one of them: one writer lost 50 attempts in a
+    row. Jitter spreads the retries, as in any compare-and-set loop."""
+    if time.monotonic() - since > CONTENDED_FOR_S:
+        raise Contended(
+            f"{agent}: its record changed under every attempt for {CONTENDED_FOR_S:g}s; retry later"
+        )
     return random.uniform(0.0, min(BACKOFF_CAP_S, 0.00025 * 2 ** (attempt - 1)))
 
 
@@ -258,21 +265,26 @@ class EventWriter:
         share one round trip (:class:`~agentwatch.ingest_records.Batches`)."""
         item = Item(agent, [(kind, fields or {})], interval_s=interval_s, start_facts=start_facts)
         shard = shard_of(agent, self.keys.shards)
-        for attempt in range(1, ATTEMPTS + 1):
+        since = time.monotonic()
+        for attempt in itertools.count(1):
             prepared = self._prepare([item])
             reply = await self._batches.submit(self._call(shard, prepared, []))
             outcome = self._settle(prepared, reply)[0]
             if outcome is not _STALE:
-                return _raised(outcome)  # type: ignore[arg-type]
-            await asyncio.sleep(backoff_s(attempt))
-        raise Contended(f"{agent}: its record changed under every attempt; retry later")
+                break
+            await asyncio.sleep(retry_pause_s(attempt, since, agent))
+        return _raised(outcome)  # type: ignore[arg-type]
 
     # -- several agents and guards per call: the OTLP receiver -------------------------------
-    def commit(self, groups: Sequence[Group], *, attempt: int = 1) -> list[Result]:
+    def commit(
+        self, groups: Sequence[Group], *, attempt: int = 1, since: float | None = None
+    ) -> list[Result]:
         """Write ``groups`` in one round trip (from a worker thread), one :class:`Result` each.
         Items numbered from a record another server had just changed are numbered again and
         written in a further round trip; a group whose guards failed writes nothing. Raises
-        InvalidEntry (before anything is written), :class:`Contended` or a Redis error."""
+        InvalidEntry (before anything is written), :class:`Contended` or a Redis error.
+        ``attempt`` and ``since`` (its first attempt's ``time.monotonic()``): a renumbered write's."""
+        since = time.monotonic() if since is None else since
         prepared = [self._prepare(group.items) for group in groups]
         calls = [self._call(group.shard, p, group.guards) for group, p in zip(groups, prepared, strict=True)]
         replies = run_calls(self.client, self._write, calls)
@@ -291,10 +303,9 @@ class EventWriter:
             outcomes = self._settle(items, reply)
             stale = [p.item for p, outcome in zip(items, outcomes, strict=True) if outcome is _STALE]
             if stale:  # numbered again from the records the script returned
-                if attempt >= ATTEMPTS:
-                    raise Contended(f"{stale[0].agent}: its record changed under every attempt; retry later")
-                time.sleep(backoff_s(attempt))
-                again = iter(self.commit([Group(group.shard, stale)], attempt=attempt + 1)[0].outcomes)
+                time.sleep(retry_pause_s(attempt, since, stale[0].agent))
+                retried = self.commit([Group(group.shard, stale)], attempt=attempt + 1, since=since)[0]
+                again = iter(retried.outcomes)
                 outcomes = [next(again) if outcome is _STALE else outcome for outcome in outcomes]
             result.outcomes = outcomes  # type: ignore[assignment]
             results.append(result)

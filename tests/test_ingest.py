@@ -20,7 +20,15 @@ from agentwatch import codec, signing
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.errors import InvalidEntry
 from agentwatch.fleet import fleet_status
-from agentwatch.ingest import Contended, EventWriter, Flooded, FloodLimit
+from agentwatch.ingest import (
+    BACKOFF_CAP_S,
+    CONTENDED_FOR_S,
+    Contended,
+    EventWriter,
+    Flooded,
+    FloodLimit,
+    retry_pause_s,
+)
 from agentwatch.ingest_link import Link
 from agentwatch.ingest_records import Call, Record, merged
 from agentwatch.keys import Keys
@@ -110,8 +118,9 @@ def test_servers_behind_a_load_balancer_share_one_sequence(
     spawn_redis: Callable[..., EmbeddedRedis], keys: Keys
 ) -> None:
     # Eight writers on one agent over TCP (servers behind a load balancer): enough contention
-    # that, without the random back-off between attempts (ingest.backoff_s), a writer lost all
-    # its attempts 2-3 times per run of 8 x 100.
+    # that, without the random back-off between attempts (ingest.retry_pause_s), a writer lost 50
+    # attempts in a row 2-3 times per run of 8 x 100, and even with it, on a loaded machine, 6
+    # times once: a write now gives up only after losing for CONTENDED_FOR_S.
     url = spawn_redis().url
     r = redis.Redis.from_url(url)
     clients = [r, *(redis.Redis.from_url(url) for _ in range(7))]
@@ -393,3 +402,13 @@ def test_a_server_that_missed_the_last_writes_numbers_again_from_the_record(
     assert shape(evs) == [("start", run, 0), ("beat", run, 1), ("beat", run, 2), ("beat", run, 3),
                           ("exit", run, 4), ("start", after.run, 0), ("beat", after.run, 1)]  # fmt: skip
     assert after.started and after.run != run
+
+
+def test_a_contended_write_backs_off_with_jitter_and_gives_up_only_after_its_time() -> None:
+    now = time.monotonic()
+    pauses = [retry_pause_s(attempt, now, "shared") for attempt in (1, 1, 1, 8, 8, 8, 30)]
+    assert all(0.0 <= p <= 0.00025 for p in pauses[:3])  # the first loss: a short pause
+    assert all(0.0 <= p <= BACKOFF_CAP_S for p in pauses[3:]) and len(set(pauses)) > 1
+    retry_pause_s(1000, now - CONTENDED_FOR_S + 1, "shared")  # many attempts, still within its time
+    with pytest.raises(Contended, match=r"^shared: its record changed under every attempt for 5s"):
+        retry_pause_s(2, now - CONTENDED_FOR_S - 0.1, "shared")
