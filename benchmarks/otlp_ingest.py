@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import sys
 import tempfile
 import time
@@ -65,6 +66,7 @@ from _common import figure, median, report
 from agentwatch import codec, config, plugins
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.ingest import EventWriter, FloodLimit
+from agentwatch.keys import BUCKETS
 from agentwatch.otlp.receiver import Receiver
 from agentwatch.otlp.spans import read_traces
 from agentwatch.redisconn import connect
@@ -170,7 +172,9 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
     loop.close()
     for receiver in receivers.values():
         receiver.close()
-        client.delete(receiver.keys.events(), receiver.keys.ingest(), receiver.keys.otlp())
+        keys = receiver.keys
+        client.delete(keys.events(), keys.otlp_count(), *(keys.ingest(0, b) for b in range(BUCKETS)),
+                      *(keys.otlp(0, b) for b in range(BUCKETS)))  # fmt: skip
     client.close()
     rows = [
         {
@@ -330,7 +334,7 @@ def _by_key(client: redis.Redis, keys: Any, agents: int) -> dict[str, float]:
             name = "worker registry"
         else:
             name = key.removeprefix(f"{keys.prefix}:").replace(f":{{{keys.events()}}}", "")
-            name = name.replace("{0}:", "")
+            name = re.sub(r":\d+$", " (its buckets)", name.replace("{0}:", ""))
         found[name] = found.get(name, 0.0) + int(client.memory_usage(raw, samples=0) or 0) / agents
     return found
 
