@@ -47,8 +47,10 @@ BUCKETS: Final = 32
 the OTLP process states (:meth:`Keys.otlp`). Small hashes stay listpacks (a packed array, a few
 bytes per field) up to Redis's ``hash-max-listpack-entries`` (512 by default; Debian's
 redis.conf says 128): 32 of them keep 10,000 agents (the ``[otlp] max_agents`` default) of one
-stream listpacks at 512, 4,096 at 128. Beyond, a bucket becomes a hashtable, as one big hash
-would (about twice the bytes per field), and nothing else changes. Part of the key layout every
+stream listpacks at 512, 4,096 at 128. Beyond, or once one of its fields or values passes
+``hash-max-listpack-value`` (64 bytes: an agent name or run id of more than about 40
+characters), a bucket becomes a hashtable, as one big hash would (about twice the bytes per
+field), and nothing else changes. Part of the key layout every
 server behind a load balancer must share (PROTOCOL.md)."""
 
 
