@@ -33,7 +33,7 @@ values.py), and are not checked twice.
 
 **Several agents, one call.** The OTLP receiver writes all of an export's agents of one stream
 in one call (:meth:`EventWriter.commit`), each agent's events costing one flood token, together
-with compare-and-set guards on its own per-process state (the stream's OTLP hash), so an export
+with compare-and-set guards on its own per-process state (the stream's OTLP buckets), so an export
 is one round trip.
 """
 
@@ -154,7 +154,7 @@ class Item:
 
 @dataclass(slots=True)
 class Group:
-    """One script call: agents of one stream, and guards on that stream's OTLP hash (field,
+    """One script call: agents of one stream, and guards on that stream's OTLP buckets (field,
     value expected or None for absent, new value or None to delete), all or nothing."""
 
     shard: int

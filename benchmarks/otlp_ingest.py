@@ -37,8 +37,8 @@ gone (their buffers are not the agents'), and ``used_memory`` is compared with t
 server's, one private server per population, with the server's per-command latency histograms
 off (a fixed ~1 MB, not per agent: see :func:`_untracked`). The table lists ``MEMORY USAGE`` of
 every key left, per agent, for both populations: where every byte goes. What an OTel agent has
-and a producer agent has not is its run record (the ingest hash) and its process's state (the
-OTLP hash), which a producer agent keeps in its own process instead.
+and a producer agent has not is its run record (the ingest buckets) and its process's state (the
+OTLP buckets), which a producer agent keeps in its own process instead.
 
     python benchmarks/otlp_ingest.py [--quick] [--rounds 5] [--exports 40] [--agents 2000]
 """

@@ -2,7 +2,7 @@
 
 Each process (one resource: one SDK in one process) has a *home* stream: the stream of the agent
 its resource names (``service.name``), else one picked by its hash. Its state lives in that
-stream's OTLP hash, so for the usual process, one agent named by its resource, the state and the
+stream's OTLP buckets, so for the usual process, one agent named by its resource, the state and the
 agent's events are in one stream and one Cluster slot: one script writes both, all or nothing
 (:func:`local_groups`). An agent whose events come from processes homed in other streams (a
 PydanticAI agent named by ``gen_ai.agent.name`` in a sharded deployment, say) is written once

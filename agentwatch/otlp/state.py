@@ -1,7 +1,7 @@
 """What the receiver remembers about each process between exports (tens of bytes).
 
 Exports are independent requests, possibly to different servers behind a load balancer, so what
-one export leaves for the next lives in Redis: one field per process in the OTLP hash of a stream
+one export leaves for the next lives in Redis: one field per process in the OTLP buckets of a stream
 (``Keys.otlp``; the stream of the process's own agent, so that the usual export, one process of
 one agent, is one script in one Cluster slot), holding a :class:`ProcessState`:
 
