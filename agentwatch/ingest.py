@@ -341,17 +341,25 @@ class EventWriter:
     def sweep(self, count: int = SWEEP_COUNT) -> int:
         """Delete the records (and OTLP process states) whose expiry has passed, a slice at a
         time; the number deleted. The HTTP server runs it periodically (memory only: a stale
-        record is treated as absent whether or not it has been swept)."""
+        record is treated as absent whether or not it has been swept). Every bucket's slice goes
+        in one round trip (a pipeline of script calls; one by one on a cluster)."""
         deleted = 0
-        for shard in range(max(self.keys.shards, 1)):
-            for bucket in range(BUCKETS):
-                keys = [self.keys.ingest(shard, bucket), self.keys.otlp(shard, bucket)]
-                keys.append(self.keys.otlp_count(shard))
-                cursors = ["0", "0"]
-                while cursors != ["-", "-"]:
-                    reply = self._sweep(keys=keys, args=[*cursors, count])
-                    cursors = [_text(reply[0]), _text(reply[1])]
-                    deleted += int(reply[2])
+        shards = range(max(self.keys.shards, 1))
+        pending = {(shard, bucket): ["0", "0"] for shard in shards for bucket in range(BUCKETS)}
+        while pending:
+            slices = list(pending)
+            calls = [Call([self.keys.ingest(shard, bucket), self.keys.otlp(shard, bucket),
+                           self.keys.otlp_count(shard)], [*pending[shard, bucket], count])
+                     for shard, bucket in slices]  # fmt: skip
+            for at, reply in zip(slices, run_calls(self.client, self._sweep, calls), strict=True):
+                if isinstance(reply, BaseException):
+                    raise reply
+                cursors = [_text(reply[0]), _text(reply[1])]
+                deleted += int(reply[2])
+                if cursors == ["-", "-"]:
+                    del pending[at]
+                else:
+                    pending[at] = cursors
         return deleted
 
     # -- numbering, encoding, signing ----------------------------------------------------------
