@@ -73,6 +73,7 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
     # the OTLP receiver's per-process state and count of OTel agents
     "ingest": {"http": RW, "operator": R},
     "otlp": {"http": RW, "operator": R},
+    "otlp_count": {"http": RW, "operator": R},
     # notifiers
     "notifier_queue": _NOTIFIER_STATE,
     "notifier_jobs": _NOTIFIER_STATE,
@@ -104,7 +105,7 @@ ACCESS: Final[dict[str, dict[str, str]]] = {
 """``Keys`` member -> role -> access. A role not named has no access to the key."""
 
 HELPERS: Final = frozenset({"prefix", "shards", "event_streams", "events_for", "tag", "tag_for", "all_tags",
-                            "notifier_tag", "halts_for", "all_halts", "ingest_for"})  # fmt: skip
+                            "notifier_tag", "halts_for", "all_halts", "ingest_for", "otlp_for"})  # fmt: skip
 """``Keys`` members that build names or list keys rather than name one key."""
 
 _HANDSHAKE: Final = "+ping +echo +select +hello +client|setname +client|getname +client|id +time"
@@ -145,7 +146,10 @@ class _AnyShard(Keys):
         return self.halts("*")  # type: ignore[arg-type]
 
     def ingest_for(self, agent: str) -> str:
-        return self.ingest("*")  # type: ignore[arg-type]
+        return self.ingest("*", "*")  # type: ignore[arg-type]
+
+    def otlp_for(self, shard: int, process: bytes) -> str:
+        return self.otlp("*", "*")  # type: ignore[arg-type]
 
 
 def user_name(prefix: str, role: str) -> str:

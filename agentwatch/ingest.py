@@ -33,7 +33,7 @@ values.py), and are not checked twice.
 
 **Several agents, one call.** The OTLP receiver writes all of an export's agents of one stream
 in one call (:meth:`EventWriter.commit`), each agent's events costing one flood token, together
-with compare-and-set guards on its own per-process state (the stream's OTLP hash), so an export
+with compare-and-set guards on its own per-process state (the stream's OTLP buckets), so an export
 is one round trip.
 """
 
@@ -67,7 +67,7 @@ from agentwatch.ingest_records import (
     run_calls,
     stored,
 )
-from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
+from agentwatch.keys import BUCKETS, OTLP_COUNT_FIELD, Keys, bucket_of, shard_of
 from agentwatch.redisconn import Client
 from agentwatch.signing import Signer, agent_key
 from producers._config import DEFAULT_MAXLEN
@@ -161,7 +161,7 @@ class Item:
 
 @dataclass(slots=True)
 class Group:
-    """One script call: agents of one stream, and guards on that stream's OTLP hash (field,
+    """One script call: agents of one stream, and guards on that stream's OTLP buckets (field,
     value expected or None for absent, new value or None to delete), all or nothing."""
 
     shard: int
@@ -185,9 +185,23 @@ class _Prepared:
     expected: Record
     args: list[Any]
     written: Written
+    bucket: int
+    """The agent's bucket (:func:`agentwatch.keys.bucket_of`)."""
 
 
 _STALE: Final = object()
+
+
+class _ScriptKeys:
+    """The key names the write script takes for one stream, made once: the stream and its count
+    hash first, then one bucket per guard and per agent, picked from these."""
+
+    __slots__ = ("head", "ingest", "otlp")
+
+    def __init__(self, keys: Keys, shard: int) -> None:
+        self.head = (keys.events(shard), keys.otlp_count(shard))
+        self.ingest = [keys.ingest(shard, bucket) for bucket in range(BUCKETS)]
+        self.otlp = [keys.otlp(shard, bucket) for bucket in range(BUCKETS)]
 
 
 class EventWriter:
@@ -228,7 +242,7 @@ class EventWriter:
         self._write = self.client.register_script(WRITE)
         self._sweep = self.client.register_script(SWEEP)
         self.link = link
-        self._script_keys: dict[int, list[str]] = {}
+        self._script_keys: dict[int, _ScriptKeys] = {}
         self._batches = Batches(self.client, self._write, link=link)
         """:meth:`awrite`'s round trips: on ``link`` from the event loop when given (the HTTP
         server's, agentwatch/ingest_link.py), else through ``client`` in a worker thread."""
@@ -332,21 +346,31 @@ class EventWriter:
         """How many agents count toward ``[otlp] max_agents`` (summed over the streams)."""
         pipe = self.client.pipeline(transaction=False)
         for shard in range(max(self.keys.shards, 1)):
-            pipe.hget(self.keys.otlp(shard), OTLP_COUNT_FIELD)
+            pipe.hget(self.keys.otlp_count(shard), OTLP_COUNT_FIELD)
         return sum(int(value or 0) for value in pipe.execute())
 
     def sweep(self, count: int = SWEEP_COUNT) -> int:
         """Delete the records (and OTLP process states) whose expiry has passed, a slice at a
         time; the number deleted. The HTTP server runs it periodically (memory only: a stale
-        record is treated as absent whether or not it has been swept)."""
+        record is treated as absent whether or not it has been swept). Every bucket's slice goes
+        in one round trip (a pipeline of script calls; one by one on a cluster)."""
         deleted = 0
-        for shard in range(max(self.keys.shards, 1)):
-            cursors = ["0", "0"]
-            while cursors != ["-", "-"]:
-                keys = [self.keys.ingest(shard), self.keys.otlp(shard)]
-                reply = self._sweep(keys=keys, args=[*cursors, count])
+        shards = range(max(self.keys.shards, 1))
+        pending = {(shard, bucket): ["0", "0"] for shard in shards for bucket in range(BUCKETS)}
+        while pending:
+            slices = list(pending)
+            calls = [Call([self.keys.ingest(shard, bucket), self.keys.otlp(shard, bucket),
+                           self.keys.otlp_count(shard)], [*pending[shard, bucket], count])
+                     for shard, bucket in slices]  # fmt: skip
+            for at, reply in zip(slices, run_calls(self.client, self._sweep, calls), strict=True):
+                if isinstance(reply, BaseException):
+                    raise reply
                 cursors = [_text(reply[0]), _text(reply[1])]
                 deleted += int(reply[2])
+                if cursors == ["-", "-"]:
+                    del pending[at]
+                else:
+                    pending[at] = cursors
         return deleted
 
     # -- numbering, encoding, signing ----------------------------------------------------------
@@ -414,7 +438,8 @@ class EventWriter:
         events = len(entries) // 2
         args = [item.agent, before.numbering if before else b"", packed, 1 if item.counted else 0,
                 int(ttl_s * 1000), pack_entries(entries, self._pack_raw)]  # fmt: skip
-        return _Prepared(item, before, expected, args, Written(run, seq - 1, new_run, events))
+        return _Prepared(item, before, expected, args, Written(run, seq - 1, new_run, events),
+                         bucket_of(item.agent.encode()))  # fmt: skip
 
     def _signer(self, agent: str, stream: str, now: float) -> Signer:
         assert self.secret is not None
@@ -429,14 +454,16 @@ class EventWriter:
     def _call(self, shard: int, prepared: Sequence[_Prepared], guards: Sequence[tuple[bytes, bytes | None,
               bytes | None]]) -> Call:  # fmt: skip
         args: list[Any] = [self.maxlen, 1000 / self.limit.rate_per_s, self.limit.burst, len(guards)]
+        names = self._script_keys.get(shard)
+        if names is None:  # the same names for every call of a shard: made once
+            names = self._script_keys[shard] = _ScriptKeys(self.keys, shard)
+        keys = list(names.head)
         for name, expected, new in guards:
             args += (name, expected or b"", new or b"")
+            keys.append(names.otlp[bucket_of(name)])
         for p in prepared:
             args += p.args
-        keys = self._script_keys.get(shard)
-        if keys is None:  # the same three names for every call of a shard: made once
-            keys = [self.keys.ingest(shard), self.keys.events(shard), self.keys.otlp(shard)]
-            self._script_keys[shard] = keys
+            keys.append(names.ingest[p.bucket])
         return Call(keys, args)
 
     def _settle(self, prepared: Sequence[_Prepared], reply: Any) -> list[Written | Flooded | object]:

@@ -4,8 +4,9 @@ agentwatch/ingest.py decides what to write (runs, seqs, signatures); this module
 kept and how it is changed, in one place for both languages involved (Python and the Lua of the
 scripts below):
 
-* **Run records.** Per event stream, the hash :meth:`agentwatch.keys.Keys.ingest` maps each
-  agent to one record: ``exp`` (Unix seconds after which the record is stale: ``[http]
+* **Run records.** Per event stream, the hashes :meth:`agentwatch.keys.Keys.ingest` (small
+  buckets, :data:`agentwatch.keys.BUCKETS` of them, that Redis keeps as packed listpacks) map
+  each agent to one record: ``exp`` (Unix seconds after which the record is stale: ``[http]
   run_ttl`` unused, ``[otlp] forget`` for an OTel agent), ``tat`` (the flood limit's
   theoretical arrival time, ms: GCRA, one number instead of a token bucket's two), ``flags``
   (bit 0: counted toward ``[otlp] max_agents``), then the *numbering*: msgpack ``[run, next
@@ -16,7 +17,7 @@ scripts below):
   returns the record as it is; the writer numbers again from it. So several servers behind a
   load balancer still append one agent's seqs in order, and a server that saw the last write
   itself (the usual case) needs no read before writing: one round trip.
-* **Guards.** The same script can compare-and-set fields of the stream's OTLP hash
+* **Guards.** The same script can compare-and-set fields of the stream's OTLP buckets
   (:meth:`~agentwatch.keys.Keys.otlp`: the receiver's per-process state) before writing
   anything, all or nothing: the events an export becomes are written only if the state they
   were folded from is still the state in Redis.
@@ -54,9 +55,11 @@ WRITE_HEAD: Final = 4
 WRITE_ITEM: Final = 6
 """The write script's arguments per agent."""
 
-# KEYS[1] = the stream's ingest hash, KEYS[2] = the stream, KEYS[3] = the stream's OTLP hash.
+# KEYS[1] = the stream, KEYS[2] = its OTLP count hash, then the OTLP bucket of each guard's
+# field, then the ingest bucket of each agent (agentwatch/keys.py: every key a script touches is
+# one of its KEYS, all in the stream's slot).
 # ARGV: 1 stream MAXLEN, 2 ms per flood token, 3 flood burst, 4 number of guards G, then
-#   G x (field of KEYS[3], expected value ('' = absent), new value ('' = delete)),
+#   G x (field of its OTLP bucket, expected value ('' = absent), new value ('' = delete)),
 #   then per agent: name, expected numbering ('' = no record), new numbering, counted (0/1),
 #   ttl ms, entries: one msgpack array d, s, d, s... (s '' = unsigned; raw strings, which Redis's
 #   cmsgpack reads: one argument per agent rather than two per event, each of which costs the
@@ -67,22 +70,26 @@ WRITE_ITEM: Final = 6
 WRITE: Final = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local guards = tonumber(ARGV[4])
 local at, failed = {WRITE_HEAD + 1}, {{}}
-for i = 1, tonumber(ARGV[4]) do
-  local cur = redis.call('HGET', KEYS[3], ARGV[at]) or ''
+for i = 1, guards do
+  local cur = redis.call('HGET', KEYS[2 + i], ARGV[at]) or ''
   if cur ~= ARGV[at + 1] then failed[#failed + 1] = ARGV[at]; failed[#failed + 1] = cur end
   at = at + 3
 end
 if #failed > 0 then return {{0, failed}} end
-for i = {WRITE_HEAD + 1}, at - 1, 3 do
-  if ARGV[i + 2] == '' then redis.call('HDEL', KEYS[3], ARGV[i])
-  else redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2]) end
+for i = 1, guards do
+  local g = {WRITE_HEAD + 1} + 3 * (i - 1)
+  if ARGV[g + 2] == '' then redis.call('HDEL', KEYS[2 + i], ARGV[g])
+  else redis.call('HSET', KEYS[2 + i], ARGV[g], ARGV[g + 2]) end
 end
 local step, burst = tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {{1}}
+local key = 2 + guards
 while at <= #ARGV do
+  key = key + 1
   local agent = ARGV[at]
-  local cur = redis.call('HGET', KEYS[1], agent)
+  local cur = redis.call('HGET', KEYS[key], agent)
   local tat, flags, numbering = 0, 0, ''
   if cur then
     local _
@@ -97,26 +104,29 @@ while at <= #ARGV do
   else
     local entries = cmsgpack.unpack(ARGV[at + 5])
     for i = 1, #entries, 2 do
-      if entries[i + 1] == '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'd', entries[i])
-      else redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'd', entries[i], 's', entries[i + 1]) end
+      if entries[i + 1] == '' then redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', entries[i])
+      else redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', entries[i], 's', entries[i + 1]) end
     end
     if ARGV[at + 3] == '1' and flags % 2 == 0 then
       flags = flags + {COUNTED}
-      redis.call('HINCRBY', KEYS[3], '{OTLP_COUNT_FIELD}', 1)
+      redis.call('HINCRBY', KEYS[2], '{OTLP_COUNT_FIELD}', 1)
     end
     local record = struct.pack('{HEADER.format}', math.ceil((now + tonumber(ARGV[at + 4])) / 1000),
       tat + step, flags) .. ARGV[at + 2]
-    redis.call('HSET', KEYS[1], agent, record)
+    redis.call('HSET', KEYS[key], agent, record)
     out[#out + 1] = 1; out[#out + 1] = record
   end
   at = at + {WRITE_ITEM}
 end
 return out
 """
+WRITE_KEYS: Final = 2
+"""The write script's keys before its guards' and agents' buckets: the stream, its count hash."""
 
-# KEYS[1] = a stream's ingest hash, KEYS[2] = its OTLP hash. ARGV: 1 and 2 their HSCAN cursors
-# ('-' = done), 3 COUNT. Deletes the records and processes whose exp (the first 4 bytes of every
-# value but #agents) has passed, uncounting counted agents. Returns {cursor 1, cursor 2, deleted}.
+# KEYS[1] = an ingest bucket of a stream, KEYS[2] = its OTLP bucket of the same number, KEYS[3]
+# = the stream's OTLP count hash. ARGV: 1 and 2 the buckets' HSCAN cursors ('-' = done), 3
+# COUNT. Deletes the records and processes whose exp (the first 4 bytes of every value) has
+# passed, uncounting counted agents. Returns {cursor 1, cursor 2, deleted}.
 SWEEP: Final = f"""
 local now = tonumber(redis.call('TIME')[1])
 local deleted = 0
@@ -126,12 +136,12 @@ local function sweep(key, cursor, agents)
   local items = found[2]
   for i = 1, #items, 2 do
     local value = items[i + 1]
-    if items[i] ~= '{OTLP_COUNT_FIELD}' and #value >= 4 and struct.unpack('>I', value) < now then
+    if #value >= 4 and struct.unpack('>I', value) < now then
       redis.call('HDEL', key, items[i])
       deleted = deleted + 1
       if agents and #value >= {HEADER.size} and string.byte(value, {HEADER.size}) % 2 == {COUNTED} then
-        if redis.call('HINCRBY', KEYS[2], '{OTLP_COUNT_FIELD}', -1) < 0 then
-          redis.call('HSET', KEYS[2], '{OTLP_COUNT_FIELD}', 0)
+        if redis.call('HINCRBY', KEYS[3], '{OTLP_COUNT_FIELD}', -1) < 0 then
+          redis.call('HSET', KEYS[3], '{OTLP_COUNT_FIELD}', 0)
         end
       end
     end
@@ -388,26 +398,28 @@ class Joined:
 
 
 def merged(calls: Sequence[Call]) -> Joined:
-    """``calls`` of the write script with those that have no guards and the same keys and head
-    (one stream, the same limits: concurrent pings) joined into one call. The script writes its
-    agents one after the other, in order, so a joined call does what the calls did one by one,
-    and one script call of 16 agents costs the client far less than 16 calls of one (each call
-    is packed, sent, parsed and answered on its own)."""
+    """``calls`` of the write script with those that have no guards and the same stream and head
+    (one stream, the same limits: concurrent pings) joined into one call (their agents' buckets
+    appended to its keys). The script writes its agents one after the other, in order, so a
+    joined call does what the calls did one by one, and one script call of 16 agents costs the
+    client far less than 16 calls of one (each call is packed, sent, parsed and answered on its
+    own)."""
     out: list[Call] = []
     origin: list[tuple[int, int, int]] = []
     joinable: dict[tuple[Any, ...], int] = {}
     for call in calls:
         head = call.args[:WRITE_HEAD]
         agents = (len(call.args) - WRITE_HEAD) // WRITE_ITEM
-        key = (*call.keys, *head)
+        key = (*call.keys[:WRITE_KEYS], *head)
         at = joinable.get(key) if int(head[3]) == 0 else None  # guards: all or nothing, alone
         if at is None:
             if int(head[3]) == 0:
                 joinable[key] = len(out)
-            out.append(Call(call.keys, list(call.args)))
+            out.append(Call(list(call.keys), list(call.args)))
             origin.append((len(out) - 1, 0, agents))
         else:
             first = (len(out[at].args) - WRITE_HEAD) // WRITE_ITEM
+            out[at].keys.extend(call.keys[WRITE_KEYS:])
             out[at].args.extend(call.args[WRITE_HEAD:])
             origin.append((at, first, agents))
     return Joined(out, origin)

@@ -39,8 +39,26 @@ alerts stream). Here, at the bottom, because detectors read their group's positi
 (detectors/horizon.py); agentwatch.workers re-exports them."""
 
 OTLP_COUNT_FIELD: Final = "#agents"
-"""Field of a stream's OTLP hash (:meth:`Keys.otlp`) counting the stream's agents known through
-OTLP; beside 12-byte process hashes, never one of them."""
+"""Field of a stream's OTLP count hash (:meth:`Keys.otlp_count`) counting the stream's agents
+known through OTLP."""
+
+BUCKETS: Final = 32
+"""Hashes per event stream holding the run records (:meth:`Keys.ingest`), and as many holding
+the OTLP process states (:meth:`Keys.otlp`). Small hashes stay listpacks (a packed array, a few
+bytes per field) up to Redis's ``hash-max-listpack-entries`` (512 by default; Debian's
+redis.conf says 128): 32 of them keep 10,000 agents (the ``[otlp] max_agents`` default) of one
+stream listpacks at 512, 4,096 at 128. Beyond, or once one of its fields or values passes
+``hash-max-listpack-value`` (64 bytes: an agent name or run id of more than about 40
+characters), a bucket becomes a hashtable, as one big hash would (about twice the bytes per
+field), and nothing else changes. Part of the key layout every
+server behind a load balancer must share (PROTOCOL.md)."""
+
+
+def bucket_of(field: bytes) -> int:
+    """The bucket of a hash field: bits 16-20 of its IEEE CRC-32 (``shard_of`` takes the low
+    bits of the same CRC modulo the shard count; other bits keep a stream's agents spread over
+    all its buckets)."""
+    return (zlib.crc32(field) >> 16) % BUCKETS
 
 
 def shard_of(agent: str, shards: int) -> int:
@@ -311,27 +329,38 @@ class Keys:
         return f"{self.tag(shard)}:snapping:lock"
 
     # -- events written on an agent's behalf (agentwatch/ingest.py: HTTP ping API, OTLP) ------------
-    # Both hashes of a stream carry the stream's name as their hash tag (as the halts do): one
-    # script numbers an agent's events, appends them and keeps what it must remember, in one
-    # Cluster slot. One hash per stream rather than one key per agent or process: a field costs
-    # a third of a key (no key object, no expiry entry); records carry their own expiry, and the
-    # HTTP server sweeps expired ones (agentwatch/ingest_records.py).
-    def ingest(self, shard: int = 0) -> str:
-        """Hash agent -> the run record of an agent whose events a server writes: its current
-        run, next ``seq``, declared interval, whether the run has exited, its flood state and
-        expiry (``[http] run_ttl`` unused; ``[otlp] forget`` for an OTel agent), and whether it
-        counts toward ``[otlp] max_agents``. Format in agentwatch/ingest_records.py."""
-        return f"{self.prefix}:ingest:{{{self.events(shard)}}}"
+    # All these keys carry the stream's name as their hash tag (as the halts do): one script
+    # numbers an agent's events, appends them and keeps what it must remember, in one Cluster
+    # slot. Records and process states are fields of BUCKETS small hashes per stream, not one
+    # key per agent (a key costs its key object, dict entry and expiry entry) nor one hash per
+    # stream (past Redis's hash-max-listpack-entries, 512 fields unless configured, a hash turns
+    # into a hashtable: ~190 B per OTel agent instead of ~100, benchmarks/otlp_ingest.py).
+    # Records carry their own expiry, and the HTTP server sweeps expired ones
+    # (agentwatch/ingest_records.py).
+    def ingest(self, shard: int = 0, bucket: int = 0) -> str:
+        """Hash (one of :data:`BUCKETS` per stream, :func:`bucket_of` the agent) agent -> the run
+        record of an agent whose events a server writes: its current run, next ``seq``, declared
+        interval, whether the run has exited, its flood state and expiry (``[http] run_ttl``
+        unused; ``[otlp] forget`` for an OTel agent), and whether it counts toward ``[otlp]
+        max_agents``. Format in agentwatch/ingest_records.py."""
+        return f"{self.prefix}:ingest:{{{self.events(shard)}}}:{bucket}"
 
     def ingest_for(self, agent: str) -> str:
-        return self.ingest(shard_of(agent, self.shards))
+        return self.ingest(shard_of(agent, self.shards), bucket_of(agent.encode()))
 
-    def otlp(self, shard: int = 0) -> str:
-        """Hash of the OTLP receiver (agentwatch/otlp/receiver.py): one field per exporting
-        process (a 12-byte hash of its resource) -> what its spans left for the next export and
-        its metrics' cadence and totals (agentwatch/otlp/state.py), expiring after ``[otlp]
-        forget`` without an export; and ``#agents``, how many of this stream's agents count
-        toward ``[otlp] max_agents``."""
+    def otlp(self, shard: int = 0, bucket: int = 0) -> str:
+        """Hash (one of :data:`BUCKETS` per stream, :func:`bucket_of` the field) of the OTLP
+        receiver (agentwatch/otlp/receiver.py): one field per exporting process (a 12-byte hash
+        of its resource) -> what its spans left for the next export and its metrics' cadence and
+        totals (agentwatch/otlp/state.py), expiring after ``[otlp] forget`` without an export."""
+        return f"{self.prefix}:otlp:{{{self.events(shard)}}}:{bucket}"
+
+    def otlp_for(self, shard: int, process: bytes) -> str:
+        return self.otlp(shard, bucket_of(process))
+
+    def otlp_count(self, shard: int = 0) -> str:
+        """Hash ``#agents`` -> how many of this stream's agents count toward ``[otlp]
+        max_agents`` (one number per stream, kept by the scripts that count and uncount)."""
         return f"{self.prefix}:otlp:{{{self.events(shard)}}}"
 
     def series(self, shard: int) -> str:

@@ -34,9 +34,11 @@ stops (without that, whether a population's detector state was in Redis yet depe
 worker's half-second checkpoint clock); the event and alert streams are deleted (they are capped
 and trimmed, not per-agent state), the connections that fed and processed them are closed and
 gone (their buffers are not the agents'), and ``used_memory`` is compared with the empty
-server's, one private server per population. What the server keeps for OTel agents is listed:
-each agent's run record (the stream's ingest hash) and each process's state (the stream's OTLP
-hash), which a producer agent keeps in its own process instead.
+server's, one private server per population, with the server's per-command latency histograms
+off (a fixed ~1 MB, not per agent: see :func:`_untracked`). The table lists ``MEMORY USAGE`` of
+every key left, per agent, for both populations: where every byte goes. What an OTel agent has
+and a producer agent has not is its run record (the ingest buckets) and its process's state (the
+OTLP buckets), which a producer agent keeps in its own process instead.
 
     python benchmarks/otlp_ingest.py [--quick] [--rounds 5] [--exports 40] [--agents 2000]
 """
@@ -45,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import re
 import sys
 import tempfile
 import time
@@ -62,6 +66,7 @@ from _common import figure, median, report
 from agentwatch import codec, config, plugins
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.ingest import EventWriter, FloodLimit
+from agentwatch.keys import BUCKETS
 from agentwatch.otlp.receiver import Receiver
 from agentwatch.otlp.spans import read_traces
 from agentwatch.redisconn import connect
@@ -167,7 +172,9 @@ def throughput(url: str, rounds: int, exports: int) -> tuple[list[dict[str, Any]
     loop.close()
     for receiver in receivers.values():
         receiver.close()
-        client.delete(receiver.keys.events(), receiver.keys.ingest(), receiver.keys.otlp())
+        keys = receiver.keys
+        client.delete(keys.events(), keys.otlp_count(), *(keys.ingest(0, b) for b in range(BUCKETS)),
+                      *(keys.otlp(0, b) for b in range(BUCKETS)))  # fmt: skip
     client.close()
     rows = [
         {
@@ -258,11 +265,12 @@ def stages(receiver: Receiver, body: bytes, rounds: int, exports: int) -> dict[s
 
 def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     per_agent = {}
-    breakdown: dict[str, float] = {}
+    by_key: dict[str, dict[str, float]] = {}
     for population in ("producer", "otlp"):
         server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="aw-bench-"))).start()
         client = redis.Redis.from_url(server.url)
         try:
+            _untracked(client)
             detectors, problems = plugins.load_detectors({})
             assert not problems, problems
             settings = config.PipelineSettings()
@@ -275,8 +283,6 @@ def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
                 _as_producers(feeder, keys.events(), agents)
             else:
                 _as_otlp(feeder, pipeline, agents)
-                for name, key in (("ingest", keys.ingest()), ("otlp", keys.otlp())):
-                    breakdown[name] = int(client.memory_usage(key, samples=0) or 0) / agents
             feeder.close()
             worker = detector_worker(pipeline, connect(settings, server.url))
             events = client.xlen(keys.events())
@@ -288,15 +294,49 @@ def memory(agents: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
             client.delete(keys.events(), keys.alerts)
             _alone(client)
             per_agent[population] = (int(client.info("memory")["used_memory"]) - before) / agents
+            by_key[population] = _by_key(client, keys, agents)
+            keyed = by_key[population]
+            rest = per_agent[population] - sum(keyed.values())
+            keyed["(the rest: in no key, or MEMORY USAGE's estimates off)"] = rest
         finally:
             client.close()
             server.cleanup()
-    rows = [
-        {"agent": "producer (start + 10 beats XADDed)", "bytes per agent": per_agent["producer"]},
-        {"agent": "OTel (one export of 10 LLM calls)", "bytes per agent": per_agent["otlp"]},
-    ]
-    rows += [{"agent": f"  of which {name}", "bytes per agent": size} for name, size in breakdown.items()]
+    rows: list[dict[str, Any]] = [
+        {"Redis bytes per agent": "used_memory (producer: start + 10 beats XADDed; OTel: one export "
+         "of 10 LLM calls)", "producer": per_agent["producer"], "OTel": per_agent["otlp"]}
+    ]  # fmt: skip
+    names = sorted({*by_key["producer"], *by_key["otlp"]}, key=lambda name: (name.startswith("("), name))
+    rows += [
+        {"Redis bytes per agent": f"  of which {name}", "producer": by_key["producer"].get(name, 0.0),
+         "OTel": by_key["otlp"].get(name, 0.0)}
+        for name in names
+    ]  # fmt: skip
     return rows, per_agent
+
+
+def _untracked(client: redis.Redis) -> None:
+    """Turn off the server's per-command latency histograms (Redis 7's ``latency-tracking``, on by
+    default): one is allocated the first time a command name runs, tens of kilobytes each, about
+    1 MB for the commands a worker uses. A fixed cost of the server, not of any agent, which the
+    per-agent division would otherwise spread over the agents (flattering both populations, and
+    charging the OTel one for the few commands only it runs: EVALSHA, SCRIPT LOAD)."""
+    with contextlib.suppress(redis.ResponseError):  # a server before 7.0 has no histograms
+        client.config_set("latency-tracking", "no")
+
+
+def _by_key(client: redis.Redis, keys: Any, agents: int) -> dict[str, float]:
+    """``MEMORY USAGE`` of every key left, per agent, named by what it is (the prefix and the
+    stream's name taken out, so the two populations' keys line up)."""
+    found: dict[str, float] = {}
+    for raw in client.scan_iter(count=1000):
+        key = raw.decode()
+        if key.startswith(f"{keys.prefix}:worker:"):
+            name = "worker registry"
+        else:
+            name = key.removeprefix(f"{keys.prefix}:").replace(f":{{{keys.events()}}}", "")
+            name = re.sub(r":\d+$", " (its buckets)", name.replace("{0}:", ""))
+        found[name] = found.get(name, 0.0) + int(client.memory_usage(raw, samples=0) or 0) / agents
+    return found
 
 
 def _alone(client: redis.Redis, timeout_s: float = 10.0) -> None:

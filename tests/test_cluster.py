@@ -1,12 +1,14 @@
 """The worker runtime and incidents on a real 3-master Redis Cluster started on loopback.
 
 Proves the key schema's promise: with sharded event streams spread over the nodes, the runtime
-reads, dead-letters, reclaims and acknowledges, and the incident scripts (which touch several
-keys) run because their keys share a hash tag.
+reads, dead-letters, reclaims and acknowledges, and the incident scripts and the ingest scripts
+of the ping API and OTLP receiver (which touch several keys) run because their keys share a hash
+tag.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,11 +19,15 @@ from redis.cluster import RedisCluster
 from agentwatch import codec
 from agentwatch.alerts import Incidents, decode_alert
 from agentwatch.codec import Event
+from agentwatch.config import OtlpSection
+from agentwatch.ingest import EventWriter, FloodLimit
 from agentwatch.keys import Keys, shard_of
+from agentwatch.otlp.receiver import Receiver
 from agentwatch.redisconn import connect
 from agentwatch.worker import Handler, Message, Worker
 
 from helpers import running, settings_for, wait_for
+from otlp_build import llm_call, tool_call, traces
 
 pytestmark = pytest.mark.cluster
 
@@ -128,5 +134,41 @@ def test_a_short_wait_shared_over_shards_never_becomes_block_0(cluster_url: str)
         assert time.monotonic() - started < 1.0
     finally:
         for key in client.scan_iter(match=f"{prefix}:*", target_nodes=RedisCluster.ALL_NODES):
+            client.delete(key)
+        client.close()
+
+
+def test_pings_and_otlp_exports_write_their_bucketed_records_on_a_cluster(cluster_url: str) -> None:
+    """The ingest scripts touch a stream, its count and one bucket per agent and per process
+    (agentwatch/keys.py): all one slot, the stream's tag, on whichever node holds it."""
+    prefix = f"c{int(time.time() * 1000) % 10**8}"
+    settings = settings_for(prefix, cluster_url, redis={"cluster": True, "shards": 3})
+    keys = Keys(prefix, shards=3)
+    client: Any = connect(settings, cluster_url)
+    assert isinstance(client, RedisCluster)
+    rec = None
+    try:
+        writer = EventWriter(client, keys, limit=FloodLimit(rate_per_s=1000.0, burst=1000), run_ttl_s=1.0)
+        agents = [f"cron-{n}" for n in range(24)]
+        for agent in agents:
+            writer.write(agent, "beat")
+        rec = Receiver(client, keys, OtlpSection(forget="1s", interval="0.1s"), writer)
+        bots = [f"bot-{n}" for n in range(6)]
+        calls = [tool_call(), llm_call()]
+        request = traces(*[({"service.name": bot, "service.instance.id": "i-1"}, calls) for bot in bots])
+        body = request.SerializeToString()
+        outcome = asyncio.run(rec.export("traces", body, "application/x-protobuf", None))
+        assert outcome.rejected == 0 and outcome.problems == []
+        for agent in [*agents, *bots]:
+            stream = [codec.decode(f[b"d"]) for _, f in client.xrange(keys.events_for(agent))]
+            assert [e["kind"] for e in stream if e["agent"] == agent] == ["start", "beat"]
+            assert client.hexists(keys.ingest_for(agent), agent)
+        assert writer.counted() == len(bots)
+        wait_for(lambda: (writer.sweep(), writer.counted() == 0)[1], timeout=20, what="records swept")
+        assert not any(client.hexists(keys.ingest_for(agent), agent) for agent in [*agents, *bots])
+    finally:
+        if rec is not None:
+            rec.close()
+        for key in client.scan_iter(match=f"{prefix}:*"):
             client.delete(key)
         client.close()

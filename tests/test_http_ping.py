@@ -201,14 +201,14 @@ def test_the_server_sweeps_the_records_of_agents_gone_quiet(
     keys = pipeline.keys
     with TestClient(create_app(pipeline, redis_url)) as client:
         assert client.get(f"/ping/{PING_KEY}/gone-quiet").status_code == 200
-        assert r.hexists(keys.ingest(), "gone-quiet")
+        assert r.hexists(keys.ingest_for("gone-quiet"), "gone-quiet")
 
         def swept() -> bool:
             assert client.get(f"/ping/{PING_KEY}/still-here").status_code == 200
-            return not r.hexists(keys.ingest(), "gone-quiet")
+            return not r.hexists(keys.ingest_for("gone-quiet"), "gone-quiet")
 
         wait_for(swept, timeout=20, what="the quiet agent's record swept by the server")
-        assert r.hexists(keys.ingest(), "still-here")
+        assert r.hexists(keys.ingest_for("still-here"), "still-here")
 
 
 def test_other_methods_still_reach_the_router(redis_url: str, prefix: str) -> None:

@@ -30,20 +30,30 @@ class Process:
         self.settings = settings or OtlpSection()
         self.state: bytes | None = None
         self.tally: Counter[str] = Counter()
+        self.own: list[str | None] = []
 
     def spans(self, *spans, resource=SERVICE) -> list[Draft]:
         (batch,) = read_request(traces((resource, list(spans))), self.settings).batches
-        state = ProcessState.unpack(self.state)
+        own = self._own(batch.origin.agent)
+        state = ProcessState.unpack(self.state, own=own)
         out = fold_spans(batch, state.trace, state.metric, self.settings, self.tally)
-        self.state = state.pack(2**32 - 1)
+        self.state = state.pack(2**32 - 1, own=own)
         return _valid(out)
 
     def metrics(self, request, at_ms: int) -> list[Draft] | None:
         (batch,) = read_metrics(request, self.settings).batches
-        state = ProcessState.unpack(self.state)
+        own = self._own(batch.origin.agent)
+        state = ProcessState.unpack(self.state, own=own)
         out = fold_metrics(batch, state.trace, state.metric, self.settings, now_ms=at_ms, tally=self.tally)
-        self.state = state.pack(2**32 - 1)
+        self.state = state.pack(2**32 - 1, own=own)
         return None if out is None else _valid(out)
+
+    def _own(self, agent: str | None) -> str | None:
+        """The agent the state is packed around: the first resource's, as the receiver's is its
+        resource's (the process's key hashes it; some tests send one process two resources)."""
+        if not self.own:
+            self.own.append(agent)
+        return self.own[0]
 
 
 def _valid(drafts: list[Draft]) -> list[Draft]:
@@ -285,3 +295,20 @@ def test_metric_deltas_each_under_the_cap_but_summed_over_it_are_dropped() -> No
     within = token_histogram(resource, [("input", 900, start)], extra={"gen_ai.operation.name": "chat"})
     (beat,) = [d for d in process.metrics(within, T0_MS + 60_000) or [] if d.kind == "beat"]
     assert beat.fields["tokens_in"] == 300  # the series' totals were kept: only that usage was dropped
+
+
+def test_a_process_state_packs_its_own_agent_as_nil_and_keeps_the_others() -> None:
+    state = ProcessState()
+    state.trace.remember("svc")
+    state.trace.span_usage = True
+    packed = state.pack(2**32 - 1, own="svc")
+    assert len(packed) == 8  # expiry, then [[nil], true]: the usual process of one agent
+    assert ProcessState.unpack(packed, own="svc") == state
+    state.trace.remember("planner")
+    state.trace.pending, state.trace.pending_agent = ["search(1)"], "svc"
+    state.metric.agents = ["svc", "other"]
+    again = ProcessState.unpack(state.pack(2**32 - 1, own="svc"), own="svc")
+    assert again == state
+    assert ProcessState.unpack(state.pack(2**32 - 1)) == state  # no own agent: names in full
+    # read without its own agent (cannot happen: the resource is the state's key), nil is no one
+    assert ProcessState.unpack(state.pack(2**32 - 1, own="svc")).trace.agents == ["planner"]

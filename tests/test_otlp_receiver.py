@@ -17,7 +17,7 @@ from agentwatch import codec
 from agentwatch.alerts import decode_alert
 from agentwatch.config import OtlpSection
 from agentwatch.ingest import EventWriter, FloodLimit
-from agentwatch.keys import OTLP_COUNT_FIELD, Keys, shard_of
+from agentwatch.keys import BUCKETS, OTLP_COUNT_FIELD, Keys, shard_of
 from agentwatch.otlp.receiver import Outcome, Receiver
 from agentwatch.otlp.state import EXPIRY, ProcessState
 
@@ -116,7 +116,7 @@ def test_ten_thousand_service_names_from_one_exporter_are_bounded_with_an_alert(
         groups = [({"service.name": f"svc-{batch}-{n}"}, [llm_call()]) for n in range(1000)]
         rejected += export(rec, traces(*groups)).rejected
     assert rejected == 10_000 - 100
-    assert int(r.hget(keys.otlp(), OTLP_COUNT_FIELD) or 0) == 100
+    assert int(r.hget(keys.otlp_count(), OTLP_COUNT_FIELD) or 0) == 100
     assert len({e["agent"] for e in events(r, keys)}) == 100
     alerts = [decode_alert(fields[b"d"]) for _, fields in r.xrange(keys.alerts)]
     assert [(a.agent, a.detector, a.status) for a in alerts] == [("agentwatch", "otlp", "firing")]
@@ -181,7 +181,7 @@ def test_processes_that_are_not_agents_leave_nothing_behind(r: redis.Redis, keys
 
 def test_the_process_state_expires_after_forget(r: redis.Redis, keys: Keys) -> None:
     export(receiver(r, keys, forget="1h"), traces((SERVICE, [tool_call()])))
-    (value,) = [v for field, v in r.hgetall(keys.otlp()).items() if field != OTLP_COUNT_FIELD.encode()]
+    (value,) = processes(r, keys).values()
     (expires,) = EXPIRY.unpack_from(value)
     assert time.time() + 3500 < expires <= time.time() + 3602
     assert ProcessState.unpack(value).trace.pending  # the tool call waits for the next LLM call
@@ -190,9 +190,21 @@ def test_the_process_state_expires_after_forget(r: redis.Redis, keys: Keys) -> N
 def test_expired_process_states_and_agents_are_swept(r: redis.Redis, keys: Keys) -> None:
     rec = receiver(r, keys, forget="1s", interval="0.1s")
     export(rec, traces((SERVICE, [llm_call(), tool_call()])))
-    assert len(r.hgetall(keys.otlp())) == 2 and r.hlen(keys.ingest()) == 1  # a process, #agents; the agent
-    wait_for(lambda: (rec.writer.sweep(), r.hlen(keys.ingest()) == 0)[1], timeout=10, what="the sweep")
-    assert r.hgetall(keys.otlp()) == {OTLP_COUNT_FIELD.encode(): b"0"}
+    assert len(processes(r, keys)) == 1 and len(records(r, keys)) == 1  # a process; the agent
+    assert r.hget(keys.otlp_count(), OTLP_COUNT_FIELD) == b"1"
+    wait_for(lambda: (rec.writer.sweep(), records(r, keys) == processes(r, keys) == {})[1], timeout=10,
+             what="the sweep")  # fmt: skip
+    assert r.hgetall(keys.otlp_count()) == {OTLP_COUNT_FIELD.encode(): b"0"}
+
+
+def processes(r: redis.Redis, keys: Keys, shard: int = 0) -> dict[bytes, bytes]:
+    """Every process state of a stream, over its buckets."""
+    return {k: v for bucket in range(BUCKETS) for k, v in r.hgetall(keys.otlp(shard, bucket)).items()}
+
+
+def records(r: redis.Redis, keys: Keys, shard: int = 0) -> dict[bytes, bytes]:
+    """Every run record of a stream, over its buckets."""
+    return {k: v for bucket in range(BUCKETS) for k, v in r.hgetall(keys.ingest(shard, bucket)).items()}
 
 
 def test_a_gzipped_body_is_decoded(r: redis.Redis, keys: Keys) -> None:
@@ -274,7 +286,7 @@ def test_agents_in_other_streams_than_their_process_are_written_after_its_state(
     for agent in (far, near):
         stream = [codec.decode(f[b"d"]) for _, f in r.xrange(keys.events_for(agent))]
         assert [(e["agent"], e["kind"]) for e in stream] == [(agent, "start"), (agent, "beat")]
-    (state,) = [v for k, v in r.hgetall(keys.otlp(home)).items() if k != OTLP_COUNT_FIELD.encode()]
+    (state,) = processes(r, keys, home).values()
     assert ProcessState.unpack(state).trace.pending_agent == far  # the tool call waits in the home stream
     export(rec, traces((resource, [llm_call(gen_ai__agent__name=far)])))
     beats = [codec.decode(f[b"d"]) for _, f in r.xrange(keys.events_for(far))][2:]

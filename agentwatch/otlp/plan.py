@@ -2,7 +2,7 @@
 
 Each process (one resource: one SDK in one process) has a *home* stream: the stream of the agent
 its resource names (``service.name``), else one picked by its hash. Its state lives in that
-stream's OTLP hash, so for the usual process, one agent named by its resource, the state and the
+stream's OTLP buckets, so for the usual process, one agent named by its resource, the state and the
 agent's events are in one stream and one Cluster slot: one script writes both, all or nothing
 (:func:`local_groups`). An agent whose events come from processes homed in other streams (a
 PydanticAI agent named by ``gen_ai.agent.name`` in a sharded deployment, say) is written once
@@ -76,7 +76,7 @@ class Process:
 
     def fold(self, settings: OtlpSection, now: float) -> None:
         """Fold every batch from :attr:`before`, the state as Redis holds it (None: no state)."""
-        self.state = state = ProcessState.unpack(self.before)
+        self.state = state = ProcessState.unpack(self.before, own=self.origin.agent)
         self.drafts, self.items, self.tally = [], Counter(), Counter()
         for batch in self.batches:
             if isinstance(batch, SpanBatch):
@@ -89,7 +89,8 @@ class Process:
             if found:  # the points behind an agent's events (a process's points go to its agents)
                 self.drafts += found
                 self.items.update({agent: len(batch.points) for agent in {draft.agent for draft in found}})
-        self.after = None if state.empty() else state.pack(int(now + settings.forget_s) + 1)
+        expires = int(now + settings.forget_s) + 1
+        self.after = None if state.empty() else state.pack(expires, own=self.origin.agent)
 
 
 def collect(processes: list[Process], settings: OtlpSection, shards: int) -> list[AgentWrite]:

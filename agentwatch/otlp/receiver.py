@@ -164,7 +164,7 @@ class Receiver:
             return
         pipe = self.client.pipeline(transaction=False)
         for p in unknown:
-            pipe.hget(self.keys.otlp(p.shard), p.key)
+            pipe.hget(self.keys.otlp_for(p.shard, p.key), p.key)
         self.writer.load(agents, pipe)
         replies = pipe.execute()
         for p, raw in zip(unknown, replies, strict=False):

@@ -1,7 +1,7 @@
 """What the receiver remembers about each process between exports (tens of bytes).
 
 Exports are independent requests, possibly to different servers behind a load balancer, so what
-one export leaves for the next lives in Redis: one field per process in the OTLP hash of a stream
+one export leaves for the next lives in Redis: one field per process in the OTLP buckets of a stream
 (``Keys.otlp``; the stream of the process's own agent, so that the usual export, one process of
 one agent, is one script in one Cluster slot), holding a :class:`ProcessState`:
 
@@ -11,8 +11,9 @@ one agent, is one script in one Cluster slot), holding a :class:`ProcessState`:
   from their cadence, and the last total of each cumulative usage series;
 
 packed in one msgpack array after a 4-byte expiry (Unix seconds: ``[otlp] forget`` after the
-process's last export), with the defaults left out, so a process of one agent whose spans carry
-usage costs about 20 bytes. Traces and metrics of one process may arrive at the same moment (the
+process's last export), with the defaults left out and the agent the process's resource names
+(which every export names again) packed as nil, so a process of one agent whose spans carry
+usage costs 8 bytes. Traces and metrics of one process may arrive at the same moment (the
 SDK exports them from separate threads): the receiver writes a state only if it is still the one
 it folded from (agentwatch/ingest_records.py, guards), and folds again otherwise.
 
@@ -91,18 +92,26 @@ class ProcessState:
         """Nothing worth keeping: a process that is no agent leaves nothing behind."""
         return self.trace == TraceState() and self.metric == MetricState()
 
-    def pack(self, exp_s: int) -> bytes:
+    def pack(self, exp_s: int, own: str | None = None) -> bytes:
+        """The stored form. ``own``: the agent the process's resource names, packed as nil
+        wherever it appears (one byte instead of its name: it is the usual process's only
+        agent, and every export of the process names it again; the process's key hashes it,
+        agentwatch/otlp/resource.py, so a state is always unpacked with the ``own`` it was
+        packed with)."""
         t, m = self.trace, self.metric
         series = {key: [s.start_ns, s.total] for key, s in list(m.series.items())[-MAX_SERIES:]}
         interval = int(m.interval_s) if m.interval_s.is_integer() else m.interval_s
-        data: list[Any] = [t.agents, t.span_usage, t.trace, t.pending, t.pending_agent, m.first_ms,
-                           m.last_ms, m.exports, interval, m.agents[-MAX_AGENTS:], series]  # fmt: skip
+        pending_agent = None if own and t.pending_agent == own else t.pending_agent
+        data: list[Any] = [_short(t.agents, own), t.span_usage, t.trace, t.pending, pending_agent,
+                           m.first_ms, m.last_ms, m.exports, interval, _short(m.agents[-MAX_AGENTS:], own),
+                           series]  # fmt: skip
         while data and data[-1] == _DEFAULTS[len(data) - 1]:
             data.pop()
         return EXPIRY.pack(exp_s) + _pack(data)
 
     @classmethod
-    def unpack(cls, raw: bytes | None) -> ProcessState:
+    def unpack(cls, raw: bytes | None, own: str | None = None) -> ProcessState:
+        """A stored state (:meth:`pack` with the same ``own``), empty if none or unreadable."""
         if not raw or len(raw) < EXPIRY.size:
             return cls()
         data = _unpack(raw[EXPIRY.size :])
@@ -111,23 +120,32 @@ class ProcessState:
         a, u, t, p, pa, f, last, n, i, ma, series = [*data, *_DEFAULTS[len(data) :]][: len(_DEFAULTS)]
         try:
             trace = TraceState(
-                agents=[str(x) for x in a][-MAX_AGENTS:],
+                agents=_long(a, own)[-MAX_AGENTS:],
                 span_usage=bool(u),
                 trace=bytes(t),
                 pending=[str(x) for x in p][:MAX_PENDING],
-                pending_agent=str(pa),
+                pending_agent=(own or "") if pa is None else str(pa),
             )
             metric = MetricState(
                 first_ms=int(f),
                 last_ms=int(last),
                 exports=int(n),
                 interval_s=float(i),
-                agents=[str(x) for x in ma][-MAX_AGENTS:],
+                agents=_long(ma, own)[-MAX_AGENTS:],
                 series={bytes(key): Series(int(v[0]), float(v[1])) for key, v in dict(series).items()},
             )
         except (TypeError, ValueError, IndexError):
             return cls()
         return cls(trace, metric)
+
+
+def _short(agents: list[str], own: str | None) -> list[str | None]:
+    return [None if own and agent == own else agent for agent in agents]
+
+
+def _long(packed: Any, own: str | None) -> list[str]:
+    """:func:`_short` undone (a nil without an ``own`` agent is dropped: read as no agent)."""
+    return [str(x) if x is not None else own for x in packed if x is not None or own]  # type: ignore[misc]
 
 
 _DEFAULTS: Final[tuple[Any, ...]] = ([], False, b"", [], "", 0, 0, 0, 0, [], {})
