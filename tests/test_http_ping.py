@@ -25,8 +25,10 @@ needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on
 
 @pytest.fixture(scope="module")
 def dep(redis_url: str) -> Iterator[Deployment]:
-    """One server and detector worker for the module's tests (each uses its own agent names)."""
-    extra = '[detectors.silence]\nafter = "1s"\n[detectors.exit]\nclean_exit = false\n'
+    """One server and detector worker for the module's tests (each uses its own agent names).
+    Silence after 3 s: the cron script's pings come every 0.2 s plus a ``curl`` start, which a
+    loaded box stretched past 1 s once (a silence alert before the script had ended)."""
+    extra = '[detectors.silence]\nafter = "3s"\n[detectors.exit]\nclean_exit = false\n'
     root = Path(tempfile.mkdtemp(prefix="aw-"))
     with (
         shared_prefix(redis_url) as prefix,

@@ -64,6 +64,19 @@ def last_event_ms(client: redis.Redis, keys: Keys, agent: str) -> int:
     return max(int(eid.split(b"-")[0]) for eid in mine)
 
 
+def timeline(client: redis.Redis, keys: Keys) -> list[tuple[int, str, str]]:
+    """(entry ms, agent, kind) of every event and alert, in order: what a failure shows."""
+    from agentwatch.alerts import decode_alert  # noqa: PLC0415
+
+    entries: Any = client.xrange(keys.events(0))
+    out = [(int(eid.split(b"-")[0]), (e := codec.decode(f[b"d"]))["agent"], e["kind"]) for eid, f in entries]
+    alerts: Any = client.xrange(keys.alerts)
+    for eid, fields in alerts:
+        alert = decode_alert(fields[b"d"])
+        out.append((int(eid.split(b"-")[0]), alert.agent, f"ALERT {alert.detector} {alert.status}"))
+    return sorted(out)
+
+
 def alert_ms(client: redis.Redis, keys: Keys, agent: str) -> int:
     """The entry time of the first silence alert about ``agent``."""
     from agentwatch.alerts import decode_alert  # noqa: PLC0415
@@ -130,7 +143,7 @@ def test_a_short_redis_outage_pages_no_healthy_agent_and_still_pages_a_dead_one(
         wait_for(known, timeout=20, what="every agent beating and applied")
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
-        began = time.monotonic()
+        began, began_ms = time.monotonic(), int(time.time() * 1000)
         if how == "restart":
             server.stop()
             time.sleep(max(0.0, outage_s - (time.monotonic() - began)))  # the outage: nothing to await
@@ -148,7 +161,12 @@ def test_a_short_redis_outage_pages_no_healthy_agent_and_still_pages_a_dead_one(
         # Beating on for two allowances more: any false silence would have fired by now.
         time.sleep(2 * allowance_ms / 1000)
         assert all(echo.process.poll() is None for echo in producers_started[:-1])
-        assert [a.agent for a in fired(client, keys, "silence")] == ["victim"], transitions(client, keys)
+        assert [a.agent for a in fired(client, keys, "silence")] == ["victim"], (
+            transitions(client, keys),
+            f"outage from {began_ms} ms for {outage_ms} ms; entries (ms, agent, kind):",
+            timeline(client, keys),
+            workers.stderr(worker),
+        )
         delay_ms = alert_ms(client, keys, "victim") - last_event_ms(client, keys, "victim")
         print(f"{how} {outage_ms} ms, allowance {allowance_ms} ms: the dead agent paged {delay_ms} ms after "
               f"its last beat (bound {bound_ms} ms)")  # fmt: skip

@@ -1,7 +1,8 @@
 """Measures what the producer costs the agent, wherever Redis is; prints one JSON line.
 
-1. Loop rate: ``AW_RATE_S`` seconds of ``work(); time.sleep(0.001)`` without heartbeat, then the
-   same with ``heartbeat()`` in the loop.
+1. Loop rate: ``AW_RATE_S`` seconds of ``time.sleep(0.001)`` without heartbeat and as long with
+   ``heartbeat()`` in the loop, in ten alternating slices (a loaded box that slows down for a
+   moment slows both, not just one).
 2. Call latency and memory: ``AW_CALLS`` back-to-back ``heartbeat()`` calls, each timed.
 The last line printed is ``{"end": <monotonic time just before the interpreter exits>}``.
 """
@@ -24,9 +25,12 @@ def rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+SLICES = 10
+
+
 def loop_rate(beat: bool) -> int:
     iterations = 0
-    end = time.monotonic() + RATE_S
+    end = time.monotonic() + RATE_S / SLICES
     while time.monotonic() < end:
         if beat:
             heartbeat(tokens=1)
@@ -37,8 +41,10 @@ def loop_rate(beat: bool) -> int:
 
 def main() -> None:
     producer = producers.init()
-    without = loop_rate(beat=False)
-    with_beats = loop_rate(beat=True)
+    without = with_beats = 0
+    for _ in range(SLICES):
+        without += loop_rate(beat=False)
+        with_beats += loop_rate(beat=True)
     rss_before = rss()
     clock = time.perf_counter_ns
     durations = [0] * CALLS
