@@ -33,6 +33,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import msgpack
@@ -294,21 +295,27 @@ def run_calls(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
-async def arun_calls(link: Link, script: Any, calls: Sequence[Call]) -> list[Any]:
-    """:func:`run_calls` on the event loop's own connection (agentwatch/ingest_link.py)."""
-    replies = await link.execute([_evalsha(script, call) for call in calls])
+async def arun_calls(
+    link: Link, script: Any, calls: Sequence[Call], replies: list[Any] | None = None
+) -> list[Any]:
+    """:func:`run_calls` on the event loop's own connection (agentwatch/ingest_link.py).
+    ``replies``: those of a first round trip already made (:class:`Batches` makes it without
+    a coroutine); only the script's reload, if it needs one, is left to do."""
+    if replies is None:
+        replies = await link.execute(evalshas(script, calls))
     missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         (sha,) = await link.execute([("SCRIPT", "LOAD", script.script)])
         script.sha = sha.decode() if isinstance(sha, bytes) else sha
-        again = await link.execute([_evalsha(script, calls[i]) for i in missing])
+        again = await link.execute(evalshas(script, [calls[i] for i in missing]))
         for i, reply in zip(missing, again, strict=True):
             replies[i] = reply
     return replies
 
 
-def _evalsha(script: Any, call: Call) -> tuple[Any, ...]:
-    return ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+def evalshas(script: Any, calls: Sequence[Call]) -> list[tuple[Any, ...]]:
+    """The ``EVALSHA`` commands that run ``calls`` of ``script``."""
+    return [("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args) for call in calls]
 
 
 def _pipeline(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
@@ -319,51 +326,109 @@ def _pipeline(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
+_Waiting = list[tuple["Call", asyncio.Future[Any]]]
+"""Writes waiting for their replies: each call, and the future its request awaits."""
+
+
 class Batches:
-    """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
+    """Coalesces the writes of concurrent requests: while one batch is in flight, the writes
     that arrive wait for it and go together in the next one, joined into as few script calls
     as they allow (:func:`merged`). One request alone still goes at once; a busy server makes
     fewer, larger round trips instead of queueing one round trip per request. Each write gets
     its own reply or its own error. With a ``link`` the round trips go from the event loop
     itself (agentwatch/ingest_link.py); without (a Redis Cluster), through ``client`` in a
-    worker thread."""
+    worker thread.
+
+    No task runs the batches: a batch's replies are handed out by a callback on its round
+    trip's future, which sends the next batch at once (a task woken per round trip, and its
+    chain of coroutines resumed, cost the ping API more CPU than the round trip's packing and
+    parsing). Only the rare slow ways, the thread's and a script reloaded after NOSCRIPT, run
+    a coroutine."""
 
     def __init__(self, client: Any, script: Any, max_batch: int = 256, link: Link | None = None) -> None:
         self.client = client
         self.script = script
         self.max_batch = max_batch
         self.link = link
-        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._pending: _Waiting = []
+        self._busy = False
+        """A batch is in flight, or about to go (its writes are gathering)."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        """The slow ways' tasks, kept until done (the event loop keeps only weak references)."""
 
     def submit(self, call: Call) -> asyncio.Future[Any]:
         """The reply to ``call`` (or its error), to await: a plain function returning a future,
         not a coroutine, which would cost every ping another frame. The running loop is looked
         up once per round trip, not per write (CPython 3.11 pays a ``getpid`` system call for it)."""
         loop = self._loop
-        if loop is None or self._task is None or self._task.done():
+        if not self._busy or loop is None or loop.is_closed():
             self._loop = loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self._drain())
-        future: asyncio.Future[Any] = loop.create_future()  # the drain's loop: the caller's
+            self._busy = False
+        future: asyncio.Future[Any] = loop.create_future()  # the batch's loop: the caller's
         self._pending.append((call, future))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._send)  # the writes of this turn of the loop go together
         return future
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            joined = merged([c for c, _ in batch])
+    def _send(self) -> None:
+        """Send the writes waiting, as one batch; or, none waiting, stop until the next."""
+        if not self._pending:
+            self._busy = False
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        joined = merged([c for c, _ in batch])
+        loop = self._loop
+        assert loop is not None
+        if self.link is not None:
+            self.link.send(evalshas(self.script, joined.calls), loop, partial(self._replied, batch, joined))
+        else:
+            done = loop.run_in_executor(None, run_calls, self.client, self.script, joined.calls)
+            done.add_done_callback(partial(self._threaded, batch, joined))
+
+    def _threaded(self, batch: _Waiting, joined: Joined, done: asyncio.Future[Any]) -> None:
+        """:meth:`_replied` for a round trip made in a worker thread (cancelled: the loop is closing)."""
+        self._replied(
+            batch, joined, asyncio.CancelledError() if done.cancelled() else done.exception() or done.result()
+        )
+
+    def _replied(
+        self, batch: _Waiting, joined: Joined, replies: list[Any] | BaseException, reloaded: bool = False
+    ) -> None:
+        """Hand each write of ``batch`` its reply (or the round trip's error), then send the next batch."""
+        lost = self.link is not None and not reloaded and isinstance(replies, list)  # a thread's reloads it
+        if lost and any(isinstance(reply, NoScriptError) for reply in replies):  # type: ignore[union-attr]
+            self._reload(batch, joined, replies)  # type: ignore[arg-type]  # loaded again, then run again
+            return
+        try:
+            if isinstance(replies, BaseException):
+                raise replies
+            answers = joined.split(replies)
+        except Exception as exc:  # each waiting request gets the error (Redis away, say)
+            answers = [exc] * len(batch)
+        for (_, future), answer in zip(batch, answers, strict=True):
+            if not future.done():  # else the request was cancelled (its client went away)
+                future.set_result(answer)
+        self._send()
+
+    def _reload(self, batch: _Waiting, joined: Joined, replies: list[Any]) -> None:
+        """Load the script again (the server lost it), run the calls that failed for it, then
+        hand out the replies: a coroutine, the slow way, as it happens once per server restart."""
+        link = self.link
+        assert link is not None  # a thread's round trip reloads the script itself (run_calls)
+
+        async def reloading() -> None:
+            done: list[Any] | BaseException
             try:
-                if self.link is not None:
-                    done = await arun_calls(self.link, self.script, joined.calls)
-                else:
-                    done = await asyncio.to_thread(run_calls, self.client, self.script, joined.calls)
-                replies = joined.split(done)
-            except Exception as exc:  # each waiting request gets the error (Redis away, say)
-                replies = [exc] * len(batch)
-            for (_, future), reply in zip(batch, replies, strict=True):
-                if not future.done():  # else the request was cancelled (its client went away)
-                    future.set_result(reply)
+                done = await arun_calls(link, self.script, joined.calls, replies)
+            except Exception as exc:
+                done = exc
+            self._replied(batch, joined, done, reloaded=True)
+
+        task = asyncio.ensure_future(reloading())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 @dataclass(frozen=True, slots=True)
