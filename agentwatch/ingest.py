@@ -438,16 +438,14 @@ class EventWriter:
             for index, p in enumerate(prepared):
                 status, payload = int(reply[1 + 2 * index]), reply[2 + 2 * index]
                 agent = p.item.agent
-                if status == 1:
-                    if self.records.get(agent) is p.expected:  # nothing prepared after it
-                        self.records.put(agent, stored(p.expected, payload))
+                if status == 1:  # unless something was prepared after it
+                    self.records.replace(agent, p.expected, stored(p.expected, payload))
                     outcomes.append(p.written)
                 elif status == 2:
                     self.records.put(agent, Record.parse(payload) if payload else None)
                     outcomes.append(_STALE)
                 else:
-                    if self.records.get(agent) is p.expected:
-                        self.records.put(agent, p.before)
+                    self.records.replace(agent, p.expected, p.before)
                     outcomes.append(Flooded(agent, int(payload) / 1000))
         return outcomes
 

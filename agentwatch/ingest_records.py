@@ -242,6 +242,13 @@ class Cache(Generic[K, V]):
             self._items.move_to_end(name)
         return value
 
+    def replace(self, name: K, expected: V, value: V) -> None:
+        """Hold ``value`` instead of ``expected``, if the cache still holds that one, where it is
+        (a write's reply replaces the record its preparation put, just now, at the end)."""
+        items = self._items
+        if items.get(name) is expected:
+            items[name] = value
+
     def put(self, name: K, value: V) -> None:
         self._items[name] = value
         self._items.move_to_end(name)
