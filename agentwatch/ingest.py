@@ -366,12 +366,13 @@ class EventWriter:
         fresh = before is None or before.ended or before.exp_s < now
         new_run = opens or fresh or (item.run is not None and item.run != before.run)  # type: ignore[union-attr]
         interval = item.interval_s if item.interval_s is not None else (before.interval_s if before else None)
-        declared = {} if interval is None else {"interval": interval}
         leading: list[tuple[Kind, dict[str, Any]]] = []
         if new_run:
             run = item.run if item.run is not None else "h" + os.urandom(8).hex()
             seq = 0
-            facts = {"version": self.version, **(item.start_facts or {}), **declared}
+            facts = {"version": self.version, **(item.start_facts or {})}
+            if interval is not None:  # the interval declared, remembered across runs
+                facts["interval"] = interval
             if opens:
                 own = [("start", {**facts, **own[0][1]})]
             else:
@@ -380,7 +381,7 @@ class EventWriter:
             assert before is not None
             run, seq = before.run, before.seq
             if item.interval_s is not None and item.interval_s != before.interval_s:
-                leading.append(("pulse", dict(declared)))
+                leading.append(("pulse", {"interval": interval}))
         signer = None
         if self.secret is not None:
             signer = self._signer(item.agent, self.keys.events(shard_of(item.agent, self.keys.shards)), now)

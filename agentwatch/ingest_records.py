@@ -149,7 +149,9 @@ class Record:
     """One agent's run record as Redis holds it (see the module docstring). Never changed once
     made, and compared by identity (not frozen: that costs a microsecond per write)."""
 
-    raw: bytes
+    numbering: bytes
+    """What the write script compares: the part the writer decides from (msgpack, after the
+    header; the header itself is never compared, so it is not kept)."""
     exp_s: int
     counted: bool
     run: str
@@ -158,11 +160,6 @@ class Record:
     interval_s: float | None
     ended: bool
 
-    @property
-    def numbering(self) -> bytes:
-        """What the write script compares: the part the writer decides from."""
-        return self.raw[HEADER.size :]
-
     @classmethod
     def parse(cls, raw: bytes) -> Record | None:
         """A stored record, or None for one this version cannot read (treated as absent: the
@@ -170,7 +167,7 @@ class Record:
         try:
             exp_s, _tat, flags = HEADER.unpack_from(raw)
             run, seq, interval, ended = msgpack.unpackb(raw[HEADER.size :])
-            return cls(raw, int(exp_s), bool(flags & COUNTED), str(run), int(seq),
+            return cls(raw[HEADER.size :], int(exp_s), bool(flags & COUNTED), str(run), int(seq),
                        None if interval is None else float(interval), bool(ended))  # fmt: skip
         except (struct.error, ValueError, TypeError):
             return None
@@ -194,23 +191,22 @@ def predicted(
 ) -> Record:  # fmt: skip
     """The record a write will leave if it succeeds (``new_numbering`` is :func:`numbering` of
     the other arguments), for a write prepared before its reply (the next write of the same
-    agent is numbered after it). Its header is a guess (the script sets it from Redis time):
-    only its numbering is ever compared."""
+    agent is numbered after it). Its expiry is a guess (the script sets it from Redis time)."""
     counted = before.counted if before is not None else False
-    raw = HEADER.pack(exp_s, 0.0, COUNTED if counted else 0) + new_numbering
-    return Record(raw, exp_s, counted, run, seq, interval_s, ended)
+    return Record(new_numbering, exp_s, counted, run, seq, interval_s, ended)
 
 
 def stored(expected: Record, raw: bytes) -> Record:
     """The record the write script stored (``raw``) for a write numbered as ``expected``: the
     same numbering (the script stores the one it was given), its header from Redis."""
-    if raw[HEADER.size :] != expected.numbering:
+    numbered = expected.numbering
+    if len(raw) != HEADER.size + len(numbered) or not raw.endswith(numbered):
         found = Record.parse(raw)  # cannot happen with this script; read it whole if it does
         assert found is not None
         return found
     exp_s, _tat, flags = HEADER.unpack_from(raw)
-    return Record(raw, int(exp_s), bool(flags & COUNTED), expected.run, expected.seq, expected.interval_s,
-                  expected.ended)  # fmt: skip
+    return Record(numbered, int(exp_s), bool(flags & COUNTED), expected.run, expected.seq,
+                  expected.interval_s, expected.ended)  # fmt: skip
 
 
 class _Missing:
