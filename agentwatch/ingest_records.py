@@ -385,7 +385,11 @@ class Batches:
         loop = self._loop
         assert loop is not None
         if self.link is not None:
-            self.link.send(evalshas(self.script, joined.calls), loop, partial(self._replied, batch, joined))
+            deliver = partial(self._replied, batch, joined)
+            try:
+                self.link.send(evalshas(self.script, joined.calls), loop, deliver)
+            except Exception as exc:  # not sent (an argument hiredis cannot pack): the batch's error
+                self._replied(batch, joined, exc)
         else:
             done = loop.run_in_executor(None, run_calls, self.client, self.script, joined.calls)
             done.add_done_callback(partial(self._threaded, batch, joined))
