@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import msgpack
 
 from agentwatch import __version__, codec
-from agentwatch.errors import AgentwatchError
+from agentwatch.errors import AgentwatchError, InvalidEntry
 from agentwatch.ingest_records import (
     SWEEP,
     WRITE,
@@ -392,7 +392,10 @@ class EventWriter:
                      "seq": seq}  # fmt: skip
             if not item.trusted:
                 codec.validate(event)
-            data = self._encode(event)
+            try:
+                data = self._encode(event)
+            except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which UTF-8 cannot hold
+                raise InvalidEntry("text holds a lone surrogate (such as \\ud800)") from None
             entries += (data, signer.sign(data) if signer is not None else b"")
             seq += 1
             ended = ended or kind == "exit"
