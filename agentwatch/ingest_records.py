@@ -255,9 +255,10 @@ class Cache(Generic[K, V]):
         self._items.pop(name, None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """One run of a script: its keys and arguments."""
+    """One run of a script: its keys and arguments. Never changed once made (not frozen: a
+    frozen dataclass's ``__init__`` costs twice as much, and the ping API makes one per ping)."""
 
     keys: list[str]
     args: list[Any]
@@ -438,7 +439,7 @@ class Batches:
         task.add_done_callback(self._tasks.discard)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Joined:
     """What :func:`merged` made of a list of calls: the calls to run, and for each original
     call, which of them carries its agents and at which agent they start there."""
