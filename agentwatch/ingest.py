@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import msgpack
 
 from agentwatch import __version__, codec
-from agentwatch.errors import AgentwatchError
+from agentwatch.errors import AgentwatchError, InvalidEntry
 from agentwatch.ingest_records import (
     SWEEP,
     WRITE,
@@ -401,12 +401,13 @@ class EventWriter:
         fresh = before is None or before.ended or before.exp_s < now
         new_run = opens or fresh or (item.run is not None and item.run != before.run)  # type: ignore[union-attr]
         interval = item.interval_s if item.interval_s is not None else (before.interval_s if before else None)
-        declared = {} if interval is None else {"interval": interval}
         leading: list[tuple[Kind, dict[str, Any]]] = []
         if new_run:
             run = item.run if item.run is not None else "h" + os.urandom(8).hex()
             seq = 0
-            facts = {"version": self.version, **(item.start_facts or {}), **declared}
+            facts = {"version": self.version, **(item.start_facts or {})}
+            if interval is not None:  # the interval declared, remembered across runs
+                facts["interval"] = interval
             if opens:
                 own = [("start", {**facts, **own[0][1]})]
             else:
@@ -415,7 +416,7 @@ class EventWriter:
             assert before is not None
             run, seq = before.run, before.seq
             if item.interval_s is not None and item.interval_s != before.interval_s:
-                leading.append(("pulse", dict(declared)))
+                leading.append(("pulse", {"interval": interval}))
         signer = None
         if self.secret is not None:
             signer = self._signer(item.agent, self.keys.events(shard_of(item.agent, self.keys.shards)), now)
@@ -426,7 +427,10 @@ class EventWriter:
                      "seq": seq}  # fmt: skip
             if not item.trusted:
                 codec.validate(event)
-            data = self._encode(event)
+            try:
+                data = self._encode(event)
+            except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which UTF-8 cannot hold
+                raise InvalidEntry("text holds a lone surrogate (such as \\ud800)") from None
             entries += (data, signer.sign(data) if signer is not None else b"")
             seq += 1
             ended = ended or kind == "exit"
@@ -476,16 +480,14 @@ class EventWriter:
             for index, p in enumerate(prepared):
                 status, payload = int(reply[1 + 2 * index]), reply[2 + 2 * index]
                 agent = p.item.agent
-                if status == 1:
-                    if self.records.get(agent) is p.expected:  # nothing prepared after it
-                        self.records.put(agent, stored(p.expected, payload))
+                if status == 1:  # unless something was prepared after it
+                    self.records.replace(agent, p.expected, stored(p.expected, payload))
                     outcomes.append(p.written)
                 elif status == 2:
                     self.records.put(agent, Record.parse(payload) if payload else None)
                     outcomes.append(_STALE)
                 else:
-                    if self.records.get(agent) is p.expected:
-                        self.records.put(agent, p.before)
+                    self.records.replace(agent, p.expected, p.before)
                     outcomes.append(Flooded(agent, int(payload) / 1000))
         return outcomes
 

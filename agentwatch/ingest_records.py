@@ -34,6 +34,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import msgpack
@@ -158,7 +159,9 @@ class Record:
     """One agent's run record as Redis holds it (see the module docstring). Never changed once
     made, and compared by identity (not frozen: that costs a microsecond per write)."""
 
-    raw: bytes
+    numbering: bytes
+    """What the write script compares: the part the writer decides from (msgpack, after the
+    header; the header itself is never compared, so it is not kept)."""
     exp_s: int
     counted: bool
     run: str
@@ -167,11 +170,6 @@ class Record:
     interval_s: float | None
     ended: bool
 
-    @property
-    def numbering(self) -> bytes:
-        """What the write script compares: the part the writer decides from."""
-        return self.raw[HEADER.size :]
-
     @classmethod
     def parse(cls, raw: bytes) -> Record | None:
         """A stored record, or None for one this version cannot read (treated as absent: the
@@ -179,7 +177,7 @@ class Record:
         try:
             exp_s, _tat, flags = HEADER.unpack_from(raw)
             run, seq, interval, ended = msgpack.unpackb(raw[HEADER.size :])
-            return cls(raw, int(exp_s), bool(flags & COUNTED), str(run), int(seq),
+            return cls(raw[HEADER.size :], int(exp_s), bool(flags & COUNTED), str(run), int(seq),
                        None if interval is None else float(interval), bool(ended))  # fmt: skip
         except (struct.error, ValueError, TypeError):
             return None
@@ -203,23 +201,22 @@ def predicted(
 ) -> Record:  # fmt: skip
     """The record a write will leave if it succeeds (``new_numbering`` is :func:`numbering` of
     the other arguments), for a write prepared before its reply (the next write of the same
-    agent is numbered after it). Its header is a guess (the script sets it from Redis time):
-    only its numbering is ever compared."""
+    agent is numbered after it). Its expiry is a guess (the script sets it from Redis time)."""
     counted = before.counted if before is not None else False
-    raw = HEADER.pack(exp_s, 0.0, COUNTED if counted else 0) + new_numbering
-    return Record(raw, exp_s, counted, run, seq, interval_s, ended)
+    return Record(new_numbering, exp_s, counted, run, seq, interval_s, ended)
 
 
 def stored(expected: Record, raw: bytes) -> Record:
     """The record the write script stored (``raw``) for a write numbered as ``expected``: the
     same numbering (the script stores the one it was given), its header from Redis."""
-    if raw[HEADER.size :] != expected.numbering:
+    numbered = expected.numbering
+    if len(raw) != HEADER.size + len(numbered) or not raw.endswith(numbered):
         found = Record.parse(raw)  # cannot happen with this script; read it whole if it does
         assert found is not None
         return found
     exp_s, _tat, flags = HEADER.unpack_from(raw)
-    return Record(raw, int(exp_s), bool(flags & COUNTED), expected.run, expected.seq, expected.interval_s,
-                  expected.ended)  # fmt: skip
+    return Record(numbered, int(exp_s), bool(flags & COUNTED), expected.run, expected.seq,
+                  expected.interval_s, expected.ended)  # fmt: skip
 
 
 class _Missing:
@@ -251,6 +248,13 @@ class Cache(Generic[K, V]):
             self._items.move_to_end(name)
         return value
 
+    def replace(self, name: K, expected: V, value: V) -> None:
+        """Hold ``value`` instead of ``expected``, if the cache still holds that one, where it is
+        (a write's reply replaces the record its preparation put, just now, at the end)."""
+        items = self._items
+        if items.get(name) is expected:
+            items[name] = value
+
     def put(self, name: K, value: V) -> None:
         self._items[name] = value
         self._items.move_to_end(name)
@@ -261,9 +265,10 @@ class Cache(Generic[K, V]):
         self._items.pop(name, None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """One run of a script: its keys and arguments."""
+    """One run of a script: its keys and arguments. Never changed once made (not frozen: a
+    frozen dataclass's ``__init__`` costs twice as much, and the ping API makes one per ping)."""
 
     keys: list[str]
     args: list[Any]
@@ -304,21 +309,27 @@ def run_calls(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
-async def arun_calls(link: Link, script: Any, calls: Sequence[Call]) -> list[Any]:
-    """:func:`run_calls` on the event loop's own connection (agentwatch/ingest_link.py)."""
-    replies = await link.execute([_evalsha(script, call) for call in calls])
+async def arun_calls(
+    link: Link, script: Any, calls: Sequence[Call], replies: list[Any] | None = None
+) -> list[Any]:
+    """:func:`run_calls` on the event loop's own connection (agentwatch/ingest_link.py).
+    ``replies``: those of a first round trip already made (:class:`Batches` makes it without
+    a coroutine); only the script's reload, if it needs one, is left to do."""
+    if replies is None:
+        replies = await link.execute(evalshas(script, calls))
     missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         (sha,) = await link.execute([("SCRIPT", "LOAD", script.script)])
         script.sha = sha.decode() if isinstance(sha, bytes) else sha
-        again = await link.execute([_evalsha(script, calls[i]) for i in missing])
+        again = await link.execute(evalshas(script, [calls[i] for i in missing]))
         for i, reply in zip(missing, again, strict=True):
             replies[i] = reply
     return replies
 
 
-def _evalsha(script: Any, call: Call) -> tuple[Any, ...]:
-    return ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+def evalshas(script: Any, calls: Sequence[Call]) -> list[tuple[Any, ...]]:
+    """The ``EVALSHA`` commands that run ``calls`` of ``script``."""
+    return [("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args) for call in calls]
 
 
 def _pipeline(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
@@ -329,54 +340,116 @@ def _pipeline(client: Any, script: Any, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
+_Waiting = list[tuple["Call", asyncio.Future[Any]]]
+"""Writes waiting for their replies: each call, and the future its request awaits."""
+
+
 class Batches:
-    """Coalesces the writes of concurrent requests: while one pipeline is in flight, the writes
+    """Coalesces the writes of concurrent requests: while one batch is in flight, the writes
     that arrive wait for it and go together in the next one, joined into as few script calls
     as they allow (:func:`merged`). One request alone still goes at once; a busy server makes
     fewer, larger round trips instead of queueing one round trip per request. Each write gets
     its own reply or its own error. With a ``link`` the round trips go from the event loop
     itself (agentwatch/ingest_link.py); without (a Redis Cluster), through ``client`` in a
-    worker thread."""
+    worker thread.
+
+    No task runs the batches: a batch's replies are handed out by a callback on its round
+    trip's future, which sends the next batch at once (a task woken per round trip, and its
+    chain of coroutines resumed, cost the ping API more CPU than the round trip's packing and
+    parsing). Only the rare slow ways, the thread's and a script reloaded after NOSCRIPT, run
+    a coroutine."""
 
     def __init__(self, client: Any, script: Any, max_batch: int = 256, link: Link | None = None) -> None:
         self.client = client
         self.script = script
         self.max_batch = max_batch
         self.link = link
-        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._pending: _Waiting = []
+        self._busy = False
+        """A batch is in flight, or about to go (its writes are gathering)."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        """The slow ways' tasks, kept until done (the event loop keeps only weak references)."""
 
     def submit(self, call: Call) -> asyncio.Future[Any]:
         """The reply to ``call`` (or its error), to await: a plain function returning a future,
         not a coroutine, which would cost every ping another frame. The running loop is looked
         up once per round trip, not per write (CPython 3.11 pays a ``getpid`` system call for it)."""
         loop = self._loop
-        if loop is None or self._task is None or self._task.done():
+        if not self._busy or loop is None or loop.is_closed():
             self._loop = loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self._drain())
-        future: asyncio.Future[Any] = loop.create_future()  # the drain's loop: the caller's
+            self._busy = False
+        future: asyncio.Future[Any] = loop.create_future()  # the batch's loop: the caller's
         self._pending.append((call, future))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._send)  # the writes of this turn of the loop go together
         return future
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            joined = merged([c for c, _ in batch])
+    def _send(self) -> None:
+        """Send the writes waiting, as one batch; or, none waiting, stop until the next."""
+        if not self._pending:
+            self._busy = False
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        joined = merged([c for c, _ in batch])
+        loop = self._loop
+        assert loop is not None
+        if self.link is not None:
+            deliver = partial(self._replied, batch, joined)
             try:
-                if self.link is not None:
-                    done = await arun_calls(self.link, self.script, joined.calls)
-                else:
-                    done = await asyncio.to_thread(run_calls, self.client, self.script, joined.calls)
-                replies = joined.split(done)
-            except Exception as exc:  # each waiting request gets the error (Redis away, say)
-                replies = [exc] * len(batch)
-            for (_, future), reply in zip(batch, replies, strict=True):
-                if not future.done():  # else the request was cancelled (its client went away)
-                    future.set_result(reply)
+                self.link.send(evalshas(self.script, joined.calls), loop, deliver)
+            except Exception as exc:  # not sent (an argument hiredis cannot pack): the batch's error
+                self._replied(batch, joined, exc)
+        else:
+            done = loop.run_in_executor(None, run_calls, self.client, self.script, joined.calls)
+            done.add_done_callback(partial(self._threaded, batch, joined))
+
+    def _threaded(self, batch: _Waiting, joined: Joined, done: asyncio.Future[Any]) -> None:
+        """:meth:`_replied` for a round trip made in a worker thread (cancelled: the loop is closing)."""
+        self._replied(
+            batch, joined, asyncio.CancelledError() if done.cancelled() else done.exception() or done.result()
+        )
+
+    def _replied(
+        self, batch: _Waiting, joined: Joined, replies: list[Any] | BaseException, reloaded: bool = False
+    ) -> None:
+        """Hand each write of ``batch`` its reply (or the round trip's error), then send the next batch."""
+        lost = self.link is not None and not reloaded and isinstance(replies, list)  # a thread's reloads it
+        if lost and any(isinstance(reply, NoScriptError) for reply in replies):  # type: ignore[union-attr]
+            self._reload(batch, joined, replies)  # type: ignore[arg-type]  # loaded again, then run again
+            return
+        try:
+            if isinstance(replies, BaseException):
+                raise replies
+            answers = joined.split(replies)
+        except Exception as exc:  # each waiting request gets the error (Redis away, say)
+            answers = [exc] * len(batch)
+        for (_, future), answer in zip(batch, answers, strict=True):
+            if not future.done():  # else the request was cancelled (its client went away)
+                future.set_result(answer)
+        self._send()
+
+    def _reload(self, batch: _Waiting, joined: Joined, replies: list[Any]) -> None:
+        """Load the script again (the server lost it), run the calls that failed for it, then
+        hand out the replies: a coroutine, the slow way, as it happens once per server restart."""
+        link = self.link
+        assert link is not None  # a thread's round trip reloads the script itself (run_calls)
+
+        async def reloading() -> None:
+            done: list[Any] | BaseException
+            try:
+                done = await arun_calls(link, self.script, joined.calls, replies)
+            except Exception as exc:
+                done = exc
+            self._replied(batch, joined, done, reloaded=True)
+
+        task = asyncio.ensure_future(reloading())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Joined:
     """What :func:`merged` made of a list of calls: the calls to run, and for each original
     call, which of them carries its agents and at which agent they start there."""

@@ -79,11 +79,13 @@ def free_port() -> int:
 
 
 def serve(module_dir: Path, module: str, port: int, core: int, argv: list[str]) -> subprocess.Popen[bytes]:
-    """uvicorn serving ``module:app`` pinned to ``core`` (one process, one core)."""
+    """uvicorn serving ``module:app`` pinned to ``core`` (one process, one core), with the options
+    ``agentwatch serve`` uses (both apps: the same server, the same settings)."""
     code = (
         f"import os, sys; os.sched_setaffinity(0, {{{core}}}); sys.argv = ['x', *{argv!r}]; "
         f"sys.path.insert(0, {str(module_dir)!r}); import uvicorn; "
-        f"uvicorn.run('{module}:app', host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
+        "from agentwatch.http import SERVER_OPTIONS; "
+        f"uvicorn.run('{module}:app', host='127.0.0.1', port={port}, log_level='warning', **SERVER_OPTIONS)"
     )
     process = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 30

@@ -116,13 +116,15 @@ def test_bad_pings_get_precise_answers_and_are_counted(dep: Deployment) -> None:
     assert code == 400 and "interval" in body
     code, body = curl(dep.ping_url("job/999"))
     assert code == 400 and "0-255" in body
+    code, body = curl("-d", '{"model": "\\ud800"}', dep.ping_url("job"))
+    assert code == 400 and "lone surrogate" in body  # not a 500: UTF-8 cannot hold it
     after = pings(dep)
     counted = {outcome: after[outcome] - before[outcome] for outcome in after}
     assert counted == {
         "ok": 0,
         "bad_key": 1,
         "not_accepted": 0,
-        "bad_request": 5,
+        "bad_request": 6,
         "too_large": 1,
         "flooded": 0,
         "unavailable": 0,

@@ -27,6 +27,7 @@ from agentwatch.ingest import (
     EventWriter,
     Flooded,
     FloodLimit,
+    Written,
     retry_pause_s,
 )
 from agentwatch.ingest_link import Link
@@ -306,6 +307,25 @@ def test_a_server_that_lost_the_script_gets_it_again(spawn_redis: Any, path: str
     client.script_flush()  # what a restarted server without persistence has lost
     assert run(w, w.awrite("a", "beat")).seq == 2
     client.close()
+
+
+def test_a_batch_that_cannot_be_sent_answers_its_writes_and_the_next_batch_goes(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """A batch is sent from a callback, not a task: an argument hiredis cannot pack must still
+    answer the writes that were waiting (with the error), and the batches after it still go."""
+    w = writer(r, keys, **link_to(redis_url, "link"))
+
+    async def scenario() -> tuple[Any, Written]:
+        head = [w.maxlen, 1.0, 10, 0]
+        bad = w._batches.submit(Call(["k1", "k2", "k3"], [*head, "x", b"", b"", 0, 1000, object()]))
+        reply = await asyncio.wait_for(bad, 5)
+        after = await asyncio.wait_for(w.awrite("after-a-bad-batch", "beat"), 5)
+        return reply, after
+
+    reply, after = run(w, scenario())
+    assert isinstance(reply, Exception)
+    assert after.seq == 1 and [e["seq"] for e in events(r, keys, "after-a-bad-batch")] == [0, 1]
 
 
 @pytest.mark.parametrize("path", LOOP_PATHS)

@@ -60,6 +60,7 @@ def serve(
         raise typer.Exit(EXIT_USAGE) from None
     import uvicorn  # noqa: PLC0415 - only this command needs the server
 
+    from agentwatch.http import SERVER_OPTIONS  # noqa: PLC0415
     from agentwatch.http.app import create_app  # noqa: PLC0415
 
     url = worker_url(pipeline)
@@ -72,6 +73,4 @@ def serve(
         typer.echo("OTLP ingest: off (set [http] ingest_token to accept /v1/traces and /v1/metrics)")
     else:
         typer.echo(f"OTLP ingest: {dashboard_url(host, port).rstrip('/')}/v1/traces, /v1/metrics")
-    # No access log: a ping URL carries [http] ping_key, which must not land in a log file.
-    uvicorn.run(create_app(pipeline, url), host=host, port=port, log_level=log_level, access_log=False,
-                server_header=False)  # fmt: skip
+    uvicorn.run(create_app(pipeline, url), host=host, port=port, log_level=log_level, **SERVER_OPTIONS)
