@@ -392,7 +392,11 @@ class Batches:
             self._busy = False
             return
         batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-        joined = merged([c for c, _ in batch])
+        try:
+            joined = merged([c for c, _ in batch])
+        except Exception as exc:  # a fault here, not Redis': this batch's writes get it, the next still go
+            self._answer(batch, [exc] * len(batch))
+            return
         loop = self._loop
         assert loop is not None
         if self.link is not None:
@@ -415,8 +419,8 @@ class Batches:
         self, batch: _Waiting, joined: Joined, replies: list[Any] | BaseException, reloaded: bool = False
     ) -> None:
         """Hand each write of ``batch`` its reply (or the round trip's error), then send the next batch."""
-        lost = self.link is not None and not reloaded and isinstance(replies, list)  # a thread's reloads it
-        if lost and any(isinstance(reply, NoScriptError) for reply in replies):  # type: ignore[union-attr]
+        may_reload = self.link is not None and not reloaded and isinstance(replies, list)  # (threads reload)
+        if may_reload and any(isinstance(reply, NoScriptError) for reply in replies):  # type: ignore[union-attr]
             self._reload(batch, joined, replies)  # type: ignore[arg-type]  # loaded again, then run again
             return
         try:
@@ -425,6 +429,10 @@ class Batches:
             answers = joined.split(replies)
         except Exception as exc:  # each waiting request gets the error (Redis away, say)
             answers = [exc] * len(batch)
+        self._answer(batch, answers)
+
+    def _answer(self, batch: _Waiting, answers: list[Any]) -> None:
+        """Hand each write of ``batch`` its answer, then send the next batch."""
         for (_, future), answer in zip(batch, answers, strict=True):
             if not future.done():  # else the request was cancelled (its client went away)
                 future.set_result(answer)

@@ -328,6 +328,24 @@ def test_a_batch_that_cannot_be_sent_answers_its_writes_and_the_next_batch_goes(
     assert after.seq == 1 and [e["seq"] for e in events(r, keys, "after-a-bad-batch")] == [0, 1]
 
 
+def test_a_batch_that_cannot_be_joined_answers_its_writes_and_the_next_batch_goes(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """A fault while joining a batch's calls (a call that is not one of the write script's)
+    answers the writes of that batch with it; the server's later pings are still written."""
+    w = writer(r, keys, **link_to(redis_url, "link"))
+
+    async def scenario() -> tuple[Any, Written]:
+        bad = w._batches.submit(Call(["k1", "k2"], None))  # type: ignore[arg-type]
+        reply = await asyncio.wait_for(bad, 5)
+        after = await asyncio.wait_for(w.awrite("after-a-bad-join", "beat"), 5)
+        return reply, after
+
+    reply, after = run(w, scenario())
+    assert isinstance(reply, TypeError)
+    assert after.seq == 1 and [e["seq"] for e in events(r, keys, "after-a-bad-join")] == [0, 1]
+
+
 @pytest.mark.parametrize("path", LOOP_PATHS)
 def test_bad_input_and_floods_reach_only_their_own_request(
     r: redis.Redis, keys: Keys, redis_url: str, path: str
