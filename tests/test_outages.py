@@ -24,6 +24,7 @@ from agents_detect.kit import fired, transitions
 from test_engine_failover import CONFIG, CONFIG_AFTER, Beater, Workers, lease
 
 from agentwatch import codec
+from agentwatch import outages as outages_module
 from agentwatch.codec import Event
 from agentwatch.embedded import EmbeddedRedis
 from agentwatch.keys import Keys
@@ -244,6 +245,34 @@ def test_a_stretch_asleep_past_its_block_is_an_outage_and_one_on_the_cpu_is_not(
     assert not outages.check(expected_wait_s=0.5)
     outages.failed()  # an error reached the loop: an outage however short
     assert outages.count == 2
+
+
+@pytest.mark.skipif(not Outages().precise, reason="needs Linux schedstat")
+def test_a_preemption_between_reading_the_clock_and_the_thread_times_does_not_hide_a_sleep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a loaded box the thread can lose the CPU between reading the clock and its schedstat:
+    the lost time lands in the run queue's count but not in the wall time, and a stretch asleep
+    looked that much shorter (0.8 s once passed for 0.25 s, and the outage went unseen). Here the
+    first read after the sleep burns 0.6 s of CPU, as such a preemption would be charged."""
+    real = outages_module.thread_times
+    burn = {"armed": False}
+
+    def preempted_read() -> tuple[float, float] | None:
+        if burn["armed"]:
+            burn["armed"] = False
+            end = time.monotonic() + 0.6
+            while time.monotonic() < end:
+                pass
+        return real()
+
+    monkeypatch.setattr(outages_module, "thread_times", preempted_read)
+    outages = Outages()
+    outages.mark()
+    time.sleep(0.3 + 2 * outages.stall_ms / 1000)
+    burn["armed"] = True
+    assert outages.check(expected_wait_s=0.0)
+    assert not burn["armed"]  # (the preempted read did happen)
 
 
 @pytest.mark.skipif(not Outages().precise, reason="needs Linux schedstat")
