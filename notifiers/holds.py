@@ -91,6 +91,8 @@ class Holds:
         self.settings = settings
         self.silence = silence
         self.dependents = Dependents(client, keys)
+        self.incidents = Incidents(client, keys)
+        """Read only here (who is down), never published through: made once, not per batch."""
         self._names: list[str] = []
         self._names_at = 0.0
         overrides = silence.agents.values() if silence else []
@@ -314,7 +316,7 @@ class HoldView:
         when it is down. Redis picks the incidents of the glob's agents (``HSCAN MATCH``: its
         globs read ``*`` and ``?`` as fnmatch does; a glob with ``[`` reads every key), so a
         batch does not fetch every open incident of a fleet that is partly down."""
-        incidents = Incidents(self.holds.client, self.holds.keys)
+        incidents = self.holds.incidents
         found = {PIPELINE_AGENT} if self._pipeline_down(incidents) else set()
         for key in incidents.open_keys(None if "[" in glob else f"{glob}/*"):
             agent, _, detector = key.rpartition("/")
@@ -327,7 +329,7 @@ class HoldView:
         incidents read by name, not found by a scan of every open incident of its shard, which a
         fleet-wide outage fills with thousands (benchmarks/maintenance_holds.py)."""
         if self._pipeline is None:
-            self._pipeline = any(incidents.open(PIPELINE_AGENT, detector) for detector in PIPELINE_DOWN)
+            self._pipeline = incidents.any_open(PIPELINE_AGENT, PIPELINE_DOWN)
         return self._pipeline
 
     def _closes_cycle(self, parent: str, child: str) -> bool:
