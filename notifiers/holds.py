@@ -133,8 +133,14 @@ class Holds:
         A firing (or a reminder) lists those held now; a resolve, those held during the
         incident (each gets its fresh allowance from now). Empty for any other alert: read
         from Redis only for an agent some ``depends_on`` names (or the pipeline's own)."""
-        if not self._any_depends or "group" in alert.details or not self._may_be_parent(alert):
+        is_parent = self._is_parent  # (None: no depends_on at all)
+        if is_parent is None or "group" in alert.details:
             return {}
+        if alert.agent == PIPELINE_AGENT:
+            if alert.detector not in PIPELINE_DOWN:
+                return {}
+        elif alert.detector not in DOWN_DETECTORS or is_parent(alert.agent) is None:
+            return {}  # not down, or no depends_on names it (asked of every alert a notifier queues)
         firing = alert.status == "firing"
         held = sorted(
             (record.since_ms, key.rpartition("/")[2], record.child)
@@ -147,14 +153,6 @@ class Holds:
                   for since, detector, child in held[:MAX_HELD_LISTED]]  # fmt: skip
         more = len(held) - len(listed)
         return {"held": listed, **({"held_more": more} if more > 0 else {})}
-
-    def _may_be_parent(self, alert: Alert) -> bool:
-        """Whether ``alert`` says its agent is down and a ``depends_on`` glob names it."""
-        if alert.agent == PIPELINE_AGENT:
-            return alert.detector in PIPELINE_DOWN
-        if alert.detector not in DOWN_DETECTORS:
-            return False
-        return self._is_parent is not None and self._is_parent(alert.agent) is not None
 
     def agent_names(self) -> list[str]:
         """Every agent with detector state (cached for a few seconds)."""
