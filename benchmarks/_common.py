@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,15 @@ def sides(round_no: int) -> tuple[bool, bool]:
     """The order of a round's two sides (on, off), alternating, so neither side always runs
     first (on a warmer cache, or a server with one round's keys less)."""
     return (True, False) if round_no % 2 == 0 else (False, True)
+
+
+def warm_up(measure: Callable[[bool], object]) -> None:
+    """Run ``measure(on)`` once for each side, untimed, before the first round: the first run
+    on a fresh server and interpreter pays what every later one finds done (Redis compiling
+    the workers' Lua scripts, lazy imports, compiled globs and regexes). Round 0 measures the
+    "on" side first (:func:`sides`), so that cost fell on it alone."""
+    for on in (True, False):
+        measure(on)
 
 
 def drop_prefix(client: Any, prefix: str) -> None:

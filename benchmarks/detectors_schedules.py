@@ -42,6 +42,7 @@ from _common import (
     redis_server,
     report,
     sides,
+    warm_up,
 )
 from fleet_grouping import fill_events
 
@@ -149,6 +150,8 @@ def main() -> None:
     delays: list[float] = []
     per_round: list[float] = []
     with redis_server(args.redis_url) as url:
+        warm_up(lambda on: throughput(url, f"benchsc-w{int(on)}", min(args.events, 5000), args.agents,
+                                      args.restart_every, on))  # fmt: skip
         for round_no in range(args.rounds):
             for on in sides(round_no):
                 rate, cpu_us = throughput(url, f"benchsc-t{round_no}{int(on)}", args.events, args.agents,

@@ -48,6 +48,7 @@ from _common import (
     redis_server,
     report,
     sides,
+    warm_up,
 )
 
 from agentwatch import codec, config, plugins
@@ -246,6 +247,11 @@ def main() -> None:
             notif: dict[bool, list[float]] = {True: [], False: []}
             notif_cpu: dict[bool, list[float]] = {True: [], False: []}
             latency: list[float] = []
+            warm_up(lambda on: (
+                detectors_rate(url, f"benchfg-wd{int(on)}", min(args.events, 5000), args.agents,
+                               args.restart_every, on),
+                notifiers_rate(url, f"benchfg-wn{int(on)}", min(args.alerts, 1000), receiver.url, on),
+            ))  # fmt: skip
             for round_no in range(args.rounds):
                 # Each pair back to back: a detector side run right after a notifier worker (its
                 # delivery threads winding down) read the other side's rate after a detector.
