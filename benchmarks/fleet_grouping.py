@@ -16,11 +16,11 @@ Three measurements, same private server, same run:
   alert to the grouped notification at the receiver, with ``group_wait = 2s``. Figure: that
   time (goal <= group_wait + 1 s = 3 s).
 
-Each round measures both sides of each throughput back to back (both detector runs, then both
-notifier runs), in alternating order (on-off, off-on, ...), and each figure is the median of
-the rounds' own on / off ratios (``_common.paired_ratio``): the per-round spread is in the
-table. One round alone said little on a shared 2-core machine (the
-grouping ratio read anywhere from 0.77 to 1.15 between runs).
+Each round measures both sides of each throughput back to back (the detector sides, then the
+notifier sides), in alternating order (on-off, off-on, ...; the detector sides twice, ABBA,
+each side's mean kept), and each figure is the median of the rounds' own on / off ratios
+(``_common.paired_ratio``): the per-round spread is in the table. One round alone said little
+on a shared 2-core machine (the grouping ratio read anywhere from 0.77 to 1.15 between runs).
 
     python benchmarks/fleet_grouping.py [--events 50000] [--alerts 5000] [--rounds 5] [--quick]
 """
@@ -255,11 +255,17 @@ def main() -> None:
             for round_no in range(args.rounds):
                 # Each pair back to back: a detector side run right after a notifier worker (its
                 # delivery threads winding down) read the other side's rate after a detector.
-                for on in sides(round_no):
-                    rate, cpu_us = detectors_rate(url, f"benchfg-d{round_no}{int(on)}", args.events,
-                                                  args.agents, args.restart_every, on)  # fmt: skip
-                    det[on].append(rate)
-                    det_cpu[on].append(cpu_us)
+                # And twice, in ABBA order, each side's mean taken: a detector side takes ~0.1 s
+                # at --quick sizes, where a burst on the VM's host stretches one run by half
+                # (CPU time too: 12-21 us per event between runs of one side, load average 0.2).
+                order = sides(round_no)
+                runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+                for n, on in enumerate((*order, *reversed(order))):
+                    runs[on].append(detectors_rate(url, f"benchfg-d{round_no}{n}", args.events, args.agents,
+                                                   args.restart_every, on))  # fmt: skip
+                for on, got in runs.items():
+                    det[on].append(len(got) / sum(1 / rate for rate, _ in got))  # events / total time
+                    det_cpu[on].append(sum(cpu for _, cpu in got) / len(got))
                 for on in sides(round_no):
                     rate, cpu_us = notifiers_rate(url, f"benchfg-n{round_no}{int(on)}", args.alerts,
                                                   receiver.url, on)  # fmt: skip
