@@ -79,6 +79,25 @@ def sides(round_no: int) -> tuple[bool, bool]:
     return (True, False) if round_no % 2 == 0 else (False, True)
 
 
+def abba(
+    round_no: int, measure: Callable[[bool, int], tuple[float, float]]
+) -> dict[bool, tuple[float, float]]:
+    """One round of a throughput: ``measure(on, n)`` -> (items/s, CPU µs per item), each side
+    twice in ABBA order (:func:`sides`, then the reverse; ``n``: the run's index in the round,
+    for a prefix of its own). Per side: items over the total time of its two runs, and their
+    mean CPU. A side takes ~0.1 s at --quick sizes, where one burst on the VM's host stretches
+    a run by half (its CPU time too: 12-21 µs per event between runs of one side, at load
+    average 0.2); two runs bracketing the other side's halve what one burst does to a round."""
+    order = sides(round_no)
+    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for n, on in enumerate((*order, *reversed(order))):
+        runs[on].append(measure(on, n))
+    return {
+        on: (len(got) / sum(1 / rate for rate, _ in got), sum(cpu for _, cpu in got) / len(got))
+        for on, got in runs.items()
+    }
+
+
 def warm_up(measure: Callable[[bool], object]) -> None:
     """Run ``measure(on)`` once for each side, untimed, before the first round: the first run
     on a fresh server and interpreter pays what every later one finds done (Redis compiling

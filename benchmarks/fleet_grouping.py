@@ -40,6 +40,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    abba,
     drain_timed,
     drop_prefix,
     figure,
@@ -253,19 +254,13 @@ def main() -> None:
                 notifiers_rate(url, f"benchfg-wn{int(on)}", min(args.alerts, 1000), receiver.url, on),
             ))  # fmt: skip
             for round_no in range(args.rounds):
-                # Each pair back to back: a detector side run right after a notifier worker (its
-                # delivery threads winding down) read the other side's rate after a detector.
-                # And twice, in ABBA order, each side's mean taken: a detector side takes ~0.1 s
-                # at --quick sizes, where a burst on the VM's host stretches one run by half
-                # (CPU time too: 12-21 us per event between runs of one side, load average 0.2).
-                order = sides(round_no)
-                runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-                for n, on in enumerate((*order, *reversed(order))):
-                    runs[on].append(detectors_rate(url, f"benchfg-d{round_no}{n}", args.events, args.agents,
-                                                   args.restart_every, on))  # fmt: skip
-                for on, got in runs.items():
-                    det[on].append(len(got) / sum(1 / rate for rate, _ in got))  # events / total time
-                    det_cpu[on].append(sum(cpu for _, cpu in got) / len(got))
+                # Each pair back to back (ABBA): a detector side run right after a notifier worker
+                # (its delivery threads winding down) read the other side's rate after a detector.
+                got = abba(round_no, lambda on, n, r=round_no: detectors_rate(
+                    url, f"benchfg-d{r}{n}", args.events, args.agents, args.restart_every, on))  # fmt: skip
+                for on, (rate, cpu_us) in got.items():
+                    det[on].append(rate)
+                    det_cpu[on].append(cpu_us)
                 for on in sides(round_no):
                     rate, cpu_us = notifiers_rate(url, f"benchfg-n{round_no}{int(on)}", args.alerts,
                                                   receiver.url, on)  # fmt: skip
