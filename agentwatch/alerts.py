@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -339,6 +340,12 @@ class Incidents:
         """The open incident of ``agent``/``detector`` (``since_ms``, ``severity``...), or None."""
         raw = self.client.hget(self.keys.incidents(self._shard(agent)), f"{agent}/{detector}")
         return json.loads(raw) if raw else None
+
+    def any_open(self, agent: str, detectors: Sequence[str]) -> bool:
+        """Whether ``agent`` has an open incident of one of ``detectors`` (one round trip)."""
+        names = [f"{agent}/{detector}" for detector in detectors]
+        found = self.client.hmget(self.keys.incidents(self._shard(agent)), names) if names else []
+        return any(json.loads(raw) for raw in found if raw)  # (as open() reads each one)
 
     def all_open(self) -> dict[str, dict[str, Any]]:
         """Every open incident of every shard, by dedup key."""

@@ -15,9 +15,10 @@ the count cap. This module is imported by the producer: standard library only.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from agentwatch.keys import Keys, shard_of
@@ -114,12 +115,30 @@ def matches(wanted: Mapping[str, str], labels: object) -> bool:
     """True when every ``key -> glob`` of ``wanted`` matches a label of ``labels`` (an alert's
     ``details.labels``, an agent's effective labels); a missing label does not match. The one
     label matcher: notifiers' ``match.labels``, maintenance windows and ``status --label``."""
-    if not isinstance(labels, Mapping):
-        return False
-    return all(
-        isinstance(labels.get(key), str) and fnmatch.fnmatchcase(labels[key], glob)
-        for key, glob in wanted.items()
-    )
+    return matcher(wanted)(labels)
+
+
+def matcher(wanted: Mapping[str, str]) -> Callable[[object], bool]:
+    """:func:`matches` with ``wanted`` fixed: its globs compiled once (``fnmatchcase``'s rule:
+    case matters, the whole value). A maintenance window asks it for every alert of a storm,
+    each of a different agent, so the per-call cost is what counts (notifiers/holds.py)."""
+    tests = _compiled(tuple(wanted.items()))
+
+    def match(labels: object) -> bool:
+        if type(labels) is not dict and not isinstance(labels, Mapping):
+            return False
+        for key, test in tests:
+            value = labels.get(key)
+            if not isinstance(value, str) or test(value) is None:
+                return False
+        return True
+
+    return match
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(wanted: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Callable[[str], object]], ...]:
+    return tuple((key, re.compile(fnmatch.translate(glob)).match) for key, glob in wanted)
 
 
 GLOB_RE: Final = re.compile(r"[A-Za-z0-9._:@/*?\[\]!-]{1,128}")

@@ -16,6 +16,7 @@ never be mistaken for an earlier run's.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,22 +79,52 @@ def sides(round_no: int) -> tuple[bool, bool]:
     return (True, False) if round_no % 2 == 0 else (False, True)
 
 
+def abba(
+    round_no: int, measure: Callable[[bool, int], tuple[float, float]]
+) -> dict[bool, tuple[float, float]]:
+    """One round of a throughput: ``measure(on, n)`` -> (items/s, CPU µs per item), each side
+    twice in ABBA order (:func:`sides`, then the reverse; ``n``: the run's index in the round,
+    for a prefix of its own). Per side: items over the total time of its two runs, and their
+    mean CPU. A side takes ~0.1 s at --quick sizes, where one burst on the VM's host stretches
+    a run by half (its CPU time too: 12-21 µs per event between runs of one side, at load
+    average 0.2); two runs bracketing the other side's halve what one burst does to a round."""
+    order = sides(round_no)
+    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for n, on in enumerate((*order, *reversed(order))):
+        runs[on].append(measure(on, n))
+    return {
+        on: (len(got) / sum(1 / rate for rate, _ in got), sum(cpu for _, cpu in got) / len(got))
+        for on, got in runs.items()
+    }
+
+
+def warm_up(measure: Callable[[bool], object]) -> None:
+    """Run ``measure(on)`` once for each side, untimed, before the first round: the first run
+    on a fresh server and interpreter pays what every later one finds done (Redis compiling
+    the workers' Lua scripts, lazy imports, compiled globs and regexes). Round 0 measures the
+    "on" side first (:func:`sides`), so that cost fell on it alone."""
+    for on in (True, False):
+        measure(on)
+
+
 def drop_prefix(client: Any, prefix: str) -> None:
     """Delete every key of ``prefix`` (a round's keys, so the next round starts empty)."""
     for key in client.scan_iter(f"{prefix}:*"):
         client.delete(key)
 
 
-def drain_rate(worker: Any, entries: int, *, hooks: bool = False) -> float:
-    """Entries per second a runtime worker takes to process ``entries`` already in its streams
-    (``hooks``: run its handlers' on_start/on_stop around the timed span, as a process would)."""
-    return drain_timed(worker, entries, hooks=hooks)[0]
-
-
 def drain_timed(worker: Any, entries: int, *, hooks: bool = False) -> tuple[float, float]:
-    """:func:`drain_rate`, and the CPU time the draining thread spent per entry (µs): the
-    worker's own work, which other processes' load on a shared machine barely changes (the wall
-    clock also holds its waits for Redis and for a core)."""
+    """Entries per second a runtime worker takes to process ``entries`` already in its streams
+    (``hooks``: run its handlers' on_start/on_stop around the timed span, as a process would),
+    and the CPU time the draining thread spent per entry (µs): the worker's own work, which
+    other processes' load on a shared machine barely changes (the wall clock also holds its
+    waits for Redis and for a core).
+
+    The garbage of what came before (filling the streams, the previous side's worker) is
+    collected first: left in the heap, it made a full collection (~20 ms, 4-7 µs per alert of
+    a 5,000-alert drain) fall into whichever side's timed span happened to cross the threshold,
+    by chance, not by what that side does. The timed span still pays for its own garbage."""
+    gc.collect()
     if hooks:
         for handler in worker.handlers:
             handler.on_start()

@@ -33,6 +33,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    abba,
     drain_timed,
     drop_prefix,
     figure,
@@ -41,7 +42,7 @@ from _common import (
     percentile,
     redis_server,
     report,
-    sides,
+    warm_up,
 )
 from fleet_grouping import fill_events
 
@@ -149,10 +150,12 @@ def main() -> None:
     delays: list[float] = []
     per_round: list[float] = []
     with redis_server(args.redis_url) as url:
+        warm_up(lambda on: throughput(url, f"benchsc-w{int(on)}", min(args.events, 5000), args.agents,
+                                      args.restart_every, on))  # fmt: skip
         for round_no in range(args.rounds):
-            for on in sides(round_no):
-                rate, cpu_us = throughput(url, f"benchsc-t{round_no}{int(on)}", args.events, args.agents,
-                                          args.restart_every, on)  # fmt: skip
+            got = abba(round_no, lambda on, n, r=round_no: throughput(
+                url, f"benchsc-t{r}{n}", args.events, args.agents, args.restart_every, on))  # fmt: skip
+            for on, (rate, cpu_us) in got.items():
                 rates[on].append(rate)
                 cpu[on].append(cpu_us)
             found = missed_delays(url, f"benchsc-d{round_no}", args.late)

@@ -6,7 +6,8 @@ Three measurements, same private server, same run:
   catches up on a backlog of a fleet's events (``--agents`` agents, one event per simulated
   second each, a new run every ``--restart-every`` events of an agent: labels cost per
   ``start`` only, and real agents start far less often than every 100 s), with and without
-  four labels on every ``start``. Figure: on / off (goal >= 0.9).
+  four labels on every ``start``. Figure: on / off (goal >= 0.9), with the draining thread's
+  CPU per event (off / on) beside it, which other processes' load moves less.
 * **notifiers, grouping on vs off** - a notifier worker with one webhook notifier (a receiver in
   this process answering 200) routes a backlog of ``--alerts`` firing alerts spread over 50
   hosts (as ``Incidents.fire`` publishes them, labels included), with ``[grouping]`` enabled vs
@@ -15,10 +16,11 @@ Three measurements, same private server, same run:
   alert to the grouped notification at the receiver, with ``group_wait = 2s``. Figure: that
   time (goal <= group_wait + 1 s = 3 s).
 
-Each round measures both sides back to back, in alternating order (on-off, off-on, ...), and
-each figure is the median of the rounds' own on / off ratios (``_common.paired_ratio``): the
-per-round spread is in the table. One round alone said little on a shared 2-core machine (the
-grouping ratio read anywhere from 0.77 to 1.15 between runs).
+Each round measures both sides of each throughput back to back (the detector sides, then the
+notifier sides), in alternating order (on-off, off-on, ...; the detector sides twice, ABBA,
+each side's mean kept), and each figure is the median of the rounds' own on / off ratios
+(``_common.paired_ratio``): the per-round spread is in the table. One round alone said little
+on a shared 2-core machine (the grouping ratio read anywhere from 0.77 to 1.15 between runs).
 
     python benchmarks/fleet_grouping.py [--events 50000] [--alerts 5000] [--rounds 5] [--quick]
 """
@@ -38,7 +40,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
-    drain_rate,
+    abba,
     drain_timed,
     drop_prefix,
     figure,
@@ -47,6 +49,7 @@ from _common import (
     redis_server,
     report,
     sides,
+    warm_up,
 )
 
 from agentwatch import codec, config, plugins
@@ -126,7 +129,8 @@ def fill_events(
 
 def detectors_rate(
     url: str, prefix: str, events: int, agents: int, restart_every: int, labelled: bool
-) -> float:
+) -> tuple[float, float]:
+    """Events/s, and the draining thread's CPU µs per event (``_common.drain_timed``)."""
     client = redis.Redis.from_url(url)
     keys = Keys(prefix)
     fill_events(client, keys, events, agents, restart_every, labelled)
@@ -135,11 +139,11 @@ def detectors_rate(
     pipeline = Pipeline(settings=settings_for(prefix), source="bench", detectors=loaded)
     worker_client = connect(pipeline.settings, url)
     worker = detector_worker(pipeline, worker_client)
-    rate = drain_rate(worker, events)
+    timed = drain_timed(worker, events)
     worker_client.close()
     drop_prefix(client, prefix)
     client.close()
-    return rate
+    return timed
 
 
 # -- notifiers: grouping on vs off ----------------------------------------------------------------
@@ -240,13 +244,24 @@ def main() -> None:
     try:
         with redis_server(args.redis_url) as url:
             det: dict[bool, list[float]] = {True: [], False: []}
+            det_cpu: dict[bool, list[float]] = {True: [], False: []}
             notif: dict[bool, list[float]] = {True: [], False: []}
             notif_cpu: dict[bool, list[float]] = {True: [], False: []}
             latency: list[float] = []
+            warm_up(lambda on: (
+                detectors_rate(url, f"benchfg-wd{int(on)}", min(args.events, 5000), args.agents,
+                               args.restart_every, on),
+                notifiers_rate(url, f"benchfg-wn{int(on)}", min(args.alerts, 1000), receiver.url, on),
+            ))  # fmt: skip
             for round_no in range(args.rounds):
+                # Each pair back to back (ABBA): a detector side run right after a notifier worker
+                # (its delivery threads winding down) read the other side's rate after a detector.
+                got = abba(round_no, lambda on, n, r=round_no: detectors_rate(
+                    url, f"benchfg-d{r}{n}", args.events, args.agents, args.restart_every, on))  # fmt: skip
+                for on, (rate, cpu_us) in got.items():
+                    det[on].append(rate)
+                    det_cpu[on].append(cpu_us)
                 for on in sides(round_no):
-                    det[on].append(detectors_rate(url, f"benchfg-d{round_no}{int(on)}", args.events,
-                                                  args.agents, args.restart_every, on))  # fmt: skip
                     rate, cpu_us = notifiers_rate(url, f"benchfg-n{round_no}{int(on)}", args.alerts,
                                                   receiver.url, on)  # fmt: skip
                     notif[on].append(rate)
@@ -255,13 +270,15 @@ def main() -> None:
     finally:
         receiver.close()
     det_ratio = paired_ratio(det[True], det[False])
+    det_cpu_ratio = paired_ratio(det_cpu[False], det_cpu[True])  # off / on: as a rate ratio reads
     notif_ratio = paired_ratio(notif[True], notif[False])
     cpu_ratio = paired_ratio(notif_cpu[False], notif_cpu[True])  # off / on: as a rate ratio reads
     det_rounds = [round(a / b, 3) for a, b in zip(det[True], det[False], strict=True)]
     notif_rounds = [round(a / b, 3) for a, b in zip(notif[True], notif[False], strict=True)]
     for on in (True, False):
         rows.append({"worker": "detectors", "labels": "on" if on else "off", "events/s (median)":
-                     median(det[on]), "rounds": [round(x) for x in det[on]]})  # fmt: skip
+                     median(det[on]), "rounds": [round(x) for x in det[on]],
+                     "CPU us/event (median)": median(det_cpu[on])})  # fmt: skip
     rows.append({"worker": "detectors", "labels": "on / off", "rounds": det_rounds,
                  "ratio (median of rounds)": round(det_ratio, 3)})  # fmt: skip
     for on in (True, False):
@@ -276,6 +293,7 @@ def main() -> None:
     figures = [
         figure("detectors, labels on / off", round(det_ratio, 3), "ratio", goal=0.9, better="higher",
                issue=16),
+        figure("detectors, labels off / on, CPU per event", round(det_cpu_ratio, 3), "ratio", issue=16),
         figure("notifiers, grouping on / off", round(notif_ratio, 3), "ratio", goal=0.9, better="higher",
                issue=16),
         figure("notifiers, grouping off / on, routing CPU per alert", round(cpu_ratio, 3), "ratio",

@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import drop_prefix, figure, median, paired_ratio, redis_server, report, sides
+from _common import abba, drop_prefix, figure, median, paired_ratio, redis_server, report, warm_up
 from fleet_grouping import Receiver, settings_for, webhook_drain
 
 from agentwatch import plugins
@@ -118,10 +118,12 @@ def main() -> None:
     release: list[float] = []
     try:
         with redis_server(args.redis_url) as url:
+            size = min(args.alerts, 1000)
+            warm_up(lambda on: notifiers_rate(url, f"benchmh-w{int(on)}", size, receiver.url, on))
             for round_no in range(args.rounds):
-                for on in sides(round_no):
-                    rate, cpu_us = notifiers_rate(url, f"benchmh-n{round_no}{int(on)}", args.alerts,
-                                                  receiver.url, on)  # fmt: skip
+                got = abba(round_no, lambda on, n, r=round_no: notifiers_rate(
+                    url, f"benchmh-n{r}{n}", args.alerts, receiver.url, on))  # fmt: skip
+                for on, (rate, cpu_us) in got.items():
                     rates[on].append(rate)
                     cpu[on].append(cpu_us)
                 release.append(release_after_window(url, f"benchmh-r{round_no}", receiver, args.held))

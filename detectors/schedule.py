@@ -40,7 +40,7 @@ from the end of the gap, as silence's clocks are. Agents no glob schedules get n
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 from zoneinfo import ZoneInfo
@@ -189,7 +189,7 @@ def decide(
     runs = runs or (watch.runs if watch is not None else None)
     if runs is None or runs.seen <= 0:
         return Decision(watch)  # never seen: not expected yet
-    watch = replace(watch, runs=runs) if watch is not None else Watch(runs)
+    watch = Watch(runs, watch.missed, watch.over) if watch is not None else Watch(runs)
     out = Decision(watch)
     dues: list[int] = []
     expr, zone = plan.cron.expr, plan.cron.tz.key
@@ -376,28 +376,53 @@ class Schedule(Detector[ScheduleConfig]):
             if self.plan_for(agent.name) is None:
                 return  # not scheduled: no state at all
             watch = self.state(agent)
-        wake = watch.seen_ms == 0  # a new agent: its owed slot and its run's clock start now
-        watch.seen_ms = max(watch.seen_ms, agent.seen_ms, at_ms)
-        run = event.get("run")
-        if child is None and isinstance(run, str) and run == agent.run:  # the current run's
+        seen = watch.seen_ms
+        latest = agent.seen_ms if agent.seen_ms > at_ms else at_ms
+        if latest > seen:
+            watch.seen_ms = latest
+        if (
+            seen
+            and event.get("kind") == "beat"
+            and watch.process
+            and watch.run == agent.run
+            and watch.missed_slot_ms is None
+            and watch.overran_run is None
+        ):
+            return  # a beat of the run the watch knows, nothing open: only seen_ms moves (the
+            # usual event by far: a fleet's every beat; benchmarks/detectors_schedules.py)
+        timed = False  # a new run whose max_runtime starts a clock
+        run = agent.run
+        if child is None and event.get("run") == run:  # the current run's (a str, as agent.run)
             if run != watch.run:  # its first event here (a new watch, or on_new_run came first)
                 self._begin(watch, run, at_ms)
-                wake = wake or self._times_runs(agent.name)
+                timed = self._times_runs(agent.name)
             kind = event.get("kind")
-            if kind == "start":
+            if kind == "beat":
+                if not watch.process:
+                    watch.finished = True
+            elif kind == "start":
                 watch.process = event.get("pid") is not None
-            elif kind == "exit" or (kind == "beat" and not watch.process):
+            elif kind == "exit":
                 watch.finished = True
-        # Look at once only when that can change a decision early: a new clock (a new agent's,
-        # or a new run's ``max_runtime``), or the resolve of an open incident. Otherwise the due
-        # time kept is at most early (news, a new run too, only ever pushes the owed slot later),
-        # and its check re-arms the watch: a fleet of cron agents without ``max_runtime`` is not
-        # decided again at every run it starts (benchmarks/detectors_schedules.py).
-        if wake or watch.missed_slot_ms is not None or watch.overran_run is not None:
+        # Look at once only when that can change a decision early: a new run's ``max_runtime``
+        # clock, or the resolve of an open incident. A new agent's first decision can say
+        # nothing before the grace of the first slot after it was seen is over (decide's anchor
+        # is that time or later): it is armed for then, not looked at on the next tick (a
+        # fleet's first backlog). Otherwise the due time kept is at most early (news, a new
+        # run too, only ever pushes the owed slot later), and its check re-arms the watch: a
+        # fleet of cron agents without ``max_runtime`` is not decided again at every run it
+        # starts (benchmarks/detectors_schedules.py).
+        if timed or watch.missed_slot_ms is not None or watch.overran_run is not None:
             watch.due_ms = at_ms
-            engine = self.ctx.shared.get("engine") if self.ctx is not None else None
-            if engine is not None:
-                engine.wake(self)
+        elif not seen:
+            plan = self.plan_for(agent.name)
+            due = at_ms if plan is None else plan.owed(latest) + plan.grace_ms
+            watch.due_ms = due if not watch.due_ms or due < watch.due_ms else watch.due_ms
+        else:
+            return
+        engine = self.ctx.shared.get("engine") if self.ctx is not None else None
+        if engine is not None:
+            engine.wake(self)
 
     def on_new_run(self, agent: Agent, at_ms: int) -> None:
         watch: ScheduleState | None = agent.states.get(self.name)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -47,7 +48,7 @@ from agentwatch.config import PipelineSettings, format_duration
 from agentwatch.dependencies import MAX_CHAIN, Dependents, DependsOnConfig, Held
 from agentwatch.facts import read_facts
 from agentwatch.keys import Keys
-from agentwatch.maintenance import Window, any_glob, windows
+from agentwatch.maintenance import Window, any_glob, covering, windows
 from agentwatch.redisconn import Client
 
 DOWN_DETECTORS: Final = ("silence", "exit", "stall", "schedule")
@@ -90,6 +91,8 @@ class Holds:
         self.settings = settings
         self.silence = silence
         self.dependents = Dependents(client, keys)
+        self.incidents = Incidents(client, keys)
+        """Read only here (who is down), never published through: made once, not per batch."""
         self._names: list[str] = []
         self._names_at = 0.0
         overrides = silence.agents.values() if silence else []
@@ -130,8 +133,14 @@ class Holds:
         A firing (or a reminder) lists those held now; a resolve, those held during the
         incident (each gets its fresh allowance from now). Empty for any other alert: read
         from Redis only for an agent some ``depends_on`` names (or the pipeline's own)."""
-        if not self._any_depends or "group" in alert.details or not self._may_be_parent(alert):
+        is_parent = self._is_parent  # (None: no depends_on at all)
+        if is_parent is None or "group" in alert.details:
             return {}
+        if alert.agent == PIPELINE_AGENT:
+            if alert.detector not in PIPELINE_DOWN:
+                return {}
+        elif alert.detector not in DOWN_DETECTORS or is_parent(alert.agent) is None:
+            return {}  # not down, or no depends_on names it (asked of every alert a notifier queues)
         firing = alert.status == "firing"
         held = sorted(
             (record.since_ms, key.rpartition("/")[2], record.child)
@@ -144,14 +153,6 @@ class Holds:
                   for since, detector, child in held[:MAX_HELD_LISTED]]  # fmt: skip
         more = len(held) - len(listed)
         return {"held": listed, **({"held_more": more} if more > 0 else {})}
-
-    def _may_be_parent(self, alert: Alert) -> bool:
-        """Whether ``alert`` says its agent is down and a ``depends_on`` glob names it."""
-        if alert.agent == PIPELINE_AGENT:
-            return alert.detector in PIPELINE_DOWN
-        if alert.detector not in DOWN_DETECTORS:
-            return False
-        return self._is_parent is not None and self._is_parent(alert.agent) is not None
 
     def agent_names(self) -> list[str]:
         """Every agent with detector state (cached for a few seconds)."""
@@ -172,7 +173,10 @@ class HoldView:
     now_ms: int
     adhoc: bool | None = None
     """Whether ad-hoc windows exist (None: not read yet)."""
-    _windows: list[Window] | None = None
+    _covering: Callable[[str, Mapping[str, str] | None], list[Window]] | None = None
+    """Which windows cover an agent (``maintenance.covering``), once the windows are read."""
+    _no_windows: bool = False
+    """No window exists at all (the usual case): no alert is looked at for them."""
     _decided: dict[tuple[str, bool], Hold | None] = field(default_factory=dict)
     _records: dict[str, Held] | None = None
     _down: dict[str, list[str]] = field(default_factory=dict)
@@ -185,28 +189,34 @@ class HoldView:
         """Why ``alert`` must wait, or None to send it. ``releasing``: it is already held and
         the question is whether it may go now (its own time no longer counts, only now)."""
         memo = (alert.id, releasing)
-        if memo not in self._decided:
-            self._decided[memo] = self._maintenance(alert, releasing) or self._dependency(alert)
-        return self._decided[memo]
+        decided = self._decided
+        if memo in decided:
+            return decided[memo]
+        found = decided[memo] = self._maintenance(alert, releasing) or self._dependency(alert)
+        return found
 
     # -- maintenance ------------------------------------------------------------------------------
     def _maintenance(self, alert: Alert, releasing: bool) -> Hold | None:
-        holds = self.holds
-        if self._windows is None:
-            settings = holds.settings
-            self._windows = (
+        if self._no_windows:
+            return None
+        covers = self._covering
+        if covers is None:
+            holds, settings = self.holds, self.holds.settings
+            found_windows = (
                 windows(holds.client, holds.keys, settings.maintenance, settings.report.timezone, self.now_ms)
                 if settings.maintenance
                 or (self.adhoc if self.adhoc is not None else holds.client.exists(holds.keys.maintenance))
                 else []
             )
-        if not self._windows:
-            return None
+            self._no_windows = not found_windows
+            if self._no_windows:
+                return None
+            covers = self._covering = covering(found_windows)
         found = alert.details.get("labels")
-        agent_labels = found if isinstance(found, dict) else None
-        mine = [w for w in self._windows if w.covers(alert.agent, agent_labels)]
+        mine = covers(alert.agent, found if isinstance(found, dict) else None)
         if not mine:
             return None
+        holds = self.holds
         allowance = holds.allowance_ms(alert)
         times = (self.now_ms,) if releasing else (self.now_ms, alert.at_ms)
         for window in mine:
@@ -220,10 +230,10 @@ class HoldView:
 
     # -- dependencies -----------------------------------------------------------------------------
     def _dependency(self, alert: Alert) -> Hold | None:
-        holds = self.holds
-        if not holds._any_depends or alert.detector not in SILENT or holds.silence is None:
+        if self._nothing or alert.detector not in SILENT:  # (known idle: the storm's usual answer)
             return None
-        if self._idle():
+        holds = self.holds
+        if not holds._any_depends or holds.silence is None or self._idle():
             return None
         glob = holds.silence.for_agent(alert.agent).depends_on
         if not glob:
@@ -304,7 +314,7 @@ class HoldView:
         when it is down. Redis picks the incidents of the glob's agents (``HSCAN MATCH``: its
         globs read ``*`` and ``?`` as fnmatch does; a glob with ``[`` reads every key), so a
         batch does not fetch every open incident of a fleet that is partly down."""
-        incidents = Incidents(self.holds.client, self.holds.keys)
+        incidents = self.holds.incidents
         found = {PIPELINE_AGENT} if self._pipeline_down(incidents) else set()
         for key in incidents.open_keys(None if "[" in glob else f"{glob}/*"):
             agent, _, detector = key.rpartition("/")
@@ -317,7 +327,7 @@ class HoldView:
         incidents read by name, not found by a scan of every open incident of its shard, which a
         fleet-wide outage fills with thousands (benchmarks/maintenance_holds.py)."""
         if self._pipeline is None:
-            self._pipeline = any(incidents.open(PIPELINE_AGENT, detector) for detector in PIPELINE_DOWN)
+            self._pipeline = incidents.any_open(PIPELINE_AGENT, PIPELINE_DOWN)
         return self._pipeline
 
     def _closes_cycle(self, parent: str, child: str) -> bool:

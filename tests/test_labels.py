@@ -120,6 +120,16 @@ def test_a_match_selects_on_labels() -> None:
     assert Match().matches(alert(None))
 
 
+def test_a_label_matcher_compiled_once_matches_every_label_it_names() -> None:
+    test = labels.matcher({"team": "search", "host": "worker-[0-9]*"})
+    assert test({"team": "search", "host": "worker-3", "tier": "1"})
+    assert not test({"team": "Search", "host": "worker-3"})  # case matters, as in fnmatchcase
+    assert not test({"team": "search", "host": "worker-x"})
+    assert not test({"team": "search"})  # a label it lacks does not match
+    assert not test({"team": 1, "host": "worker-3"}) and not test(None) and not test("team=search")
+    assert labels.matcher({})({}) and not labels.matcher({})(None)  # no selector: any map of labels
+
+
 def test_status_filters_on_labels(
     redis_url: str, prefix: str, r: redis.Redis, keys: Keys, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from agentwatch.cli import app
 from agentwatch.config import GroupingSection, MaintenanceEntry, Pipeline
 from agentwatch.keys import Keys
-from agentwatch.maintenance import AdhocWindows, scheduled
+from agentwatch.maintenance import AdhocWindows, Window, covering, scheduled
 
 from fleet_kit import Agents, alerts, outcomes, pipeline_running, write_config
 from helpers import wait_for
@@ -250,6 +250,23 @@ def test_agents_still_down_at_a_windows_end_are_one_grouped_page(
     body = page.json()
     assert body["dedup_key"] == "group:host=w3/silence" and sorted(body["details"]["group"]["agents"]) == [
         "w3-0", "w3-1", "w3-2"]  # fmt: skip
+
+
+def test_the_windows_covering_an_agent_are_found_by_name_and_labels_in_order() -> None:
+    def window(name: str, agents: tuple[str, ...] = (), **labels: str) -> Window:
+        return Window(name, agents, labels, 0, 1, "adhoc")
+
+    by_name, by_label = window("web", ("web-*",)), window("batch", team="batch")
+    both, deploy = window("db", ("db-*",), tier="1"), window("deploy", ("deploy-*", "web-9"))
+    everything = [by_name, by_label, both, deploy]
+    covers = covering(everything)
+    assert covers("web-1", {"team": "search"}) == [by_name]
+    assert covers("web-9", {"team": "batch"}) == [by_name, by_label, deploy]
+    assert covers("agent-1", {"team": "batch"}) == [by_label]
+    assert covers("db-1", {"tier": "1"}) == [both] and covers("db-1", {"tier": "2"}) == []
+    assert covers("agent-1", None) == [] and covers("Web-1", {}) == []  # case matters
+    assert covering([window("all")])("anyone", None) == [window("all")]  # no selector: every agent
+    assert covering([])("web-1", None) == []
 
 
 def test_hand_edited_entries_are_ignored_not_fatal(r: redis.Redis, keys: Keys) -> None:

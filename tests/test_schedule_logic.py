@@ -27,6 +27,7 @@ from detectors.schedule import MISSED, OVERRAN, Schedule, ScheduleConfig, Schedu
 
 DAY = "2026-12-07"
 CRON_AGENTS = {"backup-*": {"schedule": "*/15 * * * *", "grace": "5m", "max_runtime": "10m"}}
+NO_RUNTIME = {"backup-*": {"schedule": "*/15 * * * *", "grace": "5m"}}
 
 
 def T(clock: str, day: str = DAY) -> int:
@@ -166,6 +167,29 @@ def test_a_missed_slot_opens_after_its_grace_once_and_resolves_when_seen_with_th
     assert not owner.agent.is_open(MISSED)
     owner.ticks(T("04:01"), T("04:19"))
     assert len(owner.ops) == 2
+
+
+def test_a_new_agent_without_max_runtime_is_first_judged_when_its_first_slots_grace_ends() -> None:
+    """Nothing about a new agent can page before its first slot's grace is over: it is due then
+    (not at once), and pages at the first check from then on, as any watch does."""
+    owner = Owner(config=silence_config(agents=NO_RUNTIME))
+    owner.event("start", T("03:00:02"), pid=1)
+    owner.event("beat", T("03:00:40"))
+    assert owner.detector.due_ms(owner.agent) == T("03:20")
+    owner.tick(T("03:19:59"))
+    assert owner.ops == []
+    owner.tick(T("03:20"))
+    assert owner.ops == [(MISSED, "f")]
+    assert owner.summary(0) == (
+        "backup-1: missed a scheduled run: expected at 03:15 (*/15 * * * *, grace 5m), last run 03:00:02"
+    )
+
+
+def test_a_new_agent_read_from_a_backlog_past_its_grace_pages_at_the_first_check() -> None:
+    owner = Owner(config=silence_config(agents=NO_RUNTIME))
+    owner.event("start", T("02:00:02"), pid=1)  # applied late: the slot of 02:15 went by long ago
+    owner.tick(T("03:00"))
+    assert owner.ops == [(MISSED, "f")] and owner.decisions.ops[0][2]["f"]["slot"] == T("02:15")
 
 
 def test_any_event_resolves_a_missed_slot_even_a_pulse_of_an_old_run() -> None:
