@@ -309,41 +309,37 @@ def test_a_server_that_lost_the_script_gets_it_again(spawn_redis: Any, path: str
     client.close()
 
 
-def test_a_batch_that_cannot_be_sent_answers_its_writes_and_the_next_batch_goes(
-    r: redis.Redis, keys: Keys, redis_url: str
+def _unpackable_call(maxlen: int) -> Call:
+    """A write script's call with an argument hiredis cannot pack: the link fails to send it."""
+    return Call(["k1", "k2", "k3"], [maxlen, 1.0, 10, 0, "x", b"", b"", 0, 1000, object()])
+
+
+def _unjoinable_call(maxlen: int) -> Call:
+    """A call that is not one of the write script's: joining the batch fails before sending."""
+    return Call(["k1", "k2"], None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("bad_call", "error"),
+    [(_unpackable_call, Exception), (_unjoinable_call, TypeError)],
+    ids=["cannot-be-sent", "cannot-be-joined"],
+)
+def test_a_bad_batch_answers_its_writes_and_the_next_batch_goes(
+    r: redis.Redis, keys: Keys, redis_url: str, bad_call: Callable[[int], Call], error: type[Exception]
 ) -> None:
-    """A batch is sent from a callback, not a task: an argument hiredis cannot pack must still
-    answer the writes that were waiting (with the error), and the batches after it still go."""
+    """A batch is joined and sent from a callback, not a task: a fault there (an argument hiredis
+    cannot pack, a call that cannot be joined) must still answer the writes that were waiting,
+    with the error, and the server's later pings are still written."""
     w = writer(r, keys, **link_to(redis_url, "link"))
 
     async def scenario() -> tuple[Any, Written]:
-        head = [w.maxlen, 1.0, 10, 0]
-        bad = w._batches.submit(Call(["k1", "k2", "k3"], [*head, "x", b"", b"", 0, 1000, object()]))
-        reply = await asyncio.wait_for(bad, 5)
+        reply = await asyncio.wait_for(w._batches.submit(bad_call(w.maxlen)), 5)
         after = await asyncio.wait_for(w.awrite("after-a-bad-batch", "beat"), 5)
         return reply, after
 
     reply, after = run(w, scenario())
-    assert isinstance(reply, Exception)
+    assert isinstance(reply, error)
     assert after.seq == 1 and [e["seq"] for e in events(r, keys, "after-a-bad-batch")] == [0, 1]
-
-
-def test_a_batch_that_cannot_be_joined_answers_its_writes_and_the_next_batch_goes(
-    r: redis.Redis, keys: Keys, redis_url: str
-) -> None:
-    """A fault while joining a batch's calls (a call that is not one of the write script's)
-    answers the writes of that batch with it; the server's later pings are still written."""
-    w = writer(r, keys, **link_to(redis_url, "link"))
-
-    async def scenario() -> tuple[Any, Written]:
-        bad = w._batches.submit(Call(["k1", "k2"], None))  # type: ignore[arg-type]
-        reply = await asyncio.wait_for(bad, 5)
-        after = await asyncio.wait_for(w.awrite("after-a-bad-join", "beat"), 5)
-        return reply, after
-
-    reply, after = run(w, scenario())
-    assert isinstance(reply, TypeError)
-    assert after.seq == 1 and [e["seq"] for e in events(r, keys, "after-a-bad-join")] == [0, 1]
 
 
 @pytest.mark.parametrize("path", LOOP_PATHS)
